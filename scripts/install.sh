@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs everything meshagent needs on a Debian 12 machine (as root), then the
+# project into a virtual environment. README, .ci/run and the container build all
+# use this one script. Re-running it is fast and changes nothing.
+#
+#   scripts/install.sh            # system packages, kernel headers, venv, project
+#   VENV=/opt/meshagent scripts/install.sh
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+# Debian packages: bcc's Python bindings and what the lab, tests and benchmarks run.
+APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux curl procps
+  tcpdump nginx-light iperf3 wrk shellcheck ruby)
+
+log() { printf '[install] %s\n' "$*"; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+# bcc compiles against kernel headers; install Debian's when the kernel ships none.
+KVER=$(uname -r)
+if [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+  dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q 'ok installed' ||
+    missing+=(linux-headers-amd64)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# nginx-light's package starts a server on port 80; the project starts its own.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+
+if [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+  hdr=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' | sort -V | tail -n 1)
+  common=${hdr%-amd64}-common
+  [ -n "$hdr" ] && [ -d "$common" ] || { echo "no kernel headers under /usr/src" >&2; exit 1; }
+  log "linking /lib/modules/$KVER/{build,source} to $hdr"
+  mkdir -p "/lib/modules/$KVER"
+  ln -sfn "$hdr" "/lib/modules/$KVER/build"
+  ln -sfn "$common" "/lib/modules/$KVER/source"
+fi
+
+# bpffs: where the agent pins its programs and maps.
+if ! awk '$2=="/sys/fs/bpf" && $3=="bpf" {found=1} END {exit !found}' /proc/mounts; then
+  log "mounting bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# The venv uses Debian's Python (the one bcc's bindings are built for) and sees only
+# the `bcc` package from Debian's dist-packages, none of Debian's other modules.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mkdir -p "$VENV/debian-bcc"
+ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/debian-bcc/bcc"
+echo "$VENV/debian-bcc" >"$site/debian_bcc.pth"
+
+stamp="$VENV/.meshagent-installed"
+want=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing the project into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "$want" >"$stamp"
+fi
+"$VENV/bin/python" -c 'import bcc, meshagent.agent' || { echo "install check failed" >&2; exit 1; }
+log "ready: $VENV/bin/meshagent, meshctl, meshlab"
