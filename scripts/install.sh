@@ -3,15 +3,21 @@
 # project into a virtual environment. README, .ci/run and the container build all
 # use this one script. Re-running it is fast and changes nothing.
 #
-#   scripts/install.sh            # system packages, kernel headers, venv, project
-#   VENV=/opt/meshagent scripts/install.sh
+#   scripts/install.sh                # everything: runtime, lab, tests, benchmarks
+#   scripts/install.sh --runtime      # only what the agent and controller need (container)
+#   VENV=/opt/meshagent scripts/install.sh --runtime
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
-# Debian packages: bcc's Python bindings and what the lab, tests and benchmarks run.
-APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux curl procps
-  tcpdump nginx-light iperf3 wrk shellcheck ruby)
+PROFILE=full
+[ "${1:-}" = "--runtime" ] && PROFILE=runtime
+# Debian packages: bcc's Python bindings and what the agent runs ...
+APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
+# ... plus what the lab, the tests and the benchmarks run.
+[ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk shellcheck ruby)
+EXTRAS="[test]"
+[ "$PROFILE" = runtime ] && EXTRAS=""
 
 log() { printf '[install] %s\n' "$*"; }
 
@@ -20,8 +26,9 @@ for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 # bcc compiles against kernel headers; install Debian's when the kernel ships none.
+# (A container build skips this: the agent finds the node's headers through a mount.)
 KVER=$(uname -r)
-if [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+if [ "$PROFILE" = full ] && [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q 'ok installed' ||
     missing+=(linux-headers-amd64)
 fi
@@ -34,7 +41,8 @@ fi
 # nginx-light's package starts a server on port 80; the project starts its own.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
 
-if [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+if [ "$PROFILE" = full ] && [ ! -e "/lib/modules/$KVER/build/include" ] &&
+  [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   hdr=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' | sort -V | tail -n 1)
   common=${hdr%-amd64}-common
   [ -n "$hdr" ] && [ -d "$common" ] || { echo "no kernel headers under /usr/src" >&2; exit 1; }
@@ -45,7 +53,7 @@ if [ ! -e "/lib/modules/$KVER/build/include" ] && [ ! -e /sys/kernel/kheaders.ta
 fi
 
 # bpffs: where the agent pins its programs and maps.
-if ! awk '$2=="/sys/fs/bpf" && $3=="bpf" {found=1} END {exit !found}' /proc/mounts; then
+if [ "$PROFILE" = full ] && ! awk '$2=="/sys/fs/bpf" && $3=="bpf" {found=1} END {exit !found}' /proc/mounts; then
   log "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
 fi
@@ -62,11 +70,11 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/debian-bcc/bcc"
 echo "$VENV/debian-bcc" >"$site/debian_bcc.pth"
 
 stamp="$VENV/.meshagent-installed"
-want=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
+want=$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py"; echo "$PROFILE") | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the project into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" install -q -e "$ROOT$EXTRAS" 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" >"$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc, meshagent.agent' || { echo "install check failed" >&2; exit 1; }
