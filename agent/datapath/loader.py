@@ -1,0 +1,210 @@
+"""Loads, pins, attaches and removes the datapath's eBPF programs.
+
+bcc compiles bpf/*.c at first start (one compile unit, so the maps of
+bpf/maps.h exist once). Programs and maps are pinned under the agent's bpffs
+folder and attached to the configured cgroup-v2 path with BPF_F_ALLOW_MULTI.
+Attachments made with BPF_PROG_ATTACH outlive the agent process, so a restarted
+agent finds its programs still attached and traffic still steered; it then
+opens the pinned maps instead of compiling again. `uninstall` is the one place
+that detaches and unpins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from meshagent.agent.datapath import bpfsys
+from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One program: its C function, where it attaches, and its pin name."""
+
+    function: str
+    source: str
+    attach_type: int
+
+    @property
+    def pin_name(self) -> str:
+        return f"prog_{self.function}"
+
+
+LIBRARY_SOURCES = ("counters.c",)
+HOOKS = (
+    Hook("mesh_connect4", "connect4.c", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    Hook("mesh_sockops", "sockops.c", bpfsys.ATTACH_CGROUP_SOCK_OPS),
+)
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    pin_dir: Path
+    cgroup_path: Path
+    proxy_ip: str
+    proxy_port: int = 15001
+
+
+@dataclass(frozen=True)
+class AttachedProgram:
+    id: int
+    type: str
+    name: str
+    attach_type: str
+    cgroup: str
+    pinned: bool
+
+
+def _ip_host_order(ip: str) -> int:
+    a, b, c, d = (int(x) for x in ip.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
+def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
+    """Compile every hook with bcc; returns pin name -> fd of programs and maps."""
+    from bcc import BPF  # imported here: status and the proxy never need bcc
+
+    bpf_dir = resources.files("meshagent.bpf")
+    # bcc only turns functions of the main text into programs (and rewrites map
+    # accesses only there), so the .c files are joined into one text rather than
+    # #included; maps.h is included once at the top.
+    sources = (*LIBRARY_SOURCES, *(h.source for h in HOOKS))
+    unit = '#include "maps.h"\n' + "".join(
+        f'#line 1 "{name}"\n' + bpf_dir.joinpath(name).read_text() for name in sources
+    )
+    cflags = [
+        f"-I{bpf_dir}",
+        f"-DMESH_PROXY_IP4={_ip_host_order(settings.proxy_ip):#x}",
+        f"-DMESH_PROXY_PORT={settings.proxy_port}",
+        "-Wno-macro-redefined",
+    ]
+    bpf = BPF(text=unit, cflags=cflags)
+    fds: dict[str, int] = {}
+    for hook in HOOKS:
+        if hook.attach_type == bpfsys.ATTACH_CGROUP_INET4_CONNECT:
+            from bcc import BPFAttachType
+
+            fn = bpf.load_func(
+                hook.function,
+                BPF.CGROUP_SOCK_ADDR,
+                attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
+            )
+        else:
+            fn = bpf.load_func(hook.function, BPF.SOCK_OPS)
+        fds[hook.pin_name] = os.dup(fn.fd)
+    for name in ALL_MAPS:
+        fds[name] = os.dup(bpf.get_table(name).get_fd())
+    bpf.cleanup()
+    return fds
+
+
+@contextlib.contextmanager
+def _cgroup_fd(path: Path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _pinned_prog_id(pin_dir: Path, hook: Hook) -> int | None:
+    try:
+        fd = bpfsys.obj_get(str(pin_dir / hook.pin_name))
+    except OSError:
+        return None
+    try:
+        return bpfsys.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def is_installed(settings: DatapathSettings) -> bool:
+    """True when every hook's pinned program is attached to the cgroup."""
+    if not settings.cgroup_path.is_dir():
+        return False
+    with _cgroup_fd(settings.cgroup_path) as cg:
+        for hook in HOOKS:
+            prog_id = _pinned_prog_id(settings.pin_dir, hook)
+            if prog_id is None or prog_id not in bpfsys.prog_query(cg, hook.attach_type):
+                return False
+    return True
+
+
+def install(settings: DatapathSettings) -> bool:
+    """Make sure the programs are loaded, pinned and attached; returns True if it
+    had to load them (False when a previous agent's programs were still in place)."""
+    if is_installed(settings):
+        log.info("datapath: programs already attached at %s; reusing pins", settings.cgroup_path)
+        return False
+    uninstall(settings)  # clear half-done state from a crash mid-install
+    settings.pin_dir.mkdir(parents=True, exist_ok=True)
+    fds = _compile_and_load(settings)
+    try:
+        for name, fd in fds.items():
+            bpfsys.obj_pin(fd, str(settings.pin_dir / name))
+        with _cgroup_fd(settings.cgroup_path) as cg:
+            for hook in HOOKS:
+                bpfsys.prog_attach(fds[hook.pin_name], cg, hook.attach_type)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    log.info("datapath: attached %d programs at %s", len(HOOKS), settings.cgroup_path)
+    return True
+
+
+def uninstall(settings: DatapathSettings) -> None:
+    """Detach our programs from the cgroup and remove every pin. Idempotent."""
+    if settings.cgroup_path.is_dir():
+        with _cgroup_fd(settings.cgroup_path) as cg:
+            for hook in HOOKS:
+                try:
+                    fd = bpfsys.obj_get(str(settings.pin_dir / hook.pin_name))
+                except OSError:
+                    continue
+                try:
+                    bpfsys.prog_detach(fd, cg, hook.attach_type)
+                except OSError as exc:
+                    log.debug("detach %s: %s", hook.function, exc)
+                finally:
+                    os.close(fd)
+    if settings.pin_dir.exists():
+        shutil.rmtree(settings.pin_dir, ignore_errors=True)
+
+
+def open_maps(settings: DatapathSettings) -> DatapathMaps:
+    return DatapathMaps.open(settings.pin_dir)
+
+
+def attached_programs(settings: DatapathSettings) -> list[AttachedProgram]:
+    """What is attached at the cgroup for our attach types (ours or not), for status."""
+    if not settings.cgroup_path.is_dir():
+        return []
+    pinned = {h.pin_name: _pinned_prog_id(settings.pin_dir, h) for h in HOOKS}
+    out = []
+    with _cgroup_fd(settings.cgroup_path) as cg:
+        for attach_type in sorted({h.attach_type for h in HOOKS}):
+            for prog_id in bpfsys.prog_query(cg, attach_type):
+                fd = bpfsys.prog_fd_by_id(prog_id)
+                try:
+                    info = bpfsys.prog_info(fd)
+                finally:
+                    os.close(fd)
+                out.append(
+                    AttachedProgram(
+                        id=info.id,
+                        type=info.type,
+                        name=info.name,
+                        attach_type=bpfsys.ATTACH_TYPE_NAMES[attach_type],
+                        cgroup=str(settings.cgroup_path),
+                        pinned=prog_id in pinned.values(),
+                    )
+                )
+    return out

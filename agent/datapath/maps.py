@@ -1,0 +1,182 @@
+"""The Python mirror of bpf/meshagent.h and bpf/maps.h, and typed access to the maps.
+
+Every struct the programs share with userspace is declared once in C and once
+here; tests/unit/test_map_layout.py compiles the header and compares sizes and
+offsets. Map names here are the names in maps.h, which are also the names of
+their pins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from meshagent.agent.datapath import bpfsys
+
+
+class MeshPod(ctypes.Structure):
+    """struct mesh_pod"""
+
+    _fields_ = [("ip4", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class MeshEndpoint(ctypes.Structure):
+    """struct mesh_endpoint: ip4 in network order, port in host order."""
+
+    _fields_ = [("ip4", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Counter(IntEnum):
+    """enum mesh_counter"""
+
+    REDIRECTED = 0
+    EXCLUDED = 1
+    ESTABLISHED = 2
+    INFLIGHT_MISS = 3
+
+
+COUNTER_MAX = 4
+
+# Map names, as declared in bpf/maps.h and pinned by the loader.
+MAP_MESH_NETNS = "mesh_netns"
+MAP_INFLIGHT = "inflight"
+MAP_ORIG_DST = "orig_dst"
+MAP_EXCLUDED_PORTS = "excluded_ports"
+MAP_COUNTERS = "counters"
+ALL_MAPS = (MAP_MESH_NETNS, MAP_INFLIGHT, MAP_ORIG_DST, MAP_EXCLUDED_PORTS, MAP_COUNTERS)
+
+# Layout facts the test compares against the C header (name -> (size, {field: offset})).
+MIRRORED_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "mesh_pod": MeshPod,
+    "mesh_endpoint": MeshEndpoint,
+}
+
+
+def ip4_to_net(ip: str) -> int:
+    """Dotted IPv4 -> the u32 whose in-memory bytes are in network order."""
+    return int.from_bytes(socket.inet_aton(ip), sys.byteorder)
+
+
+def net_to_ip4(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
+
+
+def endpoint(ip: str, port: int) -> MeshEndpoint:
+    return MeshEndpoint(ip4=ip4_to_net(ip), port=port)
+
+
+def possible_cpus() -> int:
+    """Number of slots in a per-CPU map value (the kernel's possible CPUs)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+class PinnedMap:
+    """One BPF map opened from its pin; owns the fd."""
+
+    def __init__(self, path: Path, key_type: type, value_type: type) -> None:
+        self.path = path
+        self.fd = bpfsys.obj_get(str(path))
+        self.key_type = key_type
+        self.value_type = value_type
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lookup(self, key: ctypes._CData) -> ctypes._CData | None:
+        value = self.value_type()
+        return value if bpfsys.map_lookup(self.fd, key, value) else None
+
+    def pop(self, key: ctypes._CData) -> ctypes._CData | None:
+        value = self.value_type()
+        return value if bpfsys.map_lookup_and_delete(self.fd, key, value) else None
+
+    def update(self, key: ctypes._CData, value: ctypes._CData) -> None:
+        bpfsys.map_update(self.fd, key, value)
+
+    def delete(self, key: ctypes._CData) -> bool:
+        return bpfsys.map_delete(self.fd, key)
+
+    def keys(self) -> Iterator[ctypes._CData]:
+        key = None
+        while True:
+            nxt = self.key_type()
+            if not bpfsys.map_next_key(self.fd, key, nxt):
+                return
+            yield nxt
+            key = nxt
+
+    def items(self) -> Iterator[tuple[ctypes._CData, ctypes._CData]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+@dataclass
+class DatapathMaps:
+    """All the datapath's maps, opened from the pins under one bpffs folder."""
+
+    mesh_netns: PinnedMap
+    orig_dst: PinnedMap
+    excluded_ports: PinnedMap
+    counters: PinnedMap
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> DatapathMaps:
+        ncpu = possible_cpus()
+        return cls(
+            mesh_netns=PinnedMap(pin_dir / MAP_MESH_NETNS, ctypes.c_uint64, MeshPod),
+            orig_dst=PinnedMap(pin_dir / MAP_ORIG_DST, MeshEndpoint, MeshEndpoint),
+            excluded_ports=PinnedMap(pin_dir / MAP_EXCLUDED_PORTS, ctypes.c_uint16, ctypes.c_uint8),
+            counters=PinnedMap(pin_dir / MAP_COUNTERS, ctypes.c_uint32, ctypes.c_uint64 * ncpu),
+        )
+
+    def close(self) -> None:
+        for m in (self.mesh_netns, self.orig_dst, self.excluded_ports, self.counters):
+            m.close()
+
+    # -- typed operations used by the agent -------------------------------------------
+
+    def read_counters(self) -> dict[str, int]:
+        out = {}
+        for counter in Counter:
+            value = self.counters.lookup(ctypes.c_uint32(counter))
+            out[counter.name.lower()] = sum(value) if value is not None else 0
+        return out
+
+    def meshed_netns(self) -> dict[int, str]:
+        """netns cookie -> pod IP of every meshed namespace."""
+        return {key.value: net_to_ip4(val.ip4) for key, val in self.mesh_netns.items()}
+
+    def set_meshed(self, cookie: int, ip: str) -> None:
+        self.mesh_netns.update(ctypes.c_uint64(cookie), MeshPod(ip4=ip4_to_net(ip)))
+
+    def unset_meshed(self, cookie: int) -> None:
+        self.mesh_netns.delete(ctypes.c_uint64(cookie))
+
+    def set_excluded_ports(self, ports: set[int]) -> None:
+        current = {k.value for k in self.excluded_ports.keys()}
+        for port in ports - current:
+            self.excluded_ports.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
+        for port in current - ports:
+            self.excluded_ports.delete(ctypes.c_uint16(port))
+
+    def pop_orig_dst(self, client_ip: str, client_port: int) -> tuple[str, int] | None:
+        """Consume the original destination of an accepted, redirected connection."""
+        value = self.orig_dst.pop(endpoint(client_ip, client_port))
+        if value is None:
+            return None
+        return net_to_ip4(value.ip4), value.port

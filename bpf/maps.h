@@ -1,0 +1,30 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * maps.h - every BPF map of the datapath, declared once. The loader compiles
+ * all hook files in one unit that includes this header first, so each map
+ * exists once and the programs share it; userspace opens the maps by their
+ * pins (agent/datapath/maps.py names them).
+ */
+#ifndef MESHAGENT_MAPS_H
+#define MESHAGENT_MAPS_H
+
+#include "meshagent.h"
+
+/* netns cookie -> meshed pod. Filled by the agent's pod discovery. */
+BPF_HASH(mesh_netns, __u64, struct mesh_pod, MESH_MAX_PODS);
+
+/* socket cookie -> original destination, from connect() until the handshake
+ * completes. LRU: a connect that never completes must not leak a slot. */
+BPF_TABLE("lru_hash", __u64, struct mesh_endpoint, inflight, MESH_MAX_INFLIGHT);
+
+/* client (ip, port) -> original destination; the proxy reads and deletes it
+ * after accept(). LRU for the same reason. */
+BPF_TABLE("lru_hash", struct mesh_endpoint, struct mesh_endpoint, orig_dst,
+	  MESH_MAX_INFLIGHT);
+
+/* destination port (host order) -> 1: connects to these are never redirected. */
+BPF_HASH(excluded_ports, __u16, __u8, MESH_MAX_EXCLUDED_PORTS);
+
+BPF_PERCPU_ARRAY(counters, __u64, MESH_CTR_MAX);
+
+#endif /* MESHAGENT_MAPS_H */
