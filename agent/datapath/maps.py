@@ -109,7 +109,7 @@ class PinnedMap:
     def delete(self, key: ctypes._CData) -> bool:
         return bpfsys.map_delete(self.fd, key)
 
-    def keys(self) -> Iterator[ctypes._CData]:
+    def iter_keys(self) -> Iterator[ctypes._CData]:
         key = None
         while True:
             nxt = self.key_type()
@@ -119,7 +119,7 @@ class PinnedMap:
             key = nxt
 
     def items(self) -> Iterator[tuple[ctypes._CData, ctypes._CData]]:
-        for key in list(self.keys()):
+        for key in list(self.iter_keys()):
             value = self.lookup(key)
             if value is not None:
                 yield key, value
@@ -168,7 +168,7 @@ class DatapathMaps:
         self.mesh_netns.delete(ctypes.c_uint64(cookie))
 
     def set_excluded_ports(self, ports: set[int]) -> None:
-        current = {k.value for k in self.excluded_ports.keys()}
+        current = {k.value for k in self.excluded_ports.iter_keys()}
         for port in ports - current:
             self.excluded_ports.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
         for port in current - ports:
