@@ -1,0 +1,83 @@
+"""The per-node snapshot: what the controller pushes and the agent serves from.
+
+One schema, used by both sides (DESIGN.md section 4). The controller builds it
+from the cluster model; the agent validates it whole at the boundary and turns
+it into its lookup tables, refusing a bad snapshot entirely. The version is a
+content hash, so unchanged input gives the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MESH_LABEL = "meshagent.io/mesh"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Workload(_Model):
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    ips: list[str]
+    service_account: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    meshed: bool = False
+
+
+class ServicePort(_Model):
+    name: str = ""
+    port: int
+    target_port: int | str
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    app_protocol: str | None = None
+
+
+class Endpoint(_Model):
+    """One ready pod behind a Service, with the target port per service port."""
+
+    ip: str
+    node: str
+    workload_uid: str
+    ports: dict[int, int]  # service port -> the pod's port
+
+
+class Service(_Model):
+    namespace: str
+    name: str
+    vips: list[str]
+    ports: list[ServicePort]
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+class Node(_Model):
+    name: str
+    address: str  # where other nodes' proxies reach this node's proxy (HBONE)
+
+
+class Snapshot(_Model):
+    node: str
+    version: str = ""
+    nodes: list[Node] = Field(default_factory=list)
+    workloads: list[Workload] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
+    trust_bundle: str | None = None
+
+    def content_version(self) -> str:
+        body = self.model_dump(mode="json", exclude={"version"})
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return digest[:16]
+
+    def with_version(self) -> Snapshot:
+        return self.model_copy(update={"version": self.content_version()})

@@ -1,0 +1,91 @@
+"""`meshctl`: run the controller and ask it about the mesh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import trio
+from meshagent.common.httpserve import http_get
+from meshagent.controller.app import Controller, ControllerSettings
+
+
+def _hostport(value: str, default_port: int) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return (host or "0.0.0.0"), int(port or default_port)
+
+
+@click.group()
+def main() -> None:
+    """meshctl: the meshagent control plane and operator commands."""
+
+
+@main.command()
+@click.option(
+    "--files",
+    "manifest_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Watch this folder of manifests as the cluster (the lab's source).",
+)
+@click.option("--listen", default="0.0.0.0:15012", show_default=True, help="Agent stream address.")
+@click.option(
+    "--metrics", default="0.0.0.0:15014", show_default=True, help="Metrics and status address."
+)
+@click.option("-v", "--verbose", is_flag=True)
+def serve(manifest_dir: Path | None, listen: str, metrics: str, verbose: bool) -> None:
+    """Run the controller.
+
+    \b
+    Examples:
+      meshctl serve --files /run/meshlab/cluster --listen 172.30.0.1:15012
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    lh, lp = _hostport(listen, 15012)
+    mh, mp = _hostport(metrics, 15014)
+    settings = ControllerSettings(lh, lp, mh, mp, manifest_dir)
+    trio.run(Controller(settings).serve)
+
+
+@main.command()
+@click.option(
+    "--controller",
+    default="127.0.0.1:15014",
+    show_default=True,
+    help="The controller's metrics/status address.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(controller: str, as_json: bool) -> None:
+    """Show connected agents, their acked versions, and rejected resources.
+
+    \b
+    Examples:
+      meshctl status
+      meshctl status --controller 172.30.0.1:15014 --json
+    """
+    host, port = _hostport(controller, 15014)
+    try:
+        _code, body = trio.run(http_get, host, port, "/status")
+    except OSError as exc:
+        click.echo(f"controller at {host}:{port} is not reachable: {exc}", err=True)
+        sys.exit(1)
+    data = json.loads(body)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"model generation: {data['generation']}")
+    click.echo("AGENTS")
+    for a in data["agents"]:
+        state = "connected" if a["connected"] else "disconnected"
+        click.echo(
+            f"  {a['node']:<12} {state:<13} acked={a['acked_version'] or '-':<17} "
+            f"for {a['connected_for_s']}s  {('NACK: ' + a['last_nack']) if a['last_nack'] else ''}"
+        )
+    click.echo("REJECTED RESOURCES")
+    for r in data["rejected"] or [{"resource": "(none)", "reason": ""}]:
+        click.echo(f"  {r['resource']}  {r['reason']}")
