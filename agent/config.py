@@ -1,0 +1,60 @@
+"""The agent's settings: a JSON file (MESHAGENT_CONFIG or --config) plus CLI overrides.
+
+On a node the defaults fit the DaemonSet; in the lab each node has its own file
+(`meshlab exec --node` points MESHAGENT_CONFIG at it), so `meshagent status`
+needs no flags in either place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_CONFIG = Path("/etc/meshagent/agent.json")
+ENV_CONFIG = "MESHAGENT_CONFIG"
+
+# Never redirected: the mesh's own ports and DNS (DESIGN.md section 3).
+DEFAULT_EXCLUDED_PORTS = [53, 15000, 15001, 15008, 15012, 15014, 15020, 15021]
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = Field(default_factory=lambda: os.uname().nodename)
+    controller: str = "meshctl.meshagent-system.svc:15012"
+    proxy_ip: str = "127.0.0.1"
+    outbound_port: int = 15001
+    admin_port: int = 15000
+    readiness_port: int = 15021
+    metrics_port: int = 15020
+    cgroup_path: Path = Path("/sys/fs/cgroup")
+    pin_dir: Path = Path("/sys/fs/bpf/meshagent")
+    state_dir: Path = Path("/var/lib/meshagent")
+    token_file: Path | None = None
+    excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
+    discovery_interval: float = 0.5
+
+    @property
+    def controller_addr(self) -> tuple[str, int]:
+        host, _, port = self.controller.rpartition(":")
+        return host, int(port)
+
+
+def config_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get(ENV_CONFIG, str(DEFAULT_CONFIG)))
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
+    """Read the file if it exists, then apply non-None overrides."""
+    data: dict[str, Any] = {}
+    file = config_path(path)
+    if file.exists():
+        data = json.loads(file.read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return AgentConfig.model_validate(data)

@@ -1,0 +1,117 @@
+"""Finds the network namespaces of pods on this node, by pod IP, the way a node sees them.
+
+Walks /proc/*/ns/net (needs the host PID namespace), reads each namespace's
+local IPv4 addresses from /proc/<pid>/net/fib_trie, and for the namespaces that
+hold a wanted pod IP, enters them from a worker thread just long enough to ask
+a socket for the namespace cookie (SO_NETNS_COOKIE), which is what the connect4
+program sees. Results are cached by namespace inode; cookies are never reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True)
+class PodNetns:
+    inode: int
+    pid: int
+    cookie: int
+    ips: frozenset[str]
+
+
+def _local_ipv4(pid: int) -> frozenset[str]:
+    """The /32 LOCAL addresses of the namespace pid lives in (fib_trie's 'host LOCAL')."""
+    ips, last = set(), None
+    try:
+        with open(f"/proc/{pid}/net/fib_trie") as f:
+            for line in f:
+                stripped = line.strip()
+                if stripped.startswith("|--"):
+                    last = stripped[3:].strip()
+                elif stripped == "/32 host LOCAL" and last:
+                    ips.add(last)
+    except OSError:
+        return frozenset()
+    return frozenset(ip for ip in ips if not ip.startswith("127."))
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def netns_cookie(pid: int) -> int:
+    """The cookie of pid's network namespace. Blocking; call from a worker thread:
+    setns(CLONE_NEWNET) moves only the calling thread, and it is moved back before return."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        finally:
+            _setns(own)
+        return struct.unpack("=Q", raw)[0]
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def own_netns_cookie() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+class NetnsScanner:
+    """Maps wanted pod IPs to namespace cookies; keeps a cache across scans."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, PodNetns] = {}
+        self._own_inode = os.stat("/proc/self/ns/net").st_ino
+
+    def scan(self, wanted_ips: set[str]) -> dict[str, PodNetns]:
+        """Blocking (run in a thread). Returns pod IP -> namespace for the wanted IPs found."""
+        seen: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                inode = os.stat(f"/proc/{entry.name}/ns/net").st_ino
+            except OSError:
+                continue
+            if inode != self._own_inode:
+                seen.setdefault(inode, int(entry.name))
+        for inode in list(self._cache):
+            if inode not in seen:
+                del self._cache[inode]  # namespace gone
+        found: dict[str, PodNetns] = {}
+        for inode, pid in seen.items():
+            ns = self._cache.get(inode)
+            if ns is None:
+                ips = _local_ipv4(pid)
+                if not ips & wanted_ips:
+                    continue  # not cached: a namespace with a new pod IP is looked at again
+                try:
+                    ns = PodNetns(inode=inode, pid=pid, cookie=netns_cookie(pid), ips=ips)
+                except OSError as exc:
+                    log.debug("netns of pid %d: %s", pid, exc)
+                    continue
+                self._cache[inode] = ns
+            for ip in ns.ips & wanted_ips:
+                found[ip] = ns
+        return found

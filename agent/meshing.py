@@ -1,0 +1,82 @@
+"""Keeps the datapath's membership map equal to the meshed pods running on this node.
+
+Wanted: the snapshot's meshed workloads on this node (by pod IP). Found: their
+network namespaces, by scanning /proc. The mesh_netns map is brought to exactly
+that set; it runs on every snapshot change and on a short timer, so a pod that
+starts later is meshed as soon as its namespace exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+from meshagent.agent.datapath.maps import DatapathMaps
+from meshagent.agent.discovery import NetnsScanner
+from meshagent.agent.state import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MeshedPod:
+    namespace: str
+    name: str
+    ip: str
+    netns_cookie: int
+
+
+@dataclass
+class MeshingState:
+    pods: list[MeshedPod] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # meshed pods whose netns is not found yet
+
+
+class MeshReconciler:
+    def __init__(self, store: SnapshotStore, maps: DatapathMaps, interval: float) -> None:
+        self.store = store
+        self.maps = maps
+        self.interval = interval
+        self.scanner = NetnsScanner()
+        self.state = MeshingState()
+        self._wake = trio.Event()
+        store.on_change(lambda _tables: self._wake.set())
+
+    def reconcile(self) -> None:
+        """Blocking: scan namespaces and rewrite the map. Run from a worker thread."""
+        tables = self.store.tables
+        wanted = {ip: w for w in (tables.local_meshed() if tables else []) for ip in w.ips}
+        found = self.scanner.scan(set(wanted))
+        desired = {found[ip].cookie: ip for ip in found}
+        current = self.maps.meshed_netns()
+        for cookie, ip in desired.items():
+            if current.get(cookie) != ip:
+                self.maps.set_meshed(cookie, ip)
+                w = wanted[ip]
+                log.info("meshed %s/%s (%s, netns cookie %d)", w.namespace, w.name, ip, cookie)
+        for cookie, ip in current.items():
+            if cookie not in desired:
+                self.maps.unset_meshed(cookie)
+                log.info("unmeshed %s (netns cookie %d)", ip, cookie)
+        self.state = MeshingState(
+            pods=[
+                MeshedPod(wanted[ip].namespace, wanted[ip].name, ip, cookie)
+                for cookie, ip in sorted(desired.items(), key=lambda kv: kv[1])
+            ],
+            waiting=sorted(
+                f"{w.namespace}/{w.name}" for ip, w in wanted.items() if ip not in found
+            ),
+        )
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(self.reconcile)
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.reconcile)
+            except OSError as exc:
+                log.error("mesh reconcile failed: %s", exc)

@@ -1,0 +1,125 @@
+"""The agent's one store of the pushed snapshot and the lookup tables derived from it.
+
+One writer (the config client, or the saved copy at start) calls `apply`; the
+proxy only reads. A snapshot is validated whole before anything changes, so a
+bad one is refused (NACK) and the last good one keeps serving. The accepted
+snapshot is saved to disk so a restarted agent serves while the controller is away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshagent.common.snapshot import Endpoint, Service, Snapshot, Workload
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FILE = "snapshot.json"
+
+
+class SnapshotRejected(Exception):
+    """The snapshot cannot be served; the message says why (sent back as the NACK)."""
+
+
+@dataclass
+class ServicePortRoute:
+    """What a (VIP, port) leads to: the service, and its endpoints in round-robin order."""
+
+    service: Service
+    port: int
+    endpoints: list[Endpoint]
+    _next: itertools.cycle = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._next = itertools.cycle(range(len(self.endpoints))) if self.endpoints else None
+
+    def pick(self) -> tuple[Endpoint, int] | None:
+        """Next endpoint by round robin, with the pod port this service port maps to."""
+        if self._next is None:
+            return None
+        endpoint = self.endpoints[next(self._next)]
+        return endpoint, endpoint.ports[self.port]
+
+
+@dataclass(frozen=True)
+class Tables:
+    snapshot: Snapshot
+    by_vip_port: dict[tuple[str, int], ServicePortRoute]
+    workload_by_ip: dict[str, Workload]
+
+    @classmethod
+    def build(cls, snap: Snapshot) -> Tables:
+        by_vip_port: dict[tuple[str, int], ServicePortRoute] = {}
+        for svc in snap.services:
+            for port in svc.ports:
+                if port.protocol != "TCP":
+                    continue
+                eps = [e for e in svc.endpoints if port.port in e.ports]
+                for vip in svc.vips:
+                    by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps)
+        workload_by_ip = {ip: w for w in snap.workloads for ip in w.ips}
+        return cls(snap, by_vip_port, workload_by_ip)
+
+    def local_meshed(self) -> list[Workload]:
+        return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]
+
+
+class SnapshotStore:
+    def __init__(self, node: str, state_dir: Path) -> None:
+        self.node = node
+        self.state_dir = state_dir
+        self.tables: Tables | None = None
+        self._listeners: list[Callable[[Tables], None]] = []
+
+    @property
+    def version(self) -> str:
+        return self.tables.snapshot.version if self.tables else ""
+
+    def on_change(self, callback: Callable[[Tables], None]) -> None:
+        self._listeners.append(callback)
+
+    def apply(self, data: dict, *, save: bool = True) -> Snapshot:
+        """Validate and switch to a snapshot; raises SnapshotRejected and changes nothing."""
+        try:
+            snap = Snapshot.model_validate(data)
+        except ValidationError as exc:
+            raise SnapshotRejected(f"invalid snapshot: {exc.error_count()} errors: {exc}") from None
+        if snap.node != self.node:
+            raise SnapshotRejected(f"snapshot is for node {snap.node!r}, this is {self.node!r}")
+        if snap.version != snap.content_version():
+            raise SnapshotRejected(f"snapshot version {snap.version!r} does not match its content")
+        tables = Tables.build(snap)
+        self.tables = tables
+        if save:
+            self._save(snap)
+        for callback in self._listeners:
+            callback(tables)
+        return snap
+
+    def load_saved(self) -> bool:
+        """Serve the last accepted snapshot from disk, if there is one."""
+        path = self.state_dir / SNAPSHOT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        try:
+            self.apply(data, save=False)
+        except SnapshotRejected as exc:
+            log.warning("saved snapshot ignored: %s", exc)
+            return False
+        log.info("serving saved snapshot %s", self.version)
+        return True
+
+    def _save(self, snap: Snapshot) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / (SNAPSHOT_FILE + ".tmp")
+        tmp.write_text(snap.model_dump_json())
+        os.replace(tmp, self.state_dir / SNAPSHOT_FILE)
