@@ -9,19 +9,14 @@ program sees. Results are cached by namespace inode; cookies are never reused.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
-import socket
-import struct
 from dataclasses import dataclass
+
+from meshagent.common.netns import netns_cookie
 
 log = logging.getLogger(__name__)
 
-SO_NETNS_COOKIE = 71
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -48,33 +43,9 @@ def _local_ipv4(pid: int) -> frozenset[str]:
     return frozenset(ip for ip in ips if not ip.startswith("127."))
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def netns_cookie(pid: int) -> int:
-    """The cookie of pid's network namespace. Blocking; call from a worker thread:
-    setns(CLONE_NEWNET) moves only the calling thread, and it is moved back before return."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-        finally:
-            _setns(own)
-        return struct.unpack("=Q", raw)[0]
-    finally:
-        os.close(target)
-        os.close(own)
-
-
-def own_netns_cookie() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+def pod_netns_cookie(pid: int) -> int:
+    """The cookie of pid's network namespace. Blocking: call from a worker thread."""
+    return netns_cookie(f"/proc/{pid}/ns/net")
 
 
 class NetnsScanner:
@@ -107,7 +78,7 @@ class NetnsScanner:
                 if not ips & wanted_ips:
                     continue  # not cached: a namespace with a new pod IP is looked at again
                 try:
-                    ns = PodNetns(inode=inode, pid=pid, cookie=netns_cookie(pid), ips=ips)
+                    ns = PodNetns(inode=inode, pid=pid, cookie=pod_netns_cookie(pid), ips=ips)
                 except OSError as exc:
                     log.debug("netns of pid %d: %s", pid, exc)
                     continue

@@ -1,0 +1,149 @@
+"""`meshlab`: a multi-node mesh on one Linux machine, for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from meshagent.common.manifests import ManifestError, load_files
+from meshagent.lab import lab
+from meshagent.lab.topology import PlanError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"meshlab: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool) -> None:
+    """meshlab: nodes and pods made of network namespaces and cgroups, running the real mesh."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kubernetes-style manifests: Namespace, Pod, Service (and Istio resources).",
+)
+@click.option("--nodes", default=2, show_default=True, help="How many nodes.")
+def up(files: tuple[Path, ...], nodes: int) -> None:
+    """Build the lab and start the controller, one agent per node, and the pods.
+
+    Returns once agents serve the current snapshot and pods with a readiness
+    probe answer; the lab runs on in the background until `meshlab down`.
+
+    \b
+    Examples:
+      meshlab up -f lab/examples/demo.yaml
+      meshlab up -f app.yaml -f policies.yaml --nodes 3
+    """
+    try:
+        plan = lab.up(load_files(files), nodes)
+    except (ManifestError, PlanError) as exc:
+        lab.down()
+        _fail(str(exc))
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(
+        f"lab up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {len(plan.services)} services"
+    )
+    for pod in sorted(plan.pods.values(), key=lambda p: p.key):
+        click.echo(f"  {pod.key:<32} {pod.node:<8} {pod.ip}")
+
+
+@main.command()
+def down() -> None:
+    """Remove everything the lab made: processes, namespaces, veths, cgroups, pins, files.
+
+    Safe to run twice, and after the lab or any of its processes crashed.
+
+    \b
+    Examples:
+      meshlab down
+    """
+    removed = lab.down()
+    click.echo(
+        "lab down" + (f": removed {len(removed)} objects" if removed else ": nothing to remove")
+    )
+    left = lab.leftovers()
+    if left:
+        _fail("could not remove: " + ", ".join(left))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--node", help="Run on this node (its network namespace) instead of in a pod.")
+@click.argument("target", required=False)
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
+    """Run a command in a pod (NAMESPACE/POD) or on a node (--node NODE).
+
+    The command's exit status and output pass through.
+
+    \b
+    Examples:
+      meshlab exec shop/frontend -- curl -s http://reviews.shop:9080/
+      meshlab exec --node node-1 -- meshagent status
+    """
+    args = list(argv)
+    if args and args[0] == "--":
+        args.pop(0)
+    if node is None and target is None:
+        _fail("give NAMESPACE/POD or --node NODE")
+    if node is not None and target is not None:
+        args.insert(0, target)  # `--node N -- cmd`: click saw the command's first word as target
+    try:
+        plan = lab.load_plan()
+        code = lab.exec_on_node(plan, node, args) if node else lab.exec_in_pod(plan, target, args)
+    except (lab.LabError, PlanError) as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+@main.group()
+def agent() -> None:
+    """Stop or start a node's agent (to see the datapath outlive it)."""
+
+
+@agent.command("stop")
+@click.argument("node")
+def agent_stop(node: str) -> None:
+    """Kill a node's agent with SIGKILL, as a crash would; its programs stay attached.
+
+    \b
+    Examples:
+      meshlab agent stop node-1
+    """
+    plan = lab.load_plan()
+    plan.node(node)
+    lab.stop_agent(node)
+    click.echo(f"agent on {node} killed")
+
+
+@agent.command("start")
+@click.argument("node")
+def agent_start(node: str) -> None:
+    """Start a node's agent again and wait until it is ready.
+
+    \b
+    Examples:
+      meshlab agent start node-1
+    """
+    plan = lab.load_plan()
+    lab.start_agent(plan.node(node))
+    try:
+        lab.wait_ready(plan)
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(f"agent on {node} ready")

@@ -1,0 +1,115 @@
+"""Builds and removes the lab's network: namespaces, veths, bridges, addresses, routes.
+
+Every link is created inside a lab namespace (never in the host's), so deleting
+the namespaces removes every veth and bridge with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+from meshagent.lab.paths import NETNS_PREFIX
+from meshagent.lab.topology import (
+    UNDERLAY_BRIDGE_IP,
+    UNDERLAY_NETNS,
+    UNDERLAY_PREFIX,
+    LabPlan,
+    NodePlan,
+    PodPlan,
+)
+from pyroute2 import NetNS, netns
+
+log = logging.getLogger(__name__)
+
+UNDERLAY_BRIDGE = "ul0"
+NODE_BRIDGE = "cni0"
+NODE_UPLINK = "eth0"
+POD_IFACE = "eth0"
+
+
+def _up(ns: NetNS, ifname: str) -> int:
+    index = ns.link_lookup(ifname=ifname)[0]
+    ns.link("set", index=index, state="up")
+    return index
+
+
+def _sysctl(netns_name: str, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    subprocess.run(
+        ["ip", "netns", "exec", netns_name, "sh", "-c", f"echo {value} > {path}"], check=True
+    )
+
+
+def create_underlay() -> None:
+    netns.create(UNDERLAY_NETNS)
+    with NetNS(UNDERLAY_NETNS) as ns:
+        _up(ns, "lo")
+        ns.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+        index = _up(ns, UNDERLAY_BRIDGE)
+        ns.addr("add", index=index, address=UNDERLAY_BRIDGE_IP, prefixlen=UNDERLAY_PREFIX)
+
+
+def create_node(node: NodePlan, plan: LabPlan) -> None:
+    netns.create(node.netns)
+    with NetNS(UNDERLAY_NETNS) as ul:
+        ul.link(
+            "add",
+            ifname=node.underlay_veth,
+            kind="veth",
+            peer={"ifname": NODE_UPLINK, "net_ns_fd": node.netns},
+        )
+        bridge = ul.link_lookup(ifname=UNDERLAY_BRIDGE)[0]
+        index = ul.link_lookup(ifname=node.underlay_veth)[0]
+        ul.link("set", index=index, master=bridge, state="up")
+    with NetNS(node.netns) as ns:
+        _up(ns, "lo")
+        uplink = _up(ns, NODE_UPLINK)
+        ns.addr("add", index=uplink, address=node.underlay_ip, prefixlen=UNDERLAY_PREFIX)
+        ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
+        bridge = _up(ns, NODE_BRIDGE)
+        ns.addr("add", index=bridge, address=node.gateway, prefixlen=24)
+        for other in plan.nodes:
+            if other.name != node.name:
+                ns.route("add", dst=other.pod_cidr, gateway=other.underlay_ip)
+    _sysctl(node.netns, "net.ipv4.ip_forward", "1")
+
+
+def create_pod(pod: PodPlan, node: NodePlan) -> None:
+    netns.create(pod.netns)
+    with NetNS(node.netns) as ns:
+        ns.link(
+            "add",
+            ifname=pod.host_veth,
+            kind="veth",
+            peer={"ifname": POD_IFACE, "net_ns_fd": pod.netns},
+        )
+        bridge = ns.link_lookup(ifname=NODE_BRIDGE)[0]
+        index = ns.link_lookup(ifname=pod.host_veth)[0]
+        ns.link("set", index=index, master=bridge, state="up")
+    with NetNS(pod.netns) as ns:
+        _up(ns, "lo")
+        index = _up(ns, POD_IFACE)
+        ns.addr("add", index=index, address=pod.ip, prefixlen=24)
+        ns.route("add", dst="0.0.0.0/0", gateway=node.gateway)
+
+
+def delete_pod(pod: PodPlan) -> None:
+    if pod.netns in netns.listnetns():
+        netns.remove(pod.netns)
+
+
+def lab_namespaces() -> list[str]:
+    return sorted(n for n in netns.listnetns() if n.startswith(NETNS_PREFIX))
+
+
+def delete_all() -> list[str]:
+    """Remove every lab namespace (and so every veth and bridge in them)."""
+    removed = []
+    for name in lab_namespaces():
+        try:
+            netns.remove(name)
+            removed.append(name)
+        except OSError as exc:
+            log.warning("could not remove netns %s: %s", name, exc)
+    return removed

@@ -1,0 +1,232 @@
+"""The lab's plan: which nodes, pods and services exist and their addresses. Pure logic.
+
+Addressing (all inside the lab's own network namespaces):
+  underlay 172.30.0.0/24: bridge (and controller) .1, node-i at .(10+i)
+  node-i pod CIDR 10.244.i.0/24: node bridge (the proxy's address) .1, pods from .10
+  Service VIPs from 10.96.0.0/16 (a manifest's clusterIP is kept)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from meshagent.lab.paths import NETNS_PREFIX
+
+UNDERLAY_BRIDGE_IP = "172.30.0.1"
+UNDERLAY_PREFIX = 24
+CONTROLLER_PORT = 15012
+CONTROLLER_METRICS_PORT = 15014
+SERVICE_NET = ipaddress.ip_network("10.96.0.0/16")
+FIRST_POD_HOST = 10
+UNDERLAY_NETNS = NETNS_PREFIX + "underlay"
+
+
+class PlanError(ValueError):
+    """The manifests ask for something the lab cannot build; names the object."""
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    index: int
+
+    @property
+    def netns(self) -> str:
+        return NETNS_PREFIX + self.name
+
+    @property
+    def underlay_ip(self) -> str:
+        return f"172.30.0.{10 + self.index}"
+
+    @property
+    def pod_cidr(self) -> str:
+        return f"10.244.{self.index}.0/24"
+
+    @property
+    def gateway(self) -> str:
+        """The node bridge's address: pods' default gateway and the proxy's listener."""
+        return f"10.244.{self.index}.1"
+
+    @property
+    def underlay_veth(self) -> str:
+        return f"ul-{self.name}"[:15]
+
+
+@dataclass
+class PodPlan:
+    namespace: str
+    name: str
+    node: str
+    ip: str
+    manifest: dict
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def netns(self) -> str:
+        return f"{NETNS_PREFIX}pod-{self.namespace}-{self.name}"
+
+    @property
+    def host_veth(self) -> str:
+        """Node-side veth name: short (IFNAMSIZ) and stable for the pod."""
+        return "vp" + hashlib.sha1(self.key.encode()).hexdigest()[:10]
+
+    @property
+    def command(self) -> list[str]:
+        containers = (self.manifest.get("spec") or {}).get("containers") or []
+        if not containers:
+            return []
+        c = containers[0]
+        return [str(x) for x in (c.get("command") or []) + (c.get("args") or [])]
+
+    @property
+    def env(self) -> dict[str, str]:
+        containers = (self.manifest.get("spec") or {}).get("containers") or []
+        out = {"POD_NAME": self.name, "POD_NAMESPACE": self.namespace, "POD_IP": self.ip}
+        for c in containers[:1]:
+            for item in c.get("env") or []:
+                out[str(item["name"])] = str(item.get("value", ""))
+        return out
+
+    @property
+    def readiness_port(self) -> int | None:
+        containers = (self.manifest.get("spec") or {}).get("containers") or []
+        probe = (containers[0].get("readinessProbe") or {}) if containers else {}
+        for kind in ("tcpSocket", "httpGet"):
+            if kind in probe:
+                return int(probe[kind]["port"])
+        return None
+
+
+@dataclass
+class LabPlan:
+    nodes: list[NodePlan]
+    namespaces: dict[str, dict] = field(default_factory=dict)
+    pods: dict[str, PodPlan] = field(default_factory=dict)
+    services: dict[str, dict] = field(default_factory=dict)
+    others: list[dict] = field(default_factory=list)  # e.g. Istio resources, for the controller
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise PlanError(f"no node {name!r} in this lab (nodes: {[n.name for n in self.nodes]})")
+
+    def pods_on(self, node: str) -> list[PodPlan]:
+        return [p for p in self.pods.values() if p.node == node]
+
+
+def _meta(obj: dict) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        raise PlanError(f"{obj.get('kind')} without metadata.name")
+    return meta.get("namespace") or "default", name
+
+
+def make_nodes(count: int) -> list[NodePlan]:
+    if not 1 <= count <= 200:
+        raise PlanError(f"--nodes must be between 1 and 200, not {count}")
+    return [NodePlan(f"node-{i}", i) for i in range(1, count + 1)]
+
+
+def add_objects(plan: LabPlan, objects: list[dict]) -> None:
+    """Place pods on nodes and give them IPs; give services VIPs. Keeps existing ones."""
+    used_vips = {s["spec"]["clusterIP"] for s in plan.services.values()}
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind == "Namespace":
+            plan.namespaces[_meta(obj)[1]] = obj
+        elif kind == "Pod":
+            ns, name = _meta(obj)
+            key = f"{ns}/{name}"
+            if key in plan.pods:
+                plan.pods[key].manifest = obj
+                continue
+            wanted = (obj.get("spec") or {}).get("nodeName")
+            if wanted:
+                node = plan.node(wanted)
+            else:  # spread over nodes: the least loaded first
+                node = min(plan.nodes, key=lambda n: (len(plan.pods_on(n.name)), n.index))
+            plan.pods[key] = PodPlan(ns, name, node.name, _free_pod_ip(plan, node), obj)
+        elif kind == "Service":
+            ns, name = _meta(obj)
+            spec = obj.setdefault("spec", {})
+            vip = spec.get("clusterIP")
+            if not vip or vip == "None":
+                vip = _free_vip(used_vips)
+            used_vips.add(vip)
+            spec["clusterIP"] = vip
+            plan.services[f"{ns}/{name}"] = obj
+        else:
+            plan.others.append(obj)
+
+
+def _free_pod_ip(plan: LabPlan, node: NodePlan) -> str:
+    used = {p.ip for p in plan.pods.values()}
+    for host in range(FIRST_POD_HOST, 255):
+        ip = f"10.244.{node.index}.{host}"
+        if ip not in used:
+            return ip
+    raise PlanError(f"node {node.name} has no free pod IP")
+
+
+def _free_vip(used: set[str]) -> str:
+    for ip in SERVICE_NET.hosts():
+        if int(ip) - int(SERVICE_NET.network_address) < 10:
+            continue
+        if str(ip) not in used:
+            return str(ip)
+    raise PlanError("no free service IP")
+
+
+def hosts_file(plan: LabPlan, pod: PodPlan) -> str:
+    """/etc/hosts for a pod: itself, and every Service by short, namespaced and FQDN names."""
+    lines = ["127.0.0.1 localhost", f"{pod.ip} {pod.name}"]
+    for svc in plan.services.values():
+        ns, name = _meta(svc)
+        names = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
+        if ns == pod.namespace:
+            names.insert(0, name)
+        lines.append(f"{svc['spec']['clusterIP']} {' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def cluster_objects(plan: LabPlan) -> list[dict]:
+    """What the controller sees: nodes, namespaces, pods with their status, services, rest."""
+    out: list[dict] = []
+    for node in plan.nodes:
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node.name},
+                "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]},
+            }
+        )
+    out.extend(plan.namespaces.values())
+    for pod in plan.pods.values():
+        obj = dict(pod.manifest)
+        meta = dict(obj.get("metadata") or {})
+        meta.setdefault("namespace", pod.namespace)
+        meta.setdefault("uid", hashlib.sha1(pod.key.encode()).hexdigest()[:16])
+        spec = dict(obj.get("spec") or {})
+        spec["nodeName"] = pod.node
+        obj.update(
+            metadata=meta,
+            spec=spec,
+            status={
+                "phase": "Running",
+                "podIP": pod.ip,
+                "podIPs": [{"ip": pod.ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        )
+        out.append(obj)
+    out.extend(plan.services.values())
+    out.extend(plan.others)
+    return out
