@@ -17,6 +17,7 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
 from meshagent.agent.run import datapath_settings
+from meshagent.agent.state import SNAPSHOT_FILE
 from meshagent.common.httpserve import http_get
 
 
@@ -47,17 +48,33 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
             {"netns_cookie": cookie, "ip": ip} for cookie, ip in sorted(maps.meshed_netns().items())
         ]
         view["counters"] = maps.read_counters()
+        view["orig_dst_pending"] = sum(1 for _ in maps.orig_dst.iter_keys())
     finally:
         maps.close()
     return view
 
 
+def _saved_pod_names(config: AgentConfig) -> dict[str, str]:
+    """Pod IP -> namespace/name from the last saved snapshot (names when the agent is down)."""
+    try:
+        snap = json.loads((config.state_dir / SNAPSHOT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        ip: f"{w['namespace']}/{w['name']}" for w in snap.get("workloads", []) for ip in w["ips"]
+    }
+
+
 def gather(config: AgentConfig) -> dict[str, Any]:
     agent, error = _agent_view(config)
+    names = _saved_pod_names(config)
+    kernel = _kernel_view(config)
+    for pod in kernel.get("meshed_netns", []):
+        pod["pod"] = names.get(pod["ip"], "")
     return {
         "node": config.node_name,
         "agent": {"running": agent is not None, "error": error, **(agent or {})},
-        "datapath": _kernel_view(config),
+        "datapath": kernel,
     }
 
 
@@ -83,10 +100,9 @@ def render(report: dict[str, Any]) -> str:
     if "maps_error" in dp:
         lines.append(f"Maps:        {dp['maps_error']}")
         return "\n".join(lines)
-    names = {p["ip"]: f"{p['namespace']}/{p['name']}" for p in agent.get("meshed_pods") or []}
     lines.append("Meshed pods:")
     for pod in dp["meshed_netns"]:
-        name = names.get(pod["ip"], "?")
+        name = pod["pod"] or "?"
         lines.append(f"  {name:<32} {pod['ip']:<15} netns cookie {pod['netns_cookie']}")
     if not dp["meshed_netns"]:
         lines.append("  (none)")

@@ -147,3 +147,18 @@ def agent_start(node: str) -> None:
     except lab.LabError as exc:
         _fail(str(exc))
     click.echo(f"agent on {node} ready")
+
+
+@main.command()
+def demo() -> None:
+    """Bring up a 2-node lab with a sample app, show what the mesh does, tear it down.
+
+    \b
+    Examples:
+      meshlab demo
+    """
+    from meshagent.lab.demo import run_demo
+
+    if lab.net.lab_namespaces():
+        _fail("a lab is already up: run `meshlab down` first")
+    sys.exit(run_demo())
