@@ -1,0 +1,351 @@
+"""Schemas for `networking.istio.io` resources: VirtualService and DestinationRule.
+
+Wire documents flow in; validated, immutable models flow out to the controller's route and
+destination-policy compiler. Only the documented subset is accepted (mesh-internal HTTP and TCP
+routing, retries, timeouts, fault injection, load balancing, connection pools, outlier
+detection); any other field is an error naming it. The checks Istio's webhook makes on these
+fields (weights summing to 100, regexes compiling, durations of at least 1ms, ...) are
+repeated so that what Istio refuses is refused here too. Durations become float seconds.
+
+Reference: https://istio.io/latest/docs/reference/config/networking/virtual-service/
+and https://istio.io/latest/docs/reference/config/networking/destination-rule/
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from meshagent.common.istio.base import (
+    DnsLabel,
+    Duration,
+    IstioModel,
+    IstioResource,
+    NonEmptyStr,
+    Percent,
+    Port,
+)
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+
+NETWORKING_API_VERSIONS = frozenset(
+    {"networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"}
+)
+RETRY_ON_CONDITIONS = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "connect-failure",
+        "reset",
+        "retriable-status-codes",
+        "refused-stream",
+    }
+)
+LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
+
+_MAX_REGEX_LENGTH = 1024  # Istio's limit (Envoy's RE2 program size, approximated by length)
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_WEIGHT_TOTAL = 100
+
+
+def _compile_regex(value: str) -> str:
+    if not value:
+        raise ValueError("regex must not be empty")
+    if len(value) > _MAX_REGEX_LENGTH:
+        raise ValueError(f"regex is too long ({len(value)} characters, at most 1024)")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value.lower()
+
+
+def _host(value: str) -> str:
+    if value == "*":
+        raise ValueError("host '*' is not allowed: name the service host")
+    return value
+
+
+def _is_status_code(entry: str) -> bool:
+    if not (entry.isascii() and entry.isdigit()):
+        return False
+    try:
+        HTTPStatus(int(entry))
+    except ValueError:
+        return False
+    return True
+
+
+def _split_retry_on(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("retryOn must be a comma-separated string, for example '5xx,reset'")
+    entries = tuple(entry.strip() for entry in value.split(","))
+    for entry in entries:
+        if entry not in RETRY_ON_CONDITIONS and not _is_status_code(entry):
+            supported = ", ".join(sorted(RETRY_ON_CONDITIONS))
+            raise ValueError(
+                f"{entry!r} is not a supported retryOn condition "
+                f"(supported: {supported}, or an HTTP status code such as 503)"
+            )
+    return entries
+
+
+# Header names compare case-insensitively; they are stored lower-cased.
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+Host = Annotated[NonEmptyStr, AfterValidator(_host)]
+Regex = Annotated[str, AfterValidator(_compile_regex)]
+# Route weights: an int 0..100 (Istio refuses "50" and 50.5).
+Weight = Annotated[int, Field(ge=0, le=100, strict=True)]
+
+
+class StringMatch(IstioModel):
+    """Exactly one of exact, prefix or regex. A regex must match the whole value (as Envoy's
+    RE2 matchers do): use re.fullmatch."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StringMatch:
+        given = [name for name in ("exact", "prefix", "regex") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of exact, prefix or regex")
+        return self
+
+
+class HTTPMatchRequest(IstioModel):
+    """One `http[].match[]` entry: all fields given must match; an empty entry matches all."""
+
+    uri: StringMatch | None = None
+    method: StringMatch | None = None
+    headers: dict[HeaderName, StringMatch] = {}
+    port: Port | None = None
+
+
+class PortSelector(IstioModel):
+    number: Port
+
+
+class Destination(IstioModel):
+    host: Host
+    subset: DnsLabel | None = None
+    port: PortSelector | None = None
+
+
+def _check_weights(routes: tuple[Any, ...]) -> tuple[Any, ...]:
+    total = sum(route.weight or 0 for route in routes)
+    if len(routes) > 1 and total != _WEIGHT_TOTAL:
+        raise ValueError(
+            f"the weights of the {len(routes)} routes sum to {total}; "
+            "with several routes they must sum to 100"
+        )
+    return routes
+
+
+class HTTPRouteDestination(IstioModel):
+    destination: Destination
+    weight: Weight | None = None
+
+
+class HTTPRetry(IstioModel):
+    """Retry policy; retryOn is split into its conditions (status codes stay strings)."""
+
+    attempts: Annotated[int, Field(ge=0, strict=True)] = 0
+    per_try_timeout: Duration | None = None
+    retry_on: Annotated[tuple[str, ...], BeforeValidator(_split_retry_on)] = ()
+
+    @model_validator(mode="after")
+    def _attempts_enable(self) -> HTTPRetry:
+        if self.attempts == 0 and (self.per_try_timeout is not None or self.retry_on):
+            raise ValueError(
+                "retries are configured but attempts is 0 (retries disabled): set attempts"
+            )
+        return self
+
+    @property
+    def retriable_status_codes(self) -> frozenset[int]:
+        """Status codes named in retryOn (Envoy retries on them with retriable-status-codes)."""
+        return frozenset(int(entry) for entry in self.retry_on if entry.isdigit())
+
+
+class FaultPercentage(IstioModel):
+    value: Percent
+
+
+class FaultDelay(IstioModel):
+    fixed_delay: Duration
+    percentage: FaultPercentage | None = None
+
+
+class FaultAbort(IstioModel):
+    http_status: Annotated[int, Field(ge=200, le=599, strict=True)]
+    percentage: FaultPercentage | None = None
+
+
+class HTTPFaultInjection(IstioModel):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _has_fault(self) -> HTTPFaultInjection:
+        if self.delay is None and self.abort is None:
+            raise ValueError("fault must have a delay, an abort, or both")
+        return self
+
+
+class HTTPRoute(IstioModel):
+    """One `http[]` rule: the first rule whose match fits the request routes it."""
+
+    name: str | None = None
+    match: tuple[HTTPMatchRequest, ...] = ()
+    route: Annotated[tuple[HTTPRouteDestination, ...], AfterValidator(_check_weights)] = Field(
+        min_length=1
+    )
+    timeout: Duration | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+
+
+class L4MatchAttributes(IstioModel):
+    port: Port | None = None
+
+
+class RouteDestination(IstioModel):
+    destination: Destination
+    weight: Weight | None = None
+
+
+class TCPRoute(IstioModel):
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: Annotated[tuple[RouteDestination, ...], AfterValidator(_check_weights)] = Field(
+        min_length=1
+    )
+
+
+class VirtualServiceSpec(IstioModel):
+    hosts: tuple[Host, ...] = Field(min_length=1)
+    gateways: tuple[str, ...] | None = None
+    http: tuple[HTTPRoute, ...] = ()
+    tcp: tuple[TCPRoute, ...] = ()
+
+    @field_validator("gateways")
+    @classmethod
+    def _mesh_only(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and value != ("mesh",):
+            raise ValueError(
+                f"gateways {list(value)} are not supported: meshagent routes mesh traffic only, "
+                "so omit gateways or set [mesh]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _has_routes(self) -> VirtualServiceSpec:
+        if not self.http and not self.tcp:
+            raise ValueError("a VirtualService needs http or tcp routes")
+        return self
+
+
+class VirtualService(IstioResource):
+    """An Istio VirtualService for mesh traffic (no gateways, no TLS routes, no delegation)."""
+
+    API_VERSIONS = NETWORKING_API_VERSIONS
+
+    kind: Literal["VirtualService"]
+    spec: VirtualServiceSpec
+
+
+def _reject_passthrough(value: object) -> object:
+    if value == "PASSTHROUGH":
+        raise ValueError(
+            "loadBalancer PASSTHROUGH is not supported (use ROUND_ROBIN, LEAST_REQUEST or RANDOM)"
+        )
+    return value
+
+
+class LoadBalancerSettings(IstioModel):
+    simple: Annotated[LoadBalancer, BeforeValidator(_reject_passthrough)]
+
+
+class TCPSettings(IstioModel):
+    max_connections: Annotated[int, Field(ge=0, strict=True)] | None = None
+    connect_timeout: Duration | None = None
+
+
+class HTTPSettings(IstioModel):
+    http1_max_pending_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
+    max_requests_per_connection: Annotated[int, Field(ge=0, strict=True)] | None = None
+
+
+class ConnectionPoolSettings(IstioModel):
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ConnectionPoolSettings:
+        if self.tcp is None and self.http is None:
+            raise ValueError("connectionPool must set tcp, http, or both")
+        return self
+
+
+class OutlierDetection(IstioModel):
+    consecutive_5xx_errors: Annotated[int, Field(ge=0, strict=True)] | None = Field(
+        None, alias="consecutive5xxErrors"
+    )
+    consecutive_gateway_errors: Annotated[int, Field(ge=0, strict=True)] | None = None
+    interval: Duration | None = None
+    base_ejection_time: Duration | None = None
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100, strict=True)] | None = None
+
+
+class _Policies(IstioModel):
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
+class PortTrafficPolicy(_Policies):
+    """`portLevelSettings[]`: the same policies, for one destination port."""
+
+    port: PortSelector
+
+
+class TrafficPolicy(_Policies):
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+
+
+class Subset(IstioModel):
+    name: DnsLabel
+    labels: dict[str, str] = {}
+    traffic_policy: TrafficPolicy | None = None
+
+
+class DestinationRuleSpec(IstioModel):
+    host: Host
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+
+    @field_validator("subsets")
+    @classmethod
+    def _unique_names(cls, value: tuple[Subset, ...]) -> tuple[Subset, ...]:
+        seen: set[str] = set()
+        for subset in value:
+            if subset.name in seen:
+                raise ValueError(f"subset name {subset.name!r} is defined more than once")
+            seen.add(subset.name)
+        return value
+
+
+class DestinationRule(IstioResource):
+    """An Istio DestinationRule: subsets and the traffic policy toward one host."""
+
+    API_VERSIONS = NETWORKING_API_VERSIONS
+
+    kind: Literal["DestinationRule"]
+    spec: DestinationRuleSpec

@@ -1,0 +1,286 @@
+"""Schemas for `security.istio.io` resources: AuthorizationPolicy and PeerAuthentication.
+
+Wire documents flow in; validated, immutable models flow out to the controller's compiler and to
+`meshagent.common.authz` (which compiles AuthorizationPolicies into a fast evaluator). Only the
+documented subset is accepted: any other field (requestPrincipals, targetRef, provider, JWT
+conditions, ...) is an error naming the field. Beyond shape, the checks Istio's own admission
+webhook makes are repeated here, so a policy Istio would refuse is refused here too.
+
+Reference: https://istio.io/latest/docs/reference/config/security/authorization-policy/
+and https://istio.io/latest/docs/reference/config/security/peer_authentication/
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from meshagent.common.istio.base import (
+    DRY_RUN_ANNOTATION,
+    IpBlock,
+    IstioModel,
+    IstioResource,
+    NonEmptyStr,
+    ObjectMeta,
+    Port,
+    WorkloadSelector,
+    check_ip_block,
+    parse_go_bool,
+)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+SECURITY_API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
+
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+# Condition keys of the supported subset (Istio's "Authorization Policy Conditions" page).
+CONDITION_KEYS = frozenset(
+    {"source.principal", "source.namespace", "source.ip", "destination.port", "destination.ip"}
+)
+HEADER_CONDITION_RE = re.compile(r"request\.headers\[([^\[\]]+)\]")
+_IP_KEYS = frozenset({"source.ip", "destination.ip"})
+_PATH_TEMPLATE_RE = re.compile(r"\{\*\*?\}")
+
+
+def header_condition_name(key: str) -> str | None:
+    """The header name of a `request.headers[NAME]` condition key (lower-cased), else None."""
+    match = HEADER_CONDITION_RE.fullmatch(key)
+    return match.group(1).lower() if match else None
+
+
+class Source(IstioModel):
+    """`rules[].from[].source`: who the request comes from. Empty lists mean "not set"."""
+
+    principals: tuple[NonEmptyStr, ...] = ()
+    not_principals: tuple[NonEmptyStr, ...] = ()
+    namespaces: tuple[NonEmptyStr, ...] = ()
+    not_namespaces: tuple[NonEmptyStr, ...] = ()
+    ip_blocks: tuple[IpBlock, ...] = ()
+    not_ip_blocks: tuple[IpBlock, ...] = ()
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Source:
+        if not any(getattr(self, name) for name in type(self).model_fields):
+            raise ValueError(
+                "source must set at least one of principals, notPrincipals, namespaces, "
+                "notNamespaces, ipBlocks, notIpBlocks (omit `from` to match any source)"
+            )
+        return self
+
+
+class Operation(IstioModel):
+    """`rules[].to[].operation`: what is being accessed. Empty lists mean "not set"."""
+
+    ports: tuple[Port, ...] = ()
+    not_ports: tuple[Port, ...] = ()
+    methods: tuple[NonEmptyStr, ...] = ()
+    not_methods: tuple[NonEmptyStr, ...] = ()
+    paths: tuple[NonEmptyStr, ...] = ()
+    not_paths: tuple[NonEmptyStr, ...] = ()
+    hosts: tuple[NonEmptyStr, ...] = ()
+    not_hosts: tuple[NonEmptyStr, ...] = ()
+
+    @field_validator("paths", "not_paths")
+    @classmethod
+    def _no_path_templates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if _PATH_TEMPLATE_RE.search(path):
+                raise ValueError(f"path templates ({{*}}, {{**}}) are not supported: {path!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Operation:
+        if not any(getattr(self, name) for name in type(self).model_fields):
+            raise ValueError(
+                "operation must set at least one of ports, notPorts, methods, notMethods, "
+                "paths, notPaths, hosts, notHosts (omit `to` to match any operation)"
+            )
+        return self
+
+    @property
+    def uses_http_fields(self) -> bool:
+        """True when the operation names HTTP-only attributes (methods, paths, hosts)."""
+        return bool(
+            self.methods
+            or self.not_methods
+            or self.paths
+            or self.not_paths
+            or self.hosts
+            or self.not_hosts
+        )
+
+
+class From(IstioModel):
+    source: Source
+
+
+class To(IstioModel):
+    operation: Operation
+
+
+class Condition(IstioModel):
+    """`rules[].when[]`: an extra condition on one attribute."""
+
+    key: str
+    values: tuple[NonEmptyStr, ...] = ()
+    not_values: tuple[NonEmptyStr, ...] = ()
+
+    @field_validator("key")
+    @classmethod
+    def _supported_key(cls, value: str) -> str:
+        if value not in CONDITION_KEYS and header_condition_name(value) is None:
+            supported = ", ".join([*sorted(CONDITION_KEYS), "request.headers[NAME]"])
+            raise ValueError(f"condition key {value!r} is not supported (supported: {supported})")
+        return value
+
+    @field_validator("values", "not_values")
+    @classmethod
+    def _values_fit_key(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        key = info.data.get("key")  # absent when the key itself was invalid
+        for item in value:
+            if key in _IP_KEYS:
+                check_ip_block(item)
+            elif key == "destination.port" and not (item.isascii() and item.isdigit()):
+                raise ValueError(f"{key} values must be port numbers, got {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_values(self) -> Condition:
+        if not self.values and not self.not_values:
+            raise ValueError(f"at least one of values or notValues must be set for key {self.key}")
+        return self
+
+    @property
+    def is_http_only(self) -> bool:
+        return header_condition_name(self.key) is not None
+
+
+class Rule(IstioModel):
+    """One rule: matches when every one of from / to / when matches (absent = any)."""
+
+    from_: tuple[From, ...] | None = Field(None, alias="from")
+    to: tuple[To, ...] | None = None
+    when: tuple[Condition, ...] = ()
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _not_empty_list(cls, value: tuple | None, info: ValidationInfo) -> tuple | None:
+        if value is not None and not value:
+            wire = "from" if info.field_name == "from_" else "to"
+            raise ValueError(f"`{wire}` must not be an empty list (omit it to match anything)")
+        return value
+
+    @property
+    def uses_http_fields(self) -> bool:
+        """True when the rule needs HTTP attributes (Istio's "HTTP-only fields")."""
+        return any(t.operation.uses_http_fields for t in self.to or ()) or any(
+            c.is_http_only for c in self.when
+        )
+
+
+def _reject_custom(value: object) -> object:
+    if value == "CUSTOM":
+        raise ValueError("action CUSTOM is not supported")
+    return value
+
+
+class AuthorizationPolicySpec(IstioModel):
+    selector: WorkloadSelector | None = None
+    action: Action = "ALLOW"
+    rules: tuple[Rule, ...] | None = Field(None, validate_default=True)
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _no_custom(cls, value: object) -> object:
+        return _reject_custom(value)
+
+    @field_validator("rules")
+    @classmethod
+    def _deny_needs_rules(
+        cls, value: tuple[Rule, ...] | None, info: ValidationInfo
+    ) -> tuple[Rule, ...] | None:
+        # Istio's webhook refuses this: such a policy would never trigger.
+        if info.data.get("action") == "DENY" and not value:
+            raise ValueError(
+                "a DENY policy without rules never matches; add an empty rule `- {}` "
+                "to deny every request"
+            )
+        return value
+
+
+class AuthorizationPolicy(IstioResource):
+    """An Istio AuthorizationPolicy (ALLOW, DENY or AUDIT; CUSTOM is refused)."""
+
+    API_VERSIONS = SECURITY_API_VERSIONS
+
+    kind: Literal["AuthorizationPolicy"]
+    spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
+
+    @classmethod
+    def _supports_dry_run(cls) -> bool:
+        return True
+
+    @field_validator("metadata")
+    @classmethod
+    def _dry_run_value(cls, value: ObjectMeta) -> ObjectMeta:
+        raw = value.annotations.get(DRY_RUN_ANNOTATION)
+        if raw is not None and parse_go_bool(raw) is None:
+            raise ValueError(
+                f"annotation {DRY_RUN_ANNOTATION} must be 'true' or 'false', got {raw!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _dry_run_action(self) -> AuthorizationPolicy:
+        if DRY_RUN_ANNOTATION in self.metadata.annotations and self.spec.action == "AUDIT":
+            raise ValueError(
+                f"annotation {DRY_RUN_ANNOTATION} only supports actions ALLOW and DENY, found AUDIT"
+            )
+        return self
+
+    @property
+    def dry_run(self) -> bool:
+        """True when annotated `istio.io/dry-run: "true"`: evaluated and reported, not enforced."""
+        return bool(parse_go_bool(self.metadata.annotations.get(DRY_RUN_ANNOTATION, "")))
+
+
+class PeerMtls(IstioModel):
+    mode: MtlsMode = "UNSET"
+
+
+class PeerAuthenticationSpec(IstioModel):
+    selector: WorkloadSelector | None = None
+    mtls: PeerMtls | None = None
+    port_level_mtls: dict[Port, PeerMtls] | None = Field(None, validate_default=True)
+
+    @field_validator("port_level_mtls")
+    @classmethod
+    def _port_level_needs_selector(
+        cls, value: dict[int, PeerMtls] | None, info: ValidationInfo
+    ) -> dict[int, PeerMtls] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("portLevelMtls, when set, must name at least one port")
+        selector = info.data.get("selector")
+        if selector is None or not selector.match_labels:
+            raise ValueError(
+                "portLevelMtls needs a workload selector (Istio refuses port-level mTLS "
+                "on mesh-wide and namespace-wide policies)"
+            )
+        return value
+
+
+class PeerAuthentication(IstioResource):
+    """An Istio PeerAuthentication: which mTLS mode a workload accepts, optionally per port."""
+
+    API_VERSIONS = SECURITY_API_VERSIONS
+
+    kind: Literal["PeerAuthentication"]
+    spec: PeerAuthenticationSpec = PeerAuthenticationSpec()
+
+    @property
+    def mode(self) -> MtlsMode:
+        """The workload-level mode; UNSET means "inherit from the namespace or mesh"."""
+        return self.spec.mtls.mode if self.spec.mtls else "UNSET"
