@@ -18,7 +18,6 @@ from meshagent.common.netns import netns_cookie
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class PodNetns:
     inode: int

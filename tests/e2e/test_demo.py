@@ -1,0 +1,21 @@
+"""Issue #2: the README demo runs start to finish and shows what it says it shows."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.e2e.conftest import BIN, _require_root, meshlab
+
+
+def test_demo_runs_start_to_finish():
+    _require_root()
+    meshlab("down", check=False)
+    proc = subprocess.run(
+        [str(BIN / "meshlab"), "demo"], capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "demo OK" in out
+    assert "node-1 redirect counter: 0 -> 2" in out
+    assert "mesh_connect4" in out and "shop/frontend" in out
+    assert "left behind: nothing" in out

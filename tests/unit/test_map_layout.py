@@ -1,0 +1,58 @@
+"""The ctypes mirror in agent/datapath/maps.py matches bpf/meshagent.h, field by field.
+
+Compiles a probe against the header with the host C compiler and compares the
+sizes and offsets it prints with the mirror's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from meshagent.agent.datapath import maps
+
+HEADER_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def _c_layout(tmp_path: Path) -> dict[str, int]:
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "meshagent.h"',
+        "int main(void) {",
+    ]
+    for cname, mirror in maps.MIRRORED_STRUCTS.items():
+        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
+        for field, _ in mirror._fields_:
+            lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
+    lines.append('printf("MESH_CTR_MAX %d\\n", MESH_CTR_MAX);')
+    for counter in maps.Counter:
+        lines.append(f'printf("MESH_CTR_{counter.name} %d\\n", MESH_CTR_{counter.name});')
+    lines.append("return 0; }")
+    src = tmp_path / "probe.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "probe"
+    subprocess.run(["cc", f"-I{HEADER_DIR}", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_mirror_matches_header(tmp_path):
+    c = _c_layout(tmp_path)
+    for cname, mirror in maps.MIRRORED_STRUCTS.items():
+        assert c[cname] == ctypes.sizeof(mirror), cname
+        for field, _ in mirror._fields_:
+            assert c[f"{cname}.{field}"] == getattr(mirror, field).offset, f"{cname}.{field}"
+    assert c["MESH_CTR_MAX"] == maps.COUNTER_MAX
+    for counter in maps.Counter:
+        assert c[f"MESH_CTR_{counter.name}"] == counter.value
+
+
+def test_ip_byte_order_round_trip():
+    value = maps.ip4_to_net("10.244.1.7")
+    assert bytes(ctypes.c_uint32(value)) == bytes([10, 244, 1, 7])  # network order in memory
+    assert maps.net_to_ip4(value) == "10.244.1.7"
