@@ -112,11 +112,12 @@ def parse_resource(doc: Mapping[str, Any], default_namespace: str = "default") -
             f"a resource must be a mapping, got {type(doc).__name__}",
         )
     kind, namespace, name = _identity(doc, default_namespace)
-    model = _MODELS.get(doc.get("kind"))  # type: ignore[arg-type]
+    raw_kind = doc.get("kind")
+    model = _MODELS.get(raw_kind) if isinstance(raw_kind, str) else None
     if model is None:
         supported = ", ".join(sorted(SUPPORTED_KINDS))
         message = (
-            f"kind {doc.get('kind')!r} is not supported (supported: {supported})"
+            f"kind {raw_kind!r} is not supported (supported: {supported})"
             if "kind" in doc
             else f"required field is missing (one of: {supported})"
         )

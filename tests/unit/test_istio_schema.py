@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from meshagent.common.istio import (
     SUPPORTED_KINDS,
     ResourceError,
@@ -745,3 +747,41 @@ def test_models_are_immutable():
     with pytest.raises(ValueError):
         policy.spec.action = "DENY"  # type: ignore[misc]
     assert copy.deepcopy(policy) == policy
+
+
+# --- fuzzing: whatever comes in, the only failure is a ResourceError with a message ----------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+VALID = {text: load(text) for text in (AUTHZ_YAML, PEER_YAML, VS_YAML, DR_YAML)}
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix]
+    return [prefix, *(p for key, child in items for p in _paths(child, (*prefix, key)))]
+
+
+@given(data=st.data(), base=st.sampled_from(sorted(VALID)), garbage=JSON)
+@settings(max_examples=300, deadline=None)
+def test_any_corruption_of_a_valid_resource_is_refused_cleanly(data, base, garbage):
+    doc = copy.deepcopy(VALID[base])
+    where = data.draw(st.sampled_from(_paths(doc)[1:]))
+    node = doc
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = garbage
+
+    try:
+        parse_resource(doc)
+    except ResourceError as error:
+        assert error.message and str(error).startswith(f"{error.kind} ")

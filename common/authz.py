@@ -1,0 +1,476 @@
+"""Authorization decisions with Istio's AuthorizationPolicy semantics.
+
+What flows through: AuthorizationPolicy models (`meshagent.common.istio.security`) are compiled
+once into a PolicySet of plain matchers (frozensets, prefix/suffix tuples, parsed CIDRs). Then,
+for every inbound connection (L4) or HTTP request (L7), the destination proxy hands in the
+destination Workload and the Request attributes it knows, and gets a Decision: allowed or not,
+which policy and rule decided it (for the access log, the 401/403 and `meshctl authz check`),
+whether an AUDIT policy matched, and what dry-run policies would have done. Pure logic: no I/O.
+
+Semantics, as Istio documents them:
+
+- Order (reference, https://istio.io/latest/docs/reference/config/security/authorization-policy/):
+  CUSTOM (refused by our schema), then any matching DENY policy denies; then, if any ALLOW
+  policy applies to the workload, the request must match one of them; with no ALLOW policy the
+  request is allowed. AUDIT policies only mark the request for auditing.
+- Target and matching (concepts, https://istio.io/latest/docs/concepts/security/#authorization):
+  a policy applies to workloads of its namespace that its selector matches (no selector: all of
+  them); in the root namespace it applies mesh-wide. Values match exactly, by prefix `x*`, by
+  suffix `*x`, or by presence `*` ("anything but empty"); ports and IP blocks match exactly.
+  `rules` absent: an ALLOW policy matches nothing (allow-nothing); `rules: [{}]` matches all.
+- TCP (task "TCP Traffic", https://istio.io/latest/docs/tasks/security/authorization/authz-tcp/):
+  on a non-HTTP connection an ALLOW rule that uses HTTP-only fields (methods, paths, hosts,
+  request.headers) is invalid and ignored, so it never matches; in a DENY rule those fields are
+  dropped and the rest of the rule still applies, which denies more. Istio's generator
+  (pilot/pkg/security/authz/model/model.go, `checkError`) treats AUDIT rules like DENY ones.
+- Plaintext (https://istio.io/latest/news/security/istio-security-2021-004/): the mTLS-only
+  attributes (principals, namespaces) compare against an empty value, so `principals: ["*"]`
+  never matches plaintext and `notNamespaces: ["foo"]` always does.
+- Dry run (annotation `istio.io/dry-run`): Istio builds dry-run policies into separate shadow
+  rules, one engine for ALLOW and one for DENY policies, evaluated apart from the enforced ones.
+  Their would-be denials are reported in `Decision.dry_run_denials`; they never change `allowed`.
+
+Paths are matched without their query string (Envoy's `url_path` matcher, which Istio uses);
+hosts are matched case-insensitively; the caller should pass a normalized path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshagent.common.istio.security import (
+    AuthorizationPolicy,
+    Condition,
+    Operation,
+    Rule,
+    Source,
+    header_condition_name,
+)
+
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+_WORKLOAD_CACHE_LIMIT = 4096  # distinct (namespace, labels) kept by PolicySet.evaluate
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The destination workload whose policies apply."""
+
+    namespace: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAttrs:
+    """What an HTTP request adds. Header names must be lower-case (as h11 and h2 give them)."""
+
+    method: str
+    path: str
+    host: str
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Request:
+    """What the destination proxy knows about a connection or request."""
+
+    source_principal: str | None  # "cluster.local/ns/shop/sa/frontend"; None for plaintext
+    source_namespace: str | None  # None for plaintext
+    source_ip: str
+    destination_ip: str
+    destination_port: int
+    http: HttpAttrs | None = None  # None on a non-HTTP (L4) connection
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunDenial:
+    """A denial a dry-run policy would have made. `policy` is None when dry-run ALLOW
+    policies apply but none would allow (then no single policy is responsible)."""
+
+    policy: str | None
+    rule: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome for one connection or request; `policy` ("ns/name") and `rule` (index in
+    its rules) name what decided it, both None when the default decided."""
+
+    allowed: bool
+    action: str  # "ALLOW" or "DENY"
+    policy: str | None
+    rule: int | None
+    reason: str
+    dry_run_denials: tuple[DryRunDenial, ...] = ()
+    audit: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribute getters: each reads one Istio attribute off a Request.
+
+_parse_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
+def _principal(request: Request) -> str:
+    return request.source_principal or ""
+
+
+def _namespace(request: Request) -> str:
+    return request.source_namespace or ""
+
+
+def _source_ip(request: Request) -> Any:
+    return _parse_ip(request.source_ip)
+
+
+def _destination_ip(request: Request) -> Any:
+    return _parse_ip(request.destination_ip)
+
+
+def _destination_port(request: Request) -> int:
+    return request.destination_port
+
+
+def _method(request: Request) -> str:
+    return request.http.method  # type: ignore[union-attr]  # HTTP checks only run on HTTP
+
+
+def _path(request: Request) -> str:
+    path = request.http.path  # type: ignore[union-attr]
+    cut = path.find("?")
+    return path if cut < 0 else path[:cut]
+
+
+def _host(request: Request) -> str:
+    return request.http.host.lower()  # type: ignore[union-attr]
+
+
+def _header(name: str) -> Callable[[Request], str | None]:
+    def get(request: Request) -> str | None:
+        return request.http.headers.get(name)  # type: ignore[union-attr]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Value matchers: callables value -> bool, built once per policy.
+
+Matcher = Callable[[Any], bool]
+
+
+class _Strings:
+    """Istio's string match forms: exact, prefix `x*`, suffix `*x`, presence `*`."""
+
+    __slots__ = ("exact", "prefixes", "presence", "presence_allows_empty", "suffixes")
+
+    def __init__(self, patterns: Iterable[str], *, fold_case: bool, header: bool) -> None:
+        exact, prefixes, suffixes = set(), [], []
+        self.presence = False
+        for pattern in patterns:
+            if fold_case:
+                pattern = pattern.lower()
+            if pattern == "*":
+                self.presence = True
+            elif pattern.startswith("*"):
+                suffixes.append(pattern[1:])
+            elif pattern.endswith("*"):
+                prefixes.append(pattern[:-1])
+            else:
+                exact.add(pattern)
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+        self.suffixes = tuple(suffixes)
+        # Istio turns `*` on a header into Envoy's present_match (an empty value is present).
+        self.presence_allows_empty = header
+
+    def __call__(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.presence and (value or self.presence_allows_empty):
+            return True
+        return (
+            value in self.exact or value.startswith(self.prefixes) or value.endswith(self.suffixes)
+        )
+
+
+class _Cidrs:
+    __slots__ = ("networks",)
+
+    def __init__(self, blocks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(block, strict=False) for block in blocks)
+
+    def __call__(self, address: Any) -> bool:
+        for network in self.networks:  # noqa: SIM110 - hot path: a loop beats any(genexpr)
+            if address in network:
+                return True
+        return False
+
+
+def _strings(patterns: tuple[str, ...], *, fold_case: bool = False, header: bool = False):
+    return _Strings(patterns, fold_case=fold_case, header=header) if patterns else None
+
+
+def _cidrs(blocks: tuple[str, ...]) -> Matcher | None:
+    return _Cidrs(blocks) if blocks else None
+
+
+def _ports(ports: Iterable[int]) -> Matcher | None:
+    ports = frozenset(ports)
+    return ports.__contains__ if ports else None
+
+
+# A check: (getter, values matcher or None, notValues matcher or None). It passes when the
+# attribute matches some value (if values are given) and matches no notValue.
+Check = tuple[Callable[[Request], Any], Matcher | None, Matcher | None]
+
+
+def _check(getter, positive: Matcher | None, negative: Matcher | None) -> list[Check]:
+    return [] if positive is None and negative is None else [(getter, positive, negative)]
+
+
+def _source_checks(source: Source) -> tuple[Check, ...]:
+    return tuple(
+        _check(_principal, _strings(source.principals), _strings(source.not_principals))
+        + _check(_namespace, _strings(source.namespaces), _strings(source.not_namespaces))
+        + _check(_source_ip, _cidrs(source.ip_blocks), _cidrs(source.not_ip_blocks))
+    )
+
+
+def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, ...]:
+    checks = _check(_destination_port, _ports(operation.ports), _ports(operation.not_ports))
+    if keep_http:
+        checks += _check(_method, _strings(operation.methods), _strings(operation.not_methods))
+        checks += _check(_path, _strings(operation.paths), _strings(operation.not_paths))
+        checks += _check(
+            _host,
+            _strings(operation.hosts, fold_case=True),
+            _strings(operation.not_hosts, fold_case=True),
+        )
+    return tuple(checks)
+
+
+def _condition_check(condition: Condition) -> list[Check]:
+    key, values, not_values = condition.key, condition.values, condition.not_values
+    if key in ("source.ip", "destination.ip"):
+        getter = _source_ip if key == "source.ip" else _destination_ip
+        return _check(getter, _cidrs(values), _cidrs(not_values))
+    if key == "destination.port":
+        return _check(_destination_port, _ports(map(int, values)), _ports(map(int, not_values)))
+    if key == "source.principal":
+        return _check(_principal, _strings(values), _strings(not_values))
+    if key == "source.namespace":
+        return _check(_namespace, _strings(values), _strings(not_values))
+    name = header_condition_name(key)
+    if name is None:  # the schema refuses other keys; guard against hand-built models
+        raise ValueError(f"unsupported condition key {key!r}")
+    return _check(_header(name), _strings(values, header=True), _strings(not_values, header=True))
+
+
+def _all(checks: tuple[Check, ...], request: Request) -> bool:
+    for getter, positive, negative in checks:
+        value = getter(request)
+        if positive is not None and not positive(value):
+            return False
+        if negative is not None and negative(value):
+            return False
+    return True
+
+
+def _any(clauses: tuple[tuple[Check, ...], ...], request: Request) -> bool:
+    for clause in clauses:  # noqa: SIM110 - hot path: a loop beats any(genexpr)
+        if _all(clause, request):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _RuleMatcher:
+    """One compiled rule. `sources`/`operations` None = the rule had no from/to (match any);
+    a clause with no checks left (HTTP fields dropped for TCP) matches any, as in Istio."""
+
+    sources: tuple[tuple[Check, ...], ...] | None
+    operations: tuple[tuple[Check, ...], ...] | None
+    when: tuple[Check, ...]
+
+    def matches(self, request: Request) -> bool:
+        if self.when and not _all(self.when, request):
+            return False
+        if self.sources is not None and not _any(self.sources, request):
+            return False
+        return self.operations is None or _any(self.operations, request)
+
+
+def _compile_rule(rule: Rule, *, for_tcp: bool, is_allow: bool) -> _RuleMatcher | None:
+    """Compile a rule for HTTP or for TCP; None means the rule can never match."""
+    if for_tcp and is_allow and rule.uses_http_fields:
+        return None  # invalid for TCP: Istio ignores the whole ALLOW rule
+    keep_http = not for_tcp
+    when: list[Check] = []
+    for condition in rule.when:
+        if keep_http or not condition.is_http_only:
+            when += _condition_check(condition)
+    return _RuleMatcher(
+        sources=None if rule.from_ is None else tuple(_source_checks(f.source) for f in rule.from_),
+        operations=None
+        if rule.to is None
+        else tuple(_operation_checks(t.operation, keep_http=keep_http) for t in rule.to),
+        when=tuple(when),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    ref: str
+    action: str
+    dry_run: bool
+    namespace: str
+    selector: tuple[tuple[str, str], ...] | None
+    http_rules: tuple[_RuleMatcher | None, ...]
+    tcp_rules: tuple[_RuleMatcher | None, ...]
+    decisions: tuple[Decision, ...]  # the enforced decision each rule makes when it matches
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        if self.selector is None:
+            return True
+        for key, value in self.selector:  # noqa: SIM110 - runs per policy per workload lookup
+            if labels.get(key) != value:
+                return False
+        return True
+
+    def first_match(self, request: Request) -> int | None:
+        rules = self.tcp_rules if request.http is None else self.http_rules
+        for index, rule in enumerate(rules):
+            if rule is not None and rule.matches(request):
+                return index
+        return None
+
+
+def _compile_policy(policy: AuthorizationPolicy) -> _Policy:
+    spec = policy.spec
+    is_allow = spec.action == "ALLOW"
+    rules = spec.rules or ()
+    selector = spec.selector.match_labels if spec.selector else {}
+    if spec.action == "DENY":
+        decisions = tuple(
+            Decision(False, "DENY", policy.ref, i, f"denied by DENY policy {policy.ref} rule {i}")
+            for i in range(len(rules))
+        )
+    else:
+        decisions = tuple(
+            Decision(True, "ALLOW", policy.ref, i, f"allowed by ALLOW policy {policy.ref} rule {i}")
+            for i in range(len(rules))
+        )
+    return _Policy(
+        ref=policy.ref,
+        action=spec.action,
+        dry_run=policy.dry_run,
+        namespace=policy.namespace,
+        selector=tuple(sorted(selector.items())) or None,
+        http_rules=tuple(_compile_rule(r, for_tcp=False, is_allow=is_allow) for r in rules),
+        tcp_rules=tuple(_compile_rule(r, for_tcp=True, is_allow=is_allow) for r in rules),
+        decisions=decisions,
+    )
+
+
+_ALLOW_NO_POLICY = Decision(True, "ALLOW", None, None, "allowed: no ALLOW policy applies")
+
+
+class WorkloadPolicies:
+    """The policies that apply to one workload, split by action. Cheap to evaluate; the proxy
+    may keep one per local workload and rebuild it when the snapshot changes."""
+
+    __slots__ = ("allow", "audit", "deny", "dry_allow", "dry_deny", "no_match")
+
+    def __init__(self, policies: Iterable[_Policy]) -> None:
+        policies = tuple(policies)
+        enforced = [p for p in policies if not p.dry_run]
+        self.deny = tuple(p for p in enforced if p.action == "DENY")
+        self.allow = tuple(p for p in enforced if p.action == "ALLOW")
+        self.audit = tuple(p for p in enforced if p.action == "AUDIT")
+        self.dry_deny = tuple(p for p in policies if p.dry_run and p.action == "DENY")
+        self.dry_allow = tuple(p for p in policies if p.dry_run and p.action == "ALLOW")
+        names = ", ".join(p.ref for p in self.allow)
+        self.no_match = Decision(
+            False, "DENY", None, None, f"denied: no ALLOW policy matched (checked {names})"
+        )
+
+    def evaluate(self, request: Request) -> Decision:
+        decision = self._enforced(request)
+        audit = bool(self.audit) and any(p.first_match(request) is not None for p in self.audit)
+        denials = self._dry_run(request) if self.dry_deny or self.dry_allow else ()
+        if audit or denials:
+            return dataclasses.replace(decision, audit=audit, dry_run_denials=denials)
+        return decision
+
+    def _enforced(self, request: Request) -> Decision:
+        for policy in self.deny:
+            rule = policy.first_match(request)
+            if rule is not None:
+                return policy.decisions[rule]
+        if not self.allow:
+            return _ALLOW_NO_POLICY
+        for policy in self.allow:
+            rule = policy.first_match(request)
+            if rule is not None:
+                return policy.decisions[rule]
+        return self.no_match
+
+    def _dry_run(self, request: Request) -> tuple[DryRunDenial, ...]:
+        denials: list[DryRunDenial] = []
+        for policy in self.dry_deny:
+            rule = policy.first_match(request)
+            if rule is not None:
+                reason = f"dry-run DENY policy {policy.ref} rule {rule} would deny"
+                denials.append(DryRunDenial(policy.ref, rule, reason))
+                break
+        if self.dry_allow and all(p.first_match(request) is None for p in self.dry_allow):
+            names = ", ".join(p.ref for p in self.dry_allow)
+            denials.append(
+                DryRunDenial(None, None, f"no dry-run ALLOW policy would allow ({names})")
+            )
+        return tuple(denials)
+
+
+class PolicySet:
+    """All AuthorizationPolicies of a snapshot, compiled once.
+
+    `root_namespace` is the mesh config's root namespace: policies there apply mesh-wide.
+    """
+
+    def __init__(
+        self,
+        policies: Iterable[AuthorizationPolicy],
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    ) -> None:
+        self.root_namespace = root_namespace
+        by_namespace: dict[str, list[_Policy]] = {}
+        for policy in sorted(policies, key=lambda p: (p.namespace, p.name)):
+            by_namespace.setdefault(policy.namespace, []).append(_compile_policy(policy))
+        self._by_namespace = {ns: tuple(ps) for ns, ps in by_namespace.items()}
+        self._cache: dict[tuple[str, frozenset], WorkloadPolicies] = {}
+
+    def for_workload(self, workload: Workload) -> WorkloadPolicies:
+        """The policies that apply to `workload`: mesh-wide ones first, then its namespace's."""
+        candidates = self._by_namespace.get(self.root_namespace, ())
+        if workload.namespace != self.root_namespace:
+            candidates += self._by_namespace.get(workload.namespace, ())
+        return WorkloadPolicies(p for p in candidates if p.selects(workload.labels))
+
+    def evaluate(self, workload: Workload, request: Request) -> Decision:
+        """Decide `request` to `workload`. Raises ValueError if an IP in it is malformed.
+
+        The policies selected for a workload are cached: a PolicySet never changes, a new
+        snapshot builds a new one.
+        """
+        key = (workload.namespace, frozenset(workload.labels.items()))
+        selected = self._cache.get(key)
+        if selected is None:
+            if len(self._cache) >= _WORKLOAD_CACHE_LIMIT:
+                self._cache.clear()
+            selected = self._cache[key] = self.for_workload(workload)
+        return selected.evaluate(request)
