@@ -1,0 +1,1 @@
+"""In-process fakes of the services meshagent talks to, speaking their real protocols."""
