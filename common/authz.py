@@ -211,7 +211,9 @@ class _Cidrs:
         return False
 
 
-def _strings(patterns: tuple[str, ...], *, fold_case: bool = False, header: bool = False):
+def _strings(
+    patterns: tuple[str, ...], *, fold_case: bool = False, header: bool = False
+) -> Matcher | None:
     return _Strings(patterns, fold_case=fold_case, header=header) if patterns else None
 
 
@@ -229,7 +231,9 @@ def _ports(ports: Iterable[int]) -> Matcher | None:
 Check = tuple[Callable[[Request], Any], Matcher | None, Matcher | None]
 
 
-def _check(getter, positive: Matcher | None, negative: Matcher | None) -> list[Check]:
+def _check(
+    getter: Callable[[Request], Any], positive: Matcher | None, negative: Matcher | None
+) -> list[Check]:
     return [] if positive is None and negative is None else [(getter, positive, negative)]
 
 
