@@ -8,7 +8,7 @@ log() { printf '[node %s] %s\n' "$(hostname)" "$*"; }
 
 log "installing podman and kernel headers"
 apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends ca-certificates curl podman >/dev/null
+apt-get install -y -q ca-certificates curl podman >/dev/null
 # bcc compiles against the node's headers (the DaemonSet mounts /lib/modules and
 # /usr/src). A box whose kernel is older than the archive has none to install; the
 # agent then uses the headers inside the image.
@@ -30,8 +30,9 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' /vagrant/pyproject.toml)
 # The manifests say `meshagent:<version>`, which the runtime reads as this name.
 image="docker.io/library/meshagent:${version}"
 log "building ${image} (a few minutes)"
-podman build --quiet --build-arg "VERSION=${version}" -f /vagrant/daemonset/Containerfile \
-  -t "${image}" /vagrant >/dev/null
+# Host networking for the build's RUN steps (apt, pip): no container network needed.
+podman build --quiet --network host --build-arg "VERSION=${version}" \
+  -f /vagrant/daemonset/Containerfile -t "${image}" /vagrant >/dev/null
 images=/var/lib/rancher/k3s/agent/images
 mkdir -p "${images}"
 rm -f "${images}/meshagent.tar"
