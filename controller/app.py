@@ -1,7 +1,8 @@
-"""The controller process: a source feeding the model, the push server, and 15014.
+"""The controller process: a source feeding the model, validation, the push server, and 15014.
 
 Everything runs in one nursery; `serve_controller` says started once the agent
-port listens and the source has delivered its first full view.
+port listens and the source has delivered its first full view (validated, so
+`/status` lists rejected resources from the start).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from meshagent.common.httpserve import Response, json_response, serve_http
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import PushServer
 from meshagent.controller.sources.files import FileSource
+from meshagent.controller.validation import Validator, reason, resource_name
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Controller:
         self.model = ClusterModel()
         self.push = PushServer(self.model)
         self.files: FileSource | None = None
+        self.validator = Validator()
 
     def status(self) -> dict:
         return {
@@ -43,11 +46,17 @@ class Controller:
             "agents": [
                 s.as_dict() for s in sorted(self.push.sessions.values(), key=lambda s: s.node)
             ],
-            "rejected": [
-                {"resource": path, "reason": reason}
-                for path, reason in sorted((self.files.errors if self.files else {}).items())
-            ],
+            "rejected": self.rejected(),
         }
+
+    def rejected(self) -> list[dict[str, str]]:
+        """Manifest files that do not parse (no field path: the whole file is kept out), then
+        Istio resources refused by validation, with the field at fault."""
+        files = sorted((self.files.errors if self.files else {}).items())
+        return [{"resource": file, "path": "", "reason": why} for file, why in files] + [
+            {"resource": resource_name(e), "path": e.path, "reason": reason(e)}
+            for e in self.validator.rejected
+        ]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
@@ -55,6 +64,7 @@ class Controller:
             if s.manifest_dir is not None:
                 self.files = FileSource(s.manifest_dir, self.model)
                 await nursery.start(self.files.serve)
+            await nursery.start(self.validator.serve, self.model)
             await nursery.start(self.push.serve, s.listen_host, s.listen_port)
 
             async def status(_query: str) -> Response:

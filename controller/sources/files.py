@@ -2,8 +2,10 @@
 
 The folder is polled for changed files; on a change every file is read again
 and each kind is replaced whole in the model, so a deleted file or object
-disappears too. A file that does not parse is reported and its previous
-content kept, so a half-written edit never empties the cluster.
+disappears too. A file that does not parse (not YAML, not UTF-8, not Kubernetes
+objects) is reported in `errors` and logged once, and its previous content kept,
+so a half-written edit never empties the cluster. Whether the objects in it are
+valid Istio resources is the validator's business, not the source's.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class FileSource:
         for path in list(self._by_file):
             if path not in current:
                 del self._by_file[path]
-        self.errors.clear()
+        before, self.errors = self.errors, {}
         for path in sorted(current):
             try:
                 self._by_file[path] = load_documents(path.read_text(), str(path))
-            except (ManifestError, OSError) as exc:
+            except (ManifestError, OSError, UnicodeDecodeError) as exc:
                 self.errors[str(path)] = str(exc)
-                log.error("manifest rejected: %s", exc)
+                if before.get(str(path)) != str(exc):  # once per problem, not once per poll
+                    log.error("manifest rejected: %s", exc)
         by_kind: dict[str, list[dict]] = {}
         for objects in self._by_file.values():
             for obj in objects:

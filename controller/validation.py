@@ -1,0 +1,96 @@
+"""Validation of the Istio resources in the cluster model.
+
+The model holds raw object dicts (from manifest files or the Kubernetes API); every object of
+a supported Istio kind flows through `parse_resource` and comes out either as a typed resource
+(accepted, for the compiler) or as a ResourceError (rejected, for `/status`, the
+`meshagent_controller_rejected_resources` gauge and one ERROR log line). A bad resource is
+rejected alone: the others still apply, so one typo never takes down a namespace's policy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from meshagent.common.istio import SUPPORTED_KINDS, IstioResource, ResourceError, parse_resource
+from meshagent.controller.model import ClusterModel
+from prometheus_client import Gauge
+
+log = logging.getLogger(__name__)
+
+REJECTED = Gauge(
+    "meshagent_controller_rejected_resources",
+    "Istio resources in the cluster that the controller currently refuses, by kind "
+    "(see `meshctl status` for which field of which resource, and why).",
+    ["kind"],
+)
+
+# Kubernetes' default for objects that do not say their namespace (as `kubectl apply`).
+DEFAULT_NAMESPACE = "default"
+
+
+def resource_name(error: ResourceError) -> str:
+    """`Kind namespace/name`, as users see it in logs, `/status` and `meshctl`."""
+    return f"{error.kind} {error.namespace}/{error.name}"
+
+
+def reason(error: ResourceError) -> str:
+    """Everything wrong with the resource, the first problem without its path (which is
+    reported separately) and any further ones with theirs."""
+    (_path, first), *more = error.problems
+    return "; ".join(
+        [first, *(f"{path}: {message}" if path else message for path, message in more)]
+    )
+
+
+def validate_model(model: ClusterModel) -> tuple[list[IstioResource], list[ResourceError]]:
+    """Parse every object of the supported Istio kinds in the model. Returns (accepted,
+    rejected), each sorted by kind, namespace and name. Never raises for bad objects."""
+    accepted: list[IstioResource] = []
+    rejected: list[ResourceError] = []
+    for kind in sorted(SUPPORTED_KINDS):
+        for obj in model.objects(kind):
+            try:
+                accepted.append(parse_resource(obj, DEFAULT_NAMESPACE))
+            except ResourceError as exc:
+                rejected.append(exc)
+    accepted.sort(key=lambda r: (r.kind, r.namespace, r.name))
+    rejected.sort(key=lambda e: (e.kind, e.namespace, e.name))
+    return accepted, rejected
+
+
+class Validator:
+    """The last validation result of one model, and the effects of a change in it: the gauge
+    follows the current rejections, and each new rejection is logged once (again only when its
+    message changes), so a resource that stays broken does not flood the log."""
+
+    def __init__(self) -> None:
+        self.accepted: list[IstioResource] = []
+        self.rejected: list[ResourceError] = []
+        self.generation: int | None = None  # the model generation the result reflects
+
+    def run(self, model: ClusterModel) -> None:
+        accepted, rejected = validate_model(model)
+        before = {str(e) for e in self.rejected}
+        for error in rejected:
+            if str(error) not in before:
+                log.error("rejected %s", error)
+        now = {resource_name(e) for e in rejected}
+        for error in self.rejected:
+            if resource_name(error) not in now:
+                log.info("%s is no longer rejected", resource_name(error))
+        for kind in SUPPORTED_KINDS:
+            REJECTED.labels(kind=kind).set(sum(e.kind == kind for e in rejected))
+        self.accepted, self.rejected = accepted, rejected
+        self.generation = model.generation
+
+    async def serve(
+        self, model: ClusterModel, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Validate now, say started, then again after every change of the model."""
+        seen = model.generation
+        self.run(model)
+        task_status.started()
+        while True:
+            seen = await model.wait_changed(seen)
+            self.run(model)
