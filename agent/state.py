@@ -40,12 +40,15 @@ class ServicePortRoute:
     def __post_init__(self) -> None:
         self._next = itertools.cycle(range(len(self.endpoints))) if self.endpoints else None
 
-    def pick(self) -> tuple[Endpoint, int] | None:
-        """Next endpoint by round robin, with the pod port this service port maps to."""
+    def pick(self, attempts: int = 1) -> list[tuple[Endpoint, int]]:
+        """Endpoints to try for one connection, with the pod port this service port maps
+        to: the next one by round robin first, then its successors (for connect retries)."""
         if self._next is None:
-            return None
-        endpoint = self.endpoints[next(self._next)]
-        return endpoint, endpoint.ports[self.port]
+            return []
+        first = next(self._next)
+        count = min(attempts, len(self.endpoints))
+        picked = (self.endpoints[(first + i) % len(self.endpoints)] for i in range(count))
+        return [(e, e.ports[self.port]) for e in picked]
 
 
 @dataclass(frozen=True)

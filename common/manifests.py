@@ -25,7 +25,7 @@ def load_documents(text: str, origin: str = "<text>") -> list[dict]:
     for index, doc in enumerate(docs):
         if doc is None:
             continue
-        if not isinstance(doc, dict) or "kind" not in doc:
+        if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
             raise ManifestError(f"{origin}: document {index} is not a Kubernetes object")
         if doc["kind"] == "List" or (doc["kind"].endswith("List") and "items" in doc):
             out.extend(item for item in doc.get("items") or [] if isinstance(item, dict))

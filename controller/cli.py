@@ -61,7 +61,8 @@ def serve(manifest_dir: Path | None, listen: str, metrics: str, verbose: bool) -
     "--controller",
     default="127.0.0.1:15014",
     show_default=True,
-    help="The controller's metrics/status address.",
+    envvar="MESHCTL_CONTROLLER",
+    help="The controller's metrics/status address ($MESHCTL_CONTROLLER; the lab sets it).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(controller: str, as_json: bool) -> None:

@@ -85,7 +85,7 @@ def down() -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--node", help="Run on this node (its network namespace) instead of in a pod.")
 @click.argument("target", required=False)
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
     """Run a command in a pod (NAMESPACE/POD) or on a node (--node NODE).
 
@@ -103,12 +103,94 @@ def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
         _fail("give NAMESPACE/POD or --node NODE")
     if node is not None and target is not None:
         args.insert(0, target)  # `--node N -- cmd`: click saw the command's first word as target
+    if not args:
+        _fail("give the command to run after --")
     try:
         plan = lab.load_plan()
         code = lab.exec_on_node(plan, node, args) if node else lab.exec_in_pod(plan, target, args)
     except (lab.LabError, PlanError) as exc:
         _fail(str(exc))
     sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+def apply(files: tuple[Path, ...]) -> None:
+    """Create or change objects in the running lab: new pods start, labels change, ...
+
+    The controller sees the change at once and pushes it to the agents.
+
+    \b
+    Examples:
+      meshlab apply -f more-pods.yaml
+      meshlab apply -f namespace-labelled.yaml
+    """
+    try:
+        started, _ = lab.apply(load_files(files))
+    except (ManifestError, PlanError, lab.LabError) as exc:
+        _fail(str(exc))
+    click.echo("applied" + (f"; started {', '.join(started)}" if started else ""))
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+def delete(files: tuple[Path, ...]) -> None:
+    """Remove objects from the running lab; deleted pods are stopped and their network removed.
+
+    \b
+    Examples:
+      meshlab delete -f reviews-v3.yaml
+    """
+    try:
+        stopped = lab.delete(load_files(files))
+    except (ManifestError, PlanError, lab.LabError) as exc:
+        _fail(str(exc))
+    click.echo("deleted" + (f"; stopped {', '.join(stopped)}" if stopped else ""))
+
+
+@main.group()
+def controller() -> None:
+    """Stop or start the lab's controller (to see agents serve on without it)."""
+
+
+@controller.command("stop")
+def controller_stop() -> None:
+    """Kill the controller; agents keep serving their last snapshot.
+
+    \b
+    Examples:
+      meshlab controller stop
+    """
+    lab.load_plan()
+    lab.stop_controller()
+    click.echo("controller stopped")
+
+
+@controller.command("start")
+def controller_start() -> None:
+    """Start the controller again; agents reconnect and converge.
+
+    \b
+    Examples:
+      meshlab controller start
+    """
+    lab.load_plan()
+    lab.start_controller()
+    click.echo("controller started")
 
 
 @main.group()

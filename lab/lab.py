@@ -9,6 +9,8 @@ state file and after a crash or kill -9 of anything, and can run twice.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -45,6 +48,7 @@ from meshagent.lab.topology import (
     cluster_objects,
     hosts_file,
     make_nodes,
+    remove_objects,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ def save_plan(plan: LabPlan) -> None:
                 "node": p.node,
                 "ip": p.ip,
                 "manifest": p.manifest,
+                "probed": p.probed,
             }
             for p in plan.pods.values()
         ],
@@ -91,7 +96,7 @@ def load_plan() -> LabPlan:
     plan = LabPlan(nodes=make_nodes(data["nodes"]))
     plan.namespaces = {n["metadata"]["name"]: n for n in data["namespaces"]}
     for p in data["pods"]:
-        pod = PodPlan(p["namespace"], p["name"], p["node"], p["ip"], p["manifest"])
+        pod = PodPlan(p["namespace"], p["name"], p["node"], p["ip"], p["manifest"], p["probed"])
         plan.pods[pod.key] = pod
     plan.services = {
         f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}": s
@@ -224,6 +229,22 @@ def agent_view(node: NodePlan) -> dict | None:
         return None
 
 
+def wait_pods_ready(plan: LabPlan, pods: list[PodPlan], timeout: float = READY_TIMEOUT) -> None:
+    """Probe pods like a kubelet: mark each ready once its readiness port accepts."""
+    deadline = time.monotonic() + timeout
+    waiting = [p for p in pods if not p.ready]
+    while waiting:
+        for pod in list(waiting):
+            if probe.tcp_open(plan.node(pod.node).netns, pod.ip, pod.readiness_port, 0.5):
+                pod.probed = True
+                waiting.remove(pod)
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(p.key for p in waiting)
+            raise LabError(f"pods not ready after {timeout:.0f}s: {names} (logs in {LOG_DIR})")
+        if waiting:
+            time.sleep(0.05)
+
+
 def wait_ready(plan: LabPlan, timeout: float = READY_TIMEOUT) -> None:
     """Until every agent serves a snapshot with all its meshed pods found, and every
     pod with a readiness probe answers on it."""
@@ -268,12 +289,14 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
         cgroups.create(cgroups.node_cgroup(node.name))
     for pod in plan.pods.values():
         net.create_pod(pod, plan.node(pod.node))
+    for pod in plan.pods.values():
+        start_pod(pod)
+    wait_pods_ready(plan, list(plan.pods.values()))
+    save_plan(plan)
     write_cluster(plan)
     start_controller()
     for node in plan.nodes:
         start_agent(node)
-    for pod in plan.pods.values():
-        start_pod(pod)
     wait_ready(plan)
     return plan
 
@@ -318,6 +341,63 @@ def leftovers() -> list[str]:
     if RUN_DIR.exists():
         out.append(f"state {RUN_DIR}")
     return out
+
+
+# -- changes at run time ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[LabPlan]:
+    """Load the plan under an exclusive lock, so concurrent applies do not race."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield load_plan()
+
+
+def apply(objects: list[dict]) -> tuple[list[str], list[str]]:
+    """Create or update objects in the running lab; new pods are built and started.
+    Returns (pods started, objects updated)."""
+    with _locked() as plan:
+        before = set(plan.pods)
+        add_objects(plan, objects)
+        new = [plan.pods[k] for k in plan.pods if k not in before]
+        for pod in new:
+            net.create_pod(pod, plan.node(pod.node))
+        save_plan(plan)
+        write_cluster(plan)  # new pods appear (not yet ready), labels change, ...
+        for pod in new:
+            start_pod(pod)
+        if any(not p.ready for p in new):
+            wait_pods_ready(plan, new)
+            save_plan(plan)
+            write_cluster(plan)
+    return [p.key for p in new], [
+        f"{o['kind']} {o.get('metadata', {}).get('name')}" for o in objects
+    ]
+
+
+def stop_pod(pod: PodPlan) -> None:
+    cg = cgroups.pod_cgroup(pod.node, pod.namespace, pod.name)
+    cgroups.kill_tree(cg)
+    cgroups.remove_tree(cg)
+    net.delete_pod(pod)
+    shutil.rmtree(ETC_NETNS / pod.netns, ignore_errors=True)
+
+
+def delete(objects: list[dict]) -> list[str]:
+    """Remove objects from the running lab; their pods are stopped and their namespaces removed."""
+    with _locked() as plan:
+        removed = remove_objects(plan, objects)
+        save_plan(plan)
+        write_cluster(plan)
+    for pod in removed:
+        stop_pod(pod)
+    return [p.key for p in removed]
+
+
+def stop_controller() -> None:
+    cgroups.kill_tree(cgroups.system_cgroup("controller"))
 
 
 # -- exec ---------------------------------------------------------------------------

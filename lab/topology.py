@@ -61,6 +61,11 @@ class PodPlan:
     node: str
     ip: str
     manifest: dict
+    probed: bool = False  # its readiness probe has answered (kubelet would mark it Ready)
+
+    @property
+    def ready(self) -> bool:
+        return self.probed or self.readiness_port is None
 
     @property
     def key(self) -> str:
@@ -157,13 +162,39 @@ def add_objects(plan: LabPlan, objects: list[dict]) -> None:
             ns, name = _meta(obj)
             spec = obj.setdefault("spec", {})
             vip = spec.get("clusterIP")
+            existing = plan.services.get(f"{ns}/{name}")
+            if (not vip or vip == "None") and existing is not None:
+                vip = existing["spec"]["clusterIP"]  # an update keeps its VIP
             if not vip or vip == "None":
                 vip = _free_vip(used_vips)
             used_vips.add(vip)
             spec["clusterIP"] = vip
             plan.services[f"{ns}/{name}"] = obj
         else:
+            plan.others = [o for o in plan.others if _identity(o) != _identity(obj)]
             plan.others.append(obj)
+
+
+def _identity(obj: dict) -> tuple[str, str, str]:
+    return (obj.get("kind", ""), *_meta(obj))
+
+
+def remove_objects(plan: LabPlan, objects: list[dict]) -> list[PodPlan]:
+    """Forget the given objects; returns the pods removed (the lab stops them)."""
+    removed: list[PodPlan] = []
+    for obj in objects:
+        kind, ns, name = _identity(obj)
+        if kind == "Pod":
+            pod = plan.pods.pop(f"{ns}/{name}", None)
+            if pod is not None:
+                removed.append(pod)
+        elif kind == "Namespace":
+            plan.namespaces.pop(name, None)
+        elif kind == "Service":
+            plan.services.pop(f"{ns}/{name}", None)
+        else:
+            plan.others = [o for o in plan.others if _identity(o) != (kind, ns, name)]
+    return removed
 
 
 def _free_pod_ip(plan: LabPlan, node: NodePlan) -> str:
@@ -223,7 +254,7 @@ def cluster_objects(plan: LabPlan) -> list[dict]:
                 "phase": "Running",
                 "podIP": pod.ip,
                 "podIPs": [{"ip": pod.ip}],
-                "conditions": [{"type": "Ready", "status": "True"}],
+                "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
             },
         )
         out.append(obj)

@@ -19,6 +19,7 @@ from meshagent.agent.state import SnapshotStore
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CONNECT_ATTEMPTS = 3  # distinct endpoints tried for one connection
 # The orig_dst entry is written before the client's final ACK leaves; this only
 # covers a listener that accepts faster than the map update becomes visible.
 ORIG_DST_RETRIES = 3
@@ -45,17 +46,15 @@ class OutboundProxy:
         self.orig_dst = orig_dst
         self.stats = ProxyStats()
 
-    def resolve(self, ip: str, port: int) -> tuple[str, int, str] | None:
-        """Where to connect for an original destination: (ip, port, service or '')."""
+    def resolve(self, ip: str, port: int) -> tuple[list[tuple[str, int]], str]:
+        """Where to connect for an original destination: candidate (ip, port)s in the order
+        to try them, and the service's hostname ('' for a pass-through destination)."""
         tables = self.store.tables
         route = tables.by_vip_port.get((ip, port)) if tables else None
         if route is None:
-            return ip, port, ""  # pod IP or outside the mesh: pass through unchanged
-        picked = route.pick()
-        if picked is None:
-            return None
-        endpoint, target_port = picked
-        return endpoint.ip, target_port, route.service.hostname
+            return [(ip, port)], ""  # pod IP or outside the mesh: pass through unchanged
+        candidates = [(e.ip, port) for e, port in route.pick(CONNECT_ATTEMPTS)]
+        return candidates, route.service.hostname
 
     async def handle(self, client: trio.SocketStream) -> None:
         self.stats.accepted += 1
@@ -78,18 +77,21 @@ class OutboundProxy:
             self.stats.orig_dst_misses += 1
             log.warning("no original destination for %s:%d; closing", peer_ip, peer_port)
             return
-        target = self.resolve(*orig)
-        if target is None:
+        candidates, service = self.resolve(*orig)
+        if not candidates:
             self.stats.no_endpoints += 1
             log.warning("%s:%d -> %s:%d: service has no ready endpoints", peer_ip, peer_port, *orig)
             return
-        ip, port, service = target
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await trio.open_tcp_stream(ip, port)
-        except (OSError, trio.TooSlowError) as exc:
-            self.stats.upstream_failures += 1
-            log.warning("%s:%d -> %s:%d: connect failed: %s", peer_ip, peer_port, ip, port, exc)
+        upstream = None
+        for ip, port in candidates:  # a failed connect moves on to the next endpoint
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    upstream = await trio.open_tcp_stream(ip, port)
+                break
+            except (OSError, trio.TooSlowError) as exc:
+                self.stats.upstream_failures += 1
+                log.warning("%s:%d -> %s:%d: connect failed: %s", peer_ip, peer_port, ip, port, exc)
+        if upstream is None:
             return
         key = f"{ip}:{port}"
         self.stats.by_destination[key] = self.stats.by_destination.get(key, 0) + 1
