@@ -73,6 +73,10 @@ class Snapshot(_Model):
     workloads: list[Workload] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
     trust_bundle: str | None = None
+    # Accepted Istio resources (AuthorizationPolicy, PeerAuthentication, VirtualService,
+    # DestinationRule) as validated manifests; the agent parses them with
+    # meshagent.common.istio.parse_resource into the typed models it evaluates.
+    istio_resources: list[dict] = Field(default_factory=list)
 
     def content_version(self) -> str:
         body = self.model_dump(mode="json", exclude={"version"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.snapshot import (
     MESH_LABEL,
     Endpoint,
@@ -144,6 +145,30 @@ def compile_nodes(model: ClusterModel) -> list[Node]:
     return sorted(out, key=lambda n: n.name)
 
 
+def compile_istio(model: ClusterModel) -> list[dict]:
+    """The Istio resources that pass validation, as manifests (rejected ones are left out
+    here and reported by the validator; they never affect the others)."""
+    out = []
+    for kind in sorted(SUPPORTED_KINDS):
+        for obj in model.objects(kind):
+            try:
+                parse_resource(obj)
+            except ResourceError:
+                continue
+            meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in _KEPT_METADATA}
+            meta.setdefault("namespace", "default")
+            out.append(
+                {
+                    **{k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj},
+                    "metadata": meta,
+                }
+            )
+    return sorted(out, key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
+
+
+_KEPT_METADATA = ("name", "namespace", "labels", "annotations")
+
+
 def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = None) -> Snapshot:
     workloads = compile_workloads(model)
     return Snapshot(
@@ -152,4 +177,5 @@ def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = 
         workloads=workloads,
         services=compile_services(model, workloads),
         trust_bundle=trust_bundle,
+        istio_resources=compile_istio(model),
     ).with_version()
