@@ -1,0 +1,43 @@
+"""HBONE: mutual-TLS HTTP/2 CONNECT tunnels between node proxies (DESIGN.md section 1, 3-4).
+
+Outbound, `open_tunnel_pool` gives a `TunnelPool` whose `open_stream` returns a byte stream
+to a pod on another node, over pooled connections. Inbound, `serve_hbone` accepts those
+tunnels on port 15008 and hands each to a handler as an `InboundTunnel`. `tls` builds the
+contexts from PEM material; `protocol` holds the sans-IO HTTP/2 conventions; `connection`
+is the HTTP/2 multiplexer both sides share.
+"""
+
+from meshagent.agent.hbone.client import PoolKey, PoolKeyStats, TunnelPool, open_tunnel_pool
+from meshagent.agent.hbone.errors import (
+    HboneError,
+    PeerIdentityError,
+    SecureNamingError,
+    TunnelFailed,
+    TunnelRefused,
+)
+from meshagent.agent.hbone.server import InboundTunnel, TunnelHandler, serve_hbone
+from meshagent.agent.hbone.tls import (
+    ServerContextSelector,
+    client_context,
+    peer_identity,
+    server_context_selector,
+)
+
+__all__ = [
+    "HboneError",
+    "InboundTunnel",
+    "PeerIdentityError",
+    "PoolKey",
+    "PoolKeyStats",
+    "SecureNamingError",
+    "ServerContextSelector",
+    "TunnelFailed",
+    "TunnelHandler",
+    "TunnelPool",
+    "TunnelRefused",
+    "client_context",
+    "open_tunnel_pool",
+    "peer_identity",
+    "serve_hbone",
+    "server_context_selector",
+]

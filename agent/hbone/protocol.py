@@ -1,0 +1,221 @@
+"""HBONE's HTTP/2 conventions, without I/O: settings, the CONNECT request and its answer.
+
+What flows through: a tunnel target and client address become CONNECT request headers
+(client side); received request headers become a validated `ConnectRequest` or a
+`BadRequest` naming the fault (server side); response headers become a status. Also the one
+place that configures `h2` the way both proxies must agree on (windows, frame size, streams).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.settings
+import hyperframe.frame
+
+__all__ = [
+    "CONNECTION_WINDOW",
+    "MAX_CONCURRENT_STREAMS",
+    "MAX_FRAME_SIZE",
+    "STREAM_WINDOW",
+    "BadRequest",
+    "ConnectRequest",
+    "connect_request_headers",
+    "format_authority",
+    "forwarded_for",
+    "new_h2_connection",
+    "parse_authority",
+    "parse_connect_request",
+    "response_status",
+]
+
+# ztunnel's defaults: big windows keep a single fast stream from stalling on round trips,
+# while still bounding what a slow reader makes the sender hold.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 4 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+MAX_CONCURRENT_STREAMS = 100
+# A CONNECT carries a handful of short headers; refuse header floods early.
+MAX_HEADER_LIST_SIZE = 64 * 1024
+# h2's fixed initial connection window (RFC 9113 section 6.9.2); only WINDOW_UPDATE grows it.
+_DEFAULT_CONNECTION_WINDOW = 65_535
+
+
+def _data_frame_body_repr(self: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# h2 formats ``repr(frame)`` for a trace line on every received frame whether or not logging
+# is on, and hyperframe's DATA frame repr hex-encodes the whole body before truncating it: for
+# 1 MiB frames that is several passes over every payload byte, the largest single cost on the
+# receive path. Describe DATA frames by their size instead (this only changes a debug repr).
+hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign]
+
+
+class BadRequest(ValueError):
+    """A request on an HBONE server that is not a valid tunnel CONNECT (answered 400)."""
+
+
+def new_h2_connection(*, client_side: bool) -> h2.connection.H2Connection:
+    """An initiated `H2Connection` with HBONE's settings; its preface is queued to send.
+
+    The settings go out in the very first SETTINGS frame and apply locally at once: they only
+    grant the peer more (bigger windows and frames), which is safe before the peer's ACK.
+    """
+    config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+    conn = h2.connection.H2Connection(config=config)
+    codes = h2.settings.SettingCodes
+    conn.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={
+            codes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            codes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            codes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.max_inbound_frame_size = MAX_FRAME_SIZE
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_CONNECTION_WINDOW)
+    return conn
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """``ip:port`` or ``[ipv6]:port`` to ``(ip, port)``; raise `BadRequest` saying what is off.
+
+    HBONE targets are pod addresses, so a host name is refused rather than resolved.
+    """
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not host:
+        raise BadRequest(f"authority {authority!r} must be ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        want_v6 = True
+    else:
+        want_v6 = False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadRequest(f"authority {authority!r}: {host!r} is not an IP address") from None
+    if (ip.version == 6) != want_v6:
+        raise BadRequest(f"authority {authority!r}: an IPv6 address must be in brackets")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise BadRequest(f"authority {authority!r}: port {port_text!r} is not 1-65535")
+    return str(ip), int(port_text)
+
+
+def format_authority(ip: str, port: int) -> str:
+    """The ``:authority`` for a pod address (brackets around IPv6)."""
+    address = ipaddress.ip_address(ip)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is not 1-65535")
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _forwarded_value(client_ip: str) -> str:
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        raise ValueError(f"forwarded_for {client_ip!r} is not an IP address") from None
+    # RFC 7239: an IPv6 node is bracketed, and then the value must be a quoted string.
+    return f'for="[{address}]"' if address.version == 6 else f"for={address}"
+
+
+def connect_request_headers(
+    authority: str, forwarded_for_ip: str, baggage: str | None = None
+) -> list[tuple[bytes, bytes]]:
+    """Headers of the CONNECT that opens a tunnel to ``authority`` for ``forwarded_for_ip``.
+
+    Raises `ValueError` (`BadRequest`) if the authority or client address is malformed, so a
+    caller's bug surfaces here and not as a 400 from the peer.
+    """
+    parse_authority(authority)
+    headers = [
+        (b":method", b"CONNECT"),
+        (b":authority", authority.encode("ascii")),
+        (b"forwarded", _forwarded_value(forwarded_for_ip).encode("ascii")),
+    ]
+    if baggage is not None:
+        if not baggage.isascii() or any(c in baggage for c in "\r\n\0"):
+            raise ValueError("baggage must be printable ASCII without line breaks")
+        headers.append((b"baggage", baggage.encode("ascii")))
+    return headers
+
+
+def forwarded_for(value: str) -> str | None:
+    """The client IP from the first ``for=`` of a ``Forwarded`` header, if it is an IP."""
+    first_element = value.split(",", 1)[0]
+    for pair in first_element.split(";"):
+        name, sep, raw = pair.strip().partition("=")
+        if not sep or name.strip().lower() != "for":
+            continue
+        node = raw.strip().strip('"')
+        if node.startswith("["):
+            node = node[1:].partition("]")[0]
+        elif node.count(":") == 1:  # ipv4:port
+            node = node.partition(":")[0]
+        try:
+            return str(ipaddress.ip_address(node))
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """A validated tunnel request: where to, and the headers that came with it."""
+
+    authority: str
+    target: tuple[str, int]
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lowercase), or None."""
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def forwarded_for(self) -> str | None:
+        value = self.header("forwarded")
+        return forwarded_for(value) if value is not None else None
+
+    @property
+    def baggage(self) -> str | None:
+        return self.header("baggage")
+
+
+def parse_connect_request(headers: list[tuple[bytes, bytes]]) -> ConnectRequest:
+    """Validate received request headers as an HBONE CONNECT; raise `BadRequest` if not.
+
+    Header bytes are decoded as Latin-1, which cannot fail; h2 has already checked the
+    pseudo-header rules that apply to every request.
+    """
+    pseudo: dict[str, str] = {}
+    regular: list[tuple[str, str]] = []
+    for raw_name, raw_value in headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        if name.startswith(":"):
+            pseudo[name] = value
+        else:
+            regular.append((name, value))
+    method = pseudo.get(":method")
+    if method != "CONNECT":
+        raise BadRequest(f"method {method!r} is not CONNECT")
+    if ":protocol" in pseudo:
+        raise BadRequest("extended CONNECT (:protocol) is not an HBONE tunnel")
+    authority = pseudo.get(":authority")
+    if not authority:
+        raise BadRequest("CONNECT without :authority")
+    target = parse_authority(authority)
+    return ConnectRequest(authority=authority, target=target, headers=tuple(regular))
+
+
+def response_status(headers: list[tuple[bytes, bytes]]) -> int:
+    """The ``:status`` of response headers (h2 guarantees one is present and numeric)."""
+    for name, value in headers:
+        if name == b":status":
+            return int(value)
+    raise ValueError("response without :status")

@@ -1,0 +1,218 @@
+"""The inbound side of HBONE: the node proxy's mutual-TLS HTTP/2 listener (port 15008).
+
+What flows through: TLS connections from other nodes' proxies come in; each CONNECT stream
+on them becomes an `InboundTunnel` (who is asking, which of our identities they asked for,
+which pod address) handed to the injected handler, which answers it: `accept` (200, then
+bytes flow) or `reject` (401 denied, 503 unreachable, ...). Requests that are not a valid
+CONNECT are answered 400 here, without bothering the handler.
+
+Faults stay local: a failed handshake, garbage, or malformed HTTP/2 closes that one
+connection and is counted (`metrics`); a handler that crashes resets only its stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+from meshagent.agent.hbone import metrics
+from meshagent.agent.hbone.connection import CloseReason, HboneConnection, TunnelStream
+from meshagent.agent.hbone.errors import PeerIdentityError
+from meshagent.agent.hbone.protocol import BadRequest, ConnectRequest, parse_connect_request
+from meshagent.agent.hbone.tls import ALPN, ServerContextSelector, peer_identity
+from meshagent.common.spiffe import Identity
+
+__all__ = ["HANDSHAKE_TIMEOUT", "InboundTunnel", "TunnelHandler", "serve_hbone"]
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+# Answer when the handler crashed or returned without deciding.
+_HANDLER_FAILED_STATUS = 500
+
+
+@dataclass(eq=False)
+class InboundTunnel:
+    """One CONNECT request on an HBONE connection, waiting for the handler's decision."""
+
+    peer_identity: Identity  # the client's workload identity (its certificate's SPIFFE ID)
+    local_identity: Identity  # ours that the client asked for in SNI and we presented
+    request: ConnectRequest
+    peer_address: tuple[str, int]  # the connecting node proxy's address
+    _stream: TunnelStream = field(repr=False)
+    _answered: bool = field(default=False, repr=False)
+
+    @property
+    def authority(self) -> str:
+        """The requested ``podIP:port``, as sent."""
+        return self.request.authority
+
+    @property
+    def target(self) -> tuple[str, int]:
+        """The requested pod address, parsed."""
+        return self.request.target
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """The request's regular headers (lowercase names), e.g. ``forwarded``, ``baggage``."""
+        return self.request.headers
+
+    @property
+    def forwarded_for(self) -> str | None:
+        """The original client's IP from ``Forwarded: for=``, if present and well-formed."""
+        return self.request.forwarded_for
+
+    @property
+    def baggage(self) -> str | None:
+        return self.request.baggage
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    async def accept(self) -> trio.abc.HalfCloseableStream:
+        """Answer 200 and return the tunnel's byte stream (closed when the handler returns).
+
+        Raises `trio.BrokenResourceError` if the client already gave up.
+        """
+        self._claim()
+        metrics.INBOUND_STREAMS.labels(status="200").inc()
+        await self._stream.respond(200)
+        return self._stream
+
+    async def reject(self, status: int) -> None:
+        """Refuse the tunnel with ``status`` (401 denied, 503 unreachable, ...)."""
+        if not 400 <= status <= 599:
+            raise ValueError(f"reject status must be 4xx or 5xx, got {status}")
+        self._claim()
+        metrics.INBOUND_STREAMS.labels(status=str(status)).inc()
+        with contextlib.suppress(trio.BrokenResourceError):  # the client may be gone already
+            await self._stream.respond(status)
+
+    def _claim(self) -> None:
+        if self._answered:
+            raise RuntimeError("this tunnel request was already answered")
+        self._answered = True
+
+
+TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
+
+
+async def _run_handler(handler: TunnelHandler, tunnel: InboundTunnel) -> None:
+    stream = tunnel._stream
+    try:
+        await handler(tunnel)
+        if not tunnel.answered:
+            log.warning("HBONE handler returned without answering %s", tunnel.authority)
+            await tunnel.reject(_HANDLER_FAILED_STATUS)
+    except Exception:
+        log.exception("HBONE handler failed for %s from %s", tunnel.authority, tunnel.peer_identity)
+        if not tunnel.answered:
+            await tunnel.reject(_HANDLER_FAILED_STATUS)
+    finally:
+        stream._abort()  # no-op if the tunnel already finished cleanly
+
+
+async def _answer_bad_request(stream: TunnelStream, reason: str) -> None:
+    log.info("HBONE bad request on stream %d: %s", stream.stream_id, reason)
+    metrics.INBOUND_STREAMS.labels(status="400").inc()
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.respond(400)
+
+
+def _on_request(
+    nursery: trio.Nursery,
+    handler: TunnelHandler,
+    peer: Identity,
+    local: Identity,
+    peer_address: tuple[str, int],
+    stream: TunnelStream,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    try:
+        request = parse_connect_request(headers)
+    except BadRequest as exc:
+        nursery.start_soon(_answer_bad_request, stream, str(exc))
+        return
+    tunnel = InboundTunnel(peer, local, request, peer_address, stream)
+    nursery.start_soon(_run_handler, handler, tunnel)
+
+
+def _peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
+    try:
+        return tuple(stream.socket.getpeername()[:2])  # type: ignore[attr-defined,return-value]
+    except (AttributeError, OSError):
+        return ("?", 0)
+
+
+async def _serve_connection(
+    tcp: trio.abc.Stream,
+    *,
+    selector: ServerContextSelector,
+    handler: TunnelHandler,
+    handshake_timeout: float,
+) -> None:
+    peer_address = _peer_address(tcp)
+    tls = trio.SSLStream(tcp, selector.context, server_side=True)
+    try:
+        try:
+            with trio.fail_after(handshake_timeout):
+                await tls.do_handshake()
+            if tls.selected_alpn_protocol() != ALPN:
+                raise PeerIdentityError(f"client did not negotiate ALPN {ALPN}")
+            peer = peer_identity(tls)
+            local = selector.identity_of(tls.context)
+            if local is None:
+                raise PeerIdentityError("no local identity was selected")
+        except (trio.BrokenResourceError, trio.TooSlowError, PeerIdentityError) as exc:
+            metrics.INBOUND_HANDSHAKE_FAILURES.inc()
+            log.info("HBONE handshake from %s:%d failed: %s", *peer_address, exc.__cause__ or exc)
+            await trio.aclose_forcefully(tls)
+            return
+        metrics.INBOUND_CONNECTIONS.inc()
+        async with trio.open_nursery() as nursery:
+            conn = HboneConnection(
+                tls,
+                client_side=False,
+                on_request=partial(_on_request, nursery, handler, peer, local, peer_address),
+            )
+            reason = await conn.run()
+            if reason is CloseReason.PROTOCOL_ERROR:
+                metrics.INBOUND_PROTOCOL_ERRORS.inc()
+                log.info("HBONE connection from %s (%s) closed: %s", peer_address, peer, reason)
+    except Exception:
+        # One connection's bug must not end the listener (trio.serve_listeners would re-raise).
+        log.exception("HBONE connection from %s:%d crashed", *peer_address)
+        await trio.aclose_forcefully(tls)
+
+
+async def serve_hbone(
+    listen: tuple[str, int] | Sequence[trio.SocketListener],
+    *,
+    ssl_selector: ServerContextSelector,
+    handler: TunnelHandler,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HBONE on ``listen`` (``(host, port)`` or ready listeners) until cancelled.
+
+    Reports the listeners through ``task_status`` once accepting (so ``port=0`` callers learn
+    the port). ``ssl_selector`` picks our certificate by SNI and holds the trust bundle client
+    certificates must chain to; ``handler`` decides each tunnel (see `InboundTunnel`).
+    """
+    if isinstance(listen, tuple):
+        host, port = listen
+        listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
+    else:
+        listeners = list(listen)
+    serve = partial(
+        _serve_connection,
+        selector=ssl_selector,
+        handler=handler,
+        handshake_timeout=handshake_timeout,
+    )
+    await trio.serve_listeners(serve, listeners, task_status=task_status)

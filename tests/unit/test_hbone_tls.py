@@ -1,0 +1,189 @@
+"""HBONE TLS contexts, checked with real handshakes over in-memory BIOs (no sockets)."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from meshagent.agent.hbone.errors import PeerIdentityError
+from meshagent.agent.hbone.tls import (
+    client_context,
+    peer_identity,
+    server_context_selector,
+)
+from meshagent.common.spiffe import Identity, sni_for
+
+from tests.certs import TestCA
+
+TD = "cluster.local"
+FRONTEND = Identity(TD, "shop", "frontend")
+REVIEWS = Identity(TD, "shop", "reviews")
+RATINGS = Identity(TD, "shop", "ratings")
+
+
+def handshake(
+    client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, sni: str | None
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """Run a TLS handshake between two in-memory endpoints; raise the first side's error."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for name, obj in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            # TLS 1.3: the server judges the client certificate after the client is done, so
+            # let any alert reach the client as a read error.
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.read(1)
+            return client, server
+    raise AssertionError("handshake did not finish")
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    return TestCA()
+
+
+@pytest.fixture(scope="module")
+def leaves(ca):
+    return {identity: ca.issue(identity.uri) for identity in (FRONTEND, REVIEWS, RATINGS)}
+
+
+def lookup_from(leaves):
+    by_sni = {
+        sni_for(identity): (leaf.chain_pem, leaf.key_pem) for identity, leaf in leaves.items()
+    }
+    return by_sni.get
+
+
+def test_server_presents_the_identity_named_in_sni_and_each_side_reads_the_other(ca, leaves):
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+    for wanted in (REVIEWS, RATINGS):
+        client, server = handshake(ctx, selector.context, sni_for(wanted))
+        assert peer_identity(client) == wanted
+        assert peer_identity(server) == FRONTEND
+        assert selector.identity_of(server.context) == wanted
+        assert client.version() == "TLSv1.3"
+        assert client.selected_alpn_protocol() == "h2"
+
+
+def test_unknown_server_name_fails_the_handshake(ca, leaves):
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+    stranger = Identity(TD, "other", "nobody")
+    with pytest.raises(ssl.SSLError, match=r"UNRECOGNIZED_NAME|CALLBACK_FAILED"):
+        handshake(ctx, selector.context, sni_for(stranger))
+
+
+def test_a_renewed_certificate_gets_a_new_context_for_new_handshakes_only(ca, leaves):
+    current = {"material": (leaves[REVIEWS].chain_pem, leaves[REVIEWS].key_pem)}
+    selector = server_context_selector(lambda name: current["material"], ca.pem)
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+
+    _, first = handshake(ctx, selector.context, sni_for(REVIEWS))
+    _, again = handshake(ctx, selector.context, sni_for(REVIEWS))
+    assert again.context is first.context  # cached, not rebuilt per handshake
+
+    renewed = ca.issue(REVIEWS.uri)
+    current["material"] = (renewed.chain_pem, renewed.key_pem)
+    client, after = handshake(ctx, selector.context, sni_for(REVIEWS))
+    assert after.context is not first.context
+    assert selector.identity_of(after.context) == REVIEWS
+    assert client.getpeercert(binary_form=True) == renewed.certificate.public_bytes(Encoding.DER)
+    assert selector.identity_of(first.context) == REVIEWS  # old connections keep theirs
+
+
+def test_client_certificate_from_another_ca_is_refused(ca, leaves):
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    rogue = TestCA("rogue").issue(FRONTEND.uri)
+    ctx = client_context(rogue.chain_pem, rogue.key_pem, ca.pem)
+    with pytest.raises(ssl.SSLError, match=r"UNKNOWN_CA|certificate verify failed"):
+        handshake(ctx, selector.context, sni_for(REVIEWS))
+
+
+def test_server_certificate_from_another_ca_is_refused(ca, leaves):
+    rogue_ca = TestCA("rogue")
+    rogue = rogue_ca.issue(REVIEWS.uri)
+    selector = server_context_selector(lambda name: (rogue.chain_pem, rogue.key_pem), ca.pem)
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+    with pytest.raises(ssl.SSLError, match="certificate verify failed"):
+        handshake(ctx, selector.context, sni_for(REVIEWS))
+
+
+def test_a_bundle_with_two_roots_trusts_both_during_rotation(ca, leaves):
+    new_ca = TestCA("next root")
+    bundle = ca.pem + new_ca.pem
+    selector = server_context_selector(lookup_from(leaves), bundle)
+    moved = new_ca.issue(FRONTEND.uri)
+    ctx = client_context(moved.chain_pem, moved.key_pem, bundle)
+    _, server = handshake(ctx, selector.context, sni_for(REVIEWS))
+    assert peer_identity(server) == FRONTEND
+
+
+def test_tls_1_2_is_refused(ca, leaves):
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.check_hostname = False
+    old.load_verify_locations(cadata=ca.pem.decode())
+    with pytest.raises(ssl.SSLError):
+        handshake(old, selector.context, sni_for(REVIEWS))
+
+
+def test_peer_identity_requires_exactly_one_spiffe_uri(ca, leaves, tmp_path):
+    two = ca.issue(REVIEWS.uri, RATINGS.uri)
+    selector = server_context_selector(lambda name: (two.chain_pem, two.key_pem), ca.pem)
+    # Loading the server's own certificate already insists on one identity.
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+    with pytest.raises(ssl.SSLError):
+        handshake(ctx, selector.context, sni_for(REVIEWS))
+
+    none = ca.issue()
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.check_hostname = False
+    bare.load_verify_locations(cadata=ca.pem.decode())
+    bare.set_alpn_protocols(["h2"])
+    (tmp_path / "cert.pem").write_bytes(none.chain_pem)
+    (tmp_path / "key.pem").write_bytes(none.key_pem)
+    bare.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    _, server = handshake(bare, selector.context, sni_for(REVIEWS))
+    with pytest.raises(PeerIdentityError, match="no subject alternative names"):
+        peer_identity(server)
+
+
+@pytest.mark.parametrize(
+    ("what", "fault"),
+    [
+        ("bundle-not-pem", "trust bundle is not PEM"),
+        ("chain-not-pem", "certificate chain is not PEM"),
+        ("key-mismatch", "do not load together"),
+        ("no-spiffe-id", "not a workload certificate"),
+    ],
+)
+def test_bad_material_is_refused_with_a_clear_message(ca, leaves, what, fault):
+    leaf = leaves[FRONTEND]
+    chain, key, bundle = leaf.chain_pem, leaf.key_pem, ca.pem
+    if what == "bundle-not-pem":
+        bundle = b"hello"
+    elif what == "chain-not-pem":
+        chain = b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+    elif what == "key-mismatch":
+        key = leaves[REVIEWS].key_pem
+    elif what == "no-spiffe-id":
+        bare = ca.issue()
+        chain, key = bare.chain_pem, bare.key_pem
+    with pytest.raises(ValueError, match=fault):
+        client_context(chain, key, bundle)
