@@ -3,7 +3,7 @@
 `up` builds everything, starts the daemons detached (each in a lab cgroup) and
 returns once every agent serves the current snapshot and every pod with a
 readiness probe answers. `down` removes everything by naming convention
-(cgroup subtree, `meshlab-*` namespaces, pins, files), so it works with no
+(cgroup subtree, `meshlab-*` namespaces, pins, files; see paths.py), so it works with no
 state file and after a crash or kill -9 of anything, and can run twice.
 """
 

@@ -3,6 +3,7 @@
 Addressing (all inside the lab's own network namespaces):
   underlay 172.30.0.0/24: bridge (and controller) .1, node-i at .(10+i)
   node-i pod CIDR 10.244.i.0/24: node bridge (the proxy's address) .1, pods from .10
+    (10.<POD_NET_OCTET>.i.0/24 for a named lab instance, so pod IPs stay unique)
   Service VIPs from 10.96.0.0/16 (a manifest's clusterIP is kept)
 """
 
@@ -12,7 +13,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
-from meshagent.lab.paths import NETNS_PREFIX
+from meshagent.lab.paths import NETNS_PREFIX, POD_NET_OCTET
 
 UNDERLAY_BRIDGE_IP = "172.30.0.1"
 UNDERLAY_PREFIX = 24
@@ -42,12 +43,12 @@ class NodePlan:
 
     @property
     def pod_cidr(self) -> str:
-        return f"10.244.{self.index}.0/24"
+        return f"10.{POD_NET_OCTET}.{self.index}.0/24"
 
     @property
     def gateway(self) -> str:
         """The node bridge's address: pods' default gateway and the proxy's listener."""
-        return f"10.244.{self.index}.1"
+        return f"10.{POD_NET_OCTET}.{self.index}.1"
 
     @property
     def underlay_veth(self) -> str:
@@ -200,7 +201,7 @@ def remove_objects(plan: LabPlan, objects: list[dict]) -> list[PodPlan]:
 def _free_pod_ip(plan: LabPlan, node: NodePlan) -> str:
     used = {p.ip for p in plan.pods.values()}
     for host in range(FIRST_POD_HOST, 255):
-        ip = f"10.244.{node.index}.{host}"
+        ip = f"10.{POD_NET_OCTET}.{node.index}.{host}"
         if ip not in used:
             return ip
     raise PlanError(f"node {node.name} has no free pod IP")

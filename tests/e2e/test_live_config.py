@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import yaml
+from meshagent.lab.paths import POD_NET_OCTET
 
 from tests.e2e.conftest import meshlab
 
@@ -70,7 +71,7 @@ def test_labelling_a_namespace_meshes_its_running_pods(demo_lab, tmp_path):
         "legacy/client unmeshed after removing the label",
     )
     before = demo_lab.counters("node-1")["redirected"]
-    code, _ = demo_lab.curl("legacy/client", "http://10.244.2.10:9080/")
+    code, _ = demo_lab.curl("legacy/client", f"http://10.{POD_NET_OCTET}.2.10:9080/")
     assert code == "200"
     assert demo_lab.counters("node-1")["redirected"] == before
 
@@ -118,7 +119,7 @@ def test_scaling_a_service_spreads_new_connections(demo_lab, tmp_path):
     _apply(tmp_path, extra[1], verb="delete")
     spread = _backends(demo_lab, 6)
     assert len(spread) == 2, spread
-    assert not any(k.startswith("10.244.2.11") for k in spread)  # reviews-v3's address
+    assert not any(k.startswith(f"10.{POD_NET_OCTET}.2.11") for k in spread)  # reviews-v3's address
     _apply(tmp_path, extra[0], verb="delete")
 
 

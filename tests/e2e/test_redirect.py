@@ -3,9 +3,12 @@ the datapath outlives a killed agent."""
 
 from __future__ import annotations
 
+from meshagent.lab.paths import POD_NET_OCTET
+
 from tests.e2e.conftest import meshlab
 
-POD_IP_REVIEWS = "10.244.2.10"  # demo.yaml pins reviews-v1 to node-2: first pod IP there
+# demo.yaml pins reviews-v1 to node-2: the first pod IP there
+POD_IP_REVIEWS = f"10.{POD_NET_OCTET}.2.10"
 
 
 def _vip(lab, pod: str, name: str) -> str:

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from meshagent.lab.paths import BPFFS_DIR, ETC_NETNS, RUN_DIR, lab_cgroup
+from meshagent.lab.paths import BPFFS_DIR, ETC_NETNS, NETNS_PREFIX, RUN_DIR, lab_cgroup
 
 from tests.e2e.conftest import BIN, EXAMPLES, _require_root, meshlab
 
@@ -17,7 +17,9 @@ def _left_on_machine() -> list[str]:
     """Look with the system's own tools, not the lab's bookkeeping."""
     left = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    left += [f"netns {line.split()[0]}" for line in netns.splitlines() if "meshlab" in line]
+    left += [
+        f"netns {line.split()[0]}" for line in netns.splitlines() if line.startswith(NETNS_PREFIX)
+    ]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     left += [
         f"link {line.split()[1]}"
@@ -28,7 +30,7 @@ def _left_on_machine() -> list[str]:
         left.append(f"cgroup {lab_cgroup()}")
     if BPFFS_DIR.exists():
         left.append(f"pins {BPFFS_DIR}")
-    left += [str(p) for p in ETC_NETNS.glob("meshlab-*")] if ETC_NETNS.exists() else []
+    left += [str(p) for p in ETC_NETNS.glob(NETNS_PREFIX + "*")] if ETC_NETNS.exists() else []
     if RUN_DIR.exists():
         left.append(str(RUN_DIR))
     for proc in Path("/proc").iterdir():
@@ -38,7 +40,7 @@ def _left_on_machine() -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "/run/meshlab" in cmdline or "meshlab-" in cmdline:
+        if f"{RUN_DIR}/" in cmdline or NETNS_PREFIX in cmdline:
             left.append(f"process {proc.name}: {cmdline[:80]}")
     return left
 

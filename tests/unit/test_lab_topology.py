@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from meshagent.lab.paths import POD_NET_OCTET
 from meshagent.lab.topology import (
     LabPlan,
     PlanError,
@@ -31,7 +32,7 @@ def test_pods_spread_over_nodes_and_get_addresses_in_their_node_cidr():
     assert nodes == {"a": "node-1", "b": "node-2", "c": "node-1", "d": "node-2"}
     for p in plan.pods.values():
         index = p.node.split("-")[1]
-        assert p.ip.startswith(f"10.244.{index}.")
+        assert p.ip.startswith(f"10.{POD_NET_OCTET}.{index}.")
     assert len({p.ip for p in plan.pods.values()}) == 4
     assert all(len(p.host_veth) <= 15 for p in plan.pods.values())
 
