@@ -37,6 +37,9 @@ class AgentConfig(BaseModel):
     token_file: Path | None = None
     excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
     discovery_interval: float = 0.5
+    # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
+    # address always is): e.g. the node IP kubelet probes come from.
+    trusted_sources: list[str] = Field(default_factory=list)
 
     @property
     def controller_addr(self) -> tuple[str, int]:

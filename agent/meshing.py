@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import trio
-from meshagent.agent.datapath.maps import DatapathMaps
+from meshagent.agent.datapath.maps import DatapathMaps, MtlsMode
 from meshagent.agent.discovery import NetnsScanner
 from meshagent.agent.state import SnapshotStore
 
@@ -59,6 +59,7 @@ class MeshReconciler:
             if cookie not in desired:
                 self.maps.unset_meshed(cookie)
                 log.info("unmeshed %s (netns cookie %d)", ip, cookie)
+        self.maps.set_peer_auth(self._peer_auth(tables, wanted) if tables else {})
         self.state = MeshingState(
             pods=[
                 MeshedPod(wanted[ip].namespace, wanted[ip].name, ip, cookie)
@@ -68,6 +69,22 @@ class MeshReconciler:
                 f"{w.namespace}/{w.name}" for ip, w in wanted.items() if ip not in found
             ),
         )
+
+    @staticmethod
+    def _peer_auth(tables, wanted: dict) -> dict[tuple[str, int], MtlsMode]:
+        """The kernel's view of PeerAuthentication for this node's meshed pods."""
+        entries: dict[tuple[str, int], MtlsMode] = {}
+        for ip, workload in wanted.items():
+            policy = tables.mtls_for(workload)
+            strict = policy.mode == "STRICT"
+            if strict:
+                entries[(ip, 0)] = MtlsMode.STRICT
+            for port, mode in policy.ports.items():
+                if (mode == "STRICT") != strict:
+                    entries[(ip, port)] = (
+                        MtlsMode.STRICT if mode == "STRICT" else MtlsMode.PERMISSIVE
+                    )
+        return entries
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(self.reconcile)

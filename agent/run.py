@@ -75,6 +75,8 @@ class Agent:
         self.datapath_reused = not await trio.to_thread.run_sync(loader.install, settings)
         maps = loader.open_maps(settings)
         maps.set_excluded_ports(set(cfg.excluded_ports))
+        # The node itself (its proxy, kubelet probes) may always reach pods, STRICT or not.
+        maps.set_trusted_sources({cfg.proxy_ip, *cfg.trusted_sources})
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
         self.proxy = OutboundProxy(self.store, maps.pop_orig_dst)

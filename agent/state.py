@@ -16,6 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshagent.agent.policy.peerauth import MtlsPolicy
+from meshagent.agent.policy.peerauth import resolve as resolve_mtls
+from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
+from meshagent.common.istio.security import PeerAuthentication
 from meshagent.common.snapshot import Endpoint, Service, Snapshot, Workload
 from pydantic import ValidationError
 
@@ -56,6 +60,15 @@ class Tables:
     snapshot: Snapshot
     by_vip_port: dict[tuple[str, int], ServicePortRoute]
     workload_by_ip: dict[str, Workload]
+    workload_by_uid: dict[str, Workload]
+    node_address: dict[str, str]
+    istio: list[IstioResource]
+
+    def peer_authentications(self) -> list[PeerAuthentication]:
+        return [r for r in self.istio if isinstance(r, PeerAuthentication)]
+
+    def mtls_for(self, workload: Workload) -> MtlsPolicy:
+        return resolve_mtls(self.peer_authentications(), workload.namespace, workload.labels)
 
     @classmethod
     def build(cls, snap: Snapshot) -> Tables:
@@ -68,7 +81,13 @@ class Tables:
                 for vip in svc.vips:
                     by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps)
         workload_by_ip = {ip: w for w in snap.workloads for ip in w.ips}
-        return cls(snap, by_vip_port, workload_by_ip)
+        workload_by_uid = {w.uid: w for w in snap.workloads}
+        node_address = {n.name: n.address for n in snap.nodes}
+        try:
+            istio = [parse_resource(doc) for doc in snap.istio_resources]
+        except ResourceError as exc:
+            raise SnapshotRejected(f"invalid Istio resource in snapshot: {exc}") from None
+        return cls(snap, by_vip_port, workload_by_ip, workload_by_uid, node_address, istio)
 
     def local_meshed(self) -> list[Workload]:
         return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]

@@ -48,6 +48,10 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
             {"netns_cookie": cookie, "ip": ip} for cookie, ip in sorted(maps.meshed_netns().items())
         ]
         view["counters"] = maps.read_counters()
+        view["peer_auth"] = [
+            {"ip": ip, "port": port, "mode": mode.name}
+            for (ip, port), mode in sorted(maps.peer_auth_entries().items())
+        ]
         view["orig_dst_pending"] = sum(1 for _ in maps.orig_dst.iter_keys())
     finally:
         maps.close()
@@ -109,8 +113,10 @@ def render(report: dict[str, Any]) -> str:
     c = dp["counters"]
     lines.append(
         f"Redirects:   {c['redirected']} redirected, {c['established']} handed to the proxy, "
-        f"{c['excluded']} excluded ports"
+        f"{c['excluded']} excluded ports, {c['strict_dropped']} plaintext dropped (STRICT)"
     )
+    strict = [f"{e['ip']}:{e['port'] or '*'} {e['mode']}" for e in dp.get("peer_auth", [])]
+    lines.append(f"mTLS (kernel): {', '.join(strict) if strict else 'no STRICT pods'}")
     if agent["running"]:
         p = agent["proxy"]
         lines.append(

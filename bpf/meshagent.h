@@ -28,6 +28,9 @@
 #ifndef MESH_MAX_INFLIGHT
 #define MESH_MAX_INFLIGHT 65536 /* redirected connections not yet accepted */
 #endif
+#ifndef MESH_MAX_PEER_AUTH
+#define MESH_MAX_PEER_AUTH 4096 /* (pod ip, port) mTLS entries per node */
+#endif
 #ifndef MESH_MAX_EXCLUDED_PORTS
 #define MESH_MAX_EXCLUDED_PORTS 64
 #endif
@@ -38,7 +41,15 @@ enum mesh_counter {
 	MESH_CTR_EXCLUDED = 1, /* meshed TCP connect left alone: excluded port */
 	MESH_CTR_ESTABLISHED = 2, /* original destination handed to the proxy */
 	MESH_CTR_INFLIGHT_MISS = 3, /* established, but its connect record was gone */
-	MESH_CTR_MAX = 4,
+	MESH_CTR_STRICT_DROPPED = 4, /* plaintext connection to a STRICT pod, dropped */
+	MESH_CTR_MAX = 5,
+};
+
+/* Value of peer_auth: the mTLS mode a pod (port) accepts. Only modes that need
+ * the kernel's help are stored; a missing entry means "let it through". */
+enum mesh_mtls_mode {
+	MESH_MTLS_PERMISSIVE = 0, /* explicit, to override a pod-wide STRICT on one port */
+	MESH_MTLS_STRICT = 1,
 };
 
 /* Value of mesh_netns: what the datapath knows of one meshed pod namespace. */

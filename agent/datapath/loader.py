@@ -42,6 +42,7 @@ LIBRARY_SOURCES = ("counters.c",)
 HOOKS = (
     Hook("mesh_connect4", "connect4.c", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
     Hook("mesh_sockops", "sockops.c", bpfsys.ATTACH_CGROUP_SOCK_OPS),
+    Hook("mesh_ingress", "ingress.c", bpfsys.ATTACH_CGROUP_INET_INGRESS),
 )
 
 
@@ -97,8 +98,10 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
                 BPF.CGROUP_SOCK_ADDR,
                 attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
             )
-        else:
+        elif hook.attach_type == bpfsys.ATTACH_CGROUP_SOCK_OPS:
             fn = bpf.load_func(hook.function, BPF.SOCK_OPS)
+        else:
+            fn = bpf.load_func(hook.function, BPF.CGROUP_SKB)
         fds[hook.pin_name] = os.dup(fn.fd)
     for name in ALL_MAPS:
         fds[name] = os.dup(bpf.get_table(name).get_fd())

@@ -39,9 +39,17 @@ class Counter(IntEnum):
     EXCLUDED = 1
     ESTABLISHED = 2
     INFLIGHT_MISS = 3
+    STRICT_DROPPED = 4
 
 
-COUNTER_MAX = 4
+class MtlsMode(IntEnum):
+    """enum mesh_mtls_mode"""
+
+    PERMISSIVE = 0
+    STRICT = 1
+
+
+COUNTER_MAX = 5
 
 # Map names, as declared in bpf/maps.h and pinned by the loader.
 MAP_MESH_NETNS = "mesh_netns"
@@ -49,7 +57,17 @@ MAP_INFLIGHT = "inflight"
 MAP_ORIG_DST = "orig_dst"
 MAP_EXCLUDED_PORTS = "excluded_ports"
 MAP_COUNTERS = "counters"
-ALL_MAPS = (MAP_MESH_NETNS, MAP_INFLIGHT, MAP_ORIG_DST, MAP_EXCLUDED_PORTS, MAP_COUNTERS)
+MAP_PEER_AUTH = "peer_auth"
+MAP_TRUSTED_SOURCES = "trusted_sources"
+ALL_MAPS = (
+    MAP_MESH_NETNS,
+    MAP_INFLIGHT,
+    MAP_ORIG_DST,
+    MAP_EXCLUDED_PORTS,
+    MAP_COUNTERS,
+    MAP_PEER_AUTH,
+    MAP_TRUSTED_SOURCES,
+)
 
 # Layout facts the test compares against the C header (name -> (size, {field: offset})).
 MIRRORED_STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -133,6 +151,8 @@ class DatapathMaps:
     orig_dst: PinnedMap
     excluded_ports: PinnedMap
     counters: PinnedMap
+    peer_auth: PinnedMap
+    trusted_sources: PinnedMap
 
     @classmethod
     def open(cls, pin_dir: Path) -> DatapathMaps:
@@ -142,10 +162,21 @@ class DatapathMaps:
             orig_dst=PinnedMap(pin_dir / MAP_ORIG_DST, MeshEndpoint, MeshEndpoint),
             excluded_ports=PinnedMap(pin_dir / MAP_EXCLUDED_PORTS, ctypes.c_uint16, ctypes.c_uint8),
             counters=PinnedMap(pin_dir / MAP_COUNTERS, ctypes.c_uint32, ctypes.c_uint64 * ncpu),
+            peer_auth=PinnedMap(pin_dir / MAP_PEER_AUTH, MeshEndpoint, ctypes.c_uint8),
+            trusted_sources=PinnedMap(
+                pin_dir / MAP_TRUSTED_SOURCES, ctypes.c_uint32, ctypes.c_uint8
+            ),
         )
 
     def close(self) -> None:
-        for m in (self.mesh_netns, self.orig_dst, self.excluded_ports, self.counters):
+        for m in (
+            self.mesh_netns,
+            self.orig_dst,
+            self.excluded_ports,
+            self.counters,
+            self.peer_auth,
+            self.trusted_sources,
+        ):
             m.close()
 
     # -- typed operations used by the agent -------------------------------------------
@@ -173,6 +204,26 @@ class DatapathMaps:
             self.excluded_ports.update(ctypes.c_uint16(port), ctypes.c_uint8(1))
         for port in current - ports:
             self.excluded_ports.delete(ctypes.c_uint16(port))
+
+    def peer_auth_entries(self) -> dict[tuple[str, int], MtlsMode]:
+        """(pod ip, port) -> mode; port 0 is the pod-wide mode."""
+        return {(net_to_ip4(k.ip4), k.port): MtlsMode(v.value) for k, v in self.peer_auth.items()}
+
+    def set_peer_auth(self, wanted: dict[tuple[str, int], MtlsMode]) -> None:
+        """Make the peer_auth map exactly `wanted` (adds, changes, removes)."""
+        current = self.peer_auth_entries()
+        for (ip, port), mode in wanted.items():
+            if current.get((ip, port)) != mode:
+                self.peer_auth.update(endpoint(ip, port), ctypes.c_uint8(mode))
+        for ip, port in current.keys() - wanted.keys():
+            self.peer_auth.delete(endpoint(ip, port))
+
+    def set_trusted_sources(self, ips: set[str]) -> None:
+        current = {net_to_ip4(k.value) for k in self.trusted_sources.iter_keys()}
+        for ip in ips - current:
+            self.trusted_sources.update(ctypes.c_uint32(ip4_to_net(ip)), ctypes.c_uint8(1))
+        for ip in current - ips:
+            self.trusted_sources.delete(ctypes.c_uint32(ip4_to_net(ip)))
 
     def pop_orig_dst(self, client_ip: str, client_port: int) -> tuple[str, int] | None:
         """Consume the original destination of an accepted, redirected connection."""

@@ -56,7 +56,11 @@ def test_unmeshed_pods_connect_directly(demo_lab):
 def test_datapath_outlives_a_killed_agent(demo_lab):
     running = demo_lab.status("node-1")
     programs = {p["id"] for p in running["datapath"]["programs"]}
-    assert {p["name"] for p in running["datapath"]["programs"]} == {"mesh_connect4", "mesh_sockops"}
+    assert {p["name"] for p in running["datapath"]["programs"]} == {
+        "mesh_connect4",
+        "mesh_sockops",
+        "mesh_ingress",
+    }
 
     meshlab("agent", "stop", "node-1")
     down = demo_lab.status("node-1")
