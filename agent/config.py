@@ -35,8 +35,12 @@ class AgentConfig(BaseModel):
     pin_dir: Path = Path("/sys/fs/bpf/meshagent")
     state_dir: Path = Path("/var/lib/meshagent")
     token_file: Path | None = None
+    # The mesh root the controller's stream certificate must chain to (the lab writes it;
+    # without one the agent talks to the controller in plaintext).
+    controller_ca_file: Path | None = None
     excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
     discovery_interval: float = 0.5
+    trust_domain: str = "cluster.local"
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
     # address always is): e.g. the node IP kubelet probes come from.
     trusted_sources: list[str] = Field(default_factory=list)

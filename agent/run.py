@@ -18,6 +18,7 @@ from meshagent.agent.configclient import ControllerLink, serve_config_client
 from meshagent.agent.datapath import loader
 from meshagent.agent.meshing import MeshReconciler
 from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
+from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import SnapshotStore
 from meshagent.common.httpserve import Response, json_response, serve_http
 
@@ -33,6 +34,15 @@ def datapath_settings(config: AgentConfig) -> loader.DatapathSettings:
         proxy_ip=config.proxy_ip,
         proxy_port=config.outbound_port,
     )
+
+
+def _authz_view(stats) -> dict:
+    return {
+        "allowed": stats.allowed,
+        "denied": stats.denied,
+        "dry_run_denied": stats.dry_run_denied,
+        "recent_denials": list(stats.recent),
+    }
 
 
 class Agent:
@@ -66,7 +76,9 @@ class Agent:
                 "bytes_sent": stats.bytes_sent,
                 "bytes_received": stats.bytes_received,
                 "by_destination": dict(stats.by_destination),
+                "mutual_tls": stats.mutual_tls,
             },
+            "authz_same_node": _authz_view(self.connector.authz_stats),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,7 +91,8 @@ class Agent:
         maps.set_trusted_sources({cfg.proxy_ip, *cfg.trusted_sources})
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
-        self.proxy = OutboundProxy(self.store, maps.pop_orig_dst)
+        self.connector = Connector(self.store, cfg.node_name, cfg.trust_domain, None, None)
+        self.proxy = OutboundProxy(self.store, maps.pop_orig_dst, self.connector)
         token = cfg.token_file.read_text().strip() if cfg.token_file else ""
 
         async def status(_query: str) -> Response:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from meshagent.agent.policy.peerauth import MtlsPolicy
 from meshagent.agent.policy.peerauth import resolve as resolve_mtls
+from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
-from meshagent.common.istio.security import PeerAuthentication
+from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
 from meshagent.common.snapshot import Endpoint, Service, Snapshot, Workload
 from pydantic import ValidationError
 
@@ -63,6 +64,7 @@ class Tables:
     workload_by_uid: dict[str, Workload]
     node_address: dict[str, str]
     istio: list[IstioResource]
+    authz: PolicySet
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]
@@ -87,7 +89,8 @@ class Tables:
             istio = [parse_resource(doc) for doc in snap.istio_resources]
         except ResourceError as exc:
             raise SnapshotRejected(f"invalid Istio resource in snapshot: {exc}") from None
-        return cls(snap, by_vip_port, workload_by_ip, workload_by_uid, node_address, istio)
+        authz = PolicySet([r for r in istio if isinstance(r, AuthorizationPolicy)])
+        return cls(snap, by_vip_port, workload_by_ip, workload_by_uid, node_address, istio, authz)
 
     def local_meshed(self) -> list[Workload]:
         return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]

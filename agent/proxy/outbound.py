@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.proxy.relay import relay
+from meshagent.agent.proxy.upstream import Connector, UpstreamError
 from meshagent.agent.state import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5.0
 CONNECT_ATTEMPTS = 3  # distinct endpoints tried for one connection
 # The orig_dst entry is written before the client's final ACK leaves; this only
 # covers a listener that accepts faster than the map update becomes visible.
@@ -32,6 +32,7 @@ class ProxyStats:
     orig_dst_misses: int = 0
     upstream_failures: int = 0
     no_endpoints: int = 0
+    mutual_tls: int = 0  # connections that left this node through an HBONE tunnel
     bytes_sent: int = 0
     bytes_received: int = 0
     by_destination: dict[str, int] = field(default_factory=dict)
@@ -41,9 +42,10 @@ OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
 
 
 class OutboundProxy:
-    def __init__(self, store: SnapshotStore, orig_dst: OrigDstLookup) -> None:
+    def __init__(self, store: SnapshotStore, orig_dst: OrigDstLookup, connector: Connector) -> None:
         self.store = store
         self.orig_dst = orig_dst
+        self.connector = connector
         self.stats = ProxyStats()
 
     def resolve(self, ip: str, port: int) -> tuple[list[tuple[str, int]], str]:
@@ -82,21 +84,24 @@ class OutboundProxy:
             self.stats.no_endpoints += 1
             log.warning("%s:%d -> %s:%d: service has no ready endpoints", peer_ip, peer_port, *orig)
             return
+        tables = self.store.tables
+        source = tables.workload_by_ip.get(peer_ip) if tables else None
         upstream = None
         for ip, port in candidates:  # a failed connect moves on to the next endpoint
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    upstream = await trio.open_tcp_stream(ip, port)
+                upstream = await self.connector.open(source, ip, port, peer_ip)
                 break
-            except (OSError, trio.TooSlowError) as exc:
+            except UpstreamError as exc:
                 self.stats.upstream_failures += 1
-                log.warning("%s:%d -> %s:%d: connect failed: %s", peer_ip, peer_port, ip, port, exc)
+                log.warning("%s:%d -> %s:%d: %s: %s", peer_ip, peer_port, ip, port, exc.kind, exc)
         if upstream is None:
             return
         key = f"{ip}:{port}"
         self.stats.by_destination[key] = self.stats.by_destination.get(key, 0) + 1
-        async with upstream:
-            result = await relay(client, upstream)
+        if upstream.security == "mutual_tls":
+            self.stats.mutual_tls += 1
+        async with upstream.stream:
+            result = await relay(client, upstream.stream)
         self.stats.bytes_sent += result.sent
         self.stats.bytes_received += result.received
         log.debug(

@@ -1,0 +1,78 @@
+"""Authorization at the destination: every connection (and, on HTTP ports, every request)
+to a local meshed pod is checked against the AuthorizationPolicies that select it.
+
+Used by the inbound tunnel handler (cross-node traffic: the source identity comes
+from the peer certificate) and by the same-node path (the source is a local pod
+whose identity the node knows). Dry-run policies are evaluated and their would-be
+denials counted and logged, never enforced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from meshagent.common import authz
+from meshagent.common.snapshot import Workload
+from meshagent.common.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AuthzStats:
+    allowed: int = 0
+    denied: int = 0
+    dry_run_denied: int = 0
+    denials: Counter = field(default_factory=Counter)  # (source, destination, policy) -> count
+    recent: list[dict] = field(default_factory=list)  # the last few denials, for status
+
+    def record_denial(self, entry: dict) -> None:
+        self.recent.append(entry)
+        del self.recent[:-20]
+
+
+def check(
+    policies: authz.PolicySet,
+    stats: AuthzStats,
+    *,
+    source: Identity | None,
+    source_ip: str,
+    destination: Workload,
+    destination_ip: str,
+    port: int,
+    http: authz.HttpAttrs | None = None,
+) -> authz.Decision:
+    request = authz.Request(
+        source_principal=source.principal if source else None,
+        source_namespace=source.namespace if source else None,
+        source_ip=source_ip,
+        destination_ip=destination_ip,
+        destination_port=port,
+        http=http,
+    )
+    target = authz.Workload(destination.namespace, destination.labels)
+    decision = policies.evaluate(target, request)
+    who = source.uri if source else source_ip
+    dest = f"{destination.namespace}/{destination.name}:{port}"
+    for would in decision.dry_run_denials:
+        stats.dry_run_denied += 1
+        log.info(
+            "dry-run: %s -> %s would be denied by %s: %s", who, dest, would.policy, would.reason
+        )
+    if decision.allowed:
+        stats.allowed += 1
+    else:
+        stats.denied += 1
+        stats.denials[(who, dest, decision.policy or "")] += 1
+        stats.record_denial(
+            {
+                "source": who,
+                "destination": dest,
+                "policy": decision.policy,
+                "reason": decision.reason,
+            }
+        )
+        log.warning("denied %s -> %s by %s: %s", who, dest, decision.policy, decision.reason)
+    return decision

@@ -1,0 +1,138 @@
+"""Reaching an endpoint from the node proxy: directly on this node, through HBONE across nodes.
+
+The one seam every outbound path uses (L4 relay and the HTTP engine alike):
+`Connector.open(source, ip, port)` returns a byte stream to the pod. A pod on
+this node is dialled directly (the node proxy is a trusted source, so STRICT
+pods accept it). A meshed pod on another node is reached through an HBONE
+tunnel to that node's proxy, presenting the source workload's certificate and
+requiring the destination workload's identity. A pod whose mode is DISABLE,
+or a destination outside the mesh, is dialled directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+from meshagent.agent.hbone.client import TunnelPool
+from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, TunnelRefused
+from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
+from meshagent.agent.policy import authorization
+from meshagent.agent.policy.authorization import AuthzStats
+from meshagent.agent.state import SnapshotStore
+from meshagent.common.snapshot import Workload
+from meshagent.common.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+CERT_WAIT = 5.0
+HBONE_PORT = 15008
+
+
+class UpstreamError(Exception):
+    """The endpoint could not be reached. `kind` follows Envoy's retry vocabulary:
+    connect-failure (nothing answered), refused (the peer proxy said no), reset."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Upstream:
+    stream: trio.abc.HalfCloseableStream
+    security: str  # "mutual_tls" or "none" (Istio's connection_security_policy)
+    peer: Workload | None
+
+
+def workload_identity(workload: Workload, trust_domain: str) -> Identity:
+    return Identity(trust_domain, workload.namespace, workload.service_account)
+
+
+class Connector:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        node: str,
+        trust_domain: str,
+        pool: TunnelPool | None,
+        identities: IdentityManager | None,
+        hbone_port: int = HBONE_PORT,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.trust_domain = trust_domain
+        self.pool = pool
+        self.identities = identities
+        self.hbone_port = hbone_port
+        self.authz_stats = AuthzStats()
+
+    def _tunnel_target(self, source: Workload | None, ip: str, port: int) -> Workload | None:
+        """The destination workload when the connection must go through HBONE."""
+        tables = self.store.tables
+        if tables is None or source is None or self.pool is None:
+            return None
+        dest = tables.workload_by_ip.get(ip)
+        if dest is None or not dest.meshed or dest.node == self.node:
+            return None
+        if tables.mtls_for(dest).mode_for(port) == "DISABLE":
+            return None
+        return dest
+
+    def _authorize_local(self, source: Workload | None, ip: str, port: int, client_ip: str) -> None:
+        """Same-node traffic skips the tunnel but not the destination's policy."""
+        tables = self.store.tables
+        dest = tables.workload_by_ip.get(ip) if tables else None
+        if tables is None or dest is None or not dest.meshed or dest.node != self.node:
+            return
+        decision = authorization.check(
+            tables.authz,
+            self.authz_stats,
+            source=workload_identity(source, self.trust_domain) if source else None,
+            source_ip=client_ip,
+            destination=dest,
+            destination_ip=ip,
+            port=port,
+        )
+        if not decision.allowed:
+            raise UpstreamError("refused", f"denied by {decision.policy or 'default'}", 401)
+
+    async def open(self, source: Workload | None, ip: str, port: int, client_ip: str) -> Upstream:
+        dest = self._tunnel_target(source, ip, port)
+        if dest is None:
+            self._authorize_local(source, ip, port, client_ip)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(ip, port)
+            except (OSError, trio.TooSlowError) as exc:
+                raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
+            tables = self.store.tables
+            peer = tables.workload_by_ip.get(ip) if tables else None
+            return Upstream(stream, "none", peer)
+        assert source is not None and self.pool is not None and self.identities is not None
+        src_id = workload_identity(source, self.trust_domain)
+        try:
+            await self.identities.wait_for(src_id, CERT_WAIT)
+        except IdentityUnavailable as exc:
+            raise UpstreamError(
+                "connect-failure", f"no certificate for {src_id.uri}: {exc}"
+            ) from None
+        node_ip = self.store.tables.node_address.get(dest.node) if self.store.tables else None
+        if node_ip is None:
+            raise UpstreamError("connect-failure", f"no address for node {dest.node}")
+        try:
+            stream = await self.pool.open_stream(
+                source=src_id,
+                destination=workload_identity(dest, self.trust_domain),
+                node_addr=(node_ip, self.hbone_port),
+                authority=f"{ip}:{port}",
+                forwarded_for=client_ip,
+            )
+        except TunnelRefused as exc:
+            raise UpstreamError("refused", str(exc), getattr(exc, "status", None)) from None
+        except (TunnelFailed, SecureNamingError) as exc:
+            raise UpstreamError("connect-failure", str(exc)) from None
+        return Upstream(stream, "mutual_tls", dest)
