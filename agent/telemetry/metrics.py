@@ -55,7 +55,7 @@ from meshagent.agent.telemetry.labels import (
     TCP_LABELS,
     ConnectionLabels,
 )
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -390,8 +390,11 @@ class NodeMetrics:
             )
         self.local_registry = CollectorRegistry()
         reg = self.local_registry
-        self.snapshot = Info(
-            "meshagent_snapshot", "The configuration snapshot version in use.", registry=reg
+        self.snapshot = Gauge(
+            "meshagent_snapshot_info",
+            "1 for the configuration snapshot version in use (none before the first).",
+            ("version",),
+            registry=reg,
         )
         self.controller_connected = Gauge(
             "meshagent_controller_connected",
@@ -416,7 +419,8 @@ class NodeMetrics:
 
     def set_snapshot_version(self, version: str) -> None:
         """A snapshot was accepted (ACKed) and is now served."""
-        self.snapshot.info({"version": version})
+        self.snapshot.clear()
+        self.snapshot.labels(version).set(1)
 
     def set_controller_connected(self, connected: bool) -> None:
         self.controller_connected.set(1 if connected else 0)
