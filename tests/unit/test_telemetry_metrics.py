@@ -235,7 +235,7 @@ def test_agent_figures_and_callables_are_read_at_scrape_time():
         include_default_registry=False,
         clock=lambda: 1_000_000.0,
     )
-    assert "meshagent_snapshot_info" not in _scrape(node.registry)  # no version before the first
+    assert _scrape(node.registry)["meshagent_snapshot_info"].samples == []  # none before the first
     node.set_snapshot_version("3f2a")
     node.set_snapshot_version("9c1d")
     node.set_controller_connected(True)
