@@ -28,7 +28,7 @@ import select
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import trio
 from meshagent.agent.telemetry.labels import NO_RESPONSE_FLAGS, ConnectionLabels
@@ -206,7 +206,15 @@ class AccessLog:
         start: float,
         duration_ms: float,
         decision: Decision | None,
-        **rest: Any,
+        source_address: str | None,
+        destination_address: str | None,
+        method: str | None,
+        path: str | None,
+        response_code: int | None,
+        response_flags: str,
+        bytes_sent: int,
+        bytes_received: int,
+        error: str | None,
     ) -> bool:
         action, policy = _decision_fields(decision)
         src, dst = labels.source, labels.destination
@@ -215,26 +223,26 @@ class AccessLog:
             "duration_ms": round(duration_ms, 3),
             "kind": kind,
             "reporter": labels.reporter,
-            "source_address": rest["source_address"],
+            "source_address": source_address,
             "source_workload": src.workload,
             "source_namespace": src.workload_namespace,
             "source_principal": src.principal,
-            "destination_address": rest["destination_address"],
+            "destination_address": destination_address,
             "destination_workload": dst.workload,
             "destination_namespace": dst.workload_namespace,
             "destination_principal": dst.principal,
             "destination_service": labels.service.hostname,
             "request_protocol": labels.request_protocol,
             "connection_security_policy": labels.connection_security_policy,
-            "method": rest["method"],
-            "path": rest["path"],
-            "response_code": rest["response_code"],
-            "response_flags": rest["response_flags"],
-            "bytes_sent": rest["bytes_sent"],
-            "bytes_received": rest["bytes_received"],
+            "method": method,
+            "path": path,
+            "response_code": response_code,
+            "response_flags": response_flags,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
             "policy_decision": action,
             "policy": policy,
-            "error": rest["error"],
+            "error": error,
         }
         line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
         if self._pending_bytes + len(line) > self.settings.max_buffer_bytes:

@@ -16,7 +16,8 @@ Where each call goes in a connection's life (reporter ``source`` on the client's
   reported (all of them if `tcp_bytes` was never called);
 - on an HTTP port, per request once the response is done:
   `http_request(labels, code, flags, duration_ms, request_bytes, response_bytes)`;
-- per authorization decision: `policy_decision(decision)`.
+- per authorization decision: `policy_decision(decision)`; per endpoint that outlier detection
+  ejects: `outlier_ejection(service)`.
 
 ``sent`` is what the proxy sent to the connection's client (the response direction),
 ``received`` what it received from the client (the request direction), as Istio counts them.
@@ -54,6 +55,7 @@ from meshagent.agent.telemetry.labels import (
     NO_RESPONSE_FLAGS,
     TCP_LABELS,
     ConnectionLabels,
+    ServiceRef,
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -206,6 +208,12 @@ class ProxyMetrics:
             multiprocess_mode="livesum",
             **kw,
         )
+        self.outlier_ejections = Counter(
+            "meshagent_outlier_ejections",
+            "Endpoints ejected from load balancing by outlier detection, by destination service.",
+            ("destination_service",),
+            **kw,
+        )
         self._tcp: dict[tuple[ConnectionLabels, str], tuple[Counter, ...]] = {}
         self._http: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
         self._open = {
@@ -299,6 +307,10 @@ class ProxyMetrics:
         self.policy_decisions.labels("allow" if decision.allowed else "deny", "false").inc()
         if decision.dry_run_denials:
             self.policy_decisions.labels("deny", "true").inc(len(decision.dry_run_denials))
+
+    def outlier_ejection(self, service: ServiceRef) -> None:
+        """Outlier detection ejected one endpoint of `service`."""
+        self.outlier_ejections.labels(service.hostname).inc()
 
     def set_tunnel_pool_connections(self, count: int) -> None:
         self.tunnel_pool_connections.set(count)

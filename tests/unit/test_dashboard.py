@@ -71,6 +71,7 @@ def _exported_sample_names() -> set[str]:
     proxy.http_request(labels, 200, "-", 1.0, 1, 1)
     proxy.policy_decision(Decision(False, "DENY", "a/b", 0, "matched"))
     proxy.set_tunnel_pool_connections(1)
+    proxy.outlier_ejection(labels.service)
     return {s.name for family in node.registry.collect() for s in family.samples}
 
 

@@ -213,6 +213,15 @@ def test_policy_decisions_count_enforced_and_dry_run(node):
     assert _value(family, total, action="deny", dry_run="true") == 1
 
 
+def test_outlier_ejections_count_per_service(node):
+    proxy = ProxyMetrics(node.local_registry)
+    proxy.outlier_ejection(SERVICE)
+    proxy.outlier_ejection(SERVICE)
+    family = _scrape(node.registry)["meshagent_outlier_ejections"]
+    total = "meshagent_outlier_ejections_total"
+    assert _value(family, total, destination_service="reviews.shop.svc.cluster.local") == 2
+
+
 def test_grpc_status_is_a_label_only_when_given(node):
     proxy = ProxyMetrics(node.local_registry)
     proxy.http_request(_labels(protocol="grpc"), 200, "-", 1.0, 5, 5, grpc_status=7)
