@@ -1,22 +1,34 @@
-"""Keeps the agent's snapshot current: one stream to the controller, reconnecting forever.
+"""Keeps the agent's snapshot current and carries its CSRs: one stream to the controller,
+reconnecting forever.
 
-Says hello with the version it holds (so a resumed stream sends nothing it
-already has), applies each pushed snapshot through the store and ACKs it, or
-NACKs it with the reason and keeps the last good one.
+Connects over TLS, checking the controller's certificate against the configured mesh root
+by the name or IP it dials; says hello with the node token (read again at every connect, so
+a rotated token is picked up) and the version it holds (so a resumed stream sends nothing it
+already has). Then it applies each pushed snapshot through the store and ACKs it, or NACKs
+it with the reason and keeps the last good one, while CSR answers go to the
+`ControllerSigner`, which sends its requests on the same connection. A controller that
+refuses the node's credential says why in an `error` line; the agent shows it in
+`meshagent status` and retries after the longest backoff.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
+from meshagent.agent.config import AgentConfig
+from meshagent.agent.identity.controller_signer import ControllerSigner
 from meshagent.agent.state import SnapshotRejected, SnapshotStore
 from meshagent.common.configwire import MessageStream, WireError
 
 log = logging.getLogger(__name__)
 
+# Covers the TCP connect and the TLS handshake.
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 
@@ -27,66 +39,189 @@ class ControllerLink:
 
     address: str
     connected: bool = False
+    tls: bool = False
     since: float = 0.0
     last_error: str = ""
     snapshots_received: int = 0
     last_nack: str = ""
 
 
+class ControllerRefused(Exception):
+    """The controller closed the stream saying why (e.g. the node token is not valid)."""
+
+
+def controller_tls_context(ca_file: Path) -> ssl.SSLContext:
+    """A client context that trusts only the mesh root in ``ca_file`` and checks the
+    controller's certificate names the host or IP dialled. Raises ValueError if the file
+    holds no usable certificate."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"controller CA file {ca_file} is unusable: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def token_reader(path: Path | None) -> Callable[[], str]:
+    """Reads the node token from ``path`` at each call ("" if there is none)."""
+
+    def read() -> str:
+        if path is None:
+            return ""
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            log.warning("node token %s unreadable: %s", path, exc)
+            return ""
+
+    return read
+
+
+async def serve_controller_link(
+    config: AgentConfig,
+    store: SnapshotStore,
+    link: ControllerLink,
+    signer: ControllerSigner | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve_config_client` set up from the agent's config: its controller address, token
+    file and controller CA file (plaintext, with a warning, when no CA file is configured)."""
+    host, port = config.controller_addr
+    tls = None
+    if config.controller_ca_file is not None:
+        tls = controller_tls_context(config.controller_ca_file)
+    else:
+        log.warning("no controller_ca_file configured: talking to the controller in plaintext")
+    await serve_config_client(
+        store,
+        host,
+        port,
+        token_reader(config.token_file),
+        link,
+        tls=tls,
+        signer=signer,
+        task_status=task_status,
+    )
+
+
 async def serve_config_client(
     store: SnapshotStore,
     host: str,
     port: int,
-    token: str,
+    token: str | Callable[[], str],
     link: ControllerLink,
     *,
+    tls: ssl.SSLContext | None = None,
+    signer: ControllerSigner | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Follow the controller at ``host:port`` until cancelled (see module docstring).
+
+    ``token`` is the node credential, or a function reading it; ``tls`` the client context
+    (None: plaintext); ``signer`` gets the stream while it is up.
+    """
     task_status.started()
     backoff = BACKOFF_MIN
     while True:
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            link.connected, link.last_error = False, f"connect: {exc or 'timeout'}"
+            stream = await _connect(host, port, tls)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            link.connected, link.last_error = False, f"connect: {_describe(exc)}"
+            log.warning("controller %s:%d unreachable: %s", host, port, link.last_error)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue
+        refused = False
         async with stream:
             wire = MessageStream(stream)
             try:
+                credential = token() if callable(token) else token
                 await wire.send(
-                    {"type": "hello", "node": store.node, "token": token, "version": store.version}
+                    {
+                        "type": "hello",
+                        "node": store.node,
+                        "token": credential,
+                        "version": store.version,
+                    }
                 )
                 link.connected, link.since, link.last_error = True, time.time(), ""
+                link.tls = tls is not None
                 backoff = BACKOFF_MIN
                 log.info("connected to controller %s:%d", host, port)
-                await _receive_loop(wire, store, link)
+                if signer is not None:
+                    signer.attach(wire.send)
+                await _receive_loop(wire, store, link, signer)
                 link.last_error = "controller closed the stream"
+            except ControllerRefused as exc:
+                refused = True
+                link.last_error = f"refused by the controller: {exc}"
             except (WireError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                link.last_error = str(exc) or type(exc).__name__
+                link.last_error = _describe(exc)
             finally:
                 link.connected = False
+                if signer is not None:
+                    signer.detach(link.last_error or "agent stopping")
         log.warning("controller stream lost: %s", link.last_error)
-        await trio.sleep(backoff)
+        await trio.sleep(BACKOFF_MAX if refused else backoff)
 
 
-async def _receive_loop(wire: MessageStream, store: SnapshotStore, link: ControllerLink) -> None:
+async def _connect(host: str, port: int, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    with trio.fail_after(CONNECT_TIMEOUT):
+        if tls is None:
+            return await trio.open_tcp_stream(host, port)
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=tls)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return f"TLS: {exc.__cause__}"  # e.g. the certificate did not verify
+    return str(exc) or type(exc).__name__
+
+
+async def _receive_loop(
+    wire: MessageStream,
+    store: SnapshotStore,
+    link: ControllerLink,
+    signer: ControllerSigner | None,
+) -> None:
     while True:
         message = await wire.receive()
         if message is None:
             return
-        if message["type"] != "snapshot":
-            raise WireError(f"unexpected message type {message['type']!r}")
-        version = str(message.get("version", ""))
-        link.snapshots_received += 1
-        try:
-            store.apply(message.get("snapshot") or {})
-        except SnapshotRejected as exc:
-            link.last_nack = str(exc)
-            log.error("refused snapshot %s: %s", version, exc)
-            await wire.send({"type": "nack", "version": version, "error": str(exc)})
-            continue
-        log.info("applied snapshot %s", version)
-        await wire.send({"type": "ack", "version": version})
+        kind = message["type"]
+        if kind == "snapshot":
+            await _apply(wire, store, link, message)
+        elif kind in ("certificate", "csr_refused") and signer is not None:
+            try:
+                signer.deliver(message)
+            except ValueError as exc:
+                raise WireError(str(exc)) from None
+        elif kind == "error":
+            raise ControllerRefused(str(message.get("error") or "no reason given"))
+        else:
+            raise WireError(f"unexpected message type {kind!r}")
+
+
+async def _apply(
+    wire: MessageStream, store: SnapshotStore, link: ControllerLink, message: dict
+) -> None:
+    version = str(message.get("version", ""))
+    link.snapshots_received += 1
+    try:
+        store.apply(message.get("snapshot") or {})
+    except SnapshotRejected as exc:
+        link.last_nack = str(exc)
+        log.error("refused snapshot %s: %s", version, exc)
+        await wire.send({"type": "nack", "version": version, "error": str(exc)})
+        return
+    log.info("applied snapshot %s", version)
+    await wire.send({"type": "ack", "version": version})

@@ -1,17 +1,30 @@
-"""The controller <-> agent configuration stream: message framing and types.
+"""The controller <-> agent stream (port 15012): message framing and types.
 
-One long-lived TCP (later mutual-TLS) connection per agent, newline-delimited
-JSON both ways:
+One long-lived TLS connection per agent (the agent checks the controller's certificate
+against the mesh root, by the name or IP it dialled), newline-delimited JSON both ways.
+The first message is the agent's hello; its token is the node credential (a per-node
+bootstrap token in the lab, a projected service-account token checked by TokenReview in
+a cluster). The session's node is the node that token belongs to: a hello claiming
+another node is refused.
 
   agent -> controller  {"type": "hello", "node": N, "token": T, "version": V|""}
+  controller -> agent  {"type": "error", "error": "..."}          then closes: refused
   controller -> agent  {"type": "snapshot", "version": V, "snapshot": {...}}
   agent -> controller  {"type": "ack", "version": V}
                        {"type": "nack", "version": V, "error": "..."}
 
-The controller pushes a snapshot whenever the node's version differs from the
-last one the agent holds (the hello's version on reconnect, so a resumed agent
-with the current version gets nothing new). Both sides read with a bounded
-buffer so a broken peer cannot make the other grow without limit.
+Certificates travel on the same stream, matched by an id the agent chooses (unique on
+the connection); requests may overlap and answers come in any order:
+
+  agent -> controller  {"type": "csr", "id": I, "identity": "spiffe://...", "csr": PEM}
+  controller -> agent  {"type": "certificate", "id": I, "chain": [leaf PEM, intermediate PEM...]}
+                       {"type": "csr_refused", "id": I, "reason": "..."}
+
+The controller pushes a snapshot whenever the node's version differs from the last one
+the agent holds (the hello's version on reconnect, so a resumed agent with the current
+version gets nothing new). Both sides read with a bounded buffer so a broken peer cannot
+make the other grow without limit, and serialize their sends, since several tasks share
+one connection.
 """
 
 from __future__ import annotations
@@ -29,14 +42,18 @@ class WireError(Exception):
 
 
 class MessageStream:
-    """Newline-delimited JSON messages over a trio stream."""
+    """Newline-delimited JSON messages over a trio stream; `send` is safe to call from
+    several tasks, `receive` from one."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
+        self._send_lock = trio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.stream.send_all(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        async with self._send_lock:
+            await self.stream.send_all(data)
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message, or None when the peer closed the stream cleanly."""
@@ -49,7 +66,7 @@ class MessageStream:
                     message = json.loads(line)
                 except ValueError as exc:
                     raise WireError(f"not JSON: {exc}") from None
-                if not isinstance(message, dict) or "type" not in message:
+                if not isinstance(message, dict) or not isinstance(message.get("type"), str):
                     raise WireError("message without a type")
                 return message
             if len(self._buffer) > MAX_MESSAGE_BYTES:

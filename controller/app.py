@@ -1,26 +1,60 @@
-"""The controller process: a source feeding the model, validation, the push server, and 15014.
+"""The controller process: a source feeding the model, validation, the CA, the agent stream
+on 15012 and status/metrics on 15014.
 
-Everything runs in one nursery; `serve_controller` says started once the agent
-port listens and the source has delivered its first full view (validated, so
-`/status` lists rejected resources from the start).
+Everything runs in one nursery; `Controller.serve` says started once the agent port listens
+and the source has delivered its first full view (validated, so `/status` lists rejected
+resources from the start). Two ways to run:
+
+- files (the lab): manifests from a folder, the CA in a 0600 file, node bootstrap tokens;
+- Kubernetes: list+watch through the API server, leader election on the `meshctl` Lease, the
+  CA in a Secret the leader creates once, agents authenticated by TokenReview.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import prometheus_client
 import trio
+from lightkube import AsyncClient, KubeConfig
 from meshagent.common.httpserve import Response, json_response, serve_http
+from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
+from meshagent.controller.ca import CertificateAuthority
+from meshagent.controller.leader import LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
-from meshagent.controller.push import PushServer
+from meshagent.controller.push import (
+    DEFAULT_CERT_LIFETIME,
+    NodeAuthenticator,
+    PushServer,
+    StreamCertificate,
+    TokenFileAuthenticator,
+    TokenReviewAuthenticator,
+    controller_identity,
+)
 from meshagent.controller.sources.files import FileSource
+from meshagent.controller.sources.kubernetes import (
+    ALL_KINDS,
+    KubernetesSourceState,
+    open_kube_client,
+    serve_kubernetes_source,
+)
 from meshagent.controller.validation import Validator, reason, resource_name
 
 log = logging.getLogger(__name__)
+
+CA_SECRET_KEY = "ca.pem"
+CONTROLLER_NAMESPACE = "meshagent-system"
+DEFAULT_AGENT_SERVICE_ACCOUNT = "meshagent-system/meshagent"
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -30,24 +64,125 @@ class ControllerSettings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 15014
     manifest_dir: Path | None = None
+    kubernetes: bool = False
+    kubeconfig: Path | None = None
+    namespace: str = CONTROLLER_NAMESPACE  # of the Lease and the CA Secret (POD_NAMESPACE)
+    pod_name: str = ""  # this replica's leader-election identity (POD_NAME)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ca_file: Path | None = None
+    ca_secret: str | None = None
+    trust_bundle_out: Path | None = None
+    server_names: tuple[str, ...] = ()
+    node_tokens: Path | None = None
+    agent_service_account: str = DEFAULT_AGENT_SERVICE_ACCOUNT
+    cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME
+    plaintext: bool = False
+
+    def problems(self) -> list[str]:
+        """What makes these settings unusable, as messages naming the options."""
+        out = []
+        if self.kubernetes and self.manifest_dir is not None:
+            out.append("--files and --kubernetes are two different sources: choose one")
+        if (self.ca_file is None) == (self.ca_secret is None):
+            out.append("give the CA as exactly one of --ca-file PATH or --ca-secret NAME")
+        if self.ca_secret is not None and not self.kubernetes:
+            out.append("--ca-secret needs --kubernetes (the Secret lives in the cluster)")
+        if not self.kubernetes and self.node_tokens is None:
+            out.append(
+                "agents must authenticate: give --node-tokens PATH (bootstrap tokens) or run"
+                " with --kubernetes (TokenReview)"
+            )
+        if self.kubernetes and not self.pod_name:
+            out.append("--kubernetes needs this replica's name for leader election (POD_NAME)")
+        if self.cert_lifetime <= timedelta(0):
+            out.append(f"--cert-lifetime must be positive, got {self.cert_lifetime}")
+        return out
+
+    def stream_names(self) -> tuple[str, ...]:
+        """Names the stream certificate carries: the given ones, else the listen address and,
+        in a cluster, the controller Service's DNS names."""
+        if self.server_names:
+            return self.server_names
+        names = [] if self.listen_host in _WILDCARDS else [self.listen_host]
+        if self.kubernetes:
+            names += [
+                f"meshctl.{self.namespace}.svc",
+                f"meshctl.{self.namespace}.svc.cluster.local",
+            ]
+        return tuple(names)
+
+
+@contextlib.contextmanager
+def _private_dir() -> Iterator[Path]:
+    """A temporary 0700 folder, in memory where the system offers it (/dev/shm)."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="meshctl-ca-", dir=base) as folder:
+        yield Path(folder)
+
+
+def new_root_pem(trust_domain: str) -> bytes:
+    """A new self-signed root CA (certificate and key) as the PEM a CA file holds."""
+    with _private_dir() as folder:
+        CertificateAuthority.load_or_create(folder / "ca.pem", trust_domain)
+        return (folder / "ca.pem").read_bytes()
+
+
+def ca_from_pem(pem: bytes, trust_domain: str) -> CertificateAuthority:
+    """Load a root CA from CA-file PEM held in memory (a Secret's content)."""
+    with _private_dir() as folder:
+        path = folder / "ca.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return CertificateAuthority.load_or_create(path, trust_domain)
+
+
+def write_public_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text`` (mode 0644: the trust bundle is public)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
 
 
 class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
         self.model = ClusterModel()
-        self.push = PushServer(self.model)
-        self.files: FileSource | None = None
         self.validator = Validator()
+        self.files: FileSource | None = None
+        self.kube_state: KubernetesSourceState | None = None
+        self.elector: LeaderElector | None = None
+        self.push: PushServer | None = None
+        self.ca: CertificateAuthority | None = None
 
     def status(self) -> dict:
+        sessions = self.push.sessions.values() if self.push else ()
         return {
             "generation": self.model.generation,
-            "agents": [
-                s.as_dict() for s in sorted(self.push.sessions.values(), key=lambda s: s.node)
-            ],
+            "source": self.source_status(),
+            "leader": self.elector.status() if self.elector else None,
+            "stream": self.push.status() if self.push else None,
+            "agents": [s.as_dict() for s in sorted(sessions, key=lambda s: s.node)],
             "rejected": self.rejected(),
         }
+
+    def source_status(self) -> dict:
+        if self.kube_state is not None:
+            return {
+                "type": "kubernetes",
+                "complete": self.kube_state.complete,
+                "kinds": self.kube_state.as_dict(),
+            }
+        if self.files is not None:
+            return {
+                "type": "files",
+                "folder": str(self.files.folder),
+                "unreadable_files": len(self.files.errors),
+            }
+        return {"type": "none"}
 
     def rejected(self) -> list[dict[str, str]]:
         """Manifest files that do not parse (no field path: the whole file is kept out), then
@@ -60,11 +195,53 @@ class Controller:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
-        async with trio.open_nursery() as nursery:
-            if s.manifest_dir is not None:
+        problems = s.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            client: AsyncClient | None = None
+            if s.kubernetes:
+                kube_config = KubeConfig.from_file(s.kubeconfig) if s.kubeconfig else None
+                client = await stack.enter_async_context(open_kube_client(kube_config))
+                self.elector = LeaderElector(client, s.namespace, s.pod_name)
+                await nursery.start(self.elector.serve)
+                self.kube_state = KubernetesSourceState(ALL_KINDS)
+                source = partial(
+                    serve_kubernetes_source,
+                    self.model,
+                    client_config=kube_config,
+                    state=self.kube_state,
+                )
+                await nursery.start(source)
+            elif s.manifest_dir is not None:
                 self.files = FileSource(s.manifest_dir, self.model)
                 await nursery.start(self.files.serve)
             await nursery.start(self.validator.serve, self.model)
+
+            self.ca, issuer_pem = await self._load_ca(client)
+            if s.trust_bundle_out is not None:
+                write_public_file(s.trust_bundle_out, self.ca.trust_bundle_pem)
+            tls = None
+            if s.plaintext:
+                log.warning("agent stream without TLS (--plaintext): for development only")
+            else:
+                identity = controller_identity(s.trust_domain, s.namespace)
+                certificate = StreamCertificate(issuer_pem, identity, s.stream_names())
+                nursery.start_soon(certificate.serve_renewal)
+                tls = certificate.context
+            authenticator: NodeAuthenticator
+            if client is not None:
+                authenticator = TokenReviewAuthenticator(client, s.agent_service_account)
+            else:
+                assert s.node_tokens is not None  # problems() said so
+                authenticator = TokenFileAuthenticator(s.node_tokens)
+            self.push = PushServer(
+                self.model,
+                authenticator=authenticator,
+                ca=self.ca,
+                tls=tls,
+                cert_lifetime=s.cert_lifetime,
+            )
             await nursery.start(self.push.serve, s.listen_host, s.listen_port)
 
             async def status(_query: str) -> Response:
@@ -79,3 +256,19 @@ class Controller:
             await nursery.start(serve_http, s.metrics_host, s.metrics_port, routes)
             log.info("controller serving agents on %s:%d", s.listen_host, s.listen_port)
             task_status.started()
+
+    async def _load_ca(self, client: AsyncClient | None) -> tuple[CertificateAuthority, bytes]:
+        """The CA and its PEM (certificate and key, for the stream certificate)."""
+        s = self.settings
+        if s.ca_file is not None:
+            ca = CertificateAuthority.load_or_create(s.ca_file, s.trust_domain)
+            return ca, s.ca_file.read_bytes()
+        assert client is not None and self.elector is not None and s.ca_secret is not None
+        pem = await ensure_secret(
+            client,
+            self.elector,
+            s.ca_secret,
+            CA_SECRET_KEY,
+            partial(new_root_pem, s.trust_domain),
+        )
+        return ca_from_pem(pem, s.trust_domain), pem

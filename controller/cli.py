@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -12,7 +15,14 @@ import trio
 from meshagent.common.httpserve import http_get
 from meshagent.common.istio import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.manifests import ManifestError, load_files
-from meshagent.controller.app import Controller, ControllerSettings
+from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
+from meshagent.controller.app import (
+    CONTROLLER_NAMESPACE,
+    DEFAULT_AGENT_SERVICE_ACCOUNT,
+    Controller,
+    ControllerSettings,
+)
+from meshagent.controller.ca import CAError
 from meshagent.controller.sources.files import PATTERNS
 from meshagent.controller.validation import DEFAULT_NAMESPACE
 
@@ -27,6 +37,21 @@ def main() -> None:
     """meshctl: the meshagent control plane and operator commands."""
 
 
+class Duration(click.ParamType):
+    """A duration like 60s, 30m, 24h or 7d (a bare number is seconds)."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
+        if not match:
+            self.fail(f"{value!r} is not a duration like 60s, 30m, 24h or 7d", param, ctx)
+        return timedelta(seconds=int(match[1]) * self._UNITS[match[2] or "s"])
+
+
 @main.command()
 @click.option(
     "--files",
@@ -34,17 +59,113 @@ def main() -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Watch this folder of manifests as the cluster (the lab's source).",
 )
+@click.option(
+    "--kubernetes", is_flag=True, help="Watch the Kubernetes API (in-cluster, or --kubeconfig)."
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="With --kubernetes: this kubeconfig instead of the in-cluster account or $KUBECONFIG.",
+)
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="Agent stream address.")
 @click.option(
     "--metrics", default="0.0.0.0:15014", show_default=True, help="Metrics and status address."
 )
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The root CA (certificate and key, 0600), created there on first start.",
+)
+@click.option(
+    "--ca-secret",
+    metavar="NAME",
+    help="With --kubernetes: keep the root CA in this Secret (the leader creates it once).",
+)
+@click.option(
+    "--trust-bundle-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the root certificate (PEM) here, for agents to check the controller with.",
+)
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    metavar="NAME|IP",
+    help="A DNS name or IP agents dial, for the stream certificate. Repeatable."
+    " Default: the --listen address, and the Service's names with --kubernetes.",
+)
+@click.option(
+    "--node-tokens",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Node bootstrap tokens (digests, as `meshlab` writes them) agents authenticate with.",
+)
+@click.option(
+    "--agent-service-account",
+    default=DEFAULT_AGENT_SERVICE_ACCOUNT,
+    show_default=True,
+    metavar="NS/NAME",
+    help="With --kubernetes: the service account whose tokens identify agents.",
+)
+@click.option(
+    "--cert-lifetime",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    help="Lifetime of signed workload certificates (60s, 24h, ...).",
+)
+@click.option(
+    "--namespace",
+    envvar="POD_NAMESPACE",
+    default=CONTROLLER_NAMESPACE,
+    show_default=True,
+    help="The controller's namespace, for its Lease and CA Secret ($POD_NAMESPACE).",
+)
+@click.option(
+    "--pod-name",
+    envvar="POD_NAME",
+    default=lambda: os.uname().nodename,
+    help="This replica's leader-election identity ($POD_NAME; default: the host name).",
+)
+@click.option(
+    "--plaintext",
+    is_flag=True,
+    help="Serve the agent stream without TLS. Development only: agents cannot tell who"
+    " answers, and tokens travel in clear.",
+)
 @click.option("-v", "--verbose", is_flag=True)
-def serve(manifest_dir: Path | None, listen: str, metrics: str, verbose: bool) -> None:
+def serve(
+    manifest_dir: Path | None,
+    kubernetes: bool,
+    kubeconfig: Path | None,
+    listen: str,
+    metrics: str,
+    trust_domain: str,
+    ca_file: Path | None,
+    ca_secret: str | None,
+    trust_bundle_out: Path | None,
+    server_names: tuple[str, ...],
+    node_tokens: Path | None,
+    agent_service_account: str,
+    cert_lifetime: timedelta,
+    namespace: str,
+    pod_name: str,
+    plaintext: bool,
+    verbose: bool,
+) -> None:
     """Run the controller.
+
+    Agents connect over TLS on --listen and authenticate with their node credential:
+    a bootstrap token (--node-tokens) in the lab, their projected service-account token
+    (TokenReview) with --kubernetes.
 
     \b
     Examples:
-      meshctl serve --files /run/meshlab/cluster --listen 172.30.0.1:15012
+      meshctl serve --files /run/meshlab/cluster --listen 172.30.0.1:15012 \\
+          --ca-file /run/meshlab/ca/ca.pem --trust-bundle-out /run/meshlab/ca/root.pem \\
+          --node-tokens /run/meshlab/node-tokens.json
+      meshctl serve --kubernetes --ca-secret meshagent-ca
+      meshctl serve --kubernetes --kubeconfig ~/.kube/config --ca-file ./ca.pem --pod-name dev
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -52,8 +173,34 @@ def serve(manifest_dir: Path | None, listen: str, metrics: str, verbose: bool) -
     )
     lh, lp = _hostport(listen, 15012)
     mh, mp = _hostport(metrics, 15014)
-    settings = ControllerSettings(lh, lp, mh, mp, manifest_dir)
-    trio.run(Controller(settings).serve)
+    settings = ControllerSettings(
+        listen_host=lh,
+        listen_port=lp,
+        metrics_host=mh,
+        metrics_port=mp,
+        manifest_dir=manifest_dir,
+        kubernetes=kubernetes,
+        kubeconfig=kubeconfig,
+        namespace=namespace,
+        pod_name=pod_name,
+        trust_domain=trust_domain,
+        ca_file=ca_file,
+        ca_secret=ca_secret,
+        trust_bundle_out=trust_bundle_out,
+        server_names=server_names,
+        node_tokens=node_tokens,
+        agent_service_account=agent_service_account,
+        cert_lifetime=cert_lifetime,
+        plaintext=plaintext,
+    )
+    problems = settings.problems()
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    try:
+        trio.run(Controller(settings).serve)
+    except CAError as exc:
+        click.echo(f"meshctl: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -66,7 +213,7 @@ def serve(manifest_dir: Path | None, listen: str, metrics: str, verbose: bool) -
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(controller: str, as_json: bool) -> None:
-    """Show connected agents, their acked versions, and rejected resources.
+    """Show the source, leadership, connected agents and rejected resources.
 
     \b
     Examples:
@@ -84,19 +231,56 @@ def status(controller: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"model generation: {data['generation']}")
+    _echo_source(data.get("source"))
+    leader = data.get("leader")
+    if leader:
+        role = "leader" if leader["leader"] else f"follower (leader: {leader['holder'] or '-'})"
+        error = f"  error: {leader['last_error']}" if leader.get("last_error") else ""
+        click.echo(f"lease {leader['lease']}: {leader['identity']} is {role}{error}")
+    stream = data.get("stream")
+    if stream:
+        click.echo(
+            f"agent stream: {'TLS' if stream['tls'] else 'PLAINTEXT'},"
+            f" {stream['auth_failures']} authentication failures"
+            + (f" (last: {stream['last_auth_failure']})" if stream["last_auth_failure"] else "")
+        )
     click.echo("AGENTS")
     for a in data["agents"]:
         state = "connected" if a["connected"] else "disconnected"
+        certs = ""
+        if "csr_signed" in a:
+            certs = f"certs signed={a['csr_signed']} refused={a['csr_refused']}  "
         click.echo(
             f"  {a['node']:<12} {state:<13} acked={a['acked_version'] or '-':<17} "
-            f"for {a['connected_for_s']}s  {('NACK: ' + a['last_nack']) if a['last_nack'] else ''}"
+            f"for {a['connected_for_s']}s  {certs}"
+            f"{('NACK: ' + a['last_nack']) if a['last_nack'] else ''}".rstrip()
         )
+        if a.get("last_csr_refusal"):
+            click.echo(f"      last refusal: {a['last_csr_refusal']}")
     click.echo("REJECTED RESOURCES")
     if not data["rejected"]:
         click.echo("  (none)")
     for r in data["rejected"]:
         where = f"{r['path']}: " if r.get("path") else ""
         click.echo(f"  {r['resource']}\n      {where}{r['reason']}")
+
+
+def _echo_source(source: dict | None) -> None:
+    if not source:
+        return
+    if source["type"] == "files":
+        bad = source["unreadable_files"]
+        click.echo(f"source: files in {source['folder']}" + (f", {bad} unreadable" if bad else ""))
+    elif source["type"] == "kubernetes":
+        click.echo(f"source: kubernetes ({'synced' if source['complete'] else 'syncing'})")
+        for kind, state in source["kinds"].items():
+            if not state["installed"]:
+                what = "not installed"
+            else:
+                what = "watching" if state["connected"] else "disconnected"
+                what += f" at {state['resource_version']}" if state["resource_version"] else ""
+            error = f"  error: {state['last_error']}" if state["last_error"] else ""
+            click.echo(f"  {kind:<20} {what}  relists={state['relists']}{error}")
 
 
 def _manifest_files(paths: tuple[Path, ...]) -> list[Path]:

@@ -1,55 +1,367 @@
-"""Serves agents their node's snapshot over one long-lived stream each, pushing changes.
+"""Serves agents their node's snapshot and workload certificates over one TLS stream each.
 
-Per connection: the agent says hello (node, last version it holds); the
-controller sends the node's current snapshot if the versions differ, then
-waits for either a model change (recompile, push if the node's version
-changed) or the agent's ACK/NACK. Sessions are kept for `meshctl status`.
+Per connection: TLS (a server certificate the controller issues itself, `StreamCertificate`),
+then the agent's hello. Its token is checked by a `NodeAuthenticator` (bootstrap tokens in
+the lab, TokenReview in a cluster); the node it belongs to is the session's node, and a hello
+claiming another node is refused. A refusal sends one `error` line, closes the stream and
+counts in `meshagent_controller_auth_failures_total`. Then the controller sends the node's
+current snapshot if the versions differ, pushes again whenever a model change alters the
+node's snapshot, records ACK/NACKs, and answers CSRs with `sign_for_node`: only identities
+of pods scheduled (and not finished) on the session's node. Sessions are kept for
+`meshctl status`. Message types: `meshagent.common.configwire`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import ssl
 import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
 
+import httpx2
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from lightkube import AsyncClient
+from lightkube.models.authentication_v1 import TokenReviewSpec
+from lightkube.resources.authentication_v1 import TokenReview
 from meshagent.common.configwire import MessageStream, WireError
 from meshagent.common.snapshot import Snapshot
+from meshagent.common.spiffe import Identity, InvalidIdentity
+from meshagent.controller.ca import CertificateAuthority, SigningRefused
 from meshagent.controller.compiler import compile_snapshot
 from meshagent.controller.model import ClusterModel
+from meshagent.controller.signing import (
+    CSR_REFUSED,
+    AuthenticationFailed,
+    NodeTokenAuthenticator,
+    sign_for_node,
+)
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
+# Covers the TLS handshake, the hello and its authentication.
 HELLO_TIMEOUT = 10.0
+DEFAULT_CERT_LIFETIME = timedelta(hours=24)
+SERVER_CERT_LIFETIME = timedelta(days=30)
+# The controller's own identity: spiffe://<td>/ns/<namespace>/sa/meshctl.
+CONTROLLER_SERVICE_ACCOUNT = "meshctl"
+# What the agents' projected tokens are addressed to (daemonset/base/agent.yaml).
+TOKEN_AUDIENCE = "meshagent-controller"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+_FINISHED_PHASES = ("Succeeded", "Failed")
+
+AUTH_FAILURES = Counter(
+    "meshagent_controller_auth_failures_total",
+    "Agent streams refused before a session began, by reason: missing_token, invalid_token, "
+    "node_mismatch, unavailable (the credential could not be checked), bad_hello.",
+    ["reason"],
+)
+
+
+# -- node authentication -------------------------------------------------------------------
+
+
+class AuthenticationUnavailable(Exception):
+    """The credential could not be checked at all (the API server did not answer)."""
+
+
+class NodeAuthenticator(Protocol):
+    """Turns a node credential into the name of the node it belongs to."""
+
+    async def authenticate(self, token: str) -> str:
+        """The node's name; raises `AuthenticationFailed` or `AuthenticationUnavailable`."""
+        ...
+
+
+class TokenFileAuthenticator:
+    """The lab's bootstrap tokens (`NodeTokenAuthenticator`'s file), re-read when it changes:
+    the lab issues a node's token when it starts that node's agent, after the controller."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._seen: tuple[int, int, int] | None = None
+        self._tokens: NodeTokenAuthenticator | None = None
+
+    async def authenticate(self, token: str) -> str:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            raise AuthenticationFailed(f"no node tokens issued yet ({self.path})") from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._seen or self._tokens is None:
+            self._tokens = NodeTokenAuthenticator(self.path)
+            self._seen = stamp
+        return self._tokens.authenticate(token)
+
+
+class TokenReviewAuthenticator:
+    """A cluster's agents: their projected service-account token, checked by TokenReview.
+
+    The token must be addressed to ``audience``, belong to the agents' service account
+    (``namespace/name``; any pod can ask for a token with any audience, so the audience alone
+    proves nothing) and be bound to a pod, whose node the API server names in the user's
+    extra field `authentication.kubernetes.io/node-name`.
+    """
+
+    def __init__(
+        self, client: AsyncClient, service_account: str, audience: str = TOKEN_AUDIENCE
+    ) -> None:
+        namespace, _, name = service_account.partition("/")
+        if not namespace or not name:
+            raise ValueError(
+                f"agent service account must be namespace/name, got {service_account!r}"
+            )
+        self._client = client
+        self._username = f"system:serviceaccount:{namespace}:{name}"
+        self._audience = audience
+
+    async def authenticate(self, token: str) -> str:
+        review = TokenReview(spec=TokenReviewSpec(token=token, audiences=[self._audience]))
+        try:
+            answer = await self._client.create(review)
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise AuthenticationUnavailable(f"TokenReview failed: {exc}") from None
+        status = answer.status
+        if status is None or not status.authenticated:
+            why = (status.error if status else None) or "not authenticated"
+            raise AuthenticationFailed(f"token rejected by TokenReview: {why}")
+        if self._audience not in (status.audiences or []):
+            raise AuthenticationFailed(f"token is not addressed to audience {self._audience!r}")
+        user = status.user
+        username = user.username if user else None
+        if username != self._username:
+            raise AuthenticationFailed(
+                f"token belongs to {username!r}, not the agents' {self._username!r}"
+            )
+        nodes = ((user.extra if user else None) or {}).get(NODE_NAME_EXTRA) or []
+        if len(nodes) != 1 or not nodes[0]:
+            raise AuthenticationFailed(
+                "token is not bound to a pod on a node (no node name in the TokenReview;"
+                " the agent must use a projected service-account token)"
+            )
+        return str(nodes[0])
+
+
+# -- the stream's server certificate -------------------------------------------------------
+
+
+def controller_identity(trust_domain: str, namespace: str) -> Identity:
+    return Identity(trust_domain, namespace, CONTROLLER_SERVICE_ACCOUNT)
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+@contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` that never touches a disk (`ssl` loads keys only from files)."""
+    fd = os.memfd_create("meshctl-tls", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+class StreamCertificate:
+    """The TLS server side of 15012: a certificate the controller issues itself, with its own
+    SPIFFE identity and the names agents dial (DNS names or IPs), renewed at half life into
+    the same `context` (new handshakes get the new certificate).
+
+    ``issuer_pem`` holds the issuing CA certificate and its private key (the root CA file or
+    Secret). Raises ValueError if it does not.
+    """
+
+    def __init__(
+        self,
+        issuer_pem: bytes,
+        identity: Identity,
+        names: Sequence[str],
+        lifetime: timedelta = SERVER_CERT_LIFETIME,
+    ) -> None:
+        try:
+            self._issuer = x509.load_pem_x509_certificate(issuer_pem)
+            key = serialization.load_pem_private_key(issuer_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"CA material for the stream certificate is unusable: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"the CA key must be ECDSA, got {type(key).__name__}")
+        self._issuer_key = key
+        self.identity = identity
+        self.names = tuple(names)
+        self._sans = [x509.UniformResourceIdentifier(identity.uri), *map(_san, self.names)]
+        self.lifetime = lifetime
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.not_after = self._issue()
+
+    def _issue(self) -> datetime:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        not_after = min(now + self.lifetime, self._issuer.not_valid_after_utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshctl")]))
+            .issuer_name(self._issuer.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(self._sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._issuer_key.public_key()),
+                critical=False,
+            )
+            .sign(self._issuer_key, hashes.SHA256())
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        with _memory_file(chain) as chain_path, _memory_file(key_pem) as key_path:
+            self.context.load_cert_chain(chain_path, key_path)
+        log.info(
+            "stream certificate for %s (%s) valid until %s",
+            self.identity,
+            ", ".join(self.names) or "no names",
+            not_after.isoformat(),
+        )
+        return not_after
+
+    async def serve_renewal(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            left = (self.not_after - datetime.now(UTC)).total_seconds()
+            await trio.sleep(max(left / 2, 1.0))
+            self.not_after = self._issue()
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduledPod:
+    """A pod as node-scoped signing sees it (`signing.PodInfo`)."""
+
+    namespace: str
+    name: str
+    node: str
+    service_account: str
+
+
+def scheduled_pods(model: ClusterModel, node: str) -> list[ScheduledPod]:
+    """Pods scheduled on ``node`` that have not finished: the identities it may have signed."""
+    out = []
+    for pod in model.objects("Pod"):
+        meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        if spec.get("nodeName") != node:
+            continue
+        if (pod.get("status") or {}).get("phase") in _FINISHED_PHASES:
+            continue
+        out.append(
+            ScheduledPod(
+                namespace=meta.get("namespace") or "default",
+                name=meta.get("name", ""),
+                node=node,
+                service_account=spec.get("serviceAccountName") or "default",
+            )
+        )
+    return out
 
 
 @dataclass
 class AgentSession:
     node: str
     peer: str
+    tls: bool = False
     connected_at: float = field(default_factory=time.time)
     sent_version: str = ""
     acked_version: str = ""
     last_nack: str = ""
     connected: bool = True
+    csr_signed: int = 0
+    csr_refused: int = 0
+    last_csr_refusal: str = ""
 
     def as_dict(self) -> dict:
         return {
             "node": self.node,
             "peer": self.peer,
+            "tls": self.tls,
             "connected": self.connected,
             "connected_for_s": round(time.time() - self.connected_at, 1),
             "sent_version": self.sent_version,
             "acked_version": self.acked_version,
             "last_nack": self.last_nack,
+            "csr_signed": self.csr_signed,
+            "csr_refused": self.csr_refused,
+            "last_csr_refusal": self.last_csr_refusal,
         }
 
 
+class _Refused(Exception):
+    """The stream was refused before a session began (already told and counted)."""
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    try:
+        host, port = socket_stream.socket.getpeername()[:2]
+    except (AttributeError, OSError):
+        return "?"
+    return f"{host}:{port}"
+
+
 class PushServer:
-    def __init__(self, model: ClusterModel, trust_bundle: str | None = None) -> None:
+    """The agent stream server (see module docstring).
+
+    ``ca`` signs workload certificates (without one every CSR is refused); ``tls`` is the
+    server context (None serves plaintext, for development only: agents cannot then check
+    whom they talk to).
+    """
+
+    def __init__(
+        self,
+        model: ClusterModel,
+        *,
+        authenticator: NodeAuthenticator,
+        ca: CertificateAuthority | None = None,
+        tls: ssl.SSLContext | None = None,
+        cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
+    ) -> None:
+        if cert_lifetime <= timedelta(0):
+            raise ValueError(f"certificate lifetime must be positive, got {cert_lifetime}")
         self.model = model
-        self.trust_bundle = trust_bundle
+        self.authenticator = authenticator
+        self.ca = ca
+        self.tls = tls
+        self.cert_lifetime = cert_lifetime
+        self.trust_bundle = ca.trust_bundle_pem if ca is not None else None
         self.sessions: dict[str, AgentSession] = {}
+        self.auth_failures = 0
+        self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
 
     def snapshot_for(self, node: str) -> Snapshot:
@@ -60,36 +372,57 @@ class PushServer:
         self._cache[node] = (self.model.generation, snap)
         return snap
 
-    async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+    def status(self) -> dict[str, Any]:
+        return {
+            "tls": self.tls is not None,
+            "auth_failures": self.auth_failures,
+            "last_auth_failure": self.last_auth_failure,
+        }
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        host, port = stream.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept agents on ``host:port`` until cancelled; says started with the listening
+        sockets (port 0 picks a free port)."""
+        sockets = await trio.open_tcp_listeners(port, host=host)
+        listeners: list[trio.abc.Listener] = list(sockets)
+        if self.tls is not None:
+            listeners = [trio.SSLListener(lst, self.tls) for lst in sockets]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(sockets)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        peer = _peer(stream)
         wire = MessageStream(stream)
         session = None
         try:
             with trio.fail_after(HELLO_TIMEOUT):
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
                 hello = await wire.receive()
-            if not hello or hello.get("type") != "hello" or not hello.get("node"):
-                raise WireError("expected hello with a node name")
-            session = AgentSession(node=str(hello["node"]), peer=peer)
+                if hello is None:
+                    return
+                node = await self._admit(wire, hello, peer)
+            session = AgentSession(node=node, peer=peer, tls=isinstance(stream, trio.SSLStream))
             session.acked_version = str(hello.get("version") or "")
-            self.sessions[session.node] = session
-            log.info(
-                "agent %s connected from %s (has %r)", session.node, peer, session.acked_version
-            )
+            self.sessions[node] = session
+            log.info("agent %s connected from %s (has %r)", node, peer, session.acked_version)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_closed, self._read_acks(wire, session), nursery)
+                nursery.start_soon(self._until_closed, self._read_agent(wire, session), nursery)
                 nursery.start_soon(self._until_closed, self._push_loop(wire, session), nursery)
+        except _Refused:
+            pass
         except (WireError, trio.TooSlowError) as exc:
-            log.warning("agent stream from %s closed: %s", peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("agent stream from %s closed: %s", peer, exc or "hello timeout")
+        except trio.BrokenResourceError as exc:
+            if session is None:
+                log.info("agent stream from %s failed before hello: %s", peer, exc.__cause__ or exc)
+        except trio.ClosedResourceError:
             pass
         finally:
             if session is not None:
@@ -97,7 +430,35 @@ class PushServer:
                 log.info("agent %s disconnected", session.node)
             await trio.aclose_forcefully(stream)
 
-    async def _until_closed(self, work, nursery: trio.Nursery) -> None:
+    async def _admit(self, wire: MessageStream, hello: dict, peer: str) -> str:
+        """The authenticated node of this stream, or refuse it (`_Refused`)."""
+
+        async def refuse(reason: str, message: str) -> None:
+            AUTH_FAILURES.labels(reason=reason).inc()
+            self.auth_failures += 1
+            self.last_auth_failure = f"{peer}: {message}"
+            log.warning("agent stream from %s refused: %s", peer, message)
+            await wire.send({"type": "error", "error": f"authentication failed: {message}"})
+            raise _Refused()
+
+        if hello.get("type") != "hello":
+            await refuse("bad_hello", f"expected a hello, got {hello.get('type')!r}")
+        token, claimed = hello.get("token"), hello.get("node")
+        if not isinstance(token, str) or not token:
+            await refuse("missing_token", "the hello carries no node token")
+        try:
+            node = await self.authenticator.authenticate(token)
+        except AuthenticationFailed as exc:
+            await refuse("invalid_token", str(exc))
+        except AuthenticationUnavailable as exc:
+            await refuse("unavailable", f"node token could not be checked: {exc}")
+        if claimed not in (None, "", node):
+            await refuse(
+                "node_mismatch", f"the token is node {node!r}'s, the hello claims {claimed!r}"
+            )
+        return node
+
+    async def _until_closed(self, work: Awaitable[None], nursery: trio.Nursery) -> None:
         """Run one side of a session; whichever side ends or fails ends the session."""
         try:
             await work
@@ -107,7 +468,6 @@ class PushServer:
             nursery.cancel_scope.cancel()
 
     async def _push_loop(self, wire: MessageStream, session: AgentSession) -> None:
-        generation = -1
         while True:
             generation = self.model.generation
             snap = self.snapshot_for(session.node)
@@ -122,21 +482,80 @@ class PushServer:
                 )
             await self.model.wait_changed(generation)
 
-    async def _read_acks(self, wire: MessageStream, session: AgentSession) -> None:
+    async def _read_agent(self, wire: MessageStream, session: AgentSession) -> None:
+        handlers: dict[str, Callable[[MessageStream, AgentSession, dict], Awaitable[None]]] = {
+            "ack": self._on_ack,
+            "nack": self._on_nack,
+            "csr": self._on_csr,
+        }
         while True:
             message = await wire.receive()
             if message is None:
                 return
-            if message["type"] == "ack":
-                session.acked_version = str(message.get("version", ""))
-                session.last_nack = ""
-            elif message["type"] == "nack":
-                session.last_nack = str(message.get("error", ""))
-                log.warning(
-                    "agent %s refused %s: %s",
-                    session.node,
-                    message.get("version"),
-                    session.last_nack,
-                )
-            else:
+            handler = handlers.get(message["type"])
+            if handler is None:
                 raise WireError(f"unexpected message type {message['type']!r}")
+            await handler(wire, session, message)
+
+    async def _on_ack(self, _wire: MessageStream, session: AgentSession, message: dict) -> None:
+        session.acked_version = str(message.get("version", ""))
+        session.last_nack = ""
+
+    async def _on_nack(self, _wire: MessageStream, session: AgentSession, message: dict) -> None:
+        session.last_nack = str(message.get("error", ""))
+        log.warning(
+            "agent %s refused %s: %s", session.node, message.get("version"), session.last_nack
+        )
+
+    async def _on_csr(self, wire: MessageStream, session: AgentSession, message: dict) -> None:
+        request_id = message.get("id")
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            raise WireError("csr message without an integer id")
+        asked = message.get("identity")
+        try:
+            identity, csr_pem = self._csr_request(message)
+        except SigningRefused as exc:
+            CSR_REFUSED.labels(reason=exc.reason).inc()
+            return await self._refuse_csr(wire, session, request_id, asked, exc)
+        try:
+            chain = sign_for_node(
+                self.ca,
+                session.node,
+                csr_pem,
+                identity,
+                scheduled_pods(self.model, session.node),
+                self.cert_lifetime,
+            )
+        except SigningRefused as exc:  # counted by sign_for_node
+            return await self._refuse_csr(wire, session, request_id, asked, exc)
+        session.csr_signed += 1
+        log.info("signed %s for node %s", identity, session.node)
+        pems = [chain.leaf_pem, *chain.intermediates_pem]
+        await wire.send(
+            {"type": "certificate", "id": request_id, "chain": [p.decode("ascii") for p in pems]}
+        )
+
+    def _csr_request(self, message: dict) -> tuple[Identity, bytes]:
+        if self.ca is None:
+            raise SigningRefused("no_ca", "this controller runs without a certificate authority")
+        try:
+            identity = Identity.parse(message.get("identity"))
+        except InvalidIdentity as exc:
+            raise SigningRefused("bad_identity", str(exc)) from None
+        csr = message.get("csr")
+        if not isinstance(csr, str) or not csr.isascii():
+            raise SigningRefused("malformed_csr", "the csr field must be a PEM string")
+        return identity, csr.encode("ascii")
+
+    async def _refuse_csr(
+        self,
+        wire: MessageStream,
+        session: AgentSession,
+        request_id: int,
+        asked: object,
+        exc: SigningRefused,
+    ) -> None:
+        session.csr_refused += 1
+        session.last_csr_refusal = f"{asked}: {exc}"
+        log.warning("refused certificate %s to node %s: %s", asked, session.node, exc)
+        await wire.send({"type": "csr_refused", "id": request_id, "reason": str(exc)})

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
+from meshagent.controller.signing import NodeTokenAuthenticator
 from meshagent.lab import cgroups, net, probe
 from meshagent.lab.paths import (
     BPFFS_DIR,
@@ -148,6 +149,32 @@ def _spawn(
     return proc.pid
 
 
+# The lab's certificate authority and node credentials (DESIGN.md section 4).
+CA_FILE = RUN_DIR / "ca" / "ca.pem"  # root certificate and key, 0600, the controller's only
+ROOT_FILE = RUN_DIR / "ca" / "root.pem"  # the trust bundle agents check the controller with
+NODE_TOKENS_FILE = RUN_DIR / "node-tokens.json"  # token digests the controller checks
+# TLS on the agent stream needs agent/run.py to give the config client its context
+# (configclient.serve_controller_link); until then the lab runs the stream in plaintext,
+# still with node tokens and CSR signing.
+STREAM_TLS = False
+
+
+def node_token_path(node: str) -> Path:
+    return RUN_DIR / node / "token"
+
+
+def issue_node_token(node: str) -> Path:
+    """The node's bootstrap token file (0600), issued on first use and kept after."""
+    path = node_token_path(node)
+    if not path.exists():
+        token = NodeTokenAuthenticator(NODE_TOKENS_FILE).issue(node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    return path
+
+
 def agent_config(node: NodePlan) -> AgentConfig:
     return AgentConfig(
         node_name=node.name,
@@ -156,6 +183,8 @@ def agent_config(node: NodePlan) -> AgentConfig:
         cgroup_path=cgroups.node_cgroup(node.name),
         pin_dir=BPFFS_DIR / node.name,
         state_dir=RUN_DIR / node.name / "state",
+        token_file=node_token_path(node.name),
+        controller_ca_file=ROOT_FILE if STREAM_TLS else None,
     )
 
 
@@ -173,7 +202,17 @@ def start_controller() -> int:
         f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
         "--metrics",
         f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_METRICS_PORT}",
+        "--ca-file",
+        str(CA_FILE),
+        "--trust-bundle-out",
+        str(ROOT_FILE),
+        "--server-name",
+        UNDERLAY_BRIDGE_IP,
+        "--node-tokens",
+        str(NODE_TOKENS_FILE),
     ]
+    if not STREAM_TLS:
+        argv.append("--plaintext")
     return _spawn(
         "controller",
         ["nsenter", f"--net={NETNS_DIR / UNDERLAY_NETNS}", "--", *argv],
@@ -182,6 +221,7 @@ def start_controller() -> int:
 
 
 def start_agent(node: NodePlan) -> int:
+    issue_node_token(node.name)
     config = agent_config(node)
     path = agent_config_path(node.name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,7 @@ class KindSpec:
 KIND_SPECS = {
     spec.kind: spec
     for spec in (
+        KindSpec("Node", "", "v1", "nodes", namespaced=False),
         KindSpec("Namespace", "", "v1", "namespaces", namespaced=False),
         KindSpec("Pod", "", "v1", "pods"),
         KindSpec("Service", "", "v1", "services"),

@@ -17,10 +17,17 @@ What it copies from kube-apiserver, because the controller's source depends on i
   last compaction gets 410 Gone, as an ERROR event in a 200 stream (the real
   server's way) or, with `gone_as_http`, as an HTTP 410;
 - BOOKMARK events go only to watches that sent `allowWatchBookmarks=true`;
-- an API group that is not installed (no CRDs) answers 404 with a Status body.
+- an API group that is not installed (no CRDs) answers 404 with a Status body;
+- writes (what the controller's leader election and CA Secret need): POST creates
+  (409 AlreadyExists if present), PUT replaces, answering 409 Conflict when the body's
+  metadata.resourceVersion is not the stored one (optimistic concurrency), and every
+  write is stamped and streamed to watches like a test-made change;
+- TokenReview (POST only, never stored) answers from the tokens a test registers with
+  `add_token`, with audience checks as the real authenticator does them.
 
-Test hooks: `compact()`, `drop_watches()`, `bookmark()`, `install_group()`, and
-the records `served`, `list_requests`, `watch_requests`.
+Test hooks: `compact()`, `drop_watches()`, `bookmark()`, `install_group()`,
+`add_token()`, and the records `served`, `list_requests`, `watch_requests`,
+`token_reviews`.
 """
 
 from __future__ import annotations
@@ -61,13 +68,24 @@ class ResourceType:
     plural: str
     namespaced: bool = True
     crd: bool = False
+    review: bool = False  # a create-only request object that is answered, never stored
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
+@dataclass(frozen=True)
+class ServiceAccountToken:
+    """What the fake's TokenReview knows about one registered token."""
+
+    username: str
+    audiences: tuple[str, ...]
+    extra: dict[str, list[str]]
+
+
 RESOURCE_TYPES = (
+    ResourceType("", "v1", "Node", "nodes", namespaced=False),
     ResourceType("", "v1", "Namespace", "namespaces", namespaced=False),
     ResourceType("", "v1", "Pod", "pods"),
     ResourceType("", "v1", "Service", "services"),
@@ -78,6 +96,11 @@ RESOURCE_TYPES = (
     ResourceType("security.istio.io", "v1", "PeerAuthentication", "peerauthentications", crd=True),
     ResourceType("networking.istio.io", "v1", "VirtualService", "virtualservices", crd=True),
     ResourceType("networking.istio.io", "v1", "DestinationRule", "destinationrules", crd=True),
+    ResourceType("", "v1", "Secret", "secrets"),
+    ResourceType("coordination.k8s.io", "v1", "Lease", "leases"),
+    ResourceType(
+        "authentication.k8s.io", "v1", "TokenReview", "tokenreviews", namespaced=False, review=True
+    ),
 )
 _BY_API_KIND = {(rt.api_version, rt.kind): rt for rt in RESOURCE_TYPES}
 _BY_PATH = {(rt.group, rt.version, rt.plural): rt for rt in RESOURCE_TYPES}
@@ -153,6 +176,8 @@ class FakeApiServer:
         self.served: Counter[tuple[str, str]] = Counter()  # (verb, kind or path) -> requests
         self.list_requests: list[ListRequest] = []
         self.watch_requests: list[WatchRequest] = []
+        self.token_reviews: list[dict] = []  # the spec of every TokenReview received
+        self._tokens: dict[str, ServiceAccountToken] = {}
         self._missing_groups = set(missing_groups)
         self._rv = 0
         self._compacted = 0
@@ -235,6 +260,22 @@ class FakeApiServer:
                 }
                 watcher.send.send_nowait({"type": "BOOKMARK", "object": marker})
 
+    def add_token(
+        self,
+        token: str,
+        *,
+        service_account: str,
+        audiences: Iterable[str] = (),
+        node: str | None = None,
+    ) -> None:
+        """Make TokenReview accept ``token`` as a projected token of ``service_account``
+        (``namespace/name``) for ``audiences``, bound to a pod on ``node`` if given."""
+        namespace, _, name = service_account.partition("/")
+        extra = {"authentication.kubernetes.io/node-name": [node]} if node else {}
+        self._tokens[token] = ServiceAccountToken(
+            f"system:serviceaccount:{namespace}:{name}", tuple(audiences), extra
+        )
+
     def install_group(self, group: str) -> None:
         """Start serving an API group that was missing (its CRDs got installed)."""
         self._missing_groups.discard(group)
@@ -301,8 +342,8 @@ class FakeApiServer:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                request = await _read_request(conn, stream)
-                if request is None or not await self._respond(conn, stream, request):
+                received = await _read_request(conn, stream)
+                if received is None or not await self._respond(conn, stream, *received):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
@@ -312,20 +353,28 @@ class FakeApiServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _respond(self, conn: h11.Connection, stream: trio.abc.Stream, request) -> bool:
+    async def _respond(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request, body: bytes
+    ) -> bool:
         """Answer one request; False when the connection must be cut."""
         target = urlsplit(request.target.decode("ascii"))
         query = {key: values[-1] for key, values in parse_qs(target.query).items()}
         try:
             self._authorize(request)
+            if request.method in (b"POST", b"PUT"):
+                code, answer = self._write(request.method, target.path, body)
+                await _send_json(conn, stream, code, answer)
+                return True
             if request.method != b"GET":
-                raise _HttpError(405, "MethodNotAllowed", "the fake serves only GET")
+                raise _HttpError(405, "MethodNotAllowed", "the fake serves GET, POST and PUT")
             route = self._route(target.path)
             if isinstance(route, dict):
                 self.served[("discovery", target.path)] += 1
                 await _send_json(conn, stream, 200, route)
                 return True
             rtype, namespace, name = route
+            if rtype.review:
+                raise _HttpError(405, "MethodNotAllowed", f"{rtype.plural} accept only create")
             if name is not None:
                 self.served[("get", rtype.kind)] += 1
                 await _send_json(conn, stream, 200, self._get(rtype, namespace, name))
@@ -338,6 +387,77 @@ class FakeApiServer:
         except _HttpError as err:
             await _send_json(conn, stream, err.code, err.status)
             return True
+
+    def _write(self, method: bytes, path: str, body: bytes) -> tuple[int, dict]:
+        """POST (create, or a TokenReview) and PUT (replace); returns (status, object)."""
+        route = self._route(path)
+        if isinstance(route, dict):
+            raise _HttpError(405, "MethodNotAllowed", f"{path} is read-only")
+        rtype, namespace, name = route
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise _HttpError(400, "BadRequest", "request body is not JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata", {}), dict):
+            raise _HttpError(400, "BadRequest", "request body is not an object")
+        obj.setdefault("apiVersion", rtype.api_version)
+        obj.setdefault("kind", rtype.kind)
+        meta = obj.setdefault("metadata", {})
+        if (obj["apiVersion"], obj["kind"]) != (rtype.api_version, rtype.kind):
+            raise _HttpError(400, "BadRequest", f"body is not a {rtype.kind}")
+        if rtype.review:
+            if method != b"POST" or name is not None:
+                raise _HttpError(405, "MethodNotAllowed", f"{rtype.plural} accept only create")
+            self.served[("create", rtype.kind)] += 1
+            return 201, self._review(obj)
+        if namespace is not None and meta.setdefault("namespace", namespace) != namespace:
+            raise _HttpError(400, "BadRequest", "metadata.namespace does not match the URL")
+        if method == b"POST":
+            if name is not None:
+                raise _HttpError(405, "MethodNotAllowed", "POST goes to the collection")
+            self.served[("create", rtype.kind)] += 1
+            try:
+                return 201, self.create(obj)
+            except ValueError as exc:
+                raise _HttpError(409, "AlreadyExists", str(exc)) from None
+        if name is None or meta.get("name") != name:
+            raise _HttpError(400, "BadRequest", "PUT needs the object's own URL and name")
+        self.served[("update", rtype.kind)] += 1
+        current = self._objects[rtype].get((namespace or "", name))
+        if current is None:
+            raise _HttpError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+        asked = meta.get("resourceVersion")
+        if asked and asked != current["metadata"]["resourceVersion"]:
+            raise _HttpError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {rtype.plural} "{name}": the object has been'
+                " modified; please apply your changes to the latest version and try again",
+            )
+        return 200, self.update(obj)
+
+    def _review(self, review: dict) -> dict:
+        spec = review.get("spec") or {}
+        self.token_reviews.append(copy.deepcopy(spec))
+        known = self._tokens.get(spec.get("token", ""))
+        wanted = spec.get("audiences") or []
+        status: dict = {"authenticated": False}
+        if known is None:
+            status["error"] = "invalid bearer token"
+        elif wanted and not set(wanted) & set(known.audiences):
+            status["error"] = "token audiences are invalid for the target audiences"
+        else:
+            status = {
+                "authenticated": True,
+                "audiences": [a for a in wanted if a in known.audiences],
+                "user": {
+                    "username": known.username,
+                    "uid": str(uuid.uuid5(uuid.NAMESPACE_OID, known.username)),
+                    "groups": ["system:serviceaccounts", "system:authenticated"],
+                    "extra": copy.deepcopy(known.extra),
+                },
+            }
+        return {**review, "status": status}
 
     def _authorize(self, request) -> None:
         headers = dict(request.headers)
@@ -501,7 +621,7 @@ def _resource_list(group: str, version: str) -> dict:
             "singularName": rt.kind.lower(),
             "namespaced": rt.namespaced,
             "kind": rt.kind,
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["create"] if rt.review else ["create", "get", "list", "update", "watch"],
         }
         for rt in RESOURCE_TYPES
         if (rt.group, rt.version) == (group, version)
@@ -535,17 +655,22 @@ async def _send_json(conn: h11.Connection, stream: trio.abc.Stream, status: int,
     await _send(conn, stream, h11.EndOfMessage())
 
 
-async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
-    """The next whole request on this connection (bodies are ignored), None at EOF."""
+async def _read_request(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> tuple[h11.Request, bytes] | None:
+    """The next whole request on this connection and its body, None at EOF."""
     request = None
+    body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(await stream.receive_some(READ_SIZE))
         elif isinstance(event, h11.Request):
             request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
         elif isinstance(event, h11.EndOfMessage):
-            return request
+            return (request, bytes(body)) if request is not None else None
         elif isinstance(event, h11.ConnectionClosed):
             return None
 
