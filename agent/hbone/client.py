@@ -38,6 +38,7 @@ from meshagent.agent.hbone.errors import (
 )
 from meshagent.agent.hbone.protocol import MAX_CONCURRENT_STREAMS, connect_request_headers
 from meshagent.agent.hbone.tls import ALPN, peer_identity
+from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.common.spiffe import Identity, sni_for
 
 __all__ = ["PoolKey", "PoolKeyStats", "TunnelPool", "open_tunnel_pool"]
@@ -180,13 +181,15 @@ class TunnelPool:
             try:
                 await pooled.ready.wait()
                 if pooled.conn is None:
-                    raise _dial_failure(pooled, node_addr)
+                    raise _dial_failure(pooled)
                 stream = pooled.conn.start_request(headers)
             except ConnectionUnavailable:
                 release()
                 continue
-            except BaseException:
+            except BaseException as exc:
                 release()
+                if isinstance(exc, TunnelFailed):
+                    metrics.OUTBOUND_STREAMS.labels(status="error").inc()
                 raise
             stream.set_on_done(release)
             try:
@@ -281,7 +284,7 @@ class TunnelPool:
                 transport = await self._connect(key.node_addr)
                 stage = "tls"
                 ctx = self._ssl_context_for_source(key.source)
-                tls = trio.SSLStream(transport, ctx, server_hostname=sni_for(key.destination))
+                tls = TlsStream(transport, ctx, server_hostname=sni_for(key.destination))
                 transport = tls
                 await tls.do_handshake()
                 if tls.selected_alpn_protocol() != ALPN:
@@ -310,12 +313,11 @@ class TunnelPool:
             raise
 
 
-def _dial_failure(pooled: _Pooled, node_addr: tuple[str, int]) -> TunnelFailed:
-    metrics.OUTBOUND_STREAMS.labels(status="error").inc()
+def _dial_failure(pooled: _Pooled) -> TunnelFailed:
     error = pooled.error
     if isinstance(error, TunnelFailed):
         return error
-    failure = TunnelFailed(f"HBONE connection to {node_addr} failed: {error}")
+    failure = TunnelFailed(f"HBONE connection to {pooled.key.node_addr} failed: {error}")
     failure.__cause__ = error
     return failure
 

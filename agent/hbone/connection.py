@@ -302,10 +302,14 @@ class HboneConnection:
     def start_request(self, headers: list[tuple[bytes, bytes]]) -> TunnelStream:
         """Send a request's HEADERS on a new stream (no END_STREAM) and return the stream.
 
-        Raises `ConnectionUnavailable` if this connection cannot take another stream.
+        Raises `ConnectionUnavailable` if this connection cannot take another stream but
+        another one may (full, out of stream IDs, closing gracefully), and `TunnelFailed`
+        if it failed (e.g. the server refused our certificate just after the handshake).
         """
-        if self.close_reason is not None:
+        if self.close_reason in (CloseReason.LOCAL, CloseReason.GOAWAY):
             raise ConnectionUnavailable("connection is closing")
+        if self.close_reason is not None:
+            raise TunnelFailed(str(self._broken_error()))
         try:
             stream_id = self.h2.get_next_available_stream_id()
             stream = TunnelStream(self, stream_id)

@@ -24,6 +24,7 @@ from meshagent.agent.hbone.connection import CloseReason, HboneConnection, Tunne
 from meshagent.agent.hbone.errors import PeerIdentityError
 from meshagent.agent.hbone.protocol import BadRequest, ConnectRequest, parse_connect_request
 from meshagent.agent.hbone.tls import ALPN, ServerContextSelector, peer_identity
+from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.common.spiffe import Identity
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundTunnel", "TunnelHandler", "serve_hbone"]
@@ -157,7 +158,7 @@ async def _serve_connection(
     handshake_timeout: float,
 ) -> None:
     peer_address = _peer_address(tcp)
-    tls = trio.SSLStream(tcp, selector.context, server_side=True)
+    tls = TlsStream(tcp, selector.context, server_side=True)
     try:
         try:
             with trio.fail_after(handshake_timeout):

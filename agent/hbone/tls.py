@@ -194,7 +194,7 @@ def server_context_selector(lookup: CertLookup, trust_bundle_pem: Pem) -> Server
 def peer_identity(ssl_object: _HasPeerCert) -> Identity:
     """The workload identity in the verified peer certificate's one URI SAN.
 
-    Works on an `ssl.SSLObject` or a `trio.SSLStream` after the handshake. Raises
+    Works on an `ssl.SSLObject` or a `TlsStream` after the handshake. Raises
     `PeerIdentityError` if there is no certificate or it names no single workload identity.
     """
     der = ssl_object.getpeercert(binary_form=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from functools import partial
 
 import pytest
+import trio
+import trio.testing
 from cryptography.hazmat.primitives.serialization import Encoding
 from meshagent.agent.hbone.errors import PeerIdentityError
 from meshagent.agent.hbone.tls import (
@@ -13,6 +16,7 @@ from meshagent.agent.hbone.tls import (
     peer_identity,
     server_context_selector,
 )
+from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.common.spiffe import Identity, sni_for
 
 from tests.certs import TestCA
@@ -187,3 +191,53 @@ def test_bad_material_is_refused_with_a_clear_message(ca, leaves, what, fault):
         chain, key = bare.chain_pem, bare.key_pem
     with pytest.raises(ValueError, match=fault):
         client_context(chain, key, bundle)
+
+
+async def _tls_pair(ca, leaves, make_transport) -> tuple[TlsStream, TlsStream]:
+    left, right = make_transport()
+    ctx = client_context(leaves[FRONTEND].chain_pem, leaves[FRONTEND].key_pem, ca.pem)
+    selector = server_context_selector(lookup_from(leaves), ca.pem)
+    client = TlsStream(left, ctx, server_hostname=sni_for(REVIEWS))
+    server = TlsStream(right, selector.context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_tls_stream_meets_trios_two_way_stream_contract(ca, leaves):
+    await trio.testing.check_two_way_stream(
+        partial(_tls_pair, ca, leaves, trio.testing.memory_stream_pair),
+        partial(_tls_pair, ca, leaves, trio.testing.lockstep_stream_pair),
+    )
+
+
+async def test_tls_stream_hands_over_every_buffered_record_in_one_read(ca, leaves):
+    client, server = await _tls_pair(ca, leaves, trio.testing.memory_stream_pair)
+    for _ in range(8):  # eight writes: eight TLS records of 10 KiB each
+        await client.send_all(b"r" * 10_000)
+    assert await server.receive_some() == b"r" * 80_000
+    await client.aclose()
+    assert await server.receive_some() == b""  # close_notify is a clean EOF
+
+
+async def test_tls_stream_reports_a_refused_client_certificate_to_both_sides(ca, leaves):
+    left, right = trio.testing.memory_stream_pair()
+    rogue = TestCA("rogue").issue(FRONTEND.uri)
+    client = TlsStream(
+        left,
+        client_context(rogue.chain_pem, rogue.key_pem, ca.pem),
+        server_hostname=sni_for(REVIEWS),
+    )
+    server = TlsStream(
+        right, server_context_selector(lookup_from(leaves), ca.pem).context, server_side=True
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)  # TLS 1.3: the client finishes first
+        with pytest.raises(trio.BrokenResourceError, match="handshake failed"):
+            await server.do_handshake()
+    # The server's alert reaches the client, which learns why instead of seeing a bare EOF.
+    with pytest.raises(trio.BrokenResourceError) as caught:
+        await client.receive_some()
+    assert isinstance(caught.value.__cause__, ssl.SSLError)
+    assert "UNKNOWN_CA" in str(caught.value.__cause__)

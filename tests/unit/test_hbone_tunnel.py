@@ -397,6 +397,23 @@ async def test_garbage_truncated_tls_and_bad_http2_close_only_their_connection(c
         assert metric("meshagent_hbone_inbound_protocol_errors_total") == protocol_errors + 1
         await tunnel_works()
 
+        # 4. A good handshake, then bytes that are not a valid TLS record (a forged
+        # application-data record): TLS, not h2, refuses them; counted the same way.
+        tls = await _tls_to(node, contexts_for(ca, leaves)(FRONTEND))
+        await tls.transport_stream.send_all(b"\x17\x03\x03\x00\x20" + bytes(32))
+        await _read_until_closed(tls)
+        await trio.aclose_forcefully(tls)
+        assert metric("meshagent_hbone_inbound_protocol_errors_total") == protocol_errors + 2
+        await tunnel_works()
+
+        # 5. A good handshake, then half a record and the connection drops.
+        tls = await _tls_to(node, contexts_for(ca, leaves)(FRONTEND))
+        await tls.transport_stream.send_all(b"\x17\x03\x03\x01\x00" + bytes(100))
+        await tls.transport_stream.send_eof()
+        await _read_until_closed(tls)
+        await trio.aclose_forcefully(tls)
+        await tunnel_works()
+
         # The tunnel opened before all this never noticed.
         await survivor.send_all(b"survived")
         await survivor.send_eof()
