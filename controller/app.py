@@ -157,6 +157,7 @@ class Controller:
         self.elector: LeaderElector | None = None
         self.push: PushServer | None = None
         self.ca: CertificateAuthority | None = None
+        self.stream_sockets: list[trio.SocketListener] = []  # where agents connect
 
     def status(self) -> dict:
         sessions = self.push.sessions.values() if self.push else ()
@@ -242,7 +243,7 @@ class Controller:
                 tls=tls,
                 cert_lifetime=s.cert_lifetime,
             )
-            await nursery.start(self.push.serve, s.listen_host, s.listen_port)
+            self.stream_sockets = await nursery.start(self.push.serve, s.listen_host, s.listen_port)
 
             async def status(_query: str) -> Response:
                 return json_response(json.dumps(self.status(), indent=2))
