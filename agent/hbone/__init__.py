@@ -3,8 +3,21 @@
 Outbound, `open_tunnel_pool` gives a `TunnelPool` whose `open_stream` returns a byte stream
 to a pod on another node, over pooled connections. Inbound, `serve_hbone` accepts those
 tunnels on port 15008 and hands each to a handler as an `InboundTunnel`. `tls` builds the
-contexts from PEM material; `protocol` holds the sans-IO HTTP/2 conventions; `connection`
-is the HTTP/2 multiplexer both sides share.
+contexts from PEM material; `tlsstream` runs TLS over a socket; `protocol` holds the sans-IO
+HTTP/2 conventions; `connection` is the HTTP/2 multiplexer both sides share.
+
+Choices worth knowing when using it:
+
+- A tunnel closes like TCP. ``send_eof`` half-closes; `aclose` is graceful (what we sent
+  stays readable, the peer is asked to stop sending); `trio.aclose_forcefully` (or a
+  cancelled ``aclose``) resets the stream, and the peer gets `trio.BrokenResourceError`:
+  that is how a proxy passes on a reset.
+- Flow control gives window back only as the application reads, so a slow reader stops its
+  sender. Windows are 4 MiB per stream and per connection (as ztunnel), so one stalled
+  reader can also hold up the other tunnels of its connection (same source identity,
+  destination identity and node) until it reads again.
+- A server handler owns its tunnel until it returns; the tunnel is then reset unless both
+  directions already ended.
 """
 
 from meshagent.agent.hbone.client import PoolKey, PoolKeyStats, TunnelPool, open_tunnel_pool

@@ -251,6 +251,8 @@ class TunnelPool:
             finally:
                 if pooled.conn is None:
                     self._forget(pooled)
+                    if pooled.error is None:  # cancelled: the pool is closing
+                        pooled.error = TunnelFailed("tunnel pool closed while connecting")
                 pooled.ready.set()
             metrics.OUTBOUND_CONNECTIONS.inc()
             async with trio.open_nursery() as nursery:

@@ -83,7 +83,6 @@ class HboneConnection:
         self.h2 = new_h2_connection(client_side=client_side)
         self.streams: dict[int, TunnelStream] = {}
         self.close_reason: CloseReason | None = None
-        self._client_side = client_side
         self._on_request = on_request
         self._close_timeout = close_timeout
         self._error: BaseException | None = None

@@ -16,6 +16,7 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+import trio.testing
 from meshagent.agent.hbone import (
     InboundTunnel,
     PoolKey,
@@ -462,7 +463,7 @@ async def test_a_slow_reader_holds_a_20_mib_sender_to_the_window(ca, leaves):
 async def test_idle_connections_are_closed_after_the_idle_timeout(ca, leaves):
     async with (
         hbone_node(ca, leaves, echo_after_eof) as node,
-        open_tunnel_pool(contexts_for(ca, leaves), idle_timeout=0.3) as pool,
+        open_tunnel_pool(contexts_for(ca, leaves), idle_timeout=0.5) as pool,
     ):
         key = PoolKey(FRONTEND, REVIEWS, node)
         opened = metric("meshagent_hbone_outbound_connections_total")
@@ -474,13 +475,13 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(ca, leaves):
             await tunnel.aclose()
 
         await one_exchange()
-        await trio.sleep(0.15)
+        await trio.sleep(0.25)
         await one_exchange()  # reused: being busy restarted the idle clock
-        await trio.sleep(0.15)
+        await trio.sleep(0.25)
         assert pool.stats() == {key: PoolKeyStats(connections=1, streams=0)}
         assert metric("meshagent_hbone_outbound_connections_total") == opened + 1
 
-        await trio.sleep(0.4)
+        await trio.sleep(0.5)
         assert pool.stats() == {}
         await one_exchange()  # a fresh connection
         assert metric("meshagent_hbone_outbound_connections_total") == opened + 2
@@ -507,3 +508,32 @@ async def test_bad_arguments_fail_before_dialling(ca, leaves):
                 forwarded_for="10.0.0.1",
             )
         assert pool.stats() == {}
+
+
+async def test_a_caller_giving_up_does_not_break_the_dial_others_wait_for(ca, leaves):
+    may_connect = trio.Event()
+
+    async def slow_connect(addr: tuple[str, int]) -> trio.abc.Stream:
+        await may_connect.wait()
+        return await trio.open_tcp_stream(*addr)
+
+    async with (
+        hbone_node(ca, leaves, echo_after_eof) as node,
+        open_tunnel_pool(contexts_for(ca, leaves), connect=slow_connect) as pool,
+    ):
+        key = PoolKey(FRONTEND, REVIEWS, node)
+        with trio.move_on_after(0.05) as impatient:
+            await open_to(pool, node)
+        assert impatient.cancelled_caught
+        assert pool.stats() == {key: PoolKeyStats(connections=1, streams=0)}  # still dialling
+
+        async def patient() -> None:
+            tunnel = await open_to(pool, node)
+            await tunnel.send_eof()
+            assert await read_all(tunnel)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(patient)
+            await trio.testing.wait_all_tasks_blocked()
+            may_connect.set()
+        assert pool.stats() == {key: PoolKeyStats(connections=1, streams=0)}
