@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import trio
 import trio.testing
-from meshagent.agent.hbone.connection import HboneConnection, TunnelStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meshagent.agent.hbone.connection import CloseReason, HboneConnection, TunnelStream
 from meshagent.agent.hbone.protocol import STREAM_WINDOW, connect_request_headers
 
 MIB = 1024 * 1024
@@ -180,3 +182,37 @@ async def test_each_stream_reports_done_once_when_both_directions_end():
         await client.aclose()
         assert calls == ["done"]
         nursery.cancel_scope.cancel()
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _frame(frame_type: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    header = len(payload).to_bytes(3, "big") + bytes([frame_type, flags])
+    return header + stream_id.to_bytes(4, "big") + payload
+
+
+frames = st.builds(
+    _frame,
+    st.integers(0, 10),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1]),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.lists(frames, max_size=8).map(b"".join)))
+async def test_whatever_a_peer_sends_the_server_connection_ends_with_a_reason(junk):
+    """Malformed HTTP/2 must end one connection with a reason, never raise out of `run`."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    def refuse(stream: TunnelStream, headers: list[tuple[bytes, bytes]]) -> None:
+        stream._abort()
+
+    server = HboneConnection(server_end, client_side=False, on_request=refuse, close_timeout=0.1)
+    await client_end.send_all(PREFACE + junk)
+    await client_end.send_stream.aclose()  # EOF after the junk
+    with trio.fail_after(5):
+        reason = await server.run()
+    assert reason in (CloseReason.EOF, CloseReason.PROTOCOL_ERROR, CloseReason.GOAWAY)
