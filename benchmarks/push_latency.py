@@ -1,0 +1,263 @@
+"""Push latency: from a change in the controller's model to the ACK of every agent.
+
+One controller push server runs in this process on loopback (real TLS with its own stream
+certificate, node bootstrap tokens, the real compiler); a second process runs the simulated
+agents, one real TLS connection each, authenticating with its node's token and ACKing every
+snapshot it receives (after parsing it), so agents and controller do not share a CPU. Each
+round changes one pod's label (which changes every node's snapshot, since each lists all
+workloads), then waits, polling every millisecond, until every session has ACKed its node's
+new version. Prints p50/p99 over the rounds and writes them as JSON.
+
+  python -m benchmarks.push_latency                  # 100 agents, 20 rounds
+  python -m benchmarks.push_latency --agents 200 --rounds 50
+  python -m benchmarks.push_latency --smoke          # 5 agents, 3 rounds (a unit test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from meshagent.common.configwire import MessageStream
+from meshagent.controller.ca import CertificateAuthority
+from meshagent.controller.model import ClusterModel
+from meshagent.controller.push import (
+    PushServer,
+    StreamCertificate,
+    TokenFileAuthenticator,
+    controller_identity,
+)
+from meshagent.controller.signing import NodeTokenAuthenticator
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "push_latency.json"
+PODS_PER_NODE = 2
+SERVICES = 10
+CONNECT_TIMEOUT = 60.0
+ROUND_TIMEOUT = 60.0
+POLL = 0.001
+
+
+# -- the cluster ---------------------------------------------------------------------------
+
+
+def node_name(i: int) -> str:
+    return f"node-{i:03d}"
+
+
+def cluster(nodes: int) -> dict[str, list[dict]]:
+    """A meshed namespace with PODS_PER_NODE pods on each node and SERVICES services."""
+    out: dict[str, list[dict]] = {
+        "Namespace": [
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "bench", "labels": {"meshagent.io/mesh": "enabled"}},
+            }
+        ],
+        "Node": [],
+        "Pod": [],
+        "Service": [],
+    }
+    for n in range(nodes):
+        out["Node"].append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node_name(n)},
+                "status": {"addresses": [{"type": "InternalIP", "address": f"10.0.{n}.1"}]},
+            }
+        )
+        for p in range(PODS_PER_NODE):
+            out["Pod"].append(pod(n, p, round_=0))
+    for s in range(SERVICES):
+        out["Service"].append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"svc-{s}", "namespace": "bench"},
+                "spec": {
+                    "clusterIP": f"10.96.0.{10 + s}",
+                    "selector": {"app": f"app-{s}"},
+                    "ports": [{"port": 8080}],
+                },
+            }
+        )
+    return out
+
+
+def pod(node: int, index: int, round_: int) -> dict:
+    ordinal = node * PODS_PER_NODE + index
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"pod-{ordinal}",
+            "namespace": "bench",
+            "labels": {"app": f"app-{ordinal % SERVICES}", "round": str(round_)},
+        },
+        "spec": {"nodeName": node_name(node), "serviceAccountName": f"sa-{ordinal % SERVICES}"},
+        "status": {
+            "phase": "Running",
+            "podIP": f"10.1.{ordinal // 250}.{ordinal % 250 + 2}",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+# -- the simulated agents (their own process) ------------------------------------------------
+
+
+async def run_agents(port: int, root: Path, tokens: dict[str, str]) -> None:
+    context = ssl.create_default_context(cafile=str(root))
+
+    async def agent(node: str, token: str) -> None:
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+        async with stream:
+            wire = MessageStream(stream)
+            await wire.send({"type": "hello", "node": node, "token": token, "version": ""})
+            while (message := await wire.receive()) is not None:
+                if message["type"] != "snapshot":
+                    raise SystemExit(f"{node}: unexpected {message}")
+                await wire.send({"type": "ack", "version": message["version"]})
+
+    async with trio.open_nursery() as nursery:
+        for node, token in tokens.items():
+            nursery.start_soon(agent, node, token)
+
+
+# -- the controller and the measurement -------------------------------------------------------
+
+
+def all_acked(server: PushServer, nodes: list[str]) -> bool:
+    for node in nodes:
+        session = server.sessions.get(node)
+        if session is None or session.acked_version != server.snapshot_for(node).version:
+            return False
+    return True
+
+
+async def wait_all_acked(server: PushServer, nodes: list[str], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not all_acked(server, nodes):
+            await trio.sleep(POLL)
+
+
+async def measure(agents: int, rounds: int, folder: Path) -> list[float]:
+    """Latencies in milliseconds, one per round."""
+    ca_file = folder / "ca.pem"
+    ca = CertificateAuthority.load_or_create(ca_file)
+    root = folder / "root.pem"
+    root.write_text(ca.trust_bundle_pem)
+    issuer = NodeTokenAuthenticator(folder / "node-tokens.json")
+    nodes = [node_name(i) for i in range(agents)]
+    tokens = {node: issuer.issue(node) for node in nodes}
+    token_file = folder / "agent-tokens.json"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+
+    model = ClusterModel()
+    for kind, objects in cluster(agents).items():
+        model.replace(kind, objects)
+    identity = controller_identity(ca.trust_domain, "meshagent-system")
+    certificate = StreamCertificate(ca_file.read_bytes(), identity, ["127.0.0.1"])
+    server = PushServer(
+        model,
+        authenticator=TokenFileAuthenticator(folder / "node-tokens.json"),
+        ca=ca,
+        tls=certificate.context,
+    )
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+        sockets = await nursery.start(server.serve, "127.0.0.1", 0)
+        port = sockets[0].socket.getsockname()[1]
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.push_latency",
+            "agents",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            "--tokens",
+            str(token_file),
+        ]
+        process = await nursery.start(
+            lambda task_status: trio.run_process(argv, cwd=REPO, task_status=task_status)
+        )
+        try:
+            await wait_all_acked(server, nodes, CONNECT_TIMEOUT)
+            for round_ in range(1, rounds + 1):
+                changed = pod(round_ % agents, 0, round_)
+                started = time.perf_counter()
+                model.upsert("Pod", changed)
+                await wait_all_acked(server, nodes, ROUND_TIMEOUT)
+                latencies.append((time.perf_counter() - started) * 1000)
+        finally:
+            process.terminate()
+            nursery.cancel_scope.cancel()
+    return latencies
+
+
+def summary(latencies: list[float], agents: int) -> dict:
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "benchmark": "push_latency",
+        "what": "model change to ACK of every agent, milliseconds",
+        "agents": agents,
+        "rounds": len(latencies),
+        "p50_ms": round(cuts[49], 2),
+        "p99_ms": round(cuts[98], 2),
+        "min_ms": round(min(latencies), 2),
+        "max_ms": round(max(latencies), 2),
+        "samples_ms": [round(x, 2) for x in latencies],
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    agents_cmd = sub.add_parser("agents", help="(internal) run the simulated agents")
+    agents_cmd.add_argument("--port", type=int, required=True)
+    agents_cmd.add_argument("--root", type=Path, required=True)
+    agents_cmd.add_argument("--tokens", type=Path, required=True)
+    parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="5 agents, 3 rounds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
+    args = parser.parse_args(argv)
+
+    if args.command == "agents":
+        trio.run(run_agents, args.port, args.root, json.loads(args.tokens.read_text()))
+        return 0
+    agents, rounds = (5, 3) if args.smoke else (args.agents, args.rounds)
+    if agents < 1 or rounds < 2:
+        parser.error("need at least 1 agent and 2 rounds")
+    with tempfile.TemporaryDirectory(prefix="push-latency-") as folder:
+        latencies = trio.run(measure, agents, rounds, Path(folder))
+    result = summary(latencies, agents)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"push latency, {agents} agents, {rounds} rounds: p50 {result['p50_ms']:.1f} ms,"
+        f" p99 {result['p99_ms']:.1f} ms (min {result['min_ms']:.1f}, max {result['max_ms']:.1f});"
+        f" written to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
