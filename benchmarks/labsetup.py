@@ -1,0 +1,239 @@
+"""The benchmark lab: lab.yaml and a run folder in; a running 2-node lab (through the `meshlab`
+CLI, as a user would drive it) and, for every path, where its client dials and which processes
+are its proxies, out.
+
+Import this only after MESHLAB_INSTANCE is set (the lab's names and pod network depend on it;
+run.py sets it). Pod IPs are planned with the lab's own planner before `meshlab up` (HAProxy's
+configuration needs them) and checked against what `up` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from meshagent.common.manifests import load_documents
+from meshagent.lab import cgroups
+from meshagent.lab.topology import LabPlan, add_objects, make_nodes
+
+from benchmarks import configs
+from benchmarks.certs import write_sidecar_certs
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = Path(__file__).with_name("lab.yaml")
+PLACEHOLDER = "@BENCH@"
+MESHLAB = Path(sys.executable).parent / "meshlab"
+NODES = 2
+UP_TIMEOUT = 300.0
+PATH_NAMES = ("direct", "mesh-same-node", "mesh-cross-node", "sidecar-pair")
+NGINX_PREFIXES = ("nginx-plain", "nginx-remote", "nginx-local")
+
+
+class LabBusy(RuntimeError):
+    """This lab instance is already up (someone else's run): the harness leaves it alone."""
+
+
+class LabFailed(RuntimeError):
+    """`meshlab` failed; carries its output."""
+
+
+@dataclass(frozen=True)
+class BenchPath:
+    """One way from a client to the servers, and the proxies on it (their cgroups)."""
+
+    name: str
+    client: str  # the pod that runs the load tools
+    http: tuple[str, int]
+    iperf: tuple[str, int]
+    proxies: tuple[Path, ...]
+
+
+def render_manifest(text: str, run_dir: Path) -> list[dict]:
+    """lab.yaml's objects with the run folder filled in."""
+    return load_documents(text.replace(PLACEHOLDER, str(run_dir)), str(MANIFEST))
+
+
+def plan_ips(objects: list[dict]) -> dict[str, str]:
+    """Pod IPs as `meshlab up` will give them ({namespace/name: ip})."""
+    plan = LabPlan(nodes=make_nodes(NODES))
+    add_objects(plan, objects)
+    return {key: pod.ip for key, pod in plan.pods.items()}
+
+
+def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
+    agents = tuple(cgroups.system_cgroup(f"agent-node-{i}") for i in range(1, NODES + 1))
+    sidecars = (
+        cgroups.pod_cgroup("node-1", "bench-plain", "sidecar-a"),
+        cgroups.pod_cgroup("node-2", "bench-plain", "sidecar-b"),
+    )
+    a = ips["bench-plain/sidecar-a"]
+    paths = [
+        BenchPath(
+            "direct",
+            "bench-plain/client",
+            (ips["bench-plain/http"], configs.HTTP_PORT),
+            (ips["bench-plain/iperf"], configs.IPERF_PORT),
+            (),
+        ),
+        BenchPath(
+            "mesh-same-node",
+            "bench-mesh/client",
+            ("http-local.bench-mesh", configs.HTTP_PORT),
+            ("iperf-local.bench-mesh", configs.IPERF_PORT),
+            agents,
+        ),
+        BenchPath(
+            "mesh-cross-node",
+            "bench-mesh/client",
+            ("http-remote.bench-mesh", configs.HTTP_PORT),
+            ("iperf-remote.bench-mesh", configs.IPERF_PORT),
+            agents,
+        ),
+        BenchPath(
+            "sidecar-pair",
+            "bench-plain/client",
+            (a, configs.SIDECAR_A_HTTP),
+            (a, configs.SIDECAR_A_IPERF),
+            sidecars,
+        ),
+    ]
+    return {p.name: p for p in paths}
+
+
+def prepare(run_dir: Path) -> tuple[Path, dict[str, BenchPath]]:
+    """Write the run folder (manifest, nginx and HAProxy configurations, fresh certificates);
+    returns the manifest to bring up and the paths."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    objects = render_manifest(MANIFEST.read_text(), run_dir)
+    ips = plan_ips(objects)
+    (run_dir / "nginx.conf").write_text(configs.nginx_conf())
+    for prefix in NGINX_PREFIXES:
+        (run_dir / prefix).mkdir()
+    files = write_sidecar_certs(
+        run_dir, {"sidecar-a": "sidecar-a.bench-plain", "sidecar-b": configs.SIDECAR_B_NAME}
+    )
+    (run_dir / "haproxy-a.cfg").write_text(
+        configs.haproxy_a(ips["bench-plain/sidecar-b"], files["sidecar-a"])
+    )
+    (run_dir / "haproxy-b.cfg").write_text(
+        configs.haproxy_b(ips["bench-plain/http"], ips["bench-plain/iperf"], files["sidecar-b"])
+    )
+    manifest = run_dir / "lab.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    return manifest, bench_paths(ips)
+
+
+def _env() -> dict[str, str]:
+    # the load tools in benchmarks/ run in pods as `python -m benchmarks.<tool>`
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def meshlab(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(MESHLAB), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=REPO,
+    )
+
+
+@dataclass(frozen=True)
+class PodExec:
+    """How to run a process in a pod as `meshlab exec` does (in its network namespace and its
+    cgroup, so a meshed pod's connections are redirected as its own processes' are), without
+    starting the `meshlab` CLI for every tool run (about a second of CPU each time)."""
+
+    argv_prefix: tuple[str, ...]
+    cgroup: Path
+    env: dict[str, str]
+
+    def popen_args(self, argv: list[str]) -> dict:
+        return {
+            "args": [*self.argv_prefix, *argv],
+            "preexec_fn": cgroups.joiner(self.cgroup),
+            "env": {**_env(), **self.env},
+            "cwd": REPO,
+        }
+
+
+_pods: dict[str, PodExec] = {}
+
+
+def load_pods() -> None:
+    """Learn the running lab's pods (after `meshlab up`)."""
+    from meshagent.lab import lab
+
+    plan = lab.load_plan()
+    _pods.clear()
+    for key, pod in plan.pods.items():
+        cgroup = cgroups.pod_cgroup(pod.node, pod.namespace, pod.name)
+        _pods[key] = PodExec(("ip", "netns", "exec", pod.netns), cgroup, pod.env)
+
+
+def _pod(pod: str) -> PodExec:
+    if pod not in _pods:
+        raise LabFailed(f"no pod {pod!r} in the running lab (known: {sorted(_pods)})")
+    return _pods[pod]
+
+
+def run_in_pod(pod: str, argv: list[str], timeout: float) -> str:
+    """Run a tool in a pod; its stdout, or LabFailed with its output."""
+    proc = subprocess.run(
+        **_pod(pod).popen_args(argv), capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise LabFailed(
+            f"{' '.join(argv[:3])} in {pod} exited {proc.returncode}: "
+            f"{(proc.stdout + proc.stderr).strip()[-600:]}"
+        )
+    return proc.stdout
+
+
+def popen_in_pod(pod: str, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        **_pod(pod).popen_args(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def python_tool(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"benchmarks.{module}", *args]
+
+
+def _check_ips(up_output: str, paths_ips: dict[str, str]) -> None:
+    got = dict(re.findall(r"^\s+(\S+/\S+)\s+node-\d+\s+(\S+)$", up_output, re.MULTILINE))
+    wrong = {k: (v, got.get(k)) for k, v in paths_ips.items() if got.get(k) != v}
+    if wrong:
+        raise LabFailed(f"pod IPs differ from the plan (planned, got): {wrong}")
+
+
+@contextlib.contextmanager
+def running_lab(manifest: Path) -> Iterator[None]:
+    """`meshlab up` the bench lab, and `meshlab down` it at the end whatever happens. A lab of
+    this instance that is already up is someone else's: LabBusy, and it is left alone."""
+    proc = meshlab("up", "--nodes", str(NODES), "-f", str(manifest), timeout=UP_TIMEOUT)
+    if proc.returncode != 0 and "already up" in proc.stderr:
+        raise LabBusy(proc.stderr.strip())
+    try:
+        if proc.returncode != 0:
+            raise LabFailed(f"meshlab up failed: {(proc.stdout + proc.stderr).strip()[-1500:]}")
+        _check_ips(proc.stdout, plan_ips(load_documents(manifest.read_text(), str(manifest))))
+        load_pods()
+        yield
+    finally:
+        meshlab("down", timeout=120)

@@ -1,0 +1,83 @@
+"""CPU time and memory of the proxies under test, read from /proc: the processes of a cgroup
+(the lab puts each node agent and each pod in its own) in, CPU seconds and resident bytes out.
+
+CPU comes from /proc/<pid>/stat (utime + stime: every thread of the process); memory is VmRSS
+from /proc/<pid>/status. Processes that end between two samples drop out of the sum, so a proxy
+that forks short-lived workers would be under-counted; the node agent and HAProxy do not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parse_stat_cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from the text of /proc/<pid>/stat. The command name (field 2)
+    may hold spaces and parentheses, so fields are counted after its last ')'."""
+    _, sep, rest = stat.rpartition(")")
+    fields = rest.split()
+    if not sep or len(fields) < 13:
+        raise ValueError(f"not a /proc/<pid>/stat line: {stat[:80]!r}")
+    # after the name: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    # cmajflt utime(14) stime(15)
+    return int(fields[11]) + int(fields[12])
+
+
+def parse_stat_ppid(stat: str) -> int:
+    """The parent's pid from the text of /proc/<pid>/stat."""
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 2:
+        raise ValueError(f"not a /proc/<pid>/stat line: {stat[:80]!r}")
+    return int(fields[1])
+
+
+def parent_pid(pid: int) -> int:
+    return parse_stat_ppid(Path(f"/proc/{pid}/stat").read_text())
+
+
+def parse_status_rss(status: str) -> int:
+    """VmRSS in bytes from the text of /proc/<pid>/status (0 for a kernel thread or zombie)."""
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"VmRSS in unexpected unit {unit!r}")
+            return int(value) * 1024
+    return 0
+
+
+def cgroup_pids(cgroup: Path) -> list[int]:
+    """Every process in a cgroup and the cgroups below it."""
+    out: list[int] = []
+    for folder, _dirs, _files in os.walk(cgroup):
+        try:
+            out.extend(int(p) for p in Path(folder, "cgroup.procs").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    cpu_s: float
+    rss_bytes: int
+    pids: int
+
+
+def sample(cgroups: Iterable[Path]) -> Sample:
+    """CPU seconds used so far and resident memory now, summed over the cgroups' processes."""
+    ticks = rss = count = 0
+    for cgroup in cgroups:
+        for pid in cgroup_pids(cgroup):
+            try:
+                ticks += parse_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+                rss += parse_status_rss(Path(f"/proc/{pid}/status").read_text())
+                count += 1
+            except (OSError, ValueError):
+                continue  # it ended in between
+    return Sample(cpu_s=ticks / CLOCK_TICKS, rss_bytes=rss, pids=count)

@@ -1,0 +1,307 @@
+"""From raw samples to what people read: the metric catalogue, summaries and ratios, the targets
+of issue 9 and where each stands, and the Markdown table. Pure: a results dict in, text out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchmarks.stats import Summary, added, ratio, summarize
+
+DIRECT, SAME, CROSS, SIDECAR = "direct", "mesh-same-node", "mesh-cross-node", "sidecar-pair"
+PATHS = (DIRECT, SAME, CROSS, SIDECAR)
+PATH_NOTES = {
+    DIRECT: "unmeshed client pod -> server pod IP on the other node; no proxy",
+    SAME: "meshed client -> Service VIP -> node-1 proxy -> server on node-1",
+    CROSS: "meshed client -> Service VIP -> node-1 proxy -> server on node-2 "
+    "(whatever the proxy does today: plaintext relay until HBONE/mTLS lands)",
+    SIDECAR: "unmeshed client -> HAProxy A (node-1) -> mutual TLS 1.3 -> HAProxy B (node-2) "
+    "-> server; TCP mode, one TLS connection per client connection",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    id: str
+    scenario: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    added_from: str | None = None  # derived: that metric minus direct's, round by round
+
+
+_TCP = "Bulk TCP (iperf3)"
+_C1 = "HTTP/1.1, 1 connection, one request at a time (wrk)"
+_C16 = "HTTP/1.1 keep-alive, 16 connections (wrk)"
+_FIXED = "HTTP/1.1 at a fixed rate, 1 KiB responses, 16 connections (wrk, paced)"
+_NEW = "New connection per request (wrk, Connection: close, 16 at a time)"
+_IDLE = "Idle proxied connections (proxies restarted, then N held)"
+
+METRICS = (
+    Metric("tcp_1_gbps", _TCP, "1 stream", "Gbit/s", True),
+    Metric("tcp_4_gbps", _TCP, "4 streams", "Gbit/s", True),
+    Metric("http_c1_rps", _C1, "requests", "req/s", True),
+    Metric("http_c1_p50_ms", _C1, "p50 latency", "ms", False),
+    Metric("http_c1_p99_ms", _C1, "p99 latency", "ms", False),
+    Metric("http_c1_added_p50_ms", _C1, "added p50 over direct", "ms", False, "http_c1_p50_ms"),
+    Metric("http_c16_rps", _C16, "requests", "req/s", True),
+    Metric("http_c16_p50_ms", _C16, "p50 latency", "ms", False),
+    Metric("http_c16_p99_ms", _C16, "p99 latency", "ms", False),
+    Metric("http_c16_p999_ms", _C16, "p99.9 latency", "ms", False),
+    Metric("fixed_rps", _FIXED, "achieved rate", "req/s", True),
+    Metric("fixed_p50_ms", _FIXED, "p50 latency", "ms", False),
+    Metric("fixed_p90_ms", _FIXED, "p90 latency", "ms", False),
+    Metric("fixed_p99_ms", _FIXED, "p99 latency", "ms", False),
+    Metric("fixed_added_p50_ms", _FIXED, "added p50 over direct", "ms", False, "fixed_p50_ms"),
+    Metric("fixed_added_p90_ms", _FIXED, "added p90 over direct", "ms", False, "fixed_p90_ms"),
+    Metric("fixed_added_p99_ms", _FIXED, "added p99 over direct", "ms", False, "fixed_p99_ms"),
+    Metric("fixed_cpu_per_krps", _FIXED, "proxy CPU per 1,000 req/s, both nodes", "cores", False),
+    Metric("fixed_proxy_rss_mib", _FIXED, "proxy memory (RSS), both nodes", "MiB", False),
+    Metric("newconn_rps", _NEW, "requests = connections", "req/s", True),
+    Metric("idle_kib_per_conn", _IDLE, "proxy memory per idle connection", "KiB", False),
+)
+BY_ID = {m.id: m for m in METRICS}
+
+Samples = dict[str, dict[str, list[float | None]]]  # metric id -> path -> one value per round
+
+
+def derive_added(samples: Samples) -> None:
+    """Fill in the `added_from` metrics: each path's value minus direct's in the same round
+    (rounds where either is missing are left out)."""
+    for metric in METRICS:
+        if metric.added_from is None:
+            continue
+        source = samples.get(metric.added_from, {})
+        base = source.get(DIRECT, [])
+        out: dict[str, list[float | None]] = {}
+        for path, values in source.items():
+            if path == DIRECT:
+                continue
+            pairs = [(v, b) for v, b in zip(values, base, strict=False) if None not in (v, b)]
+            if pairs:
+                out[path] = list(added([v for v, _ in pairs], [b for _, b in pairs]))
+        if out:
+            samples[metric.id] = out
+
+
+def summaries(samples: Samples) -> dict[str, dict[str, Summary]]:
+    out: dict[str, dict[str, Summary]] = {}
+    for metric_id, by_path in samples.items():
+        for path, values in by_path.items():
+            present = [v for v in values if v is not None]
+            if present:
+                out.setdefault(metric_id, {})[path] = summarize(present)
+    return out
+
+
+def metric_table(sums: dict[str, dict[str, Summary]]) -> list[dict]:
+    """Every metric with, per path, its summary and its ratios to direct and to sidecar-pair."""
+    rows = []
+    for metric in METRICS:
+        by_path = sums.get(metric.id)
+        if not by_path:
+            continue
+        direct = by_path.get(DIRECT)
+        sidecar = by_path.get(SIDECAR)
+        paths = {}
+        for path in PATHS:
+            s = by_path.get(path)
+            if s is None:
+                continue
+            paths[path] = {
+                **s.as_dict(),
+                "vs_direct": ratio(s.median, direct.median if direct else None),
+                "vs_sidecar_pair": ratio(s.median, sidecar.median if sidecar else None),
+            }
+        rows.append(
+            {
+                "id": metric.id,
+                "scenario": metric.scenario,
+                "title": metric.title,
+                "unit": metric.unit,
+                "better": "higher" if metric.higher_is_better else "lower",
+                "paths": paths,
+            }
+        )
+    return rows
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    size = abs(value)
+    if size >= 100:
+        return f"{value:,.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _median(sums: dict[str, dict[str, Summary]], metric: str, path: str) -> float | None:
+    s = sums.get(metric, {}).get(path)
+    return None if s is None else s.median
+
+
+def _ratio_target(
+    metric: str, path: str, other: str, minimum: float
+) -> Callable[[dict], tuple[str, bool | None]]:
+    def check(sums: dict) -> tuple[str, bool | None]:
+        a, b = _median(sums, metric, path), _median(sums, metric, other)
+        r = ratio(a, b)
+        unit = BY_ID[metric].unit
+        if r is None:
+            return f"not measured ({path} {fmt(a)}, {other} {fmt(b)} {unit})", None
+        return f"{r:.2f} x ({fmt(a)} vs {fmt(b)} {unit})", r >= minimum
+
+    return check
+
+
+def _at_most(metric: str, path: str, limit: float) -> Callable[[dict], tuple[str, bool | None]]:
+    def check(sums: dict) -> tuple[str, bool | None]:
+        a = _median(sums, metric, path)
+        if a is None:
+            return "not measured", None
+        return f"{fmt(a)} {BY_ID[metric].unit}", a <= limit
+
+    return check
+
+
+def _added_latency_vs_sidecar(sums: dict) -> tuple[str, bool | None]:
+    a = _median(sums, "http_c1_added_p50_ms", CROSS)
+    b = _median(sums, "http_c1_added_p50_ms", SIDECAR)
+    if a is None or b is None:
+        return f"not measured (mesh {fmt(a)}, sidecar-pair {fmt(b)} ms)", None
+    return f"{fmt(a)} ms vs sidecar-pair {fmt(b)} ms", a <= b
+
+
+def push_p99_seconds(push: dict | None) -> float | None:
+    """The p99 in push_latency.json (written by benchmarks/push_latency.py): a `p99_s`, or a
+    `p99_ms`, at the top or one level down."""
+    if not isinstance(push, dict):
+        return None
+    for scope in [push, *[v for v in push.values() if isinstance(v, dict)]]:
+        if isinstance(scope.get("p99_s"), int | float):
+            return float(scope["p99_s"])
+        if isinstance(scope.get("p99_ms"), int | float):
+            return float(scope["p99_ms"]) / 1000
+    return None
+
+
+TARGETS: tuple[tuple[str, str, Callable[[dict], tuple[str, bool | None]]], ...] = (
+    ("mesh-cross-node bulk throughput (1 stream)", "≥ 1.0 x sidecar-pair",
+     _ratio_target("tcp_1_gbps", CROSS, SIDECAR, 1.0)),
+    ("mesh-cross-node bulk throughput (1 stream)", "≥ 0.5 x direct",
+     _ratio_target("tcp_1_gbps", CROSS, DIRECT, 0.5)),
+    ("mesh-cross-node keep-alive req/s, 16 connections", "≥ 1.0 x sidecar-pair",
+     _ratio_target("http_c16_rps", CROSS, SIDECAR, 1.0)),
+    ("mesh-cross-node one request per connection, req/s", "≥ 5 x sidecar-pair",
+     _ratio_target("newconn_rps", CROSS, SIDECAR, 5.0)),
+    ("mesh-cross-node added p50 latency, 1 connection", "≤ sidecar-pair's added p50",
+     _added_latency_vs_sidecar),
+    ("mesh-cross-node at 1,000 req/s: added p90", "≤ 0.2 ms",
+     _at_most("fixed_added_p90_ms", CROSS, 0.2)),
+    ("mesh-cross-node at 1,000 req/s: added p99", "≤ 0.3 ms",
+     _at_most("fixed_added_p99_ms", CROSS, 0.3)),
+    ("mesh-cross-node at 1,000 req/s: CPU of both node proxies", "≤ 0.1 core per 1,000 req/s",
+     _at_most("fixed_cpu_per_krps", CROSS, 0.1)),
+    ("mesh-same-node bulk throughput (1 stream)", "≥ 0.9 x direct",
+     _ratio_target("tcp_1_gbps", SAME, DIRECT, 0.9)),
+    ("mesh-cross-node proxy memory per idle connection", "≤ 10 KiB",
+     _at_most("idle_kib_per_conn", CROSS, 10.0)),
+)  # fmt: skip
+
+
+def evaluate_targets(sums: dict[str, dict[str, Summary]], push: dict | None) -> list[dict]:
+    out = []
+    for title, target, check in TARGETS:
+        measured, met = check(sums)
+        out.append({"title": title, "target": target, "measured": measured, "met": met})
+    p99 = push_p99_seconds(push)
+    out.append(
+        {
+            "title": "controller push to 100 agents, p99",
+            "target": "≤ 1 s",
+            "measured": "not measured (no benchmarks/results/push_latency.json)"
+            if push is None
+            else ("see push_latency.json" if p99 is None else f"{fmt(p99)} s"),
+            "met": None if p99 is None else p99 <= 1.0,
+        }
+    )
+    return out
+
+
+# -- Markdown -------------------------------------------------------------------------------
+
+
+def _cell(entry: dict | None, path: str) -> str:
+    if entry is None:
+        return "—"
+    text = fmt(entry["median"])
+    if entry["n"] > 1 and entry["spread_pct"] is not None:
+        text += f" ±{entry['spread_pct'] / 2:.0f}%"
+    ratios = []
+    if path != DIRECT and entry.get("vs_direct") is not None:
+        ratios.append(f"{entry['vs_direct']:.2f}xd")
+    if path != SIDECAR and entry.get("vs_sidecar_pair") is not None:
+        ratios.append(f"{entry['vs_sidecar_pair']:.2f}xs")
+    return text + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+_STATUS = {True: "met", False: "**missed**", None: "not measured"}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        "# meshagent benchmarks",
+        "",
+        f"Output of `{results['command']}` ({results['mode']} mode, {s['runs']} run(s) of every "
+        f"figure, interleaved), {results['finished_at']}.",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu_model']}), kernel {m['kernel']}, "
+        f"Python {m['python']}; commit `{m['commit']}`"
+        + (" with uncommitted changes in the tree" if m.get("dirty") else "")
+        + f"; load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
+        + (f"; other labs running: {', '.join(m['other_labs'])}" if m.get("other_labs") else "")
+        + ". Clients, servers and proxies all share these cores.",
+        "",
+        "Paths:",
+        "",
+        *[f"- `{p}`: {results['paths'][p]}" for p in PATHS],
+        "",
+        "Each cell: median over the runs, ± half the spread (max - min) as a share of the "
+        "median, and in parentheses the ratio of the medians to `direct` (xd) and to "
+        "`sidecar-pair` (xs) measured in the same run.",
+    ]
+    scenario = None
+    for row in results["metrics"]:
+        if row["scenario"] != scenario:
+            scenario = row["scenario"]
+            lines += ["", f"## {scenario}", "", "| figure | " + " | ".join(PATHS) + " |"]
+            lines.append("|---|" + "---|" * len(PATHS))
+        title = f"{row['title']} ({row['unit']}, {row['better']} is better)"
+        cells = [_cell(row["paths"].get(p), p) for p in PATHS]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (issue 9)", "", "| target | goal | measured | status |"]
+    lines.append("|---|---|---|---|")
+    for t in results["targets"]:
+        lines.append(f"| {t['title']} | {t['target']} | {t['measured']} | {_STATUS[t['met']]} |")
+    if results.get("errors"):
+        lines += ["", "## Failed measurements", ""]
+        for e in results["errors"]:
+            lines.append(f"- run {e['round'] + 1}, {e['scenario']}, `{e['path']}`: {e['error']}")
+    lines += [
+        "",
+        f"Settings: {s['tcp_seconds']} s per iperf3 run ({s['tcp_omit']} s of slow start left "
+        f"out), {s['http_seconds']} s per wrk run ({s['latency_seconds']} s at 1 connection), "
+        f"{s['rate']} req/s for {s['rate_seconds']} s over {s['rate_connections']} connections, "
+        f"{s['newconn_seconds']} s of new connections, {s['idle_connections']} idle connections.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""The benchmark command: builds the 2-node bench lab, runs every scenario on every path,
+interleaved and repeated, and writes results/latest.json, latest.md and latest.png.
+
+    sudo .venv/bin/python -m benchmarks.run            # full: 3 runs, minutes
+    sudo .venv/bin/python -m benchmarks.run --smoke    # seconds; writes to /tmp unless --out
+
+Run from the repository root, as root (the lab needs it). The lab is a `meshlab` instance of
+its own (MESHLAB_INSTANCE, default `bench`), taken down at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+SMOKE_OUT = Path("/tmp/meshbench-smoke")
+PUSH_LATENCY = RESULTS / "push_latency.json"
+DEFAULT_INSTANCE = "bench"
+TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "stdbuf")
+IDLE_WINDOW = {"full": 3.0, "smoke": 0.5}  # seconds of quiet to measure the proxies' idle CPU
+COLORS = {
+    "direct": (95, 95, 95),
+    "mesh-same-node": (66, 133, 244),
+    "mesh-cross-node": (15, 157, 88),
+    "sidecar-pair": (219, 68, 55),
+}
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=30)
+    return proc.stdout.strip()
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "missing"
+    return ((proc.stdout or proc.stderr).strip().splitlines() or ["?"])[0]
+
+
+def machine(instance: str) -> dict:
+    """What the figures were measured on (recorded with them)."""
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ours = f"meshlab_{instance}-"
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    others = sorted(
+        {
+            name.split("-", 1)[0]
+            for name in (line.split()[0] for line in netns.stdout.splitlines() if line.strip())
+            if name.startswith("meshlab") and not name.startswith(ours)
+        }
+    )
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "tools": {
+            "haproxy": _first_line(["haproxy", "-v"]),
+            "nginx": _first_line(["nginx", "-v"]),
+            "iperf3": _first_line(["iperf3", "--version"]),
+            "wrk": _first_line(["wrk", "-v"]),
+        },
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[0],
+        "other_labs": others,
+    }
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _idle_cpu(paths: dict, seconds: float) -> dict[str, float]:
+    """CPU the proxies burn doing nothing (cores), so per-request figures can be read against it."""
+    from benchmarks import procstat
+
+    groups = {"node agents (both nodes)": paths["mesh-cross-node"].proxies}
+    groups["sidecar-pair HAProxy pair"] = paths["sidecar-pair"].proxies
+    before = {k: procstat.sample(v).cpu_s for k, v in groups.items()}
+    time.sleep(seconds)
+    return {k: (procstat.sample(v).cpu_s - before[k]) / seconds for k, v in groups.items()}
+
+
+def measure(settings, scenario_names: list[str], path_names: list[str], run_dir: Path) -> dict:
+    """Bring the lab up, run the rounds, take it down; the raw samples and what went wrong."""
+    from benchmarks import labsetup, scenarios
+
+    manifest, paths = labsetup.prepare(run_dir)
+    samples: dict[str, dict[str, list[float | None]]] = {}
+    errors: list[dict] = []
+    _log(f"meshlab up ({manifest})")
+    with labsetup.running_lab(manifest):
+        idle = _idle_cpu(paths, IDLE_WINDOW[settings.mode])
+        for rnd in range(settings.runs):
+            order = path_names[rnd % len(path_names) :] + path_names[: rnd % len(path_names)]
+            for scenario in scenario_names:
+                for name in order:
+                    started = time.monotonic()
+                    try:
+                        figures = scenarios.SCENARIOS[scenario](paths[name], settings)
+                    except (
+                        labsetup.LabFailed,
+                        scenarios.parse.ToolOutputError,
+                        subprocess.TimeoutExpired,
+                        TimeoutError,
+                    ) as exc:
+                        errors.append(
+                            {"round": rnd, "scenario": scenario, "path": name, "error": str(exc)}
+                        )
+                        _log(f"run {rnd + 1} {scenario} {name}: FAILED: {exc}")
+                        continue
+                    for metric, value in figures.items():
+                        per_path = samples.setdefault(metric, {})
+                        per_path.setdefault(name, [None] * settings.runs)[rnd] = value
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in figures.items())
+                    took = time.monotonic() - started
+                    _log(f"run {rnd + 1}/{settings.runs} {scenario} {name} ({took:.1f}s): {shown}")
+    return {"samples": samples, "errors": errors, "idle_proxy_cpu_cores": idle}
+
+
+def chart(metrics: list[dict], settings) -> bytes:
+    from benchmarks.png import Panel, bar_chart
+
+    by_id = {m["id"]: m["paths"] for m in metrics}
+
+    def groups(pairs: list[tuple[str, str]]) -> list[tuple[str, dict[str, float | None]]]:
+        out = []
+        for label, metric in pairs:
+            values = by_id.get(metric, {})
+            out.append((label, {p: values.get(p, {}).get("median") for p in COLORS}))
+        return out
+
+    panels = [
+        Panel(
+            f"http at {settings.rate:,} req/s, 1 kib responses: latency (ms, medians)",
+            groups([("p50", "fixed_p50_ms"), ("p90", "fixed_p90_ms"), ("p99", "fixed_p99_ms")]),
+        ),
+        Panel(
+            "http, 1 connection, one request at a time: latency (ms, medians)",
+            groups([("p50", "http_c1_p50_ms"), ("p99", "http_c1_p99_ms")]),
+        ),
+        Panel(
+            "http keep-alive, 16 connections, closed loop: latency (ms, medians)",
+            groups(
+                [
+                    ("p50", "http_c16_p50_ms"),
+                    ("p99", "http_c16_p99_ms"),
+                    ("p99.9", "http_c16_p999_ms"),
+                ]
+            ),
+        ),
+    ]
+    return bar_chart(panels, list(COLORS), list(COLORS.values()))
+
+
+def write_outputs(results: dict, out: Path, settings) -> list[Path]:
+    from benchmarks.report import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "latest.json", out / "latest.md", out / "latest.png"]
+    files[0].write_text(json.dumps(results, indent=1) + "\n")
+    files[1].write_text(markdown(results))
+    files[2].write_bytes(chart(results["metrics"], settings))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Side-by-side benchmarks of the mesh, direct, and a sidecar pair (issue 9).",
+        epilog="Examples: python -m benchmarks.run | python -m benchmarks.run --smoke "
+        "--out /tmp/b | python -m benchmarks.run --runs 1 --only tcp-1,http-c16",
+    )
+    parser.add_argument("--smoke", action="store_true", help="seconds, not minutes: a check")
+    parser.add_argument("--runs", type=int, help="repetitions of every figure (full: 3)")
+    parser.add_argument("--out", type=Path, help=f"output folder (default {RESULTS}; smoke: "
+                        f"{SMOKE_OUT})")  # fmt: skip
+    parser.add_argument("--only", help="comma-separated scenarios (default: all)")
+    parser.add_argument("--paths", help="comma-separated paths (default: all four)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("MESHLAB_INSTANCE", DEFAULT_INSTANCE)
+    instance = os.environ["MESHLAB_INSTANCE"]
+    from benchmarks import labsetup, report, scenarios  # after MESHLAB_INSTANCE is final
+
+    if os.geteuid() != 0:
+        parser.error("needs root (the lab builds network namespaces, cgroups and eBPF)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        parser.error(f"missing tools: {', '.join(missing)} (run scripts/install.sh)")
+    settings = scenarios.SMOKE if args.smoke else scenarios.FULL
+    if args.runs is not None:
+        if args.runs < 1:
+            parser.error("--runs must be at least 1")
+        settings = replace(settings, runs=args.runs)
+    scenario_names = list(scenarios.SCENARIOS)
+    if args.only:
+        scenario_names = [s.strip() for s in args.only.split(",")]
+        unknown = set(scenario_names) - set(scenarios.SCENARIOS)
+        if unknown:
+            parser.error(f"unknown scenarios {sorted(unknown)}; known: {list(scenarios.SCENARIOS)}")
+    path_names = list(labsetup.PATH_NAMES)
+    if args.paths:
+        path_names = [p.strip() for p in args.paths.split(",")]
+        unknown = set(path_names) - set(labsetup.PATH_NAMES)
+        if unknown:
+            parser.error(f"unknown paths {sorted(unknown)}; known: {list(labsetup.PATH_NAMES)}")
+    out = args.out or (SMOKE_OUT if args.smoke else RESULTS)
+
+    started = dt.datetime.now(dt.UTC)
+    info = machine(instance)
+    run_dir = Path(f"/tmp/meshbench-{instance}")
+    try:
+        measured = measure(settings, scenario_names, path_names, run_dir)
+    except labsetup.LabBusy as exc:
+        _log(f"lab instance {instance!r} is already up (someone else's run?): {exc}")
+        return 2
+    except labsetup.LabFailed as exc:
+        _log(str(exc))
+        return 1
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[0]
+    samples = measured["samples"]
+    report.derive_added(samples)
+    sums = report.summaries(samples)
+    push = json.loads(PUSH_LATENCY.read_text()) if PUSH_LATENCY.exists() else None
+    finished = dt.datetime.now(dt.UTC)
+    results = {
+        "schema": 1,
+        "command": "python -m benchmarks.run" + (" --smoke" if args.smoke else ""),
+        "mode": settings.mode,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "duration_s": round((finished - started).total_seconds(), 1),
+        "machine": info,
+        "settings": asdict(settings),
+        "scenarios": scenario_names,
+        "paths": {p: report.PATH_NOTES[p] for p in report.PATHS},
+        "idle_proxy_cpu_cores": measured["idle_proxy_cpu_cores"],
+        "metrics": report.metric_table(sums),
+        "targets": report.evaluate_targets(sums, push),
+        "push_latency": push,
+        "errors": measured["errors"],
+        "samples": samples,
+    }
+    for path in write_outputs(results, out, settings):
+        _log(f"wrote {path}")
+    return 1 if measured["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The scenarios: one measurement of one path in, figures ({metric id: value}) out. Each runs
+its load tool in the path's client pod for a bounded time (every call has a timeout) and reads
+the proxies' CPU and memory from /proc around it.
+
+Needs the running bench lab (labsetup.running_lab).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import configs, parse, procstat
+from benchmarks.labsetup import (
+    BenchPath,
+    LabFailed,
+    meshlab,
+    popen_in_pod,
+    python_tool,
+    run_in_pod,
+)
+
+HERE = Path(__file__).resolve().parent
+WRK_REPORT = str(HERE / "wrk_report.lua")
+WRK_PACED = str(HERE / "wrk_paced.lua")
+TOOL_SLACK = 30.0  # seconds a tool may take beyond its own duration before it is killed
+SETTLE_POLL = 0.5  # idle connections: seconds between memory samples while it settles
+SETTLE_MAX = 15.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how much: the full run, or the smoke run the test suite runs."""
+
+    mode: str
+    runs: int
+    tcp_seconds: int
+    tcp_omit: int  # seconds of TCP slow start left out of iperf3's figure
+    http_seconds: int
+    latency_seconds: int
+    rate: int  # requests per second in the fixed-rate scenario
+    rate_seconds: int
+    rate_connections: int
+    newconn_seconds: int
+    idle_connections: int
+
+
+FULL = Settings("full", 3, 4, 1, 4, 3, 1000, 5, 16, 3, 5000)
+SMOKE = Settings("smoke", 1, 1, 0, 1, 1, 1000, 1, 16, 1, 50)
+
+
+def _url(path: BenchPath, route: str) -> str:
+    host, port = path.http
+    return f"http://{host}:{port}{route}"
+
+
+def bulk_tcp(path: BenchPath, s: Settings, streams: int) -> dict[str, float]:
+    """iperf3 from the client to the path's iperf3 server: Gbit/s received."""
+    host, port = path.iperf
+    argv = ["iperf3", "-J", "-c", host, "-p", str(port), "-P", str(streams)]
+    argv += ["-t", str(s.tcp_seconds), "-O", str(s.tcp_omit)]
+    timeout = s.tcp_seconds + s.tcp_omit + TOOL_SLACK
+    try:
+        out = run_in_pod(path.client, argv, timeout)
+    except LabFailed:
+        time.sleep(1)  # iperf3 -s serves one test at a time: give a stuck one a moment, once
+        out = run_in_pod(path.client, argv, timeout)
+    return {f"tcp_{streams}_gbps": parse.iperf3_gbps(out)}
+
+
+def _wrk(path: BenchPath, argv: list[str], seconds: int) -> parse.WrkResult:
+    out = run_in_pod(path.client, argv, seconds + TOOL_SLACK)
+    result = parse.wrk_result(out)
+    if result.requests == 0:
+        raise parse.ToolOutputError(f"wrk: no request completed ({result.errors})")
+    return result
+
+
+def http_keepalive(path: BenchPath, s: Settings, connections: int) -> dict[str, float]:
+    """wrk, small responses, `connections` keep-alive connections each with one request in
+    flight: req/s and latency percentiles (closed loop)."""
+    seconds = s.latency_seconds if connections == 1 else s.http_seconds
+    threads = min(2, connections)
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
+    argv += ["--timeout", "5s", "-s", WRK_REPORT, _url(path, configs.SMALL_PATH)]
+    r = _wrk(path, argv, seconds)
+    key = f"http_c{connections}"
+    out = {f"{key}_rps": r.req_per_s, f"{key}_p50_ms": r.p50_ms, f"{key}_p99_ms": r.p99_ms}
+    if connections > 1:
+        out[f"{key}_p999_ms"] = r.p999_ms
+    return out
+
+
+def new_connections(path: BenchPath, s: Settings) -> dict[str, float]:
+    """wrk with `Connection: close`: every request on a new connection (16 at a time)."""
+    argv = ["wrk", "-t", "2", "-c", "16", "-d", f"{s.newconn_seconds}s", "--timeout", "5s"]
+    argv += ["-H", "Connection: close", "-s", WRK_REPORT, _url(path, configs.SMALL_PATH)]
+    return {"newconn_rps": _wrk(path, argv, s.newconn_seconds).req_per_s}
+
+
+class _Lines:
+    """A process's stdout lines as they come, with a deadline on each wait."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no {prefix!r} line within {timeout:.0f}s") from None
+            if line is None:
+                raise LabFailed(f"ended before a {prefix!r} line: {''.join(self.seen)[-600:]}")
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def http_fixed_rate(path: BenchPath, s: Settings) -> dict[str, float]:
+    """wrk paced to a fixed rate (1,000 req/s), 1 KiB responses over 16 keep-alive connections:
+    latency percentiles, and the proxies' CPU (cores per 1,000 req/s, sampled over exactly the
+    loaded window: wrk's first and last lines) and resident memory."""
+    argv = ["stdbuf", "-oL", "wrk", "-t", "1", "-c", str(s.rate_connections)]
+    argv += ["-d", f"{s.rate_seconds}s", "--timeout", "5s", "-s", WRK_PACED]
+    argv += [_url(path, configs.KIB_PATH), "--", str(s.rate)]
+    proc = popen_in_pod(path.client, argv)
+    try:
+        lines = _Lines(proc)
+        lines.wait_for("Running", TOOL_SLACK)
+        t0, before = time.monotonic(), procstat.sample(path.proxies)
+        last = lines.wait_for(parse.WRK_MARKER, s.rate_seconds + TOOL_SLACK)
+        t1, after = time.monotonic(), procstat.sample(path.proxies)
+    finally:
+        _finish(proc, TOOL_SLACK)
+    r = parse.wrk_result(last)
+    if r.requests == 0:
+        raise parse.ToolOutputError(f"wrk: no request completed ({r.errors})")
+    out = {
+        "fixed_rps": r.req_per_s,
+        "fixed_p50_ms": r.p50_ms,
+        "fixed_p90_ms": r.p90_ms,
+        "fixed_p99_ms": r.p99_ms,
+    }
+    if path.proxies:
+        cores = (after.cpu_s - before.cpu_s) / (t1 - t0)
+        out["fixed_cpu_per_krps"] = cores / (r.req_per_s / 1000)
+        out["fixed_proxy_rss_mib"] = after.rss_bytes / 2**20
+    return out
+
+
+def _settled_rss(proxies: tuple[Path, ...]) -> int:
+    """Resident memory once it stops moving (the proxy may still be accepting the last ones)."""
+    deadline = time.monotonic() + SETTLE_MAX
+    last = procstat.sample(proxies).rss_bytes
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL)
+        now = procstat.sample(proxies).rss_bytes
+        if abs(now - last) <= 0.002 * last:
+            return now
+        last = now
+    return last
+
+
+RESTART_TIMEOUT = 90.0
+
+
+def _reload_haproxy(cgroup: Path) -> None:
+    """HAProxy in master-worker mode (-W): SIGUSR2 makes the master start a new worker and the
+    old one leave (it has no connection left), so the new one starts with empty memory pools."""
+    pids = procstat.cgroup_pids(cgroup)
+    parents = {pid: procstat.parent_pid(pid) for pid in pids}
+    masters = [pid for pid, ppid in parents.items() if ppid not in parents]
+    if len(masters) != 1:
+        raise LabFailed(f"expected one HAProxy master in {cgroup}, found {masters}")
+    old = set(pids) - set(masters)
+    os.kill(masters[0], signal.SIGUSR2)
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while time.monotonic() < deadline:
+        now = set(procstat.cgroup_pids(cgroup))
+        if not now & old and now - set(masters):
+            return
+        time.sleep(0.1)
+    raise LabFailed(f"HAProxy in {cgroup} did not reload within {RESTART_TIMEOUT:.0f}s")
+
+
+def fresh_proxies(path: BenchPath) -> None:
+    """Restart the path's proxies, so that memory grown by earlier scenarios (or rounds) cannot
+    be reused by the idle connections: node agents with `meshlab agent stop/start` (the datapath
+    stays attached meanwhile), HAProxy by a reload."""
+    for cgroup in path.proxies:
+        if cgroup.parent.name == "system" and cgroup.name.startswith("agent-"):
+            node = cgroup.name.removeprefix("agent-")
+            for action in ("stop", "start"):
+                proc = meshlab("agent", action, node, timeout=RESTART_TIMEOUT)
+                if proc.returncode != 0:
+                    raise LabFailed(f"meshlab agent {action} {node}: {proc.stderr.strip()}")
+        else:
+            _reload_haproxy(cgroup)
+
+
+def idle_connections(path: BenchPath, s: Settings) -> dict[str, float]:
+    """Hold N idle connections through the path's proxies, restarted just before: their
+    resident memory grows by how much per connection (KiB). Paths without a proxy have no such
+    figure."""
+    if not path.proxies:
+        return {}
+    fresh_proxies(path)
+    host, port = path.http
+    base = _settled_rss(path.proxies)
+    argv = python_tool("holdconns", host, str(port), "--count", str(s.idle_connections))
+    proc = popen_in_pod(path.client, argv)
+    try:
+        lines = _Lines(proc)
+        _, held, failed = lines.wait_for("HELD", 60 + s.idle_connections / 100).split()
+        loaded = _settled_rss(path.proxies)
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        lines.wait_for("RELEASED", TOOL_SLACK)
+    finally:
+        _finish(proc, TOOL_SLACK)
+    if int(held) == 0:
+        raise LabFailed(f"no idle connection could be opened ({failed} failed)")
+    return {"idle_kib_per_conn": (loaded - base) / int(held) / 1024}
+
+
+SCENARIOS = {
+    "tcp-1": lambda p, s: bulk_tcp(p, s, 1),
+    "tcp-4": lambda p, s: bulk_tcp(p, s, 4),
+    "http-c1": lambda p, s: http_keepalive(p, s, 1),
+    "http-c16": lambda p, s: http_keepalive(p, s, 16),
+    "http-fixed-rate": http_fixed_rate,
+    "new-connections": new_connections,
+    "idle-connections": idle_connections,
+}
