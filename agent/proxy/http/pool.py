@@ -1,0 +1,275 @@
+"""Keep-alive HTTP/1.1 connections to endpoints, within each cluster's circuit breakers.
+
+What flows through: the engine asks for a connection to one endpoint of one cluster and gives it
+back after the exchange, saying whether it can be reused. An idle connection is reused first
+(most recently used first); else a new one is opened through `Connect` if the cluster's
+`maxConnections` allows; else the request waits as pending (ClusterState.wait_pending, which
+overflows at `http1MaxPendingRequests`). A connection is closed instead of pooled after
+`maxRequestsPerConnection` requests, when its endpoint left the snapshot, or when it was not
+left clean.
+
+An idle connection the server closed must not be reused (the request would fail, UC). A TCP
+socket is polled (no wait) when it is taken from the pool: readable while idle means closed
+or talking out of turn; a sweep every few seconds closes those and the ones idle too long.
+A stream without a socket (HBONE) is watched instead by a task blocked in a one-byte receive,
+cancelled when the connection is taken again.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, suppress
+
+import h11
+import trio
+from meshagent.agent.proxy.http.types import Connect, UpstreamError
+from meshagent.agent.proxy.lb import ClusterState, EndpointState
+
+DEFAULT_IDLE_TIMEOUT = 300.0
+SWEEP_INTERVAL = 5.0
+RECEIVE_SIZE = 64 * 1024
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, UpstreamError)
+
+
+def _readable(stream: trio.abc.Stream) -> bool:
+    """Whether an idle connection's socket has something to read: on a connection with no
+    request outstanding that is the server's close (or garbage), so it must not be reused.
+    Catches a close that raced the reuse; for streams without a socket (HBONE) only the
+    idle watch applies."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return True
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+class UpstreamConnection:
+    """One HTTP/1.1 client connection to an endpoint, with its h11 state."""
+
+    __slots__ = (
+        "closed",
+        "cluster",
+        "cycle_bytes",
+        "endpoint",
+        "h11",
+        "idle_since",
+        "requests",
+        "stream",
+        "watch_done",
+        "watch_scope",
+    )
+
+    def __init__(
+        self, stream: trio.abc.HalfCloseableStream, cluster: ClusterState, ep: EndpointState
+    ) -> None:
+        self.stream = stream
+        self.cluster = cluster
+        self.endpoint = ep
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.requests = 0
+        self.cycle_bytes = 0  # bytes received in the current request/response cycle
+        self.closed = False
+        self.idle_since = 0.0
+        self.watch_scope: trio.CancelScope | None = None
+        self.watch_done: trio.Event | None = None
+
+    async def send(self, event: h11.Event) -> None:
+        """Send an h11 event; raises UpstreamError("reset") when the stream is broken."""
+        await self.send_bytes(self.h11.send(event))
+
+    async def send_bytes(self, data: bytes | bytearray) -> None:
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except STREAM_ERRORS as exc:
+                raise UpstreamError("reset", f"send failed: {exc}") from exc
+
+    def poll_event(self) -> h11.Event | type[h11.NEED_DATA]:
+        """The next h11 event from what was received (NEED_DATA if more is needed). Raises
+        UpstreamError("reset") for a close before any byte of the response,
+        h11.RemoteProtocolError for a malformed or truncated response."""
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError:
+            if self.cycle_bytes == 0:
+                raise UpstreamError("reset", "connection closed before response") from None
+            raise
+        if isinstance(event, h11.ConnectionClosed) and self.cycle_bytes == 0:
+            raise UpstreamError("reset", "connection closed before response")
+        return event
+
+    async def fill(self) -> None:
+        """Receive more from the server into h11; UpstreamError("reset") if that fails."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except STREAM_ERRORS as exc:
+            raise UpstreamError("reset", f"receive failed: {exc}") from exc
+        self.cycle_bytes += len(data)
+        self.h11.receive_data(data)
+
+    async def next_event(self) -> h11.Event:
+        while (event := self.poll_event()) is h11.NEED_DATA:
+            await self.fill()
+        return event
+
+
+class ConnectionPool:
+    """The idle connections of one proxy, by endpoint. Use `open_connection_pool`."""
+
+    def __init__(
+        self, connect: Connect, nursery: trio.Nursery, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ) -> None:
+        self._connect = connect
+        self._nursery = nursery
+        self._idle_timeout = idle_timeout
+        self._idle: dict[EndpointState, list[UpstreamConnection]] = {}
+
+    def idle_count(self, ep: EndpointState | None = None) -> int:
+        if ep is not None:
+            return len(self._idle.get(ep, ()))
+        return sum(len(conns) for conns in self._idle.values())
+
+    async def acquire(self, cluster: ClusterState, ep: EndpointState) -> UpstreamConnection:
+        """A connection to `ep` ready for a request. Raises lb.Overflow when the cluster's
+        pending queue is full, UpstreamError when a new connection cannot be opened."""
+        while True:
+            conn = await self._take_idle(ep)
+            if conn is None and cluster.can_open(ep):
+                conn = await self._open(cluster, ep)
+            if conn is not None:
+                conn.cycle_bytes = 0
+                return conn
+            await cluster.wait_pending()
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Give a connection back after an exchange; it is pooled only if `reusable`, both
+        sides finished the exchange cleanly, and the connection's limits allow."""
+        conn.requests += 1
+        limit = conn.cluster.spec.policy.max_requests_per_connection
+        if (
+            not reusable
+            or conn.closed
+            or conn.endpoint.retired
+            or (limit is not None and conn.requests >= limit)
+            or conn.h11.our_state is not h11.DONE
+            or conn.h11.their_state is not h11.DONE
+        ):
+            self._discard(conn)
+            return
+        conn.h11.start_next_cycle()
+        conn.idle_since = trio.current_time()
+        self._idle.setdefault(conn.endpoint, []).append(conn)
+        if getattr(conn.stream, "socket", None) is None:
+            conn.watch_scope = trio.CancelScope()
+            conn.watch_done = trio.Event()
+            self._nursery.start_soon(self._watch, conn)
+        conn.cluster.connection_released()
+
+    def discard(self, endpoints: Iterable[EndpointState]) -> None:
+        """Close the idle connections of endpoints that left the snapshot."""
+        for ep in endpoints:
+            for conn in self._idle.pop(ep, ()):
+                if conn.watch_scope is not None:
+                    conn.watch_scope.cancel()
+                self._discard(conn)
+
+    def close_all(self) -> None:
+        self.discard(list(self._idle))
+
+    async def _take_idle(self, ep: EndpointState) -> UpstreamConnection | None:
+        idle = self._idle.get(ep)
+        while idle:
+            conn = idle.pop()
+            if not idle:
+                del self._idle[ep]
+            if conn.watch_scope is not None and conn.watch_done is not None:
+                conn.watch_scope.cancel()
+                await conn.watch_done.wait()
+                conn.watch_scope = conn.watch_done = None
+            elif _readable(conn.stream) or self._expired(conn, trio.current_time()):
+                self._discard(conn)  # the server closed it (or spoke) while it was idle
+            if not conn.closed:
+                return conn
+            idle = self._idle.get(ep)
+        return None
+
+    async def _open(self, cluster: ClusterState, ep: EndpointState) -> UpstreamConnection:
+        cluster.opened(ep)
+        try:
+            with trio.fail_after(cluster.spec.policy.connect_timeout):
+                stream = await self._connect(ep.endpoint, ep.port)
+        except BaseException as exc:
+            cluster.closed(ep)
+            if isinstance(exc, trio.TooSlowError):
+                raise UpstreamError("connect-failure", "connect timeout") from None
+            if isinstance(exc, OSError | trio.BrokenResourceError):
+                raise UpstreamError("connect-failure", str(exc)) from exc
+            raise
+        return UpstreamConnection(stream, cluster, ep)
+
+    def _expired(self, conn: UpstreamConnection, now: float) -> bool:
+        return now - conn.idle_since >= self._idle_timeout
+
+    async def sweep(self, interval: float) -> None:
+        """Close idle socket connections the server closed or that idled out, every
+        `interval` seconds (watched connections see to themselves)."""
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conns in list(self._idle.values()):
+                for conn in list(conns):
+                    if conn.watch_scope is None and (
+                        self._expired(conn, now) or _readable(conn.stream)
+                    ):
+                        self._remove_idle(conn)
+                        self._discard(conn)
+
+    def _discard(self, conn: UpstreamConnection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.cluster.closed(conn.endpoint)
+        self._nursery.start_soon(trio.aclose_forcefully, conn.stream)
+
+    def _remove_idle(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.endpoint)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.endpoint]
+
+    async def _watch(self, conn: UpstreamConnection) -> None:
+        assert conn.watch_scope is not None and conn.watch_done is not None
+        try:
+            with conn.watch_scope:
+                with trio.move_on_after(self._idle_timeout):
+                    with suppress(STREAM_ERRORS):
+                        await conn.stream.receive_some(1)
+                # Not taken back in time, or the server closed it or spoke out of turn.
+                self._remove_idle(conn)
+                self._discard(conn)
+        finally:
+            conn.watch_done.set()
+
+
+@asynccontextmanager
+async def open_connection_pool(
+    connect: Connect, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+) -> AsyncIterator[ConnectionPool]:
+    """A ConnectionPool for the proxy's lifetime; its idle connections close on exit."""
+    async with trio.open_nursery() as nursery:
+        pool = ConnectionPool(connect, nursery, idle_timeout)
+        nursery.start_soon(pool.sweep, min(idle_timeout, SWEEP_INTERVAL))
+        try:
+            yield pool
+        finally:
+            pool.close_all()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,649 @@
+"""The HTTP/1.1 engine: one downstream connection in, requests routed and balanced per request.
+
+What flows through, per request on a keep-alive client connection (h11 on both sides):
+request head -> optional `request_filter` (may answer itself: authorization, ...) -> route match
+-> fault injection (delay DI, abort FI) -> weighted cluster -> endpoint (lb) -> pooled upstream
+connection -> request forwarded, body streamed -> response head -> retry or stream the response
+back -> a RequestRecord to `on_request_done`.
+
+Bodies are streamed, never buffered whole: up to `retry_buffer_limit` bytes are read first so a
+request can be replayed; a request with a larger body gets a single attempt. Envoy's semantics:
+the route timeout runs from the end of the request body to the end of the response (504 UT
+before the response head; after it, the client connection is closed); the per-try timeout runs
+until the response head. Retries choose another endpoint while one is left. Failures before a
+response: connect 503 UF, reset 503 UC, invalid response 503 UPE, circuit breaker 503 UO, no
+healthy endpoint 503 UH, unknown destination 503 NC, no route 404 NR; URX is added when the
+retry budget ran out on a retriable outcome. A malformed request gets its 4xx (usually 400) and
+the connection is closed. Upgrades (WebSocket) are relayed as bytes after the 101.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+import trio
+from meshagent.agent.proxy.http import headers as hdrs
+from meshagent.agent.proxy.http.pool import RECEIVE_SIZE, UpstreamConnection
+from meshagent.agent.proxy.http.retry import Outcome, backoff, retriable, retriable_status
+from meshagent.agent.proxy.http.types import (
+    HttpContext,
+    LocalResponse,
+    RequestInfo,
+    RequestRecord,
+    UpstreamError,
+)
+from meshagent.agent.proxy.lb import (
+    CONNECT_FAILURE_CODE,
+    RESET_CODE,
+    TIMEOUT_CODE,
+    ClusterState,
+    EndpointState,
+    Overflow,
+)
+from meshagent.agent.proxy.relay import relay
+from meshagent.agent.proxy.routing import HttpRoute, HttpRoutes, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_EMPTY: dict[str, str] = {}
+
+_RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "
+# Envoy's local replies for failures before a response: status, flag, body.
+_FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
+    Outcome.CONNECT_FAILURE: (503, "UF", _RESET_BEFORE_HEADERS + b"connection failure"),
+    Outcome.RESET: (503, "UC", _RESET_BEFORE_HEADERS + b"connection termination"),
+    Outcome.PROTOCOL: (503, "UPE", _RESET_BEFORE_HEADERS + b"protocol error"),
+    Outcome.OVERFLOW: (503, "UO", _RESET_BEFORE_HEADERS + b"overflow"),
+    Outcome.TIMEOUT: (504, "UT", b"upstream request timeout"),
+}
+# Methods safe to send again when a reused connection failed before any response byte.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_STALE_REPLAYS = 3  # connections tried per attempt when pooled ones turn out closed
+_OUTLIER_CODE = {
+    Outcome.CONNECT_FAILURE: CONNECT_FAILURE_CODE,
+    Outcome.RESET: RESET_CODE,
+    Outcome.PROTOCOL: RESET_CODE,
+    Outcome.TIMEOUT: TIMEOUT_CODE,
+}
+
+
+class _ClientGone(Exception):
+    """The client closed, reset or garbled its connection: stop, close it, log DC."""
+
+
+class _CloseClient(Exception):
+    """The response cannot be completed (upstream died mid-response, timeout after the
+    head): close the client connection so it sees a truncated response, not a wrong one."""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one attempt came to, carried out of its nursery."""
+
+    outcome: Outcome | None = None
+    status: int | None = None
+    reusable: bool = False
+    error: Exception | None = None
+    sent: trio.Event = field(default_factory=trio.Event)  # the request was sent (or given up)
+    cancel: Callable[[], None] = lambda: None
+
+
+@dataclass(slots=True)
+class _Body:
+    """The request body as far as read: kept chunks, and whether the client finished."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    complete: bool = False
+    # (scope, seconds): timers that start when the body is complete (route/per-try timeouts)
+    timers: list[tuple[trio.CancelScope, float]] = field(default_factory=list)
+
+    def arm(self, scope: trio.CancelScope, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        if self.complete:
+            scope.deadline = trio.current_time() + seconds
+        else:
+            self.timers.append((scope, seconds))
+
+    def finished(self) -> None:
+        self.complete = True
+        now = trio.current_time()
+        for scope, seconds in self.timers:
+            scope.deadline = min(scope.deadline, now + seconds)
+        self.timers.clear()
+
+
+async def proxy_http1(client: trio.abc.Stream, ctx: HttpContext) -> None:
+    """Serve HTTP/1.1 on `client` until it closes or idles out. Never raises for anything
+    the client or an upstream does; the caller still owns (and closes) `client`."""
+    session = _Session(client, ctx)
+    try:
+        await session.run()
+    except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
+        pass
+
+
+class _Session:
+    def __init__(self, client: trio.abc.Stream, ctx: HttpContext) -> None:
+        self.client = client
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=ctx.settings.max_header_bytes
+        )
+        self.skip_drain = False
+
+    # -- downstream I/O -------------------------------------------------------------------
+
+    async def _receive(self) -> h11.Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.client.receive_some(RECEIVE_SIZE)
+            except CLIENT_ERRORS as exc:
+                raise _ClientGone from exc
+            self.conn.receive_data(data)
+
+    async def _body_event(self) -> h11.Event:
+        """The next request body event; a client that breaks off mid-body is gone."""
+        try:
+            event = await self._receive()
+        except h11.RemoteProtocolError as exc:
+            raise _ClientGone from exc
+        if isinstance(event, h11.ConnectionClosed):
+            raise _ClientGone
+        return event
+
+    async def _send(self, event: h11.Event) -> None:
+        await self._send_bytes(self.conn.send(event))
+
+    async def _send_bytes(self, data: bytes | bytearray | None) -> None:
+        if data:
+            try:
+                await self.client.send_all(data)
+            except CLIENT_ERRORS as exc:
+                raise _ClientGone from exc
+
+    async def _read_head(self) -> h11.Event | None:
+        """The next request head (or ConnectionClosed); None when the client idled out.
+        Waits up to client_idle_timeout for a request to begin, then request_header_timeout
+        for the rest of its head."""
+        deadline = trio.current_time() + self.settings.client_idle_timeout
+        started = False
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.client.receive_some(RECEIVE_SIZE)
+                except CLIENT_ERRORS:
+                    return None
+                if data and not started:
+                    started = True
+                    deadline = trio.current_time() + self.settings.request_header_timeout
+                self.conn.receive_data(data)
+                continue
+            return None
+
+    # -- connection loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                event = await self._read_head()
+            except h11.RemoteProtocolError as exc:
+                await self._reject(exc)
+                return
+            if not isinstance(event, h11.Request):
+                return  # closed, or idle too long
+            if not await self._handle(event):
+                return
+            if not await self._finish_cycle():
+                return
+
+    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a malformed request with its 4xx, then the caller closes the connection."""
+        status = exc.error_status_hint or 400
+        record = RequestRecord("", "", "", peer=self.ctx.peer, start=time.time())
+        record.flags.append("DPE")
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = f"bad request: {exc}\n".encode()[:512]
+            extra = ((b"connection", b"close"),)
+            with contextlib.suppress(_ClientGone, h11.LocalProtocolError):
+                await self._local(record, LocalResponse(status, body, extra))
+        self._done(record)
+
+    async def _finish_cycle(self) -> bool:
+        """After a response: read and drop what is left of the request body (bounded), then
+        get ready for the next request. False when the connection must close instead."""
+        conn = self.conn
+        if conn.our_state is not h11.DONE:
+            return False
+        if conn.their_state is h11.SEND_BODY:
+            if self.skip_drain:
+                return False
+            left = self.settings.drain_limit
+            with trio.move_on_after(self.settings.drain_timeout):
+                while conn.their_state is h11.SEND_BODY and left >= 0:
+                    event = await self._body_event()
+                    if isinstance(event, h11.Data):
+                        left -= len(event.data)
+            if conn.their_state is not h11.DONE:
+                return False
+        if conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        return True
+
+    # -- one request ----------------------------------------------------------------------
+
+    async def _handle(self, req: h11.Request) -> bool:
+        """Serve one request; False when the connection must close afterwards."""
+        host = next((v for n, v in req.headers if n == b"host"), b"")
+        info = RequestInfo(
+            method=req.method.decode("ascii", "replace"),
+            target=req.target.decode("latin-1"),
+            authority=host.decode("latin-1"),
+            headers=list(req.headers),
+            peer=self.ctx.peer,
+        )
+        record = RequestRecord(info.method, info.target, info.authority, self.ctx.peer, time.time())
+        self.skip_drain = False
+        started = trio.current_time()
+        keep = True
+        try:
+            await self._process(req, info, record)
+        except _ClientGone:
+            record.flags.append("DC")
+            keep = False
+        except _CloseClient:
+            keep = False
+        finally:
+            record.duration = trio.current_time() - started
+            self._done(record)
+        return keep
+
+    def _done(self, record: RequestRecord) -> None:
+        if self.ctx.on_request_done is not None:
+            try:
+                self.ctx.on_request_done(record)
+            except Exception:
+                log.exception("on_request_done failed")
+
+    async def _local(self, record: RequestRecord, resp: LocalResponse, flag: str = "") -> None:
+        """Send a response the proxy makes itself."""
+        if flag:
+            record.flags.append(flag)
+        record.flags.extend(resp.flags)
+        if self.conn.our_state is not h11.SEND_RESPONSE and self.conn.our_state is not h11.IDLE:
+            raise _CloseClient  # a response already started: all we can do is close
+        if self.conn.client_is_waiting_for_100_continue:
+            self.skip_drain = True  # the client may never send that body
+        headers = [
+            (b"content-length", str(len(resp.body)).encode()),
+            *([(b"content-type", b"text/plain")] if resp.body else []),
+            *resp.headers,
+        ]
+        out = bytearray(self.conn.send(h11.Response(status_code=resp.status, headers=headers)))
+        if resp.body:
+            out += self.conn.send(h11.Data(data=resp.body))
+        out += self.conn.send(h11.EndOfMessage())
+        record.status = resp.status
+        await self._send_bytes(out)
+
+    async def _process(self, req: h11.Request, info: RequestInfo, record: RequestRecord) -> None:
+        ctx = self.ctx
+        if ctx.request_filter is not None:
+            local = await ctx.request_filter(info)
+            if local is not None:
+                await self._local(record, local)
+                return
+        routes = ctx.routes()
+        route = None
+        if routes is not None:
+            headers = info.header_map() if routes.uses_headers else _EMPTY
+            route = routes.match(info.method, info.target, headers)
+        if routes is None or route is None:
+            await self._local(record, LocalResponse(404), "NR")
+            return
+        record.route = route.name
+        fault = route.fault
+        if fault is not None:
+            if fault.delay and ctx.rng.random() * 100 < fault.delay_percent:
+                record.flags.append("DI")
+                await trio.sleep(fault.delay)
+            if fault.abort_status and ctx.rng.random() * 100 < fault.abort_percent:
+                resp = LocalResponse(fault.abort_status, b"fault filter abort")
+                await self._local(record, resp, "FI")
+                return
+        spec = route.destinations.pick(ctx.rng.random)
+        if spec is None:
+            await self._local(record, LocalResponse(503), "NC")
+            return
+        record.cluster = spec.name
+        await self._forward(req, routes, route, ctx.clusters.get(spec), record)
+
+    async def _forward(
+        self,
+        req: h11.Request,
+        routes: HttpRoutes,
+        route: HttpRoute,
+        cluster: ClusterState,
+        record: RequestRecord,
+    ) -> None:
+        if self.conn.client_is_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = await self._prefetch(record)
+        upgrade = hdrs.upgrade_protocol(req.headers)
+        headers = hdrs.request_headers(
+            list(req.headers),
+            default_host=f"{routes.hostname}:{routes.port}".encode(),
+            upgrade=upgrade,
+        )
+        upstream_req = h11.Request(method=req.method, target=req.target, headers=headers)
+        policy = route.retry if body.complete and upgrade is None else None
+        retries_left = policy.attempts if policy else 0
+        deadline = trio.CancelScope()
+        body.arm(deadline, route.timeout)
+        tried: list[EndpointState] = []
+        with deadline:
+            while True:
+                ep = cluster.pick(tried)
+                if ep is None:
+                    await self._local(record, LocalResponse(503, b"no healthy upstream"), "UH")
+                    return
+                tried.append(ep)
+                record.attempts += 1
+                record.endpoint = ep.endpoint
+                record.upstream = ep.address
+                outcome, status = await self._attempt(
+                    cluster, ep, upstream_req, body, policy, retries_left > 0, deadline, record
+                )
+                if outcome is None:
+                    return  # the response went to the client
+                if retries_left > 0 and policy is not None and retriable(policy, outcome, status):
+                    retries_left -= 1
+                    retry = policy.attempts - retries_left
+                    s = self.settings
+                    await trio.sleep(
+                        backoff(retry, s.retry_backoff_base, s.retry_backoff_max, self.ctx.rng)
+                    )
+                    continue
+                code, flag, text = _FAILURES[outcome]
+                await self._local(record, LocalResponse(code, text), flag)
+                if policy is not None and retriable(policy, outcome, status):
+                    record.flags.append("URX")
+                return
+        # The route timeout passed.
+        if record.status:
+            record.flags.append("UT")
+            raise _CloseClient
+        await self._local(record, LocalResponse(504, b"upstream request timeout"), "UT")
+
+    async def _prefetch(self, record: RequestRecord) -> _Body:
+        """Read the request body up to the retry buffer limit (all of a small body)."""
+        body = _Body()
+        limit = self.settings.retry_buffer_limit
+        while body.size <= limit:
+            event = await self._body_event()
+            if isinstance(event, h11.Data):
+                body.chunks.append(event.data)
+                body.size += len(event.data)
+                record.bytes_received += len(event.data)
+            else:  # EndOfMessage
+                body.finished()
+                break
+        return body
+
+    async def _send_body(
+        self, up: UpstreamConnection, body: _Body, record: RequestRecord, state: _Attempt
+    ) -> None:
+        """Send the kept body, then stream the rest from the client, then end the request."""
+        try:
+            for chunk in body.chunks:
+                await up.send(h11.Data(data=chunk))
+            while not body.complete:
+                event = await self._body_event()
+                if isinstance(event, h11.Data):
+                    record.bytes_received += len(event.data)
+                    await up.send(h11.Data(data=event.data))
+                else:
+                    body.finished()
+            await up.send(h11.EndOfMessage())
+        except UpstreamError:
+            pass  # the upstream is gone: the response side sees it too
+        except _ClientGone as exc:
+            state.error = exc
+            state.cancel()
+        finally:
+            state.sent.set()
+
+    async def _attempt(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        req: h11.Request,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: bool,
+        deadline: trio.CancelScope,
+        record: RequestRecord,
+    ) -> tuple[Outcome | None, int]:
+        """One try on one endpoint. Returns (None, status) when a response went to the
+        client, else how the attempt failed (and the dropped status, for Outcome.STATUS).
+        Raises _ClientGone or _CloseClient when the client connection cannot go on.
+
+        A pooled connection can be closed by the server just as it is reused. When that
+        happens to an idempotent request (no response byte came back), it is sent again on
+        another connection to the same endpoint, as Go's http.Transport does, not counted as
+        a retry nor against the endpoint (Envoy would answer 503 UC)."""
+        replay = body.complete and req.method in _IDEMPOTENT
+        for _ in range(_STALE_REPLAYS):
+            outcome, status, stale = await self._on_connection(
+                cluster, ep, req, body, policy, may_retry, deadline, record, replay
+            )
+            if not stale:
+                break
+        return outcome, status
+
+    async def _on_connection(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        req: h11.Request,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: bool,
+        deadline: trio.CancelScope,
+        record: RequestRecord,
+        replay: bool,
+    ) -> tuple[Outcome | None, int, bool]:
+        pool = self.ctx.pool
+        try:
+            up = await pool.acquire(cluster, ep)
+        except Overflow:
+            return Outcome.OVERFLOW, 0, False
+        except UpstreamError:
+            cluster.report(ep, CONNECT_FAILURE_CODE)
+            return Outcome.CONNECT_FAILURE, 0, False
+        reused = up.requests > 0
+        cluster.request_started(ep)
+        state = _Attempt()
+        try:
+            if body.complete:  # the common case: no concurrent body sender needed
+                try:
+                    await self._exchange(None, up, req, body, policy, may_retry, record, state)
+                except (_ClientGone, _CloseClient) as exc:
+                    state.error = exc
+            else:
+                # Exceptions are carried out of the nursery in `state`, not raised through
+                # it (trio would wrap them in an ExceptionGroup).
+                async with trio.open_nursery() as nursery:
+                    state.cancel = nursery.cancel_scope.cancel
+                    try:
+                        await self._exchange(
+                            nursery, up, req, body, policy, may_retry, record, state
+                        )
+                    except (_ClientGone, _CloseClient) as exc:
+                        state.error = exc
+                    nursery.cancel_scope.cancel()  # the body sender, if still running
+        finally:
+            if state.status is None and state.outcome is None and deadline.cancel_called:
+                state.outcome = Outcome.TIMEOUT
+            outlier_status = state.status
+            if state.outcome is not None and state.outcome is not Outcome.STATUS:
+                outlier_status = _OUTLIER_CODE.get(state.outcome)
+            stale = replay and reused and state.outcome is Outcome.RESET and up.cycle_bytes == 0
+            if stale or (state.error is not None and state.status is None):
+                outlier_status = None  # nothing learnt about the endpoint
+            cluster.request_finished(ep, outlier_status)
+            pool.release(up, state.reusable)
+        if state.error is not None:
+            raise state.error
+        return state.outcome, state.status or 0, stale
+
+    async def _exchange(
+        self,
+        nursery: trio.Nursery | None,
+        up: UpstreamConnection,
+        req: h11.Request,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: bool,
+        record: RequestRecord,
+        state: _Attempt,
+    ) -> None:
+        if nursery is None:  # the whole request at once
+            data = bytearray(up.h11.send(req))
+            for chunk in body.chunks:
+                data += up.h11.send(h11.Data(data=chunk))
+            data += up.h11.send(h11.EndOfMessage())
+            with contextlib.suppress(UpstreamError):  # it may have answered anyway: read on
+                await up.send_bytes(data)
+            state.sent.set()
+        else:
+            try:
+                await up.send(req)
+            except UpstreamError:
+                state.outcome = Outcome.RESET
+                return
+            nursery.start_soon(self._send_body, up, body, record, state)
+        per_try = trio.CancelScope()
+        body.arm(per_try, policy.per_try_timeout if policy else None)
+        response: h11.Response | h11.InformationalResponse | None = None
+        with per_try:
+            try:
+                response = await self._response_head(up)
+            except UpstreamError:
+                state.outcome = Outcome.RESET
+            except h11.RemoteProtocolError:
+                state.outcome = Outcome.PROTOCOL
+        if response is None:
+            state.outcome = state.outcome or Outcome.TIMEOUT
+            return
+        status = state.status = response.status_code
+        if policy is not None and retriable_status(policy, status):
+            if may_retry:
+                state.outcome = Outcome.STATUS
+                return
+            record.flags.append("URX")
+        if status == 101:
+            await state.sent.wait()
+            await self._switch(up, response, record)
+            return
+        assert isinstance(response, h11.Response)
+        ended = await self._stream_response(up, response, record)
+        # Reusable only if the request was sent in full too (a server may answer early).
+        state.reusable = ended and state.sent.is_set()
+
+    async def _response_head(
+        self, up: UpstreamConnection
+    ) -> h11.Response | h11.InformationalResponse:
+        while True:
+            event = await up.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    return event
+                continue  # 100 Continue was answered by the proxy; other 1xx are dropped
+            raise UpstreamError("reset", f"unexpected {type(event).__name__} before a response")
+
+    async def _stream_response(
+        self, up: UpstreamConnection, response: h11.Response, record: RequestRecord
+    ) -> bool:
+        """Send the response to the client; True if the upstream connection ended clean.
+        Whatever one receive brought is written in one send (head, data, end)."""
+        out = bytearray(
+            self.conn.send(
+                h11.Response(
+                    status_code=response.status_code,
+                    headers=hdrs.response_headers(list(response.headers)),
+                    reason=response.reason,
+                )
+            )
+        )
+        record.status = response.status_code
+        while True:
+            try:
+                event = up.poll_event()
+                if event is h11.NEED_DATA:
+                    if out:
+                        await self._send_bytes(out)
+                        out = bytearray()
+                    await up.fill()
+                    continue
+            except (UpstreamError, h11.RemoteProtocolError) as exc:
+                await self._send_bytes(out)
+                record.flags.append("UC")
+                raise _CloseClient from exc
+            if isinstance(event, h11.Data):
+                record.bytes_sent += len(event.data)
+                out += self.conn.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                out += self.conn.send(h11.EndOfMessage())  # trailers dropped, as Envoy does
+                await self._send_bytes(out)
+                return True
+            else:
+                await self._send_bytes(out)
+                record.flags.append("UC")
+                raise _CloseClient
+
+    async def _switch(
+        self,
+        up: UpstreamConnection,
+        response: h11.InformationalResponse,
+        record: RequestRecord,
+    ) -> None:
+        """The upstream accepted an upgrade: answer 101 and relay raw bytes both ways."""
+        await self._send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=hdrs.response_headers(list(response.headers), upgrade=True),
+                reason=response.reason,
+            )
+        )
+        record.status = 101
+        client_rest, _ = self.conn.trailing_data
+        upstream_rest, _ = up.h11.trailing_data
+        try:
+            if client_rest:
+                await up.stream.send_all(client_rest)
+            if upstream_rest:
+                await self.client.send_all(upstream_rest)
+        except (*CLIENT_ERRORS, UpstreamError) as exc:
+            raise _CloseClient from exc
+        result = await relay(self.client, up.stream)
+        record.bytes_received += len(client_rest) + result.sent
+        record.bytes_sent += len(upstream_rest) + result.received
+        raise _CloseClient  # the connection was handed over; it cannot carry HTTP again

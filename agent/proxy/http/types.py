@@ -1,0 +1,139 @@
+"""The HTTP engine's contracts with the rest of the proxy.
+
+What flows through: the caller hands `proxy_http1` an HttpContext (where the current routes come
+from, the shared cluster states and upstream connection pool, an optional per-request filter and
+a callback for finished requests); the engine reaches endpoints only through `Connect`, so the
+same code serves same-node pods (plain TCP) and other nodes (HBONE streams), and reports each
+request as a RequestRecord (for metrics and the access log).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import trio
+from meshagent.common.snapshot import Endpoint
+
+if TYPE_CHECKING:
+    from meshagent.agent.proxy.http.pool import ConnectionPool
+    from meshagent.agent.proxy.lb import Clusters
+    from meshagent.agent.proxy.routing import HttpRoutes
+
+UpstreamErrorKind = Literal["connect-failure", "refused", "reset"]
+
+
+class UpstreamError(Exception):
+    """An endpoint could not be reached or dropped the stream; `kind` says how."""
+
+    def __init__(self, kind: UpstreamErrorKind, message: str = "") -> None:
+        super().__init__(message or kind)
+        self.kind: UpstreamErrorKind = kind
+
+
+# Opens a byte stream to an endpoint's pod port (TCP on this node, an HBONE stream to another).
+# Raises UpstreamError. A cancelled receive_some on the stream must lose no data: idle pooled
+# connections are watched for the server closing them with a receive that is cancelled on reuse.
+Connect = Callable[[Endpoint, int], Awaitable[trio.abc.HalfCloseableStream]]
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """A request as the filter sees it. Header names are lower-case bytes (as h11 gives them)."""
+
+    method: str
+    target: str  # path and query, as sent
+    authority: str
+    headers: list[tuple[bytes, bytes]]
+    peer: str = ""  # the downstream client's address
+    _dict: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> str:
+        """The path without the query string."""
+        cut = self.target.find("?")
+        return self.target if cut < 0 else self.target[:cut]
+
+    def header_map(self) -> Mapping[str, str]:
+        """Headers by lower-case name; repeated headers joined with ',' (as Envoy matches)."""
+        if self._dict is None:
+            out: dict[str, str] = {}
+            for name, value in self.headers:
+                key = name.decode("latin-1")
+                text = value.decode("latin-1")
+                out[key] = f"{out[key]},{text}" if key in out else text
+            self._dict = out
+        return self._dict
+
+
+@dataclass(frozen=True, slots=True)
+class LocalResponse:
+    """A response the proxy makes itself (a denial, a fault abort, an error)."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    flags: tuple[str, ...] = ()  # Envoy response flags to record, e.g. ("RBAC",)
+
+
+RequestFilter = Callable[[RequestInfo], Awaitable[LocalResponse | None]]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request (the access log's and the metrics' fields)."""
+
+    method: str
+    target: str
+    authority: str
+    peer: str = ""
+    start: float = 0.0  # time.time()
+    status: int = 0  # the code sent downstream; 0 if none was
+    flags: list[str] = field(default_factory=list)  # Envoy response flags (UF, URX, UT, ...)
+    bytes_received: int = 0  # request body bytes from the client
+    bytes_sent: int = 0  # response body bytes to the client
+    duration: float = 0.0  # seconds, until the response was sent (or the request given up)
+    route: str = ""
+    cluster: str = ""  # Envoy-style cluster name; "" when none was chosen
+    endpoint: Endpoint | None = None  # the endpoint that answered (or the last one tried)
+    upstream: str = ""  # its "ip:port"
+    attempts: int = 0  # upstream attempts made (1 + retries)
+
+    @property
+    def flag_string(self) -> str:
+        """Flags as Envoy's access log writes them: "UF,URX", or "-" for none."""
+        return ",".join(self.flags) or "-"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    retry_buffer_limit: int = 64 * 1024  # a body up to this size is kept for retries
+    max_header_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
+    client_idle_timeout: float = 3600.0  # keep-alive wait for the next request (Envoy: 1 h)
+    request_header_timeout: float = 60.0  # from the first byte of a request to its full head
+    drain_limit: int = 1024 * 1024  # unread request body we read and drop to keep a connection
+    drain_timeout: float = 5.0
+    retry_backoff_base: float = 0.025  # Envoy's jittered exponential back-off: 25 ms ...
+    retry_backoff_max: float = 0.25  # ... to 250 ms
+
+
+DEFAULT_SETTINGS = HttpSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpContext:
+    """Everything `proxy_http1` needs for one downstream connection.
+
+    `routes` is called per request, so a keep-alive connection follows snapshot changes; it
+    returns None when the service port is gone (404, flag NR)."""
+
+    routes: Callable[[], HttpRoutes | None]
+    clusters: Clusters
+    pool: ConnectionPool
+    request_filter: RequestFilter | None = None
+    on_request_done: Callable[[RequestRecord], None] | None = None
+    peer: str = ""
+    settings: HttpSettings = DEFAULT_SETTINGS
+    rng: random.Random = field(default_factory=random.Random)

@@ -1,0 +1,633 @@
+"""Route tables for the node proxy: what a request or connection to a service port leads to.
+
+What flows through: a Snapshot (services, workloads, accepted VirtualServices and
+DestinationRules) is compiled once per snapshot into a RouteTable of plain, immutable objects;
+per request the proxy only matches precompiled predicates and picks a weighted destination.
+
+- Every (service hostname, port) gets either HTTP routes (an HTTP/1.1 port, `is_http_port`) or
+  TCP routes. Without a VirtualService the one route leads to the whole service.
+- A destination (host, subset, port) becomes a ClusterSpec, as Envoy's clusters: its endpoints
+  (a subset keeps the endpoints whose workload carries the subset's labels) and its traffic
+  policy (load balancer, connection pool limits, outlier detection), merged as Istio merges
+  them: the DestinationRule's policy, replaced by its `portLevelSettings` for the port, then
+  each field the subset sets, then the subset's port-level settings.
+
+Istio semantics kept (https://istio.io/latest/docs/reference/config/networking/):
+- A short host (`reviews`) is resolved in the namespace of the resource naming it. Unlike Istio
+  we also expand `reviews.shop` and `reviews.shop.svc` (Kubernetes DNS forms) rather than take
+  them literally. A `*.suffix` host matches by suffix; an exact host wins over a wildcard.
+- One VirtualService applies per host (Istio does not merge them for sidecars): the one in the
+  service's namespace first, then by (namespace, name). Istio picks the oldest; creation time
+  is not in the snapshot. DestinationRules likewise: the service's namespace, then the root
+  namespace, then any other. (Istio prefers the client's namespace; a node proxy serves many.)
+- `uri.exact` and `uri.regex` match the path without its query string, `uri.prefix` the whole
+  request target, as Envoy's path/safe_regex/prefix matchers; a regex must match in full.
+- Retries: with no `retries` a route gets Istio's default policy (2 retries on connect-failure,
+  refused-stream and status 503); `attempts: 0` disables retries; `attempts` counts retries,
+  so a request is tried at most attempts + 1 times. No default timeout.
+- Fault `percentage` unset means no request is faulted (as Istio documents).
+- An HTTP rule with matches none of which can apply to the port (`match[].port`) is dropped for
+  that port; requests no rule matches get 404 (flag NR).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from meshagent.common.istio import networking as net
+from meshagent.common.istio.resource import ResourceError, parse_resource
+from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOMAIN = "cluster.local"
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+
+LbAlgorithm = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
+
+# Istio's defaults when a DestinationRule leaves a setting out.
+DEFAULT_LB: LbAlgorithm = "LEAST_REQUEST"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_CONSECUTIVE_5XX = 5
+DEFAULT_OUTLIER_INTERVAL = 10.0
+DEFAULT_BASE_EJECTION_TIME = 30.0
+DEFAULT_MAX_EJECTION_PERCENT = 10
+# Istio's default retry policy (pilot/pkg/networking/core/route/retry): 2 retries on
+# connect-failure, refused-stream and retriable status 503, preferring untried hosts.
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_RETRY_STATUS = frozenset({503})
+
+
+def is_http_port(port: ServicePort) -> bool:
+    """True for an HTTP/1.1 port: appProtocol `http`, or a name `http` or `http-...`.
+
+    HTTP/2 and gRPC ports (`http2`, `grpc`, `h2c`) are relayed at L4 for now."""
+    if port.protocol != "TCP":
+        return False
+    if port.app_protocol is not None:
+        return port.app_protocol.lower() == "http"
+    name = port.name.lower()
+    return name == "http" or name.startswith("http-")
+
+
+def resolve_host(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
+    """The FQDN a host written in a resource of `namespace` names (see the module docstring)."""
+    host = host.lower().rstrip(".")
+    if host.startswith("*"):
+        return host
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{namespace}.svc.{domain}"
+    if len(parts) == 2:
+        return f"{host}.svc.{domain}"
+    if len(parts) == 3 and parts[2] == "svc":
+        return f"{host}.{domain}"
+    return host
+
+
+def _host_matches(pattern: str, hostname: str) -> bool:
+    return hostname.endswith(pattern[1:]) if pattern.startswith("*") else pattern == hostname
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters: a destination (service port, optional subset) with its endpoints and policy.
+
+
+class ClusterKey(NamedTuple):
+    hostname: str
+    port: int
+    subset: str = ""
+
+    @property
+    def name(self) -> str:
+        """Envoy's cluster name, as Istio spells it (for logs and metrics)."""
+        return f"outbound|{self.port}|{self.subset}|{self.hostname}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_5xx: int = DEFAULT_CONSECUTIVE_5XX  # 0 disables
+    consecutive_gateway: int = 0  # 0 disables
+    interval: float = DEFAULT_OUTLIER_INTERVAL
+    base_ejection_time: float = DEFAULT_BASE_EJECTION_TIME
+    max_ejection_percent: int = DEFAULT_MAX_EJECTION_PERCENT
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """The effective DestinationRule policy of one cluster; None means unlimited."""
+
+    lb: LbAlgorithm = DEFAULT_LB
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    outlier: OutlierPolicy | None = None
+
+
+DEFAULT_POLICY = TrafficPolicy()
+
+
+class UpstreamEndpoint(NamedTuple):
+    endpoint: Endpoint
+    port: int  # the pod's port
+
+    @property
+    def address(self) -> str:
+        return f"{self.endpoint.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    key: ClusterKey
+    endpoints: tuple[UpstreamEndpoint, ...]
+    policy: TrafficPolicy = DEFAULT_POLICY
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP and TCP routes.
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedClusters:
+    """Destinations of one route; `pick` chooses by weight. A None cluster is a destination
+    that names no known service port (requests routed there get 503, flag NC)."""
+
+    clusters: tuple[ClusterSpec | None, ...]
+    cumulative: tuple[int, ...]
+
+    @classmethod
+    def of(cls, weighted: Sequence[tuple[ClusterSpec | None, int]]) -> WeightedClusters:
+        clusters, cumulative, total = [], [], 0
+        for cluster, weight in weighted:
+            if weight <= 0:
+                continue
+            total += weight
+            clusters.append(cluster)
+            cumulative.append(total)
+        return cls(tuple(clusters), tuple(cumulative))
+
+    def pick(self, rand: Callable[[], float] = random.random) -> ClusterSpec | None:
+        if len(self.clusters) == 1:
+            return self.clusters[0]
+        if not self.clusters:
+            return None
+        return self.clusters[bisect_right(self.cumulative, rand() * self.cumulative[-1])]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try a request again, on another endpoint; `attempts` counts retries."""
+
+    attempts: int = DEFAULT_RETRY_ATTEMPTS
+    per_try_timeout: float | None = None
+    on_5xx: bool = False
+    on_gateway_error: bool = False
+    on_connect_failure: bool = True
+    on_reset: bool = False
+    status_codes: frozenset[int] = DEFAULT_RETRY_STATUS
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    delay: float | None = None
+    delay_percent: float = 0.0
+    abort_status: int | None = None
+    abort_percent: float = 0.0
+
+
+Matcher = Callable[[str], bool]
+
+
+def _string_matcher(match: net.StringMatch) -> Matcher:
+    if match.exact is not None:
+        return match.exact.__eq__
+    if match.prefix is not None:
+        prefix = match.prefix
+        return lambda value: value.startswith(prefix)
+    assert match.regex is not None
+    return lambda value, rx=re.compile(match.regex): rx.fullmatch(value) is not None
+
+
+def _path_only(target: str) -> str:
+    cut = target.find("?")
+    return target if cut < 0 else target[:cut]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMatch:
+    """One `match[]` entry; every condition given must hold."""
+
+    uri: Matcher | None = None
+    uri_ignores_query: bool = True
+    method: Matcher | None = None
+    headers: tuple[tuple[str, Matcher], ...] = ()
+
+    @classmethod
+    def compile(cls, m: net.HTTPMatchRequest) -> RequestMatch:
+        return cls(
+            uri=_string_matcher(m.uri) if m.uri else None,
+            uri_ignores_query=m.uri is None or m.uri.prefix is None,
+            method=_string_matcher(m.method) if m.method else None,
+            headers=tuple((name, _string_matcher(sm)) for name, sm in m.headers.items()),
+        )
+
+    def __call__(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
+        if self.uri is not None and not self.uri(
+            _path_only(target) if self.uri_ignores_query else target
+        ):
+            return False
+        if self.method is not None and not self.method(method):
+            return False
+        for name, matcher in self.headers:
+            value = headers.get(name)
+            if value is None or not matcher(value):
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    name: str
+    matches: tuple[RequestMatch, ...]  # empty: every request
+    destinations: WeightedClusters
+    timeout: float | None = None
+    retry: RetryPolicy | None = DEFAULT_RETRY
+    fault: FaultPolicy | None = None
+
+    def matches_request(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
+        return not self.matches or any(m(method, target, headers) for m in self.matches)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoutes:
+    """The HTTP routes of one service port, first match wins."""
+
+    hostname: str
+    port: int
+    routes: tuple[HttpRoute, ...]
+    source: str = ""  # "namespace/name" of the VirtualService, "" for the default route
+    uses_headers: bool = False  # whether matching needs the request's headers
+
+    def match(self, method: str, target: str, headers: Mapping[str, str]) -> HttpRoute | None:
+        for route in self.routes:
+            if route.matches_request(method, target, headers):
+                return route
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRoutes:
+    """Where connections to one L4 service port go (the first `tcp[]` rule for the port)."""
+
+    hostname: str
+    port: int
+    destinations: WeightedClusters
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    http: dict[tuple[str, int], HttpRoutes] = field(default_factory=dict)
+    tcp: dict[tuple[str, int], TcpRoutes] = field(default_factory=dict)
+    clusters: dict[ClusterKey, ClusterSpec] = field(default_factory=dict)
+    # References that lead nowhere (unknown host, subset or port), for logs and status.
+    problems: tuple[str, ...] = ()
+
+    def http_routes(self, hostname: str, port: int) -> HttpRoutes | None:
+        return self.http.get((hostname, port))
+
+    def tcp_routes(self, hostname: str, port: int) -> TcpRoutes | None:
+        return self.tcp.get((hostname, port))
+
+
+def single_endpoint_routes(
+    hostname: str,
+    port: int,
+    endpoint: Endpoint,
+    pod_port: int,
+    *,
+    policy: TrafficPolicy = DEFAULT_POLICY,
+) -> HttpRoutes:
+    """Routes that send every request to one endpoint, without retries or timeout: what the
+    destination proxy uses to run the HTTP engine in front of a local pod."""
+    spec = ClusterSpec(
+        ClusterKey(hostname, port, f"inbound:{endpoint.ip}:{pod_port}"),
+        (UpstreamEndpoint(endpoint, pod_port),),
+        policy,
+    )
+    route = HttpRoute("inbound", (), WeightedClusters.of([(spec, 1)]), retry=None)
+    return HttpRoutes(hostname, port, (route,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation.
+
+
+def _policy_components(
+    tp: net._Policies | None,
+) -> tuple[
+    net.LoadBalancerSettings | None,
+    net.ConnectionPoolSettings | None,
+    net.OutlierDetection | None,
+]:
+    if tp is None:
+        return None, None, None
+    return tp.load_balancer, tp.connection_pool, tp.outlier_detection
+
+
+def _port_level(tp: net.TrafficPolicy | None, port: int) -> net.PortTrafficPolicy | None:
+    if tp is None:
+        return None
+    return next((p for p in tp.port_level_settings if p.port.number == port), None)
+
+
+def merge_policy(
+    top: net.TrafficPolicy | None, subset: net.TrafficPolicy | None, port: int
+) -> TrafficPolicy:
+    """Istio's MergeTrafficPolicy for one port: port-level settings replace the three
+    policies whole (they do not inherit), a subset's fields replace the rule's."""
+    level = _port_level(top, port)
+    lb, pool, outlier = _policy_components(level if level is not None else top)
+    if subset is not None:
+        sub_level = _port_level(subset, port)
+        if sub_level is not None:
+            lb, pool, outlier = _policy_components(sub_level)
+        else:
+            lb = subset.load_balancer or lb
+            pool = subset.connection_pool or pool
+            outlier = subset.outlier_detection or outlier
+    return _to_policy(lb, pool, outlier)
+
+
+def _positive(value: int | None) -> int | None:
+    return value if value else None  # Istio: 0 or unset means the (unlimited) default
+
+
+def _to_policy(
+    lb: net.LoadBalancerSettings | None,
+    pool: net.ConnectionPoolSettings | None,
+    outlier: net.OutlierDetection | None,
+) -> TrafficPolicy:
+    tcp = pool.tcp if pool else None
+    http = pool.http if pool else None
+    od = None
+    if outlier is not None:
+        od = OutlierPolicy(
+            consecutive_5xx=DEFAULT_CONSECUTIVE_5XX
+            if outlier.consecutive_5xx_errors is None
+            else outlier.consecutive_5xx_errors,
+            consecutive_gateway=outlier.consecutive_gateway_errors or 0,
+            interval=outlier.interval or DEFAULT_OUTLIER_INTERVAL,
+            base_ejection_time=outlier.base_ejection_time or DEFAULT_BASE_EJECTION_TIME,
+            max_ejection_percent=DEFAULT_MAX_EJECTION_PERCENT
+            if outlier.max_ejection_percent is None
+            else outlier.max_ejection_percent,
+        )
+    return TrafficPolicy(
+        lb=lb.simple if lb else DEFAULT_LB,
+        connect_timeout=(tcp.connect_timeout if tcp else None) or DEFAULT_CONNECT_TIMEOUT,
+        max_connections=_positive(tcp.max_connections if tcp else None),
+        max_pending_requests=_positive(http.http1_max_pending_requests if http else None),
+        max_requests_per_connection=_positive(http.max_requests_per_connection if http else None),
+        outlier=od,
+    )
+
+
+def _retry_policy(retries: net.HTTPRetry | None) -> RetryPolicy | None:
+    """Istio's ConvertPolicy: the default, overridden by what the VirtualService sets."""
+    if retries is None:
+        return DEFAULT_RETRY
+    if retries.attempts <= 0:
+        return None
+    policy = RetryPolicy(attempts=retries.attempts, per_try_timeout=retries.per_try_timeout)
+    if not retries.retry_on:
+        return policy
+    on = set(retries.retry_on)
+    return RetryPolicy(
+        attempts=retries.attempts,
+        per_try_timeout=retries.per_try_timeout,
+        on_5xx="5xx" in on,
+        on_gateway_error="gateway-error" in on,
+        on_connect_failure="connect-failure" in on,
+        on_reset="reset" in on,
+        status_codes=retries.retriable_status_codes,
+    )
+
+
+def _fault_policy(fault: net.HTTPFaultInjection | None) -> FaultPolicy | None:
+    if fault is None:
+        return None
+    delay, abort = fault.delay, fault.abort
+    return FaultPolicy(
+        delay=delay.fixed_delay if delay else None,
+        delay_percent=delay.percentage.value if delay and delay.percentage else 0.0,
+        abort_status=abort.http_status if abort else None,
+        abort_percent=abort.percentage.value if abort and abort.percentage else 0.0,
+    )
+
+
+def _ordered(resources: Iterable, preferred: Sequence[str]) -> list:
+    rank = {ns: i for i, ns in enumerate(preferred)}
+    return sorted(resources, key=lambda r: (rank.get(r.namespace, len(rank)), r.namespace, r.name))
+
+
+class _Compiler:
+    def __init__(self, snap: Snapshot, root_namespace: str, domain: str) -> None:
+        self.root_namespace = root_namespace
+        self.domain = domain
+        self.services = {svc.hostname: svc for svc in snap.services}
+        self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
+        self.virtual_services: list[net.VirtualService] = []
+        self.destination_rules: list[net.DestinationRule] = []
+        for doc in snap.istio_resources:
+            try:
+                res = parse_resource(doc)
+            except ResourceError as exc:  # the controller validated it; keep serving the rest
+                log.warning("ignoring invalid Istio resource: %s", exc)
+                continue
+            if isinstance(res, net.VirtualService):
+                self.virtual_services.append(res)
+            elif isinstance(res, net.DestinationRule):
+                self.destination_rules.append(res)
+        self.clusters: dict[ClusterKey, ClusterSpec] = {}
+        self.problems: list[str] = []
+
+    def _select(self, hostname: str, candidates: Iterable[tuple[list[str], object]]) -> list:
+        """Resources naming `hostname`: exact hosts first, then wildcards by specificity."""
+        exact, wild = [], []
+        for hosts, res in candidates:
+            if hostname in hosts:
+                exact.append(res)
+                continue
+            best = max(
+                (len(h) for h in hosts if h.startswith("*") and _host_matches(h, hostname)),
+                default=0,
+            )
+            if best:
+                wild.append((best, res))
+        if exact:
+            return exact
+        top = max((n for n, _ in wild), default=0)
+        return [res for n, res in wild if n == top]
+
+    def virtual_service(self, svc: Service) -> net.VirtualService | None:
+        candidates = [
+            ([resolve_host(h, vs.namespace, self.domain) for h in vs.spec.hosts], vs)
+            for vs in self.virtual_services
+        ]
+        chosen = _ordered(self._select(svc.hostname, candidates), [svc.namespace])
+        if len(chosen) > 1:
+            others = ", ".join(vs.ref for vs in chosen[1:])
+            self.problems.append(
+                f"{svc.hostname}: VirtualService {chosen[0].ref} applies, {others} ignored"
+            )
+        return chosen[0] if chosen else None
+
+    def destination_rule(self, svc: Service) -> net.DestinationRule | None:
+        candidates = [
+            ([resolve_host(dr.spec.host, dr.namespace, self.domain)], dr)
+            for dr in self.destination_rules
+        ]
+        chosen = _ordered(
+            self._select(svc.hostname, candidates), [svc.namespace, self.root_namespace]
+        )
+        return chosen[0] if chosen else None
+
+    def cluster(
+        self, hostname: str, port: int | None, subset: str, default_port: int, where: str
+    ) -> ClusterSpec | None:
+        svc = self.services.get(hostname)
+        if svc is None:
+            self.problems.append(f"{where}: host {hostname} is not a known service")
+            return None
+        numbers = [p.port for p in svc.ports]
+        if port is None:
+            if default_port in numbers:
+                port = default_port
+            elif len(numbers) == 1:
+                port = numbers[0]
+            else:
+                self.problems.append(f"{where}: {hostname} has several ports; name one")
+                return None
+        elif port not in numbers:
+            self.problems.append(f"{where}: {hostname} has no port {port}")
+            return None
+        key = ClusterKey(hostname, port, subset)
+        if key in self.clusters:
+            return self.clusters[key]
+        dr = self.destination_rule(svc)
+        endpoints = [e for e in svc.endpoints if port in e.ports]
+        subset_policy = None
+        if subset:
+            sub = next((s for s in dr.spec.subsets if s.name == subset), None) if dr else None
+            if sub is None:
+                self.problems.append(f"{where}: {hostname} has no subset {subset!r}")
+                return None
+            endpoints = [e for e in endpoints if self._has_labels(e, sub.labels)]
+            subset_policy = sub.traffic_policy
+        policy = merge_policy(dr.spec.traffic_policy if dr else None, subset_policy, port)
+        spec = ClusterSpec(
+            key, tuple(UpstreamEndpoint(e, e.ports[port]) for e in endpoints), policy
+        )
+        self.clusters[key] = spec
+        return spec
+
+    def _has_labels(self, endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
+        workload = self.workloads.get(endpoint.workload_uid)
+        have = workload.labels if workload else {}
+        return all(have.get(k) == v for k, v in labels.items())
+
+    def destinations(
+        self,
+        routes: Sequence[net.HTTPRouteDestination | net.RouteDestination],
+        vs_ns: str,
+        port: int,
+        where: str,
+    ) -> WeightedClusters:
+        weighted = []
+        for i, rd in enumerate(routes):
+            dest = rd.destination
+            cluster = self.cluster(
+                resolve_host(dest.host, vs_ns, self.domain),
+                dest.port.number if dest.port else None,
+                dest.subset or "",
+                port,
+                f"{where}.route[{i}]",
+            )
+            weight = rd.weight if rd.weight is not None else (100 if len(routes) == 1 else 0)
+            weighted.append((cluster, weight))
+        return WeightedClusters.of(weighted)
+
+    def http_routes(self, svc: Service, port: int, vs: net.VirtualService | None) -> HttpRoutes:
+        if vs is None or not vs.spec.http:
+            default = self.cluster(svc.hostname, port, "", port, svc.hostname)
+            route = HttpRoute("default", (), WeightedClusters.of([(default, 100)]))
+            return HttpRoutes(svc.hostname, port, (route,))
+        routes = []
+        for i, rule in enumerate(vs.spec.http):
+            entries = [m for m in rule.match if m.port is None or m.port == port]
+            if rule.match and not entries:
+                continue  # every match names another port
+            where = f"VirtualService {vs.ref} http[{i}]"
+            routes.append(
+                HttpRoute(
+                    name=rule.name or f"{vs.ref}#{i}",
+                    matches=tuple(RequestMatch.compile(m) for m in entries),
+                    destinations=self.destinations(rule.route, vs.namespace, port, where),
+                    timeout=rule.timeout,
+                    retry=_retry_policy(rule.retries),
+                    fault=_fault_policy(rule.fault),
+                )
+            )
+        uses_headers = any(m.headers for r in routes for m in r.matches)
+        return HttpRoutes(svc.hostname, port, tuple(routes), vs.ref, uses_headers)
+
+    def tcp_routes(self, svc: Service, port: int, vs: net.VirtualService | None) -> TcpRoutes:
+        for i, rule in enumerate(vs.spec.tcp if vs else ()):
+            if rule.match and not any(m.port in (None, port) for m in rule.match):
+                continue
+            where = f"VirtualService {vs.ref} tcp[{i}]"
+            dests = self.destinations(rule.route, vs.namespace, port, where)
+            return TcpRoutes(svc.hostname, port, dests, vs.ref)
+        default = self.cluster(svc.hostname, port, "", port, svc.hostname)
+        return TcpRoutes(svc.hostname, port, WeightedClusters.of([(default, 100)]))
+
+
+def compile_routes(
+    snap: Snapshot,
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    domain: str = DEFAULT_DOMAIN,
+) -> RouteTable:
+    """Compile a snapshot's services and Istio routing resources into a RouteTable.
+
+    Never raises for a reference that leads nowhere (unknown host, subset or port): that
+    destination answers 503 (NC) and the reason is listed in `RouteTable.problems`."""
+    c = _Compiler(snap, root_namespace, domain)
+    http: dict[tuple[str, int], HttpRoutes] = {}
+    tcp: dict[tuple[str, int], TcpRoutes] = {}
+    for svc in snap.services:
+        vs = c.virtual_service(svc)
+        for port in svc.ports:
+            if port.protocol != "TCP":
+                continue
+            key = (svc.hostname, port.port)
+            if is_http_port(port):
+                http[key] = c.http_routes(svc, port.port, vs)
+            else:
+                tcp[key] = c.tcp_routes(svc, port.port, vs)
+    return RouteTable(http, tcp, c.clusters, tuple(c.problems))
