@@ -359,7 +359,7 @@ class PushServer:
         self.tls = tls
         self.cert_lifetime = cert_lifetime
         self.trust_bundle = ca.trust_bundle_pem if ca is not None else None
-        self.sessions: dict[str, AgentSession] = {}
+        self._sessions: dict[str, list[AgentSession]] = {}  # node -> live ones, last closed
         self.auth_failures = 0
         self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
@@ -371,6 +371,27 @@ class PushServer:
         snap = compile_snapshot(self.model, node, self.trust_bundle)
         self._cache[node] = (self.model.generation, snap)
         return snap
+
+    @property
+    def sessions(self) -> dict[str, AgentSession]:
+        """Per node, its newest connected session, else the last one that closed (a node may
+        have several streams for a moment, e.g. an agent reconnecting before the old
+        connection timed out)."""
+        out = {}
+        for node, sessions in self._sessions.items():
+            live = [s for s in sessions if s.connected]
+            out[node] = (live or sessions)[-1]
+        return out
+
+    def _opened(self, session: AgentSession) -> None:
+        self._sessions.setdefault(session.node, []).append(session)
+
+    def _closed(self, session: AgentSession) -> None:
+        session.connected = False
+        sessions = self._sessions[session.node]
+        sessions[:] = [s for s in sessions if s.connected or s is session]
+        if len(sessions) > 1:
+            sessions.remove(session)  # others are live: they speak for the node
 
     def status(self) -> dict[str, Any]:
         return {
@@ -410,7 +431,7 @@ class PushServer:
                 node = await self._admit(wire, hello, peer)
             session = AgentSession(node=node, peer=peer, tls=isinstance(stream, trio.SSLStream))
             session.acked_version = str(hello.get("version") or "")
-            self.sessions[node] = session
+            self._opened(session)
             log.info("agent %s connected from %s (has %r)", node, peer, session.acked_version)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_closed, self._read_agent(wire, session), nursery)
@@ -426,8 +447,8 @@ class PushServer:
             pass
         finally:
             if session is not None:
-                session.connected = False
-                log.info("agent %s disconnected", session.node)
+                self._closed(session)
+                log.info("agent %s disconnected from %s", session.node, peer)
             await trio.aclose_forcefully(stream)
 
     async def _admit(self, wire: MessageStream, hello: dict, peer: str) -> str:

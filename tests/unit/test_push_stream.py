@@ -328,3 +328,23 @@ async def test_the_token_file_is_read_again_when_the_lab_issues_a_new_token(tmp_
     async with running_controller(tmp_path) as controller:
         fresh = NodeTokenAuthenticator(tmp_path / "node-tokens.json").issue("node-3")
         assert await controller.server.authenticator.authenticate(fresh) == "node-3"
+
+
+async def test_a_second_stream_of_a_node_closing_leaves_the_node_connected(tmp_path):
+    async with (
+        running_controller(tmp_path) as controller,
+        running_agent(tmp_path, controller, "node-1") as agent,
+    ):
+        await until(lambda: agent.store.version, "the agent's snapshot")
+        context = controller_tls_context(controller.root)
+        extra = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", controller.port, ssl_context=context
+        )
+        wire = MessageStream(extra)
+        await wire.send({"type": "hello", "node": "node-1", "token": controller.tokens["node-1"]})
+        assert (await wire.receive())["type"] == "snapshot"
+        second = controller.server.sessions["node-1"]
+        await extra.aclose()
+        await until(lambda: not second.connected, "the second stream to close")
+        session = controller.server.sessions["node-1"]
+        assert session is not second and session.connected
