@@ -13,6 +13,7 @@ of pods scheduled (and not finished) on the session's node. Sessions are kept fo
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -322,7 +323,11 @@ class AgentSession:
 
 
 class _Refused(Exception):
-    """The stream was refused before a session began (already told and counted)."""
+    """The stream is refused before a session begins; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -428,7 +433,7 @@ class PushServer:
                 hello = await wire.receive()
                 if hello is None:
                     return
-                node = await self._admit(wire, hello, peer)
+                node = await self._admit(hello)
             session = AgentSession(node=node, peer=peer, tls=isinstance(stream, trio.SSLStream))
             session.acked_version = str(hello.get("version") or "")
             self._opened(session)
@@ -436,8 +441,8 @@ class PushServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_closed, self._read_agent(wire, session), nursery)
                 nursery.start_soon(self._until_closed, self._push_loop(wire, session), nursery)
-        except _Refused:
-            pass
+        except _Refused as refusal:
+            await self._refuse(wire, peer, refusal)
         except (WireError, trio.TooSlowError) as exc:
             log.warning("agent stream from %s closed: %s", peer, exc or "hello timeout")
         except trio.BrokenResourceError as exc:
@@ -451,33 +456,36 @@ class PushServer:
                 log.info("agent %s disconnected from %s", session.node, peer)
             await trio.aclose_forcefully(stream)
 
-    async def _admit(self, wire: MessageStream, hello: dict, peer: str) -> str:
-        """The authenticated node of this stream, or refuse it (`_Refused`)."""
-
-        async def refuse(reason: str, message: str) -> None:
-            AUTH_FAILURES.labels(reason=reason).inc()
-            self.auth_failures += 1
-            self.last_auth_failure = f"{peer}: {message}"
-            log.warning("agent stream from %s refused: %s", peer, message)
-            await wire.send({"type": "error", "error": f"authentication failed: {message}"})
-            raise _Refused()
-
+    async def _admit(self, hello: dict) -> str:
+        """The authenticated node of this stream; raises `_Refused`."""
         if hello.get("type") != "hello":
-            await refuse("bad_hello", f"expected a hello, got {hello.get('type')!r}")
+            raise _Refused("bad_hello", f"expected a hello, got {hello.get('type')!r}")
         token, claimed = hello.get("token"), hello.get("node")
         if not isinstance(token, str) or not token:
-            await refuse("missing_token", "the hello carries no node token")
+            raise _Refused("missing_token", "the hello carries no node token")
         try:
             node = await self.authenticator.authenticate(token)
         except AuthenticationFailed as exc:
-            await refuse("invalid_token", str(exc))
+            raise _Refused("invalid_token", str(exc)) from None
         except AuthenticationUnavailable as exc:
-            await refuse("unavailable", f"node token could not be checked: {exc}")
+            raise _Refused("unavailable", f"node token could not be checked: {exc}") from None
         if claimed not in (None, "", node):
-            await refuse(
+            raise _Refused(
                 "node_mismatch", f"the token is node {node!r}'s, the hello claims {claimed!r}"
             )
         return node
+
+    async def _refuse(self, wire: MessageStream, peer: str, refusal: _Refused) -> None:
+        """Count the refusal and tell the agent why, before the stream closes."""
+        AUTH_FAILURES.labels(reason=refusal.reason).inc()
+        self.auth_failures += 1
+        self.last_auth_failure = f"{peer}: {refusal}"
+        log.warning("agent stream from %s refused: %s", peer, refusal)
+        with (
+            trio.move_on_after(HELLO_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await wire.send({"type": "error", "error": f"authentication failed: {refusal}"})
 
     async def _until_closed(self, work: Awaitable[None], nursery: trio.Nursery) -> None:
         """Run one side of a session; whichever side ends or fails ends the session."""
@@ -534,13 +542,13 @@ class PushServer:
             raise WireError("csr message without an integer id")
         asked = message.get("identity")
         try:
-            identity, csr_pem = self._csr_request(message)
+            ca, identity, csr_pem = self._csr_request(message)
         except SigningRefused as exc:
             CSR_REFUSED.labels(reason=exc.reason).inc()
             return await self._refuse_csr(wire, session, request_id, asked, exc)
         try:
             chain = sign_for_node(
-                self.ca,
+                ca,
                 session.node,
                 csr_pem,
                 identity,
@@ -556,7 +564,8 @@ class PushServer:
             {"type": "certificate", "id": request_id, "chain": [p.decode("ascii") for p in pems]}
         )
 
-    def _csr_request(self, message: dict) -> tuple[Identity, bytes]:
+    def _csr_request(self, message: dict) -> tuple[CertificateAuthority, Identity, bytes]:
+        """What a csr message asks for; raises `SigningRefused` before any signing."""
         if self.ca is None:
             raise SigningRefused("no_ca", "this controller runs without a certificate authority")
         try:
@@ -566,7 +575,7 @@ class PushServer:
         csr = message.get("csr")
         if not isinstance(csr, str) or not csr.isascii():
             raise SigningRefused("malformed_csr", "the csr field must be a PEM string")
-        return identity, csr.encode("ascii")
+        return self.ca, identity, csr.encode("ascii")
 
     async def _refuse_csr(
         self,

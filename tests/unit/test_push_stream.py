@@ -348,3 +348,27 @@ async def test_a_second_stream_of_a_node_closing_leaves_the_node_connected(tmp_p
         await until(lambda: not second.connected, "the second stream to close")
         session = controller.server.sessions["node-1"]
         assert session is not second and session.connected
+
+
+async def test_a_hello_without_a_token_is_refused_and_garbage_only_closes_that_stream(tmp_path):
+    before = counter(AUTH_FAILURES, reason="missing_token")
+    async with running_controller(tmp_path) as controller:
+        context = controller_tls_context(controller.root)
+        refusal = {
+            "type": "error",
+            "error": "authentication failed: the hello carries no node token",
+        }
+        for line, expected in (
+            (b'{"type": "hello", "node": "node-1"}\n', refusal),
+            (b"\x00garbage\n", None),  # not a message at all: just closed
+        ):
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", controller.port, ssl_context=context
+            )
+            await stream.send_all(line)
+            with trio.fail_after(TIMEOUT):
+                assert await MessageStream(stream).receive() == expected
+            await stream.aclose()
+        assert counter(AUTH_FAILURES, reason="missing_token") == before + 1
+        async with running_agent(tmp_path, controller, "node-1") as agent:
+            await until(lambda: agent.store.version, "a snapshot for a good agent")
