@@ -213,6 +213,9 @@ def start_controller() -> int:
     ]
     if not STREAM_TLS:
         argv.append("--plaintext")
+    # Short-lived workload certificates for renewal tests, e.g. MESHLAB_CERT_LIFETIME=60s.
+    if os.environ.get("MESHLAB_CERT_LIFETIME"):
+        argv += ["--cert-lifetime", os.environ["MESHLAB_CERT_LIFETIME"]]
     return _spawn(
         "controller",
         ["nsenter", f"--net={NETNS_DIR / UNDERLAY_NETNS}", "--", *argv],

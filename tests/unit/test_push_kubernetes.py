@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 import yaml
+from click.testing import CliRunner
 from lightkube import AsyncClient, KubeConfig
 from meshagent.agent.configclient import ControllerLink, controller_tls_context, serve_config_client
 from meshagent.agent.state import SnapshotStore
+from meshagent.controller import cli
 from meshagent.controller.app import Controller, ControllerSettings
 from meshagent.controller.push import TOKEN_AUDIENCE, TokenReviewAuthenticator
 from meshagent.controller.signing import AuthenticationFailed
@@ -154,3 +156,70 @@ def test_settings_name_what_is_missing() -> None:
     assert ControllerSettings(kubernetes=True, ca_file=Path("x")).problems() == [
         "--kubernetes needs this replica's name for leader election (POD_NAME)"
     ]
+
+
+def test_meshctl_status_shows_the_source_leadership_and_stream(monkeypatch) -> None:
+    status = {
+        "generation": 7,
+        "source": {
+            "type": "kubernetes",
+            "complete": True,
+            "kinds": {
+                "Pod": {
+                    "installed": True,
+                    "connected": True,
+                    "resource_version": "42",
+                    "relists": 1,
+                    "last_error": None,
+                },
+                "VirtualService": {
+                    "installed": False,
+                    "connected": False,
+                    "resource_version": None,
+                    "relists": 0,
+                    "last_error": None,
+                },
+            },
+        },
+        "leader": {
+            "lease": "meshagent-system/meshctl",
+            "identity": "meshctl-b",
+            "leader": False,
+            "holder": "meshctl-a",
+            "last_error": "",
+        },
+        "stream": {"tls": True, "auth_failures": 2, "last_auth_failure": "10.0.0.9:4000: bad"},
+        "agents": [
+            {
+                "node": "node-1",
+                "connected": True,
+                "acked_version": "abc",
+                "connected_for_s": 3.0,
+                "last_nack": "",
+                "csr_signed": 4,
+                "csr_refused": 1,
+                "last_csr_refusal": "spiffe://cluster.local/ns/shop/sa/x: not_on_node: ...",
+            }
+        ],
+        "rejected": [],
+    }
+
+    async def fake_get(host, port, path):
+        return 200, json.dumps(status).encode()
+
+    monkeypatch.setattr(cli, "http_get", fake_get)
+    output = CliRunner().invoke(cli.main, ["status"]).output
+    assert "source: kubernetes (synced)" in output
+    assert "Pod" in output and "watching at 42" in output
+    assert "VirtualService" in output and "not installed" in output
+    assert "meshctl-b is follower (leader: meshctl-a)" in output
+    assert "agent stream: TLS, 2 authentication failures (last: 10.0.0.9:4000: bad)" in output
+    assert "certs signed=4 refused=1" in output
+    assert "last refusal: spiffe://cluster.local/ns/shop/sa/x: not_on_node" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("60s", 60), ("90", 90), ("24h", 86400), ("7d", 604800)]
+)
+def test_cert_lifetime_takes_durations(text, seconds) -> None:
+    assert cli.Duration().convert(text, None, None).total_seconds() == seconds
