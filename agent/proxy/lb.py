@@ -210,11 +210,15 @@ class ClusterState:
             ep.consecutive_gateway = 0
         ep.consecutive_5xx += 1
         od = self.spec.policy.outlier
-        if od is None or ep.ejected_until is not None or ep.retired:
+        if od is None or ep.retired:
             return
         if (od.consecutive_5xx and ep.consecutive_5xx >= od.consecutive_5xx) or (
             od.consecutive_gateway and ep.consecutive_gateway >= od.consecutive_gateway
         ):
+            if ep.ejected_until is not None:
+                self._refresh(self._clock())  # its ejection may be over by now
+                if ep.ejected_until is not None:
+                    return  # late results of requests sent before it was ejected
             ep.consecutive_5xx = 0
             ep.consecutive_gateway = 0
             self._try_eject(ep, od.base_ejection_time, od.max_ejection_percent)

@@ -18,7 +18,7 @@ cancelled when the connection is taken again.
 from __future__ import annotations
 
 import select
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Hashable, Iterable
 from contextlib import asynccontextmanager, suppress
 
 import h11
@@ -61,6 +61,8 @@ class UpstreamConnection:
         "endpoint",
         "h11",
         "idle_since",
+        "info",
+        "key",
         "requests",
         "stream",
         "watch_done",
@@ -68,9 +70,16 @@ class UpstreamConnection:
     )
 
     def __init__(
-        self, stream: trio.abc.HalfCloseableStream, cluster: ClusterState, ep: EndpointState
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        cluster: ClusterState,
+        ep: EndpointState,
+        key: Hashable = None,
+        info: object = None,
     ) -> None:
         self.stream = stream
+        self.key = key
+        self.info = info  # what Connect returned, when it was more than the stream
         self.cluster = cluster
         self.endpoint = ep
         self.h11 = h11.Connection(h11.CLIENT)
@@ -125,25 +134,35 @@ class ConnectionPool:
     """The idle connections of one proxy, by endpoint. Use `open_connection_pool`."""
 
     def __init__(
-        self, connect: Connect, nursery: trio.Nursery, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+        self,
+        connect: Connect | None,
+        nursery: trio.Nursery,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self._connect = connect
         self._nursery = nursery
         self._idle_timeout = idle_timeout
-        self._idle: dict[EndpointState, list[UpstreamConnection]] = {}
+        self._idle: dict[tuple[Hashable, EndpointState], list[UpstreamConnection]] = {}
 
     def idle_count(self, ep: EndpointState | None = None) -> int:
-        if ep is not None:
-            return len(self._idle.get(ep, ()))
-        return sum(len(conns) for conns in self._idle.values())
+        return sum(len(conns) for (_, e), conns in self._idle.items() if ep is None or e is ep)
 
-    async def acquire(self, cluster: ClusterState, ep: EndpointState) -> UpstreamConnection:
-        """A connection to `ep` ready for a request. Raises lb.Overflow when the cluster's
+    async def acquire(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        *,
+        key: Hashable = None,
+        connect: Connect | None = None,
+    ) -> UpstreamConnection:
+        """A connection to `ep` ready for a request. Connections are shared only among
+        callers passing equal `key`s: use the source workload when `connect` (default: the
+        pool's) authenticates or authorizes as it. Raises lb.Overflow when the cluster's
         pending queue is full, UpstreamError when a new connection cannot be opened."""
         while True:
-            conn = await self._take_idle(ep)
+            conn = await self._take_idle((key, ep))
             if conn is None and cluster.can_open(ep):
-                conn = await self._open(cluster, ep)
+                conn = await self._open(cluster, ep, key, connect or self._connect)
             if conn is not None:
                 conn.cycle_bytes = 0
                 return conn
@@ -166,7 +185,7 @@ class ConnectionPool:
             return
         conn.h11.start_next_cycle()
         conn.idle_since = trio.current_time()
-        self._idle.setdefault(conn.endpoint, []).append(conn)
+        self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
         if getattr(conn.stream, "socket", None) is None:
             conn.watch_scope = trio.CancelScope()
             conn.watch_done = trio.Event()
@@ -175,21 +194,22 @@ class ConnectionPool:
 
     def discard(self, endpoints: Iterable[EndpointState]) -> None:
         """Close the idle connections of endpoints that left the snapshot."""
-        for ep in endpoints:
-            for conn in self._idle.pop(ep, ()):
+        gone = set(endpoints)
+        for slot in [slot for slot in self._idle if slot[1] in gone]:
+            for conn in self._idle.pop(slot):
                 if conn.watch_scope is not None:
                     conn.watch_scope.cancel()
                 self._discard(conn)
 
     def close_all(self) -> None:
-        self.discard(list(self._idle))
+        self.discard([ep for _, ep in self._idle])
 
-    async def _take_idle(self, ep: EndpointState) -> UpstreamConnection | None:
-        idle = self._idle.get(ep)
+    async def _take_idle(self, slot: tuple[Hashable, EndpointState]) -> UpstreamConnection | None:
+        idle = self._idle.get(slot)
         while idle:
             conn = idle.pop()
             if not idle:
-                del self._idle[ep]
+                del self._idle[slot]
             if conn.watch_scope is not None and conn.watch_done is not None:
                 conn.watch_scope.cancel()
                 await conn.watch_done.wait()
@@ -198,22 +218,32 @@ class ConnectionPool:
                 self._discard(conn)  # the server closed it (or spoke) while it was idle
             if not conn.closed:
                 return conn
-            idle = self._idle.get(ep)
+            idle = self._idle.get(slot)
         return None
 
-    async def _open(self, cluster: ClusterState, ep: EndpointState) -> UpstreamConnection:
+    async def _open(
+        self, cluster: ClusterState, ep: EndpointState, key: Hashable, connect: Connect
+    ) -> UpstreamConnection:
         cluster.opened(ep)
         try:
             with trio.fail_after(cluster.spec.policy.connect_timeout):
-                stream = await self._connect(ep.endpoint, ep.port)
+                opened = await connect(ep.endpoint, ep.port)
         except BaseException as exc:
             cluster.closed(ep)
             if isinstance(exc, trio.TooSlowError):
                 raise UpstreamError("connect-failure", "connect timeout") from None
-            if isinstance(exc, OSError | trio.BrokenResourceError):
-                raise UpstreamError("connect-failure", str(exc)) from exc
+            if isinstance(exc, UpstreamError):
+                raise
+            if isinstance(exc, Exception):  # any connector's failure (its kind kept if given)
+                kind = getattr(exc, "kind", "connect-failure")
+                if kind not in ("connect-failure", "refused", "reset"):
+                    kind = "connect-failure"
+                raise UpstreamError(kind, str(exc) or type(exc).__name__) from exc
             raise
-        return UpstreamConnection(stream, cluster, ep)
+        # Connect may return the stream itself or an object carrying it as `.stream`.
+        stream = getattr(opened, "stream", opened)
+        info = None if stream is opened else opened
+        return UpstreamConnection(stream, cluster, ep, key, info)
 
     def _expired(self, conn: UpstreamConnection, now: float) -> bool:
         return now - conn.idle_since >= self._idle_timeout
@@ -240,11 +270,12 @@ class ConnectionPool:
         self._nursery.start_soon(trio.aclose_forcefully, conn.stream)
 
     def _remove_idle(self, conn: UpstreamConnection) -> None:
-        idle = self._idle.get(conn.endpoint)
+        slot = (conn.key, conn.endpoint)
+        idle = self._idle.get(slot)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self._idle[conn.endpoint]
+                del self._idle[slot]
 
     async def _watch(self, conn: UpstreamConnection) -> None:
         assert conn.watch_scope is not None and conn.watch_done is not None
@@ -262,9 +293,10 @@ class ConnectionPool:
 
 @asynccontextmanager
 async def open_connection_pool(
-    connect: Connect, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    connect: Connect | None = None, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 ) -> AsyncIterator[ConnectionPool]:
-    """A ConnectionPool for the proxy's lifetime; its idle connections close on exit."""
+    """A ConnectionPool for the proxy's lifetime; its idle connections close on exit.
+    `connect` is the default for callers that pass none to `acquire`."""
     async with trio.open_nursery() as nursery:
         pool = ConnectionPool(connect, nursery, idle_timeout)
         nursery.start_soon(pool.sweep, min(idle_timeout, SWEEP_INTERVAL))

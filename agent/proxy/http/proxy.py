@@ -470,13 +470,14 @@ class _Session:
     ) -> tuple[Outcome | None, int, bool]:
         pool = self.ctx.pool
         try:
-            up = await pool.acquire(cluster, ep)
+            up = await pool.acquire(cluster, ep, key=self.ctx.pool_key, connect=self.ctx.connect)
         except Overflow:
             return Outcome.OVERFLOW, 0, False
         except UpstreamError:
             cluster.report(ep, CONNECT_FAILURE_CODE)
             return Outcome.CONNECT_FAILURE, 0, False
         reused = up.requests > 0
+        record.upstream_info = up.info
         cluster.request_started(ep)
         state = _Attempt()
         try:

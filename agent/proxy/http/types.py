@@ -10,7 +10,7 @@ request as a RequestRecord (for metrics and the access log).
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -33,9 +33,11 @@ class UpstreamError(Exception):
         self.kind: UpstreamErrorKind = kind
 
 
-# Opens a byte stream to an endpoint's pod port (TCP on this node, an HBONE stream to another).
-# Raises UpstreamError. A cancelled receive_some on the stream must lose no data: idle pooled
-# connections are watched for the server closing them with a receive that is cancelled on reuse.
+# Opens a byte stream to an endpoint's pod port (TCP on this node, an HBONE stream to another),
+# or an object carrying it as `.stream` (kept as RequestRecord.upstream_info). Raises
+# UpstreamError (any other exception counts as a connect failure, its `kind` kept if valid).
+# For a stream without `.socket`, a cancelled receive_some must lose no data: such idle pooled
+# connections are watched for the server closing them by a receive cancelled on reuse.
 Connect = Callable[[Endpoint, int], Awaitable[trio.abc.HalfCloseableStream]]
 
 
@@ -100,6 +102,7 @@ class RequestRecord:
     endpoint: Endpoint | None = None  # the endpoint that answered (or the last one tried)
     upstream: str = ""  # its "ip:port"
     attempts: int = 0  # upstream attempts made (1 + retries)
+    upstream_info: object = None  # what Connect returned with the stream, if anything
 
     @property
     def flag_string(self) -> str:
@@ -132,6 +135,11 @@ class HttpContext:
     routes: Callable[[], HttpRoutes | None]
     clusters: Clusters
     pool: ConnectionPool
+    # How to reach endpoints for this connection's requests (default: the pool's), and the
+    # key its pooled connections are shared under: connections opened as one source (with
+    # its certificate, after its authorization) must never carry another source's requests.
+    connect: Connect | None = None
+    pool_key: Hashable = None
     request_filter: RequestFilter | None = None
     on_request_done: Callable[[RequestRecord], None] | None = None
     peer: str = ""
