@@ -215,9 +215,11 @@ def python_tool(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"benchmarks.{module}", *args]
 
 
-def _check_ips(up_output: str, paths_ips: dict[str, str]) -> None:
+def check_ips(up_output: str, planned: dict[str, str]) -> None:
+    """Refuse to measure if `meshlab up` gave pods other IPs than planned (the HAProxy
+    configurations name them)."""
     got = dict(re.findall(r"^\s+(\S+/\S+)\s+node-\d+\s+(\S+)$", up_output, re.MULTILINE))
-    wrong = {k: (v, got.get(k)) for k, v in paths_ips.items() if got.get(k) != v}
+    wrong = {k: (v, got.get(k)) for k, v in planned.items() if got.get(k) != v}
     if wrong:
         raise LabFailed(f"pod IPs differ from the plan (planned, got): {wrong}")
 
@@ -232,7 +234,7 @@ def running_lab(manifest: Path) -> Iterator[None]:
     try:
         if proc.returncode != 0:
             raise LabFailed(f"meshlab up failed: {(proc.stdout + proc.stderr).strip()[-1500:]}")
-        _check_ips(proc.stdout, plan_ips(load_documents(manifest.read_text(), str(manifest))))
+        check_ips(proc.stdout, plan_ips(load_documents(manifest.read_text(), str(manifest))))
         load_pods()
         yield
     finally:

@@ -4,6 +4,7 @@ PNG with zlib, so the harness needs no plotting library. Pure: panels of values 
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -127,6 +128,7 @@ class Panel:
 
     title: str
     groups: Sequence[tuple[str, dict[str, float | None]]]
+    log_scale: bool = False  # latencies span decades: p50 and p99.9 both stay readable
 
 
 WIDTH = 1000
@@ -163,17 +165,43 @@ def bar_chart(panels: Sequence[Panel], series: Sequence[str], colors: Sequence[C
     return canvas.png()
 
 
+class _Axis:
+    """Maps values to heights in pixels, linear from 0 or logarithmic between whole decades."""
+
+    def __init__(self, values: list[float], log: bool, pixels: int) -> None:
+        self.log, self.pixels = log, pixels
+        positive = [v for v in values if v > 0]
+        if log and positive:
+            # room below the smallest bar (a third of a decade at least): never on the floor
+            self.low = math.floor(math.log10(min(positive) / 2))
+            self.high = max(self.low + 1, math.ceil(math.log10(max(positive))))
+            self.ticks = [10.0**e for e in range(self.low, self.high + 1)]
+        else:
+            self.log = False
+            top = _nice_top(max(values, default=0.0))
+            self.ticks = [top * i / 4 for i in range(5)]
+
+    def height(self, value: float) -> int:
+        if self.log:
+            if value <= 0:
+                return 0
+            share = (math.log10(value) - self.low) / (self.high - self.low)
+        else:
+            share = value / self.ticks[-1]
+        return round(self.pixels * min(1.0, max(0.0, share)))
+
+
 def _draw_panel(
     canvas: Canvas, top: int, panel: Panel, series: Sequence[str], colors: Sequence[Color]
 ) -> None:
     canvas.text(MARGIN_L, top + 8, panel.title, scale=2)
     plot_top, plot_bottom = top + 40, top + PANEL_H - 30
     values = [v for _, by in panel.groups for v in by.values() if v is not None]
-    axis_max = _nice_top(max(values, default=0.0))
-    for i in range(5):  # grid lines and their labels
-        y = plot_bottom - round((plot_bottom - plot_top) * i / 4)
+    axis = _Axis(values, panel.log_scale, plot_bottom - plot_top)
+    for i, tick in enumerate(axis.ticks):  # grid lines and their labels
+        y = plot_bottom - axis.height(tick)
         canvas.rect(MARGIN_L, y, WIDTH - MARGIN_R, y + 1, GREY if i else BLACK)
-        label = _label(axis_max * i / 4)
+        label = _label(tick)
         canvas.text(MARGIN_L - 6 - Canvas.text_width(label), y - 3, label)
     group_w = (WIDTH - MARGIN_L - MARGIN_R) / max(1, len(panel.groups))
     bar_w = int(group_w * 0.8 / max(1, len(series)))
@@ -185,7 +213,7 @@ def _draw_panel(
             if value is None:
                 canvas.text(bx + 2, plot_bottom - 10, "n/a")
                 continue
-            height = round((plot_bottom - plot_top) * max(0.0, value) / axis_max)
+            height = axis.height(value)
             canvas.rect(bx + 2, plot_bottom - height, bx + bar_w - 2, plot_bottom, color)
             label = _label(value)
             lx = bx + (bar_w - Canvas.text_width(label)) // 2

@@ -296,6 +296,10 @@ def markdown(results: dict) -> str:
         lines += ["", "## Failed measurements", ""]
         for e in results["errors"]:
             lines.append(f"- run {e['round'] + 1}, {e['scenario']}, `{e['path']}`: {e['error']}")
+    idle = results.get("idle_proxy_cpu_cores") or {}
+    if idle:
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in idle.items())
+        lines += ["", f"Proxies' CPU while idle, before the runs (cores): {shown}."]
     lines += [
         "",
         f"Settings: {s['tcp_seconds']} s per iperf3 run ({s['tcp_omit']} s of slow start left "

@@ -152,15 +152,17 @@ def chart(metrics: list[dict], settings) -> bytes:
 
     panels = [
         Panel(
-            f"http at {settings.rate:,} req/s, 1 kib responses: latency (ms, medians)",
+            f"http at {settings.rate:,} req/s, 1 kib responses: latency (ms, medians, log scale)",
             groups([("p50", "fixed_p50_ms"), ("p90", "fixed_p90_ms"), ("p99", "fixed_p99_ms")]),
+            log_scale=True,
         ),
         Panel(
-            "http, 1 connection, one request at a time: latency (ms, medians)",
+            "http, 1 connection, one request at a time: latency (ms, medians, log scale)",
             groups([("p50", "http_c1_p50_ms"), ("p99", "http_c1_p99_ms")]),
+            log_scale=True,
         ),
         Panel(
-            "http keep-alive, 16 connections, closed loop: latency (ms, medians)",
+            "http keep-alive, 16 connections: latency (ms, medians, log scale)",
             groups(
                 [
                     ("p50", "http_c16_p50_ms"),
@@ -168,6 +170,7 @@ def chart(metrics: list[dict], settings) -> bytes:
                     ("p99.9", "http_c16_p999_ms"),
                 ]
             ),
+            log_scale=True,
         ),
     ]
     return bar_chart(panels, list(COLORS), list(COLORS.values()))

@@ -1,23 +1,11 @@
 """Summaries of repeated measurements: samples in, median and spread out, and the ratios between
-paths measured in the same run. Pure; shared by the harness and the load generator."""
+paths measured in the same run. Pure."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """The nearest-rank percentile (`pct` in 0..100] of values sorted ascending: a value that was
-    really observed, so p99.9 of 1,000 samples is the slowest, not an interpolation."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    if not 0 < pct <= 100:
-        raise ValueError(f"percentile must be in (0, 100], not {pct}")
-    rank = math.ceil(pct / 100 * len(sorted_values))
-    return sorted_values[max(rank, 1) - 1]
 
 
 @dataclass(frozen=True)

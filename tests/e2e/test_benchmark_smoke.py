@@ -1,0 +1,54 @@
+"""Issue #9: the benchmark harness runs end to end in its smoke mode (seconds per scenario, one
+run, a few idle connections), so it cannot rot. Only its outputs are checked, that they exist
+and parse: timings on a shared test machine prove nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+from tests.e2e.conftest import _require_root
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    _length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR"
+    idat = data.index(b"IDAT")
+    (idat_length,) = struct.unpack(">I", data[idat - 4 : idat])
+    zlib.decompress(data[idat + 4 : idat + 4 + idat_length])  # the image data inflates
+    return struct.unpack(">II", data[16:24])
+
+
+def test_benchmark_smoke_run_writes_json_markdown_and_chart(tmp_path):
+    _require_root()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MESHLAB_INSTANCE": os.environ.get("MESHLAB_INSTANCE", "bench")},
+    )
+    log = proc.stdout + proc.stderr
+    assert (tmp_path / "latest.json").exists(), log
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["mode"] == "smoke"
+    assert results["machine"]["cores"] >= 1
+    assert {m["id"] for m in results["metrics"]}, log
+    assert all({"title", "target", "measured", "met"} <= set(t) for t in results["targets"])
+
+    table = (tmp_path / "latest.md").read_text()
+    assert table.startswith("# meshagent benchmarks")
+    assert "| figure | direct | mesh-same-node | mesh-cross-node | sidecar-pair |" in table
+
+    width, height = _png_size((tmp_path / "latest.png").read_bytes())
+    assert width > 0 and height > 0

@@ -1,0 +1,86 @@
+"""benchmarks/lab.yaml and labsetup.py: the bench lab has what each path needs, where it needs
+it, and the run folder holds configurations that agree with the planned addresses."""
+
+from __future__ import annotations
+
+import pytest
+from meshagent.lab.paths import POD_NET_OCTET
+
+from benchmarks import configs, labsetup
+
+
+def _objects(run_dir="/tmp/run") -> list[dict]:
+    return labsetup.render_manifest(labsetup.MANIFEST.read_text(), run_dir)
+
+
+def test_the_run_folder_is_filled_in_everywhere():
+    text = str(_objects("/tmp/bench-xyz"))
+    assert labsetup.PLACEHOLDER not in text
+    assert "/tmp/bench-xyz/haproxy-a.cfg" in text
+
+
+def test_meshed_and_plain_namespaces():
+    namespaces = {o["metadata"]["name"]: o for o in _objects() if o["kind"] == "Namespace"}
+    assert namespaces["bench-mesh"]["metadata"]["labels"]["meshagent.io/mesh"] == "enabled"
+    assert "labels" not in namespaces["bench-plain"]["metadata"]
+
+
+def test_servers_clients_and_proxies_sit_on_the_nodes_each_path_needs():
+    ips = labsetup.plan_ips(_objects())
+
+    def node(pod: str) -> int:
+        octet, index = ips[pod].split(".")[1:3]
+        assert int(octet) == POD_NET_OCTET
+        return int(index)
+
+    assert node("bench-plain/client") == node("bench-mesh/client") == 1
+    assert node("bench-plain/sidecar-a") == 1 and node("bench-plain/sidecar-b") == 2
+    assert node("bench-plain/http") == node("bench-mesh/http-remote") == 2
+    assert node("bench-mesh/http-local") == 1
+    assert node("bench-plain/iperf") == node("bench-mesh/iperf-remote") == 2
+    assert node("bench-mesh/iperf-local") == 1
+
+
+def test_mesh_paths_dial_services_that_select_their_servers():
+    objects = _objects()
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    pods = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
+    paths = labsetup.bench_paths(labsetup.plan_ips(objects))
+    expected = {
+        "mesh-same-node": ("http-local", "iperf-local"),
+        "mesh-cross-node": ("http-remote", "iperf-remote"),
+    }
+    for name, servers in expected.items():
+        path = paths[name]
+        for (host, port), server in zip((path.http, path.iperf), servers, strict=True):
+            svc_name, namespace = host.split(".")
+            assert namespace == "bench-mesh"
+            svc = services[svc_name]
+            assert svc["spec"]["selector"] == {"app": server}
+            assert pods[server]["metadata"]["labels"]["app"] == server
+            assert port in [p["port"] for p in svc["spec"]["ports"]]
+        assert len(path.proxies) == 2  # both node agents
+
+
+def test_direct_and_sidecar_paths_dial_pod_ips_and_the_sidecar_config_agrees(tmp_path):
+    manifest, paths = labsetup.prepare(tmp_path / "run")
+    ips = labsetup.plan_ips(
+        labsetup.render_manifest(labsetup.MANIFEST.read_text(), tmp_path / "run")
+    )
+    assert paths["direct"].http == (ips["bench-plain/http"], configs.HTTP_PORT)
+    assert paths["direct"].iperf == (ips["bench-plain/iperf"], configs.IPERF_PORT)
+    assert paths["direct"].proxies == ()
+    assert paths["sidecar-pair"].http == (ips["bench-plain/sidecar-a"], configs.SIDECAR_A_HTTP)
+    a = (tmp_path / "run" / "haproxy-a.cfg").read_text()
+    b = (tmp_path / "run" / "haproxy-b.cfg").read_text()
+    assert f"{ips['bench-plain/sidecar-b']}:{configs.SIDECAR_B_HTTP}" in a
+    assert f"{ips['bench-plain/http']}:{configs.HTTP_PORT}" in b
+    assert f"{ips['bench-plain/iperf']}:{configs.IPERF_PORT}" in b
+    assert manifest.exists() and (tmp_path / "run" / "nginx-plain").is_dir()
+
+
+def test_lab_up_output_must_match_the_plan():
+    planned = {"bench-plain/http": "10.1.2.10"}
+    labsetup.check_ips("lab up: 2 nodes\n  bench-plain/http   node-2   10.1.2.10\n", planned)
+    with pytest.raises(labsetup.LabFailed, match=r"10\.1\.2\.99"):
+        labsetup.check_ips("  bench-plain/http   node-2   10.1.2.99\n", planned)

@@ -1,0 +1,141 @@
+"""benchmarks/report.py: from raw samples to the ratios, the targets' status and the Markdown
+table, on made-up figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import report
+from benchmarks.report import CROSS, DIRECT, SAME, SIDECAR
+
+
+def _samples() -> report.Samples:
+    return {
+        "tcp_1_gbps": {
+            DIRECT: [8.0, 9.0, 8.8],
+            SAME: [7.5, 7.0, 7.9],
+            CROSS: [4.4, 4.2, 4.0],
+            SIDECAR: [4.1, 4.0, 3.9],
+        },
+        "http_c1_p50_ms": {
+            DIRECT: [0.05, 0.06, 0.05],
+            CROSS: [0.20, None, 0.25],  # round 2 failed on this path
+            SIDECAR: [0.22, 0.21, 0.23],
+        },
+        "fixed_p90_ms": {DIRECT: [0.2, 0.2, 0.2], CROSS: [0.35, 0.5, 0.3]},
+        "fixed_cpu_per_krps": {CROSS: [0.25, 0.3, 0.2], SIDECAR: [0.2, 0.2, 0.2]},
+        "idle_kib_per_conn": {CROSS: [9.0, 9.5, 8.0]},
+    }
+
+
+def test_added_latency_pairs_each_round_with_direct_and_skips_failed_rounds():
+    samples = _samples()
+    report.derive_added(samples)
+    added = samples["http_c1_added_p50_ms"]
+    assert DIRECT not in added
+    assert added[CROSS] == pytest.approx([0.15, 0.20])
+    assert added[SIDECAR] == pytest.approx([0.17, 0.15, 0.18])
+    assert samples["fixed_added_p90_ms"][CROSS] == pytest.approx([0.15, 0.3, 0.1])
+
+
+def test_metric_table_has_medians_spreads_and_both_ratios():
+    rows = {r["id"]: r for r in report.metric_table(report.summaries(_samples()))}
+    cross = rows["tcp_1_gbps"]["paths"][CROSS]
+    assert cross["median"] == 4.2
+    assert (cross["min"], cross["max"], cross["n"]) == (4.0, 4.4, 3)
+    assert cross["vs_direct"] == pytest.approx(4.2 / 8.8)
+    assert cross["vs_sidecar_pair"] == pytest.approx(4.2 / 4.0)
+    assert rows["tcp_1_gbps"]["better"] == "higher"
+    assert rows["fixed_cpu_per_krps"]["paths"][CROSS]["vs_direct"] is None  # direct has none
+    assert "tcp_4_gbps" not in rows  # not measured: no row
+
+
+def test_targets_report_met_missed_and_not_measured():
+    samples = _samples()
+    report.derive_added(samples)
+    targets = {
+        (t["title"], t["target"]): t
+        for t in report.evaluate_targets(report.summaries(samples), None)
+    }
+    bulk = targets[("mesh-cross-node bulk throughput (1 stream)", "≥ 1.0 x sidecar-pair")]
+    assert bulk["met"] is True and "1.05 x" in bulk["measured"]
+    half = targets[("mesh-cross-node bulk throughput (1 stream)", "≥ 0.5 x direct")]
+    assert half["met"] is False
+    same = targets[("mesh-same-node bulk throughput (1 stream)", "≥ 0.9 x direct")]
+    assert same["met"] is False  # 7.5 / 8.8
+    p90 = targets[("mesh-cross-node at 1,000 req/s: added p90", "≤ 0.2 ms")]
+    assert p90["met"] is True and p90["measured"] == "0.150 ms"
+    assert targets[("mesh-cross-node at 1,000 req/s: added p99", "≤ 0.3 ms")]["met"] is None
+    latency = targets[
+        ("mesh-cross-node added p50 latency, 1 connection", "≤ sidecar-pair's added p50")
+    ]
+    assert latency["met"] is False  # 0.175 ms against 0.17 ms
+    assert targets[("mesh-cross-node proxy memory per idle connection", "≤ 10 KiB")]["met"] is True
+    push = targets[("controller push to 100 agents, p99", "≤ 1 s")]
+    assert push["met"] is None and "not measured" in push["measured"]
+
+
+@pytest.mark.parametrize(
+    ("push", "seconds"),
+    [
+        ({"p99_s": 0.4}, 0.4),
+        ({"p99_ms": 250}, 0.25),
+        ({"agents": 100, "latency": {"p50_ms": 10, "p99_ms": 1200}}, 1.2),
+        ({"agents": 100}, None),
+        (None, None),
+    ],
+)
+def test_push_latency_p99_in_the_forms_accepted(push, seconds):
+    assert report.push_p99_seconds(push) == seconds
+
+
+def test_push_latency_target_from_the_file():
+    targets = report.evaluate_targets({}, {"p99_ms": 1200})
+    push = targets[-1]
+    assert push["met"] is False and push["measured"] == "1.20 s"
+
+
+def test_markdown_has_a_table_per_scenario_targets_and_machine():
+    samples = _samples()
+    report.derive_added(samples)
+    sums = report.summaries(samples)
+    results = {
+        "command": "python -m benchmarks.run",
+        "mode": "full",
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "machine": {
+            "cores": 2,
+            "cpu_model": "Test CPU",
+            "kernel": "6.1.0",
+            "python": "3.11.2",
+            "commit": "abc123",
+            "dirty": False,
+            "loadavg_start": "0.10",
+            "loadavg_end": "1.50",
+            "other_labs": [],
+        },
+        "settings": {
+            "runs": 3,
+            "tcp_seconds": 4,
+            "tcp_omit": 1,
+            "http_seconds": 4,
+            "latency_seconds": 3,
+            "rate": 1000,
+            "rate_seconds": 5,
+            "rate_connections": 16,
+            "newconn_seconds": 3,
+            "idle_connections": 5000,
+        },
+        "paths": dict(report.PATH_NOTES),
+        "idle_proxy_cpu_cores": {"node agents (both nodes)": 0.01},
+        "metrics": report.metric_table(sums),
+        "targets": report.evaluate_targets(sums, None),
+        "errors": [{"round": 1, "scenario": "http-c1", "path": CROSS, "error": "wrk: timeout"}],
+    }
+    text = report.markdown(results)
+    assert "2 cores (Test CPU), kernel 6.1.0" in text and "commit `abc123`" in text
+    assert "## Bulk TCP (iperf3)" in text
+    assert "| 1 stream (Gbit/s, higher is better) | 8.80 ±6% (2.20xs) |" in text
+    assert "4.20 ±5% (0.48xd, 1.05xs)" in text
+    assert "| mesh-cross-node at 1,000 req/s: added p90 | ≤ 0.2 ms | 0.150 ms | met |" in text
+    assert "- run 2, http-c1, `mesh-cross-node`: wrk: timeout" in text
