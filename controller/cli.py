@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 import trio
+from lightkube import ConfigError
 from meshagent.common.httpserve import http_get
 from meshagent.common.istio import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.manifests import ManifestError, load_files
@@ -196,10 +197,15 @@ def serve(
     problems = settings.problems()
     if problems:
         raise click.UsageError("; ".join(problems))
+    failed = False
     try:
         trio.run(Controller(settings).serve)
-    except CAError as exc:
-        click.echo(f"meshctl: {exc}", err=True)
+    except* (CAError, ConfigError, ValueError) as group:
+        # Unusable CA material, kubeconfig or Secret: say what, without a traceback.
+        for exc in group.exceptions:
+            click.echo(f"meshctl: {exc}", err=True)
+        failed = True
+    if failed:
         sys.exit(1)
 
 
