@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,8 @@ class AgentConfig(BaseModel):
     excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
     discovery_interval: float = 0.5
     trust_domain: str = "cluster.local"
+    hbone_port: int = 15008
+    access_log: Literal["stdout", "off"] = "stdout"
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
     # address always is): e.g. the node IP kubelet probes come from.
     trusted_sources: list[str] = Field(default_factory=list)

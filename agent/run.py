@@ -1,8 +1,9 @@
-"""The agent process: datapath, snapshot, meshing, proxy and admin in one nursery.
+"""The agent process: datapath, snapshot, identities, proxy, telemetry and admin, in one nursery.
 
-Order matters for readiness: the datapath is installed (or found still
-attached from a previous run), the saved snapshot is loaded if any, then the
-proxy listens, and only then does 15021 answer ready.
+Order matters for readiness: the datapath is installed (or found still attached
+from a previous run), the saved snapshot is loaded if any, the controller
+stream and the identity manager start, then the listeners (15001 outbound,
+15008 HBONE, 15020 metrics, 15000 admin) — and only then does 15021 answer ready.
 """
 
 from __future__ import annotations
@@ -14,12 +15,28 @@ from dataclasses import asdict
 
 import trio
 from meshagent.agent.config import AgentConfig
-from meshagent.agent.configclient import ControllerLink, serve_config_client
+from meshagent.agent.configclient import ControllerLink, serve_controller_link
 from meshagent.agent.datapath import loader
+from meshagent.agent.hbone import metrics as hbone_metrics
+from meshagent.agent.hbone.client import open_tunnel_pool
+from meshagent.agent.hbone.server import serve_hbone
+from meshagent.agent.identity.certstore import CertStore
+from meshagent.agent.identity.controller_signer import ControllerSigner
+from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.meshing import MeshReconciler
+from meshagent.agent.proxy.inbound import InboundProxy
+from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
-from meshagent.agent.proxy.upstream import Connector
-from meshagent.agent.state import SnapshotStore
+from meshagent.agent.proxy.upstream import Connector, workload_identity
+from meshagent.agent.state import SnapshotStore, Tables
+from meshagent.agent.telemetry import (
+    AccessLogSettings,
+    NodeMetrics,
+    ProxyMetrics,
+    metrics_handler,
+    open_access_log,
+)
 from meshagent.common.httpserve import Response, json_response, serve_http
 
 log = logging.getLogger(__name__)
@@ -36,13 +53,8 @@ def datapath_settings(config: AgentConfig) -> loader.DatapathSettings:
     )
 
 
-def _authz_view(stats) -> dict:
-    return {
-        "allowed": stats.allowed,
-        "denied": stats.denied,
-        "dry_run_denied": stats.dry_run_denied,
-        "recent_denials": list(stats.recent),
-    }
+def _counter(metric) -> float:
+    return sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 class Agent:
@@ -51,12 +63,31 @@ class Agent:
         self.started_at = time.time()
         self.store = SnapshotStore(config.node_name, config.state_dir)
         self.link = ControllerLink(config.controller)
+        self.signer = ControllerSigner()
+        self.identities = IdentityManager(self.signer, store=CertStore(config.state_dir / "certs"))
+        self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
         self.ready = False
         self.datapath_reused = False
+        self.store.on_change(self._on_snapshot)
+
+    def _on_snapshot(self, tables: Tables) -> None:
+        """Certificates for every meshed pod on this node; the new trust bundle for TLS."""
+        td = self.config.trust_domain
+        self.identities.set_wanted({workload_identity(w, td) for w in tables.local_meshed()})
+        self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
+        if hasattr(self, "node_metrics"):
+            self.node_metrics.set_snapshot_version(tables.snapshot.version)
+
+    def _certificate_expiry(self) -> dict:
+        return {
+            row["identity"]: row["not_after"]
+            for row in self.identities.status()
+            if row["not_after"]
+        }
 
     def live_status(self) -> dict:
         """The agent's own view, served on the admin port for `meshagent status`."""
-        stats = self.proxy.stats
+        stats, inbound, authz = self.proxy.stats, self.inbound.stats, self.inputs.authz
         return {
             "node": self.config.node_name,
             "version": VERSION,
@@ -67,6 +98,7 @@ class Agent:
             "snapshot_version": self.store.version,
             "meshed_pods": [asdict(p) for p in self.reconciler.state.pods],
             "waiting_pods": self.reconciler.state.waiting,
+            "certificates": self.identities.status(),
             "proxy": {
                 "active_connections": stats.active,
                 "accepted_connections": stats.accepted,
@@ -78,7 +110,36 @@ class Agent:
                 "by_destination": dict(stats.by_destination),
                 "mutual_tls": stats.mutual_tls,
             },
-            "authz_same_node": _authz_view(self.connector.authz_stats),
+            "inbound": {
+                "accepted": inbound.accepted,
+                "active": inbound.active,
+                "refused": {str(k): v for k, v in inbound.refused.items()},
+                "peers": dict(inbound.peers),
+                "bytes_in": inbound.bytes_in,
+                "bytes_out": inbound.bytes_out,
+            },
+            "tunnels": [
+                {
+                    "source": key.source.uri,
+                    "destination": key.destination.uri,
+                    "node": f"{key.node_addr[0]}:{key.node_addr[1]}",
+                    "connections": s.connections,
+                    "streams": s.streams,
+                }
+                for key, s in self.pool.stats().items()
+            ],
+            "hbone": {
+                "inbound_connections": _counter(hbone_metrics.INBOUND_CONNECTIONS),
+                "inbound_handshake_failures": _counter(hbone_metrics.INBOUND_HANDSHAKE_FAILURES),
+                "inbound_protocol_errors": _counter(hbone_metrics.INBOUND_PROTOCOL_ERRORS),
+                "outbound_connections": _counter(hbone_metrics.OUTBOUND_CONNECTIONS),
+            },
+            "authz": {
+                "allowed": authz.allowed,
+                "denied": authz.denied,
+                "dry_run_denied": authz.dry_run_denied,
+                "recent_denials": list(authz.recent),
+            },
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -89,11 +150,11 @@ class Agent:
         maps.set_excluded_ports(set(cfg.excluded_ports))
         # The node itself (its proxy, kubelet probes) may always reach pods, STRICT or not.
         maps.set_trusted_sources({cfg.proxy_ip, *cfg.trusted_sources})
+        self.node_metrics = NodeMetrics(
+            datapath_counters=maps.read_counters, certificate_expiry=self._certificate_expiry
+        )
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
-        self.connector = Connector(self.store, cfg.node_name, cfg.trust_domain, None, None)
-        self.proxy = OutboundProxy(self.store, maps.pop_orig_dst, self.connector)
-        token = cfg.token_file.read_text().strip() if cfg.token_file else ""
 
         async def status(_query: str) -> Response:
             return json_response(json.dumps(self.live_status()))
@@ -104,22 +165,66 @@ class Agent:
             )
 
         try:
-            async with trio.open_nursery() as nursery:
+            async with (
+                open_access_log(AccessLogSettings(output=cfg.access_log)) as access_log,
+                open_tunnel_pool(self.workload_tls.client_context) as pool,
+                trio.open_nursery() as nursery,
+            ):
+                self.pool = pool
+                self.inputs = ProxyInputs(
+                    store=self.store,
+                    node=cfg.node_name,
+                    trust_domain=cfg.trust_domain,
+                    metrics=ProxyMetrics(self.node_metrics.local_registry),
+                    access_log=access_log,
+                )
+                connector = Connector(self.inputs, pool, self.identities, cfg.hbone_port)
+                self.proxy = OutboundProxy(self.inputs, maps.pop_orig_dst, connector)
+                self.inbound = InboundProxy(self.inputs)
                 await nursery.start(serve_http, "127.0.0.1", cfg.admin_port, {"/status": status})
-                host, port = cfg.controller_addr
-                await nursery.start(serve_config_client, self.store, host, port, token, self.link)
+                await nursery.start(serve_controller_link, cfg, self.store, self.link, self.signer)
+                await nursery.start(self.identities.serve)
                 await nursery.start(self.reconciler.serve)
                 await nursery.start(serve_outbound, self.proxy, cfg.proxy_ip, cfg.outbound_port)
+                if self.workload_tls.selector is None:
+                    log.info("waiting for the trust bundle before serving HBONE")
+                    await self._wait_for_trust_bundle()
+                await nursery.start(
+                    lambda task_status: serve_hbone(
+                        ("0.0.0.0", cfg.hbone_port),
+                        ssl_selector=self.workload_tls.selector,
+                        handler=self.inbound.handle,
+                        task_status=task_status,
+                    )
+                )
+                scrape = metrics_handler(self.node_metrics.registry)
+                await nursery.start(
+                    serve_http,
+                    "0.0.0.0",
+                    cfg.metrics_port,
+                    {"/metrics": scrape, "/stats/prometheus": scrape},
+                )
                 await nursery.start(
                     serve_http, "0.0.0.0", cfg.readiness_port, {"/healthz/ready": ready}
                 )
+                nursery.start_soon(self._report_link_state)
                 self.ready = True
                 log.info(
-                    "agent ready on node %s (proxy %s:%d)",
+                    "agent ready on node %s (proxy %s:%d, HBONE :%d)",
                     cfg.node_name,
                     cfg.proxy_ip,
                     cfg.outbound_port,
+                    cfg.hbone_port,
                 )
                 task_status.started()
         finally:
             maps.close()
+
+    async def _wait_for_trust_bundle(self) -> None:
+        while self.workload_tls.selector is None:
+            await trio.sleep(0.05)
+
+    async def _report_link_state(self) -> None:
+        while True:
+            self.node_metrics.set_controller_connected(self.link.connected)
+            await trio.sleep(1.0)

@@ -65,6 +65,7 @@ class Tables:
     node_address: dict[str, str]
     istio: list[IstioResource]
     authz: PolicySet
+    service_by_endpoint: dict[tuple[str, int], Service]  # (pod ip, pod port) -> a service of it
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]
@@ -90,7 +91,22 @@ class Tables:
         except ResourceError as exc:
             raise SnapshotRejected(f"invalid Istio resource in snapshot: {exc}") from None
         authz = PolicySet([r for r in istio if isinstance(r, AuthorizationPolicy)])
-        return cls(snap, by_vip_port, workload_by_ip, workload_by_uid, node_address, istio, authz)
+        service_by_endpoint = {
+            (e.ip, pod_port): svc
+            for svc in snap.services
+            for e in svc.endpoints
+            for pod_port in e.ports.values()
+        }
+        return cls(
+            snap,
+            by_vip_port,
+            workload_by_ip,
+            workload_by_uid,
+            node_address,
+            istio,
+            authz,
+            service_by_endpoint,
+        )
 
     def local_meshed(self) -> list[Workload]:
         return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]

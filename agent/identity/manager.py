@@ -50,6 +50,14 @@ class WorkloadCert:
     not_after: datetime
 
 
+class CertStoreLike(Protocol):
+    """Where certificates outlive the process (see certstore.py)."""
+
+    def load(self, identity: Identity) -> WorkloadCert | None: ...
+
+    def save(self, cert: WorkloadCert) -> None: ...
+
+
 class IdentityUnavailable(Exception):
     """No valid certificate for an identity arrived in time."""
 
@@ -83,8 +91,10 @@ class IdentityManager:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         max_concurrent_requests: int = 8,
+        store: CertStoreLike | None = None,
     ) -> None:
         self._signer = signer
+        self._store = store
         self._request_timeout = request_timeout
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -189,6 +199,10 @@ class IdentityManager:
 
     async def _keep_fresh(self, slot: _Slot) -> None:
         with slot.scope:
+            saved = self._store.load(slot.identity) if self._store is not None else None
+            if saved is not None:  # serve at once; renew when due (now, if past half-life)
+                self._install(slot, saved)
+                await trio.sleep_until(slot.renew_at)
             failures = 0
             while True:
                 try:
@@ -208,6 +222,8 @@ class IdentityManager:
                     continue
                 failures = 0
                 self._install(slot, cert)
+                if self._store is not None:
+                    self._store.save(cert)
                 await trio.sleep_until(slot.renew_at)
 
     async def _fetch(self, identity: Identity) -> WorkloadCert:

@@ -9,15 +9,22 @@ A target that is not ours is refused 401; an unreachable pod 503, as ztunnel doe
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.hbone.server import InboundTunnel
 from meshagent.agent.policy import authorization
-from meshagent.agent.policy.authorization import AuthzStats
-from meshagent.agent.proxy.relay import relay
+from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.upstream import workload_identity
-from meshagent.agent.state import SnapshotStore
+from meshagent.agent.telemetry import (
+    UNKNOWN_PEER,
+    UNKNOWN_SERVICE,
+    ConnectionLabels,
+    peer_from_workload,
+    service_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +42,10 @@ class InboundStats:
 
 
 class InboundProxy:
-    def __init__(self, store: SnapshotStore, node: str, trust_domain: str) -> None:
-        self.store = store
-        self.node = node
-        self.trust_domain = trust_domain
+    def __init__(self, inputs: ProxyInputs) -> None:
+        self.inputs = inputs
+        self.store = inputs.store
         self.stats = InboundStats()
-        self.authz_stats = AuthzStats()
 
     async def _refuse(self, tunnel: InboundTunnel, status: int, why: str) -> None:
         self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
@@ -54,53 +59,95 @@ class InboundProxy:
         await tunnel.reject(status)
 
     async def handle(self, tunnel: InboundTunnel) -> None:
+        start, started = time.time(), trio.current_time()
         ip, port = tunnel.target
         tables = self.store.tables
         target = tables.workload_by_ip.get(ip) if tables else None
-        if target is None or target.node != self.node or not target.meshed:
+        if tables is None or target is None or target.node != self.inputs.node or not target.meshed:
             await self._refuse(tunnel, 401, "not a meshed pod on this node")
             return
-        if workload_identity(target, self.trust_domain) != tunnel.local_identity:
+        if workload_identity(target, self.inputs.trust_domain) != tunnel.local_identity:
             await self._refuse(tunnel, 401, f"{ip} is not {tunnel.local_identity.uri}")
             return
         source_ip = tunnel.forwarded_for or tunnel.peer_address[0]
+        source = tables.workload_by_ip.get(source_ip)
+        service = tables.service_by_endpoint.get((ip, port))
+        labels = ConnectionLabels(
+            "destination",
+            (
+                peer_from_workload(source, trust_domain=self.inputs.trust_domain)
+                if source
+                else UNKNOWN_PEER
+            ).with_principal(tunnel.peer_identity),
+            peer_from_workload(target, trust_domain=self.inputs.trust_domain),
+            service_ref(service) if service else UNKNOWN_SERVICE,
+            connection_security_policy="mutual_tls",
+        )
         decision = authorization.check(
             tables.authz,
-            self.authz_stats,
+            self.inputs.authz,
             source=tunnel.peer_identity,
             source_ip=source_ip,
             destination=target,
             destination_ip=ip,
             port=port,
         )
+        self.inputs.metrics.policy_decision(decision)
         if not decision.allowed:
             await self._refuse(tunnel, 401, f"denied by {decision.policy or 'default'}")
+            self._log(labels, start, started, 0, 0, "DENY", source_ip, tunnel.authority, decision)
             return
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 pod = await trio.open_tcp_stream(ip, port)
         except (OSError, trio.TooSlowError) as exc:
             await self._refuse(tunnel, 503, f"pod unreachable: {exc or 'timeout'}")
+            self._log(
+                labels, start, started, 0, 0, "CONNECT", source_ip, tunnel.authority, decision
+            )
             return
         principal = tunnel.peer_identity.uri
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
         self.stats.accepted += 1
         self.stats.active += 1
+        self.inputs.metrics.tcp_opened(labels)
+        result = RelayResult()
         try:
             async with pod:
                 stream = await tunnel.accept()
                 result = await relay(stream, pod)
-            self.stats.bytes_in += result.sent
-            self.stats.bytes_out += result.received
-            log.info(
-                "inbound %s -> %s (%s) in=%d out=%d",
-                principal,
-                tunnel.authority,
-                f"{target.namespace}/{target.name}",
-                result.sent,
-                result.received,
-            )
         except trio.BrokenResourceError:
             pass
         finally:
             self.stats.active -= 1
+            self.stats.bytes_in += result.sent
+            self.stats.bytes_out += result.received
+            # toward the client = what the pod sent back; from the client = what it received
+            self.inputs.metrics.tcp_closed(labels, result.received, result.sent)
+            self._log(
+                labels,
+                start,
+                started,
+                result.received,
+                result.sent,
+                "-",
+                source_ip,
+                tunnel.authority,
+                decision,
+            )
+
+    def _log(
+        self, labels, start, started, to_client, from_client, flags, client, upstream, decision
+    ) -> None:
+        if self.inputs.access_log is not None:
+            self.inputs.access_log.tcp_connection(
+                labels,
+                start=start,
+                duration_ms=(trio.current_time() - started) * 1000,
+                bytes_sent=to_client,
+                bytes_received=from_client,
+                response_flags=flags,
+                decision=decision,
+                source_address=client,
+                destination_address=upstream,
+            )

@@ -19,8 +19,7 @@ from meshagent.agent.hbone.client import TunnelPool
 from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, TunnelRefused
 from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
 from meshagent.agent.policy import authorization
-from meshagent.agent.policy.authorization import AuthzStats
-from meshagent.agent.state import SnapshotStore
+from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.common.snapshot import Workload
 from meshagent.common.spiffe import Identity
 
@@ -55,20 +54,18 @@ def workload_identity(workload: Workload, trust_domain: str) -> Identity:
 class Connector:
     def __init__(
         self,
-        store: SnapshotStore,
-        node: str,
-        trust_domain: str,
+        inputs: ProxyInputs,
         pool: TunnelPool | None,
         identities: IdentityManager | None,
         hbone_port: int = HBONE_PORT,
     ) -> None:
-        self.store = store
-        self.node = node
-        self.trust_domain = trust_domain
+        self.inputs = inputs
+        self.store = inputs.store
+        self.node = inputs.node
+        self.trust_domain = inputs.trust_domain
         self.pool = pool
         self.identities = identities
         self.hbone_port = hbone_port
-        self.authz_stats = AuthzStats()
 
     def _tunnel_target(self, source: Workload | None, ip: str, port: int) -> Workload | None:
         """The destination workload when the connection must go through HBONE."""
@@ -90,13 +87,14 @@ class Connector:
             return
         decision = authorization.check(
             tables.authz,
-            self.authz_stats,
+            self.inputs.authz,
             source=workload_identity(source, self.trust_domain) if source else None,
             source_ip=client_ip,
             destination=dest,
             destination_ip=ip,
             port=port,
         )
+        self.inputs.metrics.policy_decision(decision)
         if not decision.allowed:
             raise UpstreamError("refused", f"denied by {decision.policy or 'default'}", 401)
 

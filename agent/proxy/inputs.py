@@ -1,0 +1,23 @@
+"""Everything the proxy's paths depend on, in one bundle (as ztunnel's ProxyInputs).
+
+Built once by the agent; the outbound listener, the inbound tunnel handler and
+the connector all read from it, so a new dependency is added in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshagent.agent.policy.authorization import AuthzStats
+from meshagent.agent.state import SnapshotStore
+from meshagent.agent.telemetry import AccessLog, ProxyMetrics
+
+
+@dataclass
+class ProxyInputs:
+    store: SnapshotStore
+    node: str
+    trust_domain: str
+    metrics: ProxyMetrics
+    access_log: AccessLog | None = None
+    authz: AuthzStats = field(default_factory=AuthzStats)

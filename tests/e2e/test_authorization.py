@@ -1,0 +1,100 @@
+"""Issue #5: AuthorizationPolicy enforced by the destination's node proxy, cross-node (in the
+HBONE inbound) and same-node (in the local path alike), counted and logged."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import meshlab
+
+MANIFESTS = Path(__file__).parent / "manifests"
+FRONTEND = "cluster.local/ns/shop/sa/frontend"
+
+
+@pytest.fixture(scope="module")
+def authz_lab(lab_factory):
+    return lab_factory(MANIFESTS / "authz.yaml", nodes=2)
+
+
+def _apply(tmp_path: Path, doc: dict) -> None:
+    path = tmp_path / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    meshlab("apply", "-f", str(path))
+
+
+def _delete(tmp_path: Path, doc: dict) -> None:
+    path = tmp_path / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    meshlab("delete", "-f", str(path))
+
+
+ALLOW_FRONTEND = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "allow-frontend", "namespace": "shop"},
+    "spec": {
+        "action": "ALLOW",
+        "rules": [
+            {
+                "from": [{"source": {"principals": [FRONTEND]}}],
+                "to": [{"operation": {"ports": ["9080"]}}],
+            }
+        ],
+    },
+}
+
+
+def _eventually(predicate, what: str, seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("service", ["reviews", "ratings"], ids=["cross-node", "same-node"])
+def test_allow_policy_admits_only_the_named_principal(authz_lab, tmp_path, service):
+    url = f"http://{service}.shop:9080/"
+    assert authz_lab.curl("shop/intruder", url)[0] == "200"  # no policy yet: allowed
+    _apply(tmp_path, ALLOW_FRONTEND)
+    try:
+        _eventually(
+            lambda: authz_lab.curl("shop/intruder", url, timeout=2)[0] != "200",
+            "the intruder is refused once the policy is in",
+        )
+        assert authz_lab.curl("shop/frontend", url)[0] == "200"
+        node = "node-2" if service == "reviews" else "node-1"
+        status = authz_lab.status(node)["agent"]
+        denials = status["authz"]["recent_denials"]
+        # no ALLOW policy matched: the denial names the policies that were checked
+        assert any(
+            d["source"].endswith("/sa/intruder") and "shop/allow-frontend" in d["reason"]
+            for d in denials
+        ), denials
+    finally:
+        _delete(tmp_path, ALLOW_FRONTEND)
+
+
+def test_dry_run_deny_changes_nothing_but_is_counted(authz_lab, tmp_path):
+    deny = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {
+            "name": "deny-all-dry",
+            "namespace": "shop",
+            "annotations": {"istio.io/dry-run": "true"},
+        },
+        "spec": {"action": "DENY", "rules": [{}]},
+    }
+    before = authz_lab.status("node-2")["agent"]["authz"]["dry_run_denied"]
+    _apply(tmp_path, deny)
+    try:
+        time.sleep(1.0)
+        assert authz_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
+        after = authz_lab.status("node-2")["agent"]["authz"]["dry_run_denied"]
+        assert after > before
+    finally:
+        _delete(tmp_path, deny)
