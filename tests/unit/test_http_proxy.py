@@ -9,18 +9,25 @@ timings, ejections.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import h11
 import pytest
 import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from meshagent.agent.proxy.http import (
+    ConnectionPool,
     HttpContext,
+    HttpSettings,
     LocalResponse,
     RequestInfo,
     RequestRecord,
@@ -199,6 +206,17 @@ class Mesh:
     port: int
     clusters: Clusters
     records: list[RequestRecord]
+    ctx: HttpContext
+    pool: ConnectionPool
+    tables: list = field(default_factory=list)
+    retired_seen: list = field(default_factory=list)
+
+    def set_table(self, table) -> None:
+        """What the agent does on a new snapshot: new routes, clusters synced, pool told."""
+        self.tables.append(table)
+        retired = self.clusters.sync(table)
+        self.retired_seen.extend(retired)
+        self.pool.discard(retired)
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[Client]:
@@ -217,8 +235,6 @@ async def open_mesh(
     request_filter=None,
     seed: int = 7,
 ) -> AsyncIterator[Mesh]:
-    import random
-
     async with trio.open_nursery() as nursery:
         for b in backends:
             if not b.external:
@@ -228,9 +244,10 @@ async def open_mesh(
         clusters = Clusters(rng=random.Random(seed))
         clusters.sync(table)
         records: list[RequestRecord] = []
+        tables = [table]
         async with open_connection_pool(tcp_connect) as pool:
             ctx = HttpContext(
-                routes=lambda: table.http_routes(HOST, PORT),
+                routes=lambda: tables[-1].http_routes(HOST, PORT),
                 clusters=clusters,
                 pool=pool,
                 request_filter=request_filter,
@@ -241,7 +258,7 @@ async def open_mesh(
             listeners = await nursery.start(
                 partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
             )
-            yield Mesh(listeners[0].socket.getsockname()[1], clusters, records)
+            yield Mesh(listeners[0].socket.getsockname()[1], clusters, records, ctx, pool, tables)
             nursery.cancel_scope.cancel()
 
 
@@ -800,3 +817,220 @@ async def test_reused_connection_closed_by_the_server_is_not_used():
             replies = [await client.request() for _ in range(30)]
     assert [r.status for r in replies] == [200] * 30
     assert backend.connections == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections, snapshots and misbehaving peers
+
+
+@dataclass
+class Opened:
+    """What a connector may return: the stream and what it knows about it."""
+
+    stream: trio.SocketStream
+    security: str
+
+
+async def test_pooled_connections_are_never_shared_between_sources():
+    backend = Backend("a")
+    opened: list[str] = []
+    with trio.fail_after(5):
+        async with open_mesh([backend]) as mesh:
+            table_routes = mesh.ctx.routes
+
+            def ctx_for(source: str) -> HttpContext:
+                async def connect(endpoint: Endpoint, port: int) -> Opened:
+                    opened.append(source)
+                    return Opened(await trio.open_tcp_stream(endpoint.ip, port), f"mtls-{source}")
+
+                return replace(mesh.ctx, connect=connect, pool_key=source, routes=table_routes)
+
+            for source in ("pod-a", "pod-b", "pod-a", "pod-b"):
+                await _one_request(ctx_for(source))
+    assert opened == ["pod-a", "pod-b"]  # each source reused its own connection only
+    assert backend.connections == 2
+    assert [r.upstream_info.security for r in mesh.records] == [
+        "mtls-pod-a",
+        "mtls-pod-b",
+        "mtls-pod-a",
+        "mtls-pod-b",
+    ]
+
+
+async def _one_request(ctx: HttpContext) -> None:
+    """One request through proxy_http1 over an in-memory client connection."""
+    client, server = trio.testing.memory_stream_pair()
+    conn = h11.Connection(h11.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy_http1, server, ctx)
+        await client.send_all(
+            conn.send(h11.Request(method="GET", target="/", headers=[(b"host", b"r")]))
+        )
+        await client.send_all(conn.send(h11.EndOfMessage()))
+        while not isinstance(await _next(conn, client), h11.EndOfMessage):
+            pass
+        await client.aclose()
+
+
+async def test_connector_failures_of_any_type_are_connect_failures():
+    class TunnelRefused(Exception):
+        kind = "refused"
+
+    async def refuse(endpoint: Endpoint, port: int) -> trio.SocketStream:
+        raise TunnelRefused("401 from the peer proxy")
+
+    with trio.fail_after(5):
+        async with open_mesh([Backend("a")]) as mesh:
+            await _one_request(replace(mesh.ctx, connect=refuse))
+    assert mesh.records[0].status == 503 and mesh.records[0].flags == ["UF", "URX"]
+
+
+async def test_max_requests_per_connection():
+    backend = Backend("a")
+    dr = _dr(connectionPool={"http": {"maxRequestsPerConnection": 2}})
+    with trio.fail_after(5):
+        async with open_mesh([backend], [dr]) as mesh, mesh.client() as client:
+            for _ in range(6):
+                assert (await client.request()).status == 200
+    assert backend.connections == 3
+
+
+async def test_snapshot_change_applies_to_open_keep_alive_connections():
+    old, new = Backend("old", "v1"), Backend("new", "v2")
+    to_v1 = _vs({"route": [{"destination": {"host": "reviews", "subset": "v1"}}]})
+    to_v2 = _vs({"route": [{"destination": {"host": "reviews", "subset": "v2"}}]})
+    with trio.fail_after(5):
+        async with open_mesh([old, new], [to_v1, _subsets_dr()]) as mesh, mesh.client() as client:
+            before = (await client.request()).text
+            assert mesh.pool.idle_count() == 1
+            # The next snapshot routes to v2, and the old backend's pod is gone.
+            mesh.set_table(compile_routes(_snapshot([new], [to_v2, _subsets_dr()])))
+            after = (await client.request()).text
+            [gone] = mesh.retired_seen
+            assert gone.address == f"127.0.0.1:{old.port}"
+            assert mesh.pool.idle_count(gone) == 0  # its idle connection was closed
+    assert (before, after) == ("old", "new") and client.connects == 1
+
+
+async def test_client_leaving_mid_body_is_dc_and_harmless():
+    backend = Backend("a")
+    with trio.fail_after(5):
+        async with open_mesh([backend]) as mesh:
+            stream = await trio.open_tcp_stream("127.0.0.1", mesh.port)
+            await stream.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: r\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100000
+            )
+            await trio.sleep(0.05)
+            await stream.aclose()
+            await trio.sleep(0.05)
+            async with mesh.client() as client:
+                assert (await client.request()).text == "a"
+    assert mesh.records[0].flags == ["DC"] and mesh.records[0].status == 0
+
+
+async def test_upstream_dying_mid_response_closes_the_client_connection():
+    async def half_answer(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await _next(conn, stream)
+        await _next(conn, stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await stream.aclose()
+
+    backend = Backend("dies", external=True)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, half_answer, 0, host="127.0.0.1")
+            )
+            backend.port = listeners[0].socket.getsockname()[1]
+            async with open_mesh([backend]) as mesh, mesh.client() as client:
+                with pytest.raises(h11.RemoteProtocolError):  # a truncated body, not a wrong one
+                    await client.request()
+            nursery.cancel_scope.cancel()
+    assert mesh.records[0].status == 200 and mesh.records[0].flags == ["UC"]
+
+
+async def test_failing_request_filter_is_500():
+    async def broken(info: RequestInfo) -> LocalResponse | None:
+        raise RuntimeError("bug in a filter")
+
+    with trio.fail_after(5):
+        async with (
+            open_mesh([Backend("a")], request_filter=broken) as mesh,
+            mesh.client() as client,
+        ):
+            reply = await client.request()
+            again = await client.request()
+    assert reply.status == 500 and again.status == 500
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.sampled_from(
+                [
+                    b"GET / HTTP/1.1\r\n",
+                    b"Host: r\r\n",
+                    b"\r\n",
+                    b"Content-Length: 5\r\n",
+                    b"Transfer-Encoding: chunked\r\n",
+                    b"0\r\n\r\n",
+                    b"5\r\nhello\r\n",
+                    b"Connection: close\r\n",
+                    b"Expect: 100-continue\r\n",
+                    b"Upgrade: x\r\nConnection: upgrade\r\n",
+                ]
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_fuzzed_client_input_never_crashes_the_engine(chunks: list[bytes]):
+    """Whatever a client sends, proxy_http1 returns (no exception) once it is done."""
+
+    async def main() -> None:
+        backend_client, backend_server = trio.testing.memory_stream_pair()
+
+        async def connect(endpoint: Endpoint, port: int):
+            client, server = trio.testing.memory_stream_pair()
+
+            async def answer() -> None:
+                with contextlib.suppress(Exception):
+                    await server.receive_some(65536)
+                    await server.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await server.aclose()
+
+            nursery.start_soon(answer)
+            return client
+
+        table = compile_routes(_snapshot([Backend("a", port=1)], []))
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery, open_connection_pool(connect) as pool:
+                ctx = HttpContext(
+                    routes=lambda: table.http_routes(HOST, PORT),
+                    clusters=Clusters(),
+                    pool=pool,
+                    settings=HttpSettings(
+                        client_idle_timeout=0.05, request_header_timeout=0.05, drain_timeout=0.05
+                    ),
+                )
+
+                async def serve() -> None:
+                    try:
+                        await proxy_http1(backend_server, ctx)
+                    finally:
+                        await backend_server.aclose()  # the caller owns the client stream
+
+                nursery.start_soon(serve)
+                for chunk in chunks:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await backend_client.send_all(chunk)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await backend_client.send_eof()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while await backend_client.receive_some(65536):
+                        pass
+
+    trio.run(main)

@@ -304,7 +304,11 @@ class _Session:
     async def _process(self, req: h11.Request, info: RequestInfo, record: RequestRecord) -> None:
         ctx = self.ctx
         if ctx.request_filter is not None:
-            local = await ctx.request_filter(info)
+            try:
+                local = await ctx.request_filter(info)
+            except Exception:
+                log.exception("request filter failed on %s %s", info.method, info.target)
+                local = LocalResponse(500, b"request filter failed")
             if local is not None:
                 await self._local(record, local)
                 return
