@@ -1,7 +1,9 @@
 """`meshlab demo`: the lab with the sample app, walking through what the mesh does.
 
-Each step runs the real thing (curl in a pod, `meshagent status` on a node)
-and prints the command and its output, so the demo doubles as a tour.
+Each step runs the real thing (curl in a pod, `meshagent status` on a node,
+`meshlab apply` of Istio resources) and prints the command and its output, so
+the demo doubles as a tour. Each step also checks what it shows; the demo
+exits non-zero if any check fails.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from importlib import resources
 
 import click
@@ -16,25 +19,30 @@ from meshagent.common.manifests import load_documents
 from meshagent.lab import lab
 
 BIN = lab.BIN_DIR
+CURL = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", "--max-time", "3"]
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    click.secho("$ " + " ".join(argv), fg="cyan")
+def _example(name: str) -> str:
+    return str(resources.files("meshagent.lab").joinpath(f"examples/{name}"))
+
+
+def _run(argv: list[str], show: bool = True) -> subprocess.CompletedProcess:
+    if show:
+        click.secho("$ meshlab " + " ".join(argv), fg="cyan")
     proc = subprocess.run([str(BIN / "meshlab"), *argv], capture_output=True, text=True)
     out = (proc.stdout + proc.stderr).rstrip()
-    if out:
+    if out and show:
         click.echo(out)
     return proc
 
 
-def _counters(node: str) -> dict:
-    proc = subprocess.run(
-        [str(BIN / "meshlab"), "exec", "--node", node, "--", "meshagent", "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(proc.stdout)["datapath"]["counters"]
+def _curl(pod: str, url: str) -> str:
+    return _run(["exec", pod, "--", *CURL, url]).stdout.strip()
+
+
+def _status(node: str) -> dict:
+    proc = _run(["exec", "--node", node, "--", "meshagent", "status", "--json"], show=False)
+    return json.loads(proc.stdout)
 
 
 def _step(title: str) -> None:
@@ -42,54 +50,116 @@ def _step(title: str) -> None:
     click.secho(f"== {title}", bold=True)
 
 
+class Checks:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def expect(self, ok: bool, what: str) -> None:
+        click.secho(f"  {'ok' if ok else 'FAILED'}: {what}", fg="green" if ok else "red")
+        if not ok:
+            self.failed.append(what)
+
+
+def _until(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def run_demo() -> int:
     manifest = resources.files("meshagent.lab").joinpath("examples/demo.yaml").read_text()
-    failures = 0
+    checks = Checks()
     _step("Bringing up a 2-node lab: controller, one agent per node, the shop app")
     try:
         plan = lab.up(load_documents(manifest, "demo.yaml"), nodes=2)
         for pod in sorted(plan.pods.values(), key=lambda p: p.key):
             click.echo(f"  {pod.key:<20} on {pod.node}  {pod.ip}")
-        reviews = plan.pods["shop/reviews-v1"]
+        reviews_ip = plan.pods["shop/reviews-v1"].ip
 
         _step(
-            "Interception: shop is labelled meshagent.io/mesh=enabled, so frontend's "
-            "connections go through node-1's proxy"
+            "Interception: namespace shop is labelled meshagent.io/mesh=enabled, so "
+            "frontend's connections go through node-1's proxy"
         )
-        before = _counters("node-1")
-        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", "--max-time", "5"]
+        before = _status("node-1")["datapath"]["counters"]["redirected"]
         for url in ("http://reviews.shop:9080/", "http://reviews.shop.svc.cluster.local:9080/"):
-            proc = _run(["exec", "shop/frontend", "--", *curl, url])
-            failures += proc.stdout.strip() != "200"
-        after = _counters("node-1")
-        click.echo(f"  node-1 redirect counter: {before['redirected']} -> {after['redirected']}")
-        failures += after["redirected"] - before["redirected"] != 2
+            checks.expect(_curl("shop/frontend", url) == "200", f"frontend -> {url}: 200")
+        after = _status("node-1")["datapath"]["counters"]["redirected"]
+        checks.expect(after - before == 2, f"node-1 eBPF redirect counter {before} -> {after}")
 
         _step(
             "Not meshed: a pod in an unlabelled namespace, and one labelled "
             "meshagent.io/mesh=disabled, connect directly"
         )
-        before = _counters("node-1")
+        before = _status("node-1")["datapath"]["counters"]["redirected"]
         for pod in ("legacy/client", "shop/batch"):
-            proc = _run(["exec", pod, "--", *curl, f"http://{reviews.ip}:9080/"])
-            failures += proc.stdout.strip() != "200"
-        after = _counters("node-1")
-        click.echo(f"  node-1 redirect counter: {before['redirected']} -> {after['redirected']}")
-        failures += after["redirected"] != before["redirected"]
+            code = _curl(pod, f"http://{reviews_ip}:9080/")
+            checks.expect(code == "200", f"{pod} -> reviews pod IP directly: 200")
+        after = _status("node-1")["datapath"]["counters"]["redirected"]
+        checks.expect(after == before, f"node-1 redirect counter unchanged ({after})")
 
-        _step("meshagent status on node-1, as an operator would run it on the node")
-        failures += _run(["exec", "--node", "node-1", "--", "meshagent", "status"]).returncode != 0
+        _step(
+            "mTLS: node-1's proxy tunnels to node-2's over HBONE (mutual TLS on 15008); "
+            "node-2 knows who is calling"
+        )
+        node2 = _status("node-2")["agent"]
+        peers = node2["inbound"]["peers"]
+        for identity, count in peers.items():
+            click.echo(f"  node-2 accepted {count} tunnel(s) from {identity}")
+        checks.expect(
+            "spiffe://cluster.local/ns/shop/sa/frontend" in peers,
+            "node-2 saw frontend's SPIFFE identity from its certificate",
+        )
+        for cert in node2["certificates"]:
+            click.echo(
+                f"  node-2 holds {cert['identity']} ({cert['state']}, until {cert['not_after']})"
+            )
+
+        _step("PeerAuthentication STRICT for shop: plaintext to its pods is dropped in the kernel")
+        _run(["apply", "-f", _example("demo-strict.yaml")])
+        checks.expect(
+            _until(lambda: _curl("legacy/client", f"http://{reviews_ip}:9080/") != "200"),
+            "legacy/client (plaintext) is refused",
+        )
+        checks.expect(
+            _curl("shop/frontend", "http://reviews.shop:9080/") == "200",
+            "frontend (through the mesh) still gets 200",
+        )
+
+        _step(
+            "AuthorizationPolicy: only frontend's identity may call reviews "
+            "(enforced by reviews' node, same-node and cross-node alike)"
+        )
+        _run(["apply", "-f", _example("demo-policy.yaml")])
+        checks.expect(
+            _until(lambda: _curl("shop/intruder", "http://reviews.shop:9080/") != "200"),
+            "intruder (same node as reviews, another identity) is refused",
+        )
+        checks.expect(
+            _curl("shop/frontend", "http://reviews.shop:9080/") == "200",
+            "frontend (other node) gets 200",
+        )
+        denials = _status("node-2")["agent"]["authz"]["recent_denials"]
+        if denials:
+            click.echo(f"  node-2 logged the denial: {denials[-1]}")
+
+        _step("meshagent status on node-2, as an operator would run it on the node")
+        checks.expect(
+            _run(["exec", "--node", "node-2", "--", "meshagent", "status"]).returncode == 0,
+            "meshagent status ran",
+        )
     finally:
         _step("Tearing the lab down")
         removed = lab.down()
         click.echo(f"  removed {len(removed)} objects; left behind: {lab.leftovers() or 'nothing'}")
     click.echo()
-    click.secho(
-        "demo OK" if not failures else f"demo: {failures} checks failed",
-        fg="green" if not failures else "red",
-        bold=True,
-    )
-    return 1 if failures else 0
+    if checks.failed:
+        click.secho(f"demo: {len(checks.failed)} checks failed", fg="red", bold=True)
+        return 1
+    click.secho("demo OK", fg="green", bold=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ def test_demo_runs_start_to_finish():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "demo OK" in out
-    assert "node-1 redirect counter: 0 -> 2" in out
-    assert "mesh_connect4" in out and "shop/frontend" in out
+    assert "ok: node-1 eBPF redirect counter 0 -> 2" in out
+    assert "ok: node-2 saw frontend's SPIFFE identity" in out
+    assert "ok: legacy/client (plaintext) is refused" in out
+    assert "ok: intruder (same node as reviews, another identity) is refused" in out
+    assert "FAILED" not in out
+    assert "mesh_connect4" in out and "shop/reviews-v1" in out
     assert "left behind: nothing" in out
