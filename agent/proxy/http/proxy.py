@@ -90,7 +90,8 @@ class _Attempt:
     status: int | None = None
     reusable: bool = False
     error: Exception | None = None
-    sent: trio.Event = field(default_factory=trio.Event)  # the request was sent (or given up)
+    sent: trio.Event = field(default_factory=trio.Event)  # done sending (or given up)
+    sent_all: bool = False  # the whole request reached the upstream's socket
     cancel: Callable[[], None] = lambda: None
 
 
@@ -128,6 +129,8 @@ async def proxy_http1(client: trio.abc.Stream, ctx: HttpContext) -> None:
         await session.run()
     except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
         pass
+    except Exception:  # a bug here must cost one connection, not the listener
+        log.exception("HTTP session from %s failed", ctx.peer or "?")
 
 
 class _Session:
@@ -424,6 +427,7 @@ class _Session:
                 else:
                     body.finished()
             await up.send(h11.EndOfMessage())
+            state.sent_all = True
         except UpstreamError:
             pass  # the upstream is gone: the response side sees it too
         except _ClientGone as exc:
@@ -535,6 +539,7 @@ class _Session:
             data += up.h11.send(h11.EndOfMessage())
             with contextlib.suppress(UpstreamError):  # it may have answered anyway: read on
                 await up.send_bytes(data)
+                state.sent_all = True
             state.sent.set()
         else:
             try:
@@ -569,7 +574,7 @@ class _Session:
         assert isinstance(response, h11.Response)
         ended = await self._stream_response(up, response, record)
         # Reusable only if the request was sent in full too (a server may answer early).
-        state.reusable = ended and state.sent.is_set()
+        state.reusable = ended and state.sent_all
 
     async def _response_head(
         self, up: UpstreamConnection
