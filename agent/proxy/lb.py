@@ -24,6 +24,11 @@ open and close. The state answers with Envoy's behaviour, as Istio configures it
 
 Ejections are exposed by `Clusters.ejected()` (for `meshagent status`) and the metrics
 `meshagent_outlier_ejections_total` and `meshagent_outlier_ejected_endpoints`.
+
+On an L4 port the same state serves connections: `ep = state.pick(tried)`, then
+`state.try_open(ep)` (False: overflow, close the client, UO), connect (on failure
+`state.report(ep, CONNECT_FAILURE_CODE)`, `state.closed(ep)`, try the next endpoint), and
+`state.closed(ep)` when the relay ends. Call `Clusters.sync(table)` on every new RouteTable.
 """
 
 from __future__ import annotations
