@@ -902,6 +902,7 @@ async def test_snapshot_change_applies_to_open_keep_alive_connections():
     with trio.fail_after(5):
         async with open_mesh([old, new], [to_v1, _subsets_dr()]) as mesh, mesh.client() as client:
             before = (await client.request()).text
+            await trio.testing.wait_all_tasks_blocked()  # the proxy put the connection back
             assert mesh.pool.idle_count() == 1
             # The next snapshot routes to v2, and the old backend's pod is gone.
             mesh.set_table(compile_routes(_snapshot([new], [to_v2, _subsets_dr()])))
