@@ -153,10 +153,6 @@ def _spawn(
 CA_FILE = RUN_DIR / "ca" / "ca.pem"  # root certificate and key, 0600, the controller's only
 ROOT_FILE = RUN_DIR / "ca" / "root.pem"  # the trust bundle agents check the controller with
 NODE_TOKENS_FILE = RUN_DIR / "node-tokens.json"  # token digests the controller checks
-# TLS on the agent stream needs agent/run.py to give the config client its context
-# (configclient.serve_controller_link); until then the lab runs the stream in plaintext,
-# still with node tokens and CSR signing.
-STREAM_TLS = False
 
 
 def node_token_path(node: str) -> Path:
@@ -184,7 +180,7 @@ def agent_config(node: NodePlan) -> AgentConfig:
         pin_dir=BPFFS_DIR / node.name,
         state_dir=RUN_DIR / node.name / "state",
         token_file=node_token_path(node.name),
-        controller_ca_file=ROOT_FILE if STREAM_TLS else None,
+        controller_ca_file=ROOT_FILE,
     )
 
 
@@ -211,8 +207,6 @@ def start_controller() -> int:
         "--node-tokens",
         str(NODE_TOKENS_FILE),
     ]
-    if not STREAM_TLS:
-        argv.append("--plaintext")
     # Short-lived workload certificates for renewal tests, e.g. MESHLAB_CERT_LIFETIME=60s.
     if os.environ.get("MESHLAB_CERT_LIFETIME"):
         argv += ["--cert-lifetime", os.environ["MESHLAB_CERT_LIFETIME"]]

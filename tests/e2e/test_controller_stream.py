@@ -69,7 +69,9 @@ def test_status_lists_both_agents_connected_with_the_versions_they_hold(demo_lab
 
     status = _until(converged, "both agents connected with their versions acked")
     assert status["source"]["type"] == "files"
+    assert status["stream"]["tls"] is True
     assert {a["node"] for a in status["agents"]} == {"node-1", "node-2"}
+    assert all(a["tls"] for a in status["agents"])
     text = meshlab("exec", "--node", "node-1", "--", "meshctl", "status").stdout
     assert "node-1" in text and "node-2" in text and "connected" in text
 
@@ -113,14 +115,14 @@ def test_a_malformed_virtual_service_is_reported_and_the_valid_one_reaches_agent
 def _ask_controller(identities: list[Identity]) -> dict[str, dict]:
     """Ask for certificates as node-1's agent would (its token, from inside its network
     namespace); returns the controller's answer per identity URI."""
-    tls = _controller_status()["stream"]["tls"]
     token = node_token_path("node-1").read_text().strip()
     with entered(str(NETNS_DIR / f"{NETNS_PREFIX}node-1")):
         raw = socket.create_connection((UNDERLAY_BRIDGE_IP, CONTROLLER_PORT), timeout=10)
-    if tls:
-        context = ssl.create_default_context(cafile=str(ROOT_FILE))
-        raw = context.wrap_socket(raw, server_hostname=UNDERLAY_BRIDGE_IP)
-    with raw, raw.makefile("rwb") as stream:
+    context = ssl.create_default_context(cafile=str(ROOT_FILE))
+    with (
+        context.wrap_socket(raw, server_hostname=UNDERLAY_BRIDGE_IP) as tls,
+        tls.makefile("rwb") as stream,
+    ):
 
         def send(message: dict) -> None:
             stream.write(json.dumps(message).encode() + b"\n")
