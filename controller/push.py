@@ -20,7 +20,6 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -168,7 +167,7 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _memory_file(data: bytes) -> Iterator[str]:
     """A path to ``data`` that never touches a disk (`ssl` loads keys only from files)."""
     fd = os.memfd_create("meshctl-tls", os.MFD_CLOEXEC)
