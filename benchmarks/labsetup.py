@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from meshagent.common.manifests import load_documents
 from meshagent.lab import cgroups
+from meshagent.lab.paths import LOG_DIR
 from meshagent.lab.topology import LabPlan, add_objects, make_nodes
 
 from benchmarks import configs
@@ -225,8 +226,9 @@ def check_ips(up_output: str, planned: dict[str, str]) -> None:
 
 
 @contextlib.contextmanager
-def running_lab(manifest: Path) -> Iterator[None]:
-    """`meshlab up` the bench lab, and `meshlab down` it at the end whatever happens. A lab of
+def running_lab(manifest: Path, keep_logs: Path) -> Iterator[None]:
+    """`meshlab up` the bench lab, and `meshlab down` it at the end whatever happens, keeping
+    its logs (controller, agents, pods) in `keep_logs` for a look at what went wrong. A lab of
     this instance that is already up is someone else's: LabBusy, and it is left alone."""
     proc = meshlab("up", "--nodes", str(NODES), "-f", str(manifest), timeout=UP_TIMEOUT)
     if proc.returncode != 0 and "already up" in proc.stderr:
@@ -238,4 +240,7 @@ def running_lab(manifest: Path) -> Iterator[None]:
         load_pods()
         yield
     finally:
+        shutil.rmtree(keep_logs, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shutil.copytree(LOG_DIR, keep_logs)
         meshlab("down", timeout=120)

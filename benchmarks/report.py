@@ -255,6 +255,19 @@ def _cell(entry: dict | None, path: str) -> str:
 _STATUS = {True: "met", False: "**missed**", None: "not measured"}
 
 
+def _tool_errors(samples: Samples) -> list[str]:
+    """'<scenario> on `<path>`: n, n, n' for every wrk run set that counted errors."""
+    out = []
+    for metric, by_path in samples.items():
+        if not metric.endswith("_errors"):
+            continue
+        for path, values in by_path.items():
+            if any(values):
+                counts = ", ".join("-" if v is None else str(int(v)) for v in values)
+                out.append(f"{metric.removesuffix('_errors')} on `{path}`: {counts}")
+    return out
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     s = results["settings"]
@@ -296,6 +309,14 @@ def markdown(results: dict) -> str:
         lines += ["", "## Failed measurements", ""]
         for e in results["errors"]:
             lines.append(f"- run {e['round'] + 1}, {e['scenario']}, `{e['path']}`: {e['error']}")
+    tool_errors = _tool_errors(results.get("samples") or {})
+    if tool_errors:
+        lines += [
+            "",
+            "Socket errors, timeouts or non-2xx answers that wrk counted (per run): "
+            + "; ".join(tool_errors)
+            + ".",
+        ]
     idle = results.get("idle_proxy_cpu_cores") or {}
     if idle:
         shown = ", ".join(f"{name} {value:.3f}" for name, value in idle.items())

@@ -109,9 +109,21 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
     samples: dict[str, dict[str, list[float | None]]] = {}
     errors: list[dict] = []
     _log(f"meshlab up ({manifest})")
-    with labsetup.running_lab(manifest):
+    logs = Path(f"{run_dir}-logs")
+    with labsetup.running_lab(manifest, logs):
         idle = _idle_cpu(paths, IDLE_WINDOW[settings.mode])
+        every_proxy = tuple(dict.fromkeys(c for p in paths.values() for c in p.proxies))
         for rnd in range(settings.runs):
+            # every run starts from freshly started proxies, so that memory figures do not
+            # depend on what earlier runs left behind
+            _log(f"run {rnd + 1}/{settings.runs}: restarting the proxies")
+            try:
+                scenarios.fresh_proxies(every_proxy)
+            except (labsetup.LabFailed, subprocess.TimeoutExpired) as exc:
+                errors.append(
+                    {"round": rnd, "scenario": "restart", "path": "all", "error": str(exc)}
+                )
+                _log(f"run {rnd + 1}: restarting the proxies FAILED: {exc}")
             order = path_names[rnd % len(path_names) :] + path_names[: rnd % len(path_names)]
             for scenario in scenario_names:
                 for name in order:
@@ -135,6 +147,8 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in figures.items())
                     took = time.monotonic() - started
                     _log(f"run {rnd + 1}/{settings.runs} {scenario} {name} ({took:.1f}s): {shown}")
+    if errors:
+        _log(f"some measurements failed; the lab's logs are in {logs}")
     return {"samples": samples, "errors": errors, "idle_proxy_cpu_cores": idle}
 
 

@@ -94,6 +94,7 @@ def http_keepalive(path: BenchPath, s: Settings, connections: int) -> dict[str, 
     out = {f"{key}_rps": r.req_per_s, f"{key}_p50_ms": r.p50_ms, f"{key}_p99_ms": r.p99_ms}
     if connections > 1:
         out[f"{key}_p999_ms"] = r.p999_ms
+    out[f"{key}_errors"] = r.error_count
     return out
 
 
@@ -101,7 +102,8 @@ def new_connections(path: BenchPath, s: Settings) -> dict[str, float]:
     """wrk with `Connection: close`: every request on a new connection (16 at a time)."""
     argv = ["wrk", "-t", "2", "-c", "16", "-d", f"{s.newconn_seconds}s", "--timeout", "5s"]
     argv += ["-H", "Connection: close", "-s", WRK_REPORT, _url(path, configs.SMALL_PATH)]
-    return {"newconn_rps": _wrk(path, argv, s.newconn_seconds).req_per_s}
+    r = _wrk(path, argv, s.newconn_seconds)
+    return {"newconn_rps": r.req_per_s, "newconn_errors": r.error_count}
 
 
 class _Lines:
@@ -164,6 +166,7 @@ def http_fixed_rate(path: BenchPath, s: Settings) -> dict[str, float]:
         "fixed_p50_ms": r.p50_ms,
         "fixed_p90_ms": r.p90_ms,
         "fixed_p99_ms": r.p99_ms,
+        "fixed_errors": r.error_count,
     }
     if path.proxies:
         cores = (after.cpu_s - before.cpu_s) / (t1 - t0)
@@ -207,11 +210,11 @@ def _reload_haproxy(cgroup: Path) -> None:
     raise LabFailed(f"HAProxy in {cgroup} did not reload within {RESTART_TIMEOUT:.0f}s")
 
 
-def fresh_proxies(path: BenchPath) -> None:
-    """Restart the path's proxies, so that memory grown by earlier scenarios (or rounds) cannot
-    be reused by the idle connections: node agents with `meshlab agent stop/start` (the datapath
+def fresh_proxies(proxies: tuple[Path, ...]) -> None:
+    """Restart proxies, so that memory grown by earlier scenarios (or runs) cannot be reused
+    and hide what the next one costs: node agents with `meshlab agent stop/start` (the datapath
     stays attached meanwhile), HAProxy by a reload."""
-    for cgroup in path.proxies:
+    for cgroup in proxies:
         if cgroup.parent.name == "system" and cgroup.name.startswith("agent-"):
             node = cgroup.name.removeprefix("agent-")
             for action in ("stop", "start"):
@@ -228,7 +231,7 @@ def idle_connections(path: BenchPath, s: Settings) -> dict[str, float]:
     figure."""
     if not path.proxies:
         return {}
-    fresh_proxies(path)
+    fresh_proxies(path.proxies)
     host, port = path.http
     base = _settled_rss(path.proxies)
     argv = python_tool("holdconns", host, str(port), "--count", str(s.idle_connections))

@@ -139,3 +139,11 @@ def test_markdown_has_a_table_per_scenario_targets_and_machine():
     assert "4.20 ±5% (0.48xd, 1.05xs)" in text
     assert "| mesh-cross-node at 1,000 req/s: added p90 | ≤ 0.2 ms | 0.150 ms | met |" in text
     assert "- run 2, http-c1, `mesh-cross-node`: wrk: timeout" in text
+
+
+def test_tool_errors_are_listed_per_scenario_and_path():
+    samples = {
+        "newconn_errors": {CROSS: [0, 12, None], DIRECT: [0, 0, 0]},
+        "newconn_rps": {CROSS: [1.0, 2.0, 3.0]},
+    }
+    assert report._tool_errors(samples) == ["newconn on `mesh-cross-node`: 0, 12, -"]
