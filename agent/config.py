@@ -41,6 +41,7 @@ class AgentConfig(BaseModel):
     excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
     discovery_interval: float = 0.5
     trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"  # where mesh-wide policies live, as Istio's
     hbone_port: int = 15008
     access_log: Literal["stdout", "off"] = "stdout"
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's

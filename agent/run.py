@@ -24,10 +24,12 @@ from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.identity.controller_signer import ControllerSigner
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.meshing import MeshReconciler
+from meshagent.agent.proxy.http import open_connection_pool
 from meshagent.agent.proxy.inbound import InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
+from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, workload_identity
 from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.agent.telemetry import (
@@ -77,6 +79,8 @@ class Agent:
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
         if hasattr(self, "node_metrics"):
             self.node_metrics.set_snapshot_version(tables.snapshot.version)
+        if hasattr(self, "traffic"):
+            self.traffic.update(tables.snapshot)
 
     def _certificate_expiry(self) -> dict:
         return {
@@ -109,7 +113,19 @@ class Agent:
                 "bytes_received": stats.bytes_received,
                 "by_destination": dict(stats.by_destination),
                 "mutual_tls": stats.mutual_tls,
+                "http_connections": stats.http_connections,
+                "http_requests": stats.http_requests,
             },
+            "outlier_ejections": [
+                {
+                    "cluster": e.cluster,
+                    "address": e.address,
+                    "until": e.until,
+                    "ejections": e.ejections,
+                }
+                for e in self.traffic.clusters.ejected()
+            ],
+            "route_problems": list(self.traffic.table.problems),
             "inbound": {
                 "accepted": inbound.accepted,
                 "active": inbound.active,
@@ -168,8 +184,12 @@ class Agent:
             async with (
                 open_access_log(AccessLogSettings(output=cfg.access_log)) as access_log,
                 open_tunnel_pool(self.workload_tls.client_context) as pool,
+                open_connection_pool() as http_pool,
                 trio.open_nursery() as nursery,
             ):
+                self.traffic = Traffic(http_pool, cfg.root_namespace)
+                if self.store.tables is not None:
+                    self.traffic.update(self.store.tables.snapshot)
                 self.pool = pool
                 self.inputs = ProxyInputs(
                     store=self.store,
@@ -179,7 +199,7 @@ class Agent:
                     access_log=access_log,
                 )
                 connector = Connector(self.inputs, pool, self.identities, cfg.hbone_port)
-                self.proxy = OutboundProxy(self.inputs, maps.pop_orig_dst, connector)
+                self.proxy = OutboundProxy(self.inputs, maps.pop_orig_dst, connector, self.traffic)
                 self.inbound = InboundProxy(self.inputs)
                 await nursery.start(serve_http, "127.0.0.1", cfg.admin_port, {"/status": status})
                 await nursery.start(serve_controller_link, cfg, self.store, self.link, self.signer)

@@ -21,7 +21,7 @@ from meshagent.agent.policy.peerauth import resolve as resolve_mtls
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
-from meshagent.common.snapshot import Endpoint, Service, Snapshot, Workload
+from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ServicePortRoute:
     service: Service
     port: int
     endpoints: list[Endpoint]
+    service_port: ServicePort
     _next: itertools.cycle = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +83,7 @@ class Tables:
                     continue
                 eps = [e for e in svc.endpoints if port.port in e.ports]
                 for vip in svc.vips:
-                    by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps)
+                    by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps, port)
         workload_by_ip = {ip: w for w in snap.workloads for ip in w.ips}
         workload_by_uid = {w.uid: w for w in snap.workloads}
         node_address = {n.name: n.address for n in snap.nodes}

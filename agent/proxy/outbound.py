@@ -14,9 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+from meshagent.agent.proxy.http import HttpContext, RequestRecord, proxy_http1
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.relay import RelayResult, relay
-from meshagent.agent.proxy.upstream import Connector, UpstreamError
+from meshagent.agent.proxy.routing import is_http_port
+from meshagent.agent.proxy.traffic import Traffic
+from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
@@ -25,7 +29,7 @@ from meshagent.agent.telemetry import (
     peer_from_workload,
     service_ref,
 )
-from meshagent.common.snapshot import Service, Workload
+from meshagent.common.snapshot import Endpoint, Service, Workload
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +50,23 @@ class ProxyStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     by_destination: dict[str, int] = field(default_factory=dict)
+    http_connections: int = 0
+    http_requests: int = 0
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
 
 
 class OutboundProxy:
-    def __init__(self, inputs: ProxyInputs, orig_dst: OrigDstLookup, connector: Connector) -> None:
+    def __init__(
+        self, inputs: ProxyInputs, orig_dst: OrigDstLookup, connector: Connector, traffic: Traffic
+    ) -> None:
         self.inputs = inputs
+        self.traffic = traffic
         self.store = inputs.store
         self.orig_dst = orig_dst
         self.connector = connector
         self.stats = ProxyStats()
-
-    def resolve(self, ip: str, port: int) -> tuple[list[tuple[str, int]], Service | None]:
-        """Where to connect for an original destination: candidate (ip, port)s in the order
-        to try them, and the service (None for a pass-through destination)."""
-        tables = self.store.tables
-        route = tables.by_vip_port.get((ip, port)) if tables else None
-        if route is None:
-            return [(ip, port)], None  # pod IP or outside the mesh: pass through unchanged
-        candidates = [(e.ip, port) for e, port in route.pick(CONNECT_ATTEMPTS)]
-        return candidates, route.service
 
     async def handle(self, client: trio.SocketStream) -> None:
         self.stats.accepted += 1
@@ -91,59 +90,87 @@ class OutboundProxy:
             self.stats.orig_dst_misses += 1
             log.warning("no original destination for %s:%d; closing", peer_ip, peer_port)
             return
-        candidates, service = self.resolve(*orig)
         tables = self.store.tables
         source = tables.workload_by_ip.get(peer_ip) if tables else None
+        route = tables.by_vip_port.get(orig) if tables else None
+        if route is not None and is_http_port(route.service_port):
+            await self._serve_http(client, source, route.service, orig[1], peer_ip)
+            return
+        conn = _L4(self, client, source, peer_ip, orig, start, started)
+        if route is None:
+            await conn.run_passthrough()
+        else:
+            await conn.run_service(route.service)
+
+    async def _serve_http(
+        self,
+        client: trio.SocketStream,
+        source: Workload | None,
+        service: Service,
+        port: int,
+        peer_ip: str,
+    ) -> None:
+        """Per-request routing, balancing and resilience (VirtualService, DestinationRule)."""
+        traffic = self.traffic
+        hostname = service.hostname
         source_peer = self._peer(source)
-        service_labels = service_ref(service) if service else UNKNOWN_SERVICE
-        if not candidates:
-            self.stats.no_endpoints += 1
-            log.warning("%s:%d -> %s:%d: service has no ready endpoints", peer_ip, peer_port, *orig)
-            return
-        upstream, error = None, ""
-        for ip, port in candidates:  # a failed connect moves on to the next endpoint
-            try:
-                upstream = await self.connector.open(source, ip, port, peer_ip)
-                break
-            except UpstreamError as exc:
-                self.stats.upstream_failures += 1
-                error = f"{exc.kind}: {exc}"
-                log.warning("%s:%d -> %s:%d: %s", peer_ip, peer_port, ip, port, error)
-        if upstream is None:
-            labels = ConnectionLabels("source", source_peer, UNKNOWN_PEER, service_labels)
-            self._report(labels, start, started, 0, 0, "UF", peer_ip, f"{orig[0]}:{orig[1]}", error)
-            return
-        key = f"{ip}:{port}"
-        self.stats.by_destination[key] = self.stats.by_destination.get(key, 0) + 1
-        if upstream.security == "mutual_tls":
-            self.stats.mutual_tls += 1
-        labels = ConnectionLabels(
-            "source",
-            source_peer,
-            self._peer(upstream.peer),
-            service_labels,
-            connection_security_policy=upstream.security,
-        )
-        self.inputs.metrics.tcp_opened(labels)
-        result = RelayResult()
-        try:
-            async with upstream.stream:
-                result = await relay(client, upstream.stream)
-        finally:
-            self.stats.bytes_sent += result.sent
-            self.stats.bytes_received += result.received
-            self._report(
-                labels,
-                start,
-                started,
-                result.received,
-                result.sent,
-                "-",
-                peer_ip,
-                key,
-                "",
-                opened=True,
+        service_labels = service_ref(service)
+        self.stats.http_connections += 1
+
+        async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
+            upstream = await self.connector.open(source, endpoint.ip, pod_port, peer_ip)
+            if upstream.security == "mutual_tls":
+                self.stats.mutual_tls += 1
+            return upstream
+
+        def done(record: RequestRecord) -> None:
+            info = record.upstream_info
+            upstream = info if isinstance(info, Upstream) else None
+            labels = ConnectionLabels(
+                "source",
+                source_peer,
+                self._peer(upstream.peer if upstream else None),
+                service_labels,
+                request_protocol="http",
+                connection_security_policy=upstream.security if upstream else "unknown",
             )
+            self.stats.http_requests += 1
+            if record.upstream:
+                key = record.upstream
+                self.stats.by_destination[key] = self.stats.by_destination.get(key, 0) + 1
+            self.inputs.metrics.http_request(
+                labels,
+                record.status,
+                record.flag_string,
+                record.duration * 1000,
+                record.bytes_received,
+                record.bytes_sent,
+            )
+            if self.inputs.access_log is not None:
+                self.inputs.access_log.http_request(
+                    labels,
+                    start=record.start,
+                    duration_ms=record.duration * 1000,
+                    method=record.method,
+                    path=record.target,
+                    response_code=record.status,
+                    response_flags=record.flag_string,
+                    bytes_sent=record.bytes_sent,
+                    bytes_received=record.bytes_received,
+                    source_address=peer_ip,
+                    destination_address=record.upstream or None,
+                )
+
+        ctx = HttpContext(
+            routes=lambda: traffic.table.http_routes(hostname, port),
+            clusters=traffic.clusters,
+            pool=traffic.pool,
+            connect=connect,
+            pool_key=source.uid if source else peer_ip,
+            on_request_done=done,
+            peer=peer_ip,
+        )
+        await proxy_http1(client, ctx)
 
     def _peer(self, workload: Workload | None) -> Peer:
         if workload is None:
@@ -177,6 +204,120 @@ class OutboundProxy:
                 destination_address=upstream,
                 error=error or None,
             )
+
+
+class _L4:
+    """One L4 connection: pick an endpoint (TCP routes, balancer, circuit breaker), connect
+    (retrying another endpoint on a failed connect), relay, and report."""
+
+    def __init__(
+        self,
+        proxy: OutboundProxy,
+        client: trio.SocketStream,
+        source: Workload | None,
+        peer_ip: str,
+        orig: tuple[str, int],
+        start: float,
+        started: float,
+    ) -> None:
+        self.proxy, self.client, self.source, self.peer_ip = proxy, client, source, peer_ip
+        self.orig, self.start, self.started = orig, start, started
+        self.source_peer = proxy._peer(source)
+
+    async def run_passthrough(self) -> None:
+        ip, port = self.orig
+        try:
+            upstream = await self.proxy.connector.open(self.source, ip, port, self.peer_ip)
+        except UpstreamError as exc:
+            self._failed(UNKNOWN_SERVICE, f"{exc.kind}: {exc}", "UF")
+            return
+        await self._relay(upstream, UNKNOWN_SERVICE, f"{ip}:{port}")
+
+    async def run_service(self, service: Service) -> None:
+        proxy = self.proxy
+        service_labels = service_ref(service)
+        routes = proxy.traffic.table.tcp_routes(service.hostname, self.orig[1])
+        spec = routes.destinations.pick() if routes else None
+        if spec is None or not spec.endpoints:
+            proxy.stats.no_endpoints += 1
+            self._failed(service_labels, "no healthy upstream", "UH")
+            return
+        state = proxy.traffic.clusters.get(spec)
+        tried: list = []
+        error = ""
+        for _ in range(CONNECT_ATTEMPTS):  # a failed connect moves on to another endpoint
+            ep = state.pick(tried)
+            if ep is None:
+                break
+            if not state.try_open(ep):
+                self._failed(service_labels, "circuit breaker: too many connections", "UO")
+                return
+            target = ep.upstream
+            try:
+                upstream = await proxy.connector.open(
+                    self.source, target.endpoint.ip, target.port, self.peer_ip
+                )
+            except UpstreamError as exc:
+                state.report(ep, CONNECT_FAILURE_CODE)
+                state.closed(ep)
+                tried.append(ep)
+                proxy.stats.upstream_failures += 1
+                error = f"{exc.kind}: {exc}"
+                log.warning("%s -> %s: %s", self.peer_ip, target.address, error)
+                continue
+            try:
+                await self._relay(upstream, service_labels, target.address)
+            finally:
+                state.closed(ep)
+            return
+        self._failed(service_labels, error or "no healthy upstream", "UF" if error else "UH")
+
+    async def _relay(self, upstream: Upstream, service_labels, address: str) -> None:
+        proxy = self.proxy
+        proxy.stats.by_destination[address] = proxy.stats.by_destination.get(address, 0) + 1
+        if upstream.security == "mutual_tls":
+            proxy.stats.mutual_tls += 1
+        labels = ConnectionLabels(
+            "source",
+            self.source_peer,
+            proxy._peer(upstream.peer),
+            service_labels,
+            connection_security_policy=upstream.security,
+        )
+        proxy.inputs.metrics.tcp_opened(labels)
+        result = RelayResult()
+        try:
+            async with upstream.stream:
+                result = await relay(self.client, upstream.stream)
+        finally:
+            proxy.stats.bytes_sent += result.sent
+            proxy.stats.bytes_received += result.received
+            proxy._report(
+                labels,
+                self.start,
+                self.started,
+                result.received,
+                result.sent,
+                "-",
+                self.peer_ip,
+                address,
+                "",
+                opened=True,
+            )
+
+    def _failed(self, service_labels, error: str, flags: str) -> None:
+        labels = ConnectionLabels("source", self.source_peer, UNKNOWN_PEER, service_labels)
+        self.proxy._report(
+            labels,
+            self.start,
+            self.started,
+            0,
+            0,
+            flags,
+            self.peer_ip,
+            f"{self.orig[0]}:{self.orig[1]}",
+            error,
+        )
 
 
 async def serve_outbound(

@@ -34,6 +34,7 @@ def _capture(seconds_max: float, action) -> bytes:
             "-i",
             "ul-node-2",
             "-U",
+            "--immediate-mode",  # deliver each packet now, not in ~1 s blocks
             "-s",
             "0",
             "-w",
