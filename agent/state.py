@@ -18,6 +18,7 @@ from pathlib import Path
 
 from meshagent.agent.policy.peerauth import MtlsPolicy
 from meshagent.agent.policy.peerauth import resolve as resolve_mtls
+from meshagent.agent.proxy.routing import is_http_port
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
@@ -67,6 +68,7 @@ class Tables:
     istio: list[IstioResource]
     authz: PolicySet
     service_by_endpoint: dict[tuple[str, int], Service]  # (pod ip, pod port) -> a service of it
+    http_pod_ports: frozenset[tuple[str, int]]  # (pod ip, pod port) behind an HTTP service port
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]
@@ -98,6 +100,14 @@ class Tables:
             for e in svc.endpoints
             for pod_port in e.ports.values()
         }
+        http_pod_ports = frozenset(
+            (e.ip, e.ports[sp.port])
+            for svc in snap.services
+            for sp in svc.ports
+            if is_http_port(sp)
+            for e in svc.endpoints
+            if sp.port in e.ports
+        )
         return cls(
             snap,
             by_vip_port,
@@ -107,6 +117,7 @@ class Tables:
             istio,
             authz,
             service_by_endpoint,
+            http_pod_ports,
         )
 
     def local_meshed(self) -> list[Workload]:

@@ -9,14 +9,26 @@ A target that is not ours is refused 401; an unreachable pod 503, as ztunnel doe
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.hbone.server import InboundTunnel
 from meshagent.agent.policy import authorization
+from meshagent.agent.proxy.http import (
+    ConnectionPool,
+    HttpContext,
+    LocalResponse,
+    RequestInfo,
+    RequestRecord,
+    proxy_http1,
+)
+from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.relay import RelayResult, relay
+from meshagent.agent.proxy.routing import single_endpoint_routes
 from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
@@ -25,6 +37,9 @@ from meshagent.agent.telemetry import (
     peer_from_workload,
     service_ref,
 )
+from meshagent.common import authz
+from meshagent.common.snapshot import Endpoint, Workload
+from meshagent.common.spiffe import Identity
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +57,12 @@ class InboundStats:
 
 
 class InboundProxy:
-    def __init__(self, inputs: ProxyInputs) -> None:
+    def __init__(self, inputs: ProxyInputs, http_pool: ConnectionPool) -> None:
         self.inputs = inputs
         self.store = inputs.store
         self.stats = InboundStats()
+        self.http_pool = http_pool
+        self.clusters = Clusters()
 
     async def _refuse(self, tunnel: InboundTunnel, status: int, why: str) -> None:
         self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
@@ -70,6 +87,13 @@ class InboundProxy:
             await self._refuse(tunnel, 401, f"{ip} is not {tunnel.local_identity.uri}")
             return
         source_ip = tunnel.forwarded_for or tunnel.peer_address[0]
+        if (ip, port) in tables.http_pod_ports:
+            # HTTP: authorization per request (403), not per connection
+            stream = await tunnel.accept()
+            await self.serve_http(
+                stream, tunnel.peer_identity, source_ip, target, ip, port, "mutual_tls"
+            )
+            return
         source = tables.workload_by_ip.get(source_ip)
         service = tables.service_by_endpoint.get((ip, port))
         labels = ConnectionLabels(
@@ -135,6 +159,139 @@ class InboundProxy:
                 tunnel.authority,
                 decision,
             )
+
+    async def serve_http(
+        self,
+        stream: trio.abc.Stream,
+        source_identity: Identity | None,
+        source_ip: str,
+        target: Workload,
+        ip: str,
+        port: int,
+        security: str,
+    ) -> None:
+        """Deliver HTTP/1.1 to a local pod, checking every request against the pod's
+        AuthorizationPolicies: a denial is a 403 `RBAC: access denied` for that request only,
+        the connection and its other requests go on."""
+        tables = self.store.tables
+        assert tables is not None
+        service = tables.service_by_endpoint.get((ip, port))
+        hostname = service.hostname if service else f"{ip}:{port}"
+        endpoint = Endpoint(
+            ip=ip, node=self.inputs.node, workload_uid=target.uid, ports={port: port}
+        )
+        routes = single_endpoint_routes(hostname, port, endpoint, port)
+        source = tables.workload_by_ip.get(source_ip)
+        td = self.inputs.trust_domain
+        source_peer = peer_from_workload(source, trust_domain=td) if source else UNKNOWN_PEER
+        if source_identity is not None:
+            source_peer = source_peer.with_principal(source_identity)
+        labels = ConnectionLabels(
+            "destination",
+            source_peer,
+            peer_from_workload(target, trust_domain=td),
+            service_ref(service) if service else UNKNOWN_SERVICE,
+            request_protocol="http",
+            connection_security_policy=security,
+        )
+
+        async def authorize(request: RequestInfo) -> LocalResponse | None:
+            current = self.store.tables or tables
+            headers = request.header_map()
+            http = authz.HttpAttrs(
+                method=request.method,
+                path=request.path,
+                host=request.authority or headers.get("host", ""),
+                headers=headers,
+            )
+            decision = authorization.check(
+                current.authz,
+                self.inputs.authz,
+                source=source_identity,
+                source_ip=source_ip,
+                destination=target,
+                destination_ip=ip,
+                port=port,
+                http=http,
+            )
+            self.inputs.metrics.policy_decision(decision)
+            if decision.allowed:
+                return None
+            return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
+
+        async def connect(ep: Endpoint, pod_port: int) -> trio.abc.HalfCloseableStream:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    return await trio.open_tcp_stream(ep.ip, pod_port)
+            except (OSError, trio.TooSlowError) as exc:
+                raise HttpUpstreamError("connect-failure", str(exc)) from None
+
+        def done(record: RequestRecord) -> None:
+            self.inputs.metrics.http_request(
+                labels,
+                record.status,
+                record.flag_string,
+                record.duration * 1000,
+                record.bytes_received,
+                record.bytes_sent,
+            )
+            if self.inputs.access_log is not None:
+                self.inputs.access_log.http_request(
+                    labels,
+                    start=record.start,
+                    duration_ms=record.duration * 1000,
+                    method=record.method,
+                    path=record.target,
+                    response_code=record.status,
+                    response_flags=record.flag_string,
+                    bytes_sent=record.bytes_sent,
+                    bytes_received=record.bytes_received,
+                    source_address=source_ip,
+                    destination_address=f"{ip}:{port}",
+                )
+
+        principal = source_identity.uri if source_identity else source_ip
+        self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
+        self.stats.accepted += 1
+        self.stats.active += 1
+        try:
+            await proxy_http1(
+                stream,
+                HttpContext(
+                    routes=lambda: routes,
+                    clusters=self.clusters,
+                    pool=self.http_pool,
+                    connect=connect,
+                    pool_key=("inbound", principal),
+                    request_filter=authorize,
+                    on_request_done=done,
+                    peer=source_ip,
+                ),
+            )
+        finally:
+            self.stats.active -= 1
+
+    def open_local_http(
+        self,
+        nursery: trio.Nursery,
+        source_identity: Identity | None,
+        source_ip: str,
+        target: Workload,
+        ip: str,
+        port: int,
+    ) -> trio.SocketStream:
+        """Same-node HTTP: a connected socket pair whose far end is served by `serve_http`,
+        so same-node requests pass the same per-request checks as tunnelled ones."""
+        near, far = (
+            trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socket.socketpair()
+        )
+
+        async def serve() -> None:
+            async with far:
+                await self.serve_http(far, source_identity, source_ip, target, ip, port, "none")
+
+        nursery.start_soon(serve)
+        return near
 
     def _log(
         self, labels, start, started, to_client, from_client, flags, client, upstream, decision

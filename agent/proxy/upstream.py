@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 from meshagent.agent.hbone.client import TunnelPool
@@ -20,6 +21,9 @@ from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, Tunnel
 from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
 from meshagent.agent.policy import authorization
 from meshagent.agent.proxy.inputs import ProxyInputs
+
+if TYPE_CHECKING:
+    from meshagent.agent.proxy.inbound import InboundProxy
 from meshagent.common.snapshot import Workload
 from meshagent.common.spiffe import Identity
 
@@ -66,6 +70,7 @@ class Connector:
         self.pool = pool
         self.identities = identities
         self.hbone_port = hbone_port
+        self._local: tuple[InboundProxy, trio.Nursery] | None = None
 
     def _tunnel_target(self, source: Workload | None, ip: str, port: int) -> Workload | None:
         """The destination workload when the connection must go through HBONE."""
@@ -98,8 +103,26 @@ class Connector:
         if not decision.allowed:
             raise UpstreamError("refused", f"denied by {decision.policy or 'default'}", 401)
 
+    def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
+        """Same-node HTTP goes through this node's inbound HTTP path (per-request policy)."""
+        self._local = (inbound, nursery)
+
     async def open(self, source: Workload | None, ip: str, port: int, client_ip: str) -> Upstream:
         dest = self._tunnel_target(source, ip, port)
+        tables = self.store.tables
+        local = tables.workload_by_ip.get(ip) if tables else None
+        if (
+            dest is None
+            and self._local is not None
+            and local is not None
+            and local.meshed
+            and local.node == self.node
+            and (ip, port) in tables.http_pod_ports
+        ):
+            inbound, nursery = self._local
+            source_id = workload_identity(source, self.trust_domain) if source else None
+            stream = inbound.open_local_http(nursery, source_id, client_ip, local, ip, port)
+            return Upstream(stream, "none", local)
         if dest is None:
             self._authorize_local(source, ip, port, client_ip)
             try:

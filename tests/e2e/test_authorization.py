@@ -98,3 +98,61 @@ def test_dry_run_deny_changes_nothing_but_is_counted(authz_lab, tmp_path):
         assert after > before
     finally:
         _delete(tmp_path, deny)
+
+
+DENY_ADMIN = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-admin", "namespace": "shop"},
+    "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]},
+}
+
+
+@pytest.mark.parametrize("service", ["reviews", "ratings"], ids=["cross-node", "same-node"])
+def test_deny_on_paths_gives_403_per_request_on_one_connection(authz_lab, tmp_path, service):
+    _apply(tmp_path, DENY_ADMIN)
+    try:
+        base = f"http://{service}.shop:9080"
+
+        def two_requests() -> list[tuple[str, str, str]]:
+            # one curl, two requests on one keep-alive connection; body of the first kept
+            body = tmp_path / "admin.txt"
+            proc = meshlab(
+                "exec",
+                "shop/frontend",
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "-w",
+                "%{http_code} %{num_connects}\\n",
+                "-o",
+                str(body),
+                f"{base}/admin/x",
+                "-o",
+                "/dev/null",
+                f"{base}/",
+                check=False,
+            )
+            lines = [line.split() for line in proc.stdout.splitlines()]
+            return [
+                (code, connects, body.read_text() if i == 0 and body.exists() else "")
+                for i, (code, connects) in enumerate(lines)
+            ]
+
+        deadline = time.monotonic() + 3
+        results = two_requests()
+        while results[0][0] != "403" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            results = two_requests()
+        (admin_code, _, admin_body), (root_code, root_connects, _) = results
+        assert admin_code == "403"
+        assert admin_body == "RBAC: access denied"
+        assert root_code == "200"
+        assert root_connects == "0"  # the same connection carried on after the denial
+        node = "node-2" if service == "reviews" else "node-1"
+        denials = authz_lab.status(node)["agent"]["authz"]["recent_denials"]
+        assert any(d["policy"] == "shop/deny-admin" for d in denials), denials
+    finally:
+        _delete(tmp_path, DENY_ADMIN)
