@@ -59,21 +59,54 @@ def run(config_file: Path | None, verbose: bool, **overrides: object) -> None:
 
 @main.command()
 @_config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(config_file: Path | None, as_json: bool) -> None:
-    """Show the agent, the attached programs, meshed pods and counters.
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for scripts (one line each with --watch)."
+)
+@click.option(
+    "--watch",
+    "interval",
+    type=click.FloatRange(min=0.1),
+    help="Refresh every INTERVAL seconds until Ctrl-C.",
+)
+@click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after COUNT reports.")
+def status(
+    config_file: Path | None, as_json: bool, interval: float | None, count: int | None
+) -> None:
+    """Show the agent, controller link, attached programs, meshed pods (identity, certificate,
+    mTLS mode), connections, tunnels, ejected endpoints and recent denials.
 
-    Works when the agent is down too: it then reads the pinned maps directly.
+    Works when the agent is down too: it then reads the pinned maps, the saved snapshot and the
+    saved certificates, and says which parts only the running agent knows.
 
     \b
     Examples:
       meshagent status
-      meshagent status --json | jq .datapath.counters
+      meshagent status --json | jq '.pods[] | {ip, identity, mtls_mode}'
+      meshagent status --watch 2
+      meshagent status --watch 5 --count 3 --json
     """
-    from meshagent.agent.status import gather, render
+    from meshagent.agent.status import gather, render, watch
 
-    report = gather(load_config(config_file))
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if count is not None and interval is None:
+        raise click.UsageError("--count needs --watch")
+    config = load_config(config_file)
+
+    def show(report: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(report, indent=None if interval else 2))
+        elif interval is None:
+            click.echo(render(report))
+        else:
+            click.clear()
+            click.echo(f"meshagent status every {interval:g}s (Ctrl-C stops)\n\n{render(report)}")
+
+    if interval is None:
+        show(gather(config))
+        return
+    try:
+        watch(lambda: gather(config), show, interval=interval, count=count)
+    except KeyboardInterrupt:
+        click.echo()  # end the line the terminal's ^C is on
 
 
 @main.command()

@@ -1,29 +1,69 @@
 """`meshagent status`: what the node's mesh is doing, from the agent and from the kernel.
 
-Two sources, so the report still says something useful when the agent is
-down: the agent's admin endpoint (live proxy and controller state) and the
-pinned BPF objects (programs attached to the cgroup, meshed namespaces,
-counters), read directly.
+What flows through: three sources are read (`gather`), joined into one report (`assemble`,
+plain data, no I/O) and printed as a screen (`render`) or as JSON. The sources, so the report
+still says something useful when the agent is down:
+
+- the agent's admin endpoint (live proxy, tunnels, controller link, certificates, denials);
+- the pinned BPF objects (programs attached to the cgroup, meshed namespaces, counters);
+- the agent's state folder (the last accepted snapshot, the saved certificates), which gives
+  pods their names, identities and mTLS modes, and certificate expiry with the agent down.
+
+The JSON report's keys, for scripts (`REPORT_FIELDS`; ``null`` where only the running agent
+knows and it is down):
+
+- ``node``; ``agent``: ``running``, ``error``, and from the live agent ``version``,
+  ``uptime_s``, ``controller`` (``address``, ``connected``, ``last_error``, ...) and its
+  raw figures (``proxy``, ``inbound``, ``authz``, ``hbone``, ...);
+- ``snapshot``: ``version`` and ``source`` (``agent``, ``saved`` or ``null``);
+- ``datapath``: ``programs`` attached, ``meshed_netns``, ``counters``, ``peer_auth``;
+- ``pods``: one per meshed pod: ``namespace``, ``name``, ``ip``, ``netns_cookie``,
+  ``identity``, ``mtls_mode`` (and ``mtls_ports`` overrides), ``certificate`` (``state``,
+  ``not_after``, ``expires_in_s``);
+- ``connections``: ``outbound`` and ``inbound`` (``active``, ``accepted``), ``http_requests``,
+  ``mutual_tls``; ``tunnels``: pooled HBONE connections; ``ejected_endpoints``;
+  ``recent_denials``.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 import trio
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
+from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.run import datapath_settings
-from meshagent.agent.state import SNAPSHOT_FILE
+from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.common.httpserve import http_get
+from meshagent.common.spiffe import Identity, InvalidIdentity
+
+__all__ = ["REPORT_FIELDS", "assemble", "gather", "render", "watch"]
+
+REPORT_FIELDS: tuple[str, ...] = (
+    "node",
+    "agent",
+    "snapshot",
+    "datapath",
+    "pods",
+    "connections",
+    "tunnels",
+    "ejected_endpoints",
+    "recent_denials",
+)
+
+ADMIN_TIMEOUT = 2.0
 
 
 def _agent_view(config: AgentConfig) -> tuple[dict | None, str]:
     try:
-        code, body = trio.run(http_get, "127.0.0.1", config.admin_port, "/status", 2.0)
+        code, body = trio.run(http_get, "127.0.0.1", config.admin_port, "/status", ADMIN_TIMEOUT)
     except (OSError, trio.TooSlowError) as exc:
         return None, str(exc) or type(exc).__name__
     if code != 200:
@@ -58,70 +98,298 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
     return view
 
 
-def _saved_pod_names(config: AgentConfig) -> dict[str, str]:
-    """Pod IP -> namespace/name from the last saved snapshot (names when the agent is down)."""
+def _saved_tables(config: AgentConfig) -> Tables | None:
+    """The last snapshot the agent accepted, as it serves it (None if there is none)."""
+    store = SnapshotStore(config.node_name, config.state_dir)
+    return store.tables if store.load_saved() else None
+
+
+def _identity(tables: Tables | None, ip: str, trust_domain: str) -> Identity | None:
+    workload = tables.workload_by_ip.get(ip) if tables else None
+    if workload is None:
+        return None
     try:
-        snap = json.loads((config.state_dir / SNAPSHOT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {
-        ip: f"{w['namespace']}/{w['name']}" for w in snap.get("workloads", []) for ip in w["ips"]
-    }
+        return Identity(trust_domain, workload.namespace, workload.service_account)
+    except InvalidIdentity:
+        return None
+
+
+def _saved_certificates(
+    config: AgentConfig, tables: Tables | None, ips: list[str]
+) -> list[dict[str, Any]]:
+    """Certificate rows (as the live agent gives them) from the certificates kept on disk."""
+    store = CertStore(config.state_dir / "certs")
+    rows = []
+    for ip in ips:
+        identity = _identity(tables, ip, config.trust_domain)
+        if identity is None:
+            continue
+        cert = store.load(identity)
+        rows.append(
+            {
+                "identity": identity.uri,
+                "state": "saved" if cert else "missing",
+                "not_after": cert.not_after.isoformat() if cert else None,
+            }
+        )
+    return rows
 
 
 def gather(config: AgentConfig) -> dict[str, Any]:
+    """Read every source once and join them (see the module docstring for the keys)."""
     agent, error = _agent_view(config)
-    names = _saved_pod_names(config)
     kernel = _kernel_view(config)
-    for pod in kernel.get("meshed_netns", []):
-        pod["pod"] = names.get(pod["ip"], "")
-    return {
-        "node": config.node_name,
+    tables = _saved_tables(config)
+    certificates = None
+    if agent is None:
+        ips = [p["ip"] for p in kernel.get("meshed_netns", [])]
+        certificates = _saved_certificates(config, tables, ips)
+    return assemble(
+        config.node_name,
+        agent,
+        error,
+        kernel,
+        tables,
+        trust_domain=config.trust_domain,
+        saved_certificates=certificates,
+        now=time.time(),
+    )
+
+
+def _expires_in(not_after: str | None, now: float) -> float | None:
+    if not not_after:
+        return None
+    return round(datetime.fromisoformat(not_after).timestamp() - now, 1)
+
+
+def _pods(
+    agent: dict | None,
+    kernel: dict[str, Any],
+    tables: Tables | None,
+    certificates: list[dict[str, Any]],
+    trust_domain: str,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Meshed pods as the kernel has them (the agent's list if the maps cannot be read),
+    with name, identity and mTLS mode from the snapshot and the identity's certificate."""
+    if "meshed_netns" in kernel:
+        base = kernel["meshed_netns"]
+    else:
+        base = (agent or {}).get("meshed_pods", [])
+    by_identity = {c["identity"]: c for c in certificates}
+    pods = []
+    for entry in sorted(base, key=lambda p: p["ip"]):
+        ip = entry["ip"]
+        workload = tables.workload_by_ip.get(ip) if tables else None
+        identity = _identity(tables, ip, trust_domain)
+        mtls = tables.mtls_for(workload) if tables and workload else None
+        cert = by_identity.get(identity.uri) if identity else None
+        not_after = cert.get("not_after") if cert else None
+        pods.append(
+            {
+                "namespace": workload.namespace if workload else entry.get("namespace"),
+                "name": workload.name if workload else entry.get("name"),
+                "ip": ip,
+                "netns_cookie": entry.get("netns_cookie"),
+                "identity": identity.uri if identity else None,
+                "mtls_mode": mtls.mode if mtls else None,
+                "mtls_ports": {str(p): m for p, m in mtls.ports.items()} if mtls else {},
+                "certificate": {
+                    "state": cert["state"] if cert else "missing",
+                    "not_after": not_after,
+                    "expires_in_s": _expires_in(not_after, now),
+                },
+            }
+        )
+    return pods
+
+
+def assemble(
+    node: str,
+    agent: dict | None,
+    error: str,
+    kernel: dict[str, Any],
+    tables: Tables | None,
+    *,
+    trust_domain: str,
+    saved_certificates: list[dict[str, Any]] | None = None,
+    now: float,
+) -> dict[str, Any]:
+    """Join the agent's live view (None when it is down, `error` saying why), the kernel's and
+    the saved snapshot into the report; `saved_certificates` stand in for the agent's."""
+    for entry in kernel.get("meshed_netns", []):
+        workload = tables.workload_by_ip.get(entry["ip"]) if tables else None
+        entry["pod"] = f"{workload.namespace}/{workload.name}" if workload else ""
+    certificates = agent.get("certificates", []) if agent else (saved_certificates or [])
+    if agent is not None:
+        snapshot = {"version": agent.get("snapshot_version") or None, "source": "agent"}
+    elif tables is not None:
+        snapshot = {"version": tables.snapshot.version, "source": "saved"}
+    else:
+        snapshot = {"version": None, "source": None}
+    report: dict[str, Any] = {
+        "node": node,
         "agent": {"running": agent is not None, "error": error, **(agent or {})},
+        "snapshot": snapshot,
         "datapath": kernel,
+        "pods": _pods(agent, kernel, tables, certificates, trust_domain, now),
+        "connections": None,
+        "tunnels": None,
+        "ejected_endpoints": None,
+        "recent_denials": None,
     }
+    if agent is not None:
+        proxy, inbound = agent.get("proxy", {}), agent.get("inbound", {})
+        report["connections"] = {
+            "outbound": {
+                "active": proxy.get("active_connections", 0),
+                "accepted": proxy.get("accepted_connections", 0),
+            },
+            "inbound": {"active": inbound.get("active", 0), "accepted": inbound.get("accepted", 0)},
+            "http_requests": proxy.get("http_requests", 0),
+            "mutual_tls": proxy.get("mutual_tls", 0),
+        }
+        report["tunnels"] = agent.get("tunnels", [])
+        report["ejected_endpoints"] = agent.get("outlier_ejections", [])
+        report["recent_denials"] = agent.get("authz", {}).get("recent_denials", [])
+    return report
 
 
-def render(report: dict[str, Any]) -> str:
-    agent, dp = report["agent"], report["datapath"]
+def _duration(seconds: float) -> str:
+    """Seconds as an operator reads them: 45s, 12m 5s, 3h 4m, 2d 1h (negative: ago)."""
+    if seconds < 0:
+        return f"{_duration(-seconds)} ago"
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {s}s"
+    return f"{s}s"
+
+
+def _certificate(cert: dict[str, Any]) -> str:
+    if cert["expires_in_s"] is None:
+        return cert["state"]
+    left = cert["expires_in_s"]
+    when = f"expired {_duration(-left)} ago" if left < 0 else f"expires in {_duration(left)}"
+    return f"{when} ({cert['state']})"
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+
+
+def _section(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    return [f"{title}:", *(_table([header, *rows]) if rows else ["  (none)"])]
+
+
+def render(report: dict[str, Any], *, now: float | None = None) -> str:
+    """The screen: one section per concern, live-only sections marked when the agent is down.
+    `now` (UNIX time, default the clock) dates the ejections."""
+    agent, dp, snap = report["agent"], report["datapath"], report["snapshot"]
     lines = [f"Node:        {report['node']}"]
     if agent["running"]:
-        lines.append(f"Agent:       running (version {agent['version']}, up {agent['uptime_s']}s)")
-        link = agent["controller"]
-        state = "connected" if link["connected"] else f"disconnected ({link['last_error']})"
         lines.append(
-            f"Controller:  {link['address']} {state}, snapshot {agent['snapshot_version'] or '-'}"
+            f"Agent:       running (version {agent.get('version', '?')}, "
+            f"up {_duration(agent.get('uptime_s', 0))})"
         )
+        link = agent.get("controller") or {}
+        if link.get("connected"):
+            state = "connected" + (" (TLS)" if link.get("tls") else "")
+        else:
+            state = f"DISCONNECTED ({link.get('last_error') or 'not yet connected'})"
+        lines.append(f"Controller:  {link.get('address', '?')} {state}")
     else:
-        lines.append(f"Agent:       DOWN ({agent['error']}); showing what the pinned maps hold")
+        lines.append(
+            f"Agent:       DOWN ({agent['error']}); showing the pinned maps and saved state"
+        )
+        lines.append("Controller:  unknown (agent down)")
+    source = {"agent": "", "saved": " (saved on disk)", None: ""}[snap["source"]]
+    lines.append(f"Snapshot:    {snap['version'] or '-'}{source}")
     lines.append(f"Datapath:    pins {dp['pin_dir']}, cgroup {dp['cgroup']}")
-    lines.append("Programs attached:")
-    for p in dp.get("programs") or []:
-        mine = "" if p["pinned"] else "  (not ours)"
-        lines.append(f"  id {p['id']:<6} {p['type']:<17} {p['name']:<15} {p['attach_type']}{mine}")
-    if not dp.get("programs"):
-        lines.append("  (none)")
+    programs = [
+        (str(p["id"]), p["type"], p["name"], p["attach_type"], "" if p["pinned"] else "not ours")
+        for p in dp.get("programs") or []
+    ]
+    lines += _section("Programs attached", ("ID", "TYPE", "NAME", "ATTACH", ""), programs)
+    if "programs_error" in dp:
+        lines.append(f"  cannot list programs: {dp['programs_error']}")
+    pods = [
+        (
+            f"{p['namespace']}/{p['name']}" if p["name"] else "?",
+            p["ip"],
+            p["identity"] or "?",
+            _certificate(p["certificate"]),
+            (p["mtls_mode"] or "?")
+            + "".join(f" {port}:{mode}" for port, mode in p["mtls_ports"].items()),
+        )
+        for p in report["pods"]
+    ]
+    lines += _section("Meshed pods", ("POD", "IP", "IDENTITY", "CERTIFICATE", "MTLS"), pods)
     if "maps_error" in dp:
         lines.append(f"Maps:        {dp['maps_error']}")
-        return "\n".join(lines)
-    lines.append("Meshed pods:")
-    for pod in dp["meshed_netns"]:
-        name = pod["pod"] or "?"
-        lines.append(f"  {name:<32} {pod['ip']:<15} netns cookie {pod['netns_cookie']}")
-    if not dp["meshed_netns"]:
-        lines.append("  (none)")
-    c = dp["counters"]
-    lines.append(
-        f"Redirects:   {c['redirected']} redirected, {c['established']} handed to the proxy, "
-        f"{c['excluded']} excluded ports, {c['strict_dropped']} plaintext dropped (STRICT)"
-    )
-    strict = [f"{e['ip']}:{e['port'] or '*'} {e['mode']}" for e in dp.get("peer_auth", [])]
-    lines.append(f"mTLS (kernel): {', '.join(strict) if strict else 'no STRICT pods'}")
-    if agent["running"]:
-        p = agent["proxy"]
+    else:
+        c = dp["counters"]
         lines.append(
-            f"Proxy:       {p['active_connections']} active, {p['accepted_connections']} accepted, "
-            f"{p['orig_dst_misses']} without original destination, "
-            f"{p['upstream_failures']} upstream failures"
+            f"Redirects:   {c['redirected']} redirected, {c['established']} handed to the proxy, "
+            f"{c['excluded']} excluded ports, {c['strict_dropped']} plaintext dropped (STRICT)"
         )
+    if not agent["running"]:
+        lines.append("Connections, tunnels, ejections, denials: unknown (agent down)")
+        return "\n".join(lines)
+    conns = report["connections"]
+    out, inb = conns["outbound"], conns["inbound"]
+    lines.append(
+        f"Connections: outbound {out['active']} open / {out['accepted']} accepted "
+        f"({conns['http_requests']} HTTP requests, {conns['mutual_tls']} via mTLS tunnels); "
+        f"inbound {inb['active']} open / {inb['accepted']} accepted"
+    )
+    tunnels = [
+        (t["source"], t["destination"], t["node"], str(t["connections"]), str(t["streams"]))
+        for t in report["tunnels"]
+    ]
+    lines += _section("Tunnels", ("SOURCE", "DESTINATION", "NODE", "CONNS", "STREAMS"), tunnels)
+    now = time.time() if now is None else now
+    ejected = [
+        (e["cluster"], e["address"], f"back in {_duration(e['until'] - now)}", str(e["ejections"]))
+        for e in report["ejected_endpoints"]
+    ]
+    lines += _section("Ejected endpoints", ("CLUSTER", "ENDPOINT", "UNTIL", "EJECTIONS"), ejected)
+    denials = [
+        (d["source"], d["destination"], d.get("policy") or "default", d.get("reason") or "")
+        for d in report["recent_denials"]
+    ]
+    lines += _section("Recent denials", ("SOURCE", "DESTINATION", "POLICY", "REASON"), denials)
     return "\n".join(lines)
+
+
+def watch(
+    read: Callable[[], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    interval: float,
+    count: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Show a fresh report every `interval` seconds, `count` times (None: until interrupted).
+    Returns how many were shown; KeyboardInterrupt is the caller's to catch."""
+    if interval <= 0:
+        raise ValueError(f"watch interval must be positive, got {interval}")
+    if count is not None and count < 1:
+        raise ValueError(f"watch count must be at least 1, got {count}")
+    shown = 0
+    while count is None or shown < count:
+        if shown:
+            sleep(interval)
+        show(read())
+        shown += 1
+    return shown

@@ -1,0 +1,282 @@
+"""`meshagent status`: the report joins agent, kernel and saved snapshot; the screen shows every
+section, says plainly when the agent is down; --watch refreshes a bounded number of times."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from click.testing import CliRunner
+from meshagent.agent import cli
+from meshagent.agent import status as status_mod
+from meshagent.agent.state import Tables
+from meshagent.agent.status import REPORT_FIELDS, assemble, render, watch
+from meshagent.common.snapshot import Snapshot, Workload
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC).timestamp()
+IN_2H = "2026-01-01T14:00:00+00:00"
+REVIEWS_ID = "spiffe://cluster.local/ns/shop/sa/reviews"
+
+STRICT_REVIEWS = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "PeerAuthentication",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "reviews"}},
+        "mtls": {"mode": "STRICT"},
+        "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}},
+    },
+}
+
+
+def tables() -> Tables:
+    return Tables.build(
+        Snapshot(
+            node="node-2",
+            version="v7",
+            workloads=[
+                Workload(
+                    uid="u1",
+                    namespace="shop",
+                    name="reviews-v1",
+                    node="node-2",
+                    ips=["10.0.2.10"],
+                    service_account="reviews",
+                    labels={"app": "reviews"},
+                    meshed=True,
+                ),
+                Workload(
+                    uid="u2",
+                    namespace="shop",
+                    name="ratings",
+                    node="node-2",
+                    ips=["10.0.2.11"],
+                    service_account="ratings",
+                    meshed=True,
+                ),
+            ],
+            istio_resources=[STRICT_REVIEWS],
+        )
+    )
+
+
+def kernel() -> dict:
+    return {
+        "pin_dir": "/sys/fs/bpf/x",
+        "cgroup": "/sys/fs/cgroup/x",
+        "programs": [
+            {
+                "id": 7,
+                "type": "cgroup_sock_addr",
+                "name": "mesh_connect4",
+                "attach_type": "cgroup_inet4_connect",
+                "cgroup": "/sys/fs/cgroup/x",
+                "pinned": True,
+            }
+        ],
+        "meshed_netns": [
+            {"netns_cookie": 12, "ip": "10.0.2.11"},
+            {"netns_cookie": 11, "ip": "10.0.2.10"},
+        ],
+        "counters": {"redirected": 5, "established": 5, "excluded": 1, "strict_dropped": 2},
+        "peer_auth": [{"ip": "10.0.2.10", "port": 0, "mode": "STRICT"}],
+    }
+
+
+def live_agent() -> dict:
+    return {
+        "version": "0.1.0",
+        "uptime_s": 3725.0,
+        "controller": {
+            "address": "ctl:15012",
+            "connected": True,
+            "tls": True,
+            "last_error": "",
+        },
+        "snapshot_version": "v7",
+        "meshed_pods": [],
+        "certificates": [
+            {"identity": REVIEWS_ID, "state": "ready", "not_after": IN_2H},
+        ],
+        "proxy": {
+            "active_connections": 2,
+            "accepted_connections": 40,
+            "http_requests": 31,
+            "mutual_tls": 9,
+        },
+        "inbound": {"active": 1, "accepted": 17},
+        "tunnels": [
+            {
+                "source": "spiffe://cluster.local/ns/shop/sa/frontend",
+                "destination": REVIEWS_ID,
+                "node": "172.30.0.12:15008",
+                "connections": 1,
+                "streams": 3,
+            }
+        ],
+        "outlier_ejections": [
+            {
+                "cluster": "outbound|9080||reviews.shop.svc.cluster.local",
+                "address": "10.0.2.10:9080",
+                "until": NOW + 30,
+                "ejections": 1,
+            }
+        ],
+        "authz": {
+            "recent_denials": [
+                {
+                    "source": "spiffe://cluster.local/ns/shop/sa/intruder",
+                    "destination": "shop/reviews-v1:9080",
+                    "policy": "shop/allow-frontend",
+                    "reason": "no ALLOW policy matched",
+                }
+            ]
+        },
+    }
+
+
+def running_report() -> dict:
+    return assemble(
+        "node-2", live_agent(), "", kernel(), tables(), trust_domain="cluster.local", now=NOW
+    )
+
+
+def down_report(saved_certificates=None) -> dict:
+    return assemble(
+        "node-2",
+        None,
+        "connection refused",
+        kernel(),
+        tables(),
+        trust_domain="cluster.local",
+        saved_certificates=saved_certificates,
+        now=NOW,
+    )
+
+
+def test_report_joins_pods_with_identity_certificate_and_mtls_mode():
+    report = running_report()
+    assert list(report) == list(REPORT_FIELDS)
+    reviews, ratings = report["pods"]  # sorted by IP
+    assert reviews == {
+        "namespace": "shop",
+        "name": "reviews-v1",
+        "ip": "10.0.2.10",
+        "netns_cookie": 11,
+        "identity": REVIEWS_ID,
+        "mtls_mode": "STRICT",
+        "mtls_ports": {"9090": "PERMISSIVE"},
+        "certificate": {"state": "ready", "not_after": IN_2H, "expires_in_s": 7200.0},
+    }
+    assert ratings["identity"] == "spiffe://cluster.local/ns/shop/sa/ratings"
+    assert ratings["mtls_mode"] == "PERMISSIVE"
+    assert ratings["certificate"] == {"state": "missing", "not_after": None, "expires_in_s": None}
+    assert report["datapath"]["meshed_netns"][1]["pod"] == "shop/reviews-v1"
+
+
+def test_report_carries_live_sections_and_survives_json():
+    report = json.loads(json.dumps(running_report()))
+    assert report["snapshot"] == {"version": "v7", "source": "agent"}
+    assert report["agent"]["controller"]["connected"] is True
+    assert report["connections"] == {
+        "outbound": {"active": 2, "accepted": 40},
+        "inbound": {"active": 1, "accepted": 17},
+        "http_requests": 31,
+        "mutual_tls": 9,
+    }
+    assert report["tunnels"][0]["streams"] == 3
+    assert report["ejected_endpoints"][0]["address"] == "10.0.2.10:9080"
+    assert report["recent_denials"][0]["policy"] == "shop/allow-frontend"
+
+
+def test_agent_down_report_uses_saved_state_and_nulls_live_sections():
+    saved = [{"identity": REVIEWS_ID, "state": "saved", "not_after": IN_2H}]
+    report = down_report(saved)
+    assert report["agent"] == {"running": False, "error": "connection refused"}
+    assert report["snapshot"] == {"version": "v7", "source": "saved"}
+    assert report["pods"][0]["certificate"]["state"] == "saved"
+    for live_only in ("connections", "tunnels", "ejected_endpoints", "recent_denials"):
+        assert report[live_only] is None
+
+
+def test_no_saved_snapshot_leaves_pods_unnamed():
+    report = assemble(
+        "node-2", None, "refused", kernel(), None, trust_domain="cluster.local", now=NOW
+    )
+    assert report["snapshot"] == {"version": None, "source": None}
+    assert [p["identity"] for p in report["pods"]] == [None, None]
+    assert "?" in render(report)
+
+
+def test_screen_shows_every_section():
+    screen = render(running_report(), now=NOW)
+    for expected in (
+        "Node:        node-2",
+        "running (version 0.1.0, up 1h 2m)",
+        "ctl:15012 connected (TLS)",
+        "Snapshot:    v7",
+        "mesh_connect4",
+        "shop/reviews-v1",
+        REVIEWS_ID,
+        "expires in 2h 0m (ready)",
+        "STRICT 9090:PERMISSIVE",
+        "outbound 2 open / 40 accepted (31 HTTP requests, 9 via mTLS tunnels)",
+        "inbound 1 open / 17 accepted",
+        "172.30.0.12:15008",
+        "back in 30s",
+        "no ALLOW policy matched",
+    ):
+        assert expected in screen, expected
+
+
+def test_screen_when_agent_is_down_says_so_and_what_is_unknown():
+    screen = render(down_report())
+    assert "DOWN (connection refused)" in screen
+    assert "Controller:  unknown (agent down)" in screen
+    assert "Snapshot:    v7 (saved on disk)" in screen
+    assert "Connections, tunnels, ejections, denials: unknown (agent down)" in screen
+    assert "shop/reviews-v1" in screen  # pods still listed, from the kernel and the snapshot
+
+
+def test_screen_shows_disconnected_controller_and_expired_certificate():
+    agent = live_agent()
+    agent["controller"] = {"address": "ctl:15012", "connected": False, "last_error": "refused"}
+    agent["certificates"][0]["not_after"] = "2026-01-01T11:00:00+00:00"
+    agent["certificates"][0]["state"] = "expired"
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    screen = render(report, now=NOW)
+    assert "DISCONNECTED (refused)" in screen
+    assert "expired 1h 0m ago (expired)" in screen
+
+
+def test_watch_shows_count_reports_sleeping_between():
+    shown, slept = [], []
+    reads = iter(range(10))
+    n = watch(lambda: {"n": next(reads)}, shown.append, interval=2.5, count=3, sleep=slept.append)
+    assert n == 3
+    assert shown == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert slept == [2.5, 2.5]
+
+
+@pytest.mark.parametrize(("interval", "count"), [(0, 1), (-1, None), (1, 0)])
+def test_watch_refuses_nonsense(interval, count):
+    with pytest.raises(ValueError, match="watch"):
+        watch(dict, print, interval=interval, count=count)
+
+
+def test_cli_watch_json_prints_one_line_per_refresh(monkeypatch):
+    reports = iter([running_report(), down_report()])
+    monkeypatch.setattr(status_mod, "gather", lambda config: next(reports))
+    result = CliRunner().invoke(
+        cli.main, ["status", "--watch", "0.1", "--count", "2", "--json"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [json.loads(line)["agent"]["running"] for line in lines] == [True, False]
+
+
+def test_cli_count_without_watch_is_a_usage_error():
+    result = CliRunner().invoke(cli.main, ["status", "--count", "2"])
+    assert result.exit_code == 2
+    assert "--count needs --watch" in result.output
