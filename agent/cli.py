@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import click
-import trio
 from meshagent.agent.config import load_config
 
 _config_option = click.option(
@@ -47,6 +49,7 @@ def run(config_file: Path | None, verbose: bool, **overrides: object) -> None:
       meshagent run --node-name node-1 --controller meshctl.meshagent-system.svc:15012 \\
           --cgroup-path /sys/fs/cgroup --bpffs /sys/fs/bpf/meshagent
     """
+    import trio
     from meshagent.agent.run import Agent
 
     logging.basicConfig(
@@ -109,21 +112,120 @@ def status(
         click.echo()  # end the line the terminal's ^C is on
 
 
+# The hand-over registry of daemonset/README.md "Upgrade and removal": one `<uid>.lock` (held
+# with flock by the running agent of that pod) and one `<uid>.json` per agent pod on the node.
+REGISTRY = "agents"
+POD_UID_ENV = "POD_UID"
+
+
+def _is_live(lock_file: Path) -> bool:
+    """True while some process holds the registration's lock (the kernel drops it at exit)."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _registration(path: Path) -> tuple[int, str, str] | None:
+    """(registered_ns, pod_uid, pod_name) of one `<uid>.json`; None if missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return int(data["registered_ns"]), str(data["pod_uid"]), str(data.get("pod_name", ""))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        click.echo(f"meshagent: ignoring unreadable registration {path}: {exc}", err=True)
+        return None
+
+
+def newer_live_agent(registry: Path, pod_uid: str) -> str | None:
+    """The pod name of a live agent registered after ours (our successor on this node), if any.
+
+    Without a registration of our own (we never got that far) every live agent is newer.
+    Reads only: another pod's files are never touched.
+    """
+    own = _registration(registry / f"{pod_uid}.json")
+    own_key = (own[0], own[1]) if own else (-1, "")
+    for path in sorted(registry.glob("*.json")) if registry.is_dir() else []:
+        other = _registration(path)
+        if other is None or other[1] == pod_uid:
+            continue
+        if (other[0], other[1]) > own_key and _is_live(registry / f"{other[1]}.lock"):
+            return other[2] or other[1]
+    return None
+
+
+def _clear_folder(folder: Path) -> list[str]:
+    """Remove what is inside ``folder`` (not the folder: on a node it is a hostPath mount)."""
+    removed = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(str(entry))
+    return removed
+
+
 @main.command()
 @_config_option
-def uninstall(config_file: Path | None) -> None:
-    """Detach the datapath's programs and remove their pins: pods' traffic flows directly.
+@click.option(
+    "--unless-handed-over",
+    is_flag=True,
+    help=f"Leave the datapath in place if a newer agent pod runs on this node (needs "
+    f"${POD_UID_ENV}; the DaemonSet's preStop hook).",
+)
+def uninstall(config_file: Path | None, unless_handed_over: bool) -> None:
+    """Detach the datapath's programs, remove their pins and the agent's saved state: pods'
+    traffic flows directly again. Safe to run again and by several agents.
+
+    With --unless-handed-over (an agent pod stopping), nothing is removed when a newer live
+    agent is registered on the node: it is an upgrade, and that agent owns the datapath.
 
     \b
     Examples:
       meshagent uninstall
+      POD_UID=0b5e... meshagent uninstall --unless-handed-over
     """
+    # Not through meshagent.agent.run: importing the whole proxy would cost a preStop hook
+    # (and an operator removing the mesh) most of a second.
     from meshagent.agent.datapath import loader
-    from meshagent.agent.run import datapath_settings
 
     config = load_config(config_file)
-    loader.uninstall(datapath_settings(config))
-    click.echo(f"detached from {config.cgroup_path}; removed {config.pin_dir}")
+    if unless_handed_over:
+        pod_uid = os.environ.get(POD_UID_ENV)
+        if not pod_uid:
+            raise click.UsageError(
+                f"--unless-handed-over needs ${POD_UID_ENV} (this agent pod's uid, from the "
+                "downward API) to find its registration"
+            )
+        successor = newer_live_agent(config.state_dir / REGISTRY, pod_uid)
+        if successor is not None:
+            click.echo(f"handed over to {successor}; datapath left in place")
+            return
+    settings = loader.DatapathSettings(config.pin_dir, config.cgroup_path, config.proxy_ip)
+    ours = [p for p in loader.attached_programs(settings) if p.pinned]
+    pinned = config.pin_dir.exists()
+    loader.uninstall(settings)
+    cleared = _clear_folder(config.state_dir)
+    if ours:
+        names = ", ".join(p.name for p in ours)
+        click.echo(f"detached {names} from {config.cgroup_path}")
+    else:
+        click.echo(f"no programs of ours attached at {config.cgroup_path}")
+    click.echo(f"removed pins {config.pin_dir}" if pinned else f"no pins at {config.pin_dir}")
+    click.echo(
+        f"removed {', '.join(cleared)}" if cleared else f"no saved state in {config.state_dir}"
+    )
 
 
 if __name__ == "__main__":
