@@ -51,9 +51,12 @@ class MessageStream:
         self._send_lock = trio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        await self.send_encoded(json.dumps(message, separators=(",", ":")).encode())
+
+    async def send_encoded(self, message: bytes) -> None:
+        """Send one message already encoded as JSON (one line, no newline in it)."""
         async with self._send_lock:
-            await self.stream.send_all(data)
+            await self.stream.send_all(message + b"\n")
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message, or None when the peer closed the stream cleanly."""
@@ -77,3 +80,20 @@ class MessageStream:
                     raise WireError("truncated message")
                 return None
             self._buffer += data
+
+
+def encode_snapshot_message(version: str, node: str, shared_body: bytes) -> bytes:
+    """A `snapshot` message from a snapshot body encoded once for every node: `shared_body` is
+    the JSON object of the snapshot without `node` and `version` (starting with `{`)."""
+    head = json.dumps({"node": node, "version": version}, separators=(",", ":"))[:-1]
+    tail = shared_body[1:] if shared_body != b"{}" else b"}"
+    joiner = b"," if shared_body != b"{}" else b""
+    return (
+        b'{"type":"snapshot","version":'
+        + json.dumps(version).encode()
+        + b',"snapshot":'
+        + head.encode()
+        + joiner
+        + tail
+        + b"}"
+    )

@@ -78,10 +78,20 @@ class Snapshot(_Model):
     # meshagent.common.istio.parse_resource into the typed models it evaluates.
     istio_resources: list[dict] = Field(default_factory=list)
 
-    def content_version(self) -> str:
-        body = self.model_dump(mode="json", exclude={"version"})
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        return digest[:16]
+    def body_digest(self) -> str:
+        """Digest of everything but `node` and `version`: the part all nodes share, so the
+        controller hashes it once per change, not once per node."""
+        body = self.model_dump(mode="json", exclude={"version", "node"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def content_version(self, body_digest: str | None = None) -> str:
+        digest = body_digest or self.body_digest()
+        return hashlib.sha256(f"{digest}/{self.node}".encode()).hexdigest()[:16]
 
     def with_version(self) -> Snapshot:
         return self.model_copy(update={"version": self.content_version()})
+
+    def for_node(self, node: str, body_digest: str) -> Snapshot:
+        """This (shared) snapshot addressed to `node`, versioned without hashing it again."""
+        snap = self.model_copy(update={"node": node})
+        return snap.model_copy(update={"version": snap.content_version(body_digest)})

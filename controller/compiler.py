@@ -169,7 +169,18 @@ def compile_istio(model: ClusterModel) -> list[dict]:
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
 
 
+def compile_shared(model: ClusterModel, trust_bundle: str | None = None) -> tuple[Snapshot, str]:
+    """The node-independent snapshot and its digest: compiled once per model change; each
+    node's snapshot is then `shared.for_node(node, digest)`."""
+    shared = _compile(model, "", trust_bundle)
+    return shared, shared.body_digest()
+
+
 def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = None) -> Snapshot:
+    return _compile(model, node, trust_bundle).with_version()
+
+
+def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapshot:
     workloads = compile_workloads(model)
     return Snapshot(
         node=node,
@@ -178,4 +189,4 @@ def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = 
         services=compile_services(model, workloads),
         trust_bundle=trust_bundle,
         istio_resources=compile_istio(model),
-    ).with_version()
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import ssl
@@ -34,11 +35,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lightkube import AsyncClient
 from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
-from meshagent.common.configwire import MessageStream, WireError
+from meshagent.common.configwire import MessageStream, WireError, encode_snapshot_message
 from meshagent.common.snapshot import Snapshot
 from meshagent.common.spiffe import Identity, InvalidIdentity
 from meshagent.controller.ca import CertificateAuthority, SigningRefused
-from meshagent.controller.compiler import compile_snapshot
+from meshagent.controller.compiler import compile_shared
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.signing import (
     CSR_REFUSED,
@@ -367,13 +368,29 @@ class PushServer:
         self.auth_failures = 0
         self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
+        self._shared: tuple[int, Snapshot, str] | None = None
+        self._shared_body: tuple[int, bytes] | None = None
+
+    def shared_body(self) -> bytes:
+        """The current snapshot without node and version, JSON-encoded once per change."""
+        self.snapshot_for("")
+        assert self._shared is not None
+        generation = self._shared[0]
+        if self._shared_body is None or self._shared_body[0] != generation:
+            body = self._shared[1].model_dump(mode="json", exclude={"node", "version"})
+            self._shared_body = (generation, json.dumps(body, separators=(",", ":")).encode())
+        return self._shared_body[1]
 
     def snapshot_for(self, node: str) -> Snapshot:
+        generation = self.model.generation
         cached = self._cache.get(node)
-        if cached and cached[0] == self.model.generation:
+        if cached and cached[0] == generation:
             return cached[1]
-        snap = compile_snapshot(self.model, node, self.trust_bundle)
-        self._cache[node] = (self.model.generation, snap)
+        if self._shared is None or self._shared[0] != generation:
+            self._shared = (generation, *compile_shared(self.model, self.trust_bundle))
+        _, shared, digest = self._shared
+        snap = shared.for_node(node, digest)
+        self._cache[node] = (generation, snap)
         return snap
 
     @property
@@ -501,12 +518,8 @@ class PushServer:
             snap = self.snapshot_for(session.node)
             if snap.version not in (session.sent_version, session.acked_version):
                 session.sent_version = snap.version
-                await wire.send(
-                    {
-                        "type": "snapshot",
-                        "version": snap.version,
-                        "snapshot": snap.model_dump(mode="json"),
-                    }
+                await wire.send_encoded(
+                    encode_snapshot_message(snap.version, session.node, self.shared_body())
                 )
             await self.model.wait_changed(generation)
 
