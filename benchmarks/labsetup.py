@@ -135,8 +135,10 @@ def prepare(run_dir: Path) -> tuple[Path, dict[str, BenchPath]]:
 
 
 def _env() -> dict[str, str]:
-    # the load tools in benchmarks/ run in pods as `python -m benchmarks.<tool>`
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    # the load tools in benchmarks/ run in pods as `python -m benchmarks.<tool>`; a PYTHONPATH
+    # already set (run.py --commit) stays first
+    path = [p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def meshlab(*args: str, timeout: float) -> subprocess.CompletedProcess:

@@ -278,8 +278,13 @@ def markdown(results: dict) -> str:
         f"figure, interleaved), {results['finished_at']}.",
         "",
         f"Machine: {m['cores']} cores ({m['cpu_model']}), kernel {m['kernel']}, "
-        f"Python {m['python']}; commit `{m['commit']}`"
-        + (" with uncommitted changes in the tree" if m.get("dirty") else "")
+        f"Python {m['python']}; "
+        + (
+            f"code of commit `{m['commit']}` (extracted with git archive)"
+            if str(m.get("code", "")).startswith("commit")
+            else f"working tree at commit `{m['commit']}`"
+            + (" with uncommitted changes" if m.get("dirty") else "")
+        )
         + f"; load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
         + (f"; other labs running: {', '.join(m['other_labs'])}" if m.get("other_labs") else "")
         + ". Clients, servers and proxies all share these cores.",

@@ -51,6 +51,32 @@ def _first_line(argv: list[str]) -> str:
     return ((proc.stdout or proc.stderr).strip().splitlines() or ["?"])[0]
 
 
+PACKAGE_FOLDERS = ("agent", "bpf", "common", "controller", "lab")  # as setup.py maps them
+
+
+def use_commit(rev: str, folder: Path) -> str:
+    """Measure the code of a commit rather than the working tree: its packages are extracted
+    (`git archive`) as `meshagent.*` into `folder`, which goes first on the import path of this
+    process and of everything the lab starts (controller, agents, pods), ahead of the editable
+    install. Returns the commit's full hash."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"benchmarks: no commit {rev!r}")
+    shutil.rmtree(folder, ignore_errors=True)
+    package = folder / "meshagent"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    archive = subprocess.run(
+        ["git", "archive", commit, *PACKAGE_FOLDERS], cwd=REPO, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(package)], input=archive.stdout, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p
+    )
+    sys.path.insert(0, str(folder))
+    return commit
+
+
 def machine(instance: str) -> dict:
     """What the figures were measured on (recorded with them)."""
     model = "unknown CPU"
@@ -202,6 +228,7 @@ def write_outputs(results: dict, out: Path, settings) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="Side-by-side benchmarks of the mesh, direct, and a sidecar pair (issue 9).",
@@ -214,11 +241,20 @@ def main(argv: list[str] | None = None) -> int:
                         f"{SMOKE_OUT})")  # fmt: skip
     parser.add_argument("--only", help="comma-separated scenarios (default: all)")
     parser.add_argument("--paths", help="comma-separated paths (default: all four)")
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="measure this commit's code (e.g. HEAD) instead of the working tree, so that "
+        "edits made during the run cannot change what is measured",
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MESHLAB_INSTANCE", DEFAULT_INSTANCE)
     instance = os.environ["MESHLAB_INSTANCE"]
-    from benchmarks import labsetup, report, scenarios  # after MESHLAB_INSTANCE is final
+    code_dir = Path(f"/tmp/meshbench-{instance}-code")
+    measured_commit = use_commit(args.commit, code_dir) if args.commit else None
+    # only now: MESHLAB_INSTANCE and the code to measure are final
+    from benchmarks import labsetup, report, scenarios
 
     if os.geteuid() != 0:
         parser.error("needs root (the lab builds network namespaces, cgroups and eBPF)")
@@ -246,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
     started = dt.datetime.now(dt.UTC)
     info = machine(instance)
+    if measured_commit:
+        info.update(commit=measured_commit[:12], dirty=False, code=f"commit {args.commit}")
+    else:
+        info["code"] = "working tree"
     run_dir = Path(f"/tmp/meshbench-{instance}")
     try:
         measured = measure(settings, scenario_names, path_names, run_dir)
@@ -257,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(code_dir, ignore_errors=True)
     info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[0]
     samples = measured["samples"]
     report.derive_added(samples)
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = dt.datetime.now(dt.UTC)
     results = {
         "schema": 1,
-        "command": "python -m benchmarks.run" + (" --smoke" if args.smoke else ""),
+        "command": "python -m benchmarks.run" + (f" {' '.join(argv)}" if argv else ""),
         "mode": settings.mode,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": finished.isoformat(timespec="seconds"),

@@ -133,7 +133,7 @@ def test_markdown_has_a_table_per_scenario_targets_and_machine():
         "errors": [{"round": 1, "scenario": "http-c1", "path": CROSS, "error": "wrk: timeout"}],
     }
     text = report.markdown(results)
-    assert "2 cores (Test CPU), kernel 6.1.0" in text and "commit `abc123`" in text
+    assert "2 cores (Test CPU), kernel 6.1.0" in text and "at commit `abc123`" in text
     assert "## Bulk TCP (iperf3)" in text
     assert "| 1 stream (Gbit/s, higher is better) | 8.80 ±6% (2.20xs) |" in text
     assert "4.20 ±5% (0.48xd, 1.05xs)" in text
