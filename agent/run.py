@@ -83,11 +83,7 @@ class Agent:
             self.traffic.update(tables.snapshot)
 
     def _certificate_expiry(self) -> dict:
-        return {
-            row["identity"]: row["not_after"]
-            for row in self.identities.status()
-            if row["not_after"]
-        }
+        return self.identities.expiries()
 
     def live_status(self) -> dict:
         """The agent's own view, served on the admin port for `meshagent status`."""

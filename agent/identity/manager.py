@@ -143,6 +143,15 @@ class IdentityManager:
             why = "no certificate has been signed yet"
         raise IdentityUnavailable(f"no certificate for {identity} after {timeout:g}s: {why}")
 
+    def expiries(self) -> dict[str, datetime]:
+        """Identity URI -> the current certificate's not-after; safe from any thread (no trio
+        clock), for the metrics scrape."""
+        return {
+            identity.uri: slot.cert.not_after
+            for identity, slot in list(self._slots.items())
+            if slot.cert is not None and identity in self._wanted
+        }
+
     def status(self) -> list[dict[str, Any]]:
         """One row per wanted identity, for ``meshagent status``."""
         rows = []

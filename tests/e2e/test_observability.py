@@ -291,12 +291,6 @@ def test_status_json_carries_every_field(obs_lab):
     assert 0 < echo["certificate"]["expires_in_s"] <= 24 * 3600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the scrape runs in a worker thread and IdentityManager.status() calls "
-    "trio.current_time() (agent/identity/manager.py valid()); the agent logs 'cannot read "
-    "certificate expiry: must be called from async context' and leaves the family out",
-)
 def test_certificate_expiry_per_identity_is_scraped(obs_lab):
     expiry = {
         s.labels["identity"]: s.value
