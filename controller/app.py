@@ -253,7 +253,11 @@ class Controller:
                     200, prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST
                 )
 
-            routes = {"/status": status, "/metrics": metrics}
+            async def config(_query: str) -> Response:
+                # the node-independent snapshot: what `meshctl authz check` evaluates against
+                return json_response(self.push.snapshot_for("").model_dump_json())
+
+            routes = {"/status": status, "/metrics": metrics, "/debug/config": config}
             await nursery.start(serve_http, s.metrics_host, s.metrics_port, routes)
             log.info("controller serving agents on %s:%d", s.listen_host, s.listen_port)
             task_status.started()

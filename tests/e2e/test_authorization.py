@@ -156,3 +156,34 @@ def test_deny_on_paths_gives_403_per_request_on_one_connection(authz_lab, tmp_pa
         assert any(d["policy"] == "shop/deny-admin" for d in denials), denials
     finally:
         _delete(tmp_path, DENY_ADMIN)
+
+
+def test_explain_command_evaluates_the_current_policies(authz_lab, tmp_path):
+    _apply(tmp_path, DENY_ADMIN)
+    try:
+        args = [
+            "exec",
+            "--node",
+            "node-1",
+            "--",
+            "meshctl",
+            "authz",
+            "check",
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/reviews:9080",
+        ]
+        deadline = time.monotonic() + 3
+        while True:
+            denied = meshlab(*args, "--method", "GET", "--path", "/admin/x", check=False)
+            if denied.returncode == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert denied.returncode == 3, denied.stdout + denied.stderr
+        assert "DENY: GET /admin/x from shop/frontend to shop/reviews:9080" in denied.stdout
+        assert "decided by: shop/deny-admin, rule 0" in denied.stdout
+        allowed = meshlab(*args, "--method", "GET", "--path", "/", check=False)
+        assert allowed.returncode == 0 and allowed.stdout.startswith("ALLOW")
+    finally:
+        _delete(tmp_path, DENY_ADMIN)

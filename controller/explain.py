@@ -1,0 +1,97 @@
+"""`meshctl authz check`: what the destination's proxy would decide, and why, offline.
+
+Takes the cluster as the controller currently sees it (a snapshot's workloads and
+accepted AuthorizationPolicies) and evaluates one connection or request with the
+same evaluator the node proxies run, so the answer is the one traffic would get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshagent.common import authz
+from meshagent.common.istio.resource import parse_resource
+from meshagent.common.istio.security import AuthorizationPolicy
+from meshagent.common.snapshot import Snapshot, Workload
+from meshagent.common.spiffe import Identity
+
+
+class ExplainError(ValueError):
+    """The question names something that does not exist (a pod, a port)."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    source: Workload
+    destination: Workload
+    port: int
+    http: authz.HttpAttrs | None
+    decision: authz.Decision
+
+    def render(self) -> str:
+        d = self.decision
+        what = f"{self.http.method} {self.http.path} " if self.http else "a connection "
+        src, dst = self.source, self.destination
+        lines = [
+            f"{'ALLOW' if d.allowed else 'DENY'}: {what}from {src.namespace}/{src.name} "
+            f"to {dst.namespace}/{dst.name}:{self.port}",
+            f"  decided by: {d.policy or 'no single policy'}"
+            + (f", rule {d.rule}" if d.rule is not None else ""),
+            f"  reason:     {d.reason}",
+        ]
+        for would in d.dry_run_denials:
+            lines.append(f"  dry-run:    {would.policy} would deny ({would.reason})")
+        if d.audit:
+            lines.append("  audit:      an AUDIT policy matched")
+        return "\n".join(lines)
+
+
+def _find(snap: Snapshot, ref: str) -> Workload:
+    namespace, _, name = ref.partition("/")
+    for w in snap.workloads:
+        if w.namespace == namespace and w.name == name:
+            return w
+    raise ExplainError(f"no pod {ref!r} in the cluster")
+
+
+def explain(
+    snap: Snapshot,
+    source_ref: str,
+    destination_ref: str,
+    *,
+    method: str | None = None,
+    path: str | None = None,
+    headers: dict[str, str] | None = None,
+    trust_domain: str = "cluster.local",
+    root_namespace: str = "istio-system",
+) -> Explanation:
+    """Evaluate `source_ref` (NS/POD) -> `destination_ref` (NS/POD:PORT)."""
+    dest_ref, sep, port_text = destination_ref.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ExplainError(f"--to must be NAMESPACE/POD:PORT, not {destination_ref!r}")
+    source, destination, port = _find(snap, source_ref), _find(snap, dest_ref), int(port_text)
+    policies = [
+        r
+        for r in (parse_resource(doc) for doc in snap.istio_resources)
+        if isinstance(r, AuthorizationPolicy)
+    ]
+    identity = (
+        Identity(trust_domain, source.namespace, source.service_account) if source.meshed else None
+    )
+    http = None
+    if method or path:
+        lowered = {k.lower(): v for k, v in (headers or {}).items()}
+        host = lowered.get("host", f"{destination.name}.{destination.namespace}")
+        http = authz.HttpAttrs(method or "GET", path or "/", host, lowered)
+    request = authz.Request(
+        source_principal=identity.principal if identity else None,
+        source_namespace=identity.namespace if identity else None,
+        source_ip=source.ips[0],
+        destination_ip=destination.ips[0],
+        destination_port=port,
+        http=http,
+    )
+    decision = authz.PolicySet(policies, root_namespace=root_namespace).evaluate(
+        authz.Workload(destination.namespace, destination.labels), request
+    )
+    return Explanation(source, destination, port, http, decision)
