@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import click
 from meshagent.agent.config import load_config
+from meshagent.agent.handover import POD_UID_ENV, newer_live_agent, registry_dir
 
 _config_option = click.option(
     "--config",
@@ -37,6 +37,11 @@ def main() -> None:
 )
 @click.option(
     "--token-file", type=click.Path(path_type=Path), help="Node credential for the controller."
+)
+@click.option(
+    "--controller-ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The mesh root (PEM) the controller's certificate must chain to.",
 )
 @click.option("--proxy-ip", help="Address the node proxy listens on (redirect target).")
 @click.option("-v", "--verbose", is_flag=True)
@@ -112,58 +117,6 @@ def status(
         click.echo()  # end the line the terminal's ^C is on
 
 
-# The hand-over registry of daemonset/README.md "Upgrade and removal": one `<uid>.lock` (held
-# with flock by the running agent of that pod) and one `<uid>.json` per agent pod on the node.
-REGISTRY = "agents"
-POD_UID_ENV = "POD_UID"
-
-
-def _is_live(lock_file: Path) -> bool:
-    """True while some process holds the registration's lock (the kernel drops it at exit)."""
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _registration(path: Path) -> tuple[int, str, str] | None:
-    """(registered_ns, pod_uid, pod_name) of one `<uid>.json`; None if missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-        return int(data["registered_ns"]), str(data["pod_uid"]), str(data.get("pod_name", ""))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        click.echo(f"meshagent: ignoring unreadable registration {path}: {exc}", err=True)
-        return None
-
-
-def newer_live_agent(registry: Path, pod_uid: str) -> str | None:
-    """The pod name of a live agent registered after ours (our successor on this node), if any.
-
-    Without a registration of our own (we never got that far) every live agent is newer.
-    Reads only: another pod's files are never touched.
-    """
-    own = _registration(registry / f"{pod_uid}.json")
-    own_key = (own[0], own[1]) if own else (-1, "")
-    for path in sorted(registry.glob("*.json")) if registry.is_dir() else []:
-        other = _registration(path)
-        if other is None or other[1] == pod_uid:
-            continue
-        if (other[0], other[1]) > own_key and _is_live(registry / f"{other[1]}.lock"):
-            return other[2] or other[1]
-    return None
-
-
 def _clear_folder(folder: Path) -> list[str]:
     """Remove what is inside ``folder`` (not the folder: on a node it is a hostPath mount)."""
     removed = []
@@ -208,7 +161,7 @@ def uninstall(config_file: Path | None, unless_handed_over: bool) -> None:
                 f"--unless-handed-over needs ${POD_UID_ENV} (this agent pod's uid, from the "
                 "downward API) to find its registration"
             )
-        successor = newer_live_agent(config.state_dir / REGISTRY, pod_uid)
+        successor = newer_live_agent(registry_dir(config.state_dir), pod_uid)
         if successor is not None:
             click.echo(f"handed over to {successor}; datapath left in place")
             return

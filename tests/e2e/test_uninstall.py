@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from meshagent.agent.cli import newer_live_agent
+from meshagent.agent.handover import newer_live_agent
 from meshagent.lab.paths import POD_NET_OCTET, RUN_DIR, STATE_FILE
 
 from tests.e2e.conftest import BIN, meshlab
