@@ -7,6 +7,11 @@ Attachments made with BPF_PROG_ATTACH outlive the agent process, so a restarted
 agent finds its programs still attached and traffic still steered; it then
 opens the pinned maps instead of compiling again. `uninstall` is the one place
 that detaches and unpins.
+
+Kernel headers: bcc finds the running kernel's headers at
+/lib/modules/<release>/build or in /sys/kernel/kheaders.tar.xz. Where the node has
+neither, the image's own headers ($MESHAGENT_KERNEL_HEADERS, a nearby release) are
+handed to bcc through BCC_KERNEL_SOURCE: the programs use only stable uapi types.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +29,9 @@ from meshagent.agent.datapath import bpfsys
 from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
 
 log = logging.getLogger(__name__)
+
+HEADERS_ENV = "MESHAGENT_KERNEL_HEADERS"
+BCC_SOURCE_ENV = "BCC_KERNEL_SOURCE"
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,46 @@ def _ip_host_order(ip: str) -> int:
     return (a << 24) | (b << 16) | (c << 8) | d
 
 
+def fallback_kernel_headers(
+    release: str, env: Mapping[str, str], root: Path = Path("/")
+) -> str | None:
+    """The headers folder bcc must be pointed at, or None when bcc finds its own.
+
+    None if the node has headers for ``release`` (a generated include folder under
+    /lib/modules/<release>/build) or the kernel carries them (kheaders), or if the
+    operator already chose BCC_KERNEL_SOURCE; else $MESHAGENT_KERNEL_HEADERS if set.
+    """
+    if env.get(BCC_SOURCE_ENV):
+        return None
+    build = root / "lib/modules" / release / "build/include/generated"
+    if build.is_dir() or (root / "sys/kernel/kheaders.tar.xz").exists():
+        return None
+    return env.get(HEADERS_ENV) or None
+
+
+def _use_fallback_headers() -> None:
+    release = os.uname().release
+    headers = fallback_kernel_headers(release, os.environ)
+    if headers is None:
+        return
+    try:
+        theirs = (Path(headers) / "RELEASE").read_text().strip()
+    except OSError:
+        theirs = "unknown release"
+    log.warning(
+        "datapath: no kernel headers for %s on this node; compiling against %s (%s)",
+        release,
+        headers,
+        theirs,
+    )
+    os.environ[BCC_SOURCE_ENV] = headers
+
+
 def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
     """Compile every hook with bcc; returns pin name -> fd of programs and maps."""
     from bcc import BPF  # imported here: status and the proxy never need bcc
+
+    _use_fallback_headers()
 
     bpf_dir = resources.files("meshagent.bpf")
     # bcc only turns functions of the main text into programs (and rewrites map

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 from meshagent.agent.config import AgentConfig
+from meshagent.agent.datapath.loader import HEADERS_ENV, fallback_kernel_headers
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS
 from meshagent.common.istio.security import SECURITY_API_VERSIONS
 
@@ -530,3 +531,44 @@ def test_only_the_controller_is_bound_and_the_agent_has_no_api_access() -> None:
     agent_account = one(objs, "ServiceAccount", "meshagent")
     assert agent_account["automountServiceAccountToken"] is False
     assert pod_spec(one(objs, "DaemonSet", "meshagent"))["serviceAccountName"] == "meshagent"
+
+
+# --- kernel headers: the node's, else the image's -----------------------------------------
+
+RELEASE = "6.1.0-99-amd64"
+IMAGE_HEADERS = {"MESHAGENT_KERNEL_HEADERS": "/opt/kernel-headers"}
+
+
+@pytest.mark.parametrize(
+    ("node_has", "env", "expected"),
+    [
+        ([f"lib/modules/{RELEASE}/build/include/generated/"], IMAGE_HEADERS, None),
+        (["sys/kernel/kheaders.tar.xz"], IMAGE_HEADERS, None),
+        ([], IMAGE_HEADERS, "/opt/kernel-headers"),
+        # a build link without generated headers (headers of another flavour) is no use
+        ([f"lib/modules/{RELEASE}/build/include/linux/"], IMAGE_HEADERS, "/opt/kernel-headers"),
+        # headers for another release only
+        (
+            ["lib/modules/5.10.0-1-amd64/build/include/generated/"],
+            IMAGE_HEADERS,
+            "/opt/kernel-headers",
+        ),
+        ([], {}, None),
+        ([], {**IMAGE_HEADERS, "BCC_KERNEL_SOURCE": "/srv/mine"}, None),
+    ],
+)
+def test_agent_falls_back_to_the_image_headers_only_where_the_node_has_none(
+    tmp_path: Path, node_has: list[str], env: dict[str, str], expected: str | None
+) -> None:
+    for entry in node_has:
+        if entry.endswith("/"):
+            (tmp_path / entry).mkdir(parents=True)
+        else:
+            (tmp_path / entry).parent.mkdir(parents=True)
+            (tmp_path / entry).write_bytes(b"")
+    assert fallback_kernel_headers(RELEASE, env, root=tmp_path) == expected
+
+
+def test_the_image_sets_the_headers_variable_the_agent_reads() -> None:
+    text = (DAEMONSET / "Containerfile").read_text()
+    assert re.search(rf"^ENV {HEADERS_ENV}=", text, re.M)
