@@ -7,7 +7,9 @@ resources from the start). Two ways to run:
 
 - files (the lab): manifests from a folder, the CA in a 0600 file, node bootstrap tokens;
 - Kubernetes: list+watch through the API server, leader election on the `meshctl` Lease, the
-  CA in a Secret the leader creates once, agents authenticated by TokenReview.
+  CA in a Secret the leader creates once, agents authenticated by TokenReview; the leader
+  publishes the trust bundle (no key) in the ConfigMap `meshagent-root` for the agent
+  DaemonSet to mount as its `--controller-ca-file`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import httpx2
 import prometheus_client
 import trio
-from lightkube import AsyncClient, KubeConfig
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import ConfigMap
 from meshagent.common.httpserve import Response, json_response, serve_http
 from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.ca import CertificateAuthority
-from meshagent.controller.leader import LeaderElector, ensure_secret
+from meshagent.controller.leader import RETRY_PERIOD, LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
     DEFAULT_CERT_LIFETIME,
@@ -52,6 +57,10 @@ from meshagent.controller.validation import Validator, reason, resource_name
 log = logging.getLogger(__name__)
 
 CA_SECRET_KEY = "ca.pem"
+ROOT_CONFIGMAP = "meshagent-root"
+ROOT_CONFIGMAP_KEY = "root.pem"
+# Once published, the leader looks again this often (someone may delete or edit it).
+ROOT_RECHECK = 60.0
 CONTROLLER_NAMESPACE = "meshagent-system"
 DEFAULT_AGENT_SERVICE_ACCOUNT = "meshagent-system/meshagent"
 _WILDCARDS = ("", "0.0.0.0", "::")
@@ -222,6 +231,10 @@ class Controller:
             self.ca, issuer_pem = await self._load_ca(client)
             if s.trust_bundle_out is not None:
                 write_public_file(s.trust_bundle_out, self.ca.trust_bundle_pem)
+            if client is not None:
+                nursery.start_soon(
+                    publish_root, client, self.elector, ROOT_CONFIGMAP, self.ca.trust_bundle_pem
+                )
             tls = None
             if s.plaintext:
                 log.warning("agent stream without TLS (--plaintext): for development only")
@@ -277,3 +290,49 @@ class Controller:
             partial(new_root_pem, s.trust_domain),
         )
         return ca_from_pem(pem, s.trust_domain), pem
+
+
+async def publish_root(
+    client: AsyncClient,
+    elector: LeaderElector,
+    name: str,
+    pem: str,
+    *,
+    retry: float = RETRY_PERIOD,
+    recheck: float = ROOT_RECHECK,
+) -> None:
+    """Keep ConfigMap ``name`` (key ``root.pem``) in the elector's namespace equal to ``pem``
+    while this replica leads; never returns.
+
+    Agents mount it to check the controller's stream certificate, so it holds only the
+    public trust bundle. Followers write nothing; a write that loses a race (409) is retried.
+    """
+    namespace = elector.namespace
+    while True:
+        wait = retry
+        if elector.is_leader:
+            try:
+                await _put_root(client, namespace, name, pem)
+                wait = recheck
+            except (ApiError, httpx2.HTTPError) as exc:
+                log.warning("publishing ConfigMap %s/%s: %s", namespace, name, exc)
+        with trio.move_on_after(wait):
+            await elector.wait_changed()
+
+
+async def _put_root(client: AsyncClient, namespace: str, name: str, pem: str) -> None:
+    data = {ROOT_CONFIGMAP_KEY: pem}
+    try:
+        current = await client.get(ConfigMap, name, namespace=namespace)
+    except ApiError as exc:
+        if exc.status is None or exc.status.code != 404:
+            raise
+        labels = {"app.kubernetes.io/managed-by": "meshctl"}
+        meta = ObjectMeta(name=name, namespace=namespace, labels=labels)
+        await client.create(ConfigMap(metadata=meta, data=data))
+        log.info("published the mesh root in ConfigMap %s/%s", namespace, name)
+        return
+    if current.data != data:
+        current.data = data
+        await client.replace(current)  # carries the resourceVersion read: 409 if raced
+        log.info("updated the mesh root in ConfigMap %s/%s", namespace, name)

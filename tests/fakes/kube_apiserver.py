@@ -18,7 +18,7 @@ What it copies from kube-apiserver, because the controller's source depends on i
   server's way) or, with `gone_as_http`, as an HTTP 410;
 - BOOKMARK events go only to watches that sent `allowWatchBookmarks=true`;
 - an API group that is not installed (no CRDs) answers 404 with a Status body;
-- writes (what the controller's leader election and CA Secret need): POST creates
+- writes (what the controller's leader election, CA Secret and root ConfigMap need): POST creates
   (409 AlreadyExists if present), PUT replaces, answering 409 Conflict when the body's
   metadata.resourceVersion is not the stored one (optimistic concurrency), and every
   write is stamped and streamed to watches like a test-made change;
@@ -97,6 +97,7 @@ RESOURCE_TYPES = (
     ResourceType("networking.istio.io", "v1", "VirtualService", "virtualservices", crd=True),
     ResourceType("networking.istio.io", "v1", "DestinationRule", "destinationrules", crd=True),
     ResourceType("", "v1", "Secret", "secrets"),
+    ResourceType("", "v1", "ConfigMap", "configmaps"),
     ResourceType("coordination.k8s.io", "v1", "Lease", "leases"),
     ResourceType(
         "authentication.k8s.io", "v1", "TokenReview", "tokenreviews", namespaced=False, review=True

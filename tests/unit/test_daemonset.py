@@ -23,10 +23,13 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
-from meshagent.agent.config import AgentConfig
+from meshagent.agent.cli import run as run_command
+from meshagent.agent.config import AgentConfig, load_config
 from meshagent.agent.datapath.loader import HEADERS_ENV, fallback_kernel_headers
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS
 from meshagent.common.istio.security import SECURITY_API_VERSIONS
+from meshagent.controller.app import ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY
+from meshagent.controller.sources.kubernetes import ALL_KINDS, KIND_SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
@@ -332,6 +335,7 @@ def test_agent_command_is_the_documented_one(agent: Obj) -> None:
         "--bpffs", "/sys/fs/bpf/meshagent",
         "--state-dir", "/var/lib/meshagent",
         "--token-file", "/var/run/secrets/meshagent/token",
+        "--controller-ca-file", "/etc/meshagent/root/root.pem",
         "--proxy-ip", "$(HOST_IP)",
     ]  # fmt: skip
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
@@ -404,7 +408,7 @@ def test_agent_mounts_the_node_paths_it_works_on(
 def test_agent_mount_paths_hold_what_its_arguments_name(daemonset: Obj, agent: Obj) -> None:
     args = dict(zip(agent["args"][1::2], agent["args"][2::2], strict=True))
     mounted = {m["mountPath"] for m in agent["volumeMounts"]}
-    for flag in ("--cgroup-path", "--bpffs", "--state-dir", "--token-file"):
+    for flag in ("--cgroup-path", "--bpffs", "--state-dir", "--token-file", "--controller-ca-file"):
         path = Path(args[flag])
         assert any(path == Path(m) or Path(m) in path.parents for m in mounted), flag
 
@@ -492,7 +496,7 @@ def grants(rules: list[Obj]) -> set[tuple[str, str, str, str | None]]:
 def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
     role = one(render("default"), "ClusterRole", "meshctl")
     watched = [
-        ("", "namespaces"), ("", "pods"), ("", "services"),
+        ("", "namespaces"), ("", "nodes"), ("", "pods"), ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
@@ -504,7 +508,14 @@ def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
     assert grants(role["rules"]) == expected
 
 
-def test_controller_namespace_role_is_exactly_its_lease_and_ca_secret() -> None:
+def test_controller_may_list_and_watch_every_kind_its_kubernetes_source_reads() -> None:
+    role = one(render("default"), "ClusterRole", "meshctl")
+    read = {(KIND_SPECS[k].group, KIND_SPECS[k].plural) for k in ALL_KINDS}
+    for verb in ("list", "watch"):
+        assert {(g, r) for g, r, v, _ in grants(role["rules"]) if v == verb} == read
+
+
+def test_controller_namespace_role_is_exactly_its_lease_ca_secret_and_root_configmap() -> None:
     role = one(render("default"), "Role", "meshctl")
     assert role["metadata"]["namespace"] == "meshagent-system"
     assert grants(role["rules"]) == {
@@ -514,7 +525,30 @@ def test_controller_namespace_role_is_exactly_its_lease_and_ca_secret() -> None:
         ("", "secrets", "create", None),
         ("", "secrets", "get", "meshagent-ca"),
         ("", "secrets", "update", "meshagent-ca"),
+        ("", "configmaps", "create", None),
+        ("", "configmaps", "get", "meshagent-root"),
+        ("", "configmaps", "update", "meshagent-root"),
     }
+
+
+def test_agent_mounts_the_root_configmap_the_controller_publishes(daemonset, agent) -> None:
+    args = dict(zip(agent["args"][1::2], agent["args"][2::2], strict=True))
+    ca_file = Path(args["--controller-ca-file"])
+    mount, volume = volume_at(daemonset, agent, str(ca_file.parent))
+    assert mount["readOnly"] is True
+    assert volume["configMap"]["name"] == ROOT_CONFIGMAP
+    assert volume["configMap"].get("optional") is False  # never start in plaintext
+    assert volume["configMap"]["items"] == [{"key": ROOT_CONFIGMAP_KEY, "path": ca_file.name}]
+
+
+def test_every_agent_argument_is_a_meshagent_run_option(agent: Obj) -> None:
+    """The DaemonSet's command line parses, and lands in the agent's settings."""
+    assert agent["args"][0] == "run"
+    context = run_command.make_context("run", list(agent["args"][1:]))
+    params = {k: v for k, v in context.params.items() if k not in ("config_file", "verbose")}
+    config = load_config(Path("/nonexistent/agent.json"), **params)
+    assert config.controller_ca_file == Path("/etc/meshagent/root/root.pem")
+    assert config.token_file == Path("/var/run/secrets/meshagent/token")
 
 
 def test_only_the_controller_is_bound_and_the_agent_has_no_api_access() -> None:
