@@ -119,6 +119,10 @@ class InboundProxy:
         self.inputs.metrics.policy_decision(decision)
         if not decision.allowed:
             await self._refuse(tunnel, 401, f"denied by {decision.policy or 'default'}")
+            # counted as a connection that opened and closed with flag DENY, as ztunnel does,
+            # so denials carry source and destination labels
+            self.inputs.metrics.tcp_opened(labels)
+            self.inputs.metrics.tcp_closed(labels, 0, 0, "DENY")
             self._log(labels, start, started, 0, 0, "DENY", source_ip, tunnel.authority, decision)
             return
         try:
@@ -195,6 +199,8 @@ class InboundProxy:
             connection_security_policy=security,
         )
 
+        last_decision: list[authz.Decision | None] = [None]
+
         async def authorize(request: RequestInfo) -> LocalResponse | None:
             current = self.store.tables or tables
             headers = request.header_map()
@@ -215,6 +221,7 @@ class InboundProxy:
                 http=http,
             )
             self.inputs.metrics.policy_decision(decision)
+            last_decision[0] = decision  # HTTP/1.1: one request at a time per connection
             if decision.allowed:
                 return None
             return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
@@ -246,9 +253,11 @@ class InboundProxy:
                     response_flags=record.flag_string,
                     bytes_sent=record.bytes_sent,
                     bytes_received=record.bytes_received,
+                    decision=last_decision[0],
                     source_address=source_ip,
                     destination_address=f"{ip}:{port}",
                 )
+            last_decision[0] = None
 
         principal = source_identity.uri if source_identity else source_ip
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1

@@ -3,11 +3,14 @@ HBONE inbound) and same-node (in the local path alike), counted and logged."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from meshagent.lab.paths import RUN_DIR
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import meshlab
 
@@ -154,6 +157,28 @@ def test_deny_on_paths_gives_403_per_request_on_one_connection(authz_lab, tmp_pa
         node = "node-2" if service == "reviews" else "node-1"
         denials = authz_lab.status(node)["agent"]["authz"]["recent_denials"]
         assert any(d["policy"] == "shop/deny-admin" for d in denials), denials
+        # counted with source and destination labels, and logged with the policy's name
+        scrape = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics")
+        denied = [
+            s
+            for family in text_string_to_metric_families(scrape.stdout)
+            if family.name == "istio_requests"
+            for s in family.samples
+            if s.name == "istio_requests_total"
+            and s.labels["reporter"] == "destination"
+            and s.labels["response_code"] == "403"
+            and s.labels["source_workload"] == "frontend"
+            and s.labels["destination_workload"] == service
+        ]
+        assert denied and denied[0].value >= 1, scrape.stdout[-2000:]
+        log = (RUN_DIR / "logs" / f"agent-{node}.log").read_text().splitlines()
+        entries = [json.loads(line) for line in log if line.startswith("{")]
+        assert any(
+            e["response_code"] == 403
+            and e["policy"] == "shop/deny-admin"
+            and e["path"] == "/admin/x"
+            for e in entries
+        )
     finally:
         _delete(tmp_path, DENY_ADMIN)
 

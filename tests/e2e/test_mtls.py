@@ -132,6 +132,38 @@ def test_many_connections_share_a_few_tunnels(demo_lab):
     assert 1 <= total <= 4, tunnels
 
 
+def _expired_mesh_leaf(uri: str) -> tuple[bytes, bytes]:
+    """A leaf for `uri` signed by the lab's own mesh CA, but expired an hour ago."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (RUN_DIR / "ca" / "ca.pem").read_bytes()
+    ca_cert = x509.load_pem_x509_certificate(pem)
+    ca_key = serialization.load_pem_private_key(pem[pem.index(b"-----BEGIN", 10) :], None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=3))
+        .not_valid_after(now - dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
 def _node_python(node: str, code: str) -> subprocess.CompletedProcess:
     return meshlab("exec", "--node", node, "--", "python3", "-c", code, check=False)
 
@@ -144,12 +176,15 @@ def test_bad_clients_on_15008_are_refused_and_the_proxy_keeps_serving(demo_lab, 
     leaf = rogue.issue("spiffe://cluster.local/ns/shop/sa/frontend")
     (tmp_path / "c.pem").write_bytes(leaf.chain_pem)
     (tmp_path / "k.pem").write_bytes(leaf.key_pem)
+    expired_cert, expired_key = _expired_mesh_leaf("spiffe://cluster.local/ns/shop/sa/frontend")
+    (tmp_path / "xc.pem").write_bytes(expired_cert)
+    (tmp_path / "xk.pem").write_bytes(expired_key)
     script = f"""
 import socket, ssl
-def tls(with_cert):
+def tls(prefix):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE; ctx.set_alpn_protocols(["h2"])
-    if with_cert: ctx.load_cert_chain("{tmp_path}/c.pem", "{tmp_path}/k.pem")
+    if prefix: ctx.load_cert_chain(f"{tmp_path}/{{prefix}}c.pem", f"{tmp_path}/{{prefix}}k.pem")
     s = socket.create_connection(("{NODE2_UNDERLAY}", 15008), timeout=3)
     try:
         t = ctx.wrap_socket(s, server_hostname="frontend.shop.cluster.local.mesh.meshagent.io")
@@ -157,7 +192,7 @@ def tls(with_cert):
         return "open"
     except (OSError, ssl.SSLError) as e:
         return "refused"
-for case in ("garbage", "truncated", "nocert", "othercert"):
+for case in ("garbage", "truncated", "nocert", "othercert", "expired"):
     if case == "garbage":
         s = socket.create_connection(("{NODE2_UNDERLAY}", 15008), timeout=3)
         s.sendall(b"GET / HTTP/1.1\\r\\n\\r\\n" * 10); print(case, s.recv(100) == b"")
@@ -166,7 +201,8 @@ for case in ("garbage", "truncated", "nocert", "othercert"):
         s.sendall(bytes.fromhex("160301020001"))  # a ClientHello header, then nothing
         s.shutdown(socket.SHUT_WR); print(case, s.recv(100) == b"")
     else:
-        print(case, tls(case == "othercert") == "refused")
+        prefix = {{"nocert": None, "othercert": "", "expired": "x"}}[case]
+        print(case, tls(prefix) == "refused")
 """
     proc = _node_python("node-1", script)
     assert proc.returncode == 0, proc.stderr
@@ -176,9 +212,10 @@ for case in ("garbage", "truncated", "nocert", "othercert"):
         "truncated": "True",
         "nocert": "True",
         "othercert": "True",
+        "expired": "True",
     }, proc.stdout
     after = demo_lab.status("node-2")["agent"]["hbone"]
-    assert after["inbound_handshake_failures"] - before["inbound_handshake_failures"] >= 4
+    assert after["inbound_handshake_failures"] - before["inbound_handshake_failures"] >= 5
     # and real traffic still flows
     assert demo_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
 
