@@ -12,8 +12,10 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 
 import trio
+from meshagent.agent import handover
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.configclient import ControllerLink, serve_controller_link
 from meshagent.agent.datapath import loader
@@ -155,6 +157,17 @@ class Agent:
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Registered before anything is loaded, so that an older agent on the node sees its
+        # successor at once (daemonset/README.md, "Upgrade and removal"; none in the lab).
+        with handover.open_registration_from_env(self.config.state_dir) as registration:
+            await self._serve(registration, task_status=task_status)
+
+    async def _serve(
+        self,
+        registration: handover.AgentRegistration | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         cfg = self.config
         settings = datapath_settings(cfg)
         self.datapath_reused = not await trio.to_thread.run_sync(loader.install, settings)
@@ -221,8 +234,13 @@ class Agent:
                     cfg.metrics_port,
                     {"/metrics": scrape, "/stats/prometheus": scrape},
                 )
-                await nursery.start(
+                # 15021 is closed while a newer agent runs on the node; serving is marked
+                # in the registry once ready.
+                readiness = partial(
                     serve_http, "0.0.0.0", cfg.readiness_port, {"/healthz/ready": ready}
+                )
+                await nursery.start(
+                    handover.serve_handover, registration, lambda: self.ready, readiness
                 )
                 nursery.start_soon(self._report_link_state)
                 self.ready = True
