@@ -177,6 +177,22 @@ class Controller:
             "stream": self.push.status() if self.push else None,
             "agents": [s.as_dict() for s in sorted(sessions, key=lambda s: s.node)],
             "rejected": self.rejected(),
+            "ca": self.ca_status(),
+        }
+
+    def ca_status(self) -> dict | None:
+        """The signing CA as operators check it: who it is, until when, and what it signed."""
+        if self.ca is None:
+            return None
+        cert = self.ca.certificate
+        sessions = self.push.sessions.values() if self.push else ()
+        return {
+            "subject": cert.subject.rfc4514_string(),
+            "issuer": cert.issuer.rfc4514_string(),
+            "root": cert.subject == cert.issuer,
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "signed": sum(getattr(s, "csr_signed", 0) for s in sessions),
+            "refused": sum(getattr(s, "csr_refused", 0) for s in sessions),
         }
 
     def source_status(self) -> dict:

@@ -219,7 +219,7 @@ def serve(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(controller: str, as_json: bool) -> None:
-    """Show the source, leadership, connected agents and rejected resources.
+    """Show the source, leadership, CA, connected agents and rejected resources.
 
     \b
     Examples:
@@ -249,6 +249,13 @@ def status(controller: str, as_json: bool) -> None:
             f"agent stream: {'TLS' if stream['tls'] else 'PLAINTEXT'},"
             f" {stream['auth_failures']} authentication failures"
             + (f" (last: {stream['last_auth_failure']})" if stream["last_auth_failure"] else "")
+        )
+    ca = data.get("ca")
+    if ca:
+        kind = "root" if ca["root"] else f"intermediate (issuer {ca['issuer']})"
+        click.echo(
+            f"CA: {ca['subject']}, {kind}, valid until {ca['not_after']};"
+            f" signed {ca['signed']}, refused {ca['refused']} on current streams"
         )
     click.echo("AGENTS")
     for a in data["agents"]:

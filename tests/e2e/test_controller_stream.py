@@ -74,6 +74,10 @@ def test_status_lists_both_agents_connected_with_the_versions_they_hold(demo_lab
     assert all(a["tls"] for a in status["agents"])
     text = meshlab("exec", "--node", "node-1", "--", "meshctl", "status").stdout
     assert "node-1" in text and "node-2" in text and "connected" in text
+    # CA state: the lab's self-made root, and the workload certificates it signed
+    ca = status["ca"]
+    assert ca["root"] is True and ca["signed"] >= 2  # frontend on node-1, reviews on node-2
+    assert "CA: " in text and "root" in text
 
 
 def test_a_malformed_virtual_service_is_reported_and_the_valid_one_reaches_agents(
