@@ -222,7 +222,8 @@ def test_least_request_sends_fewer_requests_to_the_slow_backend(lab):
         share = answered_by(load("lb.shop:8080/", 300, workers=6))
     assert sum(share.values()) == 300, share
     fast = min(share["lb-fast-1"], share["lb-fast-2"])
-    assert share["lb-slow"] < fast / 2, share
+    # an even spread would give it a third; power of two choices gives it about a sixth
+    assert share["lb-slow"] < 0.7 * fast, share
 
 
 def test_round_robin_spreads_evenly(lab):
@@ -363,11 +364,12 @@ def test_fault_abort_answers_about_half_the_requests_503(lab):
 
 def test_circuit_breaker_overflow_is_503_with_flag_uo(lab):
     with applied(lab, "traffic-circuit-breaker"):
+        assert statuses(load("cb.shop:8080/", 4, workers=1)) == {200: 4}  # one at a time: fine
         since = time.time()
         results = load("cb.shop:8080/", 30, workers=6)
     counts = statuses(results)
-    assert counts[200] >= 2 and counts[503] >= 5, counts
-    assert set(counts) == {200, 503}, counts
+    assert set(counts) == {200, 503} and counts[503] >= 5, counts
+    assert all("overflow" in body for _, status, body in results if status == 503)
     time.sleep(1.5)  # the access log is flushed about every second
     logged = [
         e for e in access_log(since) if e["destination_service"] == "cb.shop.svc.cluster.local"
