@@ -86,8 +86,9 @@ class Tables:
                 eps = [e for e in svc.endpoints if port.port in e.ports]
                 for vip in svc.vips:
                     by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps, port)
-        workload_by_ip = {ip: w for w in snap.workloads for ip in w.ips}
-        workload_by_uid = {w.uid: w for w in snap.workloads}
+        workloads = snap.all_workloads()
+        workload_by_ip = {ip: w for w in workloads for ip in w.ips}
+        workload_by_uid = {w.uid: w for w in workloads}
         node_address = {n.name: n.address for n in snap.nodes}
         try:
             istio = [parse_resource(doc) for doc in snap.istio_resources]

@@ -82,10 +82,14 @@ class MessageStream:
             self._buffer += data
 
 
-def encode_snapshot_message(version: str, node: str, shared_body: bytes) -> bytes:
+def encode_snapshot_message(
+    version: str, node: str, shared_body: bytes, local_workloads: list | None = None
+) -> bytes:
     """A `snapshot` message from a snapshot body encoded once for every node: `shared_body` is
-    the JSON object of the snapshot without `node` and `version` (starting with `{`)."""
-    head = json.dumps({"node": node, "version": version}, separators=(",", ":"))[:-1]
+    the JSON object of the snapshot without `node`, `version` and `local_workloads` (starting
+    with `{`); those three are added here per node."""
+    fields = {"node": node, "version": version, "local_workloads": local_workloads or []}
+    head = json.dumps(fields, separators=(",", ":"))[:-1]
     tail = shared_body[1:] if shared_body != b"{}" else b"}"
     joiner = b"," if shared_body != b"{}" else b""
     return (

@@ -77,21 +77,33 @@ class Snapshot(_Model):
     # DestinationRule) as validated manifests; the agent parses them with
     # meshagent.common.istio.parse_resource into the typed models it evaluates.
     istio_resources: list[dict] = Field(default_factory=list)
+    # This node's pods that no other node needs (not meshed, not behind a Service): kept out
+    # of `workloads` so a change to one of them gives a new version to this node only.
+    local_workloads: list[Workload] = Field(default_factory=list)
+
+    def all_workloads(self) -> list[Workload]:
+        return [*self.workloads, *self.local_workloads]
 
     def body_digest(self) -> str:
-        """Digest of everything but `node` and `version`: the part all nodes share, so the
-        controller hashes it once per change, not once per node."""
-        body = self.model_dump(mode="json", exclude={"version", "node"})
+        """Digest of the part all nodes share (all but node, version and local workloads),
+        so the controller hashes it once per change, not once per node."""
+        body = self.model_dump(mode="json", exclude={"version", "node", "local_workloads"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def local_digest(self) -> str:
+        local = [w.model_dump(mode="json") for w in self.local_workloads]
+        return hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()
 
     def content_version(self, body_digest: str | None = None) -> str:
         digest = body_digest or self.body_digest()
-        return hashlib.sha256(f"{digest}/{self.node}".encode()).hexdigest()[:16]
+        key = f"{digest}/{self.node}/{self.local_digest()}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def with_version(self) -> Snapshot:
         return self.model_copy(update={"version": self.content_version()})
 
-    def for_node(self, node: str, body_digest: str) -> Snapshot:
-        """This (shared) snapshot addressed to `node`, versioned without hashing it again."""
-        snap = self.model_copy(update={"node": node})
+    def for_node(self, node: str, body_digest: str, local: list[Workload]) -> Snapshot:
+        """This (shared) snapshot addressed to `node` with its local workloads, versioned
+        without hashing the shared part again."""
+        snap = self.model_copy(update={"node": node, "local_workloads": local})
         return snap.model_copy(update={"version": snap.content_version(body_digest)})

@@ -34,6 +34,7 @@ from lightkube.resources.core_v1 import ConfigMap
 from meshagent.common.httpserve import Response, json_response, serve_http
 from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.ca import CertificateAuthority
+from meshagent.controller.compiler import compile_snapshot
 from meshagent.controller.leader import RETRY_PERIOD, LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
@@ -284,7 +285,8 @@ class Controller:
 
             async def config(_query: str) -> Response:
                 # the node-independent snapshot: what `meshctl authz check` evaluates against
-                return json_response(self.push.snapshot_for("").model_dump_json())
+                full = compile_snapshot(self.model, "")
+                return json_response(full.model_dump_json())
 
             routes = {"/status": status, "/metrics": metrics, "/debug/config": config}
             await nursery.start(serve_http, s.metrics_host, s.metrics_port, routes)

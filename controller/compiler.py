@@ -9,6 +9,7 @@ Services with their ready pods become services with endpoints.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.snapshot import (
@@ -169,11 +170,32 @@ def compile_istio(model: ClusterModel) -> list[dict]:
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
 
 
-def compile_shared(model: ClusterModel, trust_bundle: str | None = None) -> tuple[Snapshot, str]:
-    """The node-independent snapshot and its digest: compiled once per model change; each
-    node's snapshot is then `shared.for_node(node, digest)`."""
-    shared = _compile(model, "", trust_bundle)
-    return shared, shared.body_digest()
+@dataclass(frozen=True)
+class SharedSnapshot:
+    """What one model change compiles to: the part every node gets, and per node its pods
+    that nobody else needs (not meshed, not behind a Service)."""
+
+    snapshot: Snapshot
+    digest: str
+    local: dict[str, list[Workload]]
+
+    def for_node(self, node: str) -> Snapshot:
+        return self.snapshot.for_node(node, self.digest, self.local.get(node, []))
+
+
+def compile_shared(model: ClusterModel, trust_bundle: str | None = None) -> SharedSnapshot:
+    """Compiled once per model change; each node's snapshot is `shared.for_node(node)`. A
+    change to a pod that only its own node needs gives a new version to that node only."""
+    full = _compile(model, "", trust_bundle)
+    endpoints = {e.workload_uid for s in full.services for e in s.endpoints}
+    shared, local = [], {}
+    for w in full.workloads:
+        if w.meshed or w.uid in endpoints:
+            shared.append(w)
+        else:
+            local.setdefault(w.node, []).append(w)
+    snapshot = full.model_copy(update={"workloads": shared})
+    return SharedSnapshot(snapshot, snapshot.body_digest(), local)
 
 
 def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = None) -> Snapshot:

@@ -39,7 +39,7 @@ from meshagent.common.configwire import MessageStream, WireError, encode_snapsho
 from meshagent.common.snapshot import Snapshot
 from meshagent.common.spiffe import Identity, InvalidIdentity
 from meshagent.controller.ca import CertificateAuthority, SigningRefused
-from meshagent.controller.compiler import compile_shared
+from meshagent.controller.compiler import SharedSnapshot, compile_shared
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.signing import (
     CSR_REFUSED,
@@ -368,7 +368,7 @@ class PushServer:
         self.auth_failures = 0
         self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
-        self._shared: tuple[int, Snapshot, str] | None = None
+        self._shared: tuple[int, SharedSnapshot] | None = None
         self._shared_body: tuple[int, bytes] | None = None
 
     def shared_body(self) -> bytes:
@@ -377,7 +377,9 @@ class PushServer:
         assert self._shared is not None
         generation = self._shared[0]
         if self._shared_body is None or self._shared_body[0] != generation:
-            body = self._shared[1].model_dump(mode="json", exclude={"node", "version"})
+            body = self._shared[1].snapshot.model_dump(
+                mode="json", exclude={"node", "version", "local_workloads"}
+            )
             self._shared_body = (generation, json.dumps(body, separators=(",", ":")).encode())
         return self._shared_body[1]
 
@@ -387,9 +389,8 @@ class PushServer:
         if cached and cached[0] == generation:
             return cached[1]
         if self._shared is None or self._shared[0] != generation:
-            self._shared = (generation, *compile_shared(self.model, self.trust_bundle))
-        _, shared, digest = self._shared
-        snap = shared.for_node(node, digest)
+            self._shared = (generation, compile_shared(self.model, self.trust_bundle))
+        snap = self._shared[1].for_node(node)
         self._cache[node] = (generation, snap)
         return snap
 
@@ -518,8 +519,9 @@ class PushServer:
             snap = self.snapshot_for(session.node)
             if snap.version not in (session.sent_version, session.acked_version):
                 session.sent_version = snap.version
+                local = [w.model_dump(mode="json") for w in snap.local_workloads]
                 await wire.send_encoded(
-                    encode_snapshot_message(snap.version, session.node, self.shared_body())
+                    encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
                 )
             await self.model.wait_changed(generation)
 

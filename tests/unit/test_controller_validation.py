@@ -188,3 +188,48 @@ def test_meshctl_validate_reports_a_file_that_is_not_yaml(tmp_path):
     assert result.exit_code == 1
     assert "broken.yaml: not valid YAML" in result.output
     assert "ok VirtualService shop/good" in result.output
+
+
+def test_a_change_to_a_pod_only_its_node_needs_versions_only_that_node():
+    """Issue #3: unchanged input gives the same version; a change gives a new version only to
+    the nodes it affects."""
+    from meshagent.controller.compiler import compile_shared
+
+    model = ClusterModel()
+    ns = {
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"meshagent.io/mesh": "enabled"}},
+    }
+    other = {"kind": "Namespace", "metadata": {"name": "batch"}}
+
+    def pod(name, ns_, node, labels):
+        return {
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns_, "labels": labels},
+            "spec": {"nodeName": node},
+            "status": {"phase": "Running", "podIP": f"10.0.{node[-1]}.{len(name)}"},
+        }
+
+    model.replace("Namespace", [ns, other])
+    model.replace(
+        "Pod", [pod("web", "shop", "node-1", {}), pod("job", "batch", "node-1", {"v": "1"})]
+    )
+
+    def versions():
+        shared = compile_shared(model)
+        return {n: shared.for_node(n).version for n in ("node-1", "node-2")}
+
+    first = versions()
+    assert versions() == first  # same input, same versions
+    # an unmeshed pod on node-1 that no Service selects: only node-1 sees it
+    model.upsert("Pod", pod("job", "batch", "node-1", {"v": "2"}))
+    second = versions()
+    assert second["node-1"] != first["node-1"] and second["node-2"] == first["node-2"]
+    # a meshed pod changes every node's view
+    model.upsert("Pod", pod("web", "shop", "node-1", {"app": "web"}))
+    third = versions()
+    assert third["node-1"] != second["node-1"] and third["node-2"] != second["node-2"]
+    # and the agent accepts what the controller versioned
+    snap = compile_shared(model).for_node("node-1")
+    assert snap.version == snap.content_version()
+    assert [w.name for w in snap.local_workloads] == ["job"]
