@@ -28,6 +28,7 @@ from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.relay import RelayResult, relay
+from meshagent.agent.proxy.report import report_http
 from meshagent.agent.proxy.routing import single_endpoint_routes
 from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.telemetry import (
@@ -234,29 +235,14 @@ class InboundProxy:
                 raise HttpUpstreamError("connect-failure", str(exc)) from None
 
         def done(record: RequestRecord) -> None:
-            self.inputs.metrics.http_request(
+            report_http(
+                self.inputs,
                 labels,
-                record.status,
-                record.flag_string,
-                record.duration * 1000,
-                record.bytes_received,
-                record.bytes_sent,
+                record,
+                source_address=source_ip,
+                destination_address=f"{ip}:{port}",
+                decision=last_decision[0],
             )
-            if self.inputs.access_log is not None:
-                self.inputs.access_log.http_request(
-                    labels,
-                    start=record.start,
-                    duration_ms=record.duration * 1000,
-                    method=record.method,
-                    path=record.target,
-                    response_code=record.status,
-                    response_flags=record.flag_string,
-                    bytes_sent=record.bytes_sent,
-                    bytes_received=record.bytes_received,
-                    decision=last_decision[0],
-                    source_address=source_ip,
-                    destination_address=f"{ip}:{port}",
-                )
             last_decision[0] = None
 
         principal = source_identity.uri if source_identity else source_ip

@@ -18,6 +18,7 @@ from meshagent.agent.proxy.http import HttpContext, RequestRecord, proxy_http1
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.relay import RelayResult, relay
+from meshagent.agent.proxy.report import report_http
 from meshagent.agent.proxy.routing import is_http_port
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
@@ -138,28 +139,13 @@ class OutboundProxy:
             if record.upstream:
                 key = record.upstream
                 self.stats.by_destination[key] = self.stats.by_destination.get(key, 0) + 1
-            self.inputs.metrics.http_request(
+            report_http(
+                self.inputs,
                 labels,
-                record.status,
-                record.flag_string,
-                record.duration * 1000,
-                record.bytes_received,
-                record.bytes_sent,
+                record,
+                source_address=peer_ip,
+                destination_address=record.upstream or None,
             )
-            if self.inputs.access_log is not None:
-                self.inputs.access_log.http_request(
-                    labels,
-                    start=record.start,
-                    duration_ms=record.duration * 1000,
-                    method=record.method,
-                    path=record.target,
-                    response_code=record.status,
-                    response_flags=record.flag_string,
-                    bytes_sent=record.bytes_sent,
-                    bytes_received=record.bytes_received,
-                    source_address=peer_ip,
-                    destination_address=record.upstream or None,
-                )
 
         ctx = HttpContext(
             routes=lambda: traffic.table.http_routes(hostname, port),

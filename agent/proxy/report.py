@@ -1,0 +1,47 @@
+"""Reporting a finished HTTP request: Istio's metrics and the access log line, one call.
+
+Both directions (the source's outbound engine and the destination's inbound one) report
+the same way; only the labels (reporter, peers) and the addresses differ.
+"""
+
+from __future__ import annotations
+
+from meshagent.agent.proxy.http import RequestRecord
+from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.telemetry import ConnectionLabels
+from meshagent.common.authz import Decision
+
+
+def report_http(
+    inputs: ProxyInputs,
+    labels: ConnectionLabels,
+    record: RequestRecord,
+    *,
+    source_address: str,
+    destination_address: str | None,
+    decision: Decision | None = None,
+) -> None:
+    duration_ms = record.duration * 1000
+    inputs.metrics.http_request(
+        labels,
+        record.status,
+        record.flag_string,
+        duration_ms,
+        record.bytes_received,
+        record.bytes_sent,
+    )
+    if inputs.access_log is not None:
+        inputs.access_log.http_request(
+            labels,
+            start=record.start,
+            duration_ms=duration_ms,
+            method=record.method,
+            path=record.target,
+            response_code=record.status,
+            response_flags=record.flag_string,
+            bytes_sent=record.bytes_sent,
+            bytes_received=record.bytes_received,
+            decision=decision,
+            source_address=source_address,
+            destination_address=destination_address,
+        )
