@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HTTP_PORT = 8080  # nginx in every server pod
+IDLE_PORT = 8081  # the same nginx, behind a Service port named as opaque TCP (idle connections)
 IPERF_PORT = 5201  # iperf3 -s in every server pod
 SMALL_PATH = "/small"  # a 3-byte body: small requests
 KIB_PATH = "/1k"  # a 1,024-byte body: the fixed-rate scenario
@@ -47,6 +48,7 @@ http {{
     client_header_timeout 600s;
     server {{
         listen {HTTP_PORT} backlog=4096;
+        listen {IDLE_PORT} backlog=4096;
         default_type text/plain;
         location = {SMALL_PATH} {{ return 200 "ok\\n"; }}
         location = {KIB_PATH} {{ return 200 "{KIB_BODY}"; }}

@@ -54,6 +54,7 @@ class BenchPath:
     client: str  # the pod that runs the load tools
     http: tuple[str, int]
     iperf: tuple[str, int]
+    idle: tuple[str, int]  # where idle connections go: opaque TCP to the mesh, end to end
     proxies: tuple[Path, ...]
 
 
@@ -82,6 +83,7 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             "bench-plain/client",
             (ips["bench-plain/http"], configs.HTTP_PORT),
             (ips["bench-plain/iperf"], configs.IPERF_PORT),
+            (ips["bench-plain/http"], configs.IDLE_PORT),
             (),
         ),
         BenchPath(
@@ -89,6 +91,7 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             "bench-mesh/client",
             ("http-local.bench-mesh", configs.HTTP_PORT),
             ("iperf-local.bench-mesh", configs.IPERF_PORT),
+            ("http-local.bench-mesh", configs.IDLE_PORT),
             agents,
         ),
         BenchPath(
@@ -96,6 +99,7 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             "bench-mesh/client",
             ("http-remote.bench-mesh", configs.HTTP_PORT),
             ("iperf-remote.bench-mesh", configs.IPERF_PORT),
+            ("http-remote.bench-mesh", configs.IDLE_PORT),
             agents,
         ),
         BenchPath(
@@ -103,6 +107,7 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             "bench-plain/client",
             (a, configs.SIDECAR_A_HTTP),
             (a, configs.SIDECAR_A_IPERF),
+            (a, configs.SIDECAR_A_HTTP),  # HAProxy is in TCP mode on every port
             sidecars,
         ),
     ]

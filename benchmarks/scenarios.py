@@ -232,7 +232,7 @@ def idle_connections(path: BenchPath, s: Settings) -> dict[str, float]:
     if not path.proxies:
         return {}
     fresh_proxies(path.proxies)
-    host, port = path.http
+    host, port = path.idle
     base = _settled_rss(path.proxies)
     argv = python_tool("holdconns", host, str(port), "--count", str(s.idle_connections))
     proc = popen_in_pod(path.client, argv)

@@ -52,13 +52,15 @@ def test_mesh_paths_dial_services_that_select_their_servers():
     }
     for name, servers in expected.items():
         path = paths[name]
-        for (host, port), server in zip((path.http, path.iperf), servers, strict=True):
+        targets = ((path.http, "http"), (path.iperf, "tcp-iperf"), (path.idle, "tcp-idle"))
+        for ((host, port), port_name), server in zip(targets, (*servers, servers[0]), strict=True):
             svc_name, namespace = host.split(".")
             assert namespace == "bench-mesh"
             svc = services[svc_name]
             assert svc["spec"]["selector"] == {"app": server}
             assert pods[server]["metadata"]["labels"]["app"] == server
-            assert port in [p["port"] for p in svc["spec"]["ports"]]
+            # the port's name tells the mesh its protocol: HTTP, or opaque TCP
+            assert {"name": port_name, "port": port, "targetPort": port} in svc["spec"]["ports"]
         assert len(path.proxies) == 2  # both node agents
 
 
