@@ -89,10 +89,21 @@ class InboundProxy:
             return
         source_ip = tunnel.forwarded_for or tunnel.peer_address[0]
         if (ip, port) in tables.http_pod_ports:
-            # HTTP: authorization per request (403), not per connection
-            stream = await tunnel.accept()
+            # HTTP: authorization per request (403), not per connection. The pod is dialled
+            # before the tunnel is answered, so a dead pod is a 503 on the tunnel (a connect
+            # failure the source can retry elsewhere), as ztunnel does.
+            try:
+                first = await self._dial(ip, port)
+            except (OSError, trio.TooSlowError) as exc:
+                await self._refuse(tunnel, 503, f"pod unreachable: {exc or 'timeout'}")
+                return
+            try:
+                stream = await tunnel.accept()
+            except trio.BrokenResourceError:
+                await trio.aclose_forcefully(first)
+                return
             await self.serve_http(
-                stream, tunnel.peer_identity, source_ip, target, ip, port, "mutual_tls"
+                stream, tunnel.peer_identity, source_ip, target, ip, port, "mutual_tls", first
             )
             return
         source = tables.workload_by_ip.get(source_ip)
@@ -174,10 +185,12 @@ class InboundProxy:
         ip: str,
         port: int,
         security: str,
+        first: trio.abc.HalfCloseableStream | None = None,
     ) -> None:
-        """Deliver HTTP/1.1 to a local pod, checking every request against the pod's
-        AuthorizationPolicies: a denial is a 403 `RBAC: access denied` for that request only,
-        the connection and its other requests go on."""
+        """Deliver HTTP/1.1 to a local pod (`first`: a connection to it already made),
+        checking every request against the pod's AuthorizationPolicies: a denial is a 403
+        `RBAC: access denied` for that request only; the connection and its other requests
+        go on."""
         tables = self.store.tables
         assert tables is not None
         service = tables.service_by_endpoint.get((ip, port))
@@ -227,10 +240,13 @@ class InboundProxy:
                 return None
             return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
 
+        pending = [first] if first is not None else []
+
         async def connect(ep: Endpoint, pod_port: int) -> trio.abc.HalfCloseableStream:
+            if pending:
+                return pending.pop()
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    return await trio.open_tcp_stream(ep.ip, pod_port)
+                return await self._dial(ep.ip, pod_port)
             except (OSError, trio.TooSlowError) as exc:
                 raise HttpUpstreamError("connect-failure", str(exc)) from None
 
@@ -265,8 +281,15 @@ class InboundProxy:
             )
         finally:
             self.stats.active -= 1
+            for unused in pending:
+                await trio.aclose_forcefully(unused)
 
-    def open_local_http(
+    @staticmethod
+    async def _dial(ip: str, port: int) -> trio.SocketStream:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await trio.open_tcp_stream(ip, port)
+
+    async def open_local_http(
         self,
         nursery: trio.Nursery,
         source_identity: Identity | None,
@@ -276,14 +299,18 @@ class InboundProxy:
         port: int,
     ) -> trio.SocketStream:
         """Same-node HTTP: a connected socket pair whose far end is served by `serve_http`,
-        so same-node requests pass the same per-request checks as tunnelled ones."""
+        so same-node requests pass the same per-request checks as tunnelled ones. The pod is
+        dialled first: a dead pod is a connect failure here too (raises OSError)."""
+        first = await self._dial(ip, port)
         near, far = (
             trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socket.socketpair()
         )
 
         async def serve() -> None:
             async with far:
-                await self.serve_http(far, source_identity, source_ip, target, ip, port, "none")
+                await self.serve_http(
+                    far, source_identity, source_ip, target, ip, port, "none", first
+                )
 
         nursery.start_soon(serve)
         return near

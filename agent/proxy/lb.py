@@ -23,7 +23,7 @@ open and close. The state answers with Envoy's behaviour, as Istio configures it
   No panic mode: with every endpoint ejected, `pick` finds none (Istio disables panic mode).
 
 Ejections are exposed by `Clusters.ejected()` (for `meshagent status`) and the metrics
-`meshagent_outlier_ejections_total` and `meshagent_outlier_ejected_endpoints`.
+`meshagent_outlier_cluster_ejections_total` and `meshagent_outlier_ejected_endpoints`.
 
 On an L4 port the same state serves connections: `ep = state.pick(tried)`, then
 `state.try_open(ep)` (False: overflow, close the client, UO), connect (on failure
@@ -44,7 +44,7 @@ from meshagent.common.snapshot import Endpoint
 from prometheus_client import Counter, Gauge
 
 OUTLIER_EJECTIONS = Counter(
-    "meshagent_outlier_ejections",
+    "meshagent_outlier_cluster_ejections",
     "Endpoints ejected by outlier detection, by cluster (outbound|port|subset|host).",
     ["cluster"],
 )

@@ -121,7 +121,12 @@ class Connector:
         ):
             inbound, nursery = self._local
             source_id = workload_identity(source, self.trust_domain) if source else None
-            stream = inbound.open_local_http(nursery, source_id, client_ip, local, ip, port)
+            try:
+                stream = await inbound.open_local_http(
+                    nursery, source_id, client_ip, local, ip, port
+                )
+            except (OSError, trio.TooSlowError) as exc:
+                raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
             return Upstream(stream, "none", local)
         if dest is None:
             self._authorize_local(source, ip, port, client_ip)
