@@ -44,6 +44,7 @@ class AgentConfig(BaseModel):
     root_namespace: str = "istio-system"  # where mesh-wide policies live, as Istio's
     hbone_port: int = 15008
     access_log: Literal["stdout", "off"] = "stdout"
+    access_log_sample: float = Field(1.0, ge=0.0, le=1.0)  # the fraction of entries kept
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
     # address always is): e.g. the node IP kubelet probes come from.
     trusted_sources: list[str] = Field(default_factory=list)

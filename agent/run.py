@@ -191,7 +191,9 @@ class Agent:
 
         try:
             async with (
-                open_access_log(AccessLogSettings(output=cfg.access_log)) as access_log,
+                open_access_log(
+                    AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
+                ) as access_log,
                 open_tunnel_pool(self.workload_tls.client_context) as pool,
                 open_connection_pool() as http_pool,
                 trio.open_nursery() as nursery,
@@ -260,6 +262,10 @@ class Agent:
             await trio.sleep(0.05)
 
     async def _report_link_state(self) -> None:
+        """Gauges that are states, not events: refreshed every second."""
+        self.node_metrics.set_proxy_workers(1)  # one proxy process per node today (issue #9)
         while True:
             self.node_metrics.set_controller_connected(self.link.connected)
+            pools = self.pool.stats().values()
+            self.inputs.metrics.set_tunnel_pool_connections(sum(s.connections for s in pools))
             await trio.sleep(1.0)

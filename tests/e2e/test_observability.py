@@ -250,6 +250,13 @@ def test_metrics_page_parses_with_prometheus_parser_on_both_paths(obs_lab):
         ).stdout
         names = {f.name for f in text_string_to_metric_families(page)}
         assert {"istio_tcp_connections_opened", "meshagent_controller_connected"} <= names, path
+    # the node's own figures the issue lists, with values
+    assert _value("node-1", "meshagent_proxy_workers") == 1
+    assert _value("node-1", "meshagent_datapath_redirects_total") >= 1
+    _eventually(
+        lambda: _value("node-1", "meshagent_tunnel_pool_connections") >= 1,
+        "node-1 reports its pooled HBONE connections",
+    )
 
 
 def test_status_json_carries_every_field(obs_lab):
