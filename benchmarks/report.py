@@ -13,8 +13,8 @@ PATHS = (DIRECT, SAME, CROSS, SIDECAR)
 PATH_NOTES = {
     DIRECT: "unmeshed client pod -> server pod IP on the other node; no proxy",
     SAME: "meshed client -> Service VIP -> node-1 proxy -> server on node-1",
-    CROSS: "meshed client -> Service VIP -> node-1 proxy -> server on node-2 "
-    "(whatever the proxy does today: plaintext relay until HBONE/mTLS lands)",
+    CROSS: "meshed client -> Service VIP -> node-1 proxy -> node-2 (to node-2's proxy over "
+    "HBONE where the commit has it) -> server on node-2",
     SIDECAR: "unmeshed client -> HAProxy A (node-1) -> mutual TLS 1.3 -> HAProxy B (node-2) "
     "-> server; TCP mode, one TLS connection per client connection",
 }
@@ -292,6 +292,9 @@ def markdown(results: dict) -> str:
         "Paths:",
         "",
         *[f"- `{p}`: {results['paths'][p]}" for p in PATHS],
+        "",
+        "The mesh sees the HTTP port as HTTP (Service port `http`) and the iperf3 and idle "
+        "ports as opaque TCP (`tcp-*`); the HAProxy pair forwards all of them as TCP.",
         "",
         "Each cell: median over the runs, ± half the spread (max - min) as a share of the "
         "median, and in parentheses the ratio of the medians to `direct` (xd) and to "
