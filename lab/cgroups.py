@@ -56,20 +56,36 @@ def pids(path: Path) -> list[int]:
     return out
 
 
-def kill_tree(path: Path, timeout: float = 5.0) -> None:
-    """Kill every process under `path` (cgroup.kill) and wait until they are gone."""
+def populated(path: Path) -> bool:
+    """Whether any process (live, or exited but not yet reaped) is still in the subtree."""
+    try:
+        events = (path / "cgroup.events").read_text()
+    except OSError:
+        return False
+    return "populated 1" in events
+
+
+def kill_tree(path: Path, timeout: float = 15.0) -> None:
+    """Kill every process under `path` (cgroup.kill) and wait until the subtree is empty.
+    Processes whose parent has already exited are reaped by the machine's init, which may
+    take a moment, so this waits on `cgroup.events` rather than on the process list."""
     if not path.exists():
         return
-    (path / "cgroup.kill").write_text("1")
     deadline = time.monotonic() + timeout
-    while pids(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def remove_tree(path: Path) -> None:
-    """rmdir the subtree bottom-up (cgroup folders hold no files of ours)."""
-    if not path.exists():
-        return
-    for folder, _dirs, _files in os.walk(path, topdown=False):
+    while populated(path) and time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            os.rmdir(folder)
+            (path / "cgroup.kill").write_text("1")
+        time.sleep(0.1)
+
+
+def remove_tree(path: Path, timeout: float = 10.0) -> None:
+    """rmdir the subtree bottom-up (cgroup folders hold no files of ours), retrying while a
+    folder is still busy."""
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        for folder, _dirs, _files in os.walk(path, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)

@@ -205,10 +205,10 @@ def test_ejection_metrics():
         3, name="od9", clock=clock, outlier=OutlierPolicy(consecutive_5xx=1, base_ejection_time=5)
     )
     name = c.name
-    before = metric("meshagent_outlier_ejections_total", cluster=name)
+    before = metric("meshagent_outlier_cluster_ejections_total", cluster=name)
     fail(c, c.endpoints[0])
     assert metric("meshagent_outlier_ejected_endpoints", cluster=name) == 1
-    assert metric("meshagent_outlier_ejections_total", cluster=name) == before + 1
+    assert metric("meshagent_outlier_cluster_ejections_total", cluster=name) == before + 1
     clock.now += 5
     c.pick()
     assert metric("meshagent_outlier_ejected_endpoints", cluster=name) == 0
