@@ -493,7 +493,9 @@ async def test_outlier_detection_ejects_and_returns_the_bad_backend():
                 (f"127.0.0.1:{backends[1].port}", 1)
             ]
             assert metric("meshagent_outlier_ejected_endpoints", cluster=cluster) == 1
-            assert metric("meshagent_outlier_cluster_ejections_total", cluster=cluster) == before + 1
+            assert (
+                metric("meshagent_outlier_cluster_ejections_total", cluster=cluster) == before + 1
+            )
             assert 0.4 < ejected[0].until - ejected[0].ejected_at <= 0.6 + 1e-6
             served = backends[1].served
             assert {(await client.request()).text for _ in range(20)} == {"good1", "good2"}
