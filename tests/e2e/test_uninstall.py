@@ -83,9 +83,12 @@ def test_uninstall_lets_meshed_traffic_flow_directly_within_2s(demo_lab):
     print(f"direct {elapsed:.2f}s after the uninstall started", file=sys.stderr)
     assert "detached mesh_" in proc.stdout, proc.stdout
 
-    # the server saw the frontend's own address: no proxy, no tunnel in between
+    # the server saw the frontend's own address: no proxy, no tunnel in between (through the
+    # mesh, requests come from node-2's proxy address; the log may also hold tracebacks of
+    # pooled mesh connections closed when node-1's agent went away)
     log = (RUN_DIR / "logs" / "pod-shop-reviews-v1.log").read_text().splitlines()
-    assert log[-1].startswith(_pod_ip("shop/frontend") + " "), log[-1]
+    direct = [line for line in log if line.startswith(_pod_ip("shop/frontend") + " ")]
+    assert any('"GET / ' in line for line in direct), log[-10:]
 
     status = demo_lab.status("node-1")
     assert status["agent"]["running"] is False
