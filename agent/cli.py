@@ -165,7 +165,7 @@ def uninstall(config_file: Path | None, unless_handed_over: bool) -> None:
         if successor is not None:
             click.echo(f"handed over to {successor}; datapath left in place")
             return
-    settings = loader.DatapathSettings(config.pin_dir, config.cgroup_path, config.proxy_ip)
+    settings = loader.datapath_settings(config)
     ours = [p for p in loader.attached_programs(settings) if p.pinned]
     pinned = config.pin_dir.exists()
     loader.uninstall(settings)

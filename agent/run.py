@@ -48,15 +48,6 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def datapath_settings(config: AgentConfig) -> loader.DatapathSettings:
-    return loader.DatapathSettings(
-        pin_dir=config.pin_dir,
-        cgroup_path=config.cgroup_path,
-        proxy_ip=config.proxy_ip,
-        proxy_port=config.outbound_port,
-    )
-
-
 def _counter(metric) -> float:
     return sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total"))
 
@@ -169,7 +160,7 @@ class Agent:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.config
-        settings = datapath_settings(cfg)
+        settings = loader.datapath_settings(cfg)
         self.datapath_reused = not await trio.to_thread.run_sync(loader.install, settings)
         maps = loader.open_maps(settings)
         maps.set_excluded_ports(set(cfg.excluded_ports))

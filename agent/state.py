@@ -8,12 +8,11 @@ snapshot is saved to disk so a restarted agent serves while the controller is aw
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshagent.agent.policy.peerauth import MtlsPolicy
@@ -22,7 +21,7 @@ from meshagent.agent.proxy.routing import is_http_port
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
-from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
+from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -34,28 +33,13 @@ class SnapshotRejected(Exception):
     """The snapshot cannot be served; the message says why (sent back as the NACK)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServicePortRoute:
-    """What a (VIP, port) leads to: the service, and its endpoints in round-robin order."""
+    """What a (VIP, port) leads to. Endpoints are chosen by the compiled routes and the
+    balancer (proxy/routing.py, proxy/lb.py), not here."""
 
     service: Service
-    port: int
-    endpoints: list[Endpoint]
     service_port: ServicePort
-    _next: itertools.cycle = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._next = itertools.cycle(range(len(self.endpoints))) if self.endpoints else None
-
-    def pick(self, attempts: int = 1) -> list[tuple[Endpoint, int]]:
-        """Endpoints to try for one connection, with the pod port this service port maps
-        to: the next one by round robin first, then its successors (for connect retries)."""
-        if self._next is None:
-            return []
-        first = next(self._next)
-        count = min(attempts, len(self.endpoints))
-        picked = (self.endpoints[(first + i) % len(self.endpoints)] for i in range(count))
-        return [(e, e.ports[self.port]) for e in picked]
 
 
 @dataclass(frozen=True)
@@ -83,9 +67,8 @@ class Tables:
             for port in svc.ports:
                 if port.protocol != "TCP":
                     continue
-                eps = [e for e in svc.endpoints if port.port in e.ports]
                 for vip in svc.vips:
-                    by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port.port, eps, port)
+                    by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port)
         workloads = snap.all_workloads()
         workload_by_ip = {ip: w for w in workloads for ip in w.ips}
         workload_by_uid = {w.uid: w for w in workloads}

@@ -39,7 +39,6 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
 from meshagent.agent.identity.certstore import CertStore
-from meshagent.agent.run import datapath_settings
 from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.common.httpserve import http_get
 from meshagent.common.spiffe import Identity, InvalidIdentity
@@ -72,7 +71,7 @@ def _agent_view(config: AgentConfig) -> tuple[dict | None, str]:
 
 
 def _kernel_view(config: AgentConfig) -> dict[str, Any]:
-    settings = datapath_settings(config)
+    settings = loader.datapath_settings(config)
     view: dict[str, Any] = {"pin_dir": str(config.pin_dir), "cgroup": str(config.cgroup_path)}
     try:
         view["programs"] = [asdict(p) for p in loader.attached_programs(settings)]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import bpfsys
 from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
 
@@ -61,6 +62,16 @@ class DatapathSettings:
     cgroup_path: Path
     proxy_ip: str
     proxy_port: int = 15001
+
+
+def datapath_settings(config: AgentConfig) -> DatapathSettings:
+    """The datapath an agent config describes (one place, for run, status and uninstall)."""
+    return DatapathSettings(
+        pin_dir=config.pin_dir,
+        cgroup_path=config.cgroup_path,
+        proxy_ip=config.proxy_ip,
+        proxy_port=config.outbound_port,
+    )
 
 
 @dataclass(frozen=True)
