@@ -48,6 +48,9 @@ class AgentConfig(BaseModel):
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
     # address always is): e.g. the node IP kubelet probes come from.
     trusted_sources: list[str] = Field(default_factory=list)
+    # On SIGTERM: stop accepting, then wait this long at most for established connections
+    # (the DaemonSet's terminationGracePeriodSeconds is 30).
+    drain_timeout_s: float = Field(20.0, ge=0.0)
 
     @property
     def controller_addr(self) -> tuple[str, int]:

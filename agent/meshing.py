@@ -41,7 +41,16 @@ class MeshReconciler:
         self.scanner = NetnsScanner()
         self.state = MeshingState()
         self._wake = trio.Event()
+        self.paused = False
         store.on_change(lambda _tables: self._wake.set())
+
+    def pause(self) -> None:
+        """Stop writing the maps (a newer agent on the node owns them now)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
 
     def reconcile(self) -> None:
         """Blocking: scan namespaces and rewrite the map. Run from a worker thread."""
@@ -93,6 +102,8 @@ class MeshReconciler:
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = trio.Event()
+            if self.paused:
+                continue
             try:
                 await trio.to_thread.run_sync(self.reconcile)
             except OSError as exc:

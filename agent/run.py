@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import asdict
 from functools import partial
@@ -41,7 +42,8 @@ from meshagent.agent.telemetry import (
     metrics_handler,
     open_access_log,
 )
-from meshagent.common.httpserve import Response, json_response, serve_http
+from meshagent.common.httpserve import Handler, Response, json_response, serve_http
+from meshagent.common.listeners import PausableListener, enable_request_migration
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class Agent:
         self.identities = IdentityManager(self.signer, store=CertStore(config.state_dir / "certs"))
         self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
         self.ready = False
+        self.draining = False
+        self.phase = handover.Phase.OWNER
+        self.accepting: list[PausableListener] = []
         self.datapath_reused = False
         self.store.on_change(self._on_snapshot)
 
@@ -86,6 +91,7 @@ class Agent:
             "version": VERSION,
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": self.ready,
+            "phase": "draining" if self.draining else self.phase.value,
             "datapath_reused": self.datapath_reused,
             "controller": asdict(self.link),
             "snapshot_version": self.store.version,
@@ -204,17 +210,35 @@ class Agent:
                 self.proxy = OutboundProxy(self.inputs, maps.pop_orig_dst, connector, self.traffic)
                 self.inbound = InboundProxy(self.inputs, http_pool)
                 connector.attach_local(self.inbound, nursery)
-                await nursery.start(serve_http, "127.0.0.1", cfg.admin_port, {"/status": status})
+                # 15021 and the admin port (up early, for `meshagent status`) are closed while a
+                # newer agent runs on the node; serving is marked in the registry once ready.
+                await nursery.start(
+                    partial(
+                        handover.serve_handover,
+                        registration,
+                        lambda: self.ready,
+                        partial(self._serve_owner_ports, status, ready),
+                        on_phase=self._on_phase,
+                    )
+                )
                 await nursery.start(serve_controller_link, cfg, self.store, self.link, self.signer)
                 await nursery.start(self.identities.serve)
                 await nursery.start(self.reconciler.serve)
-                await nursery.start(serve_outbound, self.proxy, cfg.proxy_ip, cfg.outbound_port)
+                # Bound now, served below: a successor on the node shares them (SO_REUSEPORT).
+                enable_request_migration()
+                outbound = PausableListener(cfg.proxy_ip, cfg.outbound_port)
+                hbone = PausableListener("0.0.0.0", cfg.hbone_port)
+                metrics = PausableListener("0.0.0.0", cfg.metrics_port)
+                self.accepting = [outbound, hbone, metrics]
+                if self.phase is handover.Phase.HANDED_OVER:  # a restart behind a successor
+                    self._stop_accepting()
+                await nursery.start(serve_outbound, self.proxy, [outbound])
                 if self.workload_tls.selector is None:
                     log.info("waiting for the trust bundle before serving HBONE")
                     await self._wait_for_trust_bundle()
                 await nursery.start(
                     lambda task_status: serve_hbone(
-                        ("0.0.0.0", cfg.hbone_port),
+                        [hbone],
                         ssl_selector=self.workload_tls.selector,
                         handler=self.inbound.handle,
                         task_status=task_status,
@@ -222,20 +246,10 @@ class Agent:
                 )
                 scrape = metrics_handler(self.node_metrics.registry)
                 await nursery.start(
-                    serve_http,
-                    "0.0.0.0",
-                    cfg.metrics_port,
-                    {"/metrics": scrape, "/stats/prometheus": scrape},
-                )
-                # 15021 is closed while a newer agent runs on the node; serving is marked
-                # in the registry once ready.
-                readiness = partial(
-                    serve_http, "0.0.0.0", cfg.readiness_port, {"/healthz/ready": ready}
-                )
-                await nursery.start(
-                    handover.serve_handover, registration, lambda: self.ready, readiness
+                    serve_http, [metrics], {"/metrics": scrape, "/stats/prometheus": scrape}
                 )
                 nursery.start_soon(self._report_link_state)
+                nursery.start_soon(self._drain_on_sigterm, nursery.cancel_scope)
                 self.ready = True
                 log.info(
                     "agent ready on node %s (proxy %s:%d, HBONE :%d)",
@@ -247,6 +261,67 @@ class Agent:
                 task_status.started()
         finally:
             maps.close()
+
+    async def _serve_owner_ports(
+        self,
+        status: Handler,
+        ready: Handler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Readiness (15021) and admin (15000): only the node's newest agent answers them."""
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            admin = [PausableListener("127.0.0.1", cfg.admin_port)]
+            readiness = [PausableListener("0.0.0.0", cfg.readiness_port)]
+            await nursery.start(serve_http, admin, {"/status": status})
+            await nursery.start(serve_http, readiness, {"/healthz/ready": ready})
+            task_status.started()
+
+    def _on_phase(self, phase: handover.Phase) -> None:
+        """A newer agent serving owns the node: stop accepting and stop writing the maps,
+        keep relaying what was accepted. Take everything back if it goes away."""
+        self.phase = phase
+        if self.draining:
+            return
+        if phase is handover.Phase.HANDED_OVER:
+            self._stop_accepting()
+            self.reconciler.pause()
+        else:
+            try:
+                for listener in self.accepting:
+                    listener.resume()
+            except OSError as exc:
+                log.error("cannot listen again after the successor went away: %s", exc)
+            self.reconciler.resume()
+
+    def _stop_accepting(self) -> None:
+        for listener in self.accepting:
+            listener.pause()
+
+    def _open_connections(self) -> int:
+        return self.proxy.stats.active + self.inbound.stats.active
+
+    async def _drain_on_sigterm(self, serving: trio.CancelScope) -> None:
+        """SIGTERM: stop accepting, let established connections finish (up to
+        ``drain_timeout_s``), then stop. The datapath is left as it is (a restart or the
+        successor keeps using it; removal is `meshagent uninstall`, the preStop hook)."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        self.draining, self.ready = True, False
+        self._stop_accepting()
+        open_now = self._open_connections()
+        log.info(
+            "SIGTERM: draining %d connection(s) for up to %.0f s",
+            open_now,
+            self.config.drain_timeout_s,
+        )
+        with trio.move_on_after(self.config.drain_timeout_s):
+            while self._open_connections():
+                await trio.sleep(0.1)
+        log.info("drained, %d connection(s) left open; exiting", self._open_connections())
+        serving.cancel()
 
     async def _wait_for_trust_bundle(self) -> None:
         while self.workload_tls.selector is None:

@@ -7,7 +7,7 @@ share this one server so each port only declares its routes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import h11
@@ -74,13 +74,13 @@ async def _serve_one(stream: trio.SocketStream, routes: dict[str, Handler]) -> N
 
 
 async def serve_http(
-    host: str,
-    port: int,
+    listen: tuple[str, int] | Sequence[trio.abc.Listener[trio.SocketStream]],
     routes: dict[str, Handler],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `routes` (path -> handler) on host:port until cancelled."""
+    """Serve `routes` (path -> handler) on ``listen`` (``(host, port)`` or ready listeners,
+    e.g. shared `common.listeners.PausableListener`s) until cancelled."""
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -90,7 +90,11 @@ async def serve_http(
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if isinstance(listen, tuple):
+        host, port = listen
+        listeners = list(await trio.open_tcp_listeners(port, host=host))
+    else:
+        listeners = list(listen)
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(trio.serve_listeners, handle, listeners)

@@ -289,7 +289,7 @@ class Controller:
                 return json_response(full.model_dump_json())
 
             routes = {"/status": status, "/metrics": metrics, "/debug/config": config}
-            await nursery.start(serve_http, s.metrics_host, s.metrics_port, routes)
+            await nursery.start(serve_http, (s.metrics_host, s.metrics_port), routes)
             log.info("controller serving agents on %s:%d", s.listen_host, s.listen_port)
             task_status.started()
 

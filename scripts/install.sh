@@ -15,7 +15,7 @@ PROFILE=full
 # Debian packages: bcc's Python bindings and what the agent runs ...
 APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 # ... plus what the lab, the tests and the benchmarks run.
-[ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby)
+[ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant)
 EXTRAS="[test]"
 [ "$PROFILE" = runtime ] && EXTRAS=""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -308,12 +308,11 @@ class _L4:
 
 async def serve_outbound(
     proxy: OutboundProxy,
-    host: str,
-    port: int,
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+    """Accept redirected connections on ``listeners`` (shared SO_REUSEPORT ones in the agent)."""
     async with trio.open_nursery() as nursery:
         task_status.started()
-        nursery.start_soon(trio.serve_listeners, proxy.handle, listeners)
+        nursery.start_soon(trio.serve_listeners, proxy.handle, list(listeners))
