@@ -1,0 +1,138 @@
+"""The L4 relay over real loopback TCP: both ways, half-close, resets, byte counts; both the
+in-kernel splice path (socket to socket) and the generic one (any other stream)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+from meshagent.agent.proxy import relay as relay_mod
+from meshagent.agent.proxy.relay import relay
+
+
+class _Wrapped(trio.abc.HalfCloseableStream):
+    """A socket stream that is not a `trio.SocketStream` (takes the generic path)."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listeners[0].accept())
+
+        nursery.start_soon(accept)
+        near = await trio.open_tcp_stream("127.0.0.1", port)
+    await listeners[0].aclose()
+    return near, accepted[0]
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    while data := await stream.receive_some(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["splice", "generic"])
+async def test_relays_both_ways_with_half_close(wrap: bool) -> None:
+    app, client_side = await _tcp_pair()  # app talks to the proxy's client-side socket
+    upstream_side, server = await _tcp_pair()
+    client: trio.abc.Stream = _Wrapped(client_side) if wrap else client_side
+    up_payload = os.urandom(3 * 1024 * 1024 + 17)
+    down_payload = os.urandom(2 * 1024 * 1024 + 5)
+    got: dict[str, bytes] = {}
+    results = []
+
+    async def run_relay() -> None:
+        results.append(await relay(client, upstream_side))
+
+    async def app_side() -> None:
+        await app.send_all(up_payload)
+        await app.send_eof()  # half-close: the answer must still arrive
+        got["down"] = await _read_all(app)
+
+    async def server_side() -> None:
+        got["up"] = await _read_all(server)  # ends when the relay passes the EOF on
+        await server.send_all(down_payload)
+        await server.send_eof()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay)
+            nursery.start_soon(app_side)
+            nursery.start_soon(server_side)
+    assert got["up"] == up_payload
+    assert got["down"] == down_payload
+    assert results[0].sent == len(up_payload)
+    assert results[0].received == len(down_payload)
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
+
+
+async def test_reset_ends_the_relay() -> None:
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+
+    async def run_relay() -> None:
+        await relay(client_side, upstream_side)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay)
+            await app.send_all(b"hello")
+            assert await server.receive_some(5) == b"hello"
+            # RST from the server: SO_LINGER 0 then close
+            server.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            await server.aclose()
+            # the relay ends by itself (the nursery would hang otherwise)
+    for s in (app, client_side, upstream_side):
+        await s.aclose()
+
+
+async def test_idle_splice_relay_holds_no_pipe() -> None:
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    assert relay_mod._can_splice(client_side, upstream_side)
+    before = _fds()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, client_side, upstream_side)
+            await trio.sleep(0.05)
+            assert _fds() == before  # idle: no pipe yet
+            await app.send_all(b"x")
+            assert await server.receive_some(1) == b"x"
+            assert _fds() == before + 2  # one direction moved bytes: its pipe
+            await app.send_eof()
+            await server.send_eof()
+    assert _fds() == before  # pipes closed with the relay
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
