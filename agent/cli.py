@@ -59,7 +59,7 @@ def run(config_file: Path | None, verbose: bool, **overrides: object) -> None:
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     config = load_config(config_file, **overrides)
     trio.run(Agent(config).serve)

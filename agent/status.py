@@ -297,9 +297,11 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
     agent, dp, snap = report["agent"], report["datapath"], report["snapshot"]
     lines = [f"Node:        {report['node']}"]
     if agent["running"]:
+        phase = agent.get("phase", "owner")
         lines.append(
             f"Agent:       running (version {agent.get('version', '?')}, "
             f"up {_duration(agent.get('uptime_s', 0))})"
+            + ("" if phase == "owner" else f", {phase.upper()}")
         )
         link = agent.get("controller") or {}
         if link.get("connected"):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
 from meshagent.common.manifests import ManifestError, load_files
-from meshagent.lab import lab
+from meshagent.lab import lab, upgrade
 from meshagent.lab.topology import PlanError
 
 
@@ -195,7 +196,7 @@ def controller_start() -> None:
 
 @main.group()
 def agent() -> None:
-    """Stop or start a node's agent (to see the datapath outlive it)."""
+    """Stop, start or upgrade a node's agent (to see the datapath outlive it)."""
 
 
 @agent.command("stop")
@@ -229,6 +230,70 @@ def agent_start(node: str) -> None:
     except lab.LabError as exc:
         _fail(str(exc))
     click.echo(f"agent on {node} ready")
+
+
+@agent.command("upgrade")
+@click.argument("node")
+@click.option(
+    "--min-ready",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds the new agent serves before the old one is stopped (minReadySeconds).",
+)
+def agent_upgrade(node: str, min_ready: float) -> None:
+    """Upgrade a node's agent as the DaemonSet does (surge, then retire the old one).
+
+    \b
+    Examples:
+      meshlab agent upgrade node-1
+    """
+    plan = lab.load_plan()
+    _surge(plan, node)
+    time.sleep(min_ready)
+    _retire(plan, node)
+
+
+@agent.command("surge")
+@click.argument("node")
+def agent_surge(node: str) -> None:
+    """Start a new agent pod next to the node's agent; wait until it serves.
+
+    \b
+    Examples:
+      meshlab agent surge node-1 && meshlab agent retire node-1
+    """
+    _surge(lab.load_plan(), node)
+
+
+@agent.command("retire")
+@click.argument("node")
+def agent_retire(node: str) -> None:
+    """Stop every agent pod on the node but the newest: preStop hook, SIGTERM, SIGKILL after
+    30 s, as the kubelet does.
+
+    \b
+    Examples:
+      meshlab agent retire node-1
+    """
+    _retire(lab.load_plan(), node)
+
+
+def _surge(plan, node: str) -> None:
+    plan.node(node)
+    try:
+        pod = upgrade.surge(plan, node)
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(f"{pod['name']} serves on {node} (pid {pod['pid']})")
+
+
+def _retire(plan, node: str) -> None:
+    plan.node(node)
+    for old in upgrade.retire(plan, node):
+        click.echo(f"{old.name}: preStop: {old.pre_stop}")
+        how = "killed after the grace period" if old.killed else "exited"
+        click.echo(f"{old.name}: {how} {old.exit_after_s:.2f}s after SIGTERM")
 
 
 @main.command()

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
+from meshagent.agent.handover import POD_NAME_ENV, POD_UID_ENV
 from meshagent.controller.signing import NodeTokenAuthenticator
 from meshagent.lab import cgroups, net, probe
 from meshagent.lab.paths import (
@@ -217,22 +218,51 @@ def start_controller() -> int:
     )
 
 
-def start_agent(node: NodePlan) -> int:
+def agent_pods_path(node: str) -> Path:
+    return RUN_DIR / node / "agent-pods.json"
+
+
+def agent_pods(node: str) -> list[dict]:
+    """The node's agent "pods" ({uid, name, pid}), oldest first, as the DaemonSet would run
+    them: a restart keeps the pod (and its hand-over registration), an upgrade adds one."""
+    path = agent_pods_path(node)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_agent_pods(node: str, pods: list[dict]) -> None:
+    path = agent_pods_path(node)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(pods))
+    os.replace(tmp, path)
+
+
+def start_agent(node: NodePlan, *, new_pod: bool = False) -> int:
+    """Start the node's agent: the newest agent pod's container again, or (``new_pod``, and
+    for the first) a new agent pod next to the others, as a surge upgrade does."""
     issue_node_token(node.name)
     config = agent_config(node)
     path = agent_config_path(node.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config.model_dump_json(indent=1))
+    pods = agent_pods(node.name)
+    if new_pod or not pods:
+        generation = int(pods[-1]["uid"].rsplit("-", 1)[1]) + 1 if pods else 1
+        uid = f"{node.name}-{generation}"
+        pods.append({"uid": uid, "name": f"meshagent-{uid}", "pid": 0})
+    pod = pods[-1]
     argv = [str(BIN_DIR / "meshagent"), "run", "--config", str(path)]
-    return _spawn(
+    pod["pid"] = _spawn(
         f"agent-{node.name}",
         ["nsenter", f"--net={NETNS_DIR / node.netns}", "--", *argv],
         cgroups.system_cgroup(f"agent-{node.name}"),
+        env={POD_UID_ENV: pod["uid"], POD_NAME_ENV: pod["name"]},
     )
+    save_agent_pods(node.name, pods)
+    return pod["pid"]
 
 
 def stop_agent(node: str, sig: str = "KILL") -> None:
-    """Kill a node's agent (as a crash would): its pins and attachments stay."""
+    """Kill a node's agents (as a crash would): its pins and attachments stay."""
     cg = cgroups.system_cgroup(f"agent-{node}")
     for pid in cgroups.pids(cg):
         subprocess.run(["kill", f"-{sig}", str(pid)], check=False)
