@@ -21,8 +21,8 @@ import select
 from collections.abc import AsyncIterator, Hashable, Iterable
 from contextlib import asynccontextmanager, suppress
 
-import h11
 import trio
+from meshagent.agent.proxy.http import wire
 from meshagent.agent.proxy.http.types import Connect, UpstreamError
 from meshagent.agent.proxy.lb import ClusterState, EndpointState
 
@@ -52,14 +52,14 @@ def _readable(stream: trio.abc.Stream) -> bool:
 
 
 class UpstreamConnection:
-    """One HTTP/1.1 client connection to an endpoint, with its h11 state."""
+    """One HTTP/1.1 client connection to an endpoint, with its codec state (`wire`)."""
 
     __slots__ = (
         "closed",
         "cluster",
+        "codec",
         "cycle_bytes",
         "endpoint",
-        "h11",
         "idle_since",
         "info",
         "key",
@@ -82,7 +82,7 @@ class UpstreamConnection:
         self.info = info  # what Connect returned, when it was more than the stream
         self.cluster = cluster
         self.endpoint = ep
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.codec = wire.Connection(wire.CLIENT)
         self.requests = 0
         self.cycle_bytes = 0  # bytes received in the current request/response cycle
         self.closed = False
@@ -90,9 +90,9 @@ class UpstreamConnection:
         self.watch_scope: trio.CancelScope | None = None
         self.watch_done: trio.Event | None = None
 
-    async def send(self, event: h11.Event) -> None:
-        """Send an h11 event; raises UpstreamError("reset") when the stream is broken."""
-        await self.send_bytes(self.h11.send(event))
+    async def send(self, event: wire.Event) -> None:
+        """Send an event; raises UpstreamError("reset") when the stream is broken."""
+        await self.send_bytes(self.codec.send(event))
 
     async def send_bytes(self, data: bytes | bytearray) -> None:
         if data:
@@ -101,31 +101,31 @@ class UpstreamConnection:
             except STREAM_ERRORS as exc:
                 raise UpstreamError("reset", f"send failed: {exc}") from exc
 
-    def poll_event(self) -> h11.Event | type[h11.NEED_DATA]:
-        """The next h11 event from what was received (NEED_DATA if more is needed). Raises
+    def poll_event(self) -> wire.Event | wire.Sentinel:
+        """The next event from what was received (NEED_DATA if more is needed). Raises
         UpstreamError("reset") for a close before any byte of the response,
-        h11.RemoteProtocolError for a malformed or truncated response."""
+        wire.RemoteProtocolError for a malformed or truncated response."""
         try:
-            event = self.h11.next_event()
-        except h11.RemoteProtocolError:
+            event = self.codec.next_event()
+        except wire.RemoteProtocolError:
             if self.cycle_bytes == 0:
                 raise UpstreamError("reset", "connection closed before response") from None
             raise
-        if isinstance(event, h11.ConnectionClosed) and self.cycle_bytes == 0:
+        if isinstance(event, wire.ConnectionClosed) and self.cycle_bytes == 0:
             raise UpstreamError("reset", "connection closed before response")
         return event
 
     async def fill(self) -> None:
-        """Receive more from the server into h11; UpstreamError("reset") if that fails."""
+        """Receive more from the server into the codec; UpstreamError("reset") if that fails."""
         try:
             data = await self.stream.receive_some(RECEIVE_SIZE)
         except STREAM_ERRORS as exc:
             raise UpstreamError("reset", f"receive failed: {exc}") from exc
         self.cycle_bytes += len(data)
-        self.h11.receive_data(data)
+        self.codec.receive_data(data)
 
-    async def next_event(self) -> h11.Event:
-        while (event := self.poll_event()) is h11.NEED_DATA:
+    async def next_event(self) -> wire.Event:
+        while (event := self.poll_event()) is wire.NEED_DATA:
             await self.fill()
         return event
 
@@ -178,12 +178,12 @@ class ConnectionPool:
             or conn.closed
             or conn.endpoint.retired
             or (limit is not None and conn.requests >= limit)
-            or conn.h11.our_state is not h11.DONE
-            or conn.h11.their_state is not h11.DONE
+            or conn.codec.our_state is not wire.DONE
+            or conn.codec.their_state is not wire.DONE
         ):
             self._discard(conn)
             return
-        conn.h11.start_next_cycle()
+        conn.codec.start_next_cycle()
         conn.idle_since = trio.current_time()
         self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
         if getattr(conn.stream, "socket", None) is None:
