@@ -20,20 +20,13 @@ from meshagent.agent import handover
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.configclient import ControllerLink, serve_controller_link
 from meshagent.agent.datapath import loader
-from meshagent.agent.hbone import metrics as hbone_metrics
-from meshagent.agent.hbone.client import open_tunnel_pool
-from meshagent.agent.hbone.server import serve_hbone
+from meshagent.agent.dataplane import DataPlane
 from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.identity.controller_signer import ControllerSigner
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.meshing import MeshReconciler
-from meshagent.agent.proxy.http import open_connection_pool
-from meshagent.agent.proxy.inbound import InboundProxy
-from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.mtls import WorkloadTls
-from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
-from meshagent.agent.proxy.traffic import Traffic
-from meshagent.agent.proxy.upstream import Connector, workload_identity
+from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.agent.telemetry import (
     AccessLogSettings,
@@ -50,10 +43,6 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def _counter(metric) -> float:
-    return sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total"))
-
-
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -66,26 +55,23 @@ class Agent:
         self.ready = False
         self.draining = False
         self.phase = handover.Phase.OWNER
-        self.accepting: list[PausableListener] = []
         self.datapath_reused = False
         self.store.on_change(self._on_snapshot)
 
     def _on_snapshot(self, tables: Tables) -> None:
-        """Certificates for every meshed pod on this node; the new trust bundle for TLS."""
+        """Certificates for every meshed pod on this node (the data plane takes the rest)."""
         td = self.config.trust_domain
         self.identities.set_wanted({workload_identity(w, td) for w in tables.local_meshed()})
-        self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
-        if hasattr(self, "node_metrics"):
-            self.node_metrics.set_snapshot_version(tables.snapshot.version)
-        if hasattr(self, "traffic"):
-            self.traffic.update(tables.snapshot)
+        self.node_metrics.set_snapshot_version(tables.snapshot.version)
+
+    def dataplane_status(self) -> dict:
+        return self.dataplane.status()
 
     def _certificate_expiry(self) -> dict:
         return self.identities.expiries()
 
     def live_status(self) -> dict:
         """The agent's own view, served on the admin port for `meshagent status`."""
-        stats, inbound, authz = self.proxy.stats, self.inbound.stats, self.inputs.authz
         return {
             "node": self.config.node_name,
             "version": VERSION,
@@ -98,59 +84,7 @@ class Agent:
             "meshed_pods": [asdict(p) for p in self.reconciler.state.pods],
             "waiting_pods": self.reconciler.state.waiting,
             "certificates": self.identities.status(),
-            "proxy": {
-                "active_connections": stats.active,
-                "accepted_connections": stats.accepted,
-                "orig_dst_misses": stats.orig_dst_misses,
-                "upstream_failures": stats.upstream_failures,
-                "no_endpoints": stats.no_endpoints,
-                "bytes_sent": stats.bytes_sent,
-                "bytes_received": stats.bytes_received,
-                "by_destination": dict(stats.by_destination),
-                "mutual_tls": stats.mutual_tls,
-                "http_connections": stats.http_connections,
-                "http_requests": stats.http_requests,
-            },
-            "outlier_ejections": [
-                {
-                    "cluster": e.cluster,
-                    "address": e.address,
-                    "until": e.until,
-                    "ejections": e.ejections,
-                }
-                for e in self.traffic.clusters.ejected()
-            ],
-            "route_problems": list(self.traffic.table.problems),
-            "inbound": {
-                "accepted": inbound.accepted,
-                "active": inbound.active,
-                "refused": {str(k): v for k, v in inbound.refused.items()},
-                "peers": dict(inbound.peers),
-                "bytes_in": inbound.bytes_in,
-                "bytes_out": inbound.bytes_out,
-            },
-            "tunnels": [
-                {
-                    "source": key.source.uri,
-                    "destination": key.destination.uri,
-                    "node": f"{key.node_addr[0]}:{key.node_addr[1]}",
-                    "connections": s.connections,
-                    "streams": s.streams,
-                }
-                for key, s in self.pool.stats().items()
-            ],
-            "hbone": {
-                "inbound_connections": _counter(hbone_metrics.INBOUND_CONNECTIONS),
-                "inbound_handshake_failures": _counter(hbone_metrics.INBOUND_HANDSHAKE_FAILURES),
-                "inbound_protocol_errors": _counter(hbone_metrics.INBOUND_PROTOCOL_ERRORS),
-                "outbound_connections": _counter(hbone_metrics.OUTBOUND_CONNECTIONS),
-            },
-            "authz": {
-                "allowed": authz.allowed,
-                "denied": authz.denied,
-                "dry_run_denied": authz.dry_run_denied,
-                "recent_denials": list(authz.recent),
-            },
+            **self.dataplane_status(),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,25 +125,23 @@ class Agent:
                 open_access_log(
                     AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
                 ) as access_log,
-                open_tunnel_pool(self.workload_tls.client_context) as pool,
-                open_connection_pool() as http_pool,
                 trio.open_nursery() as nursery,
             ):
-                self.traffic = Traffic(http_pool, cfg.root_namespace)
-                if self.store.tables is not None:
-                    self.traffic.update(self.store.tables.snapshot)
-                self.pool = pool
-                self.inputs = ProxyInputs(
+                dataplane = DataPlane(
                     store=self.store,
-                    node=cfg.node_name,
-                    trust_domain=cfg.trust_domain,
+                    identities=self.identities,
+                    workload_tls=self.workload_tls,
+                    pop_orig_dst=maps.pop_orig_dst,
                     metrics=ProxyMetrics(self.node_metrics.local_registry),
                     access_log=access_log,
+                    node=cfg.node_name,
+                    trust_domain=cfg.trust_domain,
+                    root_namespace=cfg.root_namespace,
+                    proxy_ip=cfg.proxy_ip,
+                    outbound_port=cfg.outbound_port,
+                    hbone_port=cfg.hbone_port,
                 )
-                connector = Connector(self.inputs, pool, self.identities, cfg.hbone_port)
-                self.proxy = OutboundProxy(self.inputs, maps.pop_orig_dst, connector, self.traffic)
-                self.inbound = InboundProxy(self.inputs, http_pool)
-                connector.attach_local(self.inbound, nursery)
+                self.dataplane = await nursery.start(_run_dataplane, dataplane)
                 # 15021 and the admin port (up early, for `meshagent status`) are closed while a
                 # newer agent runs on the node; serving is marked in the registry once ready.
                 await nursery.start(
@@ -226,24 +158,11 @@ class Agent:
                 await nursery.start(self.reconciler.serve)
                 # Bound now, served below: a successor on the node shares them (SO_REUSEPORT).
                 enable_request_migration()
-                outbound = PausableListener(cfg.proxy_ip, cfg.outbound_port)
-                hbone = PausableListener("0.0.0.0", cfg.hbone_port)
                 metrics = PausableListener("0.0.0.0", cfg.metrics_port)
-                self.accepting = [outbound, hbone, metrics]
+                self.metrics_listener = metrics
+                await nursery.start(self.dataplane.serve)
                 if self.phase is handover.Phase.HANDED_OVER:  # a restart behind a successor
-                    self._stop_accepting()
-                await nursery.start(serve_outbound, self.proxy, [outbound])
-                if self.workload_tls.selector is None:
-                    log.info("waiting for the trust bundle before serving HBONE")
-                    await self._wait_for_trust_bundle()
-                await nursery.start(
-                    lambda task_status: serve_hbone(
-                        [hbone],
-                        ssl_selector=self.workload_tls.selector,
-                        handler=self.inbound.handle,
-                        task_status=task_status,
-                    )
-                )
+                    self._set_accepting(False)
                 scrape = metrics_handler(self.node_metrics.registry)
                 await nursery.start(
                     serve_http, [metrics], {"/metrics": scrape, "/stats/prometheus": scrape}
@@ -285,22 +204,23 @@ class Agent:
         if self.draining:
             return
         if phase is handover.Phase.HANDED_OVER:
-            self._stop_accepting()
+            self._set_accepting(False)
             self.reconciler.pause()
         else:
-            try:
-                for listener in self.accepting:
-                    listener.resume()
-            except OSError as exc:
-                log.error("cannot listen again after the successor went away: %s", exc)
+            self._set_accepting(True)
             self.reconciler.resume()
 
-    def _stop_accepting(self) -> None:
-        for listener in self.accepting:
-            listener.pause()
+    def _set_accepting(self, on: bool) -> None:
+        if not hasattr(self, "metrics_listener"):
+            return  # not listening yet: `_serve` looks at the phase once it does
+        self.dataplane.set_accepting(on)
+        try:
+            self.metrics_listener.resume() if on else self.metrics_listener.pause()
+        except OSError as exc:
+            log.error("cannot listen on the metrics port again: %s", exc)
 
     def _open_connections(self) -> int:
-        return self.proxy.stats.active + self.inbound.stats.active
+        return self.dataplane.open_connections()
 
     async def _drain_on_sigterm(self, serving: trio.CancelScope) -> None:
         """SIGTERM: stop accepting, let established connections finish (up to
@@ -310,7 +230,7 @@ class Agent:
             async for _ in signals:
                 break
         self.draining, self.ready = True, False
-        self._stop_accepting()
+        self._set_accepting(False)
         open_now = self._open_connections()
         log.info(
             "SIGTERM: draining %d connection(s) for up to %.0f s",
@@ -323,15 +243,20 @@ class Agent:
         log.info("drained, %d connection(s) left open; exiting", self._open_connections())
         serving.cancel()
 
-    async def _wait_for_trust_bundle(self) -> None:
-        while self.workload_tls.selector is None:
-            await trio.sleep(0.05)
-
     async def _report_link_state(self) -> None:
         """Gauges that are states, not events: refreshed every second."""
         self.node_metrics.set_proxy_workers(1)  # one proxy process per node today (issue #9)
         while True:
             self.node_metrics.set_controller_connected(self.link.connected)
-            pools = self.pool.stats().values()
-            self.inputs.metrics.set_tunnel_pool_connections(sum(s.connections for s in pools))
+            self.dataplane.inputs.metrics.set_tunnel_pool_connections(
+                self.dataplane.tunnel_connections()
+            )
             await trio.sleep(1.0)
+
+
+async def _run_dataplane(
+    dataplane: DataPlane, *, task_status: trio.TaskStatus[DataPlane] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with dataplane.open():
+        task_status.started(dataplane)
+        await trio.sleep_forever()

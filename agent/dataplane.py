@@ -1,0 +1,202 @@
+"""The node proxy's data plane: outbound (15001) and HBONE (15008), in one process.
+
+The agent runs one `DataPlane` in its own process (``proxy_workers: 1``) or one in each
+worker process (agent/workers/). Either way it gets its inputs from outside: the snapshot
+store, a source of workload certificates (`IdentitySource`: the identity manager, or a
+worker's mirror of it), the TLS contexts and the orig_dst map. It owns the pools, the
+proxies and their listeners, and says what it did through `status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import trio
+from meshagent.agent.hbone import metrics as hbone_metrics
+from meshagent.agent.hbone.client import open_tunnel_pool
+from meshagent.agent.hbone.server import serve_hbone
+from meshagent.agent.identity.manager import WorkloadCert
+from meshagent.agent.proxy.http import open_connection_pool
+from meshagent.agent.proxy.inbound import InboundProxy
+from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.mtls import WorkloadTls
+from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
+from meshagent.agent.proxy.traffic import Traffic
+from meshagent.agent.proxy.upstream import Connector
+from meshagent.agent.state import SnapshotStore
+from meshagent.agent.telemetry import AccessLog, ProxyMetrics
+from meshagent.common.listeners import PausableListener
+from meshagent.common.spiffe import Identity
+
+log = logging.getLogger(__name__)
+
+
+class IdentitySource(Protocol):
+    """What the proxy needs of the node's workload certificates."""
+
+    def get(self, identity: Identity) -> WorkloadCert | None: ...
+
+    async def wait_for(self, identity: Identity, timeout: float) -> WorkloadCert: ...
+
+
+def _counter(metric) -> float:
+    return sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+class DataPlane:
+    def __init__(
+        self,
+        *,
+        store: SnapshotStore,
+        identities: IdentitySource,
+        workload_tls: WorkloadTls,
+        pop_orig_dst: Callable,
+        metrics: ProxyMetrics,
+        access_log: AccessLog | None,
+        node: str,
+        trust_domain: str,
+        root_namespace: str,
+        proxy_ip: str,
+        outbound_port: int,
+        hbone_port: int,
+    ) -> None:
+        self.store = store
+        self.identities = identities
+        self.workload_tls = workload_tls
+        self.pop_orig_dst = pop_orig_dst
+        self.inputs = ProxyInputs(
+            store=store,
+            node=node,
+            trust_domain=trust_domain,
+            metrics=metrics,
+            access_log=access_log,
+        )
+        self.root_namespace = root_namespace
+        self.proxy_ip, self.outbound_port, self.hbone_port = proxy_ip, outbound_port, hbone_port
+        self.listeners: list[PausableListener] = []
+        self.traffic: Traffic | None = None
+        store.on_change(self._on_snapshot)
+
+    def _on_snapshot(self, tables) -> None:
+        self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
+        if self.traffic is not None:
+            self.traffic.update(tables.snapshot)
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[DataPlane]:
+        """Pools and proxies, and a nursery for their connections; listeners come in `serve`."""
+        async with (
+            open_tunnel_pool(self.workload_tls.client_context) as pool,
+            open_connection_pool() as http_pool,
+            trio.open_nursery() as nursery,
+        ):
+            self.nursery = nursery
+            self.pool = pool
+            self.traffic = Traffic(http_pool, self.root_namespace)
+            if self.store.tables is not None:
+                self._on_snapshot(self.store.tables)
+            connector = Connector(self.inputs, pool, self.identities, self.hbone_port)
+            self.proxy = OutboundProxy(self.inputs, self.pop_orig_dst, connector, self.traffic)
+            self.inbound = InboundProxy(self.inputs, http_pool)
+            connector.attach_local(self.inbound, nursery)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """Bind 15001 and 15008 (shared with any other agent or worker on the node: see
+        common/listeners.py) and accept; HBONE waits for the first trust bundle."""
+        outbound = PausableListener(self.proxy_ip, self.outbound_port)
+        hbone = PausableListener("0.0.0.0", self.hbone_port)
+        self.listeners = [outbound, hbone]
+        await self.nursery.start(serve_outbound, self.proxy, [outbound])
+        if self.workload_tls.selector is None:
+            log.info("waiting for the trust bundle before serving HBONE")
+            while self.workload_tls.selector is None:
+                await trio.sleep(0.05)
+        await self.nursery.start(
+            lambda task_status: serve_hbone(
+                [hbone],
+                ssl_selector=self.workload_tls.selector,
+                handler=self.inbound.handle,
+                task_status=task_status,
+            )
+        )
+        task_status.started()
+
+    def set_accepting(self, on: bool) -> None:
+        """Stop (or start again) taking new connections; accepted ones go on."""
+        for listener in self.listeners:
+            try:
+                listener.resume() if on else listener.pause()
+            except OSError as exc:
+                log.error("cannot listen on %s:%d again: %s", listener.host, listener.port, exc)
+
+    def open_connections(self) -> int:
+        return self.proxy.stats.active + self.inbound.stats.active
+
+    def status(self) -> dict[str, Any]:
+        """This process's share of `meshagent status` (sums across workers: `merge_status`)."""
+        stats, inbound, authz = self.proxy.stats, self.inbound.stats, self.inputs.authz
+        return {
+            "proxy": {
+                "active_connections": stats.active,
+                "accepted_connections": stats.accepted,
+                "orig_dst_misses": stats.orig_dst_misses,
+                "upstream_failures": stats.upstream_failures,
+                "no_endpoints": stats.no_endpoints,
+                "bytes_sent": stats.bytes_sent,
+                "bytes_received": stats.bytes_received,
+                "by_destination": dict(stats.by_destination),
+                "mutual_tls": stats.mutual_tls,
+                "http_connections": stats.http_connections,
+                "http_requests": stats.http_requests,
+            },
+            "outlier_ejections": [
+                {
+                    "cluster": e.cluster,
+                    "address": e.address,
+                    "until": e.until,
+                    "ejections": e.ejections,
+                }
+                for e in self.traffic.clusters.ejected()
+            ],
+            "route_problems": list(self.traffic.table.problems),
+            "inbound": {
+                "accepted": inbound.accepted,
+                "active": inbound.active,
+                "refused": {str(k): v for k, v in inbound.refused.items()},
+                "peers": dict(inbound.peers),
+                "bytes_in": inbound.bytes_in,
+                "bytes_out": inbound.bytes_out,
+            },
+            "tunnels": [
+                {
+                    "source": key.source.uri,
+                    "destination": key.destination.uri,
+                    "node": f"{key.node_addr[0]}:{key.node_addr[1]}",
+                    "connections": s.connections,
+                    "streams": s.streams,
+                }
+                for key, s in self.pool.stats().items()
+            ],
+            "hbone": {
+                "inbound_connections": _counter(hbone_metrics.INBOUND_CONNECTIONS),
+                "inbound_handshake_failures": _counter(hbone_metrics.INBOUND_HANDSHAKE_FAILURES),
+                "inbound_protocol_errors": _counter(hbone_metrics.INBOUND_PROTOCOL_ERRORS),
+                "outbound_connections": _counter(hbone_metrics.OUTBOUND_CONNECTIONS),
+            },
+            "authz": {
+                "allowed": authz.allowed,
+                "denied": authz.denied,
+                "dry_run_denied": authz.dry_run_denied,
+                "recent_denials": list(authz.recent),
+            },
+        }
+
+    def tunnel_connections(self) -> int:
+        return sum(s.connections for s in self.pool.stats().values())
