@@ -40,6 +40,11 @@ RECEIVE_SIZE = 256 * 1024
 # What `receive_some()` without a size returns at most, unless one received frame is bigger
 # (a whole frame is returned without copying).
 DEFAULT_READ_SIZE = 256 * 1024
+# How much a stream's `send_all` may leave queued for the writer before it waits (like a
+# socket's send buffer): the relay reads its next chunk while the writer encrypts and sends
+# the last, and the writer takes several chunks in one go, instead of the two tasks taking
+# turns once per chunk.
+SEND_BUFFER = 512 * 1024
 # How long a closing connection may spend pushing out its last frames (GOAWAY, TLS close).
 CLOSE_TIMEOUT = 2.0
 
@@ -86,8 +91,9 @@ class HboneConnection:
         self._on_request = on_request
         self._close_timeout = close_timeout
         self._error: BaseException | None = None
-        # Writer bookkeeping: every `_kick` bumps `_queued`; `_written` is the last value whose
-        # frames have all been handed to the transport.
+        # Writer bookkeeping: every `_kick` bumps `_queued` (by the payload bytes queued, or 1);
+        # `_written` is the last value whose frames have all been handed to the transport, so
+        # `_queued - _written` is roughly what waits to be written.
         self._queued = 0
         self._written = 0
         self._outgoing: list[bytes] = []
@@ -120,9 +126,10 @@ class HboneConnection:
 
     # --- writing -----------------------------------------------------------------------
 
-    def _kick(self) -> None:
-        """Note that h2 holds frames to send and wake the writer."""
-        self._queued += 1
+    def _kick(self, weight: int = 1) -> None:
+        """Note that h2 holds frames to send (``weight``: their payload bytes) and wake the
+        writer."""
+        self._queued += weight
         self._writer_lot.unpark_all()
 
     def _collect(self) -> None:
@@ -169,6 +176,16 @@ class HboneConnection:
         finally:
             self._writer_alive = False
             self._flushed_lot.unpark_all()
+
+    async def _wait_backlog(self, limit: int) -> bool:
+        """Wait until at most ``limit`` queued bytes remain unwritten; whether it waited."""
+        waited = False
+        while self._queued - self._written > limit:
+            if not self._writer_alive or self.close_reason is not None:
+                raise self._broken_error()
+            waited = True
+            await self._flushed_lot.park()
+        return waited
 
     async def _drain(self) -> None:
         """Let the writer push out whatever is queued (used while closing)."""
@@ -562,7 +579,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_send()
-            view = memoryview(data).cast("B")
+            if type(data) is not bytes:
+                # Queued frames keep referring to the payload until the writer sends them,
+                # after this returns: a caller's mutable buffer is copied first.
+                data = bytes(data)
+            view = memoryview(data)
             total = len(view)
             offset = 0
             h2conn = self._conn.h2
@@ -576,16 +597,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._conn._window_lot.park()
                     continue
                 size = min(window, h2conn.max_outbound_frame_size, total - offset)
-                if offset == 0 and size == total and isinstance(data, bytes):
-                    chunk: bytes | memoryview = data  # h2 would copy a view; bytes go as is
-                else:
-                    chunk = view[offset : offset + size]
+                chunk = data if size == total else view[offset : offset + size]
                 h2conn.send_data(self.stream_id, chunk)
                 offset += size
-                self._conn._kick()
-            if total:
-                await self._conn._flush()
-            else:
+                self._conn._kick(size)
+            # Return once the backlog fits the send buffer (the writer sends the rest).
+            if not total or not await self._conn._wait_backlog(SEND_BUFFER):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False

@@ -148,3 +148,59 @@ def test_ipv6_client_is_quoted_and_bracketed_as_rfc_7239_says():
 def test_caller_mistakes_fail_before_anything_is_sent(authority, client, baggage, fault):
     with pytest.raises(ValueError, match=fault):
         connect_request_headers(authority, client, baggage)
+
+
+def _stock_h2(client_side: bool):
+    """h2's own connection with HBONE's settings, to compare wire bytes against."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+    from meshagent.agent.hbone import protocol
+
+    conn = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+    )
+    codes = h2.settings.SettingCodes
+    conn.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={
+            codes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            codes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            codes.MAX_HEADER_LIST_SIZE: protocol.MAX_HEADER_LIST_SIZE,
+            codes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.max_inbound_frame_size = MAX_FRAME_SIZE
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - protocol._DEFAULT_CONNECTION_WINDOW)
+    return conn
+
+
+@given(
+    sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=6),
+    views=st.booleans(),
+    split=st.integers(1, 200),
+)
+def test_outgoing_frames_are_the_bytes_h2_itself_would_send(sizes, views, split):
+    """The piece list (DATA payloads not copied) puts the same bytes on the wire as h2."""
+    ours, stock = new_h2_connection(client_side=True), _stock_h2(client_side=True)
+    servers = [new_h2_connection(client_side=False), new_h2_connection(client_side=False)]
+    for conn, server in zip((ours, stock), servers, strict=True):
+        _exchange(conn, server)
+    wire: list[bytes] = []
+    for conn in (ours, stock):
+        out = []
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, connect_request_headers("10.0.0.1:80", "10.0.0.2"))
+        out.append(conn.data_to_send(split))  # a partial take keeps the rest in order
+        for i, size in enumerate(sizes):
+            payload = bytes([i % 251]) * size
+            conn.send_data(sid, memoryview(payload)[: size // 2 + 1] if views else payload)
+            conn.ping(b"12345678")
+        conn.end_stream(sid)
+        out.append(conn.data_to_send())
+        wire.append(b"".join(out))
+    assert wire[0] == wire[1]
+    events = servers[0].receive_data(wire[0])
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)

@@ -86,6 +86,24 @@ async def test_a_reader_that_stops_stops_the_sender_after_one_window():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_buffer_reused_after_send_all_does_not_change_what_was_sent():
+    """send_all may return before the writer sent the bytes (a send buffer): a caller's
+    mutable buffer must not be referred to after it returns."""
+    async with trio.open_nursery() as nursery:
+        pair = Pair(nursery)
+        sender, receiver = await pair.open()
+        buffer = bytearray(b"a" * 300_000)
+        await sender.send_all(buffer)
+        buffer[:] = b"b" * len(buffer)
+        await sender.send_all(memoryview(buffer)[:10])
+        await sender.send_eof()
+        got = bytearray()
+        while data := await receiver.receive_some():
+            got += data
+        assert got == b"a" * 300_000 + b"b" * 10
+        nursery.cancel_scope.cancel()
+
+
 async def test_half_close_each_way_keeps_the_other_direction_flowing():
     async with trio.open_nursery() as nursery:
         pair = Pair(nursery)
