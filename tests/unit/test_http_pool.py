@@ -1,0 +1,55 @@
+"""The upstream pool's idle handling for streams without a socket (HBONE tunnel streams):
+watched from the first sweep on, not from every release."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from meshagent.agent.proxy.http import open_connection_pool, wire
+from meshagent.agent.proxy.http.pool import SWEEP_INTERVAL
+from meshagent.agent.proxy.lb import ClusterState
+from meshagent.agent.proxy.routing import ClusterKey, ClusterSpec, UpstreamEndpoint
+from meshagent.common.snapshot import Endpoint
+
+
+def _cluster() -> ClusterState:
+    endpoint = Endpoint(ip="10.0.0.1", node="n", workload_uid="w", ports={80: 80})
+    return ClusterState(ClusterSpec(ClusterKey("h", 80), (UpstreamEndpoint(endpoint, 80),)))
+
+
+def _exchange(conn) -> None:
+    """A request and its response, as the engine would run them (the codec only)."""
+    conn.codec.send(wire.Request(method=b"GET", target=b"/", headers=[(b"host", b"h")]))
+    conn.codec.send(wire.EndOfMessage())
+    conn.codec.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert isinstance(conn.codec.next_event(), wire.Response)
+    assert isinstance(conn.codec.next_event(), wire.EndOfMessage)
+
+
+async def test_idle_socketless_connection_is_watched_after_a_sweep_and_dropped_on_close(
+    autojump_clock,
+):
+    servers: list[trio.abc.Stream] = []
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, server = trio.testing.memory_stream_pair()
+        servers.append(server)
+        return client
+
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    async with open_connection_pool(connect) as pool:
+        conn = await pool.acquire(cluster, ep)
+        _exchange(conn)
+        pool.release(conn, True)
+        assert pool.idle_count() == 1 and conn.watch_scope is None  # no task per release
+        assert await pool.acquire(cluster, ep) is conn  # taken again at once
+        _exchange(conn)
+        pool.release(conn, True)
+        await trio.sleep(SWEEP_INTERVAL + 0.5)
+        assert conn.watch_scope is not None  # idle through a sweep: watched
+        await servers[0].aclose()  # the server closes it while idle
+        await trio.sleep(0.1)
+        assert conn.closed and pool.idle_count() == 0
+        fresh = await pool.acquire(cluster, ep)
+        assert fresh is not conn and len(servers) == 2
