@@ -51,6 +51,15 @@ class AgentConfig(BaseModel):
     # On SIGTERM: stop accepting, then wait this long at most for established connections
     # (the DaemonSet's terminationGracePeriodSeconds is 30).
     drain_timeout_s: float = Field(20.0, ge=0.0)
+    # Proxy processes (0: one per core). With 1 the agent process proxies itself; with more,
+    # that many workers share 15001/15008 (agent/workers/).
+    proxy_workers: int = Field(0, ge=0, le=64)
+    # Where workers' metric files go (one folder per agent process, removed at exit).
+    worker_metrics_dir: Path = Path("/tmp/meshagent-metrics")
+
+    @property
+    def worker_count(self) -> int:
+        return self.proxy_workers or os.cpu_count() or 1
 
     @property
     def controller_addr(self) -> tuple[str, int]:

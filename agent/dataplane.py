@@ -102,6 +102,7 @@ class DataPlane:
             self.proxy = OutboundProxy(self.inputs, self.pop_orig_dst, connector, self.traffic)
             self.inbound = InboundProxy(self.inputs, http_pool)
             connector.attach_local(self.inbound, nursery)
+            nursery.start_soon(self._report_pool_size)
             try:
                 yield self
             finally:
@@ -127,6 +128,21 @@ class DataPlane:
             )
         )
         task_status.started()
+
+    async def _report_pool_size(self) -> None:
+        """The tunnel pool gauge is a state, not an event: refreshed every second."""
+        while True:
+            self.inputs.metrics.set_tunnel_pool_connections(self.tunnel_connections())
+            await trio.sleep(1.0)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting; wait up to ``timeout`` s for open connections to end; how many
+        are left."""
+        self.set_accepting(False)
+        with trio.move_on_after(timeout):
+            while self.open_connections():
+                await trio.sleep(0.1)
+        return self.open_connections()
 
     def set_accepting(self, on: bool) -> None:
         """Stop (or start again) taking new connections; accepted ones go on."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -35,6 +37,7 @@ from meshagent.agent.telemetry import (
     metrics_handler,
     open_access_log,
 )
+from meshagent.agent.workers.pool import WorkerPool, prepare_worker_metrics
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
 
@@ -106,8 +109,14 @@ class Agent:
         maps.set_excluded_ports(set(cfg.excluded_ports))
         # The node itself (its proxy, kubelet probes) may always reach pods, STRICT or not.
         maps.set_trusted_sources({cfg.proxy_ip, *cfg.trusted_sources})
+        workers = cfg.worker_count
+        metrics_dir = cfg.worker_metrics_dir / str(os.getpid())
+        if workers > 1:
+            metrics_env = prepare_worker_metrics(cfg.worker_metrics_dir, metrics_dir)
         self.node_metrics = NodeMetrics(
-            datapath_counters=maps.read_counters, certificate_expiry=self._certificate_expiry
+            datapath_counters=maps.read_counters,
+            certificate_expiry=self._certificate_expiry,
+            multiprocess_dir=metrics_dir if workers > 1 else None,
         )
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
@@ -127,21 +136,26 @@ class Agent:
                 ) as access_log,
                 trio.open_nursery() as nursery,
             ):
-                dataplane = DataPlane(
-                    store=self.store,
-                    identities=self.identities,
-                    workload_tls=self.workload_tls,
-                    pop_orig_dst=maps.pop_orig_dst,
-                    metrics=ProxyMetrics(self.node_metrics.local_registry),
-                    access_log=access_log,
-                    node=cfg.node_name,
-                    trust_domain=cfg.trust_domain,
-                    root_namespace=cfg.root_namespace,
-                    proxy_ip=cfg.proxy_ip,
-                    outbound_port=cfg.outbound_port,
-                    hbone_port=cfg.hbone_port,
-                )
-                self.dataplane = await nursery.start(_run_dataplane, dataplane)
+                if workers > 1:
+                    self.dataplane = WorkerPool(
+                        cfg, workers, self.store, self.identities, metrics_env, metrics_dir
+                    )
+                else:
+                    dataplane = DataPlane(
+                        store=self.store,
+                        identities=self.identities,
+                        workload_tls=self.workload_tls,
+                        pop_orig_dst=maps.pop_orig_dst,
+                        metrics=ProxyMetrics(self.node_metrics.local_registry),
+                        access_log=access_log,
+                        node=cfg.node_name,
+                        trust_domain=cfg.trust_domain,
+                        root_namespace=cfg.root_namespace,
+                        proxy_ip=cfg.proxy_ip,
+                        outbound_port=cfg.outbound_port,
+                        hbone_port=cfg.hbone_port,
+                    )
+                    self.dataplane = await nursery.start(_run_dataplane, dataplane)
                 # 15021 and the admin port (up early, for `meshagent status`) are closed while a
                 # newer agent runs on the node; serving is marked in the registry once ready.
                 await nursery.start(
@@ -161,6 +175,7 @@ class Agent:
                 metrics = PausableListener("0.0.0.0", cfg.metrics_port)
                 self.metrics_listener = metrics
                 await nursery.start(self.dataplane.serve)
+                self.node_metrics.set_proxy_workers(workers)
                 if self.phase is handover.Phase.HANDED_OVER:  # a restart behind a successor
                     self._set_accepting(False)
                 scrape = metrics_handler(self.node_metrics.registry)
@@ -180,6 +195,8 @@ class Agent:
                 task_status.started()
         finally:
             maps.close()
+            if workers > 1:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
 
     async def _serve_owner_ports(
         self,
@@ -231,26 +248,19 @@ class Agent:
                 break
         self.draining, self.ready = True, False
         self._set_accepting(False)
-        open_now = self._open_connections()
         log.info(
             "SIGTERM: draining %d connection(s) for up to %.0f s",
-            open_now,
+            self._open_connections(),
             self.config.drain_timeout_s,
         )
-        with trio.move_on_after(self.config.drain_timeout_s):
-            while self._open_connections():
-                await trio.sleep(0.1)
-        log.info("drained, %d connection(s) left open; exiting", self._open_connections())
+        left = await self.dataplane.drain(self.config.drain_timeout_s)
+        log.info("drained, %d connection(s) left open; exiting", left)
         serving.cancel()
 
     async def _report_link_state(self) -> None:
         """Gauges that are states, not events: refreshed every second."""
-        self.node_metrics.set_proxy_workers(1)  # one proxy process per node today (issue #9)
         while True:
             self.node_metrics.set_controller_connected(self.link.connected)
-            self.dataplane.inputs.metrics.set_tunnel_pool_connections(
-                self.dataplane.tunnel_connections()
-            )
             await trio.sleep(1.0)
 
 

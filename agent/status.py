@@ -309,6 +309,13 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
         else:
             state = f"DISCONNECTED ({link.get('last_error') or 'not yet connected'})"
         lines.append(f"Controller:  {link.get('address', '?')} {state}")
+        workers = agent.get("workers")
+        if workers:
+            pids = ", ".join(str(w["pid"]) if w["pid"] else "down" for w in workers)
+            restarts = sum(w["restarts"] for w in workers)
+            lines.append(f"Proxy:       {len(workers)} workers (pids {pids}; {restarts} restarts)")
+        elif workers is not None or "version" in agent:
+            lines.append("Proxy:       in the agent process (proxy_workers: 1)")
     else:
         lines.append(
             f"Agent:       DOWN ({agent['error']}); showing the pinned maps and saved state"

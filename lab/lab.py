@@ -173,13 +173,17 @@ def issue_node_token(node: str) -> Path:
 
 
 def agent_config(node: NodePlan) -> AgentConfig:
+    # MESHLAB_PROXY_WORKERS: proxy processes per agent (default: one per core, as a node).
+    workers = int(os.environ.get("MESHLAB_PROXY_WORKERS", "0"))
     return AgentConfig(
+        proxy_workers=workers,
         node_name=node.name,
         controller=f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
         proxy_ip=node.gateway,
         cgroup_path=cgroups.node_cgroup(node.name),
         pin_dir=BPFFS_DIR / node.name,
         state_dir=RUN_DIR / node.name / "state",
+        worker_metrics_dir=RUN_DIR / node.name / "metrics",
         token_file=node_token_path(node.name),
         controller_ca_file=ROOT_FILE,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol
@@ -105,6 +105,7 @@ class IdentityManager:
         self._wanted_changed = trio.Event()
         self._cert_changed = trio.Event()
         self._serving = False
+        self._listeners: list[Callable[[], None]] = []
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -112,6 +113,16 @@ class IdentityManager:
         """Replace the set of identities to hold; `serve` fetches new ones, drops the rest."""
         self._wanted = frozenset(identities)
         self._wanted_changed.set()
+        self._notify()
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever `current` may have changed (a certificate issued or
+        renewed, the wanted set changed): proxy worker processes mirror the certificates."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
 
     @property
     def wanted(self) -> frozenset[Identity]:
@@ -142,6 +153,10 @@ class IdentityManager:
         else:
             why = "no certificate has been signed yet"
         raise IdentityUnavailable(f"no certificate for {identity} after {timeout:g}s: {why}")
+
+    def current(self) -> list[WorkloadCert]:
+        """Every wanted identity's current unexpired certificate."""
+        return [c for i in self._wanted if (c := self.get(i)) is not None]
 
     def expiries(self) -> dict[str, datetime]:
         """Identity URI -> the current certificate's not-after; safe from any thread (no trio
@@ -263,6 +278,7 @@ class IdentityManager:
         )
         self._cert_changed.set()
         self._cert_changed = trio.Event()
+        self._notify()
 
 
 def _workload_cert(

@@ -1,0 +1,134 @@
+"""One proxy worker process: a `DataPlane` fed by the agent over a socket pair.
+
+Started by `pool.WorkerPool` as ``python -m meshagent.agent.workers.worker``, with the
+agent's settings in ``$MESHAGENT_WORKER_CONFIG`` (JSON), the pair's end as fd
+``$MESHAGENT_WORKER_FD`` and ``PROMETHEUS_MULTIPROC_DIR`` set. It exits when the agent closes
+the pair (the agent stopped or died: a worker never outlives it) or after a drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import trio
+from meshagent.agent.config import AgentConfig
+from meshagent.agent.datapath import loader
+from meshagent.agent.dataplane import DataPlane
+from meshagent.agent.proxy.mtls import WorkloadTls
+from meshagent.agent.state import SnapshotRejected, SnapshotStore
+from meshagent.agent.telemetry import AccessLogSettings, ProxyMetrics, open_access_log
+from meshagent.agent.workers.mirror import IdentityMirror
+from meshagent.agent.workers.wire import parse_certs
+from meshagent.common.configwire import MessageStream, WireError
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "MESHAGENT_WORKER_CONFIG"
+FD_ENV = "MESHAGENT_WORKER_FD"
+INDEX_ENV = "MESHAGENT_WORKER_INDEX"
+STATUS_INTERVAL = 1.0
+
+
+class Worker:
+    def __init__(self, config: AgentConfig, channel: MessageStream, index: int) -> None:
+        self.config = config
+        self.channel = channel
+        self.index = index
+        self.store = SnapshotStore(config.node_name, config.state_dir)
+        self.identities = IdentityMirror()
+        self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
+
+    async def run(self) -> None:
+        cfg = self.config
+        maps = loader.open_maps(loader.datapath_settings(cfg))
+        try:
+            async with open_access_log(
+                AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
+            ) as access_log:
+                self.dataplane = DataPlane(
+                    store=self.store,
+                    identities=self.identities,
+                    workload_tls=self.workload_tls,
+                    pop_orig_dst=maps.pop_orig_dst,
+                    metrics=ProxyMetrics(None),
+                    access_log=access_log,
+                    node=cfg.node_name,
+                    trust_domain=cfg.trust_domain,
+                    root_namespace=cfg.root_namespace,
+                    proxy_ip=cfg.proxy_ip,
+                    outbound_port=cfg.outbound_port,
+                    hbone_port=cfg.hbone_port,
+                )
+                async with self.dataplane.open(), trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._receive)
+                    await self.dataplane.serve()
+                    await self.channel.send({"type": "ready", "pid": os.getpid()})
+                    log.info("proxy worker %d ready (pid %d)", self.index, os.getpid())
+                    nursery.start_soon(self._report)
+        finally:
+            maps.close()
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                message = await self.channel.receive()
+            except (WireError, trio.BrokenResourceError) as exc:
+                log.error("worker %d: bad message from the agent: %s", self.index, exc)
+                message = None
+            if message is None:
+                log.info("worker %d: the agent closed the channel; exiting", self.index)
+                self.nursery.cancel_scope.cancel()
+                return
+            kind = message["type"]
+            if kind == "snapshot":
+                try:
+                    self.store.apply(message["snapshot"], save=False)
+                except SnapshotRejected as exc:  # the agent validated it: should not happen
+                    log.error("worker %d: snapshot rejected: %s", self.index, exc)
+            elif kind == "certs":
+                self.identities.replace(parse_certs(message))
+            elif kind == "accepting":
+                self.dataplane.set_accepting(bool(message["on"]))
+            elif kind == "drain":
+                self.nursery.start_soon(self._drain, float(message["timeout"]))
+            else:
+                log.warning("worker %d: unknown message %r", self.index, kind)
+
+    async def _drain(self, timeout: float) -> None:
+        left = await self.dataplane.drain(timeout)
+        log.info("worker %d drained, %d connection(s) left open", self.index, left)
+        self.nursery.cancel_scope.cancel()
+
+    async def _report(self) -> None:
+        while True:
+            await self.channel.send({"type": "status", "status": self.dataplane.status()})
+            await trio.sleep(STATUS_INTERVAL)
+
+
+def main() -> None:
+    index = int(os.environ.get(INDEX_ENV, "0"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [%(process)d] worker-{index} %(levelname)s %(name)s: %(message)s",
+    )
+    config = AgentConfig.model_validate_json(os.environ[CONFIG_ENV])
+    sock = socket.socket(fileno=int(os.environ[FD_ENV]))
+
+    async def run() -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        # SIGTERM is the agent's to handle: it drains workers through the channel.
+        with trio.open_signal_receiver(15):
+            await Worker(config, MessageStream(stream), index).run()
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

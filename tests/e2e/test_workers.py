@@ -1,0 +1,88 @@
+"""Issue #9: the node proxy on every core: worker processes share 15001/15008 (SO_REUSEPORT),
+and status and metrics cover them all; a worker that dies is started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import EXAMPLES, meshlab
+
+WORKERS = 2
+REQUESTS = 40  # one connection each: the kernel spreads them over the workers' listeners
+URL = "http://reviews.shop:9080/"
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    previous = os.environ.get("MESHLAB_PROXY_WORKERS")
+    os.environ["MESHLAB_PROXY_WORKERS"] = str(WORKERS)
+    try:
+        yield lab_factory(EXAMPLES / "demo.yaml", nodes=2)
+    finally:
+        if previous is None:
+            del os.environ["MESHLAB_PROXY_WORKERS"]
+        else:
+            os.environ["MESHLAB_PROXY_WORKERS"] = previous
+
+
+def _requests(count: int) -> list[str]:
+    """HTTP codes of ``count`` curls from the frontend pod, one connection each."""
+    script = (
+        f'for i in $(seq {count}); do curl -s -o /dev/null -m 5 -w "%{{http_code}}\\n" {URL}; done'
+    )
+    out = meshlab("exec", "shop/frontend", "--", "sh", "-c", script, timeout=120).stdout
+    return out.split()
+
+
+def _source_requests(node: str) -> float:
+    page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    assert families["meshagent_proxy_workers"].samples[0].value == WORKERS
+    return sum(
+        s.value
+        for s in families["istio_requests"].samples
+        if s.name == "istio_requests_total" and s.labels["reporter"] == "source"
+    )
+
+
+def test_workers_share_the_connections_and_report_as_one_proxy(lab):
+    agent = lab.status("node-1")["agent"]
+    workers = agent["workers"]
+    assert len(workers) == WORKERS
+    assert len({w["pid"] for w in workers}) == WORKERS and all(w["pid"] for w in workers)
+
+    assert _requests(REQUESTS) == ["200"] * REQUESTS
+    time.sleep(1.5)  # workers report their share every second
+    view = lab.status("node-1")
+    workers = view["agent"]["workers"]
+    assert all(w["outbound_accepted"] > 0 for w in workers), workers
+    assert sum(w["outbound_accepted"] for w in workers) == REQUESTS
+    assert view["connections"]["outbound"]["accepted"] == REQUESTS
+    # one scrape counts every worker's requests, once
+    assert _source_requests("node-1") == REQUESTS
+    screen = meshlab("exec", "--node", "node-1", "--", "meshagent", "status").stdout
+    assert f"Proxy:       {WORKERS} workers (pids " in screen, screen
+
+
+def test_a_dead_worker_is_started_again_and_counts_stay(lab):
+    before = _source_requests("node-1")
+    victim = lab.status("node-1")["agent"]["workers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        again = lab.status("node-1")["agent"]["workers"][0]
+        if again["pid"] and again["pid"] != victim["pid"]:
+            break
+        time.sleep(0.2)
+    assert again["restarts"] == victim["restarts"] + 1, again
+    assert again["pid"] != victim["pid"]
+
+    assert _requests(REQUESTS) == ["200"] * REQUESTS
+    time.sleep(1.5)
+    # the dead worker's counts stay in the totals: they never go backwards
+    assert _source_requests("node-1") == before + REQUESTS
