@@ -33,6 +33,33 @@ class AuthzStats:
         del self.recent[:-20]
 
 
+class DestinationPolicies:
+    """The policies that select one destination workload, kept while the PolicySet (the
+    snapshot's) stays the same: a connection's per-request checks then skip the selection."""
+
+    __slots__ = ("_policies", "_selected", "destination")
+
+    def __init__(self, destination: Workload) -> None:
+        self.destination = destination
+        self._policies: authz.PolicySet | None = None
+        self._selected: authz.WorkloadPolicies | None = None
+
+    def get(self, policies: authz.PolicySet) -> authz.WorkloadPolicies:
+        if policies is not self._policies or self._selected is None:
+            d = self.destination
+            self._selected = policies.for_workload(authz.Workload(d.namespace, d.labels))
+            self._policies = policies
+        return self._selected
+
+
+def applies(selected: authz.WorkloadPolicies) -> bool:
+    """Whether any policy (enforced, audit or dry-run) selects the workload; when none does,
+    every request is allowed and its attributes are never read."""
+    return bool(
+        selected.deny or selected.allow or selected.audit or selected.dry_deny or selected.dry_allow
+    )
+
+
 def check(
     policies: authz.PolicySet,
     stats: AuthzStats,
@@ -43,7 +70,11 @@ def check(
     destination_ip: str,
     port: int,
     http: authz.HttpAttrs | None = None,
+    selected: authz.WorkloadPolicies | None = None,
 ) -> authz.Decision:
+    """Decide a connection (`http` None) or an HTTP request to `destination`, count it and
+    log denials. `selected`: the destination's policies out of `policies`, when the caller
+    keeps them (`DestinationPolicies`)."""
     request = authz.Request(
         source_principal=source.principal if source else None,
         source_namespace=source.namespace if source else None,
@@ -52,8 +83,14 @@ def check(
         destination_port=port,
         http=http,
     )
-    target = authz.Workload(destination.namespace, destination.labels)
-    decision = policies.evaluate(target, request)
+    if selected is not None:
+        decision = selected.evaluate(request)
+    else:
+        target = authz.Workload(destination.namespace, destination.labels)
+        decision = policies.evaluate(target, request)
+    if decision.allowed and not decision.dry_run_denials:
+        stats.allowed += 1
+        return decision
     who = source.uri if source else source_ip
     dest = f"{destination.namespace}/{destination.name}:{port}"
     for would in decision.dry_run_denials:

@@ -214,16 +214,20 @@ class InboundProxy:
         )
 
         last_decision: list[authz.Decision | None] = [None]
+        target_policies = authorization.DestinationPolicies(target)
 
         async def authorize(request: RequestInfo) -> LocalResponse | None:
             current = self.store.tables or tables
-            headers = request.header_map()
-            http = authz.HttpAttrs(
-                method=request.method,
-                path=request.path,
-                host=request.authority or headers.get("host", ""),
-                headers=headers,
-            )
+            selected = target_policies.get(current.authz)
+            http = None  # with no policy selecting the pod, nothing reads the request
+            if authorization.applies(selected):
+                headers = request.header_map()
+                http = authz.HttpAttrs(
+                    method=request.method,
+                    path=request.path,
+                    host=request.authority or headers.get("host", ""),
+                    headers=headers,
+                )
             decision = authorization.check(
                 current.authz,
                 self.inputs.authz,
@@ -233,6 +237,7 @@ class InboundProxy:
                 destination_ip=ip,
                 port=port,
                 http=http,
+                selected=selected,
             )
             self.inputs.metrics.policy_decision(decision)
             last_decision[0] = decision  # HTTP/1.1: one request at a time per connection

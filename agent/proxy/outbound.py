@@ -124,17 +124,29 @@ class OutboundProxy:
                 self.stats.mutual_tls += 1
             return upstream
 
+        # labels by (destination workload, security): built once per connection, not per
+        # request (peer_from_workload parses the pod's name and labels)
+        known: dict[tuple[int, str], tuple[Workload | None, ConnectionLabels]] = {}
+
         def done(record: RequestRecord) -> None:
             info = record.upstream_info
             upstream = info if isinstance(info, Upstream) else None
-            labels = ConnectionLabels(
-                "source",
-                source_peer,
-                self._peer(upstream.peer if upstream else None),
-                service_labels,
-                request_protocol="http",
-                connection_security_policy=upstream.security if upstream else "unknown",
-            )
+            peer = upstream.peer if upstream else None
+            security = upstream.security if upstream else "unknown"
+            key = (id(peer), security)
+            hit = known.get(key)
+            if hit is not None and hit[0] is peer:
+                labels = hit[1]
+            else:
+                labels = ConnectionLabels(
+                    "source",
+                    source_peer,
+                    self._peer(peer),
+                    service_labels,
+                    request_protocol="http",
+                    connection_security_policy=security,
+                )
+                known[key] = (peer, labels)
             self.stats.http_requests += 1
             if record.upstream:
                 key = record.upstream

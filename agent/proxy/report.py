@@ -22,10 +22,11 @@ def report_http(
     decision: Decision | None = None,
 ) -> None:
     duration_ms = record.duration * 1000
+    flags = record.flag_string
     inputs.metrics.http_request(
         labels,
         record.status,
-        record.flag_string,
+        flags,
         duration_ms,
         record.bytes_received,
         record.bytes_sent,
@@ -38,7 +39,7 @@ def report_http(
             method=record.method,
             path=record.target,
             response_code=record.status,
-            response_flags=record.flag_string,
+            response_flags=flags,
             bytes_sent=record.bytes_sent,
             bytes_received=record.bytes_received,
             decision=decision,

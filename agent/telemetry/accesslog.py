@@ -20,14 +20,15 @@ Settings (`AccessLogSettings`, for the agent's config): ``output`` ``stdout`` (d
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import random
 import select
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from json.encoder import encode_basestring  # C-accelerated; what json.dumps uses here
 from typing import TYPE_CHECKING, Literal
 
 import trio
@@ -84,9 +85,46 @@ class AccessLogSettings(BaseModel):
     max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=_CHUNK)
 
 
+_second: list = [None, ""]  # the last whole second formatted, and its text
+
+
 def _rfc3339(unix_time: float) -> str:
-    stamp = datetime.fromtimestamp(unix_time, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    """`unix_time` as RFC 3339 UTC with milliseconds (``2023-11-14T22:13:20.250Z``), as
+    datetime's isoformat(timespec="milliseconds") writes it: microseconds rounded half to
+    even as datetime.fromtimestamp rounds them, then truncated. The date and time of day are
+    formatted once per second."""
+    frac, whole = math.modf(unix_time)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:
+        whole -= 1.0
+        micros += 1_000_000
+    second = int(whole)
+    if _second[0] != second:
+        text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0], _second[1] = second, text
+    return f"{_second[1]}.{micros // 1000:03d}Z"
+
+
+def _json(value: str | float | None) -> str:
+    """One JSON value as json.dumps(..., ensure_ascii=False) writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return encode_basestring(value)
+    return repr(value)  # int, or a float (json.dumps writes float.__repr__)
+
+
+# One line's JSON, keys in FIELDS order; %s are JSON values (the connection's labels come
+# pre-encoded, see AccessLog._labels_json).
+_LINE = (
+    '{"start_time":"%s","duration_ms":%s,"kind":"%s",%s,"source_address":%s,%s,'
+    '"destination_address":%s,%s,"method":%s,"path":%s,"response_code":%s,"response_flags":%s,'
+    '"bytes_sent":%d,"bytes_received":%d,"policy_decision":%s,"policy":%s,"error":%s}\n'
+)
+_LABELS_CACHE_LIMIT = 4096
 
 
 def _decision_fields(decision: Decision | None) -> tuple[str | None, str | None]:
@@ -110,6 +148,7 @@ class AccessLog:
         self._fd = fd
         self._random = rng
         self._enabled = self.settings.output != "off" and self.settings.sample > 0.0
+        self._labels: dict[ConnectionLabels, tuple[str, str, str]] = {}
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._wakeup = trio.Event()
@@ -217,34 +256,29 @@ class AccessLog:
         error: str | None,
     ) -> bool:
         action, policy = _decision_fields(decision)
-        src, dst = labels.source, labels.destination
-        entry = {
-            "start_time": _rfc3339(start),
-            "duration_ms": round(duration_ms, 3),
-            "kind": kind,
-            "reporter": labels.reporter,
-            "source_address": source_address,
-            "source_workload": src.workload,
-            "source_namespace": src.workload_namespace,
-            "source_principal": src.principal,
-            "destination_address": destination_address,
-            "destination_workload": dst.workload,
-            "destination_namespace": dst.workload_namespace,
-            "destination_principal": dst.principal,
-            "destination_service": labels.service.hostname,
-            "request_protocol": labels.request_protocol,
-            "connection_security_policy": labels.connection_security_policy,
-            "method": method,
-            "path": path,
-            "response_code": response_code,
-            "response_flags": response_flags,
-            "bytes_sent": bytes_sent,
-            "bytes_received": bytes_received,
-            "policy_decision": action,
-            "policy": policy,
-            "error": error,
-        }
-        line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        reporter, source, destination = self._labels_json(labels)
+        line = (
+            _LINE
+            % (
+                _rfc3339(start),
+                repr(round(duration_ms, 3)),
+                kind,
+                reporter,
+                _json(source_address),
+                source,
+                _json(destination_address),
+                destination,
+                _json(method),
+                _json(path),
+                _json(response_code),
+                _json(response_flags),
+                bytes_sent,
+                bytes_received,
+                _json(action),
+                _json(policy),
+                _json(error),
+            )
+        ).encode()
         if self._pending_bytes + len(line) > self.settings.max_buffer_bytes:
             self.dropped += 1
             return False
@@ -253,6 +287,27 @@ class AccessLog:
         if self._pending_bytes >= _WAKE_FLUSHER_AT:
             self._wakeup.set()
         return True
+
+    def _labels_json(self, labels: ConnectionLabels) -> tuple[str, str, str]:
+        """The connection's fields as JSON members, encoded once per ConnectionLabels."""
+        parts = self._labels.get(labels)
+        if parts is None:
+            if len(self._labels) >= _LABELS_CACHE_LIMIT:
+                self._labels.clear()
+            src, dst = labels.source, labels.destination
+            parts = self._labels[labels] = (
+                f'"reporter":{_json(labels.reporter)}',
+                f'"source_workload":{_json(src.workload)},'
+                f'"source_namespace":{_json(src.workload_namespace)},'
+                f'"source_principal":{_json(src.principal)}',
+                f'"destination_workload":{_json(dst.workload)},'
+                f'"destination_namespace":{_json(dst.workload_namespace)},'
+                f'"destination_principal":{_json(dst.principal)},'
+                f'"destination_service":{_json(labels.service.hostname)},'
+                f'"request_protocol":{_json(labels.request_protocol)},'
+                f'"connection_security_policy":{_json(labels.connection_security_policy)}',
+            )
+        return parts
 
     def _take(self) -> list[bytes]:
         batch, self._pending, self._pending_bytes = self._pending, [], 0

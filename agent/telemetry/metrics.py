@@ -220,6 +220,9 @@ class ProxyMetrics:
             "source": self.open_connections.labels("outbound"),
             "destination": self.open_connections.labels("inbound"),
         }
+        self._allowed = self.policy_decisions.labels("allow", "false")
+        self._denied = self.policy_decisions.labels("deny", "false")
+        self._dry_run_denied = self.policy_decisions.labels("deny", "true")
 
     def _tcp_children(self, labels: ConnectionLabels, flags: str) -> tuple[Counter, ...]:
         key = (labels, flags)
@@ -304,9 +307,9 @@ class ProxyMetrics:
 
     def policy_decision(self, decision: Decision) -> None:
         """Count an authorization decision and the denials dry-run policies would have made."""
-        self.policy_decisions.labels("allow" if decision.allowed else "deny", "false").inc()
+        (self._allowed if decision.allowed else self._denied).inc()
         if decision.dry_run_denials:
-            self.policy_decisions.labels("deny", "true").inc(len(decision.dry_run_denials))
+            self._dry_run_denied.inc(len(decision.dry_run_denials))
 
     def outlier_ejection(self, service: ServiceRef) -> None:
         """Outlier detection ejected one endpoint of `service`."""

@@ -248,3 +248,80 @@ async def test_a_blocked_reader_does_not_block_the_event_loop():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _reference_line(labels, kind, start, duration_ms, values: dict) -> str:
+    """The line as json.dumps writes the entry (how the log was written before it was made
+    faster): the fast path must give exactly these bytes."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.fromtimestamp(start, tz=UTC).isoformat(timespec="milliseconds")
+    src, dst = labels.source, labels.destination
+    entry = {
+        "start_time": stamp.replace("+00:00", "Z"),
+        "duration_ms": round(duration_ms, 3),
+        "kind": kind,
+        "reporter": labels.reporter,
+        "source_address": values["source_address"],
+        "source_workload": src.workload,
+        "source_namespace": src.workload_namespace,
+        "source_principal": src.principal,
+        "destination_address": values["destination_address"],
+        "destination_workload": dst.workload,
+        "destination_namespace": dst.workload_namespace,
+        "destination_principal": dst.principal,
+        "destination_service": labels.service.hostname,
+        "request_protocol": labels.request_protocol,
+        "connection_security_policy": labels.connection_security_policy,
+        "method": values["method"],
+        "path": values["path"],
+        "response_code": values["response_code"],
+        "response_flags": values["response_flags"],
+        "bytes_sent": values["bytes_sent"],
+        "bytes_received": values["bytes_received"],
+        "policy_decision": values["policy_decision"],
+        "policy": values["policy"],
+        "error": values["error"],
+    }
+    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def test_lines_are_byte_for_byte_what_json_dumps_writes():
+    rng = random.Random(7)
+    odd = ['a"b', "\\x", "tab\there", "nl\n", "ünï©ødé", "\u2028", "\x01", ""]
+    log = AccessLog(settings=AccessLogSettings(max_buffer_bytes=1 << 30), fd=-1)
+    labels = ConnectionLabels(
+        "source",
+        Peer(workload=odd[0], workload_namespace=odd[4], principal=odd[1]),
+        Peer(workload=odd[2]),
+        ServiceRef(odd[3], "n", "s"),
+        "http",
+        "none",
+    )
+    for i in range(400):
+        start = rng.choice([0.0, 1_700_000_000.0, 1_700_000_000.9995, 1_699_999_999.9999996])
+        start += rng.random() * (10 if i % 2 else 0)
+        duration = rng.choice([0, 0.0004, 1.23456, 1523.4567, rng.random() * 1e4])
+        values = {
+            "source_address": rng.choice([None, "10.0.0.1:5", odd[rng.randrange(len(odd))]]),
+            "destination_address": rng.choice([None, "10.0.0.2:80"]),
+            "method": rng.choice(["GET", odd[rng.randrange(len(odd))]]),
+            "path": rng.choice(["/", "/a?b=c&d", odd[rng.randrange(len(odd))]]),
+            "response_code": rng.choice([0, 200, 503]),
+            "response_flags": rng.choice(["-", "UF,URX"]),
+            "bytes_sent": rng.randrange(10**9),
+            "bytes_received": rng.randrange(10),
+            "error": rng.choice([None, odd[rng.randrange(len(odd))]]),
+        }
+        decision = rng.choice([None, DENY, Decision(True, "ALLOW", None, None, "ok")])
+        log.http_request(
+            labels,
+            start=start,
+            duration_ms=duration,
+            decision=decision,
+            **values,
+        )
+        values["policy_decision"] = None if decision is None else decision.action.lower()
+        values["policy"] = None if decision is None else decision.policy
+        expected = _reference_line(labels, "http", start, duration, values)
+        assert log._take()[0].decode() == expected
