@@ -287,6 +287,7 @@ def markdown(results: dict) -> str:
         )
         + f"; load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
         + (f"; other labs running: {', '.join(m['other_labs'])}" if m.get("other_labs") else "")
+        + (f"; proxy workers per node: {m['proxy_workers']}" if m.get("proxy_workers") else "")
         + ". Clients, servers and proxies all share these cores.",
         "",
         "Paths:",

@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = dt.datetime.now(dt.UTC)
     info = machine(instance)
+    workers = os.environ.get("MESHLAB_PROXY_WORKERS", "0")
+    info["proxy_workers"] = workers if workers != "0" else f"one per core ({os.cpu_count()})"
     if measured_commit:
         info.update(commit=measured_commit[:12], dirty=False, code=f"commit {args.commit}")
     else:
