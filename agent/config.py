@@ -21,6 +21,28 @@ ENV_CONFIG = "MESHAGENT_CONFIG"
 DEFAULT_EXCLUDED_PORTS = [53, 15000, 15001, 15008, 15012, 15014, 15020, 15021]
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, and its cgroup's CPU quota (a container's
+    CPU limit) rounded up, like Go's automaxprocs. At least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next((line.split("::", 1)[1] for line in own if line.startswith("0::")), "/")
+        for folder in (cgroup_root / path.lstrip("/"), cgroup_root):
+            limit = folder / "cpu.max"
+            if limit.exists():
+                quota, _, period = limit.read_text().partition(" ")
+                if quota != "max":
+                    cores = min(cores, -(-int(quota) // int(period)))
+                break
+    except (OSError, ValueError):
+        pass
+    return max(cores, 1)
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,15 +73,15 @@ class AgentConfig(BaseModel):
     # On SIGTERM: stop accepting, then wait this long at most for established connections
     # (the DaemonSet's terminationGracePeriodSeconds is 30).
     drain_timeout_s: float = Field(20.0, ge=0.0)
-    # Proxy processes (0: one per core). With 1 the agent process proxies itself; with more,
-    # that many workers share 15001/15008 (agent/workers/).
+    # Proxy processes (0: one per core this process may use, at most 8). With 1 the agent
+    # process proxies itself; with more, that many workers share 15001/15008 (agent/workers/).
     proxy_workers: int = Field(0, ge=0, le=64)
     # Where workers' metric files go (one folder per agent process, removed at exit).
     worker_metrics_dir: Path = Path("/tmp/meshagent-metrics")
 
     @property
     def worker_count(self) -> int:
-        return self.proxy_workers or os.cpu_count() or 1
+        return self.proxy_workers or min(available_cores(), MAX_AUTO_WORKERS)
 
     @property
     def controller_addr(self) -> tuple[str, int]:
