@@ -251,7 +251,8 @@ def test_metrics_page_parses_with_prometheus_parser_on_both_paths(obs_lab):
         names = {f.name for f in text_string_to_metric_families(page)}
         assert {"istio_tcp_connections_opened", "meshagent_controller_connected"} <= names, path
     # the node's own figures the issue lists, with values
-    assert _value("node-1", "meshagent_proxy_workers") == 1
+    workers = obs_lab.status("node-1")["agent"].get("workers")  # one per core by default
+    assert _value("node-1", "meshagent_proxy_workers") == (len(workers) if workers else 1)
     assert _value("node-1", "meshagent_datapath_redirects_total") >= 1
     _eventually(
         lambda: _value("node-1", "meshagent_tunnel_pool_connections") >= 1,
