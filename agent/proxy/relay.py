@@ -11,6 +11,12 @@ twice through a Python bytes object, and one Python round trip moves up to a pip
 worth (1 MiB) rather than one read. The pipe is made on the first byte, so an idle
 connection holds none. Other streams (an HBONE tunnel) go through `receive_some` /
 `send_all`.
+
+Idle connections are most of a proxy's connections, so until either side has something
+to read the relay waits in the caller's task alone: no nursery, no task per direction,
+one shallow wait (on an epoll set holding both sockets, or on the socket while the
+tunnel stream's arrivals cancel that wait). Only then do the two directions get a task
+each.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 from dataclasses import dataclass
 
 import trio
+from meshagent.agent.hbone.connection import TunnelStream
 
 CHUNK = 256 * 1024
 # How much one splice round moves at most: the pipe is grown to this (Linux's default
@@ -103,6 +111,22 @@ def _can_splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
     )
 
 
+async def _wait_either(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    """Return once either stream has something to read (data, EOF or an error), waiting in
+    this task only; at once for streams it cannot watch without reading."""
+    if type(a) is trio.SocketStream and type(b) is trio.SocketStream:
+        with select.epoll(2) as ep:
+            for sock in (a.socket, b.socket):
+                ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            await trio.lowlevel.wait_readable(ep.fileno())
+        return
+    for tunnel, other in ((a, b), (b, a)):
+        if isinstance(tunnel, TunnelStream) and type(other) is trio.SocketStream:
+            await tunnel.wait_readable_or(other.socket)
+            return
+    await trio.lowlevel.checkpoint()
+
+
 async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResult:
     result = RelayResult()
     pipe = _splice_pipe if _can_splice(client, upstream) else _pipe
@@ -114,6 +138,7 @@ async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResu
         result.received = await pipe(upstream, client)  # type: ignore[arg-type]
 
     try:
+        await _wait_either(client, upstream)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(up)
             nursery.start_soon(down)

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 from meshagent.agent.proxy import relay as relay_mod
 from meshagent.agent.proxy.relay import relay
 
@@ -118,7 +119,7 @@ async def test_reset_ends_the_relay() -> None:
         await s.aclose()
 
 
-async def test_idle_splice_relay_holds_no_pipe() -> None:
+async def test_idle_splice_relay_holds_no_pipe_and_no_task() -> None:
     app, client_side = await _tcp_pair()
     upstream_side, server = await _tcp_pair()
     assert relay_mod._can_splice(client_side, upstream_side)
@@ -127,12 +128,57 @@ async def test_idle_splice_relay_holds_no_pipe() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay, client_side, upstream_side)
             await trio.sleep(0.05)
-            assert _fds() == before  # idle: no pipe yet
+            (relay_task,) = nursery.child_tasks
+            assert relay_task.child_nurseries == []  # no task per direction yet
+            assert _fds() == before + 1  # idle: one epoll set on both sockets, no pipe
             await app.send_all(b"x")
             assert await server.receive_some(1) == b"x"
-            assert _fds() == before + 2  # one direction moved bytes: its pipe
+            assert _fds() == before + 2  # bytes moved one way: that pipe (the epoll set is gone)
             await app.send_eof()
             await server.send_eof()
     assert _fds() == before  # pipes closed with the relay
     for s in (app, client_side, upstream_side, server):
+        await s.aclose()
+
+
+@pytest.mark.parametrize("first", ["tunnel", "socket", "tunnel-reset"])
+async def test_idle_tunnel_relay_wakes_on_either_side(first: str) -> None:
+    """Tunnel to socket (the HBONE inbound relay): idle, it waits in one task; data from
+    either side, or a reset of the tunnel, starts it (or ends it)."""
+    from tests.unit.test_hbone_stream import Pair
+
+    app, pod_side = await _tcp_pair()
+    results = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            pair = Pair(outer)
+            near, far = await pair.open()
+
+            async def run_relay() -> None:
+                results.append(await relay(far, pod_side))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_relay)
+                await trio.testing.wait_all_tasks_blocked()
+                (relay_task,) = nursery.child_tasks
+                assert relay_task.child_nurseries == []  # idle: no task per direction
+                if first == "tunnel":
+                    await near.send_all(b"ping")
+                    assert await app.receive_some(4) == b"ping"
+                    await app.send_all(b"pong")
+                    assert await near.receive_some(4) == b"pong"
+                elif first == "socket":
+                    await app.send_all(b"pong")
+                    assert await near.receive_some(4) == b"pong"
+                    await near.send_all(b"ping")
+                    assert await app.receive_some(4) == b"ping"
+                else:
+                    await trio.aclose_forcefully(near)  # a reset: the relay must end
+                if first != "tunnel-reset":
+                    await near.send_eof()
+                    await app.send_eof()
+            outer.cancel_scope.cancel()
+    if first != "tunnel-reset":
+        assert (results[0].sent, results[0].received) == (4, 4)
+    for s in (app, pod_side):
         await s.aclose()
