@@ -148,10 +148,11 @@ class ClusterSpec:
     key: ClusterKey
     endpoints: tuple[UpstreamEndpoint, ...]
     policy: TrafficPolicy = DEFAULT_POLICY
+    # Envoy's cluster name (key.name), formatted once: every request records it
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        return self.key.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.key.name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+_REQUEST_SPECIAL = _HOP_BY_HOP | {b"expect"}
+
+
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -27,16 +30,36 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-def upgrade_protocol(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+def upgrade_protocol(headers: Headers) -> bytes | None:
     """The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: x`)."""
-    headers = list(headers)
+    for name, _ in headers:
+        if name == b"connection":
+            break
+    else:
+        return None  # the common case: no Connection header, one pass and no copy
     if b"upgrade" not in _connection_tokens(headers):
         return None
     return next((value for name, value in headers if name == b"upgrade"), None)
 
 
+def _plain(headers: Headers, special: frozenset[bytes]) -> tuple[bool, bool]:
+    """(no header in `special`, a Host header seen): one pass for the common case."""
+    host = False
+    for name, _ in headers:
+        if name in special:
+            return False, host
+        if name == b"host":
+            host = True
+    return True, host
+
+
 def request_headers(headers: Headers, *, default_host: bytes, upgrade: bytes | None) -> Headers:
-    """The headers to send upstream for a client's request."""
+    """The headers to send upstream for a client's request (the list given back as is when
+    there is nothing to change: callers must not modify either afterwards)."""
+    if upgrade is None:
+        plain, host = _plain(headers, _REQUEST_SPECIAL)
+        if plain:
+            return headers if host else [(b"host", default_host), *headers]
     drop = _connection_tokens(headers) | _HOP_BY_HOP
     out = [(n, v) for n, v in headers if n not in drop and n != b"expect"]
     if not any(n == b"host" for n, _ in out):
@@ -47,7 +70,10 @@ def request_headers(headers: Headers, *, default_host: bytes, upgrade: bytes | N
 
 
 def response_headers(headers: Headers, *, upgrade: bool = False) -> Headers:
-    """The headers to send the client for an upstream's response (a 101 keeps its upgrade)."""
+    """The headers to send the client for an upstream's response (a 101 keeps its upgrade;
+    the list given back as is when there is nothing to drop)."""
+    if not upgrade and _plain(headers, _HOP_BY_HOP)[0]:
+        return headers
     upgrade_value = next((v for n, v in headers if n == b"upgrade"), None) if upgrade else None
     drop = _connection_tokens(headers) | _HOP_BY_HOP
     out = [(n, v) for n, v in headers if n not in drop]

@@ -190,7 +190,8 @@ class ConnectionPool:
         conn.codec.start_next_cycle()
         conn.idle_since = trio.current_time()
         self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
-        conn.cluster.connection_released()
+        if conn.cluster.pending:  # requests wait for a connection
+            conn.cluster.connection_released()
 
     def discard(self, endpoints: Iterable[EndpointState]) -> None:
         """Close the idle connections of endpoints that left the snapshot."""
