@@ -366,7 +366,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._lot = trio.lowlevel.ParkingLot()  # receivers and response waiters
-        self._on_readable: Callable[[], None] | None = None  # see `wait_readable_or`
+        # Called (with no argument) whenever `receive_some` would stop waiting: data, EOF,
+        # reset, connection lost. The relay's idle wait uses it in place of a reader task.
+        self.on_readable: Callable[[], None] | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -388,8 +390,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _wake_readers(self) -> None:
         self._lot.unpark_all()
-        if self._on_readable is not None:
-            self._on_readable()
+        if self.on_readable is not None:
+            self.on_readable()
 
     def _feed(self, data: bytes) -> None:
         if data:
@@ -520,24 +522,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     # --- trio stream API ---------------------------------------------------------------
 
-    def _readable(self) -> bool:
+    def readable_now(self) -> bool:
         """Whether `receive_some` would return (or raise) without waiting."""
-        return bool(self._inbox) or self._eof_received or self._recv_error is not None
-
-    async def wait_readable_or(self, sock: trio.socket.SocketType) -> None:
-        """Wait until this stream has something to read (data, EOF, an error) or ``sock`` is
-        readable, in the calling task: an idle relay parks here with no task of its own."""
-        if self._receiving:
-            raise trio.BusyResourceError("another task is reading this tunnel stream")
-        if self._readable() or self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        with trio.CancelScope() as scope:
-            self._on_readable = scope.cancel
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            finally:
-                self._on_readable = None
+        return (
+            bool(self._inbox) or self._eof_received or self._recv_error is not None or self._closed
+        )
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:

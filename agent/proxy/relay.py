@@ -13,10 +13,12 @@ connection holds none. Other streams (an HBONE tunnel) go through `receive_some`
 `send_all`.
 
 Idle connections are most of a proxy's connections, so until either side has something
-to read the relay waits in the caller's task alone: no nursery, no task per direction,
-one shallow wait (on an epoll set holding both sockets, or on the socket while the
-tunnel stream's arrivals cancel that wait). Only then do the two directions get a task
-each.
+to read the relay waits in the caller's task alone, as cheaply as trio allows: no
+nursery, no task per direction, no cancel scope, one bare `wait_task_rescheduled`. Its
+sockets sit in one epoll set shared by every idle relay of the process, watched by one
+system task (`_IdleWatcher`), which wakes the relay when a socket turns readable; a
+tunnel stream's arrivals (data, EOF, reset) wake it directly. Only then do the two
+directions get a task each.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import fcntl
 import os
 import select
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -111,18 +114,101 @@ def _can_splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
     )
 
 
+class _IdleWait:
+    """One idle relay waiting: its task, its sockets' fds, and whether it was woken."""
+
+    __slots__ = ("fds", "task", "woken")
+
+    def __init__(self, task: trio.lowlevel.Task, fds: list[int]) -> None:
+        self.task = task
+        self.fds = fds
+        self.woken = False
+
+
+class _IdleWatcher:
+    """One epoll set for the idle relays' sockets of a trio run, and the task watching it."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.waits: dict[int, _IdleWait] = {}  # fd -> its relay's wait
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.epoll.fileno())
+                for fd, _events in self.epoll.poll(0):
+                    wait = self.waits.get(fd)
+                    if wait is not None:
+                        self.wake(wait)
+                    else:  # not ours any more (already woken): stop reporting it
+                        with contextlib.suppress(OSError):
+                            self.epoll.unregister(fd)
+        finally:
+            self.epoll.close()
+
+    def add(self, wait: _IdleWait) -> None:
+        for fd in wait.fds:
+            self.waits[fd] = wait
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def forget(self, wait: _IdleWait) -> None:
+        wait.woken = True
+        for fd in wait.fds:
+            if self.waits.get(fd) is wait:
+                del self.waits[fd]
+                with contextlib.suppress(OSError, ValueError):  # ValueError: epoll closed
+                    self.epoll.unregister(fd)
+
+    def wake(self, wait: _IdleWait) -> None:
+        if not wait.woken:
+            self.forget(wait)
+            trio.lowlevel.reschedule(wait.task)
+
+
+_WATCHER: trio.lowlevel.RunVar[_IdleWatcher] = trio.lowlevel.RunVar("relay_idle_watcher")
+
+
+def _watcher() -> _IdleWatcher:
+    try:
+        return _WATCHER.get()
+    except LookupError:
+        watcher = _IdleWatcher()
+        _WATCHER.set(watcher)
+        trio.lowlevel.spawn_system_task(watcher.run, name="relay idle watcher")
+        return watcher
+
+
+async def _park(socks: Sequence[trio.socket.SocketType], tunnel: TunnelStream | None) -> None:
+    """Wait until a socket is readable or the tunnel has news; one bare trio wait."""
+    if tunnel is not None and tunnel.readable_now():
+        await trio.lowlevel.checkpoint()
+        return
+    watcher = _watcher()
+    wait = _IdleWait(trio.lowlevel.current_task(), [sock.fileno() for sock in socks])
+    watcher.add(wait)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        watcher.forget(wait)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    if tunnel is not None:
+        tunnel.on_readable = lambda: watcher.wake(wait)
+    try:
+        await trio.lowlevel.wait_task_rescheduled(abort)
+    finally:
+        if tunnel is not None:
+            tunnel.on_readable = None
+
+
 async def _wait_either(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
     """Return once either stream has something to read (data, EOF or an error), waiting in
     this task only; at once for streams it cannot watch without reading."""
     if type(a) is trio.SocketStream and type(b) is trio.SocketStream:
-        with select.epoll(2) as ep:
-            for sock in (a.socket, b.socket):
-                ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-            await trio.lowlevel.wait_readable(ep.fileno())
+        await _park((a.socket, b.socket), None)
         return
     for tunnel, other in ((a, b), (b, a)):
         if isinstance(tunnel, TunnelStream) and type(other) is trio.SocketStream:
-            await tunnel.wait_readable_or(other.socket)
+            await _park((other.socket,), tunnel)
             return
     await trio.lowlevel.checkpoint()
 

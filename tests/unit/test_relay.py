@@ -123,6 +123,7 @@ async def test_idle_splice_relay_holds_no_pipe_and_no_task() -> None:
     app, client_side = await _tcp_pair()
     upstream_side, server = await _tcp_pair()
     assert relay_mod._can_splice(client_side, upstream_side)
+    relay_mod._watcher()  # the run's one epoll set for idle relays, made on first use
     before = _fds()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -130,10 +131,10 @@ async def test_idle_splice_relay_holds_no_pipe_and_no_task() -> None:
             await trio.sleep(0.05)
             (relay_task,) = nursery.child_tasks
             assert relay_task.child_nurseries == []  # no task per direction yet
-            assert _fds() == before + 1  # idle: one epoll set on both sockets, no pipe
+            assert _fds() == before  # idle: no pipe, no descriptor of its own
             await app.send_all(b"x")
             assert await server.receive_some(1) == b"x"
-            assert _fds() == before + 2  # bytes moved one way: that pipe (the epoll set is gone)
+            assert _fds() == before + 2  # bytes moved one way: that direction's pipe
             await app.send_eof()
             await server.send_eof()
     assert _fds() == before  # pipes closed with the relay
@@ -181,4 +182,31 @@ async def test_idle_tunnel_relay_wakes_on_either_side(first: str) -> None:
     if first != "tunnel-reset":
         assert (results[0].sent, results[0].received) == (4, 4)
     for s in (app, pod_side):
+        await s.aclose()
+
+
+async def test_a_cancelled_idle_relay_leaves_nothing_in_the_watcher() -> None:
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    watcher = relay_mod._watcher()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, client_side, upstream_side)
+            await trio.testing.wait_all_tasks_blocked()
+            assert set(watcher.waits) == {
+                client_side.socket.fileno(),
+                upstream_side.socket.fileno(),
+            }
+            nursery.cancel_scope.cancel()
+    assert watcher.waits == {}
+    # the sockets are still usable, and a new relay over them works
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, client_side, upstream_side)
+            await app.send_all(b"again")
+            assert await server.receive_some(5) == b"again"
+            await app.send_eof()
+            await server.send_eof()
+    assert watcher.waits == {}
+    for s in (app, client_side, upstream_side, server):
         await s.aclose()
