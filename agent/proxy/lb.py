@@ -22,6 +22,10 @@ open and close. The state answers with Envoy's behaviour, as Istio configures it
   Unlike Envoy, an endpoint returns exactly when its time is up, not at the next interval tick.
   No panic mode: with every endpoint ejected, `pick` finds none (Istio disables panic mode).
 
+State is per proxy process: with several workers (agent/workers/) each one counts errors,
+ejects and balances on what it sees itself, as each Linkerd proxy keeps its own failure
+accrual (Envoy instead shares ejections between its worker threads).
+
 Ejections are exposed by `Clusters.ejected()` (for `meshagent status`) and the metrics
 `meshagent_outlier_cluster_ejections_total` and `meshagent_outlier_ejected_endpoints`.
 
@@ -52,6 +56,7 @@ OUTLIER_EJECTED = Gauge(
     "meshagent_outlier_ejected_endpoints",
     "Endpoints currently ejected by outlier detection, by cluster.",
     ["cluster"],
+    multiprocess_mode="livemax",  # per proxy worker: the most any live worker has ejected
 )
 
 MAX_EJECTION_TIME = 300.0  # Envoy's default max_ejection_time

@@ -6,6 +6,7 @@ They drive the lab through its CLI, as a user would. They need root; under CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -66,6 +67,20 @@ class Lab:
 
     def counters(self, node: str) -> dict:
         return self.status(node)["datapath"]["counters"]
+
+
+@contextlib.contextmanager
+def proxy_workers(count: int) -> Iterator[None]:
+    """Labs brought up inside run ``count`` proxy processes per node (default: one per core)."""
+    previous = os.environ.get("MESHLAB_PROXY_WORKERS")
+    os.environ["MESHLAB_PROXY_WORKERS"] = str(count)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MESHLAB_PROXY_WORKERS"]
+        else:
+            os.environ["MESHLAB_PROXY_WORKERS"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 from meshagent.lab import cgroups
 from meshagent.lab.paths import LOG_DIR
 
-from tests.e2e.conftest import BIN, Lab, meshlab
+from tests.e2e.conftest import BIN, Lab, meshlab, proxy_workers
 
 MANIFESTS = Path(__file__).parent / "manifests"
 CLIENT = "shop/client"
@@ -186,7 +186,11 @@ def access_log(since: float) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lab(lab_factory) -> Lab:
-    return lab_factory(MANIFESTS / "traffic.yaml", nodes=2)
+    # One proxy process per node: balancer, circuit-breaker and outlier-detection state is per
+    # worker process (as each Linkerd proxy keeps its own), and these tests count exactly what
+    # one balancer does. tests/e2e/test_workers.py covers several workers.
+    with proxy_workers(1):
+        return lab_factory(MANIFESTS / "traffic.yaml", nodes=2)
 
 
 # -- routing -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import EXAMPLES, meshlab
+from tests.e2e.conftest import EXAMPLES, meshlab, proxy_workers
 
 WORKERS = 2
 REQUESTS = 40  # one connection each: the kernel spreads them over the workers' listeners
@@ -19,15 +19,8 @@ URL = "http://reviews.shop:9080/"
 
 @pytest.fixture(scope="module")
 def lab(lab_factory):
-    previous = os.environ.get("MESHLAB_PROXY_WORKERS")
-    os.environ["MESHLAB_PROXY_WORKERS"] = str(WORKERS)
-    try:
-        yield lab_factory(EXAMPLES / "demo.yaml", nodes=2)
-    finally:
-        if previous is None:
-            del os.environ["MESHLAB_PROXY_WORKERS"]
-        else:
-            os.environ["MESHLAB_PROXY_WORKERS"] = previous
+    with proxy_workers(WORKERS):
+        return lab_factory(EXAMPLES / "demo.yaml", nodes=2)
 
 
 def _requests(count: int) -> list[str]:
