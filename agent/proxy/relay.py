@@ -203,18 +203,20 @@ async def _park(socks: Sequence[trio.socket.SocketType], tunnel: TunnelStream | 
 async def _wait_either(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
     """Return once either stream has something to read (data, EOF or an error), waiting in
     this task only; at once for streams it cannot watch without reading."""
-    if type(a) is trio.SocketStream and type(b) is trio.SocketStream:
-        await _park((a.socket, b.socket), None)
-        return
-    for tunnel, other in ((a, b), (b, a)):
-        if isinstance(tunnel, TunnelStream) and type(other) is trio.SocketStream:
-            await _park((other.socket,), tunnel)
-            return
-    await trio.lowlevel.checkpoint()
+    a_socket, b_socket = type(a) is trio.SocketStream, type(b) is trio.SocketStream
+    if a_socket and b_socket:
+        await _park((a.socket, b.socket), None)  # type: ignore[attr-defined]
+    elif b_socket and isinstance(a, TunnelStream):
+        await _park((b.socket,), a)  # type: ignore[attr-defined]
+    elif a_socket and isinstance(b, TunnelStream):
+        await _park((a.socket,), b)  # type: ignore[attr-defined]
+    else:
+        await trio.lowlevel.checkpoint()
 
 
-async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResult:
-    result = RelayResult()
+async def _both_ways(
+    client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult
+) -> None:
     pipe = _splice_pipe if _can_splice(client, upstream) else _pipe
 
     async def up() -> None:
@@ -223,11 +225,16 @@ async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResu
     async def down() -> None:
         result.received = await pipe(upstream, client)  # type: ignore[arg-type]
 
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(up)
+        nursery.start_soon(down)
+
+
+async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResult:
+    result = RelayResult()
     try:
-        await _wait_either(client, upstream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(up)
-            nursery.start_soon(down)
+        await _wait_either(client, upstream)  # idle: nothing else is allocated yet
+        await _both_ways(client, upstream, result)
     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # a reset on either side ends the relay; both are closed by the caller
     return result
