@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import trio
+from meshagent.agent.config import AgentConfig
 from meshagent.agent.hbone import metrics as hbone_metrics
 from meshagent.agent.hbone.client import open_tunnel_pool
 from meshagent.agent.hbone.server import serve_hbone
@@ -79,6 +80,33 @@ class DataPlane:
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None
         store.on_change(self._on_snapshot)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AgentConfig,
+        *,
+        store: SnapshotStore,
+        identities: IdentitySource,
+        workload_tls: WorkloadTls,
+        pop_orig_dst: Callable,
+        metrics: ProxyMetrics,
+        access_log: AccessLog | None,
+    ) -> DataPlane:
+        return cls(
+            store=store,
+            identities=identities,
+            workload_tls=workload_tls,
+            pop_orig_dst=pop_orig_dst,
+            metrics=metrics,
+            access_log=access_log,
+            node=config.node_name,
+            trust_domain=config.trust_domain,
+            root_namespace=config.root_namespace,
+            proxy_ip=config.proxy_ip,
+            outbound_port=config.outbound_port,
+            hbone_port=config.hbone_port,
+        )
 
     def _on_snapshot(self, tables) -> None:
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)

@@ -141,19 +141,14 @@ class Agent:
                         cfg, workers, self.store, self.identities, metrics_env, metrics_dir
                     )
                 else:
-                    dataplane = DataPlane(
+                    dataplane = DataPlane.from_config(
+                        cfg,
                         store=self.store,
                         identities=self.identities,
                         workload_tls=self.workload_tls,
                         pop_orig_dst=maps.pop_orig_dst,
                         metrics=ProxyMetrics(self.node_metrics.local_registry),
                         access_log=access_log,
-                        node=cfg.node_name,
-                        trust_domain=cfg.trust_domain,
-                        root_namespace=cfg.root_namespace,
-                        proxy_ip=cfg.proxy_ip,
-                        outbound_port=cfg.outbound_port,
-                        hbone_port=cfg.hbone_port,
                     )
                     self.dataplane = await nursery.start(_run_dataplane, dataplane)
                 # 15021 and the admin port (up early, for `meshagent status`) are closed while a

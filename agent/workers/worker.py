@@ -48,19 +48,14 @@ class Worker:
             async with open_access_log(
                 AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
             ) as access_log:
-                self.dataplane = DataPlane(
+                self.dataplane = DataPlane.from_config(
+                    cfg,
                     store=self.store,
                     identities=self.identities,
                     workload_tls=self.workload_tls,
                     pop_orig_dst=maps.pop_orig_dst,
                     metrics=ProxyMetrics(None),
                     access_log=access_log,
-                    node=cfg.node_name,
-                    trust_domain=cfg.trust_domain,
-                    root_namespace=cfg.root_namespace,
-                    proxy_ip=cfg.proxy_ip,
-                    outbound_port=cfg.outbound_port,
-                    hbone_port=cfg.hbone_port,
                 )
                 async with self.dataplane.open(), trio.open_nursery() as nursery:
                     self.nursery = nursery
