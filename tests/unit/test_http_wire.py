@@ -30,7 +30,8 @@ def _mod(conn):
 
 def _feed(conn, data: bytes, *, eof: bool = False) -> list:
     w = _mod(conn)
-    conn.receive_data(data)
+    if data:  # b"" reads what is already buffered (use eof=True for the peer's close)
+        conn.receive_data(data)
     if eof:
         conn.receive_data(b"")
     events = []
@@ -236,6 +237,92 @@ def test_upgrade_switches_both_sides_and_keeps_trailing_bytes(w):
     declined.send(w.EndOfMessage())
     _feed(declined, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert declined.our_state is w.DONE and declined.their_state is w.DONE
+
+
+def test_pipelined_requests_wait_for_the_next_cycle_byte_exact(w):
+    conn = w.Connection(w.SERVER)
+    first = (
+        b"POST /1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    second = b"PUT /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
+    third = b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n"
+    events = _feed(conn, first + second + third)
+    assert events[0].target == b"/1" and _body(events) == b"abc"
+    assert conn.their_state is w.DONE and conn.next_event() is w.PAUSED
+    for target, body in ((b"/2", b"ok"), (b"/3", b"")):
+        conn.send(w.Response(status_code=204, headers=[]))
+        conn.send(w.EndOfMessage())
+        conn.start_next_cycle()
+        events = _feed(conn, b"")
+        assert events[0].target == target and _body(events) == body
+        assert isinstance(events[-1], w.EndOfMessage)
+
+
+def test_a_head_response_has_no_body_and_the_next_response_reads_clean(w):
+    conn = w.Connection(w.CLIENT)
+    conn.send(w.Request(method=b"HEAD", target=b"/", headers=[(b"host", b"h")]))
+    conn.send(w.EndOfMessage())
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    events = _feed(conn, head + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n")
+    assert [type(e).__name__ for e in events] == ["Response", "EndOfMessage"]
+    conn.start_next_cycle()
+    conn.send(w.Request(method=b"GET", target=b"/", headers=[(b"host", b"h")]))
+    conn.send(w.EndOfMessage())
+    events = _feed(conn, b"ok\r\n0\r\n\r\n")
+    assert _body(events) == b"ok" and isinstance(events[-1], w.EndOfMessage)
+    assert conn.their_state is w.DONE
+
+
+def test_connect_and_101_switch_with_the_bytes_after_the_head(w):
+    client = w.Connection(w.CLIENT)
+    client.send(w.Request(method=b"CONNECT", target=b"a:1", headers=[(b"host", b"a:1")]))
+    client.send(w.EndOfMessage())
+    events = _feed(client, b"HTTP/1.1 200 OK\r\n\r\nTUNNEL")
+    assert events[0].status_code == 200 and client.their_state is w.SWITCHED_PROTOCOL
+    assert client.trailing_data == (b"TUNNEL", False)
+    server = w.Connection(w.SERVER)
+    _feed(server, b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\nTUNNEL")
+    assert server.their_state is w.MIGHT_SWITCH_PROTOCOL
+    assert server.trailing_data == (b"TUNNEL", False)
+    # a 101 without `Connection: upgrade` (llhttp pauses on it all the same)
+    client = w.Connection(w.CLIENT)
+    client.send(
+        w.Request(method=b"GET", target=b"/", headers=[(b"host", b"h"), (b"upgrade", b"ws")])
+    )
+    client.send(w.EndOfMessage())
+    events = _feed(client, b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\n\r\nDATA")
+    assert events[0].status_code == 101 and client.trailing_data == (b"DATA", False)
+
+
+def test_llhttp_readings_that_differ_from_h11():
+    """Where codec.py (llhttp, strict mode) reads differently from h11 and wire.py."""
+    refused = [
+        # an upgrade's body would be taken for the new protocol's bytes: refused
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: ws\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  folded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\nok",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET /\r\n\r\n",  # HTTP/0.9
+        b"FROB / HTTP/1.1\r\nHost: a\r\n\r\n",  # a method llhttp does not know
+    ]
+    for raw in refused:
+        conn = codec.Connection(codec.SERVER)
+        with pytest.raises(codec.RemoteProtocolError) as info:
+            _feed(conn, raw)
+        assert info.value.error_status_hint == 400, raw
+    # empty lines before a request line are skipped (RFC 9112 section 2.2)
+    conn = codec.Connection(codec.SERVER)
+    events = _feed(conn, b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert events[0].target == b"/" and isinstance(events[-1], codec.EndOfMessage)
+    # HTTP/1.0 closes after the exchange, as h11 does, even with `Connection: keep-alive`
+    _, conn = _exchange(
+        codec,
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        codec.Response(status_code=200, headers=[(b"content-length", b"0")]),
+    )
+    assert conn.our_state is codec.MUST_CLOSE
 
 
 # -- the same bytes read by h11 and by each codec ---------------------------------------------
