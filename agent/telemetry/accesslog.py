@@ -25,6 +25,7 @@ import math
 import os
 import random
 import select
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -149,6 +150,7 @@ class AccessLog:
         self._random = rng
         self._enabled = self.settings.output != "off" and self.settings.sample > 0.0
         self._labels: dict[ConnectionLabels, tuple[str, str, str]] = {}
+        self._regular: bool | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._wakeup = trio.Event()
@@ -313,13 +315,27 @@ class AccessLog:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         return batch
 
+    def _to_regular_file(self) -> bool:
+        """Whether the fd is a regular file (decided once): lines then go out in one write
+        per batch; PIPE_BUF chunks keep lines whole on a pipe shared by several processes, but
+        cost the writer thread a GIL hand-off with the event loop per 4 KiB."""
+        if self._regular is None:
+            try:
+                self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            except OSError:
+                self._regular = False
+        return self._regular
+
     def _write(self, batch: list[bytes]) -> None:
-        """Blocking: write whole lines, grouped into chunks of at most PIPE_BUF bytes."""
+        """Blocking: write whole lines, grouped into chunks of at most PIPE_BUF bytes (one
+        piece to a regular file)."""
         chunk: list[bytes] = []
         size = 0
         pieces: list[bytes] = []
+        if self._to_regular_file():
+            batch = [b"".join(batch)] if batch else []
         for line in batch:
-            if chunk and size + len(line) > _CHUNK:
+            if chunk and size + len(line) > _CHUNK:  # (a regular file's batch is one "line")
                 pieces.append(b"".join(chunk))
                 chunk, size = [], 0
             chunk.append(line)

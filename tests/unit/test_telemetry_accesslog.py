@@ -166,9 +166,8 @@ def test_a_full_buffer_drops_and_counts_instead_of_waiting(sink):
     assert len(_lines(path)) == kept
 
 
-def test_writes_are_whole_lines_of_at_most_pipe_buf(sink, monkeypatch):
-    fd, path = sink
-    writes = []
+def _recorded_writes(monkeypatch) -> list[bytes]:
+    writes: list[bytes] = []
     real_write = os.write
 
     def recording_write(target, data):
@@ -176,6 +175,41 @@ def test_writes_are_whole_lines_of_at_most_pipe_buf(sink, monkeypatch):
         return real_write(target, data)
 
     monkeypatch.setattr(accesslog.os, "write", recording_write)
+    return writes
+
+
+def _log_lines(log: AccessLog, count: int) -> None:
+    for i in range(count):
+        log.http_request(
+            LABELS,
+            start=0.0,
+            duration_ms=i,
+            method="GET",
+            path="/" + "x" * (i % 50),
+            response_code=200,
+            bytes_sent=i,
+            bytes_received=0,
+        )
+
+
+def test_writes_to_a_pipe_are_whole_lines_of_at_most_pipe_buf(monkeypatch):
+    read_end, write_end = os.pipe()
+    try:
+        writes = _recorded_writes(monkeypatch)
+        log = AccessLog(fd=write_end)
+        _log_lines(log, 40)  # less than the pipe holds: no reader needed
+        log.flush_sync()
+        assert len(writes) > 1
+        assert all(w.endswith(b"\n") and len(w) <= select.PIPE_BUF for w in writes)
+        assert os.read(read_end, 1 << 20).count(b"\n") == 40
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_batch_goes_to_a_regular_file_in_one_write(sink, monkeypatch):
+    fd, path = sink
+    writes = _recorded_writes(monkeypatch)
     log = AccessLog(fd=fd)
     for i in range(200):
         log.http_request(
@@ -189,8 +223,7 @@ def test_writes_are_whole_lines_of_at_most_pipe_buf(sink, monkeypatch):
             bytes_received=0,
         )
     log.flush_sync()
-    assert len(writes) > 1
-    assert all(w.endswith(b"\n") and len(w) <= select.PIPE_BUF for w in writes)
+    assert len(writes) == 1 and writes[0].endswith(b"\n")
     assert len(_lines(path)) == 200
 
 
