@@ -176,8 +176,8 @@ _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _BLANK_LINE = b"\r\n\r\n"
 
 # How the body being received is framed: _LENGTH (remaining bytes), _CHUNKED (remaining bytes
-# of the current chunk's data; 0 while llhttp reads a size, CRLF or trailer line), _EOF (until
-# the peer closes: HTTP/1.0-style responses).
+# of the current chunk's data and its CRLF; 0 while llhttp reads a size or trailer line), _EOF
+# (until the peer closes: HTTP/1.0-style responses).
 _LENGTH, _CHUNKED, _EOF = 0, 1, 2
 
 
@@ -381,13 +381,9 @@ class Connection:
     def _feed(self, n: int) -> None:
         """Give llhttp the next `n` buffered bytes (the callbacks fill `_msg`)."""
         buf = self._buf
-        if n == len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:n])
-            del buf[:n]
         msg = self._msg
+        if not msg.head_done:
+            self._tail = (self._tail + bytes(buf[max(0, n - 3) : n]))[-3:]
         parser = self._parser
         if parser is None:
             if self.our_role is SERVER:
@@ -396,7 +392,10 @@ class Connection:
                 parser = httptools.HttpResponseParser(msg)
             self._parser = msg.parser = parser
         try:
-            parser.feed_data(data)
+            # a view, not a copy (the callbacks copy what they keep); released before the
+            # fed bytes leave the buffer
+            with memoryview(buf) as view, view[:n] as data:
+                parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # llhttp stops after the head of an upgrade (CONNECT, Upgrade + Connection:
             # upgrade, 101): the message is complete and, the feed being bounded, nothing
@@ -409,8 +408,8 @@ class Connection:
                     return  # e.g. a 101 without `Connection: upgrade`: llhttp pauses
                 self._check_head()  # our refusal (e.g. 501) before llhttp's (400)
             raise RemoteProtocolError(str(exc) or type(exc).__name__) from None
-        if not msg.head_done:
-            self._tail = (self._tail + data)[-3:]
+        finally:
+            del buf[:n]
 
     # -- heads ------------------------------------------------------------------------------
 
@@ -575,24 +574,33 @@ class Connection:
                     )
                 return NEED_DATA
             kind = self._body_kind
-            if kind == _LENGTH or (kind == _CHUNKED and self._remaining):
+            if kind == _LENGTH:
                 n = min(len(buf), self._remaining)
                 self._remaining -= n
                 self._feed(n)
             elif kind == _EOF:
                 self._feed(len(buf))
-            else:  # a chunked body's line: size, CRLF after data, trailer, or the last one
-                end = buf.find(b"\n")
+            else:
+                # chunked: what is left of a chunk's data and its CRLF, then the next line
+                # (a chunk size, a trailer, or the last one) up to its LF
+                skip = self._remaining
+                if skip >= len(buf):
+                    self._remaining -= len(buf)
+                    self._feed(len(buf))
+                    continue
+                end = buf.find(b"\n", skip)
                 n = len(buf) if end < 0 else end + 1
-                line = self._line = self._line + bytes(buf[:n])
+                line = self._line = self._line + bytes(buf[skip:n])
                 if len(line) > self._max:
                     raise RemoteProtocolError("Receive buffer too long", 431)
+                self._remaining = 0
                 msg.chunk_header = False
                 self._feed(n)
                 if end >= 0:
                     self._line = b""
-                    if msg.chunk_header:
-                        self._remaining = int(_CHUNK_SIZE.match(line).group(), 16)
+                    if msg.chunk_header:  # llhttp accepted a chunk size line: its hex digits
+                        size = int(_CHUNK_SIZE.match(line).group(), 16)
+                        self._remaining = size + 2 if size else 0
 
     # -- sending ----------------------------------------------------------------------------
 
