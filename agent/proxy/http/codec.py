@@ -12,24 +12,30 @@ MIGHT_SWITCH_PROTOCOL, SWITCHED_PROTOCOL), `start_next_cycle`, keep-alive,
 Every received byte is parsed and validated by llhttp in its strict mode (request and status
 lines, header names and values, Content-Length and Transfer-Encoding rules, chunk sizes and
 extensions, trailers): `httptools.HttpRequestParser` as SERVER, `HttpResponseParser` as CLIENT.
-This module only decides how many buffered bytes llhttp sees at a time, so that a message's
-end is known to the byte without re-parsing anything: a head up to its blank line (CRLF CRLF:
-llhttp refuses bare-LF line ends), a Content-Length body up to its length, a chunked body one
-line at a time and then the chunk's size read from the line llhttp has just accepted. Bytes
-past the message (a pipelined request, data after an upgrade) stay in the buffer until the
-next cycle or for `trailing_data`. What llhttp does not do stays here: the head size limit
-(RemoteProtocolError with `error_status_hint` 431), Host on HTTP/1.1 requests, Transfer-Encoding
-other than plain `chunked` (501, as h11), the end of a response without a body to a HEAD or
-CONNECT request (llhttp's response parser does not know the request; httptools offers no way to
-tell it, so such a head is fed alone and the parser is replaced), read-until-close bodies at
-EOF (httptools has no `finish`), and the writing side (heads serialized from trusted events,
-bodies framed as h11 frames them). Trailers of chunked bodies are validated and dropped.
+This module only decides how many buffered bytes llhttp sees at a time, so that a message's end
+is known to the byte without re-parsing anything: a head up to its blank line (CRLF CRLF:
+llhttp refuses bare-LF line ends), a Content-Length body up to its length, a chunked body up to
+the LF of each size or trailer line, and a chunk's data and CRLF by the size read from the line
+llhttp has just accepted. Bytes past the message (a pipelined request, data after an upgrade)
+stay in the buffer until the next cycle or for `trailing_data`. What llhttp does not do stays
+here: the head size limit (RemoteProtocolError with `error_status_hint` 431), one Host
+(required on HTTP/1.1), Transfer-Encoding other than plain `chunked` (501, as h11), the end of
+a response without a body to a HEAD or CONNECT request (llhttp's response parser does not know
+the request; httptools offers no way to tell it, so such a head is fed alone and the parser is
+replaced), read-until-close bodies at EOF (httptools has no `finish`), and the writing side
+(heads serialized from trusted events, bodies framed as h11 frames them). Trailers of chunked
+bodies are validated and dropped.
 
-Where llhttp is stricter than h11 (each RFC 9112-conformant): obs-folded header lines, bare LF
-line ends, a Content-Length list ("5, 5"), an upgrade or CONNECT request that carries a body,
-and a request line with bytes above 0x7e are refused with 400. Where it is more lenient:
-empty lines before a request line are skipped (RFC 9112 section 2.2), and an HTTP/1.0 message
-with `Connection: keep-alive` keeps the connection (h11 closes every HTTP/1.0 connection).
+Where llhttp is stricter than h11 (each RFC 9112-conformant), with 400: obs-folded header
+lines, bare-LF line ends, a Content-Length list ("5, 5") or repeated Content-Length,
+Content-Length with Transfer-Encoding, a request line with bytes above 0x7e, HTTP versions
+other than 1.0, 1.1 and 2.0 (h11: any digit.digit), HTTP/0.9's "GET /", and methods outside
+llhttp's list of known ones (RFC 9110 asks for 501 there; llhttp's error does not tell an
+unknown method from binary garbage). Refused here for llhttp's sake: an upgrade or CONNECT
+request with a body (llhttp would take the body for the new protocol's bytes). More lenient:
+empty lines before a request line are skipped (RFC 9112 section 2.2). HTTP/1.0 connections
+close after one exchange, as with h11, whatever llhttp's `should_keep_alive()` says about
+`Connection: keep-alive`.
 """
 
 from __future__ import annotations
