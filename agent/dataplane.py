@@ -152,6 +152,7 @@ class DataPlane:
                 [hbone],
                 ssl_selector=self.workload_tls.selector,
                 handler=self.inbound.handle,
+                refuse_new=lambda: self.inputs.drain.draining,
                 task_status=task_status,
             )
         )
@@ -164,9 +165,11 @@ class DataPlane:
             await trio.sleep(1.0)
 
     async def drain(self, timeout: float) -> int:
-        """Stop accepting; wait up to ``timeout`` s for open connections to end; how many
-        are left."""
+        """Stop accepting; close idle HTTP keep-alive connections (busy ones after their
+        response) and refuse new tunnels on open HBONE connections (peers retry over new
+        ones); wait up to ``timeout`` s for open connections to end; how many are left."""
         self.set_accepting(False)
+        self.inputs.drain.start()
         with trio.move_on_after(timeout):
             while self.open_connections():
                 await trio.sleep(0.1)

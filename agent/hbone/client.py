@@ -194,6 +194,12 @@ class TunnelPool:
             stream.set_on_done(release)
             try:
                 status = await self._await_response(stream, node_addr)
+            except TunnelFailed:
+                stream._abort()
+                if stream.refused:  # the peer drains: new streams go over a new connection
+                    self._forget(pooled)
+                    continue
+                raise
             except BaseException:
                 stream._abort()
                 raise

@@ -238,6 +238,9 @@ class HboneConnection:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     code = getattr(event.error_code, "name", event.error_code)
+                    # REFUSED_STREAM: not processed at all, safe to retry elsewhere (RFC 9113
+                    # 8.7); a draining peer answers new streams so.
+                    stream.refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
                     stream._on_reset(f"stream reset by peer ({code})")
             elif isinstance(event, h2.events.ResponseReceived):
                 stream = self.streams.get(event.stream_id)
@@ -350,6 +353,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def __init__(self, conn: HboneConnection, stream_id: int) -> None:
         self._conn = conn
         self.stream_id = stream_id
+        self.refused = False  # the peer reset it with REFUSED_STREAM (client side)
         self.status: int | None = None  # the response status (client side)
         # A list, not a deque: it rarely holds more than a few frames, and an empty deque
         # costs about 600 bytes on every idle tunnel.

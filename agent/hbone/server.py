@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+import h2.errors
 import trio
 from meshagent.agent.hbone import metrics
 from meshagent.agent.hbone.connection import CloseReason, HboneConnection, TunnelStream
@@ -131,9 +132,15 @@ def _on_request(
     peer: Identity,
     local: Identity,
     peer_address: tuple[str, int],
+    refuse_new: Callable[[], bool] | None,
     stream: TunnelStream,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
+    if refuse_new is not None and refuse_new():
+        # Draining: REFUSED_STREAM tells the client nothing was done, so it opens the tunnel
+        # over a new connection (to whichever agent or worker accepts on the port now).
+        stream._abort(h2.errors.ErrorCodes.REFUSED_STREAM)
+        return
     try:
         request = parse_connect_request(headers)
     except BadRequest as exc:
@@ -156,6 +163,7 @@ async def _serve_connection(
     selector: ServerContextSelector,
     handler: TunnelHandler,
     handshake_timeout: float,
+    refuse_new: Callable[[], bool] | None = None,
 ) -> None:
     peer_address = _peer_address(tcp)
     tls = TlsStream(tcp, selector.context, server_side=True)
@@ -179,7 +187,9 @@ async def _serve_connection(
             conn = HboneConnection(
                 tls,
                 client_side=False,
-                on_request=partial(_on_request, nursery, handler, peer, local, peer_address),
+                on_request=partial(
+                    _on_request, nursery, handler, peer, local, peer_address, refuse_new
+                ),
             )
             reason = await conn.run()
             if reason is CloseReason.PROTOCOL_ERROR:
@@ -197,6 +207,7 @@ async def serve_hbone(
     ssl_selector: ServerContextSelector,
     handler: TunnelHandler,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    refuse_new: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HBONE on ``listen`` (``(host, port)`` or ready listeners) until cancelled.
@@ -204,6 +215,7 @@ async def serve_hbone(
     Reports the listeners through ``task_status`` once accepting (so ``port=0`` callers learn
     the port). ``ssl_selector`` picks our certificate by SNI and holds the trust bundle client
     certificates must chain to; ``handler`` decides each tunnel (see `InboundTunnel`).
+    While ``refuse_new()`` says so (draining), new streams on open connections are refused.
     """
     if isinstance(listen, tuple):
         host, port = listen
@@ -215,5 +227,6 @@ async def serve_hbone(
         selector=ssl_selector,
         handler=handler,
         handshake_timeout=handshake_timeout,
+        refuse_new=refuse_new,
     )
     await trio.serve_listeners(serve, listeners, task_status=task_status)

@@ -282,6 +282,7 @@ class InboundProxy:
                     request_filter=authorize,
                     on_request_done=done,
                     peer=source_ip,
+                    drain=self.inputs.drain,
                 ),
             )
         finally:

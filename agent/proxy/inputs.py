@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshagent.agent.policy.authorization import AuthzStats
+from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
 
@@ -21,3 +22,4 @@ class ProxyInputs:
     metrics: ProxyMetrics
     access_log: AccessLog | None = None
     authz: AuthzStats = field(default_factory=AuthzStats)
+    drain: Drain = field(default_factory=Drain)

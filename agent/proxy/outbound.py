@@ -167,6 +167,7 @@ class OutboundProxy:
             pool_key=source.uid if source else peer_ip,
             on_request_done=done,
             peer=peer_ip,
+            drain=self.inputs.drain,
         )
         await proxy_http1(client, ctx)
 

@@ -58,6 +58,7 @@ class _Worker:
         self.status: dict[str, Any] = {}
         self.outbox: trio.MemorySendChannel | None = None
         self.restarts = 0
+        self.left_open: int | None = None  # connections still open when its drain ended
 
     def post(self, message: dict[str, Any] | bytes) -> None:
         if self.outbox is not None:
@@ -121,14 +122,19 @@ class WorkerPool:
         """Every worker stops accepting and exits once its connections end (or at
         ``timeout``); returns the connections still open when the last one exited."""
         self.stopping = True
-        left = self.open_connections()
         for w in self.workers:
             w.post({"type": "drain", "timeout": timeout})
         with trio.move_on_after(timeout + 5):
             while self.running:
-                left = self.open_connections()
                 await trio.sleep(0.1)
-        return left
+        # what each worker said when it finished; its last status if it never said
+        return sum(
+            w.left_open
+            if w.left_open is not None
+            else w.status.get("proxy", {}).get("active_connections", 0)
+            + w.status.get("inbound", {}).get("active", 0)
+            for w in self.workers
+        )
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -243,3 +249,5 @@ class WorkerPool:
                 w.ready.set()
             elif message["type"] == "status":
                 w.status = message["status"]
+            elif message["type"] == "drained":
+                w.left_open = int(message["left"])

@@ -96,6 +96,7 @@ class Worker:
     async def _drain(self, timeout: float) -> None:
         left = await self.dataplane.drain(timeout)
         log.info("worker %d drained, %d connection(s) left open", self.index, left)
+        await self.channel.send({"type": "drained", "left": left})
         self.nursery.cancel_scope.cancel()
 
     async def _report(self) -> None:

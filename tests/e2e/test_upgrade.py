@@ -18,7 +18,7 @@ from meshagent.lab.paths import RUN_DIR
 
 from tests.e2e.conftest import BIN, EXAMPLES, meshlab
 
-PROBE_SECONDS = 40  # bounded: the client stops by itself
+PROBE_SECONDS = 30  # bounded: the client stops by itself
 TARGET = ("reviews.shop", str(PROBE_SECONDS))
 
 # New connection per request, and one keep-alive connection. A server may close a
@@ -116,7 +116,9 @@ def test_rolling_upgrade_of_both_agents_loses_no_request(lab_factory):
         assert "hand-over: owner -> successor-starting" in old_log, old_log[-3000:]
         assert "-> handed-over" in old_log, old_log[-3000:]
         assert re.search(r"SIGTERM: draining \d+ connection", old_log), old_log[-3000:]
-        assert "drained," in old_log
+        # idle keep-alive connections were closed and peers moved their tunnels: nothing
+        # was left for the drain timeout to cut
+        assert "drained, 0 connection(s) left open" in old_log, old_log[-3000:]
         view = lab.status(node)
         programs = {p["name"] for p in view["datapath"]["programs"]}
         assert programs == {"mesh_connect4", "mesh_sockops", "mesh_ingress"}

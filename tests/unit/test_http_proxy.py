@@ -24,6 +24,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import (
     ConnectionPool,
     HttpContext,
@@ -234,6 +235,7 @@ async def open_mesh(
     *,
     request_filter=None,
     seed: int = 7,
+    drain: Drain | None = None,
 ) -> AsyncIterator[Mesh]:
     async with trio.open_nursery() as nursery:
         for b in backends:
@@ -254,6 +256,7 @@ async def open_mesh(
                 on_request_done=records.append,
                 peer="127.0.0.1:1",
                 rng=random.Random(seed),
+                drain=drain,
             )
             listeners = await nursery.start(
                 partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
@@ -1037,3 +1040,22 @@ def test_fuzzed_client_input_never_crashes_the_engine(chunks: list[bytes]):
                         pass
 
     trio.run(main)
+
+
+async def test_a_draining_proxy_closes_idle_keep_alive_connections_and_busy_ones_after_reply():
+    """SIGTERM: an idle keep-alive connection is closed at once (clients retry, RFC 9112
+    9.3); one that sends a request still gets its answer, then the connection closes."""
+    with trio.fail_after(10):
+        async with (
+            open_mesh([Backend("a", "v1")], drain=Drain()) as mesh,
+            mesh.client() as idle,
+        ):
+            assert (await idle.request()).status == 200
+            mesh.ctx.drain.start()
+            assert await idle.stream.receive_some() == b""  # closed while idle
+            # a request on a connection accepted before the listener closed is answered
+            late = Client(mesh.port)
+            assert (await late.request()).status == 200
+            assert await late.stream.receive_some() == b""  # then closed
+            await late.close()
+    assert len(mesh.records) == 2

@@ -160,6 +160,7 @@ class _Session:
             wire.SERVER, max_incomplete_event_size=ctx.settings.max_header_bytes
         )
         self.skip_drain = False
+        self.served = 0  # requests answered on this connection
 
     # -- downstream I/O -------------------------------------------------------------------
 
@@ -200,11 +201,16 @@ class _Session:
         for the rest of its head."""
         deadline = trio.current_time() + self.settings.client_idle_timeout
         started = False
+        drain = self.ctx.drain
         while True:
             event = self.conn.next_event()
             if event is not wire.NEED_DATA:
                 return event
-            with trio.move_on_at(deadline):
+            # A drain ends a keep-alive wait like the idle timeout; a connection's first
+            # request (it may be on its way: the connection was accepted) is still served.
+            waiting = drain is not None and self.served and not started
+            idle = drain.idle() if waiting else contextlib.nullcontext()
+            with trio.move_on_at(deadline), idle:
                 try:
                     data = await self.client.receive_some(RECEIVE_SIZE)
                 except CLIENT_ERRORS:
@@ -231,6 +237,9 @@ class _Session:
                 return
             if not await self._finish_cycle():
                 return
+            self.served += 1
+            if self.ctx.drain is not None and self.ctx.drain.draining:
+                return  # draining: close after the response (the client retries elsewhere)
 
     async def _reject(self, exc: wire.RemoteProtocolError) -> None:
         """Answer a malformed request with its 4xx, then the caller closes the connection."""

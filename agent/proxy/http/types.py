@@ -18,6 +18,7 @@ import trio
 from meshagent.common.snapshot import Endpoint
 
 if TYPE_CHECKING:
+    from meshagent.agent.proxy.drain import Drain
     from meshagent.agent.proxy.http.pool import ConnectionPool
     from meshagent.agent.proxy.lb import Clusters
     from meshagent.agent.proxy.routing import HttpRoutes
@@ -143,5 +144,7 @@ class HttpContext:
     request_filter: RequestFilter | None = None
     on_request_done: Callable[[RequestRecord], None] | None = None
     peer: str = ""
+    # Set on SIGTERM: idle connections close, busy ones after their response.
+    drain: Drain | None = None
     settings: HttpSettings = DEFAULT_SETTINGS
     rng: random.Random = field(default_factory=random.Random)

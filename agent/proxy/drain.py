@@ -1,0 +1,38 @@
+"""The data plane's drain signal: once set (SIGTERM), idle keep-alive connections close.
+
+HTTP/1.1 lets a server close a keep-alive connection while it is idle (RFC 9112 9.3) and
+clients retry then, so a draining proxy closes every HTTP connection that waits for its next
+request, and each busy one after its current response. Opaque TCP cannot be ended politely:
+those connections are waited for (up to the drain timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import trio
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def start(self) -> None:
+        self.draining = True
+        for scope in list(self._idle):
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[trio.CancelScope]:
+        """A scope around waiting for a next request: cancelled when draining starts (at
+        once if it has)."""
+        with trio.CancelScope() as scope:
+            if self.draining:
+                scope.cancel()
+            self._idle.add(scope)
+            try:
+                yield scope
+            finally:
+                self._idle.discard(scope)
