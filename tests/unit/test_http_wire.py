@@ -1,8 +1,7 @@
-"""The engine's HTTP/1.1 codecs: framing, keep-alive, upgrades and validation as h11 does them;
-received messages are compared with h11's reading of the same bytes, split anywhere. Every test
-runs against both codecs with the same interface: agent/proxy/http/wire.py (hand-written) and
-agent/proxy/http/codec.py (parsing by llhttp through httptools); where llhttp reads differently
-from h11, the test says so."""
+"""The engine's HTTP/1.1 codec (agent/proxy/http/wire.py: parsing by llhttp through httptools):
+framing, keep-alive, upgrades and validation as h11 does them; received messages are compared
+with h11's reading of the same bytes, split anywhere; where llhttp reads differently from h11,
+the test says so."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from meshagent.agent.proxy.http import codec, wire
+from meshagent.agent.proxy.http import wire
 
-CODECS = [pytest.param(wire, id="wire"), pytest.param(codec, id="codec")]
+codec = wire  # parsing by llhttp (httptools); the hand-written parser it replaced is gone
+CODECS = [pytest.param(wire, id="llhttp")]
 
 
 @pytest.fixture(params=CODECS)
@@ -295,7 +295,7 @@ def test_connect_and_101_switch_with_the_bytes_after_the_head(w):
 
 
 def test_llhttp_readings_that_differ_from_h11():
-    """Where codec.py (llhttp, strict mode) reads differently from h11 and wire.py."""
+    """Where wire.py (llhttp, strict mode) reads differently from h11."""
     refused = [
         # an upgrade's body would be taken for the new protocol's bytes: refused
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: ws\r\n"

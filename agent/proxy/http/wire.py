@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 codec for the proxy's engine: h11's model and semantics, a fraction of its cost.
+"""The proxy's HTTP/1.1 codec: llhttp (Node.js's parser, through `httptools`) reads, h11's model.
 
 What flows through: bytes received from a peer go in (`receive_data`), events come out
 (`next_event`: Request, InformationalResponse, Response, Data, EndOfMessage, ConnectionClosed,
@@ -6,26 +6,43 @@ or NEED_DATA / PAUSED); events the engine sends go in (`send`) and the bytes to 
 One `Connection` per TCP connection and role (SERVER toward a downstream client, CLIENT toward
 an upstream server), with h11's state machine as far as the engine relies on it: `our_state` /
 `their_state` (IDLE, SEND_RESPONSE, SEND_BODY, DONE, MUST_CLOSE, CLOSED, ERROR,
-MIGHT_SWITCH_PROTOCOL, SWITCHED_PROTOCOL), `start_next_cycle`, keep-alive (``Connection:
-close``, HTTP/1.0), `client_is_waiting_for_100_continue`, upgrades (Upgrade, CONNECT) and
-`trailing_data`.
+MIGHT_SWITCH_PROTOCOL, SWITCHED_PROTOCOL), `start_next_cycle`, keep-alive,
+`client_is_waiting_for_100_continue`, upgrades (Upgrade, CONNECT) and `trailing_data`.
 
-Why not h11: profiles of the node proxy under keep-alive load showed h11 at 23-28% of the
-agent's CPU (its generic event machinery and per-header validation on both parse and send).
-This codec parses a head with a few `bytes` operations and one regular expression per line,
-frames bodies the way h11 does (Content-Length, chunked, read-until-close for HTTP/1.0 style
-responses; no body for HEAD, 1xx, 204, 304, 2xx to CONNECT), and writes heads without
-re-validating what it parsed itself. Incoming messages are validated as h11 validates them
-(request and status lines, header names and values, Content-Length and Transfer-Encoding
-rules, Host on HTTP/1.1 requests, head size limit): a violation raises RemoteProtocolError
-with h11's `error_status_hint` (400, 431 for a head too large, 501 for an unsupported
-Transfer-Encoding). Events the engine builds are trusted (header names lower-case bytes).
-Trailers of chunked bodies are read and dropped.
+Every received byte is parsed and validated by llhttp in its strict mode (request and status
+lines, header names and values, Content-Length and Transfer-Encoding rules, chunk sizes and
+extensions, trailers): `httptools.HttpRequestParser` as SERVER, `HttpResponseParser` as CLIENT.
+This module only decides how many buffered bytes llhttp sees at a time, so that a message's end
+is known to the byte without re-parsing anything: a head up to its blank line (CRLF CRLF:
+llhttp refuses bare-LF line ends), a Content-Length body up to its length, a chunked body up to
+the LF of each size or trailer line, and a chunk's data and CRLF by the size read from the line
+llhttp has just accepted. Bytes past the message (a pipelined request, data after an upgrade)
+stay in the buffer until the next cycle or for `trailing_data`. What llhttp does not do stays
+here: the head size limit (RemoteProtocolError with `error_status_hint` 431), one Host
+(required on HTTP/1.1), Transfer-Encoding other than plain `chunked` (501, as h11), the end of
+a response without a body to a HEAD or CONNECT request (llhttp's response parser does not know
+the request; httptools offers no way to tell it, so such a head is fed alone and the parser is
+replaced), read-until-close bodies at EOF (httptools has no `finish`), and the writing side
+(heads serialized from trusted events, bodies framed as h11 frames them). Trailers of chunked
+bodies are validated and dropped.
+
+Where llhttp is stricter than h11 (each RFC 9112-conformant), with 400: obs-folded header
+lines, bare-LF line ends, a Content-Length list ("5, 5") or repeated Content-Length,
+Content-Length with Transfer-Encoding, a request line with bytes above 0x7e, HTTP versions
+other than 1.0, 1.1 and 2.0 (h11: any digit.digit), HTTP/0.9's "GET /", and methods outside
+llhttp's list of known ones (RFC 9110 asks for 501 there; llhttp's error does not tell an
+unknown method from binary garbage). Refused here for llhttp's sake: an upgrade or CONNECT
+request with a body (llhttp would take the body for the new protocol's bytes). More lenient:
+empty lines before a request line are skipped (RFC 9112 section 2.2). HTTP/1.0 connections
+close after one exchange, as with h11, whatever llhttp's `should_keep_alive()` says about
+`Connection: keep-alive`.
 """
 
 from __future__ import annotations
 
 import re
+
+import httptools
 
 __all__ = [
     "CLIENT",
@@ -158,20 +175,16 @@ class ConnectionClosed:
     __slots__ = ()
 
 
-# -- grammar (RFC 9110/9112, as h11 checks it) ------------------------------------------------
-
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
-_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([ \t\x21-\x7e\x80-\xff]*))?")
-_HEADER_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*"
-    rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*"
-)
-_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
-_DIGITS = re.compile(rb"[0-9]+")
-_MAX_CONTENT_LENGTH_DIGITS = 20
 _NO_BODY_STATUS = (204, 304)
 _FRAMING = (b"content-length", b"transfer-encoding")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_BLANK_LINE = b"\r\n\r\n"
+
+# How the body being received is framed: _LENGTH (remaining bytes), _CHUNKED (remaining bytes
+# of the current chunk's data and its CRLF; 0 while llhttp reads a size or trailer line), _EOF
+# (until the peer closes: HTTP/1.0-style responses).
+_LENGTH, _CHUNKED, _EOF = 0, 1, 2
 
 
 def _comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
@@ -185,64 +198,75 @@ def _comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
     return out
 
 
-def _split_head(head: bytes) -> list[bytes]:
-    """Lines of a head (without its blank line), CRLF or bare LF, obs-folds unfolded."""
-    lines = head.split(b"\n")
-    out: list[bytes] = []
-    for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if line[:1] in (b" ", b"\t") and out:
-            out[-1] = out[-1] + b" " + line.strip(b" \t")  # obs-fold (RFC 9112 5.2)
+class _Message:
+    """llhttp's callbacks for the message being received (reset for each)."""
+
+    __slots__ = (
+        "body",
+        "chunk_header",
+        "complete",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "method",
+        "parser",
+        "reason",
+        "status",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.target = b""
+        self.reason = b""
+        self.headers: Headers = []
+        self.head_done = False
+        self.keep_alive = True
+        self.upgrade = False
+        self.method = b""
+        self.status = 0
+        self.version = "1.1"
+        self.body: list[bytes] = []
+        self.chunk_header = False
+        self.complete = False
+
+    # the callbacks (httptools registers only those the protocol object has)
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url  # called once per span: a target may arrive in pieces
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # after the head: trailers, dropped
+            self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        parser = self.parser
+        # asked now: llhttp forgets a response's framing once the message is complete
+        self.keep_alive = parser.should_keep_alive()
+        self.upgrade = parser.should_upgrade()
+        self.version = parser.get_http_version()
+        if isinstance(parser, httptools.HttpRequestParser):
+            self.method = parser.get_method()
         else:
-            out.append(line)
-    return out
+            self.status = parser.get_status_code()
 
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
 
-def _parse_headers(lines: list[bytes]) -> Headers:
-    headers: Headers = []
-    match = _HEADER_LINE.fullmatch
-    for line in lines:
-        m = match(line)
-        if m is None:
-            raise RemoteProtocolError(f"illegal header line {line[:80]!r}")
-        headers.append((m.group(1).lower(), m.group(2)))
-    return headers
+    def on_chunk_header(self) -> None:
+        self.chunk_header = True
 
-
-def _framing(headers: Headers) -> tuple[bool, int | None]:
-    """(chunked, content length or None) of a received message; h11's header rules."""
-    length: bytes | None = None
-    chunked = False
-    for name, value in headers:
-        if name == b"content-length":
-            lengths = {v.strip() for v in value.split(b",")}
-            if len(lengths) != 1:
-                raise RemoteProtocolError("conflicting Content-Length headers")
-            one = lengths.pop()
-            if not _DIGITS.fullmatch(one) or len(one) > _MAX_CONTENT_LENGTH_DIGITS:
-                raise RemoteProtocolError("bad Content-Length")
-            if length is not None and length != one:
-                raise RemoteProtocolError("conflicting Content-Length headers")
-            length = one
-        elif name == b"transfer-encoding":
-            if chunked:
-                raise RemoteProtocolError("multiple Transfer-Encoding headers", 501)
-            if value.lower() != b"chunked":
-                raise RemoteProtocolError("Only Transfer-Encoding: chunked is supported", 501)
-            chunked = True
-    if chunked:
-        return True, None
-    return False, None if length is None else int(length)
-
-
-# -- body readers -----------------------------------------------------------------------------
-# A reader is (kind, remaining): kind "length" (remaining bytes), "chunked" (remaining bytes of
-# the current chunk, -1 before a chunk header, -2 in the trailers), "eof" (until the peer
-# closes: HTTP/1.0-style responses).
-
-_LENGTH, _CHUNKED, _EOF = 0, 1, 2
-_CHUNK_HEADER_NEXT, _CHUNK_TRAILERS, _CHUNK_CRLF = -1, -2, -3
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 class Connection:
@@ -252,11 +276,16 @@ class Connection:
         "_body_kind",
         "_buf",
         "_closed",
+        "_head_fed",
         "_keep_alive",
+        "_line",
         "_max",
+        "_msg",
+        "_parser",
         "_remaining",
         "_request_method",
         "_switch_proposed",
+        "_tail",
         "_their_version",
         "_write_kind",
         "_write_remaining",
@@ -278,6 +307,11 @@ class Connection:
         self._request_method: bytes | None = None
         self._switch_proposed = False  # an Upgrade or CONNECT awaits the server's answer
         self._their_version: bytes | None = None
+        self._msg = _Message()
+        self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = None
+        self._head_fed = 0  # bytes of the current head given to llhttp so far
+        self._tail = b""  # the last of them (a blank line may straddle two receives)
+        self._line = b""  # the chunked-body line being fed
         self._body_kind = _LENGTH
         self._remaining = 0
         self._write_kind = _LENGTH
@@ -324,27 +358,20 @@ class Connection:
         state = self.their_state
         try:
             if state is SEND_BODY:
-                event = self._read_body()
-            elif state is IDLE or state is SEND_RESPONSE:
-                event = self._read_head()
-            elif state is DONE:
+                return self._read_body()
+            if state is IDLE or state is SEND_RESPONSE:
+                return self._read_head()
+            if state is DONE:
                 if self._buf:
                     return PAUSED
-                event = self._eof_or_need()
-            elif state is MIGHT_SWITCH_PROTOCOL or state is SWITCHED_PROTOCOL:
+                return self._eof_or_need()
+            if state is MIGHT_SWITCH_PROTOCOL or state is SWITCHED_PROTOCOL:
                 return PAUSED
-            elif state is MUST_CLOSE or state is CLOSED:
+            if state is MUST_CLOSE or state is CLOSED:
                 if self._buf:
                     raise RemoteProtocolError("Got data when expecting EOF")
-                event = self._eof_or_need()
-            else:  # ERROR
-                raise RemoteProtocolError("cannot read from a connection in error")
-            if event is NEED_DATA:
-                if len(self._buf) > self._max:
-                    raise RemoteProtocolError("Receive buffer too long", 431)
-                if self._closed:
-                    raise RemoteProtocolError("peer unexpectedly closed connection")
-            return event
+                return self._eof_or_need()
+            raise RemoteProtocolError("cannot read from a connection in error")
         except ProtocolError as exc:
             self.their_state = ERROR
             if isinstance(exc, RemoteProtocolError):
@@ -357,94 +384,144 @@ class Connection:
             return ConnectionClosed()
         return NEED_DATA
 
-    def _take_head(self) -> bytes | None:
-        """The head up to its blank line (CRLF, or bare LF as h11 accepts), consumed."""
+    def _feed(self, n: int) -> None:
+        """Give llhttp the next `n` buffered bytes (the callbacks fill `_msg`)."""
         buf = self._buf
-        end = buf.find(b"\n\r\n")
-        lf = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
-        if lf >= 0:
-            head = bytes(buf[:lf])
-            del buf[: lf + 2]
-            return head
-        if end >= 0:
-            head = bytes(buf[:end])
-            del buf[: end + 3]
-            return head
-        return None
+        msg = self._msg
+        if not msg.head_done:
+            self._tail = (self._tail + bytes(buf[max(0, n - 3) : n]))[-3:]
+        parser = self._parser
+        if parser is None:
+            if self.our_role is SERVER:
+                parser = httptools.HttpRequestParser(msg)
+            else:
+                parser = httptools.HttpResponseParser(msg)
+            self._parser = msg.parser = parser
+        try:
+            # a view, not a copy (the callbacks copy what they keep); released before the
+            # fed bytes leave the buffer
+            with memoryview(buf) as view, view[:n] as data:
+                parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after the head of an upgrade (CONNECT, Upgrade + Connection:
+            # upgrade, 101): the message is complete and, the feed being bounded, nothing
+            # of what follows was read
+            msg.complete = True
+        except httptools.HttpParserError as exc:
+            self._parser = None
+            if msg.head_done:
+                if self.our_role is CLIENT and msg.status < 200:
+                    return  # e.g. a 101 without `Connection: upgrade`: llhttp pauses
+                self._check_head()  # our refusal (e.g. 501) before llhttp's (400)
+            raise RemoteProtocolError(str(exc) or type(exc).__name__) from None
+        finally:
+            del buf[:n]
+
+    # -- heads ------------------------------------------------------------------------------
 
     def _read_head(self):
         buf = self._buf
-        if not buf:
-            if self._closed:
-                if self.their_state is IDLE:
-                    self.their_state = CLOSED
-                    return ConnectionClosed()
-                raise RemoteProtocolError("peer unexpectedly closed connection")
-            return NEED_DATA
-        if buf[0] < 0x21:  # the first byte of a request/status line cannot be blank or binary
-            if self.our_role is SERVER:
-                raise RemoteProtocolError("illegal request line")
-            raise RemoteProtocolError("illegal status line")
-        head = self._take_head()
-        if head is None:
-            return NEED_DATA
-        if len(head) > self._max:
-            raise RemoteProtocolError("Receive buffer too long", 431)
-        lines = _split_head(head)
+        msg = self._msg
+        while not msg.head_done:
+            if not buf:
+                if self._closed:
+                    if self.their_state is IDLE and not self._head_fed:
+                        self.their_state = CLOSED
+                        return ConnectionClosed()
+                    raise RemoteProtocolError("peer unexpectedly closed connection")
+                return NEED_DATA
+            if self.our_role is CLIENT and self.our_state is IDLE:
+                raise RemoteProtocolError("response without a request")
+            end = buf.find(_BLANK_LINE)
+            n = len(buf) if end < 0 else end + 4
+            tail = self._tail
+            if tail:  # does a blank line begun in the previous feed end here?
+                straddle = (tail + bytes(buf[:3])).find(_BLANK_LINE)
+                if straddle >= 0:
+                    n = straddle + 4 - len(tail)
+            self._head_fed += n
+            if self._head_fed > self._max:
+                raise RemoteProtocolError("Receive buffer too long", 431)
+            self._feed(n)
+        self._head_fed = 0
+        self._tail = b""
+        headers = msg.headers
         if self.our_role is SERVER:
-            return self._request(lines)
-        return self._response(lines)
+            return self._request(headers)
+        return self._response(headers)
 
-    def _request(self, lines: list[bytes]) -> Request:
-        m = _REQUEST_LINE.fullmatch(lines[0])
-        if m is None:
-            raise RemoteProtocolError("illegal request line")
-        method, target, version = m.group(1), m.group(2), m.group(3)
-        headers = _parse_headers(lines[1:])
-        chunked, length = _framing(headers)
-        if version == b"1.1":
+    def _check_head(self) -> None:
+        """What llhttp leaves to us about a received head (h11's rules)."""
+        headers = self._msg.headers
+        if self._msg.version == "0.9":  # llhttp takes "GET /" as an HTTP/0.9 request
+            raise RemoteProtocolError("HTTP/0.9 is not supported")
+        te = [v for n, v in headers if n == b"transfer-encoding"]
+        if te and (len(te) > 1 or te[0].lower() != b"chunked"):
+            raise RemoteProtocolError("Only Transfer-Encoding: chunked is supported", 501)
+        if self.our_role is SERVER:  # RFC 9112 section 3.2
             hosts = sum(1 for n, _ in headers if n == b"host")
-            if hosts == 0:
-                raise RemoteProtocolError("Missing mandatory Host: header")
             if hosts > 1:
                 raise RemoteProtocolError("Found multiple Host: headers")
-        connection = _comma_tokens(headers, b"connection")
-        self._keep_alive = b"close" not in connection and version >= b"1.1"
-        self._their_version = version
+            if hosts == 0 and self._msg.version == "1.1":
+                raise RemoteProtocolError("Missing mandatory Host: header")
+
+    def _framing(self, headers: Headers) -> None:
+        """The body reader for a received message, from its headers as llhttp accepted them
+        (one Content-Length of digits at most; never with Transfer-Encoding)."""
+        self._remaining = 0
+        self._body_kind = _LENGTH
+        for name, value in headers:
+            if name == b"content-length":
+                self._remaining = int(value)
+            elif name == b"transfer-encoding":
+                self._body_kind = _CHUNKED
+                self._line = b""
+                return
+
+    def _request(self, headers: Headers) -> Request:
+        msg = self._msg
+        self._check_head()
+        method = msg.method
+        version = msg.version
+        self._their_version = _VERSIONS.get(version) or version.encode()
+        self._keep_alive = msg.keep_alive and version != "1.0"
         self._request_method = method
         self._switch_proposed = method == b"CONNECT" or any(n == b"upgrade" for n, _ in headers)
-        if version >= b"1.1" and b"100-continue" in _comma_tokens(headers, b"expect"):
+        self._framing(headers)
+        if msg.upgrade and (self._remaining or self._body_kind == _CHUNKED):
+            # llhttp takes an upgrade's body for the new protocol's first bytes
+            raise RemoteProtocolError("an upgrade or CONNECT request with a body")
+        if version != "1.0" and b"100-continue" in _comma_tokens(headers, b"expect"):
             self.client_is_waiting_for_100_continue = True
-        if chunked:
-            self._body_kind, self._remaining = _CHUNKED, _CHUNK_HEADER_NEXT
-        else:
-            self._body_kind, self._remaining = _LENGTH, length or 0
         self.their_state = SEND_BODY
         self.our_state = SEND_RESPONSE
-        return Request(method=method, target=target, headers=headers, http_version=version)
+        return Request(
+            method=method, target=msg.target, headers=headers, http_version=self._their_version
+        )
 
-    def _response(self, lines: list[bytes]):
-        if self.our_state is IDLE:
-            raise RemoteProtocolError("response without a request")
-        m = _STATUS_LINE.fullmatch(lines[0])
-        if m is None:
-            raise RemoteProtocolError("illegal status line")
-        version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
-        headers = _parse_headers(lines[1:])
+    def _response(self, headers: Headers):
+        msg = self._msg
+        status = msg.status
+        version = msg.version
+        version_b = _VERSIONS.get(version) or version.encode()
         if status < 200:
             if status == 101:
                 if not self._switch_proposed or self.our_state is not MIGHT_SWITCH_PROTOCOL:
                     raise RemoteProtocolError("101 without a complete upgrade request")
                 self.our_state = self.their_state = SWITCHED_PROTOCOL
+            elif not msg.complete:
+                self._parser = None  # an 1xx with framing headers: llhttp waits for a body
+            reason = msg.reason
+            self._msg.reset()
             return InformationalResponse(
-                status_code=status, headers=headers, reason=reason, http_version=version
+                status_code=status, headers=headers, reason=reason, http_version=version_b
             )
-        chunked, length = _framing(headers)
-        if b"close" in _comma_tokens(headers, b"connection") or version < b"1.1":
+        self._check_head()
+        if not msg.keep_alive or version == "1.0":
             self._keep_alive = False
         method = self._request_method
         response = Response(
-            status_code=status, headers=headers, reason=reason, http_version=version
+            status_code=status, headers=headers, reason=msg.reason, http_version=version_b
         )
         if method == b"CONNECT" and 200 <= status < 300:
             self.our_state = self.their_state = SWITCHED_PROTOCOL
@@ -455,18 +532,22 @@ class Connection:
                 self.our_state = DONE
                 self._both_done()
         if method == b"HEAD" or status in _NO_BODY_STATUS:
+            if not msg.complete:  # llhttp, not knowing it was HEAD, waits for the body
+                msg.complete = True
+                self._parser = None
             self._body_kind, self._remaining = _LENGTH, 0
-        elif chunked:
-            self._body_kind, self._remaining = _CHUNKED, _CHUNK_HEADER_NEXT
-        elif length is not None:
-            self._body_kind, self._remaining = _LENGTH, length
         else:
-            self._body_kind, self._remaining = _EOF, 0
-            self._keep_alive = False
+            self._framing(headers)
+            if self._body_kind == _LENGTH and not any(n == b"content-length" for n, _ in headers):
+                self._body_kind = _EOF
+                self._keep_alive = False
         self.their_state = SEND_BODY
         return response
 
+    # -- bodies -----------------------------------------------------------------------------
+
     def _end_of_their_message(self) -> EndOfMessage:
+        self._msg.reset()
         if self.our_role is SERVER:
             self.client_is_waiting_for_100_continue = False
         if self.our_role is SERVER and self._switch_proposed:
@@ -478,87 +559,54 @@ class Connection:
 
     def _read_body(self):
         buf = self._buf
-        kind = self._body_kind
-        if kind == _LENGTH:
-            remaining = self._remaining
-            if remaining == 0:
+        msg = self._msg
+        while True:
+            if msg.body:
+                body = msg.body
+                data = body[0] if len(body) == 1 else b"".join(body)
+                body.clear()
+                if self.client_is_waiting_for_100_continue and self.our_role is SERVER:
+                    self.client_is_waiting_for_100_continue = False
+                return Data(data=data)
+            if msg.complete:
                 return self._end_of_their_message()
             if not buf:
                 if self._closed:
+                    if self._body_kind == _EOF:
+                        self._parser = None
+                        return self._end_of_their_message()
                     raise RemoteProtocolError(
                         "peer closed connection without sending complete message body"
                     )
                 return NEED_DATA
-            if len(buf) <= remaining:
-                data = bytes(buf)
-                buf.clear()
+            kind = self._body_kind
+            if kind == _LENGTH:
+                n = min(len(buf), self._remaining)
+                self._remaining -= n
+                self._feed(n)
+            elif kind == _EOF:
+                self._feed(len(buf))
             else:
-                data = bytes(buf[:remaining])
-                del buf[:remaining]
-            self._remaining = remaining - len(data)
-            if self.client_is_waiting_for_100_continue and self.our_role is SERVER:
-                self.client_is_waiting_for_100_continue = False
-            return Data(data=data)
-        if kind == _EOF:
-            if buf:
-                data = bytes(buf)
-                buf.clear()
-                return Data(data=data)
-            if self._closed:
-                return self._end_of_their_message()
-            return NEED_DATA
-        # chunked
-        while True:
-            remaining = self._remaining
-            if remaining > 0:
-                if not buf:
-                    return self._chunk_need()
-                if len(buf) <= remaining:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:remaining])
-                    del buf[:remaining]
-                remaining -= len(data)
-                self._remaining = remaining if remaining else _CHUNK_CRLF
-                if self.client_is_waiting_for_100_continue and self.our_role is SERVER:
-                    self.client_is_waiting_for_100_continue = False
-                return Data(data=data)
-            if remaining == _CHUNK_CRLF:
-                if len(buf) < 2:
-                    return self._chunk_need()
-                if buf[:2] != b"\r\n":
-                    raise RemoteProtocolError("missing CRLF after a chunk")
-                del buf[:2]
-                self._remaining = _CHUNK_HEADER_NEXT
-                continue
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) > self._max:
+                # chunked: what is left of a chunk's data and its CRLF, then the next line
+                # (a chunk size, a trailer, or the last one) up to its LF
+                skip = self._remaining
+                if skip >= len(buf):
+                    self._remaining -= len(buf)
+                    self._feed(len(buf))
+                    continue
+                end = buf.find(b"\n", skip)
+                n = len(buf) if end < 0 else end + 1
+                line = self._line = self._line + bytes(buf[skip:n])
+                if len(line) > self._max:
                     raise RemoteProtocolError("Receive buffer too long", 431)
-                return self._chunk_need()
-            line = bytes(buf[:end])
-            del buf[: end + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if remaining == _CHUNK_TRAILERS:
-                if not line:
-                    return self._end_of_their_message()
-                if _HEADER_LINE.fullmatch(line) is None and line[:1] not in (b" ", b"\t"):
-                    raise RemoteProtocolError("illegal trailer line")
-                continue
-            m = _CHUNK_HEADER.fullmatch(line)
-            if m is None:
-                raise RemoteProtocolError("illegal chunk header")
-            size = int(m.group(1), 16)
-            self._remaining = size if size else _CHUNK_TRAILERS
-
-    def _chunk_need(self):
-        if self._closed:
-            raise RemoteProtocolError(
-                "peer closed connection without sending complete message body"
-            )
-        return NEED_DATA
+                self._remaining = 0
+                msg.chunk_header = False
+                self._feed(n)
+                if end >= 0:
+                    self._line = b""
+                    if msg.chunk_header:  # llhttp accepted a chunk size line: its hex digits
+                        size = int(_CHUNK_SIZE.match(line).group(), 16)
+                        self._remaining = size + 2 if size else 0
 
     # -- sending ----------------------------------------------------------------------------
 
