@@ -50,40 +50,6 @@ def _counter(metric) -> float:
 class DataPlane:
     def __init__(
         self,
-        *,
-        store: SnapshotStore,
-        identities: IdentitySource,
-        workload_tls: WorkloadTls,
-        pop_orig_dst: Callable,
-        metrics: ProxyMetrics,
-        access_log: AccessLog | None,
-        node: str,
-        trust_domain: str,
-        root_namespace: str,
-        proxy_ip: str,
-        outbound_port: int,
-        hbone_port: int,
-    ) -> None:
-        self.store = store
-        self.identities = identities
-        self.workload_tls = workload_tls
-        self.pop_orig_dst = pop_orig_dst
-        self.inputs = ProxyInputs(
-            store=store,
-            node=node,
-            trust_domain=trust_domain,
-            metrics=metrics,
-            access_log=access_log,
-        )
-        self.root_namespace = root_namespace
-        self.proxy_ip, self.outbound_port, self.hbone_port = proxy_ip, outbound_port, hbone_port
-        self.listeners: list[PausableListener] = []
-        self.traffic: Traffic | None = None
-        store.on_change(self._on_snapshot)
-
-    @classmethod
-    def from_config(
-        cls,
         config: AgentConfig,
         *,
         store: SnapshotStore,
@@ -92,21 +58,22 @@ class DataPlane:
         pop_orig_dst: Callable,
         metrics: ProxyMetrics,
         access_log: AccessLog | None,
-    ) -> DataPlane:
-        return cls(
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.identities = identities
+        self.workload_tls = workload_tls
+        self.pop_orig_dst = pop_orig_dst
+        self.inputs = ProxyInputs(
             store=store,
-            identities=identities,
-            workload_tls=workload_tls,
-            pop_orig_dst=pop_orig_dst,
-            metrics=metrics,
-            access_log=access_log,
             node=config.node_name,
             trust_domain=config.trust_domain,
-            root_namespace=config.root_namespace,
-            proxy_ip=config.proxy_ip,
-            outbound_port=config.outbound_port,
-            hbone_port=config.hbone_port,
+            metrics=metrics,
+            access_log=access_log,
         )
+        self.listeners: list[PausableListener] = []
+        self.traffic: Traffic | None = None
+        store.on_change(self._on_snapshot)
 
     def _on_snapshot(self, tables) -> None:
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
@@ -123,10 +90,10 @@ class DataPlane:
         ):
             self.nursery = nursery
             self.pool = pool
-            self.traffic = Traffic(http_pool, self.root_namespace)
+            self.traffic = Traffic(http_pool, self.config.root_namespace)
             if self.store.tables is not None:
                 self._on_snapshot(self.store.tables)
-            connector = Connector(self.inputs, pool, self.identities, self.hbone_port)
+            connector = Connector(self.inputs, pool, self.identities, self.config.hbone_port)
             self.proxy = OutboundProxy(self.inputs, self.pop_orig_dst, connector, self.traffic)
             self.inbound = InboundProxy(self.inputs, http_pool)
             connector.attach_local(self.inbound, nursery)
@@ -139,8 +106,8 @@ class DataPlane:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         """Bind 15001 and 15008 (shared with any other agent or worker on the node: see
         common/listeners.py) and accept; HBONE waits for the first trust bundle."""
-        outbound = PausableListener(self.proxy_ip, self.outbound_port)
-        hbone = PausableListener("0.0.0.0", self.hbone_port)
+        outbound = PausableListener(self.config.proxy_ip, self.config.outbound_port)
+        hbone = PausableListener("0.0.0.0", self.config.hbone_port)
         self.listeners = [outbound, hbone]
         await self.nursery.start(serve_outbound, self.proxy, [outbound])
         if self.workload_tls.selector is None:

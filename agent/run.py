@@ -58,6 +58,7 @@ class Agent:
         self.ready = False
         self.draining = False
         self.phase = handover.Phase.OWNER
+        self.metrics_listener: PausableListener | None = None  # bound once the proxy serves
         self.datapath_reused = False
         self.store.on_change(self._on_snapshot)
 
@@ -141,7 +142,7 @@ class Agent:
                         cfg, workers, self.store, self.identities, metrics_env, metrics_dir
                     )
                 else:
-                    dataplane = DataPlane.from_config(
+                    dataplane = DataPlane(
                         cfg,
                         store=self.store,
                         identities=self.identities,
@@ -223,7 +224,7 @@ class Agent:
             self.reconciler.resume()
 
     def _set_accepting(self, on: bool) -> None:
-        if not hasattr(self, "metrics_listener"):
+        if self.metrics_listener is None:
             return  # not listening yet: `_serve` looks at the phase once it does
         self.dataplane.set_accepting(on)
         try:

@@ -8,9 +8,6 @@ those connections are waited for (up to the drain timeout).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import trio
 
 
@@ -24,15 +21,12 @@ class Drain:
         for scope in list(self._idle):
             scope.cancel()
 
-    @contextlib.contextmanager
-    def idle(self) -> Iterator[trio.CancelScope]:
-        """A scope around waiting for a next request: cancelled when draining starts (at
-        once if it has)."""
-        with trio.CancelScope() as scope:
-            if self.draining:
-                scope.cancel()
-            self._idle.add(scope)
-            try:
-                yield scope
-            finally:
-                self._idle.discard(scope)
+    def watch(self, scope: trio.CancelScope) -> None:
+        """``scope`` waits for a next request: cancel it when draining starts (now if it has).
+        `unwatch` it when the wait ends."""
+        if self.draining:
+            scope.cancel()
+        self._idle.add(scope)
+
+    def unwatch(self, scope: trio.CancelScope) -> None:
+        self._idle.discard(scope)

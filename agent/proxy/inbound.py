@@ -28,7 +28,7 @@ from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.relay import RelayResult, relay
-from meshagent.agent.proxy.report import report_http
+from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import single_endpoint_routes
 from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.telemetry import (
@@ -324,15 +324,15 @@ class InboundProxy:
     def _log(
         self, labels, start, started, to_client, from_client, flags, client, upstream, decision
     ) -> None:
-        if self.inputs.access_log is not None:
-            self.inputs.access_log.tcp_connection(
-                labels,
-                start=start,
-                duration_ms=(trio.current_time() - started) * 1000,
-                bytes_sent=to_client,
-                bytes_received=from_client,
-                response_flags=flags,
-                decision=decision,
-                source_address=client,
-                destination_address=upstream,
-            )
+        log_tcp(
+            self.inputs,
+            labels,
+            start=start,
+            started=started,
+            bytes_sent=to_client,
+            bytes_received=from_client,
+            flags=flags,
+            source_address=client,
+            destination_address=upstream,
+            decision=decision,
+        )

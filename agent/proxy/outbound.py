@@ -18,7 +18,7 @@ from meshagent.agent.proxy.http import HttpContext, RequestRecord, proxy_http1
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.relay import RelayResult, relay
-from meshagent.agent.proxy.report import report_http
+from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import is_http_port
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
@@ -191,18 +191,18 @@ class OutboundProxy:
     ) -> None:
         if opened:
             self.inputs.metrics.tcp_closed(labels, to_client, from_client, flags)
-        if self.inputs.access_log is not None:
-            self.inputs.access_log.tcp_connection(
-                labels,
-                start=start,
-                duration_ms=(trio.current_time() - started) * 1000,
-                bytes_sent=to_client,
-                bytes_received=from_client,
-                response_flags=flags,
-                source_address=client,
-                destination_address=upstream,
-                error=error or None,
-            )
+        log_tcp(
+            self.inputs,
+            labels,
+            start=start,
+            started=started,
+            bytes_sent=to_client,
+            bytes_received=from_client,
+            flags=flags,
+            source_address=client,
+            destination_address=upstream,
+            error=error or None,
+        )
 
 
 class _L4:

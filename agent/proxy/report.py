@@ -1,4 +1,5 @@
-"""Reporting a finished HTTP request: Istio's metrics and the access log line, one call.
+"""Reporting a finished HTTP request (Istio's metrics and the access log line, one call) and the
+access log line of a finished TCP connection.
 
 Both directions (the source's outbound engine and the destination's inbound one) report
 the same way; only the labels (reporter, peers) and the addresses differ.
@@ -6,6 +7,7 @@ the same way; only the labels (reporter, peers) and the addresses differ.
 
 from __future__ import annotations
 
+import trio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.telemetry import ConnectionLabels
@@ -45,4 +47,34 @@ def report_http(
             decision=decision,
             source_address=source_address,
             destination_address=destination_address,
+        )
+
+
+def log_tcp(
+    inputs: ProxyInputs,
+    labels: ConnectionLabels,
+    *,
+    start: float,
+    started: float,
+    bytes_sent: int,
+    bytes_received: int,
+    flags: str,
+    source_address: str,
+    destination_address: str | None,
+    decision: Decision | None = None,
+    error: str | None = None,
+) -> None:
+    """The access log line of a TCP connection (``started``: trio time it began)."""
+    if inputs.access_log is not None:
+        inputs.access_log.tcp_connection(
+            labels,
+            start=start,
+            duration_ms=(trio.current_time() - started) * 1000,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+            response_flags=flags,
+            decision=decision,
+            source_address=source_address,
+            destination_address=destination_address,
+            error=error,
         )

@@ -48,6 +48,12 @@ def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
     return prepare_multiprocess_dir(folder)
 
 
+def _open_in(status: dict[str, Any]) -> int:
+    """Open connections in one worker's status (`DataPlane.status`)."""
+    proxy, inbound = status.get("proxy", {}), status.get("inbound", {})
+    return proxy.get("active_connections", 0) + inbound.get("active", 0)
+
+
 class _Worker:
     """One worker slot: the process of the moment, its outbox and its last status."""
 
@@ -99,10 +105,8 @@ class WorkerPool:
             w.post({"type": "accepting", "on": on})
 
     def open_connections(self) -> int:
-        merged = self.status()
-        return merged.get("proxy", {}).get("active_connections", 0) + merged.get("inbound", {}).get(
-            "active", 0
-        )
+        """As the workers last reported (every second)."""
+        return sum(_open_in(w.status) for w in self.workers)
 
     def status(self) -> dict[str, Any]:
         merged = merge_status([w.status for w in self.workers if w.status])
@@ -129,11 +133,7 @@ class WorkerPool:
                 await trio.sleep(0.1)
         # what each worker said when it finished; its last status if it never said
         return sum(
-            w.left_open
-            if w.left_open is not None
-            else w.status.get("proxy", {}).get("active_connections", 0)
-            + w.status.get("inbound", {}).get("active", 0)
-            for w in self.workers
+            w.left_open if w.left_open is not None else _open_in(w.status) for w in self.workers
         )
 
     # -- feeding -------------------------------------------------------------------------------

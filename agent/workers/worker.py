@@ -48,7 +48,7 @@ class Worker:
             async with open_access_log(
                 AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
             ) as access_log:
-                self.dataplane = DataPlane.from_config(
+                self.dataplane = DataPlane(
                     cfg,
                     store=self.store,
                     identities=self.identities,

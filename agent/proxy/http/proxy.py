@@ -208,13 +208,17 @@ class _Session:
                 return event
             # A drain ends a keep-alive wait like the idle timeout; a connection's first
             # request (it may be on its way: the connection was accepted) is still served.
-            waiting = drain is not None and self.served and not started
-            idle = drain.idle() if waiting else contextlib.nullcontext()
-            with trio.move_on_at(deadline), idle:
+            watched = drain if drain is not None and self.served and not started else None
+            with trio.move_on_at(deadline) as wait:
+                if watched is not None:
+                    watched.watch(wait)
                 try:
                     data = await self.client.receive_some(RECEIVE_SIZE)
                 except CLIENT_ERRORS:
                     return None
+                finally:
+                    if watched is not None:
+                        watched.unwatch(wait)
                 if data and not started:
                     started = True
                     deadline = trio.current_time() + self.settings.request_header_timeout
