@@ -2,7 +2,10 @@
 
 DESIGN.md fixes the folders (`agent/`, `controller/`, `lab/`, `common/`, `bpf/`); installing
 them as top-level packages would take generic names, so each becomes `meshagent.<folder>`.
-Sub-packages are found by walking the folders, so a new one needs no edit here.
+Sub-packages are found by walking the folders, so a new one needs no edit here. A folder of
+data files only (no `__init__.py`, e.g. `lab/examples/`) is declared too, as a namespace
+package, so setuptools ships its package data without warning that it is "absent from the
+packages configuration"; pyproject.toml's `[tool.setuptools.package-data]` says which files.
 """
 
 from pathlib import Path
@@ -17,8 +20,11 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     packages: list[str] = []
     package_dir: dict[str, str] = {}
     for folder in FOLDERS:
-        for init in sorted((ROOT / folder).rglob("__init__.py")):
-            rel = init.parent.relative_to(ROOT)
+        top = ROOT / folder
+        for path in sorted([top, *top.rglob("*")]):
+            if not path.is_dir() or path.name == "__pycache__" or path.name.startswith("."):
+                continue
+            rel = path.relative_to(ROOT)
             name = "meshagent." + ".".join(rel.parts)
             packages.append(name)
             package_dir[name] = rel.as_posix()
