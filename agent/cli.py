@@ -21,9 +21,22 @@ _config_option = click.option(
 )
 
 
-@click.group()
-def main() -> None:
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def _verbose(ctx: click.Context) -> bool:
+    """Whether -v/--verbose was given to `meshagent` (the one place it belongs)."""
+    return bool(ctx.find_root().params.get("verbose"))
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="meshagent", prog_name="meshagent")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages (any subcommand).")
+def main(verbose: bool) -> None:
     """meshagent: the per-node mesh agent and proxy."""
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format=LOG_FORMAT)
 
 
 @main.command()
@@ -44,13 +57,16 @@ def main() -> None:
     help="The mesh root (PEM) the controller's certificate must chain to.",
 )
 @click.option("--proxy-ip", help="Address the node proxy listens on (redirect target).")
-@click.option("-v", "--verbose", is_flag=True)
-def run(config_file: Path | None, verbose: bool, **overrides: object) -> None:
+# `meshagent run -v`, as before the flag moved to `meshagent -v`: still accepted, not shown.
+@click.option("-v", "--verbose", is_flag=True, hidden=True)
+@click.pass_context
+def run(ctx: click.Context, config_file: Path | None, verbose: bool, **overrides: object) -> None:
     """Run the agent: load the datapath, follow the controller, proxy meshed traffic.
 
     \b
     Examples:
       meshagent run --config /etc/meshagent/agent.json
+      meshagent -v run --config /etc/meshagent/agent.json     # debug logs
       meshagent run --node-name node-1 --controller meshctl.meshagent-system.svc:15012 \\
           --cgroup-path /sys/fs/cgroup --bpffs /sys/fs/bpf/meshagent
     """
@@ -58,8 +74,7 @@ def run(config_file: Path | None, verbose: bool, **overrides: object) -> None:
     from meshagent.agent.run import Agent
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose or _verbose(ctx) else logging.INFO, format=LOG_FORMAT
     )
     config = load_config(config_file, **overrides)
     trio.run(Agent(config).serve)
@@ -93,28 +108,39 @@ def status(
       meshagent status --watch 2
       meshagent status --watch 5 --count 3 --json
     """
-    from meshagent.agent.status import gather, render, watch
+    from meshagent.agent import status as status_mod
 
     if count is not None and interval is None:
         raise click.UsageError("--count needs --watch")
     config = load_config(config_file)
+    missing: list[str | None] = [None]  # the last report's "no agent here" sentence
 
     def show(report: dict) -> None:
+        missing[0] = problem = status_mod.no_agent_here(report)
         if as_json:
-            click.echo(json.dumps(report, indent=None if interval else 2))
+            doc = {"error": problem} if problem else report
+            click.echo(json.dumps(doc, indent=None if interval else 2))
         elif interval is None:
-            click.echo(render(report))
+            if problem:
+                click.echo(f"meshagent: {problem}", err=True)
+            else:
+                click.echo(status_mod.render(report))
         else:
             click.clear()
-            click.echo(f"meshagent status every {interval:g}s (Ctrl-C stops)\n\n{render(report)}")
+            screen = problem or status_mod.render(report)
+            click.echo(f"meshagent status every {interval:g}s (Ctrl-C stops)\n\n{screen}")
 
-    if interval is None:
-        show(gather(config))
-        return
     try:
-        watch(lambda: gather(config), show, interval=interval, count=count)
+        if interval is None:
+            show(status_mod.gather(config))
+        else:
+            status_mod.watch(
+                lambda: status_mod.gather(config), show, interval=interval, count=count
+            )
     except KeyboardInterrupt:
         click.echo()  # end the line the terminal's ^C is on
+    if missing[0]:
+        sys.exit(1)
 
 
 def _clear_folder(folder: Path) -> list[str]:

@@ -23,6 +23,11 @@ knows and it is down):
 - ``connections``: ``outbound`` and ``inbound`` (``active``, ``accepted``), ``http_requests``,
   ``mutual_tls``; ``tunnels``: pooled HBONE connections; ``ejected_endpoints``;
   ``recent_denials``.
+
+Where there is no agent to report on (`no_agent_here`: nothing answers on the admin port and
+the config's pins and state folder are absent, or its cgroup path is not a cgroup-v2 folder),
+`meshagent status` says so in one sentence and exits non-zero instead of printing a report of
+errors; with ``--json`` it prints ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -43,7 +49,16 @@ from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.common.httpserve import http_get
 from meshagent.common.spiffe import Identity, InvalidIdentity
 
-__all__ = ["REPORT_FIELDS", "assemble", "gather", "render", "watch"]
+__all__ = [
+    "REPORT_FIELDS",
+    "assemble",
+    "denial_fields",
+    "describe_denial",
+    "gather",
+    "no_agent_here",
+    "render",
+    "watch",
+]
 
 REPORT_FIELDS: tuple[str, ...] = (
     "node",
@@ -70,13 +85,35 @@ def _agent_view(config: AgentConfig) -> tuple[dict | None, str]:
     return json.loads(body), ""
 
 
+def _is_cgroup2(path: Path) -> bool:
+    """Every cgroup-v2 folder (the root too) has cgroup.controllers; v1 and plain ones do not."""
+    return (path / "cgroup.controllers").is_file()
+
+
+def _has_pins(pin_dir: Path) -> bool:
+    try:
+        return any(pin_dir.iterdir())
+    except OSError:  # missing, not a folder, not readable
+        return False
+
+
 def _kernel_view(config: AgentConfig) -> dict[str, Any]:
     settings = loader.datapath_settings(config)
     view: dict[str, Any] = {"pin_dir": str(config.pin_dir), "cgroup": str(config.cgroup_path)}
-    try:
-        view["programs"] = [asdict(p) for p in loader.attached_programs(settings)]
-    except OSError as exc:
-        view["programs"], view["programs_error"] = [], str(exc)
+    view["pins_found"] = _has_pins(config.pin_dir)
+    view["state_dir"], view["state_found"] = str(config.state_dir), config.state_dir.is_dir()
+    if not _is_cgroup2(config.cgroup_path):
+        # bpf(query) on anything else fails with a bare EBADF
+        view["programs"] = []
+        view["programs_error"] = f"{config.cgroup_path} is not a cgroup-v2 folder"
+    else:
+        try:
+            view["programs"] = [asdict(p) for p in loader.attached_programs(settings)]
+        except OSError as exc:
+            view["programs"], view["programs_error"] = [], str(exc)
+    if not view["pins_found"]:
+        view["maps_error"] = f"no pinned maps in {config.pin_dir}"
+        return view
     try:
         maps = DatapathMaps.open(config.pin_dir)
     except OSError as exc:
@@ -153,6 +190,34 @@ def gather(config: AgentConfig) -> dict[str, Any]:
         saved_certificates=certificates,
         now=time.time(),
     )
+
+
+def no_agent_here(report: dict[str, Any]) -> str | None:
+    """One sentence when there is no agent to report on with this config, else None.
+
+    That is when no agent answers and either the cgroup path is not a cgroup-v2 folder (the
+    attached programs cannot be asked for), or neither pins nor the state folder exist (no agent
+    ever ran here with this config). A node after `meshagent uninstall` keeps its (emptied)
+    state folder, so it still gets a report: no programs attached, no pins.
+    """
+    agent, dp = report["agent"], report["datapath"]
+    if agent["running"]:
+        return None
+    bad_cgroup = dp.get("programs_error", "").endswith("is not a cgroup-v2 folder")
+    facts = [f"{dp['cgroup']} is not a cgroup-v2 folder"] if bad_cgroup else []
+    facts.append(f"agent: {agent['error'] or 'not answering'}")
+    if dp.get("pins_found") is False and dp.get("state_found") is False:
+        state = f"no state in {dp.get('state_dir', 'its state folder')}"
+        return (
+            f"no meshagent datapath found at {dp['pin_dir']}: is the agent running on this "
+            f"node? ({', '.join(['pins missing', state, *facts])})"
+        )
+    if bad_cgroup:
+        return (
+            f"cannot tell which programs are attached at {dp['cgroup']}: is cgroup_path in "
+            f"the agent config right? ({', '.join(facts)})"
+        )
+    return None
 
 
 def _expires_in(not_after: str | None, now: float) -> float | None:
@@ -291,6 +356,25 @@ def _section(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -
     return [f"{title}:", *(_table([header, *rows]) if rows else ["  (none)"])]
 
 
+def denial_fields(denial: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(source, destination, policy, reason) of one recorded denial, as status shows them: a
+    denial no named policy made (no ALLOW policy matched) shows policy `default`."""
+    return (
+        denial.get("source") or "?",
+        denial.get("destination") or "?",
+        denial.get("policy") or "default",
+        denial.get("reason") or "",
+    )
+
+
+def describe_denial(denial: dict[str, Any]) -> str:
+    """One recorded denial on one line, in `meshagent status`'s words."""
+    source, destination, policy, reason = denial_fields(denial)
+    return f"{source} -> {destination} denied by policy {policy}" + (
+        f": {reason}" if reason else ""
+    )
+
+
 def render(report: dict[str, Any], *, now: float | None = None) -> str:
     """The screen: one section per concern, live-only sections marked when the agent is down.
     `now` (UNIX time, default the clock) dates the ejections."""
@@ -372,10 +456,7 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
         for e in report["ejected_endpoints"]
     ]
     lines += _section("Ejected endpoints", ("CLUSTER", "ENDPOINT", "UNTIL", "EJECTIONS"), ejected)
-    denials = [
-        (d["source"], d["destination"], d.get("policy") or "default", d.get("reason") or "")
-        for d in report["recent_denials"]
-    ]
+    denials = [denial_fields(d) for d in report["recent_denials"]]
     lines += _section("Recent denials", ("SOURCE", "DESTINATION", "POLICY", "REASON"), denials)
     return "\n".join(lines)
 
