@@ -16,6 +16,8 @@ PROFILE=full
 APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 # ... plus what the lab, the tests and the benchmarks run.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant)
+# ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below).
+[ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server)
 EXTRAS="[test]"
 [ "$PROFILE" = runtime ] && EXTRAS=""
 
@@ -40,12 +42,41 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # nginx-light's package starts a server on port 80; the project starts its own.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+# etcd-server's package starts a cluster member on 2379; the lab starts its own etcd.
+if [ "$PROFILE" = full ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
+# kube-apiserver and kube-controller-manager for the lab's control plane (lab/kubecontrol.py
+# looks in $KUBE_BIN): from ../shared/k8s/ beside the repository when it is there, else the
+# official release downloads (checked against their published sha256).
+KUBE_VERSION=v1.36.2
+KUBE_BIN=$ROOT/.kube-bin
+kube_ok() { [ -x "$KUBE_BIN/$1" ] && "$KUBE_BIN/$1" --version 2>/dev/null | grep -qF "$KUBE_VERSION"; }
+if [ "$PROFILE" = full ] && ! { kube_ok kube-apiserver && kube_ok kube-controller-manager; }; then
+  if [ -x "$ROOT/../shared/k8s/unpack" ]; then
+    log "unpacking Kubernetes $KUBE_VERSION from ../shared/k8s into $KUBE_BIN"
+    "$ROOT/../shared/k8s/unpack" "$KUBE_BIN" >/dev/null
+  else
+    arch=$(dpkg --print-architecture)
+    mkdir -p "$KUBE_BIN"
+    for bin in kube-apiserver kube-controller-manager; do
+      kube_ok "$bin" && continue
+      url="https://dl.k8s.io/release/$KUBE_VERSION/bin/linux/$arch/$bin"
+      log "downloading $url"
+      curl -fsSL --retry 3 -o "$KUBE_BIN/$bin.tmp" "$url"
+      echo "$(curl -fsSL --retry 3 "$url.sha256")  $KUBE_BIN/$bin.tmp" | sha256sum -c --quiet
+      chmod 0755 "$KUBE_BIN/$bin.tmp"
+      mv "$KUBE_BIN/$bin.tmp" "$KUBE_BIN/$bin"
+    done
+  fi
+fi
 
 if [ "$PROFILE" = full ] && [ ! -e "/lib/modules/$KVER/build/include" ] &&
   [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   hdr=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' | sort -V | tail -n 1)
   common=${hdr%-amd64}-common
-  [ -n "$hdr" ] && [ -d "$common" ] || { echo "no kernel headers under /usr/src" >&2; exit 1; }
+  if [ -z "$hdr" ] || [ ! -d "$common" ]; then echo "no kernel headers under /usr/src" >&2; exit 1; fi
   log "linking /lib/modules/$KVER/{build,source} to $hdr"
   mkdir -p "/lib/modules/$KVER"
   ln -sfn "$hdr" "/lib/modules/$KVER/build"
