@@ -4,7 +4,6 @@ HBONE inbound) and same-node (in the local path alike), counted and logged."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from meshagent.lab.paths import RUN_DIR
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
 
 MANIFESTS = Path(__file__).parent / "manifests"
 FRONTEND = "cluster.local/ns/shop/sa/frontend"
@@ -51,11 +51,9 @@ ALLOW_FRONTEND = {
 }
 
 
-def _eventually(predicate, what: str, seconds: float = 3.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+def _denials(lab, node: str) -> list[dict]:
+    """The node's recent denials, as its proxy workers last reported them (every second)."""
+    return lab.status(node)["agent"]["authz"]["recent_denials"]
 
 
 @pytest.mark.parametrize("service", ["reviews", "ratings"], ids=["cross-node", "same-node"])
@@ -64,19 +62,22 @@ def test_allow_policy_admits_only_the_named_principal(authz_lab, tmp_path, servi
     assert authz_lab.curl("shop/intruder", url)[0] == "200"  # no policy yet: allowed
     _apply(tmp_path, ALLOW_FRONTEND)
     try:
-        _eventually(
-            lambda: authz_lab.curl("shop/intruder", url, timeout=2)[0] != "200",
-            "the intruder is refused once the policy is in",
+        wait_until(
+            lambda: authz_lab.curl("shop/intruder", url, timeout=2)[0],
+            lambda code: code != "200",
+            what="the intruder is refused once the policy is in",
         )
         assert authz_lab.curl("shop/frontend", url)[0] == "200"
         node = "node-2" if service == "reviews" else "node-1"
-        status = authz_lab.status(node)["agent"]
-        denials = status["authz"]["recent_denials"]
         # no ALLOW policy matched: the denial names the policies that were checked
-        assert any(
-            d["source"].endswith("/sa/intruder") and "shop/allow-frontend" in d["reason"]
-            for d in denials
-        ), denials
+        wait_until(
+            lambda: _denials(authz_lab, node),
+            lambda denials: any(
+                d["source"].endswith("/sa/intruder") and "shop/allow-frontend" in d["reason"]
+                for d in denials
+            ),
+            what=f"{node} lists the intruder's denial naming shop/allow-frontend",
+        )
     finally:
         _delete(tmp_path, ALLOW_FRONTEND)
 
@@ -92,13 +93,25 @@ def test_dry_run_deny_changes_nothing_but_is_counted(authz_lab, tmp_path):
         },
         "spec": {"action": "DENY", "rules": [{}]},
     }
-    before = authz_lab.status("node-2")["agent"]["authz"]["dry_run_denied"]
+
+    def dry_run_denied() -> int:
+        return authz_lab.status("node-2")["agent"]["authz"]["dry_run_denied"]
+
+    before = dry_run_denied()
     _apply(tmp_path, deny)
     try:
-        time.sleep(1.0)
-        assert authz_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
-        after = authz_lab.status("node-2")["agent"]["authz"]["dry_run_denied"]
-        assert after > before
+        # every request is served; once the policy is in, node-2 counts what it would deny
+
+        def served_then_counted() -> int:
+            code = authz_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0]
+            assert code == "200", f"a dry-run policy refused a request: {code}"
+            return dry_run_denied()
+
+        wait_until(
+            served_then_counted,
+            lambda after: after > before,
+            what=f"node-2 counts dry-run denials (before: {before})",
+        )
     finally:
         _delete(tmp_path, deny)
 
@@ -144,40 +157,59 @@ def test_deny_on_paths_gives_403_per_request_on_one_connection(authz_lab, tmp_pa
                 for i, (code, connects) in enumerate(lines)
             ]
 
-        deadline = time.monotonic() + 3
-        results = two_requests()
-        while results[0][0] != "403" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            results = two_requests()
+        results = wait_until(
+            two_requests,
+            lambda results: bool(results) and results[0][0] == "403",
+            what="/admin/x refused once deny-admin is in",
+        )
         (admin_code, _, admin_body), (root_code, root_connects, _) = results
         assert admin_code == "403"
         assert admin_body == "RBAC: access denied"
         assert root_code == "200"
         assert root_connects == "0"  # the same connection carried on after the denial
         node = "node-2" if service == "reviews" else "node-1"
-        denials = authz_lab.status(node)["agent"]["authz"]["recent_denials"]
-        assert any(d["policy"] == "shop/deny-admin" for d in denials), denials
+        # the workers report every second: the denial shows up in status within a report
+        wait_until(
+            lambda: _denials(authz_lab, node),
+            lambda denials: any(d["policy"] == "shop/deny-admin" for d in denials),
+            what=f"{node} lists a denial by shop/deny-admin",
+        )
+
         # counted with source and destination labels, and logged with the policy's name
-        scrape = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics")
-        denied = [
-            s
-            for family in text_string_to_metric_families(scrape.stdout)
-            if family.name == "istio_requests"
-            for s in family.samples
-            if s.name == "istio_requests_total"
-            and s.labels["reporter"] == "destination"
-            and s.labels["response_code"] == "403"
-            and s.labels["source_workload"] == "frontend"
-            and s.labels["destination_workload"] == service
-        ]
-        assert denied and denied[0].value >= 1, scrape.stdout[-2000:]
-        log = (RUN_DIR / "logs" / f"agent-{node}.log").read_text().splitlines()
-        entries = [json.loads(line) for line in log if line.startswith("{")]
-        assert any(
-            e["response_code"] == 403
-            and e["policy"] == "shop/deny-admin"
-            and e["path"] == "/admin/x"
-            for e in entries
+        def denied_requests() -> list:
+            scrape = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics")
+            return [
+                s
+                for family in text_string_to_metric_families(scrape.stdout)
+                if family.name == "istio_requests"
+                for s in family.samples
+                if s.name == "istio_requests_total" and s.labels["response_code"] == "403"
+            ]
+
+        wait_until(
+            denied_requests,
+            lambda samples: any(
+                s.labels["reporter"] == "destination"
+                and s.labels["source_workload"] == "frontend"
+                and s.labels["destination_workload"] == service
+                and s.value >= 1
+                for s in samples
+            ),
+            what=f"{node} counts the 403 from frontend to {service} as the destination",
+        )
+
+        def logged_denials() -> list[dict]:
+            log = (RUN_DIR / "logs" / f"agent-{node}.log").read_text().splitlines()
+            entries = [json.loads(line) for line in log if line.startswith("{")]
+            return [e for e in entries if e["response_code"] == 403]
+
+        wait_until(
+            logged_denials,
+            lambda entries: any(
+                e["policy"] == "shop/deny-admin" and e["path"] == "/admin/x" for e in entries
+            ),
+            what=f"{node}'s access log has the 403 for /admin/x by shop/deny-admin",
+            retry_on=(ValueError,),  # a line read while it was being written
         )
     finally:
         _delete(tmp_path, DENY_ADMIN)
@@ -199,13 +231,11 @@ def test_explain_command_evaluates_the_current_policies(authz_lab, tmp_path):
             "--to",
             "shop/reviews:9080",
         ]
-        deadline = time.monotonic() + 3
-        while True:
-            denied = meshlab(*args, "--method", "GET", "--path", "/admin/x", check=False)
-            if denied.returncode == 3 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert denied.returncode == 3, denied.stdout + denied.stderr
+        denied = wait_until(
+            lambda: meshlab(*args, "--method", "GET", "--path", "/admin/x", check=False),
+            lambda proc: proc.returncode == 3,
+            what="meshctl authz check denies /admin/x (exit 3) once deny-admin is in",
+        )
         assert "DENY: GET /admin/x from shop/frontend to shop/reviews:9080" in denied.stdout
         assert "decided by: shop/deny-admin, rule 0" in denied.stdout
         allowed = meshlab(*args, "--method", "GET", "--path", "/", check=False)
