@@ -33,9 +33,22 @@ def _hostport(value: str, default_port: int) -> tuple[str, int]:
     return (host or "0.0.0.0"), int(port or default_port)
 
 
-@click.group()
-def main() -> None:
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _verbose(ctx: click.Context) -> bool:
+    """Whether -v/--verbose was given to `meshctl` (the one place it belongs)."""
+    return bool(ctx.find_root().params.get("verbose"))
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="meshagent", prog_name="meshctl")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages (any subcommand).")
+def main(verbose: bool) -> None:
     """meshctl: the meshagent control plane and operator commands."""
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format=LOG_FORMAT)
 
 
 class Duration(click.ParamType):
@@ -55,6 +68,9 @@ class Duration(click.ParamType):
 
 @main.command()
 @click.option(
+    "-f",
+    "--filename",
+    "--file",
     "--files",
     "manifest_dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -134,8 +150,11 @@ class Duration(click.ParamType):
     help="Serve the agent stream without TLS. Development only: agents cannot tell who"
     " answers, and tokens travel in clear.",
 )
-@click.option("-v", "--verbose", is_flag=True)
+# `meshctl serve -v`, as before the flag moved to `meshctl -v`: still accepted, not shown.
+@click.option("-v", "--verbose", is_flag=True, hidden=True)
+@click.pass_context
 def serve(
+    ctx: click.Context,
     manifest_dir: Path | None,
     kubernetes: bool,
     kubeconfig: Path | None,
@@ -162,15 +181,14 @@ def serve(
 
     \b
     Examples:
-      meshctl serve --files /run/meshlab/cluster --listen 172.30.0.1:15012 \\
+      meshctl serve -f /run/meshlab/cluster --listen 172.30.0.1:15012 \\
           --ca-file /run/meshlab/ca/ca.pem --trust-bundle-out /run/meshlab/ca/root.pem \\
           --node-tokens /run/meshlab/node-tokens.json
       meshctl serve --kubernetes --ca-secret meshagent-ca
       meshctl serve --kubernetes --kubeconfig ~/.kube/config --ca-file ./ca.pem --pod-name dev
     """
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose or _verbose(ctx) else logging.INFO, format=LOG_FORMAT
     )
     lh, lp = _hostport(listen, 15012)
     mh, mp = _hostport(metrics, 15014)
@@ -310,6 +328,7 @@ def _manifest_files(paths: tuple[Path, ...]) -> list[Path]:
 @click.option(
     "-f",
     "--filename",
+    "--file",
     "paths",
     multiple=True,
     required=True,

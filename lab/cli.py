@@ -18,8 +18,12 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True)
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="meshagent", prog_name="meshlab")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages (any subcommand).")
 def main(verbose: bool) -> None:
     """meshlab: nodes and pods made of network namespaces and cgroups, running the real mesh."""
     logging.basicConfig(
@@ -31,6 +35,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option(
     "-f",
+    "--filename",
     "--file",
     "files",
     multiple=True,
@@ -117,11 +122,13 @@ def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
 @main.command()
 @click.option(
     "-f",
+    "--filename",
     "--file",
     "files",
     multiple=True,
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kubernetes-style manifests to create or change. Repeatable.",
 )
 def apply(files: tuple[Path, ...]) -> None:
     """Create or change objects in the running lab: new pods start, labels change, ...
@@ -143,11 +150,13 @@ def apply(files: tuple[Path, ...]) -> None:
 @main.command()
 @click.option(
     "-f",
+    "--filename",
     "--file",
     "files",
     multiple=True,
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kubernetes-style manifests of the objects to remove. Repeatable.",
 )
 def delete(files: tuple[Path, ...]) -> None:
     """Remove objects from the running lab; deleted pods are stopped and their network removed.

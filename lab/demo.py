@@ -15,6 +15,7 @@ import time
 from importlib import resources
 
 import click
+from meshagent.agent.status import describe_denial
 from meshagent.common.manifests import load_documents
 from meshagent.lab import lab
 
@@ -143,7 +144,7 @@ def run_demo() -> int:
         )
         denials = _status("node-2")["agent"]["authz"]["recent_denials"]
         if denials:
-            click.echo(f"  node-2 logged the denial: {denials[-1]}")
+            click.echo(f"  node-2 logged the denial: {describe_denial(denials[-1])}")
 
         _step("meshagent status on node-2, as an operator would run it on the node")
         checks.expect(
