@@ -6,6 +6,7 @@ from __future__ import annotations
 from meshagent.lab.paths import POD_NET_OCTET
 
 from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
 
 # demo.yaml pins reviews-v1 to node-2: the first pod IP there
 POD_IP_REVIEWS = f"10.{POD_NET_OCTET}.2.10"
@@ -29,11 +30,21 @@ def test_meshed_curl_reaches_service_by_vip_and_name_through_the_proxy(demo_lab)
         code, body = demo_lab.curl("shop/frontend", url)
         assert code == "200", (url, body)
         assert "Directory listing" in body  # python http.server's page, served on node-2
-    after = demo_lab.status("node-1")
+    p0 = before["agent"]["proxy"]
+    # the datapath counters are read from the kernel; the proxy's figures are what its
+    # workers last reported (every second): wait for the report that has the three
+    after = wait_until(
+        lambda: demo_lab.status("node-1"),
+        lambda status: (
+            status["agent"]["proxy"]["accepted_connections"] - p0["accepted_connections"]
+            >= len(urls)
+        ),
+        what=f"node-1's proxy reports the {len(urls)} connections accepted",
+    )
     c0, c1 = before["datapath"]["counters"], after["datapath"]["counters"]
     assert c1["redirected"] - c0["redirected"] == len(urls)
     assert c1["established"] - c0["established"] == len(urls)
-    p0, p1 = before["agent"]["proxy"], after["agent"]["proxy"]
+    p1 = after["agent"]["proxy"]
     assert p1["accepted_connections"] - p0["accepted_connections"] == len(urls)
     backend = f"{POD_IP_REVIEWS}:9080"
     sent_to_backend = p1["by_destination"].get(backend, 0) - p0["by_destination"].get(backend, 0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import EXAMPLES, meshlab, proxy_workers
+from tests.waiting import wait_until
 
 WORKERS = 2
 REQUESTS = 40  # one connection each: the kernel spreads them over the workers' listeners
@@ -50,14 +50,23 @@ def test_workers_share_the_connections_and_report_as_one_proxy(lab):
     assert len({w["pid"] for w in workers}) == WORKERS and all(w["pid"] for w in workers)
 
     assert _requests(REQUESTS) == ["200"] * REQUESTS
-    time.sleep(1.5)  # workers report their share every second
-    view = lab.status("node-1")
+    # workers report their share every second: wait for the report that has every request
+    view = wait_until(
+        lambda: lab.status("node-1"),
+        lambda view: sum(w["outbound_accepted"] for w in view["agent"]["workers"]) >= REQUESTS,
+        what=f"node-1's workers report {REQUESTS} accepted connections between them",
+    )
     workers = view["agent"]["workers"]
     assert all(w["outbound_accepted"] > 0 for w in workers), workers
     assert sum(w["outbound_accepted"] for w in workers) == REQUESTS
     assert view["connections"]["outbound"]["accepted"] == REQUESTS
     # one scrape counts every worker's requests, once
-    assert _source_requests("node-1") == REQUESTS
+    counted = wait_until(
+        lambda: _source_requests("node-1"),
+        lambda n: n >= REQUESTS,
+        what=f"node-1 counts {REQUESTS} requests as their source",
+    )
+    assert counted == REQUESTS
     screen = meshlab("exec", "--node", "node-1", "--", "meshagent", "status").stdout
     assert f"Proxy:       {WORKERS} workers (pids " in screen, screen
 
@@ -66,16 +75,20 @@ def test_a_dead_worker_is_started_again_and_counts_stay(lab):
     before = _source_requests("node-1")
     victim = lab.status("node-1")["agent"]["workers"][0]
     os.kill(victim["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        again = lab.status("node-1")["agent"]["workers"][0]
-        if again["pid"] and again["pid"] != victim["pid"]:
-            break
-        time.sleep(0.2)
+    again = wait_until(
+        lambda: lab.status("node-1")["agent"]["workers"][0],
+        lambda worker: worker["pid"] and worker["pid"] != victim["pid"],
+        what=f"worker 0 started again after its process {victim['pid']} was killed",
+        timeout=20,
+    )
     assert again["restarts"] == victim["restarts"] + 1, again
     assert again["pid"] != victim["pid"]
 
     assert _requests(REQUESTS) == ["200"] * REQUESTS
-    time.sleep(1.5)
     # the dead worker's counts stay in the totals: they never go backwards
-    assert _source_requests("node-1") == before + REQUESTS
+    counted = wait_until(
+        lambda: _source_requests("node-1"),
+        lambda n: n >= before + REQUESTS,
+        what=f"node-1 counts {before:g} + {REQUESTS} requests as their source",
+    )
+    assert counted == before + REQUESTS

@@ -11,6 +11,8 @@ from meshagent.agent.proxy.lb import ClusterState
 from meshagent.agent.proxy.routing import ClusterKey, ClusterSpec, UpstreamEndpoint
 from meshagent.common.snapshot import Endpoint
 
+from tests.waiting import await_until
+
 
 def _cluster() -> ClusterState:
     endpoint = Endpoint(ip="10.0.0.1", node="n", workload_uid="w", ports={80: 80})
@@ -49,7 +51,9 @@ async def test_idle_socketless_connection_is_watched_after_a_sweep_and_dropped_o
         await trio.sleep(SWEEP_INTERVAL + 0.5)
         assert conn.watch_scope is not None  # idle through a sweep: watched
         await servers[0].aclose()  # the server closes it while idle
-        await trio.sleep(0.1)
-        assert conn.closed and pool.idle_count() == 0
+        await await_until(
+            lambda: conn.closed and pool.idle_count() == 0,
+            what="the pool drops the idle connection its server closed",
+        )
         fresh = await pool.acquire(cluster, ep)
         assert fresh is not conn and len(servers) == 2

@@ -41,6 +41,8 @@ from meshagent.agent.proxy.routing import compile_routes
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 from prometheus_client import REGISTRY
 
+from tests.waiting import await_until
+
 NS = "shop"
 HOST = f"reviews.{NS}.svc.cluster.local"
 PORT = 9080
@@ -928,7 +930,8 @@ async def test_client_leaving_mid_body_is_dc_and_harmless():
             )
             await trio.sleep(0.05)
             await stream.aclose()
-            await trio.sleep(0.05)
+            # the proxy records the client that left before the next request is made
+            await await_until(lambda: mesh.records, what="the record of the client that left")
             async with mesh.client() as client:
                 assert (await client.request()).text == "a"
     assert mesh.records[0].flags == ["DC"] and mesh.records[0].status == 0

@@ -7,6 +7,7 @@ stops accepting but keeps what it accepted.
 from __future__ import annotations
 
 import trio
+import trio.testing
 from meshagent.common.listeners import PausableListener, enable_request_migration
 
 TIMEOUT = 5
@@ -78,7 +79,7 @@ async def test_a_paused_listener_refuses_nothing_it_does_not_own_and_closes_clea
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(accept)
-            await trio.sleep(0.05)  # waiting for a resume
+            await trio.testing.wait_all_tasks_blocked()  # accept() is waiting for a resume
             await listener.aclose()
         assert len(errors) == 1
 

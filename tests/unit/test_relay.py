@@ -128,7 +128,7 @@ async def test_idle_splice_relay_holds_no_pipe_and_no_task() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay, client_side, upstream_side)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the relay is up and idle
             (relay_task,) = nursery.child_tasks
             assert relay_task.child_nurseries == []  # no task per direction yet
             assert _fds() == before  # idle: no pipe, no descriptor of its own
