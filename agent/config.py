@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_CONFIG = Path("/etc/meshagent/agent.json")
@@ -64,6 +65,10 @@ class AgentConfig(BaseModel):
     discovery_interval: float = 0.5
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"  # where mesh-wide policies live, as Istio's
+    # Istio's meshConfig.pathNormalization: how each HTTP request's path is normalized before
+    # authorization, route matching and forwarding (NONE, BASE, MERGE_SLASHES or
+    # DECODE_AND_MERGE_SLASHES, the strictest and our default; see common/pathnorm.py).
+    path_normalization: PathNormalization = DEFAULT_MODE
     hbone_port: int = 15008
     access_log: Literal["stdout", "off"] = "stdout"
     access_log_sample: float = Field(1.0, ge=0.0, le=1.0)  # the fraction of entries kept

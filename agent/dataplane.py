@@ -20,7 +20,7 @@ from meshagent.agent.hbone import metrics as hbone_metrics
 from meshagent.agent.hbone.client import open_tunnel_pool
 from meshagent.agent.hbone.server import serve_hbone
 from meshagent.agent.identity.manager import WorkloadCert
-from meshagent.agent.proxy.http import open_connection_pool
+from meshagent.agent.proxy.http import HttpSettings, open_connection_pool
 from meshagent.agent.proxy.inbound import InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.mtls import WorkloadTls
@@ -70,6 +70,7 @@ class DataPlane:
             trust_domain=config.trust_domain,
             metrics=metrics,
             access_log=access_log,
+            http=HttpSettings(path_normalization=config.path_normalization),
         )
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None

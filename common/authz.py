@@ -30,8 +30,12 @@ Semantics, as Istio documents them:
   rules, one engine for ALLOW and one for DENY policies, evaluated apart from the enforced ones.
   Their would-be denials are reported in `Decision.dry_run_denials`; they never change `allowed`.
 
-Paths are matched without their query string (Envoy's `url_path` matcher, which Istio uses);
-hosts are matched case-insensitively; the caller should pass a normalized path.
+Paths are matched without their query string (Envoy's `url_path` matcher, which Istio uses).
+The caller passes the path normalized as the proxy forwards it (`meshagent.common.pathnorm`:
+the node proxy normalizes each request before this runs, `meshctl authz check` does the same).
+Hosts are matched case-insensitively, and a Host with a port (`reviews:9080`, `[::1]:80`) matches
+a value written with or without it: Istio compares the Host header as sent, so there a DENY on
+`hosts: ["reviews"]` misses `Host: reviews:9080` unless `reviews:*` is listed too.
 """
 
 from __future__ import annotations
@@ -150,6 +154,14 @@ def _host(request: Request) -> str:
     return request.http.host.lower()  # type: ignore[union-attr]
 
 
+def strip_port(host: str) -> str:
+    """`host` without a `:port` suffix (`[v6]:80` -> `[v6]`); as is when it has none."""
+    head, sep, port = host.rpartition(":")
+    if not sep or not port.isdigit() or (":" in head and not head.endswith("]")):
+        return host  # no port, or a bare IPv6 address
+    return head
+
+
 def _header(name: str) -> Callable[[Request], str | None]:
     def get(request: Request) -> str | None:
         return request.http.headers.get(name)  # type: ignore[union-attr]
@@ -198,6 +210,23 @@ class _Strings:
         )
 
 
+class _Hosts:
+    """Host patterns: the Host matches with its port or without it (see the module docstring)."""
+
+    __slots__ = ("strings",)
+
+    def __init__(self, strings: _Strings) -> None:
+        self.strings = strings
+
+    def __call__(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.strings(value):
+            return True
+        bare = strip_port(value)
+        return bare is not value and self.strings(bare)
+
+
 class _Cidrs:
     __slots__ = ("networks",)
 
@@ -215,6 +244,10 @@ def _strings(
     patterns: tuple[str, ...], *, fold_case: bool = False, header: bool = False
 ) -> Matcher | None:
     return _Strings(patterns, fold_case=fold_case, header=header) if patterns else None
+
+
+def _hosts(patterns: tuple[str, ...]) -> Matcher | None:
+    return _Hosts(_Strings(patterns, fold_case=True, header=False)) if patterns else None
 
 
 def _cidrs(blocks: tuple[str, ...]) -> Matcher | None:
@@ -250,11 +283,7 @@ def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, 
     if keep_http:
         checks += _check(_method, _strings(operation.methods), _strings(operation.not_methods))
         checks += _check(_path, _strings(operation.paths), _strings(operation.not_paths))
-        checks += _check(
-            _host,
-            _strings(operation.hosts, fold_case=True),
-            _strings(operation.not_hosts, fold_case=True),
-        )
+        checks += _check(_host, _hosts(operation.hosts), _hosts(operation.not_hosts))
     return tuple(checks)
 
 

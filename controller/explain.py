@@ -2,7 +2,10 @@
 
 Takes the cluster as the controller currently sees it (a snapshot's workloads and
 accepted AuthorizationPolicies) and evaluates one connection or request with the
-same evaluator the node proxies run, so the answer is the one traffic would get.
+same evaluator the node proxies run, so the answer is the one traffic would get. The path is
+normalized first, as the proxies normalize every request (`meshagent.common.pathnorm`, the
+mesh's default DECODE_AND_MERGE_SLASHES unless told otherwise): `--path /./admin` is judged as
+`/admin`, and a path the proxies would refuse with 400 is an ExplainError saying so.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from meshagent.common import authz
 from meshagent.common.istio.resource import parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy
+from meshagent.common.pathnorm import DEFAULT_MODE, InvalidPath, PathNormalization, normalize_target
 from meshagent.common.snapshot import Snapshot, Workload
 from meshagent.common.spiffe import Identity
 
@@ -27,10 +31,13 @@ class Explanation:
     port: int
     http: authz.HttpAttrs | None
     decision: authz.Decision
+    sent_path: str | None = None  # the path as given, when normalization changed it
 
     def render(self) -> str:
         d = self.decision
         what = f"{self.http.method} {self.http.path} " if self.http else "a connection "
+        if self.sent_path is not None:
+            what += f"(sent as {self.sent_path}) "
         src, dst = self.source, self.destination
         lines = [
             f"{'ALLOW' if d.allowed else 'DENY'}: {what}from {src.namespace}/{src.name} "
@@ -64,6 +71,7 @@ def explain(
     headers: dict[str, str] | None = None,
     trust_domain: str = "cluster.local",
     root_namespace: str = "istio-system",
+    path_normalization: PathNormalization = DEFAULT_MODE,
 ) -> Explanation:
     """Evaluate `source_ref` (NS/POD) -> `destination_ref` (NS/POD:PORT)."""
     dest_ref, sep, port_text = destination_ref.rpartition(":")
@@ -79,10 +87,20 @@ def explain(
         Identity(trust_domain, source.namespace, source.service_account) if source.meshed else None
     )
     http = None
+    sent_path = None
     if method or path:
         lowered = {k.lower(): v for k, v in (headers or {}).items()}
         host = lowered.get("host", f"{destination.name}.{destination.namespace}")
-        http = authz.HttpAttrs(method or "GET", path or "/", host, lowered)
+        target = path or "/"
+        try:
+            normalized, authority = normalize_target(target, path_normalization)
+        except InvalidPath as exc:
+            raise ExplainError(f"the proxies would answer 400 Bad Request: {exc}") from None
+        if normalized != target:
+            sent_path = target
+        if authority is not None:
+            host = lowered["host"] = authority
+        http = authz.HttpAttrs(method or "GET", normalized, host, lowered)
     request = authz.Request(
         source_principal=identity.principal if identity else None,
         source_namespace=identity.namespace if identity else None,
@@ -94,4 +112,4 @@ def explain(
     decision = authz.PolicySet(policies, root_namespace=root_namespace).evaluate(
         authz.Workload(destination.namespace, destination.labels), request
     )
-    return Explanation(source, destination, port, http, decision)
+    return Explanation(source, destination, port, http, decision, sent_path)

@@ -283,6 +283,7 @@ class InboundProxy:
                     on_request_done=done,
                     peer=source_ip,
                     drain=self.inputs.drain,
+                    settings=self.inputs.http,
                 ),
             )
         finally:

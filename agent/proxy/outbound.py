@@ -168,6 +168,7 @@ class OutboundProxy:
             on_request_done=done,
             peer=peer_ip,
             drain=self.inputs.drain,
+            settings=self.inputs.http,
         )
         await proxy_http1(client, ctx)
 

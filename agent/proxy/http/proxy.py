@@ -2,7 +2,8 @@
 
 What flows through, per request on a keep-alive client connection (the `wire` codec, h11's
 model at a fraction of its cost, on both sides):
-request head -> optional `request_filter` (may answer itself: authorization, ...) -> route match
+request head -> path normalization (common/pathnorm.py; 400 when impossible) -> optional
+`request_filter` (may answer itself: authorization, ...) -> route match
 -> fault injection (delay DI, abort FI) -> weighted cluster -> endpoint (lb) -> pooled upstream
 connection -> request forwarded, body streamed -> response head -> retry or stream the response
 back -> a RequestRecord to `on_request_done`.
@@ -48,6 +49,7 @@ from meshagent.agent.proxy.lb import (
 )
 from meshagent.agent.proxy.relay import relay
 from meshagent.agent.proxy.routing import HttpRoute, HttpRoutes, RetryPolicy
+from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,11 @@ class _Session:
 
     async def _handle(self, req: wire.Request) -> bool:
         """Serve one request; False when the connection must close afterwards."""
+        if self.settings.path_normalization is not PathNormalization.NONE:
+            normalized = await self._normalize(req)
+            if normalized is None:
+                return False
+            req = normalized
         host = next((v for n, v in req.headers if n == b"host"), b"")
         info = RequestInfo(
             method=req.method.decode("ascii", "replace"),
@@ -306,6 +313,39 @@ class _Session:
             record.duration = trio.current_time() - started
             self._done(record)
         return keep
+
+    async def _normalize(self, req: wire.Request) -> wire.Request | None:
+        """The request with its path normalized (the same object when nothing changes), before
+        anything reads the path: the filter (authorization), routes and the upstream all see
+        the normalized one. A path that cannot be normalized gets 400 and None."""
+        if req.method == b"CONNECT":
+            return req  # authority-form: no path
+        text = req.target.decode("latin-1")
+        try:
+            target, authority = normalize_target(text, self.settings.path_normalization)
+        except InvalidPath as exc:
+            record = RequestRecord(
+                req.method.decode("ascii", "replace"), text, "", self.ctx.peer, time.time()
+            )
+            body = f"bad request: {exc}\n".encode()[:512]
+            resp = LocalResponse(400, body, ((b"connection", b"close"),))
+            with contextlib.suppress(_ClientGone, _CloseClient, wire.LocalProtocolError):
+                await self._local(record, resp)
+            self._done(record)
+            return None
+        if authority is None:
+            if target == text:
+                return req
+            headers = req.headers
+        else:  # absolute form: its authority is the host (RFC 9112 section 3.2.2)
+            headers = [(b"host", authority.encode("latin-1"))]
+            headers += [(n, v) for n, v in req.headers if n != b"host"]
+        return wire.Request(
+            method=req.method,
+            target=target.encode("latin-1"),
+            headers=headers,
+            http_version=req.http_version,
+        )
 
     def _done(self, record: RequestRecord) -> None:
         if self.ctx.on_request_done is not None:

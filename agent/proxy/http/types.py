@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import trio
+from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from meshagent.common.snapshot import Endpoint
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class RequestInfo:
     """A request as the filter sees it. Header names are lower-case bytes (as h11 gives them)."""
 
     method: str
-    target: str  # path and query, as sent
+    target: str  # path and query, normalized per HttpSettings.path_normalization
     authority: str
     headers: list[tuple[bytes, bytes]]
     peer: str = ""  # the downstream client's address
@@ -121,6 +122,9 @@ class HttpSettings:
     drain_timeout: float = 5.0
     retry_backoff_base: float = 0.025  # Envoy's jittered exponential back-off: 25 ms ...
     retry_backoff_max: float = 0.25  # ... to 250 ms
+    # Istio's meshConfig.pathNormalization: applied to each request's path before the request
+    # filter (authorization), route matching and forwarding (meshagent.common.pathnorm).
+    path_normalization: PathNormalization = DEFAULT_MODE
 
 
 DEFAULT_SETTINGS = HttpSettings()
