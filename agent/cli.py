@@ -99,7 +99,9 @@ def status(
     mTLS mode), connections, tunnels, ejected endpoints and recent denials.
 
     Works when the agent is down too: it then reads the pinned maps, the saved snapshot and the
-    saved certificates, and says which parts only the running agent knows.
+    saved certificates, and says which parts only the running agent knows. Where there is no
+    agent at all (no pins and no state folder, or a cgroup path that is not cgroup v2), it says
+    so in one sentence and exits 1 (with --json: {"error": "..."}).
 
     \b
     Examples:
