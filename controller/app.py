@@ -10,6 +10,10 @@ resources from the start). Two ways to run:
   CA in a Secret the leader creates once, agents authenticated by TokenReview; the leader
   publishes the trust bundle (no key) in the ConfigMap `meshagent-root` for the agent
   DaemonSet to mount as its `--controller-ca-file`.
+
+`Controller.run` (what `meshctl serve` runs) serves until SIGTERM or SIGINT, then shuts down
+within the grace period: it hands the Lease back, tells every agent goodbye with the reason,
+and returns (exit 0). At the default log level the HTTP client's per-request lines are off.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +67,8 @@ ROOT_CONFIGMAP = "meshagent-root"
 ROOT_CONFIGMAP_KEY = "root.pem"
 # Once published, the leader looks again this often (someone may delete or edit it).
 ROOT_RECHECK = 60.0
+# SIGTERM to exit: well inside a pod's default 30 s terminationGracePeriodSeconds.
+SHUTDOWN_GRACE = 10.0
 CONTROLLER_NAMESPACE = "meshagent-system"
 DEFAULT_AGENT_SERVICE_ACCOUNT = "meshagent-system/meshagent"
 _WILDCARDS = ("", "0.0.0.0", "::")
@@ -120,6 +127,14 @@ class ControllerSettings:
                 f"meshctl.{self.namespace}.svc.cluster.local",
             ]
         return tuple(names)
+
+
+def quiet_client_logs() -> None:
+    """Below DEBUG, keep only warnings of the HTTP client, which logs every request at INFO
+    (each replica reads and writes the Lease every 2 s)."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("httpx2", "httpcore2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -292,6 +307,41 @@ class Controller:
             await nursery.start(serve_http, (s.metrics_host, s.metrics_port), routes)
             log.info("controller serving agents on %s:%d", s.listen_host, s.listen_port)
             task_status.started()
+
+    async def run(self, *, grace: float = SHUTDOWN_GRACE) -> None:
+        """`serve` until SIGTERM or SIGINT, then `shutdown` (at most ``grace`` seconds; a
+        second signal cuts it short) and return. Errors of `serve` propagate."""
+        quiet_client_logs()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.serve)
+                async for signum in signals:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    break
+                with trio.move_on_after(grace) as deadline:
+                    async with trio.open_nursery() as cleanup:
+
+                        async def second_signal() -> None:
+                            async for again in signals:
+                                log.warning("%s again: stopping now", signal.Signals(again).name)
+                                cleanup.cancel_scope.cancel()
+
+                        cleanup.start_soon(second_signal)
+                        await self.shutdown(f"controller {self.settings.pod_name} is shutting down")
+                        cleanup.cancel_scope.cancel()
+                if deadline.cancelled_caught:
+                    log.warning("clean shutdown took over %.0fs: stopping now", grace)
+                nursery.cancel_scope.cancel()
+        log.info("controller stopped")
+
+    async def shutdown(self, reason: str) -> None:
+        """Hand the Lease back and tell the agents goodbye, together; `serve` goes on until
+        cancelled (agents connecting meanwhile only get the goodbye)."""
+        async with trio.open_nursery() as nursery:
+            if self.elector is not None:
+                nursery.start_soon(self.elector.resign)
+            if self.push is not None:
+                nursery.start_soon(self.push.close_streams, reason)
 
     async def _load_ca(self, client: AsyncClient | None) -> tuple[CertificateAuthority, bytes]:
         """The CA and its PEM (certificate and key, for the stream certificate)."""

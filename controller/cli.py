@@ -215,16 +215,19 @@ def serve(
     problems = settings.problems()
     if problems:
         raise click.UsageError("; ".join(problems))
-    failed = False
+    failed = interrupted = False
     try:
-        trio.run(Controller(settings).serve)
+        # Serves until SIGTERM/SIGINT, then hands the Lease back and says goodbye: exit 0.
+        trio.run(Controller(settings).run)
     except* (CAError, ConfigError, ValueError) as group:
         # Unusable CA material, kubeconfig or Secret: say what, without a traceback.
         for exc in group.exceptions:
             click.echo(f"meshctl: {exc}", err=True)
         failed = True
-    if failed:
-        sys.exit(1)
+    except* KeyboardInterrupt:
+        interrupted = True  # Ctrl-C before the controller's signal handling was set up
+    if failed or interrupted:
+        sys.exit(130 if interrupted else 1)
 
 
 @main.command()

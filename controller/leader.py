@@ -7,7 +7,13 @@ reads the Lease; the holder writes a new renewTime, the others take it over once
 changed for ``lease_duration`` by their own clock (so clock skew between replicas does not
 matter). Every write carries the resourceVersion it read, so two replicas racing for an
 expired Lease cannot both win: the API server answers the loser 409 Conflict. A leader that
-cannot renew for ``renew_deadline`` stops acting as leader before its Lease can expire.
+cannot renew for ``renew_deadline`` stops acting as leader before its Lease can expire. A
+replica that stops cleanly (cancelled, or `resign` on SIGTERM) hands the Lease back at once,
+so a follower takes over at its next read instead of after ``lease_duration``.
+
+Lease times are MicroTime, which the API server parses only with six fractional digits
+("2006-01-02T15:04:05.000000Z07:00"); the JSON encoder writes a datetime whose microsecond
+is 0 without any (`...:00Z`, refused), so every time we write has a non-zero microsecond.
 """
 
 from __future__ import annotations
@@ -40,8 +46,24 @@ JITTER = 0.2
 RELEASE_TIMEOUT = 5.0
 
 
+def _micro(moment: datetime) -> datetime:
+    """``moment`` as a MicroTime the API server accepts (see module docstring): a zero
+    microsecond becomes 1, which no Lease decision can notice."""
+    return moment if moment.microsecond else moment.replace(microsecond=1)
+
+
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return _micro(datetime.now(UTC))
+
+
+def _writable(spec: LeaseSpec) -> LeaseSpec:
+    """``spec`` with its MicroTimes encodable (times read back from the server may have been
+    written with .000000 by another client)."""
+    if spec.acquireTime is not None:
+        spec.acquireTime = _micro(spec.acquireTime)
+    if spec.renewTime is not None:
+        spec.renewTime = _micro(spec.renewTime)
+    return spec
 
 
 def _code(exc: ApiError) -> int:
@@ -84,6 +106,8 @@ class LeaderElector:
         self._renewed_at = -float("inf")  # trio time of our last successful write
         self._observed: tuple[str, float] = ("", -float("inf"))  # (resourceVersion, trio time)
         self._changed = trio.Event()
+        self._campaign: trio.CancelScope | None = None  # while serve() runs
+        self._stopped = trio.Event()  # serve() has returned (and released)
 
     @property
     def is_leader(self) -> bool:
@@ -111,24 +135,38 @@ class LeaderElector:
         """Campaign until cancelled; says started after the first attempt (won or not).
 
         On cancellation a leader hands the Lease back (``release_on_exit``) so another
-        replica need not wait for it to expire.
+        replica need not wait for it to expire. After `resign` it returns normally.
         """
         started = False
+        self._campaign = trio.CancelScope()
         try:
-            while True:
-                await self._attempt()
-                if not started:
-                    task_status.started()
-                    started = True
-                delay = self.retry_period
-                if not self._leading:
-                    delay *= 1 + random.uniform(0, JITTER)
-                await trio.sleep(delay)
+            with self._campaign:
+                while True:
+                    await self._attempt()
+                    if not started:
+                        task_status.started()
+                        started = True
+                    delay = self.retry_period
+                    if not self._leading:
+                        delay *= 1 + random.uniform(0, JITTER)
+                    await trio.sleep(delay)
         finally:
             if self._leading and release_on_exit:
                 with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
                     await self._release()
             self._set(leading=False, holder=self.holder)
+            self._stopped.set()
+        if not started:
+            task_status.started()
+
+    async def resign(self) -> None:
+        """Stop campaigning and, if leading, hand the Lease back; returns once `serve` has
+        (within RELEASE_TIMEOUT). For a clean shutdown: the in-flight read or write, if any,
+        is cancelled first, so it cannot take the Lease again after the release."""
+        if self._campaign is None:
+            return  # serve() never ran
+        self._campaign.cancel()
+        await self._stopped.wait()
 
     async def _attempt(self) -> None:
         try:
@@ -172,7 +210,7 @@ class LeaderElector:
         spec.holderIdentity = self.identity
         spec.renewTime = now
         spec.leaseDurationSeconds = int(self.lease_duration)
-        lease.spec = spec
+        lease.spec = _writable(spec)
         try:
             written = await self._client.replace(lease)
         except ApiError as exc:
@@ -210,6 +248,7 @@ class LeaderElector:
                 return
             lease.spec.holderIdentity = ""
             lease.spec.renewTime = _now()
+            lease.spec = _writable(lease.spec)
             await self._client.replace(lease)
             log.info("released the lead (lease %s/%s)", self.namespace, self.name)
         except (httpx2.HTTPError, ValueError) as exc:

@@ -8,7 +8,10 @@ counts in `meshagent_controller_auth_failures_total`. Then the controller sends 
 current snapshot if the versions differ, pushes again whenever a model change alters the
 node's snapshot, records ACK/NACKs, and answers CSRs with `sign_for_node`: only identities
 of pods scheduled (and not finished) on the session's node. Sessions are kept for
-`meshctl status`. Message types: `meshagent.common.configwire`.
+`meshctl status`. Message types: `meshagent.common.configwire`; on a clean shutdown
+(`close_streams`) every agent gets ``{"type": "goodbye", "reason": ...}`` before its stream
+ends, and an agent connecting after that gets only the goodbye, so agents reconnect (to
+another replica) at once and say why.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # Covers the TLS handshake, the hello and its authentication.
 HELLO_TIMEOUT = 10.0
+# How long a goodbye may take to send at shutdown (a stuck agent must not hold it up).
+GOODBYE_TIMEOUT = 2.0
 DEFAULT_CERT_LIFETIME = timedelta(hours=24)
 SERVER_CERT_LIFETIME = timedelta(days=30)
 # The controller's own identity: spiffe://<td>/ns/<namespace>/sa/meshctl.
@@ -370,6 +375,8 @@ class PushServer:
         self._cache: dict[str, tuple[int, Snapshot]] = {}
         self._shared: tuple[int, SharedSnapshot] | None = None
         self._shared_body: tuple[int, bytes] | None = None
+        self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
+        self._closing: str | None = None  # the goodbye reason, once close_streams began
 
     def shared_body(self) -> bytes:
         """The current snapshot without node and version, JSON-encoded once per change."""
@@ -439,10 +446,32 @@ class PushServer:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started(sockets)
 
+    async def close_streams(self, reason: str, *, timeout: float = GOODBYE_TIMEOUT) -> int:
+        """Say goodbye (with ``reason``) on every agent stream, and to any agent that
+        connects from now on; returns how many were told. The streams close when the
+        server is cancelled."""
+        self._closing = reason
+        wires = list(self._wires.values())
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for wire in wires:
+                    nursery.start_soon(self._goodbye, wire)
+        log.info("told %d agent(s) goodbye: %s", len(wires), reason)
+        return len(wires)
+
+    async def _goodbye(self, wire: MessageStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await wire.send({"type": "goodbye", "reason": self._closing})
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
         wire = MessageStream(stream)
         session = None
+        if self._closing is not None:
+            with trio.move_on_after(GOODBYE_TIMEOUT):
+                await self._goodbye(wire)
+            await trio.aclose_forcefully(stream)
+            return
         try:
             with trio.fail_after(HELLO_TIMEOUT):
                 if isinstance(stream, trio.SSLStream):
@@ -454,6 +483,7 @@ class PushServer:
             session = AgentSession(node=node, peer=peer, tls=isinstance(stream, trio.SSLStream))
             session.acked_version = str(hello.get("version") or "")
             self._opened(session)
+            self._wires[id(session)] = wire
             log.info("agent %s connected from %s (has %r)", node, peer, session.acked_version)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_closed, self._read_agent(wire, session), nursery)
@@ -469,6 +499,7 @@ class PushServer:
             pass
         finally:
             if session is not None:
+                self._wires.pop(id(session), None)
                 self._closed(session)
                 log.info("agent %s disconnected from %s", session.node, peer)
             await trio.aclose_forcefully(stream)

@@ -524,7 +524,6 @@ def test_controller_namespace_role_is_exactly_its_lease_ca_secret_and_root_confi
         ("coordination.k8s.io", "leases", "update", "meshctl"),
         ("", "secrets", "create", None),
         ("", "secrets", "get", "meshagent-ca"),
-        ("", "secrets", "update", "meshagent-ca"),
         ("", "configmaps", "create", None),
         ("", "configmaps", "get", "meshagent-root"),
         ("", "configmaps", "update", "meshagent-root"),
