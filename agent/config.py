@@ -50,6 +50,9 @@ class AgentConfig(BaseModel):
     node_name: str = Field(default_factory=lambda: os.uname().nodename)
     controller: str = "meshctl.meshagent-system.svc:15012"
     proxy_ip: str = "127.0.0.1"
+    # The proxy's IPv6 address on a dual-stack node: native IPv6 connects of meshed pods go
+    # there. Without one they are refused (never let through unmeshed).
+    proxy_ip6: str | None = None
     outbound_port: int = 15001
     admin_port: int = 15000
     readiness_port: int = 15021

@@ -107,10 +107,12 @@ class DataPlane:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         """Bind 15001 and 15008 (shared with any other agent or worker on the node: see
         common/listeners.py) and accept; HBONE waits for the first trust bundle."""
-        outbound = PausableListener(self.config.proxy_ip, self.config.outbound_port)
+        outbound = [PausableListener(self.config.proxy_ip, self.config.outbound_port)]
+        if self.config.proxy_ip6:  # native IPv6 connects of meshed pods (bpf/connect6.c)
+            outbound.append(PausableListener(self.config.proxy_ip6, self.config.outbound_port))
         hbone = PausableListener("0.0.0.0", self.config.hbone_port)
-        self.listeners = [outbound, hbone]
-        await self.nursery.start(serve_outbound, self.proxy, [outbound])
+        self.listeners = [*outbound, hbone]
+        await self.nursery.start(serve_outbound, self.proxy, outbound)
         if self.workload_tls.selector is None:
             log.info("waiting for the trust bundle before serving HBONE")
             while self.workload_tls.selector is None:

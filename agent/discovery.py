@@ -1,7 +1,8 @@
 """Finds the network namespaces of pods on this node, by pod IP, the way a node sees them.
 
 Walks /proc/*/ns/net (needs the host PID namespace), reads each namespace's
-local IPv4 addresses from /proc/<pid>/net/fib_trie, and for the namespaces that
+local addresses (IPv4 from /proc/<pid>/net/fib_trie, global IPv6 from
+/proc/<pid>/net/if_inet6), and for the namespaces that
 hold a wanted pod IP, enters them from a worker thread just long enough to ask
 a socket for the namespace cookie (SO_NETNS_COOKIE), which is what the connect4
 program sees. Results are cached by namespace inode; cookies are never reused.
@@ -9,6 +10,7 @@ program sees. Results are cached by namespace inode; cookies are never reused.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass
@@ -42,6 +44,27 @@ def _local_ipv4(pid: int) -> frozenset[str]:
     return frozenset(ip for ip in ips if not ip.startswith("127."))
 
 
+IF_INET6_SCOPE_GLOBAL = "00"  # the scope column of /proc/net/if_inet6 (link-local is 20)
+
+
+def _global_ipv6(pid: int) -> frozenset[str]:
+    """The namespace's global-scope IPv6 addresses (pod IPs; not ::1, not fe80::)."""
+    ips = set()
+    try:
+        with open(f"/proc/{pid}/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[3] == IF_INET6_SCOPE_GLOBAL:
+                    ips.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    except (OSError, ValueError):
+        return frozenset()
+    return frozenset(ips)
+
+
+def _local_ips(pid: int) -> frozenset[str]:
+    return _local_ipv4(pid) | _global_ipv6(pid)
+
+
 def pod_netns_cookie(pid: int) -> int:
     """The cookie of pid's network namespace. Blocking: call from a worker thread."""
     return netns_cookie(f"/proc/{pid}/ns/net")
@@ -73,7 +96,7 @@ class NetnsScanner:
         for inode, pid in seen.items():
             ns = self._cache.get(inode)
             if ns is None:
-                ips = _local_ipv4(pid)
+                ips = _local_ips(pid)
                 if not ips & wanted_ips:
                     continue  # not cached: a namespace with a new pod IP is looked at again
                 try:

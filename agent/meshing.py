@@ -53,37 +53,43 @@ class MeshReconciler:
         self._wake.set()
 
     def reconcile(self) -> None:
-        """Blocking: scan namespaces and rewrite the map. Run from a worker thread."""
+        """Blocking: scan namespaces and rewrite the map. Run from a worker thread.
+
+        A pod is found by any of its IPs (IPv4 or IPv6) and known to the datapath by its
+        primary one (the first in the snapshot), which keys its peer_auth entries."""
         tables = self.store.tables
-        wanted = {ip: w for w in (tables.local_meshed() if tables else []) for ip in w.ips}
-        found = self.scanner.scan(set(wanted))
-        desired = {found[ip].cookie: ip for ip in found}
+        local = tables.local_meshed() if tables else []
+        by_ip = {ip: w for w in local for ip in w.ips}
+        found = self.scanner.scan(set(by_ip))
+        desired = {ns.cookie: by_ip[ip] for ip, ns in found.items()}
         current = self.maps.meshed_netns()
-        for cookie, ip in desired.items():
-            if current.get(cookie) != ip:
-                self.maps.set_meshed(cookie, ip)
-                w = wanted[ip]
-                log.info("meshed %s/%s (%s, netns cookie %d)", w.namespace, w.name, ip, cookie)
+        for cookie, w in desired.items():
+            if current.get(cookie) != w.ips[0]:
+                self.maps.set_meshed(cookie, w.ips[0])
+                log.info(
+                    "meshed %s/%s (%s, netns cookie %d)", w.namespace, w.name, w.ips[0], cookie
+                )
         for cookie, ip in current.items():
             if cookie not in desired:
                 self.maps.unset_meshed(cookie)
                 log.info("unmeshed %s (netns cookie %d)", ip, cookie)
-        self.maps.set_peer_auth(self._peer_auth(tables, wanted) if tables else {})
+        self.maps.set_peer_auth(self._peer_auth(tables, local) if tables else {})
+        meshed_uids = {w.uid for w in desired.values()}
         self.state = MeshingState(
             pods=[
-                MeshedPod(wanted[ip].namespace, wanted[ip].name, ip, cookie)
-                for cookie, ip in sorted(desired.items(), key=lambda kv: kv[1])
+                MeshedPod(w.namespace, w.name, w.ips[0], cookie)
+                for cookie, w in sorted(desired.items(), key=lambda kv: kv[1].ips[0])
             ],
-            waiting=sorted(
-                f"{w.namespace}/{w.name}" for ip, w in wanted.items() if ip not in found
-            ),
+            waiting=sorted(f"{w.namespace}/{w.name}" for w in local if w.uid not in meshed_uids),
         )
 
     @staticmethod
-    def _peer_auth(tables, wanted: dict) -> dict[tuple[str, int], MtlsMode]:
-        """The kernel's view of PeerAuthentication for this node's meshed pods."""
+    def _peer_auth(tables, local: list) -> dict[tuple[str, int], MtlsMode]:
+        """The kernel's view of PeerAuthentication for this node's meshed pods, keyed by each
+        pod's primary IP (bpf/ingress.c finds the pod by its namespace, whatever address)."""
         entries: dict[tuple[str, int], MtlsMode] = {}
-        for ip, workload in wanted.items():
+        for workload in local:
+            ip = workload.ips[0]
             policy = tables.mtls_for(workload)
             strict = policy.mode == "STRICT"
             if strict:

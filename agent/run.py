@@ -109,7 +109,9 @@ class Agent:
         maps = loader.open_maps(settings)
         maps.set_excluded_ports(set(cfg.excluded_ports))
         # The node itself (its proxy, kubelet probes) may always reach pods, STRICT or not.
-        maps.set_trusted_sources({cfg.proxy_ip, *cfg.trusted_sources})
+        maps.set_trusted_sources(
+            {cfg.proxy_ip, *([cfg.proxy_ip6] if cfg.proxy_ip6 else []), *cfg.trusted_sources}
+        )
         workers = cfg.worker_count
         metrics_dir = cfg.worker_metrics_dir / str(os.getpid())
         if workers > 1:

@@ -25,12 +25,17 @@ BPF_TABLE("lru_hash", struct mesh_endpoint, struct mesh_endpoint, orig_dst,
 /* destination port (host order) -> 1: connects to these are never redirected. */
 BPF_HASH(excluded_ports, __u16, __u8, MESH_MAX_EXCLUDED_PORTS);
 
-/* (pod ip, port) -> enum mesh_mtls_mode; port 0 is the pod-wide mode. */
+/* (pod's primary ip, port) -> enum mesh_mtls_mode; port 0 is the pod-wide mode. */
 BPF_HASH(peer_auth, struct mesh_endpoint, __u8, MESH_MAX_PEER_AUTH);
 
-/* source ip -> 1: the node's own addresses (its proxy, kubelet probes), which may
- * always open connections to pods, STRICT or not. */
-BPF_HASH(trusted_sources, __u32, __u8, 16);
+/* source address -> 1: the node's own addresses (its proxy, kubelet probes), which
+ * may always open connections to pods, STRICT or not. */
+BPF_HASH(trusted_sources, struct mesh_addr, __u8, 16);
+
+/* socket -> original destination, for as long as the socket lives: getpeername()
+ * answers with it (getpeername.c). Socket-local storage, freed with the socket,
+ * so it needs no pin and cannot leak. */
+BPF_SK_STORAGE(sock_orig, struct mesh_endpoint);
 
 BPF_PERCPU_ARRAY(counters, __u64, MESH_CTR_MAX);
 

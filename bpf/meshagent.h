@@ -5,8 +5,11 @@
  * ctypes; tests/unit/test_map_layout.py compiles this header with the host C
  * compiler and checks the mirror's sizes and offsets against it.
  *
- * Byte orders: IPv4 addresses are kept in network byte order (as the kernel
- * hands them to sock_addr and sock_ops programs); ports in host byte order.
+ * Addresses: every address is 16 bytes, IPv6 in network byte order, an IPv4
+ * address as its IPv4-mapped form (::ffff:a.b.c.d), so one key serves a
+ * connection whatever family its socket has (an AF_INET6 socket that dials
+ * ::ffff:a.b.c.d is seen by the proxy's IPv4 listener as a.b.c.d). Ports are
+ * in host byte order.
  *
  * Plain C: no bcc macros here (they live in maps.h) so gcc can compile it.
  */
@@ -18,6 +21,15 @@
 /* Settings arrive as -D flags from the loader; these are the defaults. */
 #ifndef MESH_PROXY_IP4
 #define MESH_PROXY_IP4 0x7f000001 /* host order; the node proxy's address */
+#endif
+/* The proxy's IPv6 address as four network-order words (host-order values of
+ * each 32-bit group); all zero when the node has no IPv6 proxy address, and
+ * then native IPv6 connects of meshed pods are refused, never let through. */
+#ifndef MESH_PROXY_IP6_0
+#define MESH_PROXY_IP6_0 0
+#define MESH_PROXY_IP6_1 0
+#define MESH_PROXY_IP6_2 0
+#define MESH_PROXY_IP6_3 0
 #endif
 #ifndef MESH_PROXY_PORT
 #define MESH_PROXY_PORT 15001 /* outbound capture port, as Istio's */
@@ -42,7 +54,10 @@ enum mesh_counter {
 	MESH_CTR_ESTABLISHED = 2, /* original destination handed to the proxy */
 	MESH_CTR_INFLIGHT_MISS = 3, /* established, but its connect record was gone */
 	MESH_CTR_STRICT_DROPPED = 4, /* plaintext connection to a STRICT pod, dropped */
-	MESH_CTR_MAX = 5,
+	MESH_CTR_REDIRECTED_IPV6 = 5, /* of REDIRECTED: made on an IPv6 socket */
+	MESH_CTR_REFUSED = 6, /* meshed connect the proxy cannot carry: refused (EPERM) */
+	MESH_CTR_PEER_RESTORED = 7, /* getpeername() answered with the original destination */
+	MESH_CTR_MAX = 8,
 };
 
 /* Value of peer_auth: the mTLS mode a pod (port) accepts. Only modes that need
@@ -52,16 +67,23 @@ enum mesh_mtls_mode {
 	MESH_MTLS_STRICT = 1,
 };
 
-/* Value of mesh_netns: what the datapath knows of one meshed pod namespace. */
+/* An IPv6 address, or an IPv4 one in its mapped form; network order. */
+struct mesh_addr {
+	__u32 ip6[4];
+};
+
+/* Value of mesh_netns: what the datapath knows of one meshed pod namespace.
+ * `addr` is the pod's primary IP: the key of its peer_auth entries, whichever
+ * of its addresses (IPv4, IPv6, link-local) a packet is sent to. */
 struct mesh_pod {
-	__u32 ip4; /* the pod's IPv4 address, network order */
-	__u32 flags; /* MESH_POD_* */
+	struct mesh_addr addr;
+	__u32 flags; /* reserved, 0 */
 };
 
 /* A TCP endpoint: the original destination of a redirected connection, or
  * the client side of it as the proxy sees it after accept(). */
 struct mesh_endpoint {
-	__u32 ip4; /* network order */
+	struct mesh_addr addr;
 	__u16 port; /* host order */
 	__u16 pad;
 };

@@ -180,6 +180,7 @@ def agent_config(node: NodePlan) -> AgentConfig:
         node_name=node.name,
         controller=f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
         proxy_ip=node.gateway,
+        proxy_ip6=node.gateway6,
         cgroup_path=cgroups.node_cgroup(node.name),
         pin_dir=BPFFS_DIR / node.name,
         state_dir=RUN_DIR / node.name / "state",

@@ -11,9 +11,12 @@ import subprocess
 
 from meshagent.lab.paths import NETNS_PREFIX
 from meshagent.lab.topology import (
+    POD_PREFIX6,
     UNDERLAY_BRIDGE_IP,
+    UNDERLAY_BRIDGE_IP6,
     UNDERLAY_NETNS,
     UNDERLAY_PREFIX,
+    UNDERLAY_PREFIX6,
     LabPlan,
     NodePlan,
     PodPlan,
@@ -26,6 +29,13 @@ UNDERLAY_BRIDGE = "ul0"
 NODE_BRIDGE = "cni0"
 NODE_UPLINK = "eth0"
 POD_IFACE = "eth0"
+# IPv6 addresses are added without duplicate address detection (IFA_F_NODAD): the lab
+# hands them out uniquely, and DAD would keep each one unusable ("tentative") for ~1 s.
+IFA_F_NODAD = 0x02
+
+
+def _addr6(ns: NetNS, index: int, address: str, prefixlen: int) -> None:
+    ns.addr("add", index=index, address=address, prefixlen=prefixlen, flags=IFA_F_NODAD)
 
 
 def _up(ns: NetNS, ifname: str) -> int:
@@ -48,6 +58,7 @@ def create_underlay() -> None:
         ns.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
         index = _up(ns, UNDERLAY_BRIDGE)
         ns.addr("add", index=index, address=UNDERLAY_BRIDGE_IP, prefixlen=UNDERLAY_PREFIX)
+        _addr6(ns, index, UNDERLAY_BRIDGE_IP6, UNDERLAY_PREFIX6)
 
 
 def create_node(node: NodePlan, plan: LabPlan) -> None:
@@ -66,13 +77,17 @@ def create_node(node: NodePlan, plan: LabPlan) -> None:
         _up(ns, "lo")
         uplink = _up(ns, NODE_UPLINK)
         ns.addr("add", index=uplink, address=node.underlay_ip, prefixlen=UNDERLAY_PREFIX)
+        _addr6(ns, uplink, node.underlay_ip6, UNDERLAY_PREFIX6)
         ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
         bridge = _up(ns, NODE_BRIDGE)
         ns.addr("add", index=bridge, address=node.gateway, prefixlen=24)
+        _addr6(ns, bridge, node.gateway6, POD_PREFIX6)
         for other in plan.nodes:
             if other.name != node.name:
                 ns.route("add", dst=other.pod_cidr, gateway=other.underlay_ip)
+                ns.route("add", dst=other.pod_cidr6, gateway=other.underlay_ip6)
     _sysctl(node.netns, "net.ipv4.ip_forward", "1")
+    _sysctl(node.netns, "net.ipv6.conf.all.forwarding", "1")
 
 
 def create_pod(pod: PodPlan, node: NodePlan) -> None:
@@ -91,7 +106,9 @@ def create_pod(pod: PodPlan, node: NodePlan) -> None:
         _up(ns, "lo")
         index = _up(ns, POD_IFACE)
         ns.addr("add", index=index, address=pod.ip, prefixlen=24)
+        _addr6(ns, index, pod.ip6, POD_PREFIX6)
         ns.route("add", dst="0.0.0.0/0", gateway=node.gateway)
+        ns.route("add", dst="::/0", gateway=node.gateway6)
 
 
 def delete_pod(pod: PodPlan) -> None:

@@ -5,6 +5,13 @@ Addressing (all inside the lab's own network namespaces):
   node-i pod CIDR 10.244.i.0/24: node bridge (the proxy's address) .1, pods from .10
     (10.<POD_NET_OCTET>.i.0/24 for a named lab instance, so pod IPs stay unique)
   Service VIPs from 10.96.0.0/16 (a manifest's clusterIP is kept)
+
+Dual-stack, as a Kubernetes cluster with both families: every node and pod also has an
+IPv6 address, the IPv4 one's numbers written into fd00::/8 (IPv6 text) so either names the
+other at a glance: underlay fd00:172:30::/64 (node-i at ::(10+i) in hex), node-i's pods
+fd00:10:244:i::/64 (bridge ::1, pod 10.244.i.h at ::h in hex). A Service whose
+`ipFamilyPolicy` is PreferDualStack or RequireDualStack (or whose `ipFamilies` names IPv6)
+gets an IPv6 VIP from fd00:10:96::/112 as well, listed in `clusterIPs` in `ipFamilies` order.
 """
 
 from __future__ import annotations
@@ -20,6 +27,11 @@ UNDERLAY_PREFIX = 24
 CONTROLLER_PORT = 15012
 CONTROLLER_METRICS_PORT = 15014
 SERVICE_NET = ipaddress.ip_network("10.96.0.0/16")
+SERVICE_NET6 = ipaddress.ip_network("fd00:10:96::/112")
+UNDERLAY_BRIDGE_IP6 = "fd00:172:30::1"
+UNDERLAY_PREFIX6 = 64
+POD_PREFIX6 = 64
+DUAL_STACK_POLICIES = ("PreferDualStack", "RequireDualStack")
 FIRST_POD_HOST = 10
 UNDERLAY_NETNS = NETNS_PREFIX + "underlay"
 
@@ -51,6 +63,19 @@ class NodePlan:
         return f"10.{POD_NET_OCTET}.{self.index}.1"
 
     @property
+    def underlay_ip6(self) -> str:
+        return str(ipaddress.IPv6Address(f"fd00:172:30::{10 + self.index:x}"))
+
+    @property
+    def pod_cidr6(self) -> str:
+        return f"fd00:10:{POD_NET_OCTET}:{self.index}::/{POD_PREFIX6}"
+
+    @property
+    def gateway6(self) -> str:
+        """The node bridge's IPv6 address: pods' IPv6 gateway and the proxy's IPv6 listener."""
+        return str(ipaddress.IPv6Address(f"fd00:10:{POD_NET_OCTET}:{self.index}::1"))
+
+    @property
     def underlay_veth(self) -> str:
         return f"ul-{self.name}"[:15]
 
@@ -71,6 +96,12 @@ class PodPlan:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def ip6(self) -> str:
+        """The pod's IPv6 address, derived from its IPv4 one (module docstring)."""
+        _, octet, node, host = self.ip.split(".")
+        return str(ipaddress.IPv6Address(f"fd00:10:{octet}:{node}::{int(host):x}"))
 
     @property
     def netns(self) -> str:
@@ -170,6 +201,11 @@ def add_objects(plan: LabPlan, objects: list[dict]) -> None:
                 vip = _free_vip(used_vips)
             used_vips.add(vip)
             spec["clusterIP"] = vip
+            spec["clusterIPs"] = _cluster_ips(spec, vip)
+            spec["ipFamilies"] = [
+                "IPv6" if ipaddress.ip_address(ip).version == 6 else "IPv4"
+                for ip in spec["clusterIPs"]
+            ]
             plan.services[f"{ns}/{name}"] = obj
         else:
             plan.others = [o for o in plan.others if _identity(o) != _identity(obj)]
@@ -207,6 +243,17 @@ def _free_pod_ip(plan: LabPlan, node: NodePlan) -> str:
     raise PlanError(f"node {node.name} has no free pod IP")
 
 
+def _cluster_ips(spec: dict, vip: str) -> list[str]:
+    """The Service's VIPs: IPv4 `vip`, plus an IPv6 one when dual-stack is asked for (its
+    offset in fd00:10:96::/112 is the IPv4 one's in 10.96.0.0/16), in ipFamilies order."""
+    families = spec.get("ipFamilies") or []
+    if spec.get("ipFamilyPolicy") not in DUAL_STACK_POLICIES and "IPv6" not in families:
+        return [vip]
+    offset = int(ipaddress.IPv4Address(vip)) - int(SERVICE_NET.network_address)
+    vip6 = str(SERVICE_NET6.network_address + offset)
+    return [vip6, vip] if families[:1] == ["IPv6"] else [vip, vip6]
+
+
 def _free_vip(used: set[str]) -> str:
     for ip in SERVICE_NET.hosts():
         if int(ip) - int(SERVICE_NET.network_address) < 10:
@@ -218,13 +265,14 @@ def _free_vip(used: set[str]) -> str:
 
 def hosts_file(plan: LabPlan, pod: PodPlan) -> str:
     """/etc/hosts for a pod: itself, and every Service by short, namespaced and FQDN names."""
-    lines = ["127.0.0.1 localhost", f"{pod.ip} {pod.name}"]
+    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost", f"{pod.ip} {pod.name}"]
     for svc in plan.services.values():
         ns, name = _meta(svc)
         names = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
         if ns == pod.namespace:
             names.insert(0, name)
-        lines.append(f"{svc['spec']['clusterIP']} {' '.join(names)}")
+        for vip in svc["spec"].get("clusterIPs") or [svc["spec"]["clusterIP"]]:
+            lines.append(f"{vip} {' '.join(names)}")
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +285,13 @@ def cluster_objects(plan: LabPlan) -> list[dict]:
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": node.name},
-                "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]},
+                "spec": {"podCIDRs": [node.pod_cidr, node.pod_cidr6]},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.underlay_ip},
+                        {"type": "InternalIP", "address": node.underlay_ip6},
+                    ]
+                },
             }
         )
     out.extend(plan.namespaces.values())
@@ -254,7 +308,7 @@ def cluster_objects(plan: LabPlan) -> list[dict]:
             status={
                 "phase": "Running",
                 "podIP": pod.ip,
-                "podIPs": [{"ip": pod.ip}],
+                "podIPs": [{"ip": pod.ip}, {"ip": pod.ip6}],
                 "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
             },
         )

@@ -17,6 +17,7 @@ handed to bcc through BCC_KERNEL_SOURCE: the programs use only stable uapi types
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -48,12 +49,22 @@ class Hook:
         return f"prog_{self.function}"
 
 
-LIBRARY_SOURCES = ("counters.c",)
+LIBRARY_SOURCES = ("counters.c", "redirect.c")
 HOOKS = (
     Hook("mesh_connect4", "connect4.c", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    Hook("mesh_connect6", "connect6.c", bpfsys.ATTACH_CGROUP_INET6_CONNECT),
+    Hook("mesh_peername4", "getpeername.c", bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    Hook("mesh_peername6", "getpeername.c", bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
     Hook("mesh_sockops", "sockops.c", bpfsys.ATTACH_CGROUP_SOCK_OPS),
     Hook("mesh_ingress", "ingress.c", bpfsys.ATTACH_CGROUP_INET_INGRESS),
 )
+# sock_addr hooks: bcc must load each with the attach type it will be attached at.
+_SOCK_ADDR_ATTACH = {
+    bpfsys.ATTACH_CGROUP_INET4_CONNECT: "CGROUP_INET4_CONNECT",
+    bpfsys.ATTACH_CGROUP_INET6_CONNECT: "CGROUP_INET6_CONNECT",
+    bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME: "CGROUP_INET4_GETPEERNAME",
+    bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME: "CGROUP_INET6_GETPEERNAME",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class DatapathSettings:
     cgroup_path: Path
     proxy_ip: str
     proxy_port: int = 15001
+    proxy_ip6: str | None = None  # without one, native IPv6 connects of meshed pods are refused
 
 
 def datapath_settings(config: AgentConfig) -> DatapathSettings:
@@ -71,6 +83,7 @@ def datapath_settings(config: AgentConfig) -> DatapathSettings:
         cgroup_path=config.cgroup_path,
         proxy_ip=config.proxy_ip,
         proxy_port=config.outbound_port,
+        proxy_ip6=config.proxy_ip6,
     )
 
 
@@ -85,8 +98,13 @@ class AttachedProgram:
 
 
 def _ip_host_order(ip: str) -> int:
-    a, b, c, d = (int(x) for x in ip.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
+    return int(ipaddress.IPv4Address(ip))
+
+
+def _ip6_words(ip: str | None) -> tuple[int, int, int, int]:
+    """An IPv6 address as four 32-bit groups (host-order values), zeros for None."""
+    value = int(ipaddress.IPv6Address(ip)) if ip else 0
+    return tuple((value >> shift) & 0xFFFFFFFF for shift in (96, 64, 32, 0))  # type: ignore[return-value]
 
 
 def fallback_kernel_headers(
@@ -134,7 +152,7 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
     # bcc only turns functions of the main text into programs (and rewrites map
     # accesses only there), so the .c files are joined into one text rather than
     # #included; maps.h is included once at the top.
-    sources = (*LIBRARY_SOURCES, *(h.source for h in HOOKS))
+    sources = dict.fromkeys((*LIBRARY_SOURCES, *(h.source for h in HOOKS)))  # once each
     unit = '#include "maps.h"\n' + "".join(
         f'#line 1 "{name}"\n' + bpf_dir.joinpath(name).read_text() for name in sources
     )
@@ -142,18 +160,19 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
         f"-I{bpf_dir}",
         f"-DMESH_PROXY_IP4={_ip_host_order(settings.proxy_ip):#x}",
         f"-DMESH_PROXY_PORT={settings.proxy_port}",
+        *(f"-DMESH_PROXY_IP6_{i}={w:#x}" for i, w in enumerate(_ip6_words(settings.proxy_ip6))),
         "-Wno-macro-redefined",
     ]
     bpf = BPF(text=unit, cflags=cflags)
     fds: dict[str, int] = {}
     for hook in HOOKS:
-        if hook.attach_type == bpfsys.ATTACH_CGROUP_INET4_CONNECT:
+        if hook.attach_type in _SOCK_ADDR_ATTACH:
             from bcc import BPFAttachType
 
             fn = bpf.load_func(
                 hook.function,
                 BPF.CGROUP_SOCK_ADDR,
-                attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
+                attach_type=getattr(BPFAttachType, _SOCK_ADDR_ATTACH[hook.attach_type]),
             )
         elif hook.attach_type == bpfsys.ATTACH_CGROUP_SOCK_OPS:
             fn = bpf.load_func(hook.function, BPF.SOCK_OPS)

@@ -9,9 +9,8 @@ their pins.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -20,16 +19,22 @@ from pathlib import Path
 from meshagent.agent.datapath import bpfsys
 
 
-class MeshPod(ctypes.Structure):
-    """struct mesh_pod"""
+class MeshAddr(ctypes.Structure):
+    """struct mesh_addr: 16 bytes in network order; IPv4 in its mapped form ::ffff:a.b.c.d."""
 
-    _fields_ = [("ip4", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("ip6", ctypes.c_uint8 * 16)]
+
+
+class MeshPod(ctypes.Structure):
+    """struct mesh_pod: the pod's primary IP (the key of its peer_auth entries)."""
+
+    _fields_ = [("addr", MeshAddr), ("flags", ctypes.c_uint32)]
 
 
 class MeshEndpoint(ctypes.Structure):
-    """struct mesh_endpoint: ip4 in network order, port in host order."""
+    """struct mesh_endpoint: address as MeshAddr, port in host order."""
 
-    _fields_ = [("ip4", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("addr", MeshAddr), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class Counter(IntEnum):
@@ -40,6 +45,9 @@ class Counter(IntEnum):
     ESTABLISHED = 2
     INFLIGHT_MISS = 3
     STRICT_DROPPED = 4
+    REDIRECTED_IPV6 = 5
+    REFUSED = 6
+    PEER_RESTORED = 7
 
 
 class MtlsMode(IntEnum):
@@ -49,7 +57,7 @@ class MtlsMode(IntEnum):
     STRICT = 1
 
 
-COUNTER_MAX = 5
+COUNTER_MAX = 8
 
 # Map names, as declared in bpf/maps.h and pinned by the loader.
 MAP_MESH_NETNS = "mesh_netns"
@@ -71,22 +79,28 @@ ALL_MAPS = (
 
 # Layout facts the test compares against the C header (name -> (size, {field: offset})).
 MIRRORED_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "mesh_addr": MeshAddr,
     "mesh_pod": MeshPod,
     "mesh_endpoint": MeshEndpoint,
 }
 
 
-def ip4_to_net(ip: str) -> int:
-    """Dotted IPv4 -> the u32 whose in-memory bytes are in network order."""
-    return int.from_bytes(socket.inet_aton(ip), sys.byteorder)
+def to_addr(ip: str) -> MeshAddr:
+    """An IPv4 or IPv6 address as the datapath keeps it (IPv4 as ::ffff:a.b.c.d)."""
+    parsed = ipaddress.ip_address(ip)
+    if parsed.version == 4:
+        parsed = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + parsed.packed)
+    return MeshAddr.from_buffer_copy(parsed.packed)
 
 
-def net_to_ip4(value: int) -> str:
-    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
+def from_addr(addr: MeshAddr) -> str:
+    """The address as the proxy and the snapshot write it (an IPv4-mapped one as IPv4)."""
+    parsed = ipaddress.IPv6Address(bytes(addr.ip6))
+    return str(parsed.ipv4_mapped or parsed)
 
 
 def endpoint(ip: str, port: int) -> MeshEndpoint:
-    return MeshEndpoint(ip4=ip4_to_net(ip), port=port)
+    return MeshEndpoint(addr=to_addr(ip), port=port)
 
 
 def possible_cpus() -> int:
@@ -163,9 +177,7 @@ class DatapathMaps:
             excluded_ports=PinnedMap(pin_dir / MAP_EXCLUDED_PORTS, ctypes.c_uint16, ctypes.c_uint8),
             counters=PinnedMap(pin_dir / MAP_COUNTERS, ctypes.c_uint32, ctypes.c_uint64 * ncpu),
             peer_auth=PinnedMap(pin_dir / MAP_PEER_AUTH, MeshEndpoint, ctypes.c_uint8),
-            trusted_sources=PinnedMap(
-                pin_dir / MAP_TRUSTED_SOURCES, ctypes.c_uint32, ctypes.c_uint8
-            ),
+            trusted_sources=PinnedMap(pin_dir / MAP_TRUSTED_SOURCES, MeshAddr, ctypes.c_uint8),
         )
 
     def close(self) -> None:
@@ -190,10 +202,11 @@ class DatapathMaps:
 
     def meshed_netns(self) -> dict[int, str]:
         """netns cookie -> pod IP of every meshed namespace."""
-        return {key.value: net_to_ip4(val.ip4) for key, val in self.mesh_netns.items()}
+        return {key.value: from_addr(val.addr) for key, val in self.mesh_netns.items()}
 
     def set_meshed(self, cookie: int, ip: str) -> None:
-        self.mesh_netns.update(ctypes.c_uint64(cookie), MeshPod(ip4=ip4_to_net(ip)))
+        """Mark a namespace meshed; `ip` is the pod's primary IP (its peer_auth key)."""
+        self.mesh_netns.update(ctypes.c_uint64(cookie), MeshPod(addr=to_addr(ip)))
 
     def unset_meshed(self, cookie: int) -> None:
         self.mesh_netns.delete(ctypes.c_uint64(cookie))
@@ -207,7 +220,7 @@ class DatapathMaps:
 
     def peer_auth_entries(self) -> dict[tuple[str, int], MtlsMode]:
         """(pod ip, port) -> mode; port 0 is the pod-wide mode."""
-        return {(net_to_ip4(k.ip4), k.port): MtlsMode(v.value) for k, v in self.peer_auth.items()}
+        return {(from_addr(k.addr), k.port): MtlsMode(v.value) for k, v in self.peer_auth.items()}
 
     def set_peer_auth(self, wanted: dict[tuple[str, int], MtlsMode]) -> None:
         """Make the peer_auth map exactly `wanted` (adds, changes, removes)."""
@@ -219,15 +232,16 @@ class DatapathMaps:
             self.peer_auth.delete(endpoint(ip, port))
 
     def set_trusted_sources(self, ips: set[str]) -> None:
-        current = {net_to_ip4(k.value) for k in self.trusted_sources.iter_keys()}
+        ips = {from_addr(to_addr(ip)) for ip in ips}  # one spelling per address
+        current = {from_addr(k) for k in self.trusted_sources.iter_keys()}
         for ip in ips - current:
-            self.trusted_sources.update(ctypes.c_uint32(ip4_to_net(ip)), ctypes.c_uint8(1))
+            self.trusted_sources.update(to_addr(ip), ctypes.c_uint8(1))
         for ip in current - ips:
-            self.trusted_sources.delete(ctypes.c_uint32(ip4_to_net(ip)))
+            self.trusted_sources.delete(to_addr(ip))
 
     def pop_orig_dst(self, client_ip: str, client_port: int) -> tuple[str, int] | None:
         """Consume the original destination of an accepted, redirected connection."""
         value = self.orig_dst.pop(endpoint(client_ip, client_port))
         if value is None:
             return None
-        return net_to_ip4(value.ip4), value.port
+        return from_addr(value.addr), value.port

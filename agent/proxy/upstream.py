@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 from meshagent.agent.hbone.client import TunnelPool
 from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, TunnelRefused
+from meshagent.agent.hbone.protocol import format_authority
 from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
 from meshagent.agent.policy import authorization
 from meshagent.agent.proxy.inputs import ProxyInputs
@@ -154,7 +155,7 @@ class Connector:
                 source=src_id,
                 destination=workload_identity(dest, self.trust_domain),
                 node_addr=(node_ip, self.hbone_port),
-                authority=f"{ip}:{port}",
+                authority=format_authority(ip, port),
                 forwarded_for=client_ip,
             )
         except TunnelRefused as exc:

@@ -52,7 +52,16 @@ def test_mirror_matches_header(tmp_path):
         assert c[f"MESH_CTR_{counter.name}"] == counter.value
 
 
-def test_ip_byte_order_round_trip():
-    value = maps.ip4_to_net("10.244.1.7")
-    assert bytes(ctypes.c_uint32(value)) == bytes([10, 244, 1, 7])  # network order in memory
-    assert maps.net_to_ip4(value) == "10.244.1.7"
+def test_ipv4_is_kept_mapped_in_network_order():
+    addr = maps.to_addr("10.244.1.7")
+    assert bytes(addr) == bytes([0] * 10 + [0xFF, 0xFF, 10, 244, 1, 7])
+    assert maps.from_addr(addr) == "10.244.1.7"
+
+
+def test_ipv6_round_trip_and_mapped_spelling():
+    assert bytes(maps.to_addr("fd00:10:244:1::a"))[:4] == bytes([0xFD, 0x00, 0x00, 0x10])
+    assert maps.from_addr(maps.to_addr("fd00:10:244:1::a")) == "fd00:10:244:1::a"
+    # what an IPv6 socket that dialled an IPv4 address reports is the same key as IPv4
+    assert bytes(maps.to_addr("::ffff:10.244.1.7")) == bytes(maps.to_addr("10.244.1.7"))
+    assert maps.from_addr(maps.to_addr("::ffff:10.244.1.7")) == "10.244.1.7"
+    assert maps.endpoint("10.0.0.1", 80).port == 80
