@@ -21,7 +21,9 @@ Istio semantics kept (https://istio.io/latest/docs/reference/config/networking/)
   is not in the snapshot. DestinationRules likewise: the service's namespace, then the root
   namespace, then any other. (Istio prefers the client's namespace; a node proxy serves many.)
 - `uri.exact` and `uri.regex` match the path without its query string, `uri.prefix` the whole
-  request target, as Envoy's path/safe_regex/prefix matchers; a regex must match in full.
+  request target, as Envoy's path/safe_regex/prefix matchers; a regex is RE2 (google-re2, as
+  Envoy's safe_regex) and must match in full. The path is the normalized one: the HTTP engine
+  normalizes each request (meshConfig pathNormalization, common/pathnorm.py) before matching.
 - Retries: with no `retries` a route gets Istio's default policy (2 retries on connect-failure,
   refused-stream and status 503); `attempts: 0` disables retries; `attempts` counts retries,
   so a request is tried at most attempts + 1 times. No default timeout.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ def _string_matcher(match: net.StringMatch) -> Matcher:
         prefix = match.prefix
         return lambda value: value.startswith(prefix)
     assert match.regex is not None
-    return lambda value, rx=re.compile(match.regex): rx.fullmatch(value) is not None
+    rx = net.compile_regex(match.regex)  # RE2, as Envoy's safe_regex
+    return lambda value: rx.fullmatch(value) is not None
 
 
 def _path_only(target: str) -> str:

@@ -7,6 +7,13 @@ detection); any other field is an error naming it. The checks Istio's webhook ma
 fields (weights summing to 100, regexes compiling, durations of at least 1ms, ...) are
 repeated so that what Istio refuses is refused here too. Durations become float seconds.
 
+Regexes (`uri`, `method` and header `regex`) are RE2, as Istio documents them and Envoy's
+`safe_regex` runs them: compiled here with google-re2 (`compile_regex`), the same engine the
+proxy matches with, so a pattern RE2 refuses (lookahead/lookbehind, backreferences, possessive
+quantifiers, ...) is a validation error with its field path, never a surprise at match time.
+RE2's semantics hold: the Perl classes (`\\d`, `\\w`, `\\s`) and `\\b` are ASCII-only, `.` does not
+match a newline, and a match must cover the whole value (as Envoy's full match).
+
 Reference: https://istio.io/latest/docs/reference/config/networking/virtual-service/
 and https://istio.io/latest/docs/reference/config/networking/destination-rule/
 """
@@ -17,6 +24,7 @@ import re
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
+import re2
 from meshagent.common.istio.base import (
     DnsLabel,
     Duration,
@@ -43,9 +51,35 @@ RETRY_ON_CONDITIONS = frozenset(
 )
 LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
 
-_MAX_REGEX_LENGTH = 1024  # Istio's limit (Envoy's RE2 program size, approximated by length)
+_MAX_REGEX_LENGTH = 1024  # Istio's limit on the pattern's length
+# RE2's "program size" limit Istio's bootstrap gives Envoy (runtime
+# re2.max_program_size.error_level; Envoy's own default is 100).
+MAX_REGEX_PROGRAM_SIZE = 32768
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors are raised (and reported), not printed by RE2
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _WEIGHT_TOTAL = 100
+
+
+def compile_regex(value: str) -> Any:
+    """Compile `value` as RE2 (google-re2), as Envoy's safe_regex does; match with
+    `.fullmatch(text)`. Raises ValueError saying what RE2 refused."""
+    try:
+        compiled = re2.compile(value, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else "refused"
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(
+            f"invalid regex {value!r}: {reason} (regexes are RE2: no lookahead, lookbehind "
+            "or backreferences; see https://github.com/google/re2/wiki/Syntax)"
+        ) from None
+    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
+        raise ValueError(
+            f"regex {value!r} is too complex (RE2 program size {compiled.programsize}, "
+            f"at most {MAX_REGEX_PROGRAM_SIZE})"
+        )
+    return compiled
 
 
 def _compile_regex(value: str) -> str:
@@ -53,10 +87,7 @@ def _compile_regex(value: str) -> str:
         raise ValueError("regex must not be empty")
     if len(value) > _MAX_REGEX_LENGTH:
         raise ValueError(f"regex is too long ({len(value)} characters, at most 1024)")
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+    compile_regex(value)
     return value
 
 
@@ -105,8 +136,8 @@ Weight = Annotated[int, Field(ge=0, le=100, strict=True)]
 
 
 class StringMatch(IstioModel):
-    """Exactly one of exact, prefix or regex. A regex must match the whole value (as Envoy's
-    RE2 matchers do): use re.fullmatch."""
+    """Exactly one of exact, prefix or regex. A regex is RE2 and must match the whole value
+    (as Envoy's safe_regex matchers do): compile it with `compile_regex`, use `.fullmatch`."""
 
     exact: str | None = None
     prefix: str | None = None
