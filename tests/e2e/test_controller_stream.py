@@ -8,7 +8,6 @@ import json
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
@@ -21,6 +20,7 @@ from meshagent.lab.paths import LOG_DIR, NETNS_DIR, NETNS_PREFIX, RUN_DIR
 from meshagent.lab.topology import CONTROLLER_METRICS_PORT, CONTROLLER_PORT, UNDERLAY_BRIDGE_IP
 
 from tests.e2e.conftest import BIN, meshlab
+from tests.waiting import wait_until
 
 DEADLINE = 5.0
 WEIGHT_PATH = "spec.http[0].route[0].weight"
@@ -38,13 +38,11 @@ def _saved_snapshot(node: str) -> dict:
 
 
 def _until(predicate, what: str, deadline: float = DEADLINE):
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"not within {deadline}s: {what}"
-        time.sleep(0.1)
+    return wait_until(predicate, what=what, timeout=deadline)
+
+
+def _controller_log() -> str:
+    return (LOG_DIR / "controller.log").read_text()
 
 
 def _virtual_service(name: str, weight: object) -> dict:
@@ -110,8 +108,11 @@ def test_a_malformed_virtual_service_is_reported_and_the_valid_one_reaches_agent
         text = meshlab("exec", "--node", "node-1", "--", "meshctl", "status").stdout
         assert "VirtualService shop/reviews-bad" in text and f"{WEIGHT_PATH}:" in text
 
-        log = (LOG_DIR / "controller.log").read_text()
-        assert any("shop/reviews-bad" in line and WEIGHT_PATH in line for line in log.splitlines())
+        wait_until(
+            lambda: [line for line in _controller_log().splitlines() if "shop/reviews-bad" in line],
+            lambda lines: any(WEIGHT_PATH in line for line in lines),
+            what=f"the controller logs shop/reviews-bad with {WEIGHT_PATH}",
+        )
     finally:
         meshlab("delete", "-f", str(manifest))
 
@@ -143,7 +144,11 @@ def _ask_controller(identities: list[Identity]) -> dict[str, dict]:
             if message["type"] in ("certificate", "csr_refused"):
                 answers[identities[message["id"] - 1].uri] = message
         # While this stream is the node's newest, status shows its signing counts.
-        session = next(a for a in _controller_status()["agents"] if a["node"] == "node-1")
+        session = wait_until(
+            lambda: next(a for a in _controller_status()["agents"] if a["node"] == "node-1"),
+            lambda s: s["csr_signed"] >= 1 and s["csr_refused"] >= 1,
+            what="the controller's status counts this stream's signed and refused CSRs",
+        )
         assert (session["csr_signed"], session["csr_refused"]) == (1, 1)
         assert REVIEWS.uri in session["last_csr_refusal"]
     return answers
@@ -179,6 +184,15 @@ def test_a_node_is_refused_certificates_for_another_nodes_pods(demo_lab):
     refused = answers[REVIEWS.uri]
     assert refused["type"] == "csr_refused"
     assert "not_on_node" in refused["reason"] and "node-1" in refused["reason"]
-    assert _refusals_counted() == before + 1
-    log = (LOG_DIR / "controller.log").read_text()
-    assert f"refused certificate {REVIEWS.uri} to node node-1: not_on_node" in log
+    refusals = wait_until(
+        _refusals_counted,
+        lambda counted: counted >= before + 1,
+        what=f"the controller counts the not_on_node refusal (before: {before:g})",
+    )
+    assert refusals == before + 1
+    wait_until(
+        lambda: (
+            f"refused certificate {REVIEWS.uri} to node node-1: not_on_node" in _controller_log()
+        ),
+        what="the controller logs the refusal",
+    )

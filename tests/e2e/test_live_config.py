@@ -11,6 +11,7 @@ import yaml
 from meshagent.lab.paths import POD_NET_OCTET
 
 from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
 
 CHANGE_DEADLINE = 2.0  # seconds, as the issue asks
 
@@ -38,13 +39,14 @@ def _pod(name: str, ns: str, node: str, labels: dict, command: list[str]) -> dic
 
 
 def _until(predicate, deadline: float, what: str):
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {CHANGE_DEADLINE}s: {what}")
-        time.sleep(0.05)
+    """`predicate()` until truthy, at the latest by `deadline` (monotonic): the change must
+    reach the datapath within CHANGE_DEADLINE of its `apply`."""
+    return wait_until(
+        predicate,
+        what=f"{what} (within {CHANGE_DEADLINE}s of the change)",
+        timeout=deadline - time.monotonic(),
+        interval=0.05,
+    )
 
 
 def _meshed(lab, node: str) -> set[str]:
@@ -90,12 +92,27 @@ def test_a_pod_started_later_in_a_labelled_namespace_is_meshed(demo_lab, tmp_pat
     assert demo_lab.counters("node-1")["redirected"] == before + 1
 
 
+def _by_destination(lab) -> dict[str, int]:
+    return lab.status("node-1")["agent"]["proxy"]["by_destination"]
+
+
 def _backends(lab, count: int) -> dict[str, int]:
-    before = dict(lab.status("node-1")["agent"]["proxy"]["by_destination"])
+    """Where `count` new connections to reviews went, as node-1's proxy counted them. Its
+    workers report every second: wait for the report that has all of them (each call ends
+    on such a report, so the next call's "before" has them too)."""
+    before = dict(_by_destination(lab))
     for _ in range(count):
         assert lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
-    after = lab.status("node-1")["agent"]["proxy"]["by_destination"]
+    after = wait_until(
+        lambda: _by_destination(lab),
+        lambda after: sum(after.values()) - sum(before.values()) >= count,
+        what=f"node-1's proxy reports {count} more connections (before: {before})",
+    )
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def _snapshot_version(lab, node: str = "node-1") -> str:
+    return lab.status(node)["agent"]["snapshot_version"]
 
 
 def test_scaling_a_service_spreads_new_connections(demo_lab, tmp_path):
@@ -108,20 +125,33 @@ def test_scaling_a_service_spreads_new_connections(demo_lab, tmp_path):
         p["spec"]["containers"][0]["readinessProbe"] = {"tcpSocket": {"port": 9080}}
     _apply(tmp_path, *extra)
     # give the new servers a moment to listen, bounded; then every connection must land on one of 3
-    deadline = time.monotonic() + 10
-    spread: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        spread = _backends(demo_lab, 6)
-        if len(spread) == 3:
-            break
-    assert len(spread) == 3, spread
+    wait_until(
+        lambda: _backends(demo_lab, 6),
+        lambda spread: len(spread) == 3,
+        what="six new connections spread over the three reviews pods",
+        timeout=30,  # each look is six curls and the workers' next report
+    )
 
     v3_ip = meshlab("exec", "shop/reviews-v3", "--", "printenv", "POD_IP").stdout.strip()
+    before = _snapshot_version(demo_lab)
     _apply(tmp_path, extra[1], verb="delete")
+    # node-1 runs the snapshot without reviews-v3: from then on no connection may reach it
+    wait_until(
+        lambda: _snapshot_version(demo_lab),
+        lambda version: version != before,
+        what=f"node-1 replaces snapshot {before} after reviews-v3 is deleted",
+    )
     spread = _backends(demo_lab, 6)
     assert len(spread) == 2, spread
     assert not any(k.startswith(f"{v3_ip}:") for k in spread)
+    before = _snapshot_version(demo_lab)
     _apply(tmp_path, extra[0], verb="delete")
+    # the next test's connections must not meet reviews-v2 going away
+    wait_until(
+        lambda: _snapshot_version(demo_lab),
+        lambda version: version != before,
+        what=f"node-1 replaces snapshot {before} after reviews-v2 is deleted",
+    )
 
 
 def _served(lab, attempts: int = 3) -> str:
@@ -148,13 +178,17 @@ def test_agents_serve_on_without_the_controller(demo_lab):
         assert _served(demo_lab) == "200"
     finally:
         meshlab("controller", "start")
-    deadline = time.monotonic() + 15
-    while True:
+
+    def acked_and_held() -> tuple[dict, dict]:
         proc = meshlab("exec", "--node", "node-1", "--", "meshctl", "status", "--json", check=False)
         agents = json.loads(proc.stdout)["agents"] if proc.returncode == 0 else []
         versions = {a["node"]: a["acked_version"] for a in agents if a["connected"]}
-        local = {n: demo_lab.status(n)["agent"]["snapshot_version"] for n in ("node-1", "node-2")}
-        if versions == local:
-            break
-        assert time.monotonic() < deadline, f"agents did not converge: {versions} vs {local}"
-        time.sleep(0.2)
+        local = {n: _snapshot_version(demo_lab, n) for n in ("node-1", "node-2")}
+        return versions, local
+
+    wait_until(
+        acked_and_held,
+        lambda got: got[0] == got[1],
+        what="agents converge: the controller's acked versions (first) are those they hold",
+        timeout=15,
+    )

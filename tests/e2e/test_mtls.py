@@ -4,24 +4,31 @@ bad clients."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import yaml
-from meshagent.lab.paths import NETNS_PREFIX, POD_NET_OCTET, RUN_DIR
+from meshagent.common.netns import entered
+from meshagent.lab.paths import NETNS_DIR, NETNS_PREFIX, POD_NET_OCTET, RUN_DIR
 
 from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
 
 REVIEWS = f"10.{POD_NET_OCTET}.2.10"
 NODE2_UNDERLAY = "172.30.0.12"
 FRONTEND_ID = "spiffe://cluster.local/ns/shop/sa/frontend"
+BARRIER_PORT = 9  # discard: nothing listens on node-2, the SYN is answered with a reset
 
 
-def _capture(seconds_max: float, action) -> bytes:
+def _capture(seconds_max: float, action, tmp: Path) -> bytes:
     """Capture node-2's link on the underlay while `action` runs; return pcap bytes. (Not the
-    bridge itself: a bridge device sees only flooded frames once it has learnt the MACs.)"""
+    bridge itself: a bridge device sees only flooded frames once it has learnt the MACs.)
+
+    After the action, one SYN from the underlay to node-2's discard port crosses the same
+    link; once it is in the file, so is everything the action sent before it."""
     pcap = Path(f"/tmp/meshtest-{uuid.uuid4().hex}.pcap")
     underlay = f"{NETNS_PREFIX}underlay"
     proc = subprocess.Popen(
@@ -50,7 +57,14 @@ def _capture(seconds_max: float, action) -> bytes:
         line = proc.stderr.readline().decode()
         assert "listening" in line, line
         action()
-        time.sleep(0.3)
+        with entered(str(NETNS_DIR / underlay)), contextlib.suppress(OSError):
+            socket.create_connection((NODE2_UNDERLAY, BARRIER_PORT), timeout=1).close()
+        wait_until(
+            lambda: _ports_seen(pcap.read_bytes(), tmp),
+            lambda ports: BARRIER_PORT in ports,
+            what=f"tcpdump wrote the barrier SYN to port {BARRIER_PORT}",
+            retry_on=(FileNotFoundError,),
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=seconds_max)
@@ -81,7 +95,7 @@ def test_cross_node_traffic_is_mutual_tls_on_15008(demo_lab, tmp_path):
             "shop/frontend", f"http://reviews.shop:9080/?q={marker}", "-H", f"X-Marker: {marker}"
         )
 
-    pcap = _capture(10, request)
+    pcap = _capture(10, request, tmp_path)
     code, body = result["curl"]
     assert code == "200", body
     assert marker.encode() not in pcap  # never in clear between the nodes
@@ -95,9 +109,17 @@ def test_cross_node_traffic_is_mutual_tls_on_15008(demo_lab, tmp_path):
 
 def test_destination_sees_the_source_identity(demo_lab):
     assert demo_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
-    inbound = demo_lab.status("node-2")["agent"]["inbound"]
-    assert inbound["peers"].get(FRONTEND_ID, 0) >= 1
-    assert demo_lab.status("node-1")["agent"]["proxy"]["mutual_tls"] >= 1
+    # as the proxy workers last reported (every second)
+    wait_until(
+        lambda: demo_lab.status("node-2")["agent"]["inbound"],
+        lambda inbound: inbound["peers"].get(FRONTEND_ID, 0) >= 1,
+        what=f"node-2 names {FRONTEND_ID} among its inbound peers",
+    )
+    wait_until(
+        lambda: demo_lab.status("node-1")["agent"]["proxy"]["mutual_tls"],
+        lambda mutual_tls: mutual_tls >= 1,
+        what="node-1 counts a mutual-TLS connection",
+    )
 
 
 def test_many_connections_share_a_few_tunnels(demo_lab):
@@ -127,7 +149,12 @@ def test_many_connections_share_a_few_tunnels(demo_lab):
         cfg.unlink()
     codes = proc.stdout.split()
     assert codes.count("200") == 200, proc.stdout[-500:]
-    tunnels = demo_lab.status("node-1")["agent"]["tunnels"]
+    # the tunnels stay pooled; the status shows them once the workers have reported
+    tunnels = wait_until(
+        lambda: demo_lab.status("node-1")["agent"]["tunnels"],
+        lambda tunnels: sum(t["connections"] for t in tunnels) >= 1,
+        what="node-1 reports its pooled tunnels",
+    )
     total = sum(t["connections"] for t in tunnels)
     assert 1 <= total <= 4, tunnels
 
@@ -214,8 +241,12 @@ for case in ("garbage", "truncated", "nocert", "othercert", "expired"):
         "othercert": "True",
         "expired": "True",
     }, proc.stdout
-    after = demo_lab.status("node-2")["agent"]["hbone"]
-    assert after["inbound_handshake_failures"] - before["inbound_handshake_failures"] >= 5
+    failures = before["inbound_handshake_failures"]
+    wait_until(
+        lambda: demo_lab.status("node-2")["agent"]["hbone"]["inbound_handshake_failures"],
+        lambda after: after - failures >= 5,
+        what=f"node-2 counts 5 more failed handshakes on 15008 (before: {failures})",
+    )
     # and real traffic still flows
     assert demo_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
 
@@ -231,10 +262,11 @@ def test_strict_still_admits_meshed_traffic_through_the_tunnel(demo_lab, tmp_pat
     path.write_text(yaml.safe_dump(doc))
     meshlab("apply", "-f", str(path))
     try:
-        deadline = time.monotonic() + 5
-        while demo_lab.curl("legacy/client", f"http://{REVIEWS}:9080/", timeout=1)[0] == "200":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(
+            lambda: demo_lab.curl("legacy/client", f"http://{REVIEWS}:9080/", timeout=1)[0],
+            lambda code: code != "200",
+            what="STRICT refuses plaintext from outside the mesh",
+        )
         assert demo_lab.curl("shop/frontend", "http://reviews.shop:9080/")[0] == "200"
     finally:
         meshlab("delete", "-f", str(path))

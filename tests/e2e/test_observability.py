@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 from meshagent.agent.status import REPORT_FIELDS
@@ -18,6 +17,7 @@ from meshagent.lab.paths import LOG_DIR
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import BIN, meshlab
+from tests.waiting import wait_until
 
 REVIEWS_SVC = "reviews.shop.svc.cluster.local"
 ECHO_SVC = "echo.shop.svc.cluster.local"
@@ -150,17 +150,6 @@ def _server_counts(pod: str) -> list[tuple[int, int]]:
     return counts
 
 
-def _eventually(check, what: str, seconds: float = 5.0):
-    """`check()` until it returns a truthy value (connections close a moment after clients)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            assert result, what
-            return result
-        time.sleep(0.2)
-
-
 def test_http_requests_counted_by_both_ends_with_matching_bytes(obs_lab):
     sizes = [0, 1, 100, 5000, 70000]  # beyond one read and one HTTP/2 frame
     uploaded = downloaded = 0
@@ -181,9 +170,11 @@ def test_http_requests_counted_by_both_ends_with_matching_bytes(obs_lab):
         assert int(up) == size
         uploaded, downloaded = uploaded + int(up), downloaded + int(down)
     n = len(sizes)
-    server = _eventually(
-        lambda: len(_server_counts("reviews")) == n and _server_counts("reviews"),
-        "server saw every request",
+    # the server prints its count after it answered; connections close a moment after clients
+    server = wait_until(
+        lambda: _server_counts("reviews"),
+        lambda counts: len(counts) == n,
+        what=f"the reviews server logged {n} requests",
     )
     assert sum(c[0] for c in server) == uploaded
     assert sum(c[1] for c in server) == downloaded
@@ -198,7 +189,13 @@ def test_http_requests_counted_by_both_ends_with_matching_bytes(obs_lab):
     }
     for node, reporter in (("node-1", "source"), ("node-2", "destination")):
         want = {**common, "reporter": reporter}
-        assert _value(node, "istio_requests_total", **want) == n, (node, reporter)
+        # a proxy counts a request once it has relayed the response: after the client has it
+        counted = wait_until(
+            lambda node=node, want=want: _value(node, "istio_requests_total", **want),
+            lambda value: value >= n,
+            what=f"{node} counts {n} requests as their {reporter}",
+        )
+        assert counted == n, (node, reporter)
         assert _value(node, "istio_request_duration_milliseconds_count", **want) == n
         assert _value(node, "istio_request_bytes_count", **want) == n
         assert _value(node, "istio_request_bytes_sum", **want) == uploaded, (node, reporter)
@@ -216,9 +213,10 @@ def test_tcp_connections_and_bytes_match_what_the_client_counted(obs_lab):
         assert (s, r) == (size, 2 * size)
         sent, received = sent + s, received + r
     n = len(sizes)
-    server = _eventually(
-        lambda: len(_server_counts("echo")) == n and _server_counts("echo"),
-        "server saw every connection",
+    server = wait_until(
+        lambda: _server_counts("echo"),
+        lambda counts: len(counts) == n,
+        what=f"the echo server logged {n} connections",
     )
     assert (sum(c[0] for c in server), sum(c[1] for c in server)) == (sent, received)
 
@@ -231,11 +229,10 @@ def test_tcp_connections_and_bytes_match_what_the_client_counted(obs_lab):
     }
     for node, reporter in (("node-1", "source"), ("node-2", "destination")):
         want = {**labels, "reporter": reporter}
-        _eventually(
-            lambda node=node, want=want: (
-                _value(node, "istio_tcp_connections_closed_total", **want) == n
-            ),
-            f"{reporter}: {n} connections closed",
+        wait_until(
+            lambda node=node, want=want: _value(node, "istio_tcp_connections_closed_total", **want),
+            lambda closed: closed == n,
+            what=f"{reporter}: {n} connections closed",
         )
         assert _value(node, "istio_tcp_connections_opened_total", **want) == n
         # received = from the client (request direction), sent = to the client
@@ -254,9 +251,10 @@ def test_metrics_page_parses_with_prometheus_parser_on_both_paths(obs_lab):
     workers = obs_lab.status("node-1")["agent"].get("workers")  # one per core by default
     assert _value("node-1", "meshagent_proxy_workers") == (len(workers) if workers else 1)
     assert _value("node-1", "meshagent_datapath_redirects_total") >= 1
-    _eventually(
-        lambda: _value("node-1", "meshagent_tunnel_pool_connections") >= 1,
-        "node-1 reports its pooled HBONE connections",
+    wait_until(
+        lambda: _value("node-1", "meshagent_tunnel_pool_connections"),
+        lambda pooled: pooled >= 1,
+        what="node-1 reports its pooled HBONE connections",
     )
 
 
@@ -268,8 +266,16 @@ def test_status_json_carries_every_field(obs_lab):
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(1.5)
-        src = obs_lab.status("node-1")
+        # while it is held (4 s), as the proxy workers report it (every second)
+        src = wait_until(
+            lambda: obs_lab.status("node-1"),
+            lambda report: (
+                report["connections"]["outbound"]["active"] >= 1
+                and any(t["destination"].endswith("/sa/echo") for t in report["tunnels"])
+            ),
+            what="node-1 shows the held echo connection and its tunnel",
+            timeout=4,
+        )
     finally:
         hold.wait(timeout=15)
     dst = obs_lab.status("node-2")

@@ -10,6 +10,7 @@ import yaml
 from meshagent.lab.paths import POD_NET_OCTET
 
 from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
 
 REVIEWS = f"10.{POD_NET_OCTET}.2.10"  # demo.yaml: reviews-v1, first pod on node-2
 DEADLINE = 2.0
@@ -34,9 +35,14 @@ def _plaintext_ok(lab) -> bool:
 
 
 def _wait(predicate, deadline: float, what: str) -> None:
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {DEADLINE}s: {what}"
-        time.sleep(0.05)
+    """`predicate()` until true, at the latest by `deadline` (monotonic): DEADLINE after the
+    change was applied."""
+    wait_until(
+        predicate,
+        what=f"{what} (within {DEADLINE}s of the change)",
+        timeout=deadline - time.monotonic(),
+        interval=0.05,
+    )
 
 
 def test_strict_drops_plaintext_and_permissive_admits_it(demo_lab, tmp_path):
