@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from meshagent.lab.paths import BPFFS_DIR, ETC_NETNS, NETNS_PREFIX, RUN_DIR, lab_cgroup
 
 from tests.e2e.conftest import BIN, EXAMPLES, _require_root, meshlab
+from tests.waiting import wait_until
 
 
 def _left_on_machine() -> list[str]:
@@ -64,10 +64,12 @@ def test_down_after_the_lab_was_killed_mid_build():
     )
     try:
         # wait until it has built namespaces and started daemons, then crash it
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (RUN_DIR / "logs" / "agent-node-2.log").exists():
-            time.sleep(0.05)
-        assert (RUN_DIR / "logs" / "agent-node-2.log").exists()
+        wait_until(
+            (RUN_DIR / "logs" / "agent-node-2.log").exists,
+            what="`meshlab up` has started node-2's agent (its log exists)",
+            timeout=30,
+            interval=0.05,
+        )
     finally:
         up.send_signal(signal.SIGKILL)
         up.wait()

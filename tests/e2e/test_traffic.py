@@ -24,6 +24,7 @@ from meshagent.lab import cgroups
 from meshagent.lab.paths import LOG_DIR
 
 from tests.e2e.conftest import BIN, Lab, meshlab, proxy_workers
+from tests.waiting import wait_until
 
 MANIFESTS = Path(__file__).parent / "manifests"
 CLIENT = "shop/client"
@@ -142,10 +143,12 @@ def applied(lab: Lab, name: str) -> Iterator[None]:
 def _change(lab: Lab, verb: str, path: Path) -> None:
     before = agent(lab)["snapshot_version"]
     meshlab(verb, "-f", str(path))
-    deadline = time.monotonic() + PUSH_DEADLINE
-    while (status := agent(lab))["snapshot_version"] == before:
-        assert time.monotonic() < deadline, f"{verb} {path.name}: node-1 kept version {before}"
-        time.sleep(0.1)
+    status = wait_until(
+        lambda: agent(lab),
+        lambda status: status["snapshot_version"] != before,
+        what=f"{verb} {path.name}: node-1 runs a snapshot other than {before}",
+        timeout=PUSH_DEADLINE,
+    )
     assert not status["route_problems"], status["route_problems"]
 
 
@@ -278,10 +281,13 @@ def test_outlier_detection_ejects_the_failing_backend_and_lets_it_back(lab):
         assert served("shop/flaky-bad") == tried
 
         # After baseEjectionTime it is back in the balancer (and soon ejected again).
-        deadline = ejection["until"] + 10
-        while any(e["address"] == bad for e in agent(lab)["outlier_ejections"]):
-            assert time.time() < deadline, "the backend was not let back"
-            time.sleep(0.2)
+        wait_until(
+            lambda: agent(lab)["outlier_ejections"],
+            lambda ejections: not any(e["address"] == bad for e in ejections),
+            what=f"the backend {bad} let back",
+            timeout=ejection["until"] + 10 - time.time(),
+            interval=0.2,
+        )
         assert time.time() >= ejection["until"] - 0.5  # not before its time was up
         assert metric(lab, "meshagent_outlier_ejected_endpoints", cluster=cluster) == 0.0
         tried = served("shop/flaky-bad")
@@ -306,11 +312,18 @@ def test_killing_a_backend_under_load_fails_no_new_connection(lab):
         _load_argv("kill.shop:9000/", 600, 2, None, fresh=True), stdout=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 30
-        while served("shop/kill-1") < 60:  # under load, and kill-1 takes its share
-            assert time.monotonic() < deadline, "no load reached kill-1"
+
+        def served_while_loading() -> int:
             assert http.poll() is None and tcp.poll() is None, "load ended before the kill"
-            time.sleep(0.1)
+            return served("shop/kill-1")
+
+        # under load, and kill-1 takes its share
+        wait_until(
+            served_while_loading,
+            lambda requests: requests >= 60,
+            what="load reached kill-1 (60 requests)",
+            timeout=30,
+        )
         cgroups.kill_tree(cgroups.pod_cgroup("node-2", "shop", "kill-1"))
         killed = time.time()
         http_out, _ = http.communicate(timeout=120)
@@ -374,9 +387,18 @@ def test_circuit_breaker_overflow_is_503_with_flag_uo(lab):
     counts = statuses(results)
     assert set(counts) == {200, 503} and counts[503] >= 5, counts
     assert all("overflow" in body for _, status, body in results if status == 503)
-    time.sleep(1.5)  # the access log is flushed about every second
-    logged = [
-        e for e in access_log(since) if e["destination_service"] == "cb.shop.svc.cluster.local"
-    ]
-    flags = Counter((e["response_code"], e["response_flags"]) for e in logged)
-    assert flags[(503, "UO")] == counts[503], flags
+
+    def flags() -> Counter:
+        logged = [
+            e for e in access_log(since) if e["destination_service"] == "cb.shop.svc.cluster.local"
+        ]
+        return Counter((e["response_code"], e["response_flags"]) for e in logged)
+
+    # the access log is flushed about every second
+    logged = wait_until(
+        flags,
+        lambda flags: flags[(503, "UO")] >= counts[503],
+        what=f"{counts[503]} overflows (503, UO) in node-1's access log",
+        retry_on=(ValueError,),  # a line read while it was being written
+    )
+    assert logged[(503, "UO")] == counts[503], logged

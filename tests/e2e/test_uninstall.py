@@ -19,13 +19,15 @@ from meshagent.agent.handover import newer_live_agent
 from meshagent.lab.paths import POD_NET_OCTET, RUN_DIR, STATE_FILE
 
 from tests.e2e.conftest import BIN, meshlab
+from tests.waiting import wait_until
 
 REVIEWS = f"10.{POD_NET_OCTET}.2.10"  # demo.yaml: reviews-v1, first pod on node-2
 DEADLINE = 2.0
 PROGRAMS = {"mesh_connect4", "mesh_sockops", "mesh_ingress"}
 
 PROBER = """
-import socket, sys, time
+import pathlib, socket, sys, time
+tried = pathlib.Path(sys.argv[2])
 while True:
     try:
         with socket.create_connection((sys.argv[1], 9080), timeout=0.2) as s:
@@ -34,7 +36,7 @@ while True:
                 print(time.time(), flush=True)
                 break
     except OSError:
-        pass
+        tried.touch()  # the test waits for a first failure before it uninstalls
     time.sleep(0.05)
 """
 
@@ -48,7 +50,7 @@ def _program_names(lab, node: str) -> set[str]:
     return {p["name"] for p in lab.status(node)["datapath"]["programs"]}
 
 
-def test_uninstall_lets_meshed_traffic_flow_directly_within_2s(demo_lab):
+def test_uninstall_lets_meshed_traffic_flow_directly_within_2s(demo_lab, tmp_path):
     url = f"http://{REVIEWS}:9080/"
     before = demo_lab.counters("node-1")
     assert demo_lab.curl("shop/frontend", url)[0] == "200"
@@ -60,13 +62,25 @@ def test_uninstall_lets_meshed_traffic_flow_directly_within_2s(demo_lab):
     assert demo_lab.curl("shop/frontend", url, timeout=1)[0] == "000"
 
     # a prober in the pod tries a request every 50 ms and prints the wall time of the first 200
+    tried = tmp_path / "prober-tried"
     prober = subprocess.Popen(
-        [str(BIN / "meshlab"), "exec", "shop/frontend", "--", "python3", "-c", PROBER, REVIEWS],
+        [
+            str(BIN / "meshlab"),
+            "exec",
+            "shop/frontend",
+            "--",
+            "python3",
+            "-c",
+            PROBER,
+            REVIEWS,
+            str(tried),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        time.sleep(1)  # it is trying (and failing) before the uninstall starts
+        # it is trying (and failing) before the uninstall starts
+        wait_until(tried.exists, what="the prober has failed a first attempt")
         assert prober.poll() is None, "reached the server before the uninstall"
         # timed from the start of `meshagent uninstall` on the node, not of the meshlab wrapper
         proc = meshlab(
