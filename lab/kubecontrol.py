@@ -410,8 +410,11 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Terminate what start() started (controller-manager and apiserver, then etcd)."""
-        front = [self._procs[n].pid for n in ("kube-controller-manager", "kube-apiserver")
-                 if n in self._procs]  # fmt: skip
+        front = [
+            self._procs[n].pid
+            for n in ("kube-controller-manager", "kube-apiserver")
+            if n in self._procs
+        ]
         _terminate(front, self.stop_grace)
         if "etcd" in self._procs:
             _terminate([self._procs["etcd"].pid], self.stop_grace)
@@ -458,11 +461,17 @@ class ControlPlane:
             "kubernetes.default.svc.cluster.local",
         ]
         if fresh or not _valid(pki / "apiserver.crt", pki / "apiserver.key"):
-            ca.issue(pki / "apiserver.crt", pki / "apiserver.key", "kube-apiserver",
-                     server_names=names)  # fmt: skip
+            ca.issue(
+                pki / "apiserver.crt", pki / "apiserver.key", "kube-apiserver", server_names=names
+            )
         if fresh or not _valid(pki / "admin.crt", pki / "admin.key"):
-            ca.issue(pki / "admin.crt", pki / "admin.key", ADMIN_USER,
-                     organizations=["system:masters"], client=True)  # fmt: skip
+            ca.issue(
+                pki / "admin.crt",
+                pki / "admin.key",
+                ADMIN_USER,
+                organizations=["system:masters"],
+                client=True,
+            )
         if not (pki / "sa.key").is_file() or not (pki / "sa.pub").is_file():
             sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             _write_private(pki / "sa.key", _key_pem(sa))
