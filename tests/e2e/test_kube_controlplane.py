@@ -8,7 +8,8 @@ kube-controller-manager v1.36.2 on loopback) with kubectl, and the controller ag
   RBAC of daemonset/base/controller-rbac.yaml (a token from the TokenRequest API), an agent
   stream authenticates by TokenReview with a pod-bound token; SIGTERM to the leader: the
   follower holds the Lease within 3 s, the agent is told goodbye, the old leader exits 0;
-  no traceback and no per-request HTTP lines in either replica's default-level log.
+  no traceback and no per-request HTTP lines in either replica's default-level log;
+- Lease times written on a whole second keep six fractional digits (the server refuses less).
 
 Needs root (like every e2e test), the binaries `scripts/install.sh` provides and kubectl;
 under CI=true a missing one fails instead of skipping.
@@ -30,11 +31,20 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 import yaml
+from lightkube import ApiError, KubeConfig
+from lightkube.models.coordination_v1 import LeaseSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.coordination_v1 import Lease
+from meshagent.controller import leader as leader_module
+from meshagent.controller.leader import LeaderElector
+from meshagent.controller.sources.kubernetes import open_kube_client
 from meshagent.lab.kubecontrol import (
     ControlPlane,
     ControlPlaneError,
@@ -246,6 +256,48 @@ spec:
     assert endpoint["nodeName"] == "node-1"
     assert endpoint["targetRef"]["name"] == "reviews-1"
     assert endpoint["ports"] == [{"name": "http", "port": 9080, "protocol": "TCP"}]
+
+
+class _OnTheSecond(datetime):
+    """A clock reading whole seconds (once in a million calls, on a real clock)."""
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        return datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz or UTC)
+
+
+def test_lease_times_are_accepted_even_on_a_whole_second(plane: ControlPlane, monkeypatch) -> None:
+    """The real server refuses a MicroTime without six fractional digits; ours always has."""
+    whole = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    monkeypatch.setattr(leader_module, "datetime", _OnTheSecond)
+
+    async def campaign() -> tuple[str, bool, str]:
+        async with open_kube_client(KubeConfig.from_file(plane.kubeconfig)) as client:
+            raw = Lease(
+                metadata=ObjectMeta(name="raw", namespace="default"),
+                spec=LeaseSpec(holderIdentity="x", renewTime=whole),
+            )
+            try:
+                await client.create(raw)
+                refused = ""
+            except ApiError as exc:
+                refused = str(exc)
+            elector = LeaderElector(
+                client, "default", "e2e", lease_duration=1, renew_deadline=0.6, retry_period=0.1
+            )
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(elector.serve)
+                    await trio.sleep(0.3)  # renewals
+                    leading = elector.is_leader
+                    nursery.cancel_scope.cancel()
+            return refused, leading, elector.last_error
+
+    refused, leading, error = trio.run(campaign)
+    assert '"2006-01-02T15:04:05.000000Z07:00"' in refused  # the server's own rule
+    assert leading and not error, error
+    lease = get_json(plane, "/apis/coordination.k8s.io/v1/namespaces/default/leases/meshctl")
+    assert lease["spec"]["renewTime"] == "2026-01-02T03:04:05.000001Z"
 
 
 @dataclass
