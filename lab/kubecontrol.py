@@ -12,10 +12,12 @@ makes, under ``workdir``:
     pids.json   the running processes, so another process can stop them (`stop_recorded`)
 
 etcd listens on free loopback ports, kube-apiserver on 127.0.0.1:``secure_port`` (16443 by
-default: clear of the lab's 15012/15014 and of a host's 6443), kube-controller-manager serves
-no port. `start` returns once ``/readyz`` answers ok (bounded; the error carries the log
-tails). `stop` sends SIGTERM and SIGKILL after a bound (a SIGTERM'd apiserver keeps serving
-watches for up to 60 s) and removes nothing: the caller owns ``workdir``.
+default: clear of the lab's 15012/15014 and of a host's 6443; ``address`` puts it on another
+address of this network namespace, which its certificate then names too, as it does any
+``server_names``), kube-controller-manager serves no port. `start` returns once
+``/readyz`` answers ok (bounded; the error carries the log tails). `stop` sends SIGTERM and
+SIGKILL after a bound (a SIGTERM'd apiserver keeps serving watches for up to 60 s) and
+removes nothing: the caller owns ``workdir``.
 
 The binaries: kube-apiserver and kube-controller-manager v1.36.2 from ``bin_dir``,
 $MESHAGENT_KUBE_BIN, the repository's ``.kube-bin/`` (where ``scripts/install.sh`` unpacks
@@ -221,6 +223,22 @@ def _valid(crt: Path, key: Path) -> bool:
     return cert.not_valid_after_utc > datetime.now(UTC) + timedelta(days=1)
 
 
+def _names_all(crt: Path, names: Sequence[str]) -> bool:
+    """Whether the certificate's SANs include every one of ``names``."""
+    sans = _sans(x509.load_pem_x509_certificate(crt.read_bytes()))
+    return set(names) <= sans
+
+
+def _sans(cert: x509.Certificate) -> set[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(ip) for ip in ext.get_values_for_type(x509.IPAddress)} | set(
+        ext.get_values_for_type(x509.DNSName)
+    )
+
+
 def write_kubeconfig(
     path: Path,
     server: str,
@@ -268,11 +286,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_free(port: int) -> bool:
+def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
         return True
@@ -334,6 +352,8 @@ class ControlPlane:
         workdir: Path,
         *,
         secure_port: int = DEFAULT_SECURE_PORT,
+        address: str = "127.0.0.1",
+        server_names: Sequence[str] = (),
         bin_dir: Path | None = None,
         ready_timeout: float = READY_TIMEOUT,
         stop_grace: float = STOP_GRACE,
@@ -342,6 +362,8 @@ class ControlPlane:
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.secure_port = secure_port
+        self.address = str(ipaddress.IPv4Address(address))  # where the apiserver listens
+        self.server_names = tuple(server_names)
         self.bin_dir = bin_dir
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
@@ -350,7 +372,7 @@ class ControlPlane:
         self.pki = self.workdir / "pki"
         self.log_dir = self.workdir / "logs"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
-        self.url = f"https://127.0.0.1:{secure_port}"
+        self.url = f"https://{self.address}:{secure_port}"
         self.etcd_url = ""
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -377,10 +399,10 @@ class ControlPlane:
         """Start all three and return once the apiserver is ready; stops what it started
         and raises ControlPlaneError if that fails."""
         binaries = find_binaries(self.bin_dir)
-        if not _port_free(self.secure_port):
+        if not _port_free(self.address, self.secure_port):
             raise ControlPlaneError(
-                f"127.0.0.1:{self.secure_port} is in use: another control plane? pick another"
-                " secure_port"
+                f"{self.address}:{self.secure_port} is in use (or not an address here):"
+                " another control plane? pick another secure_port"
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
@@ -460,7 +482,9 @@ class ControlPlane:
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ]
-        if fresh or not _valid(pki / "apiserver.crt", pki / "apiserver.key"):
+        names += [n for n in (self.address, *self.server_names) if n not in names]
+        crt, key = pki / "apiserver.crt", pki / "apiserver.key"
+        if fresh or not _valid(crt, key) or not _names_all(crt, names):
             ca.issue(
                 pki / "apiserver.crt", pki / "apiserver.key", "kube-apiserver", server_names=names
             )
@@ -558,8 +582,8 @@ class ControlPlane:
         pki = self.pki
         return [
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={self.secure_port}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -568,7 +592,8 @@ class ControlPlane:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--authorization-mode=Node,RBAC",
-            # No `kubernetes` endpoints from 127.0.0.1 (a loopback endpoint is invalid).
+            # No `kubernetes` endpoints: a loopback one is invalid, and where pods reach the
+            # apiserver is the lab's to say (an EndpointSlice of its own).
             "--endpoint-reconciler-type=none",
             # Pods made by the lab name no token volumes; the server still validates them.
             "--disable-admission-plugins=ServiceAccount",
@@ -601,7 +626,7 @@ class ControlPlane:
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         """GET ``path`` from the apiserver as the admin: (status, body)."""
         conn = http.client.HTTPSConnection(
-            "127.0.0.1", self.secure_port, context=self._ssl_context(), timeout=timeout
+            self.address, self.secure_port, context=self._ssl_context(), timeout=timeout
         )
         try:
             conn.request("GET", path)

@@ -78,3 +78,15 @@ def test_missing_binaries_name_the_install_script(tmp_path, monkeypatch) -> None
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
     assert find_binaries(tmp_path) == {n: tmp_path / n for n in kubecontrol.BINARIES}
+
+
+def test_another_address_and_names_are_in_the_certificate_issued_again(tmp_path) -> None:
+    ControlPlane(tmp_path)._ensure_pki()
+    plane = ControlPlane(tmp_path, address="172.30.0.1", server_names=["apiserver.lab"])
+    plane._ensure_pki()
+    assert plane.url == "https://172.30.0.1:16443"
+    cert = load(plane.pki / "apiserver.crt")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("172.30.0.1") in sans.get_values_for_type(x509.IPAddress)
+    assert "apiserver.lab" in sans.get_values_for_type(x509.DNSName)
+    cert.verify_directly_issued_by(load(plane.ca_file))  # same CA: old kubeconfigs still work
