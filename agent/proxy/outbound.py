@@ -53,6 +53,7 @@ class ProxyStats:
     by_destination: dict[str, int] = field(default_factory=dict)
     http_connections: int = 0
     http_requests: int = 0
+    internal_errors: int = 0  # connections closed on an unexpected exception (a bug)
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
@@ -70,10 +71,15 @@ class OutboundProxy:
         self.stats = ProxyStats()
 
     async def handle(self, client: trio.SocketStream) -> None:
+        """Serve one redirected connection. A bug met on it closes this connection only
+        (logged with its traceback, counted): it never takes the proxy down."""
         self.stats.accepted += 1
         self.stats.active += 1
         try:
             await self._handle(client)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("outbound connection closed on an internal error")
         finally:
             self.stats.active -= 1
             await trio.aclose_forcefully(client)

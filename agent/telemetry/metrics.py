@@ -118,7 +118,20 @@ DATAPATH_COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "strict_dropped": (
         "meshagent_datapath_strict_drops",
-        "Plaintext connections to STRICT mTLS pods dropped in the kernel.",
+        "Plaintext connections to STRICT mTLS pods dropped in the kernel (IPv4 and IPv6).",
+    ),
+    "redirected_ipv6": (
+        "meshagent_datapath_redirects_ipv6",
+        "Of the redirects, those made on IPv6 sockets (native or IPv4-mapped destinations).",
+    ),
+    "refused": (
+        "meshagent_datapath_refused",
+        "Meshed connects refused in the kernel: link-local IPv6, MPTCP, or IPv6 on a node "
+        "whose proxy has no IPv6 address.",
+    ),
+    "peer_restored": (
+        "meshagent_datapath_peer_restored",
+        "getpeername() calls answered with the original destination instead of the proxy.",
     ),
 }
 

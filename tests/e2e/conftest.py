@@ -18,6 +18,17 @@ import pytest
 
 BIN = Path(sys.executable).parent
 EXAMPLES = Path(__file__).resolve().parents[2] / "lab" / "examples"
+# The programs a node's datapath attaches (names as the kernel truncates them, 15 characters).
+DATAPATH_PROGRAMS = frozenset(
+    {
+        "mesh_connect4",
+        "mesh_connect6",
+        "mesh_peername4",
+        "mesh_peername6",
+        "mesh_sockops",
+        "mesh_ingress",
+    }
+)
 
 
 def _require_root() -> None:

@@ -16,7 +16,7 @@ from meshagent.agent.status import REPORT_FIELDS
 from meshagent.lab.paths import LOG_DIR
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import BIN, meshlab
+from tests.e2e.conftest import BIN, DATAPATH_PROGRAMS, meshlab
 from tests.waiting import wait_until
 
 REVIEWS_SVC = "reviews.shop.svc.cluster.local"
@@ -286,10 +286,7 @@ def test_status_json_carries_every_field(obs_lab):
         assert agent["version"] and agent["uptime_s"] > 0
         assert agent["controller"]["connected"] is True
         assert report["snapshot"]["version"] == agent["snapshot_version"] != ""
-        assert {p["name"] for p in report["datapath"]["programs"]} >= {
-            "mesh_connect4",
-            "mesh_sockops",
-        }
+        assert {p["name"] for p in report["datapath"]["programs"]} == DATAPATH_PROGRAMS
         assert report["connections"]["outbound"].keys() == {"active", "accepted"}
         assert isinstance(report["ejected_endpoints"], list)
         assert isinstance(report["recent_denials"], list)

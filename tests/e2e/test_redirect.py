@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from meshagent.lab.paths import POD_NET_OCTET
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import DATAPATH_PROGRAMS, meshlab
 from tests.waiting import wait_until
 
 # demo.yaml pins reviews-v1 to node-2: the first pod IP there
@@ -67,11 +67,7 @@ def test_unmeshed_pods_connect_directly(demo_lab):
 def test_datapath_outlives_a_killed_agent(demo_lab):
     running = demo_lab.status("node-1")
     programs = {p["id"] for p in running["datapath"]["programs"]}
-    assert {p["name"] for p in running["datapath"]["programs"]} == {
-        "mesh_connect4",
-        "mesh_sockops",
-        "mesh_ingress",
-    }
+    assert {p["name"] for p in running["datapath"]["programs"]} == DATAPATH_PROGRAMS
 
     meshlab("agent", "stop", "node-1")
     down = demo_lab.status("node-1")

@@ -18,12 +18,12 @@ import time
 from meshagent.agent.handover import newer_live_agent
 from meshagent.lab.paths import POD_NET_OCTET, RUN_DIR, STATE_FILE
 
-from tests.e2e.conftest import BIN, meshlab
+from tests.e2e.conftest import BIN, DATAPATH_PROGRAMS, meshlab
 from tests.waiting import wait_until
 
 REVIEWS = f"10.{POD_NET_OCTET}.2.10"  # demo.yaml: reviews-v1, first pod on node-2
 DEADLINE = 2.0
-PROGRAMS = {"mesh_connect4", "mesh_sockops", "mesh_ingress"}
+PROGRAMS = DATAPATH_PROGRAMS
 
 PROBER = """
 import pathlib, socket, sys, time

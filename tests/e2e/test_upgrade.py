@@ -16,7 +16,7 @@ import subprocess
 
 from meshagent.lab.paths import RUN_DIR
 
-from tests.e2e.conftest import BIN, EXAMPLES, meshlab
+from tests.e2e.conftest import BIN, DATAPATH_PROGRAMS, EXAMPLES, meshlab
 
 PROBE_SECONDS = 30  # bounded: the client stops by itself
 TARGET = ("reviews.shop", str(PROBE_SECONDS))
@@ -121,7 +121,7 @@ def test_rolling_upgrade_of_both_agents_loses_no_request(lab_factory):
         assert "drained, 0 connection(s) left open" in old_log, old_log[-3000:]
         view = lab.status(node)
         programs = {p["name"] for p in view["datapath"]["programs"]}
-        assert programs == {"mesh_connect4", "mesh_sockops", "mesh_ingress"}
+        assert programs == DATAPATH_PROGRAMS
         assert programs == {p["name"] for p in before[node]["datapath"]["programs"]}
         live = view["agent"]
         assert live["phase"] == "owner" and live["ready"] and live["datapath_reused"]
