@@ -16,8 +16,9 @@ PROFILE=full
 APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 # ... plus what the lab, the tests and the benchmarks run.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant)
-# ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below).
-[ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server)
+# ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below), and a
+# stock gRPC (Debian's grpcio, for the system Python that lab pods run) for the e2e tests.
+[ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio)
 EXTRAS="[test]"
 [ "$PROFILE" = runtime ] && EXTRAS=""
 
