@@ -22,6 +22,7 @@ from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import is_http_port
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
+from meshagent.agent.state import Tables
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
@@ -57,6 +58,20 @@ class ProxyStats:
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
+
+
+def dial_address(tables: Tables | None, endpoint: Endpoint, dialled: str) -> str:
+    """The endpoint's address in the family of the VIP the client dialled (as kube-proxy: an
+    IPv6 VIP reaches IPv6 endpoints), else its primary address."""
+    ipv6 = ":" in dialled
+    if (":" in endpoint.ip) == ipv6:
+        return endpoint.ip
+    workload = tables.workload_by_uid.get(endpoint.workload_uid) if tables else None
+    return (
+        next((ip for ip in workload.ips if (":" in ip) == ipv6), endpoint.ip)
+        if workload
+        else endpoint.ip
+    )
 
 
 class OutboundProxy:
@@ -101,7 +116,7 @@ class OutboundProxy:
         source = tables.workload_by_ip.get(peer_ip) if tables else None
         route = tables.by_vip_port.get(orig) if tables else None
         if route is not None and is_http_port(route.service_port):
-            await self._serve_http(client, source, route.service, orig[1], peer_ip)
+            await self._serve_http(client, source, route.service, orig, peer_ip)
             return
         conn = _L4(self, client, source, peer_ip, orig, start, started)
         if route is None:
@@ -114,10 +129,11 @@ class OutboundProxy:
         client: trio.SocketStream,
         source: Workload | None,
         service: Service,
-        port: int,
+        orig: tuple[str, int],
         peer_ip: str,
     ) -> None:
         """Per-request routing, balancing and resilience (VirtualService, DestinationRule)."""
+        port = orig[1]
         traffic = self.traffic
         hostname = service.hostname
         source_peer = self._peer(source)
@@ -125,7 +141,8 @@ class OutboundProxy:
         self.stats.http_connections += 1
 
         async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
-            upstream = await self.connector.open(source, endpoint.ip, pod_port, peer_ip)
+            ip = dial_address(self.store.tables, endpoint, orig[0])
+            upstream = await self.connector.open(source, ip, pod_port, peer_ip)
             if upstream.security == "mutual_tls":
                 self.stats.mutual_tls += 1
             return upstream
@@ -260,9 +277,8 @@ class _L4:
                 return
             target = ep.upstream
             try:
-                upstream = await proxy.connector.open(
-                    self.source, target.endpoint.ip, target.port, self.peer_ip
-                )
+                ip = dial_address(proxy.store.tables, target.endpoint, self.orig[0])
+                upstream = await proxy.connector.open(self.source, ip, target.port, self.peer_ip)
             except UpstreamError as exc:
                 state.report(ep, CONNECT_FAILURE_CODE)
                 state.closed(ep)

@@ -277,6 +277,26 @@ CASES = [
     Case("ip-blocks-single-ip-mismatch", [allow("p", src(ipBlocks=["10.1.0.6"]))], http(), False),
     Case("not-ip-blocks-excludes", [allow("p", src(notIpBlocks=["10.0.0.0/8"]))], http(), False),
     Case(
+        "ipv6-cidr-admits-ipv6-source",
+        [allow("p", src(ipBlocks=["fd00:10:244::/48"]))],
+        http(source_ip="fd00:10:244:1::a"),
+        True,
+        "shop/p",
+        0,
+    ),
+    Case(
+        "not-ipv6-cidr-excludes-ipv6-source",
+        [allow("p", src(notIpBlocks=["fd00:10:244:1::/64"]))],
+        http(source_ip="fd00:10:244:1::a"),
+        False,
+    ),
+    Case(
+        "ipv4-source-outside-ipv6-block",
+        [allow("p", src(ipBlocks=["fd00::/8"]))],
+        http(),
+        False,
+    ),
+    Case(
         "ipv6-source-outside-ipv4-block",
         [allow("p", src(ipBlocks=["10.0.0.0/8"]))],
         http(source_ip="fd00::5"),
