@@ -116,15 +116,16 @@ def test_every_family_to_pod_and_vip_goes_through_the_proxy(ds_lab, tmp_path):
 
 def test_a_vip_reaches_endpoints_of_its_own_family(ds_lab):
     """As kube-proxy: the IPv6 VIP is served by the pod's IPv6 address, the IPv4 VIP by its
-    IPv4 one (the server's log names who called: node-2's proxy, in that family)."""
-    vip, vip6 = _vips("server")
+    IPv4 one (the server's log names who called: node-2's proxy, in that family). Through
+    the L4 port, where every connection is dialled anew (HTTP reuses pooled connections)."""
+    vip, vip6 = _vips("server-tcp")
     for dialled, caller in (
         (vip6, f"fd00:10:{POD_NET_OCTET}:2::1"),
         (vip, f"::ffff:10.{POD_NET_OCTET}.2.1"),
     ):
         marker = uuid.uuid4().hex
         host = f"[{dialled}]" if ":" in dialled else dialled
-        assert ds_lab.curl("ds/client", f"http://{host}:8080/?family={marker}")[0] == "200"
+        assert ds_lab.curl("ds/client", f"http://{host}:8081/?family={marker}")[0] == "200"
         line = next(x for x in _server_log("server").splitlines() if marker in x)
         assert line.startswith(f"{caller} "), (dialled, line)
 
