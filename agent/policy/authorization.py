@@ -10,6 +10,7 @@ denials counted and logged, never enforced.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -105,6 +106,7 @@ def check(
         stats.denials[(who, dest, decision.policy or "")] += 1
         stats.record_denial(
             {
+                "time": round(time.time(), 3),  # workers' lists are merged in time order
                 "source": who,
                 "destination": dest,
                 "policy": decision.policy,

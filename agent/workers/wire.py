@@ -63,7 +63,9 @@ def merge_status(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if "route_problems" in merged:
         merged["route_problems"] = sorted(set(merged["route_problems"]))
     if "authz" in merged and "recent_denials" in merged["authz"]:
-        merged["authz"]["recent_denials"] = merged["authz"]["recent_denials"][-20:]
+        # each worker keeps its last 20: the node's last 20 are the newest of all of them
+        denials = sorted(merged["authz"]["recent_denials"], key=lambda d: d.get("time", 0))
+        merged["authz"]["recent_denials"] = denials[-20:]
     return merged
 
 

@@ -105,3 +105,13 @@ def test_status_of_workers_adds_up():
 def test_the_snapshot_travels_as_its_own_json():
     message = json.loads(snapshot_message('{"version": "v1", "node": "node-1"}'))
     assert message == {"type": "snapshot", "snapshot": {"version": "v1", "node": "node-1"}}
+
+
+def test_recent_denials_are_the_newest_of_all_workers_in_time_order():
+    old = [{"time": float(t), "n": t} for t in range(0, 40, 2)]  # worker a: 20 older ones
+    new = [{"time": 100.0 + t, "n": 100 + t} for t in range(3)]  # worker b: 3 newer ones
+    merged = merge_status([{"authz": {"recent_denials": new}}, {"authz": {"recent_denials": old}}])
+    denials = merged["authz"]["recent_denials"]
+    assert len(denials) == 20
+    assert denials[-3:] == new  # the newest survive whatever order the workers answered in
+    assert [d["time"] for d in denials] == sorted(d["time"] for d in denials)
