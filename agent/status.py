@@ -432,8 +432,10 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
     else:
         c = dp["counters"]
         lines.append(
-            f"Redirects:   {c['redirected']} redirected, {c['established']} handed to the proxy, "
-            f"{c['excluded']} excluded ports, {c['strict_dropped']} plaintext dropped (STRICT)"
+            f"Redirects:   {c['redirected']} redirected ({c.get('redirected_ipv6', 0)} from IPv6 "
+            f"sockets), {c['established']} handed to the proxy, {c['excluded']} excluded ports, "
+            f"{c.get('refused', 0)} refused (link-local, MPTCP, no IPv6 proxy), "
+            f"{c['strict_dropped']} plaintext dropped (STRICT)"
         )
     if not agent["running"]:
         lines.append("Connections, tunnels, ejections, denials: unknown (agent down)")

@@ -89,6 +89,14 @@ def run_demo() -> int:
             checks.expect(_curl("shop/frontend", url) == "200", f"frontend -> {url}: 200")
         after = _status("node-1")["datapath"]["counters"]["redirected"]
         checks.expect(after - before == 2, f"node-1 eBPF redirect counter {before} -> {after}")
+        v6_before = _status("node-1")["datapath"]["counters"]["redirected_ipv6"]
+        url = f"http://[::ffff:{reviews_ip}]:9080/"  # an IPv6 socket, as gRPC clients dial
+        checks.expect(_curl("shop/frontend", url) == "200", f"frontend -> {url}: 200")
+        v6_after = _status("node-1")["datapath"]["counters"]["redirected_ipv6"]
+        checks.expect(
+            v6_after - v6_before == 1,
+            f"IPv6 sockets are steered too: redirected_ipv6 {v6_before} -> {v6_after}",
+        )
 
         _step(
             "Not meshed: a pod in an unlabelled namespace, and one labelled "
@@ -105,12 +113,15 @@ def run_demo() -> int:
             "mTLS: node-1's proxy tunnels to node-2's over HBONE (mutual TLS on 15008); "
             "node-2 knows who is calling"
         )
+        # proxy workers report their figures every second: wait for the report with the tunnel
+        frontend_id = "spiffe://cluster.local/ns/shop/sa/frontend"
+        _until(lambda: frontend_id in _status("node-2")["agent"]["inbound"]["peers"])
         node2 = _status("node-2")["agent"]
         peers = node2["inbound"]["peers"]
         for identity, count in peers.items():
             click.echo(f"  node-2 accepted {count} tunnel(s) from {identity}")
         checks.expect(
-            "spiffe://cluster.local/ns/shop/sa/frontend" in peers,
+            frontend_id in peers,
             "node-2 saw frontend's SPIFFE identity from its certificate",
         )
         for cert in node2["certificates"]:
@@ -142,6 +153,7 @@ def run_demo() -> int:
             _curl("shop/frontend", "http://reviews.shop:9080/") == "200",
             "frontend (other node) gets 200",
         )
+        _until(lambda: _status("node-2")["agent"]["authz"]["recent_denials"])
         denials = _status("node-2")["agent"]["authz"]["recent_denials"]
         if denials:
             click.echo(f"  node-2 logged the denial: {describe_denial(denials[-1])}")
