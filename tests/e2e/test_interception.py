@@ -169,10 +169,16 @@ def test_deny_holds_for_every_family_same_and_cross_node(ds_lab, tmp_path):
         logs_before = _server_log("server") + _server_log("server-local")
         before = _counters(ds_lab)
         marker = uuid.uuid4().hex
-        for url in targets:
-            code, body = ds_lab.curl("ds/client", f"{url}?denied={marker}", timeout=3)
-            assert code != "200", (url, code, body)
-            assert "Directory listing" not in body, url
+
+        def denied_requests() -> None:
+            for url in targets:
+                code, body = ds_lab.curl("ds/client", f"{url}?denied={marker}", timeout=3)
+                assert code != "200", (url, code, body)
+                assert "Directory listing" not in body, url
+
+        pcap = _capture(60, denied_requests, tmp_path)
+        assert pcap, "the capture saw nothing"
+        assert marker.encode() not in pcap  # the cross-node attempts crossed in TLS only
         after = _counters(ds_lab)
         assert after["redirected"] - before["redirected"] == len(targets)
         assert marker not in _server_log("server") + _server_log("server-local")
