@@ -3,11 +3,14 @@
 Pure functions of the model's objects: the same input gives the same snapshot
 and so the same version. Pods become workloads (meshed when their namespace
 carries `meshagent.io/mesh=enabled` and the pod does not say `disabled`);
-Services with their ready pods become services with endpoints.
+Services become services with endpoints, read from their EndpointSlices as kube-proxy
+reads them (or, for a Service with no EndpointSlice in the model, from the pods its
+selector matches): see the rules above `compile_services`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from meshagent.common.snapshot import (
     Snapshot,
     Workload,
 )
+from meshagent.controller.failclosed import unenforceable_deny
 from meshagent.controller.model import ClusterModel
 
 
@@ -93,8 +97,227 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+# -- endpoints -------------------------------------------------------------------------------
+#
+# A Service's endpoints come from its EndpointSlices, read the way kube-proxy reads them:
+#
+# - a slice belongs to the Service named by its `kubernetes.io/service-name` label, in its own
+#   namespace; only `addressType` IPv4 and IPv6 count (FQDN slices are ignored), and of each
+#   endpoint only its first address (as kube-proxy), which must be of the slice's family;
+# - a slice port serves the Service port of the same name and protocol; its number is the
+#   endpoint's port (so named target ports resolve per pod, as the slice controller wrote
+#   them); a slice port without a number is ignored;
+# - conditions: `ready` absent counts as true, `serving` absent as true, `terminating` absent
+#   as false. New connections go to the ready endpoints of a Service port; when it has none,
+#   to those that are serving and terminating (kube-proxy's ProxyTerminatingEndpoints: a
+#   Service whose pods are all shutting down keeps serving until they stop); endpoints that
+#   are neither are left out. The slice controller never writes `ready` true for a
+#   terminating pod unless the Service sets `publishNotReadyAddresses`, which asks for
+#   exactly that, so `ready` alone decides, as in kube-proxy. An endpoint carries only the
+#   Service ports it was chosen for;
+# - one Endpoint per pod, whatever the number of slices or families it appears in (the pod
+#   is named by the endpoint's `targetRef`, else found by its address among the model's
+#   pods): its `ip` is its address in the Service's primary family, `workload_uid` the pod's
+#   workload, so the agent finds its other addresses (an IPv6 VIP dials the pod's IPv6
+#   address) and its labels (DestinationRule subsets);
+# - an endpoint that is no pod (a hand-made slice, `kubernetes.default`'s API server) is one
+#   Endpoint per address, `workload_uid` `address:<ip>` (stable, never a pod's uid) and
+#   `node` its `nodeName` or empty: the agent finds no workload at that address and dials
+#   it directly, in plaintext, as any destination outside the mesh;
+# - a Service with cluster IPs takes endpoints of its VIPs' families only (kube-proxy: a VIP
+#   reaches endpoints of its own family); a headless Service (clusterIP None) takes every
+#   family: clients dial the pod addresses themselves, and the proxy still knows which
+#   Service (and so which protocol) a pod address and port belong to.
+#
+# A Service with no EndpointSlice at all in the model (the lab's manifest folder has none; a
+# new Service before the slice controller wrote its slice) falls back to its selector: the
+# model's ready pods that match it, with the same rules (a pod with `deletionTimestamp` is
+# terminating: not ready, serving while its Ready condition holds).
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+_FAMILIES = {"IPv4": 4, "IPv6": 6}
+
+
+@dataclass
+class _Candidate:
+    """One endpoint of a Service as read from its slices (or from a pod, in the fallback)."""
+
+    uid: str
+    node: str
+    addresses: dict[int, str]  # family (4, 6) -> address
+    ports: dict[tuple[str, str], int]  # (port name, protocol) -> the endpoint's port
+    ready: bool
+    serving: bool
+    terminating: bool
+
+    def merge(self, other: _Candidate) -> None:
+        """The same endpoint seen in another slice (its other family, or a duplicate while
+        slices are rebalanced): the least available reading of the two wins."""
+        for family, ip in other.addresses.items():
+            self.addresses.setdefault(family, ip)
+        for key, port in other.ports.items():
+            self.ports.setdefault(key, port)
+        self.node = self.node or other.node
+        self.ready = self.ready and other.ready
+        self.serving = self.serving and other.serving
+        self.terminating = self.terminating or other.terminating
+
+
+def _family(ip: str) -> int | None:
+    try:
+        return ipaddress.ip_address(ip).version
+    except ValueError:
+        return None
+
+
+def _service_families(spec: dict, vips: list[str]) -> list[int]:
+    """The Service's address families, primary first."""
+    families = [_FAMILIES[f] for f in spec.get("ipFamilies") or [] if f in _FAMILIES]
+    for ip in vips:
+        family = _family(ip)
+        if family is not None and family not in families:
+            families.append(family)
+    return families
+
+
+def _slices_by_service(model: ClusterModel) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for eps in model.objects("EndpointSlice"):
+        meta = _meta(eps)
+        service = _labels(eps).get(SERVICE_NAME_LABEL)
+        if service:
+            out.setdefault((meta.get("namespace", "default"), service), []).append(eps)
+    for slices in out.values():
+        slices.sort(key=lambda s: _meta(s).get("name", ""))
+    return out
+
+
+class _Pods:
+    """The model's pods as endpoints need them: by name, and by address when only one pod
+    has it (host-network pods share their node's address and are never found that way)."""
+
+    def __init__(self, model: ClusterModel, workloads: Iterable[Workload]) -> None:
+        self.by_key = {(w.namespace, w.name): w for w in workloads}
+        owners: dict[str, list[Workload]] = {}
+        for pod in model.objects("Pod"):
+            meta = _meta(pod)
+            workload = self.by_key.get((meta.get("namespace", "default"), meta.get("name")))
+            if workload is None or (pod.get("spec") or {}).get("hostNetwork"):
+                continue
+            for ip in workload.ips:
+                owners.setdefault(ip, []).append(workload)
+        self.by_ip = {ip: ws[0] for ip, ws in owners.items() if len(ws) == 1}
+
+
+def _slice_candidates(
+    slices: list[dict], namespace: str, families: list[int], pods: _Pods
+) -> list[_Candidate]:
+    found: dict[str, _Candidate] = {}
+    for eps in slices:
+        family = _FAMILIES.get(eps.get("addressType", ""))
+        if family is None or (families and family not in families):
+            continue
+        ports = {}
+        for p in eps.get("ports") or []:
+            if p.get("port") is not None:
+                ports[(p.get("name") or "", p.get("protocol") or "TCP")] = int(p["port"])
+        for ep in eps.get("endpoints") or []:
+            addresses = ep.get("addresses") or []
+            if not addresses or _family(addresses[0]) != family:
+                continue
+            ip = addresses[0]
+            conditions = ep.get("conditions") or {}
+            ref = ep.get("targetRef") or {}
+            workload = None
+            if ref.get("kind") == "Pod" and ref.get("name"):
+                ref_ns = ref.get("namespace") or namespace
+                workload = pods.by_key.get((ref_ns, ref["name"]))
+                uid = workload.uid if workload else ref.get("uid") or f"{ref_ns}/{ref['name']}"
+            elif not ref:
+                workload = pods.by_ip.get(ip)
+                uid = workload.uid if workload else f"address:{ip}"
+            else:
+                uid = f"address:{ip}"  # some other kind of object: no pod of ours
+            ready = conditions.get("ready") is not False
+            candidate = _Candidate(
+                uid=uid,
+                node=ep.get("nodeName") or (workload.node if workload else ""),
+                addresses={family: ip},
+                ports=dict(ports),
+                ready=ready,
+                serving=conditions.get("serving") is not False,
+                terminating=conditions.get("terminating") is True,
+            )
+            if uid in found:
+                found[uid].merge(candidate)
+            else:
+                found[uid] = candidate
+    return list(found.values())
+
+
+def _selector_candidates(
+    model: ClusterModel, namespace: str, spec: dict, ports: list[ServicePort], pods: _Pods
+) -> list[_Candidate]:
+    """The fallback for a Service without EndpointSlices: the pods its selector matches."""
+    selector = {str(k): str(v) for k, v in (spec.get("selector") or {}).items()}
+    out = []
+    for pod in model.objects("Pod"):
+        meta = _meta(pod)
+        if meta.get("namespace", "default") != namespace:
+            continue
+        workload = pods.by_key.get((namespace, meta.get("name")))
+        if workload is None or not _matches(selector, workload.labels):
+            continue
+        terminating = bool(meta.get("deletionTimestamp"))
+        serving = _is_ready(pod)
+        targets = {(p.name, p.protocol): _resolve_target(pod, p.target_port) for p in ports}
+        addresses: dict[int, str] = {}
+        for ip in workload.ips:
+            family = _family(ip)
+            if family is not None:
+                addresses.setdefault(family, ip)
+        out.append(
+            _Candidate(
+                uid=workload.uid,
+                node=workload.node,
+                addresses=addresses,
+                ports={k: v for k, v in targets.items() if v is not None},
+                ready=serving and not terminating,
+                serving=serving,
+                terminating=terminating,
+            )
+        )
+    return out
+
+
+def _choose_endpoints(
+    candidates: list[_Candidate], ports: list[ServicePort], families: list[int]
+) -> list[Endpoint]:
+    """Per Service port: the ready endpoints, else the serving terminating ones."""
+    chosen: dict[str, dict[int, int]] = {}
+    for sp in ports:
+        key = (sp.name, sp.protocol)
+        having = [c for c in candidates if key in c.ports]
+        picked = [c for c in having if c.ready] or [
+            c for c in having if c.serving and c.terminating
+        ]
+        for c in picked:
+            chosen.setdefault(c.uid, {})[sp.port] = c.ports[key]
+    out = []
+    for c in candidates:
+        if c.uid not in chosen or not c.addresses:
+            continue
+        ip = next(c.addresses[f] for f in [*families, *c.addresses] if f in c.addresses)
+        out.append(Endpoint(ip=ip, node=c.node, workload_uid=c.uid, ports=chosen[c.uid]))
+    return out
+
+
 def compile_services(model: ClusterModel, workloads: Iterable[Workload]) -> list[Service]:
-    by_key = {(w.namespace, w.name): w for w in workloads}
+    """Services with their endpoints: from the Service's EndpointSlices as kube-proxy reads
+    them, or, for a Service that has no EndpointSlice at all in the model (the lab's manifest
+    folder), from the pods its selector matches (see the rules above)."""
+    pods = _Pods(model, workloads)
+    slices = _slices_by_service(model)
     out = []
     for svc in model.objects("Service"):
         meta, spec = _meta(svc), svc.get("spec") or {}
@@ -111,25 +334,15 @@ def compile_services(model: ClusterModel, workloads: Iterable[Workload]) -> list
             )
             for p in spec.get("ports") or []
         ]
-        selector = {str(k): str(v) for k, v in (spec.get("selector") or {}).items()}
-        endpoints = []
-        for pod in model.objects("Pod"):
-            pmeta = _meta(pod)
-            workload = by_key.get((pmeta.get("namespace", "default"), pmeta.get("name")))
-            if workload is None or pmeta.get("namespace", "default") != ns:
-                continue
-            if not _matches(selector, workload.labels) or not _is_ready(pod):
-                continue
-            targets = {p.port: _resolve_target(pod, p.target_port) for p in ports}
-            endpoints.append(
-                Endpoint(
-                    ip=workload.ips[0],
-                    node=workload.node,
-                    workload_uid=workload.uid,
-                    ports={k: v for k, v in targets.items() if v is not None},
-                )
-            )
-        endpoints.sort(key=lambda e: e.ip)
+        families = _service_families(spec, vips)
+        own = slices.get((ns, meta["name"]))
+        if own is None:
+            candidates = _selector_candidates(model, ns, spec, ports, pods)
+        else:
+            # a headless Service takes every family its slices carry
+            candidates = _slice_candidates(own, ns, _service_families({}, vips), pods)
+        endpoints = _choose_endpoints(candidates, ports, families)
+        endpoints.sort(key=lambda e: (e.ip, e.workload_uid))
         out.append(
             Service(namespace=ns, name=meta["name"], vips=vips, ports=ports, endpoints=endpoints)
         )
@@ -148,13 +361,18 @@ def compile_nodes(model: ClusterModel) -> list[Node]:
 
 def compile_istio(model: ClusterModel) -> list[dict]:
     """The Istio resources that pass validation, as manifests (rejected ones are left out
-    here and reported by the validator; they never affect the others)."""
+    here and reported by the validator; they never affect the others), except that a
+    rejected DENY AuthorizationPolicy fails closed: a deny-all `<name>.unenforceable` for
+    the workloads it selects stands in for it (controller/failclosed.py)."""
     out = []
     for kind in sorted(SUPPORTED_KINDS):
         for obj in model.objects(kind):
             try:
                 parse_resource(obj)
-            except ResourceError:
+            except ResourceError as exc:
+                fail_closed = unenforceable_deny(obj, exc)
+                if fail_closed is not None:
+                    out.append(fail_closed.manifest())
                 continue
             meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in _KEPT_METADATA}
             meta.setdefault("namespace", "default")
