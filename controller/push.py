@@ -6,8 +6,10 @@ the lab, TokenReview in a cluster); the node it belongs to is the session's node
 claiming another node is refused. A refusal sends one `error` line, closes the stream and
 counts in `meshagent_controller_auth_failures_total`. Then the controller sends the node's
 current snapshot if the versions differ, pushes again whenever a model change alters the
-node's snapshot, records ACK/NACKs, and answers CSRs with `sign_for_node`: only identities
-of pods scheduled (and not finished) on the session's node. Sessions are kept for
+node's snapshot (a burst of changes is coalesced: compiled once, `COALESCE_WINDOW` after its
+first change; a node whose snapshot version did not change gets nothing), records ACK/NACKs,
+and answers CSRs with `sign_for_node`: only identities of pods scheduled (and not finished)
+on the session's node. Sessions are kept for
 `meshctl status`. Message types: `meshagent.common.configwire`; on a clean shutdown
 (`close_streams`) every agent gets ``{"type": "goodbye", "reason": ...}`` before its stream
 ends, and an agent connecting after that gets only the goodbye, so agents reconnect (to
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 # How long a goodbye may take to send at shutdown (a stuck agent must not hold it up).
 GOODBYE_TIMEOUT = 2.0
+# A burst of model changes (a rollout's Pod and EndpointSlice events arrive within
+# milliseconds of each other) is compiled and pushed once: after a change, sessions wait this
+# long for the rest of the burst. It is also the most a lone change waits before its push,
+# and under steady churn it caps compiles at one per window.
+COALESCE_WINDOW = 0.1
 DEFAULT_CERT_LIFETIME = timedelta(hours=24)
 SERVER_CERT_LIFETIME = timedelta(days=30)
 # The controller's own identity: spiffe://<td>/ns/<namespace>/sa/meshctl.
@@ -360,6 +367,7 @@ class PushServer:
         ca: CertificateAuthority | None = None,
         tls: ssl.SSLContext | None = None,
         cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
+        coalesce: float = COALESCE_WINDOW,
     ) -> None:
         if cert_lifetime <= timedelta(0):
             raise ValueError(f"certificate lifetime must be positive, got {cert_lifetime}")
@@ -377,6 +385,9 @@ class PushServer:
         self._shared_body: tuple[int, bytes] | None = None
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
         self._closing: str | None = None  # the goodbye reason, once close_streams began
+        self.coalesce = coalesce
+        self._settled_generation = model.generation  # what sessions may push (see _settle)
+        self._settled = trio.Event()
 
     def shared_body(self) -> bytes:
         """The current snapshot without node and version, JSON-encoded once per change."""
@@ -443,6 +454,7 @@ class PushServer:
         if self.tls is not None:
             listeners = [trio.SSLListener(lst, self.tls) for lst in sockets]
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._settle)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started(sockets)
 
@@ -554,7 +566,24 @@ class PushServer:
                 await wire.send_encoded(
                     encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
                 )
-            await self.model.wait_changed(generation)
+            await self._wait_settled(generation)
+
+    async def _settle(self) -> None:
+        """Coalesce model changes: once the model changes, wait `coalesce` seconds for the
+        rest of the burst, then let every session push the model as it is now. Sessions wake
+        together, so the burst is compiled once (`snapshot_for` caches per generation), and
+        each node gets a message only if its own snapshot's version changed."""
+        while True:
+            await self.model.wait_changed(self._settled_generation)
+            await trio.sleep(self.coalesce)
+            self._settled_generation = self.model.generation
+            self._settled.set()
+            self._settled = trio.Event()
+
+    async def _wait_settled(self, pushed: int) -> None:
+        """Until a settled generation newer than the one a session last looked at."""
+        while self._settled_generation <= pushed:
+            await self._settled.wait()
 
     async def _read_agent(self, wire: MessageStream, session: AgentSession) -> None:
         handlers: dict[str, Callable[[MessageStream, AgentSession, dict], Awaitable[None]]] = {

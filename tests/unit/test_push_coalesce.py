@@ -1,0 +1,168 @@
+"""Issue #16 item 2: EndpointSlice churn is coalesced (a burst compiles once) and pushes only
+the nodes whose snapshot version changed. Agents are in-memory streams on a virtual clock."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from meshagent.common.configwire import MessageStream
+from meshagent.controller import push
+from meshagent.controller.model import ClusterModel
+from meshagent.controller.push import PushServer
+
+WINDOW = 0.5
+
+
+class NodeNameAuthenticator:
+    async def authenticate(self, token: str) -> str:
+        return token  # the token is the node's name
+
+
+def pod(name: str, node: str, ns: str, **labels: str) -> dict:
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "labels": labels},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "podIP": f"10.244.{node[-1]}.{len(name)}"},
+    }
+
+
+def endpoint_slice(ready_ips: list[str], generation: int) -> dict:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "db-1",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "db"},
+            "resourceVersion": str(generation),  # what changes on every write
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ready_ips],
+        "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}],
+    }
+
+
+def cluster() -> ClusterModel:
+    model = ClusterModel()
+    model.replace(
+        "Namespace",
+        [
+            {
+                "kind": "Namespace",
+                "metadata": {"name": "shop", "labels": {"meshagent.io/mesh": "enabled"}},
+            },
+            {"kind": "Namespace", "metadata": {"name": "batch"}},
+        ],
+    )
+    model.replace("Pod", [pod("web", "node-1", "shop"), pod("job", "node-1", "batch", v="1")])
+    model.replace(
+        "Service",
+        [
+            {
+                "kind": "Service",
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "pg", "port": 5432}]},
+            }
+        ],
+    )
+    model.replace("EndpointSlice", [endpoint_slice(["192.168.5.1"], 1)])
+    return model
+
+
+async def test_a_burst_compiles_once_and_pushes_only_changed_nodes(autojump_clock, monkeypatch):
+    compiles = []
+    real_compile = push.compile_shared
+
+    def counting(model, trust_bundle=None):
+        compiles.append(model.generation)
+        return real_compile(model, trust_bundle)
+
+    monkeypatch.setattr(push, "compile_shared", counting)
+    model = cluster()
+    server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=WINDOW)
+    received: dict[str, list[str]] = {"node-1": [], "node-2": []}
+
+    async def agent(node: str, stream: trio.abc.Stream) -> None:
+        wire = MessageStream(stream)
+        await wire.send({"type": "hello", "node": node, "token": node, "version": ""})
+        while (message := await wire.receive()) is not None:
+            assert message["type"] == "snapshot"
+            received[node].append(message["version"])
+            await wire.send({"type": "ack", "version": message["version"]})
+
+    async def quiet() -> None:
+        """Until everything in flight is delivered (the clock jumps when all tasks wait)."""
+        await trio.sleep(WINDOW * 4)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        for node in received:
+            agent_side, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(server._handle, server_side)
+            nursery.start_soon(agent, node, agent_side)
+        await quiet()
+        assert [len(v) for v in received.values()] == [1, 1]
+        first = {node: versions[-1] for node, versions in received.items()}
+
+        # 1. a burst of 30 EndpointSlice events, 5 ms apart: one compile, one push per node,
+        # of the final state (no intermediate version reaches anyone)
+        compiles.clear()
+        for i in range(30):
+            model.upsert(
+                "EndpointSlice",
+                endpoint_slice([f"192.168.5.{j + 1}" for j in range(i % 4 + 1)], 100 + i),
+            )
+            await trio.sleep(0.005)
+        await quiet()
+        assert len(compiles) == 1
+        final = server.snapshot_for("node-1")
+        (db,) = [s for s in final.services if s.name == "db"]
+        assert [e.ip for e in db.endpoints] == ["192.168.5.1", "192.168.5.2"]  # 29 % 4 + 1
+        for node, versions in received.items():
+            assert versions == [first[node], server.snapshot_for(node).version]
+        second = {node: versions[-1] for node, versions in received.items()}
+
+        # 2. a burst that ends where it began (only resourceVersions move): compiled once,
+        # every node's version is unchanged, nobody receives anything
+        compiles.clear()
+        for i in range(10):
+            model.upsert("EndpointSlice", endpoint_slice(["192.168.5.1", "192.168.5.2"], 200 + i))
+            await trio.sleep(0.005)
+        await quiet()
+        assert len(compiles) == 1
+        assert {node: versions[-1] for node, versions in received.items()} == second
+        assert [len(v) for v in received.values()] == [2, 2]
+
+        # 3. a change only node-1 needs (its unmeshed pod no Service selects): node-2 gets
+        # nothing
+        model.upsert("Pod", pod("job", "node-1", "batch", v="2"))
+        await quiet()
+        assert len(received["node-1"]) == 3 and received["node-1"][-1] != second["node-1"]
+        assert received["node-2"] == [first["node-2"], second["node-2"]]
+        assert server.sessions["node-1"].acked_version == received["node-1"][-1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_a_window_every_change_still_reaches_the_agent(autojump_clock):
+    model = cluster()
+    server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=0.0)
+    versions: list[str] = []
+
+    async def agent(stream: trio.abc.Stream) -> None:
+        wire = MessageStream(stream)
+        await wire.send({"type": "hello", "node": "node-1", "token": "node-1", "version": ""})
+        while (message := await wire.receive()) is not None:
+            versions.append(message["version"])
+            await wire.send({"type": "ack", "version": message["version"]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        agent_side, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server._handle, server_side)
+        nursery.start_soon(agent, agent_side)
+        await trio.sleep(1)
+        model.upsert("EndpointSlice", endpoint_slice(["192.168.5.9"], 2))
+        await trio.sleep(1)
+        assert versions == [versions[0], server.snapshot_for("node-1").version]
+        assert versions[0] != versions[1]
+        nursery.cancel_scope.cancel()
