@@ -11,6 +11,10 @@ resources from the start). Two ways to run:
   publishes the trust bundle (no key) in the ConfigMap `meshagent-root` for the agent
   DaemonSet to mount as its `--controller-ca-file`.
 
+15014 serves `/metrics` to anyone and `/status` and `/debug/config` only to loopback or
+authenticated callers (controller/debugauth.py). With `--webhook`, every replica also serves
+the admission webhook over HTTPS and keeps its configuration's caBundle (controller/webhook.py).
+
 `Controller.run` (what `meshctl serve` runs) serves until SIGTERM or SIGINT, then shuts down
 within the grace period: it hands the Lease back, tells every agent goodbye with the reason,
 and returns (exit 0). At the default log level the HTTP client's per-request lines are off.
@@ -33,6 +37,7 @@ from pathlib import Path
 import httpx2
 import prometheus_client
 import trio
+from cryptography.hazmat.primitives import serialization
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap
@@ -40,6 +45,7 @@ from meshagent.common.httpserve import Response, json_response, serve_http
 from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.ca import CertificateAuthority
 from meshagent.controller.compiler import compile_snapshot
+from meshagent.controller.debugauth import DebugGuard, NamespaceTokenReviewAuthenticator
 from meshagent.controller.leader import RETRY_PERIOD, LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
@@ -59,6 +65,12 @@ from meshagent.controller.sources.kubernetes import (
     serve_kubernetes_source,
 )
 from meshagent.controller.validation import Validator, reason, resource_name
+from meshagent.controller.webhook import (
+    WEBHOOK_CONFIGURATION,
+    keep_ca_bundle,
+    serve_webhook,
+    webhook_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +106,9 @@ class ControllerSettings:
     agent_service_account: str = DEFAULT_AGENT_SERVICE_ACCOUNT
     cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME
     plaintext: bool = False
+    webhook_host: str = "0.0.0.0"
+    webhook_port: int | None = None  # the admission webhook (HTTPS); None: not served
+    webhook_configuration: str = WEBHOOK_CONFIGURATION  # whose caBundle to keep
 
     def problems(self) -> list[str]:
         """What makes these settings unusable, as messages naming the options."""
@@ -183,6 +198,7 @@ class Controller:
         self.push: PushServer | None = None
         self.ca: CertificateAuthority | None = None
         self.stream_sockets: list[trio.SocketListener] = []  # where agents connect
+        self.webhook_sockets: list[trio.SocketListener] = []  # the admission webhook
 
     def status(self) -> dict:
         sessions = self.push.sessions.values() if self.push else ()
@@ -193,8 +209,24 @@ class Controller:
             "stream": self.push.status() if self.push else None,
             "agents": [s.as_dict() for s in sorted(sessions, key=lambda s: s.node)],
             "rejected": self.rejected(),
+            "unenforceable": self.unenforceable(),
             "ca": self.ca_status(),
         }
+
+    def unenforceable(self) -> list[dict]:
+        """Refused DENY policies enforced as deny-all (controller/failclosed.py), with the
+        pods of their namespace they now deny (mesh-wide ones are not enumerated)."""
+        pods = list(self.model.objects("Pod"))
+        out = []
+        for u in self.validator.unenforceable:
+            selected = [
+                f"{u.namespace}/{(p.get('metadata') or {}).get('name')}"
+                for p in pods
+                if (p.get("metadata") or {}).get("namespace", "default") == u.namespace
+                and u.selects((p.get("metadata") or {}).get("labels") or {})
+            ]
+            out.append(u.as_dict(selected))
+        return out
 
     def ca_status(self) -> dict | None:
         """The signing CA as operators check it: who it is, until when, and what it signed."""
@@ -289,6 +321,8 @@ class Controller:
                 cert_lifetime=s.cert_lifetime,
             )
             self.stream_sockets = await nursery.start(self.push.serve, s.listen_host, s.listen_port)
+            if s.webhook_port is not None:
+                await self._serve_webhook(nursery, client, issuer_pem)
 
             async def status(_query: str) -> Response:
                 return json_response(json.dumps(self.status(), indent=2))
@@ -304,9 +338,41 @@ class Controller:
                 return json_response(full.model_dump_json())
 
             routes = {"/status": status, "/metrics": metrics, "/debug/config": config}
-            await nursery.start(serve_http, (s.metrics_host, s.metrics_port), routes)
+            debug_auth = (
+                NamespaceTokenReviewAuthenticator(client, s.namespace)
+                if client is not None
+                else TokenFileAuthenticator(s.node_tokens)
+                if s.node_tokens is not None
+                else None
+            )
+            guard = DebugGuard(debug_auth)
+            await nursery.start(
+                partial(serve_http, guard=guard), (s.metrics_host, s.metrics_port), routes
+            )
             log.info("controller serving agents on %s:%d", s.listen_host, s.listen_port)
             task_status.started()
+
+    async def _serve_webhook(
+        self, nursery: trio.Nursery, client: AsyncClient | None, issuer_pem: bytes
+    ) -> None:
+        """The admission webhook on its own certificate from the CA (the Service's names and
+        --server-name); in a cluster, its configuration's caBundle kept to the CA's roots."""
+        s = self.settings
+        assert s.webhook_port is not None and self.ca is not None
+        names = webhook_names(s.namespace, s.stream_names())
+        certificate = StreamCertificate(
+            issuer_pem, controller_identity(s.trust_domain, s.namespace), names
+        )
+        nursery.start_soon(certificate.serve_renewal)
+        self.webhook_sockets = await nursery.start(
+            serve_webhook, s.webhook_host, s.webhook_port, certificate.context
+        )
+        if client is not None:
+            bundle = self.ca.trust_bundle_pem
+            issuer = self.ca.certificate.public_bytes(serialization.Encoding.PEM).decode()
+            if issuer not in bundle:  # an intermediate CA signs the webhook's certificate
+                bundle += issuer
+            nursery.start_soon(keep_ca_bundle, client, bundle, s.webhook_configuration)
 
     async def run(self, *, grace: float = SHUTDOWN_GRACE) -> None:
         """`serve` until SIGTERM or SIGINT, then `shutdown` (at most ``grace`` seconds; a

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import click
@@ -26,6 +27,13 @@ from meshagent.controller.app import (
 from meshagent.controller.ca import CAError
 from meshagent.controller.sources.files import PATTERNS
 from meshagent.controller.validation import DEFAULT_NAMESPACE
+from meshagent.controller.webhook import WEBHOOK_CONFIGURATION
+
+# Where `meshctl status` and `meshctl authz check` look for a token the controller accepts on
+# its debug endpoints (controller/debugauth.py), after --token-file / $MESHCTL_TOKEN_FILE:
+# the node's agent token, named by the agent config ($MESHAGENT_CONFIG, as the lab sets it on
+# a node), then the agent pod's projected token. The pod's own API token is never sent.
+AGENT_TOKEN_FILE = Path("/var/run/secrets/meshagent/token")
 
 
 def _hostport(value: str, default_port: int) -> tuple[str, int]:
@@ -34,6 +42,13 @@ def _hostport(value: str, default_port: int) -> tuple[str, int]:
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+TOKEN_OPTION = click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="MESHCTL_TOKEN_FILE",
+    help="A bearer token for the controller's status and debug endpoints ($MESHCTL_TOKEN_FILE;"
+    " default: the agent's token on a node). Not needed on the controller's own host or pod.",
+)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -87,6 +102,20 @@ class Duration(click.ParamType):
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="Agent stream address.")
 @click.option(
     "--metrics", default="0.0.0.0:15014", show_default=True, help="Metrics and status address."
+)
+@click.option(
+    "--webhook",
+    metavar="HOST:PORT",
+    help="Serve the admission webhook here (HTTPS, POST /validate), e.g. 0.0.0.0:15017."
+    " Off unless given.",
+)
+@click.option(
+    "--webhook-configuration",
+    default=WEBHOOK_CONFIGURATION,
+    show_default=True,
+    metavar="NAME",
+    help="With --kubernetes --webhook: the ValidatingWebhookConfiguration whose caBundle"
+    " the controller keeps equal to its CA.",
 )
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
 @click.option(
@@ -160,6 +189,8 @@ def serve(
     kubeconfig: Path | None,
     listen: str,
     metrics: str,
+    webhook: str | None,
+    webhook_configuration: str,
     trust_domain: str,
     ca_file: Path | None,
     ca_secret: str | None,
@@ -192,11 +223,15 @@ def serve(
     )
     lh, lp = _hostport(listen, 15012)
     mh, mp = _hostport(metrics, 15014)
+    wh, wp = _hostport(webhook, 15017) if webhook else ("0.0.0.0", None)
     settings = ControllerSettings(
         listen_host=lh,
         listen_port=lp,
         metrics_host=mh,
         metrics_port=mp,
+        webhook_host=wh,
+        webhook_port=wp,
+        webhook_configuration=webhook_configuration,
         manifest_dir=manifest_dir,
         kubernetes=kubernetes,
         kubeconfig=kubeconfig,
@@ -239,20 +274,21 @@ def serve(
     help="The controller's metrics/status address ($MESHCTL_CONTROLLER; the lab sets it).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(controller: str, as_json: bool) -> None:
-    """Show the source, leadership, CA, connected agents and rejected resources.
+@TOKEN_OPTION
+def status(controller: str, as_json: bool, token_file: Path | None) -> None:
+    """Show the source, leadership, CA, connected agents, rejected resources and the DENY
+    policies enforced as deny-all because they cannot be enforced as written.
+
+    The controller answers from loopback, or to a bearer token of its namespace's service
+    accounts (the lab: a node's token); see --token-file.
 
     \b
     Examples:
-      meshctl status
+      kubectl exec -n meshagent-system deploy/meshctl -- meshctl status
       meshctl status --controller 172.30.0.1:15014 --json
     """
     host, port = _hostport(controller, 15014)
-    try:
-        _code, body = trio.run(http_get, host, port, "/status")
-    except OSError as exc:
-        click.echo(f"controller at {host}:{port} is not reachable: {exc}", err=True)
-        sys.exit(1)
+    body = _controller_get(host, port, "/status", token_file)
     data = json.loads(body)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -297,6 +333,66 @@ def status(controller: str, as_json: bool) -> None:
     for r in data["rejected"]:
         where = f"{r['path']}: " if r.get("path") else ""
         click.echo(f"  {r['resource']}\n      {where}{r['reason']}")
+    unenforceable = data.get("unenforceable") or []
+    if unenforceable:
+        click.echo("UNENFORCEABLE DENY POLICIES (fail closed: all traffic to them denied)")
+    for u in unenforceable:
+        if u["selector"]:
+            scope = ", ".join(f"{k}={v}" for k, v in sorted(u["selector"].items()))
+        else:
+            scope = "every workload" + ("" if u["selector_readable"] else " (selector unreadable)")
+        click.echo(f"  {u['resource']} -> {u['policy']}  selects: {scope}")
+        if u.get("workloads"):
+            click.echo(f"      now denies: {', '.join(u['workloads'])}")
+        click.echo(f"      {u['reason']}")
+
+
+def _token_from_agent_config() -> Path | None:
+    config = os.environ.get("MESHAGENT_CONFIG")
+    if not config:
+        return None
+    try:
+        token = json.loads(Path(config).read_text()).get("token_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(token) if isinstance(token, str) and token else None
+
+
+def _controller_token(token_file: Path | None) -> str | None:
+    """The bearer token for the controller's debug endpoints (see AGENT_TOKEN_FILE)."""
+    candidates = [token_file] if token_file else [_token_from_agent_config(), AGENT_TOKEN_FILE]
+    for path in candidates:
+        if path is None:
+            continue
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            if token_file:
+                raise click.BadParameter(f"cannot read {path}", param_hint="--token-file") from None
+            continue
+        if token:
+            return token
+    return None
+
+
+def _controller_get(host: str, port: int, path: str, token_file: Path | None) -> bytes:
+    """GET a debug endpoint of the controller; exits 1 with the reason if it fails."""
+    token = _controller_token(token_file)
+    extra = {"headers": [("authorization", f"Bearer {token}")]} if token else {}
+    try:
+        code, body = trio.run(partial(http_get, host, port, path, **extra))
+    except OSError as exc:
+        click.echo(f"controller at {host}:{port} is not reachable: {exc}", err=True)
+        sys.exit(1)
+    if code in (401, 403):
+        click.echo(
+            f"controller at {host}:{port} refused {path} (HTTP {code}): run meshctl where the"
+            " controller runs, or give --token-file with a token of its namespace's service"
+            " accounts (audience meshagent-controller)",
+            err=True,
+        )
+        sys.exit(1)
+    return body
 
 
 def _echo_source(source: dict | None) -> None:
@@ -395,6 +491,7 @@ def authz() -> None:
     envvar="MESHCTL_CONTROLLER",
     help="The controller's metrics/status address ($MESHCTL_CONTROLLER; the lab sets it).",
 )
+@TOKEN_OPTION
 def authz_check(
     source: str,
     destination: str,
@@ -402,6 +499,7 @@ def authz_check(
     path: str | None,
     headers: tuple[str, ...],
     controller: str,
+    token_file: Path | None,
 ) -> None:
     """Evaluate the current AuthorizationPolicies for one connection or request, offline,
     and print the decision and the policy and rule that made it.
@@ -418,11 +516,7 @@ def authz_check(
     from meshagent.controller.explain import ExplainError, explain
 
     host, port = _hostport(controller, 15014)
-    try:
-        _code, body = trio.run(http_get, host, port, "/debug/config")
-    except OSError as exc:
-        click.echo(f"controller at {host}:{port} is not reachable: {exc}", err=True)
-        sys.exit(1)
+    body = _controller_get(host, port, "/debug/config", token_file)
     parsed = {}
     for item in headers:
         name, sep, value = item.partition(":")

@@ -5,6 +5,8 @@ a supported Istio kind flows through `parse_resource` and comes out either as a 
 (accepted, for the compiler) or as a ResourceError (rejected, for `/status`, the
 `meshagent_controller_rejected_resources` gauge and one ERROR log line). A bad resource is
 rejected alone: the others still apply, so one typo never takes down a namespace's policy.
+A rejected DENY AuthorizationPolicy fails closed (controller/failclosed.py): the validator
+lists it in `unenforceable`, sets `meshagent_controller_unenforceable_policies` and logs it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 
 import trio
 from meshagent.common.istio import SUPPORTED_KINDS, IstioResource, ResourceError, parse_resource
+from meshagent.controller.failclosed import Unenforceable, unenforceable_policies
 from meshagent.controller.model import ClusterModel
 from prometheus_client import Gauge
 
@@ -23,6 +26,12 @@ REJECTED = Gauge(
     "Istio resources in the cluster that the controller currently refuses, by kind "
     "(see `meshctl status` for which field of which resource, and why).",
     ["kind"],
+)
+UNENFORCEABLE = Gauge(
+    "meshagent_controller_unenforceable_policies",
+    "Refused DENY AuthorizationPolicies the mesh enforces as deny-all for the workloads they "
+    "select (fail closed), one series of value 1 per policy; `meshctl status` says why.",
+    ["namespace", "name"],
 )
 
 # Kubernetes' default for objects that do not say their namespace (as `kubectl apply`).
@@ -67,6 +76,7 @@ class Validator:
     def __init__(self) -> None:
         self.accepted: list[IstioResource] = []
         self.rejected: list[ResourceError] = []
+        self.unenforceable: list[Unenforceable] = []
         self.generation: int | None = None  # the model generation the result reflects
 
     def run(self, model: ClusterModel) -> None:
@@ -82,7 +92,34 @@ class Validator:
         for kind in SUPPORTED_KINDS:
             REJECTED.labels(kind=kind).set(sum(e.kind == kind for e in rejected))
         self.accepted, self.rejected = accepted, rejected
+        self._fail_closed(unenforceable_policies(model.objects("AuthorizationPolicy")))
         self.generation = model.generation
+
+    def _fail_closed(self, unenforceable: list[Unenforceable]) -> None:
+        before = {(u.namespace, u.name) for u in self.unenforceable}
+        now = {(u.namespace, u.name) for u in unenforceable}
+        for u in unenforceable:
+            if (u.namespace, u.name) not in before:
+                scope = (
+                    f"workloads with labels {u.selector}"
+                    if u.selector
+                    else "every workload"
+                    + ("" if u.selector_readable else " (its selector cannot be read)")
+                )
+                log.error(
+                    "DENY AuthorizationPolicy %s/%s cannot be enforced as written: denying all"
+                    " traffic to %s of namespace %s instead (fail closed, policy %s)",
+                    u.namespace,
+                    u.name,
+                    scope,
+                    u.namespace,
+                    u.policy_name,
+                )
+            UNENFORCEABLE.labels(namespace=u.namespace, name=u.name).set(1)
+        for namespace, name in before - now:
+            UNENFORCEABLE.remove(namespace, name)
+            log.info("AuthorizationPolicy %s/%s no longer fails closed", namespace, name)
+        self.unenforceable = unenforceable
 
     async def serve(
         self, model: ClusterModel, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -26,10 +26,12 @@ from kubernetes_validate.utils import latest_version
 from meshagent.agent.cli import run as run_command
 from meshagent.agent.config import AgentConfig, load_config
 from meshagent.agent.datapath.loader import HEADERS_ENV, fallback_kernel_headers
+from meshagent.common.istio import SUPPORTED_KINDS
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS
 from meshagent.common.istio.security import SECURITY_API_VERSIONS
 from meshagent.controller.app import ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY
 from meshagent.controller.sources.kubernetes import ALL_KINDS, KIND_SPECS
+from meshagent.controller.webhook import WEBHOOK_CONFIGURATION, WEBHOOK_PATH, WEBHOOK_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
@@ -230,7 +232,13 @@ def test_namespace_admits_the_agent_under_pod_security() -> None:
         o
         for o in render("default")
         if o["kind"]
-        not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+        not in {
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ValidatingWebhookConfiguration",
+        }
     ]
     assert {o["metadata"]["namespace"] for o in namespaced} == {"meshagent-system"}
 
@@ -460,6 +468,7 @@ def test_controller_runs_two_replicas_kept_by_a_disruption_budget() -> None:
     assert container["args"] == [
         "serve", "--kubernetes", "--ca-secret", "meshagent-ca",
         "--listen", "0.0.0.0:15012", "--metrics", "0.0.0.0:15014",
+        "--webhook", f"0.0.0.0:{WEBHOOK_PORT}",
     ]  # fmt: skip
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -475,7 +484,53 @@ def test_controller_service_exposes_the_stream_and_metrics() -> None:
     (container,) = pod_spec(deployment)["containers"]
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     exposed = {p["port"]: container_ports[p["targetPort"]] for p in service["spec"]["ports"]}
-    assert exposed == {15012: 15012, 15014: 15014}
+    assert exposed == {15012: 15012, 15014: 15014, 443: WEBHOOK_PORT}
+
+
+# --- admission ---------------------------------------------------------------------------
+
+
+def test_webhook_configuration_sends_every_supported_kind_to_the_controller() -> None:
+    objs = render("default")
+    config = one(objs, "ValidatingWebhookConfiguration", WEBHOOK_CONFIGURATION)
+    (webhook,) = config["webhooks"]
+    assert webhook["admissionReviewVersions"] == ["v1"]
+    assert webhook["sideEffects"] == "None"
+    assert webhook["failurePolicy"] == "Fail"  # daemonset/README.md "Admission" says why
+    assert 1 <= webhook["timeoutSeconds"] <= 10
+    # no caBundle in the manifest: the controller sets it, and re-applying must not clear it
+    assert "caBundle" not in webhook["clientConfig"]
+    assert webhook["clientConfig"]["service"] == {
+        "name": "meshctl",
+        "namespace": "meshagent-system",
+        "port": 443,
+        "path": WEBHOOK_PATH,
+    }
+    sent = set()
+    for rule in webhook["rules"]:
+        assert rule["operations"] == ["CREATE", "UPDATE"]
+        assert rule["apiVersions"] == ["*"]
+        assert rule["scope"] == "Namespaced"
+        sent |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    istio = {(KIND_SPECS[k].group, KIND_SPECS[k].plural) for k in SUPPORTED_KINDS}
+    assert sent == istio
+
+
+def test_webhook_service_port_reaches_the_controllers_webhook_listener() -> None:
+    objs = render("default")
+    service = one(objs, "Service", "meshctl")
+    (container,) = pod_spec(one(objs, "Deployment", "meshctl"))["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (https,) = [p for p in service["spec"]["ports"] if p["port"] == 443]
+    args = container["args"]
+    webhook = args[args.index("--webhook") + 1]
+    assert webhook == f"0.0.0.0:{ports[https['targetPort']]}"
+
+
+def test_readme_documents_the_failure_policy_and_the_debug_endpoints() -> None:
+    text = (DAEMONSET / "README.md").read_text()
+    assert "failurePolicy: Fail" in text
+    assert "/debug/config" in text and "loopback" in text
 
 
 # --- RBAC --------------------------------------------------------------------------------
@@ -505,6 +560,15 @@ def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
     ]  # fmt: skip
     expected = {(g, r, verb, None) for g, r in watched for verb in ("list", "watch")}
     expected.add(("authentication.k8s.io", "tokenreviews", "create", None))
+    for verb in ("get", "patch"):  # its webhook configuration's caBundle, nothing else
+        expected.add(
+            (
+                "admissionregistration.k8s.io",
+                "validatingwebhookconfigurations",
+                verb,
+                WEBHOOK_CONFIGURATION,
+            )
+        )
     assert grants(role["rules"]) == expected
 
 
