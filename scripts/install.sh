@@ -14,8 +14,9 @@ PROFILE=full
 [ "${1:-}" = "--runtime" ] && PROFILE=runtime
 # Debian packages: bcc's Python bindings and what the agent runs ...
 APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
-# ... plus what the lab, the tests and the benchmarks run.
-[ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant)
+# ... plus what the lab, the tests, the benchmarks and the image build (scripts/build-image.sh:
+# podman with runc, buildah, mmdebstrap) run.
+[ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant podman runc buildah mmdebstrap)
 # ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below), and a
 # stock gRPC (Debian's grpcio, for the system Python that lab pods run) for the e2e tests.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio)
