@@ -123,7 +123,9 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # - an endpoint that is no pod (a hand-made slice, `kubernetes.default`'s API server) is one
 #   Endpoint per address, `workload_uid` `address:<ip>` (stable, never a pod's uid) and
 #   `node` its `nodeName` or empty: the agent finds no workload at that address and dials
-#   it directly, in plaintext, as any destination outside the mesh;
+#   it directly, in plaintext, as any destination outside the mesh. (Behind a dual-stack
+#   Service such endpoints are one per address and family: with no pod to find the other
+#   address in, the proxy may reach either family from either VIP);
 # - a Service with cluster IPs takes endpoints of its VIPs' families only (kube-proxy: a VIP
 #   reaches endpoints of its own family); a headless Service (clusterIP None) takes every
 #   family: clients dial the pod addresses themselves, and the proxy still knows which
