@@ -92,11 +92,22 @@ def run(ctx: click.Context, config_file: Path | None, verbose: bool, **overrides
     help="Refresh every INTERVAL seconds until Ctrl-C.",
 )
 @click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after COUNT reports.")
+@click.option(
+    "--pods",
+    "all_pods",
+    is_flag=True,
+    help="One row per meshed pod (shown anyway up to 20 pods; JSON always has them).",
+)
 def status(
-    config_file: Path | None, as_json: bool, interval: float | None, count: int | None
+    config_file: Path | None,
+    as_json: bool,
+    interval: float | None,
+    count: int | None,
+    all_pods: bool,
 ) -> None:
-    """Show the agent, controller link, attached programs, meshed pods (identity, certificate,
-    mTLS mode), connections, tunnels, ejected endpoints and recent denials.
+    """Show the agent, controller link, attached programs, meshed pods (a summary per identity
+    and mTLS mode, then one row per pod: identity, certificate, mTLS mode), connections,
+    tunnels per peer node and worker, ejected endpoints and recent denials.
 
     Works when the agent is down too: it then reads the pinned maps, the saved snapshot and the
     saved certificates, and says which parts only the running agent knows. Where there is no
@@ -106,6 +117,7 @@ def status(
     \b
     Examples:
       meshagent status
+      meshagent status --pods                 # every pod, also on a full node
       meshagent status --json | jq '.pods[] | {ip, identity, mtls_mode}'
       meshagent status --watch 2
       meshagent status --watch 5 --count 3 --json
@@ -126,10 +138,10 @@ def status(
             if problem:
                 click.echo(f"meshagent: {problem}", err=True)
             else:
-                click.echo(status_mod.render(report))
+                click.echo(status_mod.render(report, pods=all_pods))
         else:
             click.clear()
-            screen = problem or status_mod.render(report)
+            screen = problem or status_mod.render(report, pods=all_pods)
             click.echo(f"meshagent status every {interval:g}s (Ctrl-C stops)\n\n{screen}")
 
     try:

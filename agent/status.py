@@ -32,8 +32,10 @@ errors; with ``--json`` it prints ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -66,6 +68,7 @@ REPORT_FIELDS: tuple[str, ...] = (
     "snapshot",
     "datapath",
     "pods",
+    "pods_summary",
     "connections",
     "tunnels",
     "ejected_endpoints",
@@ -226,6 +229,25 @@ def _expires_in(not_after: str | None, now: float) -> float | None:
     return round(datetime.fromisoformat(not_after).timestamp() - now, 1)
 
 
+def _ip_order(ip: str) -> tuple[int, int]:
+    """Sort key: numerically (.9 before .10), IPv4 before IPv6; unparsable last."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return (7, 0)
+    return (address.version, int(address))
+
+
+def summarize_pods(pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many pods are meshed, per identity and per mTLS mode: the first thing an operator
+    of a full node asks (the per-pod table is behind `--pods`)."""
+    return {
+        "meshed": len(pods),
+        "by_identity": dict(sorted(Counter(p["identity"] or "?" for p in pods).items())),
+        "by_mtls_mode": dict(sorted(Counter(p["mtls_mode"] or "?" for p in pods).items())),
+    }
+
+
 def _pods(
     agent: dict | None,
     kernel: dict[str, Any],
@@ -242,7 +264,7 @@ def _pods(
         base = (agent or {}).get("meshed_pods", [])
     by_identity = {c["identity"]: c for c in certificates}
     pods = []
-    for entry in sorted(base, key=lambda p: p["ip"]):
+    for entry in sorted(base, key=lambda p: _ip_order(p["ip"])):
         ip = entry["ip"]
         workload = tables.workload_by_ip.get(ip) if tables else None
         identity = _identity(tables, ip, trust_domain)
@@ -285,6 +307,7 @@ def assemble(
         workload = tables.workload_by_ip.get(entry["ip"]) if tables else None
         entry["pod"] = f"{workload.namespace}/{workload.name}" if workload else ""
     certificates = agent.get("certificates", []) if agent else (saved_certificates or [])
+    pods = _pods(agent, kernel, tables, certificates, trust_domain, now)
     if agent is not None:
         snapshot = {"version": agent.get("snapshot_version") or None, "source": "agent"}
     elif tables is not None:
@@ -296,7 +319,8 @@ def assemble(
         "agent": {"running": agent is not None, "error": error, **(agent or {})},
         "snapshot": snapshot,
         "datapath": kernel,
-        "pods": _pods(agent, kernel, tables, certificates, trust_domain, now),
+        "pods": pods,
+        "pods_summary": summarize_pods(pods),
         "connections": None,
         "tunnels": None,
         "ejected_endpoints": None,
@@ -352,6 +376,19 @@ def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
     ]
 
 
+def _counts(label: str, counts: dict[str, int]) -> list[str]:
+    """`label` then `name count` pairs, most first, wrapped so no line grows without end."""
+    pairs = [f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines, line = [], label
+    for pair in pairs:
+        if line != label and len(line) + len(pair) > 100:
+            lines.append(line.rstrip(", "))
+            line = " " * len(label)
+        line += pair + ", "
+    lines.append(line.rstrip(", "))
+    return lines
+
+
 def _section(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [f"{title}:", *(_table([header, *rows]) if rows else ["  (none)"])]
 
@@ -375,7 +412,10 @@ def describe_denial(denial: dict[str, Any]) -> str:
     )
 
 
-def render(report: dict[str, Any], *, now: float | None = None) -> str:
+POD_TABLE_MAX = 20  # up to this many meshed pods, the per-pod table shows without --pods
+
+
+def render(report: dict[str, Any], *, now: float | None = None, pods: bool = False) -> str:
     """The screen: one section per concern, live-only sections marked when the agent is down.
     `now` (UNIX time, default the clock) dates the ejections."""
     agent, dp, snap = report["agent"], report["datapath"], report["snapshot"]
@@ -415,18 +455,27 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
     lines += _section("Programs attached", ("ID", "TYPE", "NAME", "ATTACH", ""), programs)
     if "programs_error" in dp:
         lines.append(f"  cannot list programs: {dp['programs_error']}")
-    pods = [
-        (
-            f"{p['namespace']}/{p['name']}" if p["name"] else "?",
-            p["ip"],
-            p["identity"] or "?",
-            _certificate(p["certificate"]),
-            (p["mtls_mode"] or "?")
-            + "".join(f" {port}:{mode}" for port, mode in p["mtls_ports"].items()),
-        )
-        for p in report["pods"]
-    ]
-    lines += _section("Meshed pods", ("POD", "IP", "IDENTITY", "CERTIFICATE", "MTLS"), pods)
+    summary = report.get("pods_summary") or summarize_pods(report["pods"])
+    lines.append(f"Meshed pods: {summary['meshed']}")
+    if summary["meshed"]:
+        lines += _counts("  by identity:  ", summary["by_identity"])
+        lines += _counts("  by mTLS mode: ", summary["by_mtls_mode"])
+    if pods or len(report["pods"]) <= POD_TABLE_MAX:
+        rows = [
+            (
+                f"{p['namespace']}/{p['name']}" if p["name"] else "?",
+                p["ip"],
+                p["identity"] or "?",
+                _certificate(p["certificate"]),
+                (p["mtls_mode"] or "?")
+                + "".join(f" {port}:{mode}" for port, mode in p["mtls_ports"].items()),
+            )
+            for p in report["pods"]
+        ]
+        if rows:
+            lines += _table([("POD", "IP", "IDENTITY", "CERTIFICATE", "MTLS"), *rows])
+    else:
+        lines.append("  (one row per pod: meshagent status --pods)")
     if "maps_error" in dp:
         lines.append(f"Maps:        {dp['maps_error']}")
     else:
@@ -448,10 +497,21 @@ def render(report: dict[str, Any], *, now: float | None = None) -> str:
         f"inbound {inb['active']} open / {inb['accepted']} accepted"
     )
     tunnels = [
-        (t["source"], t["destination"], t["node"], str(t["connections"]), str(t["streams"]))
-        for t in report["tunnels"]
+        (
+            t["node"],
+            str(t.get("worker", "-")),
+            t["source"],
+            t["destination"],
+            str(t["connections"]),
+            str(t["streams"]),
+        )
+        for t in sorted(
+            report["tunnels"],
+            key=lambda t: (t["node"], t.get("worker", -1), t["source"], t["destination"]),
+        )
     ]
-    lines += _section("Tunnels", ("SOURCE", "DESTINATION", "NODE", "CONNS", "STREAMS"), tunnels)
+    header = ("PEER NODE", "WORKER", "SOURCE", "DESTINATION", "CONNS", "STREAMS")
+    lines += _section("Tunnels", header, tunnels)
     now = time.time() if now is None else now
     ejected = [
         (e["cluster"], e["address"], f"back in {_duration(e['until'] - now)}", str(e["ejections"]))

@@ -109,7 +109,7 @@ class WorkerPool:
         return sum(_open_in(w.status) for w in self.workers)
 
     def status(self) -> dict[str, Any]:
-        merged = merge_status([w.status for w in self.workers if w.status])
+        merged = merge_status([_tag_tunnels(w.status, w.index) for w in self.workers if w.status])
         merged["workers"] = [
             {
                 "index": w.index,
@@ -251,3 +251,9 @@ class WorkerPool:
                 w.status = message["status"]
             elif message["type"] == "drained":
                 w.left_open = int(message["left"])
+
+
+def _tag_tunnels(status: dict[str, Any], worker: int) -> dict[str, Any]:
+    """A worker's status with its index on each tunnel: each worker pools its own."""
+    tunnels = [{**t, "worker": worker} for t in status.get("tunnels", [])]
+    return {**status, "tunnels": tunnels}

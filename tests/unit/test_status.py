@@ -280,3 +280,71 @@ def test_cli_count_without_watch_is_a_usage_error():
     result = CliRunner().invoke(cli.main, ["status", "--count", "2"])
     assert result.exit_code == 2
     assert "--count needs --watch" in result.output
+
+
+def _full_node(count: int) -> dict:
+    """A node with `count` meshed pods, 10.0.2.1 .. 10.0.2.<count>, under two identities."""
+    workloads = [
+        Workload(
+            uid=f"u{i}",
+            namespace="shop",
+            name=f"client-{i}",
+            node="node-2",
+            ips=[f"10.0.2.{i}"],
+            service_account="client" if i % 2 else "batch",
+            meshed=True,
+        )
+        for i in range(1, count + 1)
+    ]
+    snap = Tables.build(Snapshot(node="node-2", version="v9", workloads=workloads))
+    k = kernel()
+    k["meshed_netns"] = [{"netns_cookie": i, "ip": f"10.0.2.{i}"} for i in range(count, 0, -1)]
+    return assemble("node-2", live_agent(), "", k, snap, trust_domain="cluster.local", now=NOW)
+
+
+def test_pods_are_sorted_by_ip_numerically_and_summarized():
+    report = _full_node(12)
+    assert [p["ip"] for p in report["pods"]][:3] == ["10.0.2.1", "10.0.2.2", "10.0.2.3"]
+    assert [p["ip"] for p in report["pods"]][-3:] == ["10.0.2.10", "10.0.2.11", "10.0.2.12"]
+    summary = report["pods_summary"]
+    assert summary["meshed"] == 12
+    assert summary["by_identity"] == {
+        "spiffe://cluster.local/ns/shop/sa/batch": 6,
+        "spiffe://cluster.local/ns/shop/sa/client": 6,
+    }
+    assert summary["by_mtls_mode"] == {"PERMISSIVE": 12}
+    assert json.loads(json.dumps(report))["pods_summary"] == summary
+
+
+def test_a_full_node_shows_the_summary_and_the_pod_table_only_with_pods():
+    report = _full_node(100)
+    screen = render(report, now=NOW)
+    assert "Meshed pods: 100" in screen
+    assert "spiffe://cluster.local/ns/shop/sa/client 50" in screen
+    assert "PERMISSIVE 100" in screen
+    assert "shop/client-7 " not in screen and "meshagent status --pods" in screen
+    full = render(report, now=NOW, pods=True)
+    rows = [line for line in full.splitlines() if "shop/client-" in line]
+    assert len(rows) == 100
+    assert rows[0].split()[1] == "10.0.2.1" and rows[9].split()[1] == "10.0.2.10"
+
+
+def test_tunnels_show_peer_node_and_worker():
+    agent = live_agent()
+    agent["tunnels"] = [
+        {**agent["tunnels"][0], "node": "172.30.0.13:15008", "worker": 1},
+        {**agent["tunnels"][0], "worker": 1},
+        {**agent["tunnels"][0], "worker": 0},
+    ]
+    report = assemble(
+        "node-2", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW
+    )
+    lines = render(report, now=NOW).splitlines()
+    start = lines.index("Tunnels:")
+    assert lines[start + 1].split()[:2] == ["PEER", "NODE"]
+    rows = [line.split()[:2] for line in lines[start + 2 : start + 5]]
+    assert rows == [
+        ["172.30.0.12:15008", "0"],
+        ["172.30.0.12:15008", "1"],
+        ["172.30.0.13:15008", "1"],
+    ]

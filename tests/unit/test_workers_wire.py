@@ -115,3 +115,12 @@ def test_recent_denials_are_the_newest_of_all_workers_in_time_order():
     assert len(denials) == 20
     assert denials[-3:] == new  # the newest survive whatever order the workers answered in
     assert [d["time"] for d in denials] == sorted(d["time"] for d in denials)
+
+
+def test_each_workers_tunnels_carry_its_index():
+    from meshagent.agent.workers.pool import _tag_tunnels
+
+    status = {"tunnels": [{"node": "n2", "connections": 1}], "proxy": {"accepted_connections": 1}}
+    tagged = merge_status([_tag_tunnels(status, 0), _tag_tunnels(status, 1)])
+    assert [t["worker"] for t in tagged["tunnels"]] == [0, 1]
+    assert status["tunnels"] == [{"node": "n2", "connections": 1}]  # the worker's own is intact
