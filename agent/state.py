@@ -17,7 +17,7 @@ from pathlib import Path
 
 from meshagent.agent.policy.peerauth import MtlsPolicy
 from meshagent.agent.policy.peerauth import resolve as resolve_mtls
-from meshagent.agent.proxy.routing import is_http_port
+from meshagent.agent.proxy.routing import Protocol, port_protocol
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
@@ -52,7 +52,10 @@ class Tables:
     istio: list[IstioResource]
     authz: PolicySet
     service_by_endpoint: dict[tuple[str, int], Service]  # (pod ip, pod port) -> a service of it
-    http_pod_ports: frozenset[tuple[str, int]]  # (pod ip, pod port) behind an HTTP service port
+    # (pod ip, pod port) -> the protocol of the Service port(s) in front of it: the destination
+    # proxy's guess when the source did not say (a CONNECT without x-meshagent-protocol);
+    # HTTP/1.1 wins when several Service ports of different protocols share a pod port.
+    pod_protocols: dict[tuple[str, int], Protocol]
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]
@@ -84,14 +87,17 @@ class Tables:
             for e in svc.endpoints
             for pod_port in e.ports.values()
         }
-        http_pod_ports = frozenset(
-            (e.ip, e.ports[sp.port])
-            for svc in snap.services
-            for sp in svc.ports
-            if is_http_port(sp)
-            for e in svc.endpoints
-            if sp.port in e.ports
-        )
+        pod_protocols: dict[tuple[str, int], Protocol] = {}
+        for svc in snap.services:
+            for sp in svc.ports:
+                protocol = port_protocol(sp)
+                if protocol == "tcp":
+                    continue
+                for e in svc.endpoints:
+                    if sp.port in e.ports:
+                        key = (e.ip, e.ports[sp.port])
+                        if pod_protocols.get(key) != "http1":
+                            pod_protocols[key] = protocol
         return cls(
             snap,
             by_vip_port,
@@ -101,8 +107,11 @@ class Tables:
             istio,
             authz,
             service_by_endpoint,
-            http_pod_ports,
+            pod_protocols,
         )
+
+    def pod_protocol(self, ip: str, port: int) -> Protocol:
+        return self.pod_protocols.get((ip, port), "tcp")
 
     def local_meshed(self) -> list[Workload]:
         return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]

@@ -162,6 +162,7 @@ class TunnelPool:
         authority: str,
         forwarded_for: str,
         baggage: str | None = None,
+        protocol: str | None = None,
     ) -> trio.abc.HalfCloseableStream:
         """Open a tunnel to ``authority`` (pod ``ip:port``) through ``node_addr``'s proxy.
 
@@ -172,7 +173,7 @@ class TunnelPool:
         """
         if self._closed:
             raise TunnelFailed("tunnel pool is closed")
-        headers = connect_request_headers(authority, forwarded_for, baggage)
+        headers = connect_request_headers(authority, forwarded_for, baggage, protocol)
         sni_for(destination)  # raises early if the identity cannot be named in SNI
         key = PoolKey(source, destination, node_addr)
         for _ in range(_OPEN_ATTEMPTS):

@@ -21,6 +21,8 @@ __all__ = [
     "CONNECTION_WINDOW",
     "MAX_CONCURRENT_STREAMS",
     "MAX_FRAME_SIZE",
+    "PROTOCOLS",
+    "PROTOCOL_HEADER",
     "STREAM_WINDOW",
     "BadRequest",
     "ConnectRequest",
@@ -192,10 +194,20 @@ def _forwarded_value(client_ip: str) -> str:
     return f'for="[{address}]"' if address.version == 6 else f"for={address}"
 
 
+# The source proxy names the protocol of the Service port the client dialled (http1, http2,
+# tcp), so the destination serves the tunnel the same way whatever the pod port is.
+PROTOCOL_HEADER = "x-meshagent-protocol"
+PROTOCOLS = frozenset({"http1", "http2", "tcp"})
+
+
 def connect_request_headers(
-    authority: str, forwarded_for_ip: str, baggage: str | None = None
+    authority: str,
+    forwarded_for_ip: str,
+    baggage: str | None = None,
+    protocol: str | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """Headers of the CONNECT that opens a tunnel to ``authority`` for ``forwarded_for_ip``.
+    """Headers of the CONNECT that opens a tunnel to ``authority`` for ``forwarded_for_ip``
+    (``protocol``: one of PROTOCOLS, sent as PROTOCOL_HEADER).
 
     Raises `ValueError` (`BadRequest`) if the authority or client address is malformed, so a
     caller's bug surfaces here and not as a 400 from the peer.
@@ -210,6 +222,10 @@ def connect_request_headers(
         if not baggage.isascii() or any(c in baggage for c in "\r\n\0"):
             raise ValueError("baggage must be printable ASCII without line breaks")
         headers.append((b"baggage", baggage.encode("ascii")))
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {sorted(PROTOCOLS)}")
+        headers.append((PROTOCOL_HEADER.encode(), protocol.encode("ascii")))
     return headers
 
 
@@ -252,6 +268,12 @@ class ConnectRequest:
     @property
     def baggage(self) -> str | None:
         return self.header("baggage")
+
+    @property
+    def protocol(self) -> str | None:
+        """The Service port's protocol the source named (PROTOCOLS), None if absent or unknown."""
+        value = self.header(PROTOCOL_HEADER)
+        return value if value in PROTOCOLS else None
 
 
 def parse_connect_request(headers: list[tuple[bytes, bytes]]) -> ConnectRequest:

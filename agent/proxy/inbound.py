@@ -88,7 +88,10 @@ class InboundProxy:
             await self._refuse(tunnel, 401, f"{ip} is not {tunnel.local_identity.uri}")
             return
         source_ip = tunnel.forwarded_for or tunnel.peer_address[0]
-        if (ip, port) in tables.http_pod_ports:
+        # The protocol of the Service port the client dialled, as the source named it; else
+        # guessed from the pod port (sources that predate the header).
+        protocol = tunnel.request.protocol or tables.pod_protocol(ip, port)
+        if protocol == "http1":
             # HTTP: authorization per request (403), not per connection. The pod is dialled
             # before the tunnel is answered, so a dead pod is a 503 on the tunnel (a connect
             # failure the source can retry elsewhere), as ztunnel does.

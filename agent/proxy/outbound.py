@@ -19,7 +19,7 @@ from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import is_http_port
+from meshagent.agent.proxy.routing import Protocol, port_protocol
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
 from meshagent.agent.state import Tables
@@ -115,10 +115,11 @@ class OutboundProxy:
         tables = self.store.tables
         source = tables.workload_by_ip.get(peer_ip) if tables else None
         route = tables.by_vip_port.get(orig) if tables else None
-        if route is not None and is_http_port(route.service_port):
+        protocol = port_protocol(route.service_port) if route is not None else None
+        if route is not None and protocol == "http1":
             await self._serve_http(client, source, route.service, orig, peer_ip)
             return
-        conn = _L4(self, client, source, peer_ip, orig, start, started)
+        conn = _L4(self, client, source, peer_ip, orig, start, started, protocol)
         if route is None:
             await conn.run_passthrough()
         else:
@@ -142,7 +143,7 @@ class OutboundProxy:
 
         async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
-            upstream = await self.connector.open(source, ip, pod_port, peer_ip)
+            upstream = await self.connector.open(source, ip, pod_port, peer_ip, "http1")
             if upstream.security == "mutual_tls":
                 self.stats.mutual_tls += 1
             return upstream
@@ -242,8 +243,10 @@ class _L4:
         orig: tuple[str, int],
         start: float,
         started: float,
+        protocol: Protocol | None = None,
     ) -> None:
         self.proxy, self.client, self.source, self.peer_ip = proxy, client, source, peer_ip
+        self.protocol = protocol  # the Service port's; None for a passthrough
         self.orig, self.start, self.started = orig, start, started
         self.source_peer = proxy._peer(source)
 
@@ -278,7 +281,9 @@ class _L4:
             target = ep.upstream
             try:
                 ip = dial_address(proxy.store.tables, target.endpoint, self.orig[0])
-                upstream = await proxy.connector.open(self.source, ip, target.port, self.peer_ip)
+                upstream = await proxy.connector.open(
+                    self.source, ip, target.port, self.peer_ip, self.protocol or "tcp"
+                )
             except UpstreamError as exc:
                 state.report(ep, CONNECT_FAILURE_CODE)
                 state.closed(ep)

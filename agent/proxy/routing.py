@@ -4,7 +4,8 @@ What flows through: a Snapshot (services, workloads, accepted VirtualServices an
 DestinationRules) is compiled once per snapshot into a RouteTable of plain, immutable objects;
 per request the proxy only matches precompiled predicates and picks a weighted destination.
 
-- Every (service hostname, port) gets either HTTP routes (an HTTP/1.1 port, `is_http_port`) or
+- Every (service hostname, port) gets either HTTP routes (an HTTP/1.1 or HTTP/2 port,
+  `port_protocol`) or
   TCP routes. Without a VirtualService the one route leads to the whole service.
 - A destination (host, subset, port) becomes a ClusterSpec, as Envoy's clusters: its endpoints
   (a subset keeps the endpoints whose workload carries the subset's labels) and its traffic
@@ -65,16 +66,46 @@ DEFAULT_RETRY_ATTEMPTS = 2
 DEFAULT_RETRY_STATUS = frozenset({503})
 
 
-def is_http_port(port: ServicePort) -> bool:
-    """True for an HTTP/1.1 port: appProtocol `http`, or a name `http` or `http-...`.
+Protocol = Literal["http1", "http2", "tcp"]
 
-    HTTP/2 and gRPC ports (`http2`, `grpc`, `h2c`) are relayed at L4 for now."""
+# Istio's protocol names (appProtocol or the port name's prefix) that we serve at L7.
+# `grpc-web` is HTTP/1.1 from browsers (an HTTP/2 client is still recognised by its preface).
+_HTTP1_NAMES = frozenset({"http", "grpc-web"})
+_HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
+
+
+def port_protocol(port: ServicePort) -> Protocol:
+    """The protocol of a Service port, as Istio selects it: `appProtocol` when set, else the
+    port name `<protocol>` or `<protocol>-<suffix>` (case-insensitive).
+
+    - `http`, `grpc-web` -> "http1": the HTTP/1.1 engine; a client that opens with the
+      HTTP/2 preface is served by the HTTP/2 engine instead (Envoy's codec auto-detection)
+      and its requests go upstream as HTTP/2 (Istio's `useClientProtocol`).
+    - `http2`, `grpc`, `h2c` (appProtocol also `kubernetes.io/h2c`) -> "http2": h2c with
+      prior knowledge, per-request balancing, routing and policy.
+    - anything else (`tcp`, `tls`, `https`, `mongo`, `mysql`, ..., UDP/SCTP ports) and
+      unnamed ports -> "tcp": bytes relayed. Unlike Istio we do not sniff unnamed ports:
+      nothing waits for the client's first bytes, so a server-first protocol (an SMTP or
+      MySQL banner) arrives at once, as over plain TCP. Name the port to get L7.
+    """
     if port.protocol != "TCP":
-        return False
+        return "tcp"
     if port.app_protocol is not None:
-        return port.app_protocol.lower() == "http"
-    name = port.name.lower()
-    return name == "http" or name.startswith("http-")
+        name = port.app_protocol.lower()
+    else:
+        name = port.name.lower().partition("-")[0]
+        if name == "grpc" and port.name.lower().startswith("grpc-web"):
+            name = "grpc-web"
+    if name in _HTTP1_NAMES:
+        return "http1"
+    if name in _HTTP2_NAMES:
+        return "http2"
+    return "tcp"
+
+
+def is_http_port(port: ServicePort) -> bool:
+    """True for a port served at L7 (HTTP/1.1 or HTTP/2, `port_protocol`)."""
+    return port_protocol(port) != "tcp"
 
 
 def resolve_host(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
@@ -629,8 +660,9 @@ def compile_routes(
             if port.protocol != "TCP":
                 continue
             key = (svc.hostname, port.port)
-            if is_http_port(port):
+            protocol = port_protocol(port)
+            if protocol != "tcp":
                 http[key] = c.http_routes(svc, port.port, vs)
-            else:
+            if protocol != "http1":  # HTTP/2 ports keep TCP routes for non-HTTP/2 clients
                 tcp[key] = c.tcp_routes(svc, port.port, vs)
     return RouteTable(http, tcp, c.clusters, tuple(c.problems))

@@ -25,6 +25,7 @@ from meshagent.agent.proxy.inputs import ProxyInputs
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.inbound import InboundProxy
+    from meshagent.agent.proxy.routing import Protocol
 from meshagent.common.snapshot import Workload
 from meshagent.common.spiffe import Identity
 
@@ -108,17 +109,28 @@ class Connector:
         """Same-node HTTP goes through this node's inbound HTTP path (per-request policy)."""
         self._local = (inbound, nursery)
 
-    async def open(self, source: Workload | None, ip: str, port: int, client_ip: str) -> Upstream:
+    async def open(
+        self,
+        source: Workload | None,
+        ip: str,
+        port: int,
+        client_ip: str,
+        protocol: Protocol | None = None,
+    ) -> Upstream:
+        """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
+        `routing.port_protocol`; None: guessed from the pod port). Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port)
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
+        if protocol is None and tables is not None:
+            protocol = tables.pod_protocol(ip, port)
         if (
             dest is None
             and self._local is not None
             and local is not None
             and local.meshed
             and local.node == self.node
-            and (ip, port) in tables.http_pod_ports
+            and protocol == "http1"
         ):
             inbound, nursery = self._local
             source_id = workload_identity(source, self.trust_domain) if source else None
@@ -157,6 +169,7 @@ class Connector:
                 node_addr=(node_ip, self.hbone_port),
                 authority=format_authority(ip, port),
                 forwarded_for=client_ip,
+                protocol=protocol,
             )
         except TunnelRefused as exc:
             raise UpstreamError("refused", str(exc), getattr(exc, "status", None)) from None

@@ -58,6 +58,23 @@ def test_a_connect_round_trip_carries_authority_forwarded_and_baggage():
     assert parsed.target == ("10.1.2.3", 9080)
     assert parsed.forwarded_for == "10.0.0.7"
     assert parsed.baggage == "k8s.pod=a"
+    assert parsed.protocol is None  # a source that does not name the protocol
+
+
+@pytest.mark.parametrize("protocol", ["http1", "http2", "tcp"])
+def test_the_connect_names_the_service_ports_protocol(protocol):
+    headers = connect_request_headers("10.1.2.3:8082", "10.0.0.7", protocol=protocol)
+    assert (b"x-meshagent-protocol", protocol.encode()) in headers
+    assert parse_connect_request([(b":method", b"CONNECT"), *headers[1:]]).protocol == protocol
+
+
+def test_an_unknown_protocol_is_refused_when_sent_and_ignored_when_received():
+    with pytest.raises(ValueError, match="protocol"):
+        connect_request_headers("10.1.2.3:80", "10.0.0.7", protocol="spdy")
+    parsed = parse_connect_request(
+        [(b":method", b"CONNECT"), (b":authority", b"10.1.2.3:80"), (b"x-meshagent-protocol", b"x")]
+    )
+    assert parsed.protocol is None
 
 
 def test_a_full_stream_window_of_one_mib_frames_is_accepted():

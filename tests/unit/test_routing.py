@@ -16,6 +16,7 @@ from meshagent.agent.proxy.routing import (
     TrafficPolicy,
     compile_routes,
     is_http_port,
+    port_protocol,
     resolve_host,
     single_endpoint_routes,
 )
@@ -119,20 +120,30 @@ def route_for(table, method="GET", target="/", headers=None, host=REVIEWS, port=
 @pytest.mark.parametrize(
     ("port", "http"),
     [
-        (ServicePort(name="http", port=80, target_port=80), True),
-        (ServicePort(name="http-web", port=80, target_port=80), True),
-        (ServicePort(name="HTTP", port=80, target_port=80), True),
-        (ServicePort(name="web", port=80, target_port=80, app_protocol="http"), True),
-        (ServicePort(name="http", port=80, target_port=80, app_protocol="grpc"), False),
-        (ServicePort(name="http2", port=80, target_port=80), False),
-        (ServicePort(name="httpx", port=80, target_port=80), False),
-        (ServicePort(name="grpc-api", port=80, target_port=80), False),
-        (ServicePort(name="", port=80, target_port=80), False),
-        (ServicePort(name="http", port=53, target_port=53, protocol="UDP"), False),
+        (ServicePort(name="http", port=80, target_port=80), "http1"),
+        (ServicePort(name="http-web", port=80, target_port=80), "http1"),
+        (ServicePort(name="HTTP", port=80, target_port=80), "http1"),
+        (ServicePort(name="web", port=80, target_port=80, app_protocol="http"), "http1"),
+        (ServicePort(name="http", port=80, target_port=80, app_protocol="grpc"), "http2"),
+        (ServicePort(name="http", port=80, target_port=80, app_protocol="tcp"), "tcp"),
+        (ServicePort(name="x", port=80, target_port=80, app_protocol="kubernetes.io/h2c"), "http2"),
+        (ServicePort(name="http2", port=80, target_port=80), "http2"),
+        (ServicePort(name="http2-b", port=80, target_port=80), "http2"),
+        (ServicePort(name="h2c", port=80, target_port=80), "http2"),
+        (ServicePort(name="grpc-api", port=80, target_port=80), "http2"),
+        (ServicePort(name="grpc-web", port=80, target_port=80), "http1"),
+        (ServicePort(name="grpc-web-ui", port=80, target_port=80), "http1"),
+        (ServicePort(name="httpx", port=80, target_port=80), "tcp"),
+        (ServicePort(name="tcp-db", port=80, target_port=80), "tcp"),
+        (ServicePort(name="tls", port=443, target_port=443), "tcp"),
+        (ServicePort(name="mysql", port=3306, target_port=3306), "tcp"),
+        (ServicePort(name="", port=80, target_port=80), "tcp"),
+        (ServicePort(name="http", port=53, target_port=53, protocol="UDP"), "tcp"),
     ],
 )
 def test_protocol_detection(port, http):
-    assert is_http_port(port) is http
+    assert port_protocol(port) == http
+    assert is_http_port(port) is (http != "tcp")
 
 
 @pytest.mark.parametrize(
@@ -159,8 +170,10 @@ def test_no_virtual_service_routes_to_the_whole_service():
     assert {u.port for u in cluster.endpoints} == {10080}  # the pod port of service port 9080
     assert route.retry == DEFAULT_RETRY and route.timeout is None and route.fault is None
     assert cluster.policy == TrafficPolicy()  # LEAST_REQUEST, no limits, no outlier detection
-    # L4 ports (tcp, and grpc for now) get TCP routes, not HTTP ones.
-    assert table.http_routes(REVIEWS, 9090) is None
+    # A tcp port gets TCP routes only; a grpc port HTTP routes, and TCP ones for
+    # clients that do not speak HTTP/2 on it.
+    assert table.http_routes(REVIEWS, 5432) is None
+    assert table.http_routes(REVIEWS, 9090).match("POST", "/a.B/C", {}) is not None
     assert table.tcp_routes(REVIEWS, 9090).destinations.pick().key == ClusterKey(REVIEWS, 9090)
     assert table.tcp_routes(REVIEWS, 5432).destinations.pick().key == ClusterKey(REVIEWS, 5432)
     assert table.problems == ()
