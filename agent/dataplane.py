@@ -77,9 +77,11 @@ class DataPlane:
         store.on_change(self._on_snapshot)
 
     def _on_snapshot(self, tables) -> None:
+        # The store built and checked all of it (routes, trust bundle) before accepting the
+        # snapshot: here it is only swapped in.
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
         if self.traffic is not None:
-            self.traffic.update(tables.snapshot)
+            self.traffic.update(tables.routes)
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[DataPlane]:

@@ -50,7 +50,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.started_at = time.time()
-        self.store = SnapshotStore(config.node_name, config.state_dir)
+        self.store = SnapshotStore(
+            config.node_name, config.state_dir, root_namespace=config.root_namespace
+        )
         self.link = ControllerLink(config.controller)
         self.signer = ControllerSigner()
         self.identities = IdentityManager(self.signer, store=CertStore(config.state_dir / "certs"))

@@ -1,9 +1,13 @@
-"""The agent's one store of the pushed snapshot and the lookup tables derived from it.
+"""The agent's one store of the pushed snapshot and the data-plane view derived from it.
 
 One writer (the config client, or the saved copy at start) calls `apply`; the
-proxy only reads. A snapshot is validated whole before anything changes, so a
-bad one is refused (NACK) and the last good one keeps serving. The accepted
-snapshot is saved to disk so a restarted agent serves while the controller is away.
+proxy only reads. Everything the data plane derives from a snapshot (lookup tables,
+parsed Istio resources, compiled authorization and routes, the parsed trust bundle) is
+built into one immutable `Tables` *before* the snapshot is accepted: a snapshot that
+fails any of it is refused whole (NACK, with the reason), is never saved, and the last
+good one keeps serving. Only then is the view swapped in by one assignment, saved to disk
+(so a restarted agent serves while the controller is away, and never replays a snapshot
+it refused) and announced to the listeners, which only assign what was built.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshagent.agent.hbone.tls import check_trust_bundle
 from meshagent.agent.policy.peerauth import MtlsPolicy
 from meshagent.agent.policy.peerauth import resolve as resolve_mtls
-from meshagent.agent.proxy.routing import Protocol, port_protocol
+from meshagent.agent.proxy.routing import (
+    DEFAULT_ROOT_NAMESPACE,
+    Protocol,
+    RouteTable,
+    compile_routes,
+    port_protocol,
+)
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
@@ -56,6 +67,7 @@ class Tables:
     # proxy's guess when the source did not say (a CONNECT without x-meshagent-protocol);
     # HTTP/1.1 wins when several Service ports of different protocols share a pod port.
     pod_protocols: dict[tuple[str, int], Protocol]
+    routes: RouteTable  # compiled VirtualServices and DestinationRules (agent/proxy/routing.py)
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]
@@ -64,7 +76,14 @@ class Tables:
         return resolve_mtls(self.peer_authentications(), workload.namespace, workload.labels)
 
     @classmethod
-    def build(cls, snap: Snapshot) -> Tables:
+    def build(cls, snap: Snapshot, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> Tables:
+        """Everything the data plane needs of ``snap``; raises SnapshotRejected naming the
+        first part that cannot be built (nothing is kept of a failed build)."""
+        if snap.trust_bundle:
+            try:
+                check_trust_bundle(snap.trust_bundle)
+            except ValueError as exc:
+                raise SnapshotRejected(f"trust bundle: {exc}") from None
         by_vip_port: dict[tuple[str, int], ServicePortRoute] = {}
         for svc in snap.services:
             for port in svc.ports:
@@ -98,6 +117,10 @@ class Tables:
                         key = (e.ip, e.ports[sp.port])
                         if pod_protocols.get(key) != "http1":
                             pod_protocols[key] = protocol
+        try:
+            routes = compile_routes(snap, root_namespace=root_namespace)
+        except (ResourceError, ValueError) as exc:
+            raise SnapshotRejected(f"routes do not compile: {exc}") from None
         return cls(
             snap,
             by_vip_port,
@@ -108,6 +131,7 @@ class Tables:
             authz,
             service_by_endpoint,
             pod_protocols,
+            routes,
         )
 
     def pod_protocol(self, ip: str, port: int) -> Protocol:
@@ -118,9 +142,12 @@ class Tables:
 
 
 class SnapshotStore:
-    def __init__(self, node: str, state_dir: Path) -> None:
+    def __init__(
+        self, node: str, state_dir: Path, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    ) -> None:
         self.node = node
         self.state_dir = state_dir
+        self.root_namespace = root_namespace
         self.tables: Tables | None = None
         self._listeners: list[Callable[[Tables], None]] = []
 
@@ -132,7 +159,9 @@ class SnapshotStore:
         self._listeners.append(callback)
 
     def apply(self, data: dict, *, save: bool = True) -> Snapshot:
-        """Validate and switch to a snapshot; raises SnapshotRejected and changes nothing."""
+        """Validate ``data``, build its whole data-plane view, then switch to it, save it
+        (unless ``save`` is false) and tell the listeners. Raises SnapshotRejected, having
+        changed and saved nothing, if any of the validation or building fails."""
         try:
             snap = Snapshot.model_validate(data)
         except ValidationError as exc:
@@ -141,12 +170,21 @@ class SnapshotStore:
             raise SnapshotRejected(f"snapshot is for node {snap.node!r}, this is {self.node!r}")
         if snap.version != snap.content_version():
             raise SnapshotRejected(f"snapshot version {snap.version!r} does not match its content")
-        tables = Tables.build(snap)
+        try:
+            tables = Tables.build(snap, root_namespace=self.root_namespace)
+        except SnapshotRejected:
+            raise
+        except Exception as exc:  # a builder's bug refuses this snapshot, not the agent
+            log.exception("building the data-plane view of snapshot %s failed", snap.version)
+            raise SnapshotRejected(f"cannot build snapshot: {type(exc).__name__}: {exc}") from None
         self.tables = tables
         if save:
             self._save(snap)
         for callback in self._listeners:
-            callback(tables)
+            try:
+                callback(tables)
+            except Exception:  # listeners only swap in what was built; one bug ends no other
+                log.exception("snapshot listener %r failed", callback)
         return snap
 
     def load_saved(self) -> bool:

@@ -139,7 +139,7 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
 
 def _saved_tables(config: AgentConfig) -> Tables | None:
     """The last snapshot the agent accepted, as it serves it (None if there is none)."""
-    store = SnapshotStore(config.node_name, config.state_dir)
+    store = SnapshotStore(config.node_name, config.state_dir, root_namespace=config.root_namespace)
     return store.tables if store.load_saved() else None
 
 

@@ -16,6 +16,7 @@ an anonymous in-memory file (memfd); private keys never touch a disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import ssl
@@ -32,6 +33,7 @@ __all__ = [
     "ALPN",
     "CertLookup",
     "ServerContextSelector",
+    "check_trust_bundle",
     "client_context",
     "peer_identity",
     "server_context_selector",
@@ -87,6 +89,14 @@ def _new_context(*, server: bool, trust_bundle: str) -> ssl.SSLContext:
         # Nobody resumes sessions (connections are long-lived and pooled): skip the tickets.
         ctx.num_tickets = 0
     return ctx
+
+
+@functools.lru_cache(maxsize=4)
+def check_trust_bundle(trust_bundle_pem: str) -> None:
+    """Raise `ValueError` saying why ``trust_bundle_pem`` cannot verify peers (not PEM, or
+    no usable CA certificate in it), exactly as the contexts built from it would. A bundle
+    once checked is remembered, so each snapshot does not parse an unchanged bundle again."""
+    _new_context(server=True, trust_bundle=_text(trust_bundle_pem, "trust bundle"))
 
 
 def _load_identity(ctx: ssl.SSLContext, cert_chain_pem: Pem, key_pem: Pem) -> Identity:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from meshagent.agent.proxy.http import ConnectionPool
 from meshagent.agent.proxy.lb import Clusters
-from meshagent.agent.proxy.routing import RouteTable, compile_routes
-from meshagent.common.snapshot import Snapshot
+from meshagent.agent.proxy.routing import RouteTable
 
 
 class Traffic:
@@ -16,6 +15,7 @@ class Traffic:
         self.table = RouteTable()
         self.clusters = Clusters()
 
-    def update(self, snap: Snapshot) -> None:
-        self.table = compile_routes(snap, root_namespace=self.root_namespace)
+    def update(self, table: RouteTable) -> None:
+        """Swap in routes compiled with the snapshot (agent/state.py `Tables.routes`)."""
+        self.table = table
         self.pool.discard(self.clusters.sync(self.table))

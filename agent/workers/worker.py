@@ -37,7 +37,9 @@ class Worker:
         self.config = config
         self.channel = channel
         self.index = index
-        self.store = SnapshotStore(config.node_name, config.state_dir)
+        self.store = SnapshotStore(
+            config.node_name, config.state_dir, root_namespace=config.root_namespace
+        )
         self.identities = IdentityMirror()
         self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
 
