@@ -119,6 +119,7 @@ mkdir -p "$BUILD/host-ca"
 cp "$CA_BUNDLE" "$BUILD/host-ca/ca-certificates.crt"
 
 log "podman build -t $IMAGE -f daemonset/Containerfile ."
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 cd "$ROOT"
 podman build --pull=never --network host \
   --volume "$BUILD/host-ca:/mnt:ro" \
@@ -126,5 +127,11 @@ podman build --pull=never --network host \
   --build-arg "VERSION=$VERSION" \
   -t "$IMAGE" -f daemonset/Containerfile .
 
+# The image this one replaces, and its layers no other image uses (the cached ones stay):
+# rebuilds after source changes would otherwise pile up untagged ~400 MB layers.
+current=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || log "left the previous image ${previous:0:12} (in use)"
+fi
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 log "built $IMAGE in $(($(date +%s) - started)) s: $((size / 1000000)) MB ($size bytes)"
