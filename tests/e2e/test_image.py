@@ -8,8 +8,10 @@ DaemonSet's capabilities (BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE, SYS_RESOURCE; n
 AppArmor unconfined, a read-only root, and the node's bpffs, cgroup file system, /lib/modules
 and /usr/src mounted. The lab's node datapath is removed first (`meshagent uninstall`, from the
 image), so the container compiles and attaches the programs itself, as on a new node. A
-meshed pod's request then goes through the container's proxy, and its preStop hook
-(`meshagent uninstall --unless-handed-over`) removes the datapath again.
+meshed pod's request then goes through the container's proxy, its preStop hook
+(`meshagent uninstall --unless-handed-over`) removes the datapath again, and SIGTERM ends it
+with status 0. A second container, without the node's headers mounted, compiles against the
+image's own (the fallback for nodes that have none) and serves meshed traffic as well.
 
 Everything found about the node goes through the meshlab CLI (`meshlab exec --node`): its
 network namespace (by inode among /run/netns) and its agent config ($MESHAGENT_CONFIG).
@@ -92,7 +94,7 @@ def node_config(node: str) -> Path:
     return Path(out)
 
 
-def run_options(config: Path) -> list[str]:
+def run_options(config: Path, node_headers: bool = True) -> list[str]:
     """`podman run` options for the agent as the DaemonSet runs it (daemonset/base/agent.yaml)."""
     settings = json.loads(config.read_text())
     # The lab keeps the node's config, token, CA, state and metrics under one folder; it
@@ -104,6 +106,7 @@ def run_options(config: Path) -> list[str]:
     ]
     lab_dir = Path(os.path.commonpath([str(f) for f in files]))
     assert lab_dir != Path("/"), f"the node's files share no folder: {files}"
+    headers = ["--volume=/lib/modules:/lib/modules:ro", "--volume=/usr/src:/usr/src:ro"]
     return [
         "--network=host",  # hostNetwork (in the node's namespace, see podman(netns=))
         "--pid=host",  # hostPID: the agent finds pods' namespaces in /proc
@@ -113,8 +116,7 @@ def run_options(config: Path) -> list[str]:
         "--read-only",  # readOnlyRootFilesystem (podman adds a /tmp tmpfs: the tmp emptyDir)
         "--volume=/sys/fs/bpf:/sys/fs/bpf:rslave",  # mountPropagation: HostToContainer
         "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
-        "--volume=/lib/modules:/lib/modules:ro",
-        "--volume=/usr/src:/usr/src:ro",
+        *(headers if node_headers else []),
         f"--volume={lab_dir}:{lab_dir}",
         f"--env=MESHAGENT_CONFIG={config}",
     ]
@@ -136,81 +138,103 @@ def image() -> str:
     return IMAGE
 
 
-@pytest.fixture(scope="module")
-def image_lab(image, lab_factory) -> Iterator[tuple[Lab, str]]:
-    """A lab whose node-1 agent runs from the image; the container is gone afterwards."""
-    lab = lab_factory(EXAMPLES / "demo.yaml", nodes=2)
-    config = node_config(NODE)
-    netns = node_netns(NODE)
-    options = run_options(config)
-    podman("rm", "--force", "--time=0", CONTAINER, check=False)
-    try:
-        meshlab("agent", "stop", NODE)
-        # The datapath the lab's agent left attached goes, so the image's agent builds
-        # its own (compiles with the node's headers, attaches, pins) as on a new node.
-        out = podman("run", "--rm", *options, image, "meshagent", "uninstall", netns=netns).stdout
-        assert "removed pins" in out, out
+class ImageNode:
+    """node-1 of a lab, its own agent stopped, ready for agents run from the image."""
+
+    def __init__(self, lab: Lab, image: str) -> None:
+        self.lab = lab
+        self.image = image
+        self.config = node_config(NODE)
+        self.netns = node_netns(NODE)
+        self.started: list[str] = []
+
+    def start(self, name: str, *, node_headers: bool = True) -> None:
+        """Run the agent from the image in a container `name`, on a node without datapath."""
+        options = run_options(self.config, node_headers)
+        podman("rm", "--force", "--time=0", name, check=False)
+        # The datapath a previous agent left attached goes, so the image's agent builds
+        # its own (compiles, attaches, pins) as on a new node.
+        podman("run", "--rm", *options, self.image, "meshagent", "uninstall", netns=self.netns)
+        self.started.append(name)
         podman(
             "run",
             "--detach",
-            f"--name={CONTAINER}",
+            f"--name={name}",
             # The DaemonSet's downward-API env: register in the node's hand-over registry.
             f"--env=POD_UID={uuid.uuid4()}",
-            f"--env=POD_NAME={CONTAINER}",
+            f"--env=POD_NAME={name}",
             *options,
-            image,
+            self.image,
             "meshagent",
             "run",
             "--config",
-            str(config),
-            netns=netns,
+            str(self.config),
+            netns=self.netns,
         )
-        yield lab, CONTAINER
+
+    def wait_ready(self, name: str) -> dict:
+        """The node's status once the agent is ready, checked to come from container `name`."""
+        state = wait_until(
+            lambda: self.lab.status(NODE),
+            lambda s: s["agent"]["running"] and s["agent"]["ready"],
+            what=f"{NODE}'s agent from the image is ready",
+            timeout=READY_TIMEOUT,
+            interval=0.5,
+            retry_on=(AssertionError, json.JSONDecodeError),
+        )
+        running = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        assert running == "true", podman("logs", name, check=False).stderr[-3000:]
+        # It is the container's agent that answers: its proxy workers live in its cgroup.
+        container_id = podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+        workers = [worker["pid"] for worker in state["agent"].get("workers") or []]
+        assert workers, state["agent"]
+        for pid in workers:
+            assert container_id in Path(f"/proc/{pid}/cgroup").read_text(), (pid, container_id)
+        # It built the datapath itself, compiling in the container.
+        assert state["agent"]["datapath_reused"] is False
+        attached = {p["name"] for p in state["datapath"]["programs"]}
+        assert attached >= DATAPATH_PROGRAMS, attached
+        return state
+
+    def assert_meshed_request(self) -> None:
+        before = self.lab.counters(NODE)["redirected"]
+        code, body = self.lab.curl("shop/frontend", "http://reviews.shop:9080/")
+        assert code == "200", (code, body)
+        assert self.lab.counters(NODE)["redirected"] > before
+        proxy = self.lab.status(NODE)["agent"]["proxy"]
+        assert proxy["mutual_tls"] >= 1 and proxy["http_requests"] >= 1, proxy
+
+    def remove_all(self) -> None:
+        for name in self.started:
+            logs = podman("logs", name, check=False)
+            if logs.returncode == 0:
+                print(f"--- {name} log (tail)\n{(logs.stdout + logs.stderr)[-4000:]}")
+            podman("rm", "--force", "--time=10", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def image_node(image, lab_factory) -> Iterator[ImageNode]:
+    """node-1 of the demo lab with its own agent stopped; every container gone afterwards."""
+    lab = lab_factory(EXAMPLES / "demo.yaml", nodes=2)
+    node = ImageNode(lab, image)
+    try:
+        meshlab("agent", "stop", NODE)
+        yield node
     finally:
-        logs = podman("logs", CONTAINER, check=False)
-        if logs.returncode == 0:
-            print(f"--- {CONTAINER} log (tail)\n{(logs.stdout + logs.stderr)[-4000:]}")
-        podman("rm", "--force", "--time=10", CONTAINER, check=False)
+        node.remove_all()
 
 
-def test_image_agent_serves_meshed_traffic(image_lab) -> None:
-    lab, container = image_lab
-
-    def status() -> dict:
-        return lab.status(NODE)
-
-    state = wait_until(
-        status,
-        lambda s: s["agent"]["running"] and s["agent"]["ready"],
-        what=f"{NODE}'s agent from the image is ready",
-        timeout=READY_TIMEOUT,
-        interval=0.5,
-        retry_on=(AssertionError, json.JSONDecodeError),
-    )
-    running = podman("inspect", "--format", "{{.State.Running}}", container).stdout.strip()
-    assert running == "true", podman("logs", container, check=False).stderr[-3000:]
-    # It is the container's agent that answers: its proxy workers live in its cgroup.
-    container_id = podman("inspect", "--format", "{{.Id}}", container).stdout.strip()
-    workers = [worker["pid"] for worker in state["agent"].get("workers") or []]
-    assert workers, state["agent"]
-    for pid in workers:
-        assert container_id in Path(f"/proc/{pid}/cgroup").read_text(), (pid, container_id)
-    # It built the datapath itself, compiling in the container against the node's headers.
-    assert state["agent"]["datapath_reused"] is False
-    attached = {p["name"] for p in state["datapath"]["programs"]}
-    assert attached >= DATAPATH_PROGRAMS, attached
-
-    before = lab.counters(NODE)["redirected"]
-    code, body = lab.curl("shop/frontend", "http://reviews.shop:9080/")
-    assert code == "200", (code, body)
-    assert lab.counters(NODE)["redirected"] > before
-    proxy = lab.status(NODE)["agent"]["proxy"]
-    assert proxy["mutual_tls"] >= 1 and proxy["http_requests"] >= 1, proxy
+def test_image_agent_serves_meshed_traffic(image_node) -> None:
+    """With the node's kernel headers (/lib/modules, /usr/src), as the DaemonSet mounts them."""
+    image_node.start(CONTAINER)
+    image_node.wait_ready(CONTAINER)
+    image_node.assert_meshed_request()
+    lab = image_node.lab
 
     # The DaemonSet's preStop hook with no newer agent on the node removes the datapath;
     # the pod's traffic then flows directly, unmeshed (to the pod: the lab has no
     # kube-proxy, Service VIPs work through the mesh only).
-    hook = podman("exec", container, "meshagent", "uninstall", "--unless-handed-over")
+    hook = podman("exec", CONTAINER, "meshagent", "uninstall", "--unless-handed-over")
     assert "removed pins" in hook.stdout, hook.stdout + hook.stderr
     attached = {p["name"] for p in lab.status(NODE)["datapath"]["programs"]}
     assert not attached & DATAPATH_PROGRAMS, attached
@@ -219,6 +243,17 @@ def test_image_agent_serves_meshed_traffic(image_lab) -> None:
     code, _ = lab.curl("shop/frontend", f"http://{ip}:9080/")
     assert code == "200", code
     # SIGTERM: the agent drains and exits cleanly.
-    podman("stop", "--time=30", container, timeout=60)
-    exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", container).stdout.strip()
-    assert exit_code == "0", podman("logs", container, check=False).stderr[-3000:]
+    podman("stop", "--time=30", CONTAINER, timeout=60)
+    exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", CONTAINER).stdout.strip()
+    assert exit_code == "0", podman("logs", CONTAINER, check=False).stderr[-3000:]
+
+
+def test_image_agent_without_node_headers(image_node) -> None:
+    """A node without kernel headers: the agent compiles against the image's own
+    ($MESHAGENT_KERNEL_HEADERS, Debian's linux-headers of another release) and says so."""
+    name = f"{CONTAINER}-own-headers"
+    image_node.start(name, node_headers=False)
+    image_node.wait_ready(name)
+    log = podman("logs", name).stderr
+    assert "compiling against /opt/kernel-headers" in log, log[-3000:]
+    image_node.assert_meshed_request()
