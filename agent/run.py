@@ -122,6 +122,7 @@ class Agent:
             datapath_counters=maps.read_counters,
             certificate_expiry=self._certificate_expiry,
             multiprocess_dir=metrics_dir if workers > 1 else None,
+            build_version=VERSION,
         )
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)

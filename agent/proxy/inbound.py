@@ -35,6 +35,7 @@ from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
     ConnectionLabels,
+    local_hop_security,
     peer_from_workload,
     service_ref,
 )
@@ -315,11 +316,12 @@ class InboundProxy:
         a connect failure here too (raises OSError)."""
         first = await self._dial(ip, port)
         near, far = memory_stream_pair()
+        security = local_hop_security(source_identity is not None, target, self.inputs.node)
 
         async def serve() -> None:
             async with far:
                 await self.serve_http(
-                    far, source_identity, source_ip, target, ip, port, "none", first
+                    far, source_identity, source_ip, target, ip, port, security, first
                 )
 
         nursery.start_soon(serve)

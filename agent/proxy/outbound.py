@@ -144,7 +144,7 @@ class OutboundProxy:
         async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
             upstream = await self.connector.open(source, ip, pod_port, peer_ip, "http1")
-            if upstream.security == "mutual_tls":
+            if upstream.tunnelled:
                 self.stats.mutual_tls += 1
             return upstream
 
@@ -302,7 +302,7 @@ class _L4:
     async def _relay(self, upstream: Upstream, service_labels, address: str) -> None:
         proxy = self.proxy
         proxy.stats.by_destination[address] = proxy.stats.by_destination.get(address, 0) + 1
-        if upstream.security == "mutual_tls":
+        if upstream.tunnelled:
             proxy.stats.mutual_tls += 1
         labels = ConnectionLabels(
             "source",

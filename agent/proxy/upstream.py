@@ -22,6 +22,7 @@ from meshagent.agent.hbone.protocol import format_authority
 from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
 from meshagent.agent.policy import authorization
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.telemetry import local_hop_security
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.inbound import InboundProxy
@@ -49,8 +50,9 @@ class UpstreamError(Exception):
 @dataclass(frozen=True)
 class Upstream:
     stream: trio.abc.HalfCloseableStream
-    security: str  # "mutual_tls" or "none" (Istio's connection_security_policy)
+    security: str  # Istio's connection_security_policy ("mutual_tls", "none"): labels.py
     peer: Workload | None
+    tunnelled: bool = False  # through an HBONE tunnel (a same-node hop may be mutual_tls too)
 
 
 def workload_identity(workload: Workload, trust_domain: str) -> Identity:
@@ -140,7 +142,7 @@ class Connector:
                 )
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
-            return Upstream(stream, "none", local)
+            return Upstream(stream, local_hop_security(source is not None, local, self.node), local)
         if dest is None:
             self._authorize_local(source, ip, port, client_ip)
             try:
@@ -150,7 +152,8 @@ class Connector:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
             tables = self.store.tables
             peer = tables.workload_by_ip.get(ip) if tables else None
-            return Upstream(stream, "none", peer)
+            security = local_hop_security(source is not None, peer, self.node)
+            return Upstream(stream, security, peer)
         assert source is not None and self.pool is not None and self.identities is not None
         src_id = workload_identity(source, self.trust_domain)
         try:
@@ -175,4 +178,4 @@ class Connector:
             raise UpstreamError("refused", str(exc), getattr(exc, "status", None)) from None
         except (TunnelFailed, SecureNamingError) as exc:
             raise UpstreamError("connect-failure", str(exc)) from None
-        return Upstream(stream, "mutual_tls", dest)
+        return Upstream(stream, "mutual_tls", dest, tunnelled=True)

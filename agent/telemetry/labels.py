@@ -53,6 +53,7 @@ __all__ = [
     "ServiceRef",
     "canonical_revision",
     "canonical_service",
+    "local_hop_security",
     "peer_from_workload",
     "service_ref",
     "workload_name",
@@ -242,8 +243,9 @@ class ConnectionLabels:
 
     `reporter` is ``source`` on the proxy that captured the client's connection (outbound) and
     ``destination`` on the proxy that delivers to the server (inbound). The security policy is
-    ``mutual_tls`` when the traffic crossed an HBONE tunnel (or arrived through one), ``none``
-    for plaintext, ``unknown`` when the reporter cannot tell.
+    ``mutual_tls`` when the traffic crossed an HBONE tunnel (or arrived through one) or was a
+    node-local hop between meshed pods (`local_hop_security`), ``none`` for plaintext,
+    ``unknown`` when the reporter cannot tell.
     """
 
     reporter: Reporter
@@ -282,3 +284,26 @@ class ConnectionLabels:
     def as_dict(self) -> dict[str, str]:
         """Label name -> value (without the per-report labels), for tests and logs."""
         return dict(zip(_CONNECTION_LABELS, self.values, strict=True))
+
+
+def local_hop_security(
+    source_meshed: bool, destination: Workload | None, node: str
+) -> SecurityPolicy:
+    """``connection_security_policy`` of a hop that stays on `node` (no tunnel).
+
+    ``mutual_tls`` when a meshed source (its identity established by this node's proxy from the
+    kernel's record of its connection, as for a tunnel it would be from its certificate) reaches
+    a meshed pod of this node: the destination's policies are checked against that identity and
+    no byte of it crosses the network, so it carries the guarantees mutual TLS gives across
+    nodes, and Istio ambient reports ``mutual_tls`` for all of its meshed traffic too; a fully
+    meshed namespace then shows 100 % mTLS whatever the placement. ``none`` for anything else
+    (an unknown source, a destination outside the mesh or on another node reached directly).
+    """
+    if (
+        source_meshed
+        and destination is not None
+        and destination.meshed
+        and destination.node == node
+    ):
+        return "mutual_tls"
+    return "none"

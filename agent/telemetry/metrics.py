@@ -16,8 +16,8 @@ Where each call goes in a connection's life (reporter ``source`` on the client's
   reported (all of them if `tcp_bytes` was never called);
 - on an HTTP port, per request once the response is done:
   `http_request(labels, code, flags, duration_ms, request_bytes, response_bytes)`;
-- per authorization decision: `policy_decision(decision)`; per endpoint that outlier detection
-  ejects: `outlier_ejection(service)`.
+- per authorization decision: `policy_decision(decision)`. (Outlier ejections are counted by
+  the balancer itself: ``meshagent_outlier_cluster_ejections_total{cluster}``, `proxy.lb`.)
 
 ``sent`` is what the proxy sent to the connection's client (the response direction),
 ``received`` what it received from the client (the request direction), as Istio counts them.
@@ -55,7 +55,6 @@ from meshagent.agent.telemetry.labels import (
     NO_RESPONSE_FLAGS,
     TCP_LABELS,
     ConnectionLabels,
-    ServiceRef,
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -221,12 +220,6 @@ class ProxyMetrics:
             multiprocess_mode="livesum",
             **kw,
         )
-        self.outlier_ejections = Counter(
-            "meshagent_outlier_ejections",
-            "Endpoints ejected from load balancing by outlier detection, by destination service.",
-            ("destination_service",),
-            **kw,
-        )
         self._tcp: dict[tuple[ConnectionLabels, str], tuple[Counter, ...]] = {}
         self._http: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
         self._open = {
@@ -324,10 +317,6 @@ class ProxyMetrics:
         if decision.dry_run_denials:
             self._dry_run_denied.inc(len(decision.dry_run_denials))
 
-    def outlier_ejection(self, service: ServiceRef) -> None:
-        """Outlier detection ejected one endpoint of `service`."""
-        self.outlier_ejections.labels(service.hostname).inc()
-
     def set_tunnel_pool_connections(self, count: int) -> None:
         self.tunnel_pool_connections.set(count)
 
@@ -395,11 +384,12 @@ class NodeMetrics:
       registry (process figures and module-level counters such as HBONE's) when
       `include_default_registry`, and the workers' files when `multiprocess_dir` is given.
 
-    `datapath_counters` returns the BPF counters by name (`Maps.read_counters`);
-    `certificate_expiry` returns identity (SPIFFE URI) -> not-after (datetime or UNIX time).
-    Both are called at each scrape, in the scraping thread; an exception leaves their figures
-    out of that scrape. Raises ValueError if this process is itself in multiprocess mode (the
-    agent must give ``PROMETHEUS_MULTIPROC_DIR`` to its workers, not to itself).
+    `build_version` labels ``meshagent_build_info``. `datapath_counters` returns the BPF
+    counters by name (`Maps.read_counters`); `certificate_expiry` returns identity (SPIFFE
+    URI) -> not-after (datetime or UNIX time). Both are called at each scrape, in the scraping
+    thread; an exception leaves their figures out of that scrape. Raises ValueError if this
+    process is itself in multiprocess mode (the agent must give ``PROMETHEUS_MULTIPROC_DIR``
+    to its workers, not to itself).
     """
 
     def __init__(
@@ -409,6 +399,7 @@ class NodeMetrics:
         certificate_expiry: Callable[[], Mapping[str, datetime | float]] | None = None,
         multiprocess_dir: Path | None = None,
         include_default_registry: bool = True,
+        build_version: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         if in_multiprocess_mode():
@@ -424,6 +415,20 @@ class NodeMetrics:
             ("version",),
             registry=reg,
         )
+        self.snapshot_accepted = Gauge(
+            "meshagent_snapshot_accepted_timestamp_seconds",
+            "UNIX time the snapshot in use was accepted (ACKed, or loaded at start); time() minus"
+            " this is its age.",
+            registry=reg,
+        )
+        self.build = Gauge(
+            "meshagent_build_info",
+            "1, labelled with the agent's version (as Istio's istio_build): agents per version.",
+            ("version",),
+            registry=reg,
+        )
+        self.build.labels(build_version or "unknown").set(1)
+        self._clock = clock
         self.controller_connected = Gauge(
             "meshagent_controller_connected",
             "1 while the config stream to the controller is up, else 0.",
@@ -449,6 +454,7 @@ class NodeMetrics:
         """A snapshot was accepted (ACKed) and is now served."""
         self.snapshot.clear()
         self.snapshot.labels(version).set(1)
+        self.snapshot_accepted.set(self._clock())
 
     def set_controller_connected(self, connected: bool) -> None:
         self.controller_connected.set(1 if connected else 0)

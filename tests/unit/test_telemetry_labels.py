@@ -7,6 +7,7 @@ from meshagent.agent.telemetry.labels import (
     UNKNOWN_PEER,
     ConnectionLabels,
     Peer,
+    local_hop_security,
     peer_from_workload,
     service_ref,
     workload_name,
@@ -137,3 +138,13 @@ def test_connection_labels_are_equal_and_hash_alike_when_built_alike():
 def test_bad_label_values_are_refused_by_name(field, kwargs):
     with pytest.raises(ValueError, match=field):
         ConnectionLabels(**kwargs)
+
+
+def test_a_node_local_hop_between_meshed_pods_is_mutual_tls():
+    meshed_here = _workload(node="node-2", meshed=True)
+    assert local_hop_security(True, meshed_here, "node-2") == "mutual_tls"
+    # an unknown source, a pod outside the mesh, an address that is no pod, another node
+    assert local_hop_security(False, meshed_here, "node-2") == "none"
+    assert local_hop_security(True, _workload(node="node-2", meshed=False), "node-2") == "none"
+    assert local_hop_security(True, None, "node-2") == "none"
+    assert local_hop_security(True, meshed_here, "node-1") == "none"

@@ -213,15 +213,6 @@ def test_policy_decisions_count_enforced_and_dry_run(node):
     assert _value(family, total, action="deny", dry_run="true") == 1
 
 
-def test_outlier_ejections_count_per_service(node):
-    proxy = ProxyMetrics(node.local_registry)
-    proxy.outlier_ejection(SERVICE)
-    proxy.outlier_ejection(SERVICE)
-    family = _scrape(node.registry)["meshagent_outlier_ejections"]
-    total = "meshagent_outlier_ejections_total"
-    assert _value(family, total, destination_service="reviews.shop.svc.cluster.local") == 2
-
-
 def test_grpc_status_is_a_label_only_when_given(node):
     proxy = ProxyMetrics(node.local_registry)
     proxy.http_request(_labels(protocol="grpc"), 200, "-", 1.0, 5, 5, grpc_status=7)
@@ -273,11 +264,22 @@ def test_agent_figures_and_callables_are_read_at_scrape_time():
     assert info == [{"version": "9c1d"}]
     assert _value(families["meshagent_controller_connected"], "meshagent_controller_connected") == 1
     assert _value(families["meshagent_proxy_workers"], "meshagent_proxy_workers") == 4
+    accepted = "meshagent_snapshot_accepted_timestamp_seconds"
+    assert _value(families[accepted], accepted) == 1_000_000.0
+    build = [s.labels for s in families["meshagent_build_info"].samples]
+    assert build == [{"version": "unknown"}]  # no build_version given
+
     pool = families["meshagent_tunnel_pool_connections"]
     assert _value(pool, "meshagent_tunnel_pool_connections") == 3
     counters["redirected"] = 8
     redirects = _scrape(node.registry)["meshagent_datapath_redirects"]
     assert _value(redirects, "meshagent_datapath_redirects_total") == 8
+
+
+def test_build_info_names_the_version():
+    node = NodeMetrics(include_default_registry=False, build_version="0.1.0")
+    family = _scrape(node.registry)["meshagent_build_info"]
+    assert [(s.labels, s.value) for s in family.samples] == [({"version": "0.1.0"}, 1.0)]
 
 
 def test_a_failing_callable_leaves_the_rest_of_the_page(caplog):
