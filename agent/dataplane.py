@@ -82,6 +82,8 @@ class DataPlane:
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
         if self.traffic is not None:
             self.traffic.update(tables.routes)
+        # Policy reaches open connections: those the new snapshot forbids end now.
+        self.inputs.live.reevaluate(tables)
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[DataPlane]:

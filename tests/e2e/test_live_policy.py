@@ -1,0 +1,130 @@
+"""Issue #17 item 1: policy reaches live connections. Open TCP connections through `tcp-`
+Service ports, cross-node (closed by node-2's HBONE inbound) and same-node (closed by
+node-1's local path); a DENY applied while they are open closes the intruder's within 2 s,
+while frontend's, in the same test, stay open and keep passing data."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import BIN, meshlab
+from tests.waiting import wait_until
+
+MANIFEST = Path(__file__).parent / "manifests" / "live_policy.yaml"
+APPS = Path(__file__).resolve().parent / "apps"
+SYSTEM_PYTHON = "/usr/bin/python3"
+INTRUDER = "cluster.local/ns/shop/sa/intruder"
+HOLD_SECONDS = 40
+CLOSE_BOUND = 2.0  # the issue's bound, from the moment the DENY is in the controller
+
+DENY_INTRUDER = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-intruder", "namespace": "shop"},
+    "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [INTRUDER]}}]}]},
+}
+
+
+@pytest.fixture(scope="module")
+def live_lab(lab_factory, tmp_path_factory):
+    manifest = tmp_path_factory.mktemp("live") / "live_policy.yaml"
+    manifest.write_text(MANIFEST.read_text().replace("@APPS@", str(APPS)))
+    return lab_factory(manifest, nodes=2)
+
+
+class Holder:
+    """One `line_echo.py hold` client in a pod, its output lines collected as they come."""
+
+    def __init__(self, pod: str, target: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "meshlab"),
+                "exec",
+                pod,
+                "--",
+                SYSTEM_PYTHON,
+                str(APPS / "line_echo.py"),
+                "hold",
+                target,
+                str(HOLD_SECONDS),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.name = f"{pod} -> {target}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def echoes(self) -> int:
+        return sum(1 for line in self.lines if line.startswith("ok "))
+
+    def closed_at(self) -> float | None:
+        for line in self.lines:
+            if line.startswith("closed "):
+                return float(line.split()[1])
+        return None
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def test_a_new_deny_closes_open_connections_it_forbids_and_no_other(live_lab, tmp_path):
+    holders = {
+        (pod, svc): Holder(f"shop/{pod}", f"{svc}.shop:7000")
+        for pod in ("intruder", "frontend")
+        for svc in ("echo-remote", "echo-local")
+    }
+    try:
+        for holder in holders.values():
+            wait_until(holder.echoes, lambda n: n >= 3, what=f"{holder.name} passes data")
+        path = tmp_path / "deny.yaml"
+        path.write_text(yaml.safe_dump(DENY_INTRUDER))
+        meshlab("apply", "-f", str(path))
+        applied = time.time()
+
+        for svc in ("echo-remote", "echo-local"):
+            holder = holders[("intruder", svc)]
+            closed = wait_until(
+                holder.closed_at, lambda at: at is not None, what=f"{holder.name} is closed"
+            )
+            assert closed - applied < CLOSE_BOUND, f"{holder.name} closed {closed - applied:.2f}s"
+
+        # The allowed ones never noticed: still open, still echoing, well after the DENY.
+        for svc in ("echo-remote", "echo-local"):
+            holder = holders[("frontend", svc)]
+            before = holder.echoes()
+            time.sleep(1.5)
+            assert holder.closed_at() is None, holder.lines[-3:]
+            assert holder.echoes() >= before + 5, f"{holder.name} stalled"
+
+        # New connections of the intruder are refused too (the ordinary path).
+        late = Holder("shop/intruder", "echo-remote.shop:7000")
+        try:
+            wait_until(
+                lambda: late.lines,
+                lambda lines: (
+                    any(line.startswith("closed") for line in lines) or late.proc.poll() is not None
+                ),
+                what="a new intruder connection is refused",
+            )
+            assert late.echoes() == 0
+        finally:
+            late.stop()
+    finally:
+        for holder in holders.values():
+            holder.stop()
+        meshlab("delete", "-f", str(tmp_path / "deny.yaml"), check=False)
