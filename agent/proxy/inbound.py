@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 from meshagent.agent.hbone.server import InboundTunnel
 from meshagent.agent.policy import authorization
+from meshagent.agent.proxy import live
 from meshagent.agent.proxy.http import (
     ConnectionPool,
     HttpContext,
@@ -159,7 +160,18 @@ class InboundProxy:
         try:
             async with pod:
                 stream = await tunnel.accept()
-                result = await relay(stream, pod)
+                recheck = live.destination_check(
+                    self.inputs.node,
+                    self.inputs.trust_domain,
+                    source=tunnel.peer_identity,
+                    source_ip=source_ip,
+                    ip=ip,
+                    port=port,
+                    local_identity=tunnel.local_identity,
+                )
+                description = f"{principal} ({source_ip}) -> {ip}:{port}"
+                with self.inputs.live.track(description, recheck):
+                    result = await relay(stream, pod)
         except trio.BrokenResourceError:
             pass
         finally:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
+from meshagent.agent.proxy import live
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, proxy_http1
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
@@ -315,7 +316,14 @@ class _L4:
         result = RelayResult()
         try:
             async with upstream.stream:
-                result = await relay(self.client, upstream.stream)
+                source = self.source
+                recheck = live.all_of(
+                    live.source_check(source) if source is not None and source.meshed else None,
+                    upstream.check,
+                )
+                description = f"{self.peer_ip} -> {address}"
+                with proxy.inputs.live.track(description, recheck):
+                    result = await relay(self.client, upstream.stream)
         finally:
             proxy.stats.bytes_sent += result.sent
             proxy.stats.bytes_received += result.received

@@ -21,6 +21,7 @@ from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, Tunnel
 from meshagent.agent.hbone.protocol import format_authority
 from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailable
 from meshagent.agent.policy import authorization
+from meshagent.agent.proxy import live
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.telemetry import local_hop_security
 
@@ -52,6 +53,9 @@ class Upstream:
     stream: trio.abc.HalfCloseableStream
     security: str  # Istio's connection_security_policy ("mutual_tls", "none"): labels.py
     peer: Workload | None
+    # What must still hold for the connection to go on (agent/proxy/live.py), for paths where
+    # this proxy authorized it itself (same node) or chose plaintext (DISABLE); else None.
+    check: live.Check | None = None
     tunnelled: bool = False  # through an HBONE tunnel (a same-node hop may be mutual_tls too)
 
 
@@ -107,6 +111,23 @@ class Connector:
         if not decision.allowed:
             raise UpstreamError("refused", f"denied by {decision.policy or 'default'}", 401)
 
+    def _direct_check(
+        self, source: Workload | None, peer: Workload | None, ip: str, port: int, client_ip: str
+    ) -> live.Check | None:
+        """What a directly dialled connection to a meshed pod was let through on."""
+        if peer is None or not peer.meshed:
+            return None
+        if peer.node == self.node:
+            return live.destination_check(
+                self.node,
+                self.trust_domain,
+                source=workload_identity(source, self.trust_domain) if source else None,
+                source_ip=client_ip,
+                ip=ip,
+                port=port,
+            )
+        return live.plaintext_check(self.node, ip, port) if source is not None else None
+
     def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
         """Same-node HTTP goes through this node's inbound HTTP path (per-request policy)."""
         self._local = (inbound, nursery)
@@ -153,7 +174,9 @@ class Connector:
             tables = self.store.tables
             peer = tables.workload_by_ip.get(ip) if tables else None
             security = local_hop_security(source is not None, peer, self.node)
-            return Upstream(stream, security, peer)
+            return Upstream(
+                stream, security, peer, self._direct_check(source, peer, ip, port, client_ip)
+            )
         assert source is not None and self.pool is not None and self.identities is not None
         src_id = workload_identity(source, self.trust_domain)
         try:
