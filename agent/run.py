@@ -33,6 +33,7 @@ from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.agent.telemetry import (
     AccessLogSettings,
     NodeMetrics,
+    ProcessCollector,
     ProxyMetrics,
     metrics_handler,
     open_access_log,
@@ -75,6 +76,12 @@ class Agent:
 
     def _certificate_expiry(self) -> dict:
         return self.identities.expiries()
+
+    def _proxy_processes(self) -> dict[str, int]:
+        """The processes that proxy on this node, for their CPU, memory and fd figures."""
+        dataplane = getattr(self, "dataplane", None)
+        workers = dataplane.pids() if isinstance(dataplane, WorkerPool) else {}
+        return {"agent": os.getpid(), **workers}
 
     def live_status(self) -> dict:
         """The agent's own view, served on the admin port for `meshagent status`."""
@@ -124,6 +131,7 @@ class Agent:
             multiprocess_dir=metrics_dir if workers > 1 else None,
             build_version=VERSION,
         )
+        self.node_metrics.local_registry.register(ProcessCollector(self._proxy_processes))
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
 

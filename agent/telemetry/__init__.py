@@ -26,6 +26,7 @@ from meshagent.agent.telemetry.labels import (
     workload_name,
 )
 from meshagent.agent.telemetry.metrics import NodeMetrics, ProxyMetrics
+from meshagent.agent.telemetry.process import ProcessCollector
 
 __all__ = [
     "UNKNOWN_PEER",
@@ -35,6 +36,7 @@ __all__ = [
     "ConnectionLabels",
     "NodeMetrics",
     "Peer",
+    "ProcessCollector",
     "ProxyMetrics",
     "ServiceRef",
     "local_hop_security",

@@ -99,6 +99,11 @@ class WorkerPool:
     def running(self) -> int:
         return sum(1 for w in self.workers if w.pid)
 
+    def pids(self) -> dict[str, int]:
+        """Worker index (as text: the ``worker`` label of its process metrics) -> pid, for
+        the workers running now."""
+        return {str(w.index): w.pid for w in self.workers if w.pid}
+
     def set_accepting(self, on: bool) -> None:
         self.accepting = on
         for w in self.workers:
