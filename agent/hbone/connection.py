@@ -28,6 +28,7 @@ import h2.events
 import h2.exceptions
 import trio
 from meshagent.agent.hbone.errors import TunnelFailed
+from meshagent.agent.hbone.guard import Abuse, FloodGuard
 from meshagent.agent.hbone.protocol import new_h2_connection, response_status
 
 __all__ = ["CloseReason", "ConnectionUnavailable", "HboneConnection", "TunnelStream"]
@@ -56,6 +57,7 @@ class CloseReason(enum.Enum):
     EOF = "peer closed the connection"
     GOAWAY = "peer sent GOAWAY"
     PROTOCOL_ERROR = "TLS or HTTP/2 protocol error"
+    ABUSE = "peer exceeded a limit (GOAWAY ENHANCE_YOUR_CALM)"
     TRANSPORT_ERROR = "transport failed"
     LOCAL = "closed locally"
 
@@ -82,6 +84,7 @@ class HboneConnection:
         client_side: bool,
         on_request: RequestCallback | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
+        guard: FloodGuard | None = None,
     ) -> None:
         self.transport = transport
         self.h2 = new_h2_connection(client_side=client_side)
@@ -90,6 +93,8 @@ class HboneConnection:
         self._on_request = on_request
         self._close_timeout = close_timeout
         self._error: BaseException | None = None
+        self._guard = guard  # server side: the peer's bounds (agent/hbone/guard.py)
+        self.abuse: Abuse | None = None  # why the connection was ended for abuse
         # Writer bookkeeping: every `_kick` bumps `_queued` (by the payload bytes queued, or 1);
         # `_written` is the last value whose frames have all been handed to the transport, so
         # `_queued - _written` is roughly what waits to be written.
@@ -204,6 +209,10 @@ class HboneConnection:
                 return self._close(CloseReason.TRANSPORT_ERROR, exc.__cause__ or exc)
             if not data:
                 return self._close(CloseReason.EOF)
+            if self._guard is not None:
+                abuse = self._guard.feed(data)
+                if abuse is not None:
+                    return self.end_for_abuse(abuse)
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
@@ -236,6 +245,10 @@ class HboneConnection:
                     stream._on_eof()
             elif isinstance(event, h2.events.StreamReset):
                 stream = self.streams.get(event.stream_id)
+                if stream is not None and self._guard is not None and stream.opened_at:
+                    abuse = self._guard.stream_reset(self._guard.clock() - stream.opened_at)
+                    if abuse is not None:
+                        return self.end_for_abuse(abuse)
                 if stream is not None:
                     code = getattr(event.error_code, "name", event.error_code)
                     # REFUSED_STREAM: not processed at all, safe to retry elsewhere (RFC 9113
@@ -248,6 +261,8 @@ class HboneConnection:
                     stream._on_response(response_status(event.headers))
             elif isinstance(event, h2.events.RequestReceived):
                 self._on_request_received(event)
+                if self.close_reason is not None:  # the callback ended the connection
+                    return self.close_reason
             elif isinstance(event, h2.events.ConnectionTerminated):
                 return self._close(
                     CloseReason.GOAWAY,
@@ -259,12 +274,28 @@ class HboneConnection:
     def _on_request_received(self, event: h2.events.RequestReceived) -> None:
         stream = TunnelStream(self, event.stream_id)
         self.streams[event.stream_id] = stream
+        if self._guard is not None:
+            stream.opened_at = self._guard.clock()
         if self._on_request is None:
             stream._abort(h2.errors.ErrorCodes.REFUSED_STREAM)
         else:
             self._on_request(stream, event.headers)
 
     # --- lifecycle ---------------------------------------------------------------------
+
+    def end_for_abuse(self, abuse: Abuse) -> CloseReason:
+        """End the connection because the peer overdid something: GOAWAY ENHANCE_YOUR_CALM
+        with the reason as debug data, every stream broken; `run` then sends what is queued
+        (the GOAWAY) and closes the transport. Nothing more the peer sent is processed."""
+        if self.close_reason is None:
+            self.abuse = abuse
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(
+                    error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    additional_data=abuse.reason.encode("ascii", "replace")[:200],
+                )
+            self._kick()
+        return self._close(CloseReason.ABUSE, TunnelFailed(f"peer abuse: {abuse}"))
 
     def _close(self, reason: CloseReason, error: BaseException | None = None) -> CloseReason:
         """Record why the connection ends (first reason wins) and fail every stream."""
@@ -354,6 +385,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._conn = conn
         self.stream_id = stream_id
         self.refused = False  # the peer reset it with REFUSED_STREAM (client side)
+        self.opened_at = 0.0  # when the peer opened it (server side, with a guard)
         self.status: int | None = None  # the response status (client side)
         # A list, not a deque: it rarely holds more than a few frames, and an empty deque
         # costs about 600 bytes on every idle tunnel.
@@ -373,6 +405,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         # Called (with no argument) whenever `receive_some` would stop waiting: data, EOF,
         # reset, connection lost. The relay's idle wait uses it in place of a reader task.
         self.on_readable: Callable[[], None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Both directions are over (ended, reset by either side, or the connection lost)."""
+        return self._done
 
     @property
     def buffered_bytes(self) -> int:

@@ -8,6 +8,13 @@ CONNECT are answered 400 here, without bothering the handler.
 
 Faults stay local: a failed handshake, garbage, or malformed HTTP/2 closes that one
 connection and is counted (`metrics`); a handler that crashes resets only its stream.
+
+Abuse stays bounded: each connection has a `FloodGuard` (agent/hbone/guard.py) that ends it
+with GOAWAY ENHANCE_YOUR_CALM on a rapid-reset, CONTINUATION, PING or SETTINGS flood, an
+oversized header block or too many tunnel requests pending at once; counted by kind
+(``meshagent_hbone_inbound_abuse_total``). A stream the peer reset before its handler ran
+never reaches the handler (no pod is dialled for it). The log lines a peer can cause at will
+(bad requests, abuse) are rate-limited.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ import trio
 from meshagent.agent.hbone import metrics
 from meshagent.agent.hbone.connection import CloseReason, HboneConnection, TunnelStream
 from meshagent.agent.hbone.errors import PeerIdentityError
+from meshagent.agent.hbone.guard import FloodGuard
 from meshagent.agent.hbone.protocol import BadRequest, ConnectRequest, parse_connect_request
 from meshagent.agent.hbone.tls import ALPN, ServerContextSelector, peer_identity
 from meshagent.agent.hbone.tlsstream import TlsStream
+from meshagent.agent.telemetry.ratelog import RateLimitedLog
 from meshagent.common.spiffe import Identity
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundTunnel", "TunnelHandler", "serve_hbone"]
 
 log = logging.getLogger(__name__)
+# Lines a peer can make us write at will: a few at once, then a couple a second per kind.
+peer_log = RateLimitedLog(log)
 
 HANDSHAKE_TIMEOUT = 10.0
 # Answer when the handler crashed or returned without deciding.
@@ -104,9 +115,13 @@ class InboundTunnel:
 TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
 
 
-async def _run_handler(handler: TunnelHandler, tunnel: InboundTunnel) -> None:
+async def _run_handler(
+    handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int] | None = None
+) -> None:
     stream = tunnel._stream
     try:
+        if stream.finished:  # reset by the peer (or its connection gone) before we started
+            return
         await handler(tunnel)
         if not tunnel.answered:
             log.warning("HBONE handler returned without answering %s", tunnel.authority)
@@ -116,11 +131,13 @@ async def _run_handler(handler: TunnelHandler, tunnel: InboundTunnel) -> None:
         if not tunnel.answered:
             await tunnel.reject(_HANDLER_FAILED_STATUS)
     finally:
+        if pending is not None:
+            pending[0] -= 1
         stream._abort()  # no-op if the tunnel already finished cleanly
 
 
 async def _answer_bad_request(stream: TunnelStream, reason: str) -> None:
-    log.info("HBONE bad request on stream %d: %s", stream.stream_id, reason)
+    peer_log.info("bad_request", "HBONE bad request on stream %d: %s", stream.stream_id, reason)
     metrics.INBOUND_STREAMS.labels(status="400").inc()
     with contextlib.suppress(trio.BrokenResourceError):
         await stream.respond(400)
@@ -133,6 +150,7 @@ def _on_request(
     local: Identity,
     peer_address: tuple[str, int],
     refuse_new: Callable[[], bool] | None,
+    pending: list[int],
     stream: TunnelStream,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
@@ -146,8 +164,13 @@ def _on_request(
     except BadRequest as exc:
         nursery.start_soon(_answer_bad_request, stream, str(exc))
         return
+    abuse = FloodGuard.pending_requests(pending[0] + 1)
+    if abuse is not None:  # handlers of streams the peer reset do not count for h2's limit
+        stream._conn.end_for_abuse(abuse)
+        return
+    pending[0] += 1
     tunnel = InboundTunnel(peer, local, request, peer_address, stream)
-    nursery.start_soon(_run_handler, handler, tunnel)
+    nursery.start_soon(_run_handler, handler, tunnel, pending)
 
 
 def _peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
@@ -184,15 +207,26 @@ async def _serve_connection(
             return
         metrics.INBOUND_CONNECTIONS.inc()
         async with trio.open_nursery() as nursery:
+            pending = [0]  # tunnel requests whose handler runs
             conn = HboneConnection(
                 tls,
                 client_side=False,
                 on_request=partial(
-                    _on_request, nursery, handler, peer, local, peer_address, refuse_new
+                    _on_request, nursery, handler, peer, local, peer_address, refuse_new, pending
                 ),
+                guard=FloodGuard(trio.current_time),
             )
             reason = await conn.run()
-            if reason is CloseReason.PROTOCOL_ERROR:
+            if reason is CloseReason.ABUSE and conn.abuse is not None:
+                metrics.INBOUND_ABUSE.labels(kind=conn.abuse.kind).inc()
+                peer_log.warning(
+                    f"abuse-{conn.abuse.kind}",
+                    "HBONE connection from %s:%d (%s) ended with GOAWAY: %s",
+                    *peer_address,
+                    peer,
+                    conn.abuse,
+                )
+            elif reason is CloseReason.PROTOCOL_ERROR:
                 metrics.INBOUND_PROTOCOL_ERRORS.inc()
                 log.info("HBONE connection from %s (%s) closed: %s", peer_address, peer, reason)
     except Exception:

@@ -40,11 +40,13 @@ from meshagent.agent.telemetry import (
     peer_from_workload,
     service_ref,
 )
+from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
 from meshagent.common import authz
 from meshagent.common.snapshot import Endpoint, Workload
 from meshagent.common.spiffe import Identity
 
 log = logging.getLogger(__name__)
+refusal_log = RateLimitedLog(log)
 
 CONNECT_TIMEOUT = 5.0
 
@@ -69,12 +71,13 @@ class InboundProxy:
 
     async def _refuse(self, tunnel: InboundTunnel, status: int, why: str) -> None:
         self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
-        log.warning(
+        refusal_log.warning(  # a peer can cause these at will: rate-limited per status
+            str(status),
             "tunnel from %s to %s refused %d: %s",
             tunnel.peer_identity.uri,
             tunnel.authority,
             status,
-            why,
+            why or "no reason given",
         )
         await tunnel.reject(status)
 
@@ -100,7 +103,7 @@ class InboundProxy:
             try:
                 first = await self._dial(ip, port)
             except (OSError, trio.TooSlowError) as exc:
-                await self._refuse(tunnel, 503, f"pod unreachable: {exc or 'timeout'}")
+                await self._refuse(tunnel, 503, f"pod unreachable: {reason(exc)}")
                 return
             try:
                 stream = await tunnel.accept()
@@ -146,7 +149,7 @@ class InboundProxy:
             with trio.fail_after(CONNECT_TIMEOUT):
                 pod = await trio.open_tcp_stream(ip, port)
         except (OSError, trio.TooSlowError) as exc:
-            await self._refuse(tunnel, 503, f"pod unreachable: {exc or 'timeout'}")
+            await self._refuse(tunnel, 503, f"pod unreachable: {reason(exc)}")
             self._log(
                 labels, start, started, 0, 0, "CONNECT", source_ip, tunnel.authority, decision
             )
