@@ -20,6 +20,8 @@ APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 # ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below), and a
 # stock gRPC (Debian's grpcio, for the system Python that lab pods run) for the e2e tests.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio)
+# ... and Debian's Prometheus, which tests/e2e/test_prometheus.py runs against the lab.
+[ "$PROFILE" = full ] && APT_PACKAGES+=(prometheus)
 EXTRAS="[test]"
 [ "$PROFILE" = runtime ] && EXTRAS=""
 
@@ -47,6 +49,10 @@ if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/de
 # etcd-server's package starts a cluster member on 2379; the lab starts its own etcd.
 if [ "$PROFILE" = full ] && command -v systemctl >/dev/null 2>&1; then
   systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+# prometheus's package starts a server on 9090; tests/e2e/test_prometheus.py starts its own.
+if [ "$PROFILE" = full ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 # kube-apiserver and kube-controller-manager for the lab's control plane (lab/kubecontrol.py
