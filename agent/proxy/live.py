@@ -17,6 +17,9 @@ side would refuse it now), ``source_left_mesh`` (the client pod left the mesh: i
 is withdrawn), ``mtls_required`` (plaintext to another node's pod whose PeerAuthentication
 no longer says DISABLE; new connections go through HBONE).
 
+A plaintext connection from outside the mesh to a pod that turns STRICT never passes through
+the proxy, so it is not here: the pod's ingress program drops only new connections (SYNs).
+
 HTTP connections are not registered: every request on them is authorized when it comes (a
 DENY answers the next request 403), and an idle keep-alive connection carries nothing a
 policy could forbid, so it is left to end as HTTP connections do.

@@ -291,3 +291,22 @@ async def test_a_flood_ends_its_connection_with_goaway_and_others_keep_working(
     handled.clear()
     gc.collect()
     assert _tunnel_streams() <= streams_before  # nothing kept per flooded stream
+
+
+async def test_more_than_100_concurrent_streams_end_the_connection_with_goaway(ca, leaves):
+    """h2 enforces the SETTINGS_MAX_CONCURRENT_STREAMS (100, as ztunnel) we announce: the
+    101st open stream is a connection error, answered GOAWAY (PROTOCOL_ERROR)."""
+    held = trio.Event()
+
+    async def hold(tunnel: InboundTunnel) -> None:
+        await tunnel.accept()
+        await held.wait()
+
+    block = _headers_block()
+    opens = (frame(HeadersFrame(1 + 2 * i, data=block, flags=["END_HEADERS"])) for i in range(150))
+    async with hbone.hbone_node(ca, leaves, hold) as node:
+        reply = await _flood(node, hbone.contexts_for(ca, leaves)(FRONTEND), opens, batch=150)
+        held.set()
+    goaway = _goaway(reply)
+    assert goaway is not None and goaway.error_code == 0x1
+    assert goaway.last_stream_id <= 1 + 2 * 100
