@@ -45,10 +45,13 @@ def main(verbose: bool) -> None:
 )
 @click.option("--nodes", default=2, show_default=True, help="How many nodes.")
 def up(files: tuple[Path, ...], nodes: int) -> None:
-    """Build the lab and start the controller, one agent per node, and the pods.
+    """Build the lab on a real control plane and start the controller, one agent per node,
+    and the pods.
 
-    Returns once agents serve the current snapshot and pods with a readiness
-    probe answer; the lab runs on in the background until `meshlab down`.
+    Starts etcd, kube-apiserver and kube-controller-manager in the lab's underlay namespace,
+    the lab kubelet, the controller and the agents, then creates the manifests' objects
+    through the API. Returns once agents serve the current snapshot and pods are Ready; the
+    lab runs on in the background until `meshlab down`. `meshlab kubeconfig` is for kubectl.
 
     \b
     Examples:
@@ -56,15 +59,15 @@ def up(files: tuple[Path, ...], nodes: int) -> None:
       meshlab up -f app.yaml -f policies.yaml --nodes 3
     """
     try:
-        plan = lab.up(load_files(files), nodes)
-    except (ManifestError, PlanError) as exc:
+        objects = load_files(files)
+        plan = lab.up(objects, nodes)
+    except (ManifestError, PlanError, lab.ApplyError) as exc:
         lab.down()
         _fail(str(exc))
     except lab.LabError as exc:
         _fail(str(exc))
-    click.echo(
-        f"lab up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {len(plan.services)} services"
-    )
+    services = sum(1 for o in objects if o.get("kind") == "Service")
+    click.echo(f"lab up: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {services} services")
     for pod in sorted(plan.pods.values(), key=lambda p: p.key):
         click.echo(f"  {pod.key:<32} {pod.node:<8} {pod.ip}")
 
@@ -133,7 +136,9 @@ def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
 def apply(files: tuple[Path, ...]) -> None:
     """Create or change objects in the running lab: new pods start, labels change, ...
 
-    The controller sees the change at once and pushes it to the agents.
+    Server-side apply through the lab's kube-apiserver (field manager `meshlab`), Namespaces
+    first; waits until new pods run and are Ready. Kinds the API does not serve are named
+    and ignored; objects the API refuses are named and the command fails.
 
     \b
     Examples:
@@ -141,10 +146,12 @@ def apply(files: tuple[Path, ...]) -> None:
       meshlab apply -f namespace-labelled.yaml
     """
     try:
-        started, _ = lab.apply(load_files(files))
+        started, _applied, ignored = lab.apply(load_files(files))
     except (ManifestError, PlanError, lab.LabError) as exc:
         _fail(str(exc))
     click.echo("applied" + (f"; started {', '.join(started)}" if started else ""))
+    for what in ignored:
+        click.echo(f"ignored {what}: the API server serves no such kind", err=True)
 
 
 @main.command()
@@ -161,6 +168,9 @@ def apply(files: tuple[Path, ...]) -> None:
 def delete(files: tuple[Path, ...]) -> None:
     """Remove objects from the running lab; deleted pods are stopped and their network removed.
 
+    Deletes through the API and waits until deleted pods are gone: their processes get
+    SIGTERM, SIGKILL after the pod's terminationGracePeriodSeconds.
+
     \b
     Examples:
       meshlab delete -f reviews-v3.yaml
@@ -170,6 +180,21 @@ def delete(files: tuple[Path, ...]) -> None:
     except (ManifestError, PlanError, lab.LabError) as exc:
         _fail(str(exc))
     click.echo("deleted" + (f"; stopped {', '.join(stopped)}" if stopped else ""))
+
+
+@main.command()
+def kubeconfig() -> None:
+    """Print the path of a kubeconfig for the lab's kube-apiserver (as its admin).
+
+    \b
+    Examples:
+      kubectl --kubeconfig "$(meshlab kubeconfig)" get pods -A -o wide
+    """
+    try:
+        lab.load_state()
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(str(lab.HOST_KUBECONFIG))
 
 
 @main.group()

@@ -14,7 +14,8 @@ makes, under ``workdir``:
 etcd listens on free loopback ports, kube-apiserver on 127.0.0.1:``secure_port`` (16443 by
 default: clear of the lab's 15012/15014 and of a host's 6443; ``address`` puts it on another
 address of this network namespace, which its certificate then names too, as it does any
-``server_names``), kube-controller-manager serves no port. `start` returns once
+``server_names``; ``service_cidr`` may name an IPv4 and an IPv6 range, comma-separated, for
+dual-stack Services), kube-controller-manager serves no port. `start` returns once
 ``/readyz`` answers ok (bounded; the error carries the log tails). `stop` sends SIGTERM and
 SIGKILL after a bound (a SIGTERM'd apiserver keeps serving watches for up to 60 s) and
 removes nothing: the caller owns ``workdir``.
@@ -359,6 +360,7 @@ class ControlPlane:
         stop_grace: float = STOP_GRACE,
         controller_manager: bool = True,
         extra_apiserver_args: Sequence[str] = (),
+        service_cidr: str = SERVICE_CIDR,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.secure_port = secure_port
@@ -369,6 +371,8 @@ class ControlPlane:
         self.stop_grace = stop_grace
         self.controller_manager = controller_manager
         self.extra_apiserver_args = tuple(extra_apiserver_args)
+        # One CIDR, or an IPv4 and an IPv6 one separated by a comma (dual-stack Services).
+        self.service_cidr = service_cidr
         self.pki = self.workdir / "pki"
         self.log_dir = self.workdir / "logs"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
@@ -597,7 +601,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             # Pods made by the lab name no token volumes; the server still validates them.
             "--disable-admission-plugins=ServiceAccount",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             "--allow-privileged=true",
             "--profiling=false",
             *self.extra_apiserver_args,
@@ -613,7 +617,7 @@ class ControlPlane:
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
             f"--cluster-signing-key-file={pki / 'ca.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             "--leader-elect=false",
             "--profiling=false",
         ]

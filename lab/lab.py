@@ -1,8 +1,14 @@
-"""Brings the lab up and down: network, cgroups, controller, agents and pods.
+"""Brings the lab up and down: network, cgroups, a Kubernetes control plane, the controller,
+agents and pods.
 
-`up` builds everything, starts the daemons detached (each in a lab cgroup) and
-returns once every agent serves the current snapshot and every pod with a
-readiness probe answers. `down` removes everything by naming convention
+`up` builds the network and cgroups, starts etcd, kube-apiserver and kube-controller-manager
+(lab/kubecontrol.py) in the lab's underlay namespace, registers the nodes as Node objects,
+installs the mesh's namespace, RBAC and CRDs (daemonset/), starts the lab kubelet
+(lab/kubelet.py: runs the Pods bound to the nodes), the controller (`meshctl serve
+--kubernetes` as its own service account) and one agent per node (authenticated by a
+service-account token bound to its agent Pod), then creates the manifests' objects through
+the API and returns once every agent serves the current snapshot and every pod is Ready.
+Daemons run detached, each in a lab cgroup. `down` removes everything by naming convention
 (cgroup subtree, `meshlab-*` namespaces, pins, files; see paths.py), so it works with no
 state file and after a crash or kill -9 of anything, and can run twice.
 """
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,12 +32,12 @@ import yaml
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.handover import POD_NAME_ENV, POD_UID_ENV
-from meshagent.controller.signing import NodeTokenAuthenticator
 from meshagent.lab import cgroups, net, probe
+from meshagent.lab.kubeapi import ApiError, KubeApi, UnknownKind
 from meshagent.lab.paths import (
     BPFFS_DIR,
-    CLUSTER_DIR,
     ETC_NETNS,
+    KUBE_DIR,
     LOG_DIR,
     NETNS_DIR,
     NETNS_PREFIX,
@@ -39,24 +46,38 @@ from meshagent.lab.paths import (
     lab_cgroup,
 )
 from meshagent.lab.topology import (
+    APISERVER_PORT,
     CONTROLLER_METRICS_PORT,
     CONTROLLER_PORT,
+    SERVICE_CIDRS,
     UNDERLAY_BRIDGE_IP,
     UNDERLAY_NETNS,
     LabPlan,
     NodePlan,
     PodPlan,
     add_objects,
-    cluster_objects,
-    hosts_file,
     make_nodes,
-    remove_objects,
 )
 
 log = logging.getLogger(__name__)
 
 BIN_DIR = Path(sys.executable).parent  # the venv's bin: meshagent, meshctl
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DAEMONSET_DIR = REPO_ROOT / "daemonset"
 READY_TIMEOUT = 60.0
+CONTROL_PLANE_TIMEOUT = 90.0
+UNDERLAY_NETNS_PATH = str(NETNS_DIR / UNDERLAY_NETNS)
+HOST_PORTS = range(17443, 17543)  # kubectl's way in, 127.0.0.1:<port>: one per lab instance
+HOST_KUBECONFIG = KUBE_DIR / "host.kubeconfig"  # what `meshlab kubeconfig` prints
+MESH_NAMESPACE = "meshagent-system"
+AGENT_SERVICE_ACCOUNT = "meshagent"
+CONTROLLER_SERVICE_ACCOUNT = "meshctl"
+CONTROLLER_POD_NAME = "meshctl-lab"
+TOKEN_AUDIENCE = "meshagent-controller"
+TOKEN_SECONDS = 7 * 24 * 3600
+DEFAULT_IMAGE = "meshlab/process"  # Pods must name an image; the lab runs their command
+# What the lab's `apply` ignores: the apiserver serves these, but nothing in the lab runs them.
+# (Deployments and the like do run: kube-controller-manager makes their Pods.)
 
 
 class LabError(RuntimeError):
@@ -64,60 +85,76 @@ class LabError(RuntimeError):
 
 
 # -- state --------------------------------------------------------------------------
+# state.json: {"nodes": N, "api_host_port": P, "pods": [...]}; `pods` is written by the lab
+# kubelet (the pods it runs), the rest by `up`. Writers hold RUN_DIR/lock.
 
 
-def save_plan(plan: LabPlan) -> None:
+@contextlib.contextmanager
+def _state_lock() -> Iterator[None]:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    data = {
-        "nodes": len(plan.nodes),
-        "namespaces": list(plan.namespaces.values()),
-        "pods": [
-            {
-                "namespace": p.namespace,
-                "name": p.name,
-                "node": p.node,
-                "ip": p.ip,
-                "manifest": p.manifest,
-                "probed": p.probed,
-            }
-            for p in plan.pods.values()
-        ],
-        "services": list(plan.services.values()),
-        "others": plan.others,
-    }
-    tmp = STATE_FILE.with_suffix(".tmp")
+    with open(RUN_DIR / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def load_state() -> dict:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except FileNotFoundError:
+        raise LabError("no lab is up (run `meshlab up -f FILE`)") from None
+
+
+def _write_state(data: dict) -> None:
+    tmp = STATE_FILE.with_name(f".state.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, STATE_FILE)
 
 
-def load_plan() -> LabPlan:
-    try:
+def save_state(**fields) -> None:
+    with _state_lock():
+        data = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {"pods": []}
+        data.update(fields)
+        _write_state(data)
+
+
+def save_pods(pods: list[PodPlan]) -> None:
+    """The pods the lab kubelet runs (lab/kubelet.py is the only writer)."""
+    records = [
+        {
+            "namespace": p.namespace,
+            "name": p.name,
+            "node": p.node,
+            "ip": p.ip,
+            "manifest": p.manifest,
+            "probed": p.probed,
+            "uid": p.uid,
+        }
+        for p in sorted(pods, key=lambda p: (p.node, p.key))
+    ]
+    with _state_lock():
         data = json.loads(STATE_FILE.read_text())
-    except FileNotFoundError:
-        raise LabError("no lab is up (run `meshlab up -f FILE`)") from None
+        data["pods"] = records
+        _write_state(data)
+
+
+def load_plan() -> LabPlan:
+    data = load_state()
     plan = LabPlan(nodes=make_nodes(data["nodes"]))
-    plan.namespaces = {n["metadata"]["name"]: n for n in data["namespaces"]}
-    for p in data["pods"]:
-        pod = PodPlan(p["namespace"], p["name"], p["node"], p["ip"], p["manifest"], p["probed"])
+    for p in data.get("pods") or []:
+        pod = PodPlan(
+            p["namespace"], p["name"], p["node"], p["ip"], p["manifest"], p["probed"], p["uid"]
+        )
         plan.pods[pod.key] = pod
-    plan.services = {
-        f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}": s
-        for s in data["services"]
-    }
-    plan.others = data["others"]
     return plan
 
 
-def write_cluster(plan: LabPlan) -> None:
-    """Publish the lab's cluster to the controller's folder (atomically) and the pods' hosts."""
-    CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = CLUSTER_DIR / ".cluster.yaml.tmp"
-    tmp.write_text(yaml.safe_dump_all(cluster_objects(plan), sort_keys=False))
-    os.replace(tmp, CLUSTER_DIR / "cluster.yaml")
-    for pod in plan.pods.values():
-        folder = ETC_NETNS / pod.netns
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "hosts").write_text(hosts_file(plan, pod))
+def write_hosts(pod: PodPlan, text: str) -> None:
+    """The pod's /etc/hosts (`ip netns exec` binds it), replaced atomically."""
+    folder = ETC_NETNS / pod.netns
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".hosts.{os.getpid()}.{time.monotonic_ns()}"
+    tmp.write_text(text)
+    os.replace(tmp, folder / "hosts")
 
 
 # -- processes ----------------------------------------------------------------------
@@ -150,21 +187,226 @@ def _spawn(
     return proc.pid
 
 
-# The lab's certificate authority and node credentials (DESIGN.md section 4).
+# The lab's certificate authority (DESIGN.md section 4) and the agents' credentials.
 CA_FILE = RUN_DIR / "ca" / "ca.pem"  # root certificate and key, 0600, the controller's only
 ROOT_FILE = RUN_DIR / "ca" / "root.pem"  # the trust bundle agents check the controller with
-NODE_TOKENS_FILE = RUN_DIR / "node-tokens.json"  # token digests the controller checks
+
+
+# -- the control plane and the API ------------------------------------------------------------
+
+
+def control_plane():
+    """The lab's `ControlPlane` (not started): in the underlay namespace at
+    172.30.0.1:16443, dual-stack Service ranges, its files in KUBE_DIR."""
+    from meshagent.lab.kubecontrol import ControlPlane
+
+    return ControlPlane(
+        KUBE_DIR,
+        secure_port=APISERVER_PORT,
+        address=UNDERLAY_BRIDGE_IP,
+        service_cidr=SERVICE_CIDRS,
+        ready_timeout=CONTROL_PLANE_TIMEOUT,
+    )
+
+
+def admin_api() -> KubeApi:
+    """The API as the lab's admin (system:masters), from the host's network namespace."""
+    return KubeApi.from_kubeconfig(KUBE_DIR / "admin.kubeconfig", netns=UNDERLAY_NETNS_PATH)
+
+
+def _host_port() -> int:
+    for port in HOST_PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LabError(f"no free port in 127.0.0.1:{HOST_PORTS.start}-{HOST_PORTS.stop - 1}")
+
+
+def start_control_plane() -> subprocess.Popen:
+    """etcd, kube-apiserver and kube-controller-manager, started by a helper in the underlay
+    namespace (kubecontrol checks readiness from where it listens), all in the cgroup
+    system/kube; the helper exits once the apiserver is ready."""
+    cgroup = cgroups.system_cgroup("kube")
+    cgroups.create(cgroup)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOG_DIR / "control-plane.log", "ab") as logf:
+        return subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={UNDERLAY_NETNS_PATH}",
+                "--",
+                sys.executable,
+                "-m",
+                "meshagent.lab.kubelet",
+                "control-plane",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=cgroups.joiner(cgroup),
+            start_new_session=True,
+        )
+
+
+def wait_control_plane(helper: subprocess.Popen) -> None:
+    try:
+        code = helper.wait(timeout=CONTROL_PLANE_TIMEOUT + 15)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        code = -1
+    if code != 0:
+        tail = (LOG_DIR / "control-plane.log").read_text(errors="replace")[-3000:]
+        raise LabError(f"the control plane did not start:\n{tail}")
+
+
+def _manifests(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+
+
+def _kustomized(folder: Path) -> list[dict]:
+    listing = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    return [obj for name in listing.get("resources") or [] for obj in _manifests(folder / name)]
+
+
+def bootstrap(api: KubeApi, plan: LabPlan) -> None:
+    """What a cluster with the mesh installed has before any app: the Nodes, the mesh's
+    namespace, RBAC and CRDs, the agents' Pods and service accounts, the controller's
+    kubeconfig, an EndpointSlice for the `kubernetes` Service (at the apiserver)."""
+    plane = control_plane()
+    for node in plan.nodes:
+        api.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": node.name,
+                    "labels": {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"},
+                },
+                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr, node.pod_cidr6]},
+            }
+        )
+        api.merge_patch(
+            f"/api/v1/nodes/{node.name}/status",
+            {
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.underlay_ip},
+                        {"type": "InternalIP", "address": node.underlay_ip6},
+                        {"type": "Hostname", "address": node.name},
+                    ],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                }
+            },
+        )
+        plane.kubeconfig_for(f"system:node:{node.name}", groups=["system:nodes"])
+    for obj in [
+        *_manifests(DAEMONSET_DIR / "base" / "namespace.yaml"),
+        *_manifests(DAEMONSET_DIR / "base" / "controller-rbac.yaml"),
+        *_kustomized(DAEMONSET_DIR / "crds"),
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": AGENT_SERVICE_ACCOUNT, "namespace": MESH_NAMESPACE},
+            "automountServiceAccountToken": False,
+        },
+        _kubernetes_endpoints(),
+    ]:
+        api.apply(obj)
+    for node in plan.nodes:
+        api.apply(_agent_pod(node))
+    token = request_token(api, CONTROLLER_SERVICE_ACCOUNT)
+    plane.kubeconfig_for(f"system:serviceaccount:{MESH_NAMESPACE}:meshctl", token=token)
+    kubeconfig = yaml.safe_load((KUBE_DIR / "admin.kubeconfig").read_text())
+    kubeconfig["clusters"][0]["cluster"]["server"] = (
+        f"https://127.0.0.1:{load_state()['api_host_port']}"
+    )
+    HOST_KUBECONFIG.write_text(yaml.safe_dump(kubeconfig, sort_keys=False))
+    HOST_KUBECONFIG.chmod(0o600)
+
+
+def controller_kubeconfig() -> Path:
+    return KUBE_DIR / "kubeconfigs" / f"system_serviceaccount_{MESH_NAMESPACE}_meshctl.kubeconfig"
+
+
+def _kubernetes_endpoints() -> dict:
+    """The `kubernetes` Service's endpoint: the apiserver (it keeps none itself here)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "meshlab",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [UNDERLAY_BRIDGE_IP], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": APISERVER_PORT, "protocol": "TCP"}],
+    }
+
+
+def agent_pod_name(node: str) -> str:
+    return f"meshagent-{node}"
+
+
+def _agent_pod(node: NodePlan) -> dict:
+    """The node's agent as the DaemonSet's Pod: the lab runs it (`start_agent`); the object
+    is what its token is bound to, and what says which node it is on."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": agent_pod_name(node.name),
+            "namespace": MESH_NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "meshagent"},
+            "annotations": {"meshlab.io/runs": "agent"},
+        },
+        "spec": {
+            "nodeName": node.name,
+            "hostNetwork": True,
+            "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "agent", "image": "meshagent"}],
+        },
+    }
+
+
+def request_token(api: KubeApi, account: str, pod: dict | None = None) -> str:
+    """A token of ``account`` (TokenRequest); bound to ``pod`` and addressed to the
+    controller when given, as the agents' projected token."""
+    spec: dict = {"expirationSeconds": TOKEN_SECONDS}
+    if pod is not None:
+        spec["audiences"] = [TOKEN_AUDIENCE]
+        spec["boundObjectRef"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod["metadata"]["name"],
+            "uid": pod["metadata"]["uid"],
+        }
+    answer = api.create(
+        f"/api/v1/namespaces/{MESH_NAMESPACE}/serviceaccounts/{account}/token",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+    )
+    return answer["status"]["token"]
 
 
 def node_token_path(node: str) -> Path:
     return RUN_DIR / node / "token"
 
 
-def issue_node_token(node: str) -> Path:
-    """The node's bootstrap token file (0600), issued on first use and kept after."""
+def issue_node_token(node: str, api: KubeApi | None = None) -> Path:
+    """The node agent's token file (0600): a `meshagent` service-account token bound to the
+    node's agent Pod, issued on first use and kept after."""
     path = node_token_path(node)
     if not path.exists():
-        token = NodeTokenAuthenticator(NODE_TOKENS_FILE).issue(node)
+        api = api or admin_api()
+        pod = api.get(f"/api/v1/namespaces/{MESH_NAMESPACE}/pods/{agent_pod_name(node)}")
+        token = request_token(api, AGENT_SERVICE_ACCOUNT, pod)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -195,11 +437,14 @@ def agent_config_path(node: str) -> Path:
 
 
 def start_controller() -> int:
+    """`meshctl serve --kubernetes` as the `meshctl` service account (the DaemonSet's RBAC),
+    in the underlay namespace; the mesh CA in a file, as before."""
     argv = [
         str(BIN_DIR / "meshctl"),
         "serve",
-        "--files",
-        str(CLUSTER_DIR),
+        "--kubernetes",
+        "--kubeconfig",
+        str(controller_kubeconfig()),
         "--listen",
         f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
         "--metrics",
@@ -210,17 +455,39 @@ def start_controller() -> int:
         str(ROOT_FILE),
         "--server-name",
         UNDERLAY_BRIDGE_IP,
-        "--node-tokens",
-        str(NODE_TOKENS_FILE),
+        "--agent-service-account",
+        f"{MESH_NAMESPACE}/{AGENT_SERVICE_ACCOUNT}",
     ]
     # Short-lived workload certificates for renewal tests, e.g. MESHLAB_CERT_LIFETIME=60s.
     if os.environ.get("MESHLAB_CERT_LIFETIME"):
         argv += ["--cert-lifetime", os.environ["MESHLAB_CERT_LIFETIME"]]
     return _spawn(
         "controller",
-        ["nsenter", f"--net={NETNS_DIR / UNDERLAY_NETNS}", "--", *argv],
+        ["nsenter", f"--net={UNDERLAY_NETNS_PATH}", "--", *argv],
         cgroups.system_cgroup("controller"),
+        env={"POD_NAME": CONTROLLER_POD_NAME, "POD_NAMESPACE": MESH_NAMESPACE},
     )
+
+
+def start_kubelet() -> int:
+    """The lab kubelet (lab/kubelet.py), detached, in the cgroup system/kubelet."""
+    return _spawn(
+        "kubelet",
+        [sys.executable, "-m", "meshagent.lab.kubelet", "run"],
+        cgroups.system_cgroup("kubelet"),
+    )
+
+
+def wait_kubelet(timeout: float = 30.0) -> None:
+    """Until the lab kubelet watches every node's pods (so it numbers them in order)."""
+    from meshagent.lab.kubelet import READY_FILE
+
+    deadline = time.monotonic() + timeout
+    while not READY_FILE.exists():
+        if time.monotonic() > deadline:
+            tail = (LOG_DIR / "kubelet.log").read_text(errors="replace")[-2000:]
+            raise LabError(f"the lab kubelet is not running after {timeout:.0f}s:\n{tail}")
+        time.sleep(0.05)
 
 
 def agent_pods_path(node: str) -> Path:
@@ -241,10 +508,10 @@ def save_agent_pods(node: str, pods: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def start_agent(node: NodePlan, *, new_pod: bool = False) -> int:
+def start_agent(node: NodePlan, *, new_pod: bool = False, api: KubeApi | None = None) -> int:
     """Start the node's agent: the newest agent pod's container again, or (``new_pod``, and
     for the first) a new agent pod next to the others, as a surge upgrade does."""
-    issue_node_token(node.name)
+    issue_node_token(node.name, api)
     config = agent_config(node)
     path = agent_config_path(node.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,19 +543,33 @@ def stop_agent(node: str, sig: str = "KILL") -> None:
         time.sleep(0.05)
 
 
-def start_pod(pod: PodPlan) -> int | None:
+def start_pod(pod: PodPlan) -> None:
+    """The pod's process (its first container's command and args) in its network namespace
+    and cgroup, detached from the caller (`setsid -f`: the lab kubelet is not its parent, so
+    nothing has to reap it), logging to logs/pod-<ns>-<name>.log."""
     if not pod.command:
-        return None
+        return
     workdir = RUN_DIR / "pods" / pod.netns
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = ["ip", "netns", "exec", pod.netns, *pod.command]
-    return _spawn(
-        f"pod-{pod.namespace}-{pod.name}",
-        argv,
-        cgroups.pod_cgroup(pod.node, pod.namespace, pod.name),
-        env=pod.env,
-        cwd=workdir,
-    )
+    argv = ["setsid", "-f", "ip", "netns", "exec", pod.netns, *pod.command]
+    cgroup = cgroups.pod_cgroup(pod.node, pod.namespace, pod.name)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    cgroups.create(cgroup)
+    with open(LOG_DIR / f"pod-{pod.namespace}-{pod.name}.log", "ab") as logf:
+        subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=cgroups.joiner(cgroup),
+            env={
+                **os.environ,
+                "PATH": f"{BIN_DIR}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                **pod.env,
+            },
+            cwd=workdir,
+            check=False,
+        )
 
 
 # -- readiness ----------------------------------------------------------------------
@@ -301,20 +582,24 @@ def agent_view(node: NodePlan) -> dict | None:
         return None
 
 
-def wait_pods_ready(plan: LabPlan, pods: list[PodPlan], timeout: float = READY_TIMEOUT) -> None:
-    """Probe pods like a kubelet: mark each ready once its readiness port accepts."""
+def wait_pods_ready(keys: dict[str, str], timeout: float = READY_TIMEOUT) -> LabPlan:
+    """Until the lab kubelet runs every pod of ``keys`` ({ns/name: uid}) and reports it
+    Ready; the plan then."""
     deadline = time.monotonic() + timeout
-    waiting = [p for p in pods if not p.ready]
-    while waiting:
-        for pod in list(waiting):
-            if probe.tcp_open(plan.node(pod.node).netns, pod.ip, pod.readiness_port, 0.5):
-                pod.probed = True
-                waiting.remove(pod)
-        if waiting and time.monotonic() > deadline:
-            names = ", ".join(p.key for p in waiting)
-            raise LabError(f"pods not ready after {timeout:.0f}s: {names} (logs in {LOG_DIR})")
-        if waiting:
-            time.sleep(0.05)
+    while True:
+        plan = load_plan()
+        waiting = [
+            k
+            for k, uid in keys.items()
+            if k not in plan.pods or plan.pods[k].uid != uid or not plan.pods[k].ready
+        ]
+        if not waiting:
+            return plan
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"pods not ready after {timeout:.0f}s: {', '.join(waiting)} (logs in {LOG_DIR})"
+            )
+        time.sleep(0.05)
 
 
 def wait_ready(plan: LabPlan, timeout: float = READY_TIMEOUT) -> None:
@@ -344,6 +629,92 @@ def wait_ready(plan: LabPlan, timeout: float = READY_TIMEOUT) -> None:
     )
 
 
+def _selected(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def endpoints_behind(api: KubeApi) -> list[str]:
+    """Services whose EndpointSlices do not (yet) list exactly their ready pods' addresses
+    (kube-controller-manager writes them a moment after the pods' status)."""
+    pods = api.get("/api/v1/pods").get("items") or []
+    slices = api.get("/apis/discovery.k8s.io/v1/endpointslices").get("items") or []
+    behind = []
+    for svc in api.get("/api/v1/services").get("items") or []:
+        meta, spec = svc["metadata"], svc.get("spec") or {}
+        selector = spec.get("selector") or {}
+        if not selector:
+            continue
+        families = {"IPv6" if ":" in ip else "IPv4" for ip in spec.get("clusterIPs") or []}
+        want = {
+            ip["ip"]
+            for p in pods
+            if p["metadata"].get("namespace") == meta["namespace"]
+            and not p["metadata"].get("deletionTimestamp")
+            and _selected(selector, p["metadata"].get("labels") or {})
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+            for ip in (p.get("status") or {}).get("podIPs") or []
+            if ("IPv6" if ":" in ip["ip"] else "IPv4") in families
+        }
+        have = {
+            address
+            for eps in slices
+            if eps["metadata"].get("namespace") == meta["namespace"]
+            and (eps["metadata"].get("labels") or {}).get("kubernetes.io/service-name")
+            == meta["name"]
+            for endpoint in eps.get("endpoints") or []
+            if (endpoint.get("conditions") or {}).get("ready")
+            for address in endpoint.get("addresses") or []
+        }
+        if want != have:
+            behind.append(f"{meta['namespace']}/{meta['name']}")
+    return behind
+
+
+def controller_view(timeout: float = 5.0) -> dict | None:
+    """The controller's /status (shown to an agent's token, as to `meshctl status` on a node),
+    None when it does not answer."""
+    try:
+        token = node_token_path("node-1").read_text().strip()
+        return probe.http_get_json(
+            UNDERLAY_NETNS, UNDERLAY_BRIDGE_IP, CONTROLLER_METRICS_PORT, "/status", timeout, token
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def wait_synced(api: KubeApi, timeout: float = READY_TIMEOUT) -> None:
+    """Until the cluster has settled and the mesh with it: EndpointSlices list the ready
+    pods, and the controller's model has not changed for a moment with every connected agent
+    holding what it was last sent. Gives up quietly when the controller is not running."""
+    deadline = time.monotonic() + timeout
+    while endpoints_behind(api):
+        if time.monotonic() > deadline:
+            raise LabError(f"EndpointSlices behind after {timeout:.0f}s: {endpoints_behind(api)}")
+        time.sleep(0.1)
+    last = None
+    while time.monotonic() < deadline:
+        view = controller_view()
+        if view is None:
+            if not cgroups.pids(cgroups.system_cgroup("controller")):
+                return  # stopped (`meshlab controller stop`): nothing to wait for
+            time.sleep(0.2)
+            continue
+        agents = {a["node"]: a for a in view.get("agents") or [] if a["connected"]}
+        # agents that are not connected (stopped by a test, say) are not waited for
+        settled = (view.get("source") or {}).get("complete") and all(
+            a["acked_version"] == a["sent_version"] for a in agents.values()
+        )
+        mark = (view["generation"], tuple(sorted((a["sent_version"]) for a in agents.values())))
+        if settled and mark == last:
+            return
+        last = mark if settled else None
+        time.sleep(0.3)
+    raise LabError(f"the controller and agents did not settle in {timeout:.0f}s")
+
+
 # -- up and down --------------------------------------------------------------------
 
 
@@ -351,24 +722,26 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
     if STATE_FILE.exists() or net.lab_namespaces():
         raise LabError("a lab is already up (or left over): run `meshlab down` first")
     plan = LabPlan(nodes=make_nodes(nodes))
-    add_objects(plan, objects)
+    add_objects(LabPlan(nodes=plan.nodes), [dict(o) for o in objects])  # names unknown nodes
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    save_plan(plan)
+    save_state(nodes=nodes, api_host_port=_host_port())
     cgroups.create(lab_cgroup())
     net.create_underlay()
+    helper = start_control_plane()
     for node in plan.nodes:
         net.create_node(node, plan)
         cgroups.create(cgroups.node_cgroup(node.name))
-    for pod in plan.pods.values():
-        net.create_pod(pod, plan.node(pod.node))
-    for pod in plan.pods.values():
-        start_pod(pod)
-    wait_pods_ready(plan, list(plan.pods.values()))
-    save_plan(plan)
-    write_cluster(plan)
+    wait_control_plane(helper)
+    api = admin_api()
+    bootstrap(api, plan)
+    start_kubelet()
     start_controller()
     for node in plan.nodes:
-        start_agent(node)
+        start_agent(node, api=api)
+    wait_kubelet()
+    created, _ignored = apply_objects(api, objects)
+    plan = wait_pods_ready(created)
+    wait_synced(api)
     wait_ready(plan)
     return plan
 
@@ -378,7 +751,7 @@ def down() -> list[str]:
     removed: list[str] = []
     cg = lab_cgroup()
     if cg.exists():
-        cgroups.kill_tree(cg)
+        cgroups.kill_tree(cg)  # control plane, kubelet, controller, agents, pods
         node_dirs = [p for p in cg.iterdir() if p.is_dir() and p.name.startswith("node-")]
         for folder in node_dirs:  # detach explicitly; removing the cgroup would too
             settings = loader.DatapathSettings(BPFFS_DIR / folder.name, folder, "0.0.0.0")
@@ -393,7 +766,7 @@ def down() -> list[str]:
         for folder in ETC_NETNS.glob(NETNS_PREFIX + "*"):
             shutil.rmtree(folder, ignore_errors=True)
     if RUN_DIR.exists():
-        shutil.rmtree(RUN_DIR, ignore_errors=True)
+        shutil.rmtree(RUN_DIR, ignore_errors=True)  # etcd's data and the PKI with it
         removed.append(f"state {RUN_DIR}")
     return removed
 
@@ -415,57 +788,155 @@ def leftovers() -> list[str]:
     return out
 
 
-# -- changes at run time ----------------------------------------------------------------
+# -- changes at run time, through the API ----------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[LabPlan]:
-    """Load the plan under an exclusive lock, so concurrent applies do not race."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield load_plan()
+def _key(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
 
 
-def apply(objects: list[dict]) -> tuple[list[str], list[str]]:
-    """Create or update objects in the running lab; new pods are built and started.
-    Returns (pods started, objects updated)."""
-    with _locked() as plan:
-        before = set(plan.pods)
-        add_objects(plan, objects)
-        new = [plan.pods[k] for k in plan.pods if k not in before]
-        for pod in new:
-            net.create_pod(pod, plan.node(pod.node))
-        save_plan(plan)
-        write_cluster(plan)  # new pods appear (not yet ready), labels change, ...
-        for pod in new:
-            start_pod(pod)
-        if any(not p.ready for p in new):
-            wait_pods_ready(plan, new)
-            save_plan(plan)
-            write_cluster(plan)
-    return [p.key for p in new], [
-        f"{o['kind']} {o.get('metadata', {}).get('name')}" for o in objects
-    ]
+def _describe(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    return (
+        f"{obj.get('kind')} {meta['namespace']}/{name}"
+        if meta.get("namespace")
+        else (f"{obj.get('kind')} {name}")
+    )
 
 
-def stop_pod(pod: PodPlan) -> None:
-    cg = cgroups.pod_cgroup(pod.node, pod.namespace, pod.name)
-    cgroups.kill_tree(cg)
-    cgroups.remove_tree(cg)
-    net.delete_pod(pod)
-    shutil.rmtree(ETC_NETNS / pod.netns, ignore_errors=True)
+def _pod_defaults(obj: dict) -> dict:
+    """What the API requires of a Pod and lab manifests leave out: an image and a name per
+    container (the lab runs the command; the image is only a label)."""
+    obj = json.loads(json.dumps(obj))
+    for index, container in enumerate((obj.get("spec") or {}).get("containers") or []):
+        container.setdefault("name", f"c{index}" if index else "main")
+        container.setdefault("image", DEFAULT_IMAGE)
+    return obj
 
 
-def delete(objects: list[dict]) -> list[str]:
-    """Remove objects from the running lab; their pods are stopped and their namespaces removed."""
-    with _locked() as plan:
-        removed = remove_objects(plan, objects)
-        save_plan(plan)
-        write_cluster(plan)
-    for pod in removed:
-        stop_pod(pod)
-    return [p.key for p in removed]
+def _wait_served(api: KubeApi, api_version: str, kind: str, timeout: float = 30.0) -> None:
+    """A CRD's kind is served a moment after the CRD is created."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            api._resources.pop((api_version, kind), None)
+            api.resource(api_version, kind)
+            return
+        except UnknownKind:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class ApplyError(LabError):
+    """Some objects were refused by the API; the others were applied."""
+
+
+def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """Server-side apply ``objects`` in order (Namespaces first). Pods without a node are
+    placed on the least loaded node, as the lab kubelet's scheduler does. Returns ({ns/name:
+    uid} of the Pods created, the objects of kinds the API does not serve, ignored)."""
+    from meshagent.lab.kubelet import least_loaded
+
+    plan_nodes = make_nodes(load_state()["nodes"])
+    existing = {_key(p): p for p in api.get("/api/v1/pods").get("items") or []}
+    ordered = [o for o in objects if o.get("kind") == "Namespace"]
+    ordered += [o for o in objects if o.get("kind") != "Namespace"]
+    created: dict[str, str] = {}
+    ignored: list[str] = []
+    errors: list[str] = []
+    for obj in ordered:
+        if obj.get("kind") == "Pod":
+            obj = _pod_defaults(obj)
+            key = _key(obj)
+            spec = obj.setdefault("spec", {})
+            old = existing.get(key)
+            if old is not None and not old["metadata"].get("deletionTimestamp"):
+                spec.setdefault("nodeName", old["spec"].get("nodeName"))
+            elif not spec.get("nodeName"):
+                spec["nodeName"] = least_loaded(plan_nodes, existing.values()).name
+            elif spec["nodeName"] not in {n.name for n in plan_nodes}:
+                errors.append(f"{_describe(obj)}: no node {spec['nodeName']!r} in this lab")
+                continue
+        try:
+            stored = api.apply(obj)
+        except UnknownKind:
+            ignored.append(_describe(obj))
+            continue
+        except ApiError as exc:
+            errors.append(f"{_describe(obj)}: {exc.message}")
+            continue
+        if obj.get("kind") == "CustomResourceDefinition":
+            names = stored["spec"]["names"]
+            for version in stored["spec"]["versions"]:
+                _wait_served(api, f"{stored['spec']['group']}/{version['name']}", names["kind"])
+        if obj.get("kind") == "Pod":
+            key = _key(stored)
+            old = existing.get(key)
+            if old is None or old["metadata"]["uid"] != stored["metadata"]["uid"]:
+                created[key] = stored["metadata"]["uid"]
+            existing[key] = stored
+    if any(o.get("kind") == "Service" for o in objects):
+        refresh_hosts(api)
+    if errors:
+        raise ApplyError("refused by the API server:\n  " + "\n  ".join(errors))
+    return created, ignored
+
+
+def refresh_hosts(api: KubeApi) -> None:
+    """Rewrite every running pod's /etc/hosts from the API's Services now (the lab kubelet
+    does too, a moment later): a name resolves as soon as `meshlab apply` returns."""
+    from meshagent.lab.topology import hosts_for
+
+    services = api.get("/api/v1/services").get("items") or []
+    for pod in load_plan().pods.values():
+        if (NETNS_DIR / pod.netns).exists():
+            write_hosts(pod, hosts_for(pod, services))
+
+
+def apply(objects: list[dict]) -> tuple[list[str], list[str], list[str]]:
+    """Create or update objects in the running lab through the API; waits until new Pods run
+    and are Ready. Returns (pods started, objects applied, objects ignored)."""
+    load_state()
+    api = admin_api()
+    created, ignored = apply_objects(api, objects)
+    wait_pods_ready(created)
+    wait_synced(api)
+    applied = [_describe(o) for o in objects if _describe(o) not in ignored]
+    return sorted(created), applied, ignored
+
+
+def delete(objects: list[dict], timeout: float = 120.0) -> list[str]:
+    """Delete objects through the API; waits until deleted Pods are stopped (their grace
+    period honoured) and gone. Returns the pods stopped."""
+    load_state()
+    api = admin_api()
+    pods: dict[str, str] = {}
+    for obj in objects:
+        try:
+            path = api.object_path(obj)
+        except UnknownKind:
+            continue
+        if obj.get("kind") == "Pod":
+            current = api.get_or_none(path)
+            if current is None:
+                continue
+            pods[path] = current["metadata"]["uid"]
+        api.delete(path)
+    deadline = time.monotonic() + timeout
+    while pods:
+        for path, uid in list(pods.items()):
+            current = api.get_or_none(path)
+            if current is None or current["metadata"]["uid"] != uid:
+                del pods[path]
+        if pods and time.monotonic() > deadline:
+            raise LabError(f"pods not gone after {timeout:.0f}s: {', '.join(pods)}")
+        if pods:
+            time.sleep(0.1)
+    wait_synced(api)
+    return [_key(o) for o in objects if o.get("kind") == "Pod"]
 
 
 def stop_controller() -> None:

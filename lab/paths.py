@@ -25,6 +25,7 @@ RUN_DIR = Path("/run") / LAB_NAME
 STATE_FILE = RUN_DIR / "state.json"
 CLUSTER_DIR = RUN_DIR / "cluster"  # the controller's manifest folder
 LOG_DIR = RUN_DIR / "logs"
+KUBE_DIR = RUN_DIR / "kube"  # the control plane's workdir (lab/kubecontrol.py): pki, etcd, ...
 NETNS_PREFIX = LAB_NAME + "-"
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")  # per-namespace /etc files that `ip netns exec` binds

@@ -33,10 +33,16 @@ def tcp_open(netns: str, host: str, port: int, timeout: float = 1.0) -> bool:
     return True
 
 
-def http_get_json(netns: str, host: str, port: int, path: str, timeout: float = 2.0) -> dict:
-    """GET a JSON document (the agent's admin endpoint); raises OSError or ValueError."""
+def http_get_json(
+    netns: str, host: str, port: int, path: str, timeout: float = 2.0, token: str | None = None
+) -> dict:
+    """GET a JSON document (the agent's admin endpoint, the controller's status with a bearer
+    ``token``); raises OSError or ValueError."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with _connect(netns, host, port, timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n".encode()
+        )
         chunks = []
         while data := sock.recv(65536):
             chunks.append(data)

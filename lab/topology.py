@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meshagent.lab.paths import NETNS_PREFIX, POD_NET_OCTET
@@ -26,8 +27,11 @@ UNDERLAY_BRIDGE_IP = "172.30.0.1"
 UNDERLAY_PREFIX = 24
 CONTROLLER_PORT = 15012
 CONTROLLER_METRICS_PORT = 15014
+# The lab's kube-apiserver, in the underlay namespace beside the controller.
+APISERVER_PORT = 16443
 SERVICE_NET = ipaddress.ip_network("10.96.0.0/16")
 SERVICE_NET6 = ipaddress.ip_network("fd00:10:96::/112")
+SERVICE_CIDRS = f"{SERVICE_NET},{SERVICE_NET6}"  # the apiserver's dual-stack Service ranges
 UNDERLAY_BRIDGE_IP6 = "fd00:172:30::1"
 UNDERLAY_PREFIX6 = 64
 POD_PREFIX6 = 64
@@ -87,7 +91,8 @@ class PodPlan:
     node: str
     ip: str
     manifest: dict
-    probed: bool = False  # its readiness probe has answered (kubelet would mark it Ready)
+    probed: bool = False  # its readiness probe has answered (the kubelet marks it Ready)
+    uid: str = ""  # the Pod object's metadata.uid (this incarnation of the name)
 
     @property
     def ready(self) -> bool:
@@ -264,15 +269,23 @@ def _free_vip(used: set[str]) -> str:
 
 
 def hosts_file(plan: LabPlan, pod: PodPlan) -> str:
-    """/etc/hosts for a pod: itself, and every Service by short, namespaced and FQDN names."""
+    """/etc/hosts for a pod of a plan (its planned Services)."""
+    return hosts_for(pod, plan.services.values())
+
+
+def hosts_for(pod: PodPlan, services: Iterable[dict]) -> str:
+    """/etc/hosts for a pod: itself, and every Service with a VIP by short, namespaced and
+    FQDN names, every VIP (both families of a dual-stack Service)."""
     lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost", f"{pod.ip} {pod.name}"]
-    for svc in plan.services.values():
+    for svc in services:
         ns, name = _meta(svc)
+        spec = svc.get("spec") or {}
         names = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
         if ns == pod.namespace:
             names.insert(0, name)
-        for vip in svc["spec"].get("clusterIPs") or [svc["spec"]["clusterIP"]]:
-            lines.append(f"{vip} {' '.join(names)}")
+        for vip in spec.get("clusterIPs") or [spec.get("clusterIP")]:
+            if vip and vip != "None":
+                lines.append(f"{vip} {' '.join(names)}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,109 @@
+"""The lab on a real control plane, the parts that are pure logic: where the scheduler puts a
+pod, what `meshlab apply` adds to a Pod the API requires, the pods' hosts files from the API's
+Services, and how the lab knows EndpointSlices caught up with the pods."""
+
+from __future__ import annotations
+
+from meshagent.lab import lab
+from meshagent.lab.kubelet import is_agent, least_loaded
+from meshagent.lab.topology import PodPlan, hosts_for, make_nodes
+
+
+def _pod(name: str, node: str | None = None, **meta) -> dict:
+    spec = {"nodeName": node} if node else {}
+    return {"metadata": {"name": name, "namespace": "shop", **meta}, "spec": spec}
+
+
+def test_the_least_loaded_node_first_agents_and_deleted_pods_do_not_count():
+    nodes = make_nodes(3)
+    assert least_loaded(nodes, []).name == "node-1"
+    pods = [_pod("a", "node-1"), _pod("b", "node-2")]
+    assert least_loaded(nodes, pods).name == "node-3"
+    pods += [
+        _pod("agent", "node-3", annotations={"meshlab.io/runs": "agent"}),
+        _pod("going", "node-3", deletionTimestamp="2026-01-01T00:00:00Z"),
+        _pod("unbound"),
+    ]
+    assert is_agent(pods[2])
+    assert least_loaded(nodes, pods).name == "node-3"
+
+
+def test_pods_get_the_image_and_container_names_the_api_requires():
+    obj = {
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"command": ["sleep", "1"]}, {"name": "x", "image": "y"}]},
+    }
+    out = lab._pod_defaults(obj)
+    assert out["spec"]["containers"][0] == {
+        "command": ["sleep", "1"],
+        "name": "main",
+        "image": lab.DEFAULT_IMAGE,
+    }
+    assert out["spec"]["containers"][1] == {"name": "x", "image": "y"}
+    assert "image" not in obj["spec"]["containers"][0]  # the caller's object is left alone
+
+
+def test_hosts_list_every_vip_of_the_apis_services_and_skip_headless_ones():
+    pod = PodPlan("shop", "frontend", "node-1", "10.244.1.10", {})
+    services = [
+        {
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:10:96::20"]},
+        },
+        {
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1"},
+        },
+        {"metadata": {"name": "headless", "namespace": "shop"}, "spec": {"clusterIP": "None"}},
+    ]
+    lines = hosts_for(pod, services).splitlines()
+    assert "10.244.1.10 frontend" in lines
+    assert "10.96.0.20 web web.shop web.shop.svc web.shop.svc.cluster.local" in lines
+    assert "fd00:10:96::20 web web.shop web.shop.svc web.shop.svc.cluster.local" in lines
+    assert (
+        "10.96.0.1 kubernetes.default kubernetes.default.svc kubernetes.default.svc.cluster.local"
+        in lines
+    )
+    assert not any("headless" in line for line in lines)
+
+
+class _Api:
+    def __init__(self, pods, slices, services) -> None:
+        self.answers = {
+            "/api/v1/pods": pods,
+            "/apis/discovery.k8s.io/v1/endpointslices": slices,
+            "/api/v1/services": services,
+        }
+
+    def get(self, path: str) -> dict:
+        return {"items": self.answers[path]}
+
+
+def _ready_pod(name: str, ips: list[str], ready: bool = True) -> dict:
+    return {
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
+        "status": {
+            "podIPs": [{"ip": ip} for ip in ips],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_endpoints_are_behind_until_the_slices_list_exactly_the_ready_pods():
+    service = {
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"app": "web"}, "clusterIPs": ["10.96.0.20"]},
+    }
+    pods = [_ready_pod("a", ["10.244.1.10", "fd00::a"]), _ready_pod("b", ["10.244.1.11"], False)]
+
+    def slice_with(*addresses: str) -> dict:
+        return {
+            "metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        }
+
+    assert lab.endpoints_behind(_Api(pods, [], [service])) == ["shop/web"]
+    assert lab.endpoints_behind(_Api(pods, [slice_with("10.244.1.10")], [service])) == []
+    stale = [slice_with("10.244.1.10", "10.244.1.11")]
+    assert lab.endpoints_behind(_Api(pods, stale, [service])) == ["shop/web"]
