@@ -8,8 +8,16 @@ round changes one pod's label (which changes every node's snapshot, since each l
 workloads), then waits, polling every millisecond, until every session has ACKed its node's
 new version. Prints p50/p99 over the rounds and writes them as JSON.
 
+With --churn, the model instead changes at a steady rate (one pod's label, cycling over the
+pods) for --duration seconds, and each change's latency is the time until every agent holds
+a snapshot of that change or a later one (`AgentSession.acked_generation`), whatever the
+controller's coalescing merged. It also reports the controller's CPU time and peak memory
+(this process), and whether the backlog grew (the last tenth of the changes against the
+first).
+
   python -m benchmarks.push_latency                  # 100 agents, 20 rounds
   python -m benchmarks.push_latency --agents 200 --rounds 50
+  python -m benchmarks.push_latency --agents 100 --pods-per-node 10 --churn 50 --duration 60
   python -m benchmarks.push_latency --smoke          # 5 agents, 3 rounds (a unit test runs it)
 """
 
@@ -19,11 +27,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import ssl
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -40,11 +50,12 @@ from meshagent.controller.signing import NodeTokenAuthenticator
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "push_latency.json"
-PODS_PER_NODE = 2
+PODS_PER_NODE = 2  # the default; --pods-per-node
 SERVICES = 10
 CONNECT_TIMEOUT = 60.0
 ROUND_TIMEOUT = 60.0
 POLL = 0.001
+CHURN_POLL = 0.002  # how often the churn mode looks at every session's acked generation
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -54,8 +65,8 @@ def node_name(i: int) -> str:
     return f"node-{i:03d}"
 
 
-def cluster(nodes: int) -> dict[str, list[dict]]:
-    """A meshed namespace with PODS_PER_NODE pods on each node and SERVICES services."""
+def cluster(nodes: int, pods_per_node: int = PODS_PER_NODE) -> dict[str, list[dict]]:
+    """A meshed namespace with `pods_per_node` pods on each node and SERVICES services."""
     out: dict[str, list[dict]] = {
         "Namespace": [
             {
@@ -77,8 +88,8 @@ def cluster(nodes: int) -> dict[str, list[dict]]:
                 "status": {"addresses": [{"type": "InternalIP", "address": f"10.0.{n}.1"}]},
             }
         )
-        for p in range(PODS_PER_NODE):
-            out["Pod"].append(pod(n, p, round_=0))
+        for p in range(pods_per_node):
+            out["Pod"].append(pod(n, p, round_=0, pods_per_node=pods_per_node))
     for s in range(SERVICES):
         out["Service"].append(
             {
@@ -95,8 +106,8 @@ def cluster(nodes: int) -> dict[str, list[dict]]:
     return out
 
 
-def pod(node: int, index: int, round_: int) -> dict:
-    ordinal = node * PODS_PER_NODE + index
+def pod(node: int, index: int, round_: int, pods_per_node: int = PODS_PER_NODE) -> dict:
+    ordinal = node * pods_per_node + index
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -152,8 +163,16 @@ async def wait_all_acked(server: PushServer, nodes: list[str], timeout: float) -
             await trio.sleep(POLL)
 
 
-async def measure(agents: int, rounds: int, folder: Path) -> list[float]:
-    """Latencies in milliseconds, one per round."""
+async def measure(
+    agents: int,
+    rounds: int,
+    folder: Path,
+    *,
+    pods_per_node: int = PODS_PER_NODE,
+    churn: float = 0.0,
+    duration: float = 0.0,
+) -> list[float]:
+    """Latencies in milliseconds: one per round, or with `churn` one per change."""
     ca_file = folder / "ca.pem"
     ca = CertificateAuthority.load_or_create(ca_file)
     root = folder / "root.pem"
@@ -167,7 +186,7 @@ async def measure(agents: int, rounds: int, folder: Path) -> list[float]:
         json.dump(tokens, f)
 
     model = ClusterModel()
-    for kind, objects in cluster(agents).items():
+    for kind, objects in cluster(agents, pods_per_node).items():
         model.replace(kind, objects)
     identity = controller_identity(ca.trust_domain, "meshagent-system")
     certificate = StreamCertificate(ca_file.read_bytes(), identity, ["127.0.0.1"])
@@ -198,25 +217,91 @@ async def measure(agents: int, rounds: int, folder: Path) -> list[float]:
         )
         try:
             await wait_all_acked(server, nodes, CONNECT_TIMEOUT)
-            for round_ in range(1, rounds + 1):
-                changed = pod(round_ % agents, 0, round_)
-                started = time.perf_counter()
-                model.upsert("Pod", changed)
-                await wait_all_acked(server, nodes, ROUND_TIMEOUT)
-                latencies.append((time.perf_counter() - started) * 1000)
+            if churn:
+                latencies = await _churn(server, model, nodes, pods_per_node, churn, duration)
+            else:
+                for round_ in range(1, rounds + 1):
+                    changed = pod(round_ % agents, 0, round_, pods_per_node)
+                    started = time.perf_counter()
+                    model.upsert("Pod", changed)
+                    await wait_all_acked(server, nodes, ROUND_TIMEOUT)
+                    latencies.append((time.perf_counter() - started) * 1000)
         finally:
             process.terminate()
             nursery.cancel_scope.cancel()
     return latencies
 
 
-def summary(latencies: list[float], agents: int) -> dict:
+async def _churn(
+    server: PushServer,
+    model: ClusterModel,
+    nodes: list[str],
+    pods_per_node: int,
+    rate: float,
+    duration: float,
+) -> list[float]:
+    """Change one pod every 1/rate s for `duration` s; each change's latency is when every
+    session's acked generation reaches the generation that change made."""
+    pending: list[tuple[int, float]] = []  # (generation, when), in order
+    latencies: list[float] = []
+    total_pods = len(nodes) * pods_per_node
+
+    async def changes() -> None:
+        start = time.perf_counter()
+        for i in range(1, int(rate * duration) + 1):
+            await trio.sleep_until(
+                trio.current_time() + max(0.0, start + i / rate - time.perf_counter())
+            )
+            ordinal = i % total_pods
+            model.upsert(
+                "Pod", pod(ordinal // pods_per_node, ordinal % pods_per_node, i, pods_per_node)
+            )
+            pending.append((model.generation, time.perf_counter()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(changes)
+        deadline = trio.current_time() + duration + ROUND_TIMEOUT
+        while trio.current_time() < deadline:
+            await trio.sleep(CHURN_POLL)
+            sessions = [server.sessions.get(node) for node in nodes]
+            if any(s is None for s in sessions):
+                continue
+            reached = min(s.acked_generation for s in sessions)
+            now = time.perf_counter()
+            while pending and pending[0][0] <= reached:
+                latencies.append((now - pending.pop(0)[1]) * 1000)
+            if not pending and len(latencies) >= int(rate * duration):
+                break
+        if pending:
+            raise TimeoutError(f"{len(pending)} changes not acked by every agent in time")
+    return latencies
+
+
+def summary(
+    latencies: list[float],
+    agents: int,
+    *,
+    pods_per_node: int = PODS_PER_NODE,
+    churn: float = 0.0,
+    duration: float = 0.0,
+    cpu_s: float | None = None,
+) -> dict:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    tenth = max(1, len(latencies) // 10)
     return {
         "benchmark": "push_latency",
         "what": "model change to ACK of every agent, milliseconds",
         "agents": agents,
+        "pods": agents * pods_per_node,
+        "mode": f"churn {churn:g}/s for {duration:g} s" if churn else "one change per round",
         "rounds": len(latencies),
+        "first_tenth_p50_ms": round(statistics.median(latencies[:tenth]), 2),
+        "last_tenth_p50_ms": round(statistics.median(latencies[-tenth:]), 2),
+        "controller_cpu_s": None if cpu_s is None else round(cpu_s, 2),
+        # ru_maxrss is in KiB on Linux; this process is the controller (agents run apart)
+        "controller_max_rss_mib": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
         "p50_ms": round(cuts[49], 2),
         "p99_ms": round(cuts[98], 2),
         "min_ms": round(min(latencies), 2),
@@ -236,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     agents_cmd.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--agents", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--pods-per-node", type=int, default=PODS_PER_NODE)
+    parser.add_argument("--churn", type=float, default=0.0, help="pod changes per second")
+    parser.add_argument("--duration", type=float, default=60.0, help="with --churn: seconds")
     parser.add_argument("--smoke", action="store_true", help="5 agents, 3 rounds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -244,17 +332,24 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(run_agents, args.port, args.root, json.loads(args.tokens.read_text()))
         return 0
     agents, rounds = (5, 3) if args.smoke else (args.agents, args.rounds)
-    if agents < 1 or rounds < 2:
-        parser.error("need at least 1 agent and 2 rounds")
+    if agents < 1 or rounds < 2 or args.pods_per_node < 1:
+        parser.error("need at least 1 agent, 1 pod per node and 2 rounds")
+    if args.churn and (args.churn * args.duration < 2):
+        parser.error("--churn RATE --duration S must make at least 2 changes")
+    churn = {"pods_per_node": args.pods_per_node, "churn": args.churn, "duration": args.duration}
+    cpu_before = time.process_time()
     with tempfile.TemporaryDirectory(prefix="push-latency-") as folder:
-        latencies = trio.run(measure, agents, rounds, Path(folder))
-    result = summary(latencies, agents)
+        latencies = trio.run(partial(measure, agents, rounds, Path(folder), **churn))
+    result = summary(latencies, agents, cpu_s=time.process_time() - cpu_before, **churn)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"push latency, {agents} agents, {rounds} rounds: p50 {result['p50_ms']:.1f} ms,"
-        f" p99 {result['p99_ms']:.1f} ms (min {result['min_ms']:.1f}, max {result['max_ms']:.1f});"
-        f" written to {args.out}"
+        f"push latency, {agents} agents, {result['pods']} pods, {result['mode']}:"
+        f" p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms"
+        f" (min {result['min_ms']:.1f}, max {result['max_ms']:.1f}; first/last tenth p50"
+        f" {result['first_tenth_p50_ms']:.1f}/{result['last_tenth_p50_ms']:.1f} ms);"
+        f" controller CPU {result['controller_cpu_s']} s, peak RSS"
+        f" {result['controller_max_rss_mib']} MiB; written to {args.out}"
     )
     return 0
 
