@@ -18,8 +18,9 @@ APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 # podman with runc, buildah, mmdebstrap) run.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(curl tcpdump nginx-light iperf3 wrk haproxy shellcheck ruby vagrant podman runc buildah mmdebstrap)
 # ... and etcd for the lab's Kubernetes control plane (kube-apiserver: see below), and a
-# stock gRPC (Debian's grpcio, for the system Python that lab pods run) for the e2e tests.
-[ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio)
+# stock gRPC (Debian's grpcio, for the system Python that lab pods run) and h2load/nghttp
+# (nghttp2-client) for the e2e tests.
+[ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio nghttp2-client)
 # ... and Debian's Prometheus, which tests/e2e/test_prometheus.py runs against the lab.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(prometheus)
 EXTRAS="[test]"

@@ -23,6 +23,7 @@ from meshagent.agent.proxy.http import (
     RequestInfo,
     RequestRecord,
     proxy_http1,
+    proxy_http2,
 )
 from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
@@ -96,7 +97,7 @@ class InboundProxy:
         # The protocol of the Service port the client dialled, as the source named it; else
         # guessed from the pod port (sources that predate the header).
         protocol = tunnel.request.protocol or tables.pod_protocol(ip, port)
-        if protocol == "http1":
+        if protocol in ("http1", "http2"):
             # HTTP: authorization per request (403), not per connection. The pod is dialled
             # before the tunnel is answered, so a dead pod is a 503 on the tunnel (a connect
             # failure the source can retry elsewhere), as ztunnel does.
@@ -111,7 +112,15 @@ class InboundProxy:
                 await trio.aclose_forcefully(first)
                 return
             await self.serve_http(
-                stream, tunnel.peer_identity, source_ip, target, ip, port, "mutual_tls", first
+                stream,
+                tunnel.peer_identity,
+                source_ip,
+                target,
+                ip,
+                port,
+                "mutual_tls",
+                first,
+                protocol=protocol,
             )
             return
         source = tables.workload_by_ip.get(source_ip)
@@ -205,11 +214,14 @@ class InboundProxy:
         port: int,
         security: str,
         first: trio.abc.HalfCloseableStream | None = None,
+        *,
+        protocol: str = "http1",
     ) -> None:
-        """Deliver HTTP/1.1 to a local pod (`first`: a connection to it already made),
-        checking every request against the pod's AuthorizationPolicies: a denial is a 403
-        `RBAC: access denied` for that request only; the connection and its other requests
-        go on."""
+        """Deliver HTTP (`protocol` http1 or http2, h2c to the pod) to a local pod (`first`: a
+        connection to it already made), checking every request against the pod's
+        AuthorizationPolicies: a denial is a 403 `RBAC: access denied` (a gRPC call: status 7
+        PERMISSION_DENIED) for that request only; the connection and its other requests go
+        on."""
         tables = self.store.tables
         assert tables is not None
         service = tables.service_by_endpoint.get((ip, port))
@@ -232,7 +244,6 @@ class InboundProxy:
             connection_security_policy=security,
         )
 
-        last_decision: list[authz.Decision | None] = [None]
         target_policies = authorization.DestinationPolicies(target)
 
         async def authorize(request: RequestInfo) -> LocalResponse | None:
@@ -259,7 +270,7 @@ class InboundProxy:
                 selected=selected,
             )
             self.inputs.metrics.policy_decision(decision)
-            last_decision[0] = decision  # HTTP/1.1: one request at a time per connection
+            request.decision = decision  # for the request's access log line
             if decision.allowed:
                 return None
             return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
@@ -281,16 +292,14 @@ class InboundProxy:
                 record,
                 source_address=source_ip,
                 destination_address=f"{ip}:{port}",
-                decision=last_decision[0],
             )
-            last_decision[0] = None
 
         principal = source_identity.uri if source_identity else source_ip
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
         self.stats.accepted += 1
         self.stats.active += 1
         try:
-            await proxy_http1(
+            await (proxy_http2 if protocol == "http2" else proxy_http1)(
                 stream,
                 HttpContext(
                     routes=lambda: routes,
@@ -323,12 +332,13 @@ class InboundProxy:
         target: Workload,
         ip: str,
         port: int,
+        protocol: str = "http1",
     ) -> trio.abc.HalfCloseableStream:
-        """Same-node HTTP: a connected stream pair whose far end is served by `serve_http`,
-        so same-node requests pass the same per-request checks as tunnelled ones. The pair
-        is in-process (`memstream`), not a kernel socket pair: that hop cost each request
-        five system calls and an epoll registration. The pod is dialled first: a dead pod is
-        a connect failure here too (raises OSError)."""
+        """Same-node HTTP (`protocol` http1 or http2): a connected stream pair whose far end is
+        served by `serve_http`, so same-node requests pass the same per-request checks as
+        tunnelled ones. The pair is in-process (`memstream`), not a kernel socket pair: that
+        hop cost each request five system calls and an epoll registration. The pod is dialled
+        first: a dead pod is a connect failure here too (raises OSError)."""
         first = await self._dial(ip, port)
         near, far = memory_stream_pair()
         security = local_hop_security(source_identity is not None, target, self.inputs.node)
@@ -336,7 +346,15 @@ class InboundProxy:
         async def serve() -> None:
             async with far:
                 await self.serve_http(
-                    far, source_identity, source_ip, target, ip, port, security, first
+                    far,
+                    source_identity,
+                    source_ip,
+                    target,
+                    ip,
+                    port,
+                    security,
+                    first,
+                    protocol=protocol,
                 )
 
         nursery.start_soon(serve)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.proxy import live
-from meshagent.agent.proxy.http import HttpContext, RequestRecord, proxy_http1
+from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.relay import RelayResult, relay
@@ -117,8 +117,8 @@ class OutboundProxy:
         source = tables.workload_by_ip.get(peer_ip) if tables else None
         route = tables.by_vip_port.get(orig) if tables else None
         protocol = port_protocol(route.service_port) if route is not None else None
-        if route is not None and protocol == "http1":
-            await self._serve_http(client, source, route.service, orig, peer_ip)
+        if route is not None and protocol in ("http1", "http2"):
+            await self._serve_http(client, source, route.service, orig, peer_ip, protocol)
             return
         conn = _L4(self, client, source, peer_ip, orig, start, started, protocol)
         if route is None:
@@ -133,18 +133,21 @@ class OutboundProxy:
         service: Service,
         orig: tuple[str, int],
         peer_ip: str,
+        protocol: Protocol,
     ) -> None:
-        """Per-request routing, balancing and resilience (VirtualService, DestinationRule)."""
+        """Per-request routing, balancing and resilience (VirtualService, DestinationRule),
+        over HTTP/1.1 or HTTP/2 as the client speaks (`serve_detected`)."""
         port = orig[1]
         traffic = self.traffic
         hostname = service.hostname
         source_peer = self._peer(source)
         service_labels = service_ref(service)
         self.stats.http_connections += 1
+        served: list[Protocol] = [protocol]  # HTTP/2 on an HTTP/1.1 port too, once detected
 
         async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
-            upstream = await self.connector.open(source, ip, pod_port, peer_ip, "http1")
+            upstream = await self.connector.open(source, ip, pod_port, peer_ip, served[0])
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1
             return upstream
@@ -195,7 +198,7 @@ class OutboundProxy:
             drain=self.inputs.drain,
             settings=self.inputs.http,
         )
-        await proxy_http1(client, ctx)
+        await serve_detected(client, ctx, protocol, served)
 
     def _peer(self, workload: Workload | None) -> Peer:
         if workload is None:

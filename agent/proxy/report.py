@@ -7,6 +7,9 @@ the same way; only the labels (reporter, peers) and the addresses differ.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import trio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.inputs import ProxyInputs
@@ -25,6 +28,10 @@ def report_http(
 ) -> None:
     duration_ms = record.duration * 1000
     flags = record.flag_string
+    if record.grpc and labels.request_protocol != "grpc":
+        labels = _grpc_labels(labels)
+    if decision is None and isinstance(record.decision, Decision):
+        decision = record.decision
     inputs.metrics.http_request(
         labels,
         record.status,
@@ -32,6 +39,7 @@ def report_http(
         duration_ms,
         record.bytes_received,
         record.bytes_sent,
+        grpc_status=record.grpc_status if record.grpc else None,
     )
     if inputs.access_log is not None:
         inputs.access_log.http_request(
@@ -48,6 +56,12 @@ def report_http(
             source_address=source_address,
             destination_address=destination_address,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _grpc_labels(labels: ConnectionLabels) -> ConnectionLabels:
+    """The connection's labels for a gRPC call (request_protocol grpc), built once each."""
+    return dataclasses.replace(labels, request_protocol="grpc")
 
 
 def log_tcp(

@@ -153,13 +153,13 @@ class Connector:
             and local is not None
             and local.meshed
             and local.node == self.node
-            and protocol == "http1"
+            and protocol in ("http1", "http2")
         ):
             inbound, nursery = self._local
             source_id = workload_identity(source, self.trust_domain) if source else None
             try:
                 stream = await inbound.open_local_http(
-                    nursery, source_id, client_ip, local, ip, port
+                    nursery, source_id, client_ip, local, ip, port, protocol
                 )
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http import wire
+from meshagent.agent.proxy.http.decide import decide
 from meshagent.agent.proxy.http.pool import RECEIVE_SIZE, UpstreamConnection
 from meshagent.agent.proxy.http.retry import Outcome, backoff, retriable, retriable_status
 from meshagent.agent.proxy.http.types import (
@@ -141,10 +142,13 @@ class _Body:
         self.timers.clear()
 
 
-async def proxy_http1(client: trio.abc.Stream, ctx: HttpContext) -> None:
-    """Serve HTTP/1.1 on `client` until it closes or idles out. Never raises for anything
-    the client or an upstream does; the caller still owns (and closes) `client`."""
+async def proxy_http1(client: trio.abc.Stream, ctx: HttpContext, *, initial: bytes = b"") -> None:
+    """Serve HTTP/1.1 on `client` until it closes or idles out (`initial`: bytes already read
+    from it). Never raises for anything the client or an upstream does; the caller still owns
+    (and closes) `client`."""
     session = _Session(client, ctx)
+    if initial:
+        session.conn.receive_data(initial)
     try:
         await session.run()
     except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
@@ -376,40 +380,12 @@ class _Session:
         await self._send_bytes(out)
 
     async def _process(self, req: wire.Request, info: RequestInfo, record: RequestRecord) -> None:
-        ctx = self.ctx
-        if ctx.request_filter is not None:
-            try:
-                local = await ctx.request_filter(info)
-            except Exception:
-                log.exception("request filter failed on %s %s", info.method, info.target)
-                local = LocalResponse(500, b"request filter failed")
-            if local is not None:
-                await self._local(record, local)
-                return
-        routes = ctx.routes()
-        route = None
-        if routes is not None:
-            headers = info.header_map() if routes.uses_headers else _EMPTY
-            route = routes.match(info.method, info.target, headers)
-        if routes is None or route is None:
-            await self._local(record, LocalResponse(404), "NR")
+        d = await decide(self.ctx, info, record)
+        if d.local is not None:
+            await self._local(record, d.local, d.flag)
             return
-        record.route = route.name
-        fault = route.fault
-        if fault is not None:
-            if fault.delay and ctx.rng.random() * 100 < fault.delay_percent:
-                record.flags.append("DI")
-                await trio.sleep(fault.delay)
-            if fault.abort_status and ctx.rng.random() * 100 < fault.abort_percent:
-                resp = LocalResponse(fault.abort_status, b"fault filter abort")
-                await self._local(record, resp, "FI")
-                return
-        spec = route.destinations.pick(ctx.rng.random)
-        if spec is None:
-            await self._local(record, LocalResponse(503), "NC")
-            return
-        record.cluster = spec.name
-        await self._forward(req, routes, route, ctx.clusters.get(spec), record)
+        assert d.routes is not None and d.route is not None and d.cluster is not None
+        await self._forward(req, d.routes, d.route, d.cluster, record)
 
     async def _forward(
         self,

@@ -53,6 +53,8 @@ class RequestInfo:
     headers: list[tuple[bytes, bytes]]
     peer: str = ""  # the downstream client's address
     _dict: dict[str, str] | None = field(default=None, repr=False)
+    # What the request filter decided (an authz.Decision), for the request's access log line.
+    decision: object = None
 
     @property
     def path(self) -> str:
@@ -105,6 +107,9 @@ class RequestRecord:
     upstream: str = ""  # its "ip:port"
     attempts: int = 0  # upstream attempts made (1 + retries)
     upstream_info: object = None  # what Connect returned with the stream, if anything
+    decision: object = None  # the request filter's decision (authz.Decision), if any
+    grpc: bool = False  # a gRPC call (content-type application/grpc): request_protocol grpc
+    grpc_status: int | None = None  # grpc-status of the response (headers or trailers)
 
     @property
     def flag_string(self) -> str:

@@ -1,7 +1,12 @@
 """A stock gRPC server and client (Debian's python3-grpcio, no generated code) for the lab.
 
-    python3 grpc_echo.py serve PORT          # meshtest.Echo/Unary and /Stream on [::]:PORT
+    python3 grpc_echo.py serve PORT [NAME]   # meshtest.Echo/Unary, /Stream, /Who on [::]:PORT
     python3 grpc_echo.py call TARGET [SIZE]  # one unary call, one 1,000-message stream: JSON
+    python3 grpc_echo.py who TARGET N [KEY=VALUE]  # N /Who calls on one channel: {name: count}
+    python3 grpc_echo.py methods TARGET      # /Unary then /Who on one channel: {method: code}
+
+/Who answers the server's NAME (default: the host name), so a test can tell which endpoint
+served each call of one channel; KEY=VALUE is sent as call metadata.
 
 Runs under the system Python inside lab pods, so it imports only grpc and the stdlib. The
 server prints one line per call, so a test can tell whether a call reached it.
@@ -10,7 +15,9 @@ server prints one line per call, so a test can tell whether a call reached it.
 from __future__ import annotations
 
 import json
+import socket
 import sys
+from collections import Counter
 from concurrent import futures
 
 import grpc
@@ -19,7 +26,10 @@ SERVICE = "meshtest.Echo"
 STREAM_MESSAGES = 1000
 
 
-def serve(port: int) -> None:
+def serve(port: int, name: str) -> None:
+    def who(request: bytes, context) -> bytes:
+        return name.encode()
+
     def unary(request: bytes, context) -> bytes:
         print(f"unary {len(request)} bytes", flush=True)
         return request
@@ -34,6 +44,7 @@ def serve(port: int) -> None:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Who": grpc.unary_unary_rpc_method_handler(who),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -61,9 +72,38 @@ def call(target: str, size: int) -> dict:
     }
 
 
+def who(target: str, count: int, metadata: tuple) -> dict:
+    names: Counter = Counter()
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/Who")
+        for _ in range(count):
+            try:
+                names[call(b"", timeout=10, metadata=metadata).decode()] += 1
+            except grpc.RpcError as exc:
+                names[f"error:{exc.code().name}"] += 1
+    return dict(names)
+
+
+def methods(target: str) -> dict:
+    codes = {}
+    with grpc.insecure_channel(target) as channel:
+        for method in ("Unary", "Who"):
+            try:
+                channel.unary_unary(f"/{SERVICE}/{method}")(b"x", timeout=10)
+                codes[method] = "OK"
+            except grpc.RpcError as exc:
+                codes[method] = exc.code().name
+    return codes
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else socket.gethostname())
+    elif sys.argv[1] == "who":
+        pairs = [arg.split("=", 1) for arg in sys.argv[4:]]
+        print(json.dumps(who(sys.argv[2], int(sys.argv[3]), tuple(map(tuple, pairs)))))
+    elif sys.argv[1] == "methods":
+        print(json.dumps(methods(sys.argv[2])))
     else:
         size = int(sys.argv[3]) if len(sys.argv) > 3 else 16
         print(json.dumps(call(sys.argv[2], size)))

@@ -1,0 +1,619 @@
+"""The HTTP/2 engine: one downstream h2c connection in, each stream routed and balanced alone.
+
+What flows through, per stream (a request; a gRPC call): HEADERS -> request head
+(`h2wire.parse_request`) -> path normalization -> the shared decisions (`decide.py`: request
+filter = authorization, route match, faults, weighted cluster) -> endpoint (lb, per request)
+-> a stream on an upstream HTTP/2 connection to that endpoint (h2c to a pod, or over an HBONE
+tunnel, whatever `HttpContext.connect` gives) -> request DATA and trailers relayed one way,
+response HEADERS, DATA and trailers the other -> a RequestRecord to `on_request_done`.
+
+Flow control is end to end: DATA received on one side is acknowledged (WINDOW_UPDATE) only
+once it was sent on the other, so a slow reader slows its writer and the proxy holds at most
+a connection window per connection. Upstream connections belong to the downstream connection
+that opened them (one per endpoint while it has room for another stream): per-request balancing
+spreads one client connection's streams over all endpoints.
+
+Failures before a response: connect 503 UF (another endpoint is tried while the retry policy
+allows), reset 503 UC, no healthy endpoint 503 UH; after the response began, the downstream
+stream is reset. Replies the proxy makes itself to gRPC calls are trailers-only with a gRPC code
+(`h2wire.local_reply`). Limits on the downstream side (`h2wire.H2Limits`): h2 refuses streams
+over the concurrency limit and header lists over the size limit; protocol errors and reset
+floods end the connection with GOAWAY.
+
+The h2 state machines (sans-IO) live in `_H2Peer` with the reader that feeds them; all the
+protocol rules are in `h2wire`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import h2.connection
+import h2.events
+import h2.exceptions
+import trio
+from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http.decide import RouteDecision, decide
+from meshagent.agent.proxy.http.types import (
+    HttpContext,
+    LocalResponse,
+    RequestInfo,
+    RequestRecord,
+    UpstreamError,
+)
+from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE, RESET_CODE, ClusterState, EndpointState
+from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 65536
+CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
+_RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
+class _Gone(Exception):
+    """The stream (or its whole connection) on one side cannot carry more."""
+
+
+class _Inbox:
+    """Events for one stream, in order, from the connection's reader to the stream's task."""
+
+    __slots__ = ("receive", "reset", "send")
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[h2.events.Event | None](math.inf)
+        self.reset: int | None = None  # the error code when the peer reset the stream
+
+
+class _H2Peer:
+    """One HTTP/2 connection over a byte stream: the h2 state machine, one writer at a time,
+    per-stream inboxes filled by `run` (the reader), and waits for send window."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: h2.connection.H2Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.lock = trio.Lock()
+        self.inboxes: dict[int, _Inbox] = {}
+        self._window = trio.Event()
+        self.closed = False
+        self.goaway = False
+        self.info: object = None  # what Connect returned with an upstream stream
+
+    async def flush(self) -> None:
+        """Send what the state machine queued; raises _Gone when the transport is."""
+        async with self.lock:
+            data = self.conn.data_to_send()
+            if data:
+                try:
+                    await self.stream.send_all(data)
+                except _TRANSPORT_ERRORS as exc:
+                    self.closed = True
+                    raise _Gone from exc
+
+    def wake(self) -> None:
+        self._window.set()
+        self._window = trio.Event()
+
+    def open_inbox(self, stream_id: int) -> _Inbox:
+        inbox = self.inboxes[stream_id] = _Inbox()
+        return inbox
+
+    def close_inbox(self, stream_id: int) -> None:
+        """Forget a stream; DATA it left unread is acknowledged for the connection window."""
+        inbox = self.inboxes.pop(stream_id, None)
+        if inbox is None:
+            return
+        while True:
+            try:
+                event = inbox.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(event, h2.events.DataReceived):
+                self.ack(stream_id, event.flow_controlled_length)
+
+    def ack(self, stream_id: int, size: int) -> None:
+        if size:
+            with contextlib.suppress(*_H2_ERRORS):
+                self.conn.acknowledge_received_data(size, stream_id)
+
+    def reset(self, stream_id: int, code: int = h2wire.CANCEL) -> None:
+        with contextlib.suppress(*_H2_ERRORS):
+            self.conn.reset_stream(stream_id, code)
+
+    async def send_headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool = False
+    ) -> None:
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=end)
+        except _H2_ERRORS as exc:
+            raise _Gone from exc
+        await self.flush()
+
+    async def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Send `data` as the stream's and the connection's send windows allow."""
+        pos = 0
+        while pos < len(data):
+            inbox = self.inboxes.get(stream_id)
+            if self.closed or (inbox is not None and inbox.reset is not None):
+                raise _Gone
+            try:
+                window = self.conn.local_flow_control_window(stream_id)
+            except _H2_ERRORS as exc:
+                raise _Gone from exc
+            if window <= 0:
+                await self._window.wait()
+                continue
+            size = min(window, len(data) - pos, self.conn.max_outbound_frame_size)
+            try:
+                self.conn.send_data(stream_id, data[pos : pos + size])
+            except _H2_ERRORS as exc:
+                raise _Gone from exc
+            pos += size
+            await self.flush()
+        if end:
+            await self.end(stream_id)
+
+    async def end(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except _H2_ERRORS as exc:
+            raise _Gone from exc
+        await self.flush()
+
+    def dispatch(self, event: h2.events.Event) -> None:
+        """Route a received event to its stream's inbox (the events both sides share)."""
+        if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self.wake()
+            return
+        stream_id = getattr(event, "stream_id", None)
+        if not stream_id:
+            return
+        inbox = self.inboxes.get(stream_id)
+        if inbox is None:
+            if isinstance(event, h2.events.DataReceived):
+                self.ack(stream_id, event.flow_controlled_length)
+            return
+        if isinstance(event, h2.events.StreamReset):
+            inbox.reset = event.error_code
+            self.wake()
+        inbox.send.send_nowait(event)
+
+    async def run(self, on_event, initial: bytes = b"") -> None:
+        """Read until the connection ends; `on_event(event)` sees every event first and
+        returns True when it handled it. A protocol error is answered with GOAWAY."""
+        data = initial
+        try:
+            while True:
+                if not data:
+                    try:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    except _TRANSPORT_ERRORS:
+                        return
+                    if not data:
+                        return
+                try:
+                    events = self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    code = getattr(exc, "error_code", h2wire.PROTOCOL_ERROR)
+                    await self.goaway_and_close(code)
+                    return
+                data = b""
+                for event in events:
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        self.goaway = True
+                        last = event.last_stream_id
+                        for stream_id, inbox in list(self.inboxes.items()):
+                            if last is not None and stream_id > last and inbox.reset is None:
+                                inbox.reset = h2wire.REFUSED_STREAM
+                                inbox.send.send_nowait(None)
+                    if not on_event(event):
+                        self.dispatch(event)
+                    if self.closed:  # on_event ended the connection (GOAWAY queued)
+                        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+                            await self.flush()
+                        return
+                try:
+                    await self.flush()
+                except _Gone:
+                    return
+        finally:
+            self.closed = True
+            for inbox in self.inboxes.values():
+                if inbox.reset is None:
+                    inbox.reset = h2wire.INTERNAL_ERROR
+                inbox.send.send_nowait(None)
+            self.wake()
+
+    async def goaway_and_close(self, code: int) -> None:
+        with contextlib.suppress(*_H2_ERRORS):
+            self.conn.close_connection(error_code=code)
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+            await self.flush()
+        self.closed = True
+
+
+async def proxy_http2(
+    client: trio.abc.Stream,
+    ctx: HttpContext,
+    *,
+    initial: bytes = b"",
+    limits: h2wire.H2Limits = h2wire.DEFAULT_LIMITS,
+) -> None:
+    """Serve HTTP/2 (h2c, prior knowledge) on `client` until it closes; `initial`: bytes
+    already read from it (the preface a detector looked at). Never raises for anything the
+    client or an upstream does; the caller still owns (and closes) `client`."""
+    session = _Session(client, ctx, limits)
+    try:
+        await session.run(initial)
+    except Exception:  # a bug here must cost one connection, not the listener
+        log.exception("HTTP/2 session from %s failed", ctx.peer or "?")
+
+
+async def serve_detected(
+    client: trio.abc.Stream, ctx: HttpContext, protocol: str, served: list | None = None
+) -> str:
+    """Serve `client` with the engine for `protocol` ("http1" or "http2"); on an HTTP/1.1 port
+    a client that opens with the HTTP/2 preface gets the HTTP/2 engine (as Envoy's codec
+    auto-detection; its requests go upstream as HTTP/2). Returns the protocol served, also
+    put in `served[0]` before serving (for a Connect that must name it)."""
+    if protocol == "http2":
+        await proxy_http2(client, ctx)
+        return protocol
+    initial = b""
+    with trio.move_on_after(ctx.settings.client_idle_timeout):
+        while h2wire.is_preface(initial) is None:
+            try:
+                data = await client.receive_some(RECEIVE_SIZE)
+            except _TRANSPORT_ERRORS:
+                return protocol
+            if not data:
+                break
+            initial += data
+    if h2wire.is_preface(initial):
+        if served is not None:
+            served[0] = "http2"
+        await proxy_http2(client, ctx, initial=initial)
+        return "http2"
+    if initial:
+        from meshagent.agent.proxy.http.proxy import proxy_http1
+
+        await proxy_http1(client, ctx, initial=initial)
+    return "http1"
+
+
+class _Session:
+    def __init__(self, client: trio.abc.Stream, ctx: HttpContext, limits: h2wire.H2Limits) -> None:
+        self.ctx = ctx
+        self.limits = limits
+        self.down = _H2Peer(client, h2wire.new_connection(client_side=False, limits=limits))
+        self.guard = h2wire.ResetGuard(limits.max_resets, limits.reset_window)
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.upstreams: dict[str, list[_H2Peer]] = {}
+        self.opening: dict[str, trio.Lock] = {}
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self, initial: bytes) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                try:
+                    await self.down.flush()
+                except _Gone:
+                    return
+                await self.down.run(self._on_event, initial)
+                nursery.cancel_scope.cancel()
+        finally:
+            for peers in self.upstreams.values():
+                for peer in peers:
+                    await trio.aclose_forcefully(peer.stream)
+
+    def _on_event(self, event: h2.events.Event) -> bool:
+        if isinstance(event, h2.events.RequestReceived):
+            assert self.nursery is not None
+            self.down.open_inbox(event.stream_id)
+            scope = self.scopes[event.stream_id] = trio.CancelScope()
+            self.nursery.start_soon(self._serve_stream, event.stream_id, event.headers, scope)
+            return True
+        if isinstance(event, h2.events.StreamReset):
+            scope = self.scopes.get(event.stream_id)
+            if scope is not None:
+                scope.cancel()
+                if self.guard.reset(trio.current_time()):
+                    log.warning("HTTP/2 reset flood from %s: GOAWAY", self.ctx.peer or "?")
+                    with contextlib.suppress(*_H2_ERRORS):
+                        self.down.conn.close_connection(error_code=h2wire.ENHANCE_YOUR_CALM)
+                    self.down.closed = True  # the reader sends the GOAWAY and stops
+        return False
+
+    # -- one stream -----------------------------------------------------------------------
+
+    async def _serve_stream(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], scope: trio.CancelScope
+    ) -> None:
+        pseudo = dict(h for h in headers if h[0].startswith(b":"))
+        record = RequestRecord(
+            pseudo.get(b":method", b"").decode("ascii", "replace"),
+            pseudo.get(b":path", b"").decode("latin-1"),
+            pseudo.get(b":authority", b"").decode("latin-1"),
+            self.ctx.peer,
+            time.time(),
+        )
+        started = trio.current_time()
+        grpc = False
+        try:
+            with scope:
+                try:
+                    head = h2wire.parse_request(headers)
+                    grpc = record.grpc = head.grpc
+                    head.path = self._normalize(head.path)
+                except (h2wire.BadRequest, InvalidPath) as exc:
+                    body = f"bad request: {exc}\n".encode()[:512]
+                    await self._local(stream_id, record, LocalResponse(400, body), "DPE", grpc)
+                    return
+                info = RequestInfo(
+                    method=head.method,
+                    target=head.path,
+                    authority=head.authority,
+                    headers=head.headers,
+                    peer=self.ctx.peer,
+                )
+                d = await decide(self.ctx, info, record)
+                if d.local is not None:
+                    await self._local(stream_id, record, d.local, d.flag, grpc)
+                    return
+                await self._forward(stream_id, head, d, record)
+            if scope.cancelled_caught:
+                record.flags.append("DC")  # the client reset the stream
+        except _Gone:
+            record.flags.append("DC")
+        finally:
+            record.duration = trio.current_time() - started
+            self.scopes.pop(stream_id, None)
+            self.down.close_inbox(stream_id)
+            if self.ctx.on_request_done is not None:
+                try:
+                    self.ctx.on_request_done(record)
+                except Exception:
+                    log.exception("on_request_done failed")
+
+    def _normalize(self, path: str) -> str:
+        mode = self.ctx.settings.path_normalization
+        if mode is PathNormalization.NONE:
+            return path
+        target, _ = normalize_target(path, mode)
+        return target
+
+    async def _local(
+        self, stream_id: int, record: RequestRecord, resp: LocalResponse, flag: str, grpc: bool
+    ) -> None:
+        """A reply the proxy makes itself (a gRPC call gets a trailers-only response)."""
+        if flag:
+            record.flags.append(flag)
+        record.flags.extend(resp.flags)
+        headers, body = h2wire.local_reply(resp, grpc=grpc)
+        record.status = h2wire.status_of(headers)
+        if grpc:
+            record.grpc_status = h2wire.grpc_status_of(headers)
+        await self.down.send_headers(stream_id, headers, end=not body)
+        if body:
+            await self.down.send_data(stream_id, body, end=True)
+        if self.down.conn.streams.get(stream_id) is not None:
+            # the client may still be sending its body: it is not wanted
+            with contextlib.suppress(*_H2_ERRORS):
+                if not self.down.conn.streams[stream_id].closed:
+                    self.down.reset(stream_id, h2wire.NO_ERROR)
+                    await self.down.flush()
+
+    async def _forward(
+        self, stream_id: int, head: h2wire.RequestHead, d: RouteDecision, record: RequestRecord
+    ) -> None:
+        assert d.cluster is not None and d.routes is not None
+        cluster = d.cluster
+        policy = d.route.retry if d.route is not None else None
+        connect_retries = policy.attempts if policy is not None else 0
+        tried: list[EndpointState] = []
+        authority = f"{d.routes.hostname}:{d.routes.port}"
+        while True:
+            ep = cluster.pick(tried)
+            if ep is None:
+                await self._local(
+                    stream_id, record, LocalResponse(503, b"no healthy upstream"), "UH", record.grpc
+                )
+                return
+            tried.append(ep)
+            record.attempts += 1
+            record.endpoint = ep.endpoint
+            record.upstream = ep.address
+            try:
+                peer = await self._upstream(cluster, ep)
+            except UpstreamError as exc:
+                cluster.report(ep, CONNECT_FAILURE_CODE)
+                if connect_retries > 0:
+                    connect_retries -= 1
+                    continue
+                body = _RESET_BODY + b"connection failure"
+                log.debug("connect to %s failed: %s", ep.address, exc)
+                await self._local(stream_id, record, LocalResponse(503, body), "UF", record.grpc)
+                return
+            record.upstream_info = peer.info
+            cluster.request_started(ep)
+            status: int | None = None
+            try:
+                status = await self._exchange(stream_id, peer, head, authority, record)
+            finally:
+                cluster.request_finished(ep, status)
+            return
+
+    async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
+        """An upstream connection to `ep` with room for one more stream (opened if none)."""
+        key = ep.address
+        lock = self.opening.setdefault(key, trio.Lock())
+        async with lock:
+            for peer in self.upstreams.get(key, ()):
+                if peer.closed or peer.goaway:
+                    continue
+                limit = peer.conn.remote_settings.max_concurrent_streams
+                if peer.conn.open_outbound_streams < limit:
+                    return peer
+            connect = self.ctx.connect
+            if connect is None:
+                raise UpstreamError("connect-failure", "no connector")
+            try:
+                with trio.fail_after(cluster.spec.policy.connect_timeout):
+                    opened = await connect(ep.endpoint, ep.port)
+            except UpstreamError:
+                raise
+            except trio.TooSlowError:
+                raise UpstreamError("connect-failure", "connect timeout") from None
+            except Exception as exc:
+                raise UpstreamError("connect-failure", str(exc) or type(exc).__name__) from exc
+            stream = getattr(opened, "stream", opened)
+            peer = _H2Peer(stream, h2wire.new_connection(client_side=True))
+            peer.info = None if stream is opened else opened
+            try:
+                await peer.flush()
+            except _Gone:
+                await trio.aclose_forcefully(stream)
+                raise UpstreamError("connect-failure", "closed at once") from None
+            self.upstreams.setdefault(key, []).append(peer)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._run_upstream, key, peer)
+            return peer
+
+    async def _run_upstream(self, key: str, peer: _H2Peer) -> None:
+        try:
+            await peer.run(lambda event: False)
+        finally:
+            peers = self.upstreams.get(key, [])
+            if peer in peers:
+                peers.remove(peer)
+            await trio.aclose_forcefully(peer.stream)
+
+    async def _exchange(
+        self,
+        stream_id: int,
+        peer: _H2Peer,
+        head: h2wire.RequestHead,
+        authority: str,
+        record: RequestRecord,
+    ) -> int | None:
+        """One request on one upstream stream; the status for outlier detection."""
+        down = self.down
+        down_inbox = down.inboxes[stream_id]
+        try:
+            up_id = peer.conn.get_next_available_stream_id()
+            up_inbox = peer.open_inbox(up_id)
+            peer.conn.send_headers(up_id, h2wire.upstream_request(head, authority))
+        except _H2_ERRORS:
+            await self._local(
+                stream_id, record, LocalResponse(503, _RESET_BODY + b"overflow"), "UO", record.grpc
+            )
+            return None
+        finished = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_request, down_inbox, stream_id, peer, up_id, record)
+                try:
+                    await peer.flush()
+                    finished = await self._pump_response(up_inbox, peer, up_id, stream_id, record)
+                except _Gone:
+                    pass
+                nursery.cancel_scope.cancel()
+        finally:
+            if not finished:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    peer.reset(up_id, h2wire.CANCEL)
+                    with contextlib.suppress(_Gone):
+                        await peer.flush()
+            elif up_id in peer.conn.streams and not peer.conn.streams[up_id].closed:
+                peer.reset(up_id, h2wire.NO_ERROR)  # answered early
+                with contextlib.suppress(_Gone):
+                    await peer.flush()
+            peer.close_inbox(up_id)
+        responded = record.status != 0  # the response head went to the client
+        if not finished and not responded and not down.closed and up_inbox.reset is not None:
+            # the upstream reset or closed before a response: tell the client as Envoy does
+            await self._local(
+                stream_id,
+                record,
+                LocalResponse(503, _RESET_BODY + b"connection termination"),
+                "UC",
+                record.grpc,
+            )
+            return RESET_CODE
+        if not finished and responded:
+            record.flags.append("UC")
+            down.reset(stream_id, h2wire.CANCEL)
+            with contextlib.suppress(_Gone):
+                await down.flush()
+        return record.status or None
+
+    async def _pump_request(
+        self, inbox: _Inbox, stream_id: int, peer: _H2Peer, up_id: int, record: RequestRecord
+    ) -> None:
+        """Request DATA and trailers from the client to the upstream stream."""
+        down = self.down
+        while True:
+            event = await inbox.receive.receive()
+            if event is None or isinstance(event, h2.events.StreamReset):
+                return  # the session cancels this stream
+            if isinstance(event, h2.events.DataReceived):
+                try:
+                    await peer.send_data(up_id, event.data)
+                except _Gone:
+                    down.ack(stream_id, event.flow_controlled_length)
+                    return
+                record.bytes_received += len(event.data)
+                down.ack(stream_id, event.flow_controlled_length)
+                with contextlib.suppress(_Gone):
+                    await down.flush()
+            elif isinstance(event, h2.events.TrailersReceived):
+                with contextlib.suppress(_Gone):
+                    await peer.send_headers(up_id, h2wire.response_headers(event.headers), True)
+                return
+            elif isinstance(event, h2.events.StreamEnded):
+                with contextlib.suppress(_Gone):
+                    await peer.end(up_id)
+                return
+
+    async def _pump_response(
+        self, inbox: _Inbox, peer: _H2Peer, up_id: int, stream_id: int, record: RequestRecord
+    ) -> bool:
+        """The upstream's response to the client. Returns True when it completed; raises
+        _Gone (after the head was sent: the caller resets) when either side broke off."""
+        down = self.down
+        ended = False
+        while True:
+            event = await inbox.receive.receive()
+            if event is None or isinstance(event, h2.events.StreamReset):
+                raise _Gone
+            if isinstance(event, h2.events.InformationalResponseReceived):
+                await down.send_headers(stream_id, h2wire.response_headers(event.headers))
+            elif isinstance(event, h2.events.ResponseReceived):
+                headers = h2wire.response_headers(event.headers)
+                record.status = h2wire.status_of(headers)
+                ended = event.stream_ended is not None
+                if record.grpc:
+                    record.grpc_status = h2wire.grpc_status_of(headers)
+                await down.send_headers(stream_id, headers, end=ended)
+            elif isinstance(event, h2.events.DataReceived):
+                await down.send_data(stream_id, event.data)
+                record.bytes_sent += len(event.data)
+                peer.ack(up_id, event.flow_controlled_length)
+                with contextlib.suppress(_Gone):
+                    await peer.flush()
+            elif isinstance(event, h2.events.TrailersReceived):
+                trailers = h2wire.response_headers(event.headers)
+                if record.grpc:
+                    record.grpc_status = h2wire.grpc_status_of(trailers)
+                await down.send_headers(stream_id, trailers, end=True)
+                ended = True
+            elif isinstance(event, h2.events.StreamEnded):
+                if not ended:
+                    await down.end(stream_id)
+                return True

@@ -1,0 +1,162 @@
+"""Issue #15: gRPC and HTTP/2 as L7 traffic, with stock clients (Debian's grpcio, curl, h2load)
+and servers (grpcio, nginx h2c) in the lab.
+
+One gRPC channel's calls are balanced per request over endpoints on two nodes, streams and big
+messages pass intact, gRPC metadata route to a subset, a DENY on one method is
+PERMISSION_DENIED while another method on the same channel passes, the calls are counted with
+grpc_response_status; h2c with prior knowledge passes on `http-*` and `http2-*` ports, same
+node and cross node, also when one pod port is behind both (the protocol follows the Service
+port the client dialled).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import meshlab
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+APPS = HERE / "apps"
+MANIFEST = HERE / "manifests" / "grpc-l7.yaml"
+SYSTEM_PYTHON = "/usr/bin/python3"  # the one Debian's python3-grpcio is installed for
+ECHO = "echo.g7:50051"
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log stderr;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  server {{ listen 8082 http2; location / {{ return 200 "{name}\\n"; }} }}
+}}
+"""
+DENY_UNARY = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-unary", "namespace": "g7"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "echo"}},
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"paths": ["/meshtest.Echo/Unary"]}}]}],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grpc-l7")
+    for name in ("web-local", "web-remote"):
+        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+    manifest = folder / "grpc-l7.yaml"
+    text = MANIFEST.read_text().replace("@APPS@", str(APPS)).replace("@NGINX@", str(folder))
+    manifest.write_text(text)
+    lab = lab_factory(manifest, nodes=2)
+    for service in ("web-local", "web-remote"):  # the Services have their endpoints
+        wait_until(
+            lambda service=service: lab.curl(
+                "g7/client", f"http://{service}.g7:8082/", "--http2-prior-knowledge"
+            )[0],
+            lambda code: code == "200",
+            what=f"{service} answers",
+            timeout=30,
+        )
+    return lab
+
+
+def _grpc(*args: str, timeout: float = 120) -> dict:
+    proc = meshlab(
+        "exec", "g7/client", "--", "env", "GRPC_DNS_RESOLVER=native",  # /etc/hosts, no DNS
+        SYSTEM_PYTHON, str(APPS / "grpc_echo.py"), *args,
+        timeout=timeout,
+    )  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _requests(node: str, **labels: str) -> float:
+    page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "istio_requests_total" and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _snapshot_versions(lab) -> tuple:
+    return tuple(lab.status(node)["agent"]["snapshot_version"] for node in ("node-1", "node-2"))
+
+
+def _change(lab, verb: str, path: Path) -> None:
+    before = _snapshot_versions(lab)
+    meshlab(verb, "-f", str(path))
+    wait_until(
+        lambda: _snapshot_versions(lab),
+        lambda now: all(a != b for a, b in zip(now, before, strict=True)),
+        what=f"{verb} {path.name}: both nodes run a new snapshot",
+        timeout=30,
+    )
+
+
+def test_one_channel_is_balanced_per_call_and_counted_with_grpc_status(lab):
+    labels = {
+        "request_protocol": "grpc",
+        "destination_service_name": "echo",
+        "grpc_response_status": "0",
+    }
+    source_before = _requests("node-1", reporter="source", **labels)
+    dest_before = sum(_requests(n, reporter="destination", **labels) for n in ("node-1", "node-2"))
+    names = _grpc("who", ECHO, "200")
+    assert set(names) == {"echo-a", "echo-b"}, names
+    assert all(80 <= names[n] <= 120 for n in names), names
+    assert _requests("node-1", reporter="source", **labels) - source_before == 200
+    dest = sum(_requests(n, reporter="destination", **labels) for n in ("node-1", "node-2"))
+    assert dest - dest_before == 200
+
+
+def test_a_stream_of_1000_messages_and_a_3_mib_message_pass_intact(lab):
+    result = _grpc("call", ECHO, str(3 * 1024 * 1024))
+    assert result == {"unary_intact": True, "stream_messages": 1000, "stream_intact": True}
+
+
+def test_grpc_metadata_route_to_subset_v2(lab):
+    assert _grpc("who", ECHO, "40", "x-version=v2") == {"echo-b": 40}
+
+
+def test_a_deny_on_one_method_is_permission_denied_and_the_other_passes(lab, tmp_path):
+    path = tmp_path / "deny-unary.yaml"
+    path.write_text(yaml.safe_dump(DENY_UNARY))
+    _change(lab, "apply", path)
+    try:
+        for _ in range(4):  # either endpoint, same-node and cross-node
+            assert _grpc("methods", ECHO) == {"Unary": "PERMISSION_DENIED", "Who": "OK"}
+    finally:
+        _change(lab, "delete", path)
+    assert _grpc("methods", ECHO) == {"Unary": "OK", "Who": "OK"}
+
+
+@pytest.mark.parametrize("service", ["web-local", "web-remote"], ids=["same-node", "cross-node"])
+@pytest.mark.parametrize("port", [8083, 8082], ids=["http-port", "http2-port"])
+def test_h2c_prior_knowledge_through_http_and_http2_ports(lab, service, port):
+    """nginx speaks only h2c on 8082, the pod port behind both Service ports."""
+    code, body = lab.curl("g7/client", f"http://{service}.g7:{port}/", "--http2-prior-knowledge")
+    assert (code, body) == ("200", f"{service}\n")
+
+
+def test_h2load_through_an_http2_port_cross_node(lab):
+    proc = meshlab(
+        "exec", "g7/client", "--", "h2load", "-n", "2000", "-c", "10", "-m", "10",
+        "http://web-remote.g7:8082/", timeout=180,
+    )  # fmt: skip
+    found = re.search(r"requests: (\d+) total, .*?(\d+) succeeded, (\d+) failed", proc.stdout)
+    assert found, proc.stdout
+    assert found.groups() == ("2000", "2000", "0"), proc.stdout

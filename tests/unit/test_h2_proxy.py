@@ -1,0 +1,316 @@
+"""The HTTP/2 engine without sockets: a client, the engine and two h2c endpoints talk over
+in-memory streams. Reads as transcripts: what the client sent, what each endpoint saw, what
+came back (status, body, trailers, gRPC status) and what the engine reported."""
+
+from __future__ import annotations
+
+import h2.events
+import pytest
+import trio
+from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http.h2proxy import _H2Peer, proxy_http2, serve_detected
+from meshagent.agent.proxy.http.memstream import memory_stream_pair
+from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
+from meshagent.agent.proxy.lb import Clusters
+from meshagent.agent.proxy.routing import (
+    ClusterKey,
+    ClusterSpec,
+    HttpRoute,
+    HttpRoutes,
+    TrafficPolicy,
+    UpstreamEndpoint,
+    WeightedClusters,
+)
+from meshagent.common.snapshot import Endpoint
+
+HOST = "echo.lab.svc.cluster.local"
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+def _routes(*ips: str) -> HttpRoutes:
+    endpoints = tuple(
+        UpstreamEndpoint(Endpoint(ip=ip, node="n", workload_uid=ip, ports={80: 80}), 80)
+        for ip in ips
+    )
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), endpoints, TrafficPolicy(lb="ROUND_ROBIN"))
+    route = HttpRoute("default", (), WeightedClusters.of([(spec, 1)]), retry=None)
+    return HttpRoutes(HOST, 80, (route,))
+
+
+async def _echo_server(stream, name: str, seen: list) -> None:
+    """An h2c endpoint: answers each request with its name, the request body echoed (in
+    chunks as it came), and gRPC trailers."""
+    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    async with trio.open_nursery() as nursery:
+
+        async def serve(sid: int, headers) -> None:
+            inbox = peer.inboxes[sid]
+            seen.append((name, dict(headers)))
+            await peer.send_headers(sid, [(b":status", b"200"), (b"x-server", name.encode())])
+            while True:
+                event = await inbox.receive.receive()
+                if isinstance(event, h2.events.DataReceived):
+                    await peer.send_data(sid, event.data)
+                    peer.ack(sid, event.flow_controlled_length)
+                elif isinstance(event, h2.events.StreamEnded) or event is None:
+                    break
+            await peer.send_headers(sid, [(b"grpc-status", b"0")], end=True)
+
+        def on_event(event) -> bool:
+            if isinstance(event, h2.events.RequestReceived):
+                peer.open_inbox(event.stream_id)
+                nursery.start_soon(serve, event.stream_id, event.headers)
+                return True
+            return False
+
+        await peer.flush()
+        await peer.run(on_event)
+        nursery.cancel_scope.cancel()
+
+
+class _Lab:
+    def __init__(self, nursery, routes, request_filter=None) -> None:
+        self.nursery = nursery
+        self.seen: list = []
+        self.records: list[RequestRecord] = []
+        self.connections = 0
+        client_end, proxy_end = memory_stream_pair()
+        self.ctx = HttpContext(
+            routes=lambda: routes,
+            clusters=Clusters(),
+            pool=None,  # the HTTP/1.1 pool: unused by the HTTP/2 engine
+            connect=self._connect,
+            request_filter=request_filter,
+            on_request_done=self.records.append,
+            peer="10.0.0.9",
+        )
+        nursery.start_soon(proxy_http2, proxy_end, self.ctx)
+        self.client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        nursery.start_soon(self.client.run, lambda event: False)
+
+    async def _connect(self, endpoint: Endpoint, port: int):
+        self.connections += 1
+        near, far = memory_stream_pair()
+        self.nursery.start_soon(_echo_server, far, endpoint.ip, self.seen)
+        return near
+
+    async def call(self, path: str, body: bytes = b"", headers=(), chunks: int = 1):
+        """One request; returns (response headers, body, trailers)."""
+        client = self.client
+        sid = client.conn.get_next_available_stream_id()
+        inbox = client.open_inbox(sid)
+        head = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode())]
+        head += [(b":authority", HOST.encode()), *headers]
+        await client.send_headers(sid, head, end=not body)
+        if body:
+            step = max(1, len(body) // chunks)
+            for i in range(0, len(body), step):
+                await client.send_data(sid, body[i : i + step])
+            await client.end(sid)
+        response, data, trailers = None, bytearray(), None
+        while True:
+            event = await inbox.receive.receive()
+            if isinstance(event, h2.events.ResponseReceived):
+                response = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                data += event.data
+                client.ack(sid, event.flow_controlled_length)
+                await client.flush()
+            elif isinstance(event, h2.events.TrailersReceived):
+                trailers = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                break
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+        client.close_inbox(sid)
+        return response, bytes(data), trailers
+
+
+async def test_streams_of_one_connection_are_balanced_per_request():
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1", "10.2.0.1"))
+        answers = [await lab.call("/echo.Echo/Say", b"hi", GRPC) for _ in range(10)]
+        servers = [headers[b"x-server"] for headers, _, _ in answers]
+        assert servers.count(b"10.1.0.1") == 5 and servers.count(b"10.2.0.1") == 5
+        assert lab.connections == 2  # one upstream connection per endpoint, reused
+        assert all(
+            body == b"hi" and trailers == {b"grpc-status": b"0"} for _, body, trailers in answers
+        )
+        record = lab.records[-1]
+        assert record.grpc and record.grpc_status == 0 and record.status == 200
+        assert record.bytes_received == 2 and record.bytes_sent == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_big_body_streams_both_ways_under_flow_control():
+    body = bytes(range(256)) * (3 * 4096 + 17)  # 3 MiB and a bit: past every window
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+        headers, echoed, trailers = await lab.call("/big", body, GRPC, chunks=50)
+        assert headers[b":status"] == b"200"
+        assert echoed == body and trailers == {b"grpc-status": b"0"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_denied_grpc_call_is_trailers_only_permission_denied_and_others_pass():
+    async def deny_say(info):
+        if info.path == "/echo.Echo/Say":
+            return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
+        return None
+
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"), request_filter=deny_say)
+        headers, body, trailers = await lab.call("/echo.Echo/Say", b"x", GRPC)
+        assert headers[b":status"] == b"200" and headers[b"grpc-status"] == b"7"
+        assert headers[b"grpc-message"] == b"RBAC: access denied"
+        assert body == b"" and trailers is None
+        headers, body, _ = await lab.call("/echo.Echo/Other", b"x", GRPC)
+        assert headers[b"x-server"] == b"10.1.0.1" and body == b"x"
+        # a plain HTTP/2 request gets the 403 itself
+        headers, body, _ = await lab.call("/echo.Echo/Say")
+        assert headers[b":status"] == b"403" and body == b"RBAC: access denied"
+        denied = lab.records[0]
+        assert (denied.status, denied.grpc_status, denied.flags) == (200, 7, ["RBAC"])
+        assert [name for name, _ in lab.seen] == ["10.1.0.1"]  # denied calls never left
+        nursery.cancel_scope.cancel()
+
+
+async def test_metadata_reaches_the_endpoint_and_no_route_is_grpc_unimplemented():
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+        await lab.call("/a.B/C", b"x", [*GRPC, (b"x-user", b"v2")])
+        _, seen = lab.seen[0]
+        assert seen[b"x-user"] == b"v2" and seen[b":path"] == b"/a.B/C"
+        assert seen[b":authority"] == HOST.encode()
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, HttpRoutes(HOST, 80, ()))
+        headers, _, _ = await lab.call("/a.B/C", b"x", GRPC)
+        assert headers[b"grpc-status"] == b"12"
+        assert lab.records[0].flags == ["NR"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_connect_is_unavailable_for_grpc():
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+
+        async def refuse(endpoint, port):
+            raise OSError("connection refused")
+
+        object.__setattr__(lab.ctx, "connect", refuse)
+        headers, _, _ = await lab.call("/a.B/C", b"x", GRPC)
+        assert headers[b"grpc-status"] == b"14"
+        assert lab.records[0].flags == ["UF"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_flood_ends_the_connection_with_goaway():
+    limits = h2wire.H2Limits(max_resets=5, reset_window=10.0)
+    client_end, proxy_end = memory_stream_pair()
+    ctx = HttpContext(routes=lambda: None, clusters=Clusters(), pool=None)
+
+    async def slow_filter(info):
+        await trio.sleep(10)
+
+    ctx = HttpContext(
+        routes=lambda: None, clusters=Clusters(), pool=None, request_filter=slow_filter
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: proxy_http2(proxy_end, ctx, limits=limits))
+        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        terminated = []
+
+        def on_event(event):
+            if isinstance(event, h2.events.ConnectionTerminated):
+                terminated.append(event.error_code)
+            return False
+
+        nursery.start_soon(client.run, on_event)
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"a"),
+        ]
+        for _ in range(10):
+            sid = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(sid, head, end_stream=True)
+            client.conn.reset_stream(sid)
+        await client.flush()
+        with trio.fail_after(5):
+            while not terminated:
+                await trio.sleep(0.01)
+        assert terminated == [h2wire.ENHANCE_YOUR_CALM]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_http1_port_serves_a_client_that_opens_with_the_h2_preface():
+    client_end, proxy_end = memory_stream_pair()
+    ctx = HttpContext(routes=lambda: HttpRoutes(HOST, 80, ()), clusters=Clusters(), pool=None)
+    served = ["http1"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_detected, proxy_end, ctx, "http1", served)
+        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        nursery.start_soon(client.run, lambda event: False)
+        sid = client.conn.get_next_available_stream_id()
+        inbox = client.open_inbox(sid)
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"a"),
+        ]
+        await client.send_headers(sid, head, end=True)
+        event = await inbox.receive.receive()
+        assert isinstance(event, h2.events.ResponseReceived)
+        assert dict(event.headers)[b":status"] == b"404"
+        assert served == ["http2"]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"", None),
+        (b"PRI * HTTP/2", None),
+        (h2wire.H2_PREFACE, True),
+        (h2wire.H2_PREFACE + b"\x00\x00", True),
+        (b"GET / HTTP/1.1\r\n", False),
+        (b"PRI * HTTP/1.1", False),
+    ],
+)
+def test_preface_detection(data, verdict):
+    assert h2wire.is_preface(data) is verdict
+
+
+def test_request_head_drops_connection_headers_and_keeps_metadata():
+    head = h2wire.parse_request(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/pkg.Svc/Method"),
+            (b":authority", b"svc:80"),
+            (b"content-type", b"application/grpc+proto"),
+            (b"x-user", b"v2"),
+        ]
+    )
+    assert head.grpc and head.path == "/pkg.Svc/Method" and head.authority == "svc:80"
+    assert dict(h2wire.upstream_request(head, "default:1"))[b"x-user"] == b"v2"
+    with pytest.raises(h2wire.BadRequest):
+        h2wire.parse_request([(b":method", b"CONNECT"), (b":authority", b"a:1")])
+
+
+@pytest.mark.parametrize(("status", "code"), [(403, 7), (404, 12), (503, 14), (400, 13), (418, 2)])
+def test_local_replies_to_grpc_calls_carry_the_grpc_code(status, code):
+    headers, body = h2wire.local_reply(LocalResponse(status, b"why \xe9%"), grpc=True)
+    assert dict(headers)[b"grpc-status"] == str(code).encode()
+    assert dict(headers)[b"grpc-message"] == b"why %C3%A9%25"
+    assert body == b""
+
+
+def test_the_reset_guard_counts_within_its_window():
+    guard = h2wire.ResetGuard(limit=2, window=1.0)
+    assert not guard.reset(0.0) and not guard.reset(0.5)
+    assert guard.reset(0.9)
+    assert not guard.reset(2.0)  # the old ones fell out of the window
