@@ -229,6 +229,7 @@ class RetryPolicy:
     on_connect_failure: bool = True
     on_reset: bool = False
     status_codes: frozenset[int] = DEFAULT_RETRY_STATUS
+    grpc_codes: frozenset[int] = frozenset()  # gRPC statuses retried (HTTP/2 engine)
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -240,6 +241,7 @@ class FaultPolicy:
     delay_percent: float = 0.0
     abort_status: int | None = None
     abort_percent: float = 0.0
+    abort_grpc_status: int | None = None  # a gRPC abort: this status, trailers-only
 
 
 Matcher = Callable[[str], bool]
@@ -441,6 +443,15 @@ def _to_policy(
     )
 
 
+_GRPC_RETRY_ON = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
+
+
 def _retry_policy(retries: net.HTTPRetry | None) -> RetryPolicy | None:
     """Istio's ConvertPolicy: the default, overridden by what the VirtualService sets."""
     if retries is None:
@@ -459,6 +470,7 @@ def _retry_policy(retries: net.HTTPRetry | None) -> RetryPolicy | None:
         on_connect_failure="connect-failure" in on,
         on_reset="reset" in on,
         status_codes=retries.retriable_status_codes,
+        grpc_codes=frozenset(code for name, code in _GRPC_RETRY_ON.items() if name in on),
     )
 
 
@@ -469,8 +481,9 @@ def _fault_policy(fault: net.HTTPFaultInjection | None) -> FaultPolicy | None:
     return FaultPolicy(
         delay=delay.fixed_delay if delay else None,
         delay_percent=delay.percentage.value if delay and delay.percentage else 0.0,
-        abort_status=abort.http_status if abort else None,
+        abort_status=(abort.http_status or 200) if abort else None,
         abort_percent=abort.percentage.value if abort and abort.percentage else 0.0,
+        abort_grpc_status=abort.grpc_code if abort else None,
     )
 
 

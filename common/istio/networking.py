@@ -47,6 +47,12 @@ RETRY_ON_CONDITIONS = frozenset(
         "reset",
         "retriable-status-codes",
         "refused-stream",
+        # gRPC status codes of a response (trailers-only), as Envoy's x-envoy-retry-grpc-on
+        "cancelled",
+        "deadline-exceeded",
+        "internal",
+        "resource-exhausted",
+        "unavailable",
     }
 )
 LoadBalancer = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
@@ -215,9 +221,35 @@ class FaultDelay(IstioModel):
     percentage: FaultPercentage | None = None
 
 
+# gRPC status names an abort may use (Istio's FaultInjection.Abort.grpcStatus).
+GRPC_STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+
+
 class FaultAbort(IstioModel):
-    http_status: Annotated[int, Field(ge=200, le=599, strict=True)]
+    """`httpStatus`, or `grpcStatus` (a gRPC status name) for gRPC calls: exactly one."""
+
+    http_status: Annotated[int, Field(ge=200, le=599, strict=True)] | None = None
+    grpc_status: str | None = None
     percentage: FaultPercentage | None = None
+
+    @model_validator(mode="after")
+    def _one_status(self) -> FaultAbort:
+        if (self.http_status is None) == (self.grpc_status is None):
+            raise ValueError("abort needs exactly one of httpStatus and grpcStatus")
+        if self.grpc_status is not None and self.grpc_status not in GRPC_STATUS_CODES:
+            raise ValueError(
+                f"grpcStatus {self.grpc_status!r} is not a gRPC status name (e.g. UNAVAILABLE)"
+            )
+        return self
+
+    @property
+    def grpc_code(self) -> int | None:
+        return None if self.grpc_status is None else GRPC_STATUS_CODES[self.grpc_status]
 
 
 class HTTPFaultInjection(IstioModel):

@@ -144,6 +144,47 @@ def test_a_deny_on_one_method_is_permission_denied_and_the_other_passes(lab, tmp
     assert _grpc("methods", ECHO) == {"Unary": "OK", "Who": "OK"}
 
 
+RETRY_UNAVAILABLE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "echo-retry", "namespace": "g7"},
+    "spec": {
+        "hosts": ["echo"],
+        "http": [
+            {
+                "match": [{"uri": {"exact": "/meshtest.Echo/Flaky"}}],
+                "route": [{"destination": {"host": "echo"}}],
+                "retries": {"attempts": 2, "retryOn": "unavailable"},
+            },
+            {"route": [{"destination": {"host": "echo"}}]},
+        ],
+    },
+}
+
+
+def test_a_retry_on_unavailable_turns_one_shot_failures_into_success(lab, tmp_path):
+    """Each server fails every other /Flaky call with a trailers-only UNAVAILABLE."""
+    without = _grpc("flaky", ECHO, "20")
+    assert without.get("UNAVAILABLE", 0) > 0, without  # Istio's default policy: not retried
+    path = tmp_path / "echo-retry.yaml"
+    path.write_text(yaml.safe_dump(RETRY_UNAVAILABLE))
+    # a second VirtualService for the host: rename the manifest's to make this one apply
+    original = yaml.safe_load(MANIFEST.read_text().split("---")[-1])
+    _change(lab, "delete", _write(tmp_path, original))
+    _change(lab, "apply", path)
+    try:
+        assert _grpc("flaky", ECHO, "20") == {"OK": 20}
+    finally:
+        _change(lab, "delete", path)
+        _change(lab, "apply", _write(tmp_path, original))
+
+
+def _write(folder: Path, doc: dict) -> Path:
+    path = folder / f"{doc['kind']}-{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 @pytest.mark.parametrize("service", ["web-local", "web-remote"], ids=["same-node", "cross-node"])
 @pytest.mark.parametrize("port", [8083, 8082], ids=["http-port", "http2-port"])
 def test_h2c_prior_knowledge_through_http_and_http2_ports(lab, service, port):

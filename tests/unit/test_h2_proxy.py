@@ -7,6 +7,7 @@ from __future__ import annotations
 import h2.events
 import pytest
 import trio
+import trio.testing
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.h2proxy import _H2Peer, proxy_http2, serve_detected
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
@@ -15,8 +16,10 @@ from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.routing import (
     ClusterKey,
     ClusterSpec,
+    FaultPolicy,
     HttpRoute,
     HttpRoutes,
+    RetryPolicy,
     TrafficPolicy,
     UpstreamEndpoint,
     WeightedClusters,
@@ -27,25 +30,29 @@ HOST = "echo.lab.svc.cluster.local"
 GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
 
-def _routes(*ips: str) -> HttpRoutes:
+def _routes(*ips: str, retry: RetryPolicy | None = None, fault: FaultPolicy | None = None):
     endpoints = tuple(
         UpstreamEndpoint(Endpoint(ip=ip, node="n", workload_uid=ip, ports={80: 80}), 80)
         for ip in ips
     )
     spec = ClusterSpec(ClusterKey(HOST, 80, ""), endpoints, TrafficPolicy(lb="ROUND_ROBIN"))
-    route = HttpRoute("default", (), WeightedClusters.of([(spec, 1)]), retry=None)
+    route = HttpRoute("default", (), WeightedClusters.of([(spec, 1)]), retry=retry, fault=fault)
     return HttpRoutes(HOST, 80, (route,))
 
 
 async def _echo_server(stream, name: str, seen: list) -> None:
     """An h2c endpoint: answers each request with its name, the request body echoed (in
-    chunks as it came), and gRPC trailers."""
+    chunks as it came), and gRPC trailers; one named `flaky*` answers UNAVAILABLE at once."""
     peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
     async with trio.open_nursery() as nursery:
 
         async def serve(sid: int, headers) -> None:
             inbox = peer.inboxes[sid]
             seen.append((name, dict(headers)))
+            if name.startswith("flaky"):
+                unavailable = [(b":status", b"200"), (b"grpc-status", b"14")]
+                await peer.send_headers(sid, unavailable, end=True)
+                return
             await peer.send_headers(sid, [(b":status", b"200"), (b"x-server", name.encode())])
             while True:
                 event = await inbox.receive.receive()
@@ -123,6 +130,7 @@ class _Lab:
             else:
                 raise AssertionError(f"unexpected {event!r}")
         client.close_inbox(sid)
+        await trio.testing.wait_all_tasks_blocked()  # the engine has written its record
         return response, bytes(data), trailers
 
 
@@ -188,6 +196,35 @@ async def test_metadata_reaches_the_endpoint_and_no_route_is_grpc_unimplemented(
         headers, _, _ = await lab.call("/a.B/C", b"x", GRPC)
         assert headers[b"grpc-status"] == b"12"
         assert lab.records[0].flags == ["NR"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_retry_on_unavailable_turns_a_failed_call_into_success():
+    retry = RetryPolicy(attempts=2, grpc_codes=frozenset({14}))
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("flaky", "10.2.0.1", retry=retry))
+        for _ in range(4):
+            headers, body, trailers = await lab.call("/a.B/C", b"x", GRPC)
+            assert headers[b"x-server"] == b"10.2.0.1" and body == b"x"
+            assert trailers == {b"grpc-status": b"0"}
+        await trio.testing.wait_all_tasks_blocked()  # the last record is written
+        assert sorted(r.attempts for r in lab.records) == [1, 1, 2, 2]  # flaky half the time
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # without the policy the status goes through
+        lab = _Lab(nursery, _routes("flaky"))
+        headers, _, _ = await lab.call("/a.B/C", b"x", GRPC)
+        await trio.testing.wait_all_tasks_blocked()
+        assert headers[b"grpc-status"] == b"14" and lab.records[0].grpc_status == 14
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_grpc_fault_abort_is_trailers_only_with_its_status():
+    fault = FaultPolicy(abort_status=200, abort_percent=100.0, abort_grpc_status=8)
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1", fault=fault))
+        headers, _, _ = await lab.call("/a.B/C", b"x", GRPC)
+        assert headers[b"grpc-status"] == b"8" and lab.records[0].flags == ["FI"]
+        assert lab.seen == []
         nursery.cancel_scope.cancel()
 
 

@@ -532,6 +532,18 @@ def test_retries_timeout_and_fault_translation():
                     "http": [
                         {**rule(retries={"attempts": 0}), "match": [{"uri": {"exact": "/none"}}]},
                         {
+                            **rule(
+                                retries={"attempts": 2, "retryOn": "unavailable,cancelled,503"},
+                                fault={
+                                    "abort": {
+                                        "grpcStatus": "RESOURCE_EXHAUSTED",
+                                        "percentage": {"value": 5},
+                                    }
+                                },
+                            ),
+                            "match": [{"uri": {"prefix": "/pkg.Svc/"}}],
+                        },
+                        {
                             **rule(retries={"attempts": 4, "perTryTimeout": "250ms"}),
                             "match": [{"uri": {"exact": "/n"}}],
                         },
@@ -551,6 +563,14 @@ def test_retries_timeout_and_fault_translation():
         )
     )
     assert route_for(table, target="/none").retry is None
+    grpc = route_for(table, target="/pkg.Svc/Get")
+    assert grpc.retry == RetryPolicy(
+        attempts=2,
+        on_connect_failure=False,
+        status_codes=frozenset({503}),
+        grpc_codes=frozenset({14, 1}),
+    )
+    assert (grpc.fault.abort_grpc_status, grpc.fault.abort_percent) == (8, 5.0)
     assert route_for(table, target="/n").retry == RetryPolicy(attempts=4, per_try_timeout=0.25)
     full = route_for(table, target="/x")
     assert full.retry == RetryPolicy(

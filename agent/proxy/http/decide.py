@@ -63,7 +63,9 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
             record.flags.append("DI")
             await trio.sleep(fault.delay)
         if fault.abort_status and ctx.rng.random() * 100 < fault.abort_percent:
-            abort = LocalResponse(fault.abort_status, b"fault filter abort")
+            abort = LocalResponse(
+                fault.abort_status, b"fault filter abort", grpc_status=fault.abort_grpc_status
+            )
             return RouteDecision(routes, route, local=abort, flag="FI")
     spec = route.destinations.pick(ctx.rng.random)
     if spec is None:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import h2.connection
 import h2.events
@@ -37,6 +38,13 @@ import h2.exceptions
 import trio
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
+from meshagent.agent.proxy.http.retry import (
+    Outcome,
+    backoff,
+    retriable,
+    retriable_grpc,
+    retriable_status,
+)
 from meshagent.agent.proxy.http.types import (
     HttpContext,
     LocalResponse,
@@ -45,6 +53,7 @@ from meshagent.agent.proxy.http.types import (
     UpstreamError,
 )
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE, RESET_CODE, ClusterState, EndpointState
+from meshagent.agent.proxy.routing import RetryPolicy
 from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
 
 log = logging.getLogger(__name__)
@@ -54,10 +63,43 @@ CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 _RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+# Envoy's local replies for attempts that got no response: status, flag, body.
+_FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
+    Outcome.CONNECT_FAILURE: (503, "UF", _RESET_BODY + b"connection failure"),
+    Outcome.RESET: (503, "UC", _RESET_BODY + b"connection termination"),
+    Outcome.PROTOCOL: (503, "UPE", _RESET_BODY + b"protocol error"),
+    Outcome.OVERFLOW: (503, "UO", _RESET_BODY + b"overflow"),
+    Outcome.TIMEOUT: (504, "UT", b"upstream request timeout"),
+}
 
 
 class _Gone(Exception):
     """The stream (or its whole connection) on one side cannot carry more."""
+
+
+class _Retry(Exception):
+    """The response is one the retry policy retries: dropped, another attempt follows."""
+
+
+@dataclass(slots=True)
+class _Body:
+    """A request body as far as it came, kept for replays while it fits the retry buffer."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    complete: bool = False
+    overflow: bool = False  # grew past the retry buffer: no replay, no retry
+    trailers: list[tuple[bytes, bytes]] | None = None
+
+    def keep(self, data: bytes, limit: int) -> None:
+        if self.overflow:
+            return
+        self.size += len(data)
+        if self.size > limit:
+            self.overflow = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(data)
 
 
 class _Inbox:
@@ -412,12 +454,18 @@ class _Session:
     async def _forward(
         self, stream_id: int, head: h2wire.RequestHead, d: RouteDecision, record: RequestRecord
     ) -> None:
+        """Attempts on endpoints until one answers or the retry policy gives up. A request is
+        retried (another endpoint first) on a failed connect, a reset before the response and
+        a retriable status or trailers-only gRPC status, while its body fits the retry
+        buffer: the body is kept as it streams, and replayed on the next attempt."""
         assert d.cluster is not None and d.routes is not None
         cluster = d.cluster
         policy = d.route.retry if d.route is not None else None
-        connect_retries = policy.attempts if policy is not None else 0
+        retries_left = policy.attempts if policy is not None else 0
         tried: list[EndpointState] = []
         authority = f"{d.routes.hostname}:{d.routes.port}"
+        body = _Body()
+        settings = self.ctx.settings
         while True:
             ep = cluster.pick(tried)
             if ep is None:
@@ -429,24 +477,48 @@ class _Session:
             record.attempts += 1
             record.endpoint = ep.endpoint
             record.upstream = ep.address
+            may_retry = retries_left > 0 and policy is not None and not body.overflow
+            outcome: Outcome | None
             try:
                 peer = await self._upstream(cluster, ep)
             except UpstreamError as exc:
                 cluster.report(ep, CONNECT_FAILURE_CODE)
-                if connect_retries > 0:
-                    connect_retries -= 1
-                    continue
-                body = _RESET_BODY + b"connection failure"
                 log.debug("connect to %s failed: %s", ep.address, exc)
-                await self._local(stream_id, record, LocalResponse(503, body), "UF", record.grpc)
-                return
-            record.upstream_info = peer.info
-            cluster.request_started(ep)
-            status: int | None = None
-            try:
-                status = await self._exchange(stream_id, peer, head, authority, record)
-            finally:
-                cluster.request_finished(ep, status)
+                outcome = Outcome.CONNECT_FAILURE
+            else:
+                record.upstream_info = peer.info
+                cluster.request_started(ep)
+                status: int | None = None
+                try:
+                    outcome, status = await self._exchange(
+                        stream_id,
+                        peer,
+                        head,
+                        authority,
+                        record,
+                        body,
+                        policy if may_retry else None,
+                    )
+                finally:
+                    cluster.request_finished(ep, status)
+                if outcome is None:
+                    return  # answered
+            if (
+                may_retry
+                and policy is not None
+                and (outcome is Outcome.STATUS or retriable(policy, outcome, record.status))
+            ):
+                retries_left -= 1
+                record.status = 0
+                record.grpc_status = None
+                retry = policy.attempts - retries_left
+                base, cap = settings.retry_backoff_base, settings.retry_backoff_max
+                await trio.sleep(backoff(retry, base, cap, self.ctx.rng))
+                continue
+            if outcome is Outcome.STATUS:  # not retriable after all: cannot happen
+                outcome = Outcome.RESET
+            code, flag, text = _FAILURES[outcome]
+            await self._local(stream_id, record, LocalResponse(code, text), flag, record.grpc)
             return
 
     async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
@@ -501,8 +573,12 @@ class _Session:
         head: h2wire.RequestHead,
         authority: str,
         record: RequestRecord,
-    ) -> int | None:
-        """One request on one upstream stream; the status for outlier detection."""
+        body: _Body,
+        policy: RetryPolicy | None,
+    ) -> tuple[Outcome | None, int | None]:
+        """One attempt on one upstream stream: (None, status) once a response went to the
+        client; else how it failed before a response (a dropped retriable response: STATUS,
+        its code in record.status). `policy`: the retry policy when a retry may follow."""
         down = self.down
         down_inbox = down.inboxes[stream_id]
         try:
@@ -510,17 +586,21 @@ class _Session:
             up_inbox = peer.open_inbox(up_id)
             peer.conn.send_headers(up_id, h2wire.upstream_request(head, authority))
         except _H2_ERRORS:
-            await self._local(
-                stream_id, record, LocalResponse(503, _RESET_BODY + b"overflow"), "UO", record.grpc
-            )
-            return None
+            return Outcome.OVERFLOW, None
         finished = False
+        retry = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_request, down_inbox, stream_id, peer, up_id, record)
+                nursery.start_soon(
+                    self._pump_request, down_inbox, stream_id, peer, up_id, record, body
+                )
                 try:
                     await peer.flush()
-                    finished = await self._pump_response(up_inbox, peer, up_id, stream_id, record)
+                    finished = await self._pump_response(
+                        up_inbox, peer, up_id, stream_id, record, policy
+                    )
+                except _Retry:
+                    retry = True
                 except _Gone:
                     pass
                 nursery.cancel_scope.cancel()
@@ -535,57 +615,75 @@ class _Session:
                 with contextlib.suppress(_Gone):
                     await peer.flush()
             peer.close_inbox(up_id)
+        if retry:
+            return Outcome.STATUS, record.status
         responded = record.status != 0  # the response head went to the client
         if not finished and not responded and not down.closed and up_inbox.reset is not None:
-            # the upstream reset or closed before a response: tell the client as Envoy does
-            await self._local(
-                stream_id,
-                record,
-                LocalResponse(503, _RESET_BODY + b"connection termination"),
-                "UC",
-                record.grpc,
-            )
-            return RESET_CODE
+            return Outcome.RESET, RESET_CODE  # before a response: the caller answers or retries
         if not finished and responded:
             record.flags.append("UC")
             down.reset(stream_id, h2wire.CANCEL)
             with contextlib.suppress(_Gone):
                 await down.flush()
-        return record.status or None
+        return None, record.status or None
 
     async def _pump_request(
-        self, inbox: _Inbox, stream_id: int, peer: _H2Peer, up_id: int, record: RequestRecord
+        self,
+        inbox: _Inbox,
+        stream_id: int,
+        peer: _H2Peer,
+        up_id: int,
+        record: RequestRecord,
+        body: _Body,
     ) -> None:
-        """Request DATA and trailers from the client to the upstream stream."""
+        """Request DATA and trailers from the client to the upstream stream: first what an
+        earlier attempt kept, then what comes (kept too, up to the retry buffer limit)."""
         down = self.down
-        while True:
-            event = await inbox.receive.receive()
-            if event is None or isinstance(event, h2.events.StreamReset):
-                return  # the session cancels this stream
-            if isinstance(event, h2.events.DataReceived):
-                try:
-                    await peer.send_data(up_id, event.data)
-                except _Gone:
-                    down.ack(stream_id, event.flow_controlled_length)
-                    return
-                record.bytes_received += len(event.data)
-                down.ack(stream_id, event.flow_controlled_length)
-                with contextlib.suppress(_Gone):
-                    await down.flush()
-            elif isinstance(event, h2.events.TrailersReceived):
-                with contextlib.suppress(_Gone):
-                    await peer.send_headers(up_id, h2wire.response_headers(event.headers), True)
-                return
-            elif isinstance(event, h2.events.StreamEnded):
-                with contextlib.suppress(_Gone):
+        try:
+            for chunk in list(body.chunks):
+                await peer.send_data(up_id, chunk)
+            if body.complete:
+                if body.trailers is not None:
+                    await peer.send_headers(up_id, body.trailers, True)
+                else:
                     await peer.end(up_id)
                 return
+            limit = self.ctx.settings.retry_buffer_limit
+            while True:
+                event = await inbox.receive.receive()
+                if event is None or isinstance(event, h2.events.StreamReset):
+                    return  # the session cancels this stream
+                if isinstance(event, h2.events.DataReceived):
+                    record.bytes_received += len(event.data)
+                    body.keep(event.data, limit)
+                    down.ack(stream_id, event.flow_controlled_length)
+                    with contextlib.suppress(_Gone):
+                        await down.flush()
+                    await peer.send_data(up_id, event.data)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    body.trailers = h2wire.response_headers(event.headers)
+                    body.complete = True
+                    await peer.send_headers(up_id, body.trailers, True)
+                    return
+                elif isinstance(event, h2.events.StreamEnded):
+                    body.complete = True
+                    await peer.end(up_id)
+                    return
+        except _Gone:
+            return
 
     async def _pump_response(
-        self, inbox: _Inbox, peer: _H2Peer, up_id: int, stream_id: int, record: RequestRecord
+        self,
+        inbox: _Inbox,
+        peer: _H2Peer,
+        up_id: int,
+        stream_id: int,
+        record: RequestRecord,
+        policy: RetryPolicy | None,
     ) -> bool:
         """The upstream's response to the client. Returns True when it completed; raises
-        _Gone (after the head was sent: the caller resets) when either side broke off."""
+        _Retry (nothing sent yet) for a response `policy` retries, _Gone (after the head was
+        sent: the caller resets) when either side broke off."""
         down = self.down
         ended = False
         while True:
@@ -600,6 +698,11 @@ class _Session:
                 ended = event.stream_ended is not None
                 if record.grpc:
                     record.grpc_status = h2wire.grpc_status_of(headers)
+                if policy is not None and (
+                    retriable_status(policy, record.status)
+                    or (ended and record.grpc and retriable_grpc(policy, record.grpc_status))
+                ):
+                    raise _Retry
                 await down.send_headers(stream_id, headers, end=ended)
             elif isinstance(event, h2.events.DataReceived):
                 await down.send_data(stream_id, event.data)

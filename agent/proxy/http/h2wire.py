@@ -194,11 +194,12 @@ def local_reply(resp: LocalResponse, *, grpc: bool) -> tuple[list[tuple[bytes, b
     """The HEADERS (and body) of a reply the proxy makes itself; for a gRPC call a trailers-only
     response whose grpc-message is the body's text."""
     if grpc:
+        code = resp.grpc_status if resp.grpc_status is not None else grpc_code_for(resp.status)
         message = resp.body.decode("latin-1").strip() or f"HTTP status {resp.status}"
         headers = [
             (b":status", b"200"),
             (b"content-type", b"application/grpc"),
-            (b"grpc-status", str(grpc_code_for(resp.status)).encode()),
+            (b"grpc-status", str(code).encode()),
             (b"grpc-message", _percent_encode(message)),
         ]
         return headers, b""

@@ -52,6 +52,12 @@ def retriable(policy: RetryPolicy, outcome: Outcome, status: int = 0) -> bool:
     return policy.on_reset
 
 
+def retriable_grpc(policy: RetryPolicy, grpc_status: int | None) -> bool:
+    """A gRPC status retryOn names (`cancelled`, `deadline-exceeded`, `internal`,
+    `resource-exhausted`, `unavailable`), seen in a trailers-only response."""
+    return grpc_status is not None and grpc_status in policy.grpc_codes
+
+
 def backoff(retry: int, base: float, cap: float, rand: random.Random) -> float:
     """Seconds to wait before the `retry`-th retry (1 = the first)."""
     return min(cap, rand.random() * base * ((1 << min(retry, 16)) - 1))

@@ -82,6 +82,7 @@ class LocalResponse:
     body: bytes = b""
     headers: tuple[tuple[bytes, bytes], ...] = ()
     flags: tuple[str, ...] = ()  # Envoy response flags to record, e.g. ("RBAC",)
+    grpc_status: int | None = None  # for a gRPC call: this status (else one mapped from status)
 
 
 RequestFilter = Callable[[RequestInfo], Awaitable[LocalResponse | None]]

@@ -4,9 +4,11 @@
     python3 grpc_echo.py call TARGET [SIZE]  # one unary call, one 1,000-message stream: JSON
     python3 grpc_echo.py who TARGET N [KEY=VALUE]  # N /Who calls on one channel: {name: count}
     python3 grpc_echo.py methods TARGET      # /Unary then /Who on one channel: {method: code}
+    python3 grpc_echo.py flaky TARGET N      # N /Flaky calls on one channel: {code: count}
 
 /Who answers the server's NAME (default: the host name), so a test can tell which endpoint
-served each call of one channel; KEY=VALUE is sent as call metadata.
+served each call of one channel; KEY=VALUE is sent as call metadata. /Flaky fails with
+UNAVAILABLE every other time a server is called (a one-shot failure a retry overcomes).
 
 Runs under the system Python inside lab pods, so it imports only grpc and the stdlib. The
 server prints one line per call, so a test can tell whether a call reached it.
@@ -30,6 +32,14 @@ def serve(port: int, name: str) -> None:
     def who(request: bytes, context) -> bytes:
         return name.encode()
 
+    flaky_calls = [0]
+
+    def flaky(request: bytes, context) -> bytes:
+        flaky_calls[0] += 1
+        if flaky_calls[0] % 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "one-shot failure")
+        return request
+
     def unary(request: bytes, context) -> bytes:
         print(f"unary {len(request)} bytes", flush=True)
         return request
@@ -45,6 +55,7 @@ def serve(port: int, name: str) -> None:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Who": grpc.unary_unary_rpc_method_handler(who),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -84,6 +95,19 @@ def who(target: str, count: int, metadata: tuple) -> dict:
     return dict(names)
 
 
+def flaky(target: str, count: int) -> dict:
+    codes: Counter = Counter()
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/Flaky")
+        for _ in range(count):
+            try:
+                call(b"x", timeout=10)
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+    return dict(codes)
+
+
 def methods(target: str) -> dict:
     codes = {}
     with grpc.insecure_channel(target) as channel:
@@ -102,6 +126,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "who":
         pairs = [arg.split("=", 1) for arg in sys.argv[4:]]
         print(json.dumps(who(sys.argv[2], int(sys.argv[3]), tuple(map(tuple, pairs)))))
+    elif sys.argv[1] == "flaky":
+        print(json.dumps(flaky(sys.argv[2], int(sys.argv[3]))))
     elif sys.argv[1] == "methods":
         print(json.dumps(methods(sys.argv[2])))
     else:
