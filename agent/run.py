@@ -38,6 +38,7 @@ from meshagent.agent.telemetry import (
     metrics_handler,
     open_access_log,
 )
+from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
 from meshagent.agent.workers.pool import WorkerPool, prepare_worker_metrics
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
@@ -143,13 +144,16 @@ class Agent:
                 200 if self.ready else 503, b"ready\n" if self.ready else b"not ready\n"
             )
 
+        flow_tap = FlowTap()  # `meshagent observe` (the workers have their own)
         try:
             async with (
                 open_access_log(
-                    AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
+                    AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample),
+                    tap=flow_tap,
                 ) as access_log,
                 trio.open_nursery() as nursery,
             ):
+                await nursery.start(serve_flow_tap, flow_tap, flow_socket(cfg.state_dir))
                 if workers > 1:
                     self.dataplane = WorkerPool(
                         cfg, workers, self.store, self.identities, metrics_env, metrics_dir

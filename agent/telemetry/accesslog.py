@@ -37,6 +37,7 @@ from meshagent.agent.telemetry.labels import NO_RESPONSE_FLAGS, ConnectionLabels
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from meshagent.agent.telemetry.flows import FlowTap
     from meshagent.common.authz import Decision
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,10 @@ class AccessLog:
         *,
         fd: int = 1,
         rng: Callable[[], float] = random.random,
+        tap: FlowTap | None = None,
     ) -> None:
         self.settings = settings or AccessLogSettings()
+        self.tap = tap  # `meshagent observe`'s tap: sees every entry while watched (flows.py)
         self._fd = fd
         self._random = rng
         self._enabled = self.settings.output != "off" and self.settings.sample > 0.0
@@ -182,11 +185,15 @@ class AccessLog:
     ) -> bool:
         """Log a closed TCP connection (`start`: UNIX time it was accepted). Returns whether
         the line was kept (sampled in and buffered)."""
-        if not self._sampled():
+        keep = self._sampled()
+        tap = self.tap if self.tap is not None and self.tap.watched else None
+        if not keep and tap is None:
             return False
         return self._add(
             labels,
             "tcp",
+            keep=keep,
+            tap=tap,
             start=start,
             duration_ms=duration_ms,
             bytes_sent=bytes_sent,
@@ -220,11 +227,15 @@ class AccessLog:
     ) -> bool:
         """Log a completed HTTP request (`start`: UNIX time its headers arrived). Returns
         whether the line was kept."""
-        if not self._sampled():
+        keep = self._sampled()
+        tap = self.tap if self.tap is not None and self.tap.watched else None
+        if not keep and tap is None:
             return False
         return self._add(
             labels,
             "http",
+            keep=keep,
+            tap=tap,
             start=start,
             duration_ms=duration_ms,
             bytes_sent=bytes_sent,
@@ -244,6 +255,8 @@ class AccessLog:
         labels: ConnectionLabels,
         kind: str,
         *,
+        keep: bool,
+        tap: FlowTap | None,
         start: float,
         duration_ms: float,
         decision: Decision | None,
@@ -281,6 +294,10 @@ class AccessLog:
                 _json(error),
             )
         ).encode()
+        if tap is not None:
+            tap.publish(line, decision.reason if decision is not None else None)
+        if not keep:
+            return False
         if self._pending_bytes + len(line) > self.settings.max_buffer_bytes:
             self.dropped += 1
             return False
@@ -378,11 +395,12 @@ class AccessLog:
 
 @asynccontextmanager
 async def open_access_log(
-    settings: AccessLogSettings | None = None, *, fd: int = 1
+    settings: AccessLogSettings | None = None, *, fd: int = 1, tap: FlowTap | None = None
 ) -> AsyncIterator[AccessLog]:
-    """An `AccessLog` with its flusher running; on exit, what is still buffered is written
-    (for at most a few seconds, even when the exit is a cancellation)."""
-    access_log = AccessLog(settings, fd=fd)
+    """An `AccessLog` with its flusher running (and `tap` fed: `flows.py`); on exit, what is
+    still buffered is written (for at most a few seconds, even when the exit is a
+    cancellation)."""
+    access_log = AccessLog(settings, fd=fd, tap=tap)
     try:
         async with trio.open_nursery() as nursery:
             if access_log.enabled:

@@ -20,6 +20,7 @@ from meshagent.agent.dataplane import DataPlane
 from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.state import SnapshotRejected, SnapshotStore
 from meshagent.agent.telemetry import AccessLogSettings, ProxyMetrics, open_access_log
+from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
 from meshagent.agent.workers.mirror import IdentityMirror
 from meshagent.agent.workers.wire import parse_certs
 from meshagent.common.configwire import MessageStream, WireError
@@ -47,9 +48,15 @@ class Worker:
         cfg = self.config
         maps = loader.open_maps(loader.datapath_settings(cfg))
         try:
-            async with open_access_log(
-                AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample)
-            ) as access_log:
+            tap = FlowTap()  # `meshagent observe`
+            async with (
+                open_access_log(
+                    AccessLogSettings(output=cfg.access_log, sample=cfg.access_log_sample),
+                    tap=tap,
+                ) as access_log,
+                trio.open_nursery() as tap_nursery,
+            ):
+                await tap_nursery.start(serve_flow_tap, tap, flow_socket(cfg.state_dir, self.index))
                 self.dataplane = DataPlane(
                     cfg,
                     store=self.store,
@@ -66,6 +73,7 @@ class Worker:
                     await self.channel.send({"type": "ready", "pid": os.getpid()})
                     log.info("proxy worker %d ready (pid %d)", self.index, os.getpid())
                     nursery.start_soon(self._report)
+                tap_nursery.cancel_scope.cancel()  # the worker is done: so is its tap
         finally:
             maps.close()
 
