@@ -1,14 +1,13 @@
 """Keeps the agent's snapshot current and carries its CSRs: one stream to the controller,
-reconnecting forever.
-
-Connects over TLS, checking the controller's certificate against the configured mesh root
-by the name or IP it dials; says hello with the node token (read again at every connect, so
-a rotated token is picked up) and the version it holds (so a resumed stream sends nothing it
-already has). Then it applies each pushed snapshot through the store and ACKs it, or NACKs
-it with the reason and keeps the last good one, while CSR answers go to the
-`ControllerSigner`, which sends its requests on the same connection. A controller that
-refuses the node's credential says why in an `error` line; the agent shows it in
-`meshagent status` and retries after the longest backoff.
+reconnecting forever. Connects over TLS, checking the controller's certificate against the
+configured mesh root by the name or IP it dials; says hello with the node token (read again
+at every connect, so a rotated token is picked up) and the version it holds (so a resumed
+stream sends nothing it already has). Then it applies each pushed snapshot, or delta from
+the version it holds, through the store and ACKs it, or NACKs it with the reason and keeps
+the last good one, while CSR answers go to the `ControllerSigner`, which sends its requests
+on the same connection. A controller that refuses the node's credential says why in an
+`error` line; the agent shows it in `meshagent status` and retries after the longest
+backoff.
 """
 
 from __future__ import annotations
@@ -198,7 +197,7 @@ async def _receive_loop(
         if message is None:
             return
         kind = message["type"]
-        if kind == "snapshot":
+        if kind in ("snapshot", "delta"):
             await _apply(wire, store, link, message)
         elif kind in ("certificate", "csr_refused") and signer is not None:
             try:
@@ -217,7 +216,10 @@ async def _apply(
     version = str(message.get("version", ""))
     link.snapshots_received += 1
     try:
-        store.apply(message.get("snapshot") or {})
+        if message["type"] == "delta":
+            store.apply_delta(str(message.get("base", "")), version, message.get("changes") or {})
+        else:
+            store.apply(message.get("snapshot") or {})
     except SnapshotRejected as exc:
         link.last_nack = str(exc)
         log.error("refused snapshot %s: %s", version, exc)

@@ -29,6 +29,7 @@ from meshagent.agent.proxy.routing import (
     compile_routes,
     port_protocol,
 )
+from meshagent.common import snapshotdelta
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
@@ -186,6 +187,21 @@ class SnapshotStore:
             except Exception:  # listeners only swap in what was built; one bug ends no other
                 log.exception("snapshot listener %r failed", callback)
         return snap
+
+    def apply_delta(self, base: str, version: str, changes: dict) -> Snapshot:
+        """Apply the changes from the held version `base` to `version` (common/snapshotdelta.py)
+        as `apply` does a whole snapshot. Raises SnapshotRejected if this agent does not hold
+        `base` or the result is not exactly `version` (the controller then sends it whole)."""
+        held = self.tables.snapshot if self.tables else None
+        if held is None or held.version != base:
+            holding = held.version if held else "nothing"
+            raise SnapshotRejected(f"delta from {base!r}, but this agent holds {holding!r}")
+        try:
+            body = snapshotdelta.apply(held.model_dump(mode="json"), changes)
+        except snapshotdelta.DeltaError as exc:
+            raise SnapshotRejected(str(exc)) from None
+        body["version"] = version
+        return self.apply(body)
 
     def load_saved(self) -> bool:
         """Serve the last accepted snapshot from disk, if there is one."""

@@ -3,7 +3,8 @@
 One controller push server runs in this process on loopback (real TLS with its own stream
 certificate, node bootstrap tokens, the real compiler); a second process runs the simulated
 agents, one real TLS connection each, authenticating with its node's token and ACKing every
-snapshot it receives (after parsing it), so agents and controller do not share a CPU. Each
+snapshot or delta it receives (after parsing it), so agents and controller do not share a
+CPU. Each
 round changes one pod's label (which changes every node's snapshot, since each lists all
 workloads), then waits, polling every millisecond, until every session has ACKed its node's
 new version. Prints p50/p99 over the rounds and writes them as JSON.
@@ -137,7 +138,7 @@ async def run_agents(port: int, root: Path, tokens: dict[str, str]) -> None:
             wire = MessageStream(stream)
             await wire.send({"type": "hello", "node": node, "token": token, "version": ""})
             while (message := await wire.receive()) is not None:
-                if message["type"] != "snapshot":
+                if message["type"] not in ("snapshot", "delta"):
                     raise SystemExit(f"{node}: unexpected {message}")
                 await wire.send({"type": "ack", "version": message["version"]})
 
@@ -171,8 +172,9 @@ async def measure(
     pods_per_node: int = PODS_PER_NODE,
     churn: float = 0.0,
     duration: float = 0.0,
-) -> list[float]:
-    """Latencies in milliseconds: one per round, or with `churn` one per change."""
+) -> tuple[list[float], float]:
+    """Latencies in milliseconds (one per round, or with `churn` one per change), and the
+    bytes the controller sent per change and agent once every agent was connected."""
     ca_file = folder / "ca.pem"
     ca = CertificateAuthority.load_or_create(ca_file)
     root = folder / "root.pem"
@@ -217,6 +219,7 @@ async def measure(
         )
         try:
             await wait_all_acked(server, nodes, CONNECT_TIMEOUT)
+            sent_before = sum(server.sessions[node].bytes_sent for node in nodes)
             if churn:
                 latencies = await _churn(server, model, nodes, pods_per_node, churn, duration)
             else:
@@ -226,10 +229,11 @@ async def measure(
                     model.upsert("Pod", changed)
                     await wait_all_acked(server, nodes, ROUND_TIMEOUT)
                     latencies.append((time.perf_counter() - started) * 1000)
+            sent = sum(server.sessions[node].bytes_sent for node in nodes) - sent_before
         finally:
             process.terminate()
             nursery.cancel_scope.cancel()
-    return latencies
+    return latencies, sent / (len(latencies) * agents)
 
 
 async def _churn(
@@ -285,6 +289,7 @@ def summary(
     churn: float = 0.0,
     duration: float = 0.0,
     cpu_s: float | None = None,
+    bytes_per_change: float | None = None,
 ) -> dict:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     tenth = max(1, len(latencies) // 10)
@@ -298,6 +303,7 @@ def summary(
         "first_tenth_p50_ms": round(statistics.median(latencies[:tenth]), 2),
         "last_tenth_p50_ms": round(statistics.median(latencies[-tenth:]), 2),
         "controller_cpu_s": None if cpu_s is None else round(cpu_s, 2),
+        "bytes_per_change_per_agent": None if bytes_per_change is None else round(bytes_per_change),
         # ru_maxrss is in KiB on Linux; this process is the controller (agents run apart)
         "controller_max_rss_mib": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
@@ -339,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     churn = {"pods_per_node": args.pods_per_node, "churn": args.churn, "duration": args.duration}
     cpu_before = time.process_time()
     with tempfile.TemporaryDirectory(prefix="push-latency-") as folder:
-        latencies = trio.run(partial(measure, agents, rounds, Path(folder), **churn))
-    result = summary(latencies, agents, cpu_s=time.process_time() - cpu_before, **churn)
+        latencies, per_change = trio.run(partial(measure, agents, rounds, Path(folder), **churn))
+    cpu_s = time.process_time() - cpu_before
+    result = summary(latencies, agents, cpu_s=cpu_s, bytes_per_change=per_change, **churn)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -348,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         f" p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms"
         f" (min {result['min_ms']:.1f}, max {result['max_ms']:.1f}; first/last tenth p50"
         f" {result['first_tenth_p50_ms']:.1f}/{result['last_tenth_p50_ms']:.1f} ms);"
+        f" {result['bytes_per_change_per_agent']} bytes per change and agent;"
         f" controller CPU {result['controller_cpu_s']} s, peak RSS"
         f" {result['controller_max_rss_mib']} MiB; written to {args.out}"
     )

@@ -10,6 +10,7 @@ another node is refused.
   agent -> controller  {"type": "hello", "node": N, "token": T, "version": V|""}
   controller -> agent  {"type": "error", "error": "..."}          then closes: refused
   controller -> agent  {"type": "snapshot", "version": V, "snapshot": {...}}
+                       {"type": "delta", "version": V, "base": B, "changes": {...}}
   agent -> controller  {"type": "ack", "version": V}
                        {"type": "nack", "version": V, "error": "..."}
 
@@ -20,11 +21,13 @@ the connection); requests may overlap and answers come in any order:
   controller -> agent  {"type": "certificate", "id": I, "chain": [leaf PEM, intermediate PEM...]}
                        {"type": "csr_refused", "id": I, "reason": "..."}
 
-The controller pushes a snapshot whenever the node's version differs from the last one
-the agent holds (the hello's version on reconnect, so a resumed agent with the current
-version gets nothing new). Both sides read with a bounded buffer so a broken peer cannot
-make the other grow without limit, and serialize their sends, since several tasks share
-one connection.
+The controller pushes a snapshot whenever the node's version differs from the last one the
+agent holds (the hello's version on reconnect, so a resumed agent with the current version
+gets nothing new); once the agent has ACKed a version on the stream, it sends only the
+changes from it (`delta`, common/snapshotdelta.py); a NACKed delta is followed by the whole
+snapshot. One snapshot or delta is in flight at a time: the next waits for the answer. Both
+sides read with a bounded buffer so a broken peer cannot make the other grow without limit,
+and serialize their sends, since several tasks share one connection.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lightkube import AsyncClient
 from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
+from meshagent.common import snapshotdelta
 from meshagent.common.configwire import MessageStream, WireError, encode_snapshot_message
 from meshagent.common.snapshot import Snapshot
 from meshagent.common.spiffe import Identity, InvalidIdentity
@@ -65,6 +66,7 @@ GOODBYE_TIMEOUT = 2.0
 # long for the rest of the burst. It is also the most a lone change waits before its push,
 # and under steady churn it caps compiles at one per window.
 COALESCE_WINDOW = 0.1
+DELTA_CACHE_SIZE = 8  # pairs of compiles whose shared changes are kept
 DEFAULT_CERT_LIFETIME = timedelta(hours=24)
 SERVER_CERT_LIFETIME = timedelta(days=30)
 # The controller's own identity: spiffe://<td>/ns/<namespace>/sa/meshctl.
@@ -320,6 +322,13 @@ class AgentSession:
     nacked_version: str = ""
     # Set by the agent's ACK or NACK: one snapshot is in flight per stream at a time.
     answered: trio.Event = field(default_factory=trio.Event, repr=False)
+    # The snapshot in flight and the one the agent ACKed on this stream (deltas start there)
+    in_flight: Snapshot | None = field(default=None, repr=False)
+    in_flight_delta: bool = False
+    held: Snapshot | None = field(default=None, repr=False)
+    deltas_sent: int = 0
+    full_sent: int = 0
+    bytes_sent: int = 0
     last_nack: str = ""
     connected: bool = True
     csr_signed: int = 0
@@ -389,6 +398,7 @@ class PushServer:
         self.auth_failures = 0
         self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
+        self._delta_cache: dict[tuple[int, int], tuple[list, list, dict]] = {}
         self._shared: tuple[int, SharedSnapshot] | None = None
         self._shared_body: tuple[int, bytes] | None = None
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
@@ -567,7 +577,8 @@ class PushServer:
     async def _push_loop(self, wire: MessageStream, session: AgentSession) -> None:
         """Send the node its snapshot whenever it changes, with one in flight at a time (as
         xDS waits for the ACK): an agent slower than the churn gets fewer, newer snapshots
-        instead of a growing queue of stale ones."""
+        instead of a growing queue of stale ones. Once the agent has ACKed a snapshot on this
+        stream, only the changes from it travel (a delta)."""
         while True:
             generation = self.model.generation
             snap = self.snapshot_for(session.node)
@@ -578,15 +589,47 @@ class PushServer:
             else:
                 session.sent_version, session.sent_generation = snap.version, generation
                 session.answered = trio.Event()
-                local = [w.model_dump(mode="json") for w in snap.local_workloads]
-                await wire.send_encoded(
-                    encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
-                )
+                message, session.in_flight_delta = self._message_for(session, snap)
+                session.in_flight = snap
+                session.bytes_sent += len(message)
+                if session.in_flight_delta:
+                    session.deltas_sent += 1
+                else:
+                    session.full_sent += 1
+                await wire.send_encoded(message)
             if session.sent_version not in (session.acked_version, session.nacked_version):
                 await session.answered.wait()
-                if self.model.generation != generation:
-                    continue  # changed while in flight: send the newest now
+                continue  # look again: newer content, or the whole snapshot after a NACK
             await self._wait_settled(generation)
+
+    def _message_for(self, session: AgentSession, snap: Snapshot) -> tuple[bytes, bool]:
+        """(encoded message, is a delta) taking the node from what it holds to `snap`. A delta
+        carries only changed items, so it is never much larger than the whole snapshot."""
+        held = session.held
+        if held is not None and held.version == session.acked_version:
+            changes = {
+                **self._shared_changes(held, snap),
+                **snapshotdelta.diff(held, snap, ("local_workloads",)),
+            }
+            delta = {"type": "delta", "version": snap.version, "base": held.version}
+            return json.dumps({**delta, "changes": changes}, separators=(",", ":")).encode(), True
+        local = [w.model_dump(mode="json") for w in snap.local_workloads]
+        message = encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
+        return message, False
+
+    def _shared_changes(self, old: Snapshot, new: Snapshot) -> dict:
+        """The changes to the part every node shares, computed once per pair of compiles (a
+        node's snapshot shares its lists with the compile it came from)."""
+        key = (id(old.workloads), id(new.workloads))
+        hit = self._delta_cache.get(key)
+        if hit is None:
+            changes = snapshotdelta.diff(old, new, snapshotdelta.SHARED_FIELDS)
+            # keeping both lists alive keeps their ids from being reused while cached
+            hit = (old.workloads, new.workloads, changes)
+            self._delta_cache[key] = hit
+            while len(self._delta_cache) > DELTA_CACHE_SIZE:
+                self._delta_cache.pop(next(iter(self._delta_cache)))
+        return hit[2]
 
     async def _settle(self) -> None:
         """Coalesce model changes: once the model changes, wait `coalesce` seconds for the
@@ -624,12 +667,16 @@ class PushServer:
         session.acked_version = str(message.get("version", ""))
         if session.acked_version == session.sent_version:
             session.acked_generation = session.sent_generation
+            session.held = session.in_flight
         session.last_nack = ""
         session.answered.set()
 
     async def _on_nack(self, _wire: MessageStream, session: AgentSession, message: dict) -> None:
         session.last_nack = str(message.get("error", ""))
         session.nacked_version = str(message.get("version", ""))
+        if session.in_flight_delta and session.nacked_version == session.sent_version:
+            # the agent could not rebuild it from what it holds: send it whole next
+            session.held, session.sent_version, session.nacked_version = None, "", ""
         session.answered.set()
         log.warning(
             "agent %s refused %s: %s", session.node, message.get("version"), session.last_nack

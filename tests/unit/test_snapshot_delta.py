@@ -1,0 +1,249 @@
+"""Issue #19: deltas. Any sequence of cluster changes, sent as deltas and applied by the agent's
+store, gives exactly the snapshot the controller compiled (same content version); a delta the
+agent cannot apply is NACKed, leaves it on its version, and the controller sends the whole
+snapshot next; a resumed stream converges."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from meshagent.agent.state import SnapshotRejected, SnapshotStore
+from meshagent.common import snapshotdelta
+from meshagent.common.configwire import MessageStream
+from meshagent.controller.compiler import compile_shared
+from meshagent.controller.model import ClusterModel
+from meshagent.controller.push import PushServer
+
+from tests.certs import TestCA
+
+NODES = ("node-1", "node-2")
+NAMESPACES = ("shop", "batch")
+SVCS = ("svc0", "svc1", "svc2")
+BUNDLES = {"root-1": TestCA("root 1").pem, "root-2": TestCA("root 2").pem, None: None}
+
+
+def _pod(name: str, ns: str, node: str, app: str, version: str) -> dict:
+    index = int(name.split("-")[1])
+    return {
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": f"uid-{ns}-{name}",
+            "labels": {"app": app, "version": version},
+        },
+        "spec": {"nodeName": node, "serviceAccountName": app},
+        "status": {
+            "phase": "Running",
+            "podIP": f"10.244.{NODES.index(node) + 1}.{index + 10}",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def _service(name: str, ns: str) -> dict:
+    return {
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "clusterIP": f"10.96.{NAMESPACES.index(ns)}.{int(name[-1]) + 10}",
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+
+
+def _deny(name: str, ns: str) -> dict:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]},
+    }
+
+
+def _cluster() -> ClusterModel:
+    model = ClusterModel()
+    meshed = {"meshagent.io/mesh": "enabled"}
+    model.replace(
+        "Namespace",
+        [
+            {"kind": "Namespace", "metadata": {"name": "shop", "labels": meshed}},
+            {"kind": "Namespace", "metadata": {"name": "batch"}},
+        ],
+    )
+    model.replace(
+        "Node",
+        [
+            {
+                "kind": "Node",
+                "metadata": {"name": n},
+                "status": {"addresses": [{"type": "InternalIP", "address": f"172.30.0.{11 + i}"}]},
+            }
+            for i, n in enumerate(NODES)
+        ],
+    )
+    model.replace("Pod", [_pod("p-0", "shop", "node-1", "svc0", "v1")])
+    model.replace("Service", [_service("svc0", "shop")])
+    return model
+
+
+# one change to the cluster: (kind, action, arguments)
+changes = st.one_of(
+    st.tuples(
+        st.just("pod"),
+        st.integers(0, 7),
+        st.sampled_from(NAMESPACES),
+        st.sampled_from(NODES),
+        st.sampled_from(SVCS),
+        st.sampled_from(("v1", "v2")),
+    ),
+    st.tuples(st.just("delete-pod"), st.integers(0, 7), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("service"), st.sampled_from(SVCS), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("delete-service"), st.sampled_from(SVCS), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("deny"), st.sampled_from(("a", "b")), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("delete-deny"), st.sampled_from(("a", "b")), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("bundle"), st.sampled_from(tuple(BUNDLES))),
+)
+
+
+def _ref(name: str, ns: str) -> dict:
+    return {"metadata": {"name": name, "namespace": ns}}
+
+
+def _change(model: ClusterModel, change: tuple) -> None:
+    """Apply one change to the model (trust bundle changes are the caller's)."""
+    kind = change[0]
+    if kind == "pod":
+        _, i, ns, node, app, version = change
+        model.upsert("Pod", _pod(f"p-{i}", ns, node, app, version))
+    elif kind == "delete-pod":
+        model.delete("Pod", _ref(f"p-{change[1]}", change[2]))
+    elif kind == "service":
+        model.upsert("Service", _service(change[1], change[2]))
+    elif kind == "delete-service":
+        model.delete("Service", _ref(change[1], change[2]))
+    elif kind == "deny":
+        model.upsert("AuthorizationPolicy", _deny(change[1], change[2]))
+    elif kind == "delete-deny":
+        model.delete("AuthorizationPolicy", _ref(change[1], change[2]))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(changes, min_size=1, max_size=12), node=st.sampled_from(NODES))
+def test_deltas_applied_by_the_agent_equal_the_full_snapshot(tmp_path, steps, node):
+    model = _cluster()
+    bundle = BUNDLES["root-1"]
+    store = SnapshotStore(node, tmp_path / node)
+    held = compile_shared(model, bundle).for_node(node)
+    store.apply(held.model_dump(mode="json"), save=False)
+    for step in steps:
+        if step[0] == "bundle":
+            bundle = BUNDLES[step[1]]
+        else:
+            _change(model, step)
+        new = compile_shared(model, bundle).for_node(node)
+        changes = snapshotdelta.diff(held, new, (*snapshotdelta.SHARED_FIELDS, "local_workloads"))
+        if new.version == held.version:
+            assert changes == {}
+            continue
+        applied = store.apply_delta(held.version, new.version, changes)
+        assert applied.version == new.version
+        assert applied.model_dump(mode="json") == new.model_dump(mode="json")
+        held = new
+
+
+def test_a_delta_from_a_version_the_agent_does_not_hold_is_refused(tmp_path):
+    model = _cluster()
+    store = SnapshotStore("node-1", tmp_path)
+    first = compile_shared(model).for_node("node-1")
+    store.apply(first.model_dump(mode="json"), save=False)
+    _change(model, ("pod", 1, "shop", "node-1", "svc0", "v2"))
+    second = compile_shared(model).for_node("node-1")
+    changes = snapshotdelta.diff(first, second, snapshotdelta.SHARED_FIELDS)
+    with pytest.raises(SnapshotRejected, match="holds"):
+        store.apply_delta("not-my-version", second.version, changes)
+    with pytest.raises(SnapshotRejected, match="does not match its content"):
+        store.apply_delta(first.version, second.version, {})  # leads elsewhere
+    with pytest.raises(SnapshotRejected, match="unknown field"):
+        store.apply_delta(first.version, second.version, {"node": "node-2"})
+    assert store.version == first.version  # nothing changed
+
+
+class NodeNameAuthenticator:
+    async def authenticate(self, token: str) -> str:
+        return token
+
+
+async def test_a_nacked_delta_is_followed_by_the_whole_snapshot_and_resume_converges(
+    autojump_clock, tmp_path
+):
+    model = _cluster()
+    server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=0.1)
+    store = SnapshotStore("node-1", tmp_path)
+    seen: list[str] = []
+    refuse_next_delta = [True]
+
+    async def agent(stream: trio.abc.Stream, version: str) -> None:
+        wire = MessageStream(stream)
+        await wire.send({"type": "hello", "node": "node-1", "token": "node-1", "version": version})
+        while (message := await wire.receive()) is not None:
+            seen.append(message["type"])
+            if message["type"] == "delta" and refuse_next_delta[0]:
+                refuse_next_delta[0] = False
+                await wire.send({"type": "nack", "version": message["version"], "error": "test"})
+                continue
+            if message["type"] == "delta":
+                store.apply_delta(message["base"], message["version"], message["changes"])
+            else:
+                store.apply(message["snapshot"], save=False)
+            await wire.send({"type": "ack", "version": message["version"]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        agent_side, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server._handle, server_side)
+        nursery.start_soon(agent, agent_side, "")
+        await trio.sleep(1)
+        assert seen == ["snapshot"]
+        before = store.version
+
+        _change(model, ("pod", 1, "shop", "node-1", "svc0", "v2"))
+        await trio.sleep(1)
+        # the delta was refused: the agent stayed on its version, then got it whole
+        assert seen == ["snapshot", "delta", "snapshot"]
+        assert store.version == server.snapshot_for("node-1").version != before
+        assert server.sessions["node-1"].acked_version == store.version
+
+        _change(model, ("pod", 2, "shop", "node-1", "svc1", "v1"))
+        await trio.sleep(1)
+        assert seen[-1] == "delta" and store.version == server.snapshot_for("node-1").version
+        session = server.sessions["node-1"]
+        assert (session.full_sent, session.deltas_sent) == (2, 2)
+        nursery.cancel_scope.cancel()
+
+    # a new controller (a restart): the agent resumes from the version it holds
+    restarted = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=0.1)
+    seen.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restarted._settle)
+        agent_side, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(restarted._handle, server_side)
+        nursery.start_soon(agent, agent_side, store.version)
+        await trio.sleep(1)
+        assert seen == []  # it holds the current version: nothing to send
+        _change(model, ("pod", 3, "shop", "node-1", "svc2", "v1"))
+        await trio.sleep(1)
+        # the new controller never saw what the agent holds: the whole snapshot, then deltas
+        assert seen == ["snapshot"]
+        assert store.version == restarted.snapshot_for("node-1").version
+        _change(model, ("pod", 3, "shop", "node-1", "svc2", "v2"))
+        await trio.sleep(1)
+        assert seen == ["snapshot", "delta"]
+        assert store.version == restarted.snapshot_for("node-1").version
+        nursery.cancel_scope.cancel()
