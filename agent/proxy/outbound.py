@@ -37,6 +37,9 @@ from meshagent.common.snapshot import Endpoint, Service, Workload
 log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3  # distinct endpoints tried for one connection
+# What a destination proxy answers a tunnel its policy denies, or to a pod not (or no longer)
+# on its node (as ztunnel): another endpoint is still tried, but it is no health signal.
+TUNNEL_REFUSED_STATUS = 401
 # The orig_dst entry is written before the client's final ACK leaves; this only
 # covers a listener that accepts faster than the map update becomes visible.
 ORIG_DST_RETRIES = 3
@@ -289,11 +292,15 @@ class _L4:
                     self.source, ip, target.port, self.peer_ip, self.protocol or "tcp"
                 )
             except UpstreamError as exc:
-                state.report(ep, CONNECT_FAILURE_CODE)
                 state.closed(ep)
+                error = f"{exc.kind}: {exc}"
+                if not (exc.kind == "refused" and exc.status == TUNNEL_REFUSED_STATUS):
+                    # a 401 is the destination's policy (or a stale endpoint) saying no, not a
+                    # sick endpoint: counting it would let a denied client eject healthy
+                    # endpoints for every other client of this proxy
+                    state.report(ep, CONNECT_FAILURE_CODE)
                 tried.append(ep)
                 proxy.stats.upstream_failures += 1
-                error = f"{exc.kind}: {exc}"
                 log.warning("%s -> %s: %s", self.peer_ip, target.address, error)
                 continue
             try:
