@@ -346,6 +346,42 @@ def test_local_replies_to_grpc_calls_carry_the_grpc_code(status, code):
     assert body == b""
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"10S", 10.0),
+        (b"250m", 0.25),
+        (b"1H", 3600.0),
+        (b"5", None),
+        (b"123456789S", None),
+        (b"1x", None),
+    ],
+)
+def test_grpc_timeout_values(value, seconds):
+    assert h2wire.grpc_timeout(value) == seconds
+
+
+def test_the_request_timeout_is_the_shorter_of_route_and_grpc_timeout():
+    assert h2wire.request_timeout(None, []) is None
+    assert h2wire.request_timeout(2.0, [(b"grpc-timeout", b"500m")]) == 0.5
+    assert h2wire.request_timeout(None, [(b"grpc-timeout", b"3S")]) == 3.0
+    assert h2wire.request_timeout(1.0, [(b"grpc-timeout", b"3S")]) == 1.0
+
+
+async def test_a_call_past_its_grpc_timeout_is_deadline_exceeded():
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+
+        async def hang(endpoint, port):
+            await trio.sleep_forever()
+
+        object.__setattr__(lab.ctx, "connect", hang)
+        headers, _, _ = await lab.call("/a.B/C", b"x", [*GRPC, (b"grpc-timeout", b"50m")])
+        assert headers[b"grpc-status"] == b"4"
+        assert lab.records[0].flags == ["UT"]
+        nursery.cancel_scope.cancel()
+
+
 def test_the_reset_guard_counts_within_its_window():
     guard = h2wire.ResetGuard(limit=2, window=1.0)
     assert not guard.reset(0.0) and not guard.reset(0.5)

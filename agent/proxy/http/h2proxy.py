@@ -13,9 +13,12 @@ a connection window per connection. Upstream connections belong to the downstrea
 that opened them (one per endpoint while it has room for another stream): per-request balancing
 spreads one client connection's streams over all endpoints.
 
-Failures before a response: connect 503 UF (another endpoint is tried while the retry policy
-allows), reset 503 UC, no healthy endpoint 503 UH; after the response began, the downstream
-stream is reset. Replies the proxy makes itself to gRPC calls are trailers-only with a gRPC code
+Failures before a response: connect 503 UF, reset 503 UC, no healthy endpoint 503 UH; the retry
+policy (Envoy's semantics, `retry.py`, plus gRPC codes in trailers-only responses) tries another
+endpoint first, replaying the body kept up to the retry buffer. The route timeout, shortened by
+a call's `grpc-timeout`, runs from the request's head to the response's end: 504 UT (gRPC:
+DEADLINE_EXCEEDED) before the response head, a reset stream after it. After the response
+began, any failure resets the downstream stream. Replies the proxy makes itself to gRPC calls are trailers-only with a gRPC code
 (`h2wire.local_reply`). Limits on the downstream side (`h2wire.H2Limits`): h2 refuses streams
 over the concurrency limit and header lists over the size limit; protocol errors and reset
 floods end the connection with GOAWAY.
@@ -408,7 +411,16 @@ class _Session:
                 if d.local is not None:
                     await self._local(stream_id, record, d.local, d.flag, grpc)
                     return
-                await self._forward(stream_id, head, d, record)
+                timeout = h2wire.request_timeout(
+                    d.route.timeout if d.route is not None else None, head.headers
+                )
+                if timeout is None:
+                    await self._forward(stream_id, head, d, record)
+                else:
+                    with trio.move_on_after(timeout) as deadline:
+                        await self._forward(stream_id, head, d, record)
+                    if deadline.cancelled_caught:
+                        await self._timed_out(stream_id, record)
             if scope.cancelled_caught:
                 record.flags.append("DC")  # the client reset the stream
         except _Gone:
@@ -422,6 +434,20 @@ class _Session:
                     self.ctx.on_request_done(record)
                 except Exception:
                     log.exception("on_request_done failed")
+
+    async def _timed_out(self, stream_id: int, record: RequestRecord) -> None:
+        """The route timeout (or the call's grpc-timeout) passed: 504 UT (gRPC:
+        DEADLINE_EXCEEDED) before the response head, a reset stream after it."""
+        if record.status:
+            record.flags.append("UT")
+            self.down.reset(stream_id, h2wire.CANCEL)
+            with contextlib.suppress(_Gone):
+                await self.down.flush()
+            return
+        resp = LocalResponse(
+            504, b"upstream request timeout", grpc_status=h2wire.GRPC_DEADLINE_EXCEEDED
+        )
+        await self._local(stream_id, record, resp, "UT", record.grpc)
 
     def _normalize(self, path: str) -> str:
         mode = self.ctx.settings.path_normalization

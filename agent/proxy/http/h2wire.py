@@ -171,6 +171,31 @@ def status_of(headers: list[tuple[bytes, bytes]]) -> int:
     return 0
 
 
+_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds of a `grpc-timeout` value (at most 8 digits and a unit); None if malformed."""
+    digits, unit = value[:-1], value[-1:]
+    if not (0 < len(digits) <= 8 and digits.isdigit()) or unit not in _GRPC_TIMEOUT_UNITS:
+        return None
+    return int(digits) * _GRPC_TIMEOUT_UNITS[unit]
+
+
+def request_timeout(
+    route_timeout: float | None, headers: list[tuple[bytes, bytes]]
+) -> float | None:
+    """How long a request may take to complete: the route's timeout, shortened by the call's
+    `grpc-timeout` (Istio lets the header set the stream's limit, uncapped)."""
+    limits = [route_timeout] if route_timeout is not None else []
+    for name, value in headers:
+        if name == b"grpc-timeout":
+            seconds = grpc_timeout(value)
+            if seconds is not None:
+                limits.append(seconds)
+    return min(limits) if limits else None
+
+
 def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
 
