@@ -346,13 +346,11 @@ def test_admission_fail_closed_and_debug_endpoints(plane: ControlPlane) -> None:
             deadline = time.monotonic() + 20
             snapshot = None
             while time.monotonic() < deadline:
-                message = agent.receive()
-                assert message is not None, log.read_text()[-2000:]
-                if message["type"] != "snapshot":
-                    continue
-                names = {r["metadata"]["name"] for r in message["snapshot"]["istio_resources"]}
+                received = agent.next_snapshot()
+                assert received is not None, log.read_text()[-2000:]
+                names = {r["metadata"]["name"] for r in received["istio_resources"]}
                 if "deny-admin.unenforceable" in names:
-                    snapshot = message["snapshot"]
+                    snapshot = received
                     break
             assert snapshot is not None, "no snapshot with the fail-closed policy"
         finally:

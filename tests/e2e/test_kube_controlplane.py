@@ -42,6 +42,7 @@ from lightkube import ApiError, KubeConfig
 from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
+from meshagent.common import snapshotdelta
 from meshagent.controller import leader as leader_module
 from meshagent.controller.leader import LeaderElector
 from meshagent.controller.sources.kubernetes import open_kube_client
@@ -375,10 +376,31 @@ class AgentStream:
         self.file = self.sock.makefile("rb")
         hello = {"type": "hello", "node": node, "token": token, "version": ""}
         self.sock.sendall(json.dumps(hello).encode() + b"\n")
+        self.held: dict | None = None  # the last snapshot, whole
 
     def receive(self) -> dict | None:
         line = self.file.readline()
         return json.loads(line) if line else None
+
+    def next_snapshot(self) -> dict | None:
+        """The next snapshot the controller pushes, whole (a delta is applied to the last one,
+        as the agent does) and ACKed, so the controller sends the next; None at the end of the
+        stream. Other messages are passed over. Raises TimeoutError as `receive` does."""
+        while (message := self.receive()) is not None:
+            if message["type"] == "snapshot":
+                self.held = message["snapshot"]
+            elif message["type"] == "delta":
+                assert self.held is not None and self.held["version"] == message["base"], message
+                self.held = {
+                    **snapshotdelta.apply(self.held, message["changes"]),
+                    "version": message["version"],
+                }
+            else:
+                continue
+            ack = {"type": "ack", "version": message["version"]}
+            self.sock.sendall(json.dumps(ack).encode() + b"\n")
+            return self.held
+        return None
 
     def close(self) -> None:
         self.file.close()

@@ -135,16 +135,12 @@ class Snapshots:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no snapshot with {what}; the last: {self.last}")
             try:
-                message = self.stream.receive()
+                snapshot = self.stream.next_snapshot()
             except TimeoutError:
                 continue
-            assert message is not None, "the controller closed the stream"
-            if message["type"] != "snapshot":
-                continue
+            assert snapshot is not None, "the controller closed the stream"
             self.count += 1
-            self.last = message["snapshot"]
-            ack = {"type": "ack", "version": message["version"]}
-            self.stream.sock.sendall(json.dumps(ack).encode() + b"\n")
+            self.last = snapshot
         return self.last
 
 
