@@ -41,6 +41,12 @@ def _curl(pod: str, url: str) -> str:
     return _run(["exec", pod, "--", *CURL, url]).stdout.strip()
 
 
+def _get(pod: str, url: str, extra: list[str] | None = None) -> str:
+    """The body of one curl GET in `pod` (printed by _run, as every command is)."""
+    argv = ["exec", pod, "--", "curl", "-s", "--max-time", "3", *(extra or []), url]
+    return _run(argv, show=False).stdout
+
+
 def _status(node: str) -> dict:
     proc = _run(["exec", "--node", node, "--", "meshagent", "status", "--json"], show=False)
     return json.loads(proc.stdout)
@@ -128,6 +134,25 @@ def run_demo() -> int:
             click.echo(
                 f"  node-2 holds {cert['identity']} ({cert['state']}, until {cert['not_after']})"
             )
+
+        _step(
+            "Routing: reviews-v2 joins; a VirtualService sends user jason to v2, everyone "
+            "else to v1 (per request, by the source node's proxy)"
+        )
+        _run(["apply", "-f", _example("demo-routing.yaml")])
+        jason = ["-H", "end-user: jason"]
+        checks.expect(
+            _until(
+                lambda: "reviews v2" in _get("shop/frontend", "http://reviews.shop:9080/", jason)
+            ),
+            "frontend as jason is routed to reviews-v2",
+        )
+        click.echo(f"  jason gets: {_get('shop/frontend', 'http://reviews.shop:9080/', jason)!r}")
+        others = [_get("shop/frontend", "http://reviews.shop:9080/") for _ in range(5)]
+        checks.expect(
+            all("Directory listing" in body for body in others),
+            "frontend as anyone else stays on reviews-v1 (5 of 5)",
+        )
 
         _step("PeerAuthentication STRICT for shop: plaintext to its pods is dropped in the kernel")
         _run(["apply", "-f", _example("demo-strict.yaml")])

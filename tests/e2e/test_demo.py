@@ -18,6 +18,8 @@ def test_demo_runs_start_to_finish():
     assert "demo OK" in out
     assert "ok: node-1 eBPF redirect counter 0 -> 2" in out
     assert "ok: node-2 saw frontend's SPIFFE identity" in out
+    assert "ok: frontend as jason is routed to reviews-v2" in out
+    assert "ok: frontend as anyone else stays on reviews-v1 (5 of 5)" in out
     assert "ok: legacy/client (plaintext) is refused" in out
     assert "ok: intruder (same node as reviews, another identity) is refused" in out
     assert "FAILED" not in out
