@@ -8,6 +8,7 @@ import h2.events
 import pytest
 import trio
 import trio.testing
+from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.h2proxy import _H2Peer, proxy_http2, serve_detected
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
@@ -379,6 +380,62 @@ async def test_a_call_past_its_grpc_timeout_is_deadline_exceeded():
         headers, _, _ = await lab.call("/a.B/C", b"x", [*GRPC, (b"grpc-timeout", b"50m")])
         assert headers[b"grpc-status"] == b"4"
         assert lab.records[0].flags == ["UT"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway():
+    drain = Drain()
+    release = trio.Event()
+
+    async def slow(info):
+        await release.wait()
+
+    client_end, proxy_end = memory_stream_pair()
+    routes = HttpRoutes(HOST, 80, ())
+    ctx = HttpContext(
+        routes=lambda: routes, clusters=Clusters(), pool=None, request_filter=slow, drain=drain
+    )
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def serve():
+            await proxy_http2(proxy_end, ctx)
+            done.set()
+
+        nursery.start_soon(serve)
+        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        goaway = []
+
+        def on_event(event):
+            if isinstance(event, h2.events.ConnectionTerminated):
+                goaway.append((event.error_code, event.last_stream_id))
+            return False
+
+        nursery.start_soon(client.run, on_event)
+        sid = client.conn.get_next_available_stream_id()
+        inbox = client.open_inbox(sid)
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"a"),
+        ]
+        await client.send_headers(sid, head, end=True)
+        await trio.testing.wait_all_tasks_blocked()
+        drain.start()
+        late = client.conn.get_next_available_stream_id()
+        late_inbox = client.open_inbox(late)
+        await client.send_headers(late, head, end=True)
+        event = await late_inbox.receive.receive()
+        assert isinstance(event, h2.events.StreamReset)
+        assert event.error_code == h2wire.REFUSED_STREAM and not done.is_set()
+        release.set()  # the stream in flight is answered, then the connection ends
+        event = await inbox.receive.receive()
+        assert dict(event.headers)[b":status"] == b"404"
+        with trio.fail_after(2):
+            await done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert goaway == [(h2wire.NO_ERROR, late)]
         nursery.cancel_scope.cancel()
 
 

@@ -18,10 +18,11 @@ policy (Envoy's semantics, `retry.py`, plus gRPC codes in trailers-only response
 endpoint first, replaying the body kept up to the retry buffer. The route timeout, shortened by
 a call's `grpc-timeout`, runs from the request's head to the response's end: 504 UT (gRPC:
 DEADLINE_EXCEEDED) before the response head, a reset stream after it. After the response
-began, any failure resets the downstream stream. Replies the proxy makes itself to gRPC calls are trailers-only with a gRPC code
-(`h2wire.local_reply`). Limits on the downstream side (`h2wire.H2Limits`): h2 refuses streams
-over the concurrency limit and header lists over the size limit; protocol errors and reset
-floods end the connection with GOAWAY.
+began, any failure resets the downstream stream. Replies the proxy makes itself to gRPC calls
+are trailers-only with a gRPC code (`h2wire.local_reply`). Limits on the downstream side
+(`h2wire.H2Limits`): h2 refuses streams over the concurrency limit and header lists over the
+size limit; protocol errors and reset floods end the connection with GOAWAY. A drain refuses
+new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes.
 
 The h2 state machines (sans-IO) live in `_H2Peer` with the reader that feeds them; all the
 protocol rules are in `h2wire`.
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
+_DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 _RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -341,6 +343,30 @@ class _Session:
         self.upstreams: dict[str, list[_H2Peer]] = {}
         self.opening: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
+        self.draining = False
+
+    async def _drain_when_asked(self, session: trio.CancelScope) -> None:
+        """On drain (SIGTERM): new streams are refused (REFUSED_STREAM: clients retry them
+        elsewhere), the streams in flight finish, then GOAWAY (NO_ERROR) ends the connection.
+        (h2 closes its state machine when it sends GOAWAY, so the GOAWAY comes last.)"""
+        drain = self.ctx.drain
+        assert drain is not None
+        wait = trio.CancelScope()
+        drain.watch(wait)
+        try:
+            with wait:
+                await trio.sleep_forever()
+        finally:
+            drain.unwatch(wait)
+        self.draining = True
+        while self.scopes:
+            await trio.sleep(_DRAIN_POLL)
+        with contextlib.suppress(*_H2_ERRORS):
+            last = self.down.conn.highest_inbound_stream_id
+            self.down.conn.close_connection(error_code=h2wire.NO_ERROR, last_stream_id=last)
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+            await self.down.flush()
+        session.cancel()
 
     async def run(self, initial: bytes) -> None:
         try:
@@ -350,6 +376,8 @@ class _Session:
                     await self.down.flush()
                 except _Gone:
                     return
+                if self.ctx.drain is not None:
+                    nursery.start_soon(self._drain_when_asked, nursery.cancel_scope)
                 await self.down.run(self._on_event, initial)
                 nursery.cancel_scope.cancel()
         finally:
@@ -360,9 +388,15 @@ class _Session:
     def _on_event(self, event: h2.events.Event) -> bool:
         if isinstance(event, h2.events.RequestReceived):
             assert self.nursery is not None
+            if self.draining:  # after our GOAWAY: the client retries it elsewhere
+                self.down.reset(event.stream_id, h2wire.REFUSED_STREAM)
+                return True
             self.down.open_inbox(event.stream_id)
             scope = self.scopes[event.stream_id] = trio.CancelScope()
-            self.nursery.start_soon(self._serve_stream, event.stream_id, event.headers, scope)
+            ended = event.stream_ended is not None  # a request without a body (GET)
+            self.nursery.start_soon(
+                self._serve_stream, event.stream_id, event.headers, scope, ended
+            )
             return True
         if isinstance(event, h2.events.StreamReset):
             scope = self.scopes.get(event.stream_id)
@@ -378,7 +412,11 @@ class _Session:
     # -- one stream -----------------------------------------------------------------------
 
     async def _serve_stream(
-        self, stream_id: int, headers: list[tuple[bytes, bytes]], scope: trio.CancelScope
+        self,
+        stream_id: int,
+        headers: list[tuple[bytes, bytes]],
+        scope: trio.CancelScope,
+        ended: bool = False,
     ) -> None:
         pseudo = dict(h for h in headers if h[0].startswith(b":"))
         record = RequestRecord(
@@ -394,6 +432,7 @@ class _Session:
             with scope:
                 try:
                     head = h2wire.parse_request(headers)
+                    head.ended = ended
                     grpc = record.grpc = head.grpc
                     head.path = self._normalize(head.path)
                 except (h2wire.BadRequest, InvalidPath) as exc:
@@ -490,7 +529,7 @@ class _Session:
         retries_left = policy.attempts if policy is not None else 0
         tried: list[EndpointState] = []
         authority = f"{d.routes.hostname}:{d.routes.port}"
-        body = _Body()
+        body = _Body(complete=head.ended)
         settings = self.ctx.settings
         while True:
             ep = cluster.pick(tried)
@@ -610,16 +649,21 @@ class _Session:
         try:
             up_id = peer.conn.get_next_available_stream_id()
             up_inbox = peer.open_inbox(up_id)
-            peer.conn.send_headers(up_id, h2wire.upstream_request(head, authority))
+            # a request without a body goes in one HEADERS frame with END_STREAM, so the
+            # stream is not left open (and reset) when the response ends first
+            bodyless = body.complete and not body.chunks and body.trailers is None
+            headers = h2wire.upstream_request(head, authority)
+            peer.conn.send_headers(up_id, headers, end_stream=bodyless)
         except _H2_ERRORS:
             return Outcome.OVERFLOW, None
         finished = False
         retry = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    self._pump_request, down_inbox, stream_id, peer, up_id, record, body
-                )
+                if not bodyless:
+                    nursery.start_soon(
+                        self._pump_request, down_inbox, stream_id, peer, up_id, record, body
+                    )
                 try:
                     await peer.flush()
                     finished = await self._pump_response(

@@ -114,6 +114,7 @@ class RequestHead:
     authority: str
     scheme: str
     headers: list[tuple[bytes, bytes]]  # regular headers, lower-case names
+    ended: bool = False  # the HEADERS ended the request (no body follows)
 
     @property
     def grpc(self) -> bool:
