@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,18 +34,16 @@ import pytest
 import yaml
 from meshagent.common import authz
 from meshagent.common.istio import parse_resource
-from meshagent.lab.kubecontrol import ControlPlane, ControlPlaneError, find_binaries
-from meshagent.lab.kubecontrol import open_control_plane as open_plane
+from meshagent.lab.kubecontrol import ControlPlane
 
-from tests.e2e.conftest import BIN, _require_root
+from tests.e2e.conftest import BIN
+from tests.e2e.kubetest import free_port, own_control_plane
 from tests.e2e.test_kube_controlplane import (
     CRDS,
     NAMESPACE_YAML,
     NODE,
     RBAC,
     AgentStream,
-    _free_port,
-    _missing,
     apply,
     as_user,
     get_json,
@@ -63,32 +59,10 @@ SECURE_PORT = 16643
 HOST_IP, POD_IP = "169.254.231.1", "169.254.231.2"
 
 
-def _secure_port() -> int:
-    for port in range(SECURE_PORT, SECURE_PORT + 40):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return _free_port()
-
-
 @pytest.fixture(scope="module")
 def plane() -> Iterator[ControlPlane]:
-    _require_root()
-    try:
-        find_binaries()
-    except ControlPlaneError as exc:
-        _missing(str(exc))
-    if shutil.which("kubectl") is None:
-        _missing("kubectl is not installed (Debian: kubernetes-client)")
-    workdir = Path(tempfile.mkdtemp(prefix="meshagent-kube-admission-"))
-    try:
-        with open_plane(workdir, secure_port=_secure_port()) as cp:
-            yield cp
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with own_control_plane("kube-admission", 16643) as cp:
+        yield cp
 
 
 APP = """
@@ -290,7 +264,7 @@ def test_admission_fail_closed_and_debug_endpoints(plane: ControlPlane) -> None:
 
     token = kubectl(admin, "create", "token", "meshctl", "-n", NS, "--duration=1h").stdout.strip()
     kubeconfig = plane.kubeconfig_for(f"system:serviceaccount:{NS}:meshctl", token=token)
-    ports = {"stream": _free_port(), "metrics": _free_port(), "webhook": _free_port()}
+    ports = {"stream": free_port(), "metrics": free_port(), "webhook": free_port()}
     apply(plane, webhook_configuration(ports["webhook"]))
 
     with controller(plane, kubeconfig, ports) as log:

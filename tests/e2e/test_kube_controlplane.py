@@ -21,13 +21,11 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,12 +46,10 @@ from meshagent.controller.leader import LeaderElector
 from meshagent.controller.sources.kubernetes import open_kube_client
 from meshagent.lab.kubecontrol import (
     ControlPlane,
-    ControlPlaneError,
-    find_binaries,
-    open_control_plane,
 )
 
-from tests.e2e.conftest import BIN, _require_root
+from tests.e2e.conftest import BIN
+from tests.e2e.kubetest import free_port, own_control_plane
 
 REPO = Path(__file__).resolve().parents[2]
 RBAC = REPO / "daemonset" / "base" / "controller-rbac.yaml"
@@ -63,30 +59,6 @@ NS = "meshagent-system"
 TAKEOVER_LIMIT = 3.0  # seconds from SIGTERM to the follower holding the Lease
 EXIT_LIMIT = 15.0  # the controller's grace (10 s) plus margin
 KUBECTL_TIMEOUT = 30
-
-
-def _missing(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_secure_port() -> int:
-    """16443 or the next free one (clear of the lab's 15012/15014 and a host's 6443)."""
-    for port in range(16443, 16500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return _free_port()
 
 
 def until(predicate: Callable[[], Any], what: str, timeout: float, interval: float = 0.2) -> Any:
@@ -102,21 +74,11 @@ def until(predicate: Callable[[], Any], what: str, timeout: float, interval: flo
 
 @pytest.fixture(scope="module")
 def plane() -> Iterator[ControlPlane]:
-    _require_root()
-    try:
-        find_binaries()
-    except ControlPlaneError as exc:
-        _missing(str(exc))
-    if shutil.which("kubectl") is None:
-        _missing("kubectl is not installed (Debian: kubernetes-client)")
-    workdir = Path(tempfile.mkdtemp(prefix="meshagent-kube-e2e-"))
-    try:
-        started = time.monotonic()
-        with open_control_plane(workdir, secure_port=_free_secure_port()) as cp:
-            print(f"control plane ready in {time.monotonic() - started:.1f}s at {cp.url}")
-            yield cp
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    started = time.monotonic()
+    # 16443 on: clear of the lab's 15012/15014 and a host's 6443
+    with own_control_plane("kube-e2e", 16443) as cp:
+        print(f"control plane ready in {time.monotonic() - started:.1f}s at {cp.url}")
+        yield cp
 
 
 def kubectl(
@@ -321,7 +283,7 @@ def replicas(plane: ControlPlane, kubeconfig: Path, names: list[str]) -> Iterato
     out: dict[str, Replica] = {}
     try:
         for name in names:
-            stream, metrics = _free_port(), _free_port()
+            stream, metrics = free_port(), free_port()
             log = plane.workdir / f"{name}.log"
             with open(log, "wb") as f:
                 proc = subprocess.Popen(

@@ -25,10 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,18 +33,14 @@ from pathlib import Path
 import pytest
 from meshagent.lab.kubecontrol import (
     ControlPlane,
-    ControlPlaneError,
-    find_binaries,
-    open_control_plane,
 )
 
-from tests.e2e.conftest import BIN, _require_root
+from tests.e2e.conftest import BIN
+from tests.e2e.kubetest import free_port, own_control_plane
 from tests.e2e.test_kube_controlplane import (
     NAMESPACE_YAML,
     NODE,
     AgentStream,
-    _free_port,
-    _missing,
     apply,
     as_user,
     get_json,
@@ -60,43 +53,19 @@ APISERVER_ENDPOINT = "172.30.0.1"  # where pods reach the API server (the lab's 
 SNAPSHOT_TIMEOUT = 30.0
 
 
-def _free_secure_port() -> int:
-    for port in range(16543, 16600):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return _free_port()
-
-
 @pytest.fixture(scope="module")
 def plane() -> Iterator[ControlPlane]:
-    _require_root()
-    try:
-        find_binaries()
-    except ControlPlaneError as exc:
-        _missing(str(exc))
-    if shutil.which("kubectl") is None:
-        _missing("kubectl is not installed (Debian: kubernetes-client)")
-    workdir = Path(tempfile.mkdtemp(prefix="meshagent-kube-endpoints-"))
-    try:
-        with open_control_plane(
-            workdir,
-            secure_port=_free_secure_port(),
-            service_cidr="10.96.0.0/16,fd00:10:96::/112",
-        ) as cp:
-            yield cp
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with own_control_plane(
+        "kube-endpoints", 16543, service_cidr="10.96.0.0/16,fd00:10:96::/112"
+    ) as cp:
+        yield cp
 
 
 @contextlib.contextmanager
 def controller(plane: ControlPlane) -> Iterator[tuple[subprocess.Popen, Path, int]]:
     """One `meshctl serve --kubernetes` replica (the admin's kubeconfig: RBAC is
     test_kube_controlplane's subject), killed at the end whatever happens."""
-    stream, metrics = _free_port(), _free_port()
+    stream, metrics = free_port(), free_port()
     log = plane.workdir / "meshctl.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
