@@ -25,15 +25,13 @@ import ipaddress
 import logging
 from collections.abc import Collection
 
-import httpx2
 from lightkube import AsyncClient
-from lightkube.models.authentication_v1 import TokenReviewSpec
-from lightkube.resources.authentication_v1 import TokenReview
 from meshagent.common.httpserve import Request, Response
 from meshagent.controller.push import (
     TOKEN_AUDIENCE,
     AuthenticationUnavailable,
     NodeAuthenticator,
+    reviewed_user,
 )
 from meshagent.controller.signing import AuthenticationFailed
 
@@ -69,17 +67,8 @@ class NamespaceTokenReviewAuthenticator:
         self._audience = audience
 
     async def authenticate(self, token: str) -> str:
-        review = TokenReview(spec=TokenReviewSpec(token=token, audiences=[self._audience]))
-        try:
-            answer = await self._client.create(review)
-        except (httpx2.HTTPError, ValueError) as exc:
-            raise AuthenticationUnavailable(f"TokenReview failed: {exc}") from None
-        status = answer.status
-        if status is None or not status.authenticated:
-            raise AuthenticationFailed("token rejected by TokenReview")
-        if self._audience not in (status.audiences or []):
-            raise AuthenticationFailed(f"token is not addressed to audience {self._audience!r}")
-        username = status.user.username if status.user else None
+        user = await reviewed_user(self._client, token, self._audience)
+        username = user.username if user else None
         if not username or not username.startswith(self._prefix):
             raise AuthenticationFailed(
                 f"{username!r} is not a service account of {self._prefix.split(':')[2]!r}"

@@ -142,18 +142,7 @@ class TokenReviewAuthenticator:
         self._audience = audience
 
     async def authenticate(self, token: str) -> str:
-        review = TokenReview(spec=TokenReviewSpec(token=token, audiences=[self._audience]))
-        try:
-            answer = await self._client.create(review)
-        except (httpx2.HTTPError, ValueError) as exc:
-            raise AuthenticationUnavailable(f"TokenReview failed: {exc}") from None
-        status = answer.status
-        if status is None or not status.authenticated:
-            why = (status.error if status else None) or "not authenticated"
-            raise AuthenticationFailed(f"token rejected by TokenReview: {why}")
-        if self._audience not in (status.audiences or []):
-            raise AuthenticationFailed(f"token is not addressed to audience {self._audience!r}")
-        user = status.user
+        user = await reviewed_user(self._client, token, self._audience)
         username = user.username if user else None
         if username != self._username:
             raise AuthenticationFailed(
@@ -166,6 +155,24 @@ class TokenReviewAuthenticator:
                 " the agent must use a projected service-account token)"
             )
         return str(nodes[0])
+
+
+async def reviewed_user(client: AsyncClient, token: str, audience: str) -> Any:
+    """Who the API server's TokenReview says `token` belongs to (its `UserInfo`), once it is
+    authenticated and addressed to `audience`. Raises AuthenticationFailed, or
+    AuthenticationUnavailable when the API cannot be asked."""
+    review = TokenReview(spec=TokenReviewSpec(token=token, audiences=[audience]))
+    try:
+        answer = await client.create(review)
+    except (httpx2.HTTPError, ValueError) as exc:
+        raise AuthenticationUnavailable(f"TokenReview failed: {exc}") from None
+    status = answer.status
+    if status is None or not status.authenticated:
+        why = (status.error if status else None) or "not authenticated"
+        raise AuthenticationFailed(f"token rejected by TokenReview: {why}")
+    if audience not in (status.audiences or []):
+        raise AuthenticationFailed(f"token is not addressed to audience {audience!r}")
+    return status.user
 
 
 # -- the stream's server certificate -------------------------------------------------------
