@@ -296,16 +296,26 @@ def test_the_controller_compiles_endpoints_from_endpointslices(plane: ControlPla
             print(
                 f"terminating pod left the agent's endpoints {time.monotonic() - deleted_at:.2f}s"
             )
-            conditions = {
-                e["targetRef"]["name"]: e["conditions"]
-                for eps in get_json(
-                    plane,
-                    "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
-                    "?labelSelector=kubernetes.io%2Fservice-name%3Dreviews",
-                )["items"]
-                for e in eps.get("endpoints") or []
-            }
-            assert conditions["reviews-1"] == {"ready": False, "serving": True, "terminating": True}
+
+            def conditions() -> dict:
+                return {
+                    e["targetRef"]["name"]: e["conditions"]
+                    for eps in get_json(
+                        plane,
+                        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+                        "?labelSelector=kubernetes.io%2Fservice-name%3Dreviews",
+                    )["items"]
+                    for e in eps.get("endpoints") or []
+                }
+
+            # what kube-controller-manager wrote, read until it has written it (it writes
+            # the slice on its own schedule)
+            terminating = {"ready": False, "serving": True, "terminating": True}
+            until(
+                lambda: conditions().get("reviews-1") == terminating,
+                "kube-controller-manager's slice shows reviews-1 terminating",
+                timeout=SNAPSHOT_TIMEOUT,
+            )
 
             # Every pod terminating: the serving ones take connections again.
             kubectl(admin, "delete", "pod", "-n", "shop", "reviews-2", "--wait=false")
