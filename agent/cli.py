@@ -98,16 +98,24 @@ def run(ctx: click.Context, config_file: Path | None, verbose: bool, **overrides
     is_flag=True,
     help="One row per meshed pod (shown anyway up to 20 pods; JSON always has them).",
 )
+@click.option(
+    "--services",
+    "show_services",
+    is_flag=True,
+    help="One row per Service endpoint the proxy balances over (JSON always has them).",
+)
 def status(
     config_file: Path | None,
     as_json: bool,
     interval: float | None,
     count: int | None,
     all_pods: bool,
+    show_services: bool,
 ) -> None:
     """Show the agent, controller link, attached programs, meshed pods (a summary per identity
     and mTLS mode, then one row per pod: identity, certificate, mTLS mode), connections,
-    tunnels per peer node and worker, ejected endpoints and recent denials.
+    tunnels per peer node and worker, ejected endpoints and recent denials; with --services,
+    every Service's endpoints as the snapshot in force has them.
 
     Works when the agent is down too: it then reads the pinned maps, the saved snapshot and the
     saved certificates, and says which parts only the running agent knows. Where there is no
@@ -118,6 +126,7 @@ def status(
     Examples:
       meshagent status
       meshagent status --pods                 # every pod, also on a full node
+      meshagent status --services             # where each Service's connections may go
       meshagent status --json | jq '.pods[] | {ip, identity, mtls_mode}'
       meshagent status --watch 2
       meshagent status --watch 5 --count 3 --json
@@ -138,10 +147,10 @@ def status(
             if problem:
                 click.echo(f"meshagent: {problem}", err=True)
             else:
-                click.echo(status_mod.render(report, pods=all_pods))
+                click.echo(status_mod.render(report, pods=all_pods, services=show_services))
         else:
             click.clear()
-            screen = problem or status_mod.render(report, pods=all_pods)
+            screen = problem or status_mod.render(report, pods=all_pods, services=show_services)
             click.echo(f"meshagent status every {interval:g}s (Ctrl-C stops)\n\n{screen}")
 
     try:

@@ -22,7 +22,11 @@ knows and it is down):
   ``not_after``, ``expires_in_s``);
 - ``connections``: ``outbound`` and ``inbound`` (``active``, ``accepted``), ``http_requests``,
   ``mutual_tls``; ``tunnels``: pooled HBONE connections; ``ejected_endpoints``;
-  ``recent_denials``.
+  ``recent_denials``;
+- ``services``: the snapshot in force's Services, as the proxy balances them (``namespace``,
+  ``name``, ``vips``, ``ports``, ``endpoints`` with ``ip``, ``node`` and ``ports``): what
+  ``istioctl proxy-config endpoints`` shows, and what answers "why does this connection still
+  reach a pod that is gone" while the controller is away.
 
 Where there is no agent to report on (`no_agent_here`: nothing answers on the admin port and
 the config's pins and state folder are absent, or its cgroup path is not a cgroup-v2 folder),
@@ -73,6 +77,7 @@ REPORT_FIELDS: tuple[str, ...] = (
     "tunnels",
     "ejected_endpoints",
     "recent_denials",
+    "services",
 )
 
 ADMIN_TIMEOUT = 2.0
@@ -325,6 +330,7 @@ def assemble(
         "tunnels": None,
         "ejected_endpoints": None,
         "recent_denials": None,
+        "services": _services(tables),
     }
     if agent is not None:
         proxy, inbound = agent.get("proxy", {}), agent.get("inbound", {})
@@ -341,6 +347,25 @@ def assemble(
         report["ejected_endpoints"] = agent.get("outlier_ejections", [])
         report["recent_denials"] = agent.get("authz", {}).get("recent_denials", [])
     return report
+
+
+def _services(tables: Tables | None) -> list[dict[str, Any]]:
+    """Each Service of the snapshot with the endpoints the proxy balances over."""
+    if tables is None:
+        return []
+    return [
+        {
+            "namespace": svc.namespace,
+            "name": svc.name,
+            "vips": list(svc.vips),
+            "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in svc.ports],
+            "endpoints": [
+                {"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
+                for e in svc.endpoints
+            ],
+        }
+        for svc in sorted(tables.snapshot.services, key=lambda s: (s.namespace, s.name))
+    ]
 
 
 def _duration(seconds: float) -> str:
@@ -415,9 +440,12 @@ def describe_denial(denial: dict[str, Any]) -> str:
 POD_TABLE_MAX = 20  # up to this many meshed pods, the per-pod table shows without --pods
 
 
-def render(report: dict[str, Any], *, now: float | None = None, pods: bool = False) -> str:
+def render(
+    report: dict[str, Any], *, now: float | None = None, pods: bool = False, services: bool = False
+) -> str:
     """The screen: one section per concern, live-only sections marked when the agent is down.
-    `now` (UNIX time, default the clock) dates the ejections."""
+    `now` (UNIX time, default the clock) dates the ejections; `services` adds one row per
+    Service endpoint."""
     agent, dp, snap = report["agent"], report["datapath"], report["snapshot"]
     lines = [f"Node:        {report['node']}"]
     if agent["running"]:
@@ -486,6 +514,8 @@ def render(report: dict[str, Any], *, now: float | None = None, pods: bool = Fal
             f"{c.get('refused', 0)} refused (link-local, MPTCP, no IPv6 proxy), "
             f"{c['strict_dropped']} plaintext dropped (STRICT)"
         )
+    if services:
+        lines += _services_section(report.get("services") or [])
     if not agent["running"]:
         lines.append("Connections, tunnels, ejections, denials: unknown (agent down)")
         return "\n".join(lines)
@@ -521,6 +551,21 @@ def render(report: dict[str, Any], *, now: float | None = None, pods: bool = Fal
     denials = [denial_fields(d) for d in report["recent_denials"]]
     lines += _section("Recent denials", ("SOURCE", "DESTINATION", "POLICY", "REASON"), denials)
     return "\n".join(lines)
+
+
+def _services_section(services: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        (
+            f"{svc['namespace']}/{svc['name']}",
+            ",".join(svc["vips"]) or "-",
+            ",".join(str(p["port"]) for p in svc["ports"]) or "-",
+            f"{e['ip']}" if e else "(none)",
+            e["node"] if e else "",
+        )
+        for svc in services
+        for e in (svc["endpoints"] or [None])
+    ]
+    return _section("Services", ("SERVICE", "VIPS", "PORTS", "ENDPOINT", "NODE"), rows)
 
 
 def watch(

@@ -12,7 +12,7 @@ from meshagent.agent import cli
 from meshagent.agent import status as status_mod
 from meshagent.agent.state import Tables
 from meshagent.agent.status import REPORT_FIELDS, assemble, render, watch
-from meshagent.common.snapshot import Snapshot, Workload
+from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC).timestamp()
 IN_2H = "2026-01-01T14:00:00+00:00"
@@ -55,6 +55,20 @@ def tables() -> Tables:
                     service_account="ratings",
                     meshed=True,
                 ),
+            ],
+            services=[
+                Service(
+                    namespace="shop",
+                    name="reviews",
+                    vips=["10.96.0.20"],
+                    ports=[ServicePort(name="http", port=9080, target_port=9080)],
+                    endpoints=[
+                        Endpoint(
+                            ip="10.0.2.10", node="node-2", workload_uid="u1", ports={9080: 9080}
+                        )
+                    ],
+                ),
+                Service(namespace="shop", name="idle", vips=["10.96.0.21"], ports=[]),
             ],
             istio_resources=[STRICT_REVIEWS],
         )
@@ -198,6 +212,17 @@ def test_agent_down_report_uses_saved_state_and_nulls_live_sections():
     assert report["pods"][0]["certificate"]["state"] == "saved"
     for live_only in ("connections", "tunnels", "ejected_endpoints", "recent_denials"):
         assert report[live_only] is None
+
+
+def test_services_list_the_endpoints_the_proxy_balances_over():
+    report = json.loads(json.dumps(down_report(None)))  # from the saved snapshot, agent or not
+    idle, reviews = report["services"]
+    assert reviews["endpoints"] == [{"ip": "10.0.2.10", "node": "node-2", "ports": {"9080": 9080}}]
+    assert reviews["vips"] == ["10.96.0.20"] and reviews["ports"][0]["port"] == 9080
+    assert idle["endpoints"] == []
+    screen = render(running_report(), now=NOW, services=True)
+    assert "shop/reviews" in screen and "10.0.2.10" in screen and "(none)" in screen
+    assert "Services:" not in render(running_report(), now=NOW)
 
 
 def test_no_saved_snapshot_leaves_pods_unnamed():
