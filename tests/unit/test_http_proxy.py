@@ -76,6 +76,10 @@ class Backend:
                 event = await _next(conn, stream)
                 if not isinstance(event, h11.Request):
                     return
+                if conn.they_are_waiting_for_100_continue:
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    )
                 body = b""
                 while True:
                     part = await _next(conn, stream)

@@ -125,12 +125,14 @@ def test_response_framing_as_h11_chooses_it(w):
     ok = w.Response(status_code=200, headers=[(b"x", b"1")])
     # no length, HTTP/1.1 client: chunked, kept alive
     out, conn = _exchange(w, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ok, b"hi")
-    assert out == b"HTTP/1.1 200 \r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    assert (
+        out == b"HTTP/1.1 200 OK\r\nx: 1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
     assert conn.our_state is w.DONE and conn.their_state is w.DONE
     conn.start_next_cycle()
     # no length, HTTP/1.0 client: the body ends with the connection
     out, conn = _exchange(w, b"GET / HTTP/1.0\r\n\r\n", ok, b"hi")
-    assert out == b"HTTP/1.1 200 \r\nx: 1\r\nconnection: close\r\n\r\nhi"
+    assert out == b"HTTP/1.1 200 OK\r\nx: 1\r\nconnection: close\r\n\r\nhi"
     assert conn.our_state is w.MUST_CLOSE
     # Connection: close asked for: answered with close, not reusable
     sized = w.Response(status_code=200, headers=[(b"content-length", b"2")], reason=b"OK")
@@ -163,7 +165,7 @@ def test_expect_100_continue_is_cleared_by_an_answer_or_by_body_data(w):
     _feed(conn, head)
     assert conn.client_is_waiting_for_100_continue
     assert conn.send(w.InformationalResponse(status_code=100, headers=[])) == (
-        b"HTTP/1.1 100 \r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\n"
     )
     assert not conn.client_is_waiting_for_100_continue
     other = w.Connection(w.SERVER)
@@ -316,13 +318,20 @@ def test_llhttp_readings_that_differ_from_h11():
     conn = codec.Connection(codec.SERVER)
     events = _feed(conn, b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert events[0].target == b"/" and isinstance(events[-1], codec.EndOfMessage)
-    # HTTP/1.0 closes after the exchange, as h11 does, even with `Connection: keep-alive`
-    _, conn = _exchange(
+    # HTTP/1.0 keeps its keep-alive rules (h11 would close): `Connection: keep-alive` keeps
+    # the connection (said so in the response), its absence closes it
+    out, conn = _exchange(
         codec,
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
         codec.Response(status_code=200, headers=[(b"content-length", b"0")]),
     )
-    assert conn.our_state is codec.MUST_CLOSE
+    assert conn.our_state is codec.DONE and b"connection: keep-alive\r\n" in out
+    out, conn = _exchange(
+        codec,
+        b"GET / HTTP/1.0\r\n\r\n",
+        codec.Response(status_code=200, headers=[(b"content-length", b"0")]),
+    )
+    assert conn.our_state is codec.MUST_CLOSE and b"connection: close\r\n" in out
 
 
 # -- the same bytes read by h11 and by each codec ---------------------------------------------
@@ -464,3 +473,49 @@ def test_requests_read_as_h11_reads_them(w, parts: list[bytes], cuts: list[int])
         assert not expected or expected[-1] != ("EndOfMessage",), (raw, expected, got)
         return
     assert got == expected, (raw, expected, got)
+
+
+def test_http_1_0_request_goes_on_as_1_0_and_its_response_decides_reuse():
+    conn = codec.Connection(codec.CLIENT)
+    req = codec.Request(method=b"GET", target=b"/", headers=[(b"host", b"a")], http_version=b"1.0")
+    assert conn.send(req).startswith(b"GET / HTTP/1.0\r\n")
+    conn.send(codec.EndOfMessage())
+    events = _feed(conn, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(events[-1], codec.EndOfMessage)
+    assert conn.our_state is codec.MUST_CLOSE  # 1.0 without keep-alive: not reused
+    keep = codec.Connection(codec.CLIENT)
+    asked = [(b"host", b"a"), (b"connection", b"keep-alive")]
+    keep.send(codec.Request(method=b"GET", target=b"/", headers=asked, http_version=b"1.0"))
+    keep.send(codec.EndOfMessage())
+    _feed(keep, b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    assert keep.our_state is codec.DONE and keep.their_state is codec.DONE
+
+
+def test_parser_errors_are_plain_words():
+    cases = {
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": "an HTTP/2 connection preface",
+        b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n": "invalid character in a header name",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 70_000: "headers too large",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n": (
+            "more than one Content-Length"
+        ),
+        b"G@T / HTTP/1.1\r\n\r\n": "unknown or malformed method",
+        b"GET / HTTP/1.1\r\n\r\n": "missing Host header",
+    }
+    for raw, words in cases.items():
+        conn = codec.Connection(codec.SERVER)
+        with pytest.raises(codec.RemoteProtocolError) as info:
+            _feed(conn, raw)
+        assert str(info.value).startswith(words), (raw, str(info.value))
+
+
+def test_h2c_upgrade_body_is_the_request_body():
+    """llhttp stops at an upgrade's head; an h2c offer is never taken, so its body is read."""
+    conn = codec.Connection(codec.SERVER)
+    events = _feed(
+        conn,
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    assert b"".join(e.data for e in events if isinstance(e, codec.Data)) == b"abc"
+    assert isinstance(events[-1], codec.EndOfMessage)

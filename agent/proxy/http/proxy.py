@@ -15,8 +15,16 @@ before the response head; after it, the client connection is closed); the per-tr
 until the response head. Retries choose another endpoint while one is left. Failures before a
 response: connect 503 UF, reset 503 UC, invalid response 503 UPE, circuit breaker 503 UO, no
 healthy endpoint 503 UH, unknown destination 503 NC, no route 404 NR; URX is added when the
-retry budget ran out on a retriable outcome. A malformed request gets its 4xx (usually 400) and
-the connection is closed. Upgrades (WebSocket) are relayed as bytes after the 101.
+retry budget ran out on a retriable outcome. A malformed request gets its 4xx (usually 400,
+flag DPE) with a body naming the problem in plain words, and the connection is closed. Upgrades
+(WebSocket) are relayed as bytes after the 101.
+
+HTTP/1.x passes as it came: an HTTP/1.0 request goes upstream as 1.0 (keep-alive only with
+`Connection: keep-alive`); `Expect: 100-continue` goes to the server, whose 100 Continue (or
+final answer) comes back: the mesh never answers 100 itself, so a request with it streams its
+body and gets no retries. `Upgrade: h2c` (with HTTP2-Settings) is dropped and the request served
+as HTTP/1.1, as Envoy does by default: the connection never switches; a client wanting HTTP/2
+uses prior knowledge, which the HTTP/2 engine serves on the same ports.
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ _FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
     Outcome.OVERFLOW: (503, "UO", _RESET_BEFORE_HEADERS + b"overflow"),
     Outcome.TIMEOUT: (504, "UT", b"upstream request timeout"),
 }
+# The status's words before the problem in a malformed request's body (Envoy's DPE replies).
+_REJECT_WORDS = {431: "request header fields too large", 501: "not implemented"}
 # Methods safe to send again when a reused connection failed before any response byte.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _STALE_REPLAYS = 3  # connections tried per attempt when pooled ones turn out closed
@@ -166,6 +176,7 @@ class _Session:
             wire.SERVER, max_incomplete_event_size=ctx.settings.max_header_bytes
         )
         self.skip_drain = False
+        self.expect_continue = False  # the request's `Expect: 100-continue` awaits the server
         self.served = 0  # requests answered on this connection
 
     # -- downstream I/O -------------------------------------------------------------------
@@ -257,11 +268,25 @@ class _Session:
         record = RequestRecord("", "", "", peer=self.ctx.peer, start=time.time())
         record.flags.append("DPE")
         if self.conn.our_state in (wire.IDLE, wire.SEND_RESPONSE):
-            body = f"bad request: {exc}\n".encode()[:512]
+            words = _REJECT_WORDS.get(status, "bad request")
+            body = f"{words}: {exc}\n".encode()[:512]
             extra = ((b"connection", b"close"),)
             with contextlib.suppress(_ClientGone, wire.LocalProtocolError):
                 await self._local(record, LocalResponse(status, body, extra))
+                await self._linger()
         self._done(record)
+
+    async def _linger(self) -> None:
+        """Envoy's delayed close: after a reply to a request we did not read in full, end our
+        side and drop what the client still sends (bounded), so that closing with unread
+        bytes does not reset the connection before the client has read the reply."""
+        if not isinstance(self.client, trio.abc.HalfCloseableStream):
+            return
+        left = self.settings.drain_limit
+        with trio.move_on_after(1.0), contextlib.suppress(*CLIENT_ERRORS, trio.BusyResourceError):
+            await self.client.send_eof()
+            while left > 0 and (data := await self.client.receive_some(RECEIVE_SIZE)):
+                left -= len(data)
 
     async def _finish_cycle(self) -> bool:
         """After a response: read and drop what is left of the request body (bounded), then
@@ -395,16 +420,25 @@ class _Session:
         cluster: ClusterState,
         record: RequestRecord,
     ) -> None:
-        if self.conn.client_is_waiting_for_100_continue:
-            await self._send(wire.InformationalResponse(status_code=100, headers=[]))
-        body = await self._prefetch(record)
-        upgrade = hdrs.upgrade_protocol(req.headers)
+        # Expect: 100-continue goes to the server, which decides: the body is streamed once the
+        # client sends it (after the server's 100 Continue comes back, or its own timeout)
+        self.expect_continue = self.conn.client_is_waiting_for_100_continue
+        body = _Body() if self.expect_continue else await self._prefetch(record)
+        client_headers = req.headers
+        upgrade = hdrs.upgrade_protocol(client_headers)
+        if upgrade is not None and hdrs.is_h2c_upgrade(client_headers):
+            client_headers = hdrs.h2c_upgrade(client_headers)  # served as HTTP/1.1 (Envoy)
+            upgrade = hdrs.upgrade_protocol(client_headers)
         headers = hdrs.request_headers(
-            req.headers,
+            client_headers,
             default_host=f"{routes.hostname}:{routes.port}".encode(),
             upgrade=upgrade,
         )
-        upstream_req = wire.Request(method=req.method, target=req.target, headers=headers)
+        if req.http_version == b"1.0" and b"keep-alive" in hdrs.connection_tokens(req.headers):
+            headers = [*headers, (b"connection", b"keep-alive")]  # 1.0 keeps only when asked
+        upstream_req = wire.Request(
+            method=req.method, target=req.target, headers=headers, http_version=req.http_version
+        )
         policy = route.retry if body.complete and upgrade is None else None
         retries_left = policy.attempts if policy else 0
         deadline = trio.CancelScope() if route.timeout is not None else _NO_SCOPE
@@ -634,7 +668,14 @@ class _Session:
             if isinstance(event, wire.InformationalResponse):
                 if event.status_code == 101:
                     return event
-                continue  # 100 Continue was answered by the proxy; other 1xx are dropped
+                if event.status_code == 100 and self.expect_continue:
+                    self.expect_continue = False  # the server's go-ahead, relayed once
+                    await self._send(
+                        wire.InformationalResponse(
+                            status_code=100, headers=[], reason=event.reason or b"Continue"
+                        )
+                    )
+                continue  # other 1xx are dropped
             raise UpstreamError("reset", f"unexpected {type(event).__name__} before a response")
 
     async def _stream_response(
@@ -642,6 +683,8 @@ class _Session:
     ) -> bool:
         """Send the response to the client; True if the upstream connection ended clean.
         Whatever one receive brought is written in one send (head, data, end)."""
+        if self.conn.client_is_waiting_for_100_continue:
+            self.skip_drain = True  # answered without 100: the client may never send the body
         out = bytearray(
             self.conn.send(
                 wire.Response(

@@ -33,14 +33,19 @@ other than 1.0, 1.1 and 2.0 (h11: any digit.digit), HTTP/0.9's "GET /", and meth
 llhttp's list of known ones (RFC 9110 asks for 501 there; llhttp's error does not tell an
 unknown method from binary garbage). Refused here for llhttp's sake: an upgrade or CONNECT
 request with a body (llhttp would take the body for the new protocol's bytes). More lenient:
-empty lines before a request line are skipped (RFC 9112 section 2.2). HTTP/1.0 connections
-close after one exchange, as with h11, whatever llhttp's `should_keep_alive()` says about
-`Connection: keep-alive`.
+empty lines before a request line are skipped (RFC 9112 section 2.2).
+
+HTTP/1.0 stays HTTP/1.0 (unlike h11, which closes every 1.0 connection): a request goes on
+with its version, and a 1.0 connection is kept alive only with `Connection: keep-alive`
+(llhttp's `should_keep_alive()`), answered with `Connection: keep-alive` and a length-framed
+body. Parser errors reach the engine in plain words naming the problem (`_PROBLEMS`), never
+llhttp's own messages ("Pause on PRI/Upgrade" says nothing to a client).
 """
 
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 
 import httptools
 
@@ -176,6 +181,8 @@ class ConnectionClosed:
 
 
 _NO_BODY_STATUS = (204, 304)
+# The standard reason phrase for a response sent without one (a local reply, an HTTP/2 response)
+_REASONS = {int(s): s.phrase.encode() for s in HTTPStatus}
 _FRAMING = (b"content-length", b"transfer-encoding")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -184,7 +191,8 @@ _BLANK_LINE = b"\r\n\r\n"
 # How the body being received is framed: _LENGTH (remaining bytes), _CHUNKED (remaining bytes
 # of the current chunk's data and its CRLF; 0 while llhttp reads a size or trailer line), _EOF
 # (until the peer closes: HTTP/1.0-style responses).
-_LENGTH, _CHUNKED, _EOF = 0, 1, 2
+# _RAW: a length-framed body llhttp will not read (it stopped at an h2c upgrade's head).
+_LENGTH, _CHUNKED, _EOF, _RAW = 0, 1, 2, 3
 
 
 def _comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
@@ -196,6 +204,37 @@ def _comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
                 if token:
                     out.append(token)
     return out
+
+
+# llhttp's reasons (its parser's words) turned into what was wrong, in the peer's terms: the
+# first entry whose fragment occurs in the reason (case-insensitive) names the problem.
+_PROBLEMS = (
+    ("pri/upgrade", "an HTTP/2 connection preface where HTTP/1.1 was expected"),
+    ("expected cr", "malformed line ending (CRLF expected)"),
+    ("expected lf", "malformed line ending (CRLF expected)"),
+    ("method", "unknown or malformed method"),
+    ("url", "invalid character in the request target"),
+    ("version", "unsupported or malformed HTTP version"),
+    ("http/", "malformed request line"),
+    ("can't be present with", "both Content-Length and Transfer-Encoding"),
+    ("duplicate content-length", "more than one Content-Length"),
+    ("content-length", "invalid Content-Length"),
+    ("transfer-encoding", "invalid Transfer-Encoding"),
+    ("chunk", "malformed chunked body"),
+    ("whitespace after header", "folded or malformed header line"),
+    ("header token", "invalid character in a header name"),
+    ("header value", "invalid character in a header value"),
+    ("status", "malformed status line"),
+)
+
+
+def _plain_words(exc: Exception) -> str:
+    """What a parser error means, never the parser's own message (it names its internals)."""
+    reason = str(exc).lower()
+    for fragment, words in _PROBLEMS:
+        if fragment in reason:
+            return words
+    return "malformed HTTP/1.1 message"
 
 
 class _Message:
@@ -369,7 +408,7 @@ class Connection:
                 return PAUSED
             if state is MUST_CLOSE or state is CLOSED:
                 if self._buf:
-                    raise RemoteProtocolError("Got data when expecting EOF")
+                    raise RemoteProtocolError("data after the end of the last message")
                 return self._eof_or_need()
             raise RemoteProtocolError("cannot read from a connection in error")
         except ProtocolError as exc:
@@ -413,7 +452,7 @@ class Connection:
                 if self.our_role is CLIENT and msg.status < 200:
                     return  # e.g. a 101 without `Connection: upgrade`: llhttp pauses
                 self._check_head()  # our refusal (e.g. 501) before llhttp's (400)
-            raise RemoteProtocolError(str(exc) or type(exc).__name__) from None
+            raise RemoteProtocolError(_plain_words(exc)) from None
         finally:
             del buf[:n]
 
@@ -428,7 +467,7 @@ class Connection:
                     if self.their_state is IDLE and not self._head_fed:
                         self.their_state = CLOSED
                         return ConnectionClosed()
-                    raise RemoteProtocolError("peer unexpectedly closed connection")
+                    raise RemoteProtocolError("connection closed in the middle of a message head")
                 return NEED_DATA
             if self.our_role is CLIENT and self.our_state is IDLE:
                 raise RemoteProtocolError("response without a request")
@@ -441,7 +480,7 @@ class Connection:
                     n = straddle + 4 - len(tail)
             self._head_fed += n
             if self._head_fed > self._max:
-                raise RemoteProtocolError("Receive buffer too long", 431)
+                raise RemoteProtocolError("headers too large", 431)
             self._feed(n)
         self._head_fed = 0
         self._tail = b""
@@ -457,13 +496,13 @@ class Connection:
             raise RemoteProtocolError("HTTP/0.9 is not supported")
         te = [v for n, v in headers if n == b"transfer-encoding"]
         if te and (len(te) > 1 or te[0].lower() != b"chunked"):
-            raise RemoteProtocolError("Only Transfer-Encoding: chunked is supported", 501)
+            raise RemoteProtocolError("only Transfer-Encoding: chunked is supported", 501)
         if self.our_role is SERVER:  # RFC 9112 section 3.2
             hosts = sum(1 for n, _ in headers if n == b"host")
             if hosts > 1:
-                raise RemoteProtocolError("Found multiple Host: headers")
+                raise RemoteProtocolError("more than one Host header")
             if hosts == 0 and self._msg.version == "1.1":
-                raise RemoteProtocolError("Missing mandatory Host: header")
+                raise RemoteProtocolError("missing Host header")
 
     def _framing(self, headers: Headers) -> None:
         """The body reader for a received message, from its headers as llhttp accepted them
@@ -484,13 +523,20 @@ class Connection:
         method = msg.method
         version = msg.version
         self._their_version = _VERSIONS.get(version) or version.encode()
-        self._keep_alive = msg.keep_alive and version != "1.0"
+        self._keep_alive = msg.keep_alive  # llhttp: 1.0 only with `Connection: keep-alive`
         self._request_method = method
         self._switch_proposed = method == b"CONNECT" or any(n == b"upgrade" for n, _ in headers)
         self._framing(headers)
         if msg.upgrade and (self._remaining or self._body_kind == _CHUNKED):
-            # llhttp takes an upgrade's body for the new protocol's first bytes
-            raise RemoteProtocolError("an upgrade or CONNECT request with a body")
+            if self._body_kind != _LENGTH or _comma_tokens(headers, b"upgrade") != [b"h2c"]:
+                # llhttp takes an upgrade's body for the new protocol's first bytes
+                raise RemoteProtocolError("an upgrade or CONNECT request with a body")
+            # h2c is never switched to (the engine serves such a request as HTTP/1.1), so
+            # the body is the request's: read here by its length, llhttp having stopped
+            self._switch_proposed = False
+            self._body_kind = _RAW
+            self._parser = None
+            msg.complete = False
         if version != "1.0" and b"100-continue" in _comma_tokens(headers, b"expect"):
             self.client_is_waiting_for_100_continue = True
         self.their_state = SEND_BODY
@@ -517,7 +563,7 @@ class Connection:
                 status_code=status, headers=headers, reason=reason, http_version=version_b
             )
         self._check_head()
-        if not msg.keep_alive or version == "1.0":
+        if not msg.keep_alive:  # llhttp's rules, HTTP/1.0's included
             self._keep_alive = False
         method = self._request_method
         response = Response(
@@ -576,7 +622,7 @@ class Connection:
                         self._parser = None
                         return self._end_of_their_message()
                     raise RemoteProtocolError(
-                        "peer closed connection without sending complete message body"
+                        "connection closed before the end of the message body"
                     )
                 return NEED_DATA
             kind = self._body_kind
@@ -586,6 +632,12 @@ class Connection:
                 self._feed(n)
             elif kind == _EOF:
                 self._feed(len(buf))
+            elif kind == _RAW:
+                n = min(len(buf), self._remaining)
+                msg.body.append(bytes(buf[:n]))
+                del buf[:n]
+                self._remaining -= n
+                msg.complete = not self._remaining
             else:
                 # chunked: what is left of a chunk's data and its CRLF, then the next line
                 # (a chunk size, a trailer, or the last one) up to its LF
@@ -598,7 +650,7 @@ class Connection:
                 n = len(buf) if end < 0 else end + 1
                 line = self._line = self._line + bytes(buf[skip:n])
                 if len(line) > self._max:
-                    raise RemoteProtocolError("Receive buffer too long", 431)
+                    raise RemoteProtocolError("chunk line too long", 431)
                 self._remaining = 0
                 msg.chunk_header = False
                 self._feed(n)
@@ -675,6 +727,7 @@ class Connection:
         chunked = False
         length: bytes | None = None
         upgrade = False
+        keep_alive_asked = False
         lines = []
         for name, value in headers:
             if name == b"host":
@@ -686,11 +739,19 @@ class Connection:
                 length = value
             elif name == b"upgrade":
                 upgrade = True
-            elif name == b"connection" and b"close" in _comma_tokens([(name, value)], name):
-                self._keep_alive = False
+            elif name == b"connection":
+                tokens = _comma_tokens([(name, value)], name)
+                if b"close" in tokens:
+                    self._keep_alive = False
+                keep_alive_asked = b"keep-alive" in tokens
             lines.append(b"%b: %b\r\n" % (name, value))
         if host is None:
             raise LocalProtocolError("Missing mandatory Host: header")
+        # HTTP/1.0 goes on as 1.0 (not chunked: 1.0 has no chunked bodies), with its rule:
+        # no keep-alive unless asked for
+        version = b"1.0" if event.http_version == b"1.0" and not chunked else b"1.1"
+        if version == b"1.0" and not keep_alive_asked:
+            self._keep_alive = False
         self._request_method = event.method
         self._switch_proposed = upgrade or event.method == b"CONNECT"
         if chunked:
@@ -700,9 +761,10 @@ class Connection:
             self._write_remaining = int(length) if length is not None else 0
         self.our_state = SEND_BODY
         self.their_state = SEND_RESPONSE
-        return b"%b %b HTTP/1.1\r\nhost: %b\r\n%b\r\n" % (
+        return b"%b %b HTTP/%b\r\nhost: %b\r\n%b\r\n" % (
             event.method,
             event.target,
+            version,
             host,
             b"".join(lines),
         )
@@ -752,6 +814,9 @@ class Connection:
             tokens.add(b"close")
             headers = [(n, v) for n, v in headers if n != b"connection"]
             headers.append((b"connection", b", ".join(sorted(tokens))))
+        elif self._their_version == b"1.0":  # 1.0 keeps a connection only when told so
+            headers = [(n, v) for n, v in headers if n != b"connection"]
+            headers.append((b"connection", b"keep-alive"))
         if self._switch_proposed:  # a normal response declines the client's upgrade
             self._switch_proposed = False
             if self.their_state is MIGHT_SWITCH_PROTOCOL:
@@ -767,7 +832,7 @@ class Connection:
     def _head(status: int, reason: bytes, headers: Headers) -> bytes:
         return b"HTTP/1.1 %d %b\r\n%b\r\n" % (
             status,
-            reason,
+            reason or _REASONS.get(status, b""),
             b"".join([b"%b: %b\r\n" % (n, v) for n, v in headers]),
         )
 

@@ -1,0 +1,38 @@
+"""A stock HTTP/1.1 server (the stdlib's http.server) answering each request with what it
+received: the request line, then the header lines as sent, then the body's length.
+
+    python3 head_echo.py PORT
+
+`protocol_version` HTTP/1.1 makes the stdlib answer `Expect: 100-continue` with its own
+100 Continue (only when the request is HTTP/1.1) and keep HTTP/1.1 connections alive; an
+HTTP/1.0 request gets the stdlib's 1.0 rules. Stdlib only: it runs under the system Python.
+"""
+
+from __future__ import annotations
+
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _echo(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        text = f"{self.requestline}\n{self.headers.as_string().strip()}\nbody: {len(body)}\n"
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = _echo
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo).serve_forever()
