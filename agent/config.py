@@ -81,6 +81,11 @@ class AgentConfig(BaseModel):
     # On SIGTERM: stop accepting, then wait this long at most for established connections
     # (the DaemonSet's terminationGracePeriodSeconds is 30).
     drain_timeout_s: float = Field(20.0, ge=0.0)
+    # The heartbeat the connect programs watch (agent/heartbeat.py): written this often while
+    # the agent serves; older than the timeout, the agent counts as down and each meshed pod's
+    # fail mode (meshagent.io/fail-mode) applies to its new connections.
+    heartbeat_interval_s: float = Field(0.25, gt=0.0, le=10.0)
+    heartbeat_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
     # Proxy processes (0: one per core this process may use, at most 8). With 1 the agent
     # process proxies itself; with more, that many workers share 15001/15008 (agent/workers/).
     proxy_workers: int = Field(0, ge=0, le=64)

@@ -2,8 +2,9 @@
 
 Wanted: the snapshot's meshed workloads on this node (by pod IP). Found: their
 network namespaces, by scanning /proc. The mesh_netns map is brought to exactly
-that set; it runs on every snapshot change and on a short timer, so a pod that
-starts later is meshed as soon as its namespace exists.
+that set, each entry with the pod's fail mode (from the snapshot: the controller resolves the
+`meshagent.io/fail-mode` labels); it runs on every snapshot change and on a short timer, so a
+pod that starts later is meshed as soon as its namespace exists.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class MeshedPod:
     name: str
     ip: str
     netns_cookie: int
+    fail_mode: str = "closed"  # what its connects do while the agent is down
 
 
 @dataclass
@@ -62,14 +64,19 @@ class MeshReconciler:
         by_ip = {ip: w for w in local for ip in w.ips}
         found = self.scanner.scan(set(by_ip))
         desired = {ns.cookie: by_ip[ip] for ip, ns in found.items()}
-        current = self.maps.meshed_netns()
+        current = self.maps.meshed_pods()
         for cookie, w in desired.items():
-            if current.get(cookie) != w.ips[0]:
-                self.maps.set_meshed(cookie, w.ips[0])
+            if current.get(cookie) != (w.ips[0], w.fail_mode):
+                self.maps.set_meshed(cookie, w.ips[0], w.fail_mode)
                 log.info(
-                    "meshed %s/%s (%s, netns cookie %d)", w.namespace, w.name, w.ips[0], cookie
+                    "meshed %s/%s (%s, netns cookie %d, fail mode %s)",
+                    w.namespace,
+                    w.name,
+                    w.ips[0],
+                    cookie,
+                    w.fail_mode,
                 )
-        for cookie, ip in current.items():
+        for cookie, (ip, _mode) in current.items():
             if cookie not in desired:
                 self.maps.unset_meshed(cookie)
                 log.info("unmeshed %s (netns cookie %d)", ip, cookie)
@@ -77,7 +84,7 @@ class MeshReconciler:
         meshed_uids = {w.uid for w in desired.values()}
         self.state = MeshingState(
             pods=[
-                MeshedPod(w.namespace, w.name, w.ips[0], cookie)
+                MeshedPod(w.namespace, w.name, w.ips[0], cookie, w.fail_mode)
                 for cookie, w in sorted(desired.items(), key=lambda kv: kv[1].ips[0])
             ],
             waiting=sorted(f"{w.namespace}/{w.name}" for w in local if w.uid not in meshed_uids),

@@ -23,6 +23,7 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.configclient import ControllerLink, serve_controller_link
 from meshagent.agent.datapath import loader
 from meshagent.agent.dataplane import DataPlane
+from meshagent.agent.heartbeat import Heartbeat
 from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.identity.controller_signer import ControllerSigner
 from meshagent.agent.identity.manager import IdentityManager
@@ -97,6 +98,11 @@ class Agent:
             "snapshot_version": self.store.version,
             "meshed_pods": [asdict(p) for p in self.reconciler.state.pods],
             "waiting_pods": self.reconciler.state.waiting,
+            "heartbeat": {
+                "beating": self.heartbeat.beating,
+                "interval_s": self.config.heartbeat_interval_s,
+                "timeout_s": self.config.heartbeat_timeout_s,
+            },
             "certificates": self.identities.status(),
             **self.dataplane_status(),
         }
@@ -135,6 +141,15 @@ class Agent:
         self.node_metrics.local_registry.register(ProcessCollector(self._proxy_processes))
         self.store.load_saved()
         self.reconciler = MeshReconciler(self.store, maps, cfg.discovery_interval)
+        # Beats while this agent's proxy serves the node (agent/heartbeat.py): ready, not
+        # draining, not handed over to a newer agent.
+        heartbeat = Heartbeat(
+            partial(maps.beat, cfg.heartbeat_timeout_s),
+            self._serves_node,
+            cfg.heartbeat_interval_s,
+        )
+        self.heartbeat = heartbeat
+        heartbeat.start()
 
         async def status(_query: str) -> Response:
             return json_response(json.dumps(self.live_status()))
@@ -207,9 +222,14 @@ class Agent:
                 )
                 task_status.started()
         finally:
+            heartbeat.stop()
             maps.close()
             if workers > 1:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _serves_node(self) -> bool:
+        """Whether this agent's proxy takes the node's new connections (so it beats)."""
+        return self.ready and not self.draining and self.phase is not handover.Phase.HANDED_OVER
 
     async def _serve_owner_ports(
         self,

@@ -16,9 +16,12 @@ knows and it is down):
   ``uptime_s``, ``controller`` (``address``, ``connected``, ``last_error``, ...) and its
   raw figures (``proxy``, ``inbound``, ``authz``, ``hbone``, ...);
 - ``snapshot``: ``version`` and ``source`` (``agent``, ``saved`` or ``null``);
-- ``datapath``: ``programs`` attached, ``meshed_netns``, ``counters``, ``peer_auth``;
+- ``datapath``: ``programs`` attached, ``meshed_netns``, ``counters``, ``peer_auth``,
+  ``heartbeat`` (``age_s`` of the agent's last beat, ``timeout_s``, ``agent_alive``);
 - ``pods``: one per meshed pod: ``namespace``, ``name``, ``ip``, ``netns_cookie``,
-  ``identity``, ``mtls_mode`` (and ``mtls_ports`` overrides), ``certificate`` (``state``,
+  ``identity``, ``mtls_mode`` (and ``mtls_ports`` overrides), ``fail_mode`` (``open`` or
+  ``closed``, as the kernel has it), ``in_force`` (``meshed`` while the agent's heartbeat is
+  fresh, else ``open: direct`` or ``closed: refused``), ``certificate`` (``state``,
   ``not_after``, ``expires_in_s``);
 - ``connections``: ``outbound`` and ``inbound`` (``active``, ``accepted``), ``http_requests``,
   ``mutual_tls``; ``tunnels``: pooled HBONE connections; ``ejected_endpoints``;
@@ -129,8 +132,11 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
         return view
     try:
         view["meshed_netns"] = [
-            {"netns_cookie": cookie, "ip": ip} for cookie, ip in sorted(maps.meshed_netns().items())
+            {"netns_cookie": cookie, "ip": ip, "fail_mode": mode}
+            for cookie, (ip, mode) in sorted(maps.meshed_pods().items())
         ]
+        age, timeout = maps.heartbeat_age()
+        view["heartbeat"] = heartbeat_view(age, timeout)
         view["counters"] = maps.read_counters()
         view["peer_auth"] = [
             {"ip": ip, "port": port, "mode": mode.name}
@@ -140,6 +146,26 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
     finally:
         maps.close()
     return view
+
+
+def heartbeat_view(age: float | None, timeout: float) -> dict[str, Any]:
+    """The heartbeat as the connect programs judge it: the agent is up while a beat is younger
+    than the timeout (agent/heartbeat.py); `age_s` None when it never beat."""
+    return {
+        "age_s": None if age is None else round(age, 3),
+        "timeout_s": timeout,
+        "agent_alive": age is not None and age < timeout,
+    }
+
+
+def fail_mode_in_force(fail_mode: str | None, heartbeat: dict[str, Any] | None) -> str:
+    """What a meshed pod's new connections get now: `meshed` (to the proxy) while the agent
+    beats, else its fail mode: `open` (straight to the destination) or `closed` (refused)."""
+    if heartbeat is None or fail_mode is None:
+        return "unknown"
+    if heartbeat["agent_alive"]:
+        return "meshed"
+    return "open: direct" if fail_mode == "open" else "closed: refused"
 
 
 def _saved_tables(config: AgentConfig) -> Tables | None:
@@ -276,6 +302,7 @@ def _pods(
         mtls = tables.mtls_for(workload) if tables and workload else None
         cert = by_identity.get(identity.uri) if identity else None
         not_after = cert.get("not_after") if cert else None
+        fail_mode = entry.get("fail_mode") or (workload.fail_mode if workload else None)
         pods.append(
             {
                 "namespace": workload.namespace if workload else entry.get("namespace"),
@@ -285,6 +312,8 @@ def _pods(
                 "identity": identity.uri if identity else None,
                 "mtls_mode": mtls.mode if mtls else None,
                 "mtls_ports": {str(p): m for p, m in mtls.ports.items()} if mtls else {},
+                "fail_mode": fail_mode,
+                "in_force": fail_mode_in_force(fail_mode, kernel.get("heartbeat")),
                 "certificate": {
                     "state": cert["state"] if cert else "missing",
                     "not_after": not_after,
@@ -437,6 +466,26 @@ def describe_denial(denial: dict[str, Any]) -> str:
     )
 
 
+def _fail_mode(pod: dict[str, Any]) -> str:
+    """`closed`, `open`, and what is in force while the agent is down."""
+    mode, now = pod.get("fail_mode") or "?", pod.get("in_force") or "unknown"
+    return mode if now in ("meshed", "unknown") else f"{mode} (IN FORCE: {now})"
+
+
+def _heartbeat_line(heartbeat: dict[str, Any] | None) -> str:
+    if heartbeat is None:
+        return "Heartbeat:   unknown"
+    age, timeout = heartbeat["age_s"], heartbeat["timeout_s"]
+    if age is None:
+        return "Heartbeat:   never written: agent counts as DOWN, pods' fail modes apply"
+    if heartbeat["agent_alive"]:
+        return f"Heartbeat:   {age:.2f}s old (timeout {timeout:g}s): pods are meshed"
+    return (
+        f"Heartbeat:   STALE, {_duration(age)} old (timeout {timeout:g}s): agent counts as "
+        "DOWN, pods' fail modes apply (open: direct, closed: refused)"
+    )
+
+
 POD_TABLE_MAX = 20  # up to this many meshed pods, the per-pod table shows without --pods
 
 
@@ -497,22 +546,27 @@ def render(
                 _certificate(p["certificate"]),
                 (p["mtls_mode"] or "?")
                 + "".join(f" {port}:{mode}" for port, mode in p["mtls_ports"].items()),
+                _fail_mode(p),
             )
             for p in report["pods"]
         ]
         if rows:
-            lines += _table([("POD", "IP", "IDENTITY", "CERTIFICATE", "MTLS"), *rows])
+            header = ("POD", "IP", "IDENTITY", "CERTIFICATE", "MTLS", "FAIL MODE")
+            lines += _table([header, *rows])
     else:
         lines.append("  (one row per pod: meshagent status --pods)")
     if "maps_error" in dp:
         lines.append(f"Maps:        {dp['maps_error']}")
     else:
+        lines.append(_heartbeat_line(dp.get("heartbeat")))
         c = dp["counters"]
         lines.append(
             f"Redirects:   {c['redirected']} redirected ({c.get('redirected_ipv6', 0)} from IPv6 "
             f"sockets), {c['established']} handed to the proxy, {c['excluded']} excluded ports, "
             f"{c.get('refused', 0)} refused (link-local, MPTCP, no IPv6 proxy), "
-            f"{c['strict_dropped']} plaintext dropped (STRICT)"
+            f"{c['strict_dropped']} plaintext dropped (STRICT), "
+            f"{c.get('fail_open', 0)} let through (fail-open), "
+            f"{c.get('fail_closed', 0)} refused (fail-closed)"
         )
     if services:
         lines += _services_section(report.get("services") or [])

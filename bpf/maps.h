@@ -37,6 +37,9 @@ BPF_HASH(trusted_sources, struct mesh_addr, __u8, 16);
  * so it needs no pin and cannot leak. */
 BPF_SK_STORAGE(sock_orig, struct mesh_endpoint);
 
+/* [0] -> the agent's heartbeat (meshagent.h); read by redirect.c only. */
+BPF_ARRAY(heartbeat, struct mesh_heartbeat, 1);
+
 BPF_PERCPU_ARRAY(counters, __u64, MESH_CTR_MAX);
 
 #endif /* MESHAGENT_MAPS_H */

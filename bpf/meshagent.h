@@ -57,8 +57,20 @@ enum mesh_counter {
 	MESH_CTR_REDIRECTED_IPV6 = 5, /* of REDIRECTED: made on an IPv6 socket */
 	MESH_CTR_REFUSED = 6, /* meshed connect the proxy cannot carry: refused (EPERM) */
 	MESH_CTR_PEER_RESTORED = 7, /* getpeername() answered with the original destination */
-	MESH_CTR_MAX = 8,
+	MESH_CTR_FAIL_OPEN = 8, /* agent down: a fail-open pod's connect went straight through */
+	MESH_CTR_FAIL_CLOSED = 9, /* agent down: a fail-closed pod's connect refused (EPERM) */
+	MESH_CTR_MAX = 10,
 };
+
+/* Bits of mesh_pod.flags. */
+enum mesh_pod_flag {
+	/* While the agent is down (its heartbeat stale), the pod's connects go to
+	 * their original destination instead of being refused (fail mode `open`). */
+	MESH_POD_FAIL_OPEN = 1,
+};
+
+/* Default of mesh_heartbeat.timeout_ns when the agent left it 0: 1 s. */
+#define MESH_HEARTBEAT_TIMEOUT_NS 1000000000ULL
 
 /* Value of peer_auth: the mTLS mode a pod (port) accepts. Only modes that need
  * the kernel's help are stored; a missing entry means "let it through". */
@@ -77,7 +89,18 @@ struct mesh_addr {
  * of its addresses (IPv4, IPv6, link-local) a packet is sent to. */
 struct mesh_pod {
 	struct mesh_addr addr;
-	__u32 flags; /* reserved, 0 */
+	__u32 flags; /* enum mesh_pod_flag bits */
+};
+
+/* The one value of the `heartbeat` array: the agent that owns the node's maps
+ * writes `beat_ns` (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns) every
+ * ~250 ms. When it is older than `timeout_ns` (or was never written), the agent
+ * counts as down and the connect programs apply each pod's fail mode instead of
+ * redirecting to a proxy that is not there. Only the agent writes it: no
+ * program does, and the pin is root's alone. */
+struct mesh_heartbeat {
+	__u64 beat_ns;
+	__u64 timeout_ns; /* 0: MESH_HEARTBEAT_TIMEOUT_NS */
 };
 
 /* A TCP endpoint: the original destination of a redirected connection, or

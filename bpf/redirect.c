@@ -111,29 +111,59 @@ static __always_inline void mesh_remember(struct bpf_sock_addr *ctx, struct mesh
  * Whether this connect is one to judge: a TCP socket of a meshed pod. UDP, SCTP
  * and the rest are not meshed (README, "What is meshed"). MPTCP is refused
  * outright (MESH_DENY): it would split the connection into subflows the proxy
- * never sees as one.
+ * never sees as one. A meshed pod's flags (its fail mode) go to `flags`.
  */
-static __always_inline enum mesh_verdict mesh_screen(struct bpf_sock_addr *ctx)
+static __always_inline enum mesh_verdict mesh_screen(struct bpf_sock_addr *ctx, __u32 *flags)
 {
+	struct mesh_pod *pod;
 	__u64 netns;
 
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_MPTCP)
 		return MESH_PASS;
 	netns = bpf_get_netns_cookie(ctx);
-	if (!mesh_netns.lookup(&netns))
+	pod = mesh_netns.lookup(&netns);
+	if (!pod)
 		return MESH_PASS;
+	*flags = pod->flags;
 	return ctx->protocol == IPPROTO_MPTCP ? MESH_DENY : MESH_REDIRECT;
 }
 
+/* Whether the node's agent is up: its heartbeat (meshagent.h) is younger than
+ * the timeout. Never written (0) counts as down. */
+static __always_inline int mesh_agent_alive(void)
+{
+	__u32 key = 0;
+	struct mesh_heartbeat *hb = heartbeat.lookup(&key);
+	__u64 timeout;
+
+	if (!hb || !hb->beat_ns)
+		return 0;
+	timeout = hb->timeout_ns ? hb->timeout_ns : MESH_HEARTBEAT_TIMEOUT_NS;
+	return bpf_ktime_get_ns() < hb->beat_ns + timeout;
+}
+
 /* screen, then classify: the one verdict each connect program acts on. Counts
- * refusals, so the programs only rewrite. */
+ * refusals, so the programs only rewrite. While the agent is down there is no
+ * proxy to redirect to: a fail-open pod's connect goes to its original
+ * destination, a fail-closed pod's is refused at once (EPERM), not sent to a
+ * listener that is not there. What would not be redirected anyway (the pod
+ * itself, excluded ports, MPTCP and link-local refusals) is unchanged. */
 static __always_inline enum mesh_verdict mesh_decide(struct bpf_sock_addr *ctx,
 						     const struct mesh_endpoint *orig)
 {
-	enum mesh_verdict verdict = mesh_screen(ctx);
+	__u32 flags = 0;
+	enum mesh_verdict verdict = mesh_screen(ctx, &flags);
 
 	if (verdict == MESH_REDIRECT)
 		verdict = mesh_classify(&orig->addr, orig->port);
+	if (verdict == MESH_REDIRECT && !mesh_agent_alive()) {
+		if (flags & MESH_POD_FAIL_OPEN) {
+			mesh_count(MESH_CTR_FAIL_OPEN);
+			return MESH_PASS;
+		}
+		mesh_count(MESH_CTR_FAIL_CLOSED);
+		return MESH_DENY;
+	}
 	if (verdict == MESH_DENY)
 		mesh_count(MESH_CTR_REFUSED);
 	return verdict;

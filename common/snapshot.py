@@ -15,6 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MESH_LABEL = "meshagent.io/mesh"
+# What a meshed pod's connections do while its node's agent is down: `open` (straight to
+# their destination, unmeshed) or `closed` (refused), on the Namespace or the Pod (which wins).
+FAIL_MODE_LABEL = "meshagent.io/fail-mode"
+FAIL_MODES = ("closed", "open")
+DEFAULT_FAIL_MODE = "closed"
 
 
 class _Model(BaseModel):
@@ -30,6 +35,7 @@ class Workload(_Model):
     service_account: str = "default"
     labels: dict[str, str] = Field(default_factory=dict)
     meshed: bool = False
+    fail_mode: Literal["closed", "open"] = DEFAULT_FAIL_MODE  # FAIL_MODE_LABEL, resolved
 
 
 class ServicePort(_Model):

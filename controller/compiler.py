@@ -2,7 +2,8 @@
 
 Pure functions of the model's objects: the same input gives the same snapshot
 and so the same version. Pods become workloads (meshed when their namespace
-carries `meshagent.io/mesh=enabled` and the pod does not say `disabled`);
+carries `meshagent.io/mesh=enabled` and the pod does not say `disabled`; their fail mode
+from `meshagent.io/fail-mode` on the Pod, else the Namespace);
 Services become services with endpoints, read from their EndpointSlices as kube-proxy
 reads them (or, for a Service with no EndpointSlice in the model, from the pods its
 selector matches): see the rules above `compile_services`.
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 
 from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.snapshot import (
+    DEFAULT_FAIL_MODE,
+    FAIL_MODE_LABEL,
+    FAIL_MODES,
     MESH_LABEL,
     Endpoint,
     Node,
@@ -51,6 +55,20 @@ def is_meshed(pod: dict, namespace: dict | None) -> bool:
     return _labels(pod).get(MESH_LABEL) != "disabled"
 
 
+def fail_mode(pod: dict, namespace: dict | None) -> str:
+    """The pod's `meshagent.io/fail-mode`: its own label if it has one, else its Namespace's,
+    else `closed`. A value other than `open` or `closed` counts as `closed`: a typo must
+    never let a pod's traffic out unmeshed. Only labels of API objects decide (the pod's
+    processes cannot choose their mode)."""
+    for obj in (pod, namespace):
+        if obj is None:
+            continue
+        value = _labels(obj).get(FAIL_MODE_LABEL)
+        if value is not None:
+            return value if value in FAIL_MODES else DEFAULT_FAIL_MODE
+    return DEFAULT_FAIL_MODE
+
+
 def compile_workloads(model: ClusterModel) -> list[Workload]:
     out = []
     for pod in model.objects("Pod"):
@@ -59,6 +77,7 @@ def compile_workloads(model: ClusterModel) -> list[Workload]:
         if not ips or not node:
             continue  # not scheduled or not started yet: nothing to route to
         ns = meta.get("namespace", "default")
+        namespace = model.get("Namespace", "", ns)
         out.append(
             Workload(
                 uid=meta.get("uid") or f"{ns}/{meta['name']}",
@@ -68,7 +87,8 @@ def compile_workloads(model: ClusterModel) -> list[Workload]:
                 ips=ips,
                 service_account=spec.get("serviceAccountName") or "default",
                 labels=_labels(pod),
-                meshed=is_meshed(pod, model.get("Namespace", "", ns)),
+                meshed=is_meshed(pod, namespace),
+                fail_mode=fail_mode(pod, namespace),
             )
         )
     return sorted(out, key=lambda w: (w.namespace, w.name))

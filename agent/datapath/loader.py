@@ -206,8 +206,12 @@ def _pinned_prog_id(pin_dir: Path, hook: Hook) -> int | None:
 
 
 def is_installed(settings: DatapathSettings) -> bool:
-    """True when every hook's pinned program is attached to the cgroup."""
+    """True when every hook's pinned program is attached to the cgroup and every map of
+    this version is pinned (a datapath from an older version, which lacks a map, is
+    replaced whole: its programs would not read the new map)."""
     if not settings.cgroup_path.is_dir():
+        return False
+    if not all((settings.pin_dir / name).exists() for name in ALL_MAPS):
         return False
     with _cgroup_fd(settings.cgroup_path) as cg:
         for hook in HOOKS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -31,6 +32,13 @@ class MeshPod(ctypes.Structure):
     _fields_ = [("addr", MeshAddr), ("flags", ctypes.c_uint32)]
 
 
+class MeshHeartbeat(ctypes.Structure):
+    """struct mesh_heartbeat: the owning agent's last beat and the age at which it counts as
+    down, both in CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns's clock)."""
+
+    _fields_ = [("beat_ns", ctypes.c_uint64), ("timeout_ns", ctypes.c_uint64)]
+
+
 class MeshEndpoint(ctypes.Structure):
     """struct mesh_endpoint: address as MeshAddr, port in host order."""
 
@@ -48,6 +56,13 @@ class Counter(IntEnum):
     REDIRECTED_IPV6 = 5
     REFUSED = 6
     PEER_RESTORED = 7
+    FAIL_OPEN = 8
+    FAIL_CLOSED = 9
+
+
+POD_FAIL_OPEN = 1  # enum mesh_pod_flag
+DEFAULT_HEARTBEAT_TIMEOUT_NS = 1_000_000_000  # MESH_HEARTBEAT_TIMEOUT_NS
+FAIL_MODES = ("closed", "open")
 
 
 class MtlsMode(IntEnum):
@@ -57,7 +72,7 @@ class MtlsMode(IntEnum):
     STRICT = 1
 
 
-COUNTER_MAX = 8
+COUNTER_MAX = 10
 
 # Map names, as declared in bpf/maps.h and pinned by the loader.
 MAP_MESH_NETNS = "mesh_netns"
@@ -67,6 +82,7 @@ MAP_EXCLUDED_PORTS = "excluded_ports"
 MAP_COUNTERS = "counters"
 MAP_PEER_AUTH = "peer_auth"
 MAP_TRUSTED_SOURCES = "trusted_sources"
+MAP_HEARTBEAT = "heartbeat"
 ALL_MAPS = (
     MAP_MESH_NETNS,
     MAP_INFLIGHT,
@@ -75,6 +91,7 @@ ALL_MAPS = (
     MAP_COUNTERS,
     MAP_PEER_AUTH,
     MAP_TRUSTED_SOURCES,
+    MAP_HEARTBEAT,
 )
 
 # Layout facts the test compares against the C header (name -> (size, {field: offset})).
@@ -82,6 +99,7 @@ MIRRORED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "mesh_addr": MeshAddr,
     "mesh_pod": MeshPod,
     "mesh_endpoint": MeshEndpoint,
+    "mesh_heartbeat": MeshHeartbeat,
 }
 
 
@@ -101,6 +119,20 @@ def from_addr(addr: MeshAddr) -> str:
 
 def endpoint(ip: str, port: int) -> MeshEndpoint:
     return MeshEndpoint(addr=to_addr(ip), port=port)
+
+
+def monotonic_ns() -> int:
+    """Now on the clock the programs compare the heartbeat with (bpf_ktime_get_ns)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def fail_mode_flags(mode: str) -> int:
+    """mesh_pod.flags for a fail mode; anything but `open` is `closed` (the safe one)."""
+    return POD_FAIL_OPEN if mode == "open" else 0
+
+
+def fail_mode_of(flags: int) -> str:
+    return "open" if flags & POD_FAIL_OPEN else "closed"
 
 
 def possible_cpus() -> int:
@@ -167,6 +199,7 @@ class DatapathMaps:
     counters: PinnedMap
     peer_auth: PinnedMap
     trusted_sources: PinnedMap
+    heartbeat: PinnedMap
 
     @classmethod
     def open(cls, pin_dir: Path) -> DatapathMaps:
@@ -178,6 +211,7 @@ class DatapathMaps:
             counters=PinnedMap(pin_dir / MAP_COUNTERS, ctypes.c_uint32, ctypes.c_uint64 * ncpu),
             peer_auth=PinnedMap(pin_dir / MAP_PEER_AUTH, MeshEndpoint, ctypes.c_uint8),
             trusted_sources=PinnedMap(pin_dir / MAP_TRUSTED_SOURCES, MeshAddr, ctypes.c_uint8),
+            heartbeat=PinnedMap(pin_dir / MAP_HEARTBEAT, ctypes.c_uint32, MeshHeartbeat),
         )
 
     def close(self) -> None:
@@ -188,6 +222,7 @@ class DatapathMaps:
             self.counters,
             self.peer_auth,
             self.trusted_sources,
+            self.heartbeat,
         ):
             m.close()
 
@@ -202,11 +237,40 @@ class DatapathMaps:
 
     def meshed_netns(self) -> dict[int, str]:
         """netns cookie -> pod IP of every meshed namespace."""
-        return {key.value: from_addr(val.addr) for key, val in self.mesh_netns.items()}
+        return {cookie: ip for cookie, (ip, _mode) in self.meshed_pods().items()}
 
-    def set_meshed(self, cookie: int, ip: str) -> None:
-        """Mark a namespace meshed; `ip` is the pod's primary IP (its peer_auth key)."""
-        self.mesh_netns.update(ctypes.c_uint64(cookie), MeshPod(addr=to_addr(ip)))
+    def meshed_pods(self) -> dict[int, tuple[str, str]]:
+        """netns cookie -> (pod IP, fail mode) of every meshed namespace."""
+        return {
+            key.value: (from_addr(val.addr), fail_mode_of(val.flags))
+            for key, val in self.mesh_netns.items()
+        }
+
+    def set_meshed(self, cookie: int, ip: str, fail_mode: str = "closed") -> None:
+        """Mark a namespace meshed; `ip` is the pod's primary IP (its peer_auth key),
+        `fail_mode` what its connects do while the agent is down."""
+        self.mesh_netns.update(
+            ctypes.c_uint64(cookie), MeshPod(addr=to_addr(ip), flags=fail_mode_flags(fail_mode))
+        )
+
+    def beat(self, timeout_s: float, now_ns: int | None = None) -> None:
+        """Refresh the heartbeat: the agent serves; it counts as down `timeout_s` from now."""
+        self.heartbeat.update(
+            ctypes.c_uint32(0),
+            MeshHeartbeat(
+                beat_ns=monotonic_ns() if now_ns is None else now_ns,
+                timeout_ns=max(1, int(timeout_s * 1e9)),
+            ),
+        )
+
+    def heartbeat_age(self) -> tuple[float | None, float]:
+        """(seconds since the last beat or None if never, the timeout in seconds)."""
+        value = self.heartbeat.lookup(ctypes.c_uint32(0))
+        if value is None or not value.beat_ns:
+            timeout = value.timeout_ns if value is not None and value.timeout_ns else 0
+            return None, (timeout or DEFAULT_HEARTBEAT_TIMEOUT_NS) / 1e9
+        timeout = value.timeout_ns or DEFAULT_HEARTBEAT_TIMEOUT_NS
+        return (monotonic_ns() - value.beat_ns) / 1e9, timeout / 1e9
 
     def unset_meshed(self, cookie: int) -> None:
         self.mesh_netns.delete(ctypes.c_uint64(cookie))

@@ -29,6 +29,8 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         for field, _ in mirror._fields_:
             lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
     lines.append('printf("MESH_CTR_MAX %d\\n", MESH_CTR_MAX);')
+    lines.append('printf("MESH_POD_FAIL_OPEN %d\\n", MESH_POD_FAIL_OPEN);')
+    lines.append('printf("MESH_HEARTBEAT_TIMEOUT_NS %llu\\n", MESH_HEARTBEAT_TIMEOUT_NS);')
     for counter in maps.Counter:
         lines.append(f'printf("MESH_CTR_{counter.name} %d\\n", MESH_CTR_{counter.name});')
     lines.append("return 0; }")
@@ -48,6 +50,8 @@ def test_mirror_matches_header(tmp_path):
         for field, _ in mirror._fields_:
             assert c[f"{cname}.{field}"] == getattr(mirror, field).offset, f"{cname}.{field}"
     assert c["MESH_CTR_MAX"] == maps.COUNTER_MAX
+    assert c["MESH_POD_FAIL_OPEN"] == maps.POD_FAIL_OPEN
+    assert c["MESH_HEARTBEAT_TIMEOUT_NS"] == maps.DEFAULT_HEARTBEAT_TIMEOUT_NS
     for counter in maps.Counter:
         assert c[f"MESH_CTR_{counter.name}"] == counter.value
 

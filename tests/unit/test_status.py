@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from meshagent.agent import cli
 from meshagent.agent import status as status_mod
 from meshagent.agent.state import Tables
-from meshagent.agent.status import REPORT_FIELDS, assemble, render, watch
+from meshagent.agent.status import REPORT_FIELDS, assemble, heartbeat_view, render, watch
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC).timestamp()
@@ -90,11 +90,12 @@ def kernel() -> dict:
             }
         ],
         "meshed_netns": [
-            {"netns_cookie": 12, "ip": "10.0.2.11"},
-            {"netns_cookie": 11, "ip": "10.0.2.10"},
+            {"netns_cookie": 12, "ip": "10.0.2.11", "fail_mode": "open"},
+            {"netns_cookie": 11, "ip": "10.0.2.10", "fail_mode": "closed"},
         ],
         "counters": {"redirected": 5, "established": 5, "excluded": 1, "strict_dropped": 2},
         "peer_auth": [{"ip": "10.0.2.10", "port": 0, "mode": "STRICT"}],
+        "heartbeat": heartbeat_view(0.2, 1.0),
     }
 
 
@@ -181,8 +182,11 @@ def test_report_joins_pods_with_identity_certificate_and_mtls_mode():
         "identity": REVIEWS_ID,
         "mtls_mode": "STRICT",
         "mtls_ports": {"9090": "PERMISSIVE"},
+        "fail_mode": "closed",
+        "in_force": "meshed",
         "certificate": {"state": "ready", "not_after": IN_2H, "expires_in_s": 7200.0},
     }
+    assert ratings["fail_mode"] == "open"
     assert ratings["identity"] == "spiffe://cluster.local/ns/shop/sa/ratings"
     assert ratings["mtls_mode"] == "PERMISSIVE"
     assert ratings["certificate"] == {"state": "missing", "not_after": None, "expires_in_s": None}
@@ -373,3 +377,28 @@ def test_tunnels_show_peer_node_and_worker():
         ["172.30.0.12:15008", "1"],
         ["172.30.0.13:15008", "1"],
     ]
+
+
+def test_fail_mode_in_force_follows_the_heartbeat():
+    """While the agent beats, pods are meshed whatever their fail mode; once the beat is older
+    than the timeout (or never came), each pod's mode is in force, and the screen says so."""
+    assert heartbeat_view(0.3, 1.0)["agent_alive"] is True
+    assert heartbeat_view(1.5, 1.0)["agent_alive"] is False
+    assert heartbeat_view(None, 1.0) == {"age_s": None, "timeout_s": 1.0, "agent_alive": False}
+    k = kernel()
+    k["heartbeat"] = heartbeat_view(4.2, 1.0)
+    report = assemble(
+        "node-2", None, "connection refused", k, tables(), trust_domain="cluster.local", now=NOW
+    )
+    modes = {p["name"]: (p["fail_mode"], p["in_force"]) for p in report["pods"]}
+    assert modes == {
+        "reviews-v1": ("closed", "closed: refused"),
+        "ratings": ("open", "open: direct"),
+    }
+    screen = render(report, now=NOW)
+    assert "Heartbeat:   STALE, 4s old (timeout 1s)" in screen
+    assert "open (IN FORCE: open: direct)" in screen
+    assert "closed (IN FORCE: closed: refused)" in screen
+    live = render(running_report(), now=NOW)
+    assert "Heartbeat:   0.20s old (timeout 1s): pods are meshed" in live
+    assert "FAIL MODE" in live and "IN FORCE" not in live
