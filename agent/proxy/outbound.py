@@ -9,6 +9,7 @@ relay. A pod IP or any other destination is relayed as is.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,7 +151,10 @@ class OutboundProxy:
 
         async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
-            upstream = await self.connector.open(source, ip, pod_port, peer_ip, served[0])
+            # the HTTP engines bound the whole open by the cluster's connectTimeout
+            upstream = await self.connector.open(
+                source, ip, pod_port, peer_ip, served[0], connect_timeout=math.inf
+            )
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1
             return upstream
@@ -288,9 +292,7 @@ class _L4:
             target = ep.upstream
             try:
                 ip = dial_address(proxy.store.tables, target.endpoint, self.orig[0])
-                upstream = await proxy.connector.open(
-                    self.source, ip, target.port, self.peer_ip, self.protocol or "tcp"
-                )
+                upstream = await self._open(ip, target.port, spec.policy.connect_timeout)
             except UpstreamError as exc:
                 state.closed(ep)
                 error = f"{exc.kind}: {exc}"
@@ -309,6 +311,17 @@ class _L4:
                 state.closed(ep)
             return
         self._failed(service_labels, error or "no healthy upstream", "UF" if error else "UH")
+
+    async def _open(self, ip: str, port: int, timeout: float) -> Upstream:
+        """Open toward the endpoint within the DestinationRule's `connectTimeout` (Istio's
+        default 10 s), as Envoy bounds a TCP cluster's connect."""
+        try:
+            with trio.fail_after(timeout):
+                return await self.proxy.connector.open(
+                    self.source, ip, port, self.peer_ip, self.protocol or "tcp", timeout
+                )
+        except trio.TooSlowError:
+            raise UpstreamError("connect-failure", f"{ip}:{port}: connect timeout") from None
 
     async def _relay(self, upstream: Upstream, service_labels, address: str) -> None:
         proxy = self.proxy

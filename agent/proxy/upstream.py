@@ -139,9 +139,12 @@ class Connector:
         port: int,
         client_ip: str,
         protocol: Protocol | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
-        `routing.port_protocol`; None: guessed from the pod port). Raises UpstreamError."""
+        `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
+        direct dial (DestinationRule `connectionPool.tcp.connectTimeout` when the caller has
+        one; math.inf when the caller bounds the whole open itself). Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port)
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -167,7 +170,7 @@ class Connector:
         if dest is None:
             self._authorize_local(source, ip, port, client_ip)
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(connect_timeout):
                     stream = await trio.open_tcp_stream(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
