@@ -209,6 +209,10 @@ class Controller:
             "stream": self.push.status() if self.push else None,
             "agents": [s.as_dict() for s in sorted(sessions, key=lambda s: s.node)],
             "rejected": self.rejected(),
+            "skipped": [
+                {"resource": resource_name(e), "path": e.path, "reason": e.message}
+                for e in self.validator.skipped
+            ],
             "unenforceable": self.unenforceable(),
             "ca": self.ca_status(),
         }

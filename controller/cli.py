@@ -15,8 +15,6 @@ import click
 import trio
 from lightkube import ConfigError
 from meshagent.common.httpserve import http_get
-from meshagent.common.istio import SUPPORTED_KINDS, ResourceError, parse_resource
-from meshagent.common.manifests import ManifestError, load_files
 from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.app import (
     CONTROLLER_NAMESPACE,
@@ -26,7 +24,6 @@ from meshagent.controller.app import (
 )
 from meshagent.controller.ca import CAError
 from meshagent.controller.sources.files import PATTERNS
-from meshagent.controller.validation import DEFAULT_NAMESPACE
 from meshagent.controller.webhook import WEBHOOK_CONFIGURATION
 
 # Where `meshctl status` and `meshctl authz check` look for a token the controller accepts on
@@ -434,40 +431,63 @@ def _manifest_files(paths: tuple[Path, ...]) -> list[Path]:
     type=click.Path(path_type=Path, exists=True),
     help="A manifest file, or a folder of them (*.yaml, *.yml, *.json). Repeatable.",
 )
-def validate(paths: tuple[Path, ...]) -> None:
+@click.option(
+    "--explain", is_flag=True, help="Say what the mesh will do with each accepted resource."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def validate(paths: tuple[Path, ...], explain: bool, as_json: bool) -> None:
     """Check Istio resources offline, as the controller would.
 
     Parses every AuthorizationPolicy, PeerAuthentication, VirtualService and
-    DestinationRule with the controller's own code and prints `ok` or the
-    field at fault. Other kinds (Pod, Service, Namespace, ...) are skipped.
+    DestinationRule with the controller's own code and prints, per resource:
+    `ok` (with a `warning` line for each setting the mesh does not fully
+    honour), `skipped` (does not concern the mesh: bound to gateways only,
+    exportTo narrower than ['*'], hosts that are not Kubernetes Services; not
+    applied) or `rejected` and the field at fault. With --explain, each
+    accepted resource is followed by what the mesh does with it and on which
+    ports (L7 on http/http2/grpc ports, L4 on tcp/unnamed ones; Services in
+    the same files are named with their ports). Other kinds are skipped.
     Exits 1 if anything is rejected, 0 otherwise.
 
     \b
     Examples:
       meshctl validate -f reviews-route.yaml
-      meshctl validate -f policies/ -f reviews-route.yaml
+      meshctl validate -f policies/ -f reviews-route.yaml --explain
+      meshctl validate -f policies/ --json
     """
-    ok = rejected = skipped = 0
-    for path in _manifest_files(paths):
-        try:
-            objects = load_files([path])
-        except (ManifestError, OSError, UnicodeDecodeError) as exc:
-            click.echo(f"rejected {exc}")
-            rejected += 1
-            continue
-        for obj in objects:
-            if obj.get("kind") not in SUPPORTED_KINDS:
-                skipped += 1
-                continue
-            try:
-                resource = parse_resource(obj, DEFAULT_NAMESPACE)
-            except ResourceError as exc:
-                click.echo(f"rejected {exc}")
-                rejected += 1
-                continue
-            click.echo(f"ok {resource.kind} {resource.namespace}/{resource.name}")
-            ok += 1
-    click.echo(f"{ok} ok, {rejected} rejected, {skipped} of other kinds skipped")
+    from meshagent.controller.checkfiles import check_files
+
+    report = check_files(_manifest_files(paths))
+    rejected = report.count("rejected") + len(report.file_errors)
+    if as_json:
+        body = {
+            "resources": [v.as_dict(report.services, explain) for v in report.verdicts],
+            "file_errors": report.file_errors,
+            "ok": report.count("ok"),
+            "rejected": rejected,
+            "skipped": report.count("skipped"),
+            "other_kinds": report.other_kinds,
+        }
+        click.echo(json.dumps(body, indent=2))
+        sys.exit(1 if rejected else 0)
+    for error in report.file_errors:
+        click.echo(f"rejected {error}")
+    for v in report.verdicts:
+        if v.outcome == "rejected":
+            click.echo(f"rejected {v.ref}: {v.reasons()}")
+        elif v.outcome == "skipped":
+            click.echo(f"skipped {v.ref}: {v.reasons()}")
+        else:
+            click.echo(f"ok {v.ref}")
+            for path, message in v.warnings:
+                click.echo(f"  warning {path}: {message}")
+            if explain:
+                for line in v.explain(report.services):
+                    click.echo(f"  {line}")
+    click.echo(
+        f"{report.count('ok')} ok, {rejected} rejected, {report.count('skipped')} skipped "
+        f"(not for the mesh), {report.other_kinds} of other kinds skipped"
+    )
     sys.exit(1 if rejected else 0)
 
 

@@ -5,6 +5,9 @@ a supported Istio kind flows through `parse_resource` and comes out either as a 
 (accepted, for the compiler) or as a ResourceError (rejected, for `/status`, the
 `meshagent_controller_rejected_resources` gauge and one ERROR log line). A bad resource is
 rejected alone: the others still apply, so one typo never takes down a namespace's policy.
+A resource that does not concern the mesh (a VirtualService bound to gateways only, an
+`exportTo` narrower than every namespace, hosts outside the cluster) is skipped: left out like
+a rejected one, but logged once as a WARNING and listed under `skipped`, not counted as an error.
 A rejected DENY AuthorizationPolicy fails closed (controller/failclosed.py): the validator
 lists it in `unenforceable`, sets `meshagent_controller_unenforceable_policies` and logs it.
 """
@@ -14,7 +17,13 @@ from __future__ import annotations
 import logging
 
 import trio
-from meshagent.common.istio import SUPPORTED_KINDS, IstioResource, ResourceError, parse_resource
+from meshagent.common.istio import (
+    SUPPORTED_KINDS,
+    IstioResource,
+    ResourceError,
+    ResourceSkipped,
+    parse_resource,
+)
 from meshagent.controller.failclosed import Unenforceable, unenforceable_policies
 from meshagent.controller.model import ClusterModel
 from prometheus_client import Gauge
@@ -54,18 +63,31 @@ def reason(error: ResourceError) -> str:
 
 def validate_model(model: ClusterModel) -> tuple[list[IstioResource], list[ResourceError]]:
     """Parse every object of the supported Istio kinds in the model. Returns (accepted,
-    rejected), each sorted by kind, namespace and name. Never raises for bad objects."""
+    rejected), each sorted by kind, namespace and name; skipped resources are in neither
+    (`classify_model`). Never raises for bad objects."""
+    accepted, rejected, _skipped = classify_model(model)
+    return accepted, rejected
+
+
+def classify_model(
+    model: ClusterModel,
+) -> tuple[list[IstioResource], list[ResourceError], list[ResourceSkipped]]:
+    """(accepted, rejected, skipped), each sorted by kind, namespace and name."""
     accepted: list[IstioResource] = []
     rejected: list[ResourceError] = []
+    skipped: list[ResourceSkipped] = []
     for kind in sorted(SUPPORTED_KINDS):
         for obj in model.objects(kind):
             try:
                 accepted.append(parse_resource(obj, DEFAULT_NAMESPACE))
+            except ResourceSkipped as exc:
+                skipped.append(exc)
             except ResourceError as exc:
                 rejected.append(exc)
     accepted.sort(key=lambda r: (r.kind, r.namespace, r.name))
     rejected.sort(key=lambda e: (e.kind, e.namespace, e.name))
-    return accepted, rejected
+    skipped.sort(key=lambda e: (e.kind, e.namespace, e.name))
+    return accepted, rejected, skipped
 
 
 class Validator:
@@ -76,11 +98,17 @@ class Validator:
     def __init__(self) -> None:
         self.accepted: list[IstioResource] = []
         self.rejected: list[ResourceError] = []
+        self.skipped: list[ResourceSkipped] = []
         self.unenforceable: list[Unenforceable] = []
         self.generation: int | None = None  # the model generation the result reflects
 
     def run(self, model: ClusterModel) -> None:
-        accepted, rejected = validate_model(model)
+        accepted, rejected, skipped = classify_model(model)
+        seen = {str(e) for e in self.skipped}
+        for notice in skipped:
+            if str(notice) not in seen:
+                log.warning("skipped %s", notice)
+        self.skipped = skipped
         before = {str(e) for e in self.rejected}
         for error in rejected:
             if str(error) not in before:

@@ -9,6 +9,8 @@ DestinationRule; daemonset/base/webhook.yaml, ValidatingWebhookConfiguration
 give the same message. A refusal answers ``allowed: false`` with status 422 and a message
 that starts with the field path, e.g. ``spec.foo: field is not supported by meshagent ...``;
 kubectl prints it after ``admission webhook "validation.meshagent.io" denied the request:``.
+A resource the mesh skips (bound to gateways only, narrow `exportTo`, hosts outside the
+cluster) is allowed with an admission warning saying why, which kubectl prints as `Warning:`.
 
 Every replica serves it (validation needs no state, so followers answer too). The serving
 certificate is issued by the controller's CA (`StreamCertificate`, renewed at half life) for
@@ -31,7 +33,12 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.admissionregistration_v1 import ValidatingWebhookConfiguration
 from lightkube.types import PatchType
 from meshagent.common.httpserve import Request, Response, json_response, serve_http
-from meshagent.common.istio import SUPPORTED_KINDS, ResourceError, parse_resource
+from meshagent.common.istio import (
+    SUPPORTED_KINDS,
+    ResourceError,
+    ResourceSkipped,
+    parse_resource,
+)
 from meshagent.controller.validation import DEFAULT_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,10 @@ def review_response(review: Any) -> dict[str, Any]:
     if not isinstance(request, Mapping) or not isinstance(request.get("uid"), str):
         raise ValueError("AdmissionReview without a request uid")
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
-    refusal = judge(request)
+    warning: list[str] = []
+    refusal = judge(request, warning)
+    if warning:
+        response["warnings"] = warning
     if refusal is not None:
         response["allowed"] = False
         response["status"] = {
@@ -70,7 +80,7 @@ def review_response(review: Any) -> dict[str, Any]:
     return {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
-def judge(request: Mapping[str, Any]) -> str | None:
+def judge(request: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:
     """Why the admission request must be refused, None to allow it.
 
     Only CREATE and UPDATE of a supported kind are judged: a DELETE (no object), a kind
@@ -88,6 +98,10 @@ def judge(request: Mapping[str, Any]) -> str | None:
         obj = {**obj, "metadata": {**obj["metadata"], "name": f"{prefix}x"}}
     try:
         parse_resource(obj, namespace)
+    except ResourceSkipped as exc:
+        if warnings is not None:
+            warnings.append(f"meshagent skips this resource: {exc.path}: {exc.message}")
+        return None
     except ResourceError as exc:
         return "; ".join(
             f"{path}: {message}" if path else message for path, message in exc.problems

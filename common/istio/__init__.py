@@ -11,6 +11,7 @@ from meshagent.common.istio.resource import (
     SUPPORTED_KINDS,
     IstioResource,
     ResourceError,
+    ResourceSkipped,
     parse_documents,
     parse_resource,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "SUPPORTED_KINDS",
     "IstioResource",
     "ResourceError",
+    "ResourceSkipped",
     "parse_documents",
     "parse_duration",
     "parse_resource",

@@ -105,7 +105,7 @@ def _header_name(value: str) -> str:
 
 def _host(value: str) -> str:
     if value == "*":
-        raise ValueError("host '*' is not allowed: name the service host")
+        raise ValueError("host '*' is not supported by meshagent yet: name the service host")
     return value
 
 
@@ -292,19 +292,33 @@ class TCPRoute(IstioModel):
     )
 
 
+def _export_everywhere(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    # Any narrower exportTo is skipped before validation (common/istio/support.py).
+    if value is not None and set(value) != {"*"}:
+        raise ValueError(f"exportTo {list(value)} is not supported by meshagent yet (only ['*'])")
+    return value
+
+
+# `exportTo: ["*"]` (Istio's default: visible to every namespace) is what meshagent does.
+ExportTo = Annotated[tuple[str, ...] | None, AfterValidator(_export_everywhere)]
+
+
 class VirtualServiceSpec(IstioModel):
     hosts: tuple[Host, ...] = Field(min_length=1)
     gateways: tuple[str, ...] | None = None
+    export_to: ExportTo = None
     http: tuple[HTTPRoute, ...] = ()
     tcp: tuple[TCPRoute, ...] = ()
 
     @field_validator("gateways")
     @classmethod
     def _mesh_only(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None and value != ("mesh",):
+        # Gateway-only VirtualServices are skipped before validation (support.skip_reason);
+        # with `mesh` listed, the other gateways are ignored with a warning.
+        if value is not None and "mesh" not in value:
             raise ValueError(
-                f"gateways {list(value)} are not supported: meshagent routes mesh traffic only, "
-                "so omit gateways or set [mesh]"
+                f"gateways {list(value)} do not include `mesh`: meshagent routes mesh traffic "
+                "only, so omit gateways or list mesh"
             )
         return value
 
@@ -327,8 +341,11 @@ class VirtualService(IstioResource):
 def _reject_passthrough(value: object) -> object:
     if value == "PASSTHROUGH":
         raise ValueError(
-            "loadBalancer PASSTHROUGH is not supported (use ROUND_ROBIN, LEAST_REQUEST or RANDOM)"
+            "loadBalancer PASSTHROUGH is not supported by meshagent yet "
+            "(use ROUND_ROBIN, LEAST_REQUEST or RANDOM)"
         )
+    if value == "LEAST_CONN":  # Istio's deprecated name of LEAST_REQUEST
+        return "LEAST_REQUEST"
     return value
 
 
@@ -391,6 +408,7 @@ class Subset(IstioModel):
 
 class DestinationRuleSpec(IstioModel):
     host: Host
+    export_to: ExportTo = None
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
 

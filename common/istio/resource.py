@@ -14,6 +14,7 @@ from typing import Any
 
 from meshagent.common.istio.networking import DestinationRule, VirtualService
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
+from meshagent.common.istio.support import skip_reason, unsupported_hint
 from pydantic import ValidationError
 
 IstioResource = AuthorizationPolicy | PeerAuthentication | VirtualService | DestinationRule
@@ -57,6 +58,12 @@ class ResourceError(Exception):
         )
 
 
+class ResourceSkipped(ResourceError):
+    """A resource that does not concern meshagent (bound to gateways only, hidden by
+    `exportTo`, or for hosts outside the cluster): not applied, reported as a warning, not an
+    error. A ResourceError, so code that only applies accepted resources leaves it out."""
+
+
 def format_path(loc: Iterable[int | str]) -> str:
     """Render a pydantic error location in YAML form: `spec.http[0].route[1].weight`.
 
@@ -76,7 +83,8 @@ def format_path(loc: Iterable[int | str]) -> str:
 def _message(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return "field is not supported by meshagent (outside its supported Istio subset)"
+        loc = error.get("loc") or ("",)
+        return unsupported_hint(str(loc[-1]))
     if kind == "missing":
         return "required field is missing"
     if kind == "value_error":
@@ -85,6 +93,23 @@ def _message(error: Mapping[str, Any]) -> str:
     if isinstance(value, str | int | float | list | tuple):
         return f"{error['msg']} (got {value!r})"
     return str(error["msg"])
+
+
+def _one_per_cause(errors: list[Any]) -> list[Any]:
+    """Drop what follows from an unsupported field: with `redirect` instead of `route`, the
+    missing `route` (or the object's own check) is noise beside the cause. Problems of other
+    fields are kept: each is a cause of its own."""
+    extra = [tuple(e["loc"][:-1]) for e in errors if e["type"] == "extra_forbidden"]
+    if not extra:
+        return errors
+    return [
+        e
+        for e in errors
+        if not any(
+            tuple(e["loc"]) == p or (tuple(e["loc"][:-1]) == p and e["type"] == "missing")
+            for p in extra
+        )
+    ]
 
 
 def _identity(doc: Mapping[str, Any], default_namespace: str) -> tuple[str, str, str]:
@@ -123,13 +148,17 @@ def parse_resource(doc: Mapping[str, Any], default_namespace: str = "default") -
         )
         raise ResourceError(kind, namespace, name, "kind", message)
 
+    skip = skip_reason(doc, namespace)
+    if skip is not None:
+        raise ResourceSkipped(kind, namespace, name, *skip)
     meta = doc.get("metadata")
     if isinstance(meta, Mapping) and not meta.get("namespace"):
         doc = {**doc, "metadata": {**meta, "namespace": default_namespace}}
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        problems = [(format_path(err["loc"]), _message(err)) for err in exc.errors()]
+        errors = _one_per_cause(exc.errors())
+        problems = [(format_path(err["loc"]), _message(err)) for err in errors]
         (path, message), *more = problems
         raise ResourceError(kind, namespace, name, path, message, more) from None
 

@@ -86,7 +86,9 @@ class Operation(IstioModel):
     def _no_path_templates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for path in value:
             if _PATH_TEMPLATE_RE.search(path):
-                raise ValueError(f"path templates ({{*}}, {{**}}) are not supported: {path!r}")
+                raise ValueError(
+                    f"path templates ({{*}}, {{**}}) are not supported by meshagent yet: {path!r}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -131,7 +133,10 @@ class Condition(IstioModel):
     def _supported_key(cls, value: str) -> str:
         if value not in CONDITION_KEYS and header_condition_name(value) is None:
             supported = ", ".join([*sorted(CONDITION_KEYS), "request.headers[NAME]"])
-            raise ValueError(f"condition key {value!r} is not supported (supported: {supported})")
+            raise ValueError(
+                f"condition key {value!r} is not supported by meshagent yet "
+                f"(supported: {supported})"
+            )
         return value
 
     @field_validator("values", "not_values")
@@ -181,7 +186,7 @@ class Rule(IstioModel):
 
 def _reject_custom(value: object) -> object:
     if value == "CUSTOM":
-        raise ValueError("action CUSTOM is not supported")
+        raise ValueError("action CUSTOM is not supported by meshagent yet (external authorization)")
     return value
 
 

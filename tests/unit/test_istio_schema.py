@@ -573,7 +573,7 @@ REFUSALS = [
         VS_YAML,
         lambda d: set_at(d, "spec.gateways", ["istio-system/ingress"]),
         "spec.gateways",
-        "not supported",
+        "not applied",
     ),
     (
         "vs-no-route",
@@ -678,13 +678,13 @@ def test_every_problem_of_a_resource_is_reported():
     doc = load(VS_YAML)
     doc["spec"]["http"][0]["timeout"] = "soon"
     doc["spec"]["http"][1]["route"][1]["weight"] = 5
-    doc["spec"]["exportTo"] = ["."]
+    doc["spec"]["sourceNamespace"] = "x"
 
     with pytest.raises(ResourceError) as caught:
         parse_resource(doc)
 
     paths = [path for path, _ in caught.value.problems]
-    assert sorted(paths) == ["spec.exportTo", "spec.http[0].timeout", "spec.http[1].route"]
+    assert sorted(paths) == ["spec.http[0].timeout", "spec.http[1].route", "spec.sourceNamespace"]
     for path in paths:
         assert path in str(caught.value)
 

@@ -1,0 +1,242 @@
+"""What meshagent does with the parts of Istio's API it does not honour, said up front.
+
+Istio resources are written for Istio; meshagent implements a subset (DESIGN.md §3). For each
+raw document this module decides, before the schema sees it, whether the resource does not
+concern a sidecar-less mesh at all (`skip_reason`: bound to gateways only, hidden by
+`exportTo`, or naming only hosts that are not Kubernetes Services), so it is skipped with a
+warning instead of being refused with schema noise; and, for an accepted resource, which of
+its settings the data path does not (fully) honour (`warnings`). Fields Istio has and meshagent
+does not are refused by the schema (extra fields are forbidden); `unsupported_hint` says what
+such a field is, so every refusal reads "<field> is not supported by meshagent yet".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# The Kubernetes cluster domain the data path resolves hosts in (agent/proxy/routing.py).
+CLUSTER_DOMAIN = "cluster.local"
+MESH_GATEWAY = "mesh"
+# On a node other than the client's, the destination node dials the pod with this fixed
+# timeout (agent/proxy/inbound.py CONNECT_TIMEOUT): a longer connectTimeout cannot be honoured.
+FAR_POD_CONNECT_TIMEOUT = 5.0
+
+# Istio fields meshagent refuses, with what they are (for the "not supported yet" message).
+_HINTS: dict[str, str] = {
+    "tls": "TLS settings / SNI routes",
+    "rewrite": "URI/authority rewrite",
+    "headers": "request/response header manipulation",
+    "corsPolicy": "CORS policy",
+    "mirror": "traffic mirroring",
+    "mirrors": "traffic mirroring",
+    "mirrorPercentage": "traffic mirroring",
+    "mirrorPercent": "traffic mirroring",
+    "redirect": "HTTP redirect",
+    "directResponse": "direct response",
+    "delegate": "VirtualService delegation",
+    "consistentHash": "consistent-hash (sticky) load balancing",
+    "localityLbSetting": "locality-aware load balancing",
+    "warmupDurationSecs": "slow-start warm-up",
+    "sourceLabels": "matching on the client's labels",
+    "sourceNamespace": "matching on the client's namespace",
+    "gateways": "gateway-specific matching",
+    "queryParams": "query parameter matching",
+    "withoutHeaders": "negative header matching",
+    "ignoreUriCase": "case-insensitive URI matching",
+    "authority": "authority matching",
+    "scheme": "scheme matching",
+    "requestPrincipals": "JWT principals (needs RequestAuthentication)",
+    "notRequestPrincipals": "JWT principals (needs RequestAuthentication)",
+    "remoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
+    "notRemoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
+    "provider": "the ext-authz provider of action CUSTOM",
+    "targetRef": "policy attachment to a Gateway/Service",
+    "targetRefs": "policy attachment to a Gateway/Service",
+    "serviceAccounts": "matching by service account",
+    "notServiceAccounts": "matching by service account",
+    "http2MaxRequests": "an HTTP/2 connection-pool limit",
+    "maxRetries": "a connection-pool retry budget",
+    "tcpKeepalive": "TCP keepalive settings",
+    "h2UpgradePolicy": "HTTP/2 upgrade policy",
+    "idleTimeout": "connection-pool idle timeout",
+    "maxConcurrentStreams": "an HTTP/2 connection-pool limit",
+    "useClientProtocol": "per-destination client protocol",
+    "maxConnectionDuration": "connection lifetime limit",
+    "splitExternalLocalOriginErrors": "outlier detection of local-origin errors",
+    "consecutiveLocalOriginFailures": "outlier detection of local-origin errors",
+    "consecutiveErrors": "the deprecated outlier field (use consecutive5xxErrors)",
+    "minHealthPercent": "outlier detection's minimum healthy percentage",
+    "workloadSelector": "workload-scoped DestinationRules",
+    "proxyProtocol": "PROXY protocol toward the destination",
+    "tunnel": "tunnel settings",
+    "retryRemoteLocalities": "retries across localities",
+    "statPrefix": "per-route statistics prefix",
+}
+
+
+def unsupported_hint(field: str) -> str:
+    """The message for a field the schema forbids: uniform, with what the field is for."""
+    hint = _HINTS.get(field)
+    what = f" ({hint})" if hint else ""
+    return f"field is not supported by meshagent yet{what}"
+
+
+def service_fqdn(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> str:
+    """The FQDN a host names from a resource of `namespace`, as the data path resolves it
+    (agent/proxy/routing.py `resolve_host`: short, `name.ns` and `name.ns.svc` forms expand)."""
+    host = host.lower().rstrip(".")
+    if host.startswith("*"):
+        return host
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{namespace}.svc.{domain}"
+    if len(parts) == 2:
+        return f"{host}.svc.{domain}"
+    if len(parts) == 3 and parts[2] == "svc":
+        return f"{host}.{domain}"
+    return host
+
+
+def is_service_host(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> bool:
+    """True when `host` can name a Kubernetes Service (the only destinations meshagent has:
+    no ServiceEntry yet). `*` and `*.svc.cluster.local`-style wildcards count."""
+    fqdn = service_fqdn(host, namespace, domain)
+    return fqdn == "*" or fqdn.endswith(f".svc.{domain}")
+
+
+def _spec(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    spec = doc.get("spec")
+    return spec if isinstance(spec, Mapping) else {}
+
+
+def _strings(value: Any) -> list[str] | None:
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def skip_reason(doc: Mapping[str, Any], namespace: str) -> tuple[str, str] | None:
+    """(field path, why) when the resource does not concern meshagent and is skipped (not
+    applied, not an error); None when it is to be validated and applied."""
+    kind = doc.get("kind")
+    if kind not in ("VirtualService", "DestinationRule"):
+        return None
+    spec = _spec(doc)
+    gateways = _strings(spec.get("gateways"))
+    if kind == "VirtualService" and gateways and MESH_GATEWAY not in gateways:
+        return (
+            "spec.gateways",
+            f"bound to gateways {gateways} and not to `mesh`: it routes traffic entering "
+            "through those gateways, which meshagent does not run, so it is not applied",
+        )
+    export_to = _strings(spec.get("exportTo"))
+    if export_to is not None and set(export_to) != {"*"}:
+        return (
+            "spec.exportTo",
+            f"exportTo {export_to} limits which namespaces see this {kind}; meshagent applies "
+            "it to every client of its host and cannot limit that, so it is not applied "
+            "(omit exportTo or set ['*'] to apply it everywhere)",
+        )
+    hosts = _strings(spec.get("hosts")) if kind == "VirtualService" else None
+    if kind == "DestinationRule" and isinstance(spec.get("host"), str):
+        hosts = [spec["host"]]
+    if hosts and "*" not in hosts and not any(is_service_host(h, namespace) for h in hosts):
+        field = "spec.hosts" if kind == "VirtualService" else "spec.host"
+        return (
+            field,
+            f"{'hosts' if len(hosts) > 1 else 'host'} {hosts} "
+            f"{'are' if len(hosts) > 1 else 'is'} not a Kubernetes Service "
+            f"(<name>.<namespace>.svc.{CLUSTER_DOMAIN} or a short form); meshagent has no "
+            "ServiceEntry support yet, so no traffic would use it and it is not applied",
+        )
+    return None
+
+
+def warnings(resource: Any) -> list[tuple[str, str]]:
+    """(field path, message) for each setting of an accepted resource that the data path
+    does not fully honour. Empty for a resource that means exactly what it says."""
+    from meshagent.common.istio.networking import DestinationRule, VirtualService
+
+    if isinstance(resource, VirtualService):
+        return _vs_warnings(resource)
+    if isinstance(resource, DestinationRule):
+        return _dr_warnings(resource)
+    return []
+
+
+def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    spec = vs.spec
+    if spec.gateways and set(spec.gateways) != {MESH_GATEWAY}:
+        others = [g for g in spec.gateways if g != MESH_GATEWAY]
+        out.append(
+            (
+                "spec.gateways",
+                f"gateways {others} ignored: meshagent applies this VirtualService to mesh "
+                "traffic only",
+            )
+        )
+    for i, host in enumerate(spec.hosts):
+        if host != "*" and not is_service_host(host, vs.namespace):
+            out.append(
+                (
+                    f"spec.hosts[{i}]",
+                    f"{host!r} is not a Kubernetes Service; meshagent has no ServiceEntry "
+                    "support yet, so traffic to it is not routed by this VirtualService",
+                )
+            )
+    rules = [("http", i, r) for i, r in enumerate(spec.http)]
+    rules += [("tcp", i, r) for i, r in enumerate(spec.tcp)]
+    for section, i, rule in rules:
+        for j, rd in enumerate(rule.route):
+            host = rd.destination.host
+            if not is_service_host(host, vs.namespace) or host.startswith("*"):
+                out.append(
+                    (
+                        f"spec.{section}[{i}].route[{j}].destination.host",
+                        f"{host!r} is not a Kubernetes Service: requests routed there get 503",
+                    )
+                )
+        retries = getattr(rule, "retries", None)
+        if retries is not None and "refused-stream" in retries.retry_on:
+            out.append(
+                (
+                    f"spec.http[{i}].retries.retryOn",
+                    "'refused-stream' is not honoured yet: meshagent does not retry a request "
+                    "the upstream refused with an HTTP/2 REFUSED_STREAM reset",
+                )
+            )
+    return out
+
+
+def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    policies = [("spec.trafficPolicy", dr.spec.traffic_policy)]
+    policies += [
+        (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy)
+        for i, s in enumerate(dr.spec.subsets)
+    ]
+    for where, policy in list(policies):
+        if policy is not None:
+            policies += [
+                (f"{where}.portLevelSettings[{i}]", p)
+                for i, p in enumerate(policy.port_level_settings)
+            ]
+    for where, policy in policies:
+        pool = policy.connection_pool if policy is not None else None
+        tcp = pool.tcp if pool is not None else None
+        if (
+            tcp is not None
+            and tcp.connect_timeout
+            and tcp.connect_timeout > FAR_POD_CONNECT_TIMEOUT
+        ):
+            out.append(
+                (
+                    f"{where}.connectionPool.tcp.connectTimeout",
+                    f"{tcp.connect_timeout:g}s is honoured for pods on the client's node; a pod "
+                    f"on another node is dialled by its node with a fixed "
+                    f"{FAR_POD_CONNECT_TIMEOUT:g}s",
+                )
+            )
+    return out

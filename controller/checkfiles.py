@@ -1,0 +1,118 @@
+"""Offline validation of manifest files (`meshctl validate`): one verdict per Istio resource.
+
+Every object of a supported Istio kind goes through the controller's own `parse_resource`,
+so the verdict is the one the controller and the admission webhook would give: `ok` (applied;
+possibly with warnings naming settings the data path does not fully honour), `skipped` (does
+not concern the mesh, not applied: a warning, not an error) or `rejected` (one message per
+cause, each naming the field path). The corpus test (tests/unit/test_istio_corpus.py) runs
+this same code over tests/corpus/istio/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from meshagent.common.istio import (
+    SUPPORTED_KINDS,
+    IstioResource,
+    ResourceError,
+    ResourceSkipped,
+    parse_resource,
+)
+from meshagent.common.istio.support import warnings
+from meshagent.common.manifests import ManifestError, load_documents
+from meshagent.controller.describe import describe, service_ports
+from meshagent.controller.validation import DEFAULT_NAMESPACE
+
+Outcome = Literal["ok", "skipped", "rejected"]
+
+
+@dataclass
+class Verdict:
+    """What the mesh makes of one resource of one file."""
+
+    file: str
+    kind: str
+    namespace: str
+    name: str
+    outcome: Outcome
+    problems: list[tuple[str, str]] = field(default_factory=list)  # rejected/skipped: why
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # ok: what is not honoured
+    resource: IstioResource | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    def reasons(self) -> str:
+        return "; ".join(f"{p}: {m}" if p else m for p, m in self.problems)
+
+    def explain(self, services: Any = None) -> list[str]:
+        return describe(self.resource, services) if self.resource is not None else []
+
+    def as_dict(self, services: Any = None, explain: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": self.file,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "outcome": self.outcome,
+            "problems": [{"path": p, "message": m} for p, m in self.problems],
+            "warnings": [{"path": p, "message": m} for p, m in self.warnings],
+        }
+        if explain:
+            out["explain"] = self.explain(services)
+        return out
+
+
+@dataclass
+class Report:
+    verdicts: list[Verdict] = field(default_factory=list)
+    file_errors: list[str] = field(default_factory=list)  # files that are not manifests
+    other_kinds: int = 0  # objects of kinds meshctl does not validate (Pod, Service, ...)
+    services: dict = field(default_factory=dict)  # Service ports seen, for --explain
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(v.outcome == outcome for v in self.verdicts)
+
+
+def judge(obj: dict, file: str) -> Verdict:
+    """The verdict on one object of a supported kind."""
+    try:
+        resource = parse_resource(obj, DEFAULT_NAMESPACE)
+    except ResourceSkipped as exc:
+        return Verdict(file, exc.kind, exc.namespace, exc.name, "skipped", list(exc.problems))
+    except ResourceError as exc:
+        return Verdict(file, exc.kind, exc.namespace, exc.name, "rejected", list(exc.problems))
+    return Verdict(
+        file,
+        resource.kind,
+        resource.namespace,
+        resource.name,
+        "ok",
+        warnings=warnings(resource),
+        resource=resource,
+    )
+
+
+def check_files(paths: Sequence[Path]) -> Report:
+    """Verdicts for every Istio resource in `paths` (files, in order)."""
+    report = Report()
+    objects: list[tuple[str, dict]] = []
+    for path in paths:
+        try:
+            docs = load_documents(Path(path).read_text(), str(path))
+        except (ManifestError, OSError, UnicodeDecodeError) as exc:
+            report.file_errors.append(str(exc))
+            continue
+        objects += [(str(path), doc) for doc in docs]
+    report.services = service_ports([doc for _f, doc in objects], DEFAULT_NAMESPACE)
+    for file, doc in objects:
+        if doc.get("kind") not in SUPPORTED_KINDS:
+            report.other_kinds += 1
+            continue
+        report.verdicts.append(judge(doc, file))
+    return report

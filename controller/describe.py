@@ -1,0 +1,302 @@
+"""What the mesh will do with an accepted Istio resource, in words (`meshctl validate --explain`).
+
+Users read Istio resources with Istio's meaning in mind; meshagent applies them on a node
+proxy, where what a rule does depends on the Service port it meets: HTTP rules and L7
+authorization fields act per request on http/http2/grpc ports (`port_protocol`), and on
+tcp/unnamed ports only per connection. Each sentence here states what the data path does
+(agent/proxy/routing.py, common/authz.py, agent/policy/), so a rule's meaning is seen before
+it bites. When the manifests include the Services, their ports are named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meshagent.common.istio import IstioResource
+from meshagent.common.istio import networking as net
+from meshagent.common.istio import security as sec
+from meshagent.common.istio.support import service_fqdn
+
+ROOT_NAMESPACE = "istio-system"
+L7_PORTS = "http/http2/grpc ports"
+L4_PORTS = "tcp/unnamed ports"
+
+# Service FQDN -> [(port number, port name, protocol)] with protocol "http1"/"http2"/"tcp".
+ServicePorts = Mapping[str, Sequence[tuple[int, str, str]]]
+
+
+def service_ports(objects: Sequence[Mapping[str, Any]], default_namespace: str) -> dict:
+    """The ports of the Service objects among `objects`, by FQDN, as the proxy classifies
+    them (agent/proxy/routing.py `port_protocol`)."""
+    from meshagent.agent.proxy.routing import port_protocol
+    from meshagent.common.snapshot import ServicePort
+
+    out: dict[str, list[tuple[int, str, str]]] = {}
+    for obj in objects:
+        if obj.get("kind") != "Service" or not isinstance(obj.get("metadata"), Mapping):
+            continue
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        fqdn = service_fqdn(str(meta.get("name")), meta.get("namespace") or default_namespace)
+        ports = []
+        for p in spec.get("ports") or ():
+            try:
+                port = ServicePort(
+                    name=p.get("name", ""),
+                    port=p["port"],
+                    target_port=p.get("targetPort", p["port"]),
+                    protocol=p.get("protocol", "TCP"),
+                    app_protocol=p.get("appProtocol"),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            ports.append((port.port, port.name, port_protocol(port)))
+        out[fqdn] = ports
+    return out
+
+
+def describe(resource: IstioResource, services: ServicePorts | None = None) -> list[str]:
+    """Lines saying what the mesh does with `resource` (accepted by `parse_resource`)."""
+    if isinstance(resource, sec.AuthorizationPolicy):
+        return _authorization(resource)
+    if isinstance(resource, sec.PeerAuthentication):
+        return _peer_authentication(resource)
+    if isinstance(resource, net.VirtualService):
+        return _virtual_service(resource, services or {})
+    return _destination_rule(resource, services or {})
+
+
+def _scope(namespace: str, selector: sec.WorkloadSelector | None) -> str:
+    labels = selector.match_labels if selector else {}
+    where = "the whole mesh" if namespace == ROOT_NAMESPACE else f"namespace {namespace}"
+    if labels:
+        return f"workloads with labels {dict(labels)} in {where}"
+    return f"every workload in {where}"
+
+
+def _authorization(ap: sec.AuthorizationPolicy) -> list[str]:
+    action = ap.spec.action
+    lines = [f"{action} policy for {_scope(ap.namespace, ap.spec.selector)}."]
+    if ap.dry_run:
+        lines.append("Dry run: evaluated and reported (access log, metrics), never enforced.")
+    rules = ap.spec.rules
+    if not rules:
+        lines.append(
+            "No rules: an ALLOW policy without rules matches nothing, so every connection and "
+            "request to these workloads is denied unless another ALLOW policy matches."
+            if action == "ALLOW"
+            else "No rules: it never matches."
+        )
+        return lines
+    for i, rule in enumerate(rules):
+        lines.append(f"rules[{i}]: {_rule_meaning(rule, action)}")
+    return lines
+
+
+def _rule_meaning(rule: sec.Rule, action: str) -> str:
+    if not rule.from_ and not rule.to and not rule.when:
+        return "matches every connection and request (on every port)."
+    mtls = any(f.source.principals or f.source.namespaces for f in rule.from_ or ()) or any(
+        c.key in ("source.principal", "source.namespace") for c in rule.when
+    )
+    note = (
+        " Principals and namespaces come from the client's mTLS certificate: plaintext "
+        "clients never match them."
+        if mtls
+        else ""
+    )
+    if not rule.uses_http_fields:
+        return (
+            "L4 fields only: applies on every port, checked once per connection on "
+            f"{L4_PORTS} and per request on {L7_PORTS}." + note
+        )
+    l7 = (
+        "uses HTTP fields (methods, paths, hosts, request.headers): checked per request "
+        f"on {L7_PORTS}"
+    )
+    if action == "ALLOW":
+        tcp = f"on {L4_PORTS} the rule never matches (Istio's rule for HTTP fields on TCP)"
+    else:
+        only_http = (
+            not rule.from_
+            and not any(t.operation.ports or t.operation.not_ports for t in rule.to or ())
+            and all(c.is_http_only for c in rule.when)
+        )
+        verb = "denies" if action == "DENY" else "audits"
+        tcp = (
+            f"on {L4_PORTS} the HTTP fields are dropped, leaving nothing else to match: it "
+            f"{verb} every connection there"
+            if only_http
+            else f"on {L4_PORTS} the HTTP fields are dropped and the rest of the rule applies "
+            f"per connection, so it {verb} more"
+        )
+    return f"{l7}; {tcp}." + note
+
+
+_MODE_MEANING = {
+    "STRICT": "only mTLS (HBONE) connections are accepted; plaintext is dropped in the kernel",
+    "PERMISSIVE": "both mTLS (HBONE) and plaintext connections are accepted",
+    "DISABLE": "no mTLS: meshed clients dial these pods directly, in plaintext",
+    "UNSET": "inherits the mode of the namespace, else the mesh (PERMISSIVE by default)",
+}
+
+
+def _peer_authentication(pa: sec.PeerAuthentication) -> list[str]:
+    lines = [f"mTLS mode {pa.mode} for {_scope(pa.namespace, pa.spec.selector)}: "
+             f"{_MODE_MEANING[pa.mode]}."]  # fmt: skip
+    for port, mtls in sorted((pa.spec.port_level_mtls or {}).items()):
+        lines.append(f"Port {port} (pod port): {mtls.mode}: {_MODE_MEANING[mtls.mode]}.")
+    return lines
+
+
+def _ports_text(fqdns: Sequence[str], services: ServicePorts, l7: bool) -> str:
+    """The known ports of `fqdns` of one kind (L7 or L4), or the general rule."""
+    named = [
+        f"{fqdn.split('.')[0]}:{number}"
+        for fqdn in fqdns
+        for number, _name, protocol in services.get(fqdn, ())
+        if (protocol != "tcp") == l7
+    ]
+    general = L7_PORTS if l7 else L4_PORTS
+    if any(fqdn in services for fqdn in fqdns):
+        return f"{general} ({', '.join(named) or 'none in these manifests'})"
+    return f"the host's {general}"
+
+
+def _destinations(routes: Sequence[Any], namespace: str) -> str:
+    parts = []
+    for rd in routes:
+        d = rd.destination
+        text = service_fqdn(d.host, namespace)
+        if d.subset:
+            text += f" subset {d.subset}"
+        if d.port:
+            text += f" port {d.port.number}"
+        if rd.weight is not None and len(routes) > 1:
+            text += f" ({rd.weight}%)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _match_text(match: Sequence[net.HTTPMatchRequest]) -> str:
+    if not match:
+        return "every request"
+    alts = []
+    for m in match:
+        conds = []
+        for what, sm in (("uri", m.uri), ("method", m.method)):
+            if sm is not None:
+                conds.append(_string_match(what, sm))
+        conds += [_string_match(f"header {name}", sm) for name, sm in m.headers.items()]
+        if m.port is not None:
+            conds.append(f"port {m.port}")
+        alts.append(" and ".join(conds) or "any request")
+    return "requests with " + " or ".join(alts)
+
+
+def _string_match(what: str, sm: net.StringMatch) -> str:
+    if sm.exact is not None:
+        return f"{what} = {sm.exact!r}"
+    if sm.prefix is not None:
+        return f"{what} starting {sm.prefix!r}"
+    return f"{what} matching RE2 {sm.regex!r} (in full)"
+
+
+def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str]:
+    fqdns = [service_fqdn(h, vs.namespace) for h in vs.spec.hosts]
+    lines = [f"Routes traffic to {', '.join(fqdns)} (one VirtualService per host applies)."]
+    for i, rule in enumerate(vs.spec.http):
+        extra = []
+        if rule.timeout is not None:
+            extra.append(f"timeout {rule.timeout:g}s")
+        if rule.retries is not None:
+            extra.append(
+                "no retries"
+                if rule.retries.attempts == 0
+                else f"{rule.retries.attempts} retries"
+                + (f" on {','.join(rule.retries.retry_on)}" if rule.retries.retry_on else "")
+            )
+        if rule.fault is not None:
+            extra.append("fault injection")
+        tail = f" ({'; '.join(extra)})" if extra else ""
+        lines.append(
+            f"http[{i}]: {_match_text(rule.match)} -> "
+            f"{_destinations(rule.route, vs.namespace)}{tail}; L7, per request, on "
+            f"{_ports_text(fqdns, services, True)}."
+        )
+    if vs.spec.http:
+        lines.append(
+            "Requests no http rule matches get 404 (flag NR). The http rules do not apply on "
+            f"{_ports_text(fqdns, services, False)}: "
+            + (
+                "the tcp routes below apply there."
+                if vs.spec.tcp
+                else "those ports go to the service itself."
+            )
+        )
+    for i, rule in enumerate(vs.spec.tcp):
+        ports = [m.port for m in rule.match if m.port is not None]
+        on = f" (port {', '.join(map(str, ports))})" if ports else ""
+        lines.append(
+            f"tcp[{i}]{on}: connections -> {_destinations(rule.route, vs.namespace)}; L4, per "
+            f"connection, on {_ports_text(fqdns, services, False)} (and on http2/grpc ports for "
+            "clients that do not speak HTTP/2)."
+        )
+    if not vs.spec.tcp and not vs.spec.http:
+        lines.append("No routes.")
+    return lines
+
+
+def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy) -> list[str]:
+    out = []
+    if policy.load_balancer is not None:
+        out.append(f"{where}load balancing {policy.load_balancer.simple}, on every port.")
+    pool = policy.connection_pool
+    if pool is not None and pool.tcp is not None:
+        t = pool.tcp
+        if t.max_connections is not None:
+            out.append(
+                f"{where}at most {t.max_connections} concurrent connections from each "
+                "node's proxy (every port)."
+            )
+        if t.connect_timeout is not None:
+            out.append(f"{where}connect timeout {t.connect_timeout:g}s (every port).")
+    if pool is not None and pool.http is not None:
+        h = pool.http
+        if h.http1_max_pending_requests is not None:
+            out.append(
+                f"{where}at most {h.http1_max_pending_requests} pending requests "
+                f"({L7_PORTS} only; no effect on {L4_PORTS})."
+            )
+        if h.max_requests_per_connection is not None:
+            out.append(
+                f"{where}at most {h.max_requests_per_connection} requests per upstream "
+                f"connection ({L7_PORTS} only)."
+            )
+    od = policy.outlier_detection
+    if od is not None:
+        out.append(
+            f"{where}outlier detection: endpoints failing in a row are ejected (5xx and gateway "
+            f"errors on {L7_PORTS}; connect failures on every port)."
+        )
+    return out
+
+
+def _destination_rule(dr: net.DestinationRule, services: ServicePorts) -> list[str]:
+    fqdn = service_fqdn(dr.spec.host, dr.namespace)
+    lines = [f"Traffic policy toward {fqdn} (clients anywhere in the mesh)."]
+    tp = dr.spec.traffic_policy
+    if tp is not None:
+        lines += _policy_lines("", tp)
+        for p in tp.port_level_settings:
+            lines += _policy_lines(f"port {p.port.number}: ", p)
+    for s in dr.spec.subsets:
+        lines.append(
+            f"subset {s.name}: the endpoints whose pods have labels {dict(s.labels)}; used only "
+            "where a VirtualService routes to this subset."
+        )
+        if s.traffic_policy is not None:
+            lines += _policy_lines(f"subset {s.name}: ", s.traffic_policy)
+    if len(lines) == 1:
+        lines.append("Nothing to apply beyond the defaults (LEAST_REQUEST, 10s connect timeout).")
+    return lines

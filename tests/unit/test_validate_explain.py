@@ -1,0 +1,150 @@
+"""Honest validation (issue #21 items 4 and 5): what the mesh skips, warns about and refuses,
+one message per cause, and `meshctl validate --explain`'s account of L4/L7 per port."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from meshagent.common.istio import ResourceError, ResourceSkipped, parse_resource
+from meshagent.common.istio.support import warnings
+from meshagent.controller import cli
+
+VS = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "reviews", "namespace": "shop"},
+    "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
+}
+
+
+def vs(**spec) -> dict:
+    return {**VS, "spec": {**VS["spec"], **spec}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "fragment"),
+    [
+        ({"gateways": ["istio-system/ingress"], "hosts": ["*"]}, "spec.gateways", "gateways"),
+        ({"exportTo": ["."]}, "spec.exportTo", "exportTo"),
+        ({"hosts": ["www.googleapis.com"]}, "spec.hosts", "not a Kubernetes Service"),
+    ],
+)
+def test_resources_that_do_not_concern_the_mesh_are_skipped(spec, path, fragment) -> None:
+    with pytest.raises(ResourceSkipped) as caught:
+        parse_resource(vs(**spec))
+    assert caught.value.problems == ((path, caught.value.message),)
+    assert fragment in caught.value.message and "not applied" in caught.value.message
+
+
+def test_export_to_everywhere_and_a_mesh_gateway_are_accepted() -> None:
+    res = parse_resource(vs(exportTo=["*"], gateways=["mesh", "istio-system/ingress"]))
+    assert [p for p, _ in warnings(res)] == ["spec.gateways"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("redirect", {"uri": "/new"}, "spec.http[0].redirect"),
+        ("rewrite", {"uri": "/"}, "spec.http[0].rewrite"),
+        ("corsPolicy", {}, "spec.http[0].corsPolicy"),
+        ("mirror", {"host": "x"}, "spec.http[0].mirror"),
+        ("delegate", {"name": "x"}, "spec.http[0].delegate"),
+    ],
+)
+def test_unsupported_fields_get_one_uniform_message(field, value, path) -> None:
+    rule = {"match": [{"uri": {"prefix": "/"}}], field: value}  # no `route`: the field's job
+    with pytest.raises(ResourceError) as caught:
+        parse_resource(vs(http=[rule]))
+    assert caught.value.problems == ((path, caught.value.message),)  # no "route: missing"
+    assert "not supported by meshagent yet" in str(caught.value)
+    assert str(caught.value).startswith(f"VirtualService shop/reviews: {path}: ")
+
+
+def test_destination_rule_tls_is_refused_naming_its_path() -> None:
+    dr = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {"host": "reviews", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
+    }
+    with pytest.raises(ResourceError) as caught:
+        parse_resource(dr)
+    assert caught.value.path == "spec.trafficPolicy.tls"
+    assert "not supported by meshagent yet" in caught.value.message
+
+
+def test_settings_the_data_path_does_not_honour_are_warned() -> None:
+    rule = {
+        "route": [{"destination": {"host": "api.example.com"}}],
+        "retries": {"attempts": 2, "retryOn": "refused-stream"},
+    }
+    res = parse_resource(vs(http=[rule]))
+    assert [p for p, _ in warnings(res)] == [
+        "spec.http[0].route[0].destination.host",
+        "spec.http[0].retries.retryOn",
+    ]
+
+
+MANIFESTS = """
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {ports: [{name: http-api, port: 8080}, {port: 5432}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: shop}
+spec:
+  rules: [{to: [{operation: {methods: ["GET"]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db]
+  http: [{route: [{destination: {host: db}}], timeout: 2s}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ingress, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [shop-gateway]
+  http: [{route: [{destination: {host: db}}]}]
+"""
+
+
+def run_validate(tmp_path, *args: str):
+    path = tmp_path / "m.yaml"
+    path.write_text(MANIFESTS)
+    return CliRunner().invoke(cli.main, ["validate", "-f", str(path), *args])
+
+
+def test_explain_says_l7_and_l4_per_port(tmp_path) -> None:
+    result = run_validate(tmp_path, "--explain")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "denies every connection there" in out  # DENY paths on a TCP port: deny all
+    assert "on tcp/unnamed ports the rule never matches" in out  # ALLOW methods on TCP
+    assert "on http/http2/grpc ports (db:8080)" in out
+    assert "tcp/unnamed ports (db:5432): those ports go to the service itself" in out
+    assert "skipped VirtualService shop/ingress: spec.gateways:" in out
+    assert "3 ok, 0 rejected, 1 skipped (not for the mesh), 1 of other kinds skipped" in out
+
+
+def test_validate_json(tmp_path) -> None:
+    result = run_validate(tmp_path, "--json", "--explain")
+    body = json.loads(result.output)
+    outcomes = {r["name"]: r["outcome"] for r in body["resources"]}
+    assert outcomes == {"deny-admin": "ok", "get-only": "ok", "db": "ok", "ingress": "skipped"}
+    assert all(r["explain"] for r in body["resources"] if r["outcome"] == "ok")
+    assert (body["ok"], body["rejected"], body["skipped"]) == (3, 0, 1)
