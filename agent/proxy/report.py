@@ -40,6 +40,7 @@ def report_http(
         record.bytes_received,
         record.bytes_sent,
         grpc_status=record.grpc_status if record.grpc else None,
+        messages=_messages(record),
     )
     if inputs.access_log is not None:
         inputs.access_log.http_request(
@@ -56,6 +57,14 @@ def report_http(
             source_address=source_address,
             destination_address=destination_address,
         )
+
+
+def _messages(record: RequestRecord) -> tuple[int, int] | None:
+    """A gRPC call's messages each way (None for any other request: no series)."""
+    request, response = record.request_messages, record.response_messages
+    if not record.grpc or request is None or response is None:
+        return None
+    return request.count, response.count
 
 
 @functools.lru_cache(maxsize=1024)

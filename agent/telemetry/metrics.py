@@ -15,7 +15,9 @@ Where each call goes in a connection's life (reporter ``source`` on the client's
 - at close: `tcp_closed(labels, sent, received, response_flags)` with the bytes not yet
   reported (all of them if `tcp_bytes` was never called);
 - on an HTTP port, per request once the response is done:
-  `http_request(labels, code, flags, duration_ms, request_bytes, response_bytes)`;
+  `http_request(labels, code, flags, duration_ms, request_bytes, response_bytes)`, for a gRPC
+  call with `grpc_status` and `messages` (gRPC messages each way: Istio's
+  istio_request_messages_total and istio_response_messages_total, only for gRPC calls);
 - per authorization decision: `policy_decision(decision)`. (Outlier ejections are counted by
   the balancer itself: ``meshagent_outlier_cluster_ejections_total{cluster}``, `proxy.lb`.)
 
@@ -200,6 +202,18 @@ class ProxyMetrics:
             buckets=ISTIO_BUCKETS,
             **kw,
         )
+        self.request_messages = Counter(
+            "istio_request_messages",
+            "The total number of gRPC messages sent by clients",
+            HTTP_LABELS,
+            **kw,
+        )
+        self.response_messages = Counter(
+            "istio_response_messages",
+            "The total number of gRPC messages sent by servers",
+            HTTP_LABELS,
+            **kw,
+        )
         self.policy_decisions = Counter(
             "meshagent_policy_decisions",
             "Authorization decisions by action (allow, deny); dry_run=true counts the denials"
@@ -222,6 +236,7 @@ class ProxyMetrics:
         )
         self._tcp: dict[tuple[ConnectionLabels, str], tuple[Counter, ...]] = {}
         self._http: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
+        self._grpc: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
         self._open = {
             "source": self.open_connections.labels("outbound"),
             "destination": self.open_connections.labels("inbound"),
@@ -290,9 +305,11 @@ class ProxyMetrics:
         response_bytes: int,
         *,
         grpc_status: int | None = None,
+        messages: tuple[int, int] | None = None,
     ) -> None:
         """One HTTP request finished (`code` 0 if no response was sent). `labels` should say
-        request_protocol ``http`` (or ``grpc``, with `grpc_status` from the trailers)."""
+        request_protocol ``http`` (or ``grpc``, with `grpc_status` from the trailers and
+        `messages`, the gRPC messages of the request and of the response)."""
         grpc = "" if grpc_status is None else str(grpc_status)
         key = (labels, code, flags, grpc)
         children = self._http.get(key)
@@ -310,6 +327,18 @@ class ProxyMetrics:
         children[1].observe(duration_ms)
         children[2].observe(request_bytes)
         children[3].observe(response_bytes)
+        if messages is not None:
+            pair = self._grpc.get(key)
+            if pair is None:
+                if len(self._grpc) >= _CHILD_CACHE_LIMIT:
+                    self._grpc.clear()
+                values = (*labels.values, flags, str(code), grpc)
+                pair = self._grpc[key] = (
+                    self.request_messages.labels(*values),
+                    self.response_messages.labels(*values),
+                )
+            pair[0].inc(messages[0])
+            pair[1].inc(messages[1])
 
     def policy_decision(self, decision: Decision) -> None:
         """Count an authorization decision and the denials dry-run policies would have made."""

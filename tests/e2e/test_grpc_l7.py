@@ -4,9 +4,9 @@ and servers (grpcio, nginx h2c) in the lab.
 One gRPC channel's calls are balanced per request over endpoints on two nodes, streams and big
 messages pass intact, gRPC metadata route to a subset, a DENY on one method is
 PERMISSION_DENIED while another method on the same channel passes, the calls are counted with
-grpc_response_status; h2c with prior knowledge passes on `http-*` and `http2-*` ports, same
-node and cross node, also when one pod port is behind both (the protocol follows the Service
-port the client dialled).
+grpc_response_status and their messages each way (istio_request/response_messages_total); h2c
+with prior knowledge passes on `http-*` and `http2-*` ports, same node and cross node, also
+when one pod port is behind both (the protocol follows the Service port the client dialled).
 """
 
 from __future__ import annotations
@@ -82,13 +82,13 @@ def _grpc(*args: str, timeout: float = 120) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _requests(node: str, **labels: str) -> float:
+def _requests(node: str, metric: str = "istio_requests_total", **labels: str) -> float:
     page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
     return sum(
         s.value
         for family in text_string_to_metric_families(page)
         for s in family.samples
-        if s.name == "istio_requests_total" and all(s.labels.get(k) == v for k, v in labels.items())
+        if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -121,6 +121,36 @@ def test_one_channel_is_balanced_per_call_and_counted_with_grpc_status(lab):
     assert _requests("node-1", reporter="source", **labels) - source_before == 200
     dest = sum(_requests(n, reporter="destination", **labels) for n in ("node-1", "node-2"))
     assert dest - dest_before == 200
+
+
+MESSAGES = ("istio_request_messages_total", "istio_response_messages_total")
+
+
+def _messages(reporter: str) -> tuple[float, float]:
+    """gRPC messages (requests, responses) to echo, as the reporter's nodes count them."""
+    labels = {"reporter": reporter, "destination_service_name": "echo", "request_protocol": "grpc"}
+    nodes = ("node-1",) if reporter == "source" else ("node-1", "node-2")
+    return tuple(sum(_requests(n, m, **labels) for n in nodes) for m in MESSAGES)
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [(("unary",), (1, 1)), (("stream", "25"), (1, 25))],
+    ids=["unary", "server-streaming"],
+)
+def test_grpc_messages_are_counted_each_way(lab, args, want):
+    """istio_request/response_messages_total move by the call's messages on both reporters
+    (the client's node and the serving endpoint's)."""
+    before = {r: _messages(r) for r in ("source", "destination")}
+    result = _grpc(args[0], ECHO, *args[1:])
+    assert result == ({"code": "OK"} if args[0] == "unary" else {"messages": 25})
+    for reporter, (requests, responses) in before.items():
+        wait_until(
+            lambda reporter=reporter: _messages(reporter),
+            lambda now, r=requests, s=responses: (now[0] - r, now[1] - s) == want,
+            what=f"{reporter} counts {want} gRPC messages (request, response)",
+            timeout=15,
+        )
 
 
 def test_a_stream_of_1000_messages_and_a_3_mib_message_pass_intact(lab):

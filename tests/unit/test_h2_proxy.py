@@ -8,8 +8,11 @@ import h2.events
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.agent.proxy.http.h2proxy import _H2Peer, proxy_http2, serve_detected
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
@@ -444,3 +447,30 @@ def test_the_reset_guard_counts_within_its_window():
     assert not guard.reset(0.0) and not guard.reset(0.5)
     assert guard.reset(0.9)
     assert not guard.reset(2.0)  # the old ones fell out of the window
+
+
+def _grpc_messages(*sizes: int) -> bytes:
+    return b"".join(b"\0" + n.to_bytes(4, "big") + b"m" * n for n in sizes)
+
+
+@given(st.lists(st.integers(0, 300), max_size=8), st.lists(st.integers(1, 50), max_size=20))
+def test_grpc_messages_are_counted_however_data_is_split(sizes, cuts):
+    data = _grpc_messages(*sizes)
+    counter = MessageCounter()
+    at = 0
+    for cut in cuts:
+        counter.feed(data[at : at + cut])
+        at += cut
+    counter.feed(data[at:])
+    assert counter.count == len(sizes)
+
+
+async def test_a_grpc_call_counts_its_messages_each_way():
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+        await lab.call("/echo.Echo/Say", _grpc_messages(3, 0, 70_000), GRPC, chunks=7)
+        await lab.call("/plain", b"not grpc")  # not gRPC: nothing counted
+        grpc, plain = lab.records
+        assert (grpc.request_messages.count, grpc.response_messages.count) == (3, 3)
+        assert plain.request_messages is None and plain.response_messages is None
+        nursery.cancel_scope.cancel()

@@ -319,3 +319,20 @@ async def test_metrics_handler_serves_the_page(node):
     assert response.content_type.startswith("text/plain; version=0.0.4")
     names = {f.name for f in text_string_to_metric_families(response.body.decode())}
     assert "istio_tcp_connections_opened" in names
+
+
+def test_grpc_calls_count_their_messages_each_way(node):
+    proxy = ProxyMetrics(node.local_registry)
+    grpc = _labels(protocol="grpc")
+    proxy.http_request(grpc, 200, "-", 2.0, 10, 5000, grpc_status=0, messages=(1, 1))
+    proxy.http_request(grpc, 200, "-", 9.0, 10, 5000, grpc_status=0, messages=(1, 100))
+    proxy.http_request(_labels(), 200, "-", 1.0, 0, 10)  # HTTP: no message series
+    families = _scrape(node.registry)
+    for name, want in (("istio_request_messages", 2), ("istio_response_messages", 101)):
+        family = families[name]
+        assert family.type == "counter"
+        (sample,) = [s for s in family.samples if s.name == name + "_total"]
+        assert set(sample.labels) == ISTIO_HTTP_LABELS
+        assert sample.labels["request_protocol"] == "grpc"
+        assert sample.labels["grpc_response_status"] == "0"
+        assert sample.value == want

@@ -42,6 +42,7 @@ import h2.exceptions
 import trio
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
+from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.agent.proxy.http.retry import (
     Outcome,
     backoff,
@@ -434,6 +435,9 @@ class _Session:
                     head = h2wire.parse_request(headers)
                     head.ended = ended
                     grpc = record.grpc = head.grpc
+                    if grpc:
+                        record.request_messages = MessageCounter()
+                        record.response_messages = MessageCounter()
                     head.path = self._normalize(head.path)
                 except (h2wire.BadRequest, InvalidPath) as exc:
                     body = f"bad request: {exc}\n".encode()[:512]
@@ -725,6 +729,8 @@ class _Session:
                     return  # the session cancels this stream
                 if isinstance(event, h2.events.DataReceived):
                     record.bytes_received += len(event.data)
+                    if record.request_messages is not None:
+                        record.request_messages.feed(event.data)
                     body.keep(event.data, limit)
                     down.ack(stream_id, event.flow_controlled_length)
                     with contextlib.suppress(_Gone):
@@ -777,6 +783,8 @@ class _Session:
             elif isinstance(event, h2.events.DataReceived):
                 await down.send_data(stream_id, event.data)
                 record.bytes_sent += len(event.data)
+                if record.response_messages is not None:
+                    record.response_messages.feed(event.data)
                 peer.ack(up_id, event.flow_controlled_length)
                 with contextlib.suppress(_Gone):
                     await peer.flush()

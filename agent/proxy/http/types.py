@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import trio
+from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from meshagent.common.snapshot import Endpoint
 
@@ -111,6 +112,9 @@ class RequestRecord:
     decision: object = None  # the request filter's decision (authz.Decision), if any
     grpc: bool = False  # a gRPC call (content-type application/grpc): request_protocol grpc
     grpc_status: int | None = None  # grpc-status of the response (headers or trailers)
+    # gRPC messages each way (set for gRPC calls only: istio_request/response_messages_total)
+    request_messages: MessageCounter | None = None
+    response_messages: MessageCounter | None = None
 
     @property
     def flag_string(self) -> str:

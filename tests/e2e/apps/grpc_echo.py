@@ -5,6 +5,8 @@
     python3 grpc_echo.py who TARGET N [KEY=VALUE]  # N /Who calls on one channel: {name: count}
     python3 grpc_echo.py methods TARGET      # /Unary then /Who on one channel: {method: code}
     python3 grpc_echo.py flaky TARGET N      # N /Flaky calls on one channel: {code: count}
+    python3 grpc_echo.py unary TARGET        # one /Unary call: {"code": code}
+    python3 grpc_echo.py stream TARGET N     # one /Stream call of N messages: {"messages": n}
 
 /Who answers the server's NAME (default: the host name), so a test can tell which endpoint
 served each call of one channel; KEY=VALUE is sent as call metadata. /Flaky fails with
@@ -108,6 +110,19 @@ def flaky(target: str, count: int) -> dict:
     return dict(codes)
 
 
+def one_call(target: str, stream_messages: int | None) -> dict:
+    """One /Unary call, or one /Stream call asking for `stream_messages` messages."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if stream_messages is None:
+                channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=10)
+                return {"code": "OK"}
+            call = channel.unary_stream(f"/{SERVICE}/Stream")
+            return {"messages": len(list(call(str(stream_messages).encode(), timeout=10)))}
+        except grpc.RpcError as exc:
+            return {"code": exc.code().name}
+
+
 def methods(target: str) -> dict:
     codes = {}
     with grpc.insecure_channel(target) as channel:
@@ -130,6 +145,10 @@ if __name__ == "__main__":
         print(json.dumps(flaky(sys.argv[2], int(sys.argv[3]))))
     elif sys.argv[1] == "methods":
         print(json.dumps(methods(sys.argv[2])))
+    elif sys.argv[1] == "unary":
+        print(json.dumps(one_call(sys.argv[2], None)))
+    elif sys.argv[1] == "stream":
+        print(json.dumps(one_call(sys.argv[2], int(sys.argv[3]))))
     else:
         size = int(sys.argv[3]) if len(sys.argv) > 3 else 16
         print(json.dumps(call(sys.argv[2], size)))
