@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 from meshagent.common.manifests import ManifestError, load_files
-from meshagent.lab import lab, upgrade
+from meshagent.lab import lab, podexec, upgrade
 from meshagent.lab.topology import PlanError
 
 
@@ -115,11 +115,9 @@ def exec(node: str | None, target: str | None, argv: tuple[str, ...]) -> None:
     if not args:
         _fail("give the command to run after --")
     try:
-        plan = lab.load_plan()
-        code = lab.exec_on_node(plan, node, args) if node else lab.exec_in_pod(plan, target, args)
+        podexec.exec_command(node, None if node else target, args)  # becomes the command
     except (lab.LabError, PlanError) as exc:
         _fail(str(exc))
-    sys.exit(code)
 
 
 @main.command()

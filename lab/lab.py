@@ -45,6 +45,7 @@ from meshagent.lab.paths import (
     STATE_FILE,
     lab_cgroup,
 )
+from meshagent.lab.podexec import LabError, agent_config_path, load_plan, load_state
 from meshagent.lab.topology import (
     APISERVER_PORT,
     CONTROLLER_METRICS_PORT,
@@ -80,10 +81,6 @@ DEFAULT_IMAGE = "meshlab/process"  # Pods must name an image; the lab runs their
 # (Deployments and the like do run: kube-controller-manager makes their Pods.)
 
 
-class LabError(RuntimeError):
-    """Something the user should see: a lab already up, none up, a pod not found..."""
-
-
 # -- state --------------------------------------------------------------------------
 # state.json: {"nodes": N, "api_host_port": P, "pods": [...]}; `pods` is written by the lab
 # kubelet (the pods it runs), the rest by `up`. Writers hold RUN_DIR/lock.
@@ -95,13 +92,6 @@ def _state_lock() -> Iterator[None]:
     with open(RUN_DIR / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def load_state() -> dict:
-    try:
-        return json.loads(STATE_FILE.read_text())
-    except FileNotFoundError:
-        raise LabError("no lab is up (run `meshlab up -f FILE`)") from None
 
 
 def _write_state(data: dict) -> None:
@@ -135,17 +125,6 @@ def save_pods(pods: list[PodPlan]) -> None:
         data = json.loads(STATE_FILE.read_text())
         data["pods"] = records
         _write_state(data)
-
-
-def load_plan() -> LabPlan:
-    data = load_state()
-    plan = LabPlan(nodes=make_nodes(data["nodes"]))
-    for p in data.get("pods") or []:
-        pod = PodPlan(
-            p["namespace"], p["name"], p["node"], p["ip"], p["manifest"], p["probed"], p["uid"]
-        )
-        plan.pods[pod.key] = pod
-    return plan
 
 
 def write_hosts(pod: PodPlan, text: str) -> None:
@@ -430,10 +409,6 @@ def agent_config(node: NodePlan) -> AgentConfig:
         token_file=node_token_path(node.name),
         controller_ca_file=ROOT_FILE,
     )
-
-
-def agent_config_path(node: str) -> Path:
-    return RUN_DIR / node / "agent.json"
 
 
 def start_controller() -> int:
@@ -941,32 +916,3 @@ def delete(objects: list[dict], timeout: float = 120.0) -> list[str]:
 
 def stop_controller() -> None:
     cgroups.kill_tree(cgroups.system_cgroup("controller"))
-
-
-# -- exec ---------------------------------------------------------------------------
-
-
-def exec_in_pod(plan: LabPlan, target: str, argv: list[str]) -> int:
-    pod = plan.pods.get(target)
-    if pod is None:
-        raise LabError(f"no pod {target!r} (pods: {', '.join(sorted(plan.pods))})")
-    cg = cgroups.pod_cgroup(pod.node, pod.namespace, pod.name)
-    cgroups.create(cg)
-    proc = subprocess.run(
-        ["ip", "netns", "exec", pod.netns, *argv],
-        preexec_fn=cgroups.joiner(cg),
-        env={**os.environ, **pod.env},
-    )
-    return proc.returncode
-
-
-def exec_on_node(plan: LabPlan, node_name: str, argv: list[str]) -> int:
-    node = plan.node(node_name)
-    env = {
-        **os.environ,
-        "PATH": f"{BIN_DIR}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "MESHAGENT_CONFIG": str(agent_config_path(node.name)),
-        "MESHCTL_CONTROLLER": f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_METRICS_PORT}",
-    }
-    proc = subprocess.run(["nsenter", f"--net={NETNS_DIR / node.netns}", "--", *argv], env=env)
-    return proc.returncode
