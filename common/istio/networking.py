@@ -322,6 +322,16 @@ class VirtualServiceSpec(IstioModel):
             )
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_delegate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hosts" not in data and data.get("http"):
+            raise ValueError(
+                "no hosts: a VirtualService without hosts is a delegate (VirtualService "
+                "delegation), which is not supported by meshagent yet"
+            )
+        return data
+
     @model_validator(mode="after")
     def _has_routes(self) -> VirtualServiceSpec:
         if not self.http and not self.tcp:
