@@ -22,9 +22,10 @@ from meshagent.common.istio import (
     ResourceSkipped,
     parse_resource,
 )
-from meshagent.common.istio.support import warnings
+from meshagent.common.istio import networking as net
+from meshagent.common.istio.support import service_fqdn, warnings
 from meshagent.common.manifests import ManifestError, load_documents
-from meshagent.controller.describe import describe, service_ports
+from meshagent.controller.describe import ROOT_NAMESPACE, describe, service_ports
 from meshagent.controller.validation import DEFAULT_NAMESPACE
 
 Outcome = Literal["ok", "skipped", "rejected"]
@@ -115,4 +116,46 @@ def check_files(paths: Sequence[Path]) -> Report:
             report.other_kinds += 1
             continue
         report.verdicts.append(judge(doc, file))
+    _warn_shadowed(report.verdicts)
     return report
+
+
+def _warn_shadowed(verdicts: list[Verdict]) -> None:
+    """One VirtualService and one DestinationRule apply per host (Istio does not merge them
+    for sidecars): warn on the others, picked as the data path picks (agent/proxy/routing.py:
+    the Service's own namespace first, then the root namespace for DestinationRules, then by
+    namespace and name)."""
+    by_host: dict[tuple[str, str], list[Verdict]] = {}
+    for v in verdicts:
+        res = v.resource
+        if isinstance(res, net.VirtualService):
+            hosts = [(i, h) for i, h in enumerate(res.spec.hosts)]
+        elif isinstance(res, net.DestinationRule):
+            hosts = [(None, res.spec.host)]
+        else:
+            continue
+        for _i, host in hosts:
+            fqdn = service_fqdn(host, v.namespace)
+            if not fqdn.startswith("*"):
+                by_host.setdefault((v.kind, fqdn), []).append(v)
+    for (kind, fqdn), group in by_host.items():
+        if len(group) < 2:
+            continue
+        namespace = fqdn.split(".")[1] if fqdn.count(".") >= 2 else ""
+        preferred = [namespace, ROOT_NAMESPACE] if kind == "DestinationRule" else [namespace]
+        rank = {ns: i for i, ns in enumerate(preferred)}
+        ordered = sorted(
+            group, key=lambda v: (rank.get(v.namespace, len(rank)), v.namespace, v.name)
+        )
+        winner = ordered[0]
+        field = "spec.hosts" if kind == "VirtualService" else "spec.host"
+        for v in ordered[1:]:
+            if (v.namespace, v.name) == (winner.namespace, winner.name):
+                continue  # the same object written twice: the later one replaces it
+            v.warnings.append(
+                (
+                    field,
+                    f"{fqdn}: {kind} {winner.namespace}/{winner.name} applies to it instead "
+                    f"(one {kind} per host; they are not merged)",
+                )
+            )

@@ -134,6 +134,15 @@ DATAPATH_COUNTERS: dict[str, tuple[str, str]] = {
         "meshagent_datapath_peer_restored",
         "getpeername() calls answered with the original destination instead of the proxy.",
     ),
+    "fail_open": (
+        "meshagent_datapath_fail_open",
+        "Connects of fail-open pods let through to their destination, unmeshed, while the "
+        "agent's heartbeat was stale.",
+    ),
+    "fail_closed": (
+        "meshagent_datapath_fail_closed",
+        "Connects of fail-closed pods refused in the kernel while the agent's heartbeat was stale.",
+    ),
 }
 
 _CHILD_CACHE_LIMIT = 20_000

@@ -18,6 +18,12 @@ from typing import Any
 # The Kubernetes cluster domain the data path resolves hosts in (agent/proxy/routing.py).
 CLUSTER_DOMAIN = "cluster.local"
 MESH_GATEWAY = "mesh"
+# What the HTTP/2 engine (agent/proxy/http/h2proxy.py: http2/grpc ports, and HTTP/2 clients
+# on http ports) does not enforce yet; the HTTP/1.1 engine and TCP ports do.
+_HTTP2_GAP = (
+    "not applied to HTTP/2 traffic yet (http2/grpc ports, and HTTP/2 clients on http ports); "
+    "honoured for HTTP/1.1"
+)
 # On a node other than the client's, the destination node dials the pod with this fixed
 # timeout (agent/proxy/inbound.py CONNECT_TIMEOUT): a longer connectTimeout cannot be honoured.
 FAR_POD_CONNECT_TIMEOUT = 5.0
@@ -105,6 +111,19 @@ def is_service_host(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> 
     return fqdn == "*" or fqdn.endswith(f".svc.{domain}")
 
 
+def dns_form_note(host: str) -> str | None:
+    """For `name.namespace` hosts: Istio takes them literally (an external name such as
+    `httpbin.org`), the data path reads them as a Service in that namespace: say so."""
+    parts = host.lower().rstrip(".").split(".")
+    if len(parts) != 2 or host.startswith("*"):
+        return None
+    return (
+        f"{host!r} is read as Service {parts[0]} in namespace {parts[1]} (Kubernetes DNS "
+        "form; Istio would take it literally): if it names an external host, meshagent has "
+        "no ServiceEntry support yet and this does nothing for it"
+    )
+
+
 def _spec(doc: Mapping[str, Any]) -> Mapping[str, Any]:
     spec = doc.get("spec")
     return spec if isinstance(spec, Mapping) else {}
@@ -178,7 +197,10 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
             )
         )
     for i, host in enumerate(spec.hosts):
-        if host != "*" and not is_service_host(host, vs.namespace):
+        note = dns_form_note(host)
+        if note:
+            out.append((f"spec.hosts[{i}]", note))
+        elif host != "*" and not is_service_host(host, vs.namespace):
             out.append(
                 (
                     f"spec.hosts[{i}]",
@@ -191,7 +213,10 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
     for section, i, rule in rules:
         for j, rd in enumerate(rule.route):
             host = rd.destination.host
-            if not is_service_host(host, vs.namespace) or host.startswith("*"):
+            note = dns_form_note(host)
+            if note:
+                out.append((f"spec.{section}[{i}].route[{j}].destination.host", note))
+            elif not is_service_host(host, vs.namespace) or host.startswith("*"):
                 out.append(
                     (
                         f"spec.{section}[{i}].route[{j}].destination.host",
@@ -199,6 +224,8 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
                     )
                 )
         retries = getattr(rule, "retries", None)
+        if retries is not None and retries.per_try_timeout is not None:
+            out.append((f"spec.http[{i}].retries.perTryTimeout", _HTTP2_GAP))
         if retries is not None and "refused-stream" in retries.retry_on:
             out.append(
                 (
@@ -212,6 +239,9 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
 
 def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
+    note = dns_form_note(dr.spec.host)
+    if note:
+        out.append(("spec.host", note))
     policies = [("spec.trafficPolicy", dr.spec.traffic_policy)]
     policies += [
         (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy)
@@ -226,6 +256,14 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
     for where, policy in policies:
         pool = policy.connection_pool if policy is not None else None
         tcp = pool.tcp if pool is not None else None
+        http = pool.http if pool is not None else None
+        if tcp is not None and tcp.max_connections is not None:
+            out.append(
+                (f"{where}.connectionPool.tcp.maxConnections", f"{_HTTP2_GAP} and TCP ports")
+            )
+        for name in ("http1MaxPendingRequests", "maxRequestsPerConnection"):
+            if http is not None and http.model_dump(by_alias=True).get(name) is not None:
+                out.append((f"{where}.connectionPool.http.{name}", _HTTP2_GAP))
         if (
             tcp is not None
             and tcp.connect_timeout

@@ -148,3 +148,41 @@ def test_validate_json(tmp_path) -> None:
     assert outcomes == {"deny-admin": "ok", "get-only": "ok", "db": "ok", "ingress": "skipped"}
     assert all(r["explain"] for r in body["resources"] if r["outcome"] == "ok")
     assert (body["ok"], body["rejected"], body["skipped"]) == (3, 0, 1)
+
+
+def test_external_looking_two_label_hosts_and_http2_gaps_are_warned() -> None:
+    rule = {
+        "route": [{"destination": {"host": "httpbin.org"}}],
+        "retries": {"attempts": 2, "perTryTimeout": "1s"},
+    }
+    res = parse_resource(vs(hosts=["httpbin.org"], http=[rule]))
+    found = dict(warnings(res))
+    assert "namespace org" in found["spec.hosts[0]"]
+    assert "HTTP/2" in found["spec.http[0].retries.perTryTimeout"]
+
+
+def test_a_second_virtual_service_for_a_host_is_warned_as_shadowed(tmp_path) -> None:
+    from meshagent.controller.checkfiles import check_files
+
+    docs = []
+    for name, ns in (("b", "shop"), ("a", "other"), ("b", "shop")):  # b twice: one object
+        docs.append(
+            yaml_doc(
+                {**VS, "metadata": {"name": name, "namespace": ns}},
+                hosts=["reviews.shop.svc.cluster.local"],
+            )
+        )
+    path = tmp_path / "two.yaml"
+    path.write_text("---\n".join(docs))
+    warned = {v.name: [m for _p, m in v.warnings] for v in check_files([path]).verdicts}
+    assert warned["b"] == []  # the Service's own namespace wins
+    assert warned["a"] == [
+        "reviews.shop.svc.cluster.local: VirtualService shop/b applies to it instead "
+        "(one VirtualService per host; they are not merged)"
+    ]
+
+
+def yaml_doc(doc: dict, **spec) -> str:
+    import yaml
+
+    return yaml.safe_dump({**doc, "spec": {**doc["spec"], **spec}})
