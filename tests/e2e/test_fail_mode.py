@@ -103,6 +103,8 @@ def test_kill9_fail_open_goes_direct_fail_closed_is_refused_restart_meshes_again
     pods = pods_by_name(node1)
     assert {name: p["fail_mode"] for name, p in pods.items()} == MODES
     assert {p["in_force"] for p in pods.values()} == {"meshed"}
+    # Only root may write the heartbeat (no program writes it; a pod cannot beat for the agent).
+    assert (Path(node1["datapath"]["pin_dir"]) / "heartbeat").stat().st_mode & 0o777 == 0o600
     ip = {name: p["ip"] for name, p in pods.items()}
     whoami = pods_by_name(lab.status("node-2"))["shop/whoami"]["ip"]
     (vip,) = next(s["vips"] for s in node1["services"] if s["name"] == "whoami")
