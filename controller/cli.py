@@ -330,6 +330,11 @@ def status(controller: str, as_json: bool, token_file: Path | None) -> None:
     for r in data["rejected"]:
         where = f"{r['path']}: " if r.get("path") else ""
         click.echo(f"  {r['resource']}\n      {where}{r['reason']}")
+    skipped = data.get("skipped") or []
+    if skipped:
+        click.echo("SKIPPED RESOURCES (not for the mesh: not applied)")
+    for r in skipped:
+        click.echo(f"  {r['resource']}\n      {r['path']}: {r['reason']}")
     unenforceable = data.get("unenforceable") or []
     if unenforceable:
         click.echo("UNENFORCEABLE DENY POLICIES (fail closed: all traffic to them denied)")

@@ -186,3 +186,37 @@ def yaml_doc(doc: dict, **spec) -> str:
     import yaml
 
     return yaml.safe_dump({**doc, "spec": {**doc["spec"], **spec}})
+
+
+def test_the_webhook_admits_a_skipped_resource_with_a_warning() -> None:
+    from meshagent.controller.webhook import ADMISSION_API_VERSION, review_response
+
+    gateway_vs = vs(gateways=["istio-system/ingress"], hosts=["*"])
+    request = {"uid": "u", "operation": "CREATE", "namespace": "shop", "object": gateway_vs}
+    answer = review_response(
+        {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "request": request}
+    )["response"]
+    assert answer["allowed"] is True
+    assert answer["warnings"][0].startswith("meshagent skips this resource: spec.gateways: ")
+
+
+def test_the_controller_skips_with_one_warning_and_no_rejection(caplog) -> None:
+    import logging
+
+    from meshagent.controller.compiler import compile_istio
+    from meshagent.controller.model import ClusterModel
+    from meshagent.controller.validation import Validator
+
+    model = ClusterModel()
+    skipped = vs(gateways=["istio-system/ingress"], hosts=["*"])
+    model.replace("VirtualService", [VS, {**skipped, "metadata": {"name": "gw"}}])
+    validator = Validator()
+    with caplog.at_level(logging.WARNING, logger="meshagent.controller.validation"):
+        validator.run(model)
+        validator.run(model)  # unchanged: not logged again
+    assert validator.rejected == []
+    assert [(e.name, e.path) for e in validator.skipped] == [("gw", "spec.gateways")]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "skipped VirtualService default/gw"
+    ]
+    assert [m["metadata"]["name"] for m in compile_istio(model)] == ["reviews"]  # not applied
