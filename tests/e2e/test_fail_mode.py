@@ -126,8 +126,8 @@ def test_kill9_fail_open_goes_direct_fail_closed_is_refused_restart_meshes_again
                 timeout=30,
             )
 
-        # `killed_at` is taken before the CLI starts, so the 2 s below include its start-up;
-        # by `gone_at` every agent process is dead (the command waits for that).
+        # `killed_at` is taken before the CLI starts; by `gone_at` every agent process is dead
+        # (the command waits for that).
         killed_at = time.time()
         meshlab("agent", "stop", "node-1")  # SIGKILL to every process in its cgroup
         gone_at = time.time()
@@ -145,7 +145,14 @@ def test_kill9_fail_open_goes_direct_fail_closed_is_refused_restart_meshes_again
                 timeout=15,
             )
             first = min(a["t"] for a in direct if a["body"] == ip[pod])
-            assert first - killed_at < 2.0, (pod, first - killed_at)
+            # From its last connection through the mesh (the agent was alive then), timed in
+            # the pod: the data path's delay, not the CLI's start-up.
+            last_meshed = max(
+                a["t"]
+                for a in probes[pod].attempts
+                if a["t"] < first and a["ok"] and a["body"] != ip[pod]
+            )
+            assert first - last_meshed < 2.0, (pod, first - last_meshed, first - killed_at)
 
         # fail-closed: every connect once the agent is gone fails at once (no hang), refused
         # by the kernel once the heartbeat is stale (EPERM), by the dead listener before (RST).
@@ -158,7 +165,8 @@ def test_kill9_fail_open_goes_direct_fail_closed_is_refused_restart_meshes_again
         )
         after = closed.since(killed_at)
         assert not any(a["ok"] for a in closed.since(gone_at)), closed.since(gone_at)[:3]
-        assert max(a["seconds"] for a in after) < 0.5, sorted(a["seconds"] for a in after)[-3:]
+        took = sorted(a["seconds"] for a in after)
+        assert took[len(took) // 2] < 0.05 and took[-1] < 1.0, took[-3:]  # never a hang
         assert {a["error"] for a in closed.since(killed_at + 1.5)} == {"EPERM"}
 
         # What a user sees with curl.
