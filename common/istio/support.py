@@ -224,8 +224,6 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
                     )
                 )
         retries = getattr(rule, "retries", None)
-        if retries is not None and retries.per_try_timeout is not None:
-            out.append((f"spec.http[{i}].retries.perTryTimeout", _HTTP2_GAP))
         if retries is not None and "refused-stream" in retries.retry_on:
             out.append(
                 (

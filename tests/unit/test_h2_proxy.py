@@ -474,3 +474,45 @@ async def test_a_grpc_call_counts_its_messages_each_way():
         assert (grpc.request_messages.count, grpc.response_messages.count) == (3, 3)
         assert plain.request_messages is None and plain.response_messages is None
         nursery.cancel_scope.cancel()
+
+
+async def test_per_try_timeout_retries_a_silent_endpoint_then_answers_504_ut():
+    """Issue #21: the route's perTryTimeout bounds each attempt until the response head on
+    HTTP/2 too (it was applied by the HTTP/1.1 engine only)."""
+    retry = RetryPolicy(attempts=1, per_try_timeout=0.05, on_5xx=True)
+
+    async def silent_then_echo(lab, silent: set[str]):
+        async def connect(endpoint, port):
+            lab.connections += 1
+            near, far = memory_stream_pair()
+            if endpoint.ip in silent:  # accepts, never answers
+                lab.nursery.start_soon(_silent_server, far)
+            else:
+                lab.nursery.start_soon(_echo_server, far, endpoint.ip, lab.seen)
+            return near
+
+        object.__setattr__(lab.ctx, "connect", connect)
+
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("silent", "10.2.0.1", retry=retry))
+        await silent_then_echo(lab, {"silent"})
+        for _ in range(2):
+            with trio.fail_after(2):
+                headers, body, _ = await lab.call("/a.B/C", b"x", GRPC)
+            assert headers[b"x-server"] == b"10.2.0.1" and body == b"x"
+        assert sorted(r.attempts for r in lab.records) == [1, 2]
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # every attempt silent: 504 UT, not a hang
+        lab = _Lab(nursery, _routes("silent", retry=retry))
+        await silent_then_echo(lab, {"silent"})
+        with trio.fail_after(2):
+            headers, _, _ = await lab.call("/a.B/C", b"x", [])
+        assert headers[b":status"] == b"504"
+        assert lab.records[0].flags == ["UT"] and lab.records[0].attempts == 2
+        nursery.cancel_scope.cancel()
+
+
+async def _silent_server(stream) -> None:
+    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    await peer.flush()
+    await peer.run(lambda event: isinstance(event, h2.events.RequestReceived))

@@ -57,7 +57,13 @@ from meshagent.agent.proxy.http.types import (
     RequestRecord,
     UpstreamError,
 )
-from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE, RESET_CODE, ClusterState, EndpointState
+from meshagent.agent.proxy.lb import (
+    CONNECT_FAILURE_CODE,
+    RESET_CODE,
+    TIMEOUT_CODE,
+    ClusterState,
+    EndpointState,
+)
 from meshagent.agent.proxy.routing import RetryPolicy
 from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
 
@@ -567,6 +573,7 @@ class _Session:
                         record,
                         body,
                         policy if may_retry else None,
+                        policy.per_try_timeout if policy is not None else None,
                     )
                 finally:
                     cluster.request_finished(ep, status)
@@ -644,10 +651,13 @@ class _Session:
         record: RequestRecord,
         body: _Body,
         policy: RetryPolicy | None,
+        per_try: float | None = None,
     ) -> tuple[Outcome | None, int | None]:
         """One attempt on one upstream stream: (None, status) once a response went to the
         client; else how it failed before a response (a dropped retriable response: STATUS,
-        its code in record.status). `policy`: the retry policy when a retry may follow."""
+        its code in record.status; no response head within `per_try` seconds, the route's
+        `perTryTimeout`, as the HTTP/1.1 engine: TIMEOUT). `policy`: the retry policy when a
+        retry may follow."""
         down = self.down
         down_inbox = down.inboxes[stream_id]
         try:
@@ -662,6 +672,10 @@ class _Session:
             return Outcome.OVERFLOW, None
         finished = False
         retry = False
+        # until the response head: the attempt's perTryTimeout (disarmed by _pump_response)
+        head_wait = trio.CancelScope()
+        if per_try is not None:
+            head_wait.deadline = trio.current_time() + per_try
         try:
             async with trio.open_nursery() as nursery:
                 if not bodyless:
@@ -669,10 +683,11 @@ class _Session:
                         self._pump_request, down_inbox, stream_id, peer, up_id, record, body
                     )
                 try:
-                    await peer.flush()
-                    finished = await self._pump_response(
-                        up_inbox, peer, up_id, stream_id, record, policy
-                    )
+                    with head_wait:
+                        await peer.flush()
+                        finished = await self._pump_response(
+                            up_inbox, peer, up_id, stream_id, record, policy, head_wait
+                        )
                 except _Retry:
                     retry = True
                 except _Gone:
@@ -692,6 +707,8 @@ class _Session:
         if retry:
             return Outcome.STATUS, record.status
         responded = record.status != 0  # the response head went to the client
+        if head_wait.cancelled_caught and not responded:
+            return Outcome.TIMEOUT, TIMEOUT_CODE  # as the HTTP/1.1 engine tells the outlier
         if not finished and not responded and not down.closed and up_inbox.reset is not None:
             return Outcome.RESET, RESET_CODE  # before a response: the caller answers or retries
         if not finished and responded:
@@ -756,10 +773,12 @@ class _Session:
         stream_id: int,
         record: RequestRecord,
         policy: RetryPolicy | None,
+        head_wait: trio.CancelScope | None = None,
     ) -> bool:
         """The upstream's response to the client. Returns True when it completed; raises
         _Retry (nothing sent yet) for a response `policy` retries, _Gone (after the head was
-        sent: the caller resets) when either side broke off."""
+        sent: the caller resets) when either side broke off. `head_wait` (the per-try
+        timeout) is disarmed once a response head arrives."""
         down = self.down
         ended = False
         while True:
@@ -769,6 +788,8 @@ class _Session:
             if isinstance(event, h2.events.InformationalResponseReceived):
                 await down.send_headers(stream_id, h2wire.response_headers(event.headers))
             elif isinstance(event, h2.events.ResponseReceived):
+                if head_wait is not None:
+                    head_wait.deadline = math.inf
                 headers = h2wire.response_headers(event.headers)
                 record.status = h2wire.status_of(headers)
                 ended = event.stream_ended is not None
