@@ -256,8 +256,8 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
         t = pool.tcp
         if t.max_connections is not None:
             out.append(
-                f"{where}at most {t.max_connections} concurrent connections from each "
-                "node's proxy (every port)."
+                f"{where}at most {t.max_connections} concurrent connections, counted by each "
+                "proxy process of a node (HTTP/1.1 and TCP; not enforced for HTTP/2 yet)."
             )
         if t.connect_timeout is not None:
             out.append(f"{where}connect timeout {t.connect_timeout:g}s (every port).")
@@ -266,12 +266,12 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
         if h.http1_max_pending_requests is not None:
             out.append(
                 f"{where}at most {h.http1_max_pending_requests} pending requests "
-                f"({L7_PORTS} only; no effect on {L4_PORTS})."
+                f"(HTTP/1.1 requests only; not enforced for HTTP/2 yet; no effect on {L4_PORTS})."
             )
         if h.max_requests_per_connection is not None:
             out.append(
                 f"{where}at most {h.max_requests_per_connection} requests per upstream "
-                f"connection ({L7_PORTS} only)."
+                "connection (HTTP/1.1 only; not enforced for HTTP/2 yet)."
             )
     od = policy.outlier_detection
     if od is not None:
