@@ -51,11 +51,22 @@ def _sysctl(netns_name: str, key: str, value: str) -> None:
     )
 
 
+def bridge_mac(index: int) -> str:
+    """A fixed, locally administered MAC for a lab bridge (0: the underlay, N: node-N's).
+
+    A Linux bridge without one takes the lowest MAC of its ports, so adding or deleting a pod
+    whose veth sorts lowest changes the gateway's MAC under every other pod, whose neighbour
+    entries then point at nobody until they expire: their new connections time out for tens
+    of seconds (the CNI bridge plugins pin the bridge's address for the same reason). An
+    address given at creation is kept (addr_assign_type "set")."""
+    return f"02:6d:6c:00:{index >> 8 & 0xFF:02x}:{index & 0xFF:02x}"
+
+
 def create_underlay() -> None:
     netns.create(UNDERLAY_NETNS)
     with NetNS(UNDERLAY_NETNS) as ns:
         _up(ns, "lo")
-        ns.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+        ns.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge", address=bridge_mac(0))
         index = _up(ns, UNDERLAY_BRIDGE)
         ns.addr("add", index=index, address=UNDERLAY_BRIDGE_IP, prefixlen=UNDERLAY_PREFIX)
         _addr6(ns, index, UNDERLAY_BRIDGE_IP6, UNDERLAY_PREFIX6)
@@ -78,7 +89,7 @@ def create_node(node: NodePlan, plan: LabPlan) -> None:
         uplink = _up(ns, NODE_UPLINK)
         ns.addr("add", index=uplink, address=node.underlay_ip, prefixlen=UNDERLAY_PREFIX)
         _addr6(ns, uplink, node.underlay_ip6, UNDERLAY_PREFIX6)
-        ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
+        ns.link("add", ifname=NODE_BRIDGE, kind="bridge", address=bridge_mac(node.index))
         bridge = _up(ns, NODE_BRIDGE)
         ns.addr("add", index=bridge, address=node.gateway, prefixlen=24)
         _addr6(ns, bridge, node.gateway6, POD_PREFIX6)
