@@ -117,7 +117,29 @@ def check_files(paths: Sequence[Path]) -> Report:
             continue
         report.verdicts.append(judge(doc, file))
     _warn_shadowed(report.verdicts)
+    _warn_http_rules_without_l7_port(report.verdicts, report.services)
     return report
+
+
+def _warn_http_rules_without_l7_port(verdicts: list[Verdict], services: dict) -> None:
+    """`http` rules only act on http/http2/grpc ports: when the manifests hold the host's
+    Service and none of its ports is one, the rules never apply (its ports relay bytes)."""
+    for v in verdicts:
+        res = v.resource
+        if not isinstance(res, net.VirtualService) or not res.spec.http:
+            continue
+        for i, host in enumerate(res.spec.hosts):
+            ports = services.get(service_fqdn(host, v.namespace))
+            if ports and all(protocol == "tcp" for _n, _name, protocol in ports):
+                listed = ", ".join(f"{n} ({name or 'unnamed'})" for n, name, _p in ports)
+                v.warnings.append(
+                    (
+                        f"spec.hosts[{i}]",
+                        f"{host}: no http/http2/grpc port among its Service's ports {listed}, "
+                        "so the http rules never apply to it (name a port http-*, http2-* or "
+                        "grpc-*, or set appProtocol; tcp routes act on tcp ports)",
+                    )
+                )
 
 
 def _warn_shadowed(verdicts: list[Verdict]) -> None:

@@ -220,3 +220,18 @@ def test_the_controller_skips_with_one_warning_and_no_rejection(caplog) -> None:
         "skipped VirtualService default/gw"
     ]
     assert [m["metadata"]["name"] for m in compile_istio(model)] == ["reviews"]  # not applied
+
+
+def test_http_rules_for_a_service_without_an_l7_port_are_warned(tmp_path) -> None:
+    from meshagent.controller.checkfiles import check_files
+
+    service = (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n"
+        "spec: {ports: [{port: 9080}, {name: tcp-x, port: 9081}]}\n"
+    )
+    path = tmp_path / "m.yaml"
+    path.write_text(service + "---\n" + yaml_doc(VS))
+    [verdict] = check_files([path]).verdicts
+    [(field, message)] = verdict.warnings
+    assert field == "spec.hosts[0]"
+    assert "9080 (unnamed), 9081 (tcp-x)" in message and "never apply" in message
