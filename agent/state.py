@@ -33,7 +33,7 @@ from meshagent.common import snapshotdelta
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
 from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
-from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload
+from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload, wire_version
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class SnapshotStore:
         self.state_dir = state_dir
         self.root_namespace = root_namespace
         self.tables: Tables | None = None
+        self._document: dict | None = None  # the snapshot in force, as the controller sent it
         self._listeners: list[Callable[[Tables], None]] = []
 
     @property
@@ -169,7 +170,7 @@ class SnapshotStore:
             raise SnapshotRejected(f"invalid snapshot: {exc.error_count()} errors: {exc}") from None
         if snap.node != self.node:
             raise SnapshotRejected(f"snapshot is for node {snap.node!r}, this is {self.node!r}")
-        if snap.version != snap.content_version():
+        if snap.version != wire_version(data):  # the document as sent (version skew)
             raise SnapshotRejected(f"snapshot version {snap.version!r} does not match its content")
         try:
             tables = Tables.build(snap, root_namespace=self.root_namespace)
@@ -179,8 +180,9 @@ class SnapshotStore:
             log.exception("building the data-plane view of snapshot %s failed", snap.version)
             raise SnapshotRejected(f"cannot build snapshot: {type(exc).__name__}: {exc}") from None
         self.tables = tables
+        self._document = data
         if save:
-            self._save(snap)
+            self._save(data)
         for callback in self._listeners:
             try:
                 callback(tables)
@@ -192,12 +194,12 @@ class SnapshotStore:
         """Apply the changes from the held version `base` to `version` (common/snapshotdelta.py)
         as `apply` does a whole snapshot. Raises SnapshotRejected if this agent does not hold
         `base` or the result is not exactly `version` (the controller then sends it whole)."""
-        held = self.tables.snapshot if self.tables else None
-        if held is None or held.version != base:
-            holding = held.version if held else "nothing"
+        held = self._document
+        if held is None or held.get("version") != base:
+            holding = held.get("version") if held else "nothing"
             raise SnapshotRejected(f"delta from {base!r}, but this agent holds {holding!r}")
         try:
-            body = snapshotdelta.apply(held.model_dump(mode="json"), changes)
+            body = snapshotdelta.apply(held, changes)  # to the document as received
         except snapshotdelta.DeltaError as exc:
             raise SnapshotRejected(str(exc)) from None
         body["version"] = version
@@ -218,8 +220,9 @@ class SnapshotStore:
         log.info("serving saved snapshot %s", self.version)
         return True
 
-    def _save(self, snap: Snapshot) -> None:
+    def _save(self, document: dict) -> None:
+        """The document as received, so a restarted (or upgraded) agent checks the same bytes."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / (SNAPSHOT_FILE + ".tmp")
-        tmp.write_text(snap.model_dump_json())
+        tmp.write_text(json.dumps(document, separators=(",", ":")))
         os.replace(tmp, self.state_dir / SNAPSHOT_FILE)

@@ -23,7 +23,39 @@ DEFAULT_FAIL_MODE = "closed"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown fields are ignored, not refused: during an upgrade an agent one version behind
+    # the controller (or ahead of it) must still take its snapshots and serve what it knows.
+    # Istio resources travel as manifests and are parsed strictly by the agent (issue #21).
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+_NOT_SHARED = {"version", "node", "local_workloads"}
+
+
+def _body_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _local_digest(local: list) -> str:
+    return hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()
+
+
+def _version(body_digest: str, node: str, local_digest: str) -> str:
+    key = f"{body_digest}/{node}/{local_digest}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def wire_version(data: dict) -> str:
+    """The content version of a snapshot in its wire form (JSON as sent), as the controller
+    computed it from its model. The agent checks a snapshot by the document it received, not
+    by its own model's re-serialization: a model with a field more or less (an agent and a
+    controller of different versions) would otherwise hash the same content differently."""
+    body = {k: v for k, v in data.items() if k not in _NOT_SHARED}
+    return _version(
+        _body_digest(body),
+        str(data.get("node", "")),
+        _local_digest(data.get("local_workloads", [])),
+    )
 
 
 class Workload(_Model):
@@ -93,17 +125,14 @@ class Snapshot(_Model):
     def body_digest(self) -> str:
         """Digest of the part all nodes share (all but node, version and local workloads),
         so the controller hashes it once per change, not once per node."""
-        body = self.model_dump(mode="json", exclude={"version", "node", "local_workloads"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return _body_digest(self.model_dump(mode="json", exclude=_NOT_SHARED))
 
     def local_digest(self) -> str:
-        local = [w.model_dump(mode="json") for w in self.local_workloads]
-        return hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()
+        return _local_digest([w.model_dump(mode="json") for w in self.local_workloads])
 
     def content_version(self, body_digest: str | None = None) -> str:
         digest = body_digest or self.body_digest()
-        key = f"{digest}/{self.node}/{self.local_digest()}"
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return _version(digest, self.node, self.local_digest())
 
     def with_version(self) -> Snapshot:
         return self.model_copy(update={"version": self.content_version()})
