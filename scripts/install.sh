@@ -113,8 +113,14 @@ stamp="$VENV/.meshagent-installed"
 want=$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py"; echo "$PROFILE") | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the project into $VENV"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$ROOT$EXTRAS" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" install -q --upgrade pip >"$VENV/pip-upgrade.log" 2>&1 || cat "$VENV/pip-upgrade.log" >&2
+  # pip's and setuptools' chatter (deprecations, "folders with the same name as your
+  # package") goes to a log; it is shown only if the install fails
+  if ! "$VENV/bin/pip" install -q -e "$ROOT$EXTRAS" >"$VENV/pip-install.log" 2>&1; then
+    cat "$VENV/pip-install.log" >&2
+    echo "installing the project failed (log: $VENV/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$want" >"$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc, meshagent.agent' || { echo "install check failed" >&2; exit 1; }
