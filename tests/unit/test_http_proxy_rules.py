@@ -6,7 +6,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from meshagent.agent.proxy.http.headers import request_headers, response_headers, upgrade_protocol
+from meshagent.agent.proxy.http.headers import (
+    h2c_upgrade,
+    is_h2c_upgrade,
+    request_headers,
+    response_headers,
+    upgrade_protocol,
+)
 from meshagent.agent.proxy.http.retry import Outcome, backoff, retriable
 from meshagent.agent.proxy.routing import DEFAULT_RETRY, RetryPolicy
 
@@ -125,3 +131,18 @@ def test_response_headers_keep_framing_and_drop_hop_by_hop():
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
     ]
+
+
+def test_an_h2c_upgrade_offer_is_removed_and_other_offers_stay():
+    curl = [
+        (b"host", b"reviews"),
+        (b"connection", b"Upgrade, HTTP2-Settings"),
+        (b"upgrade", b"h2c"),
+        (b"http2-settings", b"AAMAAABk"),
+    ]
+    assert is_h2c_upgrade(curl)
+    assert h2c_upgrade(curl) == [(b"host", b"reviews")]
+    assert upgrade_protocol(h2c_upgrade(curl)) is None
+    both = [(b"connection", b"upgrade, keep-alive"), (b"upgrade", b"websocket, h2c")]
+    assert upgrade_protocol(h2c_upgrade(both)) == b"websocket"
+    assert not is_h2c_upgrade([(b"connection", b"upgrade"), (b"upgrade", b"websocket")])
