@@ -255,3 +255,23 @@ def test_heartbeat_never_lapses_through_a_surge_upgrade(lab):
     after = lab.status("node-1")["datapath"]["counters"]
     assert after["fail_open"] == before["fail_open"]
     assert after["fail_closed"] == before["fail_closed"]
+
+
+def test_a_label_change_reaches_the_datapath(lab, tmp_path):
+    """`kubectl label` of the namespace, through the API and the controller, to the pod's
+    map entry: `relaxed` turns closed; the pod that says `open` itself stays open."""
+
+    def modes() -> dict[str, str]:
+        return {n: p["fail_mode"] for n, p in pods_by_name(lab.status("node-1")).items()}
+
+    relabel = tmp_path / "relaxed-closed.yaml"
+    relabel.write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: relaxed\n  labels:\n"
+        "    meshagent.io/mesh: enabled\n    meshagent.io/fail-mode: closed\n"
+    )
+    meshlab("apply", "-f", str(relabel))
+    wait_until(
+        modes,
+        lambda m: m == {**MODES, "relaxed/opener": "closed"},
+        what="node-1 writes relaxed/opener's new fail mode into the datapath",
+    )
