@@ -228,6 +228,7 @@ class RetryPolicy:
     on_gateway_error: bool = False
     on_connect_failure: bool = True
     on_reset: bool = False
+    on_refused_stream: bool = True  # an HTTP/2 REFUSED_STREAM reset (Istio's default has it)
     status_codes: frozenset[int] = DEFAULT_RETRY_STATUS
     grpc_codes: frozenset[int] = frozenset()  # gRPC statuses retried (HTTP/2 engine)
 
@@ -469,6 +470,7 @@ def _retry_policy(retries: net.HTTPRetry | None) -> RetryPolicy | None:
         on_gateway_error="gateway-error" in on,
         on_connect_failure="connect-failure" in on,
         on_reset="reset" in on,
+        on_refused_stream="refused-stream" in on,
         status_codes=retries.retriable_status_codes,
         grpc_codes=frozenset(code for name, code in _GRPC_RETRY_ON.items() if name in on),
     )

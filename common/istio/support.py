@@ -223,15 +223,6 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
                         f"{host!r} is not a Kubernetes Service: requests routed there get 503",
                     )
                 )
-        retries = getattr(rule, "retries", None)
-        if retries is not None and "refused-stream" in retries.retry_on:
-            out.append(
-                (
-                    f"spec.http[{i}].retries.retryOn",
-                    "'refused-stream' is not honoured yet: meshagent does not retry a request "
-                    "the upstream refused with an HTTP/2 REFUSED_STREAM reset",
-                )
-            )
     return out
 
 

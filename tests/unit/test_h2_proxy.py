@@ -516,3 +516,64 @@ async def _silent_server(stream) -> None:
     peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
     await peer.flush()
     await peer.run(lambda event: isinstance(event, h2.events.RequestReceived))
+
+
+async def _refusing_server(stream) -> None:
+    """Refuses every stream with REFUSED_STREAM (as a server at its stream limit does)."""
+    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    async with trio.open_nursery() as nursery:
+
+        async def refuse(stream_id: int) -> None:
+            peer.reset(stream_id, h2wire.REFUSED_STREAM)
+            await peer.flush()
+
+        def on_event(event) -> bool:
+            if isinstance(event, h2.events.RequestReceived):
+                nursery.start_soon(refuse, event.stream_id)
+                return True
+            return False
+
+        await peer.flush()
+        await peer.run(on_event)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("refused_stream", "answered"), [(True, b"200"), (False, b"503")])
+async def test_retry_on_refused_stream(refused_stream: bool, answered: bytes):
+    """Issue #21: `retryOn: refused-stream` (and Istio's default policy) retries a request an
+    HTTP/2 upstream refused with REFUSED_STREAM; without it the refusal is a 503 UC."""
+    retry = RetryPolicy(
+        attempts=1,
+        on_connect_failure=False,
+        on_refused_stream=refused_stream,
+        status_codes=frozenset(),
+    )
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("refuser", "10.2.0.1", retry=retry))
+
+        async def connect(endpoint, port):
+            near, far = memory_stream_pair()
+            if endpoint.ip == "refuser":
+                nursery.start_soon(_refusing_server, far)
+            else:
+                nursery.start_soon(_echo_server, far, endpoint.ip, lab.seen)
+            return near
+
+        object.__setattr__(lab.ctx, "connect", connect)
+        statuses = set()
+        for _ in range(2):  # round robin: one of the two calls starts on the refuser
+            with trio.fail_after(2):
+                headers, _, _ = await lab.call("/x", b"", [])
+            statuses.add(headers[b":status"])
+        assert statuses == {b"200", answered}
+        nursery.cancel_scope.cancel()
+
+
+def test_retry_on_refused_stream_comes_from_retry_on_or_istios_default():
+    from meshagent.agent.proxy.routing import DEFAULT_RETRY, _retry_policy
+    from meshagent.common.istio.networking import HTTPRetry
+
+    assert DEFAULT_RETRY.on_refused_stream  # no `retries`: Istio's default policy
+    assert _retry_policy(HTTPRetry(attempts=1)).on_refused_stream  # attempts only: default on
+    assert _retry_policy(HTTPRetry(attempts=1, retry_on="refused-stream")).on_refused_stream
+    assert not _retry_policy(HTTPRetry(attempts=1, retry_on="5xx")).on_refused_stream

@@ -567,6 +567,7 @@ def test_retries_timeout_and_fault_translation():
     assert grpc.retry == RetryPolicy(
         attempts=2,
         on_connect_failure=False,
+        on_refused_stream=False,  # retryOn names the conditions: refused-stream is not one
         status_codes=frozenset({503}),
         grpc_codes=frozenset({14, 1}),
     )
@@ -578,6 +579,7 @@ def test_retries_timeout_and_fault_translation():
         on_gateway_error=True,
         on_reset=True,
         on_connect_failure=False,
+        on_refused_stream=False,
         status_codes=frozenset({409}),
     )
     assert full.timeout == 1.5

@@ -81,10 +81,7 @@ def test_settings_the_data_path_does_not_honour_are_warned() -> None:
         "retries": {"attempts": 2, "retryOn": "refused-stream"},
     }
     res = parse_resource(vs(http=[rule]))
-    assert [p for p, _ in warnings(res)] == [
-        "spec.http[0].route[0].destination.host",
-        "spec.http[0].retries.retryOn",
-    ]
+    assert [p for p, _ in warnings(res)] == ["spec.http[0].route[0].destination.host"]
 
 
 MANIFESTS = """

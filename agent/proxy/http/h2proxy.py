@@ -82,6 +82,7 @@ _FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
     Outcome.PROTOCOL: (503, "UPE", _RESET_BODY + b"protocol error"),
     Outcome.OVERFLOW: (503, "UO", _RESET_BODY + b"overflow"),
     Outcome.TIMEOUT: (504, "UT", b"upstream request timeout"),
+    Outcome.REFUSED: (503, "UC", _RESET_BODY + b"remote refused stream reset"),
 }
 
 
@@ -710,7 +711,9 @@ class _Session:
         if head_wait.cancelled_caught and not responded:
             return Outcome.TIMEOUT, TIMEOUT_CODE  # as the HTTP/1.1 engine tells the outlier
         if not finished and not responded and not down.closed and up_inbox.reset is not None:
-            return Outcome.RESET, RESET_CODE  # before a response: the caller answers or retries
+            # before a response: the caller answers or retries (REFUSED: nothing was processed)
+            refused = up_inbox.reset == h2wire.REFUSED_STREAM
+            return (Outcome.REFUSED if refused else Outcome.RESET), RESET_CODE
         if not finished and responded:
             record.flags.append("UC")
             down.reset(stream_id, h2wire.CANCEL)

@@ -5,7 +5,9 @@ to back off first. Pure functions of the route's RetryPolicy, as Envoy's router 
 - `5xx`: any 5xx response, and any attempt that got no response (connect failure, reset,
   per-try timeout); `gateway-error`: 502/503/504 responses and the same no-response cases;
   `connect-failure`: a failed connect; `reset`: a reset, close or per-try timeout before the
-  response; a status code listed in retryOn (or Istio's default 503) retries that status.
+  response; `refused-stream` (in Istio's default policy too): an HTTP/2 upstream's
+  REFUSED_STREAM reset, which says the request was not processed; a status code listed in
+  retryOn (or Istio's default 503) retries that status.
 - A circuit-breaker overflow is never retried (Envoy answers 503 UO at once).
 - Back-off: Envoy's jittered exponential back-off, uniform in [0, base x (2^n - 1)) for the
   n-th retry, capped.
@@ -28,6 +30,7 @@ class Outcome(enum.Enum):
     RESET = "reset"  # 503 UC: closed or reset before a complete response head
     PROTOCOL = "protocol"  # 503 UPE: the response was not valid HTTP/1.1
     TIMEOUT = "timeout"  # 504 UT: the per-try timeout passed before the response head
+    REFUSED = "refused-stream"  # 503 UC: an HTTP/2 upstream reset the stream REFUSED_STREAM
     OVERFLOW = "overflow"  # 503 UO: circuit breaker
     STATUS = "status"  # a response with a retriable status, dropped to retry
 
@@ -49,6 +52,8 @@ def retriable(policy: RetryPolicy, outcome: Outcome, status: int = 0) -> bool:
         return True
     if outcome is Outcome.CONNECT_FAILURE:
         return policy.on_connect_failure or policy.on_reset
+    if outcome is Outcome.REFUSED:
+        return policy.on_refused_stream or policy.on_reset
     return policy.on_reset
 
 
