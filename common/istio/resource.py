@@ -87,6 +87,9 @@ def _message(error: Mapping[str, Any]) -> str:
         return unsupported_hint(str(loc[-1]))
     if kind == "missing":
         return "required field is missing"
+    if kind == "too_short":
+        least = (error.get("ctx") or {}).get("min_length", 1)
+        return "must not be empty" if least == 1 else f"needs at least {least} items"
     if kind == "value_error":
         return str(error["ctx"]["error"])
     value = error.get("input")

@@ -587,7 +587,7 @@ REFUSALS = [
         VS_YAML,
         lambda d: set_at(d, "spec.hosts", []),
         "spec.hosts",
-        "at least 1 item",
+        "must not be empty",
     ),
     (
         "vs-wildcard-host",
