@@ -228,8 +228,13 @@ class Agent:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _serves_node(self) -> bool:
-        """Whether this agent's proxy takes the node's new connections (so it beats)."""
-        return self.ready and not self.draining and self.phase is not handover.Phase.HANDED_OVER
+        """Whether this agent's proxy takes the node's new connections (so it beats): ready,
+        not draining, not handed over, and with proxy workers, at least one of them running
+        (with every worker dead nothing listens on 15001: the pods' fail modes should hold)."""
+        if not self.ready or self.draining or self.phase is handover.Phase.HANDED_OVER:
+            return False
+        dataplane = getattr(self, "dataplane", None)
+        return not isinstance(dataplane, WorkerPool) or dataplane.running > 0
 
     async def _serve_owner_ports(
         self,

@@ -213,3 +213,30 @@ def test_snapshot_schema_round_trip_keeps_the_mode():
     again = Snapshot.model_validate(snap.model_dump(mode="json"))
     assert again.version == snap.version == again.content_version()
     assert {w.name: w.fail_mode for w in again.workloads}["web"] == "open"
+
+
+def test_the_agent_beats_only_while_its_proxy_takes_the_nodes_connections():
+    from types import SimpleNamespace
+
+    from meshagent.agent import handover
+    from meshagent.agent.run import Agent
+    from meshagent.agent.workers.pool import WorkerPool
+
+    def serves(**state) -> bool:
+        agent = SimpleNamespace(
+            ready=True, draining=False, phase=handover.Phase.OWNER, dataplane=None
+        )
+        for key, value in state.items():
+            setattr(agent, key, value)
+        return Agent._serves_node(agent)
+
+    pool = WorkerPool.__new__(WorkerPool)  # only its worker slots matter here
+    pool.workers = [SimpleNamespace(pid=0), SimpleNamespace(pid=0)]
+    assert serves()
+    assert serves(phase=handover.Phase.SUCCESSOR_STARTING)  # the old one serves until then
+    assert not serves(ready=False)  # starting: nothing listens yet
+    assert not serves(draining=True)  # SIGTERM: stopped accepting
+    assert not serves(phase=handover.Phase.HANDED_OVER)  # the newer agent beats
+    assert not serves(dataplane=pool)  # every worker dead
+    pool.workers[1].pid = 4242
+    assert serves(dataplane=pool)
