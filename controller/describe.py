@@ -105,10 +105,13 @@ def _rule_meaning(rule: sec.Rule, action: str) -> str:
         if mtls
         else ""
     )
+    ports = sorted({p for t in rule.to or () for p in t.operation.ports})
+    if ports and all(t.operation.ports for t in rule.to or ()):
+        note = f" It matches pod ports {', '.join(map(str, ports))} only." + note
     if not rule.uses_http_fields:
         return (
-            "L4 fields only: applies on every port, checked once per connection on "
-            f"{L4_PORTS} and per request on {L7_PORTS}." + note
+            f"L4 fields only: checked once per connection on {L4_PORTS} and per request on "
+            f"{L7_PORTS}{'' if ports else ', on every port'}." + note
         )
     l7 = (
         "uses HTTP fields (methods, paths, hosts, request.headers): checked per request "

@@ -232,3 +232,20 @@ def test_http_rules_for_a_service_without_an_l7_port_are_warned(tmp_path) -> Non
     [(field, message)] = verdict.warnings
     assert field == "spec.hosts[0]"
     assert "9080 (unnamed), 9081 (tcp-x)" in message and "never apply" in message
+
+
+def test_explain_names_the_ports_a_rule_is_limited_to() -> None:
+    from meshagent.controller.describe import describe
+
+    ap = parse_resource(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "tcp", "namespace": "foo"},
+            "spec": {"rules": [{"to": [{"operation": {"ports": ["9000", "9001"]}}]}]},
+        }
+    )
+    [scope, rule] = describe(ap)
+    assert scope == "ALLOW policy for every workload in namespace foo."
+    assert rule.endswith("It matches pod ports 9000, 9001 only.")
+    assert "on every port" not in rule
