@@ -8,10 +8,11 @@ agent was killed, hangs, or stopped serving with nobody after it) bpf/redirect.c
 pod's fail mode instead: `open` pods connect straight to their destination, `closed` pods'
 connects are refused at once (EPERM), never sent to a listener that is not there.
 
-Who beats: only the agent that owns the node's maps, and only while its proxy serves (it is
-ready, not draining, and no newer agent has taken the node over, agent/handover.py). In a
-surge the new agent beats from the moment it is ready, before the registry says it serves,
-so the old one stops only after the new one has started: the beat never lapses.
+Who beats: only the agent that owns the node's maps, and only while its proxy serves: it is
+ready, not draining, no newer agent has taken the node over (agent/handover.py), and with
+proxy workers at least one of them runs. In a surge the new agent beats from the moment it is
+ready, before the registry says it serves, so the old one stops only after the new one has
+started: the beat never lapses.
 
 A thread, not a trio task: a busy event loop (a flood of connections, a long snapshot
 compile) must not make a live agent look dead, which would turn a pod's traffic unmeshed
