@@ -274,7 +274,7 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
         if h.max_requests_per_connection is not None:
             out.append(
                 f"{where}at most {h.max_requests_per_connection} requests per upstream "
-                "connection (HTTP/1.1 only; not enforced for HTTP/2 yet)."
+                "connection (HTTP/1.1 and HTTP/2)."
             )
     od = policy.outlier_detection
     if od is not None:

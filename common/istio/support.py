@@ -250,7 +250,7 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
             out.append(
                 (f"{where}.connectionPool.tcp.maxConnections", f"{_HTTP2_GAP} and TCP ports")
             )
-        for name in ("http1MaxPendingRequests", "maxRequestsPerConnection"):
+        for name in ("http1MaxPendingRequests",):
             if http is not None and http.model_dump(by_alias=True).get(name) is not None:
                 out.append((f"{where}.connectionPool.http.{name}", _HTTP2_GAP))
         if (

@@ -577,3 +577,23 @@ def test_retry_on_refused_stream_comes_from_retry_on_or_istios_default():
     assert _retry_policy(HTTPRetry(attempts=1)).on_refused_stream  # attempts only: default on
     assert _retry_policy(HTTPRetry(attempts=1, retry_on="refused-stream")).on_refused_stream
     assert not _retry_policy(HTTPRetry(attempts=1, retry_on="5xx")).on_refused_stream
+
+
+@pytest.mark.parametrize(("limit", "connections"), [(None, 1), (1, 3), (2, 2)])
+async def test_max_requests_per_connection_holds_for_http2_upstreams(limit, connections):
+    """Issue #21: connectionPool.http.maxRequestsPerConnection retires an HTTP/2 upstream
+    connection after that many streams (it was applied by the HTTP/1.1 pool only)."""
+    endpoint = UpstreamEndpoint(
+        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
+    )
+    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit)
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
+    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, routes)
+        for _ in range(3):
+            with trio.fail_after(2):
+                headers, body, _ = await lab.call("/x", b"y", [])
+            assert headers[b":status"] == b"200" and body == b"y"
+        assert lab.connections == connections
+        nursery.cancel_scope.cancel()

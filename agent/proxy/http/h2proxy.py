@@ -138,6 +138,7 @@ class _H2Peer:
         self.closed = False
         self.goaway = False
         self.info: object = None  # what Connect returned with an upstream stream
+        self.requests = 0  # streams opened on it (upstream: maxRequestsPerConnection)
 
     async def flush(self) -> None:
         """Send what the state machine queued; raises _Gone when the transport is."""
@@ -578,6 +579,7 @@ class _Session:
                     )
                 finally:
                     cluster.request_finished(ep, status)
+                    await self._retire_if_spent(peer, cluster)
                 if outcome is None:
                     return  # answered
             if (
@@ -598,13 +600,25 @@ class _Session:
             await self._local(stream_id, record, LocalResponse(code, text), flag, record.grpc)
             return
 
+    async def _retire_if_spent(self, peer: _H2Peer, cluster: ClusterState) -> None:
+        """Close an upstream connection that carried `maxRequestsPerConnection` streams once
+        its last one is done (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
+        limit = cluster.spec.policy.max_requests_per_connection
+        if limit is None or peer.requests < limit or peer.inboxes or peer.closed:
+            return
+        with trio.CancelScope(shield=True):
+            await peer.goaway_and_close(h2wire.NO_ERROR)
+            await trio.aclose_forcefully(peer.stream)
+
     async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
-        """An upstream connection to `ep` with room for one more stream (opened if none)."""
+        """An upstream connection to `ep` with room for one more stream (opened if none);
+        one that carried `maxRequestsPerConnection` streams takes no more."""
         key = ep.address
         lock = self.opening.setdefault(key, trio.Lock())
+        limit = cluster.spec.policy.max_requests_per_connection
         async with lock:
             for peer in self.upstreams.get(key, ()):
-                if peer.closed or peer.goaway:
+                if peer.closed or peer.goaway or (limit is not None and peer.requests >= limit):
                     continue
                 limit = peer.conn.remote_settings.max_concurrent_streams
                 if peer.conn.open_outbound_streams < limit:
@@ -671,6 +685,7 @@ class _Session:
             peer.conn.send_headers(up_id, headers, end_stream=bodyless)
         except _H2_ERRORS:
             return Outcome.OVERFLOW, None
+        peer.requests += 1
         finished = False
         retry = False
         # until the response head: the attempt's perTryTimeout (disarmed by _pump_response)
