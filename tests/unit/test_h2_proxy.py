@@ -597,3 +597,30 @@ async def test_max_requests_per_connection_holds_for_http2_upstreams(limit, conn
             assert headers[b":status"] == b"200" and body == b"y"
         assert lab.connections == connections
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("limit", "connections"), [(None, 1), (1, 4), (2, 2)])
+async def test_max_requests_per_connection_counts_concurrent_streams(limit, connections):
+    """Streams given out together count too: a connection reserved by one request is not
+    handed to another past the limit, nor closed under it."""
+    endpoint = UpstreamEndpoint(
+        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
+    )
+    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit)
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
+    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    statuses: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, routes)
+
+        async def one() -> None:
+            headers, body, _ = await lab.call("/x", b"y", [])
+            statuses.append(headers[b":status"] + body)
+
+        with trio.fail_after(2):
+            async with trio.open_nursery() as calls:
+                for _ in range(4):
+                    calls.start_soon(one)
+        assert statuses == [b"200y"] * 4
+        assert lab.connections == connections
+        nursery.cancel_scope.cancel()

@@ -138,7 +138,15 @@ class _H2Peer:
         self.closed = False
         self.goaway = False
         self.info: object = None  # what Connect returned with an upstream stream
-        self.requests = 0  # streams opened on it (upstream: maxRequestsPerConnection)
+        self.requests = 0  # streams given out on it (upstream: maxRequestsPerConnection)
+        self.active = 0  # of those, the ones not finished yet
+
+    def reserve(self) -> _H2Peer:
+        """Count one more request given this (upstream) connection; the caller ends it with
+        `active -= 1`."""
+        self.requests += 1
+        self.active += 1
+        return self
 
     async def flush(self) -> None:
         """Send what the state machine queued; raises _Gone when the transport is."""
@@ -579,6 +587,7 @@ class _Session:
                     )
                 finally:
                     cluster.request_finished(ep, status)
+                    peer.active -= 1
                     await self._retire_if_spent(peer, cluster)
                 if outcome is None:
                     return  # answered
@@ -604,7 +613,7 @@ class _Session:
         """Close an upstream connection that carried `maxRequestsPerConnection` streams once
         its last one is done (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
         limit = cluster.spec.policy.max_requests_per_connection
-        if limit is None or peer.requests < limit or peer.inboxes or peer.closed:
+        if limit is None or peer.requests < limit or peer.active or peer.closed:
             return
         with trio.CancelScope(shield=True):
             await peer.goaway_and_close(h2wire.NO_ERROR)
@@ -615,14 +624,16 @@ class _Session:
         one that carried `maxRequestsPerConnection` streams takes no more."""
         key = ep.address
         lock = self.opening.setdefault(key, trio.Lock())
-        limit = cluster.spec.policy.max_requests_per_connection
+        spent_at = cluster.spec.policy.max_requests_per_connection
         async with lock:
             for peer in self.upstreams.get(key, ()):
-                if peer.closed or peer.goaway or (limit is not None and peer.requests >= limit):
+                if peer.closed or peer.goaway:
+                    continue
+                if spent_at is not None and peer.requests >= spent_at:
                     continue
                 limit = peer.conn.remote_settings.max_concurrent_streams
                 if peer.conn.open_outbound_streams < limit:
-                    return peer
+                    return peer.reserve()
             connect = self.ctx.connect
             if connect is None:
                 raise UpstreamError("connect-failure", "no connector")
@@ -646,7 +657,7 @@ class _Session:
             self.upstreams.setdefault(key, []).append(peer)
             assert self.nursery is not None
             self.nursery.start_soon(self._run_upstream, key, peer)
-            return peer
+            return peer.reserve()
 
     async def _run_upstream(self, key: str, peer: _H2Peer) -> None:
         try:
@@ -685,7 +696,6 @@ class _Session:
             peer.conn.send_headers(up_id, headers, end_stream=bodyless)
         except _H2_ERRORS:
             return Outcome.OVERFLOW, None
-        peer.requests += 1
         finished = False
         retry = False
         # until the response head: the attempt's perTryTimeout (disarmed by _pump_response)
