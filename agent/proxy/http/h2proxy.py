@@ -11,11 +11,14 @@ Flow control is end to end: DATA received on one side is acknowledged (WINDOW_UP
 once it was sent on the other, so a slow reader slows its writer and the proxy holds at most
 a connection window per connection. Upstream connections belong to the downstream connection
 that opened them (one per endpoint while it has room for another stream): per-request balancing
-spreads one client connection's streams over all endpoints.
+spreads one client connection's streams over all endpoints. One that carried the cluster's
+`maxRequestsPerConnection` streams takes no more and is closed once they are done.
 
-Failures before a response: connect 503 UF, reset 503 UC, no healthy endpoint 503 UH; the retry
-policy (Envoy's semantics, `retry.py`, plus gRPC codes in trailers-only responses) tries another
-endpoint first, replaying the body kept up to the retry buffer. The route timeout, shortened by
+Failures before a response: connect 503 UF, reset 503 UC (a REFUSED_STREAM reset too, which
+`retryOn: refused-stream` retries), no healthy endpoint 503 UH, no response head within the
+route's `perTryTimeout` 504 UT; the retry policy (Envoy's semantics, `retry.py`, plus gRPC codes
+in trailers-only responses) tries another endpoint first, replaying the body kept up to the
+retry buffer. The route timeout, shortened by
 a call's `grpc-timeout`, runs from the request's head to the response's end: 504 UT (gRPC:
 DEADLINE_EXCEEDED) before the response head, a reset stream after it. After the response
 began, any failure resets the downstream stream. Replies the proxy makes itself to gRPC calls
