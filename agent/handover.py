@@ -120,6 +120,17 @@ def newer_live_agents(registry: Path, pod_uid: str) -> list[Registration]:
     return sorted(found)
 
 
+def live_agents(registry: Path) -> list[Registration]:
+    """Every live agent registered on the node, oldest first (the newest owns the node; older
+    ones are handed over or draining what they hold)."""
+    found = []
+    for path in sorted(registry.glob("*.json")) if registry.is_dir() else []:
+        other = read_registration(path)
+        if other is not None and is_live(registry / f"{other.pod_uid}.lock"):
+            found.append(other)
+    return sorted(found)
+
+
 def newer_live_agent(registry: Path, pod_uid: str) -> str | None:
     """The pod name of a live agent registered after ours (our successor), if any."""
     newer = newer_live_agents(registry, pod_uid)

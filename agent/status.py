@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from meshagent.agent import handover
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
@@ -113,6 +114,12 @@ def _kernel_view(config: AgentConfig) -> dict[str, Any]:
     view: dict[str, Any] = {"pin_dir": str(config.pin_dir), "cgroup": str(config.cgroup_path)}
     view["pins_found"] = _has_pins(config.pin_dir)
     view["state_dir"], view["state_found"] = str(config.state_dir), config.state_dir.is_dir()
+    # Agent pods alive on the node (DaemonSet: the hand-over registry): during an upgrade the
+    # old one serves the connections it holds until they end or its drain deadline.
+    view["agent_pods"] = [
+        {"name": r.name, "serving": r.serving}
+        for r in handover.live_agents(handover.registry_dir(config.state_dir))
+    ]
     if not _is_cgroup2(config.cgroup_path):
         # bpf(query) on anything else fails with a bare EBADF
         view["programs"] = []
@@ -486,6 +493,20 @@ def _heartbeat_line(heartbeat: dict[str, Any] | None) -> str:
     )
 
 
+def _agent_pods(pods: list[dict[str, Any]]) -> list[str]:
+    """With more than one agent pod alive (an upgrade), each, newest first."""
+    if len(pods) < 2:
+        return []
+    lines = []
+    for i, pod in enumerate(reversed(pods)):
+        if i == 0:
+            state = "newest, owns the node" + ("" if pod["serving"] else ", not serving yet")
+        else:
+            state = "OLDER: handed over, serves only the connections it holds until they end"
+        lines.append(("Agent pods:  " if i == 0 else "             ") + f"{pod['name']} ({state})")
+    return lines
+
+
 POD_TABLE_MAX = 20  # up to this many meshed pods, the per-pod table shows without --pods
 
 
@@ -522,6 +543,7 @@ def render(
             f"Agent:       DOWN ({agent['error']}); showing the pinned maps and saved state"
         )
         lines.append("Controller:  unknown (agent down)")
+    lines += _agent_pods(dp.get("agent_pods") or [])
     source = {"agent": "", "saved": " (saved on disk)", None: ""}[snap["source"]]
     lines.append(f"Snapshot:    {snap['version'] or '-'}{source}")
     lines.append(f"Datapath:    pins {dp['pin_dir']}, cgroup {dp['cgroup']}")

@@ -208,3 +208,16 @@ async def test_serving_waits_for_ready(tmp_path) -> None:
             ready = True
             await until(lambda: saved(tmp_path, "a")["serving"])
             nursery.cancel_scope.cancel()
+
+
+def test_live_agents_lists_every_live_registration_oldest_first(tmp_path: Path) -> None:
+    """What `meshagent status` shows during an upgrade: the draining old agent too."""
+    registry = registry_dir(tmp_path)
+    assert handover.live_agents(registry) == []
+    with open_registration(tmp_path, "old", "meshagent-old"):
+        with open_registration(tmp_path, "new", "meshagent-new"):
+            assert [r.name for r in handover.live_agents(registry)] == [
+                "meshagent-old",
+                "meshagent-new",
+            ]
+        assert [r.name for r in handover.live_agents(registry)] == ["meshagent-old"]

@@ -402,3 +402,13 @@ def test_fail_mode_in_force_follows_the_heartbeat():
     live = render(running_report(), now=NOW)
     assert "Heartbeat:   0.20s old (timeout 1s): pods are meshed" in live
     assert "FAIL MODE" in live and "IN FORCE" not in live
+
+
+def test_screen_lists_the_agent_pods_only_while_more_than_one_is_alive():
+    report = running_report()
+    report["datapath"]["agent_pods"] = [{"name": "meshagent-node-2-1", "serving": True}]
+    assert "Agent pods:" not in render(report, now=NOW)
+    report["datapath"]["agent_pods"].append({"name": "meshagent-node-2-2", "serving": True})
+    screen = render(report, now=NOW)
+    assert "Agent pods:  meshagent-node-2-2 (newest, owns the node)" in screen
+    assert "meshagent-node-2-1 (OLDER: handed over, serves only the connections it holds" in screen
