@@ -78,9 +78,10 @@ class AgentConfig(BaseModel):
     # Extra node addresses allowed to connect to STRICT pods in plaintext (the proxy's
     # address always is): e.g. the node IP kubelet probes come from.
     trusted_sources: list[str] = Field(default_factory=list)
-    # On SIGTERM: stop accepting, then wait this long at most for established connections
-    # (the DaemonSet's terminationGracePeriodSeconds is 30).
-    drain_timeout_s: float = Field(20.0, ge=0.0)
+    # On SIGTERM: stop accepting, then serve the established connections until the last one
+    # ends or this deadline passes (an upgrade cuts no long-lived connection before it; the
+    # DaemonSet's terminationGracePeriodSeconds, 3660, leaves a minute for preStop and exit).
+    drain_timeout_s: float = Field(3600.0, ge=0.0)
     # The heartbeat the connect programs watch (agent/heartbeat.py): written this often while
     # the agent serves; older than the timeout, the agent counts as down and each meshed pod's
     # fail mode (meshagent.io/fail-mode) applies to its new connections.

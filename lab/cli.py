@@ -276,6 +276,9 @@ def agent_start(node: str) -> None:
 def agent_upgrade(node: str, min_ready: float) -> None:
     """Upgrade a node's agent as the DaemonSet does (surge, then retire the old one).
 
+    Returns once the old agent got SIGTERM, as a rollout moves on: it drains the connections
+    it holds (up to an hour) and exits after the last; SIGKILL at its grace period's end.
+
     \b
     Examples:
       meshlab agent upgrade node-1
@@ -283,7 +286,7 @@ def agent_upgrade(node: str, min_ready: float) -> None:
     plan = lab.load_plan()
     _surge(plan, node)
     time.sleep(min_ready)
-    _retire(plan, node)
+    _retire(plan, node, wait=False)
 
 
 @agent.command("surge")
@@ -300,15 +303,22 @@ def agent_surge(node: str) -> None:
 
 @agent.command("retire")
 @click.argument("node")
-def agent_retire(node: str) -> None:
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    show_default=True,
+    help="Wait until the old agents have exited (or were killed at the grace period's end).",
+)
+def agent_retire(node: str, wait: bool) -> None:
     """Stop every agent pod on the node but the newest: preStop hook, SIGTERM, SIGKILL after
-    30 s, as the kubelet does.
+    the grace period (terminationGracePeriodSeconds, 3660 s), as the kubelet does.
 
     \b
     Examples:
       meshlab agent retire node-1
+      meshlab agent retire --wait node-1
     """
-    _retire(lab.load_plan(), node)
+    _retire(lab.load_plan(), node, wait=wait)
 
 
 def _surge(plan, node: str) -> None:
@@ -320,10 +330,16 @@ def _surge(plan, node: str) -> None:
     click.echo(f"{pod['name']} serves on {node} (pid {pod['pid']})")
 
 
-def _retire(plan, node: str) -> None:
+def _retire(plan, node: str, *, wait: bool) -> None:
     plan.node(node)
-    for old in upgrade.retire(plan, node):
+    for old in upgrade.retire(plan, node, wait=wait):
         click.echo(f"{old.name}: preStop: {old.pre_stop}")
+        if old.exit_after_s is None:
+            click.echo(
+                f"{old.name}: SIGTERM sent (pid {old.pid}); it drains what it holds and exits "
+                f"after the last connection, SIGKILL in {upgrade.GRACE_PERIOD:.0f}s at most"
+            )
+            continue
         how = "killed after the grace period" if old.killed else "exited"
         click.echo(f"{old.name}: {how} {old.exit_after_s:.2f}s after SIGTERM")
 

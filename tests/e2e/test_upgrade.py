@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 from meshagent.lab.paths import RUN_DIR
 
 from tests.e2e.conftest import BIN, DATAPATH_PROGRAMS, EXAMPLES, meshlab
+from tests.waiting import wait_until
 
 PROBE_SECONDS = 30  # bounded: the client stops by itself
 TARGET = ("reviews.shop", str(PROBE_SECONDS))
@@ -25,13 +27,14 @@ TARGET = ("reviews.shop", str(PROBE_SECONDS))
 # keep-alive connection while it is idle (HTTP/1.1 8.1.4; clients retry then); any other
 # error, any non-200, is a failed request.
 CLIENT = r"""
-import http.client, json, sys, time
+import http.client, json, os, sys, time
 host, seconds = sys.argv[1], float(sys.argv[2])
+stop = sys.argv[3] if len(sys.argv) > 3 else None  # ends early once this file exists
 out = {"ok": 0, "kept_ok": 0, "kept_connections": 1, "idle_closes": 0, "failures": []}
 IDLE_CLOSED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 kept = http.client.HTTPConnection(host, 9080, timeout=5)
 end = time.monotonic() + seconds
-while time.monotonic() < end:
+while time.monotonic() < end and not (stop and os.path.exists(stop)):
     for how in ("new", "kept"):
         conn = kept if how == "kept" else http.client.HTTPConnection(host, 9080, timeout=5)
         for attempt in (1, 2):
@@ -70,6 +73,14 @@ def _agent_lines(node: str, pid: int) -> list[str]:
     return [line for line in log if f"[{pid}]" in line]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _agent_pods(node: str) -> list[dict]:
     return json.loads((RUN_DIR / node / "agent-pods.json").read_text())
 
@@ -94,13 +105,22 @@ def test_rolling_upgrade_of_both_agents_loses_no_request(lab_factory):
         assert view["agent"]["running"] and view["agent"]["phase"] == "owner", view
         assert view["agent"]["datapath_reused"] is True
 
-        retired = meshlab("agent", "retire", "node-1", timeout=90).stdout
+        retired = meshlab("agent", "retire", "--wait", "node-1", timeout=90).stdout
         name = old["node-1"]["name"]
         assert f"{name}: preStop: handed over to meshagent-node-1-2; datapath left in" in retired
         assert f"{name}: exited" in retired, retired
 
+        # the rollout moves on once the old agent got SIGTERM; it exits after its last
+        # connection (the client's keep-alive one, closed as idle)
         upgraded = meshlab("agent", "upgrade", "node-2", timeout=120).stdout
-        assert "handed over to meshagent-node-2-2" in upgraded and "exited" in upgraded
+        assert "handed over to meshagent-node-2-2" in upgraded, upgraded
+        assert "SIGTERM sent" in upgraded, upgraded
+        wait_until(
+            lambda: _alive(old["node-2"]["pid"]),
+            lambda alive: not alive,
+            what="the old node-2 agent exits once drained",
+            timeout=60,
+        )
         out, err = client.communicate(timeout=PROBE_SECONDS + 60)
     finally:
         if client.poll() is None:

@@ -333,6 +333,20 @@ def test_daemonset_upgrades_by_surging_so_a_node_never_lacks_an_agent(daemonset:
     assert all("ports" not in c for c in pod_spec(daemonset)["containers"])
 
 
+def test_grace_period_outlasts_the_agents_drain_so_long_connections_survive_upgrades(
+    daemonset: Obj,
+) -> None:
+    """The old agent serves what it holds for up to `drain_timeout_s` (at least an hour)
+    after SIGTERM; the kubelet's SIGKILL must come only after that, with time for the hook."""
+    from meshagent.lab import upgrade as lab_upgrade
+
+    drain = AgentConfig.model_fields["drain_timeout_s"].default
+    grace = pod_spec(daemonset)["terminationGracePeriodSeconds"]
+    assert drain >= 3600
+    assert drain < grace <= drain + 120
+    assert grace == lab_upgrade.GRACE_PERIOD  # the lab's kubelet uses the DaemonSet's
+
+
 def test_agent_command_is_the_documented_one(agent: Obj) -> None:
     assert agent["command"] == ["meshagent"]
     assert agent["args"] == [
