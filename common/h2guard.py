@@ -1,4 +1,5 @@
-"""Bounds on what one HTTP/2 peer may make the HBONE server do (issue #17 item 5, port 15008).
+"""Bounds on what one HTTP/2 peer may make a server connection of ours do: the HBONE server on
+15008 (issue #17 item 5) and the pod-facing HTTP/2 engine (issue #15 item 4) use this one guard.
 
 What flows through: the bytes a server connection receives, before `h2` sees them, and the
 stream resets `h2` reports. Out: nothing, or an `Abuse` naming what the peer overdid; the
@@ -15,8 +16,9 @@ when the header of the frame that would cross it arrives, before its body is buf
 What is bounded (figures per connection; legitimate peers, our own pool included, stay
 far below them):
 
-- header block (HEADERS + CONTINUATION, encoded) at most `MAX_HEADER_BLOCK` bytes (the
-  SETTINGS_MAX_HEADER_LIST_SIZE we announce) and `MAX_CONTINUATIONS` CONTINUATION frames;
+- header block (HEADERS + CONTINUATION, encoded) at most `max_header_block` bytes (the
+  SETTINGS_MAX_HEADER_LIST_SIZE we announce, `MAX_HEADER_BLOCK` by default) and
+  `MAX_CONTINUATIONS` CONTINUATION frames;
 - premature resets (rapid reset): a stream the peer resets within `PREMATURE_RESET_AGE` s of
   opening it costs a token of a bucket of `RESET_BURST` refilled at `RESET_RATE`/s (Envoy
   counts resets within 1 s of the request as premature; Node allows 1000 then 33/s; Rust h2
@@ -34,9 +36,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshagent.agent.hbone.protocol import MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE
+from prometheus_client import Counter
 
 __all__ = [
+    "ABUSE",
     "MAX_CONTINUATIONS",
     "MAX_HEADER_BLOCK",
     "MAX_PENDING_REQUESTS",
@@ -46,7 +49,8 @@ __all__ = [
     "TokenBucket",
 ]
 
-MAX_HEADER_BLOCK = MAX_HEADER_LIST_SIZE
+MAX_CONCURRENT_STREAMS = 100  # what both servers announce (SETTINGS_MAX_CONCURRENT_STREAMS)
+MAX_HEADER_BLOCK = 64 * 1024  # the SETTINGS_MAX_HEADER_LIST_SIZE both servers announce
 MAX_CONTINUATIONS = 16
 PREMATURE_RESET_AGE = 1.0
 RESET_BURST, RESET_RATE = 100, 20.0
@@ -59,6 +63,15 @@ _HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8, type, flags, strea
 _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
 _ACK = 0x1  # SETTINGS and PING
 _END_HEADERS = 0x4
+
+
+ABUSE = Counter(
+    "meshagent_http2_abuse",
+    "HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM because the peer exceeded a bound,"
+    " by listener (hbone: port 15008; pod: the pod-facing HTTP/2 engine) and kind (rapid_reset,"
+    " continuation, header_block, ping, settings, pending_requests).",
+    ("listener", "kind"),
+)
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,15 @@ class TokenBucket:
 class FloodGuard:
     """The server side's frame-level bounds for one connection (see the module docstring)."""
 
-    def __init__(self, clock: Callable[[], float], *, preface: bool = True) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        preface: bool = True,
+        max_header_block: int = MAX_HEADER_BLOCK,
+    ) -> None:
         self.clock = clock
+        self.max_header_block = max_header_block
         self._preface_left = len(PREFACE) if preface else 0
         self._header = bytearray()  # a frame header split across reads
         self._skip = 0  # body bytes of the current frame still to pass
@@ -149,10 +169,9 @@ class FloodGuard:
         elif kind == _SETTINGS and not flags & _ACK and not self._settings.take():
             return Abuse("settings", f"more than {SETTINGS_BURST} SETTINGS at {SETTINGS_RATE:g}/s")
         if kind in (_HEADERS, _CONTINUATION):
-            if self._block is not None and self._block > MAX_HEADER_BLOCK:
-                return Abuse(
-                    "header_block", f"header block over {MAX_HEADER_BLOCK} bytes ({self._block})"
-                )
+            limit = self.max_header_block
+            if self._block is not None and self._block > limit:
+                return Abuse("header_block", f"header block over {limit} bytes ({self._block})")
             if flags & _END_HEADERS:
                 self._block = None
         return None

@@ -28,8 +28,8 @@ import h2.events
 import h2.exceptions
 import trio
 from meshagent.agent.hbone.errors import TunnelFailed
-from meshagent.agent.hbone.guard import Abuse, FloodGuard
 from meshagent.agent.hbone.protocol import new_h2_connection, response_status
+from meshagent.common.h2guard import Abuse, FloodGuard
 
 __all__ = ["CloseReason", "ConnectionUnavailable", "HboneConnection", "TunnelStream"]
 
@@ -93,7 +93,7 @@ class HboneConnection:
         self._on_request = on_request
         self._close_timeout = close_timeout
         self._error: BaseException | None = None
-        self._guard = guard  # server side: the peer's bounds (agent/hbone/guard.py)
+        self._guard = guard  # server side: the peer's bounds (common/h2guard.py)
         self.abuse: Abuse | None = None  # why the connection was ended for abuse
         # Writer bookkeeping: every `_kick` bumps `_queued` (by the payload bytes queued, or 1);
         # `_written` is the last value whose frames have all been handed to the transport, so

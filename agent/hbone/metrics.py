@@ -11,7 +11,6 @@ from __future__ import annotations
 from prometheus_client import Counter
 
 __all__ = [
-    "INBOUND_ABUSE",
     "INBOUND_CONNECTIONS",
     "INBOUND_HANDSHAKE_FAILURES",
     "INBOUND_PROTOCOL_ERRORS",
@@ -24,12 +23,6 @@ __all__ = [
 INBOUND_CONNECTIONS = Counter(
     "meshagent_hbone_inbound_connections",
     "HBONE connections accepted (mutual TLS handshake completed).",
-)
-INBOUND_ABUSE = Counter(
-    "meshagent_hbone_inbound_abuse",
-    "HBONE connections ended with GOAWAY ENHANCE_YOUR_CALM because the peer exceeded a bound,"
-    " by kind (rapid_reset, continuation, header_block, ping, settings, pending_requests).",
-    ("kind",),
 )
 INBOUND_HANDSHAKE_FAILURES = Counter(
     "meshagent_hbone_inbound_handshake_failures",

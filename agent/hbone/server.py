@@ -9,11 +9,13 @@ CONNECT are answered 400 here, without bothering the handler.
 Faults stay local: a failed handshake, garbage, or malformed HTTP/2 closes that one
 connection and is counted (`metrics`); a handler that crashes resets only its stream.
 
-Abuse stays bounded: each connection has a `FloodGuard` (agent/hbone/guard.py) that ends it
-with GOAWAY ENHANCE_YOUR_CALM on a rapid-reset, CONTINUATION, PING or SETTINGS flood, an
-oversized header block or too many tunnel requests pending at once; counted by kind
-(``meshagent_hbone_inbound_abuse_total``). A stream the peer reset before its handler ran
-never reaches the handler (no pod is dialled for it). The log lines a peer can cause at will
+Abuse stays bounded: each connection has a `FloodGuard` (common/h2guard.py, the guard the
+pod-facing HTTP/2 engine uses too) that ends it with GOAWAY ENHANCE_YOUR_CALM on a
+rapid-reset, CONTINUATION, PING or SETTINGS flood, an oversized header block or too many
+tunnel requests pending at once; counted by kind
+(``meshagent_http2_abuse_total{listener="hbone"}``). A stream the peer reset before its
+handler ran never reaches the handler (no pod is dialled for it). The log lines a peer can
+cause at will
 (bad requests, abuse) are rate-limited.
 """
 
@@ -30,11 +32,11 @@ import trio
 from meshagent.agent.hbone import metrics
 from meshagent.agent.hbone.connection import CloseReason, HboneConnection, TunnelStream
 from meshagent.agent.hbone.errors import PeerIdentityError
-from meshagent.agent.hbone.guard import FloodGuard
 from meshagent.agent.hbone.protocol import BadRequest, ConnectRequest, parse_connect_request
 from meshagent.agent.hbone.tls import ALPN, ServerContextSelector, peer_identity
 from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
+from meshagent.common.h2guard import ABUSE, FloodGuard
 from meshagent.common.spiffe import Identity
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundTunnel", "TunnelHandler", "serve_hbone"]
@@ -218,7 +220,7 @@ async def _serve_connection(
             )
             reason = await conn.run()
             if reason is CloseReason.ABUSE and conn.abuse is not None:
-                metrics.INBOUND_ABUSE.labels(kind=conn.abuse.kind).inc()
+                ABUSE.labels(listener="hbone", kind=conn.abuse.kind).inc()
                 peer_log.warning(
                     f"abuse-{conn.abuse.kind}",
                     "HBONE connection from %s:%d (%s) ended with GOAWAY: %s",

@@ -246,46 +246,6 @@ async def test_a_failed_connect_is_unavailable_for_grpc():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_reset_flood_ends_the_connection_with_goaway():
-    limits = h2wire.H2Limits(max_resets=5, reset_window=10.0)
-    client_end, proxy_end = memory_stream_pair()
-    ctx = HttpContext(routes=lambda: None, clusters=Clusters(), pool=None)
-
-    async def slow_filter(info):
-        await trio.sleep(10)
-
-    ctx = HttpContext(
-        routes=lambda: None, clusters=Clusters(), pool=None, request_filter=slow_filter
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: proxy_http2(proxy_end, ctx, limits=limits))
-        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
-        terminated = []
-
-        def on_event(event):
-            if isinstance(event, h2.events.ConnectionTerminated):
-                terminated.append(event.error_code)
-            return False
-
-        nursery.start_soon(client.run, on_event)
-        head = [
-            (b":method", b"GET"),
-            (b":scheme", b"http"),
-            (b":path", b"/"),
-            (b":authority", b"a"),
-        ]
-        for _ in range(10):
-            sid = client.conn.get_next_available_stream_id()
-            client.conn.send_headers(sid, head, end_stream=True)
-            client.conn.reset_stream(sid)
-        await client.flush()
-        with trio.fail_after(5):
-            while not terminated:
-                await trio.sleep(0.01)
-        assert terminated == [h2wire.ENHANCE_YOUR_CALM]
-        nursery.cancel_scope.cancel()
-
-
 async def test_an_http1_port_serves_a_client_that_opens_with_the_h2_preface():
     client_end, proxy_end = memory_stream_pair()
     ctx = HttpContext(routes=lambda: HttpRoutes(HOST, 80, ()), clusters=Clusters(), pool=None)
@@ -440,13 +400,6 @@ async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway(
         await trio.testing.wait_all_tasks_blocked()
         assert goaway == [(h2wire.NO_ERROR, late)]
         nursery.cancel_scope.cancel()
-
-
-def test_the_reset_guard_counts_within_its_window():
-    guard = h2wire.ResetGuard(limit=2, window=1.0)
-    assert not guard.reset(0.0) and not guard.reset(0.5)
-    assert guard.reset(0.9)
-    assert not guard.reset(2.0)  # the old ones fell out of the window
 
 
 def _grpc_messages(*sizes: int) -> bytes:

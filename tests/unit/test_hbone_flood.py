@@ -26,7 +26,8 @@ from hyperframe.frame import (
 )
 from meshagent.agent.hbone import InboundTunnel, open_tunnel_pool
 from meshagent.agent.hbone.connection import TunnelStream
-from meshagent.agent.hbone.guard import (
+from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
+from meshagent.common.h2guard import (
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
     PING_BURST,
@@ -35,7 +36,6 @@ from meshagent.agent.hbone.guard import (
     SETTINGS_BURST,
     FloodGuard,
 )
-from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
 
 from tests.certs import TestCA
 from tests.unit import test_hbone_tunnel as hbone
@@ -260,7 +260,7 @@ async def test_a_flood_ends_its_connection_with_goaway_and_others_keep_working(
         handled.append(tunnel)
         await hbone.echo_after_eof(tunnel)
 
-    before = metric("meshagent_hbone_inbound_abuse_total", kind=kind)
+    before = metric("meshagent_http2_abuse_total", listener="hbone", kind=kind)
     streams_before = _tunnel_streams()
     async with (
         hbone.hbone_node(ca, leaves, handler) as node,
@@ -272,7 +272,7 @@ async def test_a_flood_ends_its_connection_with_goaway_and_others_keep_working(
         assert goaway is not None, "no GOAWAY"
         assert goaway.error_code == ENHANCE_YOUR_CALM
         assert goaway.additional_data  # the reason, for the peer's logs
-        assert metric("meshagent_hbone_inbound_abuse_total", kind=kind) == before + 1
+        assert metric("meshagent_http2_abuse_total", listener="hbone", kind=kind) == before + 1
         if kind == "rapid_reset":
             # streams reset before their handler ran never reach it (no pod is dialled)
             assert len(handled) <= 1  # the survivor's

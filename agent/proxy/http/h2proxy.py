@@ -23,8 +23,12 @@ a call's `grpc-timeout`, runs from the request's head to the response's end: 504
 DEADLINE_EXCEEDED) before the response head, a reset stream after it. After the response
 began, any failure resets the downstream stream. Replies the proxy makes itself to gRPC calls
 are trailers-only with a gRPC code (`h2wire.local_reply`). Limits on the downstream side
-(`h2wire.H2Limits`): h2 refuses streams over the concurrency limit and header lists over the
-size limit; protocol errors and reset floods end the connection with GOAWAY. A drain refuses
+(`h2wire.H2Limits`) and the frame guard shared with the HBONE server (`common/h2guard.py`):
+h2 refuses a stream over the concurrency limit (GOAWAY PROTOCOL_ERROR); the guard reads the
+frame headers of what the client sends before h2 buffers it, and a header block over the
+header list limit or in more than 16 CONTINUATION frames, a rapid-reset, PING or SETTINGS
+flood end the connection with GOAWAY ENHANCE_YOUR_CALM, the reason in its debug data (counted
+in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain refuses
 new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes.
 
 The h2 state machines (sans-IO) live in `_H2Peer` with the reader that feeds them; all the
@@ -68,9 +72,12 @@ from meshagent.agent.proxy.lb import (
     EndpointState,
 )
 from meshagent.agent.proxy.routing import RetryPolicy
+from meshagent.agent.telemetry.ratelog import RateLimitedLog
+from meshagent.common.h2guard import ABUSE, Abuse, FloodGuard
 from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
 
 log = logging.getLogger(__name__)
+abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood the log
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
@@ -137,6 +144,8 @@ class _H2Peer:
         self.conn = conn
         self.lock = trio.Lock()
         self.inboxes: dict[int, _Inbox] = {}
+        self.guard: FloodGuard | None = None  # downstream: the peer's bounds (h2guard)
+        self.abuse: Abuse | None = None  # why the guard ended the connection
         self._window = trio.Event()
         self.closed = False
         self.goaway = False
@@ -263,6 +272,12 @@ class _H2Peer:
                         return
                     if not data:
                         return
+                if self.guard is not None:
+                    abuse = self.guard.feed(data)
+                    if abuse is not None:  # before h2 buffers or answers any of it
+                        self.abuse = abuse
+                        await self.goaway_and_close(h2wire.ENHANCE_YOUR_CALM, abuse.reason)
+                        return
                 try:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
@@ -296,9 +311,10 @@ class _H2Peer:
                 inbox.send.send_nowait(None)
             self.wake()
 
-    async def goaway_and_close(self, code: int) -> None:
+    async def goaway_and_close(self, code: int, reason: str = "") -> None:
         with contextlib.suppress(*_H2_ERRORS):
-            self.conn.close_connection(error_code=code)
+            debug = reason.encode("ascii", "replace")[:200] or None
+            self.conn.close_connection(error_code=code, additional_data=debug)
         with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
             await self.flush()
         self.closed = True
@@ -358,8 +374,11 @@ class _Session:
         self.ctx = ctx
         self.limits = limits
         self.down = _H2Peer(client, h2wire.new_connection(client_side=False, limits=limits))
-        self.guard = h2wire.ResetGuard(limits.max_resets, limits.reset_window)
+        self.guard = self.down.guard = FloodGuard(
+            trio.current_time, max_header_block=limits.max_header_list_size
+        )
         self.scopes: dict[int, trio.CancelScope] = {}
+        self.opened: dict[int, float] = {}  # when the client opened each stream in flight
         self.upstreams: dict[str, list[_H2Peer]] = {}
         self.opening: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
@@ -400,6 +419,15 @@ class _Session:
                     nursery.start_soon(self._drain_when_asked, nursery.cancel_scope)
                 await self.down.run(self._on_event, initial)
                 nursery.cancel_scope.cancel()
+            if self.down.abuse is not None:
+                abuse = self.down.abuse
+                ABUSE.labels(listener="pod", kind=abuse.kind).inc()
+                abuse_log.warning(
+                    f"abuse-{abuse.kind}",
+                    "HTTP/2 connection from %s ended with GOAWAY ENHANCE_YOUR_CALM: %s",
+                    self.ctx.peer or "?",
+                    abuse,
+                )
         finally:
             for peers in self.upstreams.values():
                 for peer in peers:
@@ -413,6 +441,7 @@ class _Session:
                 return True
             self.down.open_inbox(event.stream_id)
             scope = self.scopes[event.stream_id] = trio.CancelScope()
+            self.opened[event.stream_id] = self.guard.clock()
             ended = event.stream_ended is not None  # a request without a body (GET)
             self.nursery.start_soon(
                 self._serve_stream, event.stream_id, event.headers, scope, ended
@@ -422,10 +451,15 @@ class _Session:
             scope = self.scopes.get(event.stream_id)
             if scope is not None:
                 scope.cancel()
-                if self.guard.reset(trio.current_time()):
-                    log.warning("HTTP/2 reset flood from %s: GOAWAY", self.ctx.peer or "?")
+                opened = self.opened.get(event.stream_id, self.guard.clock())
+                abuse = self.guard.stream_reset(self.guard.clock() - opened)
+                if abuse is not None:  # rapid reset (CVE-2023-44487)
+                    self.down.abuse = abuse
                     with contextlib.suppress(*_H2_ERRORS):
-                        self.down.conn.close_connection(error_code=h2wire.ENHANCE_YOUR_CALM)
+                        self.down.conn.close_connection(
+                            error_code=h2wire.ENHANCE_YOUR_CALM,
+                            additional_data=abuse.reason.encode("ascii", "replace")[:200],
+                        )
                     self.down.closed = True  # the reader sends the GOAWAY and stops
         return False
 
@@ -490,6 +524,7 @@ class _Session:
         finally:
             record.duration = trio.current_time() - started
             self.scopes.pop(stream_id, None)
+            self.opened.pop(stream_id, None)
             self.down.close_inbox(stream_id)
             if self.ctx.on_request_done is not None:
                 try:

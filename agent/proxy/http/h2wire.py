@@ -1,5 +1,5 @@
 """HTTP/2 for the L7 engine, without I/O: connection settings and limits, request and response
-heads, gRPC status rules, local replies and the reset-flood guard.
+heads, gRPC status rules, and local replies.
 
 What flows through: the `h2` state machine's header lists (lower-case byte names, pseudo
 headers first) in, checked and rewritten header lists out; an HTTP status or a `LocalResponse`
@@ -15,7 +15,6 @@ policy denial (403) is PERMISSION_DENIED (7), as Envoy's RBAC filter answers gRP
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 import h2.config
@@ -56,18 +55,16 @@ _HTTP_TO_GRPC = {
 class H2Limits:
     """What one downstream (pod-facing) HTTP/2 connection may use of the proxy.
 
-    Streams over `max_concurrent_streams` are refused by h2 (REFUSED_STREAM); a header list
-    over `max_header_list_size` and a run of CONTINUATION frames h2 will not buffer
-    (its CONTINUATION backlog) are protocol errors; more than `max_resets` streams reset by
-    the client within `reset_window` seconds (CVE-2023-44487, rapid reset) is a flood. All
-    three end the connection with GOAWAY. Windows bound what a slow reader makes us hold."""
+    Streams over `max_concurrent_streams` are refused by h2 (GOAWAY PROTOCOL_ERROR); a header
+    block over `max_header_list_size`, long CONTINUATION runs and rapid-reset, PING and
+    SETTINGS floods are stopped by the frame guard shared with the HBONE server
+    (`common/h2guard.py`: GOAWAY ENHANCE_YOUR_CALM). Windows bound what a slow reader makes us
+    hold."""
 
     max_concurrent_streams: int = 100
     max_header_list_size: int = 64 * 1024
     stream_window: int = 1024 * 1024
     connection_window: int = 4 * 1024 * 1024
-    max_resets: int = 200
-    reset_window: float = 10.0
 
 
 DEFAULT_LIMITS = H2Limits()
@@ -248,23 +245,6 @@ def _percent_encode(text: str) -> bytes:
         else:
             out += b"%%%02X" % byte
     return bytes(out)
-
-
-class ResetGuard:
-    """Counts streams the client reset; `reset(now)` is True once more than `limit` fell within
-    the last `window` seconds (a rapid-reset flood: end the connection)."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._times: collections.deque[float] = collections.deque()
-
-    def reset(self, now: float) -> bool:
-        times = self._times
-        times.append(now)
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        return len(times) > self.limit
 
 
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
