@@ -108,13 +108,16 @@ def test_long_lived_connections_survive_both_agents_upgrades(lab_factory, tmp_pa
             sigterm[node] = time.monotonic()
             assert f"handed over to meshagent-{node}-2" in upgraded, upgraded
             assert "SIGTERM sent" in upgraded, upgraded
-            # the old agent drains: it still runs, holding connections, and says so
-            wait_until(
+            # the old agent drains: it still runs, holding connections, and says so (node-1's
+            # holds the client side of all 20, node-2's the server side of the cross-node ones)
+            log = wait_until(
                 lambda node=node: "\n".join(_agent_lines(node, old[node]["pid"])),
-                lambda log: re.search(r"SIGTERM: draining [1-9]\d* connection", log),
+                lambda log: re.search(r"SIGTERM: draining \d+ connection", log),
                 what=f"the old {node} agent drains the connections it holds",
                 timeout=30,
             )
+            held = int(re.search(r"SIGTERM: draining (\d+) connection", log).group(1))
+            assert held >= (HELD if node == "node-1" else 1), log[-3000:]
             assert _alive(old[node]["pid"])
             # `meshagent status` on the node lists the draining old agent beside the new one
             pods = lab.status(node)["datapath"]["agent_pods"]
