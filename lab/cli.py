@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -284,9 +283,13 @@ def agent_upgrade(node: str, min_ready: float) -> None:
       meshlab agent upgrade node-1
     """
     plan = lab.load_plan()
-    _surge(plan, node)
-    time.sleep(min_ready)
-    _retire(plan, node, wait=False)
+    plan.node(node)
+    try:
+        pod, retired = upgrade.upgrade(plan, node, min_ready)
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(f"{pod['name']} serves on {node} (pid {pod['pid']})")
+    _show_retired(retired)
 
 
 @agent.command("surge")
@@ -332,7 +335,11 @@ def _surge(plan, node: str) -> None:
 
 def _retire(plan, node: str, *, wait: bool) -> None:
     plan.node(node)
-    for old in upgrade.retire(plan, node, wait=wait):
+    _show_retired(upgrade.retire(plan, node, wait=wait))
+
+
+def _show_retired(retired) -> None:
+    for old in retired:
         click.echo(f"{old.name}: preStop: {old.pre_stop}")
         if old.exit_after_s is None:
             click.echo(

@@ -88,6 +88,14 @@ def retire(
     return done
 
 
+def upgrade(plan: LabPlan, node: str, min_ready: float = 1.0) -> tuple[dict, list[Retired]]:
+    """The DaemonSet's rollout on ``node``: surge, ``min_ready`` s of serving
+    (minReadySeconds), then retire the old pods without waiting for them to exit."""
+    pod = surge(plan, node)
+    time.sleep(min_ready)
+    return pod, retire(plan, node, wait=False)
+
+
 # The watcher: stdlib only, polls the pid (the same process: its start time) once a second.
 _WATCHER = r"""
 import os, signal, sys, time

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from meshagent.lab import cgroups
+
 from tests.e2e.conftest import BIN, EXAMPLES, meshlab
 from tests.e2e.test_upgrade import CLIENT, _agent_lines, _agent_pods, _alive
 from tests.waiting import wait_until
@@ -119,6 +121,8 @@ def test_long_lived_connections_survive_both_agents_upgrades(lab_factory, tmp_pa
             held = int(re.search(r"SIGTERM: draining (\d+) connection", log).group(1))
             assert held >= (HELD if node == "node-1" else 1), log[-3000:]
             assert _alive(old[node]["pid"])
+            # the kubelet's SIGKILL at the grace deadline: a watcher waits beside it
+            assert cgroups.pids(cgroups.system_cgroup(f"retired-{node}")), node
             # `meshagent status` on the node lists the draining old agent beside the new one
             pods = lab.status(node)["datapath"]["agent_pods"]
             assert [p["name"] for p in pods] == [old[node]["name"], f"meshagent-{node}-2"]
@@ -162,6 +166,11 @@ def test_long_lived_connections_survive_both_agents_upgrades(lab_factory, tmp_pa
             lambda alive: not alive,
             what=f"the old {node} agent exits after its last connection",
             timeout=60,
+        )
+        wait_until(
+            lambda node=node: cgroups.pids(cgroups.system_cgroup(f"retired-{node}")),
+            lambda pids: not pids,
+            what=f"the {node} watcher leaves once the old agent is gone",
         )
         old_log = "\n".join(_agent_lines(node, old[node]["pid"]))
         assert "drained, 0 connection(s) left open" in old_log, old_log[-3000:]
