@@ -100,3 +100,15 @@ def test_a_malformed_request_is_answered_in_plain_words(lab):
     head, _, body = proc.stdout.partition("\n\n")  # read as text: CRLF became LF
     assert head.startswith("HTTP/1.1 400 Bad Request\n"), proc.stdout
     assert body == "bad request: invalid character in a header name\n"
+
+
+@SERVICES
+@pytest.mark.parametrize(
+    "how", [("-0",), ("-H", "Connection: close")], ids=["http-1.0", "connection-close"]
+)
+def test_connections_the_server_side_ends_keep_their_responses(lab, service, how):
+    """A session that ends after its response (1.0, or `Connection: close`) ends the tunnel
+    stream cleanly: each of a run of such requests gets its 200 (a CANCEL reset dropped the
+    response cross-node: 503 UC)."""
+    codes = [lab.curl("h1f/client", f"http://{service}.h1f:8080/n{i}", *how)[0] for i in range(12)]
+    assert codes == ["200"] * 12
