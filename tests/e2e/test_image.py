@@ -201,8 +201,12 @@ class ImageNode:
         code, body = self.lab.curl("shop/frontend", "http://reviews.shop:9080/")
         assert code == "200", (code, body)
         assert self.lab.counters(NODE)["redirected"] > before
-        proxy = self.lab.status(NODE)["agent"]["proxy"]
-        assert proxy["mutual_tls"] >= 1 and proxy["http_requests"] >= 1, proxy
+        # the proxy workers report to the agent every second: wait for the report with it
+        wait_until(
+            lambda: self.lab.status(NODE)["agent"]["proxy"],
+            lambda proxy: proxy["mutual_tls"] >= 1 and proxy["http_requests"] >= 1,
+            what=f"{NODE}'s proxy counts the request as HTTP over mutual TLS",
+        )
 
     def remove_all(self) -> None:
         for name in self.started:

@@ -340,8 +340,13 @@ def test_killing_a_backend_under_load_fails_no_new_connection(lab):
         assert "kill-1" not in answered_by(after), name
         # only what was in flight at the kill may have failed
         assert sum(1 for _, status, _ in results if status != 200) <= workers, statuses(results)
-    # new L4 connections did meet the dead backend, and went on to another one
-    assert agent(lab)["proxy"]["upstream_failures"] > failures_before
+    # new L4 connections did meet the dead backend, and went on to another one (the workers
+    # report every second: wait for the report that has it)
+    wait_until(
+        lambda: agent(lab)["proxy"]["upstream_failures"],
+        lambda failures: failures > failures_before,
+        what=f"the proxy reports upstream failures (before: {failures_before})",
+    )
 
 
 # -- timeouts, faults, circuit breaking ----------------------------------------------------------
