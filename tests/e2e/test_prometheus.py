@@ -271,8 +271,21 @@ def _in_pod(pod: str, script: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def traffic(prometheus):
-    """The known traffic, then a wait until Prometheus has scraped all of it."""
-    assert json.loads(_in_pod("shop/frontend", GETS, "reviews.shop", "/", str(OK))) == [200] * OK
+    """The known traffic, then a wait until Prometheus has scraped all of it.
+
+    A counter's first sample is taken as its start (rate() sees no increase up to it): one
+    request first, scraped from both reporters before the rest, so that the reviews series
+    have an increase inside the rate window however slow the scrapes are."""
+    assert json.loads(_in_pod("shop/frontend", GETS, "reviews.shop", "/", "1")) == [200]
+    reviews_ok = f'istio_requests_total{{destination_service="{REVIEWS}",response_code="200"}}'
+    wait_until(
+        lambda: prometheus.query(f"sum by (reporter) ({reviews_ok})"),
+        lambda r: len(r) == 2 and all(float(x["value"][1]) == 1 for x in r),
+        what="Prometheus has scraped the first request from both reporters",
+        timeout=30,
+    )
+    rest = json.loads(_in_pod("shop/frontend", GETS, "reviews.shop", "/", str(OK - 1)))
+    assert rest == [200] * (OK - 1)
     missing = json.loads(_in_pod("shop/frontend", GETS, "reviews.shop", "/nope", str(MISSING)))
     assert missing == [404] * MISSING
     denied = json.loads(_in_pod("shop/intruder", GETS, "reviews.shop", "/", str(DENIED_HTTP)))
@@ -296,7 +309,22 @@ def traffic(prometheus):
         what="Prometheus has scraped the ejection",
         timeout=30,
     )
-    time.sleep(3)  # a few more scrapes, so that every rate() has two samples after the traffic
+    # two more scrapes of every target after the traffic: every series has two samples (what
+    # rate() and increase() need), whenever its first one was taken
+    after = time.time() + 1.0  # the scrape interval is 1 s
+    wait_until(
+        lambda: prometheus.query("min(timestamp(up))"),
+        lambda r: r and float(r[0]["value"][1]) > after,
+        what="Prometheus scraped every target twice after the traffic",
+        timeout=30,
+    )
+    # rate() over the panels' window sees the rest of the reviews requests from both reporters
+    wait_until(
+        lambda: prometheus.query(f"sum by (reporter) (rate({reviews_ok}[{RATE_INTERVAL}]))"),
+        lambda r: len(r) == 2 and all(float(x["value"][1]) > 0 for x in r),
+        what="Prometheus's rate() sees the reviews requests from both reporters",
+        timeout=30,
+    )
     return prometheus
 
 
