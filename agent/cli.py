@@ -202,7 +202,16 @@ def observe(
     config = load_config(config_file)
     keep = observe_mod.FlowFilter(namespace=namespace, pod=pod, denied=denied)
     try:
-        for flow in observe_mod.follow(config.state_dir, keep, count=count, duration=duration):
+        flows = observe_mod.follow(
+            config.state_dir,
+            keep,
+            count=count,
+            duration=duration,
+            on_ready=lambda taps: click.echo(
+                f"watching flows from {taps} proxy processes (Ctrl-C stops)", err=True
+            ),
+        )
+        for flow in flows:
             if as_json:
                 click.echo(json.dumps(flow))
             elif "dropped" in flow:

@@ -20,6 +20,7 @@ from pathlib import Path
 from meshagent.agent.telemetry.flows import flows_dir
 
 RESCAN_INTERVAL = 1.0
+GREETING_TIMEOUT = 5.0  # for every tap found to say hello (an older agent's says none)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class _Taps:
         self.selector = selectors.DefaultSelector()
         self.connected: dict[Path, socket.socket] = {}
         self.partial: dict[socket.socket, bytes] = {}
+        self.greeted: set[socket.socket] = set()  # taps that said hello (an empty line)
 
     def rescan(self) -> None:
         for path in sorted(self.folder.glob("*.sock")) if self.folder.is_dir() else []:
@@ -125,10 +127,23 @@ class _Taps:
                 self.selector.unregister(sock)
                 del self.connected[key.data]
                 del self.partial[sock]
+                self.greeted.discard(sock)
                 sock.close()
                 continue
             *lines, self.partial[sock] = (self.partial[sock] + data).split(b"\n")
+            if lines and sock not in self.greeted and lines[0] == b"":
+                self.greeted.add(sock)
+                lines = lines[1:]
             yield from lines
+
+    def wait_greetings(self, timeout: float, clock: Callable[[], float]) -> list[bytes]:
+        """Read until every connected tap said hello (it registered this watcher), at most
+        `timeout` s (a tap of an older agent says none); returns the lines read meanwhile."""
+        early: list[bytes] = []
+        end = clock() + timeout
+        while set(self.connected.values()) - self.greeted and clock() < end:
+            early += self.read(max(0.0, min(0.1, end - clock())))
+        return early
 
     def close(self) -> None:
         for sock in self.connected.values():
@@ -143,23 +158,31 @@ def follow(
     count: int | None = None,
     duration: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_ready: Callable[[int], None] | None = None,
 ) -> Iterator[dict]:
     """The node's flows that `keep` accepts, as they happen, until `count` were given or
     `duration` seconds passed (both None: until interrupted). ``{"dropped": n}`` entries (a
-    tap's queue overflowed) are always given. Raises FileNotFoundError when no agent on this
+    tap's queue overflowed) are always given. `on_ready(taps)` is called once every tap is
+    connected: flows from then on are seen. Raises FileNotFoundError when no agent on this
     node serves a tap."""
     taps = _Taps(flows_dir(state_dir))
     taps.rescan()
     if not taps.connected:
         taps.close()
         raise FileNotFoundError(f"no flow tap in {taps.folder}: is the agent running here?")
+    early = taps.wait_greetings(GREETING_TIMEOUT, clock)
+    if on_ready is not None:
+        on_ready(len(taps.connected))
     end = None if duration is None else clock() + duration
     given = 0
     next_scan = clock() + RESCAN_INTERVAL
     try:
         while end is None or clock() < end:
             wait = RESCAN_INTERVAL if end is None else max(0.0, min(RESCAN_INTERVAL, end - clock()))
-            for line in taps.read(wait):
+            lines, early = [*early, *taps.read(wait)], []
+            for line in lines:
+                if not line:
+                    continue  # a hello of a tap found by a later rescan
                 flow = json.loads(line)
                 if "dropped" in flow or keep(flow):
                     yield flow

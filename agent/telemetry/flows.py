@@ -74,6 +74,7 @@ async def _serve_watcher(tap: FlowTap, stream: trio.SocketStream) -> None:
     tap._watchers.append(watcher)
     try:
         async with stream:
+            await stream.send_all(b"\n")  # hello: every flow from now on reaches this watcher
             async for line in watcher.receive:
                 if watcher.dropped:
                     line = b'{"dropped":%d}\n' % watcher.dropped + line

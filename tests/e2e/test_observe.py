@@ -8,6 +8,7 @@ prints that request, naming the policy, within a second of it; every line is JSO
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import threading
 import time
@@ -16,6 +17,16 @@ from tests.e2e.conftest import BIN, EXAMPLES, meshlab
 from tests.waiting import wait_until
 
 URL = "http://reviews.shop:9080/"
+READY_TIMEOUT = 30.0
+
+
+def _until_watching(watch: subprocess.Popen) -> None:
+    """Until `meshagent observe` says on stderr that it watches every proxy process (each
+    tap registered it: any flow from then on is printed); the first stderr line."""
+    ready, _, _ = select.select([watch.stderr], [], [], READY_TIMEOUT)
+    assert ready, f"observe said nothing in {READY_TIMEOUT:.0f}s"
+    line = watch.stderr.readline()
+    assert line.startswith("watching flows from "), line + watch.stderr.read()
 
 
 def test_observe_prints_the_denied_request_with_its_policy_within_a_second(demo_lab):
@@ -44,8 +55,7 @@ def test_observe_prints_the_denied_request_with_its_policy_within_a_second(demo_
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        time.sleep(2)  # observe connects to the agent's and the workers' taps
-        assert watch.poll() is None, watch.stderr.read()
+        _until_watching(watch)
         code, body = demo_lab.curl("shop/intruder", URL)
         answered = time.monotonic()
         assert code == "403" and "RBAC: access denied" in body
@@ -78,7 +88,7 @@ def test_observe_text_lines_and_filters(demo_lab):
         text=True,
     )  # fmt: skip
     try:
-        time.sleep(2)
+        _until_watching(watch)
         demo_lab.curl("shop/frontend", URL)  # not the intruder's: filtered out
         demo_lab.curl("shop/intruder", URL)
         out, err = watch.communicate(timeout=30)

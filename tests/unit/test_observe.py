@@ -2,9 +2,10 @@
 decision's reason, while watched, even with the log off) and the flow filters and lines."""
 
 import json
+import time
 
 import trio
-from meshagent.agent.observe import FlowFilter, follow, render
+from meshagent.agent.observe import GREETING_TIMEOUT, FlowFilter, follow, render
 from meshagent.agent.telemetry import AccessLog, AccessLogSettings
 from meshagent.agent.telemetry.flows import FlowTap, _Watcher, flow_socket, serve_flow_tap
 from meshagent.common.authz import Decision
@@ -102,3 +103,39 @@ async def test_follow_reads_the_socket_of_each_process(tmp_path):
         nursery.cancel_scope.cancel()
     assert flows == [{"policy_decision": "deny", "policy_reason": "denied by x"}]
     assert not list(tmp_path.glob("flows/*.sock"))  # removed when the taps stop
+
+
+async def test_every_flow_after_ready_is_seen(tmp_path):
+    """`on_ready` comes once each tap has registered the watcher (its hello), so a flow
+    published right after it is never lost: what `meshagent observe` says on stderr."""
+    taps = [FlowTap(), FlowTap()]
+    ready = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_flow_tap, taps[0], flow_socket(tmp_path))
+        await nursery.start(serve_flow_tap, taps[1], flow_socket(tmp_path, 0))
+        seen: list[int] = []
+        waited: list[float] = []
+
+        def watch() -> list[dict]:
+            started = time.monotonic()
+
+            def on_ready(count: int) -> None:
+                seen.append(count)
+                waited.append(time.monotonic() - started)
+                trio.from_thread.run_sync(ready.set, trio_token=token)
+
+            flows = follow(tmp_path, FlowFilter(), count=2, duration=10, on_ready=on_ready)
+            return list(flows)
+
+        async def feed() -> None:
+            await ready.wait()
+            for i, tap in enumerate(taps):  # no waiting for `watched`: ready means watched
+                tap.publish(b'{"n":%d}\n' % i, None)
+
+        nursery.start_soon(feed)
+        flows = await trio.to_thread.run_sync(watch)
+        nursery.cancel_scope.cancel()
+    assert seen == [2]
+    assert waited[0] < GREETING_TIMEOUT / 2  # the hellos said it, not the timeout
+    assert sorted(f["n"] for f in flows) == [0, 1]
