@@ -57,6 +57,18 @@ class Heartbeat:
             self._thread.join(timeout=5)
             self._thread = None
 
+    def beat_now(self) -> None:
+        """One beat at once, if it should beat: called as the agent becomes ready, so the
+        datapath sees a live agent before anyone can see the agent ready (the thread's next
+        beat may be up to one interval away, and until then fail modes still hold)."""
+        if not self._should_beat():
+            return
+        try:
+            self._beat()
+            self.beats += 1
+        except OSError as exc:
+            log.error("cannot write the heartbeat: %s", exc)
+
     def _run(self) -> None:
         failing = False
         while not self._stop.is_set():

@@ -213,6 +213,7 @@ class Agent:
                 nursery.start_soon(self._report_link_state)
                 nursery.start_soon(self._drain_on_sigterm, nursery.cancel_scope)
                 self.ready = True
+                heartbeat.beat_now()  # before any task can answer ready (no await between)
                 log.info(
                     "agent ready on node %s (proxy %s:%d, HBONE :%d)",
                     cfg.node_name,

@@ -90,7 +90,15 @@ def test_a_new_deny_closes_open_connections_it_forbids_and_no_other(live_lab, tm
     }
     try:
         for holder in holders.values():
-            wait_until(holder.echoes, lambda n: n >= 3, what=f"{holder.name} passes data")
+            try:
+                wait_until(
+                    holder.echoes,
+                    lambda n: n >= 3,
+                    what=f"{holder.name} passes data",
+                    timeout=30,  # four clients starting at once, on a busy machine
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; its output: {holder.lines[-5:]}") from None
         path = tmp_path / "deny.yaml"
         path.write_text(yaml.safe_dump(DENY_INTRUDER))
         meshlab("apply", "-f", str(path))

@@ -191,6 +191,20 @@ def test_heartbeat_beats_only_while_the_agent_serves():
         hb.stop()
 
 
+def test_becoming_ready_beats_at_once_not_an_interval_later():
+    """The agent beats as it becomes ready (`beat_now`), before anyone can see it ready: with
+    the thread's next beat up to an interval away, a restarted agent looked ready while the
+    connect programs still refused its closed pods (a stale beat)."""
+    beats: list[int] = []
+    ready = False
+    hb = Heartbeat(lambda: beats.append(1), lambda: ready, interval=3600)  # no thread beat
+    hb.beat_now()
+    assert beats == []  # not serving: no beat
+    ready = True
+    hb.beat_now()
+    assert beats == [1] and hb.beats == 1
+
+
 def test_a_failing_beat_is_logged_once_and_retried(caplog):
     calls: list[int] = []
 
