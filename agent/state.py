@@ -157,6 +157,11 @@ class SnapshotStore:
     def version(self) -> str:
         return self.tables.snapshot.version if self.tables else ""
 
+    def document_json(self) -> str | None:
+        """The snapshot in force as the controller sent it (JSON): what proxy workers are fed,
+        so they check the same document the agent did, whatever fields its model adds."""
+        return None if self._document is None else json.dumps(self._document, separators=(",", ":"))
+
     def on_change(self, callback: Callable[[Tables], None]) -> None:
         self._listeners.append(callback)
 

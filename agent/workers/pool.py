@@ -144,7 +144,9 @@ class WorkerPool:
     # -- feeding -------------------------------------------------------------------------------
 
     def _on_snapshot(self, tables) -> None:
-        self._snapshot = snapshot_message(tables.snapshot.model_dump_json())
+        document = self.store.document_json()
+        assert document is not None  # the store tells its listeners after keeping it
+        self._snapshot = snapshot_message(document)
         for w in self.workers:
             w.post(self._snapshot)
 
@@ -155,8 +157,9 @@ class WorkerPool:
 
     def _initial_messages(self) -> list[dict[str, Any] | bytes]:
         out: list[dict[str, Any] | bytes] = []
-        if self._snapshot is None and self.store.tables is not None:
-            self._snapshot = snapshot_message(self.store.tables.snapshot.model_dump_json())
+        document = self.store.document_json()
+        if self._snapshot is None and document is not None:
+            self._snapshot = snapshot_message(document)
         if self._snapshot is not None:
             out.append(self._snapshot)
         out.append(certs_message(self.identities.current()))

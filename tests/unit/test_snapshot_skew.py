@@ -77,3 +77,16 @@ def test_content_that_does_not_match_its_version_is_refused(tmp_path):
 def test_the_model_and_the_wire_form_agree_on_the_version():
     snap = Snapshot(node=NODE, workloads=[], trust_bundle=None).with_version()
     assert wire_version(json.loads(snap.model_dump_json())) == snap.version
+
+
+def test_proxy_workers_are_fed_the_document_the_agent_checked(tmp_path):
+    """Workers check the snapshot again: they get the document as received, which passes,
+    where the agent's own model (with the field it defaults) would not."""
+    doc = document(older)
+    agent = SnapshotStore(NODE, tmp_path / "agent")
+    agent.apply(doc)
+    worker = SnapshotStore(NODE, tmp_path / "worker")
+    worker.apply(json.loads(agent.document_json()), save=False)
+    assert worker.version == doc["version"]
+    with pytest.raises(SnapshotRejected):  # what feeding the model's dump did
+        worker.apply(json.loads(agent.tables.snapshot.model_dump_json()), save=False)
