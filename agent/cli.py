@@ -189,6 +189,7 @@ def observe(
     per HTTP request (when it completes), with time (UTC), source workload, destination service
     and workload, protocol, verdict and the policy that decided it, response code, duration and
     bytes. Read from the proxies' access-log entries; costs them nothing while nobody watches.
+    Says on stderr when it watches every proxy process (flows from then on are all shown).
 
     \b
     Examples:

@@ -61,13 +61,20 @@ class Heartbeat:
         """One beat at once, if it should beat: called as the agent becomes ready, so the
         datapath sees a live agent before anyone can see the agent ready (the thread's next
         beat may be up to one interval away, and until then fail modes still hold)."""
-        if not self._should_beat():
-            return
+        if self._should_beat():
+            self._beat_once(failing=False)
+
+    def _beat_once(self, *, failing: bool) -> bool:
+        """One beat; True if it failed (logged unless it was `failing` already: once per
+        outage, not four times a second)."""
         try:
             self._beat()
-            self.beats += 1
         except OSError as exc:
-            log.error("cannot write the heartbeat: %s", exc)
+            if not failing:
+                log.error("cannot write the heartbeat: %s", exc)
+            return True
+        self.beats += 1
+        return False
 
     def _run(self) -> None:
         failing = False
@@ -77,12 +84,5 @@ class Heartbeat:
                 log.info("heartbeat %s", "started" if beating else "stopped (not serving)")
                 self.beating = beating
             if beating:
-                try:
-                    self._beat()
-                    self.beats += 1
-                    failing = False
-                except OSError as exc:
-                    if not failing:  # once per outage, not four times a second
-                        log.error("cannot write the heartbeat: %s", exc)
-                    failing = True
+                failing = self._beat_once(failing=failing)
             self._stop.wait(self.interval)

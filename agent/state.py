@@ -151,6 +151,7 @@ class SnapshotStore:
         self.root_namespace = root_namespace
         self.tables: Tables | None = None
         self._document: dict | None = None  # the snapshot in force, as the controller sent it
+        self._document_json: str | None = None  # ... encoded once, when first asked for
         self._listeners: list[Callable[[Tables], None]] = []
 
     @property
@@ -160,7 +161,9 @@ class SnapshotStore:
     def document_json(self) -> str | None:
         """The snapshot in force as the controller sent it (JSON): what proxy workers are fed,
         so they check the same document the agent did, whatever fields its model adds."""
-        return None if self._document is None else json.dumps(self._document, separators=(",", ":"))
+        if self._document_json is None and self._document is not None:
+            self._document_json = json.dumps(self._document, separators=(",", ":"))
+        return self._document_json
 
     def on_change(self, callback: Callable[[Tables], None]) -> None:
         self._listeners.append(callback)
@@ -185,9 +188,9 @@ class SnapshotStore:
             log.exception("building the data-plane view of snapshot %s failed", snap.version)
             raise SnapshotRejected(f"cannot build snapshot: {type(exc).__name__}: {exc}") from None
         self.tables = tables
-        self._document = data
+        self._document, self._document_json = data, None
         if save:
-            self._save(data)
+            self._save()
         for callback in self._listeners:
             try:
                 callback(tables)
@@ -225,9 +228,9 @@ class SnapshotStore:
         log.info("serving saved snapshot %s", self.version)
         return True
 
-    def _save(self, document: dict) -> None:
+    def _save(self) -> None:
         """The document as received, so a restarted (or upgraded) agent checks the same bytes."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / (SNAPSHOT_FILE + ".tmp")
-        tmp.write_text(json.dumps(document, separators=(",", ":")))
+        tmp.write_text(self.document_json() or "")
         os.replace(tmp, self.state_dir / SNAPSHOT_FILE)

@@ -45,7 +45,13 @@ from meshagent.lab.paths import (
     STATE_FILE,
     lab_cgroup,
 )
-from meshagent.lab.podexec import LabError, agent_config_path, load_plan, load_state
+from meshagent.lab.podexec import (
+    BIN_DIR,
+    LabError,
+    agent_config_path,
+    load_plan,
+    load_state,
+)
 from meshagent.lab.topology import (
     APISERVER_PORT,
     CONTROLLER_METRICS_PORT,
@@ -62,7 +68,6 @@ from meshagent.lab.topology import (
 
 log = logging.getLogger(__name__)
 
-BIN_DIR = Path(sys.executable).parent  # the venv's bin: meshagent, meshctl
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAEMONSET_DIR = REPO_ROOT / "daemonset"
 READY_TIMEOUT = 60.0

@@ -128,6 +128,11 @@ async def _run_handler(
         if not tunnel.answered:
             log.warning("HBONE handler returned without answering %s", tunnel.authority)
             await tunnel.reject(_HANDLER_FAILED_STATUS)
+        # A handler that returns has said all it had to say: end the stream after its last
+        # byte (END_STREAM, then NO_ERROR if the peer still sends: RFC 9113 8.1), e.g. an HTTP
+        # session that ended after an HTTP/1.0 response. Only a failure or a cancellation
+        # resets it (below), which drops what the peer had not read yet.
+        await stream.aclose()
     except Exception:
         log.exception("HBONE handler failed for %s from %s", tunnel.authority, tunnel.peer_identity)
         if not tunnel.answered:

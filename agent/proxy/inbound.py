@@ -122,10 +122,6 @@ class InboundProxy:
                 first,
                 protocol=protocol,
             )
-            # A session that ends by itself (an HTTP/1.0 exchange, `Connection: close`) ends
-            # the stream after its last byte (END_STREAM, then NO_ERROR if the source still
-            # sends: RFC 9113 8.1), never a CANCEL reset that would drop the response.
-            await stream.aclose()
             return
         source = tables.workload_by_ip.get(source_ip)
         service = tables.service_by_endpoint.get((ip, port))

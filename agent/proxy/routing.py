@@ -44,11 +44,12 @@ from typing import Literal, NamedTuple
 
 from meshagent.common.istio import networking as net
 from meshagent.common.istio.resource import ResourceError, parse_resource
+from meshagent.common.istio.support import CLUSTER_DOMAIN, service_fqdn
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DOMAIN = "cluster.local"
+DEFAULT_DOMAIN = CLUSTER_DOMAIN
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 LbAlgorithm = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"]
@@ -106,21 +107,6 @@ def port_protocol(port: ServicePort) -> Protocol:
 def is_http_port(port: ServicePort) -> bool:
     """True for a port served at L7 (HTTP/1.1 or HTTP/2, `port_protocol`)."""
     return port_protocol(port) != "tcp"
-
-
-def resolve_host(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
-    """The FQDN a host written in a resource of `namespace` names (see the module docstring)."""
-    host = host.lower().rstrip(".")
-    if host.startswith("*"):
-        return host
-    parts = host.split(".")
-    if len(parts) == 1:
-        return f"{host}.{namespace}.svc.{domain}"
-    if len(parts) == 2:
-        return f"{host}.svc.{domain}"
-    if len(parts) == 3 and parts[2] == "svc":
-        return f"{host}.{domain}"
-    return host
 
 
 def _host_matches(pattern: str, hostname: str) -> bool:
@@ -535,7 +521,7 @@ class _Compiler:
 
     def virtual_service(self, svc: Service) -> net.VirtualService | None:
         candidates = [
-            ([resolve_host(h, vs.namespace, self.domain) for h in vs.spec.hosts], vs)
+            ([service_fqdn(h, vs.namespace, self.domain) for h in vs.spec.hosts], vs)
             for vs in self.virtual_services
         ]
         chosen = _ordered(self._select(svc.hostname, candidates), [svc.namespace])
@@ -548,7 +534,7 @@ class _Compiler:
 
     def destination_rule(self, svc: Service) -> net.DestinationRule | None:
         candidates = [
-            ([resolve_host(dr.spec.host, dr.namespace, self.domain)], dr)
+            ([service_fqdn(dr.spec.host, dr.namespace, self.domain)], dr)
             for dr in self.destination_rules
         ]
         chosen = _ordered(
@@ -611,7 +597,7 @@ class _Compiler:
         for i, rd in enumerate(routes):
             dest = rd.destination
             cluster = self.cluster(
-                resolve_host(dest.host, vs_ns, self.domain),
+                service_fqdn(dest.host, vs_ns, self.domain),
                 dest.port.number if dest.port else None,
                 dest.subset or "",
                 port,

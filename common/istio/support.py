@@ -89,8 +89,8 @@ def unsupported_hint(field: str) -> str:
 
 
 def service_fqdn(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> str:
-    """The FQDN a host names from a resource of `namespace`, as the data path resolves it
-    (agent/proxy/routing.py `resolve_host`: short, `name.ns` and `name.ns.svc` forms expand)."""
+    """The FQDN a host names from a resource of `namespace`: short, `name.ns` and `name.ns.svc`
+    forms expand; the one resolution the data path (agent/proxy/routing.py) and validation use."""
     host = host.lower().rstrip(".")
     if host.startswith("*"):
         return host

@@ -29,6 +29,18 @@ DATAPATH_PROGRAMS = frozenset(
         "mesh_ingress",
     }
 )
+APPS = Path(__file__).resolve().parent / "apps"  # the small servers and clients pods run
+
+
+def render_manifest(source: Path, folder: Path, **placeholders: str | Path) -> Path:
+    """`source` written into `folder` with @APPS@ (and each @KEY@ of `placeholders`) filled
+    in: manifests name the test apps by absolute path."""
+    text = source.read_text().replace("@APPS@", str(APPS))
+    for key, value in placeholders.items():
+        text = text.replace(f"@{key}@", str(value))
+    out = folder / source.name
+    out.write_text(text)
+    return out
 
 
 def _require_root() -> None:
@@ -78,6 +90,16 @@ class Lab:
 
     def counters(self, node: str) -> dict:
         return self.status(node)["datapath"]["counters"]
+
+    def endpoints(self, node: str, namespace: str, service: str) -> set[str]:
+        """The endpoint IPs of Service `namespace/service` in `node`'s snapshot in force, as
+        `meshagent status --services` lists them."""
+        return {
+            e["ip"]
+            for s in self.status(node)["services"]
+            if (s["namespace"], s["name"]) == (namespace, service)
+            for e in s["endpoints"]
+        }
 
 
 @contextlib.contextmanager

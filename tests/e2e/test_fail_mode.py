@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BIN, DATAPATH_PROGRAMS, meshlab
+from tests.e2e.conftest import APPS, BIN, DATAPATH_PROGRAMS, meshlab, render_manifest
 from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
-APPS = HERE / "apps"
 MANIFEST = HERE / "manifests" / "fail_mode.yaml"
 SYSTEM_PYTHON = "/usr/bin/python3"
 PORT = 8080
@@ -33,8 +32,7 @@ MODES = {"relaxed/opener": "open", "shop/frontend": "closed", "shop/override": "
 
 @pytest.fixture(scope="module")
 def lab(lab_factory, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("fail_mode") / "fail_mode.yaml"
-    manifest.write_text(MANIFEST.read_text().replace("@APPS@", str(APPS)))
+    manifest = render_manifest(MANIFEST, tmp_path_factory.mktemp("fail_mode"))
     return lab_factory(manifest, nodes=2)
 
 

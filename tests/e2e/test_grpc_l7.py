@@ -19,13 +19,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import APPS, meshlab, render_manifest
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).resolve().parent
-APPS = HERE / "apps"
 MANIFEST = HERE / "manifests" / "grpc-l7.yaml"
 SYSTEM_PYTHON = "/usr/bin/python3"  # the one Debian's python3-grpcio is installed for
 ECHO = "echo.g7:50051"
@@ -57,10 +56,7 @@ def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpc-l7")
     for name in ("web-local", "web-remote"):
         (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
-    manifest = folder / "grpc-l7.yaml"
-    text = MANIFEST.read_text().replace("@APPS@", str(APPS)).replace("@NGINX@", str(folder))
-    manifest.write_text(text)
-    lab = lab_factory(manifest, nodes=2)
+    lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):  # the Services have their endpoints
         wait_until(
             lambda service=service: lab.curl(

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import APPS, meshlab, render_manifest
 from tests.e2e.test_grpc_l7 import NGINX_CONF
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).resolve().parent
-APPS = HERE / "apps"
 MANIFEST = HERE / "manifests" / "h2-abuse.yaml"
 VENV_PYTHON = sys.executable  # the project's venv: h2, hpack, hyperframe
 TARGET = ("web.h2a", "8082")
@@ -35,10 +34,7 @@ ENHANCE_YOUR_CALM = 0xB
 def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("h2-abuse")
     (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder, name="web"))
-    manifest = folder / "h2-abuse.yaml"
-    text = MANIFEST.read_text().replace("@APPS@", str(APPS)).replace("@NGINX@", str(folder))
-    manifest.write_text(text)
-    lab = lab_factory(manifest, nodes=2)
+    lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     wait_until(
         lambda: _h2c(lab, "h2a/client"),
         lambda code: code == "200",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import meshlab, render_manifest
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -37,9 +37,7 @@ print(data.decode("latin-1"), end="")
 
 @pytest.fixture(scope="module")
 def lab(lab_factory, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("http1") / "http1-fidelity.yaml"
-    manifest.write_text(MANIFEST.read_text().replace("@APPS@", str(HERE / "apps")))
-    lab = lab_factory(manifest, nodes=2)
+    lab = lab_factory(render_manifest(MANIFEST, tmp_path_factory.mktemp("http1")), nodes=2)
     for service in ("echo-local", "echo-remote"):
         wait_until(
             lambda service=service: lab.curl("h1f/client", f"http://{service}.h1f:8080/")[0],

@@ -18,11 +18,10 @@ import pytest
 import yaml
 from meshagent.lab.paths import POD_NET_OCTET, RUN_DIR
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import APPS, meshlab, render_manifest
 from tests.e2e.test_mtls import _capture
 from tests.waiting import wait_until
 
-APPS = Path(__file__).resolve().parent / "apps"
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "dualstack.yaml"
 SYSTEM_PYTHON = "/usr/bin/python3"  # the one Debian's python3-grpcio is installed for
 
@@ -37,9 +36,7 @@ CLIENT_ID = "spiffe://cluster.local/ns/ds/sa/client"
 
 @pytest.fixture(scope="module")
 def ds_lab(lab_factory, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("ds") / "dualstack.yaml"
-    manifest.write_text(MANIFEST.read_text().replace("@APPS@", str(APPS)))
-    return lab_factory(manifest, nodes=2)
+    return lab_factory(render_manifest(MANIFEST, tmp_path_factory.mktemp("ds")), nodes=2)
 
 
 def _vips(service: str) -> tuple[str, str]:

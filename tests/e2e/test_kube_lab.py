@@ -169,17 +169,6 @@ def _answered_by(kube_lab, url: str) -> str:
     return body.strip()
 
 
-def _endpoints(lab, node: str, service: str) -> set[str]:
-    """The endpoints of shop/`service` in `node`'s snapshot in force (`meshagent status`)."""
-    services = lab.status(node)["services"]
-    return {
-        e["ip"]
-        for s in services
-        if (s["namespace"], s["name"]) == ("shop", service)
-        for e in s["endpoints"]
-    }
-
-
 def test_a_deleted_pod_gets_no_new_requests_and_finishes_its_open_one(kube_lab, tmp_path):
     manifest = tmp_path / "drain.yaml"
     manifest.write_text(GRACEFUL)
@@ -210,7 +199,7 @@ def test_a_deleted_pod_gets_no_new_requests_and_finishes_its_open_one(kube_lab, 
         # frontend's node holds drain's endpoints without drain-1 (a new snapshot alone may be
         # the pod's own change, before its EndpointSlice's)
         wait_until(
-            lambda: _endpoints(kube_lab, "node-1", "drain"),
+            lambda: kube_lab.endpoints("node-1", "shop", "drain"),
             lambda ips: ips and drain_1 not in ips,
             what="node-1's snapshot drops drain-1 from drain's endpoints",
         )

@@ -162,15 +162,9 @@ def _pod_ip(pod: str) -> str:
     return meshlab("exec", pod, "--", "printenv", "POD_IP").stdout.strip()
 
 
-def _reviews_endpoints(lab, node: str = "node-1") -> set[str]:
-    """The reviews endpoints in `node`'s snapshot in force, as `meshagent status` lists them."""
-    services = lab.status(node)["services"]
-    return {e["ip"] for s in services if s["name"] == "reviews" for e in s["endpoints"]}
-
-
 def _until_endpoint_gone(lab, ip: str, pod: str) -> None:
     wait_until(
-        lambda: _reviews_endpoints(lab),
+        lambda: lab.endpoints("node-1", "shop", "reviews"),
         lambda endpoints: ip not in endpoints and endpoints,
         what=f"node-1's snapshot drops {pod} ({ip}) from reviews' endpoints",
     )

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import BIN, meshlab
+from tests.e2e.conftest import APPS, BIN, meshlab, render_manifest
 from tests.waiting import wait_until
 
 MANIFEST = Path(__file__).parent / "manifests" / "live_policy.yaml"
-APPS = Path(__file__).resolve().parent / "apps"
 SYSTEM_PYTHON = "/usr/bin/python3"
 INTRUDER = "cluster.local/ns/shop/sa/intruder"
 HOLD_SECONDS = 40
@@ -33,9 +32,7 @@ DENY_INTRUDER = {
 
 @pytest.fixture(scope="module")
 def live_lab(lab_factory, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("live") / "live_policy.yaml"
-    manifest.write_text(MANIFEST.read_text().replace("@APPS@", str(APPS)))
-    return lab_factory(manifest, nodes=2)
+    return lab_factory(render_manifest(MANIFEST, tmp_path_factory.mktemp("live")), nodes=2)
 
 
 class Holder:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from meshagent.lab import cgroups
 
-from tests.e2e.conftest import BIN, EXAMPLES, meshlab
+from tests.e2e.conftest import APPS, BIN, EXAMPLES, meshlab, render_manifest
 from tests.e2e.test_upgrade import CLIENT, _agent_lines, _agent_pods, _alive
 from tests.waiting import wait_until
 
-APPS = Path(__file__).resolve().parent / "apps"
 CONNS_MANIFEST = Path(__file__).parent / "manifests" / "upgrade_conns.yaml"
 HELD = 20  # half to echo-local (node-1, same node as the client), half to echo-remote (node-2)
 HOLD_SECONDS = 600  # bounded: the holder exits by itself
@@ -83,8 +82,7 @@ def test_long_lived_connections_survive_both_agents_upgrades(lab_factory, tmp_pa
     (10 same-node, 10 cross-node) while node-1's then node-2's agent is upgraded the
     kubelet's way: no request fails, all 20 still echo afterwards; the old agents serve them
     meanwhile (draining, not killed) and each exits as soon as its last connection ends."""
-    manifest = tmp_path / "upgrade_conns.yaml"
-    manifest.write_text(CONNS_MANIFEST.read_text().replace("@APPS@", str(APPS)))
+    manifest = render_manifest(CONNS_MANIFEST, tmp_path)
     lab = lab_factory(EXAMPLES / "demo.yaml", manifest, nodes=2)
     old = {node: _agent_pods(node)[-1] for node in ("node-1", "node-2")}
     stop = tmp_path / "stop-load"

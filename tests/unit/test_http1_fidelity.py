@@ -46,8 +46,15 @@ def _header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-async def _exchange(server: RawServer, request: bytes, *, body_after_100: bytes = b"") -> bytes:
-    """Send `request` through the mesh to `server`; what the client read until the close."""
+async def _exchange(
+    server: RawServer,
+    request: bytes,
+    *,
+    body_after_100: bytes = b"",
+    until_close: bool = True,
+) -> bytes:
+    """Send `request` through the mesh to `server`; what the client read until the close (or,
+    not `until_close`, until the response body `ok`: the client connection stays open)."""
     backend = Backend("raw", external=True)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -64,8 +71,12 @@ async def _exchange(server: RawServer, request: bytes, *, body_after_100: bytes 
                         got += await stream.receive_some(65536)
                     assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got
                     await stream.send_all(body_after_100)
-                while part := await stream.receive_some(65536):
-                    got += part
+                if until_close:
+                    while part := await stream.receive_some(65536):
+                        got += part
+                else:
+                    while not got.endswith(b"ok"):
+                        got += await stream.receive_some(65536)
                 await stream.aclose()
             nursery.cancel_scope.cancel()
     return got
@@ -83,30 +94,10 @@ async def test_http_1_0_reaches_the_server_as_1_0_and_the_connection_closes():
 async def test_http_1_0_keep_alive_is_passed_on():
     server = RawServer()
     request = b"GET / HTTP/1.0\r\nHost: reviews\r\nConnection: keep-alive\r\n\r\n"
-    got = await _exchange_keep_alive(server, request)
+    got = await _exchange(server, request, until_close=False)
     assert server.heads[0].startswith(b"GET / HTTP/1.0\r\n")
     assert _header(server.heads[0], b"connection") == b"keep-alive"
     assert b"connection: keep-alive" in got.lower()
-
-
-async def _exchange_keep_alive(server: RawServer, request: bytes) -> bytes:
-    """Like _exchange, but reads one response (the client connection stays open)."""
-    backend = Backend("raw", external=True)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
-            )
-            backend.port = listeners[0].socket.getsockname()[1]
-            async with open_mesh([backend]) as mesh:
-                stream = await trio.open_tcp_stream("127.0.0.1", mesh.port)
-                await stream.send_all(request)
-                got = b""
-                while not got.endswith(b"ok"):
-                    got += await stream.receive_some(65536)
-                await stream.aclose()
-            nursery.cancel_scope.cancel()
-    return got
 
 
 async def test_expect_100_continue_goes_to_the_server_which_answers_it():

@@ -17,9 +17,9 @@ from meshagent.agent.proxy.routing import (
     compile_routes,
     is_http_port,
     port_protocol,
-    resolve_host,
     single_endpoint_routes,
 )
+from meshagent.common.istio.support import service_fqdn
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
 NS = "shop"
@@ -158,7 +158,7 @@ def test_protocol_detection(port, http):
     ],
 )
 def test_host_resolution(host, ns, fqdn):
-    assert resolve_host(host, ns) == fqdn
+    assert service_fqdn(host, ns) == fqdn
 
 
 def test_no_virtual_service_routes_to_the_whole_service():

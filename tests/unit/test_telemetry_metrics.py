@@ -61,6 +61,14 @@ REVIEWS = Peer(
 SERVICE = ServiceRef("reviews.shop.svc.cluster.local", "reviews", "shop")
 
 
+def _one_counter(families: dict, name: str):
+    """The one `<name>_total` sample of counter family `name` on a scraped page."""
+    family = families[name]
+    assert family.type == "counter"
+    (sample,) = [s for s in family.samples if s.name == name + "_total"]
+    return sample
+
+
 def _labels(reporter="source", protocol="http"):
     return ConnectionLabels(reporter, FRONTEND, REVIEWS, SERVICE, protocol, "mutual_tls")
 
@@ -98,9 +106,7 @@ def test_tcp_families_have_istio_names_types_and_exact_label_set(node):
         "istio_tcp_sent_bytes",
         "istio_tcp_received_bytes",
     ):
-        family = families[name]
-        assert family.type == "counter"
-        (sample,) = [s for s in family.samples if s.name == name + "_total"]
+        sample = _one_counter(families, name)
         assert set(sample.labels) == ISTIO_TCP_LABELS
         assert sample.labels["source_workload"] == "frontend"
         assert sample.labels["destination_service"] == "reviews.shop.svc.cluster.local"
@@ -329,9 +335,7 @@ def test_grpc_calls_count_their_messages_each_way(node):
     proxy.http_request(_labels(), 200, "-", 1.0, 0, 10)  # HTTP: no message series
     families = _scrape(node.registry)
     for name, want in (("istio_request_messages", 2), ("istio_response_messages", 101)):
-        family = families[name]
-        assert family.type == "counter"
-        (sample,) = [s for s in family.samples if s.name == name + "_total"]
+        sample = _one_counter(families, name)
         assert set(sample.labels) == ISTIO_HTTP_LABELS
         assert sample.labels["request_protocol"] == "grpc"
         assert sample.labels["grpc_response_status"] == "0"
