@@ -57,15 +57,23 @@ if [ "$PROFILE" = full ] && command -v systemctl >/dev/null 2>&1; then
 fi
 
 # kube-apiserver and kube-controller-manager for the lab's control plane (lab/kubecontrol.py
-# looks in $KUBE_BIN): from ../shared/k8s/ beside the repository when it is there, else the
-# official release downloads (checked against their published sha256).
+# looks in $KUBE_BIN): from ../shared/k8s/ beside the repository, or beside the local repository
+# it was cloned from (a fresh clone in /tmp), when it is there; else the official release
+# downloads (checked against their published sha256).
 KUBE_VERSION=v1.36.2
 KUBE_BIN=$ROOT/.kube-bin
 kube_ok() { [ -x "$KUBE_BIN/$1" ] && "$KUBE_BIN/$1" --version 2>/dev/null | grep -qF "$KUBE_VERSION"; }
 if [ "$PROFILE" = full ] && ! { kube_ok kube-apiserver && kube_ok kube-controller-manager; }; then
-  if [ -x "$ROOT/../shared/k8s/unpack" ]; then
-    log "unpacking Kubernetes $KUBE_VERSION from ../shared/k8s into $KUBE_BIN"
-    "$ROOT/../shared/k8s/unpack" "$KUBE_BIN" >/dev/null
+  shared=""
+  for base in "$ROOT" "$(git -C "$ROOT" config --get remote.origin.url 2>/dev/null || true)"; do
+    if [ -n "$base" ] && [ -x "$base/../shared/k8s/unpack" ]; then
+      shared=$base/../shared/k8s
+      break
+    fi
+  done
+  if [ -n "$shared" ]; then
+    log "unpacking Kubernetes $KUBE_VERSION from $shared into $KUBE_BIN"
+    "$shared/unpack" "$KUBE_BIN" >/dev/null
   else
     arch=$(dpkg --print-architecture)
     mkdir -p "$KUBE_BIN"
