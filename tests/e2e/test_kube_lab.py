@@ -163,6 +163,49 @@ def test_a_meshed_pod_reaches_the_apiserver_through_the_mesh(kube_lab):
     assert kube_lab.counters("node-1")["redirected"] == before + 1
 
 
+HANDMADE = """
+apiVersion: v1
+kind: Service
+metadata: {name: handmade, namespace: shop}
+spec:
+  ports: [{name: http, port: 8088, targetPort: 9080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: handmade-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: handmade}
+addressType: IPv4
+ports: [{name: http, port: 9080, protocol: TCP}]
+endpoints:
+  - addresses: ["@IP@"]
+    conditions: {ready: true}
+"""
+
+
+def test_a_selector_less_service_with_a_hand_made_endpointslice_is_reached_through_the_mesh(
+    kube_lab,
+):
+    reviews_ip = pod_json("shop", "reviews-v1")["status"]["podIP"]
+    kubectl_apply(HANDMADE.replace("@IP@", reviews_ip))
+    try:
+        vip = kubectl(
+            "get", "service", "-n", "shop", "handmade", "-o", "jsonpath={.spec.clusterIP}"
+        )
+        wait_until(
+            lambda: kube_lab.endpoints("node-1", "shop", "handmade"),
+            lambda ips: ips == {reviews_ip},
+            what="node-1 holds the hand-made slice's endpoint",
+        )
+        before = kube_lab.counters("node-1")["redirected"]
+        code, body = kube_lab.curl("shop/frontend", f"http://{vip}:8088/")
+        assert code == "200", body
+        assert kube_lab.counters("node-1")["redirected"] == before + 1
+    finally:
+        kubectl("delete", "-n", "shop", "service/handmade", "endpointslice/handmade-1", check=False)
+
+
 def _answered_by(kube_lab, url: str) -> str:
     code, body = kube_lab.curl("shop/frontend", url)
     assert code == "200", (url, code, body)
