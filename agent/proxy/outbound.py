@@ -346,7 +346,7 @@ class _L4:
                 )
                 description = f"{self.peer_ip} -> {address}"
                 with proxy.inputs.live.track(description, recheck):
-                    result = await relay(self.client, upstream.stream)
+                    await relay(self.client, upstream.stream, result)
         finally:
             proxy.stats.bytes_sent += result.sent
             proxy.stats.bytes_received += result.received

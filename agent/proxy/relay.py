@@ -2,7 +2,8 @@
 
 When one side finishes sending (EOF), the other side's write half is shut
 (send_eof) and the opposite direction keeps flowing until it ends too; an
-error on either side aborts both. Returns the bytes moved each way.
+error on either side aborts both. Returns the bytes moved each way, counted as they move, so
+a relay that ends in a reset, an error or a cancellation still reports every byte it passed.
 
 Between two TCP sockets (the same-node path, and plain TCP to a pod) the bytes never
 come up to Python: each direction ``splice(2)``s them from one socket into a pipe and
@@ -27,7 +28,7 @@ import contextlib
 import fcntl
 import os
 import select
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -47,18 +48,25 @@ class RelayResult:
     sent: int = 0  # client -> upstream
     received: int = 0  # upstream -> client
 
+    def add_sent(self, moved: int) -> None:
+        self.sent += moved
 
-async def _pipe(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream) -> int:
-    total = 0
+    def add_received(self, moved: int) -> None:
+        self.received += moved
+
+
+Count = Callable[[int], None]  # told each batch of bytes once it went out
+
+
+async def _pipe(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, count: Count) -> None:
     while True:
         data = await src.receive_some(CHUNK)
         if not data:
             break
         await dst.send_all(data)
-        total += len(data)
+        count(len(data))
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
-    return total
 
 
 def _new_pipe() -> tuple[int, int]:
@@ -68,12 +76,11 @@ def _new_pipe() -> tuple[int, int]:
     return r, w
 
 
-async def _splice_pipe(src: trio.SocketStream, dst: trio.SocketStream) -> int:
-    """One direction socket -> pipe -> socket in the kernel; the bytes moved."""
+async def _splice_pipe(src: trio.SocketStream, dst: trio.SocketStream, count: Count) -> None:
+    """One direction socket -> pipe -> socket in the kernel; `count` told what went out."""
     src_sock, dst_sock = src.socket, dst.socket
     src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
     pipe_r = pipe_w = -1
-    total = 0
     try:
         # The pipe is made once the first byte is there, so that an idle connection holds none.
         await trio.lowlevel.wait_readable(src_sock)
@@ -92,17 +99,18 @@ async def _splice_pipe(src: trio.SocketStream, dst: trio.SocketStream) -> int:
             pending = moved
             while pending:
                 try:
-                    pending -= os.splice(pipe_r, dst_fd, pending, flags=_SPLICE_FLAGS)
+                    out = os.splice(pipe_r, dst_fd, pending, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(dst_sock)
-            total += moved
+                    continue
+                pending -= out
+                count(out)
             await trio.lowlevel.checkpoint()
     finally:
         for fd in (pipe_r, pipe_w):
             if fd != -1:
                 os.close(fd)
     await dst.send_eof()
-    return total
 
 
 def _can_splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
@@ -218,20 +226,17 @@ async def _both_ways(
     client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult
 ) -> None:
     pipe = _splice_pipe if _can_splice(client, upstream) else _pipe
-
-    async def up() -> None:
-        result.sent = await pipe(client, upstream)  # type: ignore[arg-type]
-
-    async def down() -> None:
-        result.received = await pipe(upstream, client)  # type: ignore[arg-type]
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(up)
-        nursery.start_soon(down)
+        nursery.start_soon(pipe, client, upstream, result.add_sent)
+        nursery.start_soon(pipe, upstream, client, result.add_received)
 
 
-async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream) -> RelayResult:
-    result = RelayResult()
+async def relay(
+    client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult | None = None
+) -> RelayResult:
+    """Relay until both directions end; `result` (given by a caller that reports in a
+    `finally`) holds the bytes moved so far even if the relay is cancelled."""
+    result = RelayResult() if result is None else result
     try:
         await _wait_either(client, upstream)  # idle: nothing else is allocated yet
         await _both_ways(client, upstream, result)

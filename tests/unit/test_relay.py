@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import pytest
 import trio
@@ -116,6 +117,62 @@ async def test_reset_ends_the_relay() -> None:
             await server.aclose()
             # the relay ends by itself (the nursery would hang otherwise)
     for s in (app, client_side, upstream_side):
+        await s.aclose()
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    """Make the next close send a RST (SO_LINGER 0), as a client that aborts does."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["splice", "generic"])
+async def test_a_relay_ended_by_a_reset_reports_every_byte_it_moved(wrap: bool) -> None:
+    """iperf3 and aborting clients end with a RST: the bytes relayed before it are counted
+    (they used to be lost with the direction tasks, and reported as 0)."""
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    client: trio.abc.Stream = _Wrapped(client_side) if wrap else client_side
+    up, down = 3 * 1024 * 1024 + 7, 1024 * 1024 + 3
+    results = []
+
+    async def run_relay() -> None:
+        results.append(await relay(client, upstream_side))
+
+    async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> None:
+        left = size
+        while left:
+            left -= len(await stream.receive_some(min(left, 65536)))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay)
+            async with trio.open_nursery() as both:
+                both.start_soon(app.send_all, b"u" * up)
+                both.start_soon(read_exactly, server, up)
+            async with trio.open_nursery() as both:
+                both.start_soon(server.send_all, b"d" * down)
+                both.start_soon(read_exactly, app, down)
+            _reset(app)
+            await app.aclose()  # the relay ends by itself
+    assert (results[0].sent, results[0].received) == (up, down)
+    for s in (client_side, upstream_side, server):
+        await s.aclose()
+
+
+async def test_a_cancelled_relay_leaves_its_counts_in_the_callers_result() -> None:
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    result = relay_mod.RelayResult()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, client_side, upstream_side, result)
+            await app.send_all(b"x" * 1000)
+            got = 0
+            while got < 1000:
+                got += len(await server.receive_some(1000))
+            nursery.cancel_scope.cancel()  # e.g. a policy that now denies the connection
+    assert (result.sent, result.received) == (1000, 0)
+    for s in (app, client_side, upstream_side, server):
         await s.aclose()
 
 
