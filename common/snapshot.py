@@ -68,6 +68,9 @@ class Workload(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     meshed: bool = False
     fail_mode: Literal["closed", "open"] = DEFAULT_FAIL_MODE  # FAIL_MODE_LABEL, resolved
+    # The pod's workload as Istio names it (common.workloadname), for the metrics' *_workload
+    # labels; "" from an older controller: the agent then reads it from the pod's labels.
+    workload_name: str = ""
 
 
 class ServicePort(_Model):

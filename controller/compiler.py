@@ -29,6 +29,7 @@ from meshagent.common.snapshot import (
     Snapshot,
     Workload,
 )
+from meshagent.common.workloadname import pod_workload
 from meshagent.controller.failclosed import unenforceable_deny
 from meshagent.controller.model import ClusterModel
 
@@ -89,6 +90,7 @@ def compile_workloads(model: ClusterModel) -> list[Workload]:
                 labels=_labels(pod),
                 meshed=is_meshed(pod, namespace),
                 fail_mode=fail_mode(pod, namespace),
+                workload_name=pod_workload(pod).name,
             )
         )
     return sorted(out, key=lambda w: (w.namespace, w.name))

@@ -9,8 +9,11 @@ when a connection is accepted and reused for every byte count and HTTP request o
 Names follow Istio's standard metrics
 (https://istio.io/latest/docs/reference/config/metrics/) and what Istio's proxies emit:
 
-- workload name: the name of the pod's owning controller. Our snapshot carries no owner
-  references, so it is read from the labels Kubernetes' controllers stamp on their pods:
+- workload name: the one the controller derived from the pod's owner references by Istio's
+  rules (`meshagent.common.workloadname`: Deployment via its ReplicaSet, StatefulSet,
+  DaemonSet, Job, CronJob via its Job, else the bare pod), carried in the snapshot as
+  `Workload.workload_name`. From an older controller that does not send it, it is read from
+  the labels Kubernetes' controllers stamp on their pods:
   ``pod-template-hash`` (Deployment: the pod name minus ``-<hash>-<suffix>``), ``job-name``
   (Job; a CronJob's job name ``<cronjob>-<minutes>`` gives the CronJob, as Istio does),
   ``statefulset.kubernetes.io/pod-name`` (StatefulSet: minus ``-<ordinal>``),
@@ -101,7 +104,7 @@ _SAFE = "bcdfghjklmnpqrstvwxz2456789"
 _DEPLOYMENT_POD_RE = re.compile(rf"(.+)-[{_SAFE}]{{6,10}}-[{_SAFE}]{{5}}\Z")
 _RANDOM_SUFFIX_RE = re.compile(rf"(.+)-[{_SAFE}]{{5}}\Z")
 _ORDINAL_RE = re.compile(r"(.+)-\d+\Z")
-_CRONJOB_JOB_RE = re.compile(r"(.+)-\d{8,10}\Z")  # <cronjob>-<scheduled time in minutes>
+_CRONJOB_JOB_RE = re.compile(r"(.+)-\d{8,11}\Z")  # <cronjob>-<scheduled time in minutes>
 
 
 def workload_name(pod_name: str, labels: Mapping[str, str]) -> str:
@@ -198,7 +201,7 @@ def peer_from_workload(
 ) -> Peer:
     """The labels of a workload from the snapshot; its principal is the identity its service
     account is given (`with_principal` replaces it with what a handshake proved)."""
-    name = workload_name(workload.name, workload.labels)
+    name = workload.workload_name or workload_name(workload.name, workload.labels)
     service = canonical_service(workload.labels, name)
     revision = canonical_revision(workload.labels)
     identity = Identity(trust_domain, workload.namespace, workload.service_account)
