@@ -26,6 +26,12 @@ Semantics, as Istio documents them:
 - Plaintext (https://istio.io/latest/news/security/istio-security-2021-004/): the mTLS-only
   attributes (principals, namespaces) compare against an empty value, so `principals: ["*"]`
   never matches plaintext and `notNamespaces: ["foo"]` always does.
+- JWT (RequestAuthentication, `meshagent.common.jwtauth`): `requestPrincipals` and the
+  `request.auth.*` conditions read the request's verified token (`HttpAttrs.auth`); a request
+  without one has the empty principal and no claims, so `requestPrincipals: ["*"]` misses it and
+  `notRequestPrincipals: ["*"]` matches it. They are HTTP-only fields (like `paths`). A list
+  attribute (`request.auth.audiences`, a list claim) matches when any of its items matches.
+  Claims are strings or lists of strings, as Istio supports; other claim types never match.
 - Dry run (annotation `istio.io/dry-run`): Istio builds dry-run policies into separate shadow
   rules, one engine for ALLOW and one for DENY policies, evaluated apart from the enforced ones.
   Their would-be denials are reported in `Decision.dry_run_denials`; they never change `allowed`.
@@ -53,8 +59,10 @@ from meshagent.common.istio.security import (
     Operation,
     Rule,
     Source,
+    claim_condition_path,
     header_condition_name,
 )
+from meshagent.common.jwtauth import AuthResult
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 _WORKLOAD_CACHE_LIMIT = 4096  # distinct (namespace, labels) kept by PolicySet.evaluate
@@ -76,6 +84,7 @@ class HttpAttrs:
     path: str
     host: str
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    auth: AuthResult | None = None  # the verified JWT (RequestAuthentication); None: no token
 
 
 @dataclass(slots=True)
@@ -162,6 +171,40 @@ def strip_port(host: str) -> str:
     return head
 
 
+def _auth(request: Request) -> AuthResult | None:
+    return request.http.auth  # type: ignore[union-attr]
+
+
+def _request_principal(request: Request) -> str:
+    auth = _auth(request)
+    return (auth.principal or "") if auth is not None else ""
+
+
+def _presenter(request: Request) -> str:
+    auth = _auth(request)
+    return (auth.presenter or "") if auth is not None else ""
+
+
+def _audiences(request: Request) -> tuple[str, ...]:
+    auth = _auth(request)
+    return auth.audiences if auth is not None else ()
+
+
+def _claim(path: tuple[str, ...]) -> Callable[[Request], tuple[str, ...]]:
+    def get(request: Request) -> tuple[str, ...]:
+        auth = _auth(request)
+        value: Any = auth.claims if auth is not None else None
+        for part in path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(v for v in value if isinstance(v, str))
+        return ()
+
+    return get
+
+
 def _header(name: str) -> Callable[[Request], str | None]:
     def get(request: Request) -> str | None:
         return request.http.headers.get(name)  # type: ignore[union-attr]
@@ -240,6 +283,22 @@ class _Cidrs:
         return False
 
 
+class _AnyItem:
+    """A matcher over a list attribute: matches when one of its items does."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Matcher) -> None:
+        self.item = item
+
+    def __call__(self, values: tuple[str, ...]) -> bool:
+        return any(self.item(v) for v in values)
+
+
+def _items(patterns: tuple[str, ...]) -> Matcher | None:
+    return _AnyItem(_Strings(patterns, fold_case=False, header=False)) if patterns else None
+
+
 def _strings(
     patterns: tuple[str, ...], *, fold_case: bool = False, header: bool = False
 ) -> Matcher | None:
@@ -270,12 +329,19 @@ def _check(
     return [] if positive is None and negative is None else [(getter, positive, negative)]
 
 
-def _source_checks(source: Source) -> tuple[Check, ...]:
-    return tuple(
+def _source_checks(source: Source, *, keep_http: bool) -> tuple[Check, ...]:
+    checks = (
         _check(_principal, _strings(source.principals), _strings(source.not_principals))
         + _check(_namespace, _strings(source.namespaces), _strings(source.not_namespaces))
         + _check(_source_ip, _cidrs(source.ip_blocks), _cidrs(source.not_ip_blocks))
     )
+    if keep_http:
+        checks += _check(
+            _request_principal,
+            _strings(source.request_principals),
+            _strings(source.not_request_principals),
+        )
+    return tuple(checks)
 
 
 def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, ...]:
@@ -298,6 +364,14 @@ def _condition_check(condition: Condition) -> list[Check]:
         return _check(_principal, _strings(values), _strings(not_values))
     if key == "source.namespace":
         return _check(_namespace, _strings(values), _strings(not_values))
+    if key in ("request.auth.principal", "request.auth.presenter"):
+        getter = _request_principal if key == "request.auth.principal" else _presenter
+        return _check(getter, _strings(values), _strings(not_values))
+    if key == "request.auth.audiences":
+        return _check(_audiences, _items(values), _items(not_values))
+    claim = claim_condition_path(key)
+    if claim is not None:
+        return _check(_claim(claim), _items(values), _items(not_values))
     name = header_condition_name(key)
     if name is None:  # the schema refuses other keys; guard against hand-built models
         raise ValueError(f"unsupported condition key {key!r}")
@@ -348,7 +422,9 @@ def _compile_rule(rule: Rule, *, for_tcp: bool, is_allow: bool) -> _RuleMatcher 
         if keep_http or not condition.is_http_only:
             when += _condition_check(condition)
     return _RuleMatcher(
-        sources=None if rule.from_ is None else tuple(_source_checks(f.source) for f in rule.from_),
+        sources=None
+        if rule.from_ is None
+        else tuple(_source_checks(f.source, keep_http=keep_http) for f in rule.from_),
         operations=None
         if rule.to is None
         else tuple(_operation_checks(t.operation, keep_http=keep_http) for t in rule.to),

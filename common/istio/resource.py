@@ -1,6 +1,6 @@
 """Entry point from raw documents to typed Istio resources.
 
-Documents (dicts from YAML manifests or the Kubernetes API) flow in; typed models of the four
+Documents (dicts from YAML manifests or the Kubernetes API) flow in; typed models of the
 supported kinds flow out, or a ResourceError saying which resource and which field (in the
 YAML's own camelCase form, e.g. `spec.http[0].route[1].weight`) is wrong and why. Both the
 controller (watching Kubernetes or reading manifest files) and offline tools (`meshctl`) parse
@@ -13,15 +13,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshagent.common.istio.networking import DestinationRule, VirtualService
-from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
+from meshagent.common.istio.security import (
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+)
 from meshagent.common.istio.support import skip_reason, unsupported_hint
 from pydantic import ValidationError
 
-IstioResource = AuthorizationPolicy | PeerAuthentication | VirtualService | DestinationRule
+IstioResource = (
+    AuthorizationPolicy
+    | PeerAuthentication
+    | RequestAuthentication
+    | VirtualService
+    | DestinationRule
+)
 
 _MODELS: dict[str, type[IstioResource]] = {
     "AuthorizationPolicy": AuthorizationPolicy,
     "PeerAuthentication": PeerAuthentication,
+    "RequestAuthentication": RequestAuthentication,
     "VirtualService": VirtualService,
     "DestinationRule": DestinationRule,
 }

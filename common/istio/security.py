@@ -1,13 +1,16 @@
-"""Schemas for `security.istio.io` resources: AuthorizationPolicy and PeerAuthentication.
+"""Schemas for `security.istio.io` resources: AuthorizationPolicy, PeerAuthentication and
+RequestAuthentication.
 
-Wire documents flow in; validated, immutable models flow out to the controller's compiler and to
-`meshagent.common.authz` (which compiles AuthorizationPolicies into a fast evaluator). Only the
-documented subset is accepted: any other field (requestPrincipals, targetRef, provider, JWT
-conditions, ...) is an error naming the field. Beyond shape, the checks Istio's own admission
-webhook makes are repeated here, so a policy Istio would refuse is refused here too.
+Wire documents flow in; validated, immutable models flow out to the controller's compiler, to
+`meshagent.common.authz` (which compiles AuthorizationPolicies into a fast evaluator) and to
+`meshagent.common.jwtauth` (JWT validation). Only the documented subset is accepted: any other
+field (targetRef, provider, fromCookies, ...) is an error naming the field. Beyond shape, the
+checks Istio's own admission webhook makes are repeated here, so a policy Istio would refuse is
+refused here too.
 
 Reference: https://istio.io/latest/docs/reference/config/security/authorization-policy/
 and https://istio.io/latest/docs/reference/config/security/peer_authentication/
+and https://istio.io/latest/docs/reference/config/security/request_authentication/
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from jwt import PyJWKSet
+from jwt.exceptions import PyJWKSetError
 from meshagent.common.istio.base import (
     DRY_RUN_ANNOTATION,
     IpBlock,
@@ -39,6 +44,11 @@ CONDITION_KEYS = frozenset(
     {"source.principal", "source.namespace", "source.ip", "destination.port", "destination.ip"}
 )
 HEADER_CONDITION_RE = re.compile(r"request\.headers\[([^\[\]]+)\]")
+# JWT attributes (set by RequestAuthentication): `request.auth.claims[a][b]` names a nested claim.
+AUTH_CONDITION_KEYS = frozenset(
+    {"request.auth.principal", "request.auth.audiences", "request.auth.presenter"}
+)
+CLAIM_CONDITION_RE = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
 _IP_KEYS = frozenset({"source.ip", "destination.ip"})
 _PATH_TEMPLATE_RE = re.compile(r"\{\*\*?\}")
 
@@ -49,11 +59,19 @@ def header_condition_name(key: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def claim_condition_path(key: str) -> tuple[str, ...] | None:
+    """The claim path of a `request.auth.claims[a][b]` condition key (`("a", "b")`), else None."""
+    match = CLAIM_CONDITION_RE.fullmatch(key)
+    return tuple(match.group(1)[1:-1].split("][")) if match else None
+
+
 class Source(IstioModel):
     """`rules[].from[].source`: who the request comes from. Empty lists mean "not set"."""
 
     principals: tuple[NonEmptyStr, ...] = ()
     not_principals: tuple[NonEmptyStr, ...] = ()
+    request_principals: tuple[NonEmptyStr, ...] = ()  # "<iss>/<sub>" of the request's JWT
+    not_request_principals: tuple[NonEmptyStr, ...] = ()
     namespaces: tuple[NonEmptyStr, ...] = ()
     not_namespaces: tuple[NonEmptyStr, ...] = ()
     ip_blocks: tuple[IpBlock, ...] = ()
@@ -63,10 +81,16 @@ class Source(IstioModel):
     def _not_empty(self) -> Source:
         if not any(getattr(self, name) for name in type(self).model_fields):
             raise ValueError(
-                "source must set at least one of principals, notPrincipals, namespaces, "
-                "notNamespaces, ipBlocks, notIpBlocks (omit `from` to match any source)"
+                "source must set at least one of principals, notPrincipals, requestPrincipals, "
+                "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks "
+                "(omit `from` to match any source)"
             )
         return self
+
+    @property
+    def uses_http_fields(self) -> bool:
+        """True when the source names the request's JWT principal (HTTP-only in Istio)."""
+        return bool(self.request_principals or self.not_request_principals)
 
 
 class Operation(IstioModel):
@@ -131,8 +155,19 @@ class Condition(IstioModel):
     @field_validator("key")
     @classmethod
     def _supported_key(cls, value: str) -> str:
-        if value not in CONDITION_KEYS and header_condition_name(value) is None:
-            supported = ", ".join([*sorted(CONDITION_KEYS), "request.headers[NAME]"])
+        if (
+            value not in CONDITION_KEYS
+            and value not in AUTH_CONDITION_KEYS
+            and header_condition_name(value) is None
+            and claim_condition_path(value) is None
+        ):
+            supported = ", ".join(
+                [
+                    *sorted(CONDITION_KEYS | AUTH_CONDITION_KEYS),
+                    "request.headers[NAME]",
+                    "request.auth.claims[NAME]",
+                ]
+            )
             raise ValueError(
                 f"condition key {value!r} is not supported by meshagent yet "
                 f"(supported: {supported})"
@@ -158,7 +193,7 @@ class Condition(IstioModel):
 
     @property
     def is_http_only(self) -> bool:
-        return header_condition_name(self.key) is not None
+        return header_condition_name(self.key) is not None or self.key.startswith("request.auth.")
 
 
 class Rule(IstioModel):
@@ -179,8 +214,10 @@ class Rule(IstioModel):
     @property
     def uses_http_fields(self) -> bool:
         """True when the rule needs HTTP attributes (Istio's "HTTP-only fields")."""
-        return any(t.operation.uses_http_fields for t in self.to or ()) or any(
-            c.is_http_only for c in self.when
+        return (
+            any(t.operation.uses_http_fields for t in self.to or ())
+            or any(f.source.uses_http_fields for f in self.from_ or ())
+            or any(c.is_http_only for c in self.when)
         )
 
 
@@ -289,3 +326,75 @@ class PeerAuthentication(IstioResource):
     def mode(self) -> MtlsMode:
         """The workload-level mode; UNSET means "inherit from the namespace or mesh"."""
         return self.spec.mtls.mode if self.spec.mtls else "UNSET"
+
+
+class JwtHeader(IstioModel):
+    """`jwtRules[].fromHeaders[]`: a header carrying the token, after an optional prefix."""
+
+    name: NonEmptyStr
+    prefix: str = ""
+
+
+def _check_jwks(text: str) -> str:
+    """Refuse an inline JWKS that does not load: Istio's webhook refuses it too."""
+    try:
+        keys = PyJWKSet.from_json(text)
+    except (PyJWKSetError, ValueError, TypeError) as exc:
+        raise ValueError(f"jwks is not a usable JSON Web Key Set: {exc}") from None
+    if not keys.keys:
+        raise ValueError("jwks holds no usable key")
+    return text
+
+
+class JwtRule(IstioModel):
+    """`jwtRules[]`: how to find and check tokens of one issuer."""
+
+    issuer: NonEmptyStr
+    audiences: tuple[NonEmptyStr, ...] = ()
+    jwks_uri: NonEmptyStr | None = None
+    jwks: NonEmptyStr | None = None
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: tuple[NonEmptyStr, ...] = ()
+    output_payload_to_header: NonEmptyStr | None = None
+    forward_original_token: bool = False
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/?#\s]+", value):
+            raise ValueError(f"jwksUri must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("jwks")
+    @classmethod
+    def _inline(cls, value: str | None) -> str | None:
+        return None if value is None else _check_jwks(value)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtRule:
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("set only one of jwks and jwksUri")
+        return self
+
+    @property
+    def keys_url(self) -> str | None:
+        """Where the controller fetches this rule's keys (None: inline `jwks`): `jwksUri`, else
+        the issuer's OpenID discovery document, as istiod does."""
+        if self.jwks is not None:
+            return None
+        return self.jwks_uri or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+class RequestAuthenticationSpec(IstioModel):
+    selector: WorkloadSelector | None = None
+    jwt_rules: tuple[JwtRule, ...] = ()
+
+
+class RequestAuthentication(IstioResource):
+    """An Istio RequestAuthentication: which JWTs a workload accepts (a present but invalid
+    token is refused with 401; a request without one passes, unauthenticated)."""
+
+    API_VERSIONS = SECURITY_API_VERSIONS
+
+    kind: Literal["RequestAuthentication"]
+    spec: RequestAuthenticationSpec = RequestAuthenticationSpec()

@@ -92,6 +92,13 @@ KIND_SPECS = {
         KindSpec(
             "PeerAuthentication", "security.istio.io", "v1", "peerauthentications", optional=True
         ),
+        KindSpec(
+            "RequestAuthentication",
+            "security.istio.io",
+            "v1",
+            "requestauthentications",
+            optional=True,
+        ),
         KindSpec("VirtualService", "networking.istio.io", "v1", "virtualservices", optional=True),
         KindSpec("DestinationRule", "networking.istio.io", "v1", "destinationrules", optional=True),
     )

@@ -94,6 +94,9 @@ RESOURCE_TYPES = (
         "security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies", crd=True
     ),
     ResourceType("security.istio.io", "v1", "PeerAuthentication", "peerauthentications", crd=True),
+    ResourceType(
+        "security.istio.io", "v1", "RequestAuthentication", "requestauthentications", crd=True
+    ),
     ResourceType("networking.istio.io", "v1", "VirtualService", "virtualservices", crd=True),
     ResourceType("networking.istio.io", "v1", "DestinationRule", "destinationrules", crd=True),
     ResourceType("", "v1", "Secret", "secrets"),

@@ -43,6 +43,7 @@ K8S_VERSIONS = ("1.30", latest_version())
 ISTIO_KINDS = {
     "authorizationpolicies.security.istio.io",
     "peerauthentications.security.istio.io",
+    "requestauthentications.security.istio.io",
     "virtualservices.networking.istio.io",
     "destinationrules.networking.istio.io",
 }
@@ -569,6 +570,7 @@ def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
         ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
+        ("security.istio.io", "requestauthentications"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
     ]  # fmt: skip

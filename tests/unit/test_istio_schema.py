@@ -240,6 +240,7 @@ def test_supported_kinds():
     assert {
         "AuthorizationPolicy",
         "PeerAuthentication",
+        "RequestAuthentication",
         "VirtualService",
         "DestinationRule",
     } == SUPPORTED_KINDS
@@ -310,10 +311,10 @@ REFUSALS = [
         "not supported",
     ),
     (
-        "authz-unsupported-requestPrincipals",
+        "authz-unsupported-remoteIpBlocks",
         AUTHZ_YAML,
-        lambda d: set_at(d, "spec.rules.0.from.0.source.requestPrincipals", ["*"]),
-        "spec.rules[0].from[0].source.requestPrincipals",
+        lambda d: set_at(d, "spec.rules.0.from.0.source.remoteIpBlocks", ["10.0.0.0/8"]),
+        "spec.rules[0].from[0].source.remoteIpBlocks",
         "not supported",
     ),
     (
@@ -354,9 +355,9 @@ REFUSALS = [
     (
         "authz-unsupported-condition-key",
         AUTHZ_YAML,
-        lambda d: set_at(d, "spec.rules.0.when.0.key", "request.auth.claims[iss]"),
+        lambda d: set_at(d, "spec.rules.0.when.0.key", "request.auth.claims"),
         "spec.rules[0].when[0].key",
-        "condition key 'request.auth.claims[iss]' is not supported",
+        "condition key 'request.auth.claims' is not supported",
     ),
     (
         "authz-condition-without-values",
