@@ -40,6 +40,7 @@ from meshagent.agent.telemetry import (
     open_access_log,
 )
 from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
+from meshagent.agent.telemetry.process import seconds_since_start
 from meshagent.agent.workers.pool import WorkerPool, prepare_worker_metrics
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
@@ -65,6 +66,7 @@ class Agent:
         self.phase = handover.Phase.OWNER
         self.metrics_listener: PausableListener | None = None  # bound once the proxy serves
         self.datapath_reused = False
+        self.ready_after_s: float | None = None  # from the process's start (fork) to ready
         self.store.on_change(self._on_snapshot)
 
     def _on_snapshot(self, tables: Tables) -> None:
@@ -94,6 +96,7 @@ class Agent:
             "ready": self.ready,
             "phase": "draining" if self.draining else self.phase.value,
             "datapath_reused": self.datapath_reused,
+            "ready_after_s": self.ready_after_s,
             "controller": asdict(self.link),
             "snapshot_version": self.store.version,
             "meshed_pods": [asdict(p) for p in self.reconciler.state.pods],
@@ -214,12 +217,15 @@ class Agent:
                 nursery.start_soon(self._drain_on_sigterm, nursery.cancel_scope)
                 self.ready = True
                 heartbeat.beat_now()  # before any task can answer ready (no await between)
+                self.ready_after_s = round(seconds_since_start(), 3)
                 log.info(
-                    "agent ready on node %s (proxy %s:%d, HBONE :%d)",
+                    "agent ready on node %s (proxy %s:%d, HBONE :%d) %.3f s after its start (%s)",
                     cfg.node_name,
                     cfg.proxy_ip,
                     cfg.outbound_port,
                     cfg.hbone_port,
+                    self.ready_after_s,
+                    "reused pinned datapath" if self.datapath_reused else "built the datapath",
                 )
                 task_status.started()
         finally:

@@ -525,6 +525,9 @@ def render(
             f"up {_duration(agent.get('uptime_s', 0))})"
             + ("" if phase == "owner" else f", {phase.upper()}")
         )
+        if agent.get("ready_after_s") is not None:
+            how = "reused the pinned datapath" if agent.get("datapath_reused") else "built it"
+            lines.append(f"Started:     ready {agent['ready_after_s']:.2f} s after start ({how})")
         link = agent.get("controller") or {}
         if link.get("connected"):
             state = "connected" + (" (TLS)" if link.get("tls") else "")

@@ -5,8 +5,13 @@ bpf/maps.h exist once). Programs and maps are pinned under the agent's bpffs
 folder and attached to the configured cgroup-v2 path with BPF_F_ALLOW_MULTI.
 Attachments made with BPF_PROG_ATTACH outlive the agent process, so a restarted
 agent finds its programs still attached and traffic still steered; it then
-opens the pinned maps instead of compiling again. `uninstall` is the one place
-that detaches and unpins.
+opens the pinned maps instead of compiling again (a restart serves in well under
+a second), but only when what is pinned was built from the same sources, options
+and kernel: a ``key-<sha256>`` folder beside the pins (bpffs holds folders, not
+files) names what they were built from (`buildkey`), and any other key, or none,
+means compile again and replace the pins. Compiling runs in a short-lived helper
+process (`build`), so the long-lived agent never holds bcc and LLVM (~130 MiB).
+`uninstall` is the one place that detaches and unpins.
 
 Kernel headers: bcc finds the running kernel's headers at
 /lib/modules/<release>/build or in /sys/kernel/kheaders.tar.xz. Where the node has
@@ -18,22 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 from meshagent.agent.config import AgentConfig
-from meshagent.agent.datapath import bpfsys
+from meshagent.agent.datapath import bpfsys, buildkey
 from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
 
 log = logging.getLogger(__name__)
 
 HEADERS_ENV = "MESHAGENT_KERNEL_HEADERS"
 BCC_SOURCE_ENV = "BCC_KERNEL_SOURCE"
+KEY_PREFIX = "key-"
+BUILD_TIMEOUT_S = 300.0  # bcc takes ~1 s; unpacking kernel headers the first time, longer
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,23 @@ class DatapathSettings:
     proxy_ip: str
     proxy_port: int = 15001
     proxy_ip6: str | None = None  # without one, native IPv6 connects of meshed pods are refused
+
+    def to_json(self) -> str:
+        """For the build helper (stdin)."""
+        return json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> DatapathSettings:
+        raw = json.loads(text)
+        return cls(
+            **{**raw, "pin_dir": Path(raw["pin_dir"]), "cgroup_path": Path(raw["cgroup_path"])}
+        )
+
+
+class DatapathError(RuntimeError):
+    """The datapath could not be built."""
 
 
 def datapath_settings(config: AgentConfig) -> DatapathSettings:
@@ -142,9 +169,35 @@ def _use_fallback_headers() -> None:
     os.environ[BCC_SOURCE_ENV] = headers
 
 
+def _defines(settings: DatapathSettings) -> list[str]:
+    """The compile options that depend on the node (and so belong to the build key)."""
+    return [
+        f"-DMESH_PROXY_IP4={_ip_host_order(settings.proxy_ip):#x}",
+        f"-DMESH_PROXY_PORT={settings.proxy_port}",
+        *(f"-DMESH_PROXY_IP6_{i}={w:#x}" for i, w in enumerate(_ip6_words(settings.proxy_ip6))),
+        "-Wno-macro-redefined",
+    ]
+
+
+def build_key(settings: DatapathSettings, env: Mapping[str, str] = os.environ) -> str:
+    """What the datapath for ``settings`` would be built from, as a key (module doc)."""
+    release = os.uname().release
+    headers = env.get(BCC_SOURCE_ENV) or fallback_kernel_headers(release, env) or ""
+    bpf_dir = resources.files("meshagent.bpf")
+    sources = {
+        f.name: f.read_bytes()
+        for f in bpf_dir.iterdir()
+        if f.name.endswith(buildkey.SOURCE_SUFFIXES)
+    }
+    layout = [f"{h.pin_name}:{h.source}:{h.attach_type}" for h in HOOKS] + list(ALL_MAPS)
+    return buildkey.datapath_key(
+        sources, [*_defines(settings), f"headers={headers}"], release, layout
+    )
+
+
 def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
     """Compile every hook with bcc; returns pin name -> fd of programs and maps."""
-    from bcc import BPF  # imported here: status and the proxy never need bcc
+    from bcc import BPF  # imported here (in the build helper): the agent never needs bcc
 
     _use_fallback_headers()
 
@@ -156,14 +209,7 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
     unit = '#include "maps.h"\n' + "".join(
         f'#line 1 "{name}"\n' + bpf_dir.joinpath(name).read_text() for name in sources
     )
-    cflags = [
-        f"-I{bpf_dir}",
-        f"-DMESH_PROXY_IP4={_ip_host_order(settings.proxy_ip):#x}",
-        f"-DMESH_PROXY_PORT={settings.proxy_port}",
-        *(f"-DMESH_PROXY_IP6_{i}={w:#x}" for i, w in enumerate(_ip6_words(settings.proxy_ip6))),
-        "-Wno-macro-redefined",
-    ]
-    bpf = BPF(text=unit, cflags=cflags)
+    bpf = BPF(text=unit, cflags=[f"-I{bpf_dir}", *_defines(settings)])
     fds: dict[str, int] = {}
     for hook in HOOKS:
         if hook.attach_type in _SOCK_ADDR_ATTACH:
@@ -221,13 +267,61 @@ def is_installed(settings: DatapathSettings) -> bool:
     return True
 
 
+def pinned_key(pin_dir: Path) -> str | None:
+    """The key of what is pinned at ``pin_dir`` (None: no pins, or pins without a key)."""
+    try:
+        names = [e.name for e in os.scandir(pin_dir) if e.name.startswith(KEY_PREFIX)]
+    except OSError:
+        return None
+    return names[0].removeprefix(KEY_PREFIX) if len(names) == 1 else None
+
+
 def install(settings: DatapathSettings) -> bool:
     """Make sure the programs are loaded, pinned and attached; returns True if it
-    had to load them (False when a previous agent's programs were still in place)."""
-    if is_installed(settings):
-        log.info("datapath: programs already attached at %s; reusing pins", settings.cgroup_path)
+    had to build them (False when a previous agent's, built from the same key, were
+    still in place)."""
+    key = build_key(settings)
+    found = pinned_key(settings.pin_dir)
+    if found == key and is_installed(settings):
+        log.info(
+            "datapath: reused pinned datapath at %s (key %s), still attached at %s",
+            settings.pin_dir,
+            key[:12],
+            settings.cgroup_path,
+        )
         return False
-    uninstall(settings)  # clear half-done state from a crash mid-install
+    if found is not None and found != key:
+        log.info(
+            "datapath: the pins at %s were built from other sources, options or kernel "
+            "(key %s, this agent's %s); building again",
+            settings.pin_dir,
+            found[:12],
+            key[:12],
+        )
+    _build_in_helper(settings)
+    if pinned_key(settings.pin_dir) != key or not is_installed(settings):
+        raise DatapathError(f"datapath: the build helper left no datapath of key {key[:12]}")
+    return True
+
+
+def _build_in_helper(settings: DatapathSettings) -> None:
+    """`build(settings)` in a child process (module doc); its log lines go to our stderr."""
+    argv = [sys.executable, "-m", "meshagent.agent.datapath.build"]
+    try:
+        proc = subprocess.run(argv, input=settings.to_json(), text=True, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise DatapathError(f"datapath: the build helper took over {exc.timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise DatapathError(
+            f"datapath: the build helper failed (exit {proc.returncode}); its error is logged above"
+        )
+
+
+def build(settings: DatapathSettings) -> None:
+    """Compile, pin and attach afresh, then mark the pins with their key (last: a build
+    cut short leaves no key, so the next start builds again)."""
+    key = build_key(settings)
+    uninstall(settings)  # stale pins, or half-done state from a crash mid-install
     settings.pin_dir.mkdir(parents=True, exist_ok=True)
     fds = _compile_and_load(settings)
     try:
@@ -239,8 +333,13 @@ def install(settings: DatapathSettings) -> bool:
     finally:
         for fd in fds.values():
             os.close(fd)
-    log.info("datapath: attached %d programs at %s", len(HOOKS), settings.cgroup_path)
-    return True
+    (settings.pin_dir / f"{KEY_PREFIX}{key}").mkdir()
+    log.info(
+        "datapath: compiled and attached %d programs at %s (key %s)",
+        len(HOOKS),
+        settings.cgroup_path,
+        key[:12],
+    )
 
 
 def uninstall(settings: DatapathSettings) -> None:

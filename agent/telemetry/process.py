@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +29,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProcessCollector", "ProcessFigures", "read_process"]
+__all__ = ["ProcessCollector", "ProcessFigures", "read_process", "seconds_since_start"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -42,11 +43,23 @@ class ProcessFigures(NamedTuple):
     open_fds: int
 
 
-def read_process(pid: int, proc: Path = Path("/proc")) -> ProcessFigures:
-    """The figures of `pid`; raises OSError if it is gone (or not readable)."""
+def _stat_fields(pid: int | str, proc: Path) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on: fields[0] is field 3."""
     stat = (proc / str(pid) / "stat").read_text()
     # comm (field 2) may hold spaces and parentheses: fields after its last ")" are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def seconds_since_start(pid: int | str = "self", proc: Path = Path("/proc")) -> float:
+    """How long ago the kernel started `pid` (its fork, before the interpreter and imports),
+    on the boot clock /proc counts in; raises OSError if it is gone."""
+    started = int(_stat_fields(pid, proc)[19]) / _TICKS
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+
+
+def read_process(pid: int, proc: Path = Path("/proc")) -> ProcessFigures:
+    """The figures of `pid`; raises OSError if it is gone (or not readable)."""
+    fields = _stat_fields(pid, proc)
     utime, stime, rss_pages = int(fields[11]), int(fields[12]), int(fields[21])
     fds = sum(1 for _ in os.scandir(proc / str(pid) / "fd"))
     return ProcessFigures((utime + stime) / _TICKS, rss_pages * _PAGE, fds)

@@ -279,6 +279,16 @@ def test_screen_shows_disconnected_controller_and_expired_certificate():
     assert "expired 1h 0m ago (expired)" in screen
 
 
+def test_screen_shows_how_fast_the_agent_served_and_whether_it_reused_the_pins():
+    assert "Started:" not in render(running_report(), now=NOW)  # not ready yet
+    agent = {**live_agent(), "ready_after_s": 0.4261, "datapath_reused": True}
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    assert "Started:     ready 0.43 s after start (reused the pinned datapath)" in render(report)
+    agent["datapath_reused"] = False
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    assert "ready 0.43 s after start (built it)" in render(report)
+
+
 def test_watch_shows_count_reports_sleeping_between():
     shown, slept = [], []
     reads = iter(range(10))

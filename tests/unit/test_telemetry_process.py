@@ -1,9 +1,11 @@
 """Process figures per proxy worker, read from /proc at scrape time."""
 
 import os
+import subprocess
+import sys
 
 from meshagent.agent.telemetry import NodeMetrics, ProcessCollector
-from meshagent.agent.telemetry.process import read_process
+from meshagent.agent.telemetry.process import read_process, seconds_since_start
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +25,17 @@ def test_this_process_is_read_from_proc():
     assert figures.cpu_seconds > 0
     assert figures.resident_bytes > 1 << 20
     assert figures.open_fds >= 3
+
+
+def test_a_process_age_counts_from_its_start_not_from_its_first_line():
+    """What the agent's start-to-ready figure is measured from: a child started now is
+    younger than this process (which has run this test session's imports)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert 0 <= seconds_since_start(child.pid) < seconds_since_start()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_each_worker_is_a_label_and_a_gone_one_is_left_out():
