@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from meshagent.agent.proxy.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_REQUESTS
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,6 +88,18 @@ class AgentConfig(BaseModel):
     # fail mode (meshagent.io/fail-mode) applies to its new connections.
     heartbeat_interval_s: float = Field(0.25, gt=0.0, le=10.0)
     heartbeat_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
+    # Slowloris and idle bounds of the pod-facing HTTP/1.x engine (15001, and HTTP inside
+    # 15008 tunnels): a request whose head is not complete this long after its first byte gets
+    # 408 and the connection closes (Envoy's request_headers_timeout, which Envoy leaves off;
+    # nginx's client_header_timeout is 60 s); a keep-alive connection with no request begun
+    # for the idle timeout is closed (Envoy's idle_timeout, 1 h).
+    http_request_headers_timeout_s: float = Field(10.0, gt=0.0)
+    http_idle_timeout_s: float = Field(3600.0, gt=0.0)
+    # What one source (a pod on 15001, a certificate identity on 15008) may hold in each proxy
+    # process: more connections are refused (a 503 on an HTTP port, else closed), more
+    # requests in flight get 503 UO (agent/proxy/limits.py).
+    max_connections_per_source: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    max_pending_requests_per_source: int = Field(DEFAULT_MAX_PENDING_REQUESTS, ge=1)
     # Proxy processes (0: one per core this process may use, at most 8). With 1 the agent
     # process proxies itself; with more, that many workers share 15001/15008 (agent/workers/).
     proxy_workers: int = Field(0, ge=0, le=64)

@@ -23,6 +23,7 @@ from meshagent.agent.identity.manager import WorkloadCert
 from meshagent.agent.proxy.http import HttpSettings, open_connection_pool
 from meshagent.agent.proxy.inbound import InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
 from meshagent.agent.proxy.traffic import Traffic
@@ -70,7 +71,16 @@ class DataPlane:
             trust_domain=config.trust_domain,
             metrics=metrics,
             access_log=access_log,
-            http=HttpSettings(path_normalization=config.path_normalization),
+            http=HttpSettings(
+                path_normalization=config.path_normalization,
+                request_header_timeout=config.http_request_headers_timeout_s,
+                client_idle_timeout=config.http_idle_timeout_s,
+            ),
+            limits=Limits(
+                max_connections=config.max_connections_per_source,
+                max_pending_requests=config.max_pending_requests_per_source,
+                count=metrics.refusal,
+            ),
         )
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None

@@ -401,8 +401,12 @@ def issue_node_token(node: str, api: KubeApi | None = None) -> Path:
 def agent_config(node: NodePlan) -> AgentConfig:
     # MESHLAB_PROXY_WORKERS: proxy processes per agent (default: one per core, as a node).
     workers = int(os.environ.get("MESHLAB_PROXY_WORKERS", "0"))
+    # MESHLAB_AGENT_SETTINGS: more agent settings as a JSON object, for tests that need short
+    # timeouts or low limits, e.g. '{"http_request_headers_timeout_s": 2}'.
+    extra = json.loads(os.environ.get("MESHLAB_AGENT_SETTINGS") or "{}")
+    extra.setdefault("proxy_workers", workers)
     return AgentConfig(
-        proxy_workers=workers,
+        **extra,
         node_name=node.name,
         controller=f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
         proxy_ip=node.gateway,

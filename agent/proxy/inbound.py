@@ -29,6 +29,7 @@ from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
+from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import single_endpoint_routes
@@ -83,6 +84,24 @@ class InboundProxy:
         await tunnel.reject(status)
 
     async def handle(self, tunnel: InboundTunnel) -> None:
+        """Decide and serve one tunnel; a source identity that holds `Limits.max_connections`
+        tunnels in this process gets 429 for another (a refusal, not a sick endpoint)."""
+        limits = self.inputs.limits
+        principal = tunnel.peer_identity.uri
+        with limits.connection(principal) as admitted:
+            if admitted:
+                await self._handle(tunnel)
+                return
+        limits.refused(
+            "hbone",
+            SOURCE_CONNECTIONS,
+            principal,
+            f"{limits.max_connections} tunnels of this identity open",
+        )
+        self.stats.refused[429] = self.stats.refused.get(429, 0) + 1
+        await tunnel.reject(429)
+
+    async def _handle(self, tunnel: InboundTunnel) -> None:
         start, started = time.time(), trio.current_time()
         ip, port = tunnel.target
         tables = self.store.tables
@@ -312,6 +331,9 @@ class InboundProxy:
                     peer=source_ip,
                     drain=self.inputs.drain,
                     settings=self.inputs.http,
+                    limits=self.inputs.limits,
+                    source_key=principal,
+                    listener="hbone" if security == "mutual_tls" else "pod",
                 ),
             )
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from meshagent.agent.policy.authorization import AuthzStats
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http.types import DEFAULT_SETTINGS, HttpSettings
+from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.live import LiveConnections
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
@@ -27,3 +28,4 @@ class ProxyInputs:
     drain: Drain = field(default_factory=Drain)
     live: LiveConnections = field(default_factory=LiveConnections)  # re-checked per snapshot
     http: HttpSettings = DEFAULT_SETTINGS  # the HTTP engine's settings (path normalization, ...)
+    limits: Limits = field(default_factory=Limits)  # per-source bounds, refusals counted

@@ -4,10 +4,15 @@ For each accepted connection: consume its original destination from the
 orig_dst map (keyed by the client's ip:port), identify the source pod, resolve
 a Service VIP:port to an endpoint (round robin over ready pods), connect, and
 relay. A pod IP or any other destination is relayed as is.
+
+A source already holding `Limits.max_connections` connections in this process is refused
+(agent/proxy/limits.py): on an HTTP/1.1 port with a 503 naming why, otherwise by closing the
+connection; counted in meshagent_proxy_refused_total{listener="outbound"}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,12 +24,13 @@ from meshagent.agent.proxy import live
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
+from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import Protocol, port_protocol
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
-from meshagent.agent.state import Tables
+from meshagent.agent.state import ServicePortRoute, Tables
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
@@ -41,6 +47,12 @@ CONNECT_ATTEMPTS = 3  # distinct endpoints tried for one connection
 # What a destination proxy answers a tunnel its policy denies, or to a pod not (or no longer)
 # on its node (as ztunnel): another endpoint is still tried, but it is no health signal.
 TUNNEL_REFUSED_STATUS = 401
+# A connection over its source's limit, on an HTTP/1.1 port (agent/proxy/limits.py).
+_REFUSAL_BODY = b"too many connections from this source\n"
+_TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+)
 # The orig_dst entry is written before the client's final ACK leaves; this only
 # covers a listener that accepts faster than the map update becomes visible.
 ORIG_DST_RETRIES = 3
@@ -121,6 +133,32 @@ class OutboundProxy:
         source = tables.workload_by_ip.get(peer_ip) if tables else None
         route = tables.by_vip_port.get(orig) if tables else None
         protocol = port_protocol(route.service_port) if route is not None else None
+        limits = self.inputs.limits
+        with limits.connection(source.uid if source else peer_ip) as admitted:
+            if admitted:
+                await self._serve(client, source, peer_ip, orig, route, protocol, start, started)
+                return
+        limits.refused(
+            "outbound",
+            SOURCE_CONNECTIONS,
+            source.name if source else peer_ip,
+            f"{limits.max_connections} connections of this source open",
+        )
+        if protocol == "http1":  # say why, where the client can read it
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await client.send_all(_TOO_MANY_CONNECTIONS)
+
+    async def _serve(
+        self,
+        client: trio.SocketStream,
+        source: Workload | None,
+        peer_ip: str,
+        orig: tuple[str, int],
+        route: ServicePortRoute | None,
+        protocol: Protocol | None,
+        start: float,
+        started: float,
+    ) -> None:
         if route is not None and protocol in ("http1", "http2"):
             await self._serve_http(client, source, route.service, orig, peer_ip, protocol)
             return
@@ -204,6 +242,8 @@ class OutboundProxy:
             peer=peer_ip,
             drain=self.inputs.drain,
             settings=self.inputs.http,
+            limits=self.inputs.limits,
+            source_key=source.uid if source else peer_ip,
         )
         await serve_detected(client, ctx, protocol, served)
 

@@ -230,6 +230,14 @@ class ProxyMetrics:
             ("action", "dry_run"),
             **kw,
         )
+        self.refused = Counter(
+            "meshagent_proxy_refused",
+            "Connections and requests the proxy refused to stay bounded, by listener (outbound:"
+            " 15001; pod: its HTTP engine; hbone: 15008) and reason (source_connections,"
+            " source_pending_requests, header_timeout, bad_request).",
+            ("listener", "reason"),
+            **kw,
+        )
         self.open_connections = Gauge(
             "meshagent_proxy_open_connections",
             "Connections the proxy holds now, by direction (outbound: reporter=source).",
@@ -354,6 +362,10 @@ class ProxyMetrics:
         (self._allowed if decision.allowed else self._denied).inc()
         if decision.dry_run_denials:
             self._dry_run_denied.inc(len(decision.dry_run_denials))
+
+    def refusal(self, listener: str, reason: str) -> None:
+        """One connection or request refused (agent/proxy/limits.py)."""
+        self.refused.labels(listener, reason).inc()
 
     def set_tunnel_pool_connections(self, count: int) -> None:
         self.tunnel_pool_connections.set(count)

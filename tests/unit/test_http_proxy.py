@@ -37,6 +37,7 @@ from meshagent.agent.proxy.http import (
     proxy_http1,
 )
 from meshagent.agent.proxy.lb import Clusters
+from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.routing import compile_routes
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 from prometheus_client import REGISTRY
@@ -242,6 +243,8 @@ async def open_mesh(
     request_filter=None,
     seed: int = 7,
     drain: Drain | None = None,
+    settings: HttpSettings | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Mesh]:
     async with trio.open_nursery() as nursery:
         for b in backends:
@@ -263,6 +266,8 @@ async def open_mesh(
                 peer="127.0.0.1:1",
                 rng=random.Random(seed),
                 drain=drain,
+                settings=settings or HttpSettings(),
+                limits=limits,
             )
             listeners = await nursery.start(
                 partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")

@@ -29,7 +29,8 @@ frame headers of what the client sends before h2 buffers it, and a header block 
 header list limit or in more than 16 CONTINUATION frames, a rapid-reset, PING or SETTINGS
 flood end the connection with GOAWAY ENHANCE_YOUR_CALM, the reason in its debug data (counted
 in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain refuses
-new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes.
+new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes. A source
+with `Limits.max_pending_requests` streams in flight in this process gets 503 UO for another.
 
 The h2 state machines (sans-IO) live in `_H2Peer` with the reader that feeds them; all the
 protocol rules are in `h2wire`.
@@ -71,6 +72,7 @@ from meshagent.agent.proxy.lb import (
     ClusterState,
     EndpointState,
 )
+from meshagent.agent.proxy.limits import SOURCE_PENDING_REQUESTS
 from meshagent.agent.proxy.routing import RetryPolicy
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
 from meshagent.common.h2guard import ABUSE, Abuse, FloodGuard
@@ -348,7 +350,8 @@ async def serve_detected(
         await proxy_http2(client, ctx)
         return protocol
     initial = b""
-    with trio.move_on_after(ctx.settings.client_idle_timeout):
+    begun = math.inf
+    with trio.move_on_after(ctx.settings.client_idle_timeout) as wait:
         while h2wire.is_preface(initial) is None:
             try:
                 data = await client.receive_some(RECEIVE_SIZE)
@@ -356,6 +359,9 @@ async def serve_detected(
                 return protocol
             if not data:
                 break
+            if not initial:  # begun: the rest of the head gets the header timeout
+                begun = trio.current_time()
+                wait.deadline = begun + ctx.settings.request_header_timeout
             initial += data
     if h2wire.is_preface(initial):
         if served is not None:
@@ -365,7 +371,7 @@ async def serve_detected(
     if initial:
         from meshagent.agent.proxy.http.proxy import proxy_http1
 
-        await proxy_http1(client, ctx, initial=initial)
+        await proxy_http1(client, ctx, initial=initial, begun=begun)
     return "http1"
 
 
@@ -483,7 +489,11 @@ class _Session:
         started = trio.current_time()
         grpc = False
         try:
-            with scope:
+            with scope, contextlib.ExitStack() as held:
+                if not self._admit(held):
+                    resp = LocalResponse(503, b"too many requests in flight from this source")
+                    await self._local(stream_id, record, resp, "UO", grpc)
+                    return
                 try:
                     head = h2wire.parse_request(headers)
                     head.ended = ended
@@ -531,6 +541,20 @@ class _Session:
                     self.ctx.on_request_done(record)
                 except Exception:
                     log.exception("on_request_done failed")
+
+    def _admit(self, held: contextlib.ExitStack) -> bool:
+        """Hold one of the source's requests in flight (in `held`); False, counted and
+        logged, when it already has as many as `Limits` allows."""
+        limits = self.ctx.limits
+        if limits is None or held.enter_context(limits.pending_request(self.ctx.source_key)):
+            return True
+        limits.refused(
+            self.ctx.listener,
+            SOURCE_PENDING_REQUESTS,
+            self.ctx.peer,
+            f"{limits.max_pending_requests} requests of this source in flight",
+        )
+        return False
 
     async def _timed_out(self, stream_id: int, record: RequestRecord) -> None:
         """The route timeout (or the call's grpc-timeout) passed: 504 UT (gRPC:

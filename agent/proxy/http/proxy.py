@@ -19,6 +19,12 @@ retry budget ran out on a retriable outcome. A malformed request gets its 4xx (u
 flag DPE) with a body naming the problem in plain words, and the connection is closed. Upgrades
 (WebSocket) are relayed as bytes after the 101.
 
+Slow and idle clients: a request head not complete `request_header_timeout` after its first
+byte (a slowloris) gets 408 and the connection closes; a keep-alive connection with no request
+begun for `client_idle_timeout` is closed. Each source (`HttpContext.source_key`) has at most
+`Limits.max_pending_requests` requests in flight in this process; one more gets 503 UO. The 408,
+the 400 and the 503 are counted and logged (rate-limited) by `HttpContext.limits`.
+
 HTTP/1.x passes as it came: an HTTP/1.0 request goes upstream as 1.0 (keep-alive only with
 `Connection: keep-alive`); `Expect: 100-continue` goes to the server, whose 100 Continue (or
 final answer) comes back: the mesh never answers 100 itself, so a request with it streams its
@@ -56,6 +62,7 @@ from meshagent.agent.proxy.lb import (
     EndpointState,
     Overflow,
 )
+from meshagent.agent.proxy.limits import BAD_REQUEST, HEADER_TIMEOUT, SOURCE_PENDING_REQUESTS
 from meshagent.agent.proxy.relay import relay
 from meshagent.agent.proxy.routing import HttpRoute, HttpRoutes, RetryPolicy
 from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
@@ -102,6 +109,15 @@ class _NoScope:
 
 
 _NO_SCOPE = _NoScope()
+
+
+class _HeaderTimeout:
+    """What `_read_head` returns for a head not complete in time."""
+
+
+_HEAD_TIMED_OUT = _HeaderTimeout()
+_NO_LIMIT = contextlib.nullcontext(True)
+_TOO_MANY_PENDING = LocalResponse(503, b"too many requests in flight from this source")
 
 
 class _ClientGone(Exception):
@@ -152,13 +168,17 @@ class _Body:
         self.timers.clear()
 
 
-async def proxy_http1(client: trio.abc.Stream, ctx: HttpContext, *, initial: bytes = b"") -> None:
+async def proxy_http1(
+    client: trio.abc.Stream, ctx: HttpContext, *, initial: bytes = b"", begun: float | None = None
+) -> None:
     """Serve HTTP/1.1 on `client` until it closes or idles out (`initial`: bytes already read
-    from it). Never raises for anything the client or an upstream does; the caller still owns
-    (and closes) `client`."""
+    from it, the first at trio time `begun`, for the header timeout). Never raises for anything
+    the client or an upstream does; the caller still owns (and closes) `client`."""
     session = _Session(client, ctx)
     if initial:
         session.conn.receive_data(initial)
+        now = trio.current_time()
+        session.begun = now if begun is None else min(begun, now)
     try:
         await session.run()
     except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
@@ -178,6 +198,7 @@ class _Session:
         self.skip_drain = False
         self.expect_continue = False  # the request's `Expect: 100-continue` awaits the server
         self.served = 0  # requests answered on this connection
+        self.begun: float | None = None  # when the first byte of the pending head came
 
     # -- downstream I/O -------------------------------------------------------------------
 
@@ -212,12 +233,16 @@ class _Session:
             except CLIENT_ERRORS as exc:
                 raise _ClientGone from exc
 
-    async def _read_head(self) -> wire.Event | None:
-        """The next request head (or ConnectionClosed); None when the client idled out.
-        Waits up to client_idle_timeout for a request to begin, then request_header_timeout
-        for the rest of its head."""
-        deadline = trio.current_time() + self.settings.client_idle_timeout
-        started = False
+    async def _read_head(self) -> wire.Event | _HeaderTimeout | None:
+        """The next request head (or ConnectionClosed); None when the client idled out or went
+        away, `_HEAD_TIMED_OUT` when its head was not complete in time. Waits up to
+        client_idle_timeout for a request to begin, then request_header_timeout (from its first
+        byte) for the rest of its head."""
+        started = self.begun is not None  # bytes of it came before (`proxy_http1`'s initial)
+        if self.begun is not None:
+            deadline = self.begun + self.settings.request_header_timeout
+        else:
+            deadline = trio.current_time() + self.settings.client_idle_timeout
         drain = self.ctx.drain
         while True:
             event = self.conn.next_event()
@@ -241,7 +266,7 @@ class _Session:
                     deadline = trio.current_time() + self.settings.request_header_timeout
                 self.conn.receive_data(data)
                 continue
-            return None
+            return _HEAD_TIMED_OUT if started else None
 
     # -- connection loop ------------------------------------------------------------------
 
@@ -251,6 +276,9 @@ class _Session:
                 event = await self._read_head()
             except wire.RemoteProtocolError as exc:
                 await self._reject(exc)
+                return
+            if event is _HEAD_TIMED_OUT:
+                await self._header_timeout()
                 return
             if not isinstance(event, wire.Request):
                 return  # closed, or idle too long
@@ -262,8 +290,25 @@ class _Session:
             if self.ctx.drain is not None and self.ctx.drain.draining:
                 return  # draining: close after the response (the client retries elsewhere)
 
+    def _refused(self, why: str, detail: str) -> None:
+        if self.ctx.limits is not None:
+            self.ctx.limits.refused(self.ctx.listener, why, self.ctx.peer, detail)
+
+    async def _header_timeout(self) -> None:
+        """A slowloris: 408 (Envoy's words), then the caller closes the connection."""
+        seconds = self.settings.request_header_timeout
+        self._refused(HEADER_TIMEOUT, f"request head not complete within {seconds:g} s")
+        record = RequestRecord("", "", "", peer=self.ctx.peer, start=time.time())
+        if self.conn.our_state in (wire.IDLE, wire.SEND_RESPONSE):
+            resp = LocalResponse(408, b"request header timeout", ((b"connection", b"close"),))
+            with contextlib.suppress(_ClientGone, _CloseClient, wire.LocalProtocolError):
+                await self._local(record, resp)
+                await self._linger()
+        self._done(record)
+
     async def _reject(self, exc: wire.RemoteProtocolError) -> None:
         """Answer a malformed request with its 4xx, then the caller closes the connection."""
+        self._refused(BAD_REQUEST, str(exc))
         status = exc.error_status_hint or 400
         record = RequestRecord("", "", "", peer=self.ctx.peer, start=time.time())
         record.flags.append("DPE")
@@ -329,10 +374,22 @@ class _Session:
         )
         record = RequestRecord(info.method, info.target, info.authority, self.ctx.peer, time.time())
         self.skip_drain = False
+        self.begun = None
         started = trio.current_time()
         keep = True
+        limits = self.ctx.limits
+        pending = limits.pending_request(self.ctx.source_key) if limits else _NO_LIMIT
         try:
-            await self._process(req, info, record)
+            with pending as admitted:
+                if admitted:
+                    await self._process(req, info, record)
+                else:
+                    assert limits is not None
+                    self._refused(
+                        SOURCE_PENDING_REQUESTS,
+                        f"{limits.max_pending_requests} requests of this source in flight",
+                    )
+                    await self._local(record, _TOO_MANY_PENDING, "UO")
         except _ClientGone:
             record.flags.append("DC")
             keep = False

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from meshagent.agent.proxy.drain import Drain
     from meshagent.agent.proxy.http.pool import ConnectionPool
     from meshagent.agent.proxy.lb import Clusters
+    from meshagent.agent.proxy.limits import Limits
     from meshagent.agent.proxy.routing import HttpRoutes
 
 UpstreamErrorKind = Literal["connect-failure", "refused", "reset"]
@@ -127,7 +128,9 @@ class HttpSettings:
     retry_buffer_limit: int = 64 * 1024  # a body up to this size is kept for retries
     max_header_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
     client_idle_timeout: float = 3600.0  # keep-alive wait for the next request (Envoy: 1 h)
-    request_header_timeout: float = 60.0  # from the first byte of a request to its full head
+    # from the first byte of a request to its full head; then 408 (agent config
+    # http_request_headers_timeout_s)
+    request_header_timeout: float = 10.0
     drain_limit: int = 1024 * 1024  # unread request body we read and drop to keep a connection
     drain_timeout: float = 5.0
     retry_backoff_base: float = 0.025  # Envoy's jittered exponential back-off: 25 ms ...
@@ -162,3 +165,9 @@ class HttpContext:
     drain: Drain | None = None
     settings: HttpSettings = DEFAULT_SETTINGS
     rng: random.Random = field(default_factory=random.Random)
+    # Per-source bounds (requests in flight of `source_key`) and the refusal record: a
+    # request head not complete in time (408) or not HTTP (400) is counted there too, under
+    # `listener` ("pod": a pod's connection to 15001; "hbone": HTTP inside a 15008 tunnel).
+    limits: Limits | None = None
+    source_key: Hashable = None
+    listener: str = "pod"

@@ -1,0 +1,106 @@
+"""What one source may hold in a proxy process, and the record of what the proxy refused.
+
+A node proxy serves every pod on its node: one misbehaving source (a leak of connections, a
+client that never reads its responses, a slowloris) must not take the room the others need.
+So each source gets at most `max_connections` open connections and `max_pending_requests`
+requests in flight at once, per proxy process (the workers share a node's connections by
+SO_REUSEPORT, so a node admits up to that many times its worker count). The source is the
+pod as the proxy knows it: on 15001 its workload (else its address), on 15008 the identity in
+its certificate (the one thing a peer cannot forge; pods sharing a service account share it).
+
+Every refusal (these, and a request head not complete in time or not HTTP) is counted in
+`meshagent_proxy_refused_total{listener,reason}` and logged with its reason, at a bounded rate:
+a flood of refusals must not become a flood of log lines. Counts are dropped when they reach
+zero, so a burst of sources leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Hashable, Iterator
+
+from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_PENDING_REQUESTS", "Limits"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_PENDING_REQUESTS = 4_096
+
+# The `reason` label of meshagent_proxy_refused_total (a small fixed set).
+SOURCE_CONNECTIONS = "source_connections"
+SOURCE_PENDING_REQUESTS = "source_pending_requests"
+HEADER_TIMEOUT = "header_timeout"
+BAD_REQUEST = "bad_request"
+
+
+def _no_count(listener: str, why: str) -> None:
+    pass
+
+
+class Limits:
+    """Per-source counters with their bounds, and the refusal record (metric and log).
+
+    `count(listener, reason)` is called once per refusal (the agent's `ProxyMetrics.refused`).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS,
+        count: Callable[[str, str], None] = _no_count,
+        refusal_log: RateLimitedLog | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_pending_requests = max_pending_requests
+        self.count = count
+        self.log = refusal_log or RateLimitedLog(log)
+        self.connections: dict[Hashable, int] = {}
+        self.pending: dict[Hashable, int] = {}
+
+    @contextlib.contextmanager
+    def connection(self, source: Hashable) -> Iterator[bool]:
+        """Hold one of `source`'s connections while inside; yields False (nothing held) when
+        it already has `max_connections`."""
+        with _hold(self.connections, source, self.max_connections) as admitted:
+            yield admitted
+
+    @contextlib.contextmanager
+    def pending_request(self, source: Hashable) -> Iterator[bool]:
+        """Hold one of `source`'s requests in flight while inside; yields False (nothing
+        held) when it already has `max_pending_requests`."""
+        with _hold(self.pending, source, self.max_pending_requests) as admitted:
+            yield admitted
+
+    def refused(self, listener: str, why: str, source: object, detail: str | None) -> None:
+        """Count and log (rate-limited per listener and reason) one refusal. `why` is the
+        metric's reason label; `detail` says it in words (never logged empty)."""
+        self.count(listener, why)
+        self.log.warning(
+            f"{listener}-{why}",
+            "%s: refused %s from %s: %s",
+            listener,
+            why,
+            source or "?",
+            reason(detail),
+        )
+
+
+@contextlib.contextmanager
+def _hold(counts: dict[Hashable, int], key: Hashable, limit: int) -> Iterator[bool]:
+    held = counts.get(key, 0)
+    if held >= limit:
+        yield False
+        return
+    counts[key] = held + 1
+    try:
+        yield True
+    finally:
+        left = counts[key] - 1
+        if left:
+            counts[key] = left
+        else:
+            del counts[key]
