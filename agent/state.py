@@ -12,6 +12,7 @@ it refused) and announced to the listeners, which only assign what was built.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,12 @@ from meshagent.agent.proxy.routing import (
 from meshagent.common import snapshotdelta
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
-from meshagent.common.istio.security import AuthorizationPolicy, PeerAuthentication
+from meshagent.common.istio.security import (
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+)
+from meshagent.common.jwtauth import JwtPolicies
 from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload, wire_version
 from pydantic import ValidationError
 
@@ -69,6 +75,14 @@ class Tables:
     # HTTP/1.1 wins when several Service ports of different protocols share a pod port.
     pod_protocols: dict[tuple[str, int], Protocol]
     routes: RouteTable  # compiled VirtualServices and DestinationRules (agent/proxy/routing.py)
+
+    @functools.cached_property
+    def jwt(self) -> JwtPolicies:
+        """The RequestAuthentications with the keys the controller fetched (common/jwtauth.py),
+        compiled on first use: nothing in it can fail (a key set that does not load refuses
+        its issuer's tokens), so it cannot be a reason to refuse the snapshot."""
+        resources = [r for r in self.istio if isinstance(r, RequestAuthentication)]
+        return JwtPolicies(resources, self.snapshot.jwks, root_namespace=self.authz.root_namespace)
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [r for r in self.istio if isinstance(r, PeerAuthentication)]

@@ -118,6 +118,9 @@ class Snapshot(_Model):
     # DestinationRule) as validated manifests; the agent parses them with
     # meshagent.common.istio.parse_resource into the typed models it evaluates.
     istio_resources: list[dict] = Field(default_factory=list)
+    # The JWKS documents of RequestAuthentication rules, fetched by the controller (the agents
+    # make no outbound calls), by URL (JwtRule.keys_url); absent: not fetched (fail closed).
+    jwks: dict[str, str] = Field(default_factory=dict)
     # This node's pods that no other node needs (not meshed, not behind a Service): kept out
     # of `workloads` so a change to one of them gives a new version to this node only.
     local_workloads: list[Workload] = Field(default_factory=list)

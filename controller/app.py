@@ -46,6 +46,7 @@ from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.ca import CertificateAuthority
 from meshagent.controller.compiler import compile_snapshot
 from meshagent.controller.debugauth import DebugGuard, NamespaceTokenReviewAuthenticator
+from meshagent.controller.jwks import JwksFetcher
 from meshagent.controller.leader import RETRY_PERIOD, LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
@@ -295,6 +296,7 @@ class Controller:
                 self.files = FileSource(s.manifest_dir, self.model)
                 await nursery.start(self.files.serve)
             await nursery.start(self.validator.serve, self.model)
+            await nursery.start(JwksFetcher(self.model).serve)
 
             self.ca, issuer_pem = await self._load_ca(client)
             if s.trust_bundle_out is not None:

@@ -31,6 +31,7 @@ from meshagent.common.snapshot import (
 )
 from meshagent.common.workloadname import pod_workload
 from meshagent.controller.failclosed import unenforceable_deny
+from meshagent.controller.jwks import compile_jwks
 from meshagent.controller.model import ClusterModel
 
 
@@ -468,4 +469,5 @@ def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapsh
         services=compile_services(model, workloads),
         trust_bundle=trust_bundle,
         istio_resources=compile_istio(model),
+        jwks=compile_jwks(model),
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.hbone.server import InboundTunnel
-from meshagent.agent.policy import authorization
+from meshagent.agent.policy import authorization, requestauth
 from meshagent.agent.proxy import live
 from meshagent.agent.proxy.http import (
     ConnectionPool,
@@ -264,9 +264,13 @@ class InboundProxy:
         )
 
         target_policies = authorization.DestinationPolicies(target)
+        target_jwt = requestauth.DestinationJwt(target)
 
         async def authorize(request: RequestInfo) -> LocalResponse | None:
             current = self.store.tables or tables
+            auth, refused = requestauth.authenticate(target_jwt.get(current.jwt), request)
+            if refused is not None:
+                return refused  # a present token that does not verify: 401
             selected = target_policies.get(current.authz)
             http = None  # with no policy selecting the pod, nothing reads the request
             if authorization.applies(selected):
@@ -276,6 +280,7 @@ class InboundProxy:
                     path=request.path,
                     host=request.authority or headers.get("host", ""),
                     headers=headers,
+                    auth=auth,
                 )
             decision = authorization.check(
                 current.authz,

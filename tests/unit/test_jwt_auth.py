@@ -257,3 +257,41 @@ def test_request_principals_are_http_only_on_tcp():
     tcp = authz.Request(None, None, "10.0.0.1", "10.0.0.2", 80)
     # an ALLOW rule with HTTP-only fields never matches a TCP connection
     assert not authz.PolicySet([policy]).evaluate(authz.Workload("shop", {}), tcp).allowed
+
+
+# -- the agent's filter step ------------------------------------------------------------------
+
+
+def test_agent_tables_and_filter_step():
+    from meshagent.agent.policy.requestauth import DestinationJwt, authenticate
+    from meshagent.agent.proxy.http.types import RequestInfo
+    from meshagent.agent.state import Tables
+    from meshagent.common.snapshot import Snapshot, Workload
+
+    url = "https://issuer.example/keys"
+    ra = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": {"name": "jwt", "namespace": "shop"},
+        "spec": {"jwtRules": [{"issuer": ISSUER, "jwksUri": url}]},
+    }
+    tables = Tables.build(Snapshot(node="n", istio_resources=[ra], jwks={url: JWKS}))
+    pod = Workload(uid="u", namespace="shop", name="p", node="n", ips=["10.0.0.2"])
+    rules = DestinationJwt(pod).get(tables.jwt)
+
+    def request(token: str) -> RequestInfo:
+        headers = [(b"authorization", f"Bearer {token}".encode()), (b"x-a", b"1")]
+        return RequestInfo("GET", "/x?y=1", "reviews", headers)
+
+    ok = request(_token())
+    auth, refused = authenticate(rules, ok)
+    assert refused is None and auth is not None and auth.principal == f"{ISSUER}/alice"
+    assert ok.headers == [(b"x-a", b"1")] and "authorization" not in ok.header_map()
+    auth, refused = authenticate(rules, request(_token(OTHER_KEY)))
+    assert auth is None and refused is not None and refused.status == 401
+    assert refused.body == b"Jwt verification fails"
+    assert dict(refused.headers)[b"www-authenticate"].startswith(b"Bearer realm=")
+    # a snapshot without the fetched keys: the same valid token is refused (fail closed)
+    bare = Tables.build(Snapshot(node="n", istio_resources=[ra]))
+    _, refused = authenticate(DestinationJwt(pod).get(bare.jwt), request(_token()))
+    assert refused is not None and refused.status == 401

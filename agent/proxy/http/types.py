@@ -64,6 +64,12 @@ class RequestInfo:
         cut = self.target.find("?")
         return self.target if cut < 0 else self.target[:cut]
 
+    def replace_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Change the headers the request goes on with (in place: the engine forwards this
+        list), e.g. a verified JWT removed by RequestAuthentication."""
+        self.headers[:] = headers
+        self._dict = None
+
     def header_map(self) -> Mapping[str, str]:
         """Headers by lower-case name; repeated headers joined with ',' (as Envoy matches)."""
         if self._dict is None:
