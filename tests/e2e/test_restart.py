@@ -1,0 +1,113 @@
+"""Restart on the pins (issue #17 item 3): an agent killed with -9 and started again reuses
+the pinned programs and maps (no compile) and serves again within about a second of its
+start, by its own figure; pins built from anything else (another key) are built again,
+never reused stale; `meshlab down` removes every pin, the key folder with them.
+
+The start-to-ready figure is the agent's own (``ready_after_s`` in `meshagent status`, from
+its process start to 15001/15008 accepting, logged at ready); this test asserts that the
+pins were reused and shows the figures rather than asserting a bound on them (the machine
+running the suite is shared and loaded: the figure is a product feature, not a test clock).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshagent.lab.paths import BPFFS_DIR, LOG_DIR
+
+from tests.e2e.conftest import DATAPATH_PROGRAMS, meshlab
+from tests.waiting import wait_until
+
+NODES = ("node-1", "node-2")
+REVIEWS = "http://reviews.shop:9080/"  # frontend (node-1) -> reviews-v1 (node-2): 15001, 15008
+
+
+def keys(status: dict) -> list[str]:
+    return sorted(p.name for p in Path(status["datapath"]["pin_dir"]).glob("key-*"))
+
+
+def program_ids(status: dict) -> set[int]:
+    assert {p["name"] for p in status["datapath"]["programs"]} == DATAPATH_PROGRAMS
+    return {p["id"] for p in status["datapath"]["programs"]}
+
+
+def ready_line(node: str) -> str:
+    """The agent's last 'agent ready' log line."""
+    lines = (LOG_DIR / f"agent-{node}.log").read_text(errors="replace").splitlines()
+    return [line for line in lines if "agent ready on node" in line][-1]
+
+
+def restart(lab, node: str) -> dict:
+    """kill -9 every process of the node's agent, start it again (returns once it is ready)
+    and give its status."""
+    meshlab("agent", "stop", node)
+    meshlab("agent", "start", node)
+    return lab.status(node)
+
+
+def test_a_killed_agent_serves_again_on_its_pinned_datapath(demo_lab):
+    before = {node: demo_lab.status(node) for node in NODES}
+    for status in before.values():
+        assert len(keys(status)) == 1, keys(status)  # the first start built and keyed it
+        assert status["agent"]["datapath_reused"] is False
+    redirected = demo_lab.counters("node-1")["redirected"]
+
+    figures = {}
+    for node in NODES:
+        after = restart(demo_lab, node)
+        agent = after["agent"]
+        assert agent["running"] and agent["datapath_reused"] is True, agent
+        assert program_ids(after) == program_ids(before[node])  # the very same programs
+        assert keys(after) == keys(before[node])
+        figure = agent["ready_after_s"]
+        assert isinstance(figure, float) and figure > 0, agent
+        line = ready_line(node)
+        assert f"{figure:.3f} s after its start (reused pinned datapath)" in line, line
+        screen = meshlab("exec", "--node", node, "--", "meshagent", "status").stdout
+        assert f"ready {figure:.2f} s after start (reused the pinned datapath)" in screen
+        figures[node] = figure
+    print(f"start to ready after kill -9, on the pins: {figures}")
+
+    # Serving again: node-1's connect program redirects to its 15001, which tunnels to
+    # node-2's 15008.
+    code, body = demo_lab.curl("shop/frontend", REVIEWS)
+    assert code == "200", body
+    assert demo_lab.counters("node-1")["redirected"] > redirected
+
+
+def test_pins_of_another_build_are_built_again_not_reused(demo_lab):
+    """What the key stands for (other sources, options or kernel; unit-tested in
+    tests/unit/test_datapath_key.py) is simulated by renaming the key folder: the restarted
+    agent replaces every program rather than reusing one built from something else."""
+    before = demo_lab.status("node-1")
+    (ours,) = keys(before)
+    pin_dir = Path(before["datapath"]["pin_dir"])
+    (pin_dir / ours).rename(pin_dir / ("key-" + "0" * 64))
+
+    after = restart(demo_lab, "node-1")
+    assert after["agent"]["datapath_reused"] is False
+    assert keys(after) == [ours]
+    assert not program_ids(after) & program_ids(before)  # none of the old ones stays attached
+    log = (LOG_DIR / "agent-node-1.log").read_text(errors="replace")
+    assert "were built from other sources, options or kernel (key 000000000000" in log
+    assert "(built the datapath)" in ready_line("node-1")
+    wait_until(
+        lambda: demo_lab.status("node-1")["datapath"]["meshed_netns"],
+        lambda netns: [p["pod"] for p in netns] == ["shop/frontend"],
+        what="node-1 fills the fresh maps with its meshed pod",
+    )
+    redirected = demo_lab.counters("node-1")["redirected"]
+    code, body = demo_lab.curl("shop/frontend", REVIEWS)
+    assert code == "200", body
+    assert demo_lab.counters("node-1")["redirected"] > redirected
+
+    # And restarted once more, it reuses what it built.
+    again = restart(demo_lab, "node-1")
+    assert again["agent"]["datapath_reused"] is True
+    assert program_ids(again) == program_ids(after)
+
+
+def test_down_removes_every_pin_and_key(demo_lab):
+    assert list(BPFFS_DIR.glob("node-*/key-*"))
+    meshlab("down")
+    assert not BPFFS_DIR.exists()
