@@ -205,6 +205,67 @@ def _string_match(what: str, sm: net.StringMatch) -> str:
     return f"{what} matching RE2 {sm.regex!r} (in full)"
 
 
+def _redirect_text(rd: net.HTTPRedirect) -> str:
+    parts = [f"{k} {v}" for k, v in (("scheme", rd.scheme), ("host", rd.authority)) if v]
+    if rd.port is not None:
+        parts.append(f"port {rd.port}")
+    if rd.derive_port == "FROM_REQUEST_PORT":
+        parts.append("the service port")
+    if rd.uri is not None:
+        parts.append(f"path {rd.uri!r}")
+    return f"answered {rd.redirect_code or 301} with a Location of {', '.join(parts)}"
+
+
+def _operations_text(what: str, ops: net.HeaderOperations | None) -> list[str]:
+    if ops is None:
+        return []
+    out = [f"{what} header {n} set to {v!r}" for n, v in ops.set.items()]
+    out += [f"{what} header {n} added {v!r}" for n, v in ops.add.items()]
+    out += [f"{what} header {n} removed" for n in ops.remove]
+    return out
+
+
+def _headers_text(headers: net.Headers | None) -> list[str]:
+    if headers is None:
+        return []
+    return _operations_text("request", headers.request) + _operations_text(
+        "response", headers.response
+    )
+
+
+def _rewritten(uri: net.StringMatch | None) -> str:
+    """What `rewrite.uri` replaces for a match entry (Envoy's prefix_rewrite)."""
+    if uri is None:
+        return "the leading '/' (no uri match)"
+    return "the matched uri prefix" if uri.prefix is not None else "the whole path"
+
+
+def _action_texts(rule: net.HTTPRoute, namespace: str) -> list[str]:
+    """What a rule does to the requests it routes (agent/proxy/route_actions.py)."""
+    out = []
+    rw = rule.rewrite
+    if rw is not None and rw.uri is not None:
+        kinds = {_rewritten(m.uri) for m in rule.match} or {_rewritten(None)}
+        out.append(f"{' or '.join(sorted(kinds))} rewritten to {rw.uri!r}, query kept")
+    if rw is not None and rw.uri_regex_rewrite is not None:
+        rx = rw.uri_regex_rewrite
+        out.append(f"path: each RE2 match of {rx.match!r} replaced by {rx.rewrite!r}")
+    if rw is not None and rw.authority is not None:
+        out.append(f"Host sent upstream: {rw.authority!r}")
+    out += _headers_text(rule.headers)
+    for j, rd in enumerate(rule.route):
+        for text in _headers_text(getattr(rd, "headers", None)):
+            out.append(f"route[{j}] only: {text}")
+    for policy in rule.mirror_policies:
+        share = policy.percentage.value if policy.percentage is not None else 100.0
+        target = _destinations([policy], namespace)
+        out.append(
+            f"a copy of {share:g}% of requests (body up to the retry buffer) to {target} "
+            "with Host <host>-shadow, its answer ignored"
+        )
+    return out
+
+
 def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str]:
     fqdns = [service_fqdn(h, vs.namespace) for h in vs.spec.hosts]
     lines = [f"Routes traffic to {', '.join(fqdns)} (one VirtualService per host applies)."]
@@ -221,10 +282,15 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
             )
         if rule.fault is not None:
             extra.append("fault injection")
+        extra += _action_texts(rule, vs.namespace)
         tail = f" ({'; '.join(extra)})" if extra else ""
+        where = (
+            _redirect_text(rule.redirect)
+            if rule.redirect is not None
+            else _destinations(rule.route, vs.namespace)
+        )
         lines.append(
-            f"http[{i}]: {_match_text(rule.match)} -> "
-            f"{_destinations(rule.route, vs.namespace)}{tail}; L7, per request, on "
+            f"http[{i}]: {_match_text(rule.match)} -> {where}{tail}; L7, per request, on "
             f"{_ports_text(fqdns, services, True)}."
         )
     if vs.spec.http:

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from meshagent.agent.proxy.route_actions import HeaderOps, Mirror, Redirect, Rewrite
 from meshagent.common.istio import networking as net
 from meshagent.common.istio.resource import ResourceError, parse_resource
 from meshagent.common.istio.support import CLUSTER_DOMAIN, service_fqdn
@@ -177,31 +178,56 @@ class ClusterSpec:
 # HTTP and TCP routes.
 
 
+class DestinationHeaders(NamedTuple):
+    """A destination's own `headers` operations (request, response)."""
+
+    request: HeaderOps | None = None
+    response: HeaderOps | None = None
+
+
+NO_HEADERS = DestinationHeaders()
+
+
 @dataclass(frozen=True, slots=True)
 class WeightedClusters:
     """Destinations of one route; `pick` chooses by weight. A None cluster is a destination
-    that names no known service port (requests routed there get 503, flag NC)."""
+    that names no known service port (requests routed there get 503, flag NC). `headers`,
+    when given, holds each destination's header operations (same order as `clusters`)."""
 
     clusters: tuple[ClusterSpec | None, ...]
     cumulative: tuple[int, ...]
+    headers: tuple[DestinationHeaders, ...] = ()
 
     @classmethod
-    def of(cls, weighted: Sequence[tuple[ClusterSpec | None, int]]) -> WeightedClusters:
-        clusters, cumulative, total = [], [], 0
-        for cluster, weight in weighted:
+    def of(
+        cls,
+        weighted: Sequence[tuple[ClusterSpec | None, int]],
+        headers: Sequence[DestinationHeaders] = (),
+    ) -> WeightedClusters:
+        clusters, cumulative, kept, total = [], [], [], 0
+        for i, (cluster, weight) in enumerate(weighted):
             if weight <= 0:
                 continue
             total += weight
             clusters.append(cluster)
             cumulative.append(total)
-        return cls(tuple(clusters), tuple(cumulative))
+            kept.append(headers[i] if headers else NO_HEADERS)
+        with_headers = tuple(kept) if any(h != NO_HEADERS for h in kept) else ()
+        return cls(tuple(clusters), tuple(cumulative), with_headers)
 
-    def pick(self, rand: Callable[[], float] = random.random) -> ClusterSpec | None:
+    def pick_index(self, rand: Callable[[], float] = random.random) -> int | None:
         if len(self.clusters) == 1:
-            return self.clusters[0]
+            return 0
         if not self.clusters:
             return None
-        return self.clusters[bisect_right(self.cumulative, rand() * self.cumulative[-1])]
+        return bisect_right(self.cumulative, rand() * self.cumulative[-1])
+
+    def pick(self, rand: Callable[[], float] = random.random) -> ClusterSpec | None:
+        index = self.pick_index(rand)
+        return None if index is None else self.clusters[index]
+
+    def headers_of(self, index: int) -> DestinationHeaders:
+        return self.headers[index] if self.headers else NO_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +284,9 @@ class RequestMatch:
     uri_ignores_query: bool = True
     method: Matcher | None = None
     headers: tuple[tuple[str, Matcher], ...] = ()
+    # What `rewrite.uri` replaces: the `uri.prefix` ("/" without a uri match, as Envoy's
+    # catch-all prefix route), None for an exact or regex match (the whole path).
+    rewrite_prefix: str | None = "/"
 
     @classmethod
     def compile(cls, m: net.HTTPMatchRequest) -> RequestMatch:
@@ -266,6 +295,7 @@ class RequestMatch:
             uri_ignores_query=m.uri is None or m.uri.prefix is None,
             method=_string_matcher(m.method) if m.method else None,
             headers=tuple((name, _string_matcher(sm)) for name, sm in m.headers.items()),
+            rewrite_prefix=m.uri.prefix if m.uri else "/",
         )
 
     def __call__(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
@@ -290,9 +320,23 @@ class HttpRoute:
     timeout: float | None = None
     retry: RetryPolicy | None = DEFAULT_RETRY
     fault: FaultPolicy | None = None
+    # What the rule does besides choosing a destination (agent/proxy/route_actions.py).
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+    mirrors: tuple[Mirror, ...] = ()
 
     def matches_request(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
         return not self.matches or any(m(method, target, headers) for m in self.matches)
+
+    def rewrite_prefix(self, method: str, target: str, headers: Mapping[str, str]) -> str | None:
+        """The prefix `rewrite.uri` replaces for this request (`RequestMatch.rewrite_prefix`
+        of the first entry that matches it)."""
+        for m in self.matches:
+            if m(method, target, headers):
+                return m.rewrite_prefix
+        return "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +630,17 @@ class _Compiler:
         have = workload.labels if workload else {}
         return all(have.get(k) == v for k, v in labels.items())
 
+    def destination(
+        self, dest: net.Destination, vs_ns: str, port: int, where: str
+    ) -> ClusterSpec | None:
+        return self.cluster(
+            service_fqdn(dest.host, vs_ns, self.domain),
+            dest.port.number if dest.port else None,
+            dest.subset or "",
+            port,
+            where,
+        )
+
     def destinations(
         self,
         routes: Sequence[net.HTTPRouteDestination | net.RouteDestination],
@@ -593,19 +648,26 @@ class _Compiler:
         port: int,
         where: str,
     ) -> WeightedClusters:
-        weighted = []
+        weighted, headers = [], []
         for i, rd in enumerate(routes):
-            dest = rd.destination
-            cluster = self.cluster(
-                service_fqdn(dest.host, vs_ns, self.domain),
-                dest.port.number if dest.port else None,
-                dest.subset or "",
-                port,
-                f"{where}.route[{i}]",
-            )
+            cluster = self.destination(rd.destination, vs_ns, port, f"{where}.route[{i}]")
             weight = rd.weight if rd.weight is not None else (100 if len(routes) == 1 else 0)
             weighted.append((cluster, weight))
-        return WeightedClusters.of(weighted)
+            ops = getattr(rd, "headers", None)
+            headers.append(
+                DestinationHeaders(HeaderOps.of(ops.request), HeaderOps.of(ops.response))
+                if ops is not None
+                else NO_HEADERS
+            )
+        return WeightedClusters.of(weighted, headers)
+
+    def mirrors(self, rule: net.HTTPRoute, vs_ns: str, port: int, where: str) -> tuple[Mirror, ...]:
+        out = []
+        for i, policy in enumerate(rule.mirror_policies):
+            cluster = self.destination(policy.destination, vs_ns, port, f"{where}.mirrors[{i}]")
+            percent = policy.percentage.value if policy.percentage is not None else 100.0
+            out.append(Mirror(cluster, percent))
+        return tuple(out)
 
     def http_routes(self, svc: Service, port: int, vs: net.VirtualService | None) -> HttpRoutes:
         if vs is None or not vs.spec.http:
@@ -626,6 +688,11 @@ class _Compiler:
                     timeout=rule.timeout,
                     retry=_retry_policy(rule.retries),
                     fault=_fault_policy(rule.fault),
+                    redirect=Redirect.of(rule.redirect),
+                    rewrite=Rewrite.of(rule.rewrite),
+                    request_headers=HeaderOps.of(rule.headers.request if rule.headers else None),
+                    response_headers=HeaderOps.of(rule.headers.response if rule.headers else None),
+                    mirrors=self.mirrors(rule, vs.namespace, port, where),
                 )
             )
         uses_headers = any(m.headers for r in routes for m in r.matches)

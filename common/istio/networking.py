@@ -186,9 +186,53 @@ def _check_weights(routes: tuple[Any, ...]) -> tuple[Any, ...]:
     return routes
 
 
+# Headers a header operation may not touch: Envoy refuses to manipulate pseudo-headers and
+# Host (use `rewrite.authority`), and Istio's webhook refuses them too.
+_PROTECTED_HEADERS = frozenset({"host"})
+
+
+def _operation_name(value: str) -> str:
+    name = _header_name(value)
+    if name in _PROTECTED_HEADERS:
+        raise ValueError(f"header {value!r} cannot be changed by a header operation")
+    return name
+
+
+def _literal_value(value: str) -> str:
+    # Envoy reads %...% in these values as its command operators (%DOWNSTREAM_REMOTE_ADDRESS%,
+    # ...); meshagent sends values literally, so only the escaped %% is accepted.
+    if "%" in value.replace("%%", ""):
+        raise ValueError(
+            f"header value {value!r} uses Envoy's %VARIABLE% substitution, which is not "
+            "supported by meshagent yet (write a literal % as %%)"
+        )
+    return value.replace("%%", "%")
+
+
+OperationName = Annotated[str, AfterValidator(_operation_name)]
+HeaderValue = Annotated[str, AfterValidator(_literal_value)]
+
+
+class HeaderOperations(IstioModel):
+    """`set` overwrites, `add` appends a value, `remove` drops: applied remove, set, add
+    (Envoy removes before it adds)."""
+
+    set: dict[OperationName, HeaderValue] = {}
+    add: dict[OperationName, HeaderValue] = {}
+    remove: tuple[OperationName, ...] = ()
+
+
+class Headers(IstioModel):
+    """Header operations on the request (before it goes upstream) and on the response."""
+
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
 class HTTPRouteDestination(IstioModel):
     destination: Destination
     weight: Weight | None = None
+    headers: Headers | None = None
 
 
 class HTTPRetry(IstioModel):
@@ -263,17 +307,109 @@ class HTTPFaultInjection(IstioModel):
         return self
 
 
+class RegexRewrite(IstioModel):
+    """`uriRegexRewrite`: every match of `match` (RE2) in the path is replaced by `rewrite`
+    (`\\1` names a group), as Envoy's regex_rewrite."""
+
+    match: Regex
+    rewrite: str
+
+
+class HTTPRewrite(IstioModel):
+    uri: NonEmptyStr | None = None
+    authority: NonEmptyStr | None = None
+    uri_regex_rewrite: RegexRewrite | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> HTTPRewrite:
+        if self.uri is not None and self.uri_regex_rewrite is not None:
+            raise ValueError("rewrite may set uri or uriRegexRewrite, not both")
+        if self.uri is None and self.authority is None and self.uri_regex_rewrite is None:
+            raise ValueError("rewrite must set uri, authority or uriRegexRewrite")
+        return self
+
+
+# The codes Envoy's redirect action can send (Istio refuses the other 3xx at translation).
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+
+class HTTPRedirect(IstioModel):
+    """Answer with a redirect to the same URL, its parts replaced as given (`uri` replaces the
+    whole path, keeping the query string unless it has its own, as Envoy's path_redirect)."""
+
+    uri: NonEmptyStr | None = None
+    authority: NonEmptyStr | None = None
+    port: Port | None = None
+    derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
+    scheme: Literal["http", "https"] | None = None
+    redirect_code: Annotated[int, Field(strict=True)] | None = None
+
+    @model_validator(mode="after")
+    def _says_where(self) -> HTTPRedirect:
+        if self.port is not None and self.derive_port is not None:
+            raise ValueError("redirect may set port or derivePort, not both")
+        given = (self.uri, self.authority, self.port, self.derive_port, self.scheme)
+        if all(v is None for v in given):
+            raise ValueError("redirect must set uri, authority, scheme, port or derivePort")
+        code = self.redirect_code
+        if code is not None and code not in REDIRECT_CODES:
+            raise ValueError(f"redirectCode {code} is not supported (301, 302, 303, 307 or 308)")
+        return self
+
+
+class HTTPMirrorPolicy(IstioModel):
+    """One of `mirrors[]`: a copy of each request (a share of them) to another destination."""
+
+    destination: Destination
+    percentage: FaultPercentage | None = None
+
+
 class HTTPRoute(IstioModel):
-    """One `http[]` rule: the first rule whose match fits the request routes it."""
+    """One `http[]` rule: the first rule whose match fits the request routes it (`route`)
+    or answers it (`redirect`)."""
 
     name: str | None = None
     match: tuple[HTTPMatchRequest, ...] = ()
-    route: Annotated[tuple[HTTPRouteDestination, ...], AfterValidator(_check_weights)] = Field(
-        min_length=1
-    )
+    route: Annotated[tuple[HTTPRouteDestination, ...], AfterValidator(_check_weights)] = ()
+    redirect: HTTPRedirect | None = None
+    rewrite: HTTPRewrite | None = None
+    headers: Headers | None = None
+    mirror: Destination | None = None
+    mirror_percentage: FaultPercentage | None = None
+    mirror_percent: Annotated[int, Field(ge=0, le=100, strict=True)] | None = None
+    mirrors: tuple[HTTPMirrorPolicy, ...] = ()
     timeout: Duration | None = None
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None
+
+    @model_validator(mode="after")
+    def _route_or_redirect(self) -> HTTPRoute:
+        if self.redirect is not None:
+            if self.route:
+                raise ValueError("an http rule has route or redirect, not both")
+            if self.rewrite is not None:
+                raise ValueError("an http rule has rewrite or redirect, not both")
+            if self.mirror is not None or self.mirrors:
+                raise ValueError("a redirect rule cannot mirror: nothing is forwarded")
+        elif not self.route:
+            raise ValueError("an http rule needs route (destinations) or redirect")
+        if self.mirror is not None and self.mirrors:
+            raise ValueError("set mirror or mirrors, not both")
+        if self.mirror is None and (
+            self.mirror_percentage is not None or self.mirror_percent is not None
+        ):
+            raise ValueError("mirrorPercentage is set but mirror is not")
+        return self
+
+    @property
+    def mirror_policies(self) -> tuple[HTTPMirrorPolicy, ...]:
+        """`mirrors`, or the single `mirror` as one (Istio: 100 % when no percentage)."""
+        if self.mirror is None:
+            return self.mirrors
+        percent = self.mirror_percentage
+        if percent is None and self.mirror_percent is not None:
+            percent = FaultPercentage(value=self.mirror_percent)
+        return (HTTPMirrorPolicy(destination=self.mirror, percentage=percent),)
 
 
 class L4MatchAttributes(IstioModel):

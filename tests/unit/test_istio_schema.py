@@ -556,11 +556,80 @@ REFUSALS = [
         "less than or equal to 100",
     ),
     (
-        "vs-unsupported-mirror",
+        "vs-unsupported-direct-response",
         VS_YAML,
-        lambda d: set_at(d, "spec.http.0.mirror", {"host": "x"}),
-        "spec.http[0].mirror",
+        lambda d: set_at(d, "spec.http.0.directResponse", {"status": 503}),
+        "spec.http[0].directResponse",
         "not supported",
+    ),
+    (
+        "vs-redirect-and-route",
+        VS_YAML,
+        lambda d: set_at(d, "spec.http.0.redirect", {"uri": "/new"}),
+        "spec.http[0]",
+        "route or redirect, not both",
+    ),
+    (
+        "vs-redirect-code",
+        VS_YAML,
+        lambda d: (
+            delete_at(d, "spec.http.0.route"),
+            set_at(d, "spec.http.0.redirect", {"uri": "/new", "redirectCode": 305}),
+        ),
+        "spec.http[0].redirect",
+        "redirectCode 305 is not supported",
+    ),
+    (
+        "vs-mirror-and-mirrors",
+        VS_YAML,
+        lambda d: (
+            set_at(d, "spec.http.0.mirror", {"host": "x"}),
+            set_at(d, "spec.http.0.mirrors", [{"destination": {"host": "y"}}]),
+        ),
+        "spec.http[0]",
+        "mirror or mirrors, not both",
+    ),
+    (
+        "vs-mirror-percentage-range",
+        VS_YAML,
+        lambda d: (
+            set_at(d, "spec.http.0.mirror", {"host": "x"}),
+            set_at(d, "spec.http.0.mirrorPercentage", {"value": 101}),
+        ),
+        "spec.http[0].mirrorPercentage.value",
+        "less than or equal to 100",
+    ),
+    (
+        "vs-rewrite-empty",
+        VS_YAML,
+        lambda d: set_at(d, "spec.http.0.rewrite", {}),
+        "spec.http[0].rewrite",
+        "rewrite must set uri, authority or uriRegexRewrite",
+    ),
+    (
+        "vs-rewrite-regex-re2",
+        VS_YAML,
+        lambda d: set_at(
+            d, "spec.http.0.rewrite", {"uriRegexRewrite": {"match": "(?=a)", "rewrite": "/"}}
+        ),
+        "spec.http[0].rewrite.uriRegexRewrite.match",
+        "RE2",
+    ),
+    (
+        "vs-header-operation-host",
+        VS_YAML,
+        lambda d: set_at(d, "spec.http.0.headers", {"request": {"set": {"Host": "x"}}}),
+        "spec.http[0].headers.request.set.Host (key)",
+        "cannot be changed by a header operation",
+    ),
+    (
+        "vs-header-value-envoy-variable",
+        VS_YAML,
+        lambda d: set_at(
+            d, "spec.http.0.headers", {"request": {"add": {"x-ip": "%DOWNSTREAM_REMOTE_ADDRESS%"}}}
+        ),
+        "spec.http[0].headers.request.add.x-ip",
+        "%VARIABLE% substitution",
     ),
     (
         "vs-unsupported-tls",
@@ -580,8 +649,8 @@ REFUSALS = [
         "vs-no-route",
         VS_YAML,
         lambda d: delete_at(d, "spec.http.0.route"),
-        "spec.http[0].route",
-        "required field is missing",
+        "spec.http[0]",
+        "needs route (destinations) or redirect",
     ),
     (
         "vs-no-hosts",

@@ -46,10 +46,8 @@ def test_export_to_everywhere_and_a_mesh_gateway_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "path"),
     [
-        ("redirect", {"uri": "/new"}, "spec.http[0].redirect"),
-        ("rewrite", {"uri": "/"}, "spec.http[0].rewrite"),
+        ("directResponse", {"status": 503}, "spec.http[0].directResponse"),
         ("corsPolicy", {}, "spec.http[0].corsPolicy"),
-        ("mirror", {"host": "x"}, "spec.http[0].mirror"),
         ("delegate", {"name": "x"}, "spec.http[0].delegate"),
     ],
 )

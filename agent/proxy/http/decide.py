@@ -6,6 +6,12 @@ fault abort FI, no cluster 503 NC) or the route and cluster to forward to. The o
 Envoy's filter chain: request filter (authorization) -> route match -> fault injection (delay,
 then abort) -> weighted destination. The engines only carry the request out: one copy of the
 decisions, whatever the protocol.
+
+After the route match and faults, the rule's actions (agent/proxy/route_actions.py) are
+decided here too: a `redirect` is a local answer (Location built here); otherwise the
+decision carries the rewritten target and authority, the header operations for the request
+(the destination's, then the rule's) and for the response, and the mirror clusters drawn for
+this request. The engines apply them (`edit_request`, `edit_response`) and send the mirrors.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import trio
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestInfo, RequestRecord
+from meshagent.agent.proxy.route_actions import HeaderList, HeaderOps, apply_all
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.lb import ClusterState
-    from meshagent.agent.proxy.routing import HttpRoute, HttpRoutes
+    from meshagent.agent.proxy.routing import DestinationHeaders, HttpRoute, HttpRoutes
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,19 @@ class RouteDecision:
     cluster: ClusterState | None = None
     local: LocalResponse | None = None
     flag: str = ""
+    target: str | None = None  # the request target after `rewrite` (None: unchanged)
+    authority: str | None = None  # the Host / :authority after `rewrite.authority`
+    request_ops: tuple[HeaderOps, ...] = ()  # in order: the destination's, the rule's
+    response_ops: tuple[HeaderOps, ...] = ()
+    mirrors: tuple[ClusterState, ...] = ()  # where a copy of this request goes
+
+    def edit_request(self, headers: HeaderList) -> HeaderList:
+        """The request headers with the header operations applied (the list itself when
+        there are none)."""
+        return apply_all(self.request_ops, headers) if self.request_ops else headers
+
+    def edit_response(self, headers: HeaderList) -> HeaderList:
+        return apply_all(self.response_ops, headers) if self.response_ops else headers
 
 
 async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> RouteDecision:
@@ -67,8 +87,51 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
                 fault.abort_status, b"fault filter abort", grpc_status=fault.abort_grpc_status
             )
             return RouteDecision(routes, route, local=abort, flag="FI")
-    spec = route.destinations.pick(ctx.rng.random)
+    if route.redirect is not None:
+        location = route.redirect.location(info.target, info.authority, routes.port)
+        headers: HeaderList = [(b"location", location.encode("latin-1"))]
+        if route.response_headers is not None:
+            headers = route.response_headers.apply(headers)
+        return RouteDecision(
+            routes, route, local=LocalResponse(route.redirect.status, b"", tuple(headers))
+        )
+    dests = route.destinations
+    index = dests.pick_index(ctx.rng.random)
+    spec = None if index is None else dests.clusters[index]
     if spec is None:
         return RouteDecision(routes, route, local=LocalResponse(503), flag="NC")
     record.cluster = spec.name
-    return RouteDecision(routes, route, ctx.clusters.get(spec))
+    decision = RouteDecision(routes, route, ctx.clusters.get(spec))
+    if (
+        route.rewrite is not None
+        or dests.headers
+        or route.request_headers
+        or route.response_headers
+        or route.mirrors
+    ):
+        _actions(ctx, info, route, dests.headers_of(index), decision)
+    return decision
+
+
+def _actions(
+    ctx: HttpContext, info: RequestInfo, route: HttpRoute, own: DestinationHeaders, d: RouteDecision
+) -> None:
+    """Fill in what the rule does to the request besides routing it (rare: kept off the
+    common path)."""
+    rewrite = route.rewrite
+    if rewrite is not None:
+        if rewrite.uri is not None or rewrite.regex is not None:
+            prefix = None
+            if rewrite.regex is None:
+                headers = info.header_map() if any(m.headers for m in route.matches) else _EMPTY
+                prefix = route.rewrite_prefix(info.method, info.target, headers)
+            d.target = rewrite.target(info.target, prefix)
+        d.authority = rewrite.authority
+    d.request_ops = tuple(op for op in (own.request, route.request_headers) if op is not None)
+    d.response_ops = tuple(op for op in (own.response, route.response_headers) if op is not None)
+    if route.mirrors:
+        d.mirrors = tuple(
+            ctx.clusters.get(m.cluster)
+            for m in route.mirrors
+            if m.cluster is not None and ctx.rng.random() * 100 < m.percent
+        )

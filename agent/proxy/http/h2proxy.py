@@ -42,7 +42,8 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import h2.connection
 import h2.events
@@ -51,6 +52,7 @@ import trio
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
+from meshagent.agent.proxy.http.mirror import MIRROR_TIMEOUT
 from meshagent.agent.proxy.http.retry import (
     Outcome,
     backoff,
@@ -73,6 +75,7 @@ from meshagent.agent.proxy.lb import (
     EndpointState,
 )
 from meshagent.agent.proxy.limits import SOURCE_PENDING_REQUESTS
+from meshagent.agent.proxy.route_actions import shadow_authority
 from meshagent.agent.proxy.routing import RetryPolicy
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
 from meshagent.common.h2guard import ABUSE, Abuse, FloodGuard
@@ -96,6 +99,10 @@ _FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
     Outcome.TIMEOUT: (504, "UT", b"upstream request timeout"),
     Outcome.REFUSED: (503, "UC", _RESET_BODY + b"remote refused stream reset"),
 }
+
+
+def _same(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return headers
 
 
 class _Gone(Exception):
@@ -517,6 +524,10 @@ class _Session:
                 if d.local is not None:
                     await self._local(stream_id, record, d.local, d.flag, grpc)
                     return
+                if d.target is not None or d.authority is not None or d.request_ops:
+                    head.path = head.path if d.target is None else d.target
+                    head.authority = d.authority or head.authority
+                    head.headers = d.edit_request(head.headers)
                 timeout = h2wire.request_timeout(
                     d.route.timeout if d.route is not None else None, head.headers
                 )
@@ -608,10 +619,85 @@ class _Session:
         assert d.cluster is not None and d.routes is not None
         cluster = d.cluster
         policy = d.route.retry if d.route is not None else None
+        body = _Body(complete=head.ended)
+        await self._forward_attempts(stream_id, head, d, record, cluster, policy, body)
+        if d.mirrors and body.complete and not body.overflow:
+            # the copies go once the request came whole (the kept body is theirs to send)
+            authority = head.authority or f"{d.routes.hostname}:{d.routes.port}"
+            self._mirror(d, replace(head, authority=authority), body)
+
+    def _mirror(self, d: RouteDecision, head: h2wire.RequestHead, body: _Body) -> None:
+        assert self.nursery is not None
+        timeout = d.route.timeout if d.route is not None else None
+        shadow = replace(head, authority=shadow_authority(head.authority))
+        for cluster in d.mirrors:
+            self.nursery.start_soon(self._send_mirror, cluster, shadow, body, timeout)
+
+    async def _send_mirror(
+        self, cluster: ClusterState, head: h2wire.RequestHead, body: _Body, timeout: float | None
+    ) -> None:
+        """A copy of a request (`mirror`) on an upstream stream: sent whole, its answer read
+        and dropped, failures only logged (as mirror.py for HTTP/1.1)."""
+        ep = cluster.pick([])
+        if ep is None:
+            return
+        with trio.move_on_after(timeout or MIRROR_TIMEOUT):
+            try:
+                peer = await self._upstream(cluster, ep)
+            except UpstreamError as exc:
+                log.debug("mirror to %s not sent: %s", ep.address, exc)
+                return
+            cluster.request_started(ep)
+            status = None
+            up_id = None
+            try:
+                up_id = peer.conn.get_next_available_stream_id()
+                inbox = peer.open_inbox(up_id)
+                bodyless = not body.chunks and body.trailers is None
+                await peer.send_headers(up_id, h2wire.upstream_request(head, ""), end=bodyless)
+                for chunk in body.chunks:
+                    await peer.send_data(up_id, chunk)
+                if body.trailers is not None:
+                    await peer.send_headers(up_id, body.trailers, True)
+                elif not bodyless:
+                    await peer.end(up_id)
+                while (event := await inbox.receive.receive()) is not None:
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = h2wire.status_of(event.headers)
+                    elif isinstance(event, h2.events.DataReceived):
+                        peer.ack(up_id, event.flow_controlled_length)
+                        await peer.flush()
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        break
+            except (_Gone, *_H2_ERRORS) as exc:
+                log.debug("mirror to %s failed: %r", ep.address, exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if up_id is not None:
+                        stream = peer.conn.streams.get(up_id)
+                        if stream is not None and not stream.closed:
+                            peer.reset(up_id, h2wire.CANCEL)
+                            with contextlib.suppress(_Gone):
+                                await peer.flush()
+                        peer.close_inbox(up_id)
+                    cluster.request_finished(ep, status)
+                    peer.active -= 1
+                    await self._retire_if_spent(peer, cluster)
+
+    async def _forward_attempts(
+        self,
+        stream_id: int,
+        head: h2wire.RequestHead,
+        d: RouteDecision,
+        record: RequestRecord,
+        cluster: ClusterState,
+        policy: RetryPolicy | None,
+        body: _Body,
+    ) -> None:
         retries_left = policy.attempts if policy is not None else 0
         tried: list[EndpointState] = []
+        assert d.routes is not None
         authority = f"{d.routes.hostname}:{d.routes.port}"
-        body = _Body(complete=head.ended)
         settings = self.ctx.settings
         while True:
             ep = cluster.pick(tried)
@@ -646,6 +732,7 @@ class _Session:
                         body,
                         policy if may_retry else None,
                         policy.per_try_timeout if policy is not None else None,
+                        d.edit_response,
                     )
                 finally:
                     cluster.request_finished(ep, status)
@@ -740,6 +827,7 @@ class _Session:
         body: _Body,
         policy: RetryPolicy | None,
         per_try: float | None = None,
+        respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] = _same,
     ) -> tuple[Outcome | None, int | None]:
         """One attempt on one upstream stream: (None, status) once a response went to the
         client; else how it failed before a response (a dropped retriable response: STATUS,
@@ -774,7 +862,7 @@ class _Session:
                     with head_wait:
                         await peer.flush()
                         finished = await self._pump_response(
-                            up_inbox, peer, up_id, stream_id, record, policy, head_wait
+                            up_inbox, peer, up_id, stream_id, record, policy, head_wait, respond
                         )
                 except _Retry:
                     retry = True
@@ -864,6 +952,7 @@ class _Session:
         record: RequestRecord,
         policy: RetryPolicy | None,
         head_wait: trio.CancelScope | None = None,
+        respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] = _same,
     ) -> bool:
         """The upstream's response to the client. Returns True when it completed; raises
         _Retry (nothing sent yet) for a response `policy` retries, _Gone (after the head was
@@ -880,7 +969,7 @@ class _Session:
             elif isinstance(event, h2.events.ResponseReceived):
                 if head_wait is not None:
                     head_wait.deadline = math.inf
-                headers = h2wire.response_headers(event.headers)
+                headers = respond(h2wire.response_headers(event.headers))
                 record.status = h2wire.status_of(headers)
                 ended = event.stream_ended is not None
                 if record.grpc:

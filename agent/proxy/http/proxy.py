@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 import trio
 from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http import wire
-from meshagent.agent.proxy.http.decide import decide
+from meshagent.agent.proxy.http.decide import RouteDecision, decide
+from meshagent.agent.proxy.http.mirror import mirror_http1, shadow_headers
 from meshagent.agent.proxy.http.pool import RECEIVE_SIZE, UpstreamConnection
 from meshagent.agent.proxy.http.retry import Outcome, backoff, retriable, retriable_status
 from meshagent.agent.proxy.http.types import (
@@ -92,6 +93,18 @@ _OUTLIER_CODE = {
     Outcome.PROTOCOL: RESET_CODE,
     Outcome.TIMEOUT: TIMEOUT_CODE,
 }
+
+
+def _edited(req: wire.Request, d: RouteDecision) -> wire.Request:
+    """The request as the route's rewrite and header operations make it."""
+    headers = d.edit_request(req.headers)
+    if d.authority is not None:
+        host = d.authority.encode("latin-1")
+        headers = [(b"host", host), *((n, v) for n, v in headers if n != b"host")]
+    target = req.target if d.target is None else d.target.encode("latin-1")
+    return wire.Request(
+        method=req.method, target=target, headers=headers, http_version=req.http_version
+    )
 
 
 class _NoScope:
@@ -179,12 +192,14 @@ async def proxy_http1(
         session.conn.receive_data(initial)
         now = trio.current_time()
         session.begun = now if begun is None else min(begun, now)
-    try:
-        await session.run()
-    except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
-        pass
-    except Exception:  # a bug here must cost one connection, not the listener
-        log.exception("HTTP session from %s failed", ctx.peer or "?")
+    async with trio.open_nursery() as nursery:  # owns the mirrored copies (mirror.py)
+        session.nursery = nursery
+        try:
+            await session.run()
+        except (_ClientGone, _CloseClient, *CLIENT_ERRORS):
+            pass
+        except Exception:  # a bug here must cost one connection, not the listener
+            log.exception("HTTP session from %s failed", ctx.peer or "?")
 
 
 class _Session:
@@ -198,6 +213,8 @@ class _Session:
         self.skip_drain = False
         self.expect_continue = False  # the request's `Expect: 100-continue` awaits the server
         self.served = 0  # requests answered on this connection
+        self.nursery: trio.Nursery | None = None
+        self.decision: RouteDecision | None = None  # the current request's (response edits)
         self.begun: float | None = None  # when the first byte of the pending head came
 
     # -- downstream I/O -------------------------------------------------------------------
@@ -462,11 +479,13 @@ class _Session:
         await self._send_bytes(out)
 
     async def _process(self, req: wire.Request, info: RequestInfo, record: RequestRecord) -> None:
-        d = await decide(self.ctx, info, record)
+        d = self.decision = await decide(self.ctx, info, record)
         if d.local is not None:
             await self._local(record, d.local, d.flag)
             return
         assert d.routes is not None and d.route is not None and d.cluster is not None
+        if d.target is not None or d.authority is not None or d.request_ops:
+            req = _edited(req, d)
         await self._forward(req, d.routes, d.route, d.cluster, record)
 
     async def _forward(
@@ -496,6 +515,8 @@ class _Session:
         upstream_req = wire.Request(
             method=req.method, target=req.target, headers=headers, http_version=req.http_version
         )
+        if self.decision is not None and self.decision.mirrors and body.complete:
+            self._mirror(upstream_req, body, route.timeout)
         policy = route.retry if body.complete and upgrade is None else None
         retries_left = policy.attempts if policy else 0
         deadline = trio.CancelScope() if route.timeout is not None else _NO_SCOPE
@@ -534,6 +555,19 @@ class _Session:
             record.flags.append("UT")
             raise _CloseClient
         await self._local(record, LocalResponse(504, b"upstream request timeout"), "UT")
+
+    def _mirror(self, req: wire.Request, body: _Body, timeout: float | None) -> None:
+        """Start the copies of a request the route mirrors (its body read whole)."""
+        assert self.decision is not None and self.nursery is not None
+        host = next((v for n, v in req.headers if n == b"host"), b"").decode("latin-1")
+        shadow = wire.Request(
+            method=req.method,
+            target=req.target,
+            headers=shadow_headers(req.headers, host),
+            http_version=b"1.1",
+        )
+        for cluster in self.decision.mirrors:
+            self.nursery.start_soon(mirror_http1, self.ctx, cluster, shadow, body.chunks, timeout)
 
     async def _prefetch(self, record: RequestRecord) -> _Body:
         """Read the request body up to the retry buffer limit (all of a small body)."""
@@ -746,7 +780,7 @@ class _Session:
             self.conn.send(
                 wire.Response(
                     status_code=response.status_code,
-                    headers=hdrs.response_headers(response.headers),
+                    headers=self._response_headers(response.headers),
                     reason=response.reason,
                 )
             )
@@ -776,6 +810,10 @@ class _Session:
                 await self._send_bytes(out)
                 record.flags.append("UC")
                 raise _CloseClient
+
+    def _response_headers(self, headers: wire.Headers) -> wire.Headers:
+        out = hdrs.response_headers(headers)
+        return self.decision.edit_response(out) if self.decision is not None else out
 
     async def _switch(
         self,
