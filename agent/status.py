@@ -13,7 +13,9 @@ The JSON report's keys, for scripts (`REPORT_FIELDS`; ``null`` where only the ru
 knows and it is down):
 
 - ``node``; ``agent``: ``running``, ``error``, and from the live agent ``version``,
-  ``uptime_s``, ``controller`` (``address``, ``connected``, ``last_error``, ...) and its
+  ``uptime_s``, ``ready_after_s`` (from its process start to ready) and ``datapath_reused``
+  (it found its pinned datapath, built from its own sources, and did not compile),
+  ``controller`` (``address``, ``connected``, ``last_error``, ...) and its
   raw figures (``proxy``, ``inbound``, ``authz``, ``hbone``, ...);
 - ``snapshot``: ``version`` and ``source`` (``agent``, ``saved`` or ``null``);
 - ``datapath``: ``programs`` attached, ``meshed_netns``, ``counters``, ``peer_auth``,
