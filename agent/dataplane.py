@@ -90,6 +90,7 @@ class DataPlane:
         # The store built and checked all of it (routes, trust bundle) before accepting the
         # snapshot: here it is only swapped in.
         self.workload_tls.set_trust_bundle(tables.snapshot.trust_bundle)
+        self.inputs.metrics.set_policy(tables.metrics_policy)
         if self.traffic is not None:
             self.traffic.update(tables.routes)
         # Policy reaches open connections: those the new snapshot forbids end now.

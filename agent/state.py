@@ -38,6 +38,12 @@ from meshagent.common.istio.security import (
     PeerAuthentication,
     RequestAuthentication,
 )
+from meshagent.common.istio.telemetry import (
+    EMPTY_POLICY,
+    MetricsPolicy,
+    Telemetry,
+    compile_metrics_policy,
+)
 from meshagent.common.jwtauth import JwtPolicies
 from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload, wire_version
 from pydantic import ValidationError
@@ -75,6 +81,8 @@ class Tables:
     # HTTP/1.1 wins when several Service ports of different protocols share a pod port.
     pod_protocols: dict[tuple[str, int], Protocol]
     routes: RouteTable  # compiled VirtualServices and DestinationRules (agent/proxy/routing.py)
+    # compiled Telemetry metrics overrides (common/istio/telemetry.py), for ProxyMetrics
+    metrics_policy: MetricsPolicy = EMPTY_POLICY
 
     @functools.cached_property
     def jwt(self) -> JwtPolicies:
@@ -147,6 +155,7 @@ class Tables:
             service_by_endpoint,
             pod_protocols,
             routes,
+            _metrics_policy(snap, root_namespace),
         )
 
     def pod_protocol(self, ip: str, port: int) -> Protocol:
@@ -154,6 +163,21 @@ class Tables:
 
     def local_meshed(self) -> list[Workload]:
         return [w for w in self.snapshot.workloads if w.meshed and w.node == self.snapshot.node]
+
+
+def _metrics_policy(snap: Snapshot, root_namespace: str) -> MetricsPolicy:
+    """The snapshot's Telemetry overrides. One this agent cannot read (the controller accepted
+    it) is left out with a warning: metrics are no reason to refuse a snapshot."""
+    resources = []
+    for doc in snap.telemetry:
+        try:
+            res = parse_resource(doc)
+        except ResourceError as exc:
+            log.warning("ignoring Telemetry the agent cannot read: %s", exc)
+            continue
+        if isinstance(res, Telemetry):
+            resources.append(res)
+    return compile_metrics_policy(resources, root_namespace)
 
 
 class SnapshotStore:

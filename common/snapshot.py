@@ -118,6 +118,9 @@ class Snapshot(_Model):
     # DestinationRule) as validated manifests; the agent parses them with
     # meshagent.common.istio.parse_resource into the typed models it evaluates.
     istio_resources: list[dict] = Field(default_factory=list)
+    # Accepted Telemetry resources (metrics overrides) as manifests, apart from
+    # istio_resources, which an agent older than the kind would refuse whole.
+    telemetry: list[dict] = Field(default_factory=list)
     # The JWKS documents of RequestAuthentication rules, fetched by the controller (the agents
     # make no outbound calls), by URL (JwtRule.keys_url); absent: not fetched (fail closed).
     jwks: dict[str, str] = Field(default_factory=dict)

@@ -34,12 +34,18 @@ def _istio_key(d: Mapping[str, Any]) -> str:
     return f"{d.get('kind')}/{meta.get('namespace')}/{meta.get('name')}"
 
 
+def _istio_order(d: Mapping[str, Any]) -> tuple:
+    meta = d.get("metadata") or {}
+    return (d.get("kind"), meta.get("namespace"), meta.get("name"))
+
+
 # list field -> the key that names an item in it (unique within the field)
 COLLECTIONS: dict[str, Key] = {
     "nodes": lambda d: str(d["name"]),
     "workloads": _workload_key,
     "services": _named,
     "istio_resources": _istio_key,
+    "telemetry": _istio_key,
     "local_workloads": _workload_key,
 }
 # list field -> the compiler's order (controller/compiler.py sorts each the same way)
@@ -47,15 +53,12 @@ ORDER: dict[str, Callable[[Mapping[str, Any]], tuple]] = {
     "nodes": lambda d: (d["name"],),
     "workloads": lambda d: (d["namespace"], d["name"]),
     "services": lambda d: (d["namespace"], d["name"]),
-    "istio_resources": lambda d: (
-        d.get("kind"),
-        (d.get("metadata") or {}).get("namespace"),
-        (d.get("metadata") or {}).get("name"),
-    ),
+    "istio_resources": _istio_order,
+    "telemetry": _istio_order,
     "local_workloads": lambda d: (d["namespace"], d["name"]),
 }
 SCALARS = ("trust_bundle",)
-SHARED_FIELDS = ("nodes", "workloads", "services", "istio_resources", "trust_bundle")
+SHARED_FIELDS = ("nodes", "workloads", "services", "istio_resources", "telemetry", "trust_bundle")
 
 
 class DeltaError(ValueError):

@@ -405,7 +405,7 @@ def compile_istio(model: ClusterModel) -> list[dict]:
     rejected DENY AuthorizationPolicy fails closed: a deny-all `<name>.unenforceable` for
     the workloads it selects stands in for it (controller/failclosed.py)."""
     out = []
-    for kind in sorted(SUPPORTED_KINDS):
+    for kind in sorted(SUPPORTED_KINDS - OWN_FIELD_KINDS):
         for obj in model.objects(kind):
             try:
                 parse_resource(obj)
@@ -414,18 +414,40 @@ def compile_istio(model: ClusterModel) -> list[dict]:
                 if fail_closed is not None:
                     out.append(fail_closed.manifest())
                 continue
-            meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in _KEPT_METADATA}
-            meta.setdefault("namespace", "default")
-            out.append(
-                {
-                    **{k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj},
-                    "metadata": meta,
-                }
-            )
-    return sorted(out, key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
+            out.append(_manifest(obj))
+    return _in_order(out)
 
 
+def compile_telemetry(model: ClusterModel) -> list[dict]:
+    """The Telemetry resources that pass validation, as manifests; each agent compiles them
+    with its root namespace (common/istio/telemetry.py)."""
+    out = []
+    for obj in model.objects("Telemetry"):
+        try:
+            parse_resource(obj)
+        except ResourceError:
+            continue  # reported by the validator; the metrics stay as they were configured
+        out.append(_manifest(obj))
+    return _in_order(out)
+
+
+# Kinds that travel in a snapshot field of their own, not in `istio_resources`: an agent
+# older than the kind refuses a snapshot whose istio_resources hold a kind it cannot parse,
+# and ignores a field it does not know.
+OWN_FIELD_KINDS = frozenset({"Telemetry"})
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
+
+
+def _manifest(obj: dict) -> dict:
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k in _KEPT_METADATA}
+    meta.setdefault("namespace", "default")
+    return {**{k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}, "metadata": meta}
+
+
+def _in_order(manifests: list[dict]) -> list[dict]:
+    return sorted(
+        manifests, key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
+    )
 
 
 @dataclass(frozen=True)
@@ -469,5 +491,6 @@ def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapsh
         services=compile_services(model, workloads),
         trust_bundle=trust_bundle,
         istio_resources=compile_istio(model),
+        telemetry=compile_telemetry(model),
         jwks=compile_jwks(model),
     )

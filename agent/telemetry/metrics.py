@@ -58,6 +58,7 @@ from meshagent.agent.telemetry.labels import (
     TCP_LABELS,
     ConnectionLabels,
 )
+from meshagent.common.istio.telemetry import EMPTY_POLICY, MetricsPolicy
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -146,6 +147,19 @@ DATAPATH_COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 _CHILD_CACHE_LIMIT = 20_000
+
+
+class _Off:
+    """The series of a metric a Telemetry override disabled: reports go nowhere."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_OFF = _Off()
 
 
 class ProxyMetrics:
@@ -251,6 +265,7 @@ class ProxyMetrics:
             multiprocess_mode="livesum",
             **kw,
         )
+        self._policy = EMPTY_POLICY
         self._tcp: dict[tuple[ConnectionLabels, str], tuple[Counter, ...]] = {}
         self._http: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
         self._grpc: dict[tuple[ConnectionLabels, int, str, str], tuple] = {}
@@ -262,6 +277,32 @@ class ProxyMetrics:
         self._denied = self.policy_decisions.labels("deny", "false")
         self._dry_run_denied = self.policy_decisions.labels("deny", "true")
 
+    def set_policy(self, policy: MetricsPolicy) -> None:
+        """Telemetry overrides from a new snapshot: series made from now on follow them
+        (those already reported stay on the page, as counters never go away)."""
+        if policy != self._policy:
+            self._policy = policy
+            self._tcp.clear()
+            self._http.clear()
+            self._grpc.clear()
+
+    def _series(self, metric, labels: ConnectionLabels, values: tuple[str, ...]):
+        """`metric`'s child for `values`, as the Telemetry overrides of the reporting
+        workload's namespace have it: off, or with removed labels empty (Prometheus reads an
+        empty label as no label)."""
+        if not self._policy.rules:
+            return metric.labels(*values)
+        peer = labels.source if labels.reporter == "source" else labels.destination
+        rule = self._policy.rule(peer.workload_namespace, labels.reporter, metric._name)
+        if rule.disabled:
+            return _OFF
+        if rule.removed:
+            names = metric._labelnames
+            values = tuple(
+                "" if n in rule.removed else v for n, v in zip(names, values, strict=True)
+            )
+        return metric.labels(*values)
+
     def _tcp_children(self, labels: ConnectionLabels, flags: str) -> tuple[Counter, ...]:
         key = (labels, flags)
         children = self._tcp.get(key)
@@ -270,10 +311,10 @@ class ProxyMetrics:
                 self._tcp.clear()
             values = (*labels.values, flags)
             children = self._tcp[key] = (
-                self.tcp_connections_opened.labels(*values),
-                self.tcp_connections_closed.labels(*values),
-                self.tcp_sent_bytes.labels(*values),
-                self.tcp_received_bytes.labels(*values),
+                self._series(self.tcp_connections_opened, labels, values),
+                self._series(self.tcp_connections_closed, labels, values),
+                self._series(self.tcp_sent_bytes, labels, values),
+                self._series(self.tcp_received_bytes, labels, values),
             )
         return children
 
@@ -335,10 +376,10 @@ class ProxyMetrics:
                 self._http.clear()
             values = (*labels.values, flags, str(code), grpc)
             children = self._http[key] = (
-                self.requests.labels(*values),
-                self.request_duration.labels(*values),
-                self.request_bytes.labels(*values),
-                self.response_bytes.labels(*values),
+                self._series(self.requests, labels, values),
+                self._series(self.request_duration, labels, values),
+                self._series(self.request_bytes, labels, values),
+                self._series(self.response_bytes, labels, values),
             )
         children[0].inc()
         children[1].observe(duration_ms)
@@ -351,8 +392,8 @@ class ProxyMetrics:
                     self._grpc.clear()
                 values = (*labels.values, flags, str(code), grpc)
                 pair = self._grpc[key] = (
-                    self.request_messages.labels(*values),
-                    self.response_messages.labels(*values),
+                    self._series(self.request_messages, labels, values),
+                    self._series(self.response_messages, labels, values),
                 )
             pair[0].inc(messages[0])
             pair[1].inc(messages[1])

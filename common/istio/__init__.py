@@ -1,5 +1,5 @@
 """Typed schemas for the supported subset of Istio resources (AuthorizationPolicy,
-PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule).
+PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule, Telemetry).
 
 Raw documents go in through `parse_resource` / `parse_documents`; validated immutable models
 come out, or a ResourceError naming the resource and the exact field. Fields outside the subset

@@ -19,6 +19,7 @@ from meshagent.common.istio.security import (
     RequestAuthentication,
 )
 from meshagent.common.istio.support import skip_reason, unsupported_hint
+from meshagent.common.istio.telemetry import Telemetry
 from pydantic import ValidationError
 
 IstioResource = (
@@ -27,6 +28,7 @@ IstioResource = (
     | RequestAuthentication
     | VirtualService
     | DestinationRule
+    | Telemetry
 )
 
 _MODELS: dict[str, type[IstioResource]] = {
@@ -35,6 +37,7 @@ _MODELS: dict[str, type[IstioResource]] = {
     "RequestAuthentication": RequestAuthentication,
     "VirtualService": VirtualService,
     "DestinationRule": DestinationRule,
+    "Telemetry": Telemetry,
 }
 SUPPORTED_KINDS: frozenset[str] = frozenset(_MODELS)
 

@@ -29,6 +29,7 @@ from meshagent.agent.datapath.loader import HEADERS_ENV, fallback_kernel_headers
 from meshagent.common.istio import SUPPORTED_KINDS
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS
 from meshagent.common.istio.security import SECURITY_API_VERSIONS
+from meshagent.common.istio.telemetry import TELEMETRY_API_VERSIONS
 from meshagent.controller.app import ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY
 from meshagent.controller.sources.kubernetes import ALL_KINDS, KIND_SPECS
 from meshagent.controller.webhook import WEBHOOK_CONFIGURATION, WEBHOOK_PATH, WEBHOOK_PORT
@@ -46,6 +47,7 @@ ISTIO_KINDS = {
     "requestauthentications.security.istio.io",
     "virtualservices.networking.istio.io",
     "destinationrules.networking.istio.io",
+    "telemetries.telemetry.istio.io",
 }
 AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
 
@@ -166,7 +168,7 @@ def test_crds_serve_the_api_versions_the_controller_accepts() -> None:
         schemas = [v["schema"] for v in versions]
         assert all(s == schemas[0] for s in schemas), "versions must share one schema"
         served |= {f"{crd['spec']['group']}/{v['name']}" for v in versions if v["served"]}
-    assert served == SECURITY_API_VERSIONS | NETWORKING_API_VERSIONS
+    assert served == SECURITY_API_VERSIONS | NETWORKING_API_VERSIONS | TELEMETRY_API_VERSIONS
 
 
 def test_crd_schemas_keep_unknown_fields_for_the_controller_to_refuse() -> None:
@@ -573,6 +575,7 @@ def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
         ("security.istio.io", "requestauthentications"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
+        ("telemetry.istio.io", "telemetries"),
     ]  # fmt: skip
     expected = {(g, r, verb, None) for g, r in watched for verb in ("list", "watch")}
     expected.add(("authentication.k8s.io", "tokenreviews", "create", None))
