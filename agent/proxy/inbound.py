@@ -16,6 +16,7 @@ import trio
 from meshagent.agent.hbone.server import InboundTunnel
 from meshagent.agent.policy import authorization, requestauth
 from meshagent.agent.proxy import live
+from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import (
     ConnectionPool,
     HttpContext,
@@ -321,6 +322,12 @@ class InboundProxy:
         principal = source_identity.uri if source_identity else source_ip
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
         self.stats.accepted += 1
+        # One connection to the pod per tunnel (or same-node pair), pooled for its next
+        # requests only: when the pod closes it while idle, this HTTP connection is closed
+        # too (`drain`), so the source's pooled tunnel ends instead of staying open for nothing.
+        pool_key = ("inbound", principal, object())
+        drain = Drain(self.inputs.drain)
+        undedicate = self.http_pool.dedicate(pool_key, drain.start)
         self.stats.active += 1
         try:
             await (proxy_http2 if protocol == "http2" else proxy_http1)(
@@ -330,11 +337,11 @@ class InboundProxy:
                     clusters=self.clusters,
                     pool=self.http_pool,
                     connect=connect,
-                    pool_key=("inbound", principal),
+                    pool_key=pool_key,
                     request_filter=authorize,
                     on_request_done=done,
                     peer=source_ip,
-                    drain=self.inputs.drain,
+                    drain=drain,
                     settings=self.inputs.http,
                     limits=self.inputs.limits,
                     source_key=principal,
@@ -343,6 +350,7 @@ class InboundProxy:
             )
         finally:
             self.stats.active -= 1
+            undedicate()
             for unused in pending:
                 await trio.aclose_forcefully(unused)
 

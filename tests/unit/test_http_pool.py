@@ -1,5 +1,6 @@
-"""The upstream pool's idle handling for streams without a socket (HBONE tunnel streams):
-watched from the first sweep on, not from every release."""
+"""The upstream pool's idle handling: streams without a socket (HBONE tunnel streams) are
+watched from the first sweep on, not from every release; sockets the server closed are closed
+at the next sweep; a key dedicated to one downstream connection tells it and ends with it."""
 
 from __future__ import annotations
 
@@ -57,3 +58,62 @@ async def test_idle_socketless_connection_is_watched_after_a_sweep_and_dropped_o
         )
         fresh = await pool.acquire(cluster, ep)
         assert fresh is not conn and len(servers) == 2
+
+
+async def test_a_socket_the_server_closed_while_pooled_is_closed_and_its_dedicated_owner_told(
+    autojump_clock,
+):
+    """nginx closes an idle keep-alive connection: the pool closes its end at the next sweep
+    (no CLOSE-WAIT socket left behind) and tells the downstream the key is dedicated to."""
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def connect(endpoint: Endpoint, _port: int) -> trio.SocketStream:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted.append(await listener.accept())
+        return client
+
+    told: list[str] = []
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    async with open_connection_pool(connect) as pool:
+        end = pool.dedicate("tunnel-1", lambda: told.append("tunnel-1"))
+        conn = await pool.acquire(cluster, ep, key="tunnel-1")
+        _exchange(conn)
+        pool.release(conn, True)
+        assert pool.idle_count() == 1
+        await accepted[0].aclose()  # the server ends the keep-alive connection
+        await await_until(
+            lambda: conn.closed and pool.idle_count() == 0,
+            what="the pool closes the connection its server closed",
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.stream.socket.fileno() == -1  # closed on our side too: no CLOSE-WAIT
+        assert told == ["tunnel-1"]
+        end()
+    await listener.aclose()
+
+
+async def test_ending_a_dedicated_key_closes_its_pooled_connections_only():
+    servers: list[trio.abc.Stream] = []
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, server = trio.testing.memory_stream_pair()
+        servers.append(server)
+        return client
+
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    told: list[str] = []
+    async with open_connection_pool(connect) as pool:
+        end = pool.dedicate("mine", lambda: told.append("mine"))
+        mine = await pool.acquire(cluster, ep, key="mine")
+        other = await pool.acquire(cluster, ep, key="other")
+        for conn in (mine, other):
+            _exchange(conn)
+            pool.release(conn, True)
+        end()  # the downstream connection ended
+        assert mine.closed and not other.closed
+        assert pool.idle_count() == 1
+        assert told == []  # its own end is no news to it

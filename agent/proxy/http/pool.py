@@ -17,12 +17,18 @@ connection has stayed idle until then, not at every release: under load a connec
 again within milliseconds, and a task per request cost about 5% of the proxy's CPU. A close
 that lands in the unwatched moment is the race any reuse has: an idempotent request finds the
 connection closed before any response byte and is sent again on another one (proxy.py).
+
+Connections pooled under a `dedicated` key serve one downstream connection only (the inbound
+side: one tunnel, one connection to the pod). When the pool closes one of them while it is idle
+(the server closed it, or it idled out) the downstream is told, so that it closes too: the
+client side's pooled tunnel then ends instead of staying open, counted, for nothing; and when
+the downstream ends, its pooled connections are closed with it.
 """
 
 from __future__ import annotations
 
 import select
-from collections.abc import AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from contextlib import asynccontextmanager, suppress
 
 import trio
@@ -147,6 +153,7 @@ class ConnectionPool:
         self._nursery = nursery
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[Hashable, EndpointState], list[UpstreamConnection]] = {}
+        self._on_idle_close: dict[Hashable, Callable[[], None]] = {}  # dedicated keys
 
     def idle_count(self, ep: EndpointState | None = None) -> int:
         return sum(len(conns) for (_, e), conns in self._idle.items() if ep is None or e is ep)
@@ -197,10 +204,27 @@ class ConnectionPool:
         """Close the idle connections of endpoints that left the snapshot."""
         gone = set(endpoints)
         for slot in [slot for slot in self._idle if slot[1] in gone]:
-            for conn in self._idle.pop(slot):
-                if conn.watch_scope is not None:
-                    conn.watch_scope.cancel()
-                self._discard(conn)
+            self._close_slot(slot)
+
+    def dedicate(self, key: Hashable, on_idle_close: Callable[[], None]) -> Callable[[], None]:
+        """Connections pooled under `key` belong to one downstream connection until the
+        returned function is called (when it ends): `on_idle_close` is called when the pool
+        closes one of them while idle (the server closed it, or it idled out); the function
+        closes the ones still pooled."""
+        self._on_idle_close[key] = on_idle_close
+
+        def end() -> None:
+            self._on_idle_close.pop(key, None)
+            for slot in [slot for slot in self._idle if slot[0] == key]:
+                self._close_slot(slot)
+
+        return end
+
+    def _close_slot(self, slot: tuple[Hashable, EndpointState]) -> None:
+        for conn in self._idle.pop(slot):
+            if conn.watch_scope is not None:
+                conn.watch_scope.cancel()
+            self._discard(conn)
 
     def close_all(self) -> None:
         self.discard([ep for _, ep in self._idle])
@@ -261,8 +285,7 @@ class ConnectionPool:
                     if conn.watch_scope is not None:
                         continue
                     if self._expired(conn, now) or _readable(conn.stream):
-                        self._remove_idle(conn)
-                        self._discard(conn)
+                        self._close_idle(conn)
                     elif getattr(conn.stream, "socket", None) is None:
                         conn.watch_scope = trio.CancelScope()
                         conn.watch_done = trio.Event()
@@ -274,6 +297,15 @@ class ConnectionPool:
         conn.closed = True
         conn.cluster.closed(conn.endpoint)
         self._nursery.start_soon(trio.aclose_forcefully, conn.stream)
+
+    def _close_idle(self, conn: UpstreamConnection) -> None:
+        """Close a pooled connection that idled out or that the server closed, and tell its
+        downstream if the key is dedicated."""
+        self._remove_idle(conn)
+        self._discard(conn)
+        callback = self._on_idle_close.get(conn.key)
+        if callback is not None:
+            callback()
 
     def _remove_idle(self, conn: UpstreamConnection) -> None:
         slot = (conn.key, conn.endpoint)
@@ -291,8 +323,7 @@ class ConnectionPool:
                     with suppress(STREAM_ERRORS):
                         await conn.stream.receive_some(1)
                 # Not taken back in time, or the server closed it or spoke out of turn.
-                self._remove_idle(conn)
-                self._discard(conn)
+                self._close_idle(conn)
         finally:
             conn.watch_done.set()
 

@@ -1,0 +1,228 @@
+"""Issue #17 item 7: status that matches the machine, with stock tools through the mesh.
+
+`sa/client` (node-1) loads nginx on both nodes with wrk (HTTP: node-1's proxy pools upstream
+connections, a same-node pair to `web-local` and HBONE tunnel streams to `web-remote`); nginx
+closes idle keep-alive connections after 1 s. Once wrk ends, `meshagent status` on both nodes
+must come back to 0 open connections (outbound, inbound) and 0 tunnel streams, and no socket of
+the node agents stay in CLOSE-WAIT (the server closed it, the proxy did not). iperf3 through a
+`tcp-*` port, both ways, and a client that ends its connection with a reset: the bytes appear in
+`istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` of both reporters (and the
+access log), which used to count a connection ending in a reset as 0 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from meshagent.lab.paths import LOG_DIR
+
+from tests.e2e.conftest import APPS, Lab, meshlab, render_manifest
+from tests.e2e.test_observability import _value
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+MANIFEST = Path(__file__).resolve().parent / "manifests" / "status-accuracy.yaml"
+NODES = ("node-1", "node-2")
+REPORTERS = (("node-1", "source"), ("node-2", "destination"))
+IPERF = "iperf.sa.svc.cluster.local"
+ECHO = "echo.sa.svc.cluster.local"
+IPERF_BYTES = "1G"  # large enough that what is in flight when iperf3 ends is far below 1 %
+RESET_BYTES = 3_000_000
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log stderr;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_timeout 1s;
+  server {{ listen 8080; location / {{ return 200 "{name}\\n"; }} }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory, tmp_path_factory) -> Lab:
+    folder = tmp_path_factory.mktemp("status-accuracy")
+    for name in ("web-local", "web-remote"):
+        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+    lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
+    for service in ("web-local", "web-remote"):
+        wait_until(
+            lambda service=service: lab.curl("sa/client", f"http://{service}.sa:8080/")[0],
+            lambda code: code == "200",
+            what=f"{service} answers through the mesh",
+            timeout=30,
+        )
+    return lab
+
+
+def _open_counts(lab: Lab) -> dict[str, dict[str, int]]:
+    """What `meshagent status` says is open on each node."""
+    counts = {}
+    for node in NODES:
+        report = lab.status(node)
+        conns = report["connections"]
+        counts[node] = {
+            "outbound": conns["outbound"]["active"],
+            "inbound": conns["inbound"]["active"],
+            "tunnel streams": sum(t["streams"] for t in report["tunnels"]),
+        }
+    return counts
+
+
+def _wait_nothing_open(lab: Lab, after: str) -> None:
+    wait_until(
+        lambda: _open_counts(lab),
+        lambda counts: not any(n for node in counts.values() for n in node.values()),
+        what=f"meshagent status shows nothing open on either node after {after}",
+        timeout=30,
+    )
+
+
+def _close_wait(node: str) -> list[str]:
+    """The node network namespace's TCP sockets in CLOSE-WAIT (only the agent has sockets
+    there), with their processes."""
+    out = meshlab("exec", "--node", node, "--", "ss", "-Htanp", "state", "close-wait").stdout
+    return out.splitlines()
+
+
+def test_after_wrk_status_counts_return_to_zero_and_no_socket_stays_in_close_wait(lab):
+    for service in ("web-local", "web-remote"):
+        out = meshlab(
+            "exec",
+            "sa/client",
+            "--",
+            "wrk",
+            "-t2",
+            "-c50",
+            "-d3s",
+            "--timeout",
+            "5s",
+            f"http://{service}.sa:8080/",
+            timeout=60,
+        ).stdout
+        served = re.search(r"(\d+) requests in", out)
+        assert served and int(served.group(1)) > 0, out
+        assert "Non-2xx" not in out and "Socket errors" not in out, out
+    _wait_nothing_open(lab, "wrk ended")
+    wait_until(
+        lambda: {node: _close_wait(node) for node in NODES},
+        lambda sockets: not any(sockets.values()),
+        what="no socket of either node's agent left in CLOSE-WAIT",
+        timeout=30,
+    )
+    # the pooled connections that were closed are not reused: requests still pass
+    for service in ("web-local", "web-remote"):
+        assert lab.curl("sa/client", f"http://{service}.sa:8080/")[0] == "200"
+
+
+def _tcp(node: str, reporter: str, service: str) -> dict[str, float]:
+    labels = {"reporter": reporter, "destination_service": service}
+    return {
+        name: _value(node, f"istio_tcp_{name}_total", **labels)
+        for name in ("connections_opened", "connections_closed", "received_bytes", "sent_bytes")
+    }
+
+
+def _wait_closed(before: dict, service: str, connections: int) -> dict[str, dict[str, float]]:
+    """Each reporter's counters once `connections` more connections to `service` closed; the
+    change since `before`."""
+    changes = {}
+    for node, reporter in REPORTERS:
+        now = wait_until(
+            lambda node=node, reporter=reporter: _tcp(node, reporter, service),
+            lambda c, r=reporter: (
+                c["connections_closed"] - before[r]["connections_closed"] >= connections
+            ),
+            what=f"the {reporter} reporter counts {connections} closed connections to {service}",
+        )
+        changes[reporter] = {k: now[k] - before[reporter][k] for k in now}
+        assert changes[reporter]["connections_opened"] == connections, (reporter, changes)
+    return changes
+
+
+def _iperf3(*extra: str) -> dict:
+    out = meshlab(
+        "exec",
+        "sa/client",
+        "--",
+        "iperf3",
+        "-c",
+        "iperf.sa",
+        "-p",
+        "5201",
+        "-n",
+        IPERF_BYTES,
+        "-J",
+        *extra,
+        timeout=120,
+    ).stdout
+    return json.loads(out)["end"]
+
+
+def test_iperf3_bytes_both_ways_appear_in_the_tcp_byte_counters_within_one_percent(lab):
+    before = {r: _tcp(node, r, IPERF) for node, r in REPORTERS}
+    upload = _iperf3()  # client -> server
+    download = _iperf3("-R")  # server -> client
+    # iperf3 ends each data connection abruptly: what reached the far end is what counts
+    uploaded = upload["sum_received"]["bytes"]
+    downloaded = download["sum_received"]["bytes"]
+    assert uploaded > 0.9 * upload["sum_sent"]["bytes"], upload["sum_sent"]
+    assert downloaded > 0.9 * download["sum_sent"]["bytes"], download["sum_sent"]
+    changes = _wait_closed(before, IPERF, connections=4)  # a control and a data one each run
+    for reporter, change in changes.items():
+        # received = from the client (request direction), sent = to the client
+        assert change["received_bytes"] == pytest.approx(uploaded, rel=0.01), (reporter, change)
+        assert change["sent_bytes"] == pytest.approx(downloaded, rel=0.01), (reporter, change)
+    _wait_nothing_open(lab, "iperf3 ended")
+
+
+def _tcp_log_lines(node: str, service: str, since: float) -> list[dict]:
+    lines = []
+    for line in (LOG_DIR / f"agent-{node}.log").read_text().splitlines():
+        if not line.startswith('{"start_time"'):
+            continue
+        entry = json.loads(line)
+        if (
+            entry["kind"] == "tcp"
+            and entry["destination_service"] == service
+            and datetime.fromisoformat(entry["start_time"]).timestamp() >= since
+        ):
+            lines.append(entry)
+    return lines
+
+
+def test_a_connection_the_client_resets_is_counted_with_every_byte_it_carried(lab):
+    before = {r: _tcp(node, r, ECHO) for node, r in REPORTERS}
+    since = time.time() - 1
+    out = meshlab(
+        "exec",
+        "sa/client",
+        "--",
+        "python3",
+        str(APPS / "reset_client.py"),
+        "echo.sa:9000",
+        str(RESET_BYTES),
+    ).stdout
+    assert out.split() == [str(RESET_BYTES)] * 2, out  # all echoed back, then the RST
+    changes = _wait_closed(before, ECHO, connections=1)
+    for reporter, change in changes.items():
+        assert (change["received_bytes"], change["sent_bytes"]) == (RESET_BYTES, RESET_BYTES), (
+            reporter,
+            change,
+        )
+    for node, _ in REPORTERS:  # the access log says the same (it is flushed about every second)
+        (entry,) = wait_until(
+            lambda node=node: _tcp_log_lines(node, ECHO, since),
+            what=f"{node}'s access log has the reset echo connection",
+        )
+        assert (entry["bytes_received"], entry["bytes_sent"]) == (RESET_BYTES, RESET_BYTES), entry
+    _wait_nothing_open(lab, "the reset")
