@@ -13,8 +13,8 @@ Semantics, as Istio documents them
 - A workload's rules are those of the RequestAuthentications of its namespace that select it
   (no selector: all of its workloads) and of the root namespace (mesh-wide).
 - Token locations: each rule's `fromHeaders` (the value after `prefix`; a value without the
-  prefix carries no token) and `fromParams`; with neither, `Authorization: Bearer <token>` and
-  the `access_token` query parameter.
+  prefix carries no token), `fromParams` and `fromCookies`; with none of them,
+  `Authorization: Bearer <token>` and the `access_token` query parameter.
 - No token anywhere: the request passes, unauthenticated (an AuthorizationPolicy decides).
   A token that is present must verify under a rule with its `iss` that reads that location,
   else 401: bad signature, unknown key, expired (`exp`) or not yet valid (`nbf`, both with
@@ -24,8 +24,10 @@ Semantics, as Istio documents them
   issuer (fail closed, as istiod does with its placeholder key). Several tokens: each must
   verify; the first verified one is the request's identity.
 - After verification the token is removed from its header unless `forwardOriginalToken`
-  (a query parameter is left as is, as in Envoy); `outputPayloadToHeader` sets that header to
-  the base64url payload.
+  (a query parameter or cookie is left as is, as in Envoy); `outputPayloadToHeader` sets that
+  header to the base64url payload; `outputClaimToHeaders` sets each header to its claim (`a.b`:
+  nested) when that is a string, integer or boolean (Envoy's claim_to_headers), and removes a
+  header of that name the client sent otherwise.
 """
 
 from __future__ import annotations
@@ -89,15 +91,17 @@ class _Rule:
     keys: tuple[PyJWK, ...]
     headers: tuple[tuple[str, str], ...]  # (lower-case name, prefix)
     params: tuple[str, ...]
+    cookies: tuple[str, ...]
     payload_header: str | None
+    claim_headers: tuple[tuple[bytes, tuple[str, ...]], ...]  # (header, claim path)
     forward: bool
 
     @classmethod
     def compile(cls, rule: JwtRule, jwks: Mapping[str, str]) -> _Rule:
         text = rule.jwks if rule.jwks is not None else jwks.get(rule.keys_url or "")
         headers = tuple((h.name.lower(), h.prefix) for h in rule.from_headers)
-        params = rule.from_params
-        if not headers and not params:
+        params, cookies = rule.from_params, rule.from_cookies
+        if not headers and not params and not cookies:
             headers, params = (_DEFAULT_HEADER,), (_DEFAULT_PARAM,)
         return cls(
             issuer=rule.issuer,
@@ -105,7 +109,12 @@ class _Rule:
             keys=tuple(load_keys(text)),
             headers=headers,
             params=params,
+            cookies=cookies,
             payload_header=rule.output_payload_to_header,
+            claim_headers=tuple(
+                (c.header.lower().encode("latin-1"), tuple(c.claim.split(".")))
+                for c in rule.output_claim_to_headers
+            ),
             forward=rule.forward_original_token,
         )
 
@@ -116,11 +125,21 @@ class _Found:
     header: str | None  # the header it came from (None: a query parameter)
 
 
+def _cookies(header: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (header or "").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name:
+            out.setdefault(name, value.strip('"'))
+    return out
+
+
 def _extract(
     rules: Iterable[_Rule], headers: Mapping[str, str], query: Mapping[str, str]
 ) -> dict[_Found, list[_Rule]]:
     """Each token found, with the rules that read the location it was found in."""
     found: dict[_Found, list[_Rule]] = {}
+    cookies = _cookies(headers.get("cookie")) if any(r.cookies for r in rules) else {}
     for rule in rules:
         for name, prefix in rule.headers:
             value = headers.get(name)
@@ -131,6 +150,10 @@ def _extract(
                 found.setdefault(_Found(token, name), []).append(rule)
         for param in rule.params:
             token = query.get(param, "").strip()
+            if token:
+                found.setdefault(_Found(token, None), []).append(rule)
+        for cookie in rule.cookies:
+            token = cookies.get(cookie, "").strip()
             if token:
                 found.setdefault(_Found(token, None), []).append(rule)
     return found
@@ -189,6 +212,17 @@ def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
+def _claim_text(claims: Mapping[str, Any], path: tuple[str, ...]) -> bytes | None:
+    value: Any = claims
+    for part in path:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, int | str):
+        return str(value).encode("utf-8")
+    return None
+
+
 def _b64(payload: Mapping[str, Any]) -> bytes:
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
@@ -228,16 +262,20 @@ class WorkloadJwt:
         assert first is not None
         rule, claims = first
         out = [(n, v) for n, v in headers if n not in strip]
+        added = [(h, _claim_text(claims, path)) for h, path in rule.claim_headers]
         if rule.payload_header:
-            name = rule.payload_header.lower().encode("latin-1")
-            out = [(n, v) for n, v in out if n != name] + [(name, _b64(claims))]
+            added.append((rule.payload_header.lower().encode("latin-1"), _b64(claims)))
+        if added:
+            names = {name for name, _ in added}
+            out = [(n, v) for n, v in out if n not in names]
+            out += [(name, value) for name, value in added if value is not None]
         presenter = claims.get("azp")
         return AuthResult(
             principal=f"{claims.get('iss', '')}/{claims.get('sub', '')}",
             claims=claims,
             audiences=_audiences(claims),
             presenter=presenter if isinstance(presenter, str) else None,
-            headers=out if len(out) != len(headers) or rule.payload_header else None,
+            headers=out if strip or added else None,
         )
 
 

@@ -61,6 +61,8 @@ def describe(resource: IstioResource, services: ServicePorts | None = None) -> l
         return _authorization(resource)
     if isinstance(resource, sec.PeerAuthentication):
         return _peer_authentication(resource)
+    if isinstance(resource, sec.RequestAuthentication):
+        return _request_authentication(resource)
     if isinstance(resource, net.VirtualService):
         return _virtual_service(resource, services or {})
     return _destination_rule(resource, services or {})
@@ -114,7 +116,8 @@ def _rule_meaning(rule: sec.Rule, action: str) -> str:
             f"{L7_PORTS}{'' if ports else ', on every port'}." + note
         )
     l7 = (
-        "uses HTTP fields (methods, paths, hosts, request.headers): checked per request "
+        "uses HTTP fields (methods, paths, hosts, request.headers, requestPrincipals, "
+        "request.auth.*): checked per request "
         f"on {L7_PORTS}"
     )
     if action == "ALLOW":
@@ -142,6 +145,36 @@ _MODE_MEANING = {
     "DISABLE": "no mTLS: meshed clients dial these pods directly, in plaintext",
     "UNSET": "inherits the mode of the namespace, else the mesh (PERMISSIVE by default)",
 }
+
+
+def _request_authentication(ra: sec.RequestAuthentication) -> list[str]:
+    scope = _scope(ra.namespace, ra.spec.selector)
+    if not ra.spec.jwt_rules:
+        return [f"No jwtRules: nothing is checked for {scope}."]
+    lines = [
+        f"JWT check per request on {L7_PORTS} for {scope}: a token that does not verify gets "
+        "401; a request without one goes on unauthenticated (requestPrincipals, "
+        f"request.auth.* decide). Nothing is checked on {L4_PORTS}."
+    ]
+    for i, rule in enumerate(ra.spec.jwt_rules):
+        where = [
+            f"header {h.name}" + (f" after {h.prefix!r}" if h.prefix else "")
+            for h in rule.from_headers
+        ]
+        where += [f"parameter {p}" for p in rule.from_params]
+        where += [f"cookie {c}" for c in rule.from_cookies]
+        keys = (
+            "inline keys"
+            if rule.jwks is not None
+            else f"keys the controller fetches from {rule.keys_url} (refused until fetched)"
+        )
+        audiences = f", aud one of {list(rule.audiences)}" if rule.audiences else ""
+        kept = "" if rule.forward_original_token else ", removed from its header before forwarding"
+        lines.append(
+            f"jwtRules[{i}]: issuer {rule.issuer!r}{audiences}, {keys}, token from "
+            f"{', '.join(where) or 'Authorization: Bearer or parameter access_token'}{kept}."
+        )
+    return lines
 
 
 def _peer_authentication(pa: sec.PeerAuthentication) -> list[str]:

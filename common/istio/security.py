@@ -346,6 +346,13 @@ def _check_jwks(text: str) -> str:
     return text
 
 
+class ClaimToHeader(IstioModel):
+    """`jwtRules[].outputClaimToHeaders[]`: copy one claim (`a.b` for a nested one) to a header."""
+
+    header: NonEmptyStr
+    claim: NonEmptyStr
+
+
 class JwtRule(IstioModel):
     """`jwtRules[]`: how to find and check tokens of one issuer."""
 
@@ -355,6 +362,8 @@ class JwtRule(IstioModel):
     jwks: NonEmptyStr | None = None
     from_headers: tuple[JwtHeader, ...] = ()
     from_params: tuple[NonEmptyStr, ...] = ()
+    from_cookies: tuple[NonEmptyStr, ...] = ()
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
     output_payload_to_header: NonEmptyStr | None = None
     forward_original_token: bool = False
 

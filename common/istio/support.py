@@ -52,8 +52,6 @@ _HINTS: dict[str, str] = {
     "ignoreUriCase": "case-insensitive URI matching",
     "authority": "authority matching",
     "scheme": "scheme matching",
-    "fromCookies": "JWT from cookies",
-    "outputClaimToHeaders": "copying JWT claims to headers",
     "remoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
     "notRemoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
     "provider": "the ext-authz provider of action CUSTOM",

@@ -15,7 +15,13 @@ from meshagent.controller.checkfiles import Verdict, check_files
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "istio"
 EXPECTATIONS = CORPUS / "expectations.yaml"
-KINDS = ("AuthorizationPolicy", "PeerAuthentication", "VirtualService", "DestinationRule")
+KINDS = (
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+    "VirtualService",
+    "DestinationRule",
+)
 
 
 def corpus_files() -> list[Path]:

@@ -180,7 +180,7 @@ def test_selection_by_namespace_selector_and_root():
         ({"issuer": ISSUER, "jwks": "{}"}, "jwks"),
         ({"issuer": ISSUER, "jwks": JWKS, "jwksUri": "https://x/k"}, "only one of"),
         ({"issuer": ISSUER, "jwksUri": "file:///etc/keys"}, "http:// or https://"),
-        ({"issuer": ISSUER, "fromCookies": ["t"]}, "not supported by meshagent yet"),
+        ({"issuer": ISSUER, "timeout": "5s"}, "not supported by meshagent yet"),
     ],
 )
 def test_bad_rules_refused(rule, message):
@@ -295,3 +295,42 @@ def test_agent_tables_and_filter_step():
     bare = Tables.build(Snapshot(node="n", istio_resources=[ra]))
     _, refused = authenticate(DestinationJwt(pod).get(bare.jwt), request(_token()))
     assert refused is not None and refused.status == 401
+
+
+def test_explain_says_what_a_request_authentication_does():
+    from meshagent.controller.describe import describe
+
+    rule = {"issuer": ISSUER, "jwksUri": "https://issuer.example/keys", "audiences": ["shop"]}
+    lines = describe(_ra([rule], selector={"matchLabels": {"app": "a"}}))
+    assert "gets 401" in lines[0] and "without one goes on unauthenticated" in lines[0]
+    assert "fetches from https://issuer.example/keys" in lines[1]
+    assert (
+        "aud one of ['shop']" in lines[1]
+        and "removed from its header before forwarding" in lines[1]
+    )
+
+
+def test_from_cookies_and_claims_to_headers():
+    rule = {
+        "issuer": ISSUER,
+        "jwks": JWKS,
+        "fromCookies": ["auth-token"],
+        "outputClaimToHeaders": [
+            {"header": "X-Group", "claim": "group"},
+            {"header": "x-admin", "claim": "admin"},
+            {"header": "x-team", "claim": "org.team"},
+            {"header": "x-list", "claim": "roles"},
+        ],
+    }
+    token = _token(group="dev", admin=True, org={"team": "web"}, roles=["a"])
+    cookie = ("cookie", f"theme=dark; auth-token={token}")
+    result = _auth(rule, headers=[cookie, ("x-list", "forged"), ("x-group", "forged")])
+    assert result.principal == f"{ISSUER}/alice"
+    assert result.headers is not None
+    out = dict(result.headers)
+    assert out[b"x-group"] == b"dev" and out[b"x-admin"] == b"true"
+    assert out[b"x-team"] == b"web"
+    assert b"x-list" not in out  # a list claim is not copied; the client's header is dropped
+    assert out[b"cookie"] == cookie[1].encode()  # a cookie token is left in place
+    # the default location is not read once fromCookies is set
+    assert _auth(rule, headers=_bearer(token)).principal is None
