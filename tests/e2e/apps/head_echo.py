@@ -1,7 +1,10 @@
 """A stock HTTP/1.1 server (the stdlib's http.server) answering each request with what it
 received: the request line, then the header lines as sent, then the body's length.
 
-    python3 head_echo.py PORT
+    python3 head_echo.py PORT [LOGFILE]
+
+With LOGFILE, each request's text is also appended to it (a test reads what a server got
+without asking it: a mirrored copy's answer goes nowhere).
 
 `protocol_version` HTTP/1.1 makes the stdlib answer `Expect: 100-continue` with its own
 100 Continue (only when the request is HTTP/1.1) and keep HTTP/1.1 connections alive; an
@@ -22,6 +25,9 @@ class Echo(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         text = f"{self.requestline}\n{self.headers.as_string().strip()}\nbody: {len(body)}\n"
         data = text.encode()
+        if LOG is not None:
+            with open(LOG, "a") as log:
+                log.write(text + "\n")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
@@ -33,6 +39,8 @@ class Echo(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+
+LOG = sys.argv[2] if len(sys.argv) > 2 else None
 
 if __name__ == "__main__":
     ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo).serve_forever()
