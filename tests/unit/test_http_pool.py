@@ -117,3 +117,32 @@ async def test_ending_a_dedicated_key_closes_its_pooled_connections_only():
         assert mine.closed and not other.closed
         assert pool.idle_count() == 1
         assert told == []  # its own end is no news to it
+
+
+async def test_an_acquire_cancelled_while_taking_a_watched_connection_closes_it(autojump_clock):
+    """The connection was out of the pool and not yet handed out: it used to be held open
+    (and its tunnel stream counted) until the process ended."""
+    servers: list[trio.abc.Stream] = []
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, server = trio.testing.memory_stream_pair()
+        servers.append(server)
+        return client
+
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    async with open_connection_pool(connect) as pool:
+        conn = await pool.acquire(cluster, ep)
+        _exchange(conn)
+        pool.release(conn, True)
+        await trio.sleep(SWEEP_INTERVAL + 0.5)
+        assert conn.watch_scope is not None  # idle through a sweep: watched
+        with trio.CancelScope() as scope:
+            scope.cancel()  # e.g. the client went away as its request began
+            await pool.acquire(cluster, ep)
+        assert conn.closed and pool.idle_count() == 0
+        await await_until(
+            lambda: servers[0].receive_some(1),
+            lambda data: data == b"",
+            what="the server sees the connection closed",
+        )

@@ -237,7 +237,11 @@ class ConnectionPool:
                 del self._idle[slot]
             if conn.watch_scope is not None and conn.watch_done is not None:
                 conn.watch_scope.cancel()
-                await conn.watch_done.wait()
+                try:
+                    await conn.watch_done.wait()
+                except BaseException:  # cancelled: out of the pool, never handed out
+                    self._discard(conn)
+                    raise
                 conn.watch_scope = conn.watch_done = None
             elif _readable(conn.stream) or self._expired(conn, trio.current_time()):
                 self._discard(conn)  # the server closed it (or spoke) while it was idle
