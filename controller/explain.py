@@ -5,7 +5,10 @@ accepted AuthorizationPolicies) and evaluates one connection or request with the
 same evaluator the node proxies run, so the answer is the one traffic would get. The path is
 normalized first, as the proxies normalize every request (`meshagent.common.pathnorm`, the
 mesh's default DECODE_AND_MERGE_SLASHES unless told otherwise): `--path /./admin` is judged as
-`/admin`, and a path the proxies would refuse with 400 is an ExplainError saying so.
+`/admin`, and a path the proxies would refuse with 400 is an ExplainError saying so. A token in
+`--header "Authorization: Bearer ..."` is checked against the destination's
+RequestAuthentications with the keys the controller fetched: one the proxy would refuse with
+401 is an ExplainError saying why, a verified one is the request's `requestPrincipals`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 
 from meshagent.common import authz
 from meshagent.common.istio.resource import parse_resource
-from meshagent.common.istio.security import AuthorizationPolicy
+from meshagent.common.istio.security import AuthorizationPolicy, RequestAuthentication
+from meshagent.common.jwtauth import JwtPolicies
 from meshagent.common.pathnorm import DEFAULT_MODE, InvalidPath, PathNormalization, normalize_target
 from meshagent.common.snapshot import Snapshot, Workload
 from meshagent.common.spiffe import Identity
@@ -78,11 +82,8 @@ def explain(
     if not sep or not port_text.isdigit():
         raise ExplainError(f"--to must be NAMESPACE/POD:PORT, not {destination_ref!r}")
     source, destination, port = _find(snap, source_ref), _find(snap, dest_ref), int(port_text)
-    policies = [
-        r
-        for r in (parse_resource(doc) for doc in snap.istio_resources)
-        if isinstance(r, AuthorizationPolicy)
-    ]
+    resources = [parse_resource(doc) for doc in snap.istio_resources]
+    policies = [r for r in resources if isinstance(r, AuthorizationPolicy)]
     identity = (
         Identity(trust_domain, source.namespace, source.service_account) if source.meshed else None
     )
@@ -100,7 +101,18 @@ def explain(
             sent_path = target
         if authority is not None:
             host = lowered["host"] = authority
-        http = authz.HttpAttrs(method or "GET", normalized, host, lowered)
+        jwt = JwtPolicies(
+            [r for r in resources if isinstance(r, RequestAuthentication)],
+            snap.jwks,
+            root_namespace=root_namespace,
+        ).for_workload(destination.namespace, destination.labels)
+        auth = None
+        if jwt:
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in lowered.items()]
+            auth = jwt.authenticate(raw, lowered, normalized)
+            if auth.error is not None:
+                raise ExplainError(f"the proxies would answer 401 Unauthorized: {auth.error}")
+        http = authz.HttpAttrs(method or "GET", normalized, host, lowered, auth)
     request = authz.Request(
         source_principal=identity.principal if identity else None,
         source_namespace=identity.namespace if identity else None,

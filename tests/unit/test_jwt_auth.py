@@ -334,3 +334,32 @@ def test_from_cookies_and_claims_to_headers():
     assert out[b"cookie"] == cookie[1].encode()  # a cookie token is left in place
     # the default location is not read once fromCookies is set
     assert _auth(rule, headers=_bearer(token)).principal is None
+
+
+def test_authz_check_verifies_the_token_given_as_a_header():
+    from meshagent.common.snapshot import Snapshot, Workload
+    from meshagent.controller.explain import ExplainError, explain
+
+    pods = [
+        Workload(uid="f", namespace="shop", name="frontend", node="n", ips=["10.0.0.1"]),
+        Workload(
+            uid="r", namespace="shop", name="reviews", node="n", ips=["10.0.0.3"], meshed=True
+        ),
+    ]
+    ra = _ra([{"issuer": ISSUER, "jwks": JWKS}]).model_dump(by_alias=True, exclude_none=True)
+    require = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "require-jwt", "namespace": "shop"},
+        "spec": {"rules": [{"from": [{"source": {"requestPrincipals": [f"{ISSUER}/alice"]}}]}]},
+    }
+    snap = Snapshot(node="", workloads=pods, istio_resources=[ra, require])
+
+    def check(token: str | None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return explain(snap, "shop/frontend", "shop/reviews:80", path="/", headers=headers)
+
+    assert check(_token()).decision.allowed
+    assert not check(None).decision.allowed
+    with pytest.raises(ExplainError, match="401 Unauthorized: Jwt verification fails"):
+        check(_token(OTHER_KEY))
