@@ -515,7 +515,7 @@ class _Session:
         upstream_req = wire.Request(
             method=req.method, target=req.target, headers=headers, http_version=req.http_version
         )
-        if self.decision is not None and self.decision.mirrors and body.complete:
+        if self.decision is not None and self.decision.mirrors and body.complete and not upgrade:
             self._mirror(upstream_req, body, route.timeout)
         policy = route.retry if body.complete and upgrade is None else None
         retries_left = policy.attempts if policy else 0
