@@ -206,6 +206,17 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
                     "support yet, so traffic to it is not routed by this VirtualService",
                 )
             )
+    for i, rule in enumerate(spec.http):
+        for j, policy in enumerate(rule.mirror_policies):
+            where = f"spec.http[{i}].mirror.host"
+            if rule.mirror is None:
+                where = f"spec.http[{i}].mirrors[{j}].destination.host"
+            host = policy.destination.host
+            note = dns_form_note(host)
+            if note or not is_service_host(host, vs.namespace) or host.startswith("*"):
+                out.append(
+                    (where, note or f"{host!r} is not a Kubernetes Service: no copy is sent")
+                )
     rules = [("http", i, r) for i, r in enumerate(spec.http)]
     rules += [("tcp", i, r) for i, r in enumerate(spec.tcp)]
     for section, i, rule in rules:

@@ -487,3 +487,17 @@ async def test_http2_mirror() -> None:
     assert set(servers) == {_ip("reviews"), _ip("mirror")}
     assert servers[_ip("mirror")][b":authority"] == f"{H2_AUTHORITY}-shadow".encode()
     assert servers[_ip("mirror")][b":path"] == b"/m"
+
+
+def test_a_mirror_to_a_host_that_is_not_a_service_is_warned() -> None:
+    from meshagent.common.istio.support import warnings
+
+    rule = {
+        "route": [{"destination": {"host": "reviews"}}],
+        "mirrors": [
+            {"destination": {"host": "mirror"}},
+            {"destination": {"host": "copies.example.com"}},
+        ],
+    }
+    res = parse_resource(_vs(rule))
+    assert [p for p, _ in warnings(res)] == ["spec.http[0].mirrors[1].destination.host"]
