@@ -289,6 +289,13 @@ def _action_texts(rule: net.HTTPRoute, namespace: str) -> list[str]:
     for j, rd in enumerate(rule.route):
         for text in _headers_text(getattr(rd, "headers", None)):
             out.append(f"route[{j}] only: {text}")
+    if rule.cors_policy is not None:
+        origins = [_string_match("origin", m) for m in rule.cors_policy.origins]
+        out.append(
+            "CORS: preflights from "
+            + (" or ".join(origins) or "no origin")
+            + " answered by the proxy, their other requests' responses get the allow headers"
+        )
     for policy in rule.mirror_policies:
         share = policy.percentage.value if policy.percentage is not None else 100.0
         target = _destinations([policy], namespace)

@@ -20,6 +20,13 @@ applied per request by the shared decisions (agent/proxy/http/decide.py) for bot
   `authority` the host, `port` the port, `scheme` the scheme (mesh traffic arrives as `http`).
   `derivePort: FROM_REQUEST_PORT` writes the service port; `FROM_PROTOCOL_DEFAULT` (and a
   scheme change without a port) drops a port that is the old or new scheme's default.
+- `corsPolicy` (`Cors`), as Envoy's CORS filter (before faults): a request with an `Origin`
+  that matches an allowed origin (or an allowed origin that matches `*`) is a CORS request; if
+  it is a preflight (OPTIONS with `Access-Control-Request-Method`) the proxy answers 200 with
+  Allow-Origin (the request's origin), Allow-Credentials, Allow-Methods, Allow-Headers and
+  Max-Age; otherwise it is forwarded and its response gets Allow-Origin, Allow-Credentials and
+  Expose-Headers. A preflight from another origin is forwarded (`unmatchedPreflights`
+  FORWARD, the default) or answered 200 without CORS headers (IGNORE).
 - `mirror`/`mirrors` (`Mirror`): a copy of the request, for the given share of requests, to
   another destination; its Host gets `-shadow` appended before any port, as Envoy does; the
   answer is read and dropped.
@@ -27,7 +34,7 @@ applied per request by the shared decisions (agent/proxy/http/decide.py) for bot
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +183,62 @@ def shadow_authority(authority: str) -> str:
     """Envoy's shadow host: `-shadow` appended to the host, before any port."""
     host, port = _host_port(authority)
     return f"{host}-shadow" if port is None else f"{host}-shadow:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    origins: tuple[Callable[[str], bool], ...]  # the allowed origins' matchers
+    allow_methods: bytes = b""
+    allow_headers: bytes = b""
+    expose_headers: bytes = b""
+    max_age: bytes = b""
+    credentials: bool = False
+    forward_unmatched: bool = True
+
+    @classmethod
+    def of(
+        cls, policy: net.CorsPolicy | None, matchers: tuple[Callable[[str], bool], ...]
+    ) -> Cors | None:
+        """`matchers`: `policy.origins` compiled (routing's string matchers)."""
+        if policy is None:
+            return None
+        return cls(
+            origins=matchers,
+            allow_methods=",".join(policy.allow_methods).encode("latin-1"),
+            allow_headers=",".join(policy.allow_headers).encode("latin-1"),
+            expose_headers=",".join(policy.expose_headers).encode("latin-1"),
+            max_age=b"" if policy.max_age is None else str(int(policy.max_age)).encode(),
+            credentials=bool(policy.allow_credentials),
+            forward_unmatched=policy.unmatched_preflights != "IGNORE",
+        )
+
+    def allows(self, origin: str) -> bool:
+        return any(match("*") or match(origin) for match in self.origins)
+
+    def _common(self, origin: str) -> list[tuple[bytes, bytes]]:
+        out = [(b"access-control-allow-origin", origin.encode("latin-1"))]
+        if self.credentials:
+            out.append((b"access-control-allow-credentials", b"true"))
+        return out
+
+    def preflight_headers(self, origin: str) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers of the proxy's answer to a preflight from an allowed `origin`."""
+        out = self._common(origin)
+        for name, value in (
+            (b"access-control-allow-methods", self.allow_methods),
+            (b"access-control-allow-headers", self.allow_headers),
+            (b"access-control-max-age", self.max_age),
+        ):
+            if value:
+                out.append((name, value))
+        return tuple(out)
+
+    def response_ops(self, origin: str) -> HeaderOps:
+        """What the response to a CORS request from an allowed `origin` gets."""
+        out = self._common(origin)
+        if self.expose_headers:
+            out.append((b"access-control-expose-headers", self.expose_headers))
+        return HeaderOps(set=tuple(out))
 
 
 @dataclass(frozen=True, slots=True)

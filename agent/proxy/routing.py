@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from meshagent.agent.proxy.route_actions import HeaderOps, Mirror, Redirect, Rewrite
+from meshagent.agent.proxy.route_actions import Cors, HeaderOps, Mirror, Redirect, Rewrite
 from meshagent.common.istio import networking as net
 from meshagent.common.istio.resource import ResourceError, parse_resource
 from meshagent.common.istio.support import CLUSTER_DOMAIN, service_fqdn
@@ -326,6 +326,7 @@ class HttpRoute:
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     mirrors: tuple[Mirror, ...] = ()
+    cors: Cors | None = None
 
     def matches_request(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
         return not self.matches or any(m(method, target, headers) for m in self.matches)
@@ -519,6 +520,12 @@ def _fault_policy(fault: net.HTTPFaultInjection | None) -> FaultPolicy | None:
     )
 
 
+def _cors(policy: net.CorsPolicy | None) -> Cors | None:
+    if policy is None:
+        return None
+    return Cors.of(policy, tuple(_string_matcher(m) for m in policy.origins))
+
+
 def _ordered(resources: Iterable, preferred: Sequence[str]) -> list:
     rank = {ns: i for i, ns in enumerate(preferred)}
     return sorted(resources, key=lambda r: (rank.get(r.namespace, len(rank)), r.namespace, r.name))
@@ -693,6 +700,7 @@ class _Compiler:
                     request_headers=HeaderOps.of(rule.headers.request if rule.headers else None),
                     response_headers=HeaderOps.of(rule.headers.response if rule.headers else None),
                     mirrors=self.mirrors(rule, vs.namespace, port, where),
+                    cors=_cors(rule.cors_policy),
                 )
             )
         uses_headers = any(m.headers for r in routes for m in r.matches)

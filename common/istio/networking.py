@@ -357,6 +357,47 @@ class HTTPRedirect(IstioModel):
         return self
 
 
+# The methods Istio's webhook accepts in corsPolicy.allowMethods.
+CORS_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def _cors_method(value: str) -> str:
+    if value not in CORS_METHODS:
+        raise ValueError(f"{value!r} is not an HTTP method ({', '.join(sorted(CORS_METHODS))})")
+    return value
+
+
+def _cors_header(value: str) -> str:
+    return value if value == "*" else _header_name(value)
+
+
+def _whole_seconds(value: float) -> float:
+    if value != int(value):
+        raise ValueError("maxAge is sent in whole seconds: give a whole number of seconds")
+    return value
+
+
+class CorsPolicy(IstioModel):
+    """Envoy's CORS filter on the route: a preflight from an allowed origin is answered by the
+    proxy; other requests from it get the allow/expose headers on their response."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_origin: tuple[NonEmptyStr, ...] = ()  # deprecated: exact origins
+    allow_methods: tuple[Annotated[str, AfterValidator(_cors_method)], ...] = ()
+    allow_headers: tuple[Annotated[str, AfterValidator(_cors_header)], ...] = ()
+    expose_headers: tuple[Annotated[str, AfterValidator(_cors_header)], ...] = ()
+    max_age: Annotated[Duration, AfterValidator(_whole_seconds)] | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] | None = None
+
+    @property
+    def origins(self) -> tuple[StringMatch, ...]:
+        """Every allowed origin (`allowOrigin` entries as exact matches)."""
+        return self.allow_origins + tuple(StringMatch(exact=o) for o in self.allow_origin)
+
+
 class HTTPMirrorPolicy(IstioModel):
     """One of `mirrors[]`: a copy of each request (a share of them) to another destination."""
 
@@ -378,6 +419,7 @@ class HTTPRoute(IstioModel):
     mirror_percentage: FaultPercentage | None = None
     mirror_percent: Annotated[int, Field(ge=0, le=100, strict=True)] | None = None
     mirrors: tuple[HTTPMirrorPolicy, ...] = ()
+    cors_policy: CorsPolicy | None = None
     timeout: Duration | None = None
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None

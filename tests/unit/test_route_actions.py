@@ -501,3 +501,117 @@ def test_a_mirror_to_a_host_that_is_not_a_service_is_warned() -> None:
     }
     res = parse_resource(_vs(rule))
     assert [p for p, _ in warnings(res)] == ["spec.http[0].mirrors[1].destination.host"]
+
+
+CORS_RULE = {
+    "corsPolicy": {
+        "allowOrigins": [{"exact": "https://example.com"}, {"regex": "https://.*\\.shop\\.io"}],
+        "allowMethods": ["POST", "GET"],
+        "allowHeaders": ["X-Foo-Bar", "content-type"],
+        "exposeHeaders": ["x-backend"],
+        "maxAge": "24h",
+        "allowCredentials": True,
+    },
+    "route": [{"destination": {"host": "reviews"}}],
+}
+PREFLIGHT = [(b"access-control-request-method", b"POST")]
+
+
+async def _options(mesh: _Http1Mesh, origin: bytes, extra=()) -> tuple[h11.Response, bytes]:
+    """A preflight (OPTIONS with Access-Control-Request-Method) from `origin`."""
+    client, proxy_end = memory_stream_pair()
+    mesh.nursery.start_soon(proxy_http1, proxy_end, mesh.ctx)
+    conn = h11.Connection(h11.CLIENT)
+    head = [(b"host", b"reviews"), (b"origin", origin), *extra]
+    data = conn.send(h11.Request(method="OPTIONS", target="/cors", headers=head))
+    await client.send_all(data + conn.send(h11.EndOfMessage()))
+    response = await _next(conn, client)
+    body = b""
+    while isinstance(part := await _next(conn, client), h11.Data):
+        body += part.data
+    await client.aclose()
+    return response, body
+
+
+async def test_cors_preflight_from_an_allowed_origin_is_answered_by_the_proxy(http1) -> None:
+    mesh = await http1(_vs(CORS_RULE))
+    response, _ = await _options(mesh, b"https://a.shop.io", PREFLIGHT)
+    got = dict(response.headers)
+    assert response.status_code == 200
+    assert got[b"access-control-allow-origin"] == b"https://a.shop.io"
+    assert got[b"access-control-allow-methods"] == b"POST,GET"
+    assert got[b"access-control-allow-headers"] == b"x-foo-bar,content-type"
+    assert got[b"access-control-max-age"] == b"86400"
+    assert got[b"access-control-allow-credentials"] == b"true"
+    assert mesh.seen == []  # the endpoint was not asked
+
+
+async def test_cors_actual_request_gets_allow_and_expose_headers(http1) -> None:
+    mesh = await http1(_vs(CORS_RULE))
+    response, _ = await mesh.request("/cors", [(b"origin", b"https://example.com")])
+    got = dict(response.headers)
+    assert got[b"access-control-allow-origin"] == b"https://example.com"
+    assert got[b"access-control-expose-headers"] == b"x-backend"
+    assert got[b"access-control-allow-credentials"] == b"true"
+    assert b"access-control-allow-methods" not in got  # a preflight's only
+
+
+async def test_cors_other_origins_and_no_origin_get_no_cors_headers(http1) -> None:
+    mesh = await http1(_vs(CORS_RULE))
+    for headers in ([(b"origin", b"https://evil.example")], []):
+        response, _ = await mesh.request("/cors", headers)
+        assert not any(n.startswith(b"access-control-") for n, _ in response.headers)
+    # a preflight from another origin is forwarded (unmatchedPreflights FORWARD, the default)
+    response, _ = await _options(mesh, b"https://evil.example", PREFLIGHT)
+    assert dict(response.headers)[b"x-backend"] == b"reviews"
+    assert [s["method"] for s in mesh.seen] == ["GET", "GET", "OPTIONS"]
+
+
+async def test_cors_unmatched_preflights_ignore_answers_without_cors_headers(http1) -> None:
+    rule = dict(CORS_RULE, corsPolicy=dict(CORS_RULE["corsPolicy"], unmatchedPreflights="IGNORE"))
+    mesh = await http1(_vs(rule))
+    response, _ = await _options(mesh, b"https://evil.example", PREFLIGHT)
+    assert response.status_code == 200
+    assert not any(n.startswith(b"access-control-") for n, _ in response.headers)
+    assert mesh.seen == []
+
+
+async def test_cors_an_allowed_origin_of_star_allows_every_origin(http1) -> None:
+    rule = dict(CORS_RULE, corsPolicy={"allowOrigins": [{"exact": "*"}]})
+    mesh = await http1(_vs(rule))
+    response, _ = await mesh.request("/cors", [(b"origin", b"https://any.example")])
+    assert dict(response.headers)[b"access-control-allow-origin"] == b"https://any.example"
+
+
+async def test_http2_cors_response_headers() -> None:
+    headers = [(b"origin", b"https://example.com"), *PREFLIGHT]
+    lab, response, _ = await _h2_call(_vs(CORS_RULE), path="/cors", headers=headers)
+    # _Lab's calls are POSTs: not a preflight, so forwarded with the CORS response headers
+    assert response[b"access-control-allow-origin"] == b"https://example.com"
+    assert len(lab.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragment"),
+    [
+        ({"allowMethods": ["FETCH"]}, "not an HTTP method"),
+        ({"allowHeaders": ["bad header"]}, "not a valid HTTP header name"),
+        ({"maxAge": "1.5s"}, "whole number of seconds"),
+        ({"allowOrigins": [{"regex": "(?=x)"}]}, "RE2"),
+    ],
+)
+def test_cors_policy_refusals(policy, fragment) -> None:
+    from meshagent.common.istio.resource import ResourceError
+
+    doc = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "reviews", "namespace": NS},
+        "spec": {
+            "hosts": ["reviews"],
+            "http": [{"corsPolicy": policy, "route": [{"destination": {"host": "reviews"}}]}],
+        },
+    }
+    with pytest.raises(ResourceError) as caught:
+        parse_resource(doc)
+    assert "spec.http[0].corsPolicy" in str(caught.value) and fragment in str(caught.value)

@@ -47,7 +47,6 @@ def test_export_to_everywhere_and_a_mesh_gateway_are_accepted() -> None:
     ("field", "value", "path"),
     [
         ("directResponse", {"status": 503}, "spec.http[0].directResponse"),
-        ("corsPolicy", {}, "spec.http[0].corsPolicy"),
         ("delegate", {"name": "x"}, "spec.http[0].delegate"),
     ],
 )

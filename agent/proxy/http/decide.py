@@ -77,6 +77,20 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
     if routes is None or route is None:
         return RouteDecision(routes, local=LocalResponse(404), flag="NR")
     record.route = route.name
+    cors_ops = None
+    if route.cors is not None:
+        origin = info.header_map().get("origin")
+        if origin:
+            preflight = info.method == "OPTIONS" and info.header_map().get(
+                "access-control-request-method"
+            )
+            if route.cors.allows(origin):
+                if preflight:  # answered here, as Envoy's CORS filter does
+                    answer = LocalResponse(200, b"", route.cors.preflight_headers(origin))
+                    return RouteDecision(routes, route, local=answer)
+                cors_ops = route.cors.response_ops(origin)
+            elif preflight and not route.cors.forward_unmatched:
+                return RouteDecision(routes, route, local=LocalResponse(200))
     fault = route.fault
     if fault is not None:
         if fault.delay and ctx.rng.random() * 100 < fault.delay_percent:
@@ -90,8 +104,9 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
     if route.redirect is not None:
         location = route.redirect.location(info.target, info.authority, routes.port)
         headers: HeaderList = [(b"location", location.encode("latin-1"))]
-        if route.response_headers is not None:
-            headers = route.response_headers.apply(headers)
+        for ops in (route.response_headers, cors_ops):
+            if ops is not None:
+                headers = ops.apply(headers)
         return RouteDecision(
             routes, route, local=LocalResponse(route.redirect.status, b"", tuple(headers))
         )
@@ -108,8 +123,11 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
         or route.request_headers
         or route.response_headers
         or route.mirrors
+        or cors_ops
     ):
         _actions(ctx, info, route, dests.headers_of(index), decision)
+        if cors_ops is not None:
+            decision.response_ops += (cors_ops,)
     return decision
 
 
