@@ -1,13 +1,14 @@
 """Issue #17 item 7: status that matches the machine, with stock tools through the mesh.
 
 `sa/client` (node-1) loads nginx on both nodes with wrk (HTTP: node-1's proxy pools upstream
-connections, a same-node pair to `web-local` and HBONE tunnel streams to `web-remote`); nginx
-closes idle keep-alive connections after 1 s. Once wrk ends, `meshagent status` on both nodes
-must come back to 0 open connections (outbound, inbound) and 0 tunnel streams, and no socket of
-the node agents stay in CLOSE-WAIT (the server closed it, the proxy did not). iperf3 through a
-`tcp-*` port, both ways, and a client that ends its connection with a reset: the bytes appear in
-`istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` of both reporters (and the
-access log), which used to count a connection ending in a reset as 0 bytes.
+connections, a same-node pair to `web-local` and HBONE tunnel streams to `web-remote`), h2load
+(h2c) and a wrk killed mid-run; nginx closes idle keep-alive connections after 1 s. Once they
+end, `meshagent status` on both nodes must come back to 0 open connections (outbound, inbound)
+and 0 tunnel streams, and no socket of the node agents stay in CLOSE-WAIT (the server closed it,
+the proxy did not). iperf3 through a `tcp-*` port, both ways, and a client that ends its
+connection with a reset: the bytes appear in `istio_tcp_received_bytes_total` /
+`istio_tcp_sent_bytes_total` of both reporters (and the access log), which used to count a
+connection ending in a reset as 0 bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ events {{ worker_connections 1024; }}
 http {{
   access_log off;
   keepalive_timeout 1s;
-  server {{ listen 8080; location / {{ return 200 "{name}\\n"; }} }}
+  server {{ listen 8080; listen 8082 http2; location / {{ return 200 "{name}\\n"; }} }}
 }}
 """
 
@@ -94,24 +95,47 @@ def _close_wait(node: str) -> list[str]:
     return out.splitlines()
 
 
+def _wrk(service: str, *extra: str, check: bool = True) -> str:
+    return meshlab(
+        "exec",
+        "sa/client",
+        "--",
+        *extra,
+        "wrk",
+        "-t2",
+        "-c50",
+        "-d3s",
+        "--timeout",
+        "5s",
+        f"http://{service}.sa:8080/",
+        check=check,
+        timeout=60,
+    ).stdout
+
+
 def test_after_wrk_status_counts_return_to_zero_and_no_socket_stays_in_close_wait(lab):
     for service in ("web-local", "web-remote"):
+        out = _wrk(service)
+        served = re.search(r"(\d+) requests in", out)
+        assert served and int(served.group(1)) > 0, out
+        assert "Non-2xx" not in out and "Socket errors" not in out, out
         out = meshlab(
             "exec",
             "sa/client",
             "--",
-            "wrk",
-            "-t2",
-            "-c50",
-            "-d3s",
-            "--timeout",
-            "5s",
-            f"http://{service}.sa:8080/",
+            "h2load",
+            "-n",
+            "2000",
+            "-c",
+            "20",
+            "-m",
+            "10",
+            f"http://{service}.sa:8082/",
             timeout=60,
         ).stdout
-        served = re.search(r"(\d+) requests in", out)
-        assert served and int(served.group(1)) > 0, out
-        assert "Non-2xx" not in out and "Socket errors" not in out, out
+        assert "2000 succeeded" in out, out
+        # killed mid-run: its connections end abruptly, requests in flight
+        _wrk(service, "timeout", "-s", "KILL", "2", check=False)
     _wait_nothing_open(lab, "wrk ended")
     wait_until(
         lambda: {node: _close_wait(node) for node in NODES},
