@@ -3,7 +3,9 @@ stdlib's http.server (apps/head_echo.py answers with the request line and header
 `rewrite` (the server sees the new path and Host), `headers` set/add/remove (the server sees
 the request's, curl the response's), `redirect` (curl gets 301 and the Location, no server is
 asked) and `mirror` (the mirror server gets a copy, Host `-shadow`, while the client gets the
-primary's answer). The client is on node-1, both servers on node-2: cross node, through HBONE.
+primary's answer). The client is on node-1, the servers on node-2: cross node, through HBONE.
+The same through the HTTP/2 engine: nginx speaking h2c behind http2 ports, curl with prior
+knowledge.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifests" / "route-actions.yaml"
 ECHO = "http://echo.ra:8080"
+WEB = "http://web.ra:8082"
+H2 = "--http2-prior-knowledge"
+SEEN = "$request_method $request_uri host=$host x-set=$http_x_set x-gone=$http_x_gone"
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log stderr;
+events {{ worker_connections 1024; }}
+http {{
+  log_format seen '{seen}';
+  access_log {dir}/{name}.log seen;
+  server {{
+    listen 8082 http2;
+    location / {{ add_header x-drop secret; return 200 "{seen}\\n"; }}
+  }}
+}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +50,18 @@ def mirror_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lab(lab_factory, tmp_path_factory, mirror_log):
     folder = tmp_path_factory.mktemp("route-actions")
-    lab = lab_factory(render_manifest(MANIFEST, folder, MIRROR_LOG=mirror_log), nodes=2)
-    wait_until(
-        lambda: lab.curl("ra/client", f"{ECHO}/ready")[0],
-        lambda code: code == "200",
-        what="echo answers through the mesh",
-        timeout=30,
-    )
+    for name in ("web", "web-mirror"):
+        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name, seen=SEEN))
+    manifest = render_manifest(MANIFEST, folder, MIRROR_LOG=mirror_log, NGINX=folder)
+    lab = lab_factory(manifest, nodes=2)
+    lab.nginx = folder
+    for url, extra in ((f"{ECHO}/ready", ()), (f"{WEB}/ready", (H2,))):
+        wait_until(
+            lambda url=url, extra=extra: lab.curl("ra/client", url, *extra)[0],
+            lambda code: code == "200",
+            what=f"{url} answers through the mesh",
+            timeout=30,
+        )
     return lab
 
 
@@ -93,3 +118,30 @@ def test_mirror_the_copy_reaches_the_mirror_and_the_client_gets_the_primary(lab,
         timeout=10,
     )
     assert "not-mirrored" not in mirror_log.read_text()
+
+
+def test_http2_rewrite_and_headers(lab):
+    out, err = _curl(H2, "-H", "x-gone: 1", f"{WEB}/old/item?id=7")
+    assert out.strip() == "GET /new/item?id=7 host=web.internal x-set=by-mesh x-gone=", out
+    received = [line[2:].lower() for line in err.splitlines() if line.startswith("< ")]
+    assert "x-answered-by: mesh" in received, err
+    assert not any(line.startswith("x-drop:") for line in received), err
+
+
+def test_http2_redirect(lab):
+    _, err = _curl(H2, f"{WEB}/redirect/x?a=1")
+    assert "< HTTP/2 308" in err, err
+    assert "< location: https://web.ra:8082/moved?a=1" in err.lower(), err
+
+
+def test_http2_mirror(lab):
+    out, _ = _curl(H2, f"{WEB}/mirror/h2")
+    assert out.startswith("GET /mirror/h2 host=web.ra"), out
+    log = lab.nginx / "web-mirror.log"
+    copy = wait_until(
+        lambda: log.read_text() if log.exists() else "",
+        lambda text: "/mirror/h2" in text,
+        what="the mirror nginx logs the copy",
+        timeout=10,
+    )
+    assert "host=web.ra-shadow" in copy, copy

@@ -396,6 +396,7 @@ class _Session:
         self.opening: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
         self.draining = False
+        self.mirroring = 0  # mirrored copies in flight (the client may be gone already)
 
     async def _drain_when_asked(self, session: trio.CancelScope) -> None:
         """On drain (SIGTERM): new streams are refused (REFUSED_STREAM: clients retry them
@@ -431,6 +432,8 @@ class _Session:
                 if self.ctx.drain is not None:
                     nursery.start_soon(self._drain_when_asked, nursery.cancel_scope)
                 await self.down.run(self._on_event, initial)
+                while self.mirroring:  # copies in flight finish (each bounded by its timeout)
+                    await trio.sleep(_DRAIN_POLL)
                 nursery.cancel_scope.cancel()
             if self.down.abuse is not None:
                 abuse = self.down.abuse
@@ -620,17 +623,27 @@ class _Session:
         cluster = d.cluster
         policy = d.route.retry if d.route is not None else None
         body = _Body(complete=head.ended)
-        await self._forward_attempts(stream_id, head, d, record, cluster, policy, body)
-        if d.mirrors and body.complete and not body.overflow:
-            # the copies go once the request came whole (the kept body is theirs to send)
-            authority = head.authority or f"{d.routes.hostname}:{d.routes.port}"
-            self._mirror(d, replace(head, authority=authority), body)
+        if not d.mirrors:
+            await self._forward_attempts(stream_id, head, d, record, cluster, policy, body)
+            return
+        # Counted from here: a client that hangs up once it has its answer must not cancel
+        # the copies (the session waits for `mirroring` to drop to 0).
+        self.mirroring += 1
+        try:
+            await self._forward_attempts(stream_id, head, d, record, cluster, policy, body)
+            if body.complete and not body.overflow:
+                # the copies go once the request came whole (the kept body is theirs to send)
+                authority = head.authority or f"{d.routes.hostname}:{d.routes.port}"
+                self._mirror(d, replace(head, authority=authority), body)
+        finally:
+            self.mirroring -= 1
 
     def _mirror(self, d: RouteDecision, head: h2wire.RequestHead, body: _Body) -> None:
         assert self.nursery is not None
         timeout = d.route.timeout if d.route is not None else None
         shadow = replace(head, authority=shadow_authority(head.authority))
         for cluster in d.mirrors:
+            self.mirroring += 1  # until _send_mirror ends
             self.nursery.start_soon(self._send_mirror, cluster, shadow, body, timeout)
 
     async def _send_mirror(
@@ -638,9 +651,21 @@ class _Session:
     ) -> None:
         """A copy of a request (`mirror`) on an upstream stream: sent whole, its answer read
         and dropped, failures only logged (as mirror.py for HTTP/1.1)."""
-        ep = cluster.pick([])
-        if ep is None:
-            return
+        try:
+            ep = cluster.pick([])
+            if ep is not None:
+                await self._mirror_to(cluster, ep, head, body, timeout)
+        finally:
+            self.mirroring -= 1
+
+    async def _mirror_to(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        head: h2wire.RequestHead,
+        body: _Body,
+        timeout: float | None,
+    ) -> None:
         with trio.move_on_after(timeout or MIRROR_TIMEOUT):
             try:
                 peer = await self._upstream(cluster, ep)
