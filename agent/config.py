@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from meshagent.agent.proxy.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_REQUESTS
+from meshagent.common.extauthz import ExtensionProvider
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +74,10 @@ class AgentConfig(BaseModel):
     # authorization, route matching and forwarding (NONE, BASE, MERGE_SLASHES or
     # DECODE_AND_MERGE_SLASHES, the strictest and our default; see common/pathnorm.py).
     path_normalization: PathNormalization = DEFAULT_MODE
+    # Istio's meshConfig.extensionProviders: the ext-authz services AuthorizationPolicies with
+    # action CUSTOM name (`envoyExtAuthzHttp` only; common/extauthz.py). A CUSTOM policy naming
+    # a provider not declared here denies the requests it matches (fail closed).
+    extension_providers: list[ExtensionProvider] = Field(default_factory=list)
     hbone_port: int = 15008
     access_log: Literal["stdout", "off"] = "stdout"
     access_log_sample: float = Field(1.0, ge=0.0, le=1.0)  # the fraction of entries kept

@@ -30,6 +30,7 @@ from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
+from meshagent.common import extauthz
 from meshagent.common.listeners import PausableListener
 from meshagent.common.spiffe import Identity
 
@@ -81,6 +82,7 @@ class DataPlane:
                 max_pending_requests=config.max_pending_requests_per_source,
                 count=metrics.refusal,
             ),
+            ext_authz=extauthz.providers(config.extension_providers),
         )
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None
@@ -113,6 +115,7 @@ class DataPlane:
             self.proxy = OutboundProxy(self.inputs, self.pop_orig_dst, connector, self.traffic)
             self.inbound = InboundProxy(self.inputs, http_pool)
             connector.attach_local(self.inbound, nursery)
+            self.inbound.connector = connector  # to reach ext-authz providers
             nursery.start_soon(self._report_pool_size)
             try:
                 yield self

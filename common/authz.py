@@ -10,7 +10,10 @@ whether an AUDIT policy matched, and what dry-run policies would have done. Pure
 Semantics, as Istio documents them:
 
 - Order (reference, https://istio.io/latest/docs/reference/config/security/authorization-policy/):
-  CUSTOM (refused by our schema), then any matching DENY policy denies; then, if any ALLOW
+  CUSTOM first: a request a CUSTOM policy matches is sent to its ext-authz provider, whose
+  verdict the caller applies (`WorkloadPolicies.custom_match`; agent/policy/extauthz.py); a
+  TCP connection a CUSTOM rule matches is denied (an HTTP check API cannot judge it: fail
+  closed). Then any matching DENY policy denies; then, if any ALLOW
   policy applies to the workload, the request must match one of them; with no ALLOW policy the
   request is allowed. AUDIT policies only mark the request for auditing.
 - Target and matching (concepts, https://istio.io/latest/docs/concepts/security/#authorization):
@@ -436,6 +439,7 @@ def _compile_rule(rule: Rule, *, for_tcp: bool, is_allow: bool) -> _RuleMatcher 
 class _Policy:
     ref: str
     action: str
+    provider: str | None  # a CUSTOM policy's ext-authz provider
     dry_run: bool
     namespace: str
     selector: tuple[tuple[str, str], ...] | None
@@ -461,12 +465,24 @@ class _Policy:
 
 def _compile_policy(policy: AuthorizationPolicy) -> _Policy:
     spec = policy.spec
-    is_allow = spec.action == "ALLOW"
+    is_allow = spec.action == "ALLOW"  # CUSTOM rules on TCP drop their HTTP fields, as DENY
     rules = spec.rules or ()
     selector = spec.selector.match_labels if spec.selector else {}
     if spec.action == "DENY":
         decisions = tuple(
             Decision(False, "DENY", policy.ref, i, f"denied by DENY policy {policy.ref} rule {i}")
+            for i in range(len(rules))
+        )
+    elif spec.action == "CUSTOM":
+        decisions = tuple(
+            Decision(
+                False,
+                "DENY",
+                policy.ref,
+                i,
+                f"denied: CUSTOM policy {policy.ref} rule {i} matched a TCP connection, which "
+                "its HTTP ext-authz provider cannot check",
+            )
             for i in range(len(rules))
         )
     else:
@@ -477,6 +493,7 @@ def _compile_policy(policy: AuthorizationPolicy) -> _Policy:
     return _Policy(
         ref=policy.ref,
         action=spec.action,
+        provider=spec.provider.name if spec.provider is not None else None,
         dry_run=policy.dry_run,
         namespace=policy.namespace,
         selector=tuple(sorted(selector.items())) or None,
@@ -493,7 +510,7 @@ class WorkloadPolicies:
     """The policies that apply to one workload, split by action. Cheap to evaluate; the proxy
     may keep one per local workload and rebuild it when the snapshot changes."""
 
-    __slots__ = ("allow", "audit", "deny", "dry_allow", "dry_deny", "no_match")
+    __slots__ = ("allow", "audit", "custom", "deny", "dry_allow", "dry_deny", "no_match")
 
     def __init__(self, policies: Iterable[_Policy]) -> None:
         policies = tuple(policies)
@@ -501,6 +518,7 @@ class WorkloadPolicies:
         self.deny = tuple(p for p in enforced if p.action == "DENY")
         self.allow = tuple(p for p in enforced if p.action == "ALLOW")
         self.audit = tuple(p for p in enforced if p.action == "AUDIT")
+        self.custom = tuple(p for p in enforced if p.action == "CUSTOM")
         self.dry_deny = tuple(p for p in policies if p.dry_run and p.action == "DENY")
         self.dry_allow = tuple(p for p in policies if p.dry_run and p.action == "ALLOW")
         names = ", ".join(p.ref for p in self.allow)
@@ -516,7 +534,21 @@ class WorkloadPolicies:
             return dataclasses.replace(decision, audit=audit, dry_run_denials=denials)
         return decision
 
+    def custom_match(self, request: Request) -> tuple[str, str, int] | None:
+        """(provider, policy, rule) of the first CUSTOM policy that matches an HTTP request:
+        its provider decides before the other policies are evaluated. None: no CUSTOM match."""
+        for policy in self.custom:
+            rule = policy.first_match(request)
+            if rule is not None:
+                return policy.provider or "", policy.ref, rule
+        return None
+
     def _enforced(self, request: Request) -> Decision:
+        if request.http is None:
+            for policy in self.custom:
+                rule = policy.first_match(request)
+                if rule is not None:
+                    return policy.decisions[rule]
         for policy in self.deny:
             rule = policy.first_match(request)
             if rule is not None:

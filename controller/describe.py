@@ -79,6 +79,12 @@ def _scope(namespace: str, selector: sec.WorkloadSelector | None) -> str:
 def _authorization(ap: sec.AuthorizationPolicy) -> list[str]:
     action = ap.spec.action
     lines = [f"{action} policy for {_scope(ap.namespace, ap.spec.selector)}."]
+    if ap.spec.provider is not None:
+        lines.append(
+            f"Requests its rules match are sent to ext-authz provider {ap.spec.provider.name!r} "
+            "first (the agents' extension_providers; one not declared there denies them); "
+            "its 200 lets them on to the other policies, any other answer goes to the client."
+        )
     if ap.dry_run:
         lines.append("Dry run: evaluated and reported (access log, metrics), never enforced.")
     rules = ap.spec.rules
@@ -128,7 +134,7 @@ def _rule_meaning(rule: sec.Rule, action: str) -> str:
             and not any(t.operation.ports or t.operation.not_ports for t in rule.to or ())
             and all(c.is_http_only for c in rule.when)
         )
-        verb = "denies" if action == "DENY" else "audits"
+        verb = "audits" if action == "AUDIT" else "denies"
         tcp = (
             f"on {L4_PORTS} the HTTP fields are dropped, leaving nothing else to match: it "
             f"{verb} every connection there"

@@ -57,7 +57,30 @@ def applies(selected: authz.WorkloadPolicies) -> bool:
     """Whether any policy (enforced, audit or dry-run) selects the workload; when none does,
     every request is allowed and its attributes are never read."""
     return bool(
-        selected.deny or selected.allow or selected.audit or selected.dry_deny or selected.dry_allow
+        selected.deny
+        or selected.allow
+        or selected.audit
+        or selected.custom
+        or selected.dry_deny
+        or selected.dry_allow
+    )
+
+
+def attributes(
+    source: Identity | None,
+    source_ip: str,
+    destination_ip: str,
+    port: int,
+    http: authz.HttpAttrs | None,
+) -> authz.Request:
+    """What the policies see of a connection (`http` None) or request."""
+    return authz.Request(
+        source_principal=source.principal if source else None,
+        source_namespace=source.namespace if source else None,
+        source_ip=source_ip,
+        destination_ip=destination_ip,
+        destination_port=port,
+        http=http,
     )
 
 
@@ -76,14 +99,7 @@ def check(
     """Decide a connection (`http` None) or an HTTP request to `destination`, count it and
     log denials. `selected`: the destination's policies out of `policies`, when the caller
     keeps them (`DestinationPolicies`)."""
-    request = authz.Request(
-        source_principal=source.principal if source else None,
-        source_namespace=source.namespace if source else None,
-        source_ip=source_ip,
-        destination_ip=destination_ip,
-        destination_port=port,
-        http=http,
-    )
+    request = attributes(source, source_ip, destination_ip, port, http)
     if selected is not None:
         decision = selected.evaluate(request)
     else:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import trio
 from meshagent.agent.hbone.server import InboundTunnel
-from meshagent.agent.policy import authorization, requestauth
+from meshagent.agent.policy import authorization, extauthz, requestauth
 from meshagent.agent.proxy import live
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import (
@@ -48,6 +49,9 @@ from meshagent.common import authz
 from meshagent.common.snapshot import Endpoint, Workload
 from meshagent.common.spiffe import Identity
 
+if TYPE_CHECKING:
+    from meshagent.agent.proxy.upstream import Connector
+
 log = logging.getLogger(__name__)
 refusal_log = RateLimitedLog(log)
 
@@ -71,6 +75,7 @@ class InboundProxy:
         self.stats = InboundStats()
         self.http_pool = http_pool
         self.clusters = Clusters()
+        self.connector: Connector | None = None  # set by the data plane (ext-authz calls)
 
     async def _refuse(self, tunnel: InboundTunnel, status: int, why: str) -> None:
         self.stats.refused[status] = self.stats.refused.get(status, 0) + 1
@@ -283,6 +288,17 @@ class InboundProxy:
                     headers=headers,
                     auth=auth,
                 )
+            if http is not None and selected.custom:  # CUSTOM first: ask its provider
+                attributes = authorization.attributes(source_identity, source_ip, ip, port, http)
+                match = selected.custom_match(attributes)
+                if match is not None:
+                    verdict, answer = await extauthz.consult(
+                        match, self.inputs.ext_authz, self.connector, current, target, request
+                    )
+                    if answer is not None:
+                        request.decision = verdict
+                        return answer
+                    http = replace(http, headers=request.header_map())  # as the provider set
             decision = authorization.check(
                 current.authz,
                 self.inputs.authz,

@@ -15,6 +15,7 @@ from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.live import LiveConnections
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
+from meshagent.common.extauthz import EnvoyExtAuthzHttp
 
 
 @dataclass
@@ -29,3 +30,5 @@ class ProxyInputs:
     live: LiveConnections = field(default_factory=LiveConnections)  # re-checked per snapshot
     http: HttpSettings = DEFAULT_SETTINGS  # the HTTP engine's settings (path normalization, ...)
     limits: Limits = field(default_factory=Limits)  # per-source bounds, refusals counted
+    # the mesh config's ext-authz providers by name (AuthorizationPolicy CUSTOM)
+    ext_authz: dict[str, EnvoyExtAuthzHttp] = field(default_factory=dict)

@@ -119,15 +119,12 @@ def _one_per_cause(errors: list[Any]) -> list[Any]:
     extra = [tuple(e["loc"][:-1]) for e in errors if e["type"] == "extra_forbidden"]
     if not extra:
         return errors
-    custom = any(tuple(e["loc"]) == ("spec", "action") and "CUSTOM" in str(e) for e in errors)
     kept, hints = [], set()
     for e in errors:
         loc = tuple(e["loc"])
         if any(loc == p or (loc[:-1] == p and e["type"] == "missing") for p in extra):
             continue
         if e["type"] == "extra_forbidden":
-            if custom and loc == ("spec", "provider"):
-                continue  # action CUSTOM says it: the provider is part of that one cause
             cause = (loc[:-1], unsupported_hint(str(loc[-1])))
             if cause in hints:
                 continue  # mirror + mirrorPercentage: one feature, one message

@@ -4,7 +4,7 @@ RequestAuthentication.
 Wire documents flow in; validated, immutable models flow out to the controller's compiler, to
 `meshagent.common.authz` (which compiles AuthorizationPolicies into a fast evaluator) and to
 `meshagent.common.jwtauth` (JWT validation). Only the documented subset is accepted: any other
-field (targetRef, provider, fromCookies, ...) is an error naming the field. Beyond shape, the
+field (targetRef, remoteIpBlocks, ...) is an error naming the field. Beyond shape, the
 checks Istio's own admission webhook makes are repeated here, so a policy Istio would refuse is
 refused here too.
 
@@ -36,7 +36,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 SECURITY_API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
 
-Action = Literal["ALLOW", "DENY", "AUDIT"]
+Action = Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"]
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
 
 # Condition keys of the supported subset (Istio's "Authorization Policy Conditions" page).
@@ -221,21 +221,26 @@ class Rule(IstioModel):
         )
 
 
-def _reject_custom(value: object) -> object:
-    if value == "CUSTOM":
-        raise ValueError("action CUSTOM is not supported by meshagent yet (external authorization)")
-    return value
+class Provider(IstioModel):
+    """`provider` of a CUSTOM policy: an extension provider of the mesh config, by name."""
+
+    name: NonEmptyStr
 
 
 class AuthorizationPolicySpec(IstioModel):
     selector: WorkloadSelector | None = None
     action: Action = "ALLOW"
+    provider: Provider | None = None
     rules: tuple[Rule, ...] | None = Field(None, validate_default=True)
 
-    @field_validator("action", mode="before")
-    @classmethod
-    def _no_custom(cls, value: object) -> object:
-        return _reject_custom(value)
+    @model_validator(mode="after")
+    def _provider_with_custom(self) -> AuthorizationPolicySpec:
+        # Istio's webhook: CUSTOM needs a provider, and a provider means CUSTOM.
+        if self.action == "CUSTOM" and self.provider is None:
+            raise ValueError("action CUSTOM needs `provider.name` (an extension provider)")
+        if self.action != "CUSTOM" and self.provider is not None:
+            raise ValueError(f"`provider` is only allowed with action CUSTOM, not {self.action}")
+        return self
 
     @field_validator("rules")
     @classmethod
@@ -252,7 +257,7 @@ class AuthorizationPolicySpec(IstioModel):
 
 
 class AuthorizationPolicy(IstioResource):
-    """An Istio AuthorizationPolicy (ALLOW, DENY or AUDIT; CUSTOM is refused)."""
+    """An Istio AuthorizationPolicy (ALLOW, DENY, AUDIT, or CUSTOM with an ext-authz provider)."""
 
     API_VERSIONS = SECURITY_API_VERSIONS
 
@@ -275,9 +280,11 @@ class AuthorizationPolicy(IstioResource):
 
     @model_validator(mode="after")
     def _dry_run_action(self) -> AuthorizationPolicy:
-        if DRY_RUN_ANNOTATION in self.metadata.annotations and self.spec.action == "AUDIT":
+        action = self.spec.action
+        if DRY_RUN_ANNOTATION in self.metadata.annotations and action in ("AUDIT", "CUSTOM"):
             raise ValueError(
-                f"annotation {DRY_RUN_ANNOTATION} only supports actions ALLOW and DENY, found AUDIT"
+                f"annotation {DRY_RUN_ANNOTATION} only supports actions ALLOW and DENY, "
+                f"found {action}"
             )
         return self
 

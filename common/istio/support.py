@@ -54,7 +54,6 @@ _HINTS: dict[str, str] = {
     "scheme": "scheme matching",
     "remoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
     "notRemoteIpBlocks": "remote (X-Forwarded-For) IP blocks",
-    "provider": "the ext-authz provider of action CUSTOM",
     "targetRef": "policy attachment to a Gateway/Service",
     "targetRefs": "policy attachment to a Gateway/Service",
     "serviceAccounts": "matching by service account",

@@ -298,11 +298,11 @@ def delete_at(doc: dict[str, Any], path: str) -> None:
 REFUSALS = [
     # (id, base yaml, edit, expected path, fragment of the message)
     (
-        "authz-unsupported-provider",
+        "authz-provider-without-custom",
         AUTHZ_YAML,
         lambda d: set_at(d, "spec.provider", {"name": "ext"}),
-        "spec.provider",
-        "not supported",
+        "spec",
+        "`provider` is only allowed with action CUSTOM",
     ),
     (
         "authz-unsupported-targetRef",
@@ -319,11 +319,11 @@ REFUSALS = [
         "not supported",
     ),
     (
-        "authz-custom-action",
+        "authz-custom-without-provider",
         AUTHZ_YAML,
         lambda d: set_at(d, "spec.action", "CUSTOM"),
-        "spec.action",
-        "action CUSTOM is not supported",
+        "spec",
+        "action CUSTOM needs `provider.name`",
     ),
     (
         "authz-unknown-action",
