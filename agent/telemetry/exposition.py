@@ -15,7 +15,9 @@ Multiprocess mode (prometheus_client's, https://prometheus.github.io/client_pyth
    values to a per-process file there; workers build `ProxyMetrics(None)`.
 3. The agent process itself does not set ``PROMETHEUS_MULTIPROC_DIR`` for itself (its own
    gauges are plain in-memory ones); it builds `NodeMetrics(multiprocess_dir=path)`, whose
-   registry reads the workers' files at each scrape.
+   registry reads the workers' files at each scrape: incrementally, for the page
+   (`meshagent.agent.telemetry.page`), or through prometheus_client's collector for
+   ``collect()``.
 4. When a worker exits the agent calls `worker_exited(pid, path)`, so that worker's live
    gauges (open connections, pool sizes) stop counting; its counters stay, so totals never go
    backwards.
@@ -123,8 +125,12 @@ def multiprocess_collector(path: Path) -> MultiProcessCollector:
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text exposition (format 0.0.4, as Envoy serves it) of `registry` and its content
-    type, for the agent's ``/metrics`` and ``/stats/prometheus``. Reads multiprocess files:
-    call it off the event loop (`metrics_handler` does)."""
+    type, for the agent's ``/metrics`` and ``/stats/prometheus``; a node's registry
+    (`meshagent.agent.telemetry.page.NodeRegistry`) builds it its own, cheaper way. Reads
+    multiprocess files: call it off the event loop (`metrics_handler` does)."""
+    render_page = getattr(registry, "render_page", None)
+    if render_page is not None:
+        return render_page(), CONTENT_TYPE_PLAIN_0_0_4
     return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 

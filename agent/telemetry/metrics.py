@@ -46,18 +46,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshagent.agent.telemetry.exposition import (
-    MULTIPROC_ENV,
-    MergingCollector,
-    in_multiprocess_mode,
-    multiprocess_collector,
-)
+from meshagent.agent.telemetry.exposition import MULTIPROC_ENV, in_multiprocess_mode
 from meshagent.agent.telemetry.labels import (
     HTTP_LABELS,
     NO_RESPONSE_FLAGS,
     TCP_LABELS,
     ConnectionLabels,
 )
+from meshagent.agent.telemetry.page import NodeRegistry
 from meshagent.common.istio.telemetry import EMPTY_POLICY, MetricsPolicy
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -74,8 +70,10 @@ __all__ = [
     "ProxyMetrics",
 ]
 
-# Envoy's default histogram buckets (ms for durations, bytes for sizes); Istio does not
-# override them, so dashboards' histogram_quantile sees the same boundaries.
+# Istio's default histogram buckets (ms for durations, bytes for sizes): Envoy's defaults,
+# which Istio keeps for all three histograms (its sidecar.istio.io/statsHistogramBuckets
+# annotation documents them as the default), so dashboards' histogram_quantile sees the same
+# boundaries.
 ISTIO_BUCKETS: tuple[float, ...] = (
     0.5,
     1,
@@ -535,10 +533,7 @@ class NodeMetrics:
         sources: list = [reg]
         if include_default_registry:
             sources.append(REGISTRY)
-        if multiprocess_dir is not None:
-            sources.append(multiprocess_collector(multiprocess_dir))
-        self.registry = CollectorRegistry()
-        self.registry.register(MergingCollector(sources))
+        self.registry = NodeRegistry(sources, multiprocess_dir)
         self.controller_connected.set(0)
 
     def set_snapshot_version(self, version: str) -> None:
