@@ -70,14 +70,21 @@ def run(ctx: click.Context, config_file: Path | None, verbose: bool, **overrides
       meshagent run --node-name node-1 --controller meshctl.meshagent-system.svc:15012 \\
           --cgroup-path /sys/fs/cgroup --bpffs /sys/fs/bpf/meshagent
     """
-    import trio
-    from meshagent.agent.run import Agent
+    from meshagent.agent.workers.launch import start_workers
 
     logging.basicConfig(
         level=logging.DEBUG if verbose or _verbose(ctx) else logging.INFO, format=LOG_FORMAT
     )
     config = load_config(config_file, **overrides)
-    trio.run(Agent(config).serve)
+    # The proxy workers import their code while the agent imports its own (a restart serves
+    # sooner); they wait for the agent before they touch the datapath.
+    workers = start_workers(
+        config.model_dump_json(), config.worker_count, config.worker_metrics_dir
+    )
+    import trio
+    from meshagent.agent.run import Agent
+
+    trio.run(Agent(config, workers).serve)
 
 
 @main.command()

@@ -41,7 +41,8 @@ from meshagent.agent.telemetry import (
 )
 from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
 from meshagent.agent.telemetry.process import seconds_since_start
-from meshagent.agent.workers.pool import WorkerPool, prepare_worker_metrics
+from meshagent.agent.workers.launch import WorkerLaunch, start_workers
+from meshagent.agent.workers.pool import WorkerPool
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
 
@@ -51,8 +52,11 @@ VERSION = "0.1.0"
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, workers: WorkerLaunch | None = None) -> None:
+        """``workers``: the proxy workers `meshagent run` started before importing the agent
+        (workers/launch.py); started here when not given."""
         self.config = config
+        self.launch = workers
         self.started_at = time.time()
         self.store = SnapshotStore(
             config.node_name, config.state_dir, root_namespace=config.root_namespace
@@ -132,13 +136,13 @@ class Agent:
             {cfg.proxy_ip, *([cfg.proxy_ip6] if cfg.proxy_ip6 else []), *cfg.trusted_sources}
         )
         workers = cfg.worker_count
-        metrics_dir = cfg.worker_metrics_dir / str(os.getpid())
-        if workers > 1:
-            metrics_env = prepare_worker_metrics(cfg.worker_metrics_dir, metrics_dir)
+        if self.launch is None:
+            self.launch = start_workers(cfg.model_dump_json(), workers, cfg.worker_metrics_dir)
+        launch = self.launch
         self.node_metrics = NodeMetrics(
             datapath_counters=maps.read_counters,
             certificate_expiry=self._certificate_expiry,
-            multiprocess_dir=metrics_dir if workers > 1 else None,
+            multiprocess_dir=launch.metrics_dir if launch else None,
             build_version=VERSION,
         )
         self.node_metrics.local_registry.register(ProcessCollector(self._proxy_processes))
@@ -172,10 +176,8 @@ class Agent:
                 trio.open_nursery() as nursery,
             ):
                 await nursery.start(serve_flow_tap, flow_tap, flow_socket(cfg.state_dir))
-                if workers > 1:
-                    self.dataplane = WorkerPool(
-                        cfg, workers, self.store, self.identities, metrics_env, metrics_dir
-                    )
+                if launch is not None:
+                    self.dataplane = WorkerPool(cfg, workers, self.store, self.identities, launch)
                 else:
                     dataplane = DataPlane(
                         cfg,
@@ -231,8 +233,9 @@ class Agent:
         finally:
             heartbeat.stop()
             maps.close()
-            if workers > 1:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+            if launch is not None:
+                launch.close()
+                shutil.rmtree(launch.metrics_dir, ignore_errors=True)
 
     def _serves_node(self) -> bool:
         """Whether this agent's proxy takes the node's new connections (so it beats): ready,

@@ -12,18 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import socket
-import sys
-from pathlib import Path
+import subprocess
 from typing import Any
 
 import trio
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.state import SnapshotStore
-from meshagent.agent.telemetry import prepare_multiprocess_dir, worker_exited
-from meshagent.agent.workers import worker as worker_main
+from meshagent.agent.telemetry import worker_exited
+from meshagent.agent.workers.launch import WorkerLaunch
 from meshagent.agent.workers.wire import certs_message, merge_status, snapshot_message
 from meshagent.common.configwire import MessageStream, WireError
 
@@ -32,20 +29,6 @@ log = logging.getLogger(__name__)
 RESTART_INITIAL = 0.5
 RESTART_MAX = 10.0
 READY_TIMEOUT = 60.0
-
-
-def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
-    """This agent's workers' metric folder (emptied), under ``parent`` next to those of other
-    agents on the node (a surge upgrade runs two); folders of agents gone are removed."""
-    if parent.is_dir():
-        for other in parent.iterdir():
-            if (
-                other.name.isdigit()
-                and other != folder
-                and not Path(f"/proc/{other.name}").exists()
-            ):
-                shutil.rmtree(other, ignore_errors=True)
-    return prepare_multiprocess_dir(folder)
 
 
 def _open_in(status: dict[str, Any]) -> int:
@@ -78,14 +61,13 @@ class WorkerPool:
         count: int,
         store: SnapshotStore,
         identities: IdentityManager,
-        metrics_env: dict[str, str],
-        metrics_dir: Path,
+        launch: WorkerLaunch,
     ) -> None:
         self.config = config
         self.store = store
         self.identities = identities
-        self.metrics_env = metrics_env
-        self.metrics_dir = metrics_dir
+        self.launch = launch  # the workers `meshagent run` started early are taken first
+        self.metrics_dir = launch.metrics_dir
         self.workers = [_Worker(i) for i in range(count)]
         self.accepting = True
         self.stopping = False
@@ -195,22 +177,8 @@ class WorkerPool:
             delay = min(delay * 2, RESTART_MAX)
 
     async def _run_once(self, w: _Worker) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {
-            **os.environ,
-            **self.metrics_env,
-            worker_main.CONFIG_ENV: self.config.model_dump_json(),
-            worker_main.FD_ENV: str(theirs.fileno()),
-            worker_main.INDEX_ENV: str(w.index),
-        }
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "meshagent.agent.workers.worker"],
-                env=env,
-                pass_fds=(theirs.fileno(),),
-            )
-        finally:
-            theirs.close()
+        launched = self.launch.take(w.index)
+        process, ours = launched.process, launched.channel
         w.pid, w.status = process.pid, {}
         send, receive = trio.open_memory_channel[dict[str, Any] | bytes](math.inf)
         w.outbox = send
@@ -221,14 +189,14 @@ class WorkerPool:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, channel, receive)
                 nursery.start_soon(self._receive_loop, channel, w)
-                await process.wait()
+                await _exited(process)
                 nursery.cancel_scope.cancel()
         finally:
             w.outbox = None
             with trio.CancelScope(shield=True):
-                if process.returncode is None:
+                if process.poll() is None:
                     process.kill()
-                    await process.wait()
+                    await _exited(process)
                 await channel.stream.aclose()
             worker_exited(w.pid, self.metrics_dir)
             log.info("proxy worker %d (pid %d) exited: %s", w.index, w.pid, process.returncode)
@@ -265,3 +233,14 @@ def _tag_tunnels(status: dict[str, Any], worker: int) -> dict[str, Any]:
     """A worker's status with its index on each tunnel: each worker pools its own."""
     tunnels = [{**t, "worker": worker} for t in status.get("tunnels", [])]
     return {**status, "tunnels": tunnels}
+
+
+async def _exited(process: subprocess.Popen) -> int:
+    """Wait for ``process`` to end (its pidfd turns readable, as trio's own processes do), and
+    reap it."""
+    fd = os.pidfd_open(process.pid)
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+    return process.wait()

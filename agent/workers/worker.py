@@ -1,9 +1,12 @@
 """One proxy worker process: a `DataPlane` fed by the agent over a socket pair.
 
-Started by `pool.WorkerPool` as ``python -m meshagent.agent.workers.worker``, with the
+Started (`launch.py`: by `meshagent run` before the agent imports itself, and by
+`pool.WorkerPool` for restarts) as ``python -m meshagent.agent.workers.worker``, with the
 agent's settings in ``$MESHAGENT_WORKER_CONFIG`` (JSON), the pair's end as fd
-``$MESHAGENT_WORKER_FD`` and ``PROMETHEUS_MULTIPROC_DIR`` set. It exits when the agent closes
-the pair (the agent stopped or died: a worker never outlives it) or after a drain.
+``$MESHAGENT_WORKER_FD`` and ``PROMETHEUS_MULTIPROC_DIR`` set. It waits for the agent's first
+message (the datapath is in place by then) before it opens the maps and listens. It exits
+when the agent closes the pair (the agent stopped or died: a worker never outlives it) or
+after a drain.
 """
 
 from __future__ import annotations
@@ -21,15 +24,13 @@ from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.state import SnapshotRejected, SnapshotStore
 from meshagent.agent.telemetry import AccessLogSettings, ProxyMetrics, open_access_log
 from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
+from meshagent.agent.workers.launch import CONFIG_ENV, FD_ENV, INDEX_ENV
 from meshagent.agent.workers.mirror import IdentityMirror
 from meshagent.agent.workers.wire import parse_certs
 from meshagent.common.configwire import MessageStream, WireError
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "MESHAGENT_WORKER_CONFIG"
-FD_ENV = "MESHAGENT_WORKER_FD"
-INDEX_ENV = "MESHAGENT_WORKER_INDEX"
 STATUS_INTERVAL = 1.0
 
 
@@ -46,6 +47,11 @@ class Worker:
 
     async def run(self) -> None:
         cfg = self.config
+        # Started before the agent has its datapath in place (launch.py): the agent's first
+        # message says it is.
+        first = await self._next_message()
+        if first is None:
+            return
         maps = loader.open_maps(loader.datapath_settings(cfg))
         try:
             tap = FlowTap()  # `meshagent observe`
@@ -68,6 +74,7 @@ class Worker:
                 )
                 async with self.dataplane.open(), trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    self._handle(first)
                     nursery.start_soon(self._receive)
                     await self.dataplane.serve()
                     await self.channel.send({"type": "ready", "pid": os.getpid()})
@@ -77,31 +84,37 @@ class Worker:
         finally:
             maps.close()
 
+    async def _next_message(self) -> dict | None:
+        """The agent's next message; None once it closed the channel (or sent garbage)."""
+        try:
+            message = await self.channel.receive()
+        except (WireError, trio.BrokenResourceError) as exc:
+            log.error("worker %d: bad message from the agent: %s", self.index, exc)
+            message = None
+        if message is None:
+            log.info("worker %d: the agent closed the channel; exiting", self.index)
+        return message
+
     async def _receive(self) -> None:
-        while True:
+        while (message := await self._next_message()) is not None:
+            self._handle(message)
+        self.nursery.cancel_scope.cancel()
+
+    def _handle(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "snapshot":
             try:
-                message = await self.channel.receive()
-            except (WireError, trio.BrokenResourceError) as exc:
-                log.error("worker %d: bad message from the agent: %s", self.index, exc)
-                message = None
-            if message is None:
-                log.info("worker %d: the agent closed the channel; exiting", self.index)
-                self.nursery.cancel_scope.cancel()
-                return
-            kind = message["type"]
-            if kind == "snapshot":
-                try:
-                    self.store.apply(message["snapshot"], save=False)
-                except SnapshotRejected as exc:  # the agent validated it: should not happen
-                    log.error("worker %d: snapshot rejected: %s", self.index, exc)
-            elif kind == "certs":
-                self.identities.replace(parse_certs(message))
-            elif kind == "accepting":
-                self.dataplane.set_accepting(bool(message["on"]))
-            elif kind == "drain":
-                self.nursery.start_soon(self._drain, float(message["timeout"]))
-            else:
-                log.warning("worker %d: unknown message %r", self.index, kind)
+                self.store.apply(message["snapshot"], save=False)
+            except SnapshotRejected as exc:  # the agent validated it: should not happen
+                log.error("worker %d: snapshot rejected: %s", self.index, exc)
+        elif kind == "certs":
+            self.identities.replace(parse_certs(message))
+        elif kind == "accepting":
+            self.dataplane.set_accepting(bool(message["on"]))
+        elif kind == "drain":
+            self.nursery.start_soon(self._drain, float(message["timeout"]))
+        else:
+            log.warning("worker %d: unknown message %r", self.index, kind)
 
     async def _drain(self, timeout: float) -> None:
         left = await self.dataplane.drain(timeout)
