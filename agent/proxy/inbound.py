@@ -334,6 +334,12 @@ class InboundProxy:
                 source_address=source_ip,
                 destination_address=f"{ip}:{port}",
             )
+            if pending and protocol != "http2":
+                # Answered without the pod (denied): this HTTP/1.1 connection closes after the
+                # response, and with it the pod connection dialled for it (`finally` below),
+                # as when the pod closes an idle one; else the pod's close of that unused
+                # connection would leave it in CLOSE-WAIT while the source keeps its tunnel.
+                drain.start()
 
         principal = source_identity.uri if source_identity else source_ip
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1

@@ -2,13 +2,13 @@
 
 `sa/client` (node-1) loads nginx on both nodes with wrk (HTTP: node-1's proxy pools upstream
 connections, a same-node pair to `web-local` and HBONE tunnel streams to `web-remote`), h2load
-(h2c) and a wrk killed mid-run; nginx closes idle keep-alive connections after 1 s. Once they
-end, `meshagent status` on both nodes must come back to 0 open connections (outbound, inbound)
-and 0 tunnel streams, and no socket of the node agents stay in CLOSE-WAIT (the server closed it,
-the proxy did not). iperf3 through a `tcp-*` port, both ways, and a client that ends its
-connection with a reset: the bytes appear in `istio_tcp_received_bytes_total` /
-`istio_tcp_sent_bytes_total` of both reporters (and the access log), which used to count a
-connection ending in a reset as 0 bytes.
+(h2c), a wrk killed mid-run and requests the destination denies (403); nginx closes idle
+keep-alive connections after 1 s. Once they end, `meshagent status` on both nodes must come
+back to 0 open connections (outbound, inbound) and 0 tunnel streams, and no socket of the node
+agents stay in CLOSE-WAIT (the server closed it, the proxy did not). iperf3 through a `tcp-*`
+port, both ways, and a client that ends its connection with a reset: the bytes appear in
+`istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` of both reporters (and the
+access log), which used to count a connection ending in a reset as 0 bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ events {{ worker_connections 1024; }}
 http {{
   access_log off;
   keepalive_timeout 1s;
+  client_header_timeout 1s;
   server {{ listen 8080; listen 8082 http2; location / {{ return 200 "{name}\\n"; }} }}
 }}
 """
@@ -113,6 +114,16 @@ def _wrk(service: str, *extra: str, check: bool = True) -> str:
     ).stdout
 
 
+def _wait_all_clear(lab: Lab, after: str) -> None:
+    _wait_nothing_open(lab, after)
+    wait_until(
+        lambda: {node: _close_wait(node) for node in NODES},
+        lambda sockets: not any(sockets.values()),
+        what=f"no socket of either node's agent left in CLOSE-WAIT after {after}",
+        timeout=30,
+    )
+
+
 def test_after_wrk_status_counts_return_to_zero_and_no_socket_stays_in_close_wait(lab):
     for service in ("web-local", "web-remote"):
         out = _wrk(service)
@@ -136,13 +147,12 @@ def test_after_wrk_status_counts_return_to_zero_and_no_socket_stays_in_close_wai
         assert "2000 succeeded" in out, out
         # killed mid-run: its connections end abruptly, requests in flight
         _wrk(service, "timeout", "-s", "KILL", "2", check=False)
-    _wait_nothing_open(lab, "wrk ended")
-    wait_until(
-        lambda: {node: _close_wait(node) for node in NODES},
-        lambda sockets: not any(sockets.values()),
-        what="no socket of either node's agent left in CLOSE-WAIT",
-        timeout=30,
-    )
+    _wait_all_clear(lab, "the load ended")
+    # Denied by the destination on a fresh tunnel (nothing pooled is left): answered without
+    # the pod connection dialled for it, which nginx closes after 1 s.
+    for service in ("web-local", "web-remote"):
+        assert lab.curl("sa/client", f"http://{service}.sa:8080/denied")[0] == "403"
+    _wait_all_clear(lab, "denied requests")
     # the pooled connections that were closed are not reused: requests still pass
     for service in ("web-local", "web-remote"):
         assert lab.curl("sa/client", f"http://{service}.sa:8080/")[0] == "200"
