@@ -330,11 +330,12 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
             extra.append("fault injection")
         extra += _action_texts(rule, vs.namespace)
         tail = f" ({'; '.join(extra)})" if extra else ""
-        where = (
-            _redirect_text(rule.redirect)
-            if rule.redirect is not None
-            else _destinations(rule.route, vs.namespace)
-        )
+        if rule.redirect is not None:
+            where = _redirect_text(rule.redirect)
+        elif rule.direct_response is not None:
+            where = f"answered {rule.direct_response.status} by the proxy (directResponse)"
+        else:
+            where = _destinations(rule.route, vs.namespace)
         lines.append(
             f"http[{i}]: {_match_text(rule.match)} -> {where}{tail}; L7, per request, on "
             f"{_ports_text(fqdns, services, True)}."

@@ -322,6 +322,7 @@ class HttpRoute:
     fault: FaultPolicy | None = None
     # What the rule does besides choosing a destination (agent/proxy/route_actions.py).
     redirect: Redirect | None = None
+    direct_response: tuple[int, bytes] | None = None  # (status, body) the proxy answers
     rewrite: Rewrite | None = None
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
@@ -520,6 +521,12 @@ def _fault_policy(fault: net.HTTPFaultInjection | None) -> FaultPolicy | None:
     )
 
 
+def _direct(direct: net.HTTPDirectResponse | None) -> tuple[int, bytes] | None:
+    if direct is None:
+        return None
+    return direct.status, direct.body.content if direct.body is not None else b""
+
+
 def _cors(policy: net.CorsPolicy | None) -> Cors | None:
     if policy is None:
         return None
@@ -696,6 +703,7 @@ class _Compiler:
                     retry=_retry_policy(rule.retries),
                     fault=_fault_policy(rule.fault),
                     redirect=Redirect.of(rule.redirect),
+                    direct_response=_direct(rule.direct_response),
                     rewrite=Rewrite.of(rule.rewrite),
                     request_headers=HeaderOps.of(rule.headers.request if rule.headers else None),
                     response_headers=HeaderOps.of(rule.headers.response if rule.headers else None),

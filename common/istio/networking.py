@@ -34,7 +34,14 @@ from meshagent.common.istio.base import (
     Percent,
     Port,
 )
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Base64Bytes,
+    BeforeValidator,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NETWORKING_API_VERSIONS = frozenset(
     {"networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"}
@@ -398,6 +405,34 @@ class CorsPolicy(IstioModel):
         return self.allow_origins + tuple(StringMatch(exact=o) for o in self.allow_origin)
 
 
+# The largest directResponse body accepted (Istio's webhook refuses bodies over 1 MiB).
+MAX_DIRECT_BODY = 1024 * 1024
+
+
+class HTTPBody(IstioModel):
+    string: str | None = None
+    bytes_: Base64Bytes | None = Field(None, alias="bytes")
+
+    @model_validator(mode="after")
+    def _one(self) -> HTTPBody:
+        if (self.string is None) == (self.bytes_ is None):
+            raise ValueError("body needs exactly one of string and bytes")
+        if len(self.content) > MAX_DIRECT_BODY:
+            raise ValueError(f"body is larger than {MAX_DIRECT_BODY} bytes")
+        return self
+
+    @property
+    def content(self) -> bytes:
+        return self.string.encode() if self.string is not None else (self.bytes_ or b"")
+
+
+class HTTPDirectResponse(IstioModel):
+    """Answer with this status and body, as Envoy's direct_response."""
+
+    status: Annotated[int, Field(ge=200, le=599, strict=True)]
+    body: HTTPBody | None = None
+
+
 class HTTPMirrorPolicy(IstioModel):
     """One of `mirrors[]`: a copy of each request (a share of them) to another destination."""
 
@@ -413,6 +448,7 @@ class HTTPRoute(IstioModel):
     match: tuple[HTTPMatchRequest, ...] = ()
     route: Annotated[tuple[HTTPRouteDestination, ...], AfterValidator(_check_weights)] = ()
     redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
     rewrite: HTTPRewrite | None = None
     headers: Headers | None = None
     mirror: Destination | None = None
@@ -426,7 +462,14 @@ class HTTPRoute(IstioModel):
 
     @model_validator(mode="after")
     def _route_or_redirect(self) -> HTTPRoute:
-        if self.redirect is not None:
+        if self.direct_response is not None:
+            if self.route or self.redirect is not None:
+                raise ValueError("an http rule has one of route, redirect or directResponse")
+            if self.rewrite is not None or self.mirror is not None or self.mirrors:
+                raise ValueError(
+                    "a directResponse rule cannot rewrite or mirror: nothing is forwarded"
+                )
+        elif self.redirect is not None:
             if self.route:
                 raise ValueError("an http rule has route or redirect, not both")
             if self.rewrite is not None:
@@ -434,7 +477,7 @@ class HTTPRoute(IstioModel):
             if self.mirror is not None or self.mirrors:
                 raise ValueError("a redirect rule cannot mirror: nothing is forwarded")
         elif not self.route:
-            raise ValueError("an http rule needs route (destinations) or redirect")
+            raise ValueError("an http rule needs route (destinations), redirect or directResponse")
         if self.mirror is not None and self.mirrors:
             raise ValueError("set mirror or mirrors, not both")
         if self.mirror is None and (

@@ -557,11 +557,21 @@ REFUSALS = [
         "less than or equal to 100",
     ),
     (
-        "vs-unsupported-direct-response",
+        "vs-direct-response-and-route",
         VS_YAML,
         lambda d: set_at(d, "spec.http.0.directResponse", {"status": 503}),
-        "spec.http[0].directResponse",
-        "not supported",
+        "spec.http[0]",
+        "one of route, redirect or directResponse",
+    ),
+    (
+        "vs-direct-response-status",
+        VS_YAML,
+        lambda d: (
+            delete_at(d, "spec.http.0.route"),
+            set_at(d, "spec.http.0.directResponse", {"status": 700}),
+        ),
+        "spec.http[0].directResponse.status",
+        "less than or equal to 599",
     ),
     (
         "vs-redirect-and-route",
@@ -651,7 +661,7 @@ REFUSALS = [
         VS_YAML,
         lambda d: delete_at(d, "spec.http.0.route"),
         "spec.http[0]",
-        "needs route (destinations) or redirect",
+        "needs route (destinations), redirect or directResponse",
     ),
     (
         "vs-no-hosts",

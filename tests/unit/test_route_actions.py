@@ -620,3 +620,26 @@ def test_cors_policy_refusals(policy, fragment) -> None:
     with pytest.raises(ResourceError) as caught:
         parse_resource(doc)
     assert "spec.http[0].corsPolicy" in str(caught.value) and fragment in str(caught.value)
+
+
+DIRECT_RULE = {
+    "match": [{"uri": {"exact": "/v1/getProductRatings"}}],
+    "directResponse": {"status": 503, "body": {"string": "unknown error"}},
+    "headers": {"response": {"set": {"x-direct": "1"}}},
+}
+
+
+async def test_http1_direct_response(http1) -> None:
+    mesh = await http1(_vs(DIRECT_RULE, {"route": [{"destination": {"host": "reviews"}}]}))
+    response, body = await mesh.request("/v1/getProductRatings")
+    assert (response.status_code, body) == (503, b"unknown error")
+    assert dict(response.headers)[b"x-direct"] == b"1"
+    assert mesh.seen == []
+    response, _ = await mesh.request("/other")  # the next rule forwards
+    assert response.status_code == 200 and len(mesh.seen) == 1
+
+
+async def test_http2_direct_response_bytes_body() -> None:
+    rule = dict(DIRECT_RULE, match=[], directResponse={"status": 200, "body": {"bytes": "b2s="}})
+    lab, response, data = await _h2_call(_vs(rule), path="/any")
+    assert response[b":status"] == b"200" and data == b"ok" and lab.seen == []

@@ -46,7 +46,6 @@ def test_export_to_everywhere_and_a_mesh_gateway_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "path"),
     [
-        ("directResponse", {"status": 503}, "spec.http[0].directResponse"),
         ("delegate", {"name": "x"}, "spec.http[0].delegate"),
     ],
 )

@@ -101,15 +101,8 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
                 fault.abort_status, b"fault filter abort", grpc_status=fault.abort_grpc_status
             )
             return RouteDecision(routes, route, local=abort, flag="FI")
-    if route.redirect is not None:
-        location = route.redirect.location(info.target, info.authority, routes.port)
-        headers: HeaderList = [(b"location", location.encode("latin-1"))]
-        for ops in (route.response_headers, cors_ops):
-            if ops is not None:
-                headers = ops.apply(headers)
-        return RouteDecision(
-            routes, route, local=LocalResponse(route.redirect.status, b"", tuple(headers))
-        )
+    if route.redirect is not None or route.direct_response is not None:
+        return RouteDecision(routes, route, local=_answer(route, info, routes.port, cors_ops))
     dests = route.destinations
     index = dests.pick_index(ctx.rng.random)
     spec = None if index is None else dests.clusters[index]
@@ -129,6 +122,23 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
         if cors_ops is not None:
             decision.response_ops += (cors_ops,)
     return decision
+
+
+def _answer(
+    route: HttpRoute, info: RequestInfo, port: int, cors_ops: HeaderOps | None
+) -> LocalResponse:
+    """The proxy's own answer for a `redirect` or `directResponse` rule, with the rule's
+    response header operations (and CORS headers) applied, as Envoy's direct responses."""
+    headers: HeaderList = []
+    status, body = route.direct_response or (0, b"")
+    if route.redirect is not None:
+        location = route.redirect.location(info.target, info.authority, port)
+        headers = [(b"location", location.encode("latin-1"))]
+        status = route.redirect.status
+    for ops in (route.response_headers, cors_ops):
+        if ops is not None:
+            headers = ops.apply(headers)
+    return LocalResponse(status, body, tuple(headers))
 
 
 def _actions(
