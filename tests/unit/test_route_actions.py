@@ -296,7 +296,7 @@ class _Http1Mesh:
         return near
 
     async def request(
-        self, target: str, headers=(), body: bytes = b""
+        self, target: str, headers=(), body: bytes = b"", method: str | None = None
     ) -> tuple[h11.Response, bytes]:
         client, proxy_end = memory_stream_pair()
         self.nursery.start_soon(proxy_http1, proxy_end, self.ctx)
@@ -304,7 +304,8 @@ class _Http1Mesh:
         head = [(b"host", f"reviews:{PORT}".encode()), *headers]
         if body:
             head.append((b"content-length", str(len(body)).encode()))
-        data = conn.send(h11.Request(method="POST" if body else "GET", target=target, headers=head))
+        method = method or ("POST" if body else "GET")
+        data = conn.send(h11.Request(method=method, target=target, headers=head))
         data += conn.send(h11.Data(data=body)) if body else b""
         await client.send_all(data + conn.send(h11.EndOfMessage()))
         response = await _next(conn, client)
@@ -524,18 +525,7 @@ PREFLIGHT = [(b"access-control-request-method", b"POST")]
 
 async def _options(mesh: _Http1Mesh, origin: bytes, extra=()) -> tuple[h11.Response, bytes]:
     """A preflight (OPTIONS with Access-Control-Request-Method) from `origin`."""
-    client, proxy_end = memory_stream_pair()
-    mesh.nursery.start_soon(proxy_http1, proxy_end, mesh.ctx)
-    conn = h11.Connection(h11.CLIENT)
-    head = [(b"host", b"reviews"), (b"origin", origin), *extra]
-    data = conn.send(h11.Request(method="OPTIONS", target="/cors", headers=head))
-    await client.send_all(data + conn.send(h11.EndOfMessage()))
-    response = await _next(conn, client)
-    body = b""
-    while isinstance(part := await _next(conn, client), h11.Data):
-        body += part.data
-    await client.aclose()
-    return response, body
+    return await mesh.request("/cors", [(b"origin", origin), *extra], method="OPTIONS")
 
 
 async def test_cors_preflight_from_an_allowed_origin_is_answered_by_the_proxy(http1) -> None:
