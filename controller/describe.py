@@ -229,6 +229,8 @@ def _match_text(match: Sequence[net.HTTPMatchRequest]) -> str:
         for what, sm in (("uri", m.uri), ("method", m.method)):
             if sm is not None:
                 conds.append(_string_match(what, sm))
+        if m.uri is not None and m.ignore_uri_case and m.uri.regex is None:
+            conds[0] += " (ASCII case ignored)"
         conds += [_string_match(f"header {name}", sm) for name, sm in m.headers.items()]
         if m.port is not None:
             conds.append(f"port {m.port}")

@@ -260,7 +260,19 @@ class FaultPolicy:
 Matcher = Callable[[str], bool]
 
 
-def _string_matcher(match: net.StringMatch) -> Matcher:
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _string_matcher(match: net.StringMatch, ignore_case: bool = False) -> Matcher:
+    """`ignore_case`: ASCII case ignored by exact and prefix matches (Envoy's
+    case_sensitive: false), never by a regex."""
+    if ignore_case and (match.exact is not None or match.prefix is not None):
+        text = (match.exact if match.exact is not None else match.prefix or "").translate(
+            _ASCII_LOWER
+        )
+        if match.exact is not None:
+            return lambda value: value.translate(_ASCII_LOWER) == text
+        return lambda value: value[: len(text)].translate(_ASCII_LOWER) == text
     if match.exact is not None:
         return match.exact.__eq__
     if match.prefix is not None:
@@ -291,7 +303,7 @@ class RequestMatch:
     @classmethod
     def compile(cls, m: net.HTTPMatchRequest) -> RequestMatch:
         return cls(
-            uri=_string_matcher(m.uri) if m.uri else None,
+            uri=_string_matcher(m.uri, m.ignore_uri_case) if m.uri else None,
             uri_ignores_query=m.uri is None or m.uri.prefix is None,
             method=_string_matcher(m.method) if m.method else None,
             headers=tuple((name, _string_matcher(sm)) for name, sm in m.headers.items()),

@@ -171,6 +171,8 @@ class HTTPMatchRequest(IstioModel):
     method: StringMatch | None = None
     headers: dict[HeaderName, StringMatch] = {}
     port: Port | None = None
+    # ASCII case ignored in `uri` exact and prefix matches (not regex), as Istio documents
+    ignore_uri_case: bool = False
 
 
 class PortSelector(IstioModel):

@@ -633,3 +633,26 @@ async def test_http2_direct_response_bytes_body() -> None:
     rule = dict(DIRECT_RULE, match=[], directResponse={"status": 200, "body": {"bytes": "b2s="}})
     lab, response, data = await _h2_call(_vs(rule), path="/any")
     assert response[b":status"] == b"200" and data == b"ok" and lab.seen == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "target", "matched"),
+    [
+        ({"prefix": "/ratings/v2/"}, "/RATINGS/v2/x", True),
+        ({"prefix": "/ratings/v2/"}, "/Ratings/v3/x", False),
+        ({"exact": "/Login"}, "/login?next=/", True),
+        ({"exact": "/Login"}, "/login/", False),
+        # Istio: the case is ignored only for exact and prefix matches, not for a regex
+        ({"regex": "/login"}, "/LOGIN", False),
+        ({"regex": "/login"}, "/login", True),
+        # ASCII only: a non-ASCII letter is compared as is
+        ({"exact": "/é"}, "/É", False),
+    ],
+)
+def test_ignore_uri_case(uri, target, matched) -> None:
+    rule = {
+        "match": [{"uri": uri, "ignoreUriCase": True}],
+        "route": [{"destination": {"host": "reviews"}}],
+    }
+    routes = compile_routes(_snapshot(_vs(rule))).http_routes(HOST, PORT)
+    assert (routes.match("GET", target, {}) is not None) is matched
