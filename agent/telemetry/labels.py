@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
+from meshagent.common.istio.telemetry import PEER_FIELDS
 from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN, Identity
 
 if TYPE_CHECKING:
@@ -75,16 +76,7 @@ _POLICIES = frozenset(("mutual_tls", "none", "unknown"))
 
 # The label names, in the order `ConnectionLabels.values` fills them. TCP families end with
 # response_flags; HTTP families add response_code and grpc_response_status (empty unless gRPC).
-_PEER_FIELDS = (
-    "workload",
-    "workload_namespace",
-    "principal",
-    "app",
-    "version",
-    "canonical_service",
-    "canonical_revision",
-    "cluster",
-)
+_PEER_FIELDS = PEER_FIELDS
 _CONNECTION_LABELS = (
     "reporter",
     *(f"source_{f}" for f in _PEER_FIELDS),

@@ -84,7 +84,8 @@ _MODES: dict[str, tuple[Reporter, ...]] = {
     "SERVER": ("destination",),
 }
 
-_PEER = (
+# The labels of each end, source_* and destination_* (agent/telemetry/labels.py orders by it).
+PEER_FIELDS = (
     "workload",
     "workload_namespace",
     "principal",
@@ -98,8 +99,8 @@ _PEER = (
 ISTIO_TAGS: frozenset[str] = frozenset(
     {
         "reporter",
-        *(f"source_{p}" for p in _PEER),
-        *(f"destination_{p}" for p in _PEER),
+        *(f"source_{p}" for p in PEER_FIELDS),
+        *(f"destination_{p}" for p in PEER_FIELDS),
         "destination_service",
         "destination_service_name",
         "destination_service_namespace",

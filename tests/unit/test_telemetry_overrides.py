@@ -292,3 +292,18 @@ def test_telemetry_travels_apart_from_istio_resources_and_reaches_the_agents_tab
     store.apply(snap.model_dump(mode="json"), save=False)
     rule = store.tables.metrics_policy.rule("any", "source", "istio_requests")
     assert rule.removed == {"request_protocol"}
+
+
+def test_a_telemetry_change_travels_in_a_delta():
+    from meshagent.common import snapshotdelta
+    from meshagent.controller.compiler import compile_snapshot
+    from meshagent.controller.model import ClusterModel
+
+    model = ClusterModel()
+    before = compile_snapshot(model, "node-1")
+    model.upsert("Telemetry", telemetry("shop", [REMOVE_PROTOCOL]))
+    after = compile_snapshot(model, "node-1")
+    changes = snapshotdelta.diff(before, after, snapshotdelta.SHARED_FIELDS)
+    assert set(changes) == {"telemetry"}
+    rebuilt = snapshotdelta.apply(before.model_dump(mode="json"), changes)
+    assert rebuilt["telemetry"] == after.model_dump(mode="json")["telemetry"]
