@@ -16,6 +16,7 @@ from typing import Any
 from meshagent.common.istio import IstioResource
 from meshagent.common.istio import networking as net
 from meshagent.common.istio import security as sec
+from meshagent.common.istio import telemetry as tel
 from meshagent.common.istio.support import service_fqdn
 
 ROOT_NAMESPACE = "istio-system"
@@ -65,6 +66,8 @@ def describe(resource: IstioResource, services: ServicePorts | None = None) -> l
         return _request_authentication(resource)
     if isinstance(resource, net.VirtualService):
         return _virtual_service(resource, services or {})
+    if isinstance(resource, tel.Telemetry):
+        return _telemetry(resource)
     return _destination_rule(resource, services or {})
 
 
@@ -417,4 +420,37 @@ def _destination_rule(dr: net.DestinationRule, services: ServicePorts) -> list[s
             lines += _policy_lines(f"subset {s.name}: ", s.traffic_policy)
     if len(lines) == 1:
         lines.append("Nothing to apply beyond the defaults (LEAST_REQUEST, 10s connect timeout).")
+    return lines
+
+
+_MODE_SIDE = {
+    "CLIENT": "as reported by the client's proxy (reporter=source)",
+    "SERVER": "as reported by the server's proxy (reporter=destination)",
+    "CLIENT_AND_SERVER": "as reported by both proxies",
+}
+
+
+def _telemetry(t: tel.Telemetry) -> list[str]:
+    lines = [f"Istio metrics of {_scope(t.namespace, None)} (applied to series made after it)."]
+    for metrics in t.spec.metrics:
+        if not metrics.for_prometheus():
+            names = ", ".join(p.name for p in metrics.providers)
+            lines.append(f"for providers {names}: not applied (meshagent serves Prometheus only).")
+            continue
+        for o in metrics.overrides:
+            what = (
+                "every metric"
+                if o.match.metric == "ALL_METRICS"
+                else f"{o.match.metric} ({tel.METRIC_FAMILIES[o.match.metric]})"
+            )
+            side = _MODE_SIDE[o.match.mode]
+            if o.disabled is True:
+                lines.append(f"{what} {side}: not reported.")
+            elif o.disabled is False:
+                lines.append(f"{what} {side}: reported again.")
+            if o.tag_overrides:
+                labels = ", ".join(sorted(o.tag_overrides))
+                lines.append(f"{what} {side}: without the labels {labels} (written empty).")
+    if len(lines) == 1:
+        lines.append("Nothing to apply: every metric is reported with all its labels.")
     return lines

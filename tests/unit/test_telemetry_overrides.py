@@ -307,3 +307,25 @@ def test_a_telemetry_change_travels_in_a_delta():
     assert set(changes) == {"telemetry"}
     rebuilt = snapshotdelta.apply(before.model_dump(mode="json"), changes)
     assert rebuilt["telemetry"] == after.model_dump(mode="json")["telemetry"]
+
+
+def test_validate_explain_says_what_a_telemetry_does():
+    from meshagent.controller.describe import describe
+
+    lines = describe(
+        parse_resource(
+            telemetry(
+                "istio-system",
+                [REMOVE_PROTOCOL, {"match": {"mode": "SERVER"}, "disabled": True}],
+            )
+        )
+    )
+    assert lines[0].startswith("Istio metrics of every workload in the whole mesh")
+    assert (
+        "REQUEST_COUNT (istio_requests) as reported by both proxies: without the labels"
+        in (lines[1])
+    )
+    assert (
+        lines[2]
+        == "every metric as reported by the server's proxy (reporter=destination): not reported."
+    )
