@@ -192,8 +192,10 @@ class InboundProxy:
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
         self.stats.accepted += 1
         self.stats.active += 1
-        self.inputs.metrics.tcp_opened(labels)
-        result = RelayResult()
+        metrics = self.inputs.metrics
+        metrics.tcp_opened(labels)
+        # metrics: sent = to the client (pod -> tunnel), received = from the client
+        result = RelayResult(on_progress=lambda up, down: metrics.tcp_bytes(labels, down, up))
         try:
             async with pod:
                 stream = await tunnel.accept()
@@ -216,7 +218,8 @@ class InboundProxy:
             self.stats.bytes_in += result.sent
             self.stats.bytes_out += result.received
             # toward the client = what the pod sent back; from the client = what it received
-            self.inputs.metrics.tcp_closed(labels, result.received, result.sent)
+            up, down = result.unreported()
+            metrics.tcp_closed(labels, down, up)
             self._log(
                 labels,
                 start,

@@ -264,9 +264,13 @@ class OutboundProxy:
         upstream: str,
         error: str,
         opened: bool = False,
+        unreported: tuple[int, int] | None = None,
     ) -> None:
+        """The connection's access log line and, if it `opened`, its close in the metrics,
+        with the bytes (to client, from client) they do not have yet (default: all)."""
         if opened:
-            self.inputs.metrics.tcp_closed(labels, to_client, from_client, flags)
+            to_rest, from_rest = unreported or (to_client, from_client)
+            self.inputs.metrics.tcp_closed(labels, to_rest, from_rest, flags)
         log_tcp(
             self.inputs,
             labels,
@@ -375,8 +379,10 @@ class _L4:
             service_labels,
             connection_security_policy=upstream.security,
         )
-        proxy.inputs.metrics.tcp_opened(labels)
-        result = RelayResult()
+        metrics = proxy.inputs.metrics
+        metrics.tcp_opened(labels)
+        # metrics: sent = to the client (upstream -> client), received = from the client
+        result = RelayResult(on_progress=lambda up, down: metrics.tcp_bytes(labels, down, up))
         try:
             async with upstream.stream:
                 source = self.source
@@ -390,6 +396,7 @@ class _L4:
         finally:
             proxy.stats.bytes_sent += result.sent
             proxy.stats.bytes_received += result.received
+            up, down = result.unreported()
             proxy._report(
                 labels,
                 self.start,
@@ -401,6 +408,7 @@ class _L4:
                 address,
                 "",
                 opened=True,
+                unreported=(down, up),
             )
 
     def _failed(self, service_labels, error: str, flags: str) -> None:

@@ -29,7 +29,7 @@ import fcntl
 import os
 import select
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.hbone.connection import TunnelStream
@@ -43,16 +43,47 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _CAN_SPLICE = hasattr(os, "splice")
 
 
+# While bytes flow, a connection's counters are brought up to date at most this often (a
+# long transfer shows in istio_tcp_*_bytes_total as it goes, not only when it ends).
+PROGRESS_INTERVAL = 5.0
+Progress = Callable[[int, int], None]  # (sent, received) since the last report
+
+
 @dataclass
 class RelayResult:
     sent: int = 0  # client -> upstream
     received: int = 0  # upstream -> client
+    # Told the bytes moved since its last call, at most every PROGRESS_INTERVAL while bytes
+    # move (checked as each batch goes out: an idle relay costs nothing).
+    on_progress: Progress | None = None
+    _reported_sent: int = field(default=0, repr=False)
+    _reported_received: int = field(default=0, repr=False)
+    _next_progress: float = field(default=0.0, repr=False)
 
     def add_sent(self, moved: int) -> None:
         self.sent += moved
+        if self.on_progress is not None:
+            self._progress()
 
     def add_received(self, moved: int) -> None:
         self.received += moved
+        if self.on_progress is not None:
+            self._progress()
+
+    def unreported(self) -> tuple[int, int]:
+        """The bytes (sent, received) not yet given to `on_progress`; from now on, given."""
+        sent, received = self.sent - self._reported_sent, self.received - self._reported_received
+        self._reported_sent, self._reported_received = self.sent, self.received
+        return sent, received
+
+    def _progress(self) -> None:
+        now = trio.current_time()
+        if not self._next_progress:
+            self._next_progress = now + PROGRESS_INTERVAL
+        elif now >= self._next_progress:
+            self._next_progress = now + PROGRESS_INTERVAL
+            assert self.on_progress is not None
+            self.on_progress(*self.unreported())
 
 
 Count = Callable[[int], None]  # told each batch of bytes once it went out

@@ -8,13 +8,15 @@ back to 0 open connections (outbound, inbound) and 0 tunnel streams, and no sock
 agents stay in CLOSE-WAIT (the server closed it, the proxy did not). iperf3 through a `tcp-*`
 port, both ways, and a client that ends its connection with a reset: the bytes appear in
 `istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` of both reporters (and the
-access log), which used to count a connection ending in a reset as 0 bytes.
+access log), which used to count a connection ending in a reset as 0 bytes; a long transfer
+shows in them while it goes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 from meshagent.lab.paths import LOG_DIR
 
-from tests.e2e.conftest import APPS, Lab, meshlab, render_manifest
+from tests.e2e.conftest import APPS, BIN, Lab, meshlab, render_manifest
 from tests.e2e.test_observability import _value
 from tests.waiting import wait_until
 
@@ -217,6 +219,33 @@ def test_iperf3_bytes_both_ways_appear_in_the_tcp_byte_counters_within_one_perce
         assert change["received_bytes"] == pytest.approx(uploaded, rel=0.01), (reporter, change)
         assert change["sent_bytes"] == pytest.approx(downloaded, rel=0.01), (reporter, change)
     _wait_nothing_open(lab, "iperf3 ended")
+
+
+def test_a_long_transfer_shows_in_the_byte_counters_while_it_goes(lab):
+    """Bytes are counted as they flow: a dashboard sees a long transfer before it ends."""
+    before = {r: _tcp(node, r, IPERF)["received_bytes"] for node, r in REPORTERS}
+    iperf = subprocess.Popen(
+        [str(BIN / "meshlab"), "exec", "sa/client", "--", "iperf3", "-c", "iperf.sa", "-t", "15"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for node, reporter in REPORTERS:
+            wait_until(
+                lambda node=node, reporter=reporter: (
+                    _tcp(node, reporter, IPERF)["received_bytes"] - before[reporter]
+                ),
+                lambda grown: grown > 1_000_000,  # beyond the control connection's few bytes
+                what=f"the {reporter} reporter counts iperf3's bytes while they flow",
+                timeout=12,
+            )
+        assert iperf.poll() is None, "iperf3 ended before its bytes were counted"
+        assert iperf.wait(timeout=60) == 0
+    finally:
+        if iperf.poll() is None:
+            iperf.kill()
+            iperf.wait()
+    _wait_nothing_open(lab, "the long iperf3 run")
 
 
 def _tcp_log_lines(node: str, service: str, since: float) -> list[dict]:

@@ -267,3 +267,23 @@ async def test_a_cancelled_idle_relay_leaves_nothing_in_the_watcher() -> None:
     assert watcher.waits == {}
     for s in (app, client_side, upstream_side, server):
         await s.aclose()
+
+
+async def test_bytes_in_flight_are_reported_at_most_every_interval_and_the_rest_at_the_end(
+    autojump_clock,
+) -> None:
+    """A long transfer shows in the byte counters as it goes; the close adds only the rest."""
+    told: list[tuple[int, int]] = []
+    result = relay_mod.RelayResult(on_progress=lambda sent, received: told.append((sent, received)))
+    result.add_sent(100)  # the first batch starts the interval
+    result.add_received(7)
+    assert told == []
+    await trio.sleep(relay_mod.PROGRESS_INTERVAL)
+    result.add_sent(50)
+    assert told == [(150, 7)]
+    result.add_received(3)  # within the next interval: kept for later
+    await trio.sleep(relay_mod.PROGRESS_INTERVAL / 2)
+    result.add_sent(1)
+    assert told == [(150, 7)]
+    assert result.unreported() == (1, 3)  # what the close reports
+    assert (result.sent, result.received) == (151, 10)  # the totals (access log) stay whole
