@@ -1,7 +1,8 @@
 """Restart on the pins (issue #17 item 3): an agent killed with -9 and started again reuses
 the pinned programs and maps (no compile) and serves again within about a second of its
 start, by its own figure; pins built from anything else (another key) are built again,
-never reused stale; `meshlab down` removes every pin, the key folder with them.
+never reused stale; `meshlab down` removes every pin, the key folder with them. The build
+runs in a helper process, so the agent never holds bcc.
 
 The start-to-ready figure is the agent's own (``ready_after_s`` in `meshagent status`, from
 its process start to 15001/15008 accepting, logged at ready); this test asserts that the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meshagent.lab.lab import agent_pods
 from meshagent.lab.paths import BPFFS_DIR, LOG_DIR
 
 from tests.e2e.conftest import DATAPATH_PROGRAMS, meshlab
@@ -43,6 +45,17 @@ def restart(lab, node: str) -> dict:
     meshlab("agent", "stop", node)
     meshlab("agent", "start", node)
     return lab.status(node)
+
+
+def test_an_agent_that_built_its_datapath_holds_no_bcc(demo_lab):
+    """Each agent built its datapath at the lab's start, in a short-lived helper process: the
+    long-lived agent never mapped bcc or LLVM."""
+    for node in NODES:
+        assert demo_lab.status(node)["agent"]["datapath_reused"] is False
+        pid = agent_pods(node)[-1]["pid"]
+        mapped = Path(f"/proc/{pid}/maps").read_text()
+        assert "meshagent" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert "libbcc" not in mapped and "libLLVM" not in mapped, node
 
 
 def test_a_killed_agent_serves_again_on_its_pinned_datapath(demo_lab):
