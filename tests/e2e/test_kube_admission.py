@@ -124,6 +124,17 @@ VALID = policy(
         "rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}],
     },
 )
+# Telemetry (issue #22): a metric name Istio does not have is refused naming the field.
+BAD_TELEMETRY = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: trim, namespace: shop}
+spec:
+  metrics:
+    - overrides:
+        - match: {metric: REQUEST_COUNTS}
+          tagOverrides: {request_protocol: {operation: REMOVE}}
+"""
 # A DENY on /admin* for reviews with `pathz` for `paths`: refused by the controller.
 BROKEN_DENY = policy(
     "deny-admin",
@@ -301,6 +312,12 @@ def test_admission_fail_closed_and_debug_endpoints(plane: ControlPlane) -> None:
 
         accepted = kubectl_apply(plane, VALID)
         assert accepted.returncode == 0, accepted.stderr
+        telemetry = kubectl_apply(plane, BAD_TELEMETRY)
+        assert telemetry.returncode != 0, telemetry.stdout
+        assert "denied the request" in telemetry.stderr, telemetry.stderr
+        assert "spec.metrics[0].overrides[0].match.metric" in telemetry.stderr, telemetry.stderr
+        fixed = kubectl_apply(plane, BAD_TELEMETRY.replace("REQUEST_COUNTS", "REQUEST_COUNT"))
+        assert fixed.returncode == 0, fixed.stderr
 
         # The webhook off: an invalid DENY gets in, and fails closed.
         kubectl(admin, "delete", "validatingwebhookconfiguration", "meshagent-validation")
