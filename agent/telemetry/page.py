@@ -34,6 +34,7 @@ import ctypes
 import ctypes.util
 import io
 import json
+import logging
 import mmap
 import os
 import struct
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
 __all__ = ["NodePage", "NodeRegistry", "WorkerFiles"]
+
+log = logging.getLogger(__name__)
 
 _INT = struct.Struct("i")
 _DOUBLE = struct.Struct("d")
@@ -97,10 +100,11 @@ class _Series:
 
 
 class _File:
-    """One worker file, mapped once; `entries` grows as the worker adds series."""
+    """One worker file, mapped once; `positions` and `series` grow as the worker adds
+    series. `inode` tells a file made again under the same name (a reused pid)."""
 
-    def __init__(self, path: Path, kind: str, mode: str, pid: str) -> None:
-        self.path, self.kind, self.mode, self.pid = path, kind, mode, pid
+    def __init__(self, path: Path, kind: str, mode: str, pid: str, inode: int) -> None:
+        self.path, self.kind, self.mode, self.pid, self.inode = path, kind, mode, pid, inode
         self.offset = 8  # first entry; the file starts with its used size and padding
         self.positions: list[int] = []
         self.series: list[_Series] = []
@@ -131,15 +135,16 @@ class _File:
         pos = self.offset
         while pos + 4 <= used:
             length = _INT.unpack_from(data, pos)[0]
+            if length <= 0:
+                raise ValueError(f"entry of length {length} at {pos}")
             start = pos + 4
             value_at = start + length + (8 - (length + 4) % 8)
             if value_at + 16 > used:
                 break  # being written: next scrape
-            key = data[start : start + length].decode("utf-8")
+            series = decode(data[start : start + length].decode("utf-8"), self)
             self.positions.append(value_at)
-            self.series.append(decode(key, self))
-            pos = value_at + 16
-        self.offset = pos
+            self.series.append(series)
+            pos = self.offset = value_at + 16
         return data
 
 
@@ -151,6 +156,7 @@ class WorkerFiles:
         self._files: dict[str, _File] = {}
         self._labels = _Labels()
         self._help: dict[str, str] = {}  # family -> help, as the workers defined it
+        self._broken: set[str] = set()  # files reported corrupt (once each)
 
     def _decode(self, key: str, file: _File) -> _Series:
         family, name, labels, help_text = json.loads(key)
@@ -175,15 +181,25 @@ class WorkerFiles:
                 continue
             present.add(entry.name)
             file = self._files.get(entry.name)
-            if file is None:
-                parts = entry.name[:-3].split("_")
-                kind = parts[0]
-                mode = parts[1] if kind == "gauge" and len(parts) > 2 else ""
-                try:
-                    file = self._files[entry.name] = _File(Path(entry.path), kind, mode, parts[-1])
-                except FileNotFoundError:
-                    continue  # a live gauge file removed since the listing
-            data = file.refresh(self._decode)
+            try:
+                inode = entry.inode()
+                if file is not None and file.inode != inode:
+                    self._files.pop(entry.name).close()
+                    file = None
+                if file is None:
+                    parts = entry.name[:-3].split("_")
+                    kind = parts[0]
+                    mode = parts[1] if kind == "gauge" and len(parts) > 2 else ""
+                    file = _File(Path(entry.path), kind, mode, parts[-1], inode)
+                    self._files[entry.name] = file
+                data = file.refresh(self._decode)
+            except FileNotFoundError:
+                continue  # a live gauge file removed since the listing
+            except (ValueError, TypeError, struct.error) as exc:  # JSON and UTF-8 errors too
+                if entry.name not in self._broken:
+                    self._broken.add(entry.name)
+                    log.warning("metrics file %s is corrupt, left out: %s", entry.path, exc)
+                continue
             if data is None:
                 continue
             for at, series in zip(file.positions, file.series, strict=True):

@@ -108,3 +108,22 @@ def test_page_matches_prometheus_clients_scrape_as_workers_add_series(tmp_path):
         for worker in workers:
             worker.stdin.close()
             worker.wait(timeout=30)
+
+
+def test_a_corrupt_worker_file_is_left_out_and_the_rest_served(tmp_path, caplog):
+    folder = tmp_path / "metrics"
+    prepare_multiprocess_dir(folder)
+    # used 16 bytes, then an entry of length -1; and one not JSON
+    (folder / "counter_4242.db").write_bytes(b"\x10\0\0\0\0\0\0\0\xff\xff\xff\xff\0\0\0\0")
+    entry = b"\x04\0\0\0" + b"{{{{" + b"\0" * 24
+    (folder / "histogram_4243.db").write_bytes(
+        (8 + len(entry)).to_bytes(4, "little") + b"\0" * 4 + entry
+    )
+    node = NodeMetrics(multiprocess_dir=folder, include_default_registry=False)
+    node.set_proxy_workers(3)
+    for _ in range(2):  # reported once, not at every scrape
+        body, _ = render(node.registry)
+        assert ("meshagent_proxy_workers", (), 3.0) in _samples(body)
+    assert sum("is corrupt" in r.getMessage() for r in caplog.records) == 2
+    (folder / "histogram_4243.db").write_bytes(b"stale")  # too short to say anything: empty
+    assert ("meshagent_proxy_workers", (), 3.0) in _samples(render(node.registry)[0])
