@@ -3,8 +3,9 @@
 What flows through: the proxy reports connections and requests (`ProxyMetrics`, `AccessLog`)
 with labels built once per connection (`ConnectionLabels`); the agent reports its state and
 serves one page for the whole node (`NodeMetrics`, `render`, `metrics_handler`). See
-`metrics` for where each call goes in a connection's life and `exposition` for running proxy
-workers in several processes.
+`metrics` for where each call goes in a connection's life, `exposition` for running proxy
+workers in several processes, `page` for how a full node's page is built cheaply, and
+`meshagent.common.istio.telemetry` for the Telemetry overrides `ProxyMetrics` applies.
 """
 
 from meshagent.agent.telemetry.accesslog import AccessLog, AccessLogSettings, open_access_log
