@@ -237,8 +237,20 @@ def _match_text(match: Sequence[net.HTTPMatchRequest]) -> str:
         conds += [_string_match(f"header {name}", sm) for name, sm in m.headers.items()]
         if m.port is not None:
             conds.append(f"port {m.port}")
+        conds += _source_conds(m)
         alts.append(" and ".join(conds) or "any request")
     return "requests with " + " or ".join(alts)
+
+
+def _source_conds(m: net.HTTPMatchRequest | net.L4MatchAttributes) -> list[str]:
+    """A match entry's client conditions, checked by the client's own node proxy."""
+    out = []
+    if m.source_labels:
+        labels = ",".join(f"{k}={v}" for k, v in m.source_labels.items())
+        out.append(f"from a meshed pod labelled {labels}")
+    if m.source_namespace is not None:
+        out.append(f"from a meshed pod in namespace {m.source_namespace}")
+    return out
 
 
 def _string_match(what: str, sm: net.StringMatch) -> str:
@@ -358,6 +370,9 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
     for i, rule in enumerate(vs.spec.tcp):
         ports = [m.port for m in rule.match if m.port is not None]
         on = f" (port {', '.join(map(str, ports))})" if ports else ""
+        sources = [" and ".join(c) for c in map(_source_conds, rule.match) if c]
+        if sources and len(sources) == len(rule.match):
+            on += f" ({' or '.join(sources)})"
         lines.append(
             f"tcp[{i}]{on}: connections -> {_destinations(rule.route, vs.namespace)}; L4, per "
             f"connection, on {_ports_text(fqdns, services, False)} (and on http2/grpc ports for "

@@ -244,6 +244,7 @@ class OutboundProxy:
             settings=self.inputs.http,
             limits=self.inputs.limits,
             source_key=source.uid if source else peer_ip,
+            source=source,
         )
         await serve_detected(client, ctx, protocol, served)
 
@@ -318,7 +319,7 @@ class _L4:
         proxy = self.proxy
         service_labels = service_ref(service)
         routes = proxy.traffic.table.tcp_routes(service.hostname, self.orig[1])
-        spec = routes.destinations.pick() if routes else None
+        spec = routes.destinations_for(self.source).pick() if routes else None
         if spec is None or not spec.endpoints:
             proxy.stats.no_endpoints += 1
             self._failed(service_labels, "no healthy upstream", "UH")

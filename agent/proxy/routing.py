@@ -31,6 +31,10 @@ Istio semantics kept (https://istio.io/latest/docs/reference/config/networking/)
 - Fault `percentage` unset means no request is faulted (as Istio documents).
 - An HTTP rule with matches none of which can apply to the port (`match[].port`) is dropped for
   that port; requests no rule matches get 404 (flag NR).
+- `sourceLabels`/`sourceNamespace` are per-request (HTTP) or per-connection (TCP) conditions on
+  the client workload, checked by the source node's proxy, which knows its local workloads.
+  Istio prunes such entries per sidecar instead; the outcome is the same. A client that is not
+  a known workload (e.g. a host process) matches no entry that names a source.
 """
 
 from __future__ import annotations
@@ -289,6 +293,29 @@ def _path_only(target: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceMatch:
+    """A match entry's `sourceLabels` and `sourceNamespace`: conditions on the client workload,
+    which the source node's proxy knows (its local workloads). A client that is not a known
+    workload (None) matches none, as Istio applies them only to its own proxies."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace: str | None = None
+
+    @classmethod
+    def compile(cls, m: net.HTTPMatchRequest | net.L4MatchAttributes) -> SourceMatch | None:
+        if not m.source_labels and m.source_namespace is None:
+            return None
+        return cls(tuple(sorted(m.source_labels.items())), m.source_namespace)
+
+    def __call__(self, source: Workload | None) -> bool:
+        if source is None:
+            return False
+        if self.namespace is not None and source.namespace != self.namespace:
+            return False
+        return all(source.labels.get(k) == v for k, v in self.labels)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestMatch:
     """One `match[]` entry; every condition given must hold."""
 
@@ -299,6 +326,7 @@ class RequestMatch:
     # What `rewrite.uri` replaces: the `uri.prefix` ("/" without a uri match, as Envoy's
     # catch-all prefix route), None for an exact or regex match (the whole path).
     rewrite_prefix: str | None = "/"
+    source: SourceMatch | None = None
 
     @classmethod
     def compile(cls, m: net.HTTPMatchRequest) -> RequestMatch:
@@ -308,9 +336,18 @@ class RequestMatch:
             method=_string_matcher(m.method) if m.method else None,
             headers=tuple((name, _string_matcher(sm)) for name, sm in m.headers.items()),
             rewrite_prefix=m.uri.prefix if m.uri else "/",
+            source=SourceMatch.compile(m),
         )
 
-    def __call__(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
+    def __call__(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        source: Workload | None = None,
+    ) -> bool:
+        if self.source is not None and not self.source(source):
+            return False
         if self.uri is not None and not self.uri(
             _path_only(target) if self.uri_ignores_query else target
         ):
@@ -341,14 +378,26 @@ class HttpRoute:
     mirrors: tuple[Mirror, ...] = ()
     cors: Cors | None = None
 
-    def matches_request(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
-        return not self.matches or any(m(method, target, headers) for m in self.matches)
+    def matches_request(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        source: Workload | None = None,
+    ) -> bool:
+        return not self.matches or any(m(method, target, headers, source) for m in self.matches)
 
-    def rewrite_prefix(self, method: str, target: str, headers: Mapping[str, str]) -> str | None:
+    def rewrite_prefix(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        source: Workload | None = None,
+    ) -> str | None:
         """The prefix `rewrite.uri` replaces for this request (`RequestMatch.rewrite_prefix`
         of the first entry that matches it)."""
         for m in self.matches:
-            if m(method, target, headers):
+            if m(method, target, headers, source):
                 return m.rewrite_prefix
         return "/"
 
@@ -363,21 +412,37 @@ class HttpRoutes:
     source: str = ""  # "namespace/name" of the VirtualService, "" for the default route
     uses_headers: bool = False  # whether matching needs the request's headers
 
-    def match(self, method: str, target: str, headers: Mapping[str, str]) -> HttpRoute | None:
+    def match(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        source: Workload | None = None,
+    ) -> HttpRoute | None:
+        """The first route matching the request from `source` (the client workload)."""
         for route in self.routes:
-            if route.matches_request(method, target, headers):
+            if route.matches_request(method, target, headers, source):
                 return route
         return None
 
 
 @dataclass(frozen=True, slots=True)
 class TcpRoutes:
-    """Where connections to one L4 service port go (the first `tcp[]` rule for the port)."""
+    """Where connections to one L4 service port go (the first `tcp[]` rule for the port).
+    `by_source`: the rules before it whose every entry for the port names the client
+    (`sourceLabels`/`sourceNamespace`), in order, with the entries; `destinations_for` picks."""
 
     hostname: str
     port: int
     destinations: WeightedClusters
     source: str = ""
+    by_source: tuple[tuple[tuple[SourceMatch, ...], WeightedClusters], ...] = ()
+
+    def destinations_for(self, source: Workload | None) -> WeightedClusters:
+        for entries, dests in self.by_source:
+            if any(m(source) for m in entries):
+                return dests
+        return self.destinations
 
 
 @dataclass(frozen=True)
@@ -727,14 +792,22 @@ class _Compiler:
         return HttpRoutes(svc.hostname, port, tuple(routes), vs.ref, uses_headers)
 
     def tcp_routes(self, svc: Service, port: int, vs: net.VirtualService | None) -> TcpRoutes:
+        by_source: list[tuple[tuple[SourceMatch, ...], WeightedClusters]] = []
         for i, rule in enumerate(vs.spec.tcp if vs else ()):
-            if rule.match and not any(m.port in (None, port) for m in rule.match):
+            entries = [m for m in rule.match if m.port in (None, port)]
+            if rule.match and not entries:
                 continue
             where = f"VirtualService {vs.ref} tcp[{i}]"
             dests = self.destinations(rule.route, vs.namespace, port, where)
-            return TcpRoutes(svc.hostname, port, dests, vs.ref)
+            sources = [SourceMatch.compile(m) for m in entries]
+            if not entries or None in sources:  # some entry holds for every client
+                return TcpRoutes(svc.hostname, port, dests, vs.ref, tuple(by_source))
+            by_source.append((tuple(s for s in sources if s is not None), dests))
         default = self.cluster(svc.hostname, port, "", port, svc.hostname)
-        return TcpRoutes(svc.hostname, port, WeightedClusters.of([(default, 100)]))
+        ref = vs.ref if by_source and vs else ""
+        return TcpRoutes(
+            svc.hostname, port, WeightedClusters.of([(default, 100)]), ref, tuple(by_source)
+        )
 
 
 def compile_routes(

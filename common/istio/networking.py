@@ -173,6 +173,10 @@ class HTTPMatchRequest(IstioModel):
     port: Port | None = None
     # ASCII case ignored in `uri` exact and prefix matches (not regex), as Istio documents
     ignore_uri_case: bool = False
+    # The client workload's labels (all must be present, equal) and namespace: decided by the
+    # source node's proxy, which knows its local workloads (agent/proxy/routing.py)
+    source_labels: dict[str, str] = {}
+    source_namespace: DnsLabel | None = None
 
 
 class PortSelector(IstioModel):
@@ -501,6 +505,8 @@ class HTTPRoute(IstioModel):
 
 class L4MatchAttributes(IstioModel):
     port: Port | None = None
+    source_labels: dict[str, str] = {}  # as in HTTPMatchRequest
+    source_namespace: DnsLabel | None = None
 
 
 class RouteDestination(IstioModel):

@@ -44,8 +44,6 @@ _HINTS: dict[str, str] = {
     "consistentHash": "consistent-hash (sticky) load balancing",
     "localityLbSetting": "locality-aware load balancing",
     "warmupDurationSecs": "slow-start warm-up",
-    "sourceLabels": "matching on the client's labels",
-    "sourceNamespace": "matching on the client's namespace",
     "gateways": "gateway-specific matching",
     "queryParams": "query parameter matching",
     "withoutHeaders": "negative header matching",

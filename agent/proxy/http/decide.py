@@ -73,7 +73,7 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
     route = None
     if routes is not None:
         headers = info.header_map() if routes.uses_headers else _EMPTY
-        route = routes.match(info.method, info.target, headers)
+        route = routes.match(info.method, info.target, headers, ctx.source)
     if routes is None or route is None:
         return RouteDecision(routes, local=LocalResponse(404), flag="NR")
     record.route = route.name
@@ -152,7 +152,7 @@ def _actions(
             prefix = None
             if rewrite.regex is None:
                 headers = info.header_map() if any(m.headers for m in route.matches) else _EMPTY
-                prefix = route.rewrite_prefix(info.method, info.target, headers)
+                prefix = route.rewrite_prefix(info.method, info.target, headers, ctx.source)
             d.target = rewrite.target(info.target, prefix)
         d.authority = rewrite.authority
     d.request_ops = tuple(op for op in (own.request, route.request_headers) if op is not None)

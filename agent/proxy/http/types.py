@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import trio
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
-from meshagent.common.snapshot import Endpoint
+from meshagent.common.snapshot import Endpoint, Workload
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.drain import Drain
@@ -177,3 +177,6 @@ class HttpContext:
     limits: Limits | None = None
     source_key: Hashable = None
     listener: str = "pod"
+    # The client workload (a local pod), for `sourceLabels`/`sourceNamespace` route matches;
+    # None when unknown (those matches then do not apply).
+    source: Workload | None = None
