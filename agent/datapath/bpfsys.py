@@ -41,6 +41,7 @@ ATTACH_CGROUP_INET4_GETPEERNAME = 29
 ATTACH_CGROUP_INET6_GETPEERNAME = 30
 
 BPF_F_ALLOW_MULTI = 2
+BPF_F_REPLACE = 4  # with ALLOW_MULTI: swap one attached program for another in place (5.6+)
 BPF_ANY = 0
 
 PROG_TYPE_NAMES = {8: "cgroup_skb", 13: "sock_ops", 18: "cgroup_sock_addr"}
@@ -98,6 +99,20 @@ class _Query(ctypes.Structure):
         ("attach_flags", ctypes.c_uint32),
         ("prog_ids", ctypes.c_uint64),
         ("prog_cnt", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info, up to and including `name`."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
     ]
 
 
@@ -172,6 +187,19 @@ def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int) -> None:
     _bpf(BPF_PROG_ATTACH, attr, "attach")
 
 
+def prog_replace(prog_fd: int, cgroup_fd: int, attach_type: int, old_fd: int) -> None:
+    """Put ``prog_fd`` where ``old_fd`` is attached, in one step: at no instant is neither
+    (or both) of them attached (BPF_F_REPLACE)."""
+    attr = _Attach(
+        target_fd=cgroup_fd,
+        attach_bpf_fd=prog_fd,
+        attach_type=attach_type,
+        attach_flags=BPF_F_ALLOW_MULTI | BPF_F_REPLACE,
+        replace_bpf_fd=old_fd,
+    )
+    _bpf(BPF_PROG_ATTACH, attr, "replace")
+
+
 def prog_detach(prog_fd: int, cgroup_fd: int, attach_type: int) -> None:
     attr = _Attach(target_fd=cgroup_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
     _bpf(BPF_PROG_DETACH, attr, "detach")
@@ -204,6 +232,30 @@ def prog_info(prog_fd: int) -> ProgInfo:
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "prog info")
     kind = PROG_TYPE_NAMES.get(info.type, str(info.type))
     return ProgInfo(id=info.id, type=kind, name=info.name.decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+    def same_layout(self, other: MapInfo) -> bool:
+        """Whether entries of one can be written into the other as they are."""
+        return (self.type, self.key_size, self.value_size) == (
+            other.type,
+            other.key_size,
+            other.value_size,
+        )
+
+
+def map_info(map_fd: int) -> MapInfo:
+    info = _MapInfo()
+    attr = _InfoByFd(bpf_fd=map_fd, info_len=ctypes.sizeof(info), info=_addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
+    return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries)
 
 
 def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData) -> bool:

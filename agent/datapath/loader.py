@@ -9,9 +9,11 @@ opens the pinned maps instead of compiling again (a restart serves in well under
 a second), but only when what is pinned was built from the same sources, options
 and kernel: a ``key-<sha256>`` folder beside the pins (bpffs holds folders, not
 files) names what they were built from (`buildkey`), and any other key, or none,
-means compile again and replace the pins. Compiling runs in a short-lived helper
+means compile again and replace the pins, make before break (`swap`: the new
+programs take the old ones' places one step per hook, their maps already filled, so
+the node's connects are never left unsteered). Compiling runs in a short-lived helper
 process (`build`), so the long-lived agent never holds bcc and LLVM (~130 MiB).
-`uninstall` is the one place that detaches and unpins.
+`uninstall` is the one place that detaches everything and unpins.
 
 Kernel headers: bcc finds the running kernel's headers at
 /lib/modules/<release>/build or in /sys/kernel/kheaders.tar.xz. Where the node has
@@ -35,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 
 from meshagent.agent.config import AgentConfig
-from meshagent.agent.datapath import bpfsys, buildkey
+from meshagent.agent.datapath import bpfsys, buildkey, swap
 from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
 
 log = logging.getLogger(__name__)
@@ -255,8 +257,8 @@ def is_installed(settings: DatapathSettings) -> bool:
     """True when every hook's pinned program is attached to the cgroup and every map of
     this version is pinned (a datapath from an older version, which lacks a map, is
     replaced whole: its programs would not read the new map)."""
-    if not settings.cgroup_path.is_dir():
-        return False
+    if not settings.cgroup_path.is_dir() or swap.staging_dir(settings.pin_dir).exists():
+        return False  # a swap cut short (`swap`): build again, which finishes the clean-up
     if not all((settings.pin_dir / name).exists() for name in ALL_MAPS):
         return False
     with _cgroup_fd(settings.cgroup_path) as cg:
@@ -317,46 +319,64 @@ def _build_in_helper(settings: DatapathSettings) -> None:
         )
 
 
+def _our_program_ids(pin_dir: Path, hook: Hook) -> set[int]:
+    """Ids of the hook's programs pinned live or staged (a swap cut short: `swap`)."""
+    ids = {_pinned_prog_id(pin_dir, hook), _pinned_prog_id(swap.staging_dir(pin_dir), hook)}
+    return {prog_id for prog_id in ids if prog_id is not None}
+
+
 def build(settings: DatapathSettings) -> None:
-    """Compile, pin and attach afresh, then mark the pins with their key (last: a build
-    cut short leaves no key, so the next start builds again)."""
+    """Compile, fill and attach a new datapath in place of what is there, make before break
+    (`swap`), then mark the pins with their key (last: a build cut short leaves another key
+    or none, so the next start builds again)."""
     key = build_key(settings)
-    uninstall(settings)  # stale pins, or half-done state from a crash mid-install
-    settings.pin_dir.mkdir(parents=True, exist_ok=True)
+    pin_dir = settings.pin_dir
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    ours = {hook.pin_name: _our_program_ids(pin_dir, hook) for hook in HOOKS}
+    staging = swap.staging_dir(pin_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # a swap cut short: its programs are in `ours`
     fds = _compile_and_load(settings)
     try:
+        staging.mkdir()
         for name, fd in fds.items():
-            bpfsys.obj_pin(fd, str(settings.pin_dir / name))
+            bpfsys.obj_pin(fd, str(staging / name))
+        copied = {name: swap.copy_map(pin_dir / name, fds[name]) for name in ALL_MAPS}
         with _cgroup_fd(settings.cgroup_path) as cg:
             for hook in HOOKS:
-                bpfsys.prog_attach(fds[hook.pin_name], cg, hook.attach_type)
+                swap.attach_in_place(cg, hook.attach_type, fds[hook.pin_name], ours[hook.pin_name])
     finally:
         for fd in fds.values():
             os.close(fd)
-    (settings.pin_dir / f"{KEY_PREFIX}{key}").mkdir()
+    swap.promote(pin_dir, list(fds), f"{KEY_PREFIX}{key}")
+    replaced = sum(1 for ids in ours.values() if ids)
     log.info(
-        "datapath: compiled and attached %d programs at %s (key %s)",
+        "datapath: compiled and attached %d programs at %s (key %s), %d of them in place of "
+        "the previous ones; carried over from the previous maps: %s",
         len(HOOKS),
         settings.cgroup_path,
         key[:12],
+        replaced,
+        ", ".join(f"{name} {n}" for name, n in copied.items() if n is not None) or "nothing",
     )
 
 
 def uninstall(settings: DatapathSettings) -> None:
-    """Detach our programs from the cgroup and remove every pin. Idempotent."""
+    """Detach our programs (live and staged) from the cgroup and remove every pin.
+    Idempotent."""
     if settings.cgroup_path.is_dir():
         with _cgroup_fd(settings.cgroup_path) as cg:
             for hook in HOOKS:
-                try:
-                    fd = bpfsys.obj_get(str(settings.pin_dir / hook.pin_name))
-                except OSError:
-                    continue
-                try:
-                    bpfsys.prog_detach(fd, cg, hook.attach_type)
-                except OSError as exc:
-                    log.debug("detach %s: %s", hook.function, exc)
-                finally:
-                    os.close(fd)
+                for folder in (settings.pin_dir, swap.staging_dir(settings.pin_dir)):
+                    try:
+                        fd = bpfsys.obj_get(str(folder / hook.pin_name))
+                    except OSError:
+                        continue
+                    try:
+                        bpfsys.prog_detach(fd, cg, hook.attach_type)
+                    except OSError as exc:
+                        log.debug("detach %s: %s", hook.function, exc)
+                    finally:
+                        os.close(fd)
     if settings.pin_dir.exists():
         shutil.rmtree(settings.pin_dir, ignore_errors=True)
 

@@ -12,12 +12,17 @@ running the suite is shared and loaded: the figure is a product feature, not a t
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
+from collections import Counter
 from pathlib import Path
 
 from meshagent.lab.lab import agent_pods
 from meshagent.lab.paths import BPFFS_DIR, LOG_DIR
 
-from tests.e2e.conftest import DATAPATH_PROGRAMS, meshlab
+from tests.e2e.conftest import APPS, BIN, DATAPATH_PROGRAMS, meshlab
+from tests.e2e.test_fail_mode import SYSTEM_PYTHON, Probe
 from tests.waiting import wait_until
 
 NODES = ("node-1", "node-2")
@@ -118,6 +123,79 @@ def test_pins_of_another_build_are_built_again_not_reused(demo_lab):
     again = restart(demo_lab, "node-1")
     assert again["agent"]["datapath_reused"] is True
     assert program_ids(again) == program_ids(after)
+
+
+def pod_ip(lab, node: str, pod: str) -> str:
+    (ip,) = [p["ip"] for p in lab.status(node)["pods"] if f"{p['namespace']}/{p['name']}" == pod]
+    return ip
+
+
+def test_a_rebuild_swaps_programs_in_place_a_fail_closed_pod_never_goes_direct(demo_lab):
+    """Issue #17 (restarts and upgrades that cut nothing): a restarted agent that must build
+    its datapath again (another key) attaches the new programs in place of the old ones, one
+    step per hook, with the new maps already holding the meshed pods and fail modes. A
+    fail-closed pod dialling without pause all through the rebuild never reaches its
+    destination past the mesh (the server answers with the address each connection came
+    from: node-2's proxy when meshed, the client pod's own IP when not); afterwards exactly
+    one program of ours is attached per hook and the pod is served through the mesh again."""
+    server = subprocess.Popen(
+        [str(BIN / "meshlab"), "exec", "shop/intruder", "--", SYSTEM_PYTHON,
+         str(APPS / "client_ip.py"), "8080"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    probe = None
+    try:
+        client = pod_ip(demo_lab, "node-1", "shop/frontend")
+        target = f"{pod_ip(demo_lab, 'node-2', 'shop/intruder')}:8080"
+        probe = Probe("shop/frontend", target, duration=90)
+        wait_until(
+            lambda: probe.attempts,
+            lambda a: any(x["ok"] and x["body"] not in ("", client) for x in a),
+            what="shop/frontend reaches the server on node-2 through the mesh",
+            timeout=30,
+        )
+        before = demo_lab.status("node-1")
+        (ours,) = keys(before)
+        pin_dir = Path(before["datapath"]["pin_dir"])
+        (pin_dir / ours).rename(pin_dir / ("key-" + "1" * 64))
+
+        stopped_at = time.time()
+        after = restart(demo_lab, "node-1")
+        restarted_at = time.time()
+        assert after["agent"]["datapath_reused"] is False
+        wait_until(
+            lambda: probe.since(restarted_at),
+            lambda a: any(x["ok"] and x["body"] not in ("", client) for x in a),
+            what="shop/frontend is served through the mesh again after the rebuild",
+            timeout=30,
+        )
+        during = probe.since(stopped_at)
+        direct = [a for a in during if a["ok"] and a["body"] == client]
+        assert not direct, f"{len(direct)} of {len(during)} connects went direct: {direct[:3]}"
+        assert len(during) >= 10, during  # it did dial all through
+
+        # Exactly one program per hook, each the newly pinned one; no staging left.
+        programs = after["datapath"]["programs"]
+        assert set(Counter(p["attach_type"] for p in programs).values()) == {1}, programs
+        assert {p["name"] for p in programs} == DATAPATH_PROGRAMS
+        assert len(programs) == len(DATAPATH_PROGRAMS) and all(p["pinned"] for p in programs)
+        assert not program_ids(after) & program_ids(before)
+        assert keys(after) == [ours] and not (pin_dir / "staging").exists()
+        if shutil.which("bpftool"):  # the kernel's own view, where the tool exists
+            shown = subprocess.run(
+                ["bpftool", "cgroup", "show", programs[0]["cgroup"]],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert sum(name in shown for name in DATAPATH_PROGRAMS) == len(DATAPATH_PROGRAMS)
+        log = (LOG_DIR / "agent-node-1.log").read_text(errors="replace")
+        line = [x for x in log.splitlines() if "in place of the previous ones" in x][-1]
+        assert f"{len(DATAPATH_PROGRAMS)} of them in place of the previous ones" in line, line
+        assert "mesh_netns 1" in line and "heartbeat 1" in line, line
+    finally:
+        if probe is not None:
+            probe.stop()
+        server.kill()
+        server.wait(timeout=10)
 
 
 def test_down_removes_every_pin_and_key(demo_lab):
