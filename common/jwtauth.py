@@ -125,7 +125,8 @@ class _Found:
     header: str | None  # the header it came from (None: a query parameter)
 
 
-def _cookies(header: str | None) -> dict[str, str]:
+def parse_cookies(header: str | None) -> dict[str, str]:
+    """A Cookie header's pairs (the first of a repeated name wins), quotes stripped."""
     out: dict[str, str] = {}
     for part in (header or "").split(";"):
         name, sep, value = part.strip().partition("=")
@@ -139,7 +140,7 @@ def _extract(
 ) -> dict[_Found, list[_Rule]]:
     """Each token found, with the rules that read the location it was found in."""
     found: dict[_Found, list[_Rule]] = {}
-    cookies = _cookies(headers.get("cookie")) if any(r.cookies for r in rules) else {}
+    cookies = parse_cookies(headers.get("cookie")) if any(r.cookies for r in rules) else {}
     for rule in rules:
         for name, prefix in rule.headers:
             value = headers.get(name)

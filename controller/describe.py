@@ -385,8 +385,11 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
 
 def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy) -> list[str]:
     out = []
-    if policy.load_balancer is not None:
-        out.append(f"{where}load balancing {policy.load_balancer.simple}, on every port.")
+    lb = policy.load_balancer
+    if lb is not None and lb.simple is not None:
+        out.append(f"{where}load balancing {lb.simple}, on every port.")
+    if lb is not None and lb.consistent_hash is not None:
+        out.append(f"{where}{_hash_text(lb.consistent_hash)}")
     pool = policy.connection_pool
     if pool is not None and pool.tcp is not None:
         t = pool.tcp
@@ -416,6 +419,28 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
             f"errors on {L7_PORTS}; connect failures on every port)."
         )
     return out
+
+
+def _hash_text(ch: net.ConsistentHashLB) -> str:
+    """What consistentHash sticks on (agent/proxy/hashkey.py)."""
+    if ch.use_source_ip:
+        return (
+            "consistent hashing on the client's address: each client pod sticks to one "
+            "healthy endpoint, per request on HTTP ports and per connection on TCP ports."
+        )
+    if ch.http_cookie is not None:
+        what = f"cookie {ch.http_cookie.name!r}"
+        if ch.http_cookie.ttl is not None:
+            what += " (set by the proxy on the response when a request has none)"
+    elif ch.http_header_name is not None:
+        what = f"header {ch.http_header_name!r}"
+    else:
+        what = f"query parameter {ch.http_query_parameter_name!r}"
+    return (
+        f"consistent hashing on the request's {what}: requests with the same value stick to "
+        "one healthy endpoint, those without one are spread at random; HTTP ports only (TCP "
+        "connections are spread at random)."
+    )
 
 
 def _destination_rule(dr: net.DestinationRule, services: ServicePorts) -> list[str]:

@@ -9,6 +9,12 @@ open and close. The state answers with Envoy's behaviour, as Istio configures it
   wins. ROUND_ROBIN rotates from a random start; RANDOM draws one. `exclude` (the endpoints a
   request already tried) is honoured while another endpoint is left, as Envoy's previous_hosts
   retry predicate, which Istio installs.
+- Consistent hashing (`loadBalancer.consistentHash`): a request's (or connection's) hash key
+  (agent/proxy/hashkey.py) picks the healthy endpoint with the highest rendezvous weight
+  blake2b(key, address): the same key sticks to one endpoint while it stays healthy, and an
+  endpoint leaving moves only its own keys, as Envoy's ring hash and Maglev promise (their
+  table sizes tune a table we do not need, so they are accepted and change nothing). A retry
+  takes the next highest. No key (header absent): a random endpoint, as Envoy's ring.
 - Circuit breaking (`connectionPool`): `tcp.maxConnections` bounds the cluster's open upstream
   connections, but, as Envoy's pools, an endpoint with no connection may always open one (else
   its pending requests could never run); a request that finds no connection waits as pending,
@@ -37,6 +43,7 @@ On an L4 port the same state serves connections: `ep = state.pick(tried)`, then
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -68,6 +75,11 @@ RESET_CODE = 503
 TIMEOUT_CODE = 504
 
 Clock = Callable[[], float]
+
+
+def _weight(key: bytes, address: str) -> bytes:
+    """Rendezvous weight: stable across processes and restarts (unlike hash())."""
+    return hashlib.blake2b(key + b"|" + address.encode(), digest_size=8).digest()
 
 
 class Overflow(Exception):
@@ -167,8 +179,11 @@ class ClusterState:
 
     # -- picking --------------------------------------------------------------------------
 
-    def pick(self, exclude: Collection[EndpointState] = ()) -> EndpointState | None:
-        """The endpoint for the next request or attempt; None when none is healthy."""
+    def pick(
+        self, exclude: Collection[EndpointState] = (), key: bytes | None = None
+    ) -> EndpointState | None:
+        """The endpoint for the next request or attempt; None when none is healthy. `key`:
+        the request's consistent-hash key, when the cluster's policy hashes."""
         now = self._clock()
         if now >= self._next_check:
             self._refresh(now)
@@ -180,6 +195,8 @@ class ClusterState:
         n = len(hosts)
         if n <= 1:
             return hosts[0] if hosts else None
+        if key is not None and self.spec.policy.hash is not None:
+            return max(hosts, key=lambda h: _weight(key, h.address))
         algorithm = self.spec.policy.lb
         if algorithm == "LEAST_REQUEST":
             first = hosts[int(self._rng.random() * n)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.proxy import live
+from meshagent.agent.proxy.hashkey import connection_key
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
@@ -325,10 +326,11 @@ class _L4:
             self._failed(service_labels, "no healthy upstream", "UH")
             return
         state = proxy.traffic.clusters.get(spec)
+        key = connection_key(spec.policy.hash, self.peer_ip)  # consistentHash useSourceIp
         tried: list = []
         error = ""
         for _ in range(CONNECT_ATTEMPTS):  # a failed connect moves on to another endpoint
-            ep = state.pick(tried)
+            ep = state.pick(tried, key)
             if ep is None:
                 break
             if not state.try_open(ep):

@@ -143,10 +143,34 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class HashPolicy:
+    """`loadBalancer.consistentHash`: what a request (or a connection) is hashed on to stick
+    to one endpoint (agent/proxy/lb.py). `kind` "cookie" with a `ttl` makes the proxy set
+    the cookie when a request lacks it, as Envoy does."""
+
+    kind: Literal["header", "cookie", "source_ip", "query"]
+    name: str = ""  # the header (lower-case), cookie or query parameter
+    ttl: float | None = None
+    path: str | None = None
+
+    @classmethod
+    def of(cls, ch: net.ConsistentHashLB) -> HashPolicy:
+        if ch.http_header_name is not None:
+            return cls("header", ch.http_header_name)
+        if ch.http_cookie is not None:
+            cookie = ch.http_cookie
+            return cls("cookie", cookie.name, cookie.ttl, cookie.path)
+        if ch.http_query_parameter_name is not None:
+            return cls("query", ch.http_query_parameter_name)
+        return cls("source_ip")
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     """The effective DestinationRule policy of one cluster; None means unlimited."""
 
     lb: LbAlgorithm = DEFAULT_LB
+    hash: HashPolicy | None = None  # consistentHash; `lb` is then RANDOM, for unhashed picks
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_connections: int | None = None
     max_pending_requests: int | None = None
@@ -544,7 +568,8 @@ def _to_policy(
             else outlier.max_ejection_percent,
         )
     return TrafficPolicy(
-        lb=lb.simple if lb else DEFAULT_LB,
+        lb=(lb.simple or "RANDOM") if lb else DEFAULT_LB,  # Envoy's ring: random when no key
+        hash=HashPolicy.of(lb.consistent_hash) if lb and lb.consistent_hash else None,
         connect_timeout=(tcp.connect_timeout if tcp else None) or DEFAULT_CONNECT_TIMEOUT,
         max_connections=_positive(tcp.max_connections if tcp else None),
         max_pending_requests=_positive(http.http1_max_pending_requests if http else None),

@@ -33,6 +33,7 @@ from meshagent.common.istio.base import (
     NonEmptyStr,
     Percent,
     Port,
+    parse_duration,
 )
 from pydantic import (
     AfterValidator,
@@ -588,8 +589,67 @@ def _reject_passthrough(value: object) -> object:
     return value
 
 
+def _cookie_ttl(value: Any) -> float:
+    # 0s is allowed here (a session cookie), unlike other durations
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"ttl {value!r} must not be negative")
+    return seconds
+
+
+class HTTPCookie(IstioModel):
+    name: NonEmptyStr
+    path: str | None = None
+    ttl: Annotated[float, BeforeValidator(_cookie_ttl)] | None = None
+
+
+class RingHash(IstioModel):
+    minimum_ring_size: Annotated[int, Field(ge=0, strict=True)] | None = None
+
+
+class MagLev(IstioModel):
+    table_size: Annotated[int, Field(ge=0, strict=True)] | None = None
+
+
+class ConsistentHashLB(IstioModel):
+    """Sticky balancing: exactly one hash key. The ring parameters tune Envoy's table's
+    granularity; meshagent hashes by rendezvous (agent/proxy/lb.py), which needs none."""
+
+    http_header_name: HeaderName | None = None
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool | None = None
+    http_query_parameter_name: NonEmptyStr | None = None
+    ring_hash: RingHash | None = None
+    maglev: MagLev | None = None
+    minimum_ring_size: Annotated[int, Field(ge=0, strict=True)] | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ConsistentHashLB:
+        keys = [
+            self.http_header_name is not None,
+            self.http_cookie is not None,
+            bool(self.use_source_ip),
+            self.http_query_parameter_name is not None,
+        ]
+        if sum(keys) != 1:
+            raise ValueError(
+                "set exactly one of httpHeaderName, httpCookie, useSourceIp: true or "
+                "httpQueryParameterName"
+            )
+        if self.ring_hash is not None and self.maglev is not None:
+            raise ValueError("set ringHash or maglev, not both")
+        return self
+
+
 class LoadBalancerSettings(IstioModel):
-    simple: Annotated[LoadBalancer, BeforeValidator(_reject_passthrough)]
+    simple: Annotated[LoadBalancer, BeforeValidator(_reject_passthrough)] | None = None
+    consistent_hash: ConsistentHashLB | None = None
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> LoadBalancerSettings:
+        if (self.simple is None) == (self.consistent_hash is None):
+            raise ValueError("set exactly one of simple or consistentHash")
+        return self
 
 
 class TCPSettings(IstioModel):

@@ -41,7 +41,6 @@ _HINTS: dict[str, str] = {
     "redirect": "HTTP redirect",
     "directResponse": "direct response",
     "delegate": "VirtualService delegation",
-    "consistentHash": "consistent-hash (sticky) load balancing",
     "localityLbSetting": "locality-aware load balancing",
     "warmupDurationSecs": "slow-start warm-up",
     "gateways": "gateway-specific matching",

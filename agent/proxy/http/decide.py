@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
+from meshagent.agent.proxy.hashkey import request_key
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestInfo, RequestRecord
 from meshagent.agent.proxy.route_actions import HeaderList, HeaderOps, apply_all
 
@@ -47,6 +48,7 @@ class RouteDecision:
     request_ops: tuple[HeaderOps, ...] = ()  # in order: the destination's, the rule's
     response_ops: tuple[HeaderOps, ...] = ()
     mirrors: tuple[ClusterState, ...] = ()  # where a copy of this request goes
+    hash_key: bytes | None = None  # consistentHash: what `cluster.pick` hashes
 
     def edit_request(self, headers: HeaderList) -> HeaderList:
         """The request headers with the header operations applied (the list itself when
@@ -121,6 +123,10 @@ async def decide(ctx: HttpContext, info: RequestInfo, record: RequestRecord) -> 
         _actions(ctx, info, route, dests.headers_of(index), decision)
         if cors_ops is not None:
             decision.response_ops += (cors_ops,)
+    if spec.policy.hash is not None:
+        decision.hash_key, cookie = request_key(spec.policy.hash, info, ctx.peer, ctx.rng)
+        if cookie is not None:
+            decision.response_ops += (cookie,)
     return decision
 
 

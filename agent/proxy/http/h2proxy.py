@@ -725,7 +725,7 @@ class _Session:
         authority = f"{d.routes.hostname}:{d.routes.port}"
         settings = self.ctx.settings
         while True:
-            ep = cluster.pick(tried)
+            ep = cluster.pick(tried, d.hash_key)
             if ep is None:
                 await self._local(
                     stream_id, record, LocalResponse(503, b"no healthy upstream"), "UH", record.grpc

@@ -522,9 +522,10 @@ class _Session:
         deadline = trio.CancelScope() if route.timeout is not None else _NO_SCOPE
         body.arm(deadline, route.timeout)
         tried: list[EndpointState] = []
+        key = self.decision.hash_key if self.decision is not None else None
         with deadline:
             while True:
-                ep = cluster.pick(tried)
+                ep = cluster.pick(tried, key)
                 if ep is None:
                     await self._local(record, LocalResponse(503, b"no healthy upstream"), "UH")
                     return
