@@ -27,6 +27,7 @@ from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.mtls import WorkloadTls
 from meshagent.agent.proxy.outbound import OutboundProxy, serve_outbound
 from meshagent.agent.proxy.traffic import Traffic
+from meshagent.agent.proxy.trim import trim_after_bursts
 from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
@@ -117,6 +118,7 @@ class DataPlane:
             connector.attach_local(self.inbound, nursery)
             self.inbound.connector = connector  # to reach ext-authz providers
             nursery.start_soon(self._report_pool_size)
+            nursery.start_soon(trim_after_bursts, self.open_connections)
             try:
                 yield self
             finally:

@@ -1,6 +1,7 @@
 """The upstream pool's idle handling: streams without a socket (HBONE tunnel streams) are
 watched from the first sweep on, not from every release; sockets the server closed are closed
-at the next sweep; a key dedicated to one downstream connection tells it and ends with it."""
+at the next sweep; a key dedicated to one downstream connection tells it and ends with it; what
+a burst left idle over `max_idle` is closed at the next sweep."""
 
 from __future__ import annotations
 
@@ -146,3 +147,31 @@ async def test_an_acquire_cancelled_while_taking_a_watched_connection_closes_it(
             lambda data: data == b"",
             what="the server sees the connection closed",
         )
+
+
+async def test_idle_connections_a_burst_left_over_max_idle_close_at_the_next_sweep(
+    autojump_clock,
+):
+    """A burst of 10 concurrent requests leaves 10 idle connections: with max_idle 3, the 7
+    oldest are closed at the next sweep (memory returns after the burst), and the 3 kept
+    (the most recently used) serve the next request."""
+    opened: list[trio.abc.Stream] = []
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, _server = trio.testing.memory_stream_pair()
+        opened.append(client)
+        return client
+
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    async with open_connection_pool(connect, max_idle=3) as pool:
+        burst = [await pool.acquire(cluster, ep) for _ in range(10)]
+        for conn in burst:
+            _exchange(conn)
+            pool.release(conn, True)
+        assert pool.idle_count() == 10
+        await trio.sleep(SWEEP_INTERVAL * 2 + 0.5)
+        assert pool.idle_count() == 3
+        assert [c.closed for c in burst] == [True] * 7 + [False] * 3  # the oldest went
+        again = await pool.acquire(cluster, ep)
+        assert again is burst[-1] and len(opened) == 10  # the kept ones serve the next request

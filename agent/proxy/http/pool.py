@@ -10,7 +10,8 @@ left clean.
 
 An idle connection the server closed must not be reused (the request would fail, UC). A TCP
 socket is polled (no wait) when it is taken from the pool: readable while idle means closed
-or talking out of turn; a sweep every few seconds closes those and the ones idle too long.
+or talking out of turn; a sweep every few seconds closes those, the ones idle too long, and
+those idle over `max_idle` per key and endpoint since the last sweep (what a burst left).
 A stream without a socket (HBONE) is watched instead by a task blocked in a one-byte receive,
 cancelled when the connection is taken again. That task is started by the sweep, once the
 connection has stayed idle until then, not at every release: under load a connection is taken
@@ -37,6 +38,11 @@ from meshagent.agent.proxy.http.types import Connect, UpstreamError
 from meshagent.agent.proxy.lb import ClusterState, EndpointState
 
 DEFAULT_IDLE_TIMEOUT = 300.0
+# Idle connections kept per (key, endpoint) past one sweep: a burst of concurrent requests
+# leaves as many idle connections, and those over this many are closed at the next sweep
+# (nginx's upstream `keepalive N`, without the churn: a connection reused within a sweep
+# interval is never closed for it), so memory returns after a burst, not 5 minutes later.
+DEFAULT_MAX_IDLE = 64
 SWEEP_INTERVAL = 5.0
 RECEIVE_SIZE = 64 * 1024
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, UpstreamError)
@@ -148,10 +154,12 @@ class ConnectionPool:
         connect: Connect | None,
         nursery: trio.Nursery,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_idle: int = DEFAULT_MAX_IDLE,
     ) -> None:
         self._connect = connect
         self._nursery = nursery
         self._idle_timeout = idle_timeout
+        self._max_idle = max_idle
         self._idle: dict[tuple[Hashable, EndpointState], list[UpstreamConnection]] = {}
         self._on_idle_close: dict[Hashable, Callable[[], None]] = {}  # dedicated keys
 
@@ -285,7 +293,15 @@ class ConnectionPool:
             await trio.sleep(interval)
             now = trio.current_time()
             for conns in list(self._idle.values()):
+                # oldest first: those over max_idle that stayed idle since the last sweep
+                surplus = len(conns) - self._max_idle
                 for conn in list(conns):
+                    if surplus > 0 and now - conn.idle_since >= interval:
+                        surplus -= 1
+                        if conn.watch_scope is not None:
+                            conn.watch_scope.cancel()
+                        self._close_idle(conn)
+                        continue
                     if conn.watch_scope is not None:
                         continue
                     if self._expired(conn, now) or _readable(conn.stream):
@@ -334,12 +350,15 @@ class ConnectionPool:
 
 @asynccontextmanager
 async def open_connection_pool(
-    connect: Connect | None = None, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    connect: Connect | None = None,
+    *,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    max_idle: int = DEFAULT_MAX_IDLE,
 ) -> AsyncIterator[ConnectionPool]:
     """A ConnectionPool for the proxy's lifetime; its idle connections close on exit.
     `connect` is the default for callers that pass none to `acquire`."""
     async with trio.open_nursery() as nursery:
-        pool = ConnectionPool(connect, nursery, idle_timeout)
+        pool = ConnectionPool(connect, nursery, idle_timeout, max_idle)
         nursery.start_soon(pool.sweep, min(idle_timeout, SWEEP_INTERVAL))
         try:
             yield pool

@@ -1,0 +1,230 @@
+"""Issue #17 item 5: slow, garbled, greedy and many connections through one node proxy.
+
+Every pod is on node-1, an nginx behind an `http-` Service port among them, so node-1's proxy
+serves each connection (its HTTP/1.1 engine on 15001). The lab's agents run with a 2 s request
+header timeout (MESHLAB_AGENT_SETTINGS). Shown with stock clients and `apps/conn_flood.py`:
+a slowloris (1 byte/s) gets 408 after the header timeout while another pod is served; bytes
+that are not HTTP get 400, the connection closed and counted, and the proxy serves on; many
+concurrent keep-alive connections held open with a slowloris and a garbage client beside them
+all complete, and the proxy's memory (RSS of the agent and its workers) is back within 10 %
+of where it was before them once they closed (measured after a first burst of the same size:
+agent/proxy/trim.py says what CPython keeps of a process's first one); a source over its
+connection limit is refused with a 503 saying why, counted, while another pod is served.
+
+The issue asks for 5,000 connections held for 60 s; the default here is MESHLAB_ABUSE_CONNECTIONS
+(5,000) held MESHLAB_ABUSE_HOLD_S (10) seconds, so the test stays near two minutes: run
+`MESHLAB_ABUSE_HOLD_S=60` for the issue's full variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from meshagent.agent.proxy.http.pool import DEFAULT_MAX_IDLE as MAX_IDLE
+from meshagent.lab.lab import agent_pods
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import APPS, BIN, meshlab, render_manifest
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = HERE / "manifests" / "abuse-limits.yaml"
+VENV_PYTHON = sys.executable
+FLOOD = str(APPS / "conn_flood.py")
+TARGET = ("web.abl", "8080")
+URL = f"http://{TARGET[0]}:{TARGET[1]}/"
+HEADER_TIMEOUT_S = 2
+CONNECTIONS = int(os.environ.get("MESHLAB_ABUSE_CONNECTIONS", "5000"))
+HOLD_S = float(os.environ.get("MESHLAB_ABUSE_HOLD_S", "10"))
+SOURCE_LIMIT = 20  # connections per source, in the last test
+
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid {dir}/web.pid;
+error_log stderr;
+events {{ worker_connections 30000; }}
+http {{
+  access_log off;
+  keepalive_timeout 300s;
+  keepalive_requests 100000;
+  server {{ listen 8080; location / {{ return 200 "web\\n"; }} }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def _agent_settings(**settings) -> None:
+    """Agents (re)started inside get these settings (lab.agent_config)."""
+    previous = os.environ.get("MESHLAB_AGENT_SETTINGS")
+    os.environ["MESHLAB_AGENT_SETTINGS"] = json.dumps(settings)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MESHLAB_AGENT_SETTINGS"]
+        else:
+            os.environ["MESHLAB_AGENT_SETTINGS"] = previous
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("abuse-limits")
+    (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder))
+    with _agent_settings(http_request_headers_timeout_s=HEADER_TIMEOUT_S):
+        lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=1)
+    wait_until(
+        lambda: lab.curl("abl/client", URL)[0],
+        lambda code: code == "200",
+        what="web answers through the mesh",
+        timeout=30,
+    )
+    return lab
+
+
+def _refused(reason: str, listener: str = "pod") -> float:
+    page = meshlab("exec", "--node", "node-1", "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "meshagent_proxy_refused_total"
+        and s.labels.get("listener") == listener
+        and s.labels.get("reason") == reason
+    )
+
+
+def _flood(pod: str, *args: str) -> subprocess.Popen:
+    """`conn_flood.py` in `pod`, running beside the test (read it with `_result`)."""
+    return subprocess.Popen(
+        [str(BIN / "meshlab"), "exec", pod, "--", VENV_PYTHON, FLOOD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _result(proc: subprocess.Popen, timeout: float) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"conn_flood still running after {timeout} s: {out}{err}") from None
+    assert proc.returncode == 0, f"conn_flood failed ({proc.returncode}): {out}{err}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def _proxy_rss(lab) -> int:
+    """KiB resident in node-1's agent and its proxy workers."""
+    workers = lab.status("node-1")["agent"].get("workers") or []
+    pids = [agent_pods("node-1")[-1]["pid"], *(w["pid"] for w in workers)]
+    assert all(pids), pids
+    return sum(_rss_kib(pid) for pid in pids)
+
+
+def _settled(lab) -> None:
+    """Until node-1's proxy holds no client connection, and of the upstream connections a
+    burst left idle only what its pools keep (DEFAULT_MAX_IDLE per source and worker: here
+    each is a same-node hop, counted as an inbound connection)."""
+    workers = len(lab.status("node-1")["agent"].get("workers") or [1])
+    wait_until(
+        lambda: lab.status("node-1")["connections"],
+        lambda c: c["outbound"]["active"] == 0 and c["inbound"]["active"] <= workers * MAX_IDLE,
+        what="node-1's proxy holds no client connection and no more idle upstream ones",
+        timeout=30,
+    )
+
+
+def test_a_slowloris_gets_408_after_the_header_timeout_while_others_are_served(lab):
+    counted = _refused("header_timeout")
+    slow = _flood("abl/slow", "slowloris", *TARGET)
+    try:
+        for _ in range(5):  # served while the slowloris trickles
+            assert lab.curl("abl/client", URL)[0] == "200"
+    finally:
+        result = _result(slow, timeout=90)
+    assert result["status_line"].startswith("HTTP/1.1 408 "), result
+    assert "request header timeout" in result["body"], result
+    wait_until(lambda: _refused("header_timeout"), lambda n: n == counted + 1, what="408 counted")
+
+
+def test_garbage_is_answered_400_closed_and_counted_and_the_proxy_serves_on(lab):
+    counted = _refused("bad_request")
+    result = _result(_flood("abl/junk", "garbage", *TARGET), timeout=90)
+    assert result["closed"], result
+    assert result["status_line"].startswith("HTTP/1.1 400 "), result
+    wait_until(lambda: _refused("bad_request"), lambda n: n == counted + 1, what="400 counted")
+    assert lab.curl("abl/client", URL)[0] == "200"
+
+
+def test_many_connections_beside_a_slowloris_and_garbage_all_complete_and_memory_returns(lab):
+    # Warm: the proxy has served a burst of this size before it is measured. CPython keeps
+    # part of what a process's first burst took (agent/proxy/trim.py says why); what must
+    # not happen is growth: each burst's memory must come back.
+    warm = _result(_flood("abl/client", "hold", *TARGET, str(CONNECTIONS), "1"), timeout=240)
+    assert warm["ok"] == CONNECTIONS, warm
+    _settled(lab)
+    before = _proxy_rss(lab)
+    slow = _flood("abl/slow", "slowloris", *TARGET)
+    junk = _flood("abl/junk", "garbage", *TARGET)
+    many = _flood("abl/client", "hold", *TARGET, str(CONNECTIONS), str(HOLD_S))
+    result = _result(many, timeout=HOLD_S + 240)
+    refused = {r: _refused(r) for r in ("source_pending_requests", "source_connections")}
+    assert result["ok"] == CONNECTIONS, (result, refused)  # every well-behaved one completed
+    assert _result(slow, timeout=90)["status_line"].startswith("HTTP/1.1 408 ")
+    assert _result(junk, timeout=90)["status_line"].startswith("HTTP/1.1 400 ")
+    _settled(lab)
+    wait_until(
+        lambda: _proxy_rss(lab),
+        lambda now: now <= before * 1.10,
+        what=f"node-1's proxy RSS within 10 % of {before} KiB after {CONNECTIONS} connections",
+        timeout=60,
+        interval=1.0,
+    )
+
+
+def test_a_source_over_its_connection_limit_is_refused_while_others_are_served(lab):
+    with _agent_settings(
+        http_request_headers_timeout_s=HEADER_TIMEOUT_S,
+        max_connections_per_source=SOURCE_LIMIT,
+        proxy_workers=1,  # one process: the limit is the node's
+    ):
+        meshlab("agent", "stop", "node-1")
+        meshlab("agent", "start", "node-1")
+    wait_until(
+        lambda: lab.curl("abl/client", URL)[0],
+        lambda code: code == "200",
+        what="node-1's restarted agent serves",
+        timeout=30,
+    )
+    counted = _refused("source_connections", listener="outbound")
+    hog = _flood("abl/hog", "hold", *TARGET, str(SOURCE_LIMIT + 10), "5")
+    for _ in range(3):  # another source is served meanwhile
+        assert lab.curl("abl/client", URL)[0] == "200"
+    result = _result(hog, timeout=120)
+    assert result["ok"] == SOURCE_LIMIT, result
+    assert result["first"] == {"200": SOURCE_LIMIT, "503": 10}, result
+    wait_until(
+        lambda: _refused("source_connections", listener="outbound"),
+        lambda n: n == counted + 10,
+        what="the refusals counted",
+    )
+    code, body = lab.curl("abl/client", URL)
+    assert code == "200", body
