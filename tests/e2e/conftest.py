@@ -103,17 +103,23 @@ class Lab:
 
 
 @contextlib.contextmanager
-def proxy_workers(count: int) -> Iterator[None]:
-    """Labs brought up inside run ``count`` proxy processes per node (default: one per core)."""
-    previous = os.environ.get("MESHLAB_PROXY_WORKERS")
-    os.environ["MESHLAB_PROXY_WORKERS"] = str(count)
+def lab_env(name: str, value: str) -> Iterator[None]:
+    """`meshlab` commands run inside see ``name=value`` (lab.agent_config reads
+    MESHLAB_PROXY_WORKERS and MESHLAB_AGENT_SETTINGS when it starts an agent)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ["MESHLAB_PROXY_WORKERS"]
+            del os.environ[name]
         else:
-            os.environ["MESHLAB_PROXY_WORKERS"] = previous
+            os.environ[name] = previous
+
+
+def proxy_workers(count: int) -> contextlib.AbstractContextManager[None]:
+    """Labs brought up inside run ``count`` proxy processes per node (default: one per core)."""
+    return lab_env("MESHLAB_PROXY_WORKERS", str(count))
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from meshagent.agent.proxy.http.pool import DEFAULT_MAX_IDLE as MAX_IDLE
 from meshagent.lab.lab import agent_pods
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import APPS, BIN, meshlab, render_manifest
+from tests.e2e.conftest import APPS, BIN, lab_env, meshlab, render_manifest
+from tests.e2e.test_grpc_l7 import _requests
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -62,18 +62,9 @@ http {{
 """
 
 
-@contextlib.contextmanager
-def _agent_settings(**settings) -> None:
+def _agent_settings(**settings) -> contextlib.AbstractContextManager[None]:
     """Agents (re)started inside get these settings (lab.agent_config)."""
-    previous = os.environ.get("MESHLAB_AGENT_SETTINGS")
-    os.environ["MESHLAB_AGENT_SETTINGS"] = json.dumps(settings)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MESHLAB_AGENT_SETTINGS"]
-        else:
-            os.environ["MESHLAB_AGENT_SETTINGS"] = previous
+    return lab_env("MESHLAB_AGENT_SETTINGS", json.dumps(settings))
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +83,7 @@ def lab(lab_factory, tmp_path_factory):
 
 
 def _refused(reason: str, listener: str = "pod") -> float:
-    page = meshlab("exec", "--node", "node-1", "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(page)
-        for s in family.samples
-        if s.name == "meshagent_proxy_refused_total"
-        and s.labels.get("listener") == listener
-        and s.labels.get("reason") == reason
-    )
+    return _requests("node-1", "meshagent_proxy_refused_total", listener=listener, reason=reason)
 
 
 def _flood(pod: str, *args: str) -> subprocess.Popen:
