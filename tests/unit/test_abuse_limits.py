@@ -12,8 +12,11 @@ import logging
 
 import trio
 from meshagent.agent.proxy.http import HttpSettings
+from meshagent.agent.proxy.inbound import InboundProxy
+from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
+from meshagent.common.spiffe import Identity
 
 from tests.unit.test_http_proxy import Backend, open_mesh
 
@@ -137,3 +140,26 @@ def test_refusals_are_logged_with_a_reason_at_a_bounded_rate(caplog):
     assert all(line.rstrip() and not line.endswith(": ") for line in lines), lines
     assert lines[0] == "outbound: refused source_connections from shop/flood: no reason given"
     assert "(97 similar lines left out)" in lines[-1]
+
+
+async def test_a_source_identity_over_its_tunnel_limit_gets_429_counted():
+    """15008: the identity in the peer's certificate is the source; one tunnel more than it
+    may hold is refused 429 before anything else is looked at (no pod is dialled)."""
+    limits, counted = _limits(max_connections=1)
+    inputs = ProxyInputs(store=None, node="n", trust_domain="cluster.local", metrics=None)
+    inputs.limits = limits
+    proxy = InboundProxy(inputs, http_pool=None)
+    peer = Identity.parse("spiffe://cluster.local/ns/shop/sa/flood")
+    answers: list[int] = []
+
+    class Tunnel:
+        peer_identity = peer
+
+        async def reject(self, status: int) -> None:
+            answers.append(status)
+
+    with limits.connection(peer.uri):  # the one it may hold
+        await proxy.handle(Tunnel())
+    assert answers == [429]
+    assert counted == [("hbone", "source_connections")]
+    assert proxy.stats.refused == {429: 1}
