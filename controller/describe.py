@@ -243,13 +243,14 @@ def _match_text(match: Sequence[net.HTTPMatchRequest]) -> str:
 
 
 def _source_conds(m: net.HTTPMatchRequest | net.L4MatchAttributes) -> list[str]:
-    """A match entry's client conditions, checked by the client's own node proxy."""
+    """A match entry's client conditions, checked by the client's own node proxy (a client
+    that is not a meshed pod has neither)."""
     out = []
     if m.source_labels:
         labels = ",".join(f"{k}={v}" for k, v in m.source_labels.items())
-        out.append(f"from a meshed pod labelled {labels}")
+        out.append(f"client pod labels {labels}")
     if m.source_namespace is not None:
-        out.append(f"from a meshed pod in namespace {m.source_namespace}")
+        out.append(f"client pod namespace {m.source_namespace}")
     return out
 
 
@@ -372,7 +373,7 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
         on = f" (port {', '.join(map(str, ports))})" if ports else ""
         sources = [" and ".join(c) for c in map(_source_conds, rule.match) if c]
         if sources and len(sources) == len(rule.match):
-            on += f" ({' or '.join(sources)})"
+            on += f" (with {' or '.join(sources)})"
         lines.append(
             f"tcp[{i}]{on}: connections -> {_destinations(rule.route, vs.namespace)}; L4, per "
             f"connection, on {_ports_text(fqdns, services, False)} (and on http2/grpc ports for "

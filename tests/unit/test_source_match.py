@@ -117,6 +117,6 @@ def test_validation_accepts_them_and_refuses_a_bad_namespace():
 
 def test_explain_says_which_clients():
     text = "\n".join(describe(parse_resource(V2_FOR_CANARY_CLIENTS)))
-    assert "from a meshed pod labelled app=productpage,track=canary" in text
-    assert "uri starting '/api' and from a meshed pod in namespace other" in text
-    assert "tcp[0] (port 5432) (from a meshed pod labelled app=admin)" in text
+    assert "requests with client pod labels app=productpage,track=canary ->" in text
+    assert "uri starting '/api' and client pod namespace other ->" in text
+    assert "tcp[0] (port 5432) (with client pod labels app=admin):" in text
