@@ -321,6 +321,17 @@ class InboundProxy:
 
         pending = [first] if first is not None else []
 
+        async def request_filter(request: RequestInfo) -> LocalResponse | None:
+            answer = await authorize(request)
+            if answer is not None and pending and protocol != "http2":
+                # The first request is answered without the pod (denied): this HTTP/1.1
+                # connection closes after it (`Connection: close`, so the source does not pool
+                # it), and with it the pod connection dialled for it (`finally` below); else
+                # the pod's close of that unused connection would sit in CLOSE-WAIT while the
+                # source kept this tunnel pooled, counted open.
+                answer = replace(answer, headers=(*answer.headers, (b"connection", b"close")))
+            return answer
+
         async def connect(ep: Endpoint, pod_port: int) -> trio.abc.HalfCloseableStream:
             if pending:
                 return pending.pop()
@@ -337,12 +348,6 @@ class InboundProxy:
                 source_address=source_ip,
                 destination_address=f"{ip}:{port}",
             )
-            if pending and protocol != "http2":
-                # Answered without the pod (denied): this HTTP/1.1 connection closes after the
-                # response, and with it the pod connection dialled for it (`finally` below),
-                # as when the pod closes an idle one; else the pod's close of that unused
-                # connection would leave it in CLOSE-WAIT while the source keeps its tunnel.
-                drain.start()
 
         principal = source_identity.uri if source_identity else source_ip
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
@@ -363,7 +368,7 @@ class InboundProxy:
                     pool=self.http_pool,
                     connect=connect,
                     pool_key=pool_key,
-                    request_filter=authorize,
+                    request_filter=request_filter,
                     on_request_done=done,
                     peer=source_ip,
                     drain=drain,

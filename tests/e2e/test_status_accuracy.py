@@ -155,6 +155,28 @@ def test_after_wrk_status_counts_return_to_zero_and_no_socket_stays_in_close_wai
     for service in ("web-local", "web-remote"):
         assert lab.curl("sa/client", f"http://{service}.sa:8080/denied")[0] == "403"
     _wait_all_clear(lab, "denied requests")
+    # A POST right after a denial, on the same client connection, is served (the denied
+    # tunnel said it closes: the source does not reuse it).
+    for service in ("web-local", "web-remote"):
+        url = f"http://{service}.sa:8080/"
+        once = ("-s", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n")
+        codes = meshlab(
+            "exec",
+            "sa/client",
+            "--",
+            "curl",
+            *once,
+            f"{url}denied",
+            "--next",
+            *once,
+            "-X",
+            "POST",
+            "-d",
+            "x",
+            url,
+        ).stdout.split()
+        assert codes == ["403", "1", "200", "0"], codes  # 0: the same connection went on
+    _wait_all_clear(lab, "a denial and a POST")
     # the pooled connections that were closed are not reused: requests still pass
     for service in ("web-local", "web-remote"):
         assert lab.curl("sa/client", f"http://{service}.sa:8080/")[0] == "200"
