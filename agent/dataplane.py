@@ -143,6 +143,7 @@ class DataPlane:
                 ssl_selector=self.workload_tls.selector,
                 handler=self.inbound.handle,
                 refuse_new=lambda: self.inputs.drain.draining,
+                idle_timeout=self.config.hbone_idle_timeout_s,
                 task_status=task_status,
             )
         )

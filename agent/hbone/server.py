@@ -6,8 +6,9 @@ which pod address) handed to the injected handler, which answers it: `accept` (2
 bytes flow) or `reject` (401 denied, 503 unreachable, ...). Requests that are not a valid
 CONNECT are answered 400 here, without bothering the handler.
 
-Faults stay local: a failed handshake, garbage, or malformed HTTP/2 closes that one
-connection and is counted (`metrics`); a handler that crashes resets only its stream.
+Faults stay local: a failed handshake (or none within 10 s), garbage, or malformed HTTP/2
+closes that one connection and is counted (`metrics`); a handler that crashes resets only its
+stream. A connection with no tunnel for `idle_timeout` (600 s) is closed with GOAWAY NO_ERROR.
 
 Abuse stays bounded: each connection has a `FloodGuard` (common/h2guard.py, the guard the
 pod-facing HTTP/2 engine uses too) that ends it with GOAWAY ENHANCE_YOUR_CALM on a
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 peer_log = RateLimitedLog(log)
 
 HANDSHAKE_TIMEOUT = 10.0
+# A connection that carries no tunnel this long is closed (the agent's hbone_idle_timeout_s).
+IDLE_TIMEOUT = 600.0
 # Answer when the handler crashed or returned without deciding.
 _HANDLER_FAILED_STATUS = 500
 
@@ -158,9 +161,11 @@ def _on_request(
     peer_address: tuple[str, int],
     refuse_new: Callable[[], bool] | None,
     pending: list[int],
+    activity: list[float],
     stream: TunnelStream,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
+    activity[0] = trio.current_time()
     if refuse_new is not None and refuse_new():
         # Draining: REFUSED_STREAM tells the client nothing was done, so it opens the tunnel
         # over a new connection (to whichever agent or worker accepts on the port now).
@@ -180,6 +185,23 @@ def _on_request(
     nursery.start_soon(_run_handler, handler, tunnel, pending)
 
 
+async def _close_when_idle(
+    conn: HboneConnection, activity: list[float], timeout: float, scope: trio.CancelScope
+) -> None:
+    """End `conn` gracefully (GOAWAY NO_ERROR) once it has had no tunnel open and none
+    requested for `timeout` s (checked every eighth of it): a peer cannot keep a TLS connection
+    and its buffers here for nothing. Clients release theirs sooner (300 s)."""
+    with scope:
+        while True:
+            await trio.sleep(timeout / 8)
+            now = trio.current_time()
+            if conn.active_streams:
+                activity[0] = now
+            elif now - activity[0] >= timeout:
+                await conn.aclose()
+                return
+
+
 def _peer_address(stream: trio.abc.Stream) -> tuple[str, int]:
     try:
         return tuple(stream.socket.getpeername()[:2])  # type: ignore[attr-defined,return-value]
@@ -194,6 +216,7 @@ async def _serve_connection(
     handler: TunnelHandler,
     handshake_timeout: float,
     refuse_new: Callable[[], bool] | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> None:
     peer_address = _peer_address(tcp)
     tls = TlsStream(tcp, selector.context, server_side=True)
@@ -215,15 +238,27 @@ async def _serve_connection(
         metrics.INBOUND_CONNECTIONS.inc()
         async with trio.open_nursery() as nursery:
             pending = [0]  # tunnel requests whose handler runs
+            activity = [trio.current_time()]  # when the last tunnel was requested
             conn = HboneConnection(
                 tls,
                 client_side=False,
                 on_request=partial(
-                    _on_request, nursery, handler, peer, local, peer_address, refuse_new, pending
+                    _on_request,
+                    nursery,
+                    handler,
+                    peer,
+                    local,
+                    peer_address,
+                    refuse_new,
+                    pending,
+                    activity,
                 ),
                 guard=FloodGuard(trio.current_time),
             )
+            idle = trio.CancelScope()
+            nursery.start_soon(_close_when_idle, conn, activity, idle_timeout, idle)
             reason = await conn.run()
+            idle.cancel()
             if reason is CloseReason.ABUSE and conn.abuse is not None:
                 ABUSE.labels(listener="hbone", kind=conn.abuse.kind).inc()
                 peer_log.warning(
@@ -249,6 +284,7 @@ async def serve_hbone(
     handler: TunnelHandler,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     refuse_new: Callable[[], bool] | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HBONE on ``listen`` (``(host, port)`` or ready listeners) until cancelled.
@@ -257,6 +293,7 @@ async def serve_hbone(
     the port). ``ssl_selector`` picks our certificate by SNI and holds the trust bundle client
     certificates must chain to; ``handler`` decides each tunnel (see `InboundTunnel`).
     While ``refuse_new()`` says so (draining), new streams on open connections are refused.
+    A connection with no tunnel for ``idle_timeout`` s is closed (GOAWAY NO_ERROR).
     """
     if isinstance(listen, tuple):
         host, port = listen
@@ -269,5 +306,6 @@ async def serve_hbone(
         handler=handler,
         handshake_timeout=handshake_timeout,
         refuse_new=refuse_new,
+        idle_timeout=idle_timeout,
     )
     await trio.serve_listeners(serve, listeners, task_status=task_status)

@@ -310,3 +310,25 @@ async def test_more_than_100_concurrent_streams_end_the_connection_with_goaway(c
     goaway = _goaway(reply)
     assert goaway is not None and goaway.error_code == 0x1
     assert goaway.last_stream_id <= 1 + 2 * 100
+
+
+async def test_a_connection_with_no_tunnel_is_closed_after_the_idle_timeout(ca, leaves):
+    """A peer that opens a connection and never asks for a tunnel (or stops asking) gets
+    GOAWAY NO_ERROR after the idle timeout; one with a tunnel open is left alone."""
+
+    async def hold(tunnel: InboundTunnel) -> None:
+        stream = await tunnel.accept()
+        await stream.send_all(await stream.receive_some())  # one echo, whenever it comes
+
+    contexts = hbone.contexts_for(ca, leaves)
+    async with hbone.hbone_node(ca, leaves, hold, idle_timeout=0.4) as node:
+        with trio.fail_after(10):
+            idle = await _flood(node, contexts(REVIEWS), [])  # preface and SETTINGS only
+        goaway = _goaway(idle)
+        assert goaway is not None and goaway.error_code == 0, goaway  # NO_ERROR
+        async with open_tunnel_pool(contexts) as pool:
+            busy = await hbone.open_to(pool, node)
+            await trio.sleep(1.0)  # well past the idle timeout, with a tunnel open
+            await busy.send_all(b"still here")  # the connection still carries it
+            assert await busy.receive_some() == b"still here"
+            await busy.aclose()

@@ -67,9 +67,11 @@ async def hbone_node(
     handler: Handler,
     *,
     present: Identity | None = None,
+    **options: float,
 ) -> AsyncIterator[tuple[str, int]]:
     """A node proxy's HBONE listener; it presents the identity asked for in SNI (or always
-    ``present``, to play a node that lies about who it serves)."""
+    ``present``, to play a node that lies about who it serves); `options` go to
+    `serve_hbone` (e.g. ``idle_timeout``)."""
 
     def lookup(server_name: str | None) -> tuple[bytes, bytes] | None:
         for identity, leaf in leaves.items():
@@ -80,7 +82,9 @@ async def hbone_node(
     selector = server_context_selector(lookup, ca.pem)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
-            partial(serve_hbone, ("127.0.0.1", 0), ssl_selector=selector, handler=handler)
+            partial(
+                serve_hbone, ("127.0.0.1", 0), ssl_selector=selector, handler=handler, **options
+            )
         )
         yield listeners[0].socket.getsockname()[:2]
         nursery.cancel_scope.cancel()
