@@ -57,8 +57,16 @@ ORDER: dict[str, Callable[[Mapping[str, Any]], tuple]] = {
     "telemetry": _istio_order,
     "local_workloads": lambda d: (d["namespace"], d["name"]),
 }
-SCALARS = ("trust_bundle",)
-SHARED_FIELDS = ("nodes", "workloads", "services", "istio_resources", "telemetry", "trust_bundle")
+SCALARS = ("trust_bundle", "jwks")  # jwks: RequestAuthentication keys by URL, sent whole
+SHARED_FIELDS = (
+    "nodes",
+    "workloads",
+    "services",
+    "istio_resources",
+    "telemetry",
+    "trust_bundle",
+    "jwks",
+)
 
 
 class DeltaError(ValueError):

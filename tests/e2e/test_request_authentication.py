@@ -10,6 +10,7 @@ import json
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from jwt.algorithms import RSAAlgorithm
 from meshagent.lab.lab import UNDERLAY_NETNS_PATH
 
 from tests.e2e.conftest import meshlab
+from tests.e2e.test_grpc_l7 import NGINX_CONF
 from tests.waiting import wait_until
 
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -74,11 +76,20 @@ def _meshlab_docs(verb: str, tmp_path: Path, docs: list[dict]) -> None:
 
 
 @pytest.fixture
-def jwks_server(tmp_path) -> Iterator[str]:
+def own_folder() -> Iterator[Path]:
+    """A folder for files a lab process reads while the test runs: outside pytest's basetemp,
+    which other pytest sessions on the machine prune (keeping their last 3)."""
+    with tempfile.TemporaryDirectory(prefix="meshagent-jwt-") as name:
+        folder = Path(name)
+        folder.chmod(0o755)
+        yield folder
+
+
+@pytest.fixture
+def jwks_server(own_folder) -> Iterator[str]:
     """A loopback HTTP server in the controller's network namespace (the lab's underlay),
     serving the test's JWKS; yields its URL."""
-    folder = tmp_path / "jwks"
-    folder.mkdir()
+    folder = own_folder
     (folder / "jwks.json").write_text(JWKS)
     argv = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"]
     proc = subprocess.Popen(
@@ -150,3 +161,61 @@ def test_jwks_uri_fetched_by_the_controller_same_node(authz_lab, tmp_path, jwks_
         assert authz_lab.curl("shop/frontend", url)[0] == "403"
     finally:
         _meshlab_docs("delete", tmp_path, docs)
+
+
+def _h2c_server(folder: Path) -> list[dict]:
+    """nginx speaking h2c only on an `http2` Service port (node-2), for the HTTP/2 engine."""
+    (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder, name="web"))
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {
+            "nodeName": "node-2",
+            "serviceAccountName": "web",
+            "containers": [
+                {
+                    "name": "s",
+                    "command": ["nginx", "-p", f"{folder}/", "-c", f"{folder}/web.conf"],
+                    "readinessProbe": {"tcpSocket": {"port": 8082}},
+                }
+            ],
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http2", "port": 8082}]},
+    }
+    return [pod, service]
+
+
+def test_http2_engine_gives_the_same_verdicts(authz_lab, tmp_path, own_folder):
+    """h2c from the client to an http2 port: the HTTP/2 engine runs the same request filter."""
+    url = "http://web.shop:8082/"
+    h2 = "--http2-prior-knowledge"
+    server = _h2c_server(own_folder)
+    (tmp_path / "server").mkdir()
+    _meshlab_docs("apply", tmp_path / "server", server)
+    docs = _documents("web", {"issuer": ISSUER, "jwks": JWKS})
+    try:
+        wait_until(
+            lambda: authz_lab.curl("shop/frontend", url, h2, timeout=2)[0],
+            lambda code: code == "200",
+            what="nginx answers h2c through the mesh",
+            timeout=60,
+        )
+        _meshlab_docs("apply", tmp_path, docs)
+        wait_until(
+            lambda: authz_lab.curl("shop/frontend", url, h2, timeout=2)[0],
+            lambda code: code == "403",
+            what="an HTTP/2 request without a token is refused once the policy is in",
+        )
+        valid = authz_lab.curl("shop/frontend", url, h2, *_bearer(_token()))
+        assert valid == ("200", "web\n")
+        bad = authz_lab.curl("shop/frontend", url, h2, *_bearer(_token(WRONG_KEY)))
+        assert bad == ("401", "Jwt verification fails")
+    finally:
+        _meshlab_docs("delete", tmp_path, docs)
+        _meshlab_docs("delete", tmp_path / "server", server)

@@ -83,3 +83,17 @@ async def test_keys_fetched_into_the_snapshot_and_failures_fail_closed(caplog):
                 f"{base}/.well-known/openid-configuration"
             ]
         nursery.cancel_scope.cancel()
+
+
+def test_a_change_of_keys_travels_in_a_delta():
+    """Delta pushes (common/snapshotdelta.py) carry the fetched keys: the agent rebuilds the
+    controller's snapshot exactly (same content version) when only the keys changed."""
+    from meshagent.common import snapshotdelta
+    from meshagent.common.snapshot import Snapshot, wire_version
+
+    before = Snapshot(node="n", jwks={"https://a/keys": "{}"}).with_version()
+    after = Snapshot(node="n", jwks={"https://a/keys": JWKS}).with_version()
+    changes = snapshotdelta.diff(before, after, snapshotdelta.SHARED_FIELDS)
+    assert changes == {"jwks": {"https://a/keys": JWKS}}
+    rebuilt = snapshotdelta.apply(before.model_dump(mode="json"), changes)
+    assert wire_version({**rebuilt, "version": ""}) == after.version
