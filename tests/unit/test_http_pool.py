@@ -8,6 +8,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 from meshagent.agent.proxy.http import open_connection_pool, wire
+from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.http.pool import SWEEP_INTERVAL
 from meshagent.agent.proxy.lb import ClusterState
 from meshagent.agent.proxy.routing import ClusterKey, ClusterSpec, UpstreamEndpoint
@@ -175,3 +176,26 @@ async def test_idle_connections_a_burst_left_over_max_idle_close_at_the_next_swe
         assert [c.closed for c in burst] == [True] * 7 + [False] * 3  # the oldest went
         again = await pool.acquire(cluster, ep)
         assert again is burst[-1] and len(opened) == 10  # the kept ones serve the next request
+
+
+async def test_a_socketless_connection_the_server_closed_is_not_reused_even_unwatched():
+    """Before any sweep (not watched yet), a same-node pair or tunnel stream whose far end
+    closed says so (`readable_now`): a request takes a fresh connection, not the closed one
+    (where a POST would fail 503 UC)."""
+    servers: list[trio.abc.Stream] = []
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, server = memory_stream_pair()
+        servers.append(server)
+        return client
+
+    cluster = _cluster()
+    ep = cluster.endpoints[0]
+    async with open_connection_pool(connect) as pool:
+        conn = await pool.acquire(cluster, ep)
+        _exchange(conn)
+        pool.release(conn, True)
+        assert conn.watch_scope is None  # no sweep yet
+        await servers[0].aclose()  # the far end closes the idle connection
+        fresh = await pool.acquire(cluster, ep)
+        assert fresh is not conn and conn.closed and len(servers) == 2

@@ -105,6 +105,11 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         self._outbox.eof = True
         self._outbox.readers.unpark_all()
 
+    def readable_now(self) -> bool:
+        """Whether `receive_some` would return (or raise) without waiting: the pool tells a
+        pooled connection the other end closed from this, before reusing it."""
+        return bool(self._inbox.buffer) or self._inbox.eof or self._closed
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
             max_bytes = operator.index(max_bytes)

@@ -51,11 +51,13 @@ STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, Up
 def _readable(stream: trio.abc.Stream) -> bool:
     """Whether an idle connection's socket has something to read: on a connection with no
     request outstanding that is the server's close (or garbage), so it must not be reused.
-    Catches a close that raced the reuse; for streams without a socket (HBONE) only the
-    idle watch applies."""
+    Catches a close that raced the reuse. A stream without a socket says so itself if it can
+    (`readable_now`: an HBONE tunnel stream, the same-node pair), else only the idle watch
+    applies."""
     sock = getattr(stream, "socket", None)
     if sock is None:
-        return False
+        readable_now = getattr(stream, "readable_now", None)
+        return bool(readable_now()) if readable_now is not None else False
     try:
         fd = sock.fileno()
     except OSError:
