@@ -41,6 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+SMOKE_OUT = Path("/tmp/meshbench-node-smoke")  # so that a smoke run never overwrites results/
 DEFAULT_INSTANCE = "bench-node"
 NAMESPACE = "load"
 NODES = ("node-1", "node-2")
@@ -269,6 +270,29 @@ def scrapes(node: str, count: int) -> dict:
 
 
 # -- command timings --------------------------------------------------------------------------
+# `meshagent status --pods` in two parts: Python importing the CLI and the status module, and
+# the work itself (reading the agent, the kernel's maps and the saved snapshot, and rendering)
+_STATUS_SPLIT = """
+import time
+start = time.perf_counter()
+import meshagent.agent.cli
+from meshagent.agent import status
+from meshagent.agent.config import load_config
+imported = time.perf_counter()
+status.render(status.gather(load_config(None)), pods=True)
+print(imported - start, time.perf_counter() - imported)
+"""
+
+
+def status_split(node: str, runs: int) -> dict:
+    """Median seconds of the status command's imports and of its work."""
+    argv = _meshlab_argv("exec", "--node", node, "--", sys.executable, "-c", _STATUS_SPLIT)
+    parts = [map(float, _checked(_timed(argv)[1], "status split").split()) for _ in range(runs)]
+    imports, work = zip(*parts, strict=True)
+    return {
+        "imports_s": round(statistics.median(imports), 4),
+        "work_s": round(statistics.median(work), 4),
+    }
 
 
 def median_time(argv: list[str], runs: int) -> float:
@@ -338,6 +362,7 @@ def measure(settings: Settings, folder: Path) -> dict:
         out["status_pods"] = meshed_in("node-1")
         out["status_s"] = median_time(status, settings.status_runs)
         out["status_pods_s"] = median_time([*status, "--pods"], settings.status_runs)
+        out["status_split"] = status_split("node-1", settings.status_runs)
 
         pod = sorted(client_pods())[0]
         true = _meshlab_argv("exec", f"{NAMESPACE}/{pod}", "--", "true")
@@ -409,6 +434,8 @@ def markdown(results: dict) -> str:
         f"| scaled to {m['scaled_clients']} clients: all meshed | {m['scaled_meshed_s']:.1f} s |",
         f"| `meshagent status`, node-1 with {m['status_pods']} pods | {m['status_s']:.3f} s |",
         f"| `meshagent status --pods`, same | {m['status_pods_s']:.3f} s |",
+        f"| of which Python imports / the work (gather and render) | "
+        f"{m['status_split']['imports_s']:.3f} / {m['status_split']['work_s']:.3f} s |",
         f"| `meshlab exec POD -- true` (median of {s['exec_runs']}) | {m['exec_true_s']:.3f} s |",
         f"| {s['exec_runs']} x `meshlab exec POD -- true` at once (wall) | "
         f"{m['exec_true_parallel_s']:.3f} s |",
@@ -429,7 +456,9 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="4 clients, 2 scrapes")
-    parser.add_argument("--out", type=Path, help=f"output folder (default {RESULTS})")
+    parser.add_argument(
+        "--out", type=Path, help=f"output folder (default {RESULTS}; smoke: {SMOKE_OUT})"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHLAB_INSTANCE", DEFAULT_INSTANCE)
     # only now: the lab's names depend on MESHLAB_INSTANCE
@@ -465,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "measured": measured,
         "targets": targets(measured),
     }
-    out = args.out or RESULTS
+    out = args.out or (SMOKE_OUT if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "node.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "node.md").write_text(markdown(results))
