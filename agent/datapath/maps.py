@@ -151,10 +151,31 @@ class PinnedMap:
     def __init__(self, path: Path, key_type: type, value_type: type) -> None:
         self.path = path
         self.fd = bpfsys.obj_get(str(path))
+        self.id = bpfsys.map_info(self.fd).id
         self.key_type = key_type
         self.value_type = value_type
+        self._replaced: list[int] = []  # fds of maps the pin named before (`follow_pin`)
+
+    def follow_pin(self) -> bool:
+        """Use the map the pin names now if a datapath swap (datapath/swap.py) put another
+        one there; True if it did. The previous fd stays open until `close`: another thread
+        may be in a call on it (the heartbeat beats in its own), and a swap is rare."""
+        try:
+            fd = bpfsys.obj_get(str(self.path))
+        except OSError:
+            return False  # unpinned (uninstall): keep the map we have
+        map_id = bpfsys.map_info(fd).id
+        if map_id == self.id:
+            os.close(fd)
+            return False
+        self._replaced.append(self.fd)
+        self.fd, self.id = fd, map_id
+        return True
 
     def close(self) -> None:
+        for fd in self._replaced:
+            os.close(fd)
+        self._replaced.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -214,8 +235,8 @@ class DatapathMaps:
             heartbeat=PinnedMap(pin_dir / MAP_HEARTBEAT, ctypes.c_uint32, MeshHeartbeat),
         )
 
-    def close(self) -> None:
-        for m in (
+    def _all(self) -> tuple[PinnedMap, ...]:
+        return (
             self.mesh_netns,
             self.orig_dst,
             self.excluded_ports,
@@ -223,8 +244,17 @@ class DatapathMaps:
             self.peer_auth,
             self.trusted_sources,
             self.heartbeat,
-        ):
+        )
+
+    def close(self) -> None:
+        for m in self._all():
             m.close()
+
+    def follow_pins(self) -> bool:
+        """Move to the maps the pins name now, where a newer agent swapped in a new build
+        (datapath/swap.py) while this one serves: its beats and pod updates must reach the
+        maps the attached programs read. True if any moved."""
+        return any([m.follow_pin() for m in self._all()])
 
     # -- typed operations used by the agent -------------------------------------------
 
@@ -254,7 +284,10 @@ class DatapathMaps:
         )
 
     def beat(self, timeout_s: float, now_ns: int | None = None) -> None:
-        """Refresh the heartbeat: the agent serves; it counts as down `timeout_s` from now."""
+        """Refresh the heartbeat: the agent serves; it counts as down `timeout_s` from now.
+        Each beat first follows the pins (`follow_pins`), so a swap is picked up within a
+        beat interval, well inside the timeout."""
+        self.follow_pins()
         self.heartbeat.update(
             ctypes.c_uint32(0),
             MeshHeartbeat(
@@ -306,6 +339,8 @@ class DatapathMaps:
     def pop_orig_dst(self, client_ip: str, client_port: int) -> tuple[str, int] | None:
         """Consume the original destination of an accepted, redirected connection."""
         value = self.orig_dst.pop(endpoint(client_ip, client_port))
+        if value is None and self.orig_dst.follow_pin():  # redirected by a swapped-in build
+            value = self.orig_dst.pop(endpoint(client_ip, client_port))
         if value is None:
             return None
         return from_addr(value.addr), value.port

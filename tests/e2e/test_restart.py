@@ -12,12 +12,16 @@ running the suite is shared and loaded: the figure is a product feature, not a t
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from meshagent.agent.datapath import bpfsys
 from meshagent.lab.lab import agent_pods
 from meshagent.lab.paths import BPFFS_DIR, LOG_DIR
 
@@ -130,14 +134,11 @@ def pod_ip(lab, node: str, pod: str) -> str:
     return ip
 
 
-def test_a_rebuild_swaps_programs_in_place_a_fail_closed_pod_never_goes_direct(demo_lab):
-    """Issue #17 (restarts and upgrades that cut nothing): a restarted agent that must build
-    its datapath again (another key) attaches the new programs in place of the old ones, one
-    step per hook, with the new maps already holding the meshed pods and fail modes. A
-    fail-closed pod dialling without pause all through the rebuild never reaches its
-    destination past the mesh (the server answers with the address each connection came
-    from: node-2's proxy when meshed, the client pod's own IP when not); afterwards exactly
-    one program of ours is attached per hook and the pod is served through the mesh again."""
+@pytest.fixture
+def prober(demo_lab) -> Iterator[tuple[Probe, str]]:
+    """(a probe dialling from the fail-closed shop/frontend without pause, the client's IP):
+    the server on node-2 answers with the address each connection came from (node-2's proxy
+    when meshed, the client pod's own IP when not)."""
     server = subprocess.Popen(
         [str(BIN / "meshlab"), "exec", "shop/intruder", "--", SYSTEM_PYTHON,
          str(APPS / "client_ip.py"), "8080"],
@@ -150,52 +151,132 @@ def test_a_rebuild_swaps_programs_in_place_a_fail_closed_pod_never_goes_direct(d
         probe = Probe("shop/frontend", target, duration=90)
         wait_until(
             lambda: probe.attempts,
-            lambda a: any(x["ok"] and x["body"] not in ("", client) for x in a),
+            lambda a: any(meshed(x, client) for x in a),
             what="shop/frontend reaches the server on node-2 through the mesh",
             timeout=30,
         )
-        before = demo_lab.status("node-1")
-        (ours,) = keys(before)
-        pin_dir = Path(before["datapath"]["pin_dir"])
-        (pin_dir / ours).rename(pin_dir / ("key-" + "1" * 64))
-
-        stopped_at = time.time()
-        after = restart(demo_lab, "node-1")
-        restarted_at = time.time()
-        assert after["agent"]["datapath_reused"] is False
-        wait_until(
-            lambda: probe.since(restarted_at),
-            lambda a: any(x["ok"] and x["body"] not in ("", client) for x in a),
-            what="shop/frontend is served through the mesh again after the rebuild",
-            timeout=30,
-        )
-        during = probe.since(stopped_at)
-        direct = [a for a in during if a["ok"] and a["body"] == client]
-        assert not direct, f"{len(direct)} of {len(during)} connects went direct: {direct[:3]}"
-        assert len(during) >= 10, during  # it did dial all through
-
-        # Exactly one program per hook, each the newly pinned one; no staging left.
-        programs = after["datapath"]["programs"]
-        assert set(Counter(p["attach_type"] for p in programs).values()) == {1}, programs
-        assert {p["name"] for p in programs} == DATAPATH_PROGRAMS
-        assert len(programs) == len(DATAPATH_PROGRAMS) and all(p["pinned"] for p in programs)
-        assert not program_ids(after) & program_ids(before)
-        assert keys(after) == [ours] and not (pin_dir / "staging").exists()
-        if shutil.which("bpftool"):  # the kernel's own view, where the tool exists
-            shown = subprocess.run(
-                ["bpftool", "cgroup", "show", programs[0]["cgroup"]],
-                capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
-            assert sum(name in shown for name in DATAPATH_PROGRAMS) == len(DATAPATH_PROGRAMS)
-        log = (LOG_DIR / "agent-node-1.log").read_text(errors="replace")
-        line = [x for x in log.splitlines() if "in place of the previous ones" in x][-1]
-        assert f"{len(DATAPATH_PROGRAMS)} of them in place of the previous ones" in line, line
-        assert "mesh_netns 1" in line and "heartbeat 1" in line, line
+        yield probe, client
     finally:
         if probe is not None:
             probe.stop()
         server.kill()
         server.wait(timeout=10)
+
+
+def meshed(attempt: dict, client: str) -> bool:
+    return attempt["ok"] and attempt["body"] not in ("", client)
+
+
+def foreign_key(status: dict) -> str:
+    """Rename the key folder as another build's would be; returns the real key's name."""
+    (ours,) = keys(status)
+    pin_dir = Path(status["datapath"]["pin_dir"])
+    (pin_dir / ours).rename(pin_dir / ("key-" + "1" * 64))
+    return ours
+
+
+def swap_line() -> str:
+    log = (LOG_DIR / "agent-node-1.log").read_text(errors="replace")
+    return [x for x in log.splitlines() if "in place of the previous ones" in x][-1]
+
+
+def assert_one_program_per_hook(before: dict, after: dict, key: str) -> None:
+    """Exactly one program per hook, each the newly pinned one; no staging folder left."""
+    programs = after["datapath"]["programs"]
+    assert set(Counter(p["attach_type"] for p in programs).values()) == {1}, programs
+    assert {p["name"] for p in programs} == DATAPATH_PROGRAMS
+    assert len(programs) == len(DATAPATH_PROGRAMS) and all(p["pinned"] for p in programs)
+    assert not program_ids(after) & program_ids(before)
+    pin_dir = Path(after["datapath"]["pin_dir"])
+    assert keys(after) == [key] and not (pin_dir / "staging").exists()
+    if shutil.which("bpftool"):  # the kernel's own view, where the tool exists
+        shown = subprocess.run(
+            ["bpftool", "cgroup", "show", programs[0]["cgroup"]],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert sum(name in shown for name in DATAPATH_PROGRAMS) == len(DATAPATH_PROGRAMS)
+
+
+def test_a_rebuild_swaps_programs_in_place_a_fail_closed_pod_never_goes_direct(demo_lab, prober):
+    """Issue #17 (restarts and upgrades that cut nothing): a restarted agent that must build
+    its datapath again (another key) attaches the new programs in place of the old ones, one
+    step per hook, with the new maps already holding the meshed pods and fail modes. A
+    fail-closed pod dialling without pause all through the rebuild never reaches its
+    destination past the mesh; afterwards exactly one program of ours is attached per hook
+    and the pod is served through the mesh again."""
+    probe, client = prober
+    before = demo_lab.status("node-1")
+    ours = foreign_key(before)
+
+    stopped_at = time.time()
+    after = restart(demo_lab, "node-1")
+    restarted_at = time.time()
+    assert after["agent"]["datapath_reused"] is False
+    wait_until(
+        lambda: probe.since(restarted_at),
+        lambda a: any(meshed(x, client) for x in a),
+        what="shop/frontend is served through the mesh again after the rebuild",
+        timeout=30,
+    )
+    during = probe.since(stopped_at)
+    direct = [a for a in during if a["ok"] and a["body"] == client]
+    assert not direct, f"{len(direct)} of {len(during)} connects went direct: {direct[:3]}"
+    assert len(during) >= 10, during  # it did dial all through
+    assert_one_program_per_hook(before, after, ours)
+    line = swap_line()
+    assert f"{len(DATAPATH_PROGRAMS)} of them in place of the previous ones" in line, line
+    assert "mesh_netns 1" in line and "heartbeat 1" in line, line
+
+
+def test_a_swap_cut_short_is_finished_by_the_next_start(demo_lab):
+    """A staging folder left by a crash in the middle of a swap (here: a staged pin of a
+    program that is attached, as after a crash between a replace and the renames) makes the
+    next start build again rather than reuse, and that build leaves one program per hook and
+    no staging folder."""
+    before = demo_lab.status("node-1")
+    (key,) = keys(before)
+    pin_dir = Path(before["datapath"]["pin_dir"])
+    (pin_dir / "staging").mkdir()
+    fd = bpfsys.obj_get(str(pin_dir / "prog_mesh_connect4"))
+    try:
+        bpfsys.obj_pin(fd, str(pin_dir / "staging" / "prog_mesh_connect4"))
+    finally:
+        os.close(fd)
+
+    after = restart(demo_lab, "node-1")
+    assert after["agent"]["datapath_reused"] is False
+    assert_one_program_per_hook(before, after, key)
+    code, body = demo_lab.curl("shop/frontend", REVIEWS)
+    assert code == "200", body
+
+
+def test_a_surge_upgrade_that_rebuilds_cuts_nothing(demo_lab, prober):
+    """A new agent started next to the serving one (a DaemonSet surge) with another key swaps
+    the datapath under the old agent, which follows the pins (its beats and its proxy's
+    original-destination lookups move to the new maps): the fail-closed pod is served
+    through the mesh at every attempt, before, during and after."""
+    probe, client = prober
+    before = demo_lab.status("node-1")
+    ours = foreign_key(before)
+
+    surged_at = time.time()
+    surged = meshlab("agent", "surge", "node-1", timeout=90)
+    assert "serves on node-1" in surged.stdout
+    after = demo_lab.status("node-1")
+    assert after["agent"]["datapath_reused"] is False
+    done_at = time.time()
+    wait_until(
+        lambda: probe.since(done_at),
+        lambda a: len(a) >= 5,
+        what="shop/frontend keeps dialling after the surge",
+        timeout=30,
+    )
+    meshlab("agent", "retire", "--wait", "node-1", timeout=90)
+    during = probe.since(surged_at)
+    failed = [a for a in during if not meshed(a, client)]
+    assert not failed, f"{len(failed)} of {len(during)} attempts not meshed: {failed[:3]}"
+    assert_one_program_per_hook(before, after, ours)
+    assert f"{len(DATAPATH_PROGRAMS)} of them in place of the previous ones" in swap_line()
 
 
 def test_down_removes_every_pin_and_key(demo_lab):
