@@ -36,6 +36,9 @@ class Explanation:
     http: authz.HttpAttrs | None
     decision: authz.Decision
     sent_path: str | None = None  # the path as given, when normalization changed it
+    # (provider, policy, rule) of a CUSTOM policy that matched: its ext-authz provider is asked
+    # first, and `decision` holds only if it answers 200
+    custom: tuple[str, str, int] | None = None
 
     def render(self) -> str:
         d = self.decision
@@ -54,6 +57,12 @@ class Explanation:
             lines.append(f"  dry-run:    {would.policy} would deny ({would.reason})")
         if d.audit:
             lines.append("  audit:      an AUDIT policy matched")
+        if self.custom is not None:
+            provider, policy, rule = self.custom
+            lines.append(
+                f"  ext-authz:  first asked of provider {provider!r} (CUSTOM policy {policy}, "
+                f"rule {rule}); the above holds only if it answers 200, else its answer does"
+            )
         return "\n".join(lines)
 
 
@@ -121,7 +130,9 @@ def explain(
         destination_port=port,
         http=http,
     )
-    decision = authz.PolicySet(policies, root_namespace=root_namespace).evaluate(
-        authz.Workload(destination.namespace, destination.labels), request
+    selected = authz.PolicySet(policies, root_namespace=root_namespace).for_workload(
+        authz.Workload(destination.namespace, destination.labels)
     )
-    return Explanation(source, destination, port, http, decision, sent_path)
+    custom = selected.custom_match(request) if http is not None else None
+    decision = selected.evaluate(request)
+    return Explanation(source, destination, port, http, decision, sent_path, custom)

@@ -141,3 +141,26 @@ def test_providers_in_the_agent_config():
     assert extauthz.providers(again.extension_providers)["ext"].port == 80
     with pytest.raises(ValidationError, match="envoyExtAuthzGrpc"):
         AgentConfig(extension_providers=[{"name": "g", "envoyExtAuthzGrpc": {"service": "a"}}])
+
+
+def test_authz_check_says_the_provider_is_asked_first():
+    from meshagent.common.snapshot import Snapshot, Workload
+    from meshagent.controller.explain import explain
+
+    pods = [
+        Workload(uid="c", namespace="foo", name="client", node="n", ips=["10.0.0.1"]),
+        Workload(uid="s", namespace="foo", name="server", node="n", ips=["10.0.0.3"]),
+    ]
+    custom = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "foo"},
+        "spec": CUSTOM,
+    }
+    snap = Snapshot(node="", workloads=pods, istio_resources=[custom])
+    asked = explain(snap, "foo/client", "foo/server:80", path="/admin/x")
+    assert asked.custom == ("ext", "foo/p", 0) and asked.decision.allowed
+    assert "first asked of provider 'ext'" in asked.render()
+    assert explain(snap, "foo/client", "foo/server:80", path="/public").custom is None
+    tcp = explain(snap, "foo/client", "foo/server:80")
+    assert not tcp.decision.allowed and tcp.custom is None
