@@ -363,8 +363,13 @@ def test_agent_command_is_the_documented_one(agent: Obj) -> None:
         "--controller-ca-file", "/etc/meshagent/root/root.pem",
         "--proxy-ip", "$(HOST_IP)",
     ]  # fmt: skip
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
+    env = {
+        e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]
+    }
     assert env == {
+        # the mesh config, from the optional ConfigMap meshagent-config (status and the
+        # preStop uninstall, run in the container, read it too)
+        "MESHAGENT_CONFIG": "/etc/meshagent/config/agent.json",
         "NODE_NAME": "spec.nodeName",
         "HOST_IP": "status.hostIP",
         "POD_UID": "metadata.uid",
