@@ -20,6 +20,7 @@ Written to benchmarks/results/node.json and node.md with the commit, the load av
 issue's targets. The machine is shared: the load average is part of the result.
 
   MESHLAB_INSTANCE=hm python -m benchmarks.node           # 2 x 60 clients, 10 Deployments
+  MESHLAB_INSTANCE=hm python -m benchmarks.node --commit HEAD   # HEAD's code, not the tree
   MESHLAB_INSTANCE=hm python -m benchmarks.node --smoke   # 4 clients, 2 scrapes (an e2e test)
 """
 
@@ -399,8 +400,12 @@ def markdown(results: dict) -> str:
         "# A full node (issue 22)",
         "",
         f"Output of `{results['command']}` ({s['mode']} mode), {results['finished_at']}. "
-        f"Commit `{info['commit']}`"
-        + (" with uncommitted changes" if info["dirty"] else "")
+        + (
+            f"Code of commit `{info['commit']}` (git archive)"
+            if str(info.get("code", "")).startswith("commit")
+            else f"Working tree at commit `{info['commit']}`"
+            + (" with uncommitted changes" if info["dirty"] else "")
+        )
         + f"; {info['cores']} cores ({info['cpu_model']}), shared: load average "
         f"{info['loadavg_start']} at the start, {info['loadavg_end']} at the end"
         + (f"; other labs running: {', '.join(info['other_labs'])}" if info["other_labs"] else "")
@@ -459,11 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help=f"output folder (default {RESULTS}; smoke: {SMOKE_OUT})"
     )
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="measure this commit's code (as benchmarks.run --commit) instead of the working tree",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHLAB_INSTANCE", DEFAULT_INSTANCE)
-    # only now: the lab's names depend on MESHLAB_INSTANCE
+    from benchmarks.run import machine, use_commit
+
+    code_dir = Path(f"/tmp/meshbench-{os.environ['MESHLAB_INSTANCE']}-code")
+    measured_commit = use_commit(args.commit, code_dir) if args.commit else None
+    # only now: the lab's names depend on MESHLAB_INSTANCE, its code on --commit
     from benchmarks import labsetup
-    from benchmarks.run import machine
 
     if os.geteuid() != 0:
         parser.error("needs root (the lab builds network namespaces, cgroups and eBPF)")
@@ -472,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = SMOKE if args.smoke else FULL
     started = dt.datetime.now(dt.UTC)
     info = machine(os.environ["MESHLAB_INSTANCE"])
+    if measured_commit:
+        info.update(commit=measured_commit[:12], dirty=False, code=f"commit {args.commit}")
     try:
         with tempfile.TemporaryDirectory(prefix="bench-node-") as folder:
             measured = measure(settings, Path(folder))
@@ -481,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     except (labsetup.LabFailed, TimeoutError) as exc:
         print(f"benchmarks.node: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
     info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[0]
     results = {
         "benchmark": "node",
