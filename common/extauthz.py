@@ -12,11 +12,12 @@ and https://istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/#MeshConfi
   (exact, `prefix*` or `*suffix`, case-insensitive) and `includeAdditionalHeadersInCheck`;
 - 200 allows (Envoy's rule: any other status, 2xx included, is a denial); the check response's
   headers named by `headersToUpstreamOnAllow` are set on the request going on;
+- a 5xx is the provider failing, as no answer within `timeout` (Istio's default 600 s) or
+  none at all: `failOpen` lets the request go on, else the client gets `statusOnError`
+  (default 403);
 - anything else is the answer to the client: the check response's status and body, with its
   headers named by `headersToDownstreamOnDeny` (all of them, less hop-by-hop ones, when none
-  is named, as Envoy);
-- no answer within `timeout` (Istio's default 600 s), or none at all: `failOpen` lets the
-  request go on, else the client gets `statusOnError` (default 403).
+  is named, as Envoy).
 
 Pure parts here (models, the check request, the verdict); the agent reaches the provider's
 Service through the mesh (agent/policy/extauthz.py).
@@ -29,8 +30,7 @@ from dataclasses import dataclass
 
 import h11
 import trio
-from meshagent.common.istio.base import IstioModel, NonEmptyStr, Port, parse_duration
-from pydantic import field_validator
+from meshagent.common.extauthz_provider import EnvoyExtAuthzHttp, ExtensionProvider
 
 MAX_BODY = 64 * 1024  # of a check response kept for the client
 _HOP_BY_HOP = frozenset(
@@ -45,38 +45,6 @@ _HOP_BY_HOP = frozenset(
         b"proxy-connection",
     }
 )
-
-
-class EnvoyExtAuthzHttp(IstioModel):
-    """`envoyExtAuthzHttp`: where the check API is served and what it sees and returns."""
-
-    service: NonEmptyStr  # a Service host: name.namespace.svc.cluster.local (or a short form)
-    port: Port
-    timeout: NonEmptyStr = "600s"  # kept as written: the config is handed to workers as JSON
-    path_prefix: str = ""
-    fail_open: bool = False
-    status_on_error: int = 403
-    include_request_headers_in_check: tuple[NonEmptyStr, ...] = ()
-    include_additional_headers_in_check: dict[str, str] = {}
-    headers_to_upstream_on_allow: tuple[NonEmptyStr, ...] = ()
-    headers_to_downstream_on_deny: tuple[NonEmptyStr, ...] = ()
-
-    @field_validator("timeout")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
-
-    @property
-    def timeout_s(self) -> float:
-        return parse_duration(self.timeout)
-
-
-class ExtensionProvider(IstioModel):
-    """One of `meshConfig.extensionProviders[]`; only the HTTP ext-authz kind is supported."""
-
-    name: NonEmptyStr
-    envoy_ext_authz_http: EnvoyExtAuthzHttp
 
 
 def _matcher(patterns: Iterable[str]):
@@ -136,6 +104,8 @@ def verdict(
 ) -> Verdict:
     """What the check response means (Envoy's ext_authz HTTP rules, see above)."""
     headers = [(n.lower(), v) for n, v in headers]
+    if 500 <= status <= 599:
+        return on_error(provider)  # Envoy: the authorization server failed, not a verdict
     if status == 200:
         upstream = _matcher(provider.headers_to_upstream_on_allow)
         keep = tuple((n, v) for n, v in headers if upstream(n.decode("latin-1")))

@@ -103,6 +103,8 @@ def test_verdicts():
     all_headers = extauthz.verdict(bare, 403, [(b"x-a", b"1"), (b"connection", b"close")], b"")
     assert all_headers.headers == ((b"x-a", b"1"),)  # none named: all but hop-by-hop ones
     assert extauthz.on_error(bare) == extauthz.Verdict(False, status=403)
+    # a 5xx is the provider failing (Envoy), not an answer for the client
+    assert extauthz.verdict(bare, 503, [(b"x-a", b"1")], b"down") == extauthz.on_error(bare)
     fail_open = bare.model_copy(update={"fail_open": True})
     assert extauthz.on_error(fail_open).allowed
 
