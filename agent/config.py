@@ -12,13 +12,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from meshagent.agent.proxy.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_REQUESTS
-from meshagent.common.extauthz import ExtensionProvider
+from meshagent.common.extauthz_provider import ExtensionProvider
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_CONFIG = Path("/etc/meshagent/agent.json")
 ENV_CONFIG = "MESHAGENT_CONFIG"
+
+# Per-source limits of the proxy (agent/proxy/limits.py), here so the config loads without it.
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_PENDING_REQUESTS = 4_096
 
 # Never redirected: the mesh's own ports and DNS (DESIGN.md section 3).
 DEFAULT_EXCLUDED_PORTS = [53, 15000, 15001, 15008, 15012, 15014, 15020, 15021]

@@ -20,14 +20,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Hashable, Iterator
 
+from meshagent.agent.config import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_REQUESTS
 from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_PENDING_REQUESTS", "Limits"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CONNECTIONS = 10_000
-DEFAULT_MAX_PENDING_REQUESTS = 4_096
 
 # The `reason` label of meshagent_proxy_refused_total (a small fixed set).
 SOURCE_CONNECTIONS = "source_connections"
