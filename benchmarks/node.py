@@ -475,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
     code_dir = Path(f"/tmp/meshbench-{os.environ['MESHLAB_INSTANCE']}-code")
     measured_commit = use_commit(args.commit, code_dir) if args.commit else None
+    # the control plane's binaries stay where scripts/install.sh put them: the repository's
+    os.environ.setdefault("MESHAGENT_KUBE_BIN", str(HERE.parent / ".kube-bin"))
     # only now: the lab's names depend on MESHLAB_INSTANCE, its code on --commit
     from benchmarks import labsetup
 
