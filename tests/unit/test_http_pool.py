@@ -22,6 +22,17 @@ def _cluster() -> ClusterState:
     return ClusterState(ClusterSpec(ClusterKey("h", 80), (UpstreamEndpoint(endpoint, 80),)))
 
 
+def _memory_connect(servers: list[trio.abc.Stream], pair=trio.testing.memory_stream_pair):
+    """A `Connect` opening in-memory streams (`pair`), their server ends kept in `servers`."""
+
+    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+        client, server = pair()
+        servers.append(server)
+        return client
+
+    return connect
+
+
 def _exchange(conn) -> None:
     """A request and its response, as the engine would run them (the codec only)."""
     conn.codec.send(wire.Request(method=b"GET", target=b"/", headers=[(b"host", b"h")]))
@@ -35,11 +46,7 @@ async def test_idle_socketless_connection_is_watched_after_a_sweep_and_dropped_o
     autojump_clock,
 ):
     servers: list[trio.abc.Stream] = []
-
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
-        client, server = trio.testing.memory_stream_pair()
-        servers.append(server)
-        return client
+    connect = _memory_connect(servers)
 
     cluster = _cluster()
     ep = cluster.endpoints[0]
@@ -99,11 +106,7 @@ async def test_a_socket_the_server_closed_while_pooled_is_closed_and_its_dedicat
 
 async def test_ending_a_dedicated_key_closes_its_pooled_connections_only():
     servers: list[trio.abc.Stream] = []
-
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
-        client, server = trio.testing.memory_stream_pair()
-        servers.append(server)
-        return client
+    connect = _memory_connect(servers)
 
     cluster = _cluster()
     ep = cluster.endpoints[0]
@@ -125,11 +128,7 @@ async def test_an_acquire_cancelled_while_taking_a_watched_connection_closes_it(
     """The connection was out of the pool and not yet handed out: it used to be held open
     (and its tunnel stream counted) until the process ended."""
     servers: list[trio.abc.Stream] = []
-
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
-        client, server = trio.testing.memory_stream_pair()
-        servers.append(server)
-        return client
+    connect = _memory_connect(servers)
 
     cluster = _cluster()
     ep = cluster.endpoints[0]
@@ -183,11 +182,7 @@ async def test_a_socketless_connection_the_server_closed_is_not_reused_even_unwa
     closed says so (`readable_now`): a request takes a fresh connection, not the closed one
     (where a POST would fail 503 UC)."""
     servers: list[trio.abc.Stream] = []
-
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
-        client, server = memory_stream_pair()
-        servers.append(server)
-        return client
+    connect = _memory_connect(servers, memory_stream_pair)
 
     cluster = _cluster()
     ep = cluster.endpoints[0]
