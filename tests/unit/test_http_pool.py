@@ -156,15 +156,9 @@ async def test_idle_connections_a_burst_left_over_max_idle_close_at_the_next_swe
     oldest are closed at the next sweep (memory returns after the burst), and the 3 kept
     (the most recently used) serve the next request."""
     opened: list[trio.abc.Stream] = []
-
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
-        client, _server = trio.testing.memory_stream_pair()
-        opened.append(client)
-        return client
-
     cluster = _cluster()
     ep = cluster.endpoints[0]
-    async with open_connection_pool(connect, max_idle=3) as pool:
+    async with open_connection_pool(_memory_connect(opened), max_idle=3) as pool:
         burst = [await pool.acquire(cluster, ep) for _ in range(10)]
         for conn in burst:
             _exchange(conn)
