@@ -20,21 +20,53 @@ Choices worth knowing when using it:
   directions already ended.
 """
 
-from meshagent.agent.hbone.client import PoolKey, PoolKeyStats, TunnelPool, open_tunnel_pool
-from meshagent.agent.hbone.errors import (
-    HboneError,
-    PeerIdentityError,
-    SecureNamingError,
-    TunnelFailed,
-    TunnelRefused,
-)
-from meshagent.agent.hbone.server import InboundTunnel, TunnelHandler, serve_hbone
-from meshagent.agent.hbone.tls import (
-    ServerContextSelector,
-    client_context,
-    peer_identity,
-    server_context_selector,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshagent.agent.hbone.client import PoolKey, PoolKeyStats, TunnelPool, open_tunnel_pool
+    from meshagent.agent.hbone.errors import (
+        HboneError,
+        PeerIdentityError,
+        SecureNamingError,
+        TunnelFailed,
+        TunnelRefused,
+    )
+    from meshagent.agent.hbone.server import InboundTunnel, TunnelHandler, serve_hbone
+    from meshagent.agent.hbone.tls import (
+        ServerContextSelector,
+        client_context,
+        peer_identity,
+        server_context_selector,
+    )
+
+_MODULES = {
+    "client": ("PoolKey", "PoolKeyStats", "TunnelPool", "open_tunnel_pool"),
+    "errors": (
+        "HboneError",
+        "PeerIdentityError",
+        "SecureNamingError",
+        "TunnelFailed",
+        "TunnelRefused",
+    ),
+    "server": ("InboundTunnel", "TunnelHandler", "serve_hbone"),
+    "tls": ("ServerContextSelector", "client_context", "peer_identity", "server_context_selector"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use (PEP 562), so that a program needing one light submodule
+    (`tls`, for `meshagent status` through the agent's state) does not import the client and
+    server with h2 first."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "HboneError",
