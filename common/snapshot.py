@@ -96,9 +96,14 @@ class Service(_Model):
     vips: list[str]
     ports: list[ServicePort]
     endpoints: list[Endpoint] = Field(default_factory=list)
+    # The host of a ServiceEntry-made service (its endpoints are on no node and no workload);
+    # None for a Kubernetes Service. Older agents ignore it.
+    host: str | None = None
 
     @property
     def hostname(self) -> str:
+        if self.host:
+            return self.host
         return f"{self.name}.{self.namespace}.svc.cluster.local"
 
 
