@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from meshagent.common.extauthz_provider import ExtensionProvider
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_CONFIG = Path("/etc/meshagent/agent.json")
 ENV_CONFIG = "MESHAGENT_CONFIG"
@@ -53,6 +53,8 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     node_name: str = Field(default_factory=lambda: os.uname().nodename)
+    # The controller Service, or several replicas' `host:port`, comma-separated (the agent
+    # starts at the one its node name hashes to and moves on when one goes).
     controller: str = "meshctl.meshagent-system.svc:15012"
     proxy_ip: str = "127.0.0.1"
     # The proxy's IPv6 address on a dual-stack node: native IPv6 connects of meshed pods go
@@ -121,10 +123,31 @@ class AgentConfig(BaseModel):
     def worker_count(self) -> int:
         return self.proxy_workers or min(available_cores(), MAX_AUTO_WORKERS)
 
+    @field_validator("controller")
+    @classmethod
+    def _controller_addresses(cls, value: str) -> str:
+        _split_addresses(value)  # says which item is not host:port
+        return value
+
     @property
     def controller_addr(self) -> tuple[str, int]:
-        host, _, port = self.controller.rpartition(":")
-        return host, int(port)
+        """The first of `controller_addrs`."""
+        return self.controller_addrs[0]
+
+    @property
+    def controller_addrs(self) -> list[tuple[str, int]]:
+        """Every ``host:port`` in `controller` (comma-separated: several replicas)."""
+        return _split_addresses(self.controller)
+
+
+def _split_addresses(value: str) -> list[tuple[str, int]]:
+    out = []
+    for item in value.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{item.strip()!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    return out
 
 
 def config_path(explicit: Path | None = None) -> Path:

@@ -8,14 +8,23 @@ the last good one, while CSR answers go to the `ControllerSigner`, which sends i
 on the same connection. A controller that refuses the node's credential says why in an
 `error` line; the agent shows it in `meshagent status` and retries after the longest
 backoff.
+
+Several controller replicas all serve agents (only the leader writes cluster state). Given
+several addresses, an agent starts at the one its node name hashes to (so agents spread
+evenly and each keeps its replica across restarts) and moves on to the next whenever a
+connect fails or its stream ends (a `goodbye` at a replica's shutdown, a crash), resuming
+from the version it holds: the new replica sends nothing if that is current, else a whole
+snapshot (delta history is per stream). In a cluster one Service address suffices: each
+connect lands on a live replica.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +54,10 @@ class ControllerLink:
     last_nack: str = ""
 
 
+class ControllerGone(Exception):
+    """The controller said goodbye (it is shutting down): try the next replica at once."""
+
+
 class ControllerRefused(Exception):
     """The controller closed the stream saying why (e.g. the node token is not valid)."""
 
@@ -59,6 +72,15 @@ def controller_tls_context(ca_file: Path) -> ssl.SSLContext:
         raise ValueError(f"controller CA file {ca_file} is unusable: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     return context
+
+
+def replica_order(addresses: Sequence[tuple[str, int]], node: str) -> list[tuple[str, int]]:
+    """``addresses`` rotated to start at the one ``node`` hashes to: a stable, even spread of
+    agents over replicas (not Python's per-process salted hash)."""
+    if not addresses:
+        raise ValueError("no controller address given")
+    start = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "big") % len(addresses)
+    return [*addresses[start:], *addresses[:start]]
 
 
 def token_reader(path: Path | None) -> Callable[[], str]:
@@ -86,7 +108,7 @@ async def serve_controller_link(
 ) -> None:
     """`serve_config_client` set up from the agent's config: its controller address, token
     file and controller CA file (plaintext, with a warning, when no CA file is configured)."""
-    host, port = config.controller_addr
+    (host, port), *more = config.controller_addrs
     tls = None
     if config.controller_ca_file is not None:
         tls = controller_tls_context(config.controller_ca_file)
@@ -100,6 +122,7 @@ async def serve_controller_link(
         link,
         tls=tls,
         signer=signer,
+        more=more,
         task_status=task_status,
     )
 
@@ -113,16 +136,23 @@ async def serve_config_client(
     *,
     tls: ssl.SSLContext | None = None,
     signer: ControllerSigner | None = None,
+    more: Sequence[tuple[str, int]] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Follow the controller at ``host:port`` until cancelled (see module docstring).
 
     ``token`` is the node credential, or a function reading it; ``tls`` the client context
-    (None: plaintext); ``signer`` gets the stream while it is up.
+    (None: plaintext); ``signer`` gets the stream while it is up; ``more`` are further
+    replicas (the agent starts at the one its node hashes to, moves on when one goes).
     """
     task_status.started()
+    addresses = replica_order([(host, port), *more], store.node)
+    turn = 0
     backoff = BACKOFF_MIN
     while True:
+        host, port = addresses[turn % len(addresses)]
+        turn += 1
+        link.address = f"{host}:{port}"
         try:
             stream = await _connect(host, port, tls)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
@@ -131,7 +161,7 @@ async def serve_config_client(
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue
-        refused = False
+        refused = gone = False
         async with stream:
             wire = MessageStream(stream)
             try:
@@ -152,6 +182,9 @@ async def serve_config_client(
                     signer.attach(wire.send)
                 await _receive_loop(wire, store, link, signer)
                 link.last_error = "controller closed the stream"
+            except ControllerGone as exc:
+                gone = True
+                link.last_error = f"controller said goodbye: {exc}"
             except ControllerRefused as exc:
                 refused = True
                 link.last_error = f"refused by the controller: {exc}"
@@ -161,8 +194,9 @@ async def serve_config_client(
                 link.connected = False
                 if signer is not None:
                     signer.detach(link.last_error or "agent stopping")
-        log.warning("controller stream lost: %s", link.last_error)
-        await trio.sleep(BACKOFF_MAX if refused else backoff)
+        log.warning("controller %s:%d stream lost: %s", host, port, link.last_error)
+        if not gone or len(addresses) == 1:  # a goodbye with another replica: go there now
+            await trio.sleep(BACKOFF_MAX if refused else backoff)
 
 
 async def _connect(host: str, port: int, tls: ssl.SSLContext | None) -> trio.abc.Stream:
@@ -204,6 +238,8 @@ async def _receive_loop(
                 signer.deliver(message)
             except ValueError as exc:
                 raise WireError(str(exc)) from None
+        elif kind == "goodbye":
+            raise ControllerGone(str(message.get("reason") or "no reason given"))
         elif kind == "error":
             raise ControllerRefused(str(message.get("error") or "no reason given"))
         else:
