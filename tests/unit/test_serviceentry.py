@@ -1,0 +1,139 @@
+"""ServiceEntry: what the schema accepts and refuses (Istio's ServiceEntry reference), and the
+snapshot services an accepted entry becomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from meshagent.common.istio.serviceentry import ServiceEntry
+from meshagent.controller.serviceentry import compile_entries, entry_services
+from pydantic import ValidationError
+
+
+def _entry(name: str = "ext", namespace: str = "app", **spec: Any) -> dict:
+    spec.setdefault("hosts", ["api.example.com"])
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+_STATIC = {
+    "addresses": ["10.9.0.5"],
+    "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 8080}],
+    "location": "MESH_EXTERNAL",
+    "resolution": "STATIC",
+    "endpoints": [{"address": "192.0.2.10"}, {"address": "192.0.2.11", "ports": {"http": 9090}}],
+}
+
+
+def _refusal(**spec: Any) -> str:
+    with pytest.raises(ValidationError) as caught:
+        ServiceEntry.model_validate(_entry(**spec))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("version", ["v1", "v1beta1", "v1alpha3"])
+def test_accepts_static_entry_in_every_api_version(version: str) -> None:
+    doc = _entry(**_STATIC)
+    doc["apiVersion"] = f"networking.istio.io/{version}"
+    entry = ServiceEntry.model_validate(doc)
+    assert entry.spec.hosts == ("api.example.com",)
+    assert entry.spec.ports[0].target_port == 8080
+    assert entry.spec.endpoints[1].ports == {"http": 9090}
+
+
+def test_accepts_none_resolution_and_mesh_internal() -> None:
+    entry = ServiceEntry.model_validate(
+        _entry(
+            addresses=["10.9.0.6/32"],
+            ports=[{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+            location="MESH_INTERNAL",
+        )
+    )
+    assert entry.spec.resolution == "NONE"
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"resolution": "DNS", "ports": [{"number": 80, "name": "http"}]}, "resolution DNS"),
+        ({"resolution": "DNS_ROUND_ROBIN"}, "resolution DNS_ROUND_ROBIN"),
+        ({"resolution": "STATIC", "endpoints": [{"address": "db.example"}]}, "DNS resolution"),
+        ({"resolution": "STATIC", "endpoints": [{"address": "unix:///s"}]}, "Unix domain"),
+        ({"addresses": ["10.0.0.0/24"], "resolution": "STATIC"}, "CIDR blocks wider"),
+        ({"addresses": ["not-an-ip"], "resolution": "STATIC"}, "not an IP address"),
+        ({"resolution": "NONE"}, "NONE without addresses"),
+        (
+            {"addresses": ["10.0.0.1"], "endpoints": [{"address": "192.0.2.1"}]},
+            "not allowed with resolution NONE",
+        ),
+        ({"resolution": "STATIC", "workloadSelector": {"labels": {"a": "b"}}}, "workloadSelector"),
+        ({"resolution": "STATIC", "subjectAltNames": ["spiffe://x"]}, "subjectAltNames"),
+        ({"resolution": "STATIC", "exportTo": ["."]}, "exportTo"),
+        ({"resolution": "STATIC", "hosts": ["*"]}, "host '*'"),
+        ({"resolution": "STATIC", "hosts": ["*.example.com"]}, "wildcard hosts"),
+        ({"resolution": "STATIC", "ports": [{"number": 27017, "protocol": "MONGO"}]}, "MONGO"),
+        (
+            {"resolution": "STATIC", "ports": [{"number": 80}, {"number": 80, "name": "b"}]},
+            "more than once",
+        ),
+        (
+            {
+                "resolution": "STATIC",
+                "ports": [{"number": 80, "name": "http"}],
+                "endpoints": [{"address": "192.0.2.1", "ports": {"grpc": 1}}],
+            },
+            "not names of the entry's ports",
+        ),
+        ({"resolution": "STATIC", "location": "MESH_NOWHERE"}, "location"),
+        (
+            {"resolution": "STATIC", "endpoints": [{"address": "192.0.2.1", "weight": 2}]},
+            "weight",
+        ),
+    ],
+)
+def test_refuses_what_the_data_path_cannot_honour(spec: dict, needle: str) -> None:
+    assert needle in _refusal(**spec)
+
+
+def test_static_entry_becomes_a_service_per_host() -> None:
+    doc = _entry(**{**_STATIC, "hosts": ["api.example.com", "api2.example.com"]})
+    services = entry_services(ServiceEntry.model_validate(doc))
+    assert [s.hostname for s in services] == ["api.example.com", "api2.example.com"]
+    svc = services[0]
+    assert svc.namespace == "app"
+    assert svc.vips == ["10.9.0.5"]
+    assert [(p.port, p.target_port, p.app_protocol) for p in svc.ports] == [(80, 8080, "http")]
+    # targetPort unless the endpoint maps the port's name; on no node, no workload
+    assert [(e.ip, e.ports, e.node, e.workload_uid) for e in svc.endpoints] == [
+        ("192.0.2.10", {80: 8080}, "", ""),
+        ("192.0.2.11", {80: 9090}, "", ""),
+    ]
+
+
+def test_none_entry_dials_the_original_destination() -> None:
+    doc = _entry(
+        addresses=["10.9.0.7/32", "10.9.0.6"],
+        ports=[{"number": 443, "name": "tls", "protocol": "TLS", "targetPort": 8443}],
+    )
+    (svc,) = entry_services(ServiceEntry.model_validate(doc))
+    assert svc.vips == ["10.9.0.6", "10.9.0.7"]
+    assert [(e.ip, e.ports) for e in svc.endpoints] == [
+        ("10.9.0.6", {443: 443}),
+        ("10.9.0.7", {443: 443}),
+    ]
+
+
+def test_first_entry_by_name_wins_a_shared_host() -> None:
+    late = ServiceEntry.model_validate(_entry("b", **{**_STATIC, "addresses": ["10.9.0.9"]}))
+    early = ServiceEntry.model_validate(_entry("a", **_STATIC))
+    other_ns = ServiceEntry.model_validate(_entry("c", namespace="other", **_STATIC))
+    services = compile_entries([late, other_ns, early])
+    assert [(s.namespace, s.hostname, s.vips) for s in services] == [
+        ("app", "api.example.com", ["10.9.0.5"]),
+        ("other", "api.example.com", ["10.9.0.5"]),
+    ]
