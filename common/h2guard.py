@@ -25,6 +25,9 @@ far below them):
   20 pending);
 - PING and SETTINGS frames (each makes us queue an ACK): buckets of `PING_BURST` and
   `SETTINGS_BURST` refilled at `PING_RATE` and `SETTINGS_RATE` per second;
+- a header block open (HEADERS seen, its END_HEADERS frame not yet received whole) since
+  `header_block_since`: a server ends the connection once that is older than its request
+  header timeout (a stream's head cannot be reset alone: no other frame may come between);
 - concurrent streams: 100 (SETTINGS_MAX_CONCURRENT_STREAMS, enforced by h2 itself), and
   tunnel requests still being decided at most `MAX_PENDING_REQUESTS` (streams a peer reset
   no longer count against h2's limit while their handler runs).
@@ -69,7 +72,7 @@ ABUSE = Counter(
     "meshagent_http2_abuse",
     "HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM because the peer exceeded a bound,"
     " by listener (hbone: port 15008; pod: the pod-facing HTTP/2 engine) and kind (rapid_reset,"
-    " continuation, header_block, ping, settings, pending_requests).",
+    " continuation, header_block, header_timeout, ping, settings, pending_requests).",
     ("listener", "kind"),
 )
 
@@ -78,7 +81,7 @@ ABUSE = Counter(
 class Abuse:
     """What a peer overdid: ``kind`` (a metric label) and a human reason."""
 
-    kind: str  # header_block, continuation, rapid_reset, ping, settings, pending_requests
+    kind: str  # header_block, header_timeout, continuation, rapid_reset, ping, settings, ...
     reason: str
 
     def __str__(self) -> str:
@@ -122,6 +125,8 @@ class FloodGuard:
         self._skip = 0  # body bytes of the current frame still to pass
         self._block: int | None = None  # header block bytes so far, while one is open
         self._continuations = 0
+        self._block_since: float | None = None  # when the open header block began
+        self._ends_block = False  # the current frame's body ends the header block
         self._resets = TokenBucket(RESET_BURST, RESET_RATE, clock)
         self._pings = TokenBucket(PING_BURST, PING_RATE, clock)
         self._settings = TokenBucket(SETTINGS_BURST, SETTINGS_RATE, clock)
@@ -138,6 +143,8 @@ class FloodGuard:
                 taken = min(self._skip, len(view))
                 self._skip -= taken
                 view = view[taken:]
+                if not self._skip and self._ends_block:
+                    self._block_since, self._ends_block = None, False
                 continue
             need = _HEADER.size - len(self._header)
             self._header += view[:need]
@@ -153,9 +160,15 @@ class FloodGuard:
                 return abuse
         return None
 
+    @property
+    def header_block_since(self) -> float | None:
+        """When the header block still incomplete began (None: none is open)."""
+        return self._block_since
+
     def _frame(self, kind: int, flags: int, length: int) -> Abuse | None:
         if kind == _HEADERS:
             self._block, self._continuations = length, 0
+            self._block_since = self.clock()
         elif kind == _CONTINUATION:
             self._block = (self._block or 0) + length
             self._continuations += 1
@@ -174,6 +187,10 @@ class FloodGuard:
                 return Abuse("header_block", f"header block over {limit} bytes ({self._block})")
             if flags & _END_HEADERS:
                 self._block = None
+                if length:
+                    self._ends_block = True
+                else:
+                    self._block_since = None
         return None
 
     def stream_reset(self, age: float) -> Abuse | None:

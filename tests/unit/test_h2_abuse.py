@@ -6,11 +6,13 @@ CONTINUATION, oversized header block, PING and SETTINGS floods each end that con
 GOAWAY ENHANCE_YOUR_CALM and the reason in its debug data, counted in
 `meshagent_http2_abuse_total{listener="pod"}` and logged (rate-limited, with the reason),
 while another client of the same engine keeps being served. A 101st concurrent stream is
-refused by h2 itself (GOAWAY PROTOCOL_ERROR).
+refused by h2 itself (GOAWAY PROTOCOL_ERROR). A header block not complete within the request
+header timeout (a HEADERS whose CONTINUATION never ends) gets the same GOAWAY.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import hpack
@@ -28,6 +30,7 @@ from hyperframe.frame import (
 from meshagent.agent.proxy.http import h2proxy
 from meshagent.agent.proxy.http.h2proxy import proxy_http2
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
+from meshagent.agent.proxy.http.types import HttpSettings
 from meshagent.common.h2guard import (
     MAX_CONTINUATIONS,
     PING_BURST,
@@ -175,6 +178,51 @@ async def test_a_flood_ends_its_connection_with_goaway_and_others_keep_working(
         headers, body, _ = await lab.call("/after", b"y")  # the other connection: served
         assert headers[b":status"] == b"200" and body == b"y"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_header_block_not_complete_within_the_header_timeout_gets_goaway():
+    """A slowloris head: HEADERS without END_HEADERS, then CONTINUATIONs too slow to end it."""
+
+    def trickle():
+        yield from _continuations(0)
+        for _ in range(100):  # bounded: the engine ends it after 3 or so
+            yield ContinuationFrame(1, data=b"\x00").serialize()
+
+    async def slow(frames):  # one frame every 0.1 s
+        for data in frames:
+            await trio.sleep(0.1)
+            yield data
+
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+        ctx = dataclasses.replace(lab.ctx, settings=HttpSettings(request_header_timeout=0.3))
+        before = metric("header_timeout")
+        client, proxy_end = memory_stream_pair()
+        nursery.start_soon(proxy_http2, proxy_end, ctx)
+        await client.send_all(PREFACE + SettingsFrame(0).serialize())
+        received = bytearray()
+        with trio.fail_after(5):
+            async for data in slow(trickle()):
+                received.extend(await _available(client))
+                if _goaway(bytes(received)) is not None:
+                    break
+                await client.send_all(data)
+        goaway = _goaway(bytes(received))
+        assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+        assert b"request header block not complete within 0.3 s" in goaway.additional_data
+        assert metric("header_timeout") == before + 1
+        headers, body, _ = await lab.call("/after", b"y")  # the other connection: served
+        assert headers[b":status"] == b"200" and body == b"y"
+        nursery.cancel_scope.cancel()
+
+
+async def _available(stream) -> bytes:
+    """What `stream` has to read now (waiting at most a moment)."""
+    got = bytearray()
+    with trio.move_on_after(0.01):
+        while chunk := await stream.receive_some(65536):
+            got.extend(chunk)
+    return bytes(got)
 
 
 async def test_below_the_bounds_nothing_happens():

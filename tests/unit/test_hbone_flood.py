@@ -90,6 +90,24 @@ def test_many_small_continuations_are_refused_and_a_finished_block_resets_the_co
     assert verdicts[-1] is not None and verdicts[-1].kind == "continuation"
 
 
+def test_a_header_block_is_open_from_its_headers_frame_until_its_end_headers_frame_is_whole():
+    clock = FakeClock()
+    guard = FloodGuard(clock, preface=False)
+    assert guard.header_block_since is None
+    clock.now = 5.0
+    guard.feed(frame(HeadersFrame(1, data=b"h")))  # no END_HEADERS
+    clock.now = 6.0
+    guard.feed(frame(ContinuationFrame(1, data=b"c")))
+    assert guard.header_block_since == 5.0  # from its first frame, whatever followed
+    last = frame(ContinuationFrame(1, data=b"end", flags=["END_HEADERS"]))
+    guard.feed(last[:-1])
+    assert guard.header_block_since == 5.0  # the last frame's body is not whole yet
+    guard.feed(last[-1:])
+    assert guard.header_block_since is None
+    guard.feed(frame(HeadersFrame(3, data=b"h", flags=["END_HEADERS"])))
+    assert guard.header_block_since is None
+
+
 def test_frames_split_anywhere_are_followed():
     guard = FloodGuard(FakeClock())
     data = (

@@ -26,8 +26,10 @@ are trailers-only with a gRPC code (`h2wire.local_reply`). Limits on the downstr
 (`h2wire.H2Limits`) and the frame guard shared with the HBONE server (`common/h2guard.py`):
 h2 refuses a stream over the concurrency limit (GOAWAY PROTOCOL_ERROR); the guard reads the
 frame headers of what the client sends before h2 buffers it, and a header block over the
-header list limit or in more than 16 CONTINUATION frames, a rapid-reset, PING or SETTINGS
-flood end the connection with GOAWAY ENHANCE_YOUR_CALM, the reason in its debug data (counted
+header list limit, in more than 16 CONTINUATION frames or not complete within the request
+header timeout (`http_request_headers_timeout_s`: a slowloris head; the stream cannot be reset
+alone mid-block), a rapid-reset, PING or SETTINGS flood end the connection with GOAWAY
+ENHANCE_YOUR_CALM, the reason in its debug data (counted
 in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain refuses
 new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes. A source
 with `Limits.max_pending_requests` streams in flight in this process gets 503 UO for another.
@@ -155,6 +157,7 @@ class _H2Peer:
         self.inboxes: dict[int, _Inbox] = {}
         self.guard: FloodGuard | None = None  # downstream: the peer's bounds (h2guard)
         self.abuse: Abuse | None = None  # why the guard ended the connection
+        self.header_timeout = math.inf  # downstream: for a header block to complete (s)
         self._window = trio.Event()
         self.closed = False
         self.goaway = False
@@ -276,8 +279,16 @@ class _H2Peer:
             while True:
                 if not data:
                     try:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        with trio.move_on_at(self._head_deadline()) as waiting:
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
                     except _TRANSPORT_ERRORS:
+                        return
+                    if waiting.cancelled_caught:  # a request head trickling (slowloris)
+                        self.abuse = Abuse(
+                            "header_timeout",
+                            f"request header block not complete within {self.header_timeout:g} s",
+                        )
+                        await self.goaway_and_close(h2wire.ENHANCE_YOUR_CALM, self.abuse.reason)
                         return
                     if not data:
                         return
@@ -319,6 +330,11 @@ class _H2Peer:
                     inbox.reset = h2wire.INTERNAL_ERROR
                 inbox.send.send_nowait(None)
             self.wake()
+
+    def _head_deadline(self) -> float:
+        """When the header block the peer has begun must be complete (inf: none begun)."""
+        since = self.guard.header_block_since if self.guard is not None else None
+        return math.inf if since is None else since + self.header_timeout
 
     async def goaway_and_close(self, code: int, reason: str = "") -> None:
         with contextlib.suppress(*_H2_ERRORS):
@@ -390,6 +406,7 @@ class _Session:
         self.guard = self.down.guard = FloodGuard(
             trio.current_time, max_header_block=limits.max_header_list_size
         )
+        self.down.header_timeout = ctx.settings.request_header_timeout
         self.scopes: dict[int, trio.CancelScope] = {}
         self.opened: dict[int, float] = {}  # when the client opened each stream in flight
         self.upstreams: dict[str, list[_H2Peer]] = {}
@@ -813,7 +830,7 @@ class _Session:
                 raise UpstreamError("connect-failure", "no connector")
             try:
                 with trio.fail_after(cluster.spec.policy.connect_timeout):
-                    opened = await connect(ep.endpoint, ep.port)
+                    opened = await connect(ep.endpoint, ep.port, cluster.spec)
             except UpstreamError:
                 raise
             except trio.TooSlowError:
