@@ -79,7 +79,8 @@ def replica_order(addresses: Sequence[tuple[str, int]], node: str) -> list[tuple
     agents over replicas (not Python's per-process salted hash)."""
     if not addresses:
         raise ValueError("no controller address given")
-    start = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "big") % len(addresses)
+    digest = hashlib.md5(node.encode(), usedforsecurity=False).digest()
+    start = int.from_bytes(digest[:8], "big") % len(addresses)
     return [*addresses[start:], *addresses[:start]]
 
 

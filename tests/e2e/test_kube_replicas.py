@@ -41,7 +41,7 @@ from tests.e2e.test_kube_controlplane import (
     replicas,
 )
 
-NODES = ("node-1", "node-2", "node-6", "node-9")  # two hash to each of two replicas
+NODES = ("node-1", "node-2", "node-3", "node-5")  # two hash to each of two replicas
 CONVERGE = 30.0  # seconds for a change to reach every agent (generous: 2 shared cores)
 
 
