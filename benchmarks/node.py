@@ -479,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         # the lab also reads the commit's daemonset/ (CRDs, RBAC) beside its packages; the
         # control plane's binaries stay where scripts/install.sh put them, in the repository
         archive = subprocess.run(
-            ["git", "archive", measured_commit, "daemonset"], capture_output=True, check=True
+            ["git", "archive", measured_commit, "daemonset"],
+            cwd=HERE.parent,
+            capture_output=True,
+            check=True,
         )
         subprocess.run(
             ["tar", "-x", "-C", str(code_dir / "meshagent")], input=archive.stdout, check=True
