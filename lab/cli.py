@@ -199,30 +199,49 @@ def controller() -> None:
     """Stop or start the lab's controller (to see agents serve on without it)."""
 
 
+REPLICA = click.option(
+    "--replica",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, lab.MAX_CONTROLLER_REPLICAS),
+    help="Which replica (a lab up with MESHLAB_CONTROLLER_REPLICAS=N has N).",
+)
+
+
 @controller.command("stop")
-def controller_stop() -> None:
-    """Kill the controller; agents keep serving their last snapshot.
+@REPLICA
+def controller_stop(replica: int) -> None:
+    """Kill a controller replica; its agents move to another one, or, with none left, keep
+    serving their last snapshot.
 
     \b
     Examples:
       meshlab controller stop
+      meshlab controller stop --replica 2
     """
     lab.load_plan()
-    lab.stop_controller()
-    click.echo("controller stopped")
+    try:
+        lab.stop_controller(replica - 1)
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(f"controller replica {replica} stopped")
 
 
 @controller.command("start")
-def controller_start() -> None:
-    """Start the controller again; agents reconnect and converge.
+@REPLICA
+def controller_start(replica: int) -> None:
+    """Start a controller replica again; agents reconnect and converge.
 
     \b
     Examples:
       meshlab controller start
     """
     lab.load_plan()
-    lab.start_controller()
-    click.echo("controller started")
+    try:
+        lab.start_controller(replica - 1)
+    except lab.LabError as exc:
+        _fail(str(exc))
+    click.echo(f"controller replica {replica} started")
 
 
 @main.group()

@@ -87,7 +87,8 @@ DEFAULT_IMAGE = "meshlab/process"  # Pods must name an image; the lab runs their
 
 
 # -- state --------------------------------------------------------------------------
-# state.json: {"nodes": N, "api_host_port": P, "pods": [...]}; `pods` is written by the lab
+# state.json: {"nodes": N, "api_host_port": P, "controller_replicas": R, "pods": [...]};
+# `pods` is written by the lab
 # kubelet (the pods it runs), the rest by `up`. Writers hold RUN_DIR/lock.
 
 
@@ -408,7 +409,9 @@ def agent_config(node: NodePlan) -> AgentConfig:
     return AgentConfig(
         **extra,
         node_name=node.name,
-        controller=f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
+        controller=",".join(
+            f"{UNDERLAY_BRIDGE_IP}:{controller_ports(r)[0]}" for r in range(controller_replicas())
+        ),
         proxy_ip=node.gateway,
         proxy_ip6=node.gateway6,
         cgroup_path=cgroups.node_cgroup(node.name),
@@ -420,9 +423,57 @@ def agent_config(node: NodePlan) -> AgentConfig:
     )
 
 
-def start_controller() -> int:
+# MESHLAB_CONTROLLER_REPLICAS at `meshlab up`: how many controller replicas (default 1).
+# Every replica serves agents (each agent is given them all and starts at the one its node
+# hashes to); one leads. Replica r listens REPLICA_PORT_STEP * r above 15012 and 15014.
+MAX_CONTROLLER_REPLICAS = 3
+REPLICA_PORT_STEP = 100
+
+
+def controller_replicas() -> int:
+    """The lab's controller replicas: from its state once up, else MESHLAB_CONTROLLER_REPLICAS."""
+    if STATE_FILE.exists() and "controller_replicas" in load_state():
+        return int(load_state()["controller_replicas"])
+    value = os.environ.get("MESHLAB_CONTROLLER_REPLICAS") or "1"
+    if not value.isdigit() or not 1 <= int(value) <= MAX_CONTROLLER_REPLICAS:
+        raise LabError(
+            f"MESHLAB_CONTROLLER_REPLICAS must be 1 to {MAX_CONTROLLER_REPLICAS}, got {value!r}"
+        )
+    return int(value)
+
+
+def controller_ports(replica: int) -> tuple[int, int]:
+    """(agent stream, status/metrics) ports of replica ``replica`` (0 is the first)."""
+    step = REPLICA_PORT_STEP * replica
+    return CONTROLLER_PORT + step, CONTROLLER_METRICS_PORT + step
+
+
+def controller_cgroup(replica: int = 0) -> Path:
+    return cgroups.system_cgroup("controller" if replica == 0 else f"controller-{replica + 1}")
+
+
+def start_controllers() -> None:
+    """Every replica; the first writes the CA file, the others wait for it."""
+    for replica in range(controller_replicas()):
+        start_controller(replica)
+        if replica == 0 and controller_replicas() > 1:
+            _wait_file(ROOT_FILE)
+
+
+def _wait_file(path: Path, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise LabError(f"{path} not written after {timeout:.0f}s (see the controller's log)")
+        time.sleep(0.1)
+
+
+def start_controller(replica: int = 0) -> int:
     """`meshctl serve --kubernetes` as the `meshctl` service account (the DaemonSet's RBAC),
-    in the underlay namespace; the mesh CA in a file, as before."""
+    in the underlay namespace; the mesh CA in a file every replica reads."""
+    if not 0 <= replica < controller_replicas():
+        raise LabError(f"the lab has {controller_replicas()} controller replica(s)")
+    port, metrics_port = controller_ports(replica)
     argv = [
         str(BIN_DIR / "meshctl"),
         "serve",
@@ -430,9 +481,9 @@ def start_controller() -> int:
         "--kubeconfig",
         str(controller_kubeconfig()),
         "--listen",
-        f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_PORT}",
+        f"{UNDERLAY_BRIDGE_IP}:{port}",
         "--metrics",
-        f"{UNDERLAY_BRIDGE_IP}:{CONTROLLER_METRICS_PORT}",
+        f"{UNDERLAY_BRIDGE_IP}:{metrics_port}",
         "--ca-file",
         str(CA_FILE),
         "--trust-bundle-out",
@@ -445,11 +496,15 @@ def start_controller() -> int:
     # Short-lived workload certificates for renewal tests, e.g. MESHLAB_CERT_LIFETIME=60s.
     if os.environ.get("MESHLAB_CERT_LIFETIME"):
         argv += ["--cert-lifetime", os.environ["MESHLAB_CERT_LIFETIME"]]
+    cgroup = controller_cgroup(replica)
     return _spawn(
-        "controller",
+        cgroup.name,
         ["nsenter", f"--net={UNDERLAY_NETNS_PATH}", "--", *argv],
-        cgroups.system_cgroup("controller"),
-        env={"POD_NAME": CONTROLLER_POD_NAME, "POD_NAMESPACE": MESH_NAMESPACE},
+        cgroup,
+        env={
+            "POD_NAME": CONTROLLER_POD_NAME if replica == 0 else f"{CONTROLLER_POD_NAME}-{replica}",
+            "POD_NAMESPACE": MESH_NAMESPACE,
+        },
     )
 
 
@@ -657,13 +712,14 @@ def endpoints_behind(api: KubeApi) -> list[str]:
     return behind
 
 
-def controller_view(timeout: float = 5.0) -> dict | None:
-    """The controller's /status (shown to an agent's token, as to `meshctl status` on a node),
-    None when it does not answer."""
+def controller_view(timeout: float = 5.0, replica: int = 0) -> dict | None:
+    """A controller replica's /status (shown to an agent's token, as to `meshctl status` on a
+    node), None when it does not answer."""
     try:
         token = node_token_path("node-1").read_text().strip()
+        port = controller_ports(replica)[1]
         return probe.http_get_json(
-            UNDERLAY_NETNS, UNDERLAY_BRIDGE_IP, CONTROLLER_METRICS_PORT, "/status", timeout, token
+            UNDERLAY_NETNS, UNDERLAY_BRIDGE_IP, port, "/status", timeout, token
         )
     except (OSError, ValueError):
         return None
@@ -679,19 +735,22 @@ def wait_synced(api: KubeApi, timeout: float = READY_TIMEOUT) -> None:
             raise LabError(f"EndpointSlices behind after {timeout:.0f}s: {endpoints_behind(api)}")
         time.sleep(0.1)
     last = None
+    replicas = range(controller_replicas())
     while time.monotonic() < deadline:
-        view = controller_view()
-        if view is None:
-            if not cgroups.pids(cgroups.system_cgroup("controller")):
+        views = [v for r in replicas if (v := controller_view(replica=r)) is not None]
+        if not views:
+            if not any(cgroups.pids(controller_cgroup(r)) for r in replicas):
                 return  # stopped (`meshlab controller stop`): nothing to wait for
             time.sleep(0.2)
             continue
-        agents = {a["node"]: a for a in view.get("agents") or [] if a["connected"]}
-        # agents that are not connected (stopped by a test, say) are not waited for
-        settled = (view.get("source") or {}).get("complete") and all(
+        # each replica lists the agents connected to it; those that are not connected
+        # (stopped by a test, say) are not waited for
+        agents = {a["node"]: a for v in views for a in v.get("agents") or [] if a["connected"]}
+        settled = all((v.get("source") or {}).get("complete") for v in views) and all(
             a["acked_version"] == a["sent_version"] for a in agents.values()
         )
-        mark = (view["generation"], tuple(sorted((a["sent_version"]) for a in agents.values())))
+        generations = tuple(v["generation"] for v in views)
+        mark = (generations, tuple(sorted((a["sent_version"]) for a in agents.values())))
         if settled and mark == last:
             return
         last = mark if settled else None
@@ -708,7 +767,7 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
     plan = LabPlan(nodes=make_nodes(nodes))
     add_objects(LabPlan(nodes=plan.nodes), [dict(o) for o in objects])  # names unknown nodes
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    save_state(nodes=nodes, api_host_port=_host_port())
+    save_state(nodes=nodes, api_host_port=_host_port(), controller_replicas=controller_replicas())
     cgroups.create(lab_cgroup())
     net.create_underlay()
     helper = start_control_plane()
@@ -719,7 +778,7 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
     api = admin_api()
     bootstrap(api, plan)
     start_kubelet()
-    start_controller()
+    start_controllers()
     for node in plan.nodes:
         start_agent(node, api=api)
     wait_kubelet()
@@ -923,5 +982,7 @@ def delete(objects: list[dict], timeout: float = 120.0) -> list[str]:
     return [_key(o) for o in objects if o.get("kind") == "Pod"]
 
 
-def stop_controller() -> None:
-    cgroups.kill_tree(cgroups.system_cgroup("controller"))
+def stop_controller(replica: int = 0) -> None:
+    if not 0 <= replica < controller_replicas():
+        raise LabError(f"the lab has {controller_replicas()} controller replica(s)")
+    cgroups.kill_tree(controller_cgroup(replica))
