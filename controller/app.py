@@ -13,7 +13,8 @@ resources from the start). Two ways to run:
 
 15014 serves `/metrics` to anyone and `/status` and `/debug/config` only to loopback or
 authenticated callers (controller/debugauth.py). With `--webhook`, every replica also serves
-the admission webhook over HTTPS and keeps its configuration's caBundle (controller/webhook.py).
+the admission webhook over HTTPS; the leader keeps its configuration's caBundle
+(controller/webhook.py).
 
 `Controller.run` (what `meshctl serve` runs) serves until SIGTERM or SIGINT, then shuts down
 within the grace period: it hands the Lease back, tells every agent goodbye with the reason,
@@ -378,7 +379,12 @@ class Controller:
             issuer = self.ca.certificate.public_bytes(serialization.Encoding.PEM).decode()
             if issuer not in bundle:  # an intermediate CA signs the webhook's certificate
                 bundle += issuer
-            nursery.start_soon(keep_ca_bundle, client, bundle, s.webhook_configuration)
+            nursery.start_soon(
+                partial(keep_ca_bundle, leader=self.elector),
+                client,
+                bundle,
+                s.webhook_configuration,
+            )
 
     async def run(self, *, grace: float = SHUTDOWN_GRACE) -> None:
         """`serve` until SIGTERM or SIGINT, then `shutdown` (at most ``grace`` seconds; a

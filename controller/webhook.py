@@ -16,7 +16,8 @@ Every replica serves it (validation needs no state, so followers answer too). Th
 certificate is issued by the controller's CA (`StreamCertificate`, renewed at half life) for
 the Service's names (``meshctl.<namespace>.svc``) and any ``--server-name``; the API server
 trusts it through the configuration's ``caBundle``, which `keep_ca_bundle` sets to the
-mesh root at start and keeps so (the configuration is applied without one), as istiod does.
+mesh root at start and keeps so (the configuration is applied without one), as istiod does;
+with several replicas only the leader writes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import base64
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 import trio
@@ -40,6 +41,9 @@ from meshagent.common.istio import (
     parse_resource,
 )
 from meshagent.controller.validation import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from meshagent.controller.leader import LeaderElector
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +183,20 @@ async def keep_ca_bundle(
     pem: str,
     name: str = WEBHOOK_CONFIGURATION,
     *,
+    leader: LeaderElector | None = None,
     retry: float = CA_BUNDLE_RETRY,
     recheck: float = CA_BUNDLE_RECHECK,
 ) -> None:
     """Keep the caBundle of ValidatingWebhookConfiguration ``name`` equal to the mesh root
     ``pem`` (re-applying the manifest, which carries none, would clear it); never returns.
-    A missing configuration is logged once and looked for again."""
+    A missing configuration is logged once and looked for again. With ``leader``, only
+    while this replica leads: followers serve the webhook but write nothing."""
     missing_logged = False
     while True:
+        if leader is not None and not leader.is_leader:
+            with trio.move_on_after(retry):
+                await leader.wait_changed()
+            continue
         wait = recheck
         try:
             current = await client.get(ValidatingWebhookConfiguration, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ from meshagent.controller.push import (
     controller_identity,
 )
 from meshagent.controller.signing import NodeTokenAuthenticator
+from meshagent.controller.webhook import keep_ca_bundle
 
+from tests.unit.test_admission_webhook import _config
 from tests.unit.test_push_stream import pod, until
 
 TIMEOUT = 10
@@ -122,4 +125,50 @@ async def test_an_agent_moves_to_the_other_replica_and_converges(tmp_path: Path)
             wanted = second.snapshot_for("node-1").version
             await until(lambda: store.version == wanted, "the change after the move")
             assert second.sessions["node-1"].full_sent == 1
+            nursery.cancel_scope.cancel()
+
+
+class _Elector:
+    """Stands in for `LeaderElector`'s view (is_leader, wait_changed)."""
+
+    def __init__(self) -> None:
+        self.is_leader = False
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def lead(self) -> None:
+        self.is_leader = True
+        self._changed.set()
+
+
+class _WebhookClient:
+    """Records what `keep_ca_bundle` asks of the API (the configuration lacks its caBundle)."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict] = []
+
+    async def get(self, _kind, _name):
+        return _config(None)
+
+    async def patch(self, _kind, _name, patch, *, patch_type) -> None:
+        self.patches.append(patch)
+
+
+async def test_only_the_leading_replica_writes_the_webhook_ca_bundle() -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    client, elector = _WebhookClient(), _Elector()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(keep_ca_bundle, leader=elector, retry=0.01, recheck=0.01),
+                client,
+                pem,
+                "meshagent-validation",
+            )
+            await trio.sleep(0.2)  # a follower for a while: many chances to write
+            assert client.patches == []
+            elector.lead()
+            await until(lambda: client.patches, "the leader's caBundle patch")
             nursery.cancel_scope.cancel()
