@@ -119,7 +119,8 @@ class Tables:
         workload_by_uid = {w.uid: w for w in workloads}
         node_address = {n.name: n.address for n in snap.nodes}
         try:
-            istio = [parse_resource(doc) for doc in snap.istio_resources]
+            hosts = snap.entry_hosts()
+            istio = [parse_resource(doc, entry_hosts=hosts) for doc in snap.istio_resources]
         except ResourceError as exc:
             raise SnapshotRejected(f"invalid Istio resource in snapshot: {exc}") from None
         authz = PolicySet([r for r in istio if isinstance(r, AuthorizationPolicy)])

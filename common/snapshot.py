@@ -136,6 +136,11 @@ class Snapshot(_Model):
     def all_workloads(self) -> list[Workload]:
         return [*self.workloads, *self.local_workloads]
 
+    def entry_hosts(self) -> frozenset[str]:
+        """The hosts of the ServiceEntry-made services: what the Istio resources may name
+        besides Services (common.istio.parse_resource's `entry_hosts`)."""
+        return frozenset(s.host for s in self.services if s.host)
+
     def body_digest(self) -> str:
         """Digest of the part all nodes share (all but node, version and local workloads),
         so the controller hashes it once per change, not once per node."""

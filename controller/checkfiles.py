@@ -10,7 +10,7 @@ this same code over tests/corpus/istio/.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from meshagent.common.istio import (
     parse_resource,
 )
 from meshagent.common.istio import networking as net
+from meshagent.common.istio.serviceentry import entry_hosts
 from meshagent.common.istio.support import service_fqdn, warnings
 from meshagent.common.manifests import ManifestError, load_documents
 from meshagent.controller.describe import ROOT_NAMESPACE, describe, service_ports
@@ -80,10 +81,11 @@ class Report:
         return sum(v.outcome == outcome for v in self.verdicts)
 
 
-def judge(obj: dict, file: str) -> Verdict:
-    """The verdict on one object of a supported kind."""
+def judge(obj: dict, file: str, entry_hosts: Collection[str] = ()) -> Verdict:
+    """The verdict on one object of a supported kind; `entry_hosts`: the hosts the
+    ServiceEntries among the checked manifests declare."""
     try:
-        resource = parse_resource(obj, DEFAULT_NAMESPACE)
+        resource = parse_resource(obj, DEFAULT_NAMESPACE, entry_hosts)
     except ResourceSkipped as exc:
         return Verdict(file, exc.kind, exc.namespace, exc.name, "skipped", list(exc.problems))
     except ResourceError as exc:
@@ -94,7 +96,7 @@ def judge(obj: dict, file: str) -> Verdict:
         resource.namespace,
         resource.name,
         "ok",
-        warnings=warnings(resource),
+        warnings=warnings(resource, entry_hosts),
         resource=resource,
     )
 
@@ -111,11 +113,12 @@ def check_files(paths: Sequence[Path]) -> Report:
             continue
         objects += [(str(path), doc) for doc in docs]
     report.services = service_ports([doc for _f, doc in objects], DEFAULT_NAMESPACE)
+    hosts = entry_hosts(doc for _f, doc in objects)
     for file, doc in objects:
         if doc.get("kind") not in SUPPORTED_KINDS:
             report.other_kinds += 1
             continue
-        report.verdicts.append(judge(doc, file))
+        report.verdicts.append(judge(doc, file, hosts))
     _warn_shadowed(report.verdicts)
     _warn_http_rules_without_l7_port(report.verdicts, report.services)
     return report

@@ -33,6 +33,7 @@ from meshagent.common.workloadname import pod_workload
 from meshagent.controller.failclosed import unenforceable_deny
 from meshagent.controller.jwks import compile_jwks
 from meshagent.controller.model import ClusterModel
+from meshagent.controller.serviceentry import compile_entries, model_entries, model_entry_hosts
 
 
 def _meta(obj: dict) -> dict:
@@ -405,10 +406,11 @@ def compile_istio(model: ClusterModel) -> list[dict]:
     rejected DENY AuthorizationPolicy fails closed: a deny-all `<name>.unenforceable` for
     the workloads it selects stands in for it (controller/failclosed.py)."""
     out = []
+    entry_hosts = model_entry_hosts(model)
     for kind in sorted(SUPPORTED_KINDS - OWN_FIELD_KINDS):
         for obj in model.objects(kind):
             try:
-                parse_resource(obj)
+                parse_resource(obj, entry_hosts=entry_hosts)
             except ResourceError as exc:
                 fail_closed = unenforceable_deny(obj, exc)
                 if fail_closed is not None:
@@ -433,8 +435,9 @@ def compile_telemetry(model: ClusterModel) -> list[dict]:
 
 # Kinds that travel in a snapshot field of their own, not in `istio_resources`: an agent
 # older than the kind refuses a snapshot whose istio_resources hold a kind it cannot parse,
-# and ignores a field it does not know.
-OWN_FIELD_KINDS = frozenset({"Telemetry"})
+# and ignores a field it does not know. ServiceEntries travel as the services they declare
+# (controller/serviceentry.py), with Service.host set.
+OWN_FIELD_KINDS = frozenset({"Telemetry", "ServiceEntry"})
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
 
 
@@ -488,7 +491,7 @@ def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapsh
         node=node,
         nodes=compile_nodes(model),
         workloads=workloads,
-        services=compile_services(model, workloads),
+        services=[*compile_services(model, workloads), *compile_entries(model_entries(model))],
         trust_bundle=trust_bundle,
         istio_resources=compile_istio(model),
         telemetry=compile_telemetry(model),

@@ -91,7 +91,8 @@ def explain(
     if not sep or not port_text.isdigit():
         raise ExplainError(f"--to must be NAMESPACE/POD:PORT, not {destination_ref!r}")
     source, destination, port = _find(snap, source_ref), _find(snap, dest_ref), int(port_text)
-    resources = [parse_resource(doc) for doc in snap.istio_resources]
+    hosts = snap.entry_hosts()
+    resources = [parse_resource(doc, entry_hosts=hosts) for doc in snap.istio_resources]
     policies = [r for r in resources if isinstance(r, AuthorizationPolicy)]
     identity = (
         Identity(trust_domain, source.namespace, source.service_account) if source.meshed else None

@@ -14,8 +14,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from meshagent.common.istio.resource import ResourceError, parse_resource
 from meshagent.common.istio.serviceentry import EntryPort, ServiceEntry
 from meshagent.common.snapshot import Endpoint, Service, ServicePort
+from meshagent.controller.model import ClusterModel
 
 
 def _vip(address: str) -> str:
@@ -76,3 +78,22 @@ def compile_entries(entries: Iterable[ServiceEntry]) -> list[Service]:
         for service in entry_services(entry):
             out.setdefault((service.namespace, service.name), service)
     return [out[key] for key in sorted(out)]
+
+
+def model_entries(model: ClusterModel) -> list[ServiceEntry]:
+    """The model's ServiceEntries that pass validation (the refused ones are reported by the
+    validator and change nothing)."""
+    out = []
+    for obj in model.objects("ServiceEntry"):
+        try:
+            resource = parse_resource(obj)
+        except ResourceError:
+            continue
+        if isinstance(resource, ServiceEntry):
+            out.append(resource)
+    return out
+
+
+def model_entry_hosts(model: ClusterModel) -> frozenset[str]:
+    """The hosts the model's accepted ServiceEntries declare (for support.skip_reason)."""
+    return frozenset(host for entry in model_entries(model) for host in entry.spec.hosts)

@@ -26,6 +26,7 @@ from meshagent.common.istio import (
 )
 from meshagent.controller.failclosed import Unenforceable, unenforceable_policies
 from meshagent.controller.model import ClusterModel
+from meshagent.controller.serviceentry import model_entry_hosts
 from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,11 @@ def classify_model(
     accepted: list[IstioResource] = []
     rejected: list[ResourceError] = []
     skipped: list[ResourceSkipped] = []
+    entry_hosts = model_entry_hosts(model)
     for kind in sorted(SUPPORTED_KINDS):
         for obj in model.objects(kind):
             try:
-                accepted.append(parse_resource(obj, DEFAULT_NAMESPACE))
+                accepted.append(parse_resource(obj, DEFAULT_NAMESPACE, entry_hosts))
             except ResourceSkipped as exc:
                 skipped.append(exc)
             except ResourceError as exc:

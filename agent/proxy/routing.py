@@ -648,9 +648,10 @@ class _Compiler:
         self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
         self.virtual_services: list[net.VirtualService] = []
         self.destination_rules: list[net.DestinationRule] = []
+        entry_hosts = snap.entry_hosts()
         for doc in snap.istio_resources:
             try:
-                res = parse_resource(doc)
+                res = parse_resource(doc, entry_hosts=entry_hosts)
             except ResourceError as exc:  # the controller validated it; keep serving the rest
                 log.warning("ignoring invalid Istio resource: %s", exc)
                 continue

@@ -222,9 +222,10 @@ UNKNOWN_SERVICE = ServiceRef()
 
 
 def service_ref(service: Service, *, cluster_domain: str = "cluster.local") -> ServiceRef:
-    """The destination_service labels of a snapshot Service: ``<name>.<ns>.svc.<domain>``."""
+    """The destination_service labels of a snapshot Service: ``<name>.<ns>.svc.<domain>``, or
+    a ServiceEntry's host (its name is the host too, as Istio labels it)."""
     return ServiceRef(
-        hostname=f"{service.name}.{service.namespace}.svc.{cluster_domain}",
+        hostname=service.host or f"{service.name}.{service.namespace}.svc.{cluster_domain}",
         name=service.name,
         namespace=service.namespace,
     )

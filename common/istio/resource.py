@@ -9,7 +9,7 @@ through here, so users get the same message wherever a resource is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from meshagent.common.istio.networking import DestinationRule, VirtualService
@@ -18,6 +18,7 @@ from meshagent.common.istio.security import (
     PeerAuthentication,
     RequestAuthentication,
 )
+from meshagent.common.istio.serviceentry import ServiceEntry
 from meshagent.common.istio.support import skip_reason, unsupported_hint
 from meshagent.common.istio.telemetry import Telemetry
 from pydantic import ValidationError
@@ -28,6 +29,7 @@ IstioResource = (
     | RequestAuthentication
     | VirtualService
     | DestinationRule
+    | ServiceEntry
     | Telemetry
 )
 
@@ -37,6 +39,7 @@ _MODELS: dict[str, type[IstioResource]] = {
     "RequestAuthentication": RequestAuthentication,
     "VirtualService": VirtualService,
     "DestinationRule": DestinationRule,
+    "ServiceEntry": ServiceEntry,
     "Telemetry": Telemetry,
 }
 SUPPORTED_KINDS: frozenset[str] = frozenset(_MODELS)
@@ -146,9 +149,12 @@ def _identity(doc: Mapping[str, Any], default_namespace: str) -> tuple[str, str,
     )
 
 
-def parse_resource(doc: Mapping[str, Any], default_namespace: str = "default") -> IstioResource:
+def parse_resource(
+    doc: Mapping[str, Any], default_namespace: str = "default", entry_hosts: Collection[str] = ()
+) -> IstioResource:
     """Validate one document into its typed model; `default_namespace` fills a missing
-    `metadata.namespace` (as `kubectl apply` would). Raises ResourceError."""
+    `metadata.namespace` (as `kubectl apply` would); `entry_hosts` are the hosts accepted
+    ServiceEntries declare (`serviceentry.entry_hosts`). Raises ResourceError."""
     if not isinstance(doc, Mapping):
         raise ResourceError(
             "resource",
@@ -169,7 +175,7 @@ def parse_resource(doc: Mapping[str, Any], default_namespace: str = "default") -
         )
         raise ResourceError(kind, namespace, name, "kind", message)
 
-    skip = skip_reason(doc, namespace)
+    skip = skip_reason(doc, namespace, entry_hosts)
     if skip is not None:
         raise ResourceSkipped(kind, namespace, name, *skip)
     meta = doc.get("metadata")

@@ -8,10 +8,8 @@ machinery is refused naming the field: `DNS`/`DNS_ROUND_ROBIN` resolution (the c
 does not resolve names yet), endpoints by hostname or Unix socket, `workloadSelector`
 (endpoints from pods), `subjectAltNames` (TLS origination checks), CIDR addresses wider
 than one IP and NONE without addresses (the proxy matches connections by exact address),
-endpoint labels, locality, network, weight and service account (nothing uses them).
-
-Not registered in common/istio/resource.py yet: the controller does not compile entries into
-the snapshot, so accepting one would accept a resource the data path ignores.
+endpoint labels, locality, network, weight and service account (nothing uses them), and
+hosts the data path reads as Kubernetes Services (fewer than three labels, `*.svc.<domain>`).
 
 Reference: https://istio.io/latest/docs/reference/config/networking/service-entry/
 """
@@ -19,10 +17,12 @@ Reference: https://istio.io/latest/docs/reference/config/networking/service-entr
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from meshagent.common.istio.base import IpBlock, IstioModel, IstioResource, NonEmptyStr, Port
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS, ExportTo
+from meshagent.common.istio.support import is_service_host
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 # Port protocols the proxy serves: HTTP ones at L7, the others as opaque TCP (HTTPS and TLS
@@ -37,6 +37,12 @@ def _entry_host(value: str) -> str:
         raise ValueError("host '*' is not allowed: name the host (a '*.' prefix is allowed)")
     if "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
         raise ValueError(f"host {value!r}: a wildcard is only allowed as a '*.' prefix")
+    if len(host.split(".")) < 3 or is_service_host(host, "default"):
+        raise ValueError(
+            f"host {value!r} reads as a Kubernetes Service name (short, name.namespace or "
+            "*.svc.cluster.local forms), which meshagent resolves as a Service: hosts of "
+            "two labels or fewer, and in-cluster hosts, are not supported by meshagent yet"
+        )
     return host
 
 
@@ -190,3 +196,16 @@ class ServiceEntry(IstioResource):
 
     kind: Literal["ServiceEntry"]
     spec: ServiceEntrySpec
+
+
+def entry_hosts(docs: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The hosts the valid ServiceEntries among `docs` declare: what a VirtualService or
+    DestinationRule may name besides Services (support.skip_reason)."""
+    hosts: set[str] = set()
+    for doc in docs:
+        if isinstance(doc, Mapping) and doc.get("kind") == "ServiceEntry":
+            try:
+                hosts.update(ServiceEntry.model_validate(doc).spec.hosts)
+            except ValueError:
+                continue  # refused, and reported where it is parsed
+    return frozenset(hosts)

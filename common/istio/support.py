@@ -12,7 +12,7 @@ such a field is, so every refusal reads "<field> is not supported by meshagent y
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 # The Kubernetes cluster domain the data path resolves hosts in (agent/proxy/routing.py).
@@ -99,8 +99,8 @@ def service_fqdn(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> str
 
 
 def is_service_host(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> bool:
-    """True when `host` can name a Kubernetes Service (the only destinations meshagent has:
-    no ServiceEntry yet). `*` and `*.svc.cluster.local`-style wildcards count."""
+    """True when `host` can name a Kubernetes Service (the destinations besides the hosts of
+    ServiceEntries, `is_entry_host`). `*` and `*.svc.cluster.local`-style wildcards count."""
     fqdn = service_fqdn(host, namespace, domain)
     return fqdn == "*" or fqdn.endswith(f".svc.{domain}")
 
@@ -113,8 +113,8 @@ def dns_form_note(host: str) -> str | None:
         return None
     return (
         f"{host!r} is read as Service {parts[0]} in namespace {parts[1]} (Kubernetes DNS "
-        "form; Istio would take it literally): if it names an external host, meshagent has "
-        "no ServiceEntry support yet and this does nothing for it"
+        "form; Istio would take it literally): if it names an external host, this does nothing "
+        "for it (a ServiceEntry host needs at least three labels, e.g. api.example.com)"
     )
 
 
@@ -129,9 +129,20 @@ def _strings(value: Any) -> list[str] | None:
     return None
 
 
-def skip_reason(doc: Mapping[str, Any], namespace: str) -> tuple[str, str] | None:
+def is_entry_host(host: str, entry_hosts: Collection[str]) -> bool:
+    """True when `host` is one a ServiceEntry declares (exactly, or under its `*.` prefix)."""
+    host = host.lower().rstrip(".")
+    return host in entry_hosts or any(
+        e.startswith("*.") and host.endswith(e[1:]) for e in entry_hosts
+    )
+
+
+def skip_reason(
+    doc: Mapping[str, Any], namespace: str, entry_hosts: Collection[str] = ()
+) -> tuple[str, str] | None:
     """(field path, why) when the resource does not concern meshagent and is skipped (not
-    applied, not an error); None when it is to be validated and applied."""
+    applied, not an error); None when it is to be validated and applied. `entry_hosts`: the
+    hosts the accepted ServiceEntries declare, destinations as much as Services are."""
     kind = doc.get("kind")
     if kind not in ("VirtualService", "DestinationRule"):
         return None
@@ -154,31 +165,36 @@ def skip_reason(doc: Mapping[str, Any], namespace: str) -> tuple[str, str] | Non
     hosts = _strings(spec.get("hosts")) if kind == "VirtualService" else None
     if kind == "DestinationRule" and isinstance(spec.get("host"), str):
         hosts = [spec["host"]]
-    if hosts and "*" not in hosts and not any(is_service_host(h, namespace) for h in hosts):
+    if (
+        hosts
+        and "*" not in hosts
+        and not any(is_service_host(h, namespace) or is_entry_host(h, entry_hosts) for h in hosts)
+    ):
         field = "spec.hosts" if kind == "VirtualService" else "spec.host"
         return (
             field,
             f"{'hosts' if len(hosts) > 1 else 'host'} {hosts} "
             f"{'are' if len(hosts) > 1 else 'is'} not a Kubernetes Service "
-            f"(<name>.<namespace>.svc.{CLUSTER_DOMAIN} or a short form); meshagent has no "
-            "ServiceEntry support yet, so no traffic would use it and it is not applied",
+            f"(<name>.<namespace>.svc.{CLUSTER_DOMAIN} or a short form) and no ServiceEntry "
+            "declares them, so no traffic would use it and it is not applied",
         )
     return None
 
 
-def warnings(resource: Any) -> list[tuple[str, str]]:
+def warnings(resource: Any, entry_hosts: Collection[str] = ()) -> list[tuple[str, str]]:
     """(field path, message) for each setting of an accepted resource that the data path
-    does not fully honour. Empty for a resource that means exactly what it says."""
+    does not fully honour (`entry_hosts`: as for skip_reason). Empty for a resource that
+    means exactly what it says."""
     from meshagent.common.istio.networking import DestinationRule, VirtualService
 
     if isinstance(resource, VirtualService):
-        return _vs_warnings(resource)
+        return _vs_warnings(resource, entry_hosts)
     if isinstance(resource, DestinationRule):
         return _dr_warnings(resource)
     return []
 
 
-def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
+def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     spec = vs.spec
     if spec.gateways and set(spec.gateways) != {MESH_GATEWAY}:
@@ -194,12 +210,16 @@ def _vs_warnings(vs: Any) -> list[tuple[str, str]]:
         note = dns_form_note(host)
         if note:
             out.append((f"spec.hosts[{i}]", note))
-        elif host != "*" and not is_service_host(host, vs.namespace):
+        elif (
+            host != "*"
+            and not is_service_host(host, vs.namespace)
+            and not is_entry_host(host, entry_hosts)
+        ):
             out.append(
                 (
                     f"spec.hosts[{i}]",
-                    f"{host!r} is not a Kubernetes Service; meshagent has no ServiceEntry "
-                    "support yet, so traffic to it is not routed by this VirtualService",
+                    f"{host!r} is not a Kubernetes Service and no ServiceEntry declares it, "
+                    "so traffic to it is not routed by this VirtualService",
                 )
             )
     for i, rule in enumerate(spec.http):

@@ -101,6 +101,7 @@ KIND_SPECS = {
         ),
         KindSpec("VirtualService", "networking.istio.io", "v1", "virtualservices", optional=True),
         KindSpec("DestinationRule", "networking.istio.io", "v1", "destinationrules", optional=True),
+        KindSpec("ServiceEntry", "networking.istio.io", "v1", "serviceentries", optional=True),
         KindSpec("Telemetry", "telemetry.istio.io", "v1", "telemetries", optional=True),
     )
 }

@@ -99,6 +99,7 @@ RESOURCE_TYPES = (
     ),
     ResourceType("networking.istio.io", "v1", "VirtualService", "virtualservices", crd=True),
     ResourceType("networking.istio.io", "v1", "DestinationRule", "destinationrules", crd=True),
+    ResourceType("networking.istio.io", "v1", "ServiceEntry", "serviceentries", crd=True),
     ResourceType("telemetry.istio.io", "v1", "Telemetry", "telemetries", crd=True),
     ResourceType("", "v1", "Secret", "secrets"),
     ResourceType("", "v1", "ConfigMap", "configmaps"),

@@ -47,6 +47,7 @@ ISTIO_KINDS = {
     "requestauthentications.security.istio.io",
     "virtualservices.networking.istio.io",
     "destinationrules.networking.istio.io",
+    "serviceentries.networking.istio.io",
     "telemetries.telemetry.istio.io",
 }
 AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
@@ -580,6 +581,7 @@ def test_controller_cluster_role_is_exactly_what_it_uses() -> None:
         ("security.istio.io", "requestauthentications"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
+        ("networking.istio.io", "serviceentries"),
         ("telemetry.istio.io", "telemetries"),
     ]  # fmt: skip
     expected = {(g, r, verb, None) for g, r in watched for verb in ("list", "watch")}

@@ -243,6 +243,7 @@ def test_supported_kinds():
         "RequestAuthentication",
         "VirtualService",
         "DestinationRule",
+        "ServiceEntry",
         "Telemetry",
     } == SUPPORTED_KINDS
 

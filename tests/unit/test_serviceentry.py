@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 from meshagent.common.istio.serviceentry import ServiceEntry
+from meshagent.controller.compiler import compile_snapshot
+from meshagent.controller.model import ClusterModel
 from meshagent.controller.serviceentry import compile_entries, entry_services
+from meshagent.controller.validation import classify_model
 from pydantic import ValidationError
 
 
@@ -137,3 +140,47 @@ def test_first_entry_by_name_wins_a_shared_host() -> None:
         ("app", "api.example.com", ["10.9.0.5"]),
         ("other", "api.example.com", ["10.9.0.5"]),
     ]
+
+
+def _model(*objs: dict) -> ClusterModel:
+    model = ClusterModel()
+    for obj in objs:
+        model.upsert(obj["kind"], obj)
+    return model
+
+
+_ROUTE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "ext", "namespace": "app"},
+    "spec": {
+        "hosts": ["api.example.com"],
+        "http": [{"route": [{"destination": {"host": "api.example.com"}}]}],
+    },
+}
+
+
+def test_a_route_on_an_entry_host_applies_only_with_the_entry() -> None:
+    alone = compile_snapshot(_model(_ROUTE), "node-1")
+    assert alone.istio_resources == []
+    assert classify_model(_model(_ROUTE))[2][0].path == "spec.hosts"  # skipped, says why
+    snap = compile_snapshot(_model(_entry(**_STATIC), _ROUTE), "node-1")
+    # the entry travels as a service with its host, the route beside the other resources
+    assert [r["kind"] for r in snap.istio_resources] == ["VirtualService"]
+    (svc,) = snap.services
+    assert (svc.hostname, svc.vips, snap.entry_hosts()) == (
+        "api.example.com",
+        ["10.9.0.5"],
+        frozenset({"api.example.com"}),
+    )
+    accepted, rejected, skipped = classify_model(_model(_entry(**_STATIC), _ROUTE))
+    assert sorted(r.kind for r in accepted) == ["ServiceEntry", "VirtualService"]
+    assert (rejected, skipped) == ([], [])
+
+
+def test_a_refused_entry_adds_no_service_and_no_host() -> None:
+    bad = _entry(resolution="DNS", ports=[{"number": 80, "name": "http"}])
+    snap = compile_snapshot(_model(bad, _ROUTE), "node-1")
+    assert (snap.services, snap.istio_resources) == ([], [])
+    (error,) = classify_model(_model(bad))[1]
+    assert (error.kind, error.path) == ("ServiceEntry", "spec.resolution")

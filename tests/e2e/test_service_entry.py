@@ -1,0 +1,132 @@
+"""Issue #21 item 3: a ServiceEntry makes a host outside the mesh a destination that
+VirtualService rules and the metrics apply to. The server (the stdlib's http.server via
+apps/head_echo.py, answering with the request line it got) runs in an un-meshed namespace on
+node-2; the meshed client on node-1 reaches it with stock curl through the entry's address,
+by IP and by host name, while a fault abort on one path answers from the proxy. The proxy
+dials the endpoint directly in plain TCP (no HBONE: nothing of ours is in front of it), and
+labels istio_requests_total with destination_service = the entry's host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import meshlab, render_manifest
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = HERE / "manifests" / "service-entry.yaml"
+HOST = "api.outside.example"
+VIP = "240.0.0.10"  # the entry's address: no interface has it, only the mesh knows it
+CLIENT = "se/client"
+
+
+def _entry(server_ip: str) -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "outside-api", "namespace": "se"},
+        "spec": {
+            "hosts": [HOST],
+            "addresses": [VIP],
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 8080}],
+            "location": "MESH_EXTERNAL",
+            "resolution": "STATIC",
+            "endpoints": [{"address": server_ip}],
+        },
+    }
+
+
+ROUTES = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "outside-api", "namespace": "se"},
+    "spec": {
+        "hosts": [HOST],
+        "http": [
+            {
+                "match": [{"uri": {"prefix": "/blocked"}}],
+                "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                "route": [{"destination": {"host": HOST}}],
+            },
+            {"route": [{"destination": {"host": HOST}}]},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("service-entry")
+    lab = lab_factory(render_manifest(MANIFEST, folder), nodes=2)
+    server_ip = meshlab("exec", "outside/server", "--", "hostname", "-I").stdout.split()[0]
+    lab.server_ip = server_ip
+    wait_until(
+        lambda: meshlab("exec", "--node", "node-2", "--", "curl", "-s", "-o", "/dev/null",
+                        "-w", "%{http_code}", f"http://{server_ip}:8080/", check=False).stdout,
+        lambda code: code == "200",
+        what="the server outside the mesh answers",
+        timeout=30,
+    )  # fmt: skip
+    path = folder / "entry.yaml"
+    path.write_text(yaml.safe_dump_all([_entry(server_ip), ROUTES]))
+    meshlab("apply", "-f", str(path))
+    return lab
+
+
+def _metric(node: str, **labels: str) -> float:
+    page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "istio_requests_total" and labels.items() <= s.labels.items()
+    )
+
+
+def test_entry_address_reaches_the_outside_server_and_the_fault_applies(lab):
+    code, body = wait_until(
+        lambda: lab.curl(CLIENT, f"http://{VIP}/blocked/x", timeout=10),
+        lambda got: got[0] == "418",
+        what="the VirtualService's abort on the entry's host is in force",
+        timeout=60,
+    )
+    assert "GET" not in body, body  # answered by the proxy, the server was not asked
+    code, body = lab.curl(CLIENT, f"http://{VIP}/open/y", timeout=10)
+    assert (code, body.splitlines()[0]) == ("200", "GET /open/y HTTP/1.1"), body
+    # By host name, as a client resolving it to the entry's address would.
+    resolve = f"{HOST}:80:{VIP}"
+    code, body = lab.curl(CLIENT, f"http://{HOST}/by-name", "--resolve", resolve, timeout=10)
+    assert (code, body.splitlines()[0]) == ("200", "GET /by-name HTTP/1.1"), body
+    code, _ = lab.curl(CLIENT, f"http://{HOST}/blocked/z", "--resolve", resolve, timeout=10)
+    assert code == "418"
+
+
+def test_metrics_label_the_entry_host_as_destination_service(lab):
+    for path in ("/blocked/m", "/open/m"):
+        wait_until(
+            lambda path=path: lab.curl(CLIENT, f"http://{VIP}{path}", timeout=10)[0],
+            lambda code: code in ("418", "200"),
+            what=f"{path} through the entry",
+            timeout=60,
+        )
+    for code in ("418", "200"):
+        wait_until(
+            lambda code=code: _metric(
+                "node-1",
+                reporter="source",
+                destination_service=HOST,
+                destination_service_name=HOST,
+                destination_service_namespace="se",
+                response_code=code,
+            ),
+            lambda value: value >= 1,
+            what=f"istio_requests_total for {HOST} with response_code {code}",
+            timeout=30,
+        )
