@@ -85,9 +85,11 @@ class TestCA:
         *uris: str,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
+        dns: tuple[str, ...] = (),
     ) -> Leaf:
         """A leaf whose URI SANs are ``uris`` (normally one SPIFFE ID; none or several to test
-        rejection), valid from ``not_before`` to ``not_after`` (default: a day around now)."""
+        rejection) and DNS SANs ``dns`` (a server's names), valid from ``not_before`` to
+        ``not_after`` (default: a day around now)."""
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -123,12 +125,11 @@ class TestCA:
                 critical=False,
             )
         )
-        if uris:
+        if uris or dns:
             # An X.509-SVID has an empty subject, so the SAN extension must be critical.
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-                critical=True,
-            )
+            names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+            names += [x509.DNSName(d) for d in dns]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
         cert = builder.sign(self._key, hashes.SHA256())
         return Leaf(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), cert)
 

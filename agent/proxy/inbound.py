@@ -34,7 +34,7 @@ from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import single_endpoint_routes
+from meshagent.agent.proxy.routing import ClusterSpec, single_endpoint_routes
 from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
@@ -332,7 +332,9 @@ class InboundProxy:
                 answer = replace(answer, headers=(*answer.headers, (b"connection", b"close")))
             return answer
 
-        async def connect(ep: Endpoint, pod_port: int) -> trio.abc.HalfCloseableStream:
+        async def connect(
+            ep: Endpoint, pod_port: int, _spec: ClusterSpec
+        ) -> trio.abc.HalfCloseableStream:
             if pending:
                 return pending.pop()
             try:

@@ -28,7 +28,7 @@ from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import Protocol, port_protocol
+from meshagent.agent.proxy.routing import ClusterSpec, Protocol, port_protocol
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
 from meshagent.agent.state import ServicePortRoute, Tables
@@ -188,11 +188,18 @@ class OutboundProxy:
         self.stats.http_connections += 1
         served: list[Protocol] = [protocol]  # HTTP/2 on an HTTP/1.1 port too, once detected
 
-        async def connect(endpoint: Endpoint, pod_port: int) -> Upstream:
+        async def connect(endpoint: Endpoint, pod_port: int, spec: ClusterSpec) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
             # the HTTP engines bound the whole open by the cluster's connectTimeout
             upstream = await self.connector.open(
-                source, ip, pod_port, peer_ip, served[0], connect_timeout=math.inf
+                source,
+                ip,
+                pod_port,
+                peer_ip,
+                served[0],
+                connect_timeout=math.inf,
+                tls=spec.policy.tls,
+                hostname=spec.key.hostname,
             )
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1
@@ -339,7 +346,7 @@ class _L4:
             target = ep.upstream
             try:
                 ip = dial_address(proxy.store.tables, target.endpoint, self.orig[0])
-                upstream = await self._open(ip, target.port, spec.policy.connect_timeout)
+                upstream = await self._open(ip, target.port, spec)
             except UpstreamError as exc:
                 state.closed(ep)
                 error = f"{exc.kind}: {exc}"
@@ -359,13 +366,21 @@ class _L4:
             return
         self._failed(service_labels, error or "no healthy upstream", "UF" if error else "UH")
 
-    async def _open(self, ip: str, port: int, timeout: float) -> Upstream:
+    async def _open(self, ip: str, port: int, spec: ClusterSpec) -> Upstream:
         """Open toward the endpoint within the DestinationRule's `connectTimeout` (Istio's
-        default 10 s), as Envoy bounds a TCP cluster's connect."""
+        default 10 s), as Envoy bounds a TCP cluster's connect, with its `tls`."""
+        timeout = spec.policy.connect_timeout
         try:
             with trio.fail_after(timeout):
                 return await self.proxy.connector.open(
-                    self.source, ip, port, self.peer_ip, self.protocol or "tcp", timeout
+                    self.source,
+                    ip,
+                    port,
+                    self.peer_ip,
+                    self.protocol or "tcp",
+                    timeout,
+                    tls=spec.policy.tls,
+                    hostname=spec.key.hostname,
                 )
         except trio.TooSlowError:
             raise UpstreamError("connect-failure", f"{ip}:{port}: connect timeout") from None

@@ -176,6 +176,8 @@ class TrafficPolicy:
     max_pending_requests: int | None = None
     max_requests_per_connection: int | None = None
     outlier: OutlierPolicy | None = None
+    # DestinationRule `tls`; None or ISTIO_MUTUAL: the mesh's own (HBONE to meshed pods)
+    tls: net.ClientTLSSettings | None = None
 
 
 DEFAULT_POLICY = TrafficPolicy()
@@ -513,10 +515,11 @@ def _policy_components(
     net.LoadBalancerSettings | None,
     net.ConnectionPoolSettings | None,
     net.OutlierDetection | None,
+    net.ClientTLSSettings | None,
 ]:
     if tp is None:
-        return None, None, None
-    return tp.load_balancer, tp.connection_pool, tp.outlier_detection
+        return None, None, None, None
+    return tp.load_balancer, tp.connection_pool, tp.outlier_detection, tp.tls
 
 
 def _port_level(tp: net.TrafficPolicy | None, port: int) -> net.PortTrafficPolicy | None:
@@ -528,19 +531,20 @@ def _port_level(tp: net.TrafficPolicy | None, port: int) -> net.PortTrafficPolic
 def merge_policy(
     top: net.TrafficPolicy | None, subset: net.TrafficPolicy | None, port: int
 ) -> TrafficPolicy:
-    """Istio's MergeTrafficPolicy for one port: port-level settings replace the three
+    """Istio's MergeTrafficPolicy for one port: port-level settings replace the four
     policies whole (they do not inherit), a subset's fields replace the rule's."""
     level = _port_level(top, port)
-    lb, pool, outlier = _policy_components(level if level is not None else top)
+    lb, pool, outlier, tls = _policy_components(level if level is not None else top)
     if subset is not None:
         sub_level = _port_level(subset, port)
         if sub_level is not None:
-            lb, pool, outlier = _policy_components(sub_level)
+            lb, pool, outlier, tls = _policy_components(sub_level)
         else:
             lb = subset.load_balancer or lb
             pool = subset.connection_pool or pool
             outlier = subset.outlier_detection or outlier
-    return _to_policy(lb, pool, outlier)
+            tls = subset.tls or tls
+    return _to_policy(lb, pool, outlier, tls)
 
 
 def _positive(value: int | None) -> int | None:
@@ -551,6 +555,7 @@ def _to_policy(
     lb: net.LoadBalancerSettings | None,
     pool: net.ConnectionPoolSettings | None,
     outlier: net.OutlierDetection | None,
+    tls: net.ClientTLSSettings | None = None,
 ) -> TrafficPolicy:
     tcp = pool.tcp if pool else None
     http = pool.http if pool else None
@@ -575,6 +580,7 @@ def _to_policy(
         max_pending_requests=_positive(http.http1_max_pending_requests if http else None),
         max_requests_per_connection=_positive(http.max_requests_per_connection if http else None),
         outlier=od,
+        tls=None if tls is None or tls.mode == "ISTIO_MUTUAL" else tls,
     )
 
 

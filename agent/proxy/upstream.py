@@ -6,7 +6,10 @@ this node is dialled directly (the node proxy is a trusted source, so STRICT
 pods accept it). A meshed pod on another node is reached through an HBONE
 tunnel to that node's proxy, presenting the source workload's certificate and
 requiring the destination workload's identity. A pod whose mode is DISABLE,
-or a destination outside the mesh, is dialled directly.
+or a destination outside the mesh, is dialled directly. A DestinationRule `tls` other than
+ISTIO_MUTUAL dials directly too: DISABLE in plaintext (refused here when the destination's
+PeerAuthentication is STRICT, as its node's kernel would), SIMPLE/MUTUAL with TLS originated
+by this proxy (agent/proxy/tls_origin.py).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from meshagent.agent.identity.manager import IdentityManager, IdentityUnavailabl
 from meshagent.agent.policy import authorization
 from meshagent.agent.proxy import live
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.tls_origin import TlsOriginError, originate
 from meshagent.agent.telemetry import local_hop_security
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.inbound import InboundProxy
     from meshagent.agent.proxy.routing import Protocol
+    from meshagent.common.istio.networking import ClientTLSSettings
 from meshagent.common.snapshot import Workload
 from meshagent.common.spiffe import Identity
 
@@ -128,6 +133,19 @@ class Connector:
             )
         return live.plaintext_check(self.node, ip, port) if source is not None else None
 
+    def _refuse_plaintext_to_strict(self, dest: Workload | None, ip: str, port: int) -> None:
+        """DestinationRule tls DISABLE toward a STRICT pod: refused here, as the destination's
+        node would drop the plaintext (a same-node hop would otherwise pass as trusted)."""
+        tables = self.store.tables
+        if tables is None or dest is None or not dest.meshed:
+            return
+        if tables.mtls_for(dest).mode_for(port) == "STRICT":
+            raise UpstreamError(
+                "refused",
+                f"{ip}:{port}: DestinationRule tls mode DISABLE sends plaintext, which the "
+                f"destination's STRICT PeerAuthentication refuses",
+            )
+
     def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
         """Same-node HTTP goes through this node's inbound HTTP path (per-request policy)."""
         self._local = (inbound, nursery)
@@ -140,18 +158,25 @@ class Connector:
         client_ip: str,
         protocol: Protocol | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        tls: ClientTLSSettings | None = None,
+        hostname: str | None = None,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
         direct dial (DestinationRule `connectionPool.tcp.connectTimeout` when the caller has
-        one; math.inf when the caller bounds the whole open itself). Raises UpstreamError."""
-        dest = self._tunnel_target(source, ip, port)
+        one; math.inf when the caller bounds the whole open itself). `tls` is the cluster's
+        DestinationRule `tls` (None: the mesh's own), `hostname` its default SNI.
+        Raises UpstreamError."""
+        dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
+        if tls is not None and tls.mode == "DISABLE":
+            self._refuse_plaintext_to_strict(local, ip, port)
         if protocol is None and tables is not None:
             protocol = tables.pod_protocol(ip, port)
         if (
             dest is None
+            and tls is None
             and self._local is not None
             and local is not None
             and local.meshed
@@ -174,6 +199,8 @@ class Connector:
                     stream = await trio.open_tcp_stream(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
+            if tls is not None and tls.mode in ("SIMPLE", "MUTUAL"):
+                stream = await self._originate(stream, tls, hostname, ip, port, connect_timeout)
             tables = self.store.tables
             peer = tables.workload_by_ip.get(ip) if tables else None
             security = local_hop_security(source is not None, peer, self.node)
@@ -205,3 +232,21 @@ class Connector:
         except (TunnelFailed, SecureNamingError) as exc:
             raise UpstreamError("connect-failure", str(exc)) from None
         return Upstream(stream, "mutual_tls", dest, tunnelled=True)
+
+    @staticmethod
+    async def _originate(
+        stream: trio.SocketStream,
+        tls: ClientTLSSettings,
+        hostname: str | None,
+        ip: str,
+        port: int,
+        timeout: float,
+    ) -> trio.abc.HalfCloseableStream:
+        """TLS over a fresh direct connection; closed again if the handshake fails."""
+        try:
+            with trio.fail_after(timeout):
+                return await originate(stream, tls, hostname)
+        except (TlsOriginError, trio.TooSlowError) as exc:
+            await trio.aclose_forcefully(stream)
+            reason = str(exc) if isinstance(exc, TlsOriginError) else "TLS handshake timeout"
+            raise UpstreamError("connect-failure", f"{ip}:{port}: {reason}") from None

@@ -683,10 +683,53 @@ class OutlierDetection(IstioModel):
     max_ejection_percent: Annotated[int, Field(ge=0, le=100, strict=True)] | None = None
 
 
+TlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+
+
+class ClientTLSSettings(IstioModel):
+    """`tls`: how the source proxy secures the connection to the destination.
+
+    ISTIO_MUTUAL is the mesh's own HBONE mTLS (the default for meshed pods); DISABLE sends
+    plaintext (a STRICT destination then refuses it); SIMPLE/MUTUAL originate TLS from the
+    source node's proxy with files on that node (agent/proxy/tls_origin.py)."""
+
+    mode: TlsMode = "DISABLE"
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str | None = None
+    insecure_skip_verify: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientTLSSettings:
+        files = (self.client_certificate, self.private_key, self.ca_certificates)
+        if self.mode == "ISTIO_MUTUAL" and any(files):
+            raise ValueError(
+                "ISTIO_MUTUAL uses the mesh's certificates: clientCertificate, privateKey and "
+                "caCertificates must not be set"
+            )
+        if self.mode == "MUTUAL" and not (self.client_certificate and self.private_key):
+            raise ValueError("MUTUAL needs clientCertificate and privateKey (files on the node)")
+        if self.mode != "MUTUAL" and (self.client_certificate or self.private_key):
+            raise ValueError(
+                f"clientCertificate/privateKey are only used with MUTUAL, not {self.mode}"
+            )
+        for name, path in (
+            ("clientCertificate", self.client_certificate),
+            ("privateKey", self.private_key),
+            ("caCertificates", self.ca_certificates),
+        ):
+            if path is not None and not path.startswith("/"):
+                raise ValueError(f"{name} must be an absolute file path on the node, got {path!r}")
+        return self
+
+
 class _Policies(IstioModel):
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
 
 
 class PortTrafficPolicy(_Policies):

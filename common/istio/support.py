@@ -31,6 +31,8 @@ FAR_POD_CONNECT_TIMEOUT = 5.0
 # Istio fields meshagent refuses, with what they are (for the "not supported yet" message).
 _HINTS: dict[str, str] = {
     "tls": "TLS settings / SNI routes",
+    "credentialName": "TLS credentials from a Kubernetes Secret (use file paths on the node)",
+    "caCrl": "a certificate revocation list for TLS origination",
     "rewrite": "URI/authority rewrite",
     "headers": "request/response header manipulation",
     "corsPolicy": "CORS policy",

@@ -99,7 +99,7 @@ class _Lab:
         self.client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
         nursery.start_soon(self.client.run, lambda event: False)
 
-    async def _connect(self, endpoint: Endpoint, port: int):
+    async def _connect(self, endpoint: Endpoint, port: int, _spec=None):
         self.connections += 1
         near, far = memory_stream_pair()
         self.nursery.start_soon(_echo_server, far, endpoint.ip, self.seen)
@@ -236,7 +236,7 @@ async def test_a_failed_connect_is_unavailable_for_grpc():
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, _routes("10.1.0.1"))
 
-        async def refuse(endpoint, port):
+        async def refuse(endpoint, port, _spec=None):
             raise OSError("connection refused")
 
         object.__setattr__(lab.ctx, "connect", refuse)
@@ -336,7 +336,7 @@ async def test_a_call_past_its_grpc_timeout_is_deadline_exceeded():
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, _routes("10.1.0.1"))
 
-        async def hang(endpoint, port):
+        async def hang(endpoint, port, _spec=None):
             await trio.sleep_forever()
 
         object.__setattr__(lab.ctx, "connect", hang)
@@ -435,7 +435,7 @@ async def test_per_try_timeout_retries_a_silent_endpoint_then_answers_504_ut():
     retry = RetryPolicy(attempts=1, per_try_timeout=0.05, on_5xx=True)
 
     async def silent_then_echo(lab, silent: set[str]):
-        async def connect(endpoint, port):
+        async def connect(endpoint, port, _spec=None):
             lab.connections += 1
             near, far = memory_stream_pair()
             if endpoint.ip in silent:  # accepts, never answers
@@ -504,7 +504,7 @@ async def test_retry_on_refused_stream(refused_stream: bool, answered: bytes):
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, _routes("refuser", "10.2.0.1", retry=retry))
 
-        async def connect(endpoint, port):
+        async def connect(endpoint, port, _spec=None):
             near, far = memory_stream_pair()
             if endpoint.ip == "refuser":
                 nursery.start_soon(_refusing_server, far)

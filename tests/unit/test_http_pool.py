@@ -25,7 +25,7 @@ def _cluster() -> ClusterState:
 def _memory_connect(servers: list[trio.abc.Stream], pair=trio.testing.memory_stream_pair):
     """A `Connect` opening in-memory streams (`pair`), their server ends kept in `servers`."""
 
-    async def connect(endpoint: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+    async def connect(endpoint: Endpoint, port: int, _spec=None) -> trio.abc.HalfCloseableStream:
         client, server = pair()
         servers.append(server)
         return client
@@ -78,7 +78,7 @@ async def test_a_socket_the_server_closed_while_pooled_is_closed_and_its_dedicat
     port = listener.socket.getsockname()[1]
     accepted: list[trio.SocketStream] = []
 
-    async def connect(endpoint: Endpoint, _port: int) -> trio.SocketStream:
+    async def connect(endpoint: Endpoint, _port: int, _spec=None) -> trio.SocketStream:
         client = await trio.open_tcp_stream("127.0.0.1", port)
         accepted.append(await listener.accept())
         return client

@@ -202,7 +202,7 @@ def _vs(*http: dict) -> dict:
     }
 
 
-async def tcp_connect(endpoint: Endpoint, port: int) -> trio.SocketStream:
+async def tcp_connect(endpoint: Endpoint, port: int, _spec=None) -> trio.SocketStream:
     try:
         return await trio.open_tcp_stream(endpoint.ip, port)
     except OSError as exc:
@@ -855,7 +855,7 @@ async def test_pooled_connections_are_never_shared_between_sources():
             table_routes = mesh.ctx.routes
 
             def ctx_for(source: str) -> HttpContext:
-                async def connect(endpoint: Endpoint, port: int) -> Opened:
+                async def connect(endpoint: Endpoint, port: int, _spec=None) -> Opened:
                     opened.append(source)
                     return Opened(await trio.open_tcp_stream(endpoint.ip, port), f"mtls-{source}")
 
@@ -892,7 +892,7 @@ async def test_connector_failures_of_any_type_are_connect_failures():
     class TunnelRefused(Exception):
         kind = "refused"
 
-    async def refuse(endpoint: Endpoint, port: int) -> trio.SocketStream:
+    async def refuse(endpoint: Endpoint, port: int, _spec=None) -> trio.SocketStream:
         raise TunnelRefused("401 from the peer proxy")
 
     with trio.fail_after(5):
@@ -1011,7 +1011,7 @@ def test_fuzzed_client_input_never_crashes_the_engine(chunks: list[bytes]):
     async def main() -> None:
         backend_client, backend_server = trio.testing.memory_stream_pair()
 
-        async def connect(endpoint: Endpoint, port: int):
+        async def connect(endpoint: Endpoint, port: int, _spec=None):
             client, server = trio.testing.memory_stream_pair()
 
             async def answer() -> None:

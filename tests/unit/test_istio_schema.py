@@ -700,11 +700,18 @@ REFUSALS = [
         "invalid duration 'often'",
     ),
     (
-        "dr-unsupported-tls",
+        "dr-tls-credential-name",
         DR_YAML,
-        lambda d: set_at(d, "spec.trafficPolicy.tls", {"mode": "ISTIO_MUTUAL"}),
-        "spec.trafficPolicy.tls",
+        lambda d: set_at(d, "spec.trafficPolicy.tls", {"mode": "SIMPLE", "credentialName": "c"}),
+        "spec.trafficPolicy.tls.credentialName",
         "not supported",
+    ),
+    (
+        "dr-tls-mutual-needs-files",
+        DR_YAML,
+        lambda d: set_at(d, "spec.trafficPolicy.tls", {"mode": "MUTUAL"}),
+        "spec.trafficPolicy.tls",
+        "MUTUAL needs clientCertificate and privateKey",
     ),
     (
         "dr-port-level-needs-port",

@@ -233,7 +233,7 @@ async def _exchange(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery, open_connection_pool() as pool:
 
-            async def connect(ep: Endpoint, port: int) -> trio.abc.HalfCloseableStream:
+            async def connect(ep: Endpoint, port: int, _spec=None) -> trio.abc.HalfCloseableStream:
                 near, far = memory_stream_pair()
                 nursery.start_soon(upstream, far)
                 return near

@@ -289,7 +289,7 @@ class _Http1Mesh:
             peer="10.0.0.9:1",
         )
 
-    async def _connect(self, endpoint: Endpoint, port: int):
+    async def _connect(self, endpoint: Endpoint, port: int, _spec=None):
         near, far = memory_stream_pair()
         name = next(n for n, ip in IPS.items() if ip == endpoint.ip)
         self.nursery.start_soon(_h11_echo, far, name, self.seen)

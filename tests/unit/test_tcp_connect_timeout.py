@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 from meshagent.agent.proxy.outbound import _L4
+from meshagent.agent.proxy.routing import ClusterKey, ClusterSpec, TrafficPolicy
 from meshagent.agent.proxy.upstream import UpstreamError
 
 
@@ -18,7 +19,7 @@ class SlowConnector:
     def __init__(self) -> None:
         self.timeouts: list[float] = []
 
-    async def open(self, source, ip, port, client_ip, protocol=None, connect_timeout=5.0):
+    async def open(self, source, ip, port, client_ip, protocol=None, connect_timeout=5.0, **_):
         self.timeouts.append(connect_timeout)
         await trio.sleep_forever()
 
@@ -38,7 +39,8 @@ def test_the_policy_timeout_bounds_the_connect(timeout: float) -> None:
     async def main() -> float:
         start = trio.current_time()
         with pytest.raises(UpstreamError) as caught:
-            await l4_with(connector)._open("10.0.0.9", 5432, timeout)
+            spec = ClusterSpec(ClusterKey("db", 5432), (), TrafficPolicy(connect_timeout=timeout))
+            await l4_with(connector)._open("10.0.0.9", 5432, spec)
         assert caught.value.kind == "connect-failure"
         assert "connect timeout" in str(caught.value)
         return trio.current_time() - start

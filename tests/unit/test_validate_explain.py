@@ -58,16 +58,19 @@ def test_unsupported_fields_get_one_uniform_message(field, value, path) -> None:
     assert str(caught.value).startswith(f"VirtualService shop/reviews: {path}: ")
 
 
-def test_destination_rule_tls_is_refused_naming_its_path() -> None:
+def test_destination_rule_tls_credential_name_is_refused_naming_its_path() -> None:
     dr = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
         "metadata": {"name": "r", "namespace": "shop"},
-        "spec": {"host": "reviews", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}},
+        "spec": {
+            "host": "reviews",
+            "trafficPolicy": {"tls": {"mode": "SIMPLE", "credentialName": "reviews-ca"}},
+        },
     }
     with pytest.raises(ResourceError) as caught:
         parse_resource(dr)
-    assert caught.value.path == "spec.trafficPolicy.tls"
+    assert caught.value.path == "spec.trafficPolicy.tls.credentialName"
     assert "not supported by meshagent yet" in caught.value.message
 
 

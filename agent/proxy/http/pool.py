@@ -266,7 +266,7 @@ class ConnectionPool:
         cluster.opened(ep)
         try:
             with trio.fail_after(cluster.spec.policy.connect_timeout):
-                opened = await connect(ep.endpoint, ep.port)
+                opened = await connect(ep.endpoint, ep.port, cluster.spec)
         except BaseException as exc:
             cluster.closed(ep)
             if isinstance(exc, trio.TooSlowError):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from meshagent.agent.proxy.http.pool import ConnectionPool
     from meshagent.agent.proxy.lb import Clusters
     from meshagent.agent.proxy.limits import Limits
-    from meshagent.agent.proxy.routing import HttpRoutes
+    from meshagent.agent.proxy.routing import ClusterSpec, HttpRoutes
 
 UpstreamErrorKind = Literal["connect-failure", "refused", "reset"]
 
@@ -42,7 +42,8 @@ class UpstreamError(Exception):
 # UpstreamError (any other exception counts as a connect failure, its `kind` kept if valid).
 # For a stream without `.socket`, a cancelled receive_some must lose no data: such idle pooled
 # connections are watched for the server closing them by a receive cancelled on reuse.
-Connect = Callable[[Endpoint, int], Awaitable[trio.abc.HalfCloseableStream]]
+# The ClusterSpec says how (its DestinationRule `tls`, the hostname for SNI).
+Connect = Callable[[Endpoint, int, "ClusterSpec"], Awaitable[trio.abc.HalfCloseableStream]]
 
 
 @dataclass(slots=True)
