@@ -8,6 +8,8 @@ still says something useful when the agent is down:
 - the pinned BPF objects (programs attached to the cgroup, meshed namespaces, counters);
 - the agent's state folder (the last accepted snapshot, the saved certificates), which gives
   pods their names, identities and mTLS modes, and certificate expiry with the agent down.
+  The snapshot is read as plain JSON (agent/savedview.py), not built into the agent's Tables,
+  and certificates are parsed only with the agent down: status is mostly Python start-up.
 
 The JSON report's keys, for scripts (`REPORT_FIELDS`; ``null`` where only the running agent
 knows and it is down):
@@ -41,6 +43,7 @@ errors; with ``--json`` it prints ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import time
@@ -51,14 +54,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import trio
-from meshagent.agent import handover
+from meshagent.agent import handover, savedview
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
-from meshagent.agent.identity.certstore import CertStore
-from meshagent.agent.state import SnapshotStore, Tables
-from meshagent.common.httpserve import http_get
+from meshagent.agent.savedview import SavedView
 from meshagent.common.spiffe import Identity, InvalidIdentity
 
 __all__ = [
@@ -89,11 +89,25 @@ REPORT_FIELDS: tuple[str, ...] = (
 ADMIN_TIMEOUT = 2.0
 
 
+def _admin_get(port: int, path: str) -> tuple[int, bytes]:
+    """One GET to the local admin endpoint, blocking (no event loop to start for one call)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=ADMIN_TIMEOUT)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def _agent_view(config: AgentConfig) -> tuple[dict | None, str]:
     try:
-        code, body = trio.run(http_get, "127.0.0.1", config.admin_port, "/status", ADMIN_TIMEOUT)
-    except (OSError, trio.TooSlowError) as exc:
-        return None, str(exc) or type(exc).__name__
+        code, body = _admin_get(config.admin_port, "/status")
+    except OSError as exc:  # refused, timed out, reset: in words, without an errno
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return None, f"cannot reach the admin endpoint 127.0.0.1:{config.admin_port}: {reason}"
+    except http.client.HTTPException as exc:
+        return None, f"admin endpoint 127.0.0.1:{config.admin_port}: {exc!r}"
     if code != 200:
         return None, f"admin endpoint answered {code}"
     return json.loads(body), ""
@@ -177,14 +191,8 @@ def fail_mode_in_force(fail_mode: str | None, heartbeat: dict[str, Any] | None) 
     return "open: direct" if fail_mode == "open" else "closed: refused"
 
 
-def _saved_tables(config: AgentConfig) -> Tables | None:
-    """The last snapshot the agent accepted, as it serves it (None if there is none)."""
-    store = SnapshotStore(config.node_name, config.state_dir, root_namespace=config.root_namespace)
-    return store.tables if store.load_saved() else None
-
-
-def _identity(tables: Tables | None, ip: str, trust_domain: str) -> Identity | None:
-    workload = tables.workload_by_ip.get(ip) if tables else None
+def _identity(saved: SavedView | None, ip: str, trust_domain: str) -> Identity | None:
+    workload = saved.pods_by_ip.get(ip) if saved else None
     if workload is None:
         return None
     try:
@@ -194,13 +202,16 @@ def _identity(tables: Tables | None, ip: str, trust_domain: str) -> Identity | N
 
 
 def _saved_certificates(
-    config: AgentConfig, tables: Tables | None, ips: list[str]
+    config: AgentConfig, saved: SavedView | None, ips: list[str]
 ) -> list[dict[str, Any]]:
     """Certificate rows (as the live agent gives them) from the certificates kept on disk."""
+    # only with the agent down: parsing certificates (cryptography) is a third of start-up
+    from meshagent.agent.identity.certstore import CertStore
+
     store = CertStore(config.state_dir / "certs")
     rows = []
     for ip in ips:
-        identity = _identity(tables, ip, config.trust_domain)
+        identity = _identity(saved, ip, config.trust_domain)
         if identity is None:
             continue
         cert = store.load(identity)
@@ -218,17 +229,17 @@ def gather(config: AgentConfig) -> dict[str, Any]:
     """Read every source once and join them (see the module docstring for the keys)."""
     agent, error = _agent_view(config)
     kernel = _kernel_view(config)
-    tables = _saved_tables(config)
+    saved = savedview.load(config.state_dir, config.node_name)
     certificates = None
     if agent is None:
         ips = [p["ip"] for p in kernel.get("meshed_netns", [])]
-        certificates = _saved_certificates(config, tables, ips)
+        certificates = _saved_certificates(config, saved, ips)
     return assemble(
         config.node_name,
         agent,
         error,
         kernel,
-        tables,
+        saved,
         trust_domain=config.trust_domain,
         saved_certificates=certificates,
         now=time.time(),
@@ -291,7 +302,7 @@ def summarize_pods(pods: list[dict[str, Any]]) -> dict[str, Any]:
 def _pods(
     agent: dict | None,
     kernel: dict[str, Any],
-    tables: Tables | None,
+    saved: SavedView | None,
     certificates: list[dict[str, Any]],
     trust_domain: str,
     now: float,
@@ -306,9 +317,8 @@ def _pods(
     pods = []
     for entry in sorted(base, key=lambda p: _ip_order(p["ip"])):
         ip = entry["ip"]
-        workload = tables.workload_by_ip.get(ip) if tables else None
-        identity = _identity(tables, ip, trust_domain)
-        mtls = tables.mtls_for(workload) if tables and workload else None
+        workload = saved.pods_by_ip.get(ip) if saved else None
+        identity = _identity(saved, ip, trust_domain)
         cert = by_identity.get(identity.uri) if identity else None
         not_after = cert.get("not_after") if cert else None
         fail_mode = entry.get("fail_mode") or (workload.fail_mode if workload else None)
@@ -319,8 +329,10 @@ def _pods(
                 "ip": ip,
                 "netns_cookie": entry.get("netns_cookie"),
                 "identity": identity.uri if identity else None,
-                "mtls_mode": mtls.mode if mtls else None,
-                "mtls_ports": {str(p): m for p, m in mtls.ports.items()} if mtls else {},
+                "mtls_mode": workload.mtls_mode if workload else None,
+                "mtls_ports": {str(p): m for p, m in workload.mtls_ports.items()}
+                if workload
+                else {},
                 "fail_mode": fail_mode,
                 "in_force": fail_mode_in_force(fail_mode, kernel.get("heartbeat")),
                 "certificate": {
@@ -338,7 +350,7 @@ def assemble(
     agent: dict | None,
     error: str,
     kernel: dict[str, Any],
-    tables: Tables | None,
+    saved: SavedView | None,
     *,
     trust_domain: str,
     saved_certificates: list[dict[str, Any]] | None = None,
@@ -347,14 +359,14 @@ def assemble(
     """Join the agent's live view (None when it is down, `error` saying why), the kernel's and
     the saved snapshot into the report; `saved_certificates` stand in for the agent's."""
     for entry in kernel.get("meshed_netns", []):
-        workload = tables.workload_by_ip.get(entry["ip"]) if tables else None
+        workload = saved.pods_by_ip.get(entry["ip"]) if saved else None
         entry["pod"] = f"{workload.namespace}/{workload.name}" if workload else ""
     certificates = agent.get("certificates", []) if agent else (saved_certificates or [])
-    pods = _pods(agent, kernel, tables, certificates, trust_domain, now)
+    pods = _pods(agent, kernel, saved, certificates, trust_domain, now)
     if agent is not None:
         snapshot = {"version": agent.get("snapshot_version") or None, "source": "agent"}
-    elif tables is not None:
-        snapshot = {"version": tables.snapshot.version, "source": "saved"}
+    elif saved is not None:
+        snapshot = {"version": saved.version, "source": "saved"}
     else:
         snapshot = {"version": None, "source": None}
     report: dict[str, Any] = {
@@ -368,7 +380,7 @@ def assemble(
         "tunnels": None,
         "ejected_endpoints": None,
         "recent_denials": None,
-        "services": _services(tables),
+        "services": saved.services if saved else [],
     }
     if agent is not None:
         proxy, inbound = agent.get("proxy", {}), agent.get("inbound", {})
@@ -385,25 +397,6 @@ def assemble(
         report["ejected_endpoints"] = agent.get("outlier_ejections", [])
         report["recent_denials"] = agent.get("authz", {}).get("recent_denials", [])
     return report
-
-
-def _services(tables: Tables | None) -> list[dict[str, Any]]:
-    """Each Service of the snapshot with the endpoints the proxy balances over."""
-    if tables is None:
-        return []
-    return [
-        {
-            "namespace": svc.namespace,
-            "name": svc.name,
-            "vips": list(svc.vips),
-            "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in svc.ports],
-            "endpoints": [
-                {"ip": e.ip, "node": e.node, "ports": {str(k): v for k, v in e.ports.items()}}
-                for e in svc.endpoints
-            ],
-        }
-        for svc in sorted(tables.snapshot.services, key=lambda s: (s.namespace, s.name))
-    ]
 
 
 def _duration(seconds: float) -> str:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography import x509
+if TYPE_CHECKING:  # loaded where certificates are read: `meshagent status` needs only names
+    from cryptography import x509
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
@@ -150,6 +152,8 @@ class CertificateChain:
         return b"".join(_ensure_newline(p) for p in (self.leaf_pem, *self.intermediates_pem))
 
     def leaf(self) -> x509.Certificate:
+        from cryptography import x509
+
         return x509.load_pem_x509_certificate(self.leaf_pem)
 
 
@@ -163,6 +167,8 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
     Raises `InvalidIdentity` if the certificate has no URI SAN, several, or one that is not a
     workload SPIFFE ID.
     """
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from meshagent.common.istio.security import PeerAuthentication
+if TYPE_CHECKING:  # `meshagent status` resolves modes without loading every model it can
+    from meshagent.common.istio.security import PeerAuthentication
 
 DEFAULT_MODE = "PERMISSIVE"
 ROOT_NAMESPACE = "istio-system"

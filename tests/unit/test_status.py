@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from meshagent.agent import cli
 from meshagent.agent import status as status_mod
-from meshagent.agent.state import Tables
+from meshagent.agent.savedview import SavedView
 from meshagent.agent.status import REPORT_FIELDS, assemble, heartbeat_view, render, watch
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
@@ -30,49 +30,50 @@ STRICT_REVIEWS = {
 }
 
 
-def tables() -> Tables:
-    return Tables.build(
-        Snapshot(
-            node="node-2",
-            version="v7",
-            workloads=[
-                Workload(
-                    uid="u1",
-                    namespace="shop",
-                    name="reviews-v1",
-                    node="node-2",
-                    ips=["10.0.2.10"],
-                    service_account="reviews",
-                    labels={"app": "reviews"},
-                    meshed=True,
-                ),
-                Workload(
-                    uid="u2",
-                    namespace="shop",
-                    name="ratings",
-                    node="node-2",
-                    ips=["10.0.2.11"],
-                    service_account="ratings",
-                    meshed=True,
-                ),
-            ],
-            services=[
-                Service(
-                    namespace="shop",
-                    name="reviews",
-                    vips=["10.96.0.20"],
-                    ports=[ServicePort(name="http", port=9080, target_port=9080)],
-                    endpoints=[
-                        Endpoint(
-                            ip="10.0.2.10", node="node-2", workload_uid="u1", ports={9080: 9080}
-                        )
-                    ],
-                ),
-                Service(namespace="shop", name="idle", vips=["10.96.0.21"], ports=[]),
-            ],
-            istio_resources=[STRICT_REVIEWS],
-        )
+def snapshot() -> Snapshot:
+    return Snapshot(
+        node="node-2",
+        version="v7",
+        workloads=[
+            Workload(
+                uid="u1",
+                namespace="shop",
+                name="reviews-v1",
+                node="node-2",
+                ips=["10.0.2.10"],
+                service_account="reviews",
+                labels={"app": "reviews"},
+                meshed=True,
+            ),
+            Workload(
+                uid="u2",
+                namespace="shop",
+                name="ratings",
+                node="node-2",
+                ips=["10.0.2.11"],
+                service_account="ratings",
+                meshed=True,
+            ),
+        ],
+        services=[
+            Service(
+                namespace="shop",
+                name="reviews",
+                vips=["10.96.0.20"],
+                ports=[ServicePort(name="http", port=9080, target_port=9080)],
+                endpoints=[
+                    Endpoint(ip="10.0.2.10", node="node-2", workload_uid="u1", ports={9080: 9080})
+                ],
+            ),
+            Service(namespace="shop", name="idle", vips=["10.96.0.21"], ports=[]),
+        ],
+        istio_resources=[STRICT_REVIEWS],
     )
+
+
+def tables() -> SavedView:
+    """The saved snapshot as status reads it (the document the agent saves)."""
+    return SavedView.from_document(snapshot().model_dump(mode="json"))
 
 
 def kernel() -> dict:
@@ -335,7 +336,8 @@ def _full_node(count: int) -> dict:
         )
         for i in range(1, count + 1)
     ]
-    snap = Tables.build(Snapshot(node="node-2", version="v9", workloads=workloads))
+    doc = Snapshot(node="node-2", version="v9", workloads=workloads).model_dump(mode="json")
+    snap = SavedView.from_document(doc)
     k = kernel()
     k["meshed_netns"] = [{"netns_cookie": i, "ip": f"10.0.2.{i}"} for i in range(count, 0, -1)]
     return assemble("node-2", live_agent(), "", k, snap, trust_domain="cluster.local", now=NOW)
@@ -422,3 +424,40 @@ def test_screen_lists_the_agent_pods_only_while_more_than_one_is_alive():
     screen = render(report, now=NOW)
     assert "Agent pods:  meshagent-node-2-2 (newest, owns the node)" in screen
     assert "meshagent-node-2-1 (OLDER: handed over, serves only the connections it holds" in screen
+
+
+def test_the_saved_view_resolves_pods_and_services_as_the_agent_does() -> None:
+    """status reads the saved document without the agent's Tables: same identities, fail
+    modes, mTLS modes (PeerAuthentication precedence, port overrides) and Services."""
+    from meshagent.agent.state import Tables
+
+    built = Tables.build(snapshot())
+    view = tables()
+    assert view.version == built.snapshot.version
+    assert sorted(view.pods_by_ip) == sorted(built.workload_by_ip)
+    for ip, workload in built.workload_by_ip.items():
+        pod, mtls = view.pods_by_ip[ip], built.mtls_for(workload)
+        assert (pod.namespace, pod.name, pod.service_account, pod.fail_mode) == (
+            workload.namespace,
+            workload.name,
+            workload.service_account,
+            workload.fail_mode,
+        )
+        assert (pod.mtls_mode, pod.mtls_ports) == (mtls.mode, dict(mtls.ports))
+    assert view.pods_by_ip["10.0.2.10"].mtls_ports == {9090: "PERMISSIVE"}
+    assert [(s["namespace"], s["name"]) for s in view.services] == [
+        ("shop", "idle"),
+        ("shop", "reviews"),
+    ]
+
+
+def test_a_saved_snapshot_of_another_node_or_unreadable_is_none(tmp_path) -> None:
+    from meshagent.agent import savedview, state
+
+    assert savedview.SNAPSHOT_FILE == state.SNAPSHOT_FILE  # the file the agent writes
+    assert savedview.load(tmp_path, "node-2") is None  # none saved
+    (tmp_path / savedview.SNAPSHOT_FILE).write_text(snapshot().model_dump_json())
+    assert savedview.load(tmp_path, "node-2").version == "v7"
+    assert savedview.load(tmp_path, "node-3") is None
+    (tmp_path / savedview.SNAPSHOT_FILE).write_text('{"node": "node-2"}')
+    assert savedview.load(tmp_path, "node-2") is None
