@@ -17,6 +17,7 @@ from meshagent.common.istio import IstioResource
 from meshagent.common.istio import networking as net
 from meshagent.common.istio import security as sec
 from meshagent.common.istio import telemetry as tel
+from meshagent.common.istio.serviceentry import ServiceEntry
 from meshagent.common.istio.support import service_fqdn
 
 ROOT_NAMESPACE = "istio-system"
@@ -35,6 +36,9 @@ def service_ports(objects: Sequence[Mapping[str, Any]], default_namespace: str) 
 
     out: dict[str, list[tuple[int, str, str]]] = {}
     for obj in objects:
+        if obj.get("kind") == "ServiceEntry":
+            out.update(_entry_ports(obj))
+            continue
         if obj.get("kind") != "Service" or not isinstance(obj.get("metadata"), Mapping):
             continue
         meta, spec = obj["metadata"], obj.get("spec") or {}
@@ -56,6 +60,18 @@ def service_ports(objects: Sequence[Mapping[str, Any]], default_namespace: str) 
     return out
 
 
+def _entry_ports(obj: Mapping[str, Any]) -> dict[str, list[tuple[int, str, str]]]:
+    """The ports of a valid ServiceEntry, by host, as the proxy classifies them."""
+    from meshagent.agent.proxy.routing import port_protocol
+    from meshagent.controller.serviceentry import entry_services
+
+    try:
+        services = entry_services(ServiceEntry.model_validate(obj))
+    except ValueError:
+        return {}  # refused: its verdict says why
+    return {s.hostname: [(p.port, p.name, port_protocol(p)) for p in s.ports] for s in services}
+
+
 def describe(resource: IstioResource, services: ServicePorts | None = None) -> list[str]:
     """Lines saying what the mesh does with `resource` (accepted by `parse_resource`)."""
     if isinstance(resource, sec.AuthorizationPolicy):
@@ -68,6 +84,8 @@ def describe(resource: IstioResource, services: ServicePorts | None = None) -> l
         return _virtual_service(resource, services or {})
     if isinstance(resource, tel.Telemetry):
         return _telemetry(resource)
+    if isinstance(resource, ServiceEntry):
+        return _service_entry(resource)
     return _destination_rule(resource, services or {})
 
 
@@ -494,4 +512,40 @@ def _telemetry(t: tel.Telemetry) -> list[str]:
                 lines.append(f"{what} {side}: without the labels {labels} (written empty).")
     if len(lines) == 1:
         lines.append("Nothing to apply: every metric is reported with all its labels.")
+    return lines
+
+
+def _service_entry(entry: ServiceEntry) -> list[str]:
+    from meshagent.agent.proxy.routing import port_protocol
+    from meshagent.controller.serviceentry import entry_services
+
+    spec = entry.spec
+    (service, *_) = entry_services(entry)
+    if spec.addresses:
+        caught = f"connections to {', '.join(service.vips)}"
+    else:
+        caught = "connections to the endpoints' own addresses (no addresses listed)"
+    lines = [
+        f"Declares {', '.join(spec.hosts)} as destinations (VirtualServices, DestinationRules "
+        f"and metrics name them by host): the node proxy takes a meshed pod's {caught}."
+    ]
+    for port in service.ports:
+        layer = "L7, per request" if port_protocol(port) != "tcp" else "L4, bytes relayed"
+        lines.append(f"port {port.port} ({port.name or 'unnamed'}, {port.app_protocol}): {layer}.")
+    if spec.resolution == "NONE":
+        lines.append("resolution NONE: each connection goes on to the address the client dialled.")
+    else:
+        targets = ", ".join(
+            f"{e.ip} ({', '.join(f'{k}->{v}' for k, v in e.ports.items())})"
+            for e in service.endpoints
+        )
+        lines.append(
+            f"resolution STATIC: connections are balanced over {targets or 'no endpoint'}."
+        )
+    lines.append(
+        f"location {spec.location}: the endpoints are dialled directly, in plain TCP, from the "
+        "client's node (nothing of meshagent is in front of them to tunnel to); an endpoint "
+        "that is a meshed pod's address is reached through HBONE as any pod. MESH_INTERNAL "
+        "therefore adds no mTLS to other endpoints."
+    )
     return lines

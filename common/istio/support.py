@@ -231,7 +231,8 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
                 where = f"spec.http[{i}].mirrors[{j}].destination.host"
             host = policy.destination.host
             note = dns_form_note(host)
-            if note or not is_service_host(host, vs.namespace) or host.startswith("*"):
+            known = is_service_host(host, vs.namespace) or is_entry_host(host, entry_hosts)
+            if note or not known or host.startswith("*"):
                 out.append(
                     (where, note or f"{host!r} is not a Kubernetes Service: no copy is sent")
                 )
@@ -243,7 +244,9 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
             note = dns_form_note(host)
             if note:
                 out.append((f"spec.{section}[{i}].route[{j}].destination.host", note))
-            elif not is_service_host(host, vs.namespace) or host.startswith("*"):
+            elif host.startswith("*") or not (
+                is_service_host(host, vs.namespace) or is_entry_host(host, entry_hosts)
+            ):
                 out.append(
                     (
                         f"spec.{section}[{i}].route[{j}].destination.host",

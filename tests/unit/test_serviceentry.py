@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 from meshagent.common.istio.serviceentry import ServiceEntry
+from meshagent.controller.checkfiles import check_files
 from meshagent.controller.compiler import compile_snapshot
+from meshagent.controller.describe import describe
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.serviceentry import compile_entries, entry_services
 from meshagent.controller.validation import classify_model
@@ -184,3 +187,19 @@ def test_a_refused_entry_adds_no_service_and_no_host() -> None:
     assert (snap.services, snap.istio_resources) == ([], [])
     (error,) = classify_model(_model(bad))[1]
     assert (error.kind, error.path) == ("ServiceEntry", "spec.resolution")
+
+
+def test_validate_explain_knows_the_entry_and_its_routes(tmp_path) -> None:
+    path = tmp_path / "entry.yaml"
+    path.write_text(yaml.safe_dump_all([_entry(**_STATIC), _ROUTE]))
+    report = check_files([path])
+    entry, route = report.verdicts
+    assert (entry.outcome, route.outcome, route.warnings) == ("ok", "ok", [])
+    text = "\n".join(describe(entry.resource, report.services))
+    assert "api.example.com" in text and "connections to 10.9.0.5" in text
+    assert "192.0.2.11 (80->9090)" in text and "plain TCP" in text
+    assert "port 80 (http, http): L7, per request" in text
+    # without the entry the route names an unknown host: skipped, saying why
+    path.write_text(yaml.safe_dump(_ROUTE))
+    (alone,) = check_files([path]).verdicts
+    assert alone.outcome == "skipped" and "no ServiceEntry declares" in alone.problems[0][1]
