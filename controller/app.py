@@ -59,6 +59,7 @@ from meshagent.controller.push import (
     TokenReviewAuthenticator,
     controller_identity,
 )
+from meshagent.controller.serviceentry import model_entry_hosts
 from meshagent.controller.sources.files import FileSource
 from meshagent.controller.sources.kubernetes import (
     ALL_KINDS,
@@ -372,7 +373,10 @@ class Controller:
         )
         nursery.start_soon(certificate.serve_renewal)
         self.webhook_sockets = await nursery.start(
-            serve_webhook, s.webhook_host, s.webhook_port, certificate.context
+            partial(serve_webhook, entry_hosts=partial(model_entry_hosts, self.model)),
+            s.webhook_host,
+            s.webhook_port,
+            certificate.context,
         )
         if client is not None:
             bundle = self.ca.trust_bundle_pem

@@ -25,7 +25,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -59,9 +60,10 @@ CA_BUNDLE_RETRY = 5.0
 INVALID = 422  # what the API server itself answers for an invalid object
 
 
-def review_response(review: Any) -> dict[str, Any]:
-    """The AdmissionReview to answer ``review`` with. Raises ValueError when ``review`` is
-    not an AdmissionReview request (the server answers that with 400)."""
+def review_response(review: Any, entry_hosts: Collection[str] = ()) -> dict[str, Any]:
+    """The AdmissionReview to answer ``review`` with (``entry_hosts``: those the cluster's
+    ServiceEntries declare, see `judge`). Raises ValueError when ``review`` is not an
+    AdmissionReview request (the server answers that with 400)."""
     if not isinstance(review, Mapping) or review.get("kind") != "AdmissionReview":
         raise ValueError("not an AdmissionReview")
     if review.get("apiVersion") != ADMISSION_API_VERSION:
@@ -71,7 +73,7 @@ def review_response(review: Any) -> dict[str, Any]:
         raise ValueError("AdmissionReview without a request uid")
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
     warning: list[str] = []
-    refusal = judge(request, warning)
+    refusal = judge(request, warning, entry_hosts)
     if warning:
         response["warnings"] = warning
     if refusal is not None:
@@ -84,8 +86,14 @@ def review_response(review: Any) -> dict[str, Any]:
     return {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
-def judge(request: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:
-    """Why the admission request must be refused, None to allow it.
+def judge(
+    request: Mapping[str, Any],
+    warnings: list[str] | None = None,
+    entry_hosts: Collection[str] = (),
+) -> str | None:
+    """Why the admission request must be refused, None to allow it. A VirtualService or
+    DestinationRule naming a host of ``entry_hosts`` (the ServiceEntries the controller's
+    model holds) is applied, not warned about as skipped.
 
     Only CREATE and UPDATE of a supported kind are judged: a DELETE (no object), a kind
     outside the subset or a subresource (status) is allowed, as the configuration's rules
@@ -101,7 +109,7 @@ def judge(request: Mapping[str, Any], warnings: list[str] | None = None) -> str 
         prefix = obj["metadata"].get("generateName") or "generated"
         obj = {**obj, "metadata": {**obj["metadata"], "name": f"{prefix}x"}}
     try:
-        parse_resource(obj, namespace)
+        parse_resource(obj, namespace, entry_hosts)
     except ResourceSkipped as exc:
         if warnings is not None:
             warnings.append(f"meshagent skips this resource: {exc.path}: {exc.message}")
@@ -113,11 +121,13 @@ def judge(request: Mapping[str, Any], warnings: list[str] | None = None) -> str 
     return None
 
 
-async def handle_review(request: Request) -> Response:
+async def handle_review(
+    request: Request, entry_hosts: Callable[[], Collection[str]] = frozenset
+) -> Response:
     """``POST /validate``: an AdmissionReview in, an AdmissionReview out."""
     try:
         review = json.loads(request.body)
-        answer = review_response(review)
+        answer = review_response(review, entry_hosts())
     except (ValueError, UnicodeDecodeError) as exc:
         return Response(400, f"bad AdmissionReview: {exc}\n".encode())
     refused = not answer["response"]["allowed"]
@@ -138,6 +148,7 @@ async def serve_webhook(
     port: int,
     context: Any,
     *,
+    entry_hosts: Callable[[], Collection[str]] = frozenset,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``POST /validate`` over TLS (``context``: an `ssl.SSLContext`, e.g. a
@@ -150,7 +161,7 @@ async def serve_webhook(
             lambda task_status: serve_http(
                 listeners,
                 {},
-                post_routes={WEBHOOK_PATH: handle_review},
+                post_routes={WEBHOOK_PATH: partial(handle_review, entry_hosts=entry_hosts)},
                 max_body=MAX_REVIEW_BYTES,
                 task_status=task_status,
             )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 from meshagent.common.istio.serviceentry import ServiceEntry
+from meshagent.controller import webhook
 from meshagent.controller.checkfiles import check_files
 from meshagent.controller.compiler import compile_snapshot
 from meshagent.controller.describe import describe
@@ -203,3 +204,12 @@ def test_validate_explain_knows_the_entry_and_its_routes(tmp_path) -> None:
     path.write_text(yaml.safe_dump(_ROUTE))
     (alone,) = check_files([path]).verdicts
     assert alone.outcome == "skipped" and "no ServiceEntry declares" in alone.problems[0][1]
+
+
+def test_the_webhook_admits_a_route_on_an_entry_host_without_a_skip_warning() -> None:
+    request = {"uid": "u", "operation": "CREATE", "namespace": "app", "object": _ROUTE}
+    warned: list[str] = []
+    assert webhook.judge(request, warned, frozenset({"api.example.com"})) is None
+    assert warned == []
+    assert webhook.judge(request, warned) is None
+    assert len(warned) == 1 and "no ServiceEntry declares" in warned[0]
