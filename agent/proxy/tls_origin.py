@@ -131,7 +131,9 @@ async def originate(
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
-        reason = getattr(cause, "verify_message", None) or str(cause or exc)
+        detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+        code = getattr(cause, "reason", None)
+        reason = f"{code}: {detail}" if code and detail != code else str(detail or cause or exc)
         raise TlsOriginError(f"TLS handshake with {sni or 'server'}: {reason}") from None
     wanted = set(settings.subject_alt_names)
     if wanted and not settings.insecure_skip_verify:

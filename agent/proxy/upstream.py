@@ -47,10 +47,13 @@ class UpstreamError(Exception):
     """The endpoint could not be reached. `kind` follows Envoy's retry vocabulary:
     connect-failure (nothing answered), refused (the peer proxy said no), reset."""
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, status: int | None = None, transport: str = ""
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
+        self.transport = transport  # why TLS origination failed (Envoy's transport failure)
 
 
 @dataclass(frozen=True)
@@ -249,4 +252,6 @@ class Connector:
         except (TlsOriginError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
             reason = str(exc) if isinstance(exc, TlsOriginError) else "TLS handshake timeout"
-            raise UpstreamError("connect-failure", f"{ip}:{port}: {reason}") from None
+            raise UpstreamError(
+                "connect-failure", f"{ip}:{port}: {reason}", transport=reason
+            ) from None

@@ -277,7 +277,8 @@ class ConnectionPool:
                 kind = getattr(exc, "kind", "connect-failure")
                 if kind not in ("connect-failure", "refused", "reset"):
                     kind = "connect-failure"
-                raise UpstreamError(kind, str(exc) or type(exc).__name__) from exc
+                message = str(exc) or type(exc).__name__
+                raise UpstreamError(kind, message, getattr(exc, "transport", "")) from exc
             raise
         # Connect may return the stream itself or an object carrying it as `.stream`.
         stream = getattr(opened, "stream", opened)

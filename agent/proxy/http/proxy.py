@@ -547,6 +547,8 @@ class _Session:
                     )
                     continue
                 code, flag, text = _FAILURES[outcome]
+                if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
+                    text += b", transport failure reason: " + record.transport_failure.encode()
                 await self._local(record, LocalResponse(code, text), flag)
                 if policy is not None and retriable(policy, outcome, status):
                     record.flags.append("URX")
@@ -654,8 +656,9 @@ class _Session:
             up = await pool.acquire(cluster, ep, key=self.ctx.pool_key, connect=self.ctx.connect)
         except Overflow:
             return Outcome.OVERFLOW, 0, False
-        except UpstreamError:
+        except UpstreamError as exc:
             cluster.report(ep, CONNECT_FAILURE_CODE)
+            record.transport_failure = exc.transport
             return Outcome.CONNECT_FAILURE, 0, False
         reused = up.requests > 0
         record.upstream_info = up.info

@@ -32,9 +32,10 @@ UpstreamErrorKind = Literal["connect-failure", "refused", "reset"]
 class UpstreamError(Exception):
     """An endpoint could not be reached or dropped the stream; `kind` says how."""
 
-    def __init__(self, kind: UpstreamErrorKind, message: str = "") -> None:
+    def __init__(self, kind: UpstreamErrorKind, message: str = "", transport: str = "") -> None:
         super().__init__(message or kind)
         self.kind: UpstreamErrorKind = kind
+        self.transport = transport  # why TLS origination failed, for the 503's body
 
 
 # Opens a byte stream to an endpoint's pod port (TCP on this node, an HBONE stream to another),
@@ -115,6 +116,7 @@ class RequestRecord:
     cluster: str = ""  # Envoy-style cluster name; "" when none was chosen
     endpoint: Endpoint | None = None  # the endpoint that answered (or the last one tried)
     upstream: str = ""  # its "ip:port"
+    transport_failure: str = ""  # why TLS origination to it failed (Envoy's wording)
     attempts: int = 0  # upstream attempts made (1 + retries)
     upstream_info: object = None  # what Connect returned with the stream, if anything
     decision: object = None  # the request filter's decision (authz.Decision), if any

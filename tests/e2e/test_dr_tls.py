@@ -1,0 +1,111 @@
+"""Issue #21 item 3: DestinationRule `tls` in the lab, as a user checks it with stock tools.
+
+A non-meshed nginx serves TLS (a certificate the test makes with `cryptography`) in an
+un-meshed namespace on node-2. The meshed client on node-1 sends plain `curl http://...:443`:
+with `tls.mode: SIMPLE` its node's proxy originates TLS (nginx logs TLS and the SNI); against
+a CA that did not sign the server's certificate the proxy answers 503 naming the verification
+failure. `tls.mode: DISABLE` toward a pod whose PeerAuthentication is STRICT is refused (the
+same pod answers through a Service without that rule).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.certs import TestCA
+from tests.e2e.conftest import render_manifest
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = HERE / "manifests" / "dr-tls.yaml"
+CLIENT = "drt/client"
+SERVER_NAME = "tls-server.plain.svc.cluster.local"
+
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr;
+events {{ worker_connections 256; }}
+http {{
+  log_format tls '$ssl_protocol $ssl_server_name $request';
+  access_log {dir}/access.log tls;
+  server {{
+    listen 8443 ssl;
+    ssl_certificate {dir}/server.pem;
+    ssl_certificate_key {dir}/server.key;
+    location / {{ return 200 "over $ssl_protocol\\n"; }}
+  }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dr-tls")
+    ca = TestCA("dr-tls server CA")
+    leaf = ca.issue(dns=(SERVER_NAME,))
+    (folder / "server.pem").write_bytes(leaf.chain_pem)
+    (folder / "server.key").write_bytes(leaf.key_pem)
+    (folder / "ca.pem").write_bytes(ca.pem)
+    (folder / "other-ca.pem").write_bytes(TestCA("unrelated CA").pem)
+    (folder / "server.conf").write_text(NGINX_CONF.format(dir=folder))
+    folder.chmod(0o755)
+    lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
+    lab.folder = folder
+    return lab
+
+
+def test_simple_originates_tls_to_a_server_outside_the_mesh(lab):
+    _, body = wait_until(
+        lambda: lab.curl(CLIENT, "http://tls-server.plain:443/hello", timeout=10),
+        lambda got: got[0] == "200",
+        what="plain HTTP from the meshed client reaches the TLS server",
+        timeout=60,
+    )
+    assert body.startswith("over TLSv1."), body
+    wait_until(
+        lambda: _log(lab).splitlines(),
+        lambda log: any(
+            line.startswith("TLSv1.") and f" {SERVER_NAME} GET /hello " in line for line in log
+        ),
+        what="nginx logs the request as TLS with the SNI the mesh sent",
+        timeout=10,
+    )
+
+
+def _log(lab) -> str:
+    path = lab.folder / "access.log"
+    return path.read_text() if path.exists() else ""
+
+
+def test_a_server_the_ca_did_not_sign_is_refused_with_the_reason(lab):
+    _, body = wait_until(
+        lambda: lab.curl(CLIENT, "http://tls-wrong-ca.plain:443/x", timeout=10),
+        lambda got: got[0] == "503" and "transport failure reason" in got[1],
+        what="a 503 naming the TLS failure",
+        timeout=60,
+    )
+    assert "CERTIFICATE_VERIFY_FAILED" in body, body
+    assert "GET /x " not in _log(lab)  # no request went through
+
+
+def test_disable_toward_a_strict_pod_is_refused(lab):
+    wait_until(
+        lambda: lab.curl(CLIENT, "http://strict-ok.drt/ok", timeout=10)[0],
+        lambda code: code == "200",
+        what="the STRICT pod answers through HBONE (no DestinationRule)",
+        timeout=60,
+    )
+    code, body = wait_until(
+        lambda: lab.curl(CLIENT, "http://strict.drt/plain", timeout=10),
+        lambda got: got[0] != "000",
+        what="an answer for the DISABLE service",
+        timeout=30,
+    )
+    assert code == "503", (code, body)
+    assert "GET /plain" not in body
