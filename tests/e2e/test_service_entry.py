@@ -4,7 +4,9 @@ apps/head_echo.py, answering with the request line it got) runs in an un-meshed 
 node-2; the meshed client on node-1 reaches it with stock curl through the entry's address,
 by IP and by host name, while a fault abort on one path answers from the proxy. The proxy
 dials the endpoint directly in plain TCP (no HBONE: nothing of ours is in front of it), and
-labels istio_requests_total with destination_service = the entry's host.
+labels istio_requests_total with destination_service = the entry's host. A second entry,
+`resolution: NONE` with the server's own address, sends connections on to where they were
+dialled, under its host (its own abort applies).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MANIFEST = HERE / "manifests" / "service-entry.yaml"
 HOST = "api.outside.example"
 VIP = "240.0.0.10"  # the entry's address: no interface has it, only the mesh knows it
 CLIENT = "se/client"
+DIRECT_HOST = "direct.outside.example"
 
 
 def _entry(server_ip: str) -> dict:
@@ -42,6 +45,39 @@ def _entry(server_ip: str) -> dict:
         },
     }
 
+
+def _original_destination(server_ip: str) -> dict:
+    """resolution NONE: the server's own address, so connections go on to where they were
+    dialled, under the entry's host."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "outside-direct", "namespace": "se"},
+        "spec": {
+            "hosts": [DIRECT_HOST],
+            "addresses": [server_ip],
+            "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+            "resolution": "NONE",
+        },
+    }
+
+
+DIRECT_ROUTES = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {"name": "outside-direct", "namespace": "se"},
+    "spec": {
+        "hosts": [DIRECT_HOST],
+        "http": [
+            {
+                "match": [{"uri": {"prefix": "/blocked"}}],
+                "fault": {"abort": {"httpStatus": 451, "percentage": {"value": 100}}},
+                "route": [{"destination": {"host": DIRECT_HOST}}],
+            },
+            {"route": [{"destination": {"host": DIRECT_HOST}}]},
+        ],
+    },
+}
 
 ROUTES = {
     "apiVersion": "networking.istio.io/v1",
@@ -75,7 +111,8 @@ def lab(lab_factory, tmp_path_factory):
         timeout=30,
     )  # fmt: skip
     path = folder / "entry.yaml"
-    path.write_text(yaml.safe_dump_all([_entry(server_ip), ROUTES]))
+    docs = [_entry(server_ip), ROUTES, _original_destination(server_ip), DIRECT_ROUTES]
+    path.write_text(yaml.safe_dump_all(docs))
     meshlab("apply", "-f", str(path))
     return lab
 
@@ -130,3 +167,23 @@ def test_metrics_label_the_entry_host_as_destination_service(lab):
             what=f"istio_requests_total for {HOST} with response_code {code}",
             timeout=30,
         )
+
+
+def test_resolution_none_goes_on_to_the_dialled_address_under_the_entry_host(lab):
+    server = f"http://{lab.server_ip}:8080"
+    wait_until(
+        lambda: lab.curl(CLIENT, f"{server}/blocked/n", timeout=10)[0],
+        lambda code: code == "451",
+        what="the abort on the NONE entry's host is in force",
+        timeout=60,
+    )
+    code, body = lab.curl(CLIENT, f"{server}/open/n", timeout=10)
+    assert (code, body.splitlines()[0]) == ("200", "GET /open/n HTTP/1.1"), body
+    wait_until(
+        lambda: _metric(
+            "node-1", reporter="source", destination_service=DIRECT_HOST, response_code="451"
+        ),
+        lambda value: value >= 1,
+        what=f"istio_requests_total for {DIRECT_HOST}",
+        timeout=30,
+    )
