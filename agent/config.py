@@ -108,6 +108,9 @@ class AgentConfig(BaseModel):
     # An HBONE connection (15008) that carries no tunnel this long is closed (its clients
     # release theirs after 300 s).
     hbone_idle_timeout_s: float = Field(600.0, gt=0.0)
+    # A plain TCP relay (15001 to a non-HTTP port, and tunnels to a pod) through which no byte
+    # moved either way this long is closed (Envoy tcp_proxy's idle_timeout, 1 h).
+    tcp_idle_timeout_s: float = Field(3600.0, gt=0.0)
     # What one source (a pod on 15001, a certificate identity on 15008) may hold in each proxy
     # process: more connections are refused (a 503 on an HTTP port, else closed), more
     # requests in flight get 503 UO (agent/proxy/limits.py).

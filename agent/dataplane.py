@@ -84,6 +84,7 @@ class DataPlane:
                 count=metrics.refusal,
             ),
             ext_authz=extauthz.providers(config.extension_providers),
+            tcp_idle_timeout=config.tcp_idle_timeout_s,
         )
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None

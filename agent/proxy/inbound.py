@@ -31,7 +31,7 @@ from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
-from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
+from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import ClusterSpec, single_endpoint_routes
@@ -209,8 +209,13 @@ class InboundProxy:
                     local_identity=tunnel.local_identity,
                 )
                 description = f"{principal} ({source_ip}) -> {ip}:{port}"
+                timeout = self.inputs.tcp_idle_timeout
                 with self.inputs.live.track(description, recheck):
-                    await relay(stream, pod, result)
+                    await relay(stream, pod, result, idle_timeout=timeout)
+                if result.idle_timed_out:
+                    self.inputs.limits.refused(
+                        "hbone", IDLE_TIMEOUT, principal, f"no byte either way for {timeout:g} s"
+                    )
         except trio.BrokenResourceError:
             pass
         finally:

@@ -30,5 +30,6 @@ class ProxyInputs:
     live: LiveConnections = field(default_factory=LiveConnections)  # re-checked per snapshot
     http: HttpSettings = DEFAULT_SETTINGS  # the HTTP engine's settings (path normalization, ...)
     limits: Limits = field(default_factory=Limits)  # per-source bounds, refusals counted
+    tcp_idle_timeout: float = 3600.0  # a plain TCP relay idle this long (s) is closed
     # the mesh config's ext-authz providers by name (AuthorizationPolicy CUSTOM)
     ext_authz: dict[str, EnvoyExtAuthzHttp] = field(default_factory=dict)

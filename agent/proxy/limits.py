@@ -8,7 +8,8 @@ SO_REUSEPORT, so a node admits up to that many times its worker count). The sour
 pod as the proxy knows it: on 15001 its workload (else its address), on 15008 the identity in
 its certificate (the one thing a peer cannot forge; pods sharing a service account share it).
 
-Every refusal (these, and a request head not complete in time or not HTTP) is counted in
+Every refusal (these, a request head not complete in time or not HTTP, and a TCP relay closed
+for its idle timeout) is counted in
 `meshagent_proxy_refused_total{listener,reason}` and logged with its reason, at a bounded rate:
 a flood of refusals must not become a flood of log lines. Counts are dropped when they reach
 zero, so a burst of sources leaves nothing behind.
@@ -32,6 +33,7 @@ SOURCE_CONNECTIONS = "source_connections"
 SOURCE_PENDING_REQUESTS = "source_pending_requests"
 HEADER_TIMEOUT = "header_timeout"
 BAD_REQUEST = "bad_request"
+IDLE_TIMEOUT = "idle_timeout"  # a close, not a refusal: a TCP relay idle too long
 
 
 def _no_count(listener: str, why: str) -> None:

@@ -25,7 +25,7 @@ from meshagent.agent.proxy.hashkey import connection_key
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
-from meshagent.agent.proxy.limits import SOURCE_CONNECTIONS
+from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import ClusterSpec, Protocol, port_protocol
@@ -409,8 +409,16 @@ class _L4:
                     upstream.check,
                 )
                 description = f"{self.peer_ip} -> {address}"
+                timeout = proxy.inputs.tcp_idle_timeout
                 with proxy.inputs.live.track(description, recheck):
-                    await relay(self.client, upstream.stream, result)
+                    await relay(self.client, upstream.stream, result, idle_timeout=timeout)
+                if result.idle_timed_out:
+                    proxy.inputs.limits.refused(
+                        "outbound",
+                        IDLE_TIMEOUT,
+                        self.source.name if self.source else self.peer_ip,
+                        f"no byte either way for {timeout:g} s",
+                    )
         finally:
             proxy.stats.bytes_sent += result.sent
             proxy.stats.bytes_received += result.received

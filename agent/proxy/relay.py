@@ -15,17 +15,23 @@ connection holds none. Other streams (an HBONE tunnel) go through `receive_some`
 
 Idle connections are most of a proxy's connections, so until either side has something
 to read the relay waits in the caller's task alone, as cheaply as trio allows: no
-nursery, no task per direction, no cancel scope, one bare `wait_task_rescheduled`. Its
-sockets sit in one epoll set shared by every idle relay of the process, watched by one
-system task (`_IdleWatcher`), which wakes the relay when a socket turns readable; a
-tunnel stream's arrivals (data, EOF, reset) wake it directly. Only then do the two
+nursery, no task per direction, one cancel scope (the idle timeout's), one bare
+`wait_task_rescheduled`. Its sockets sit in one epoll set shared by every idle relay of the
+process, watched by one system task (`_IdleWatcher`), which wakes the relay when a socket turns
+readable; a tunnel stream's arrivals (data, EOF, reset) wake it directly. Only then do the two
 directions get a task each.
+
+An idle timeout (Envoy tcp_proxy's `idle_timeout`, 1 h by default) ends a relay through which
+no byte moved either way for that long: one cancel scope per relay, its deadline moved on as
+bytes go out (per batch, at most once a second), so a peer cannot hold a connection, and what
+the proxy keeps for it, forever. `RelayResult.idle_timed_out` tells.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import select
 from collections.abc import Callable, Sequence
@@ -47,6 +53,9 @@ _CAN_SPLICE = hasattr(os, "splice")
 # long transfer shows in istio_tcp_*_bytes_total as it goes, not only when it ends).
 PROGRESS_INTERVAL = 5.0
 Progress = Callable[[int, int], None]  # (sent, received) since the last report
+# An idle deadline is moved on at most this often (s; an eighth of a shorter timeout): a busy
+# relay does not touch trio's deadline heap for every batch.
+IDLE_RESOLUTION = 1.0
 
 
 @dataclass
@@ -59,14 +68,23 @@ class RelayResult:
     _reported_sent: int = field(default=0, repr=False)
     _reported_received: int = field(default=0, repr=False)
     _next_progress: float = field(default=0.0, repr=False)
+    idle_timed_out: bool = False  # the relay ended because nothing moved for its idle timeout
+    _idle: trio.CancelScope | None = field(default=None, repr=False)
+    _idle_timeout: float = field(default=math.inf, repr=False)
 
     def add_sent(self, moved: int) -> None:
         self.sent += moved
-        if self.on_progress is not None:
-            self._progress()
+        self._moved()
 
     def add_received(self, moved: int) -> None:
         self.received += moved
+        self._moved()
+
+    def _moved(self) -> None:
+        if self._idle is not None:
+            deadline = trio.current_time() + self._idle_timeout
+            if deadline - self._idle.deadline >= min(IDLE_RESOLUTION, self._idle_timeout / 8):
+                self._idle.deadline = deadline
         if self.on_progress is not None:
             self._progress()
 
@@ -263,14 +281,24 @@ async def _both_ways(
 
 
 async def relay(
-    client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult | None = None
+    client: trio.abc.Stream,
+    upstream: trio.abc.Stream,
+    result: RelayResult | None = None,
+    *,
+    idle_timeout: float = math.inf,
 ) -> RelayResult:
-    """Relay until both directions end; `result` (given by a caller that reports in a
-    `finally`) holds the bytes moved so far even if the relay is cancelled."""
+    """Relay until both directions end, or no byte moved for `idle_timeout` s (then
+    `result.idle_timed_out`); `result` (given by a caller that reports in a `finally`) holds
+    the bytes moved so far even if the relay is cancelled."""
     result = RelayResult() if result is None else result
-    try:
-        await _wait_either(client, upstream)  # idle: nothing else is allocated yet
-        await _both_ways(client, upstream, result)
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass  # a reset on either side ends the relay; both are closed by the caller
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+        if idle_timeout < math.inf:
+            result._idle, result._idle_timeout = idle, idle_timeout
+        try:
+            await _wait_either(client, upstream)  # idle: nothing else is allocated yet
+            await _both_ways(client, upstream, result)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # a reset on either side ends the relay; both are closed by the caller
+    result._idle = None
+    result.idle_timed_out = idle.cancelled_caught
     return result

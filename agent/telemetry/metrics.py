@@ -246,7 +246,8 @@ class ProxyMetrics:
             "meshagent_proxy_refused",
             "Connections and requests the proxy refused to stay bounded, by listener (outbound:"
             " 15001; pod: its HTTP engine; hbone: 15008) and reason (source_connections,"
-            " source_pending_requests, header_timeout, bad_request).",
+            " source_pending_requests, header_timeout, bad_request; idle_timeout: a TCP relay"
+            " closed after no byte moved for tcp_idle_timeout_s).",
             ("listener", "reason"),
             **kw,
         )

@@ -287,3 +287,41 @@ async def test_bytes_in_flight_are_reported_at_most_every_interval_and_the_rest_
     assert told == [(150, 7)]
     assert result.unreported() == (1, 3)  # what the close reports
     assert (result.sent, result.received) == (151, 10)  # the totals (access log) stay whole
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["splice", "generic"])
+async def test_a_relay_idle_for_its_idle_timeout_ends_and_says_so(wrap: bool) -> None:
+    """Nothing moved for 0.3 s (before the first byte, and after bytes moved): ended,
+    `idle_timed_out`; bytes every 0.1 s for longer than the timeout keep it open."""
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    client = _Wrapped(client_side) if wrap else client_side
+    with trio.fail_after(10):
+        result = await relay(client, upstream_side, idle_timeout=0.3)  # never a byte
+    assert result.idle_timed_out and (result.sent, result.received) == (0, 0)
+
+    result = relay_mod.RelayResult()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(client, upstream_side, result, idle_timeout=0.3))
+            for _ in range(10):  # 1 s of a byte every 0.1 s: busy, not idle
+                await app.send_all(b"x")
+                assert await server.receive_some(1) == b"x"
+                await trio.sleep(0.1)
+            assert not result.idle_timed_out and result.sent == 10
+    assert result.idle_timed_out  # then idle: ended
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
+
+
+async def test_a_relay_ending_otherwise_is_not_an_idle_timeout() -> None:
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.send_eof)
+            nursery.start_soon(server.send_eof)
+            result = await relay(client_side, upstream_side, idle_timeout=5.0)
+    assert not result.idle_timed_out
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
