@@ -273,6 +273,15 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
                 for i, p in enumerate(policy.port_level_settings)
             ]
     for where, policy in policies:
+        tls = policy.tls if policy is not None else None
+        if tls is not None and tls.mode == "ISTIO_MUTUAL" and (tls.sni or tls.subject_alt_names):
+            out.append(
+                (
+                    f"{where}.tls",
+                    "sni and subjectAltNames are ignored with ISTIO_MUTUAL: HBONE checks the "
+                    "destination workload's identity",
+                )
+            )
         pool = policy.connection_pool if policy is not None else None
         tcp = pool.tcp if pool is not None else None
         http = pool.http if pool is not None else None

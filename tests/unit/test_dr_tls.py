@@ -16,6 +16,8 @@ from meshagent.agent.proxy.routing import merge_policy
 from meshagent.agent.proxy.tls_origin import TlsOriginError, originate
 from meshagent.agent.proxy.upstream import Connector, UpstreamError
 from meshagent.common.istio.networking import ClientTLSSettings, TrafficPolicy
+from meshagent.common.istio.resource import parse_resource
+from meshagent.common.istio.support import warnings
 from pydantic import ValidationError
 
 from tests.certs import TestCA
@@ -233,3 +235,18 @@ async def test_disable_to_a_strict_destination_is_refused_saying_why() -> None:
         )
     assert caught.value.kind == "refused"
     assert "STRICT PeerAuthentication refuses" in str(caught.value)
+
+
+def test_istio_mutual_names_are_warned_as_ignored() -> None:
+    dr = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "host": "reviews",
+            "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": "reviews.shop"}},
+        },
+    }
+    assert [p for p, _ in warnings(parse_resource(dr))] == ["spec.trafficPolicy.tls"]
+    dr["spec"]["trafficPolicy"]["tls"] = {"mode": "ISTIO_MUTUAL"}
+    assert warnings(parse_resource(dr)) == []
