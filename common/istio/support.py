@@ -188,12 +188,36 @@ def warnings(resource: Any, entry_hosts: Collection[str] = ()) -> list[tuple[str
     does not fully honour (`entry_hosts`: as for skip_reason). Empty for a resource that
     means exactly what it says."""
     from meshagent.common.istio.networking import DestinationRule, VirtualService
+    from meshagent.common.istio.security import AuthorizationPolicy
 
+    if isinstance(resource, AuthorizationPolicy):
+        return _ap_warnings(resource, entry_hosts)
     if isinstance(resource, VirtualService):
         return _vs_warnings(resource, entry_hosts)
     if isinstance(resource, DestinationRule):
         return _dr_warnings(resource)
     return []
+
+
+def _ap_warnings(policy: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]:
+    """A policy is checked on the destination's node, for its pods: a ServiceEntry's endpoints
+    have no such node, so naming an entry's host does not act on traffic to the entry."""
+    out: list[tuple[str, str]] = []
+    for i, rule in enumerate(policy.spec.rules or ()):
+        for j, to in enumerate(rule.to or ()):
+            op = to.operation
+            for field, hosts in (("hosts", op.hosts), ("notHosts", op.not_hosts)):
+                named = [h for h in hosts if is_entry_host(h, entry_hosts)]
+                if named:
+                    out.append(
+                        (
+                            f"spec.rules[{i}].to[{j}].operation.{field}",
+                            f"{named} are ServiceEntry hosts: AuthorizationPolicy is enforced "
+                            "by the destination pod's node, and an entry's endpoints have "
+                            "none, so traffic to the entry is not checked by this policy",
+                        )
+                    )
+    return out
 
 
 def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]:

@@ -213,3 +213,23 @@ def test_the_webhook_admits_a_route_on_an_entry_host_without_a_skip_warning() ->
     assert warned == []
     assert webhook.judge(request, warned) is None
     assert len(warned) == 1 and "no ServiceEntry declares" in warned[0]
+
+
+def test_validate_warns_that_a_policy_naming_an_entry_host_does_not_act_on_it(tmp_path) -> None:
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-ext", "namespace": "app"},
+        "spec": {
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"hosts": ["api.example.com", "web.app"]}}]}],
+        },
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump_all([_entry(**_STATIC), policy]))
+    _entry_verdict, verdict = check_files([path]).verdicts
+    ((where, message),) = verdict.warnings
+    assert where == "spec.rules[0].to[0].operation.hosts"
+    assert "['api.example.com']" in message and "not checked" in message
+    path.write_text(yaml.safe_dump(policy))
+    assert check_files([path]).verdicts[0].warnings == []
