@@ -2,7 +2,8 @@
 
 Four agents' config clients (the real `serve_config_client`, TLS against the published mesh
 root, pod-bound tokens checked by TokenReview) are given both replicas' addresses; each starts
-at the replica its node name hashes to, so two land on each. An AuthorizationPolicy created
+at the replica its node name hashes to, so two land on each. Each replica, leader or not,
+signs its agents' CSRs with the CA from the shared Secret. An AuthorizationPolicy created
 with kubectl reaches all four. Then the replica two of them use is killed (SIGKILL, no
 goodbye): those two move to the other replica, and a policy created after the kill reaches
 every agent. Setup as tests/e2e/test_kube_controlplane.py (the RBAC of daemonset/).
@@ -18,13 +19,17 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
 from meshagent.agent.configclient import (
     ControllerLink,
     controller_tls_context,
     replica_order,
     serve_config_client,
 )
+from meshagent.agent.identity import build_csr, new_key
+from meshagent.agent.identity.controller_signer import ControllerSigner
 from meshagent.agent.state import SnapshotStore
+from meshagent.common.spiffe import Identity
 from meshagent.lab.kubecontrol import ControlPlane
 
 from tests.e2e.kubetest import own_control_plane
@@ -147,17 +152,30 @@ def test_agents_spread_over_two_replicas_and_move_on_when_one_dies(
             assert {r.name for r in home.values()} == {"meshctl-a", "meshctl-b"}
             stores = {node: SnapshotStore(node, tmp_path / node) for node in NODES}
             links = {node: ControllerLink("") for node in NODES}
+            signers = {node: ControllerSigner() for node in NODES}
             (host, port), *more = addresses
             async with trio.open_nursery() as nursery:
                 for node in NODES:
                     token = await trio.to_thread.run_sync(agent_token, plane, node)
-                    follow = partial(serve_config_client, tls=tls, more=more)
+                    follow = partial(serve_config_client, tls=tls, more=more, signer=signers[node])
                     nursery.start_soon(follow, stores[node], host, port, token, links[node])
 
                 def spread() -> bool:
                     return all(node in connected_nodes(home[node]) for node in NODES)
 
                 await until(spread, "each agent on the replica its node hashes to", CONVERGE)
+
+                # Every replica signs (the agent pods' identity, scheduled on every node).
+                issuer = x509.load_pem_x509_certificate(root["data"]["root.pem"].encode())
+                agent_identity = Identity("cluster.local", NS, "meshagent")
+                for node in NODES:
+                    with trio.fail_after(CONVERGE):
+                        csr = build_csr(new_key(), agent_identity)
+                        chain = await signers[node].sign(csr, agent_identity)
+                    chain.leaf().verify_directly_issued_by(issuer)
+                for r in (a, b):  # two agents each: two certificates each
+                    ca = (await trio.to_thread.run_sync(controller_status, r))["ca"]
+                    assert ca["signed"] == 2, (r.name, ca)
 
                 def everywhere(name: str) -> Callable[[], bool]:
                     return lambda: all(name in policies(s) for s in stores.values())
