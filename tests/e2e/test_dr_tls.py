@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.certs import TestCA
-from tests.e2e.conftest import render_manifest
+from tests.e2e.conftest import meshlab, render_manifest
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -57,6 +57,14 @@ def lab(lab_factory, tmp_path_factory):
     folder.chmod(0o755)
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     lab.folder = folder
+    server_ip = meshlab("exec", "plain/server", "--", "hostname", "-I").stdout.split()[0]
+    wait_until(
+        lambda: meshlab("exec", "--node", "node-2", "--", "curl", "-sk", "-o", "/dev/null",
+                        "-w", "%{http_code}", f"https://{server_ip}:8443/", check=False).stdout,
+        lambda code: code == "200",
+        what="the TLS server outside the mesh answers",
+        timeout=60,
+    )  # fmt: skip
     return lab
 
 
@@ -91,6 +99,11 @@ def test_a_server_the_ca_did_not_sign_is_refused_with_the_reason(lab):
         timeout=60,
     )
     assert "CERTIFICATE_VERIFY_FAILED" in body, body
+    # the HTTP/2 engine says the same to an HTTP/2 client
+    code, body = lab.curl(
+        CLIENT, "http://tls-wrong-ca.plain:443/y", "--http2-prior-knowledge", timeout=10
+    )
+    assert code == "503" and "CERTIFICATE_VERIFY_FAILED" in body, (code, body)
     assert "GET /x " not in _log(lab)  # no request went through
 
 

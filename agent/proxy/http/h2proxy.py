@@ -759,6 +759,7 @@ class _Session:
             except UpstreamError as exc:
                 cluster.report(ep, CONNECT_FAILURE_CODE)
                 log.debug("connect to %s failed: %s", ep.address, exc)
+                record.transport_failure = exc.transport
                 outcome = Outcome.CONNECT_FAILURE
             else:
                 record.upstream_info = peer.info
@@ -797,6 +798,8 @@ class _Session:
             if outcome is Outcome.STATUS:  # not retriable after all: cannot happen
                 outcome = Outcome.RESET
             code, flag, text = _FAILURES[outcome]
+            if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
+                text += b", transport failure reason: " + record.transport_failure.encode()
             await self._local(stream_id, record, LocalResponse(code, text), flag, record.grpc)
             return
 
@@ -836,7 +839,9 @@ class _Session:
             except trio.TooSlowError:
                 raise UpstreamError("connect-failure", "connect timeout") from None
             except Exception as exc:
-                raise UpstreamError("connect-failure", str(exc) or type(exc).__name__) from exc
+                message = str(exc) or type(exc).__name__
+                transport = getattr(exc, "transport", "")
+                raise UpstreamError("connect-failure", message, transport) from exc
             stream = getattr(opened, "stream", opened)
             peer = _H2Peer(stream, h2wire.new_connection(client_side=True))
             peer.info = None if stream is opened else opened
