@@ -32,13 +32,21 @@ pid {dir}/nginx.pid;
 error_log stderr;
 events {{ worker_connections 256; }}
 http {{
-  log_format tls '$ssl_protocol $ssl_server_name $request';
+  log_format tls '$ssl_protocol $ssl_server_name $request client=$ssl_client_verify';
   access_log {dir}/access.log tls;
   server {{
     listen 8443 ssl;
     ssl_certificate {dir}/server.pem;
     ssl_certificate_key {dir}/server.key;
     location / {{ return 200 "over $ssl_protocol\\n"; }}
+  }}
+  server {{
+    listen 8444 ssl;
+    ssl_certificate {dir}/server.pem;
+    ssl_certificate_key {dir}/server.key;
+    ssl_client_certificate {dir}/client-ca.pem;
+    ssl_verify_client on;
+    location / {{ return 200 "client $ssl_client_verify\\n"; }}
   }}
 }}
 """
@@ -53,6 +61,11 @@ def lab(lab_factory, tmp_path_factory):
     (folder / "server.key").write_bytes(leaf.key_pem)
     (folder / "ca.pem").write_bytes(ca.pem)
     (folder / "other-ca.pem").write_bytes(TestCA("unrelated CA").pem)
+    client_ca = TestCA("dr-tls client CA")
+    client = client_ca.issue(dns=("client.drt",))
+    (folder / "client-ca.pem").write_bytes(client_ca.pem)
+    (folder / "client.pem").write_bytes(client.chain_pem)
+    (folder / "client.key").write_bytes(client.key_pem)
     (folder / "server.conf").write_text(NGINX_CONF.format(dir=folder))
     folder.chmod(0o755)
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
@@ -89,6 +102,23 @@ def test_simple_originates_tls_to_a_server_outside_the_mesh(lab):
 def _log(lab) -> str:
     path = lab.folder / "access.log"
     return path.read_text() if path.exists() else ""
+
+
+def test_simple_on_a_tcp_port_and_mutual_with_client_certificate_files(lab):
+    _, body = wait_until(
+        lambda: lab.curl(CLIENT, "http://tls-tcp.plain:443/tcp", timeout=10),
+        lambda got: got[0] == "200",
+        what="plain HTTP relayed as TCP reaches the TLS server (portLevelSettings tls)",
+        timeout=60,
+    )
+    assert body.startswith("over TLSv1."), body
+    _, body = wait_until(
+        lambda: lab.curl(CLIENT, "http://tls-mutual.plain:443/m", timeout=10),
+        lambda got: got[0] == "200",
+        what="MUTUAL presents the client certificate nginx requires",
+        timeout=60,
+    )
+    assert body.strip() == "client SUCCESS", body
 
 
 def test_a_server_the_ca_did_not_sign_is_refused_with_the_reason(lab):
