@@ -14,14 +14,17 @@ several addresses, an agent starts at the one its node name hashes to (so agents
 evenly and each keeps its replica across restarts) and moves on to the next whenever a
 connect fails or its stream ends (a `goodbye` at a replica's shutdown, a crash), resuming
 from the version it holds: the new replica sends nothing if that is current, else a whole
-snapshot (delta history is per stream). In a cluster one Service address suffices: each
-connect lands on a live replica.
+snapshot (delta history is per stream). Away from its own replica for `REBALANCE_AFTER`, it
+goes back to it (else a rollout would leave every agent on the replica updated first). In a
+cluster one Service address suffices: each connect lands on a live replica.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 # Covers the TCP connect and the TLS handshake.
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+# Away from its own replica this long (plus up to a fifth, so agents do not all move at
+# once), an agent goes back to it: the spread recovers after a replica's outage or a rollout.
+REBALANCE_AFTER = 300.0
 
 
 @dataclass
@@ -138,20 +144,23 @@ async def serve_config_client(
     tls: ssl.SSLContext | None = None,
     signer: ControllerSigner | None = None,
     more: Sequence[tuple[str, int]] = (),
+    rebalance_after: float = REBALANCE_AFTER,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Follow the controller at ``host:port`` until cancelled (see module docstring).
 
     ``token`` is the node credential, or a function reading it; ``tls`` the client context
     (None: plaintext); ``signer`` gets the stream while it is up; ``more`` are further
-    replicas (the agent starts at the one its node hashes to, moves on when one goes).
+    replicas (the agent starts at the one its node hashes to, moves on when one goes, and
+    goes back to it ``rebalance_after`` seconds later).
     """
     task_status.started()
     addresses = replica_order([(host, port), *more], store.node)
     turn = 0
     backoff = BACKOFF_MIN
     while True:
-        host, port = addresses[turn % len(addresses)]
+        index = turn % len(addresses)
+        host, port = addresses[index]
         turn += 1
         link.address = f"{host}:{port}"
         try:
@@ -162,7 +171,7 @@ async def serve_config_client(
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue
-        refused = gone = False
+        refused = gone = home = False
         async with stream:
             wire = MessageStream(stream)
             try:
@@ -181,8 +190,13 @@ async def serve_config_client(
                 log.info("connected to controller %s:%d", host, port)
                 if signer is not None:
                     signer.attach(wire.send)
-                await _receive_loop(wire, store, link, signer)
-                link.last_error = "controller closed the stream"
+                away = rebalance_after * random.uniform(1, 1.2) if index else math.inf
+                with trio.move_on_after(away) as timer:
+                    await _receive_loop(wire, store, link, signer)
+                home = timer.cancelled_caught
+                link.last_error = (
+                    "back to its own replica" if home else "controller closed the stream"
+                )
             except ControllerGone as exc:
                 gone = True
                 link.last_error = f"controller said goodbye: {exc}"
@@ -195,6 +209,12 @@ async def serve_config_client(
                 link.connected = False
                 if signer is not None:
                     signer.detach(link.last_error or "agent stopping")
+        if home:
+            log.info(
+                "leaving controller %s:%d for its own replica %s:%d", host, port, *addresses[0]
+            )
+            turn = 0
+            continue
         log.warning("controller %s:%d stream lost: %s", host, port, link.last_error)
         if not gone or len(addresses) == 1:  # a goodbye with another replica: go there now
             await trio.sleep(BACKOFF_MAX if refused else backoff)

@@ -5,6 +5,7 @@ from its version there (nothing resent if current, else a whole snapshot)."""
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,7 +59,7 @@ def test_the_agent_config_lists_several_controllers() -> None:
 
 @asynccontextmanager
 async def replica(
-    ca_file: Path, token_file: Path, pods: list[dict]
+    ca_file: Path, token_file: Path, pods: list[dict], port: int = 0
 ) -> AsyncIterator[tuple[PushServer, int]]:
     """One replica's push server with its own copy of the model (as each watches the API)."""
     ca = CertificateAuthority.load_or_create(ca_file)
@@ -70,12 +71,13 @@ async def replica(
         model, authenticator=TokenFileAuthenticator(token_file), ca=ca, tls=certificate.context
     )
     async with trio.open_nursery() as nursery:
-        sockets = await nursery.start(server.serve, "127.0.0.1", 0)
+        sockets = await nursery.start(server.serve, "127.0.0.1", port)
         yield server, sockets[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
 
 
-async def test_an_agent_moves_to_the_other_replica_and_converges(tmp_path: Path) -> None:
+def _cluster(tmp_path: Path) -> tuple[Path, Path, Path, str, list[dict]]:
+    """(CA file, its root, token file, node-1's token, pods) the replicas share."""
     ca_file = tmp_path / "ca" / "ca.pem"
     ca = CertificateAuthority.load_or_create(ca_file)
     root = tmp_path / "root.pem"
@@ -83,6 +85,11 @@ async def test_an_agent_moves_to_the_other_replica_and_converges(tmp_path: Path)
     token_file = tmp_path / "node-tokens.json"
     token = NodeTokenAuthenticator(token_file).issue("node-1")
     pods = [pod("frontend", "node-1", "frontend"), pod("reviews", "node-2", "reviews")]
+    return ca_file, root, token_file, token, pods
+
+
+async def test_an_agent_moves_to_the_other_replica_and_converges(tmp_path: Path) -> None:
+    ca_file, root, token_file, token, pods = _cluster(tmp_path)
     store, link = SnapshotStore("node-1", tmp_path / "state"), ControllerLink("test")
     with trio.fail_after(TIMEOUT * 2):
         async with (
@@ -171,4 +178,39 @@ async def test_only_the_leading_replica_writes_the_webhook_ca_bundle() -> None:
             assert client.patches == []
             elector.lead()
             await until(lambda: client.patches, "the leader's caBundle patch")
+            nursery.cancel_scope.cancel()
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_an_agent_goes_back_to_its_own_replica_once_it_is_up(tmp_path: Path) -> None:
+    ca_file, root, token_file, token, pods = _cluster(tmp_path)
+    store, link = SnapshotStore("node-1", tmp_path / "state"), ControllerLink("test")
+    ports = [_unused_port(), _unused_port()]
+    own, other = (p for _, p in replica_order([("127.0.0.1", p) for p in ports], "node-1"))
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            replica(ca_file, token_file, pods, other) as (away, _),
+            trio.open_nursery() as nursery,
+        ):
+            follow = partial(
+                serve_config_client,
+                tls=controller_tls_context(root),
+                more=[("127.0.0.1", ports[1])],
+                rebalance_after=0.5,
+            )
+            nursery.start_soon(follow, store, "127.0.0.1", ports[0], token, link)
+            await until(lambda: "node-1" in away.sessions, "the agent on the other replica")
+            async with replica(ca_file, token_file, pods, own) as (home, _):
+                await until(
+                    lambda: "node-1" in home.sessions and home.sessions["node-1"].connected,
+                    "the agent back on its own replica",
+                )
+                assert link.address == f"127.0.0.1:{own}"
+                assert home.sessions["node-1"].full_sent == 0  # it held the current version
+                assert not away.sessions["node-1"].connected
             nursery.cancel_scope.cancel()
