@@ -27,10 +27,15 @@ if TYPE_CHECKING:
 
 class TlsStream(trio.abc.HalfCloseableStream):
     """An SSLStream the relays can half-close: TLS via trio cannot send close_notify and keep
-    reading, so `send_eof` sends nothing and the server's end closes the connection."""
+    reading, so `send_eof` sends nothing and the server's end closes the connection.
+
+    `socket` is the TCP socket under it, so the HTTP pool polls an idle connection for the
+    server's close instead of watching it with a receive it cancels on reuse (a cancelled
+    SSLStream operation may leave the stream unusable)."""
 
     def __init__(self, tls: trio.SSLStream) -> None:
         self.tls = tls
+        self.socket = getattr(tls.transport_stream, "socket", None)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.tls.send_all(data)

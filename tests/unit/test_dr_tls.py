@@ -126,6 +126,7 @@ async def exchange(server: Server, settings: ClientTLSSettings) -> bytes:
         try:
             with trio.fail_after(10):
                 stream = await originate(raw, settings, HOST)
+                assert stream.socket is raw.socket  # the pool polls it while idle
                 await stream.send_all(b"mesh")
                 reply = await stream.receive_some(100)
                 await stream.aclose()
