@@ -136,17 +136,20 @@ class Connector:
             )
         return live.plaintext_check(self.node, ip, port) if source is not None else None
 
-    def _refuse_plaintext_to_strict(self, dest: Workload | None, ip: str, port: int) -> None:
-        """DestinationRule tls DISABLE toward a STRICT pod: refused here, as the destination's
-        node would drop the plaintext (a same-node hop would otherwise pass as trusted)."""
+    def _refuse_plaintext_to_strict(
+        self, dest: Workload | None, ip: str, port: int, mode: str
+    ) -> None:
+        """DestinationRule tls other than ISTIO_MUTUAL toward a STRICT pod: refused here, as
+        the destination's node would drop a connection that is not HBONE (a same-node hop
+        would otherwise pass as trusted)."""
         tables = self.store.tables
         if tables is None or dest is None or not dest.meshed:
             return
         if tables.mtls_for(dest).mode_for(port) == "STRICT":
             raise UpstreamError(
                 "refused",
-                f"{ip}:{port}: DestinationRule tls mode DISABLE sends plaintext, which the "
-                f"destination's STRICT PeerAuthentication refuses",
+                f"{ip}:{port}: DestinationRule tls mode {mode} is not the mesh's mTLS, which "
+                f"the destination's STRICT PeerAuthentication requires",
             )
 
     def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
@@ -173,8 +176,8 @@ class Connector:
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
-        if tls is not None and tls.mode == "DISABLE":
-            self._refuse_plaintext_to_strict(local, ip, port)
+        if tls is not None:
+            self._refuse_plaintext_to_strict(local, ip, port, tls.mode)
         if protocol is None and tables is not None:
             protocol = tables.pod_protocol(ip, port)
         if (

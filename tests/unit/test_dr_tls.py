@@ -229,13 +229,15 @@ def connector_to(mode: str) -> Connector:
     return Connector(inputs, pool=None, identities=None)
 
 
-async def test_disable_to_a_strict_destination_is_refused_saying_why() -> None:
+@pytest.mark.parametrize("mode", ["DISABLE", "SIMPLE"])
+async def test_tls_other_than_istio_mutual_to_a_strict_destination_is_refused(mode) -> None:
     with pytest.raises(UpstreamError) as caught:
         await connector_to("STRICT").open(
-            None, "10.244.2.7", 9080, "10.244.1.5", tls=tls(mode="DISABLE")
+            None, "10.244.2.7", 9080, "10.244.1.5", tls=tls(mode=mode)
         )
     assert caught.value.kind == "refused"
-    assert "STRICT PeerAuthentication refuses" in str(caught.value)
+    assert f"tls mode {mode} is not the mesh's mTLS" in str(caught.value)
+    assert "STRICT PeerAuthentication requires" in str(caught.value)
 
 
 def test_istio_mutual_names_are_warned_as_ignored() -> None:
