@@ -9,9 +9,9 @@ large) it never runs, so it costs nothing where memory is reused anyway.
 
 What it cannot give back: CPython's own small-object arenas (pymalloc) are returned only
 when wholly empty, and the objects that outlive a burst (pooled connections, caches) keep
-some of them. In the lab a worker went from 65 MiB to about 175 MiB during 2,500 concurrent
-connections and to about 155 MiB after (about 90 MiB with PYTHONMALLOC=malloc); later bursts
-of the same size reuse that memory instead of adding to it.
+some of them. So proxy workers run on libc's malloc (agent/workers/launch.py: the figures
+there, a worker 60 -> 190 -> 84-91 MiB over 5,000 connections instead of 157 with pymalloc);
+later bursts of the same size reuse what stays instead of adding to it.
 """
 
 from __future__ import annotations

@@ -23,6 +23,20 @@ CONFIG_ENV = "MESHAGENT_WORKER_CONFIG"
 FD_ENV = "MESHAGENT_WORKER_FD"
 INDEX_ENV = "MESHAGENT_WORKER_INDEX"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's (telemetry.exposition)
+# A worker allocates with libc's malloc, not CPython's small-object allocator: pymalloc returns
+# an arena only when wholly empty, so a few survivors per arena keep most of what a burst took.
+# Buffers of 64 KiB and more are mmapped (a fixed threshold: glibc's own grows to 32 MiB, which
+# puts them in the heap among small objects that outlive them) and two arenas at most, so
+# malloc_trim (agent/proxy/trim.py) gives back what a burst took. Lab, 5,000 connections held
+# through a 2-worker node (tests/e2e/test_abuse_limits.py): a fresh worker 60 MiB, about 190 at
+# the peak, after it 157 (pymalloc) / 84-91 (this); the HTTP/1.1 parse+answer loop (h11) costs
+# 2-4 % more CPU per request. Not back within 10 % of fresh: what remains are objects that
+# outlive the burst scattered over the heap's pages. An operator's own environment wins.
+WORKER_ALLOCATOR = {
+    "PYTHONMALLOC": "malloc",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 @dataclass
@@ -84,6 +98,7 @@ def launch(config_json: str, index: int, env: Mapping[str, str]) -> Launched:
         process = subprocess.Popen(
             [sys.executable, "-m", "meshagent.agent.workers.worker"],
             env={
+                **WORKER_ALLOCATOR,
                 **os.environ,
                 **env,
                 CONFIG_ENV: config_json,
