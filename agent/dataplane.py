@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -119,7 +120,10 @@ class DataPlane:
             connector.attach_local(self.inbound, nursery)
             self.inbound.connector = connector  # to reach ext-authz providers
             nursery.start_soon(self._report_pool_size)
-            nursery.start_soon(trim_after_bursts, self.open_connections)
+            nursery.start_soon(
+                partial(trim_after_bursts, on_trim=self.inputs.metrics.memory_trims.inc),
+                self.open_connections,
+            )
             try:
                 yield self
             finally:

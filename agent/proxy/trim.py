@@ -54,6 +54,7 @@ def malloc_trim() -> bool:
 async def trim_after_bursts(
     open_connections: Callable[[], int],
     *,
+    on_trim: Callable[[], object] = lambda: None,
     burst: int = BURST,
     quiet: int = QUIET,
     settle: float = SETTLE,
@@ -63,7 +64,7 @@ async def trim_after_bursts(
     trim once it has fallen by `burst` or more and then stayed within `quiet` for `settle`
     seconds (longer than the upstream pool's sweep, which closes what a burst left idle): a
     trim in the middle of the fall would stall the connections still served and miss the
-    memory freed after it. Never returns."""
+    memory freed after it. `on_trim` counts each trim (a test waits for it). Never returns."""
     peak = 0
     steady, since = 0, trio.current_time()  # the count and when it last moved
     while True:
@@ -74,5 +75,6 @@ async def trim_after_bursts(
             steady, since = now, at
         elif peak - now >= burst and at - since >= settle:
             malloc_trim()
+            on_trim()
             log.debug("%d connections closed since the peak: memory trimmed", peak - now)
             peak = now

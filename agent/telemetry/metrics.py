@@ -251,6 +251,12 @@ class ProxyMetrics:
             ("listener", "reason"),
             **kw,
         )
+        self.memory_trims = Counter(
+            "meshagent_proxy_memory_trims",
+            "Heap trims after a burst of connections ended (agent/proxy/trim.py): memory a"
+            " burst took is handed back to the system once its connections are gone.",
+            **kw,
+        )
         self.open_connections = Gauge(
             "meshagent_proxy_open_connections",
             "Connections the proxy holds now, by direction (outbound: reporter=source).",
