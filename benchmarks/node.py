@@ -43,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SMOKE_OUT = Path("/tmp/meshbench-node-smoke")  # so that a smoke run never overwrites results/
-DEFAULT_INSTANCE = "bench-node"
+DEFAULT_INSTANCE = "fullnode"
 NAMESPACE = "load"
 NODES = ("node-1", "node-2")
 SCRAPE_URL = "http://127.0.0.1:15020/stats/prometheus"

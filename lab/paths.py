@@ -10,8 +10,9 @@ import os
 import re
 from pathlib import Path
 
+INSTANCE_PATTERN = r"[a-z0-9]{1,8}"  # it goes into interface and netns names
 INSTANCE = os.environ.get("MESHLAB_INSTANCE", "")
-if INSTANCE and not re.fullmatch(r"[a-z0-9]{1,8}", INSTANCE):
+if INSTANCE and not re.fullmatch(INSTANCE_PATTERN, INSTANCE):
     raise SystemExit("MESHLAB_INSTANCE must be 1-8 lowercase letters or digits")
 LAB_NAME = f"meshlab_{INSTANCE}" if INSTANCE else "meshlab"
 

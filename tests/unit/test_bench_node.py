@@ -3,8 +3,12 @@ lab applies them) and the verdict on issue #22's targets."""
 
 from __future__ import annotations
 
-from meshagent.common.manifests import load_documents
+import re
 
+from meshagent.common.manifests import load_documents
+from meshagent.lab.paths import INSTANCE_PATTERN
+
+from benchmarks import node, run
 from benchmarks.node import MB, clients_manifest, servers_manifest, targets
 
 
@@ -42,3 +46,9 @@ def test_targets_are_met_or_missed_by_the_worst_node_and_the_slower_status():
     missed = targets(_measured(page=3 * MB, scrape=0.2, growth=12.0, status=1.1, exec_s=0.3))
     assert [t["met"] for t in missed] == [False] * 5
     assert "101 pods" in missed[3]["title"]
+
+
+def test_each_benchmarks_own_lab_instance_is_a_valid_instance_name():
+    # A default the lab refuses fails only where MESHLAB_INSTANCE is unset, as in CI.
+    for default in (node.DEFAULT_INSTANCE, run.DEFAULT_INSTANCE):
+        assert re.fullmatch(INSTANCE_PATTERN, default), default
