@@ -60,8 +60,8 @@ def lab(lab_factory, tmp_path_factory) -> Lab:
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):
         wait_until(
-            lambda service=service: lab.curl("sa/client", f"http://{service}.sa:8080/")[0],
-            lambda code: code == "200",
+            lambda service=service: lab.curl("sa/client", f"http://{service}.sa:8080/"),
+            lambda answer: answer[0] == "200",  # else the failure shows the mesh's reason
             what=f"{service} answers through the mesh",
             timeout=30,
         )

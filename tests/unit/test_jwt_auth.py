@@ -63,18 +63,26 @@ def _bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
+# Tokens are made when the test runs, not when the module is collected: the test command runs
+# the e2e tests first, for longer than a token made at collection would stay valid.
 @pytest.mark.parametrize(
-    ("token", "error"),
+    ("make_token", "error"),
     [
-        (_token(), None),
-        (_token(EC_KEY, "ec"), None),
-        (_token(exp=int(time.time()) - 3600), "Jwt is expired"),
-        (_token(nbf=int(time.time()) + 3600), "Jwt not yet valid"),
-        (_token(iss="https://elsewhere"), "Jwt issuer is not configured"),
-        (_token(OTHER_KEY, "rsa"), "Jwt verification fails"),
-        (_token(OTHER_KEY, "unknown"), "Jwks doesn't have key to match kid or alg from Jwt"),
-        ("not-a-jwt", "Jwt is not in the form of Header.Payload.Signature"),
-        (jwt.encode({"iss": ISSUER, "sub": "x"}, None, algorithm="none"), "Jwt verification fails"),
+        (lambda: _token(), None),
+        (lambda: _token(EC_KEY, "ec"), None),
+        (lambda: _token(exp=int(time.time()) - 3600), "Jwt is expired"),
+        (lambda: _token(nbf=int(time.time()) + 3600), "Jwt not yet valid"),
+        (lambda: _token(iss="https://elsewhere"), "Jwt issuer is not configured"),
+        (lambda: _token(OTHER_KEY, "rsa"), "Jwt verification fails"),
+        (
+            lambda: _token(OTHER_KEY, "unknown"),
+            "Jwks doesn't have key to match kid or alg from Jwt",
+        ),
+        (lambda: "not-a-jwt", "Jwt is not in the form of Header.Payload.Signature"),
+        (
+            lambda: jwt.encode({"iss": ISSUER, "sub": "x"}, None, algorithm="none"),
+            "Jwt verification fails",
+        ),
     ],
     ids=[
         "rs256",
@@ -88,8 +96,8 @@ def _bearer(token: str) -> list[tuple[str, str]]:
         "alg-none",
     ],
 )
-def test_token_checks(token, error):
-    result = _auth(headers=_bearer(token))
+def test_token_checks(make_token, error):
+    result = _auth(headers=_bearer(make_token()))
     assert result.error == error
     if error is None:
         assert result.principal == f"{ISSUER}/alice"
