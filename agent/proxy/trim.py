@@ -16,12 +16,13 @@ later bursts of the same size reuse what stays instead of adding to it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
 
 import trio
-from meshagent.common.heap import return_free_pages
 
 __all__ = ["malloc_trim", "trim_after_bursts"]
 
@@ -33,10 +34,21 @@ SETTLE = 7.0  # ... for this long (s): more than the upstream pool's sweep inter
 INTERVAL = 1.0
 
 
+def _libc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_TRIM = _libc_trim()
+
+
 def malloc_trim() -> bool:
     """Collect garbage, then return free heap pages to the system; whether libc could."""
     gc.collect()
-    return return_free_pages()
+    return bool(_TRIM(0)) if _TRIM is not None else False
 
 
 async def trim_after_bursts(
