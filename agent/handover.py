@@ -229,6 +229,47 @@ def open_registration_from_env(
 Service = Callable[..., Awaitable[None]]
 
 
+class Recheck:
+    """Asks the hand-over poller for a look now rather than at its next tick: an agent told
+    to stop (SIGTERM) acts on, and logs, the phase it stops in (a successor may have started
+    serving within the last poll interval)."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self._asked = trio.Event()
+        self._looked = trio.Event()
+        self.polling = False  # no registration (no $POD_UID): nothing to look at
+
+    async def now(self, timeout: float) -> None:
+        """Returns once a look that started after this call ended (or at ``timeout``)."""
+        import trio
+
+        if not self.polling:
+            return
+        looked = self._looked
+        self._asked.set()
+        with trio.move_on_after(timeout):
+            await looked.wait()
+
+    def begin_look(self) -> trio.Event | None:
+        """The poller starts a look: the event to set when it ends, if one was asked for."""
+        import trio
+
+        if not self._asked.is_set():
+            return None
+        looked = self._looked
+        self._asked, self._looked = trio.Event(), trio.Event()
+        return looked
+
+    async def wait(self, interval: float) -> None:
+        """Until the next tick or a request, whichever comes first."""
+        import trio
+
+        with trio.move_on_after(interval):
+            await self._asked.wait()
+
+
 async def serve_handover(
     registration: AgentRegistration | None,
     is_ready: Callable[[], bool],
@@ -236,6 +277,7 @@ async def serve_handover(
     *,
     on_phase: Callable[[Phase], None] = lambda _phase: None,
     interval: float = POLL_INTERVAL,
+    recheck: Recheck | None = None,
     task_status: trio.TaskStatus[None] | None = None,
 ) -> None:
     """Run the readiness listener while this agent owns the node; mark it serving once ready.
@@ -245,17 +287,20 @@ async def serve_handover(
     newer one) and started again if that agent dies. ``on_phase`` hears every change of
     `Phase`, for the caller to stop and resume what else the newer agent takes over.
     Says started once the readiness listener listens. Without a registration (no
-    ``$POD_UID``) it only serves ``readiness``.
+    ``$POD_UID``) it only serves ``readiness``. ``recheck`` asks for a look between ticks.
     """
     import trio
 
+    recheck = recheck or Recheck()
     current = Phase.OWNER
     async with trio.open_nursery() as nursery:
         scope = await _start_in_scope(nursery, readiness)
         (task_status or trio.TASK_STATUS_IGNORED).started()
         if registration is None:
             return
+        recheck.polling = True
         while True:
+            looked = recheck.begin_look()
             try:
                 found = await trio.to_thread.run_sync(registration.newer)
             except OSError as exc:
@@ -276,7 +321,9 @@ async def serve_handover(
                 registration.set_serving(now is Phase.OWNER and is_ready())
             except OSError as exc:
                 log.warning("writing the agent registration: %s", exc)
-            await trio.sleep(interval)
+            if looked is not None:
+                looked.set()
+            await recheck.wait(interval)
 
 
 async def _start_in_scope(nursery: trio.Nursery, service: Service) -> trio.CancelScope:

@@ -49,6 +49,7 @@ from meshagent.common.listeners import PausableListener, enable_request_migratio
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+HANDOVER_CHECK_TIMEOUT_S = 2.0  # a look at the registry on SIGTERM: a few file reads
 
 
 class Agent:
@@ -68,6 +69,7 @@ class Agent:
         self.ready = False
         self.draining = False
         self.phase = handover.Phase.OWNER
+        self.handover_check = handover.Recheck()
         self.metrics_listener: PausableListener | None = None  # bound once the proxy serves
         self.datapath_reused = False
         self.ready_after_s: float | None = None  # from the process's start (fork) to ready
@@ -198,6 +200,7 @@ class Agent:
                         lambda: self.ready,
                         partial(self._serve_owner_ports, status, ready),
                         on_phase=self._on_phase,
+                        recheck=self.handover_check,
                     )
                 )
                 await nursery.start(serve_controller_link, cfg, self.store, self.link, self.signer)
@@ -264,9 +267,12 @@ class Agent:
 
     def _on_phase(self, phase: handover.Phase) -> None:
         """A newer agent serving owns the node: stop accepting and stop writing the maps,
-        keep relaying what was accepted. Take everything back if it goes away."""
+        keep relaying what was accepted. Take everything back if it goes away (a draining
+        agent only stops writing the maps: the newer one owns them)."""
         self.phase = phase
         if self.draining:
+            if phase is handover.Phase.HANDED_OVER:
+                self.reconciler.pause()
             return
         if phase is handover.Phase.HANDED_OVER:
             self._set_accepting(False)
@@ -294,6 +300,9 @@ class Agent:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async for _ in signals:
                 break
+        # where the node stands now (a successor may serve since the last poll): a handed-over
+        # agent stops writing the maps before it drains
+        await self.handover_check.now(timeout=HANDOVER_CHECK_TIMEOUT_S)
         self.draining, self.ready = True, False
         self._set_accepting(False)
         log.info(

@@ -17,6 +17,7 @@ from meshagent.agent import handover
 from meshagent.agent.cli import main
 from meshagent.agent.handover import (
     Phase,
+    Recheck,
     Registration,
     RegistrationError,
     newer_live_agent,
@@ -208,6 +209,40 @@ async def test_serving_waits_for_ready(tmp_path) -> None:
             ready = True
             await until(lambda: saved(tmp_path, "a")["serving"])
             nursery.cancel_scope.cancel()
+
+
+async def test_a_recheck_sees_a_successor_serving_before_the_next_tick(tmp_path) -> None:
+    """SIGTERM in the second after a successor started serving: the stopping agent looks at
+    once, so it stops in `handed-over` (and stops writing the maps) rather than one poll late."""
+    listener, phases, recheck = FakeListener(), [], Recheck()
+    with trio.fail_after(TIMEOUT), open_registration(tmp_path, "old", "old") as old:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_handover(
+                    old,
+                    lambda: True,
+                    listener.serve,
+                    on_phase=phases.append,
+                    interval=3600,
+                    recheck=recheck,
+                    task_status=task_status,
+                )
+            )
+            await until(lambda: saved(tmp_path, "old")["serving"])  # its first look is done
+            with open_registration(tmp_path, "new", "new") as new:
+                new.set_serving(True)
+                await trio.sleep(0.05)
+                assert phases == []  # the next tick is an hour away
+                await recheck.now(timeout=TIMEOUT)
+                assert phases == [Phase.HANDED_OVER]
+                await until(lambda: not listener.open)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_recheck_without_a_registration_returns_at_once() -> None:
+    """No $POD_UID (the lab's agents, or by hand): nothing polls, nothing to wait for."""
+    with trio.fail_after(1):
+        await Recheck().now(timeout=3600)
 
 
 def test_live_agents_lists_every_live_registration_oldest_first(tmp_path: Path) -> None:
