@@ -668,6 +668,33 @@ def wait_ready(plan: LabPlan, timeout: float = READY_TIMEOUT) -> None:
     )
 
 
+def certificates_pending(plan: LabPlan) -> list[str]:
+    """Workload identities an answering agent wants and holds no certificate for yet (a pod
+    is meshed a moment before its certificate comes: until then its connections fail). None
+    while no controller runs: nothing could sign them."""
+    if not any(cgroups.pids(controller_cgroup(r)) for r in range(controller_replicas())):
+        return []
+    pending = []
+    for node in plan.nodes:
+        view = agent_view(node)
+        for row in ((view or {}).get("certificates") or []) if view else []:
+            if row.get("state") != "ready":
+                pending.append(f"certificate for {row.get('identity')} on {node.name}")
+    return pending
+
+
+def wait_certificates(plan: LabPlan, timeout: float = READY_TIMEOUT) -> None:
+    """Until every answering agent holds a certificate for each identity it wants."""
+    deadline = time.monotonic() + timeout
+    while pending := certificates_pending(plan):
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"certificates not issued in {timeout:.0f}s: {'; '.join(pending)} "
+                f"(logs in {LOG_DIR})"
+            )
+        time.sleep(0.1)
+
+
 def _selected(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -786,6 +813,7 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
     plan = wait_pods_ready(created)
     wait_synced(api)
     wait_ready(plan)
+    wait_certificates(plan)
     return plan
 
 
@@ -945,8 +973,9 @@ def apply(objects: list[dict]) -> tuple[list[str], list[str], list[str]]:
     load_state()
     api = admin_api()
     created, ignored = apply_objects(api, objects)
-    wait_pods_ready(created)
+    plan = wait_pods_ready(created)
     wait_synced(api)
+    wait_certificates(plan)
     applied = [_describe(o) for o in objects if _describe(o) not in ignored]
     return sorted(created), applied, ignored
 

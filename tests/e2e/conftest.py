@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshagent.lab.paths import LOG_DIR
+
+from tests.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 EXAMPLES = Path(__file__).resolve().parents[2] / "lab" / "examples"
@@ -90,6 +93,51 @@ class Lab:
 
     def counters(self, node: str) -> dict:
         return self.status(node)["datapath"]["counters"]
+
+    def wait_answer(
+        self, pod: str, url: str, *extra: str, code: str = "200", what: str, timeout: float = 30
+    ) -> str:
+        """curl ``url`` from ``pod`` until it answers ``code``; returns the body. A failure shows
+        the last answer's body (the mesh's reason) and what each node's agent says."""
+        try:
+            answer = wait_until(
+                lambda: self.curl(pod, url, *extra),
+                lambda answer: answer[0] == code,
+                what=what,
+                timeout=timeout,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.mesh_report()}") from None
+        return answer[1]
+
+    def mesh_report(self) -> str:
+        """Each node's agent as a failed wait needs it: pods and their certificates, services
+        and their endpoints, the end of its log."""
+        lines = []
+        for log in sorted(LOG_DIR.glob("agent-*.log")):
+            node = log.stem.removeprefix("agent-")
+            try:
+                view = self.status(node)
+            except (AssertionError, ValueError) as exc:
+                view = None
+                lines.append(f"{node}: no status: {exc}")
+            if view:
+                agent = view["agent"]
+                lines.append(
+                    f"{node}: ready={agent.get('ready')} phase={agent.get('phase')} "
+                    f"snapshot={agent.get('snapshot_version')} workers={agent.get('workers')}"
+                )
+                for pod in view.get("pods") or []:
+                    cert = (pod.get("certificate") or {}).get("state")
+                    lines.append(
+                        f"  pod {pod['namespace']}/{pod['name']} {pod['ip']} "
+                        f"{pod.get('in_force')} certificate={cert}"
+                    )
+                for service in view.get("services") or []:
+                    ips = [e["ip"] for e in service.get("endpoints") or []]
+                    lines.append(f"  service {service['namespace']}/{service['name']} {ips}")
+            lines += [f"  | {line}" for line in log.read_text(errors="replace").splitlines()[-40:]]
+        return "\n".join(lines)
 
     def endpoints(self, node: str, namespace: str, service: str) -> set[str]:
         """The endpoint IPs of Service `namespace/service` in `node`'s snapshot in force, as

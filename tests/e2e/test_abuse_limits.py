@@ -78,12 +78,7 @@ def lab(lab_factory, tmp_path_factory):
         http_request_headers_timeout_s=HEADER_TIMEOUT_S, tcp_idle_timeout_s=TCP_IDLE_TIMEOUT_S
     ):
         lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=1)
-    wait_until(
-        lambda: lab.curl("abl/client", URL)[0],
-        lambda code: code == "200",
-        what="web answers through the mesh",
-        timeout=30,
-    )
+    lab.wait_answer("abl/client", URL, what="web answers through the mesh")
     return lab
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import meshlab, render_manifest
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,12 +41,7 @@ def lab(lab_factory, tmp_path_factory):
         (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for url in ("http://backend.ch:8080/", "http://cookie.ch:8080/"):
-        wait_until(
-            lambda url=url: lab.curl(CLIENT, url),
-            lambda answer: answer[0] == "200",
-            what=f"{url} answers through the mesh",
-            timeout=30,
-        )
+        lab.wait_answer(CLIENT, url, what=f"{url} answers through the mesh")
     return lab
 
 

@@ -35,12 +35,9 @@ def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("h2-abuse")
     (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder, name="web"))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
-    wait_until(
-        lambda: _h2c(lab, "h2a/client"),
-        lambda code: code == "200",
-        what="web answers h2c through the mesh",
-        timeout=30,
-    )
+    url = f"http://{TARGET[0]}:{TARGET[1]}/"
+    h2c = "--http2-prior-knowledge"
+    lab.wait_answer("h2a/client", url, h2c, what="web answers h2c through the mesh")
     return lab
 
 

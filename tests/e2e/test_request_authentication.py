@@ -200,11 +200,8 @@ def test_http2_engine_gives_the_same_verdicts(authz_lab, tmp_path, own_folder):
     _meshlab_docs("apply", tmp_path / "server", server)
     docs = _documents("web", {"issuer": ISSUER, "jwks": JWKS})
     try:
-        wait_until(
-            lambda: authz_lab.curl("shop/frontend", url, h2, timeout=2)[0],
-            lambda code: code == "200",
-            what="nginx answers h2c through the mesh",
-            timeout=60,
+        authz_lab.wait_answer(
+            "shop/frontend", url, h2, what="nginx answers h2c through the mesh", timeout=60
         )
         _meshlab_docs("apply", tmp_path, docs)
         wait_until(

@@ -56,12 +56,7 @@ def lab(lab_factory, tmp_path_factory, mirror_log):
     lab = lab_factory(manifest, nodes=2)
     lab.nginx = folder
     for url, extra in ((f"{ECHO}/ready", ()), (f"{WEB}/ready", (H2,))):
-        wait_until(
-            lambda url=url, extra=extra: lab.curl("ra/client", url, *extra)[0],
-            lambda code: code == "200",
-            what=f"{url} answers through the mesh",
-            timeout=30,
-        )
+        lab.wait_answer("ra/client", url, *extra, what=f"{url} answers through the mesh")
     return lab
 
 

@@ -59,12 +59,8 @@ def lab(lab_factory, tmp_path_factory) -> Lab:
         (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):
-        wait_until(
-            lambda service=service: lab.curl("sa/client", f"http://{service}.sa:8080/"),
-            lambda answer: answer[0] == "200",  # else the failure shows the mesh's reason
-            what=f"{service} answers through the mesh",
-            timeout=30,
-        )
+        url = f"http://{service}.sa:8080/"
+        lab.wait_answer("sa/client", url, what=f"{service} answers through the mesh")
     return lab
 
 
