@@ -81,12 +81,15 @@ class RelayResult:
         self._moved()
 
     def _moved(self) -> None:
+        if self._idle is None and self.on_progress is None:
+            return
+        now = trio.current_time()  # once per batch, for both
         if self._idle is not None:
-            deadline = trio.current_time() + self._idle_timeout
+            deadline = now + self._idle_timeout
             if deadline - self._idle.deadline >= min(IDLE_RESOLUTION, self._idle_timeout / 8):
                 self._idle.deadline = deadline
         if self.on_progress is not None:
-            self._progress()
+            self._progress(now)
 
     def unreported(self) -> tuple[int, int]:
         """The bytes (sent, received) not yet given to `on_progress`; from now on, given."""
@@ -94,8 +97,7 @@ class RelayResult:
         self._reported_sent, self._reported_received = self.sent, self.received
         return sent, received
 
-    def _progress(self) -> None:
-        now = trio.current_time()
+    def _progress(self, now: float) -> None:
         if not self._next_progress:
             self._next_progress = now + PROGRESS_INTERVAL
         elif now >= self._next_progress:
