@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshagent.common.failmode import DEFAULT_FAIL_MODE
+
 if TYPE_CHECKING:
     from meshagent.agent.policy.peerauth import MtlsPolicy
 
 __all__ = ["SNAPSHOT_FILE", "PodInfo", "SavedView", "load"]
 
 SNAPSHOT_FILE = "snapshot.json"  # agent/state.py's SnapshotStore writes it
-DEFAULT_FAIL_MODE = "closed"  # common/snapshot.py's Workload default
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from meshagent.agent.proxy.routing import (
     compile_routes,
     port_protocol,
 )
+from meshagent.agent.savedview import SNAPSHOT_FILE
 from meshagent.common import snapshotdelta
 from meshagent.common.authz import PolicySet
 from meshagent.common.istio.resource import IstioResource, ResourceError, parse_resource
@@ -49,8 +50,6 @@ from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload, 
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_FILE = "snapshot.json"
 
 
 class SnapshotRejected(Exception):

@@ -12,14 +12,10 @@ import hashlib
 import json
 from typing import Literal
 
+from meshagent.common.failmode import DEFAULT_FAIL_MODE
 from pydantic import BaseModel, ConfigDict, Field
 
 MESH_LABEL = "meshagent.io/mesh"
-# What a meshed pod's connections do while its node's agent is down: `open` (straight to
-# their destination, unmeshed) or `closed` (refused), on the Namespace or the Pod (which wins).
-FAIL_MODE_LABEL = "meshagent.io/fail-mode"
-FAIL_MODES = ("closed", "open")
-DEFAULT_FAIL_MODE = "closed"
 
 
 class _Model(BaseModel):

@@ -16,11 +16,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshagent.common.failmode import DEFAULT_FAIL_MODE, FAIL_MODE_LABEL, FAIL_MODES
 from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
 from meshagent.common.snapshot import (
-    DEFAULT_FAIL_MODE,
-    FAIL_MODE_LABEL,
-    FAIL_MODES,
     MESH_LABEL,
     Endpoint,
     Node,

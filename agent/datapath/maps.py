@@ -62,7 +62,6 @@ class Counter(IntEnum):
 
 POD_FAIL_OPEN = 1  # enum mesh_pod_flag
 DEFAULT_HEARTBEAT_TIMEOUT_NS = 1_000_000_000  # MESH_HEARTBEAT_TIMEOUT_NS
-FAIL_MODES = ("closed", "open")
 
 
 class MtlsMode(IntEnum):
