@@ -404,28 +404,25 @@ class HttpRoute:
     mirrors: tuple[Mirror, ...] = ()
     cors: Cors | None = None
 
-    def matches_request(
+    def matching_entry(
         self,
         method: str,
         target: str,
         headers: Mapping[str, str],
         source: Workload | None = None,
-    ) -> bool:
-        return not self.matches or any(m(method, target, headers, source) for m in self.matches)
-
-    def rewrite_prefix(
-        self,
-        method: str,
-        target: str,
-        headers: Mapping[str, str],
-        source: Workload | None = None,
-    ) -> str | None:
-        """The prefix `rewrite.uri` replaces for this request (`RequestMatch.rewrite_prefix`
-        of the first entry that matches it)."""
+    ) -> RequestMatch | None:
+        """The first `match[]` entry the request from `source` meets (`CATCH_ALL` for a route
+        without any), None if it meets none. Its `rewrite_prefix` is what `rewrite.uri`
+        replaces in this request."""
+        if not self.matches:
+            return CATCH_ALL
         for m in self.matches:
             if m(method, target, headers, source):
-                return m.rewrite_prefix
-        return "/"
+                return m
+        return None
+
+
+CATCH_ALL = RequestMatch()  # a route without `match[]`: every request, "/" rewritten
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +444,7 @@ class HttpRoutes:
     ) -> HttpRoute | None:
         """The first route matching the request from `source` (the client workload)."""
         for route in self.routes:
-            if route.matches_request(method, target, headers, source):
+            if route.matching_entry(method, target, headers, source) is not None:
                 return route
         return None
 

@@ -158,7 +158,8 @@ def _actions(
             prefix = None
             if rewrite.regex is None:
                 headers = info.header_map() if any(m.headers for m in route.matches) else _EMPTY
-                prefix = route.rewrite_prefix(info.method, info.target, headers, ctx.source)
+                entry = route.matching_entry(info.method, info.target, headers, ctx.source)
+                prefix = entry.rewrite_prefix if entry is not None else "/"
             d.target = rewrite.target(info.target, prefix)
         d.authority = rewrite.authority
     d.request_ops = tuple(op for op in (own.request, route.request_headers) if op is not None)
