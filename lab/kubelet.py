@@ -16,8 +16,9 @@ One detached process for the whole lab (`python -m meshagent.lab.kubelet run`, s
   (Pods annotated ``meshlab.io/runs: agent``) are run by `meshlab` itself: the kubelet only
   reports them Running on the node's address;
 - the scheduler (there is no kube-scheduler): a Pod without ``spec.nodeName`` is bound
-  (pods/binding) to the node with the fewest pods, the lowest index first (`meshlab apply`
-  places its own pods the same way when it creates them);
+  (pods/binding) to the node with the fewest pods, the lowest index first, among the nodes its
+  nodeSelector, required node affinity and tolerations allow (lab/placement.py; a DaemonSet's
+  pods name their node so) (`meshlab apply` places its own pods the same way);
 - a watch of Services that rewrites the pods' ``/etc/hosts`` when a VIP comes or goes;
 - a loopback forwarder: kubectl on the host reaches the apiserver (which listens in the lab's
   underlay namespace) at ``127.0.0.1:<port>`` of `meshlab kubeconfig`.
@@ -41,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from meshagent.common.netns import entered
-from meshagent.lab import cgroups, lab, net, probe
+from meshagent.lab import cgroups, lab, net, placement, probe
 from meshagent.lab.kubeapi import ApiError, KubeApi
 from meshagent.lab.paths import ETC_NETNS, KUBE_DIR, NETNS_DIR, RUN_DIR
 from meshagent.lab.topology import (
@@ -167,6 +168,10 @@ class NodeKubelet:
         self.terminating: set[str] = set()
         self.reported_agents: set[str] = set()
         self.lock = threading.RLock()
+        # One status write at a time, each built from the pod's state when its turn comes, and
+        # the Ready value the API last took from each pod (None: the write failed).
+        self.status_lock = threading.Lock()
+        self.written: dict[str, bool | None] = {}
         self.synced = threading.Event()  # the first list is handled: watching now
 
     # -- the watch
@@ -258,7 +263,26 @@ class NodeKubelet:
         self._report(pod)
 
     def _report(self, pod: PodPlan, ready: bool | None = None) -> None:
-        ready = pod.ready if ready is None else ready
+        """Write the pod's status: Ready as ``ready``, else as its probe says (never while it
+        terminates). Writes are serialized and each reads the pod's state once its turn came:
+        a merge patch carries no order, so the start's "not Ready" sent beside the probe's
+        "Ready" could land last, and the API kept a probed pod not Ready for good (no
+        endpoints: the mesh answered 503 "no healthy upstream" to the first requests)."""
+        with self.status_lock:
+            if ready is None:
+                ready = pod.ready and pod.key not in self.terminating
+            try:
+                self.api.merge_patch(
+                    f"{pod_path(pod.namespace, pod.name)}/status",
+                    {"status": self._status(pod, ready)},
+                )
+            except (ApiError, OSError) as exc:
+                self.written[pod.key] = None  # the probe loop writes it again
+                log.warning("status of %s: %s", pod.key, exc)
+            else:
+                self.written[pod.key] = ready
+
+    def _status(self, pod: PodPlan, ready: bool) -> dict:
         flag = "True" if ready else "False"
         containers = (pod.manifest.get("spec") or {}).get("containers") or []
         status = {
@@ -286,10 +310,7 @@ class NodeKubelet:
                 for c in containers
             ],
         }
-        try:
-            self.api.merge_patch(f"{pod_path(pod.namespace, pod.name)}/status", {"status": status})
-        except (ApiError, OSError) as exc:
-            log.warning("status of %s: %s", pod.key, exc)
+        return status
 
     def _report_agent(self, obj: dict) -> None:
         meta = obj["metadata"]
@@ -324,17 +345,21 @@ class NodeKubelet:
     # -- probing
     def probe_forever(self) -> None:
         while True:
-            with self.lock:
-                waiting = [
-                    p for p in self.pods.values() if not p.ready and p.key not in self.terminating
-                ]
-            for pod in waiting:
-                if probe.tcp_open(self.node.netns, pod.ip, pod.readiness_port, 0.5):
-                    pod.probed = True
-                    self.hub.save()
-                    self._report(pod)
-                    log.info("%s ready", pod.key)
+            self.probe_once()
             time.sleep(PROBE_PERIOD)
+
+    def probe_once(self) -> None:
+        """Probe the running pods not Ready yet; write again a status the API did not take."""
+        with self.lock:
+            running = [p for p in self.pods.values() if p.key not in self.terminating]
+        for pod in running:
+            if not pod.ready and probe.tcp_open(self.node.netns, pod.ip, pod.readiness_port, 0.5):
+                pod.probed = True
+                self.hub.save()
+                self._report(pod)
+                log.info("%s ready", pod.key)
+            elif pod.key in self.written and self.written[pod.key] != pod.ready:
+                self._report(pod)
 
     # -- stopping
     def _stop(self, pod: PodPlan, grace: int, delete: bool) -> None:
@@ -359,6 +384,7 @@ class NodeKubelet:
             with self.lock:
                 if self.pods.get(pod.key) is pod:
                     del self.pods[pod.key]
+                    self.written.pop(pod.key, None)
             self.hub.save()
             log.info("stopped %s (grace %ds)", pod.key, grace)
             if delete:
@@ -384,33 +410,80 @@ def _manifest(obj: dict) -> dict:
 
 
 class Scheduler:
-    """Binds Pods without a node to the least loaded lab node, in the order they came."""
+    """Binds Pods without a node, in the order they came, to the least loaded lab node among
+    those kube-scheduler's filters allow (lab/placement.py); a Pod no node fits stays
+    pending until a node changes."""
 
     def __init__(self, nodes: list[NodePlan], api: KubeApi) -> None:
         self.nodes = nodes
         self.api = api
         self.pods: dict[str, dict] = {}
+        self.node_objects: dict[str, dict] = {}
+        self.unplaced: set[str] = set()  # pods no node fits (logged once)
+        self.lock = threading.RLock()
+        self.nodes_synced = threading.Event()
 
     def run(self) -> None:
+        threading.Thread(
+            target=informer,
+            args=(self.api, "/api/v1/nodes", self.nodes_listed, self.node_event, "nodes"),
+            daemon=True,
+        ).start()
+        self.nodes_synced.wait()  # labels and taints known before the first pod is placed
         informer(self.api, "/api/v1/pods", self.listed, self.event, "scheduler")
 
+    def nodes_listed(self, items: list[dict]) -> None:
+        with self.lock:
+            self.node_objects = {n["metadata"]["name"]: n for n in items}
+        self.nodes_synced.set()
+        self._retry_pending()
+
+    def node_event(self, kind: str, node: dict) -> None:
+        with self.lock:
+            if kind == "DELETED":
+                self.node_objects.pop(node["metadata"]["name"], None)
+            else:
+                self.node_objects[node["metadata"]["name"]] = node
+        self._retry_pending()
+
     def listed(self, items: list[dict]) -> None:
-        self.pods = {key_of(p): p for p in items}
-        for item in items:
-            self._bind_if_due(item)
+        with self.lock:
+            self.pods = {key_of(p): p for p in items}
+            for item in items:
+                self._bind_if_due(item)
 
     def event(self, kind: str, obj: dict) -> None:
-        if kind == "DELETED":
-            self.pods.pop(key_of(obj), None)
-            return
-        self.pods[key_of(obj)] = obj
-        self._bind_if_due(obj)
+        with self.lock:
+            if kind == "DELETED":
+                self.pods.pop(key_of(obj), None)
+                self.unplaced.discard(key_of(obj))
+                return
+            self.pods[key_of(obj)] = obj
+            self._bind_if_due(obj)
+
+    def _retry_pending(self) -> None:
+        with self.lock:
+            for obj in list(self.pods.values()):
+                self._bind_if_due(obj)
 
     def _bind_if_due(self, obj: dict) -> None:
         spec, meta = obj.get("spec") or {}, obj["metadata"]
         if spec.get("nodeName") or meta.get("deletionTimestamp"):
             return
-        node = least_loaded(self.nodes, self.pods.values())
+        allowed = [
+            n
+            for n in self.nodes
+            if n.name in self.node_objects and placement.fits(obj, self.node_objects[n.name])
+        ]
+        if not allowed:
+            if key_of(obj) not in self.unplaced:
+                self.unplaced.add(key_of(obj))
+                log.warning(
+                    "no node fits %s (nodeSelector, required node affinity, taints); pending",
+                    key_of(obj),
+                )
+            return
+        node = least_loaded(allowed, self.pods.values())
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",
@@ -421,6 +494,7 @@ class Scheduler:
             self.api.create(f"{pod_path(meta['namespace'], meta['name'])}/binding", binding)
             spec["nodeName"] = node.name  # counted at once for the next one
             obj["spec"] = spec
+            self.unplaced.discard(key_of(obj))
             log.info("bound %s to %s", key_of(obj), node.name)
         except ApiError as exc:
             log.warning("binding %s: %s", key_of(obj), exc)

@@ -82,6 +82,7 @@ CONTROLLER_POD_NAME = "meshctl-lab"
 TOKEN_AUDIENCE = "meshagent-controller"
 TOKEN_SECONDS = 7 * 24 * 3600
 DEFAULT_IMAGE = "meshlab/process"  # Pods must name an image; the lab runs their command
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"  # the apiserver taints a new Node with it
 # What the lab's `apply` ignores: the apiserver serves these, but nothing in the lab runs them.
 # (Deployments and the like do run: kube-controller-manager makes their Pods.)
 
@@ -256,13 +257,23 @@ def _kustomized(folder: Path) -> list[dict]:
     return [obj for name in listing.get("resources") or [] for obj in _manifests(folder / name)]
 
 
+def _untaint_ready(api: KubeApi, node: dict) -> None:
+    """Remove the ``node.kubernetes.io/not-ready`` taint the apiserver puts on a new Node,
+    now that it is Ready: the node lifecycle controller's part, disabled in the lab (it
+    would want kubelet heartbeats). With the taint no DaemonSet gets a pod on the node."""
+    taints = (node.get("spec") or {}).get("taints") or []
+    kept = [t for t in taints if t.get("key") != NOT_READY_TAINT]
+    if len(kept) != len(taints):
+        api.merge_patch(f"/api/v1/nodes/{node['metadata']['name']}", {"spec": {"taints": kept}})
+
+
 def bootstrap(api: KubeApi, plan: LabPlan) -> None:
     """What a cluster with the mesh installed has before any app: the Nodes, the mesh's
     namespace, RBAC and CRDs, the agents' Pods and service accounts, the controller's
     kubeconfig, an EndpointSlice for the `kubernetes` Service (at the apiserver)."""
     plane = control_plane()
     for node in plan.nodes:
-        api.apply(
+        stored = api.apply(
             {
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -286,6 +297,7 @@ def bootstrap(api: KubeApi, plan: LabPlan) -> None:
                 }
             },
         )
+        _untaint_ready(api, stored)
         plane.kubeconfig_for(f"system:node:{node.name}", groups=["system:nodes"])
     for obj in [
         *_manifests(DAEMONSET_DIR / "base" / "namespace.yaml"),
@@ -907,11 +919,14 @@ class ApplyError(LabError):
 
 def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], list[str]]:
     """Server-side apply ``objects`` in order (Namespaces first). Pods without a node are
-    placed on the least loaded node, as the lab kubelet's scheduler does. Returns ({ns/name:
-    uid} of the Pods created, the objects of kinds the API does not serve, ignored)."""
+    placed on the least loaded node their nodeSelector, node affinity and tolerations allow,
+    as the lab kubelet's scheduler does. Returns ({ns/name: uid} of the Pods created, the
+    objects of kinds the API does not serve, ignored)."""
     from meshagent.lab.kubelet import least_loaded
+    from meshagent.lab.placement import fits
 
     plan_nodes = make_nodes(load_state()["nodes"])
+    node_objects = {n["metadata"]["name"]: n for n in api.get("/api/v1/nodes").get("items") or []}
     existing = {_key(p): p for p in api.get("/api/v1/pods").get("items") or []}
     ordered = [o for o in objects if o.get("kind") == "Namespace"]
     ordered += [o for o in objects if o.get("kind") != "Namespace"]
@@ -927,7 +942,14 @@ def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], li
             if old is not None and not old["metadata"].get("deletionTimestamp"):
                 spec.setdefault("nodeName", old["spec"].get("nodeName"))
             elif not spec.get("nodeName"):
-                spec["nodeName"] = least_loaded(plan_nodes, existing.values()).name
+                allowed = [n for n in plan_nodes if fits(obj, node_objects.get(n.name) or {})]
+                if not allowed:
+                    errors.append(
+                        f"{_describe(obj)}: no node fits its nodeSelector, required node"
+                        " affinity and tolerations"
+                    )
+                    continue
+                spec["nodeName"] = least_loaded(allowed, existing.values()).name
             elif spec["nodeName"] not in {n.name for n in plan_nodes}:
                 errors.append(f"{_describe(obj)}: no node {spec['nodeName']!r} in this lab")
                 continue

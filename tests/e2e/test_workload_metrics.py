@@ -1,9 +1,9 @@
 """Issue #22 item 1: metrics that scale with the node, in the lab on the real kube-apiserver.
 
 - pods of each owner kind, made by kube-controller-manager from objects applied with kubectl
-  (a Deployment's 2 replicas, a StatefulSet's 2, a Job's pod; the lab gets no DaemonSet pods),
-  each call the reviews Service once; in ``istio_requests_total`` every owner's pods share one
-  ``source_workload``, the owner's name, as in Istio;
+  (a Deployment's 2 replicas, a StatefulSet's 2, a Job's pod, a DaemonSet's pod on each of the
+  2 nodes), each call the reviews Service once; in ``istio_requests_total`` every owner's pods
+  share one ``source_workload``, the owner's name, as in Istio;
 - a `Telemetry` in their namespace that removes ``request_protocol`` from REQUEST_COUNT: within
   a deadline the requests made after it are counted in series without that label, while
   ``istio_request_duration_milliseconds`` keeps it.
@@ -53,10 +53,19 @@ spec:
     spec:
       restartPolicy: Never
       containers: [{name: c, image: debian, command: [sleep, infinity]}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: watchers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: watchers}}
+  template:
+    metadata: {labels: {app: watchers, owner-test: "yes"}}
+    spec:
+      containers: [{name: c, image: debian, command: [sleep, infinity]}]
 """
-# owner -> how many pods it makes. No DaemonSet: kube-controller-manager makes no pod of one for
-# the lab's nodes (none within 90 s); tests/unit/test_workload_name.py has its rule.
-EXPECTED_PODS = {"callers": 2, "ledger": 2, "nightly": 1}
+# owner -> how many pods it makes (the DaemonSet: one on each of the lab's 2 nodes)
+EXPECTED_PODS = {"callers": 2, "ledger": 2, "nightly": 1, "watchers": 2}
 TRIM = """
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -84,17 +93,19 @@ def owners_lab(lab_factory):
         ("deployment", "callers"),
         ("statefulset", "ledger"),
         ("job", "nightly"),
+        ("daemonset", "watchers"),
     ):
         kubectl("delete", "-n", "shop", f"{kind}/{name}", "--wait=false", check=False)
 
 
-def _owned_pods() -> dict[str, str]:
-    """pod name -> phase, for the pods the owners made."""
+def _owned_pods() -> dict[str, tuple[str, str]]:
+    """pod name -> (phase, node), for the pods the owners made."""
     out = kubectl(
         "get", "pods", "-n", "shop", "-l", "owner-test=yes", "--no-headers",
-        "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase",
+        "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,NODE:.spec.nodeName",
     )  # fmt: skip
-    return dict(line.split() for line in out.splitlines() if line.strip())
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return {name: (phase, node) for name, phase, node in rows}
 
 
 def _scrape_requests(*, reporter: str = "source") -> list:
@@ -130,10 +141,16 @@ def _per_workload(samples: list) -> dict[str, float]:
 def test_pods_of_each_owner_kind_share_one_source_workload(owners_lab):
     pods = wait_until(
         _owned_pods,
-        lambda p: len(p) == sum(EXPECTED_PODS.values()) and set(p.values()) == {"Running"},
-        what="the owners' 5 pods running",
+        lambda p: (
+            len(p) == sum(EXPECTED_PODS.values())
+            and {phase for phase, _ in p.values()} == {"Running"}
+        ),
+        what=f"the owners' {sum(EXPECTED_PODS.values())} pods running",
         timeout=90,
     )
+    # the DaemonSet's: one on each node, as its controller pins them
+    daemons = sorted(node for name, (_, node) in pods.items() if name.startswith("watchers-"))
+    assert daemons == ["node-1", "node-2"], pods
     for pod in sorted(pods):
         wait_until(
             lambda pod=pod: owners_lab.curl(f"shop/{pod}", SERVICE_URL)[0],
