@@ -168,6 +168,10 @@ class NodeKubelet:
         self.terminating: set[str] = set()
         self.reported_agents: set[str] = set()
         self.lock = threading.RLock()
+        # One status write at a time, each built from the pod's state when its turn comes, and
+        # the Ready value the API last took from each pod (None: the write failed).
+        self.status_lock = threading.Lock()
+        self.written: dict[str, bool | None] = {}
         self.synced = threading.Event()  # the first list is handled: watching now
 
     # -- the watch
@@ -259,7 +263,26 @@ class NodeKubelet:
         self._report(pod)
 
     def _report(self, pod: PodPlan, ready: bool | None = None) -> None:
-        ready = pod.ready if ready is None else ready
+        """Write the pod's status: Ready as ``ready``, else as its probe says (never while it
+        terminates). Writes are serialized and each reads the pod's state once its turn came:
+        a merge patch carries no order, so the start's "not Ready" sent beside the probe's
+        "Ready" could land last, and the API kept a probed pod not Ready for good (no
+        endpoints: the mesh answered 503 "no healthy upstream" to the first requests)."""
+        with self.status_lock:
+            if ready is None:
+                ready = pod.ready and pod.key not in self.terminating
+            try:
+                self.api.merge_patch(
+                    f"{pod_path(pod.namespace, pod.name)}/status",
+                    {"status": self._status(pod, ready)},
+                )
+            except (ApiError, OSError) as exc:
+                self.written[pod.key] = None  # the probe loop writes it again
+                log.warning("status of %s: %s", pod.key, exc)
+            else:
+                self.written[pod.key] = ready
+
+    def _status(self, pod: PodPlan, ready: bool) -> dict:
         flag = "True" if ready else "False"
         containers = (pod.manifest.get("spec") or {}).get("containers") or []
         status = {
@@ -287,10 +310,7 @@ class NodeKubelet:
                 for c in containers
             ],
         }
-        try:
-            self.api.merge_patch(f"{pod_path(pod.namespace, pod.name)}/status", {"status": status})
-        except (ApiError, OSError) as exc:
-            log.warning("status of %s: %s", pod.key, exc)
+        return status
 
     def _report_agent(self, obj: dict) -> None:
         meta = obj["metadata"]
@@ -325,17 +345,21 @@ class NodeKubelet:
     # -- probing
     def probe_forever(self) -> None:
         while True:
-            with self.lock:
-                waiting = [
-                    p for p in self.pods.values() if not p.ready and p.key not in self.terminating
-                ]
-            for pod in waiting:
-                if probe.tcp_open(self.node.netns, pod.ip, pod.readiness_port, 0.5):
-                    pod.probed = True
-                    self.hub.save()
-                    self._report(pod)
-                    log.info("%s ready", pod.key)
+            self.probe_once()
             time.sleep(PROBE_PERIOD)
+
+    def probe_once(self) -> None:
+        """Probe the running pods not Ready yet; write again a status the API did not take."""
+        with self.lock:
+            running = [p for p in self.pods.values() if p.key not in self.terminating]
+        for pod in running:
+            if not pod.ready and probe.tcp_open(self.node.netns, pod.ip, pod.readiness_port, 0.5):
+                pod.probed = True
+                self.hub.save()
+                self._report(pod)
+                log.info("%s ready", pod.key)
+            elif pod.key in self.written and self.written[pod.key] != pod.ready:
+                self._report(pod)
 
     # -- stopping
     def _stop(self, pod: PodPlan, grace: int, delete: bool) -> None:
@@ -360,6 +384,7 @@ class NodeKubelet:
             with self.lock:
                 if self.pods.get(pod.key) is pod:
                     del self.pods[pod.key]
+                    self.written.pop(pod.key, None)
             self.hub.save()
             log.info("stopped %s (grace %ds)", pod.key, grace)
             if delete:

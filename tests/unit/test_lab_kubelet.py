@@ -1,11 +1,14 @@
 """The lab on a real control plane, the parts that are pure logic: where the scheduler puts a
 pod, what `meshlab apply` adds to a Pod the API requires, the pods' hosts files from the API's
-Services, and how the lab knows EndpointSlices caught up with the pods."""
+Services, how the lab knows EndpointSlices caught up with the pods, and the order in which the
+kubelet writes a pod's status."""
 
 from __future__ import annotations
 
+import threading
+
 from meshagent.lab import lab
-from meshagent.lab.kubelet import is_agent, least_loaded
+from meshagent.lab.kubelet import NodeKubelet, is_agent, least_loaded
 from meshagent.lab.topology import PodPlan, hosts_for, make_nodes
 
 
@@ -107,3 +110,78 @@ def test_endpoints_are_behind_until_the_slices_list_exactly_the_ready_pods():
     assert lab.endpoints_behind(_Api(pods, [slice_with("10.244.1.10")], [service])) == []
     stale = [slice_with("10.244.1.10", "10.244.1.11")]
     assert lab.endpoints_behind(_Api(pods, stale, [service])) == ["shop/web"]
+
+
+class _StatusApi:
+    """Pod status writes as the API applies them: the first one is held on its way until
+    `release` (a slow request), `fail` makes the next one fail as a refused request would."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.ready_written: list[bool] = []  # the Ready condition of each write, as it landed
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.hold_first = hold_first
+        self.fail = False
+
+    def merge_patch(self, path: str, patch: dict) -> dict:
+        if self.hold_first:
+            self.hold_first = False
+            self.holding.set()
+            assert self.release.wait(10)
+        if self.fail:
+            self.fail = False
+            raise OSError("connection reset")
+        (ready,) = [c for c in patch["status"]["conditions"] if c["type"] == "Ready"]
+        self.ready_written.append(ready["status"] == "True")
+        return patch
+
+
+def _probed_pod(probe: bool = True) -> PodPlan:
+    container = {"name": "s", "readinessProbe": {"tcpSocket": {"port": 8080}}} if probe else {}
+    return PodPlan("shop", "web", "node-1", "10.244.1.10", {"spec": {"containers": [container]}})
+
+
+def test_a_probe_answering_while_the_start_still_writes_not_ready_leaves_the_pod_ready():
+    """The start's "not Ready" write is slow; the probe answers meanwhile. Its "Ready" must land
+    after, not before (a Pod left not Ready gets no endpoints: the mesh answers 503)."""
+    api = _StatusApi(hold_first=True)
+    kubelet = NodeKubelet(make_nodes(1)[0], api, hub=None)
+    pod = _probed_pod()
+    start = threading.Thread(target=kubelet._report, args=(pod,))
+    start.start()
+    assert api.holding.wait(10)
+    pod.probed = True  # what the probe thread does before it writes
+    probed = threading.Thread(target=kubelet._report, args=(pod,))
+    probed.start()
+    probed.join(timeout=0.5)  # room for the probe's write to overtake the held one
+    api.release.set()
+    start.join(10)
+    probed.join(10)
+    assert api.ready_written == [False, True]
+    assert kubelet.written[pod.key] is True
+
+
+def test_a_status_write_that_failed_is_written_again_by_the_next_probe_pass():
+    api = _StatusApi()
+    kubelet = NodeKubelet(make_nodes(1)[0], api, hub=None)
+    pod = _probed_pod(probe=False)  # no readiness probe: Ready at once
+    kubelet.pods[pod.key] = pod
+    api.fail = True
+    kubelet._report(pod)
+    assert api.ready_written == [] and kubelet.written[pod.key] is None
+    kubelet.probe_once()
+    assert api.ready_written == [True]
+    kubelet.probe_once()  # written: nothing more to say
+    assert api.ready_written == [True]
+
+
+def test_a_terminating_pod_is_never_written_ready():
+    api = _StatusApi()
+    kubelet = NodeKubelet(make_nodes(1)[0], api, hub=None)
+    pod = _probed_pod()
+    pod.probed = True
+    kubelet.pods[pod.key] = pod
+    kubelet.terminating.add(pod.key)
+    kubelet._report(pod)
+    kubelet.probe_once()
+    assert api.ready_written == [False]
