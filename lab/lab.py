@@ -37,10 +37,12 @@ from meshagent.lab.kubeapi import ApiError, KubeApi, UnknownKind
 from meshagent.lab.paths import (
     BPFFS_DIR,
     ETC_NETNS,
+    INSTANCE,
     KUBE_DIR,
     LOG_DIR,
     NETNS_DIR,
     NETNS_PREFIX,
+    POD_NET_OCTET,
     RUN_DIR,
     STATE_FILE,
     lab_cgroup,
@@ -201,7 +203,12 @@ def admin_api() -> KubeApi:
 
 
 def _host_port() -> int:
-    for port in HOST_PORTS:
+    """A free port for kubectl's forwarder, tried first at this instance's own offset (as
+    unique as its pod network): the lab kubelet binds it seconds later, so labs started
+    together that each took the lowest free port bound the same one, and one lab's kubectl
+    reached the other's apiserver."""
+    own = 0 if not INSTANCE else POD_NET_OCTET - 99  # the default lab's pod octet is 244
+    for port in [*HOST_PORTS[own:], *HOST_PORTS[:own]]:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
