@@ -640,9 +640,30 @@ def agent_view(node: NodePlan) -> dict | None:
         return None
 
 
-def wait_pods_ready(keys: dict[str, str], timeout: float = READY_TIMEOUT) -> LabPlan:
+def _ready_in_api(pod: dict) -> bool:
+    """The Pod object's Ready condition is True (what its EndpointSlices follow)."""
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def not_ready_in_api(api: KubeApi, keys: dict[str, str]) -> list[str]:
+    """The pods of ``keys`` ({ns/name: uid}) whose Pod object is not (yet) Ready."""
+    pods = {_key(p): p for p in api.get("/api/v1/pods").get("items") or []}
+    return [
+        k
+        for k, uid in keys.items()
+        if k not in pods or pods[k]["metadata"].get("uid") != uid or not _ready_in_api(pods[k])
+    ]
+
+
+def wait_pods_ready(
+    keys: dict[str, str], api: KubeApi | None = None, timeout: float = READY_TIMEOUT
+) -> LabPlan:
     """Until the lab kubelet runs every pod of ``keys`` ({ns/name: uid}) and reports it
-    Ready; the plan then."""
+    Ready, to the ``api`` too when given (its status write comes a moment after its own
+    state; the mesh's endpoints follow the API); the plan then."""
     deadline = time.monotonic() + timeout
     while True:
         plan = load_plan()
@@ -651,6 +672,8 @@ def wait_pods_ready(keys: dict[str, str], timeout: float = READY_TIMEOUT) -> Lab
             for k, uid in keys.items()
             if k not in plan.pods or plan.pods[k].uid != uid or not plan.pods[k].ready
         ]
+        if not waiting and api is not None:
+            waiting = [f"{k} (not Ready in the API)" for k in not_ready_in_api(api, keys)]
         if not waiting:
             return plan
         if time.monotonic() > deadline:
@@ -736,10 +759,7 @@ def endpoints_behind(api: KubeApi) -> list[str]:
             if p["metadata"].get("namespace") == meta["namespace"]
             and not p["metadata"].get("deletionTimestamp")
             and _selected(selector, p["metadata"].get("labels") or {})
-            and any(
-                c.get("type") == "Ready" and c.get("status") == "True"
-                for c in (p.get("status") or {}).get("conditions") or []
-            )
+            and _ready_in_api(p)
             for ip in (p.get("status") or {}).get("podIPs") or []
             if ("IPv6" if ":" in ip["ip"] else "IPv4") in families
         }
@@ -829,7 +849,7 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
         start_agent(node, api=api)
     wait_kubelet()
     created, _ignored = apply_objects(api, objects)
-    plan = wait_pods_ready(created)
+    plan = wait_pods_ready(created, api)
     wait_synced(api)
     wait_ready(plan)
     wait_certificates(plan)
@@ -1002,7 +1022,7 @@ def apply(objects: list[dict]) -> tuple[list[str], list[str], list[str]]:
     load_state()
     api = admin_api()
     created, ignored = apply_objects(api, objects)
-    plan = wait_pods_ready(created)
+    plan = wait_pods_ready(created, api)
     wait_synced(api)
     wait_certificates(plan)
     applied = [_describe(o) for o in objects if _describe(o) not in ignored]

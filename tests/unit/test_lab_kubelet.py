@@ -112,6 +112,22 @@ def test_endpoints_are_behind_until_the_slices_list_exactly_the_ready_pods():
     assert lab.endpoints_behind(_Api(pods, stale, [service])) == ["shop/web"]
 
 
+def test_a_pod_the_kubelet_calls_ready_is_waited_for_until_the_api_says_so_too():
+    """`meshlab up` and `apply` return only once the Pod objects are Ready: EndpointSlices (and
+    so the mesh's endpoints) follow the API, not the kubelet's own state."""
+    pods = [_ready_pod("a", ["10.244.1.10"]), _ready_pod("b", ["10.244.1.11"], False)]
+    for pod, uid in zip(pods, ("uid-a", "uid-b"), strict=True):
+        pod["metadata"]["uid"] = uid
+    api = _Api(pods, [], [])
+    assert lab.not_ready_in_api(api, {"shop/a": "uid-a"}) == []
+    assert lab.not_ready_in_api(api, {"shop/a": "uid-a", "shop/b": "uid-b"}) == ["shop/b"]
+    # an older incarnation of the name, or none at all, is not the pod waited for
+    assert lab.not_ready_in_api(api, {"shop/a": "uid-new", "shop/c": "uid-c"}) == [
+        "shop/a",
+        "shop/c",
+    ]
+
+
 class _StatusApi:
     """Pod status writes as the API applies them: the first one is held on its way until
     `release` (a slow request), `fail` makes the next one fail as a refused request would."""
