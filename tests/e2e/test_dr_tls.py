@@ -140,9 +140,9 @@ def test_a_server_the_ca_did_not_sign_is_refused_with_the_reason(lab):
 
 
 def test_disable_toward_a_strict_pod_is_refused(lab):
-    wait_until(
-        lambda: lab.curl(CLIENT, "http://strict-ok.drt/ok", timeout=10)[0],
-        lambda code: code == "200",
+    lab.wait_answer(
+        CLIENT,
+        "http://strict-ok.drt/ok",
         what="the STRICT pod answers through HBONE (no DestinationRule)",
         timeout=60,
     )

@@ -58,14 +58,8 @@ def lab(lab_factory, tmp_path_factory):
         (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):  # the Services have their endpoints
-        wait_until(
-            lambda service=service: lab.curl(
-                "g7/client", f"http://{service}.g7:8082/", "--http2-prior-knowledge"
-            )[0],
-            lambda code: code == "200",
-            what=f"{service} answers",
-            timeout=30,
-        )
+        url = f"http://{service}.g7:8082/"
+        lab.wait_answer("g7/client", url, "--http2-prior-knowledge", what=f"{service} answers")
     return lab
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import meshlab, render_manifest
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -39,12 +38,7 @@ print(data.decode("latin-1"), end="")
 def lab(lab_factory, tmp_path_factory):
     lab = lab_factory(render_manifest(MANIFEST, tmp_path_factory.mktemp("http1")), nodes=2)
     for service in ("echo-local", "echo-remote"):
-        wait_until(
-            lambda service=service: lab.curl("h1f/client", f"http://{service}.h1f:8080/")[0],
-            lambda code: code == "200",
-            what=f"{service} answers",
-            timeout=30,
-        )
+        lab.wait_answer("h1f/client", f"http://{service}.h1f:8080/", what=f"{service} answers")
     return lab
 
 

@@ -152,10 +152,8 @@ def test_pods_of_each_owner_kind_share_one_source_workload(owners_lab):
     daemons = sorted(node for name, (_, node) in pods.items() if name.startswith("watchers-"))
     assert daemons == ["node-1", "node-2"], pods
     for pod in sorted(pods):
-        wait_until(
-            lambda pod=pod: owners_lab.curl(f"shop/{pod}", SERVICE_URL)[0],
-            lambda code: code == "200",
-            what=f"{pod} reaches reviews through the mesh",
+        owners_lab.wait_answer(
+            f"shop/{pod}", SERVICE_URL, what=f"{pod} reaches reviews through the mesh"
         )
     for reporter in ("source", "destination"):
         totals = wait_until(
