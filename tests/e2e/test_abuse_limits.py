@@ -7,8 +7,9 @@ a slowloris (1 byte/s) gets 408 after the header timeout while another pod is se
 that are not HTTP get 400, the connection closed and counted, and the proxy serves on; many
 concurrent keep-alive connections held open with a slowloris and a garbage client beside them
 all complete, and the proxy's memory (RSS of the agent and its workers) is back within 10 %
-of where it was before them once they closed (measured after a first burst of the same size:
-agent/proxy/trim.py says what CPython keeps of a process's first one); a source over its
+of where it was before them once they closed (the higher of two earlier trimmed bursts of the
+same size: agent/proxy/trim.py says what CPython keeps of a process's first one, the test why
+two); a source over its
 connection limit is refused with a 503 saying why, counted, while another pod is served; a
 plain TCP connection (a `tcp-` port) kept busy past the TCP idle timeout (3 s here) stays open,
 then idle that long is closed by the proxy and counted.
@@ -25,9 +26,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from meshagent.agent.proxy import trim
 from meshagent.agent.proxy.http.pool import DEFAULT_MAX_IDLE as MAX_IDLE
 from meshagent.lab.lab import agent_pods
 
@@ -211,24 +214,56 @@ def test_a_plain_tcp_connection_idle_for_the_idle_timeout_is_closed_and_counted(
     wait_until(closed, lambda n: n >= counted + 1, what="the idle close counted")
 
 
-def test_many_connections_beside_a_slowloris_and_garbage_all_complete_and_memory_returns(lab):
-    # Warm: the proxy has served a burst of this size before it is measured. CPython keeps
-    # part of what a process's first burst took (agent/proxy/trim.py says why); what must
-    # not happen is growth: each burst's memory must come back. The baseline is taken once
-    # every worker has trimmed after the warm burst, not at its peak (which would make the
-    # comparison below pass whatever the proxy kept).
-    trims = _trims()
-    warm = _result(_flood("abl/client", "hold", *TARGET, str(CONNECTIONS), "1"), timeout=240)
-    assert warm["ok"] == CONNECTIONS, warm
-    _settled(lab)
-    workers = len(lab.status("node-1")["agent"].get("workers") or [1])
+def _trimmed(before: float, workers: int) -> None:
+    """Until each of node-1's proxy processes trimmed after a burst: the count (summed over the
+    processes) rose by `workers` or more and then held still for longer than a trim waits for
+    its burst to settle. One process may trim twice in one fall (once mid-way, once when what
+    the pool swept is gone) while another has not yet: the sum alone would be read early."""
+    quiet_s = trim.SETTLE + 2 * trim.INTERVAL
+    seen = {"count": -1.0, "since": 0.0}
+
+    def read() -> tuple[float, float]:
+        count, now = _trims(), time.monotonic()
+        if count != seen["count"]:
+            seen.update(count=count, since=now)
+        return count, now - seen["since"]
+
     wait_until(
-        _trims,
-        lambda n: n >= trims + workers,
-        what=f"each of node-1's {workers} proxy processes trimmed after the warm burst",
-        timeout=60,
+        read,
+        lambda v: v[0] >= before + workers and v[1] >= quiet_s,
+        what=f"each of node-1's {workers} proxy processes trimmed, then no trim for {quiet_s} s",
+        timeout=90,
+        interval=1.0,
     )
-    before = _proxy_rss(lab)
+
+
+def _burst_then_trim(lab, hold_s: float) -> dict:
+    """`CONNECTIONS` keep-alive connections from abl/client held `hold_s` s, all answered, then
+    node-1's proxy settled and trimmed; the burst's result."""
+    workers = len(lab.status("node-1")["agent"].get("workers") or [1])
+    trims = _trims()
+    result = _result(_flood("abl/client", "hold", *TARGET, str(CONNECTIONS), str(hold_s)), 240)
+    _settled(lab)
+    _trimmed(trims, workers)
+    return result
+
+
+def test_many_connections_beside_a_slowloris_and_garbage_all_complete_and_memory_returns(lab):
+    # Warm: the proxy has served bursts of this size before it is measured. CPython keeps
+    # part of what a process's first burst took (agent/proxy/trim.py says why); what must
+    # not happen is growth: each burst's memory must come back. After a trimmed burst a
+    # worker's RSS is what its heap's pages still hold: live objects scattered among holes
+    # smaller than a page (malloc_trim returns only whole free pages), so it differs from one
+    # burst to the next with where the survivors landed (lab: 85-116 MiB a worker, the
+    # node's sum over 7 bursts within 243-275 MiB, no trend). The baseline is the higher of
+    # two warm bursts, each read once every worker has trimmed (not at the peak, which would
+    # let the comparison pass whatever the proxy kept): that spread alone does not fail the
+    # test, a burst that keeps 10 % more than the worse of two does.
+    before = 0
+    for _ in range(2):
+        warm = _burst_then_trim(lab, 1)
+        assert warm["ok"] == CONNECTIONS, warm
+        before = max(before, _proxy_rss(lab))
     slow = _flood("abl/slow", "slowloris", *TARGET)
     junk = _flood("abl/junk", "garbage", *TARGET)
     many = _flood("abl/client", "hold", *TARGET, str(CONNECTIONS), str(HOLD_S))
