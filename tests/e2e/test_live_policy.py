@@ -68,6 +68,16 @@ class Holder:
     def echoes(self) -> int:
         return sum(1 for line in self.lines if line.startswith("ok "))
 
+    def started(self) -> int:
+        """`echoes()` while the client runs; fails at once if it ended first: a connection the
+        mesh closed at the start (no ready endpoint yet, say) is never retried, so waiting
+        longer would only hide why."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=5)  # its last lines say why
+            if self.echoes() < 3:
+                raise AssertionError(f"{self.name} ended (exit {self.proc.returncode})")
+        return self.echoes()
+
     def closed_at(self) -> float | None:
         for line in self.lines:
             if line.startswith("closed "):
@@ -89,7 +99,7 @@ def test_a_new_deny_closes_open_connections_it_forbids_and_no_other(live_lab, tm
         for holder in holders.values():
             try:
                 wait_until(
-                    holder.echoes,
+                    holder.started,
                     lambda n: n >= 3,
                     what=f"{holder.name} passes data",
                     timeout=30,  # four clients starting at once, on a busy machine
