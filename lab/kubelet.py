@@ -95,6 +95,17 @@ def least_loaded(nodes: list[NodePlan], pods: Iterable[dict]) -> NodePlan:
     return min(nodes, key=lambda n: (load[n.name], n.index))
 
 
+def place(
+    pod: dict, nodes: list[NodePlan], node_objects: dict[str, dict], pods: Iterable[dict]
+) -> NodePlan | None:
+    """Where a Pod without a node goes: the least loaded of the nodes whose Node object it
+    fits (lab/placement.py), None when it fits none. The scheduler and `meshlab apply`."""
+    allowed = [
+        n for n in nodes if n.name in node_objects and placement.fits(pod, node_objects[n.name])
+    ]
+    return least_loaded(allowed, pods) if allowed else None
+
+
 def informer(
     api: KubeApi,
     path: str,
@@ -470,12 +481,8 @@ class Scheduler:
         spec, meta = obj.get("spec") or {}, obj["metadata"]
         if spec.get("nodeName") or meta.get("deletionTimestamp"):
             return
-        allowed = [
-            n
-            for n in self.nodes
-            if n.name in self.node_objects and placement.fits(obj, self.node_objects[n.name])
-        ]
-        if not allowed:
+        node = place(obj, self.nodes, self.node_objects, self.pods.values())
+        if node is None:
             if key_of(obj) not in self.unplaced:
                 self.unplaced.add(key_of(obj))
                 log.warning(
@@ -483,7 +490,6 @@ class Scheduler:
                     key_of(obj),
                 )
             return
-        node = least_loaded(allowed, self.pods.values())
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",

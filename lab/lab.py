@@ -719,7 +719,7 @@ def certificates_pending(plan: LabPlan) -> list[str]:
     pending = []
     for node in plan.nodes:
         view = agent_view(node)
-        for row in ((view or {}).get("certificates") or []) if view else []:
+        for row in (view or {}).get("certificates") or []:
             if row.get("state") != "ready":
                 pending.append(f"certificate for {row.get('identity')} on {node.name}")
     return pending
@@ -949,8 +949,7 @@ def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], li
     placed on the least loaded node their nodeSelector, node affinity and tolerations allow,
     as the lab kubelet's scheduler does. Returns ({ns/name: uid} of the Pods created, the
     objects of kinds the API does not serve, ignored)."""
-    from meshagent.lab.kubelet import least_loaded
-    from meshagent.lab.placement import fits
+    from meshagent.lab.kubelet import place
 
     plan_nodes = make_nodes(load_state()["nodes"])
     node_objects = {n["metadata"]["name"]: n for n in api.get("/api/v1/nodes").get("items") or []}
@@ -969,14 +968,14 @@ def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], li
             if old is not None and not old["metadata"].get("deletionTimestamp"):
                 spec.setdefault("nodeName", old["spec"].get("nodeName"))
             elif not spec.get("nodeName"):
-                allowed = [n for n in plan_nodes if fits(obj, node_objects.get(n.name) or {})]
-                if not allowed:
+                node = place(obj, plan_nodes, node_objects, existing.values())
+                if node is None:
                     errors.append(
                         f"{_describe(obj)}: no node fits its nodeSelector, required node"
                         " affinity and tolerations"
                     )
                     continue
-                spec["nodeName"] = least_loaded(allowed, existing.values()).name
+                spec["nodeName"] = node.name
             elif spec["nodeName"] not in {n.name for n in plan_nodes}:
                 errors.append(f"{_describe(obj)}: no node {spec['nodeName']!r} in this lab")
                 continue

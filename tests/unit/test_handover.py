@@ -164,20 +164,27 @@ async def until(predicate: Callable[[], object]) -> None:
         await trio.sleep(0.01)
 
 
+async def _serve_ready(
+    nursery: trio.Nursery, registration, listener: FakeListener, phases: list, **options
+) -> None:
+    """`serve_handover` for an agent that is ready, its phases noted in ``phases``."""
+    await nursery.start(
+        lambda task_status: serve_handover(
+            registration,
+            lambda: True,
+            listener.serve,
+            on_phase=phases.append,
+            task_status=task_status,
+            **options,
+        )
+    )
+
+
 async def test_an_old_agent_yields_to_its_successor_and_resumes_if_it_dies(tmp_path) -> None:
     listener, phases = FakeListener(), []
     with trio.fail_after(TIMEOUT), open_registration(tmp_path, "old", "old") as old:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_handover(
-                    old,
-                    lambda: True,
-                    listener.serve,
-                    on_phase=phases.append,
-                    interval=0.01,
-                    task_status=task_status,
-                )
-            )
+            await _serve_ready(nursery, old, listener, phases, interval=0.01)
             assert listener.open
             await until(lambda: saved(tmp_path, "old")["serving"])
 
@@ -217,17 +224,7 @@ async def test_a_recheck_sees_a_successor_serving_before_the_next_tick(tmp_path)
     listener, phases, recheck = FakeListener(), [], Recheck()
     with trio.fail_after(TIMEOUT), open_registration(tmp_path, "old", "old") as old:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_handover(
-                    old,
-                    lambda: True,
-                    listener.serve,
-                    on_phase=phases.append,
-                    interval=3600,
-                    recheck=recheck,
-                    task_status=task_status,
-                )
-            )
+            await _serve_ready(nursery, old, listener, phases, interval=3600, recheck=recheck)
             await until(lambda: saved(tmp_path, "old")["serving"])  # its first look is done
             with open_registration(tmp_path, "new", "new") as new:
                 new.set_serving(True)
