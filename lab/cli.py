@@ -49,8 +49,9 @@ def up(files: tuple[Path, ...], nodes: int) -> None:
 
     Starts etcd, kube-apiserver and kube-controller-manager in the lab's underlay namespace,
     the lab kubelet, the controller and the agents, then creates the manifests' objects
-    through the API. Returns once agents serve the current snapshot and pods are Ready; the
-    lab runs on in the background until `meshlab down`. `meshlab kubeconfig` is for kubectl.
+    through the API. Returns once agents serve the current snapshot, pods are Ready (in the
+    API too) and every meshed pod holds its certificate; the lab runs on in the background
+    until `meshlab down`. `meshlab kubeconfig` is for kubectl.
 
     \b
     Examples:
@@ -134,8 +135,10 @@ def apply(files: tuple[Path, ...]) -> None:
     """Create or change objects in the running lab: new pods start, labels change, ...
 
     Server-side apply through the lab's kube-apiserver (field manager `meshlab`), Namespaces
-    first; waits until new pods run and are Ready. Kinds the API does not serve are named
-    and ignored; objects the API refuses are named and the command fails.
+    first; a pod without a node goes to the least loaded node its nodeSelector, required node
+    affinity and tolerations allow. Waits until new pods run, are Ready (in the API too) and
+    hold their certificates. Kinds the API does not serve are named and ignored; objects the
+    API refuses, and pods no node fits, are named and the command fails.
 
     \b
     Examples:
