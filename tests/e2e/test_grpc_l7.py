@@ -213,11 +213,28 @@ def test_h2c_prior_knowledge_through_http_and_http2_ports(lab, service, port):
     assert (code, body) == ("200", f"{service}\n")
 
 
-def test_h2load_through_an_http2_port_cross_node(lab):
+H2LOAD_SUMMARY = re.compile(
+    r"requests: (\d+) total, .*?(\d+) succeeded, (\d+) failed, (\d+) errored"
+)
+
+
+@pytest.mark.parametrize("service", ["web-local", "web-remote"], ids=["same-node", "cross-node"])
+@pytest.mark.parametrize("port", [8083, 8082], ids=["http-port", "http2-port"])
+def test_h2load_through_http_and_http2_ports(lab, service, port):
+    """2,000 h2c requests, 10 connections x 10 streams: all succeed, and the serving node
+    counts each one (reporter destination) for that Service."""
+    labels = {"reporter": "destination", "destination_service_name": service}
+    before = sum(_requests(n, **labels) for n in ("node-1", "node-2"))
     proc = meshlab(
         "exec", "g7/client", "--", "h2load", "-n", "2000", "-c", "10", "-m", "10",
-        "http://web-remote.g7:8082/", timeout=180,
+        f"http://{service}.g7:{port}/", timeout=180,
     )  # fmt: skip
-    found = re.search(r"requests: (\d+) total, .*?(\d+) succeeded, (\d+) failed", proc.stdout)
+    found = H2LOAD_SUMMARY.search(proc.stdout)
     assert found, proc.stdout
-    assert found.groups() == ("2000", "2000", "0"), proc.stdout
+    assert found.groups() == ("2000", "2000", "0", "0"), proc.stdout
+    wait_until(
+        lambda: sum(_requests(n, **labels) for n in ("node-1", "node-2")) - before,
+        lambda grown: grown == 2000,
+        what=f"the destination reporter counts 2000 requests to {service}:{port}",
+        timeout=15,
+    )
