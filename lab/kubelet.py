@@ -485,10 +485,8 @@ class Scheduler:
         if node is None:
             if key_of(obj) not in self.unplaced:
                 self.unplaced.add(key_of(obj))
-                log.warning(
-                    "no node fits %s (nodeSelector, required node affinity, taints); pending",
-                    key_of(obj),
-                )
+                log.warning("no node fits %s: %s; pending", key_of(obj), placement.NO_NODE_FITS)
+                self._mark_unschedulable(meta)
             return
         binding = {
             "apiVersion": "v1",
@@ -504,6 +502,24 @@ class Scheduler:
             log.info("bound %s to %s", key_of(obj), node.name)
         except ApiError as exc:
             log.warning("binding %s: %s", key_of(obj), exc)
+
+    def _mark_unschedulable(self, meta: dict) -> None:
+        """Say why the pod stays Pending where `kubectl get/describe pod` shows it, as
+        kube-scheduler does (PodScheduled=False, reason Unschedulable)."""
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": f"0/{len(self.nodes)} nodes are available: {placement.NO_NODE_FITS}",
+            "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        try:
+            self.api.merge_patch(
+                f"{pod_path(meta['namespace'], meta['name'])}/status",
+                {"status": {"phase": "Pending", "conditions": [condition]}},
+            )
+        except (ApiError, OSError) as exc:
+            log.warning("status of %s/%s: %s", meta["namespace"], meta["name"], exc)
 
 
 # -- the loopback forwarder for kubectl ------------------------------------------------------
@@ -538,12 +554,23 @@ def _relay(client: socket.socket) -> None:
     upstream.close()
 
 
-def forward(port: int) -> None:
-    """127.0.0.1:``port`` on the host to the apiserver in the underlay namespace."""
+def forwarder_socket(port: int) -> socket.socket:
+    """The listening socket of kubectl's forwarder, bound before the kubelet says it is ready:
+    a port taken meanwhile fails the start (`meshlab up` shows the log) instead of a thread."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", port))
+    try:
+        server.bind(("127.0.0.1", port))
+    except OSError as exc:
+        server.close()
+        raise SystemExit(f"kubectl's forwarder cannot listen on 127.0.0.1:{port}: {exc}") from exc
     server.listen(64)
+    return server
+
+
+def forward(server: socket.socket) -> None:
+    """Relay each connection to ``server`` (127.0.0.1 on the host) to the apiserver in the
+    underlay namespace."""
     while True:
         client, _ = server.accept()
         threading.Thread(target=_relay, args=(client,), daemon=True).start()
@@ -552,13 +579,27 @@ def forward(port: int) -> None:
 # -- entry points ----------------------------------------------------------------------------
 
 
+def _exit_on_thread_death(args: threading.ExceptHookArgs) -> None:
+    """A kubelet thread that dies would leave a lab that looks up but no longer places,
+    starts, probes or reports pods: end the whole process, loudly, instead."""
+    log.critical(
+        "lab kubelet thread %s died; exiting",
+        args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+    logging.shutdown()
+    os._exit(70)
+
+
 def run() -> None:
     """The kubelet process: every node's kubelet, the scheduler, the hosts files, the
     forwarder; runs until killed."""
     state = lab.load_state()
     nodes = lab.make_nodes(state["nodes"])
     hub = Hub()
-    threads = [threading.Thread(target=forward, args=(state["api_host_port"],), daemon=True)]
+    threading.excepthook = _exit_on_thread_death
+    forwarder = forwarder_socket(state["api_host_port"])
+    threads = [threading.Thread(target=forward, args=(forwarder,), daemon=True)]
     admin = lab.admin_api()
     for node in nodes:
         api = KubeApi.from_kubeconfig(node_kubeconfig(node.name), netns=lab.UNDERLAY_NETNS_PATH)

@@ -32,7 +32,7 @@ import yaml
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.handover import POD_NAME_ENV, POD_UID_ENV
-from meshagent.lab import cgroups, net, probe
+from meshagent.lab import cgroups, net, placement, probe
 from meshagent.lab.kubeapi import ApiError, KubeApi, UnknownKind
 from meshagent.lab.paths import (
     BPFFS_DIR,
@@ -536,15 +536,26 @@ def start_kubelet() -> int:
     )
 
 
-def wait_kubelet(timeout: float = 30.0) -> None:
-    """Until the lab kubelet watches every node's pods (so it numbers them in order)."""
+def _exited(pid: int) -> bool:
+    """True once our child ``pid`` has exited (reaped here)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
+
+
+def wait_kubelet(pid: int, timeout: float = 30.0) -> None:
+    """Until the lab kubelet (our child ``pid``) watches every node's pods (so it numbers
+    them in order); one that exits first fails at once, with its log."""
     from meshagent.lab.kubelet import READY_FILE
 
     deadline = time.monotonic() + timeout
     while not READY_FILE.exists():
-        if time.monotonic() > deadline:
+        exited = _exited(pid)
+        if exited or time.monotonic() > deadline:
             tail = (LOG_DIR / "kubelet.log").read_text(errors="replace")[-2000:]
-            raise LabError(f"the lab kubelet is not running after {timeout:.0f}s:\n{tail}")
+            what = "exited" if exited else f"is not running after {timeout:.0f}s"
+            raise LabError(f"the lab kubelet {what}:\n{tail}")
         time.sleep(0.05)
 
 
@@ -843,11 +854,11 @@ def up(objects: list[dict], nodes: int) -> LabPlan:
     wait_control_plane(helper)
     api = admin_api()
     bootstrap(api, plan)
-    start_kubelet()
+    kubelet = start_kubelet()
     start_controllers()
     for node in plan.nodes:
         start_agent(node, api=api)
-    wait_kubelet()
+    wait_kubelet(kubelet)
     created, _ignored = apply_objects(api, objects)
     plan = wait_pods_ready(created, api)
     wait_synced(api)
@@ -970,10 +981,7 @@ def apply_objects(api: KubeApi, objects: list[dict]) -> tuple[dict[str, str], li
             elif not spec.get("nodeName"):
                 node = place(obj, plan_nodes, node_objects, existing.values())
                 if node is None:
-                    errors.append(
-                        f"{_describe(obj)}: no node fits its nodeSelector, required node"
-                        " affinity and tolerations"
-                    )
+                    errors.append(f"{_describe(obj)}: {placement.NO_NODE_FITS}")
                     continue
                 spec["nodeName"] = node.name
             elif spec["nodeName"] not in {n.name for n in plan_nodes}:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["fits", "matches_term", "tolerates"]
+__all__ = ["NO_NODE_FITS", "fits", "matches_term", "tolerates"]
 
+# Why a pod stays unplaced, in the words the scheduler's Unschedulable condition and
+# `meshlab apply`'s refusal use.
+NO_NODE_FITS = "no node matches its nodeSelector, required node affinity and tolerations"
 _BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 
 

@@ -4,7 +4,8 @@ kube-controller-manager; lab/kubelet.py runs the Pods).
 - `kubectl get pods -A -o wide` with `meshlab kubeconfig` lists the lab's pods Running and
   Ready with their IPs;
 - a Pod created with `kubectl apply` (no node named: the lab's scheduler binds it) starts
-  and is meshed (its node's redirect counter moves for its curl);
+  and is meshed (its node's redirect counter moves for its curl); one whose nodeSelector no
+  node has stays Pending with kube-scheduler's `PodScheduled=False`/`Unschedulable` condition;
 - a meshed pod reaches https://kubernetes.default.svc/version through the mesh (the lab's
   EndpointSlice for the `kubernetes` Service points at the apiserver);
 - a pod deleted with a 10 s grace period whose server keeps serving meanwhile: no new
@@ -67,6 +68,18 @@ kind: Pod
 metadata: {name: kubectl-made, namespace: shop, labels: {app: kubectl-made}}
 spec:
   serviceAccountName: frontend
+  containers:
+    - name: c
+      image: debian
+      command: [sleep, infinity]
+"""
+
+UNFIT_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: nowhere, namespace: shop}
+spec:
+  nodeSelector: {disktype: ssd}
   containers:
     - name: c
       image: debian
@@ -148,6 +161,24 @@ def test_a_pod_made_with_kubectl_starts_and_is_meshed(kube_lab):
     finally:
         kubectl("delete", "-n", "shop", "pod/kubectl-made", "--grace-period=1", check=False)
     assert pod_json("shop", "kubectl-made") is None
+
+
+def test_a_pod_no_node_fits_stays_pending_and_says_why(kube_lab):
+    kubectl_apply(UNFIT_POD)
+    try:
+        kubectl(
+            "wait", "-n", "shop", "pod/nowhere", "--for=condition=PodScheduled=False",
+            "--timeout=30s",
+        )  # fmt: skip
+        pod = pod_json("shop", "nowhere")
+        assert pod["status"]["phase"] == "Pending"
+        assert not pod["spec"].get("nodeName")
+        (condition,) = [c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled"]
+        assert condition["reason"] == "Unschedulable"
+        assert "0/2 nodes are available" in condition["message"], condition
+        assert "nodeSelector" in condition["message"], condition
+    finally:
+        kubectl("delete", "-n", "shop", "pod/nowhere", "--grace-period=1", check=False)
 
 
 def test_a_meshed_pod_reaches_the_apiserver_through_the_mesh(kube_lab):

@@ -5,10 +5,12 @@ kubelet writes a pod's status."""
 
 from __future__ import annotations
 
+import socket
 import threading
 
+import pytest
 from meshagent.lab import lab
-from meshagent.lab.kubelet import NodeKubelet, is_agent, least_loaded
+from meshagent.lab.kubelet import NodeKubelet, forwarder_socket, is_agent, least_loaded
 from meshagent.lab.topology import PodPlan, hosts_for, make_nodes
 
 
@@ -201,3 +203,20 @@ def test_a_terminating_pod_is_never_written_ready():
     kubelet._report(pod)
     kubelet.probe_once()
     assert api.ready_written == [False]
+
+
+def test_a_taken_forwarder_port_ends_the_kubelet_start_with_the_port_named():
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port}"):
+            forwarder_socket(port)
+    finally:
+        taken.close()
+    free = forwarder_socket(port)  # and once it is free, it listens
+    try:
+        assert free.getsockname() == ("127.0.0.1", port)
+    finally:
+        free.close()

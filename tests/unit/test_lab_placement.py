@@ -106,14 +106,19 @@ def test_tolerations_match_by_key_value_and_effect():
 
 
 class _BindingApi:
-    """Records the bindings the scheduler posts."""
+    """Records the bindings and the status conditions the scheduler posts."""
 
     def __init__(self) -> None:
         self.bound: dict[str, str] = {}
+        self.conditions: dict[str, list[dict]] = {}
 
     def create(self, path: str, body: dict) -> dict:
         self.bound[body["metadata"]["name"]] = body["target"]["name"]
         return body
+
+    def merge_patch(self, path: str, patch: dict) -> dict:
+        self.conditions[path.split("/")[-2]] = patch["status"]["conditions"]
+        return patch
 
 
 def test_the_scheduler_binds_a_pod_to_a_fitting_node_and_keeps_the_others_pending():
@@ -137,6 +142,15 @@ def test_the_scheduler_binds_a_pod_to_a_fitting_node_and_keeps_the_others_pendin
     nowhere["metadata"]["name"] = "nowhere"
     scheduler.listed([*busy, pinned, nowhere])
     assert api.bound == {"ds-pod": "node-1"}  # not the less loaded node-2
+    # the pending one says why, as kube-scheduler's condition does
+    (condition,) = api.conditions["nowhere"]
+    assert (condition["type"], condition["status"], condition["reason"]) == (
+        "PodScheduled",
+        "False",
+        "Unschedulable",
+    )
+    assert condition["message"].startswith("0/2 nodes are available: no node matches")
+    assert "ds-pod" not in api.conditions
     # a node that gets the label lets the pending pod be bound
     scheduler.node_event("MODIFIED", _node("node-2", {"disk": "nvme"}))
     assert api.bound == {"ds-pod": "node-1", "nowhere": "node-2"}
