@@ -39,7 +39,9 @@ Semantics, as Istio documents them:
   rules, one engine for ALLOW and one for DENY policies, evaluated apart from the enforced ones.
   Their would-be denials are reported in `Decision.dry_run_denials`; they never change `allowed`.
 
-Paths are matched without their query string (Envoy's `url_path` matcher, which Istio uses).
+Paths are matched without their query string (Envoy's `url_path` matcher, which Istio uses);
+a path holding `{*}` or `{**}` is a path template (`meshagent.common.pathtemplate`), matched as
+Envoy's uri_template matcher does.
 The caller passes the path normalized as the proxy forwards it (`meshagent.common.pathnorm`:
 the node proxy normalizes each request before this runs, `meshctl authz check` does the same).
 Hosts are matched case-insensitively, and a Host with a port (`reviews:9080`, `[::1]:80`) matches
@@ -66,6 +68,7 @@ from meshagent.common.istio.security import (
     header_condition_name,
 )
 from meshagent.common.jwtauth import AuthResult
+from meshagent.common.pathtemplate import compile_template, is_template
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 _WORKLOAD_CACHE_LIMIT = 4096  # distinct (namespace, labels) kept by PolicySet.evaluate
@@ -273,6 +276,26 @@ class _Hosts:
         return bare is not value and self.strings(bare)
 
 
+class _Paths:
+    """Path patterns: Istio's string forms, and path templates (`/api/{*}/admin`,
+    `meshagent.common.pathtemplate`) as Envoy's uri_template matcher reads them."""
+
+    __slots__ = ("strings", "templates")
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        plain = [p for p in patterns if not is_template(p)]
+        self.strings = _Strings(plain, fold_case=False, header=False) if plain else None
+        self.templates = tuple(compile_template(p) for p in patterns if is_template(p))
+
+    def __call__(self, value: str) -> bool:
+        if self.strings is not None and self.strings(value):
+            return True
+        for template in self.templates:  # noqa: SIM110 - hot path: a loop beats any(genexpr)
+            if template(value):
+                return True
+        return False
+
+
 class _Cidrs:
     __slots__ = ("networks",)
 
@@ -310,6 +333,10 @@ def _strings(
 
 def _hosts(patterns: tuple[str, ...]) -> Matcher | None:
     return _Hosts(_Strings(patterns, fold_case=True, header=False)) if patterns else None
+
+
+def _paths(patterns: tuple[str, ...]) -> Matcher | None:
+    return _Paths(patterns) if patterns else None
 
 
 def _cidrs(blocks: tuple[str, ...]) -> Matcher | None:
@@ -351,7 +378,7 @@ def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, 
     checks = _check(_destination_port, _ports(operation.ports), _ports(operation.not_ports))
     if keep_http:
         checks += _check(_method, _strings(operation.methods), _strings(operation.not_methods))
-        checks += _check(_path, _strings(operation.paths), _strings(operation.not_paths))
+        checks += _check(_path, _paths(operation.paths), _paths(operation.not_paths))
         checks += _check(_host, _hosts(operation.hosts), _hosts(operation.not_hosts))
     return tuple(checks)
 

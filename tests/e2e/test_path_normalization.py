@@ -70,3 +70,60 @@ def test_a_path_that_cannot_be_normalized_is_400(deny_lab):
         "shop/frontend", "http://reviews.shop:9080/%zz/admin", "--path-as-is"
     )
     assert code == "400" and "invalid percent-encoding" in body
+
+
+def _policy(name: str, app: str, action: str, paths: list[str]) -> dict:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "selector": {"matchLabels": {"app": app}},
+            "action": action,
+            "rules": [{"to": [{"operation": {"paths": paths}}]}],
+        },
+    }
+
+
+def test_path_templates_decide_per_request(deny_lab, tmp_path):
+    """Istio 1.19+ templates: `{*}` is one segment, `{**}` anything; matched on the normalized
+    path. An ALLOW on reviews (cross-node), a DENY on ratings (same-node)."""
+    templates = tmp_path / "path-templates.yaml"
+    templates.write_text(
+        yaml.safe_dump_all(
+            [
+                _policy("reviews-templates", "reviews", "ALLOW", ["/foo/{*}/bar", "/pub/{**}"]),
+                _policy("ratings-template", "ratings", "DENY", ["/foo/{*}/bar"]),
+            ]
+        )
+    )
+    meshlab("apply", "-f", str(templates))
+    try:
+
+        def code(service: str, path: str) -> str:
+            url = f"http://{service}.shop:9080{path}"
+            return deny_lab.curl("shop/frontend", url, "--path-as-is")[0]
+
+        # 404: allowed, the server has no such file; 403: the policy refused it
+        wait_until(
+            lambda: (code("reviews", "/other"), code("ratings", "/foo/x/bar")),
+            lambda codes: codes == ("403", "403"),
+            what="the template policies are in force on both nodes",
+        )
+        expected = {
+            ("reviews", "/foo/x/bar"): "404",
+            ("reviews", "/foo/x/bar?q=/y"): "404",
+            ("reviews", "/foo//x/./bar"): "404",  # normalized to /foo/x/bar first
+            ("reviews", "/foo/x/y/bar"): "403",  # `{*}` is a single segment
+            ("reviews", "/foo/bar"): "403",
+            ("reviews", "/pub/a/b/c"): "404",
+            ("reviews", "/other"): "403",
+            ("ratings", "/foo/x/bar"): "403",
+            ("ratings", "/foo/%78/bar"): "403",  # %78 is `x`, decoded before matching
+            ("ratings", "/foo/x/y/bar"): "404",
+            ("ratings", "/foo/bar"): "404",
+        }
+        got = {key: code(*key) for key in expected}
+        assert got == expected
+    finally:
+        meshlab("delete", "-f", str(templates))

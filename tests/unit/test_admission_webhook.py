@@ -86,7 +86,7 @@ def test_an_unknown_field_is_denied_naming_its_path() -> None:
 
 
 def test_every_problem_is_named_with_its_path() -> None:
-    bad = with_spec(foo=1, rules=[{"to": [{"operation": {"paths": ["/a/{*}"], "ports": ["x"]}}]}])
+    bad = with_spec(foo=1, rules=[{"to": [{"operation": {"paths": ["/a/{*}.x"], "ports": ["x"]}}]}])
     message = review_response(review(bad))["response"]["status"]["message"]
     assert "spec.foo:" in message
     assert "spec.rules[0].to[0].operation.paths:" in message

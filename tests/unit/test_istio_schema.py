@@ -390,11 +390,11 @@ REFUSALS = [
         "must not be an empty list",
     ),
     (
-        "authz-path-template",
+        "authz-path-template-not-last",
         AUTHZ_YAML,
-        lambda d: set_at(d, "spec.rules.0.to.0.operation.notPaths", ["/a/{*}"]),
+        lambda d: set_at(d, "spec.rules.0.to.0.operation.notPaths", ["/{**}/a/{*}"]),
         "spec.rules[0].to[0].operation.notPaths",
-        "path templates",
+        "{**} must be the last operator",
     ),
     (
         "authz-deny-without-rules",
