@@ -31,6 +31,7 @@ from benchmarks.certs import write_sidecar_certs
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = Path(__file__).with_name("lab.yaml")
 PLACEHOLDER = "@BENCH@"
+REPO_PLACEHOLDER = "@REPO@"  # where the gRPC server program is (tests/e2e/apps/grpc_echo.py)
 MESHLAB = Path(sys.executable).parent / "meshlab"
 NODES = 2
 UP_TIMEOUT = 300.0
@@ -56,11 +57,14 @@ class BenchPath:
     iperf: tuple[str, int]
     idle: tuple[str, int]  # where idle connections go: opaque TCP to the mesh, end to end
     proxies: tuple[Path, ...]
+    h2: tuple[str, int]  # nginx, h2c with prior knowledge
+    grpc: tuple[str, int]
 
 
 def render_manifest(text: str, run_dir: Path) -> list[dict]:
-    """lab.yaml's objects with the run folder filled in."""
-    return load_documents(text.replace(PLACEHOLDER, str(run_dir)), str(MANIFEST))
+    """lab.yaml's objects with the run folder and the repository filled in."""
+    text = text.replace(PLACEHOLDER, str(run_dir)).replace(REPO_PLACEHOLDER, str(REPO))
+    return load_documents(text, str(MANIFEST))
 
 
 def plan_ips(objects: list[dict]) -> dict[str, str]:
@@ -85,6 +89,8 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             (ips["bench-plain/iperf"], configs.IPERF_PORT),
             (ips["bench-plain/http"], configs.IDLE_PORT),
             (),
+            (ips["bench-plain/http"], configs.H2_PORT),
+            (ips["bench-plain/grpc"], configs.GRPC_PORT),
         ),
         BenchPath(
             "mesh-same-node",
@@ -93,6 +99,8 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             ("iperf-local.bench-mesh", configs.IPERF_PORT),
             ("http-local.bench-mesh", configs.IDLE_PORT),
             agents,
+            ("http-local.bench-mesh", configs.H2_PORT),
+            ("grpc-local.bench-mesh", configs.GRPC_PORT),
         ),
         BenchPath(
             "mesh-cross-node",
@@ -101,14 +109,18 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             ("iperf-remote.bench-mesh", configs.IPERF_PORT),
             ("http-remote.bench-mesh", configs.IDLE_PORT),
             agents,
+            ("http-remote.bench-mesh", configs.H2_PORT),
+            ("grpc-remote.bench-mesh", configs.GRPC_PORT),
         ),
         BenchPath(
             "sidecar-pair",
             "bench-plain/client",
             (a, configs.SIDECAR_A_HTTP),
             (a, configs.SIDECAR_A_IPERF),
-            (a, configs.SIDECAR_A_HTTP),  # HAProxy is in TCP mode on every port
+            (a, configs.SIDECAR_A_HTTP),  # HAProxy is in TCP mode on these ports
             sidecars,
+            (a, configs.SIDECAR_A_H2),  # and in HTTP mode (h2) on these
+            (a, configs.SIDECAR_A_GRPC),
         ),
     ]
     return {p.name: p for p in paths}
@@ -132,7 +144,12 @@ def prepare(run_dir: Path) -> tuple[Path, dict[str, BenchPath]]:
         configs.haproxy_a(ips["bench-plain/sidecar-b"], files["sidecar-a"])
     )
     (run_dir / "haproxy-b.cfg").write_text(
-        configs.haproxy_b(ips["bench-plain/http"], ips["bench-plain/iperf"], files["sidecar-b"])
+        configs.haproxy_b(
+            ips["bench-plain/http"],
+            ips["bench-plain/iperf"],
+            ips["bench-plain/grpc"],
+            files["sidecar-b"],
+        )
     )
     manifest = run_dir / "lab.yaml"
     manifest.write_text(yaml.safe_dump_all(objects, sort_keys=False))

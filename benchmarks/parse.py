@@ -5,6 +5,7 @@ naming the tool and what is missing."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 WRK_MARKER = "WRK_JSON "
@@ -80,3 +81,87 @@ def wrk_result(output: str) -> WrkResult:
         )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ToolOutputError(f"wrk: bad {WRK_MARKER.strip()} line ({exc}): {lines[-1]}") from None
+
+
+@dataclass(frozen=True)
+class H2loadResult:
+    """One h2load run: requests per second over its measured window (succeeded ones), mean
+    latency (ms), the answers that were not 2xx, and the requests that did not complete."""
+
+    req_per_s: float
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    non_2xx: int
+    mean_ms: float
+
+    def error_count(self, in_flight: int) -> int:
+        """Answers other than 2xx, and failed requests beyond `in_flight`: with -D, h2load
+        counts the requests still in flight when the duration ends as failed (at most
+        connections x streams), which says nothing about the path."""
+        return self.non_2xx + max(0, self.failed - in_flight)
+
+
+_H2LOAD_FINISHED = re.compile(r"^finished in [\d.]+m?s, ([\d.]+) req/s", re.MULTILINE)
+_H2LOAD_REQUESTS = re.compile(
+    r"^requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout",
+    re.MULTILINE,
+)
+_H2LOAD_CODES = re.compile(r"^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
+_H2LOAD_TIME = re.compile(r"^time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", re.MULTILINE)
+_TO_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def h2load_result(output: str) -> H2loadResult:
+    """The figures from h2load's summary (its `finished in`, `requests:` and `time for
+    request:` lines)."""
+    finished = _H2LOAD_FINISHED.search(output)
+    requests = _H2LOAD_REQUESTS.search(output)
+    codes = _H2LOAD_CODES.search(output)
+    latency = _H2LOAD_TIME.search(output)
+    if not (finished and requests and codes and latency):
+        raise ToolOutputError(f"h2load: no summary in: {_excerpt(output)}")
+    succeeded, failed, errored, timeout = (int(g) for g in requests.groups())
+    return H2loadResult(
+        req_per_s=float(finished.group(1)),
+        succeeded=succeeded,
+        failed=failed,
+        errored=errored,
+        timeout=timeout,
+        non_2xx=sum(int(g) for g in codes.groups()),
+        mean_ms=float(latency.group(1)) * _TO_MS[latency.group(2)],
+    )
+
+
+GRPC_MARKER = "GRPC_JSON "  # benchmarks/grpc_load.py's report line
+
+
+@dataclass(frozen=True)
+class GrpcResult:
+    """One grpc_load run: completed calls per second, latency percentiles (ms), errors."""
+
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+
+
+def grpc_result(output: str) -> GrpcResult:
+    """The figures from the GRPC_JSON line of a `benchmarks.grpc_load` run."""
+    lines = [line for line in output.splitlines() if line.startswith(GRPC_MARKER)]
+    if not lines:
+        raise ToolOutputError(f"grpc_load: no {GRPC_MARKER.strip()} line in: {_excerpt(output)}")
+    try:
+        data = json.loads(lines[-1][len(GRPC_MARKER) :])
+        if data["window_s"] <= 0 or data["calls"] == 0:
+            raise ToolOutputError(f"grpc_load: no call completed ({data['errors']})")
+        return GrpcResult(
+            calls_per_s=data["calls"] / data["window_s"],
+            p50_ms=float(data["p50_ms"]),
+            p99_ms=float(data["p99_ms"]),
+            errors={k: int(v) for k, v in data["errors"].items()},
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ToolOutputError(f"grpc_load: bad line ({exc}): {lines[-1]}") from None

@@ -16,7 +16,8 @@ PATH_NOTES = {
     CROSS: "meshed client -> Service VIP -> node-1 proxy -> node-2 (to node-2's proxy over "
     "HBONE where the commit has it) -> server on node-2",
     SIDECAR: "unmeshed client -> HAProxy A (node-1) -> mutual TLS 1.3 -> HAProxy B (node-2) "
-    "-> server; TCP mode, one TLS connection per client connection",
+    "-> server; TCP mode, one TLS connection per client connection (HTTP mode and h2 for h2c "
+    "and gRPC)",
 }
 
 
@@ -36,6 +37,8 @@ _C16 = "HTTP/1.1 keep-alive, 16 connections (wrk)"
 _FIXED = "HTTP/1.1 at a fixed rate, 1 KiB responses, 16 connections (wrk, paced)"
 _NEW = "New connection per request (wrk, Connection: close, 16 at a time)"
 _IDLE = "Idle proxied connections (proxies restarted, then N held)"
+_H2 = "HTTP/2 (h2c) keep-alive, 10 connections x 10 streams (h2load)"
+_GRPC = "gRPC unary calls, one channel, 10 calls in flight (grpcio)"
 
 METRICS = (
     Metric("tcp_1_gbps", _TCP, "1 stream", "Gbit/s", True),
@@ -59,6 +62,11 @@ METRICS = (
     Metric("fixed_proxy_rss_mib", _FIXED, "proxy memory (RSS), both nodes", "MiB", False),
     Metric("newconn_rps", _NEW, "requests = connections", "req/s", True),
     Metric("idle_kib_per_conn", _IDLE, "proxy memory per idle connection", "KiB", False),
+    Metric("h2_rps", _H2, "requests", "req/s", True),
+    Metric("h2_mean_ms", _H2, "mean latency", "ms", False),
+    Metric("grpc_cps", _GRPC, "calls", "calls/s", True),
+    Metric("grpc_p50_ms", _GRPC, "p50 latency", "ms", False),
+    Metric("grpc_p99_ms", _GRPC, "p99 latency", "ms", False),
 )
 BY_ID = {m.id: m for m in METRICS}
 
@@ -256,7 +264,7 @@ _STATUS = {True: "met", False: "**missed**", None: "not measured"}
 
 
 def _tool_errors(samples: Samples) -> list[str]:
-    """'<scenario> on `<path>`: n, n, n' for every wrk run set that counted errors."""
+    """'<scenario> on `<path>`: n, n, n' for every tool run set that counted errors."""
     out = []
     for metric, by_path in samples.items():
         if not metric.endswith("_errors"):
@@ -294,8 +302,10 @@ def markdown(results: dict) -> str:
         "",
         *[f"- `{p}`: {results['paths'][p]}" for p in PATHS],
         "",
-        "The mesh sees the HTTP port as HTTP (Service port `http`) and the iperf3 and idle "
-        "ports as opaque TCP (`tcp-*`); the HAProxy pair forwards all of them as TCP.",
+        "The mesh sees the HTTP port as HTTP (Service port `http`), the h2c and gRPC ports as "
+        "HTTP/2 and gRPC (`http2`, `grpc`) and the iperf3 and idle ports as opaque TCP "
+        "(`tcp-*`); the HAProxy pair forwards the HTTP/1.1, iperf3 and idle ports as TCP and "
+        "serves h2c and gRPC in HTTP mode (h2 in, h2 over its mutual TLS, h2c to the server).",
         "",
         "Each cell: median over the runs, ± half the spread (max - min) as a share of the "
         "median, and in parentheses the ratio of the medians to `direct` (xd) and to "
@@ -310,8 +320,9 @@ def markdown(results: dict) -> str:
         title = f"{row['title']} ({row['unit']}, {row['better']} is better)"
         cells = [_cell(row["paths"].get(p), p) for p in PATHS]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (issue 9)", "", "| target | goal | measured | status |"]
-    lines.append("|---|---|---|---|")
+    if results["targets"]:
+        lines += ["", "## Targets (issue 9)", "", "| target | goal | measured | status |"]
+        lines.append("|---|---|---|---|")
     for t in results["targets"]:
         lines.append(f"| {t['title']} | {t['target']} | {t['measured']} | {_STATUS[t['met']]} |")
     if results.get("errors"):
@@ -322,20 +333,38 @@ def markdown(results: dict) -> str:
     if tool_errors:
         lines += [
             "",
-            "Socket errors, timeouts or non-2xx answers that wrk counted (per run): "
-            + "; ".join(tool_errors)
-            + ".",
+            "Socket errors, timeouts, non-2xx answers or failed gRPC calls that the load tool "
+            "counted (per run): " + "; ".join(tool_errors) + ".",
         ]
     idle = results.get("idle_proxy_cpu_cores") or {}
     if idle:
         shown = ", ".join(f"{name} {value:.3f}" for name, value in idle.items())
         lines += ["", f"Proxies' CPU while idle, before the runs (cores): {shown}."]
-    lines += [
-        "",
-        f"Settings: {s['tcp_seconds']} s per iperf3 run ({s['tcp_omit']} s of slow start left "
-        f"out), {s['http_seconds']} s per wrk run ({s['latency_seconds']} s at 1 connection), "
-        f"{s['rate']} req/s for {s['rate_seconds']} s over {s['rate_connections']} connections, "
-        f"{s['newconn_seconds']} s of new connections, {s['idle_connections']} idle connections.",
-        "",
-    ]
+    lines += ["", _settings_line(results), ""]
     return "\n".join(lines)
+
+
+H2_SCENARIOS = frozenset(("h2-keepalive", "grpc-unary"))
+
+
+def _settings_line(results: dict) -> str:
+    """How long and how much, for the scenarios that ran."""
+    s = results["settings"]
+    ran = set(results.get("scenarios") or ())
+    parts = []
+    if not ran or ran - H2_SCENARIOS:
+        parts.append(
+            f"{s['tcp_seconds']} s per iperf3 run ({s['tcp_omit']} s of slow start left out), "
+            f"{s['http_seconds']} s per wrk run ({s['latency_seconds']} s at 1 connection), "
+            f"{s['rate']} req/s for {s['rate_seconds']} s over {s['rate_connections']} "
+            f"connections, {s['newconn_seconds']} s of new connections, "
+            f"{s['idle_connections']} idle connections"
+        )
+    if ran & H2_SCENARIOS:
+        parts.append(
+            f"{s['h2_seconds']} s per h2load run (`-c {s['h2_connections']} -m {s['h2_streams']}"
+            f" -D {s['h2_seconds']}`; the requests in flight when h2load stops, which it counts "
+            f"as failed, are not errors) and per gRPC run ({s['grpc_concurrency']} unary calls "
+            "in flight on one channel)"
+        )
+    return "Settings: " + "; ".join(parts) + "."

@@ -28,7 +28,7 @@ RESULTS = HERE / "results"
 SMOKE_OUT = Path("/tmp/meshbench-smoke")
 PUSH_LATENCY = RESULTS / "push_latency.json"
 DEFAULT_INSTANCE = "bench"
-TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "stdbuf")
+TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "stdbuf", "h2load")
 IDLE_WINDOW = {"full": 3.0, "smoke": 0.5}  # seconds of quiet to measure the proxies' idle CPU
 COLORS = {
     "direct": (95, 95, 95),
@@ -106,6 +106,10 @@ def machine(instance: str) -> dict:
             "nginx": _first_line(["nginx", "-v"]),
             "iperf3": _first_line(["iperf3", "--version"]),
             "wrk": _first_line(["wrk", "-v"]),
+            "h2load": _first_line(["h2load", "--version"]),
+            "grpcio": _first_line(
+                ["/usr/bin/python3", "-c", "import grpc; print(grpc.__version__)"]
+            ),
         },
         "loadavg_start": Path("/proc/loadavg").read_text().split()[0],
         "other_labs": others,
@@ -216,14 +220,17 @@ def chart(metrics: list[dict], settings) -> bytes:
     return bar_chart(panels, list(COLORS), list(COLORS.values()))
 
 
-def write_outputs(results: dict, out: Path, settings) -> list[Path]:
+def write_outputs(results: dict, out: Path, settings, stem: str = "latest") -> list[Path]:
+    """<stem>.json and .md; the latency chart only for the main table (`latest`)."""
     from benchmarks.report import markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "latest.json", out / "latest.md", out / "latest.png"]
+    files = [out / f"{stem}.json", out / f"{stem}.md"]
     files[0].write_text(json.dumps(results, indent=1) + "\n")
     files[1].write_text(markdown(results))
-    files[2].write_bytes(chart(results["metrics"], settings))
+    if stem == "latest":
+        files.append(out / "latest.png")
+        files[2].write_bytes(chart(results["metrics"], settings))
     return files
 
 
@@ -239,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="repetitions of every figure (full: 3)")
     parser.add_argument("--out", type=Path, help=f"output folder (default {RESULTS}; smoke: "
                         f"{SMOKE_OUT})")  # fmt: skip
-    parser.add_argument("--only", help="comma-separated scenarios (default: all)")
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenarios (default: all), or `h2` for the HTTP/2 and gRPC ones "
+        "alone, written to h2.json and h2.md instead of latest.*",
+    )
     parser.add_argument("--paths", help="comma-separated paths (default: all four)")
     parser.add_argument(
         "--commit",
@@ -267,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--runs must be at least 1")
         settings = replace(settings, runs=args.runs)
     scenario_names = list(scenarios.SCENARIOS)
-    if args.only:
+    stem = "latest"
+    if args.only in scenarios.GROUPS:
+        scenario_names, stem = list(scenarios.GROUPS[args.only]), args.only
+    elif args.only:
         scenario_names = [s.strip() for s in args.only.split(",")]
         unknown = set(scenario_names) - set(scenarios.SCENARIOS)
         if unknown:
@@ -278,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(path_names) - set(labsetup.PATH_NAMES)
         if unknown:
             parser.error(f"unknown paths {sorted(unknown)}; known: {list(labsetup.PATH_NAMES)}")
+    grpc_check = [scenarios.SYSTEM_PYTHON, "-c", "import grpc"]
+    if "grpc-unary" in scenario_names and subprocess.run(grpc_check, timeout=30).returncode:
+        parser.error(f"{scenarios.SYSTEM_PYTHON} cannot import grpc (python3-grpcio: install.sh)")
     out = args.out or (SMOKE_OUT if args.smoke else RESULTS)
 
     started = dt.datetime.now(dt.UTC)
@@ -319,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         "paths": {p: report.PATH_NOTES[p] for p in report.PATHS},
         "idle_proxy_cpu_cores": measured["idle_proxy_cpu_cores"],
         "metrics": report.metric_table(sums),
-        "targets": report.evaluate_targets(sums, push),
+        "targets": report.evaluate_targets(sums, push) if stem == "latest" else [],
         "push_latency": push,
         "errors": measured["errors"],
         "samples": samples,
     }
-    for path in write_outputs(results, out, settings):
+    for path in write_outputs(results, out, settings, stem):
         _log(f"wrote {path}")
     return 1 if measured["errors"] else 0
 

@@ -49,10 +49,15 @@ class Settings:
     rate_connections: int
     newconn_seconds: int
     idle_connections: int
+    h2_seconds: int  # h2load -D, and the gRPC client's run
+    h2_connections: int
+    h2_streams: int  # concurrent streams per h2load connection
+    grpc_concurrency: int  # calls in flight on the one gRPC channel
 
 
-FULL = Settings("full", 3, 4, 1, 4, 3, 1000, 5, 16, 3, 5000)
-SMOKE = Settings("smoke", 1, 1, 0, 1, 1, 1000, 1, 16, 1, 50)
+FULL = Settings("full", 3, 4, 1, 4, 3, 1000, 5, 16, 3, 5000, 5, 10, 10, 10)
+SMOKE = Settings("smoke", 1, 1, 0, 1, 1, 1000, 1, 16, 1, 50, 1, 10, 10, 10)
+SYSTEM_PYTHON = "/usr/bin/python3"  # the one Debian's python3-grpcio is installed for
 
 
 def _url(path: BenchPath, route: str) -> str:
@@ -104,6 +109,38 @@ def new_connections(path: BenchPath, s: Settings) -> dict[str, float]:
     argv += ["-H", "Connection: close", "-s", WRK_REPORT, _url(path, configs.SMALL_PATH)]
     r = _wrk(path, argv, s.newconn_seconds)
     return {"newconn_rps": r.req_per_s, "newconn_errors": r.error_count}
+
+
+def h2_keepalive(path: BenchPath, s: Settings) -> dict[str, float]:
+    """h2load, h2c with prior knowledge: `h2_connections` connections each with `h2_streams`
+    requests in flight, for a fixed duration (closed loop): req/s and mean latency."""
+    host, port = path.h2
+    argv = ["h2load", "-c", str(s.h2_connections), "-m", str(s.h2_streams)]
+    argv += ["-D", str(s.h2_seconds), f"http://{host}:{port}{configs.SMALL_PATH}"]
+    r = parse.h2load_result(run_in_pod(path.client, argv, s.h2_seconds + TOOL_SLACK))
+    if r.succeeded == 0:
+        raise parse.ToolOutputError(f"h2load: no request succeeded ({r})")
+    return {
+        "h2_rps": r.req_per_s,
+        "h2_mean_ms": r.mean_ms,
+        "h2_errors": r.error_count(s.h2_connections * s.h2_streams),
+    }
+
+
+def grpc_unary(path: BenchPath, s: Settings) -> dict[str, float]:
+    """benchmarks/grpc_load.py: unary calls over one channel, `grpc_concurrency` in flight, for
+    `h2_seconds`: calls/s and latency percentiles."""
+    host, port = path.grpc
+    argv = ["env", "GRPC_DNS_RESOLVER=native", SYSTEM_PYTHON, "-m", "benchmarks.grpc_load"]
+    argv += [f"{host}:{port}", configs.GRPC_METHOD]
+    argv += ["--concurrency", str(s.grpc_concurrency), "--seconds", str(s.h2_seconds)]
+    r = parse.grpc_result(run_in_pod(path.client, argv, s.h2_seconds + TOOL_SLACK))
+    return {
+        "grpc_cps": r.calls_per_s,
+        "grpc_p50_ms": r.p50_ms,
+        "grpc_p99_ms": r.p99_ms,
+        "grpc_errors": sum(r.errors.values()),
+    }
 
 
 class _Lines:
@@ -259,4 +296,8 @@ SCENARIOS = {
     "http-fixed-rate": http_fixed_rate,
     "new-connections": new_connections,
     "idle-connections": idle_connections,
+    "h2-keepalive": h2_keepalive,
+    "grpc-unary": grpc_unary,
 }
+# `--only h2` selects these: HTTP/2 and gRPC (issue 15), written to results/h2.md and h2.json
+GROUPS = {"h2": ("h2-keepalive", "grpc-unary")}

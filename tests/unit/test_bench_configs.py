@@ -81,12 +81,17 @@ def test_haproxy_configurations_pass_haproxy_check(tmp_path):
     a = tmp_path / "a.cfg"
     a.write_text(configs.haproxy_a("10.1.2.12", files["sidecar-a"]))
     b = tmp_path / "b.cfg"
-    b.write_text(configs.haproxy_b("10.1.2.10", "10.1.2.11", files["sidecar-b"]))
+    b.write_text(configs.haproxy_b("10.1.2.10", "10.1.2.11", "10.1.2.13", files["sidecar-b"]))
     for cfg in (a, b):
         proc = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"server b 10.1.2.12:{configs.SIDECAR_B_HTTP} ssl" in a.read_text()
     assert "verify required" in b.read_text()
+    # h2c and gRPC: HTTP mode, h2 over the mutual TLS, h2c prior knowledge to the servers
+    assert f"bind :{configs.SIDECAR_A_GRPC} proto h2" in a.read_text()
+    assert f"server b 10.1.2.12:{configs.SIDECAR_B_GRPC} ssl" in a.read_text()
+    assert f"server s 10.1.2.13:{configs.GRPC_PORT} proto h2" in b.read_text()
+    assert f"server s 10.1.2.10:{configs.H2_PORT} proto h2" in b.read_text()
 
 
 def test_nginx_configuration_passes_nginx_test(tmp_path):
@@ -101,4 +106,5 @@ def test_nginx_configuration_passes_nginx_test(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f'return 200 "{configs.KIB_BODY}"' in conf.read_text()
+    assert f"listen {configs.H2_PORT} http2" in conf.read_text()
     assert len(configs.KIB_BODY.encode()) == 1024

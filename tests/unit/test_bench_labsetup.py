@@ -15,8 +15,9 @@ def _objects(run_dir="/tmp/run") -> list[dict]:
 
 def test_the_run_folder_is_filled_in_everywhere():
     text = str(_objects("/tmp/bench-xyz"))
-    assert labsetup.PLACEHOLDER not in text
+    assert labsetup.PLACEHOLDER not in text and labsetup.REPO_PLACEHOLDER not in text
     assert "/tmp/bench-xyz/haproxy-a.cfg" in text
+    assert f"{labsetup.REPO}/tests/e2e/apps/grpc_echo.py" in text
 
 
 def test_meshed_and_plain_namespaces():
@@ -39,6 +40,8 @@ def test_servers_clients_and_proxies_sit_on_the_nodes_each_path_needs():
     assert node("bench-mesh/http-local") == 1
     assert node("bench-plain/iperf") == node("bench-mesh/iperf-remote") == 2
     assert node("bench-mesh/iperf-local") == 1
+    assert node("bench-plain/grpc") == node("bench-mesh/grpc-remote") == 2
+    assert node("bench-mesh/grpc-local") == 1
 
 
 def test_mesh_paths_dial_services_that_select_their_servers():
@@ -47,13 +50,19 @@ def test_mesh_paths_dial_services_that_select_their_servers():
     pods = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
     paths = labsetup.bench_paths(labsetup.plan_ips(objects))
     expected = {
-        "mesh-same-node": ("http-local", "iperf-local"),
-        "mesh-cross-node": ("http-remote", "iperf-remote"),
+        "mesh-same-node": ("http-local", "iperf-local", "grpc-local"),
+        "mesh-cross-node": ("http-remote", "iperf-remote", "grpc-remote"),
     }
-    for name, servers in expected.items():
+    for name, (http, iperf, grpc) in expected.items():
         path = paths[name]
-        targets = ((path.http, "http"), (path.iperf, "tcp-iperf"), (path.idle, "tcp-idle"))
-        for ((host, port), port_name), server in zip(targets, (*servers, servers[0]), strict=True):
+        targets = (
+            (path.http, "http", http),
+            (path.iperf, "tcp-iperf", iperf),
+            (path.idle, "tcp-idle", http),
+            (path.h2, "http2", http),
+            (path.grpc, "grpc", grpc),
+        )
+        for (host, port), port_name, server in targets:
             svc_name, namespace = host.split(".")
             assert namespace == "bench-mesh"
             svc = services[svc_name]
@@ -78,6 +87,10 @@ def test_direct_and_sidecar_paths_dial_pod_ips_and_the_sidecar_config_agrees(tmp
     assert f"{ips['bench-plain/sidecar-b']}:{configs.SIDECAR_B_HTTP}" in a
     assert f"{ips['bench-plain/http']}:{configs.HTTP_PORT}" in b
     assert f"{ips['bench-plain/iperf']}:{configs.IPERF_PORT}" in b
+    assert paths["direct"].grpc == (ips["bench-plain/grpc"], configs.GRPC_PORT)
+    assert paths["sidecar-pair"].h2 == (ips["bench-plain/sidecar-a"], configs.SIDECAR_A_H2)
+    assert f"{ips['bench-plain/sidecar-b']}:{configs.SIDECAR_B_GRPC}" in a
+    assert f"{ips['bench-plain/grpc']}:{configs.GRPC_PORT}" in b
     assert manifest.exists() and (tmp_path / "run" / "nginx-plain").is_dir()
 
 

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from benchmarks.parse import ToolOutputError, iperf3_gbps, wrk_result
+from benchmarks.parse import (
+    GRPC_MARKER,
+    ToolOutputError,
+    grpc_result,
+    h2load_result,
+    iperf3_gbps,
+    wrk_result,
+)
 
 IPERF3_REPORT = {
     "start": {"test_start": {"protocol": "TCP", "num_streams": 1}},
@@ -62,3 +69,44 @@ def test_wrk_without_the_report_line():
 def test_wrk_with_a_broken_report_line():
     with pytest.raises(ToolOutputError, match="bad WRK_JSON"):
         wrk_result('WRK_JSON {"requests": 1}\n')
+
+
+# h2load 1.52 -c 10 -m 10 -D 1 against nginx h2c (progress lines left out)
+H2LOAD = """Application protocol: h2c
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 1.00s, 10000.00 req/s, 674.47KB/s
+requests: 10064 total, 10090 started, 10064 done, 10000 succeeded, 64 failed, 64 errored, 0 timeout
+status codes: 10000 2xx, 0 3xx, 0 4xx, 3 5xx
+traffic: 674.47KB (690660) total, 468.75KB (480000) headers (space savings 51.02%), 29.30KB data
+                     min         max         mean         sd        +/- sd
+time for request:       35us      7.07ms      1.52ms       863us    80.35%
+time for connect:       58us       194us       123us        49us    60.00%
+"""
+
+
+def test_h2load_summary_gives_rate_mean_latency_and_failures():
+    r = h2load_result(H2LOAD)
+    assert (r.req_per_s, r.succeeded, r.failed, r.non_2xx, r.mean_ms) == (10000, 10000, 64, 3, 1.52)
+    # the requests cut when -D ends (at most connections x streams) are not errors; 5xx are
+    assert r.error_count(in_flight=100) == 3
+    assert r.error_count(in_flight=50) == 3 + 14
+    assert h2load_result(H2LOAD.replace("1.52ms", "900us")).mean_ms == pytest.approx(0.9)
+
+
+def test_h2load_without_a_summary():
+    with pytest.raises(ToolOutputError, match="h2load: no summary"):
+        h2load_result("connect to 10.1.2.3 port 8082 failed: Connection refused")
+
+
+def test_grpc_load_line_gives_calls_per_second_latencies_and_errors():
+    line = json.dumps(
+        {"calls": 5000, "window_s": 2.0, "errors": {"UNAVAILABLE": 2}, "p50_ms": 1.5, "p99_ms": 9}
+    )
+    r = grpc_result(f"noise\n{GRPC_MARKER}{line}\n")
+    assert (r.calls_per_s, r.p50_ms, r.p99_ms, r.errors) == (2500, 1.5, 9, {"UNAVAILABLE": 2})
+    with pytest.raises(ToolOutputError, match="no call completed"):
+        grpc_result(GRPC_MARKER + json.dumps({**json.loads(line), "calls": 0}))
+    with pytest.raises(ToolOutputError, match="no GRPC_JSON line"):
+        grpc_result("Traceback ...")

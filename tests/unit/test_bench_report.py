@@ -95,11 +95,8 @@ def test_push_latency_target_from_the_file():
     assert push["met"] is False and push["measured"] == "1.20 s"
 
 
-def test_markdown_has_a_table_per_scenario_targets_and_machine():
-    samples = _samples()
-    report.derive_added(samples)
-    sums = report.summaries(samples)
-    results = {
+def _results(sums: dict) -> dict:
+    return {
         "command": "python -m benchmarks.run",
         "mode": "full",
         "finished_at": "2026-01-01T00:00:00+00:00",
@@ -132,7 +129,12 @@ def test_markdown_has_a_table_per_scenario_targets_and_machine():
         "targets": report.evaluate_targets(sums, None),
         "errors": [{"round": 1, "scenario": "http-c1", "path": CROSS, "error": "wrk: timeout"}],
     }
-    text = report.markdown(results)
+
+
+def test_markdown_has_a_table_per_scenario_targets_and_machine():
+    samples = _samples()
+    report.derive_added(samples)
+    text = report.markdown(_results(report.summaries(samples)))
     assert "2 cores (Test CPU), kernel 6.1.0" in text and "at commit `abc123`" in text
     assert "## Bulk TCP (iperf3)" in text
     assert "| 1 stream (Gbit/s, higher is better) | 8.80 ±6% (2.20xs) |" in text
@@ -147,3 +149,25 @@ def test_tool_errors_are_listed_per_scenario_and_path():
         "newconn_rps": {CROSS: [1.0, 2.0, 3.0]},
     }
     assert report._tool_errors(samples) == ["newconn on `mesh-cross-node`: 0, 12, -"]
+
+
+def test_the_h2_table_has_its_figures_and_settings_and_no_issue_9_targets():
+    samples = {
+        "h2_rps": {DIRECT: [9000.0], CROSS: [900.0], SIDECAR: [3000.0]},
+        "grpc_cps": {DIRECT: [2000.0], CROSS: [500.0], SIDECAR: [1000.0]},
+        "grpc_errors": {CROSS: [3]},
+    }
+    results = _results(report.summaries(samples))
+    results["settings"].update(h2_seconds=5, h2_connections=10, h2_streams=10, grpc_concurrency=10)
+    results.update(scenarios=["h2-keepalive", "grpc-unary"], targets=[], samples=samples)
+    text = report.markdown(results)
+    assert "## HTTP/2 (h2c) keep-alive, 10 connections x 10 streams (h2load)" in text
+    assert (
+        "| requests (req/s, higher is better) | 9,000 (3.00xs) | — | 900 (0.10xd, 0.30xs) |" in text
+    )
+    assert (
+        "| calls (calls/s, higher is better) | 2,000 (2.00xs) | — | 500 (0.25xd, 0.50xs) |" in text
+    )
+    assert "Targets" not in text and "iperf3 run" not in text
+    assert "5 s per h2load run (`-c 10 -m 10 -D 5`" in text
+    assert "grpc on `mesh-cross-node`: 3" in text
