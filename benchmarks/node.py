@@ -474,20 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import machine, use_commit
 
     code_dir = Path(f"/tmp/meshbench-{os.environ['MESHLAB_INSTANCE']}-code")
-    measured_commit = use_commit(args.commit, code_dir) if args.commit else None
-    if measured_commit:
-        # the lab also reads the commit's daemonset/ (CRDs, RBAC) beside its packages; the
-        # control plane's binaries stay where scripts/install.sh put them, in the repository
-        archive = subprocess.run(
-            ["git", "archive", measured_commit, "daemonset"],
-            cwd=HERE.parent,
-            capture_output=True,
-            check=True,
-        )
-        subprocess.run(
-            ["tar", "-x", "-C", str(code_dir / "meshagent")], input=archive.stdout, check=True
-        )
-        os.environ.setdefault("MESHAGENT_KUBE_BIN", str(HERE.parent / ".kube-bin"))
+    measured_commit = use_commit(args.commit, code_dir) if args.commit else None  # daemonset/ too
     # only now: the lab's names depend on MESHLAB_INSTANCE, its code on --commit
     from benchmarks import labsetup
 

@@ -58,7 +58,9 @@ def use_commit(rev: str, folder: Path) -> str:
     """Measure the code of a commit rather than the working tree: its packages are extracted
     (`git archive`) as `meshagent.*` into `folder`, which goes first on the import path of this
     process and of everything the lab starts (controller, agents, pods), ahead of the editable
-    install. Returns the commit's full hash."""
+    install. The lab also reads the commit's daemonset/ (CRDs, RBAC) beside its packages; the
+    control plane's binaries stay where scripts/install.sh put them, in the repository.
+    Returns the commit's full hash."""
     commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
     if not commit:
         raise SystemExit(f"benchmarks: no commit {rev!r}")
@@ -67,13 +69,17 @@ def use_commit(rev: str, folder: Path) -> str:
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     archive = subprocess.run(
-        ["git", "archive", commit, *PACKAGE_FOLDERS], cwd=REPO, capture_output=True, check=True
+        ["git", "archive", commit, *PACKAGE_FOLDERS, "daemonset"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
     )
     subprocess.run(["tar", "-x", "-C", str(package)], input=archive.stdout, check=True)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p
     )
     sys.path.insert(0, str(folder))
+    os.environ.setdefault("MESHAGENT_KUBE_BIN", str(REPO / ".kube-bin"))
     return commit
 
 
