@@ -74,3 +74,75 @@ def test_strict_drops_plaintext_and_permissive_admits_it(demo_lab, tmp_path):
     applied = _peer_auth(tmp_path, "PERMISSIVE")
     _wait(lambda: _plaintext_ok(demo_lab), applied + DEADLINE, "PERMISSIVE admits plaintext")
     assert demo_lab.status("node-2")["datapath"]["peer_auth"] == []
+
+
+TWO_PORTS = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "two-ports", "namespace": "shop", "labels": {"app": "two-ports"}},
+    "spec": {
+        "nodeName": "node-2",
+        "containers": [
+            {
+                "name": "s",
+                "command": [
+                    "sh",
+                    "-c",
+                    "python3 -m http.server 9090 & exec python3 -m http.server 9080",
+                ],
+                "readinessProbe": {"tcpSocket": {"port": 9080}},
+            }
+        ],
+    },
+}
+
+
+def _port_level(mode: str, ports: dict[int, str]) -> dict:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "two-ports", "namespace": "shop"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "two-ports"}},
+            "mtls": {"mode": mode},
+            "portLevelMtls": {str(port): {"mode": m} for port, m in ports.items()},
+        },
+    }
+
+
+def test_port_level_mtls_is_decided_per_destination_port(demo_lab, tmp_path):
+    """Issue #21: portLevelMtls. The kernel of the pod's node judges each new connection by its
+    destination port: a plaintext (non-mesh) client gets through on the PERMISSIVE or DISABLE
+    port and is dropped on the STRICT one, while meshed clients reach both."""
+    pod = tmp_path / "two-ports.yaml"
+    pod.write_text(yaml.safe_dump(TWO_PORTS))
+    policy = tmp_path / "pa-two-ports.yaml"
+    meshlab("apply", "-f", str(pod))
+    try:
+        addresses = meshlab("exec", "shop/two-ports", "--", "hostname", "-I").stdout.split()
+        ip = next(a for a in addresses if "." in a)  # its IPv4 address
+
+        def reached(client: str) -> dict[int, bool]:
+            return {
+                port: demo_lab.curl(client, f"http://{ip}:{port}/", timeout=1)[0] == "200"
+                for port in (9080, 9090)
+            }
+
+        for mode, ports, expected in (
+            ("STRICT", {9090: "DISABLE"}, {9080: False, 9090: True}),
+            ("PERMISSIVE", {9080: "STRICT"}, {9080: False, 9090: True}),
+            ("DISABLE", {9090: "STRICT"}, {9080: True, 9090: False}),
+        ):
+            policy.write_text(yaml.safe_dump(_port_level(mode, ports)))
+            meshlab("apply", "-f", str(policy))
+            wait_until(
+                lambda: reached("legacy/client"),
+                lambda got, expected=expected: got == expected,
+                what=f"plaintext per port under {mode} with {ports}",
+            )
+            assert reached("shop/frontend") == {9080: True, 9090: True}
+        status = demo_lab.status("node-2")
+        assert {"ip": ip, "port": 9090, "mode": "STRICT"} in status["datapath"]["peer_auth"]
+    finally:
+        meshlab("delete", "-f", str(policy), check=False)
+        meshlab("delete", "-f", str(pod))
