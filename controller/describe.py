@@ -260,7 +260,9 @@ def _match_text(match: Sequence[net.HTTPMatchRequest]) -> str:
     return "requests with " + " or ".join(alts)
 
 
-def _source_conds(m: net.HTTPMatchRequest | net.L4MatchAttributes) -> list[str]:
+def _source_conds(
+    m: net.HTTPMatchRequest | net.L4MatchAttributes | net.TLSMatchAttributes,
+) -> list[str]:
     """A match entry's client conditions, checked by the client's own node proxy (a client
     that is not a meshed pod has neither)."""
     out = []
@@ -397,7 +399,19 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
             f"connection, on {_ports_text(fqdns, services, False)} (and on http2/grpc ports for "
             "clients that do not speak HTTP/2)."
         )
-    if not vs.spec.tcp and not vs.spec.http:
+    for i, rule in enumerate(vs.spec.tls):
+        entries = []
+        for m in rule.match:
+            conds = [f"SNI {' or '.join(m.sni_hosts)}"]
+            conds += [f"port {m.port}"] if m.port is not None else []
+            entries.append(" and ".join(conds + _source_conds(m)))
+        lines.append(
+            f"tls[{i}]: TLS connections with {' or '.join(entries)} -> "
+            f"{_destinations(rule.route, vs.namespace)}; L4 by the ClientHello's SNI (the TLS "
+            "passes through untouched), on tls/https ports only; a connection no tls rule "
+            "matches goes where the tcp routes or the service send it."
+        )
+    if not vs.spec.tcp and not vs.spec.http and not vs.spec.tls:
         lines.append("No routes.")
     return lines
 

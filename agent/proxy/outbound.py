@@ -29,6 +29,7 @@ from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import ClusterSpec, Protocol, port_protocol
+from meshagent.agent.proxy.sni import peek_server_name
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
 from meshagent.agent.state import ServicePortRoute, Tables
@@ -326,8 +327,13 @@ class _L4:
     async def run_service(self, service: Service) -> None:
         proxy = self.proxy
         service_labels = service_ref(service)
-        routes = proxy.traffic.table.tcp_routes(service.hostname, self.orig[1])
-        spec = routes.destinations_for(self.source).pick() if routes else None
+        table = proxy.traffic.table
+        routes = table.tcp_routes(service.hostname, self.orig[1])
+        destinations = routes.destinations_for(self.source) if routes else None
+        if (tls := table.tls_routes(service.hostname, self.orig[1])) is not None:
+            sni = await peek_server_name(self.client)
+            destinations = tls.destinations_for(sni, self.source) or destinations
+        spec = destinations.pick() if destinations else None
         if spec is None or not spec.endpoints:
             proxy.stats.no_endpoints += 1
             self._failed(service_labels, "no healthy upstream", "UH")

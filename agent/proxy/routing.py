@@ -78,6 +78,7 @@ Protocol = Literal["http1", "http2", "tcp"]
 # `grpc-web` is HTTP/1.1 from browsers (an HTTP/2 client is still recognised by its preface).
 _HTTP1_NAMES = frozenset({"http", "grpc-web"})
 _HTTP2_NAMES = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
+_TLS_NAMES = frozenset({"tls", "https"})
 
 
 def port_protocol(port: ServicePort) -> Protocol:
@@ -112,6 +113,13 @@ def port_protocol(port: ServicePort) -> Protocol:
 def is_http_port(port: ServicePort) -> bool:
     """True for a port served at L7 (HTTP/1.1 or HTTP/2, `port_protocol`)."""
     return port_protocol(port) != "tcp"
+
+
+def is_tls_port(port: ServicePort) -> bool:
+    """True for a port whose clients speak TLS the mesh does not terminate (`tls`, `https` by
+    appProtocol or name prefix): where `tls` routes choose by SNI, as Istio applies them."""
+    name = port.app_protocol or port.name.partition("-")[0]
+    return port.protocol == "TCP" and name.lower() in _TLS_NAMES
 
 
 def _host_matches(pattern: str, hostname: str) -> bool:
@@ -328,7 +336,9 @@ class SourceMatch:
     namespace: str | None = None
 
     @classmethod
-    def compile(cls, m: net.HTTPMatchRequest | net.L4MatchAttributes) -> SourceMatch | None:
+    def compile(
+        cls, m: net.HTTPMatchRequest | net.L4MatchAttributes | net.TLSMatchAttributes
+    ) -> SourceMatch | None:
         if not m.source_labels and m.source_namespace is None:
             return None
         return cls(tuple(sorted(m.source_labels.items())), m.source_namespace)
@@ -468,10 +478,46 @@ class TcpRoutes:
         return self.destinations
 
 
+@dataclass(frozen=True, slots=True)
+class TlsMatch:
+    """One `tls[].match[]` entry for a port: the SNI patterns and the client conditions."""
+
+    sni_hosts: tuple[str, ...]
+    source: SourceMatch | None
+
+    def __call__(self, sni: str, source: Workload | None) -> bool:
+        return any(_host_matches(p, sni) for p in self.sni_hosts) and (
+            self.source is None or self.source(source)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRoutes:
+    """Where TLS connections to one `tls`/`https` service port go by their ClientHello's SNI
+    (`tls[]` rules in order, the first whose entry matches); a connection none matches (no
+    SNI, or not TLS) goes where the port's TCP routes send it, as Envoy's default filter
+    chain does."""
+
+    hostname: str
+    port: int
+    rules: tuple[tuple[tuple[TlsMatch, ...], WeightedClusters], ...]
+    source: str = ""
+
+    def destinations_for(self, sni: str | None, source: Workload | None) -> WeightedClusters | None:
+        if sni is None:
+            return None
+        sni = sni.lower()
+        for entries, dests in self.rules:
+            if any(m(sni, source) for m in entries):
+                return dests
+        return None
+
+
 @dataclass(frozen=True)
 class RouteTable:
     http: dict[tuple[str, int], HttpRoutes] = field(default_factory=dict)
     tcp: dict[tuple[str, int], TcpRoutes] = field(default_factory=dict)
+    tls: dict[tuple[str, int], TlsRoutes] = field(default_factory=dict)
     clusters: dict[ClusterKey, ClusterSpec] = field(default_factory=dict)
     # References that lead nowhere (unknown host, subset or port), for logs and status.
     problems: tuple[str, ...] = ()
@@ -481,6 +527,9 @@ class RouteTable:
 
     def tcp_routes(self, hostname: str, port: int) -> TcpRoutes | None:
         return self.tcp.get((hostname, port))
+
+    def tls_routes(self, hostname: str, port: int) -> TlsRoutes | None:
+        return self.tls.get((hostname, port))
 
 
 def single_endpoint_routes(
@@ -838,6 +887,21 @@ class _Compiler:
             svc.hostname, port, WeightedClusters.of([(default, 100)]), ref, tuple(by_source)
         )
 
+    def tls_routes(
+        self, svc: Service, port: int, vs: net.VirtualService | None
+    ) -> TlsRoutes | None:
+        rules: list[tuple[tuple[TlsMatch, ...], WeightedClusters]] = []
+        for i, rule in enumerate(vs.spec.tls if vs else ()):
+            entries = tuple(
+                TlsMatch(m.sni_hosts, SourceMatch.compile(m))
+                for m in rule.match
+                if m.port in (None, port)
+            )
+            if entries:
+                where = f"VirtualService {vs.ref} tls[{i}]"
+                rules.append((entries, self.destinations(rule.route, vs.namespace, port, where)))
+        return TlsRoutes(svc.hostname, port, tuple(rules), vs.ref) if rules and vs else None
+
 
 def compile_routes(
     snap: Snapshot,
@@ -852,6 +916,7 @@ def compile_routes(
     c = _Compiler(snap, root_namespace, domain)
     http: dict[tuple[str, int], HttpRoutes] = {}
     tcp: dict[tuple[str, int], TcpRoutes] = {}
+    tls: dict[tuple[str, int], TlsRoutes] = {}
     for svc in snap.services:
         vs = c.virtual_service(svc)
         for port in svc.ports:
@@ -863,4 +928,7 @@ def compile_routes(
                 http[key] = c.http_routes(svc, port.port, vs)
             if protocol != "http1":  # HTTP/2 ports keep TCP routes for non-HTTP/2 clients
                 tcp[key] = c.tcp_routes(svc, port.port, vs)
-    return RouteTable(http, tcp, c.clusters, tuple(c.problems))
+            tls_routes = c.tls_routes(svc, port.port, vs) if is_tls_port(port) else None
+            if tls_routes is not None:
+                tls[key] = tls_routes
+    return RouteTable(http, tcp, tls, c.clusters, tuple(c.problems))

@@ -522,6 +522,32 @@ class TCPRoute(IstioModel):
     )
 
 
+class TLSMatchAttributes(IstioModel):
+    """One `tls[].match[]` entry: the ClientHello's SNI is one of `sniHosts` (a `*.` prefix
+    matches any name under it) and the other fields given hold."""
+
+    sni_hosts: tuple[Annotated[NonEmptyStr, AfterValidator(str.lower)], ...] = Field(min_length=1)
+    port: Port | None = None
+    source_labels: dict[str, str] = {}  # as in HTTPMatchRequest
+    source_namespace: DnsLabel | None = None
+
+
+class TLSRoute(IstioModel):
+    match: tuple[TLSMatchAttributes, ...] = Field(min_length=1)
+    route: Annotated[tuple[RouteDestination, ...], AfterValidator(_check_weights)] = Field(
+        min_length=1
+    )
+
+
+def _sni_within(sni: str, host: str) -> bool:
+    """Istio's rule for `sniHosts`: each names a subset of one of the VirtualService's hosts
+    (host.Name.SubsetOf: equal, or under a `*.` host; a `*.` SNI under a `*.` host)."""
+    host = host.lower()
+    if host.startswith("*"):
+        return sni.endswith(host[1:]) and (not sni.startswith("*") or len(sni) >= len(host))
+    return sni == host
+
+
 def _export_everywhere(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
     # Any narrower exportTo is skipped before validation (common/istio/support.py).
     if value is not None and set(value) != {"*"}:
@@ -539,6 +565,7 @@ class VirtualServiceSpec(IstioModel):
     export_to: ExportTo = None
     http: tuple[HTTPRoute, ...] = ()
     tcp: tuple[TCPRoute, ...] = ()
+    tls: tuple[TLSRoute, ...] = ()
 
     @field_validator("gateways")
     @classmethod
@@ -564,13 +591,22 @@ class VirtualServiceSpec(IstioModel):
 
     @model_validator(mode="after")
     def _has_routes(self) -> VirtualServiceSpec:
-        if not self.http and not self.tcp:
-            raise ValueError("a VirtualService needs http or tcp routes")
+        if not self.http and not self.tcp and not self.tls:
+            raise ValueError("a VirtualService needs http, tcp or tls routes")
+        for i, rule in enumerate(self.tls):
+            for j, entry in enumerate(rule.match):
+                for k, sni in enumerate(entry.sni_hosts):
+                    if not any(_sni_within(sni, host) for host in self.hosts):
+                        raise ValueError(
+                            f"tls[{i}].match[{j}].sniHosts[{k}]: {sni!r} is not a subset of any "
+                            f"of the VirtualService's hosts {list(self.hosts)} (Istio's rule)"
+                        )
         return self
 
 
 class VirtualService(IstioResource):
-    """An Istio VirtualService for mesh traffic (no gateways, no TLS routes, no delegation)."""
+    """An Istio VirtualService for mesh traffic (no gateways, no delegation). `tls` routes
+    choose by the ClientHello's SNI on `tls`/`https` Service ports (agent/proxy/routing.py)."""
 
     API_VERSIONS = NETWORKING_API_VERSIONS
 

@@ -67,6 +67,7 @@ spec:
     "9090": {mode: DISABLE}
 """
 
+VS_TLS_ROUTE = [{"destination": {"host": "reviews"}}]
 VS_YAML = """
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -644,11 +645,22 @@ REFUSALS = [
         "%VARIABLE% substitution",
     ),
     (
-        "vs-unsupported-tls",
+        "vs-tls-sni-outside-hosts",
         VS_YAML,
-        lambda d: set_at(d, "spec.tls", []),
-        "spec.tls",
-        "not supported",
+        lambda d: set_at(
+            d,
+            "spec.tls",
+            [{"match": [{"sniHosts": ["x.example.com"]}], "route": VS_TLS_ROUTE}],
+        ),
+        "spec",
+        "tls[0].match[0].sniHosts[0]: 'x.example.com' is not a subset of any",
+    ),
+    (
+        "vs-tls-without-sni",
+        VS_YAML,
+        lambda d: set_at(d, "spec.tls", [{"match": [{"port": 443}], "route": VS_TLS_ROUTE}]),
+        "spec.tls[0].match[0].sniHosts",
+        "required",
     ),
     (
         "vs-gateway",

@@ -618,6 +618,51 @@ def test_tcp_routes_with_weights_and_port_match():
     assert route_for(table).destinations.pick().key == ClusterKey(REVIEWS, 9080)
 
 
+def test_tls_routes_choose_by_sni_on_tls_ports_only():
+    tls_port = ServicePort(name="tls-web", port=8443, target_port=8443)
+    https_port = ServicePort(name="web", port=443, target_port=443, app_protocol="HTTPS")
+    services = [_service("reviews", NS, [tls_port, https_port, TCP], ["r1", "r2", "r3"])]
+    v1 = {"destination": {"host": "reviews", "subset": "v1"}}
+    table = compile_routes(
+        snapshot(
+            SUBSETS,
+            vs(
+                {
+                    "hosts": [REVIEWS, "*.example.com"],
+                    "tls": [
+                        {
+                            "match": [{"sniHosts": ["v2.example.com"], "sourceNamespace": "x"}],
+                            "route": [{"destination": {"host": "reviews", "subset": "canary"}}],
+                        },
+                        {
+                            "match": [{"sniHosts": ["v2.example.com", "*.v2.example.com"]}],
+                            "route": [{"destination": {"host": "reviews", "subset": "v2"}}],
+                        },
+                        {"match": [{"port": 443, "sniHosts": [REVIEWS]}], "route": [v1]},
+                    ],
+                }
+            ),
+            services=services,
+        )
+    )
+    tls = table.tls_routes(REVIEWS, 8443)
+    client = _workload("c", app="client")
+
+    def chosen(sni: str | None, port: int = 8443) -> set[str] | None:
+        dests = table.tls_routes(REVIEWS, port).destinations_for(sni, client)
+        return pods(dests.pick()) if dests else None
+
+    assert chosen("V2.example.com") == {"r2"}  # SNI compares case-insensitively
+    assert chosen("a.b.v2.example.com") == {"r2"}
+    assert chosen("x.example.com") is None  # no rule: the port's TCP routes decide
+    assert chosen(None) is None
+    assert chosen(REVIEWS) is None  # the third rule is for port 443
+    assert chosen(REVIEWS, 443) == {"r1"}  # an appProtocol HTTPS port
+    in_x = _workload("c", ns="x")
+    assert pods(tls.destinations_for("v2.example.com", in_x).pick()) == {"r3"}
+    assert table.tls_routes(REVIEWS, 5432) is None  # not a tls/https port
+
+
 def test_references_that_lead_nowhere_are_reported():
     table = compile_routes(
         snapshot(
