@@ -3,7 +3,7 @@ stdlib's http.server (apps/head_echo.py answers with the request line and header
 same node and cross node (through both nodes' engines): HTTP/1.0 arrives as 1.0 and keeps
 1.0's keep-alive rule, `Expect: 100-continue` reaches the server, whose 100 Continue comes
 back, a malformed request's body names the problem in plain words, and an `Upgrade: h2c`
-offer (`curl --http2`) is served as HTTP/1.1 (item 2, as Envoy does).
+offer (`curl --http2`) is served as HTTP/1.1 (item 2, as Envoy does), a chunked body included.
 """
 
 from __future__ import annotations
@@ -83,6 +83,21 @@ def test_upgrade_h2c_is_served_as_http_1_1(lab, service):
     assert out.splitlines()[-1] == "200 1.1"
     assert "upgrade" not in out.lower() and "http2-settings" not in out.lower()
     assert "< HTTP/1.1 101" not in err
+
+
+@SERVICES
+def test_upgrade_h2c_with_a_chunked_body_is_served_as_http_1_1(lab, service):
+    """curl --http2 offers h2c with a body of unknown length too (it got 400: the chunks were
+    taken for the new protocol's bytes); Envoy serves it as HTTP/1.1, body and all."""
+    out, err = _curl(
+        "--http2", "-H", "Transfer-Encoding: chunked", "--data-binary", "hello",
+        "-w", "\n%{http_code} %{http_version}", f"http://{service}.h1f:8080/up",
+    )  # fmt: skip
+    assert out.splitlines()[-1] == "200 1.1", out + err
+    assert out.splitlines()[0] == "POST /up HTTP/1.1"
+    assert "transfer-encoding: chunked" in out.lower().splitlines()
+    assert "body: 5" in out.splitlines()  # the server decoded the 5 bytes from the chunks
+    assert "upgrade" not in out.lower() and "< HTTP/1.1 101" not in err
 
 
 def test_a_malformed_request_is_answered_in_plain_words(lab):

@@ -19,6 +19,7 @@ class RawServer:
     heads: list[bytes] = field(default_factory=list)
     answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     continue_first: bool = False  # answer 100 Continue, read the body, then `answer`
+    chunked: list[bytes] | None = None  # given: read a chunked body up to its end, kept here
 
     async def handle(self, stream: trio.SocketStream) -> None:
         data = b""
@@ -34,6 +35,10 @@ class RawServer:
             length = int(_header(head, b"content-length") or 0)
             while len(rest) < length:
                 rest += await stream.receive_some(65536)
+        if self.chunked is not None:
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += await stream.receive_some(65536)
+            self.chunked.append(rest)
         await stream.send_all(self.answer)
         await stream.aclose()
 
@@ -128,6 +133,27 @@ async def test_upgrade_h2c_is_dropped_and_served_as_http_1_1():
     )
     head = server.heads[0].lower()
     assert b"upgrade" not in head and b"http2-settings" not in head
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"ok")
+
+
+async def test_upgrade_h2c_with_a_chunked_body_is_served_as_http_1_1_with_its_body():
+    """As curl --http2 sends a body of unknown length; it got 400 when llhttp stopped at the
+    upgrade's head and the body was taken for the new protocol's bytes."""
+    server = RawServer(chunked=[])
+    got = await _exchange(
+        server,
+        b"POST /up HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    head = server.heads[0].lower()
+    assert b"upgrade" not in head and b"http2-settings" not in head
+    assert _header(head, b"transfer-encoding") == b"chunked"
+    body, chunks = b"", server.chunked[0]
+    while size := int(chunks.split(b"\r\n", 1)[0], 16):
+        chunks = chunks.partition(b"\r\n")[2]
+        body, chunks = body + chunks[:size], chunks[size + 2 :]
+    assert body == b"hello world"
     assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"ok")
 
 

@@ -519,3 +519,38 @@ def test_h2c_upgrade_body_is_the_request_body():
     )
     assert b"".join(e.data for e in events if isinstance(e, codec.Data)) == b"abc"
     assert isinstance(events[-1], codec.EndOfMessage)
+
+
+H2C_CHUNKED = (
+    b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [None, 1, len(H2C_CHUNKED) + 2, len(H2C_CHUNKED) + 7])
+def test_h2c_upgrade_chunked_body_is_the_request_body(cut):
+    """Envoy serves an h2c offer as HTTP/1.1, a chunked body included (curl --http2 -d @- sends
+    one): the chunks are the request's, however they arrive, and the connection goes on."""
+    raw = H2C_CHUNKED + b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n"
+    raw += b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    conn = codec.Connection(codec.SERVER)
+    parts = [raw] if cut is None else [raw[:cut], raw[cut:]]
+    events = []
+    for part in parts:
+        events += _feed(conn, part)
+        if any(isinstance(e, codec.EndOfMessage) for e in events):
+            conn.send(codec.Response(status_code=200, headers=[(b"content-length", b"0")]))
+            conn.send(codec.EndOfMessage())
+            conn.start_next_cycle()
+            events += _feed(conn, b"")
+    request, *rest = events
+    assert (request.method, request.target) == (b"POST", b"/up")
+    assert b"".join(e.data for e in rest if isinstance(e, codec.Data)) == b"abcde"
+    ends = [i for i, e in enumerate(rest) if isinstance(e, codec.EndOfMessage)]
+    assert rest[ends[0] + 1].target == b"/next"
+
+
+def test_h2c_upgrade_with_a_malformed_chunk_is_refused_in_plain_words():
+    conn = codec.Connection(codec.SERVER)
+    with pytest.raises(codec.RemoteProtocolError, match="malformed chunked body"):
+        _feed(conn, H2C_CHUNKED + b"zz\r\nabc\r\n")

@@ -193,6 +193,8 @@ _BLANK_LINE = b"\r\n\r\n"
 # (until the peer closes: HTTP/1.0-style responses).
 # _RAW: a length-framed body llhttp will not read (it stopped at an h2c upgrade's head).
 _LENGTH, _CHUNKED, _EOF, _RAW = 0, 1, 2, 3
+# What primes a parser for a chunked body whose head llhttp did not take as a message's (above)
+_CHUNKED_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 def _comma_tokens(headers: Headers, name: bytes) -> list[bytes]:
@@ -528,15 +530,18 @@ class Connection:
         self._switch_proposed = method == b"CONNECT" or any(n == b"upgrade" for n, _ in headers)
         self._framing(headers)
         if msg.upgrade and (self._remaining or self._body_kind == _CHUNKED):
-            if self._body_kind != _LENGTH or _comma_tokens(headers, b"upgrade") != [b"h2c"]:
+            if _comma_tokens(headers, b"upgrade") != [b"h2c"]:
                 # llhttp takes an upgrade's body for the new protocol's first bytes
                 raise RemoteProtocolError("an upgrade or CONNECT request with a body")
             # h2c is never switched to (the engine serves such a request as HTTP/1.1), so
-            # the body is the request's: read here by its length, llhttp having stopped
+            # the body is the request's, though llhttp stopped at the head
             self._switch_proposed = False
-            self._body_kind = _RAW
-            self._parser = None
             msg.complete = False
+            if self._body_kind == _LENGTH:
+                self._body_kind = _RAW  # read here by its length
+                self._parser = None
+            else:
+                self._chunks_past_the_head()
         if version != "1.0" and b"100-continue" in _comma_tokens(headers, b"expect"):
             self.client_is_waiting_for_100_continue = True
         self.their_state = SEND_BODY
@@ -544,6 +549,19 @@ class Connection:
         return Request(
             method=method, target=msg.target, headers=headers, http_version=self._their_version
         )
+
+    def _chunks_past_the_head(self) -> None:
+        """The chunked body of a request llhttp stopped at the head of (an h2c offer, not
+        taken): a fresh parser, primed with a head that declares only chunked framing, reads
+        it, so llhttp still checks every chunk line. The head's own fields stay as read."""
+        msg = self._msg
+        kept = (msg.target, msg.method, msg.version, msg.keep_alive)
+        parser = httptools.HttpRequestParser(msg)
+        self._parser = msg.parser = parser
+        parser.feed_data(_CHUNKED_HEAD)
+        msg.target, msg.method, msg.version, msg.keep_alive = kept
+        msg.upgrade = False
+        self._line, self._remaining = b"", 0
 
     def _response(self, headers: Headers):
         msg = self._msg

@@ -1,5 +1,6 @@
 """A stock HTTP/1.1 server (the stdlib's http.server) answering each request with what it
-received: the request line, then the header lines as sent, then the body's length.
+received: the request line, then the header lines as sent, then the body's length (a chunked
+body's too: the stdlib's server does not decode chunks, so this does).
 
     python3 head_echo.py PORT [LOGFILE]
 
@@ -20,9 +21,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def _chunked(self) -> bytes:
+        body = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            body += self.rfile.read(size)
+            self.rfile.readline()  # the chunk's CRLF
+        while self.rfile.readline().strip():  # trailers, up to the blank line
+            pass
+        return body
+
     def _echo(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            body = self._chunked()
         text = f"{self.requestline}\n{self.headers.as_string().strip()}\nbody: {len(body)}\n"
         data = text.encode()
         if LOG is not None:
