@@ -64,9 +64,11 @@ METRICS = (
     Metric("idle_kib_per_conn", _IDLE, "proxy memory per idle connection", "KiB", False),
     Metric("h2_rps", _H2, "requests", "req/s", True),
     Metric("h2_mean_ms", _H2, "mean latency", "ms", False),
+    Metric("h2_cpu_per_krps", _H2, "proxy CPU per 1,000 req/s, both nodes", "cores", False),
     Metric("grpc_cps", _GRPC, "calls", "calls/s", True),
     Metric("grpc_p50_ms", _GRPC, "p50 latency", "ms", False),
     Metric("grpc_p99_ms", _GRPC, "p99 latency", "ms", False),
+    Metric("grpc_cpu_per_kcalls", _GRPC, "proxy CPU per 1,000 calls/s, both nodes", "cores", False),
 )
 BY_ID = {m.id: m for m in METRICS}
 

@@ -111,36 +111,57 @@ def new_connections(path: BenchPath, s: Settings) -> dict[str, float]:
     return {"newconn_rps": r.req_per_s, "newconn_errors": r.error_count}
 
 
+def _with_proxy_cpu(path: BenchPath, argv: list[str], timeout: float) -> tuple[str, float | None]:
+    """Run a load tool in the client pod: its output, and the cores the path's proxies used
+    meanwhile (None without proxies). The window includes the tool's start and its warm-up
+    call, a few milliseconds of a run of seconds."""
+    if not path.proxies:
+        return run_in_pod(path.client, argv, timeout), None
+    t0, before = time.monotonic(), procstat.sample(path.proxies)
+    out = run_in_pod(path.client, argv, timeout)
+    t1, after = time.monotonic(), procstat.sample(path.proxies)
+    return out, (after.cpu_s - before.cpu_s) / (t1 - t0)
+
+
 def h2_keepalive(path: BenchPath, s: Settings) -> dict[str, float]:
     """h2load, h2c with prior knowledge: `h2_connections` connections each with `h2_streams`
-    requests in flight, for a fixed duration (closed loop): req/s and mean latency."""
+    requests in flight, for a fixed duration (closed loop): req/s, mean latency, and the
+    proxies' CPU per 1,000 req/s."""
     host, port = path.h2
     argv = ["h2load", "-c", str(s.h2_connections), "-m", str(s.h2_streams)]
     argv += ["-D", str(s.h2_seconds), f"http://{host}:{port}{configs.SMALL_PATH}"]
-    r = parse.h2load_result(run_in_pod(path.client, argv, s.h2_seconds + TOOL_SLACK))
+    out, cores = _with_proxy_cpu(path, argv, s.h2_seconds + TOOL_SLACK)
+    r = parse.h2load_result(out)
     if r.succeeded == 0:
         raise parse.ToolOutputError(f"h2load: no request succeeded ({r})")
-    return {
+    figures = {
         "h2_rps": r.req_per_s,
         "h2_mean_ms": r.mean_ms,
         "h2_errors": r.error_count(s.h2_connections * s.h2_streams),
     }
+    if cores is not None:
+        figures["h2_cpu_per_krps"] = cores / (r.req_per_s / 1000)
+    return figures
 
 
 def grpc_unary(path: BenchPath, s: Settings) -> dict[str, float]:
     """benchmarks/grpc_load.py: unary calls over one channel, `grpc_concurrency` in flight, for
-    `h2_seconds`: calls/s and latency percentiles."""
+    `h2_seconds`: calls/s, latency percentiles, and the proxies' CPU per 1,000 calls/s."""
     host, port = path.grpc
     argv = ["env", "GRPC_DNS_RESOLVER=native", SYSTEM_PYTHON, "-m", "benchmarks.grpc_load"]
     argv += [f"{host}:{port}", configs.GRPC_METHOD]
     argv += ["--concurrency", str(s.grpc_concurrency), "--seconds", str(s.h2_seconds)]
-    r = parse.grpc_result(run_in_pod(path.client, argv, s.h2_seconds + TOOL_SLACK))
-    return {
+    out, cores = _with_proxy_cpu(path, argv, s.h2_seconds + TOOL_SLACK)
+    r = parse.grpc_result(out)
+    figures = {
         "grpc_cps": r.calls_per_s,
         "grpc_p50_ms": r.p50_ms,
         "grpc_p99_ms": r.p99_ms,
         "grpc_errors": sum(r.errors.values()),
     }
+    if cores is not None:
+        figures["grpc_cpu_per_kcalls"] = cores / (r.calls_per_s / 1000)
+    return figures
 
 
 class _Lines:
