@@ -433,12 +433,38 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
             )
         if t.connect_timeout is not None:
             out.append(f"{where}connect timeout {t.connect_timeout:g}s (every port).")
+        if t.tcp_keepalive is not None:
+            ka = t.tcp_keepalive
+            named = [
+                f"{name} {value:g}{unit}"
+                for name, value, unit in (
+                    ("idle", ka.time, "s"),
+                    ("interval", ka.interval, "s"),
+                    ("probes", ka.probes, ""),
+                )
+                if value is not None
+            ]
+            out.append(
+                f"{where}TCP keepalive ({', '.join(named) or 'kernel defaults'}) on the sockets "
+                "the client's node proxy dials itself (every port)."
+            )
+        if t.idle_timeout is not None:
+            after = "never" if t.idle_timeout == 0 else f"after {t.idle_timeout:g}s"
+            out.append(
+                f"{where}a connection on {L4_PORTS} with no byte either way is closed {after}."
+            )
     if pool is not None and pool.http is not None:
         h = pool.http
         if h.http1_max_pending_requests is not None:
             out.append(
                 f"{where}at most {h.http1_max_pending_requests} pending requests "
                 f"(HTTP/1.1 requests only; not enforced for HTTP/2 yet; no effect on {L4_PORTS})."
+            )
+        if h.idle_timeout is not None:
+            after = "never" if h.idle_timeout == 0 else f"after {h.idle_timeout:g}s"
+            out.append(
+                f"{where}an upstream HTTP connection with no request is closed {after} "
+                f"(on {L7_PORTS})."
             )
         if h.max_requests_per_connection is not None:
             out.append(

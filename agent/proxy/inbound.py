@@ -34,8 +34,8 @@ from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import ClusterSpec, single_endpoint_routes
-from meshagent.agent.proxy.upstream import workload_identity
+from meshagent.agent.proxy.routing import ClusterSpec, Keepalive, single_endpoint_routes
+from meshagent.agent.proxy.upstream import set_keepalive, workload_identity
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
@@ -249,12 +249,14 @@ class InboundProxy:
         first: trio.abc.HalfCloseableStream | None = None,
         *,
         protocol: str = "http1",
+        keepalive: Keepalive | None = None,
     ) -> None:
         """Deliver HTTP (`protocol` http1 or http2, h2c to the pod) to a local pod (`first`: a
         connection to it already made), checking every request against the pod's
         AuthorizationPolicies: a denial is a 403 `RBAC: access denied` (a gRPC call: status 7
         PERMISSION_DENIED) for that request only; the connection and its other requests go
-        on."""
+        on. `keepalive`: the client's DestinationRule `tcp.tcpKeepalive` for the pod's
+        connections (same node only; a tunnel does not carry it)."""
         tables = self.store.tables
         assert tables is not None
         service = tables.service_by_endpoint.get((ip, port))
@@ -343,9 +345,11 @@ class InboundProxy:
             if pending:
                 return pending.pop()
             try:
-                return await self._dial(ep.ip, pod_port)
+                dialled = await self._dial(ep.ip, pod_port)
             except (OSError, trio.TooSlowError) as exc:
                 raise HttpUpstreamError("connect-failure", str(exc)) from None
+            set_keepalive(dialled, keepalive)
+            return dialled
 
         def done(record: RequestRecord) -> None:
             report_http(
@@ -405,6 +409,7 @@ class InboundProxy:
         ip: str,
         port: int,
         protocol: str = "http1",
+        keepalive: Keepalive | None = None,
     ) -> trio.abc.HalfCloseableStream:
         """Same-node HTTP (`protocol` http1 or http2): a connected stream pair whose far end is
         served by `serve_http`, so same-node requests pass the same per-request checks as
@@ -412,6 +417,7 @@ class InboundProxy:
         hop cost each request five system calls and an epoll registration. The pod is dialled
         first: a dead pod is a connect failure here too (raises OSError)."""
         first = await self._dial(ip, port)
+        set_keepalive(first, keepalive)
         near, far = memory_stream_pair()
         security = local_hop_security(source_identity is not None, target, self.inputs.node)
 
@@ -427,6 +433,7 @@ class InboundProxy:
                     security,
                     first,
                     protocol=protocol,
+                    keepalive=keepalive,
                 )
 
         nursery.start_soon(serve)

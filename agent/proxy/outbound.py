@@ -201,6 +201,7 @@ class OutboundProxy:
                 connect_timeout=math.inf,
                 tls=spec.policy.tls,
                 hostname=spec.key.hostname,
+                keepalive=spec.policy.keepalive,
             )
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1
@@ -366,7 +367,9 @@ class _L4:
                 log.warning("%s -> %s: %s", self.peer_ip, target.address, error)
                 continue
             try:
-                await self._relay(upstream, service_labels, target.address)
+                await self._relay(
+                    upstream, service_labels, target.address, spec.policy.tcp_idle_timeout
+                )
             finally:
                 state.closed(ep)
             return
@@ -387,11 +390,16 @@ class _L4:
                     timeout,
                     tls=spec.policy.tls,
                     hostname=spec.key.hostname,
+                    keepalive=spec.policy.keepalive,
                 )
         except trio.TooSlowError:
             raise UpstreamError("connect-failure", f"{ip}:{port}: connect timeout") from None
 
-    async def _relay(self, upstream: Upstream, service_labels, address: str) -> None:
+    async def _relay(
+        self, upstream: Upstream, service_labels, address: str, idle_timeout: float | None = None
+    ) -> None:
+        """Relay until either side ends, or no byte moved for `idle_timeout` s (the
+        destination's DestinationRule `tcp.idleTimeout`; None: the agent's tcp_idle_timeout)."""
         proxy = self.proxy
         proxy.stats.by_destination[address] = proxy.stats.by_destination.get(address, 0) + 1
         if upstream.tunnelled:
@@ -415,7 +423,7 @@ class _L4:
                     upstream.check,
                 )
                 description = f"{self.peer_ip} -> {address}"
-                timeout = proxy.inputs.tcp_idle_timeout
+                timeout = proxy.inputs.tcp_idle_timeout if idle_timeout is None else idle_timeout
                 with proxy.inputs.live.track(description, recheck):
                     await relay(self.client, upstream.stream, result, idle_timeout=timeout)
                 if result.idle_timed_out:

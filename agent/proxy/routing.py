@@ -40,6 +40,7 @@ Istio semantics kept (https://istio.io/latest/docs/reference/config/networking/)
 from __future__ import annotations
 
 import logging
+import math
 import random
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -174,6 +175,22 @@ class HashPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """`connectionPool.tcp.tcpKeepalive`: None fields keep the kernel's defaults."""
+
+    time: int | None = None  # TCP_KEEPIDLE, s
+    interval: int | None = None  # TCP_KEEPINTVL, s
+    probes: int | None = None  # TCP_KEEPCNT
+
+    @classmethod
+    def of(cls, ka: net.TcpKeepalive) -> Keepalive:
+        def whole(seconds: float | None) -> int | None:
+            return None if seconds is None else int(seconds)
+
+        return cls(whole(ka.time), whole(ka.interval), ka.probes)
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     """The effective DestinationRule policy of one cluster; None means unlimited."""
 
@@ -186,6 +203,11 @@ class TrafficPolicy:
     outlier: OutlierPolicy | None = None
     # DestinationRule `tls`; None or ISTIO_MUTUAL: the mesh's own (HBONE to meshed pods)
     tls: net.ClientTLSSettings | None = None
+    keepalive: Keepalive | None = None  # `tcp.tcpKeepalive`, on sockets dialled directly
+    # `tcp.idleTimeout` (L4 relays) and `http.idleTimeout` (pooled HTTP/1.1 connections):
+    # seconds, math.inf when 0s turned them off; None: the agent's own default
+    tcp_idle_timeout: float | None = None
+    http_idle_timeout: float | None = None
 
 
 DEFAULT_POLICY = TrafficPolicy()
@@ -627,7 +649,14 @@ def _to_policy(
         max_requests_per_connection=_positive(http.max_requests_per_connection if http else None),
         outlier=od,
         tls=None if tls is None or tls.mode == "ISTIO_MUTUAL" else tls,
+        keepalive=Keepalive.of(tcp.tcp_keepalive) if tcp and tcp.tcp_keepalive else None,
+        tcp_idle_timeout=_idle(tcp.idle_timeout if tcp else None),
+        http_idle_timeout=_idle(http.idle_timeout if http else None),
     )
+
+
+def _idle(seconds: float | None) -> float | None:
+    return None if seconds is None else (seconds or math.inf)  # Istio: 0s means never
 
 
 _GRPC_RETRY_ON = {

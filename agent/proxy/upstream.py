@@ -15,6 +15,7 @@ by this proxy (agent/proxy/tls_origin.py).
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from meshagent.agent.telemetry import local_hop_security
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.inbound import InboundProxy
-    from meshagent.agent.proxy.routing import Protocol
+    from meshagent.agent.proxy.routing import Keepalive, Protocol
     from meshagent.common.istio.networking import ClientTLSSettings
 from meshagent.common.snapshot import Workload
 from meshagent.common.spiffe import Identity
@@ -65,6 +66,22 @@ class Upstream:
     # this proxy authorized it itself (same node) or chose plaintext (DISABLE); else None.
     check: live.Check | None = None
     tunnelled: bool = False  # through an HBONE tunnel (a same-node hop may be mutual_tls too)
+
+
+def set_keepalive(stream: trio.SocketStream, keepalive: Keepalive | None) -> None:
+    """DestinationRule `tcp.tcpKeepalive` on a socket this proxy dialled: SO_KEEPALIVE, and
+    the times and count it names (the kernel's defaults for those it leaves unset), as
+    Envoy's upstream socket options do. None: the socket is left as the kernel made it."""
+    if keepalive is None:
+        return
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        (socket.TCP_KEEPIDLE, keepalive.time),
+        (socket.TCP_KEEPINTVL, keepalive.interval),
+        (socket.TCP_KEEPCNT, keepalive.probes),
+    ):
+        if value is not None:
+            stream.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def workload_identity(workload: Workload, trust_domain: str) -> Identity:
@@ -166,13 +183,15 @@ class Connector:
         connect_timeout: float = CONNECT_TIMEOUT,
         tls: ClientTLSSettings | None = None,
         hostname: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
         direct dial (DestinationRule `connectionPool.tcp.connectTimeout` when the caller has
         one; math.inf when the caller bounds the whole open itself). `tls` is the cluster's
-        DestinationRule `tls` (None: the mesh's own), `hostname` its default SNI.
-        Raises UpstreamError."""
+        DestinationRule `tls` (None: the mesh's own), `hostname` its default SNI, `keepalive`
+        its `tcp.tcpKeepalive` for the socket to the endpoint when this proxy dials it (not
+        through HBONE: the destination's node dials the pod). Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -193,7 +212,7 @@ class Connector:
             source_id = workload_identity(source, self.trust_domain) if source else None
             try:
                 stream = await inbound.open_local_http(
-                    nursery, source_id, client_ip, local, ip, port, protocol
+                    nursery, source_id, client_ip, local, ip, port, protocol, keepalive
                 )
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
@@ -205,6 +224,7 @@ class Connector:
                     stream = await trio.open_tcp_stream(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
+            set_keepalive(stream, keepalive)  # values the schema checked: the kernel takes them
             if tls is not None and tls.mode in ("SIMPLE", "MUTUAL"):
                 stream = await self._originate(stream, tls, hostname, ip, port, connect_timeout)
             tables = self.store.tables

@@ -688,14 +688,56 @@ class LoadBalancerSettings(IstioModel):
         return self
 
 
+def _idle_timeout_field(value: Any) -> float:
+    """An idle timeout: a duration of at least 1ms, or `0s`, which Istio reads as "never"."""
+    seconds = parse_duration(value)
+    if 0 < seconds < 0.001:
+        raise ValueError(f"duration {value!r} is too short: Istio requires at least 1ms (or 0s)")
+    return seconds
+
+
+# Seconds; 0 disables the timeout (Istio: "If set to 0s, the timeout will be disabled").
+IdleTimeout = Annotated[float, BeforeValidator(_idle_timeout_field)]
+
+
+_KERNEL_KEEPALIVE_MAX = 32767  # Linux MAX_TCP_KEEPIDLE / MAX_TCP_KEEPINTVL
+
+
+def _whole_seconds(value: Any) -> float:
+    """Keepalive times go to the kernel in whole seconds (TCP_KEEPIDLE, TCP_KEEPINTVL), as
+    Envoy passes them: refuse what would be rounded to something else."""
+    seconds = parse_duration(value)
+    if seconds < 1 or seconds != int(seconds) or seconds > _KERNEL_KEEPALIVE_MAX:
+        raise ValueError(
+            f"{value!r}: keepalive times are whole seconds from 1s to {_KERNEL_KEEPALIVE_MAX}s "
+            "(what the kernel takes)"
+        )
+    return seconds
+
+
+KeepaliveSeconds = Annotated[float, BeforeValidator(_whole_seconds)]
+
+
+class TcpKeepalive(IstioModel):
+    """`tcp.tcpKeepalive`: SO_KEEPALIVE on the upstream socket; unset fields keep the
+    kernel's defaults (net.ipv4.tcp_keepalive_*), as Envoy leaves them."""
+
+    probes: Annotated[int, Field(ge=1, le=127, strict=True)] | None = None  # TCP_KEEPCNT
+    time: KeepaliveSeconds | None = None  # TCP_KEEPIDLE
+    interval: KeepaliveSeconds | None = None  # TCP_KEEPINTVL
+
+
 class TCPSettings(IstioModel):
     max_connections: Annotated[int, Field(ge=0, strict=True)] | None = None
     connect_timeout: Duration | None = None
+    tcp_keepalive: TcpKeepalive | None = None
+    idle_timeout: IdleTimeout | None = None
 
 
 class HTTPSettings(IstioModel):
     http1_max_pending_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
     max_requests_per_connection: Annotated[int, Field(ge=0, strict=True)] | None = None
+    idle_timeout: IdleTimeout | None = None
 
 
 class ConnectionPoolSettings(IstioModel):

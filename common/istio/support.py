@@ -27,6 +27,11 @@ _HTTP2_GAP = (
 # On a node other than the client's, the destination node dials the pod with this fixed
 # timeout (agent/proxy/inbound.py CONNECT_TIMEOUT): a longer connectTimeout cannot be honoured.
 FAR_POD_CONNECT_TIMEOUT = 5.0
+# The destination node's own limits on a meshed pod's connections (agent config
+# tcp_idle_timeout_s default; the HTTP connection pool's idle timeout, agent/proxy/http/pool.py):
+# a longer (or disabled) DestinationRule idleTimeout is cut short by them.
+FAR_TCP_IDLE_TIMEOUT = 3600.0
+POD_HTTP_IDLE_TIMEOUT = 300.0
 
 # Istio fields meshagent refuses, with what they are (for the "not supported yet" message).
 _HINTS: dict[str, str] = {
@@ -59,9 +64,7 @@ _HINTS: dict[str, str] = {
     "notServiceAccounts": "matching by service account",
     "http2MaxRequests": "an HTTP/2 connection-pool limit",
     "maxRetries": "a connection-pool retry budget",
-    "tcpKeepalive": "TCP keepalive settings",
     "h2UpgradePolicy": "HTTP/2 upgrade policy",
-    "idleTimeout": "connection-pool idle timeout",
     "maxConcurrentStreams": "an HTTP/2 connection-pool limit",
     "useClientProtocol": "per-destination client protocol",
     "maxConnectionDuration": "connection lifetime limit",
@@ -316,6 +319,7 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
         for name in ("http1MaxPendingRequests",):
             if http is not None and http.model_dump(by_alias=True).get(name) is not None:
                 out.append((f"{where}.connectionPool.http.{name}", _HTTP2_GAP))
+        out += _pool_gaps(where, tcp, http)
         if (
             tcp is not None
             and tcp.connect_timeout
@@ -329,4 +333,41 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
                     f"{FAR_POD_CONNECT_TIMEOUT:g}s",
                 )
             )
+    return out
+
+
+def _pool_gaps(where: str, tcp: Any, http: Any) -> list[tuple[str, str]]:
+    """What the node proxies cannot honour of the connection pool's keepalive and idle
+    timeouts: the destination's node dials a meshed pod on another node itself, with its own
+    settings."""
+    out: list[tuple[str, str]] = []
+    if tcp is not None and tcp.tcp_keepalive is not None:
+        out.append(
+            (
+                f"{where}.connectionPool.tcp.tcpKeepalive",
+                "set on the sockets the client's node proxy dials itself (pods on the "
+                "client's node, destinations outside the mesh, tls DISABLE/SIMPLE/MUTUAL); a "
+                "meshed pod on another node is dialled by its own node, without these options",
+            )
+        )
+    idle = tcp.idle_timeout if tcp is not None else None
+    if idle is not None and (idle == 0 or idle > FAR_TCP_IDLE_TIMEOUT):
+        out.append(
+            (
+                f"{where}.connectionPool.tcp.idleTimeout",
+                f"{'0s (never)' if idle == 0 else f'{idle:g}s'} holds on the client's node; "
+                f"a pod on another node is reached through its node, which closes a "
+                f"connection idle for {FAR_TCP_IDLE_TIMEOUT:g}s (agent tcp_idle_timeout_s)",
+            )
+        )
+    idle = http.idle_timeout if http is not None else None
+    if idle is not None and (idle == 0 or idle > POD_HTTP_IDLE_TIMEOUT):
+        out.append(
+            (
+                f"{where}.connectionPool.http.idleTimeout",
+                f"{'0s (never)' if idle == 0 else f'{idle:g}s'} holds for destinations "
+                f"outside the mesh; a meshed pod's own node proxy closes its connection to "
+                f"the pod after {POD_HTTP_IDLE_TIMEOUT:g}s idle, and this one with it",
+            )
+        )
     return out

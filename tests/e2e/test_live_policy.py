@@ -5,6 +5,7 @@ while frontend's, in the same test, stay open and keep passing data."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import APPS, BIN, meshlab, render_manifest
+from tests.e2e.test_traffic import _change  # apply/delete, then wait for node-1's new snapshot
 from tests.waiting import wait_until
 
 MANIFEST = Path(__file__).parent / "manifests" / "live_policy.yaml"
@@ -36,9 +38,10 @@ def live_lab(lab_factory, tmp_path_factory):
 
 
 class Holder:
-    """One `line_echo.py hold` client in a pod, its output lines collected as they come."""
+    """One `line_echo.py hold` (or `idle`) client in a pod, its output lines collected as they
+    come."""
 
-    def __init__(self, pod: str, target: str) -> None:
+    def __init__(self, pod: str, target: str, mode: str = "hold") -> None:
         self.proc = subprocess.Popen(
             [
                 str(BIN / "meshlab"),
@@ -47,7 +50,7 @@ class Holder:
                 "--",
                 SYSTEM_PYTHON,
                 str(APPS / "line_echo.py"),
-                "hold",
+                mode,
                 target,
                 str(HOLD_SECONDS),
             ],
@@ -143,3 +146,52 @@ def test_a_new_deny_closes_open_connections_it_forbids_and_no_other(live_lab, tm
         for holder in holders.values():
             holder.stop()
         meshlab("delete", "-f", str(tmp_path / "deny.yaml"), check=False)
+
+
+def _destination_rule(host: str, tcp: dict) -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": host, "namespace": "shop"},
+        "spec": {"host": host, "trafficPolicy": {"connectionPool": {"tcp": tcp}}},
+    }
+
+
+def test_destination_rule_keepalive_and_idle_timeout_reach_upstream_connections(live_lab, tmp_path):
+    """Issue #21, connectionPool.tcp: `tcpKeepalive` puts SO_KEEPALIVE and its idle time on the
+    socket node-1's proxy dials to echo-local (seen with `ss -tnoi` in the node's network
+    namespace; the kernel's default would be 7200 s), and `idleTimeout: 2s` closes an idle
+    connection to echo-remote (cross node) instead of the agent's 1 h."""
+    rules = tmp_path / "pool-rules.yaml"
+    rules.write_text(
+        yaml.safe_dump_all(
+            [
+                _destination_rule(
+                    "echo-local", {"tcpKeepalive": {"time": "37s", "interval": "11s", "probes": 4}}
+                ),
+                _destination_rule("echo-remote", {"idleTimeout": "2s"}),
+            ]
+        )
+    )
+    _change(live_lab, "apply", rules)
+    local_ip = meshlab("exec", "shop/echo-local", "--", "printenv", "POD_IP").stdout.strip()
+    holders = [
+        Holder("shop/frontend", "echo-local.shop:7000", "idle"),
+        Holder("shop/frontend", "echo-remote.shop:7000", "idle"),
+    ]
+    try:
+        for holder in holders:
+            wait_until(lambda h=holder: h.lines, lambda lines: "ok 1" in lines, what=holder.name)
+        closed = wait_until(
+            holders[1].closed_at, what="the idle connection to echo-remote is closed", timeout=20
+        )
+        assert closed is not None and holders[0].closed_at() is None
+        sockets = meshlab(
+            "exec", "--node", "node-1", "--", "ss", "-tnoi", "dst", f"{local_ip}:7000"
+        ).stdout
+        idle = [int(s) for s in re.findall(r"timer:\(keepalive,(\d+)sec", sockets)]
+        assert idle and max(idle) <= 37, sockets  # counting down from 37 s, not 7200 s
+    finally:
+        for holder in holders:
+            holder.stop()
+        _change(live_lab, "delete", rules)

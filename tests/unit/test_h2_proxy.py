@@ -4,6 +4,8 @@ came back (status, body, trailers, gRPC status) and what the engine reported."""
 
 from __future__ import annotations
 
+import math
+
 import h2.events
 import pytest
 import trio
@@ -575,5 +577,26 @@ async def test_max_requests_per_connection_counts_concurrent_streams(limit, conn
                 for _ in range(4):
                     calls.start_soon(one)
         assert statuses == [b"200y"] * 4
+        assert lab.connections == connections
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("idle", "connections"), [(None, 1), (2.0, 2), (math.inf, 1)])
+async def test_http_idle_timeout_closes_an_idle_http2_upstream(autojump_clock, idle, connections):
+    """Issue #21: connectionPool.http.idleTimeout closes an HTTP/2 upstream connection that
+    carried no request that long (math.inf: `0s`, never); the next request opens a new one."""
+    endpoint = UpstreamEndpoint(
+        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
+    )
+    policy = TrafficPolicy(lb="ROUND_ROBIN", http_idle_timeout=idle)
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
+    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, routes)
+        for _ in range(2):
+            with trio.fail_after(2):
+                headers, body, _ = await lab.call("/x", b"y", [])
+            assert headers[b":status"] == b"200" and body == b"y"
+            await trio.sleep(10)  # idle, longer than 2 s
         assert lab.connections == connections
         nursery.cancel_scope.cancel()

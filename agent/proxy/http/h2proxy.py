@@ -164,13 +164,20 @@ class _H2Peer:
         self.info: object = None  # what Connect returned with an upstream stream
         self.requests = 0  # streams given out on it (upstream: maxRequestsPerConnection)
         self.active = 0  # of those, the ones not finished yet
+        self.idle_since = trio.current_time()  # upstream: when `active` last fell to 0
 
     def reserve(self) -> _H2Peer:
         """Count one more request given this (upstream) connection; the caller ends it with
-        `active -= 1`."""
+        `release`."""
         self.requests += 1
         self.active += 1
         return self
+
+    def release(self) -> None:
+        """A request given by `reserve` is done."""
+        self.active -= 1
+        if not self.active:
+            self.idle_since = trio.current_time()
 
     async def flush(self) -> None:
         """Send what the state machine queued; raises _Gone when the transport is."""
@@ -723,7 +730,7 @@ class _Session:
                                 await peer.flush()
                         peer.close_inbox(up_id)
                     cluster.request_finished(ep, status)
-                    peer.active -= 1
+                    peer.release()
                     await self._retire_if_spent(peer, cluster)
 
     async def _forward_attempts(
@@ -779,7 +786,7 @@ class _Session:
                     )
                 finally:
                     cluster.request_finished(ep, status)
-                    peer.active -= 1
+                    peer.release()
                     await self._retire_if_spent(peer, cluster)
                 if outcome is None:
                     return  # answered
@@ -812,6 +819,22 @@ class _Session:
         with trio.CancelScope(shield=True):
             await peer.goaway_and_close(h2wire.NO_ERROR)
             await trio.aclose_forcefully(peer.stream)
+
+    @staticmethod
+    async def _close_when_idle(peer: _H2Peer, timeout: float) -> None:
+        """DestinationRule `http.idleTimeout`: close an upstream connection that carried no
+        request for `timeout` s (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
+        while not (peer.closed or peer.goaway):
+            if peer.active:
+                await trio.sleep(timeout)  # busy: look again later
+            elif trio.current_time() < peer.idle_since + timeout:
+                await trio.sleep_until(peer.idle_since + timeout)
+            else:
+                peer.goaway = True  # no new stream on it from now on (_upstream skips it)
+                with trio.CancelScope(shield=True):
+                    await peer.goaway_and_close(h2wire.NO_ERROR)
+                    await trio.aclose_forcefully(peer.stream)
+                return
 
     async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
         """An upstream connection to `ep` with room for one more stream (opened if none);
@@ -852,12 +875,17 @@ class _Session:
                 raise UpstreamError("connect-failure", "closed at once") from None
             self.upstreams.setdefault(key, []).append(peer)
             assert self.nursery is not None
-            self.nursery.start_soon(self._run_upstream, key, peer)
+            idle_timeout = cluster.spec.policy.http_idle_timeout
+            self.nursery.start_soon(self._run_upstream, key, peer, idle_timeout)
             return peer.reserve()
 
-    async def _run_upstream(self, key: str, peer: _H2Peer) -> None:
+    async def _run_upstream(self, key: str, peer: _H2Peer, idle_timeout: float | None) -> None:
         try:
-            await peer.run(lambda event: False)
+            async with trio.open_nursery() as nursery:
+                if idle_timeout is not None and idle_timeout < math.inf:
+                    nursery.start_soon(self._close_when_idle, peer, idle_timeout)
+                await peer.run(lambda event: False)
+                nursery.cancel_scope.cancel()
         finally:
             peers = self.upstreams.get(key, [])
             if peer in peers:

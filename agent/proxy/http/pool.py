@@ -12,6 +12,8 @@ An idle connection the server closed must not be reused (the request would fail,
 socket is polled (no wait) when it is taken from the pool: readable while idle means closed
 or talking out of turn; a sweep every few seconds closes those, the ones idle too long, and
 those idle over `max_idle` per key and endpoint since the last sweep (what a burst left).
+"Too long" is the cluster's DestinationRule `http.idleTimeout` (`0s`: never), else the pool's
+`idle_timeout`; a connection is closed at the first sweep after it ran out (up to 5 s late).
 A stream without a socket (HBONE) is watched instead by a task blocked in a one-byte receive,
 cancelled when the connection is taken again. That task is started by the sweep, once the
 connection has stayed idle until then, not at every release: under load a connection is taken
@@ -285,8 +287,13 @@ class ConnectionPool:
         info = None if stream is opened else opened
         return UpstreamConnection(stream, cluster, ep, key, info)
 
+    def _idle_timeout_of(self, conn: UpstreamConnection) -> float:
+        """The cluster's DestinationRule `http.idleTimeout` (math.inf: never), else the pool's."""
+        timeout = conn.cluster.spec.policy.http_idle_timeout
+        return self._idle_timeout if timeout is None else timeout
+
     def _expired(self, conn: UpstreamConnection, now: float) -> bool:
-        return now - conn.idle_since >= self._idle_timeout
+        return now - conn.idle_since >= self._idle_timeout_of(conn)
 
     async def sweep(self, interval: float) -> None:
         """Every `interval` seconds: close idle socket connections the server closed or that
@@ -342,7 +349,7 @@ class ConnectionPool:
         assert conn.watch_scope is not None and conn.watch_done is not None
         try:
             with conn.watch_scope:
-                with trio.move_on_at(conn.idle_since + self._idle_timeout):
+                with trio.move_on_at(conn.idle_since + self._idle_timeout_of(conn)):
                     with suppress(STREAM_ERRORS):
                         await conn.stream.receive_some(1)
                 # Not taken back in time, or the server closed it or spoke out of turn.
