@@ -352,7 +352,15 @@ def _action_texts(rule: net.HTTPRoute, namespace: str) -> list[str]:
 
 def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str]:
     fqdns = [service_fqdn(h, vs.namespace) for h in vs.spec.hosts]
-    lines = [f"Routes traffic to {', '.join(fqdns)} (one VirtualService per host applies)."]
+    if vs.spec.is_delegate:
+        lines = [
+            "A delegate (no hosts): routes nothing alone; a root VirtualService's http rule "
+            f"naming {vs.ref} is replaced by these rules, each matching only within that "
+            "rule's match (a rule that cannot is ignored) and taking its settings where it "
+            "has none."
+        ]
+    else:
+        lines = [f"Routes traffic to {', '.join(fqdns)} (one VirtualService per host applies)."]
     for i, rule in enumerate(vs.spec.http):
         extra = []
         if rule.timeout is not None:
@@ -368,17 +376,20 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
             extra.append("fault injection")
         extra += _action_texts(rule, vs.namespace)
         tail = f" ({'; '.join(extra)})" if extra else ""
-        if rule.redirect is not None:
+        if rule.delegate is not None:
+            ns = rule.delegate.namespace or vs.namespace
+            where = f"the http rules of delegate {ns}/{rule.delegate.name}"
+        elif rule.redirect is not None:
             where = _redirect_text(rule.redirect)
         elif rule.direct_response is not None:
             where = f"answered {rule.direct_response.status} by the proxy (directResponse)"
         else:
             where = _destinations(rule.route, vs.namespace)
+        ports = "the root's ports" if vs.spec.is_delegate else _ports_text(fqdns, services, True)
         lines.append(
-            f"http[{i}]: {_match_text(rule.match)} -> {where}{tail}; L7, per request, on "
-            f"{_ports_text(fqdns, services, True)}."
+            f"http[{i}]: {_match_text(rule.match)} -> {where}{tail}; L7, per request, on {ports}."
         )
-    if vs.spec.http:
+    if vs.spec.http and not vs.spec.is_delegate:
         lines.append(
             "Requests no http rule matches get 404 (flag NR). The http rules do not apply on "
             f"{_ports_text(fqdns, services, False)}: "

@@ -49,6 +49,7 @@ from typing import Literal, NamedTuple
 
 from meshagent.agent.proxy.route_actions import Cors, HeaderOps, Mirror, Redirect, Rewrite
 from meshagent.common.istio import networking as net
+from meshagent.common.istio.delegation import merge_delegates
 from meshagent.common.istio.resource import ResourceError, parse_resource
 from meshagent.common.istio.support import CLUSTER_DOMAIN, service_fqdn
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
@@ -200,6 +201,7 @@ class TrafficPolicy:
     max_connections: int | None = None
     max_pending_requests: int | None = None
     max_requests_per_connection: int | None = None
+    max_requests: int | None = None  # `http.http2MaxRequests`: requests in flight
     outlier: OutlierPolicy | None = None
     # DestinationRule `tls`; None or ISTIO_MUTUAL: the mesh's own (HBONE to meshed pods)
     tls: net.ClientTLSSettings | None = None
@@ -647,6 +649,7 @@ def _to_policy(
         max_connections=_positive(tcp.max_connections if tcp else None),
         max_pending_requests=_positive(http.http1_max_pending_requests if http else None),
         max_requests_per_connection=_positive(http.max_requests_per_connection if http else None),
+        max_requests=_positive(http.http2_max_requests if http else None),
         outlier=od,
         tls=None if tls is None or tls.mode == "ISTIO_MUTUAL" else tls,
         keepalive=Keepalive.of(tcp.tcp_keepalive) if tcp and tcp.tcp_keepalive else None,
@@ -741,7 +744,7 @@ class _Compiler:
             elif isinstance(res, net.DestinationRule):
                 self.destination_rules.append(res)
         self.clusters: dict[ClusterKey, ClusterSpec] = {}
-        self.problems: list[str] = []
+        self.virtual_services, self.problems = merge_delegates(self.virtual_services)
 
     def _select(self, hostname: str, candidates: Iterable[tuple[list[str], object]]) -> list:
         """Resources naming `hostname`: exact hosts first, then wildcards by specificity."""

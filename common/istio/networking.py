@@ -447,9 +447,17 @@ class HTTPMirrorPolicy(IstioModel):
     percentage: FaultPercentage | None = None
 
 
+class Delegate(IstioModel):
+    """`http[].delegate`: the VirtualService (one without hosts) whose http rules serve the
+    requests this rule matches (common/istio/delegation.py merges them in)."""
+
+    name: NonEmptyStr
+    namespace: NonEmptyStr | None = None  # the root's namespace when omitted
+
+
 class HTTPRoute(IstioModel):
-    """One `http[]` rule: the first rule whose match fits the request routes it (`route`)
-    or answers it (`redirect`)."""
+    """One `http[]` rule: the first rule whose match fits the request routes it (`route`),
+    answers it (`redirect`, `directResponse`) or hands it to a delegate's rules (`delegate`)."""
 
     name: str | None = None
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -466,10 +474,17 @@ class HTTPRoute(IstioModel):
     timeout: Duration | None = None
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None
+    delegate: Delegate | None = None
 
     @model_validator(mode="after")
     def _route_or_redirect(self) -> HTTPRoute:
-        if self.direct_response is not None:
+        if self.delegate is not None:
+            if self.route or self.redirect is not None or self.direct_response is not None:
+                raise ValueError(
+                    "an http rule with delegate has no route, redirect or directResponse: "
+                    "the delegate's rules answer"
+                )
+        elif self.direct_response is not None:
             if self.route or self.redirect is not None:
                 raise ValueError("an http rule has one of route, redirect or directResponse")
             if self.rewrite is not None or self.mirror is not None or self.mirrors:
@@ -484,7 +499,9 @@ class HTTPRoute(IstioModel):
             if self.mirror is not None or self.mirrors:
                 raise ValueError("a redirect rule cannot mirror: nothing is forwarded")
         elif not self.route:
-            raise ValueError("an http rule needs route (destinations), redirect or directResponse")
+            raise ValueError(
+                "an http rule needs route (destinations), redirect, directResponse or delegate"
+            )
         if self.mirror is not None and self.mirrors:
             raise ValueError("set mirror or mirrors, not both")
         if self.mirror is None and (
@@ -560,7 +577,8 @@ ExportTo = Annotated[tuple[str, ...] | None, AfterValidator(_export_everywhere)]
 
 
 class VirtualServiceSpec(IstioModel):
-    hosts: tuple[Host, ...] = Field(min_length=1)
+    # No hosts: a delegate, whose http rules serve the root VirtualServices naming it
+    hosts: tuple[Host, ...] = ()
     gateways: tuple[str, ...] | None = None
     export_to: ExportTo = None
     http: tuple[HTTPRoute, ...] = ()
@@ -579,15 +597,32 @@ class VirtualServiceSpec(IstioModel):
             )
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_a_delegate(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "hosts" not in data and data.get("http"):
+    @property
+    def is_delegate(self) -> bool:
+        return not self.hosts
+
+    @model_validator(mode="after")
+    def _delegate_shape(self) -> VirtualServiceSpec:
+        """Istio's rules: a delegate (no hosts) has only http rules, no gateways, and does
+        not delegate again (one level)."""
+        nested = [i for i, rule in enumerate(self.http) if rule.delegate is not None]
+        if self.hosts:
+            return self
+        if not self.http:
             raise ValueError(
-                "no hosts: a VirtualService without hosts is a delegate (VirtualService "
-                "delegation), which is not supported by meshagent yet"
+                "hosts: required field is missing (a VirtualService without hosts is a "
+                "delegate, which needs http rules)"
             )
-        return data
+        if self.tcp or self.tls:
+            raise ValueError("a delegate VirtualService (no hosts) has only http rules")
+        if self.gateways is not None:
+            raise ValueError("a delegate VirtualService (no hosts) has no gateways")
+        if nested:
+            raise ValueError(
+                f"http[{nested[0]}].delegate: a delegate VirtualService (no hosts) cannot "
+                "delegate again (Istio allows one level)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _has_routes(self) -> VirtualServiceSpec:
@@ -605,7 +640,7 @@ class VirtualServiceSpec(IstioModel):
 
 
 class VirtualService(IstioResource):
-    """An Istio VirtualService for mesh traffic (no gateways, no delegation). `tls` routes
+    """An Istio VirtualService for mesh traffic (no gateways). `tls` routes
     choose by the ClientHello's SNI on `tls`/`https` Service ports (agent/proxy/routing.py)."""
 
     API_VERSIONS = NETWORKING_API_VERSIONS
@@ -738,6 +773,7 @@ class HTTPSettings(IstioModel):
     http1_max_pending_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
     max_requests_per_connection: Annotated[int, Field(ge=0, strict=True)] | None = None
     idle_timeout: IdleTimeout | None = None
+    http2_max_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
 
 
 class ConnectionPoolSettings(IstioModel):

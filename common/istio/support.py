@@ -47,7 +47,6 @@ _HINTS: dict[str, str] = {
     "mirrorPercent": "traffic mirroring",
     "redirect": "HTTP redirect",
     "directResponse": "direct response",
-    "delegate": "VirtualService delegation",
     "localityLbSetting": "locality-aware load balancing",
     "warmupDurationSecs": "slow-start warm-up",
     "gateways": "gateway-specific matching",

@@ -2,7 +2,8 @@
 stdlib's http.server (apps/head_echo.py answers with the request line and headers it got):
 `rewrite` (the server sees the new path and Host), `headers` set/add/remove (the server sees
 the request's, curl the response's), `redirect` (curl gets 301 and the Location, no server is
-asked) and `mirror` (the mirror server gets a copy, Host `-shadow`, while the client gets the
+asked), `delegate` (a delegate's rules serve the root rule's prefix only, with its settings)
+and `mirror` (the mirror server gets a copy, Host `-shadow`, while the client gets the
 primary's answer). The client is on node-1, the servers on node-2: cross node, through HBONE.
 The same through the HTTP/2 engine: nginx speaking h2c behind http2 ports, curl with prior
 knowledge.
@@ -23,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifests" / "route-actions.yaml"
 ECHO = "http://echo.ra:8080"
 WEB = "http://web.ra:8082"
+API = "http://api.ra:8080"
 H2 = "--http2-prior-knowledge"
 SEEN = "$request_method $request_uri host=$host x-set=$http_x_set x-gone=$http_x_gone"
 NGINX_CONF = """daemon off;
@@ -70,6 +72,17 @@ def test_rewrite_the_server_sees_the_new_path_and_host(lab):
     out, _ = _curl(f"{ECHO}/old/item?id=7")
     assert out.startswith("GET /new/item?id=7 HTTP/1.1\n"), out
     assert "host: echo.internal\n" in out, out
+
+
+def test_a_delegate_serves_the_roots_prefix_only_with_the_roots_settings(lab):
+    out, _ = _curl(f"{API}/v1/items/3")
+    assert out.startswith("GET /items/3 HTTP/1.1\n"), out  # the delegate's rewrite
+    assert "x-set: by-root" in out.splitlines(), out  # the root rule's headers, inherited
+    out, err = _curl(f"{API}/v1/other")
+    assert "< HTTP/1.1 418 " in err and out == "v1 has no such thing\n", (out, err)
+    # the delegate's /admin rule lies outside the root's /v1: no rule routes it
+    out, err = _curl(f"{API}/admin")
+    assert "< HTTP/1.1 404 " in err, err
 
 
 def test_headers_set_add_remove_seen_by_server_and_client(lab):

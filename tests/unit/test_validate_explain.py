@@ -43,17 +43,22 @@ def test_export_to_everywhere_and_a_mesh_gateway_are_accepted() -> None:
     assert [p for p, _ in warnings(res)] == ["spec.gateways"]
 
 
+ROUTE = [{"destination": {"host": "reviews"}}]
+
+
 @pytest.mark.parametrize(
     ("field", "value", "path"),
     [
-        ("delegate", {"name": "x"}, "spec.http[0].delegate"),
+        ("queryParams", {"v": {"exact": "1"}}, "spec.http[0].match[0].queryParams"),
+        ("withoutHeaders", {"x-a": {"exact": "1"}}, "spec.http[0].match[0].withoutHeaders"),
+        ("authority", {"exact": "a"}, "spec.http[0].match[0].authority"),
     ],
 )
 def test_unsupported_fields_get_one_uniform_message(field, value, path) -> None:
-    rule = {"match": [{"uri": {"prefix": "/"}}], field: value}  # no `route`: the field's job
+    rule = {"match": [{"uri": {"prefix": "/"}, field: value}], "route": ROUTE}
     with pytest.raises(ResourceError) as caught:
         parse_resource(vs(http=[rule]))
-    assert caught.value.problems == ((path, caught.value.message),)  # no "route: missing"
+    assert caught.value.problems == ((path, caught.value.message),)  # one message, one cause
     assert "not supported by meshagent yet" in str(caught.value)
     assert str(caught.value).startswith(f"VirtualService shop/reviews: {path}: ")
 
