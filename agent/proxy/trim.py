@@ -16,13 +16,12 @@ later bursts of the same size reuse what stays instead of adding to it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
 
 import trio
+from meshagent.common.heap import trim_heap
 
 __all__ = ["malloc_trim", "trim_after_bursts"]
 
@@ -34,21 +33,10 @@ SETTLE = 7.0  # ... for this long (s): more than the upstream pool's sweep inter
 INTERVAL = 1.0
 
 
-def _libc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-_TRIM = _libc_trim()
-
-
 def malloc_trim() -> bool:
     """Collect garbage, then return free heap pages to the system; whether libc could."""
     gc.collect()
-    return bool(_TRIM(0)) if _TRIM is not None else False
+    return trim_heap()
 
 
 async def trim_after_bursts(

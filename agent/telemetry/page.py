@@ -30,8 +30,6 @@ proportion to the page, which at 100 pods a node was seconds and hundreds of MB.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import json
 import logging
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshagent.agent.telemetry.exposition import MergingCollector, multiprocess_collector
+from meshagent.common.heap import trim_heap
 from prometheus_client import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -365,23 +364,5 @@ class NodeRegistry(CollectorRegistry):
     def render_page(self) -> bytes:
         with self._lock:
             page = self._page.render()
-            _trim()
+            trim_heap()  # the heap a scrape freed (glibc would keep the largest's)
             return page
-
-
-def _load_trim():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to give back this way
-        return None
-
-
-_MALLOC_TRIM = _load_trim()
-
-
-def _trim() -> None:
-    """Give the heap a scrape freed back to the system (glibc keeps it otherwise: the agent's
-    RSS would stay at its largest scrape's)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
