@@ -16,26 +16,23 @@ import signal
 import time
 from dataclasses import asdict
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 from meshagent.agent import handover
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.configclient import ControllerLink, serve_controller_link
 from meshagent.agent.datapath import loader
-from meshagent.agent.dataplane import DataPlane
 from meshagent.agent.heartbeat import Heartbeat
 from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.identity.controller_signer import ControllerSigner
-from meshagent.agent.identity.manager import IdentityManager
+from meshagent.agent.identity.manager import IdentityManager, workload_identity
 from meshagent.agent.meshing import MeshReconciler
-from meshagent.agent.proxy.mtls import WorkloadTls
-from meshagent.agent.proxy.upstream import workload_identity
 from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.agent.telemetry import (
     AccessLogSettings,
     NodeMetrics,
     ProcessCollector,
-    ProxyMetrics,
     metrics_handler,
     open_access_log,
 )
@@ -45,6 +42,11 @@ from meshagent.agent.workers.launch import WorkerLaunch, start_workers
 from meshagent.agent.workers.pool import WorkerPool
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
+
+if TYPE_CHECKING:
+    from meshagent.agent.datapath.maps import DatapathMaps
+    from meshagent.agent.dataplane import DataPlane
+    from meshagent.agent.telemetry import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ class Agent:
         self.link = ControllerLink(config.controller)
         self.signer = ControllerSigner()
         self.identities = IdentityManager(self.signer, store=CertStore(config.state_dir / "certs"))
-        self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
         self.ready = False
         self.draining = False
         self.phase = handover.Phase.OWNER
@@ -181,16 +182,9 @@ class Agent:
                 if launch is not None:
                     self.dataplane = WorkerPool(cfg, workers, self.store, self.identities, launch)
                 else:
-                    dataplane = DataPlane(
-                        cfg,
-                        store=self.store,
-                        identities=self.identities,
-                        workload_tls=self.workload_tls,
-                        pop_orig_dst=maps.pop_orig_dst,
-                        metrics=ProxyMetrics(self.node_metrics.local_registry),
-                        access_log=access_log,
+                    self.dataplane = await nursery.start(
+                        _run_dataplane, self._in_process_dataplane(maps, access_log)
                     )
-                    self.dataplane = await nursery.start(_run_dataplane, dataplane)
                 # 15021 and the admin port (up early, for `meshagent status`) are closed while a
                 # newer agent runs on the node; serving is marked in the registry once ready.
                 await nursery.start(
@@ -239,6 +233,23 @@ class Agent:
             if launch is not None:
                 launch.close()
                 shutil.rmtree(launch.metrics_dir, ignore_errors=True)
+
+    def _in_process_dataplane(self, maps: DatapathMaps, access_log: AccessLog) -> DataPlane:
+        """The proxy in the agent's own process (one worker). Imported here: with workers the
+        agent never proxies, and a restart serves sooner without importing the proxy."""
+        from meshagent.agent.dataplane import DataPlane
+        from meshagent.agent.proxy.mtls import WorkloadTls
+        from meshagent.agent.telemetry import ProxyMetrics
+
+        return DataPlane(
+            self.config,
+            store=self.store,
+            identities=self.identities,
+            workload_tls=WorkloadTls(self.identities, self.config.trust_domain),
+            pop_orig_dst=maps.pop_orig_dst,
+            metrics=ProxyMetrics(self.node_metrics.local_registry),
+            access_log=access_log,
+        )
 
     def _serves_node(self) -> bool:
         """Whether this agent's proxy takes the node's new connections (so it beats): ready,

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -28,9 +28,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshagent.agent.identity.keys import build_csr, key_pem, new_key
 from meshagent.common.spiffe import CertificateChain, Identity, identity_from_certificate
 
-__all__ = ["IdentityManager", "IdentityUnavailable", "Signer", "WorkloadCert"]
+if TYPE_CHECKING:
+    from meshagent.common.snapshot import Workload
+
+__all__ = [
+    "IdentityManager",
+    "IdentityUnavailable",
+    "Signer",
+    "WorkloadCert",
+    "workload_identity",
+]
 
 log = logging.getLogger(__name__)
+
+
+def workload_identity(workload: Workload, trust_domain: str) -> Identity:
+    """The identity a pod's certificate names (its namespace and service account)."""
+    return Identity(trust_domain, workload.namespace, workload.service_account)
 
 
 class Signer(Protocol):
