@@ -471,6 +471,16 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
                 f"{where}at most {h.http1_max_pending_requests} pending requests "
                 f"(HTTP/1.1 requests only; not enforced for HTTP/2 yet; no effect on {L4_PORTS})."
             )
+        if h.http2_max_requests:
+            out.append(
+                f"{where}at most {h.http2_max_requests} requests in flight, counted by each "
+                "proxy process of a node (HTTP/1.1 and HTTP/2; more get 503 UO)."
+            )
+        if h.max_retries:
+            out.append(
+                f"{where}at most {h.max_retries} retries in flight, counted by each proxy "
+                "process of a node; past it a failed attempt is not retried."
+            )
         if h.idle_timeout is not None:
             after = "never" if h.idle_timeout == 0 else f"after {h.idle_timeout:g}s"
             out.append(

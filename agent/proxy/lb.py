@@ -19,6 +19,10 @@ open and close. The state answers with Envoy's behaviour, as Istio configures it
   connections, but, as Envoy's pools, an endpoint with no connection may always open one (else
   its pending requests could never run); a request that finds no connection waits as pending,
   and beyond `http.http1MaxPendingRequests` pending requests it overflows (Overflow: 503, UO).
+  `http.http2MaxRequests` bounds the requests in flight to the cluster (both HTTP versions:
+  from taking a connection, pending included, to the end of the exchange); one more
+  overflows. `http.maxRetries` bounds the retries in flight: beyond it a failed attempt is
+  not retried, its response (or failure) goes to the client.
 - Outlier detection (`outlierDetection`): `consecutive5xxErrors` 5xx results in a row, or
   `consecutiveGatewayErrors` 502/503/504 in a row, eject the endpoint for baseEjectionTime x
   the number of times it was ejected (capped at max(300 s, base), Envoy's max_ejection_time);
@@ -148,6 +152,8 @@ class ClusterState:
         self._next_check = float("inf")
         self.connections = 0
         self.pending = 0
+        self.requests = 0  # request slots taken (take_request_slot): http2MaxRequests
+        self.retries = 0  # retries in flight (RetrySlot): maxRetries
         self.stats = ClusterStats()
         self._capacity = trio.lowlevel.ParkingLot()
         self.update(spec)
@@ -342,6 +348,24 @@ class ClusterState:
         self.opened(ep)
         return True
 
+    def take_request_slot(self) -> None:
+        """Count one more request (an attempt, a retry, a mirror copy) going to the cluster, or
+        raise Overflow (counted) when `http.http2MaxRequests` are already in flight: Envoy's
+        max_requests circuit breaker, which Istio sets from it for HTTP/1.1 and HTTP/2 alike.
+        The caller gives the slot back with `free_request_slot` when the request is done."""
+        limit = self.spec.policy.max_requests
+        if limit is not None and self.requests >= limit:
+            self.stats.overflows += 1
+            raise Overflow(f"{self.name}: {self.requests} requests in flight (limit {limit})")
+        self.requests += 1
+
+    def free_request_slot(self) -> None:
+        self.requests -= 1
+
+    def retry_slot(self) -> RetrySlot:
+        """A request's hold on this cluster's retry budget (`http.maxRetries`)."""
+        return RetrySlot(self)
+
     async def wait_pending(self) -> None:
         """Wait, as a pending request, until a connection is released or closed.
         Raises Overflow (counted) when `http1MaxPendingRequests` are already waiting."""
@@ -354,6 +378,37 @@ class ClusterState:
             await self._capacity.park()
         finally:
             self.pending -= 1
+
+
+class RetrySlot:
+    """One request's share of its cluster's `http.maxRetries` (Envoy's max_retries circuit
+    breaker: retries in flight to the cluster), as Envoy's retry state holds it: taken when a
+    retry is decided, given back at the request's next retry decision or its end."""
+
+    __slots__ = ("cluster", "held")
+
+    def __init__(self, cluster: ClusterState) -> None:
+        self.cluster = cluster
+        self.held = False
+
+    def take(self) -> bool:
+        """Whether another retry may go: the slot held for the previous one goes back first,
+        then one is taken if fewer than maxRetries retries are in flight. False: the failed
+        attempt's response (or failure) goes to the client."""
+        self.release()
+        cluster = self.cluster
+        limit = cluster.spec.policy.max_retries
+        if limit is not None and cluster.retries >= limit:
+            cluster.stats.overflows += 1
+            return False
+        cluster.retries += 1
+        self.held = True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.cluster.retries -= 1
 
 
 @dataclass

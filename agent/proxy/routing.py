@@ -202,6 +202,7 @@ class TrafficPolicy:
     max_pending_requests: int | None = None
     max_requests_per_connection: int | None = None
     max_requests: int | None = None  # `http.http2MaxRequests`: requests in flight
+    max_retries: int | None = None  # `http.maxRetries`: retries in flight
     outlier: OutlierPolicy | None = None
     # DestinationRule `tls`; None or ISTIO_MUTUAL: the mesh's own (HBONE to meshed pods)
     tls: net.ClientTLSSettings | None = None
@@ -650,6 +651,7 @@ def _to_policy(
         max_pending_requests=_positive(http.http1_max_pending_requests if http else None),
         max_requests_per_connection=_positive(http.max_requests_per_connection if http else None),
         max_requests=_positive(http.http2_max_requests if http else None),
+        max_retries=_positive(http.max_retries if http else None),
         outlier=od,
         tls=None if tls is None or tls.mode == "ISTIO_MUTUAL" else tls,
         keepalive=Keepalive.of(tcp.tcp_keepalive) if tcp and tcp.tcp_keepalive else None,

@@ -774,6 +774,7 @@ class HTTPSettings(IstioModel):
     max_requests_per_connection: Annotated[int, Field(ge=0, strict=True)] | None = None
     idle_timeout: IdleTimeout | None = None
     http2_max_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
+    max_retries: Annotated[int, Field(ge=0, strict=True)] | None = None
 
 
 class ConnectionPoolSettings(IstioModel):

@@ -61,8 +61,6 @@ _HINTS: dict[str, str] = {
     "targetRefs": "policy attachment to a Gateway/Service",
     "serviceAccounts": "matching by service account",
     "notServiceAccounts": "matching by service account",
-    "http2MaxRequests": "an HTTP/2 connection-pool limit",
-    "maxRetries": "a connection-pool retry budget",
     "h2UpgradePolicy": "HTTP/2 upgrade policy",
     "maxConcurrentStreams": "an HTTP/2 connection-pool limit",
     "useClientProtocol": "per-destination client protocol",

@@ -600,3 +600,31 @@ async def test_http_idle_timeout_closes_an_idle_http2_upstream(autojump_clock, i
             await trio.sleep(10)  # idle, longer than 2 s
         assert lab.connections == connections
         nursery.cancel_scope.cancel()
+
+
+async def test_http2_max_requests_overflows_the_next_request_with_503_uo():
+    """Issue #21: connectionPool.http.http2MaxRequests: with one request in flight (a silent
+    upstream) and a limit of 1, the next request is refused at once: 503 UO."""
+    endpoint = UpstreamEndpoint(
+        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
+    )
+    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests=1)
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
+    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, routes)
+
+        async def silent(endpoint, port, _spec=None):
+            near, far = memory_stream_pair()
+            nursery.start_soon(_silent_server, far)
+            return near
+
+        object.__setattr__(lab.ctx, "connect", silent)
+        nursery.start_soon(lab.call, "/held", b"", [])
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(2):
+            headers, _, _ = await lab.call("/x", b"", [])
+        assert headers[b":status"] == b"503"
+        assert [r.flags for r in lab.records] == [["UO"]]
+        assert lab.ctx.clusters.get(spec).requests == 1  # the held one only
+        nursery.cancel_scope.cancel()

@@ -640,6 +640,56 @@ async def test_max_connections_overflow_is_503_uo():
     assert backend.connections == 1
 
 
+async def test_http2_max_requests_bounds_requests_in_flight_with_503_uo():
+    """Issue #21: `http.http2MaxRequests` (Envoy's max_requests, HTTP/1.1 too): two requests in
+    flight to the cluster, the others overflow at once, whatever the connection limits."""
+    dr = _dr(connectionPool={"http": {"http2MaxRequests": 2}})
+    backend = Backend("a", delay=0.2)
+    replies: list[Reply] = []
+    with trio.fail_after(10):
+        async with open_mesh([backend], [dr]) as mesh:
+
+            async def one() -> None:
+                async with mesh.client() as client:
+                    replies.append(await client.request())
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(one)
+            async with mesh.client() as client:
+                after = await client.request()  # the slots came back
+    assert Counter(r.status for r in replies) == {200: 2, 503: 3}
+    assert all(r.flags == ["UO"] for r in mesh.records if r.status == 503)
+    assert after.status == 200 and backend.served == 3
+
+
+@pytest.mark.parametrize(("max_retries", "served"), [(None, 6), (1, 4)])
+async def test_max_retries_bounds_the_retries_in_flight(max_retries, served):
+    """Issue #21: `http.maxRetries`: three requests fail at once against a backend answering
+    503, each may retry once. Unbounded, each retries (6 attempts); with maxRetries 1 only the
+    first to fail retries, the two others pass the 503 on (4 attempts); all end 503."""
+    pool = {"http": {"maxRetries": max_retries}} if max_retries else {"tcp": {}}
+    vs = _vs(
+        {
+            "route": [{"destination": {"host": "reviews"}}],
+            "retries": {"attempts": 1, "retryOn": "5xx"},
+        }
+    )
+    backend = Backend("bad", status=503, delay=0.2)
+    replies: list[Reply] = []
+    with trio.fail_after(10):
+        async with open_mesh([backend], [vs, _dr(connectionPool=pool)]) as mesh:
+
+            async def one() -> None:
+                async with mesh.client() as client:
+                    replies.append(await client.request())
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one)
+    assert [r.status for r in replies] == [503] * 3 and backend.served == served
+
+
 async def test_no_endpoints_is_503_uh():
     with trio.fail_after(5):
         async with open_mesh([], []) as mesh, mesh.client() as client:

@@ -75,6 +75,8 @@ from meshagent.agent.proxy.lb import (
     TIMEOUT_CODE,
     ClusterState,
     EndpointState,
+    Overflow,
+    RetrySlot,
 )
 from meshagent.agent.proxy.limits import SOURCE_PENDING_REQUESTS
 from meshagent.agent.proxy.route_actions import shadow_authority
@@ -693,7 +695,7 @@ class _Session:
         with trio.move_on_after(timeout or MIRROR_TIMEOUT):
             try:
                 peer = await self._upstream(cluster, ep)
-            except UpstreamError as exc:
+            except (UpstreamError, Overflow) as exc:
                 log.debug("mirror to %s not sent: %s", ep.address, exc)
                 return
             cluster.request_started(ep)
@@ -730,7 +732,7 @@ class _Session:
                                 await peer.flush()
                         peer.close_inbox(up_id)
                     cluster.request_finished(ep, status)
-                    peer.release()
+                    self._done(peer, cluster)
                     await self._retire_if_spent(peer, cluster)
 
     async def _forward_attempts(
@@ -748,67 +750,82 @@ class _Session:
         assert d.routes is not None
         authority = f"{d.routes.hostname}:{d.routes.port}"
         settings = self.ctx.settings
-        while True:
-            ep = cluster.pick(tried, d.hash_key)
-            if ep is None:
-                await self._local(
-                    stream_id, record, LocalResponse(503, b"no healthy upstream"), "UH", record.grpc
-                )
-                return
-            tried.append(ep)
-            record.attempts += 1
-            record.endpoint = ep.endpoint
-            record.upstream = ep.address
-            may_retry = retries_left > 0 and policy is not None and not body.overflow
-            outcome: Outcome | None
-            try:
-                peer = await self._upstream(cluster, ep)
-            except UpstreamError as exc:
-                cluster.report(ep, CONNECT_FAILURE_CODE)
-                log.debug("connect to %s failed: %s", ep.address, exc)
-                record.transport_failure = exc.transport
-                outcome = Outcome.CONNECT_FAILURE
-            else:
-                record.upstream_info = peer.info
-                cluster.request_started(ep)
-                status: int | None = None
-                try:
-                    outcome, status = await self._exchange(
+        slot = cluster.retry_slot()  # maxRetries: taken when a retry is decided
+        try:
+            while True:
+                ep = cluster.pick(tried, d.hash_key)
+                if ep is None:
+                    await self._local(
                         stream_id,
-                        peer,
-                        head,
-                        authority,
                         record,
-                        body,
-                        policy if may_retry else None,
-                        policy.per_try_timeout if policy is not None else None,
-                        d.edit_response,
+                        LocalResponse(503, b"no healthy upstream"),
+                        "UH",
+                        record.grpc,
                     )
-                finally:
-                    cluster.request_finished(ep, status)
-                    peer.release()
-                    await self._retire_if_spent(peer, cluster)
-                if outcome is None:
-                    return  # answered
-            if (
-                may_retry
-                and policy is not None
-                and (outcome is Outcome.STATUS or retriable(policy, outcome, record.status))
-            ):
-                retries_left -= 1
-                record.status = 0
-                record.grpc_status = None
-                retry = policy.attempts - retries_left
-                base, cap = settings.retry_backoff_base, settings.retry_backoff_max
-                await trio.sleep(backoff(retry, base, cap, self.ctx.rng))
-                continue
-            if outcome is Outcome.STATUS:  # not retriable after all: cannot happen
-                outcome = Outcome.RESET
-            code, flag, text = _FAILURES[outcome]
-            if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
-                text += b", transport failure reason: " + record.transport_failure.encode()
-            await self._local(stream_id, record, LocalResponse(code, text), flag, record.grpc)
-            return
+                    return
+                tried.append(ep)
+                record.attempts += 1
+                record.endpoint = ep.endpoint
+                record.upstream = ep.address
+                may_retry = retries_left > 0 and policy is not None and not body.overflow
+                outcome: Outcome | None
+                try:
+                    peer = await self._upstream(cluster, ep)
+                except Overflow:
+                    outcome = Outcome.OVERFLOW  # http2MaxRequests: 503 UO
+                except UpstreamError as exc:
+                    cluster.report(ep, CONNECT_FAILURE_CODE)
+                    log.debug("connect to %s failed: %s", ep.address, exc)
+                    record.transport_failure = exc.transport
+                    outcome = Outcome.CONNECT_FAILURE
+                else:
+                    record.upstream_info = peer.info
+                    cluster.request_started(ep)
+                    status: int | None = None
+                    try:
+                        outcome, status = await self._exchange(
+                            stream_id,
+                            peer,
+                            head,
+                            authority,
+                            record,
+                            body,
+                            policy if may_retry else None,
+                            policy.per_try_timeout if policy is not None else None,
+                            d.edit_response,
+                            slot,
+                        )
+                    finally:
+                        cluster.request_finished(ep, status)
+                        self._done(peer, cluster)
+                        await self._retire_if_spent(peer, cluster)
+                    if outcome is None:
+                        return  # answered
+                if (
+                    may_retry
+                    and policy is not None
+                    # a held-back response took its slot already (_exchange)
+                    and (
+                        outcome is Outcome.STATUS
+                        or (retriable(policy, outcome, record.status) and slot.take())
+                    )
+                ):
+                    retries_left -= 1
+                    record.status = 0
+                    record.grpc_status = None
+                    retry = policy.attempts - retries_left
+                    base, cap = settings.retry_backoff_base, settings.retry_backoff_max
+                    await trio.sleep(backoff(retry, base, cap, self.ctx.rng))
+                    continue
+                if outcome is Outcome.STATUS:  # not retriable after all: cannot happen
+                    outcome = Outcome.RESET
+                code, flag, text = _FAILURES[outcome]
+                if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
+                    text += b", transport failure reason: " + record.transport_failure.encode()
+                await self._local(stream_id, record, LocalResponse(code, text), flag, record.grpc)
+                return
+        finally:
+            slot.release()
 
     async def _retire_if_spent(self, peer: _H2Peer, cluster: ClusterState) -> None:
         """Close an upstream connection that carried `maxRequestsPerConnection` streams once
@@ -838,7 +855,22 @@ class _Session:
 
     async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
         """An upstream connection to `ep` with room for one more stream (opened if none);
-        one that carried `maxRequestsPerConnection` streams takes no more."""
+        one that carried `maxRequestsPerConnection` streams takes no more. Takes a request
+        slot of the cluster (Overflow at `http2MaxRequests`): give it back with `_done`."""
+        cluster.take_request_slot()
+        try:
+            return await self._upstream_for(cluster, ep)
+        except BaseException:
+            cluster.free_request_slot()
+            raise
+
+    @staticmethod
+    def _done(peer: _H2Peer, cluster: ClusterState) -> None:
+        """A stream `_upstream` gave out is over: its slot and its reservation go back."""
+        cluster.free_request_slot()
+        peer.release()
+
+    async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
         key = ep.address
         lock = self.opening.setdefault(key, trio.Lock())
         spent_at = cluster.spec.policy.max_requests_per_connection
@@ -903,12 +935,14 @@ class _Session:
         policy: RetryPolicy | None,
         per_try: float | None = None,
         respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] = _same,
+        slot: RetrySlot | None = None,
     ) -> tuple[Outcome | None, int | None]:
         """One attempt on one upstream stream: (None, status) once a response went to the
         client; else how it failed before a response (a dropped retriable response: STATUS,
         its code in record.status; no response head within `per_try` seconds, the route's
         `perTryTimeout`, as the HTTP/1.1 engine: TIMEOUT). `policy`: the retry policy when a
-        retry may follow."""
+        retry may follow; `slot`: the request's share of maxRetries, which a retriable
+        response must get to be held back."""
         down = self.down
         down_inbox = down.inboxes[stream_id]
         try:
@@ -937,7 +971,15 @@ class _Session:
                     with head_wait:
                         await peer.flush()
                         finished = await self._pump_response(
-                            up_inbox, peer, up_id, stream_id, record, policy, head_wait, respond
+                            up_inbox,
+                            peer,
+                            up_id,
+                            stream_id,
+                            record,
+                            policy,
+                            head_wait,
+                            respond,
+                            slot,
                         )
                 except _Retry:
                     retry = True
@@ -1028,6 +1070,7 @@ class _Session:
         policy: RetryPolicy | None,
         head_wait: trio.CancelScope | None = None,
         respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] = _same,
+        slot: RetrySlot | None = None,
     ) -> bool:
         """The upstream's response to the client. Returns True when it completed; raises
         _Retry (nothing sent yet) for a response `policy` retries, _Gone (after the head was
@@ -1049,9 +1092,13 @@ class _Session:
                 ended = event.stream_ended is not None
                 if record.grpc:
                     record.grpc_status = h2wire.grpc_status_of(headers)
-                if policy is not None and (
-                    retriable_status(policy, record.status)
-                    or (ended and record.grpc and retriable_grpc(policy, record.grpc_status))
+                if (
+                    policy is not None
+                    and (
+                        retriable_status(policy, record.status)
+                        or (ended and record.grpc and retriable_grpc(policy, record.grpc_status))
+                    )
+                    and (slot is None or slot.take())  # maxRetries
                 ):
                     raise _Retry
                 await down.send_headers(stream_id, headers, end=ended)

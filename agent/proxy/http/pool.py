@@ -181,19 +181,26 @@ class ConnectionPool:
         """A connection to `ep` ready for a request. Connections are shared only among
         callers passing equal `key`s: use the source workload when `connect` (default: the
         pool's) authenticates or authorizes as it. Raises lb.Overflow when the cluster's
-        pending queue is full, UpstreamError when a new connection cannot be opened."""
-        while True:
-            conn = await self._take_idle((key, ep))
-            if conn is None and cluster.can_open(ep):
-                conn = await self._open(cluster, ep, key, connect or self._connect)
-            if conn is not None:
-                conn.cycle_bytes = 0
-                return conn
-            await cluster.wait_pending()
+        pending queue is full or `http2MaxRequests` are in flight, UpstreamError when a new
+        connection cannot be opened. The request's slot is given back by `release`."""
+        cluster.take_request_slot()
+        try:
+            while True:
+                conn = await self._take_idle((key, ep))
+                if conn is None and cluster.can_open(ep):
+                    conn = await self._open(cluster, ep, key, connect or self._connect)
+                if conn is not None:
+                    conn.cycle_bytes = 0
+                    return conn
+                await cluster.wait_pending()
+        except BaseException:
+            cluster.free_request_slot()
+            raise
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after an exchange; it is pooled only if `reusable`, both
         sides finished the exchange cleanly, and the connection's limits allow."""
+        conn.cluster.free_request_slot()
         conn.requests += 1
         limit = conn.cluster.spec.policy.max_requests_per_connection
         if (

@@ -62,6 +62,7 @@ from meshagent.agent.proxy.lb import (
     ClusterState,
     EndpointState,
     Overflow,
+    RetrySlot,
 )
 from meshagent.agent.proxy.limits import BAD_REQUEST, HEADER_TIMEOUT, SOURCE_PENDING_REQUESTS
 from meshagent.agent.proxy.relay import relay
@@ -523,36 +524,47 @@ class _Session:
         body.arm(deadline, route.timeout)
         tried: list[EndpointState] = []
         key = self.decision.hash_key if self.decision is not None else None
-        with deadline:
-            while True:
-                ep = cluster.pick(tried, key)
-                if ep is None:
-                    await self._local(record, LocalResponse(503, b"no healthy upstream"), "UH")
-                    return
-                tried.append(ep)
-                record.attempts += 1
-                record.endpoint = ep.endpoint
-                record.upstream = ep.address
-                outcome, status = await self._attempt(
-                    cluster, ep, upstream_req, body, policy, retries_left > 0, deadline, record
-                )
-                if outcome is None:
-                    return  # the response went to the client
-                if retries_left > 0 and policy is not None and retriable(policy, outcome, status):
-                    retries_left -= 1
-                    retry = policy.attempts - retries_left
-                    s = self.settings
-                    await trio.sleep(
-                        backoff(retry, s.retry_backoff_base, s.retry_backoff_max, self.ctx.rng)
+        slot = cluster.retry_slot()  # maxRetries: taken when a retry is decided
+        try:
+            with deadline:
+                while True:
+                    ep = cluster.pick(tried, key)
+                    if ep is None:
+                        await self._local(record, LocalResponse(503, b"no healthy upstream"), "UH")
+                        return
+                    tried.append(ep)
+                    record.attempts += 1
+                    record.endpoint = ep.endpoint
+                    record.upstream = ep.address
+                    may_retry = slot if retries_left > 0 else None
+                    outcome, status = await self._attempt(
+                        cluster, ep, upstream_req, body, policy, may_retry, deadline, record
                     )
-                    continue
-                code, flag, text = _FAILURES[outcome]
-                if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
-                    text += b", transport failure reason: " + record.transport_failure.encode()
-                await self._local(record, LocalResponse(code, text), flag)
-                if policy is not None and retriable(policy, outcome, status):
-                    record.flags.append("URX")
-                return
+                    if outcome is None:
+                        return  # the response went to the client
+                    if (
+                        may_retry is not None
+                        and policy is not None
+                        and retriable(policy, outcome, status)
+                        # a held-back response took its slot already (_exchange)
+                        and (outcome is Outcome.STATUS or slot.take())
+                    ):
+                        retries_left -= 1
+                        retry = policy.attempts - retries_left
+                        s = self.settings
+                        await trio.sleep(
+                            backoff(retry, s.retry_backoff_base, s.retry_backoff_max, self.ctx.rng)
+                        )
+                        continue
+                    code, flag, text = _FAILURES[outcome]
+                    if outcome is Outcome.CONNECT_FAILURE and record.transport_failure:
+                        text += b", transport failure reason: " + record.transport_failure.encode()
+                    await self._local(record, LocalResponse(code, text), flag)
+                    if policy is not None and retriable(policy, outcome, status):
+                        record.flags.append("URX")
+                    return
+        finally:
+            slot.release()
         # The route timeout passed.
         if record.status:
             record.flags.append("UT")
@@ -618,7 +630,7 @@ class _Session:
         req: wire.Request,
         body: _Body,
         policy: RetryPolicy | None,
-        may_retry: bool,
+        may_retry: RetrySlot | None,
         deadline: trio.CancelScope | _NoScope,
         record: RequestRecord,
     ) -> tuple[Outcome | None, int]:
@@ -646,7 +658,7 @@ class _Session:
         req: wire.Request,
         body: _Body,
         policy: RetryPolicy | None,
-        may_retry: bool,
+        may_retry: RetrySlot | None,
         deadline: trio.CancelScope | _NoScope,
         record: RequestRecord,
         replay: bool,
@@ -704,7 +716,7 @@ class _Session:
         req: wire.Request,
         body: _Body,
         policy: RetryPolicy | None,
-        may_retry: bool,
+        may_retry: RetrySlot | None,
         record: RequestRecord,
         state: _Attempt,
     ) -> None:
@@ -740,7 +752,7 @@ class _Session:
             return
         status = state.status = response.status_code
         if policy is not None and retriable_status(policy, status):
-            if may_retry:
+            if may_retry is not None and may_retry.take():  # held back for a retry
                 state.outcome = Outcome.STATUS
                 return
             record.flags.append("URX")
