@@ -35,6 +35,11 @@ Semantics, as Istio documents them:
   `notRequestPrincipals: ["*"]` matches it. They are HTTP-only fields (like `paths`). A list
   attribute (`request.auth.audiences`, a list claim) matches when any of its items matches.
   Claims are strings or lists of strings, as Istio supports; other claim types never match.
+- Remote address (`remoteIpBlocks`, `notRemoteIpBlocks`, `remote.ip`): Istio reads it from
+  X-Forwarded-For through `numTrustedProxies` trusted hops, 0 by default, and with none it is
+  the connection's peer address, as `source.ip` (Envoy's downstream remote address). A
+  sidecar-less mesh has no gateway in front of its pods to trust, so it is always the source
+  address: the same meaning as `ipBlocks`; a client-set X-Forwarded-For changes nothing.
 - Dry run (annotation `istio.io/dry-run`): Istio builds dry-run policies into separate shadow
   rules, one engine for ALLOW and one for DENY policies, evaluated apart from the enforced ones.
   Their would-be denials are reported in `Decision.dry_run_denials`; they never change `allowed`.
@@ -364,6 +369,8 @@ def _source_checks(source: Source, *, keep_http: bool) -> tuple[Check, ...]:
         _check(_principal, _strings(source.principals), _strings(source.not_principals))
         + _check(_namespace, _strings(source.namespaces), _strings(source.not_namespaces))
         + _check(_source_ip, _cidrs(source.ip_blocks), _cidrs(source.not_ip_blocks))
+        # the remote address is the peer's: no trusted X-Forwarded-For hop (module docstring)
+        + _check(_source_ip, _cidrs(source.remote_ip_blocks), _cidrs(source.not_remote_ip_blocks))
     )
     if keep_http:
         checks += _check(
@@ -385,8 +392,8 @@ def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, 
 
 def _condition_check(condition: Condition) -> list[Check]:
     key, values, not_values = condition.key, condition.values, condition.not_values
-    if key in ("source.ip", "destination.ip"):
-        getter = _source_ip if key == "source.ip" else _destination_ip
+    if key in ("source.ip", "remote.ip", "destination.ip"):
+        getter = _destination_ip if key == "destination.ip" else _source_ip
         return _check(getter, _cidrs(values), _cidrs(not_values))
     if key == "destination.port":
         return _check(_destination_port, _ports(map(int, values)), _ports(map(int, not_values)))

@@ -134,6 +134,14 @@ def _rule_meaning(rule: sec.Rule, action: str) -> str:
         if mtls
         else ""
     )
+    if any(
+        f.source.remote_ip_blocks or f.source.not_remote_ip_blocks for f in rule.from_ or ()
+    ) or any(c.key == "remote.ip" for c in rule.when):
+        note += (
+            " remoteIpBlocks/remote.ip: with no gateway in front (no trusted X-Forwarded-For "
+            "hop, Istio's default numTrustedProxies 0) the remote address is the client's own, "
+            "so they match as ipBlocks/source.ip do."
+        )
     ports = sorted({p for t in rule.to or () for p in t.operation.ports})
     if ports and all(t.operation.ports for t in rule.to or ()):
         note = f" It matches pod ports {', '.join(map(str, ports))} only." + note

@@ -4,7 +4,7 @@ RequestAuthentication.
 Wire documents flow in; validated, immutable models flow out to the controller's compiler, to
 `meshagent.common.authz` (which compiles AuthorizationPolicies into a fast evaluator) and to
 `meshagent.common.jwtauth` (JWT validation). Only the documented subset is accepted: any other
-field (targetRef, remoteIpBlocks, ...) is an error naming the field. Beyond shape, the
+field (targetRef, ...) is an error naming the field. Beyond shape, the
 checks Istio's own admission webhook makes are repeated here, so a policy Istio would refuse is
 refused here too.
 
@@ -42,7 +42,14 @@ MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
 
 # Condition keys of the supported subset (Istio's "Authorization Policy Conditions" page).
 CONDITION_KEYS = frozenset(
-    {"source.principal", "source.namespace", "source.ip", "destination.port", "destination.ip"}
+    {
+        "source.principal",
+        "source.namespace",
+        "source.ip",
+        "remote.ip",
+        "destination.port",
+        "destination.ip",
+    }
 )
 HEADER_CONDITION_RE = re.compile(r"request\.headers\[([^\[\]]+)\]")
 # JWT attributes (set by RequestAuthentication): `request.auth.claims[a][b]` names a nested claim.
@@ -50,7 +57,7 @@ AUTH_CONDITION_KEYS = frozenset(
     {"request.auth.principal", "request.auth.audiences", "request.auth.presenter"}
 )
 CLAIM_CONDITION_RE = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
-_IP_KEYS = frozenset({"source.ip", "destination.ip"})
+_IP_KEYS = frozenset({"source.ip", "remote.ip", "destination.ip"})
 
 
 def header_condition_name(key: str) -> str | None:
@@ -76,14 +83,18 @@ class Source(IstioModel):
     not_namespaces: tuple[NonEmptyStr, ...] = ()
     ip_blocks: tuple[IpBlock, ...] = ()
     not_ip_blocks: tuple[IpBlock, ...] = ()
+    # The request's remote address: with no gateway in front (no trusted X-Forwarded-For hop,
+    # Istio's default numTrustedProxies 0), the connection's peer, so the same as ipBlocks.
+    remote_ip_blocks: tuple[IpBlock, ...] = ()
+    not_remote_ip_blocks: tuple[IpBlock, ...] = ()
 
     @model_validator(mode="after")
     def _not_empty(self) -> Source:
         if not any(getattr(self, name) for name in type(self).model_fields):
             raise ValueError(
                 "source must set at least one of principals, notPrincipals, requestPrincipals, "
-                "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks "
-                "(omit `from` to match any source)"
+                "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, "
+                "remoteIpBlocks, notRemoteIpBlocks (omit `from` to match any source)"
             )
         return self
 

@@ -302,6 +302,46 @@ CASES = [
         http(source_ip="fd00::5"),
         False,
     ),
+    # remoteIpBlocks: no trusted X-Forwarded-For hop (Istio's default numTrustedProxies 0), so
+    # the remote address is the peer's, as ipBlocks; a client-set X-Forwarded-For is no proof
+    Case(
+        "remote-ip-blocks-match-the-peer-address",
+        [allow("p", src(remoteIpBlocks=["10.1.0.0/16"]))],
+        http(),
+        True,
+        "shop/p",
+        0,
+    ),
+    Case(
+        "remote-ip-blocks-ignore-x-forwarded-for",
+        [allow("p", src(remoteIpBlocks=["203.0.113.0/24"]))],
+        http(headers={"x-forwarded-for": "203.0.113.7"}),
+        False,
+    ),
+    Case(
+        "not-remote-ip-blocks-deny-the-peer",
+        [deny("p", src(notRemoteIpBlocks=["10.9.0.0/16"]))],
+        http(headers={"x-forwarded-for": "10.9.0.1"}),
+        False,
+        "shop/p",
+        0,
+    ),
+    Case(
+        "remote-ip-blocks-hold-on-tcp",
+        [allow("p", src(remoteIpBlocks=["10.1.0.5"]))],
+        tcp(),
+        True,
+        "shop/p",
+        0,
+    ),
+    Case(
+        "when-remote-ip",
+        [deny("p", when("remote.ip", ["10.1.0.0/24"]))],
+        tcp(),
+        False,
+        "shop/p",
+        0,
+    ),
     Case(
         "source-fields-all-must-match",
         [allow("p", src(principals=[FRONTEND], namespaces=["other"]))],

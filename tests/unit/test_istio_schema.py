@@ -314,11 +314,11 @@ REFUSALS = [
         "not supported",
     ),
     (
-        "authz-unsupported-remoteIpBlocks",
+        "authz-bad-remoteIpBlocks",
         AUTHZ_YAML,
-        lambda d: set_at(d, "spec.rules.0.from.0.source.remoteIpBlocks", ["10.0.0.0/8"]),
-        "spec.rules[0].from[0].source.remoteIpBlocks",
-        "not supported",
+        lambda d: set_at(d, "spec.rules.0.from.0.source.remoteIpBlocks", ["10.0.0.0/33"]),
+        "spec.rules[0].from[0].source.remoteIpBlocks[0]",
+        "10.0.0.0/33",
     ),
     (
         "authz-custom-without-provider",

@@ -253,3 +253,23 @@ def test_explain_names_the_ports_a_rule_is_limited_to() -> None:
     assert scope == "ALLOW policy for every workload in namespace foo."
     assert rule.endswith("It matches pod ports 9000, 9001 only.")
     assert "on every port" not in rule
+
+
+def test_explain_says_remote_ip_blocks_match_the_clients_own_address() -> None:
+    """Issue #21: remoteIpBlocks are accepted with ipBlocks' meaning, and --explain says why."""
+    from meshagent.controller.describe import describe
+
+    ap = parse_resource(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "remote", "namespace": "foo"},
+            "spec": {
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"remoteIpBlocks": ["203.0.113.0/24"]}}]}],
+            },
+        }
+    )
+    [_, rule] = describe(ap)
+    assert "numTrustedProxies 0" in rule and "as ipBlocks/source.ip do" in rule
+    assert warnings(ap) == []
