@@ -435,6 +435,11 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
     return lines
 
 
+def _after(idle_timeout: float) -> str:
+    """An idleTimeout in words: `0s` turns it off, as in Istio."""
+    return "never" if idle_timeout == 0 else f"after {idle_timeout:g}s"
+
+
 def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy) -> list[str]:
     out = []
     lb = policy.load_balancer
@@ -468,9 +473,9 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
                 "the client's node proxy dials itself (every port)."
             )
         if t.idle_timeout is not None:
-            after = "never" if t.idle_timeout == 0 else f"after {t.idle_timeout:g}s"
             out.append(
-                f"{where}a connection on {L4_PORTS} with no byte either way is closed {after}."
+                f"{where}a connection on {L4_PORTS} with no byte either way is closed "
+                f"{_after(t.idle_timeout)}."
             )
     if pool is not None and pool.http is not None:
         h = pool.http
@@ -490,10 +495,9 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
                 "process of a node; past it a failed attempt is not retried."
             )
         if h.idle_timeout is not None:
-            after = "never" if h.idle_timeout == 0 else f"after {h.idle_timeout:g}s"
             out.append(
-                f"{where}an upstream HTTP connection with no request is closed {after} "
-                f"(on {L7_PORTS})."
+                f"{where}an upstream HTTP connection with no request is closed "
+                f"{_after(h.idle_timeout)} (on {L7_PORTS})."
             )
         if h.max_requests_per_connection is not None:
             out.append(

@@ -345,24 +345,23 @@ def _pool_gaps(where: str, tcp: Any, http: Any) -> list[tuple[str, str]]:
                 "meshed pod on another node is dialled by its own node, without these options",
             )
         )
-    idle = tcp.idle_timeout if tcp is not None else None
-    if idle is not None and (idle == 0 or idle > FAR_TCP_IDLE_TIMEOUT):
-        out.append(
-            (
-                f"{where}.connectionPool.tcp.idleTimeout",
-                f"{'0s (never)' if idle == 0 else f'{idle:g}s'} holds on the client's node; "
-                f"a pod on another node is reached through its node, which closes a "
-                f"connection idle for {FAR_TCP_IDLE_TIMEOUT:g}s (agent tcp_idle_timeout_s)",
-            )
-        )
-    idle = http.idle_timeout if http is not None else None
-    if idle is not None and (idle == 0 or idle > POD_HTTP_IDLE_TIMEOUT):
-        out.append(
-            (
-                f"{where}.connectionPool.http.idleTimeout",
-                f"{'0s (never)' if idle == 0 else f'{idle:g}s'} holds for destinations "
-                f"outside the mesh; a meshed pod's own node proxy closes its connection to "
-                f"the pod after {POD_HTTP_IDLE_TIMEOUT:g}s idle, and this one with it",
-            )
-        )
+    for field, idle, bound, why in (
+        (
+            "tcp.idleTimeout",
+            tcp.idle_timeout if tcp is not None else None,
+            FAR_TCP_IDLE_TIMEOUT,
+            "holds on the client's node; a pod on another node is reached through its node, "
+            "which closes a connection idle for {bound:g}s (agent tcp_idle_timeout_s)",
+        ),
+        (
+            "http.idleTimeout",
+            http.idle_timeout if http is not None else None,
+            POD_HTTP_IDLE_TIMEOUT,
+            "holds for destinations outside the mesh; a meshed pod's own node proxy closes its "
+            "connection to the pod after {bound:g}s idle, and this one with it",
+        ),
+    ):
+        if idle is not None and (idle == 0 or idle > bound):
+            value = "0s (never)" if idle == 0 else f"{idle:g}s"
+            out.append((f"{where}.connectionPool.{field}", f"{value} " + why.format(bound=bound)))
     return out

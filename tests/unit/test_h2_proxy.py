@@ -46,6 +46,15 @@ def _routes(*ips: str, retry: RetryPolicy | None = None, fault: FaultPolicy | No
     return HttpRoutes(HOST, 80, (route,))
 
 
+def _one_endpoint(policy: TrafficPolicy) -> tuple[ClusterSpec, HttpRoutes]:
+    """Routes to one cluster of one endpoint (10.3.0.1) under `policy`."""
+    endpoint = UpstreamEndpoint(
+        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
+    )
+    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
+    return spec, HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+
+
 async def _echo_server(stream, name: str, seen: list) -> None:
     """An h2c endpoint: answers each request with its name, the request body echoed (in
     chunks as it came), and gRPC trailers; one named `flaky*` answers UNAVAILABLE at once."""
@@ -538,12 +547,7 @@ def test_retry_on_refused_stream_comes_from_retry_on_or_istios_default():
 async def test_max_requests_per_connection_holds_for_http2_upstreams(limit, connections):
     """Issue #21: connectionPool.http.maxRequestsPerConnection retires an HTTP/2 upstream
     connection after that many streams (it was applied by the HTTP/1.1 pool only)."""
-    endpoint = UpstreamEndpoint(
-        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
-    )
-    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit)
-    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
-    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    _, routes = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit))
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, routes)
         for _ in range(3):
@@ -558,12 +562,7 @@ async def test_max_requests_per_connection_holds_for_http2_upstreams(limit, conn
 async def test_max_requests_per_connection_counts_concurrent_streams(limit, connections):
     """Streams given out together count too: a connection reserved by one request is not
     handed to another past the limit, nor closed under it."""
-    endpoint = UpstreamEndpoint(
-        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
-    )
-    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit)
-    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
-    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    _, routes = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN", max_requests_per_connection=limit))
     statuses: list[bytes] = []
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, routes)
@@ -585,12 +584,7 @@ async def test_max_requests_per_connection_counts_concurrent_streams(limit, conn
 async def test_http_idle_timeout_closes_an_idle_http2_upstream(autojump_clock, idle, connections):
     """Issue #21: connectionPool.http.idleTimeout closes an HTTP/2 upstream connection that
     carried no request that long (math.inf: `0s`, never); the next request opens a new one."""
-    endpoint = UpstreamEndpoint(
-        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
-    )
-    policy = TrafficPolicy(lb="ROUND_ROBIN", http_idle_timeout=idle)
-    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
-    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    _, routes = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN", http_idle_timeout=idle))
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, routes)
         for _ in range(2):
@@ -605,12 +599,7 @@ async def test_http_idle_timeout_closes_an_idle_http2_upstream(autojump_clock, i
 async def test_http2_max_requests_overflows_the_next_request_with_503_uo():
     """Issue #21: connectionPool.http.http2MaxRequests: with one request in flight (a silent
     upstream) and a limit of 1, the next request is refused at once: 503 UO."""
-    endpoint = UpstreamEndpoint(
-        Endpoint(ip="10.3.0.1", node="n", workload_uid="w", ports={80: 80}), 80
-    )
-    policy = TrafficPolicy(lb="ROUND_ROBIN", max_requests=1)
-    spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
-    routes = HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+    spec, routes = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN", max_requests=1))
     async with trio.open_nursery() as nursery:
         lab = _Lab(nursery, routes)
 

@@ -619,20 +619,26 @@ async def test_fault_delay():
     assert mesh.records[0].flags == ["DI"]
 
 
+async def _concurrent_requests(mesh: Mesh, n: int) -> list[Reply]:
+    """`n` requests at once, each from its own client connection."""
+    replies: list[Reply] = []
+
+    async def one() -> None:
+        async with mesh.client() as client:
+            replies.append(await client.request())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return replies
+
+
 async def test_max_connections_overflow_is_503_uo():
     dr = _dr(connectionPool={"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}})
     backend = Backend("a", delay=0.1)
-    replies: list[Reply] = []
     with trio.fail_after(10):
         async with open_mesh([backend], [dr]) as mesh:
-
-            async def one() -> None:
-                async with mesh.client() as client:
-                    replies.append(await client.request())
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(5):
-                    nursery.start_soon(one)
+            replies = await _concurrent_requests(mesh, 5)
     statuses = Counter(r.status for r in replies)
     assert statuses == {200: 2, 503: 3}  # one in flight, one pending, three overflow
     overflowed = [r for r in mesh.records if r.status == 503]
@@ -645,17 +651,9 @@ async def test_http2_max_requests_bounds_requests_in_flight_with_503_uo():
     flight to the cluster, the others overflow at once, whatever the connection limits."""
     dr = _dr(connectionPool={"http": {"http2MaxRequests": 2}})
     backend = Backend("a", delay=0.2)
-    replies: list[Reply] = []
     with trio.fail_after(10):
         async with open_mesh([backend], [dr]) as mesh:
-
-            async def one() -> None:
-                async with mesh.client() as client:
-                    replies.append(await client.request())
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(5):
-                    nursery.start_soon(one)
+            replies = await _concurrent_requests(mesh, 5)
             async with mesh.client() as client:
                 after = await client.request()  # the slots came back
     assert Counter(r.status for r in replies) == {200: 2, 503: 3}
@@ -676,17 +674,9 @@ async def test_max_retries_bounds_the_retries_in_flight(max_retries, served):
         }
     )
     backend = Backend("bad", status=503, delay=0.2)
-    replies: list[Reply] = []
     with trio.fail_after(10):
         async with open_mesh([backend], [vs, _dr(connectionPool=pool)]) as mesh:
-
-            async def one() -> None:
-                async with mesh.client() as client:
-                    replies.append(await client.request())
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(3):
-                    nursery.start_soon(one)
+            replies = await _concurrent_requests(mesh, 3)
     assert [r.status for r in replies] == [503] * 3 and backend.served == served
 
 
