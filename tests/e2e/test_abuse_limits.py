@@ -11,12 +11,14 @@ of where it was before them once they closed (the higher of two earlier trimmed 
 same size: agent/proxy/trim.py says what CPython keeps of a process's first one, the test why
 two); a source over its
 connection limit is refused with a 503 saying why, counted, while another pod is served; a
-plain TCP connection (a `tcp-` port) kept busy past the TCP idle timeout (3 s here) stays open,
-then idle that long is closed by the proxy and counted.
+source with more requests in flight than its limit (to a server that answers late) gets 503
+flag UO for the excess, which never reaches the server, counted, while another pod is served
+by the same server; a plain TCP connection (a `tcp-` port) kept busy past the TCP idle timeout
+(3 s here) stays open, then idle that long is closed by the proxy and counted.
 
-The issue asks for 5,000 connections held for 60 s; the default here is MESHLAB_ABUSE_CONNECTIONS
-(5,000) held MESHLAB_ABUSE_HOLD_S (10) seconds, so the test stays near two minutes: run
-`MESHLAB_ABUSE_HOLD_S=60` for the issue's full variant.
+The issue's 5,000 connections held for 60 s are the default: MESHLAB_ABUSE_CONNECTIONS (5,000)
+held MESHLAB_ABUSE_HOLD_S (60) seconds; a smaller hold (MESHLAB_ABUSE_HOLD_S=10) gives a quicker
+run while working on the proxy.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from meshagent.agent.proxy import trim
 from meshagent.agent.proxy.http.pool import DEFAULT_MAX_IDLE as MAX_IDLE
+from meshagent.agent.proxy.limits import SOURCE_PENDING_REQUESTS
 from meshagent.lab.lab import agent_pods
+from meshagent.lab.paths import LOG_DIR
 
 from tests.e2e.conftest import APPS, BIN, lab_env, meshlab, render_manifest
 from tests.e2e.test_grpc_l7 import _requests
@@ -49,8 +54,10 @@ URL = f"http://{TARGET[0]}:{TARGET[1]}/"
 HEADER_TIMEOUT_S = 2
 TCP_IDLE_TIMEOUT_S = 3
 CONNECTIONS = int(os.environ.get("MESHLAB_ABUSE_CONNECTIONS", "5000"))
-HOLD_S = float(os.environ.get("MESHLAB_ABUSE_HOLD_S", "10"))
-SOURCE_LIMIT = 20  # connections per source, in the last test
+HOLD_S = float(os.environ.get("MESHLAB_ABUSE_HOLD_S", "60"))
+SOURCE_LIMIT = 20  # connections per source, in the connection limit test
+PENDING_LIMIT = 4  # requests in flight per source, in the pending request limit test
+SLOW_URL = "http://slowweb.abl:8080/slow?seconds="  # apps/graceful_server.py: answers late
 
 NGINX_CONF = """daemon off;
 master_process off;
@@ -110,6 +117,31 @@ try:
 except TimeoutError:
     closed = False
 print(json.dumps({"answered": answered, "closed": closed}))
+"""
+
+
+# COUNT requests at once from one pod, each on its own connection (stdlib, in a pod); prints
+# each answer's [status, body] (status 0: no answer).
+AT_ONCE = """
+import http.client, json, sys, threading
+host, port, path, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+answers = []
+def one(i):
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request("GET", f"{path}&n={i}")
+        response = conn.getresponse()
+        answers.append([response.status, response.read().decode(errors="replace").strip()])
+    except OSError as exc:
+        answers.append([0, repr(exc)])
+    finally:
+        conn.close()
+threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(answers))
 """
 
 
@@ -310,3 +342,64 @@ def test_a_source_over_its_connection_limit_is_refused_while_others_are_served(l
     )
     code, body = lab.curl("abl/client", URL)
     assert code == "200", body
+
+
+def _slow_started(tag: str) -> int:
+    """Requests whose path holds `tag` that reached slowweb (its log: one line as each starts)."""
+    lines = (LOG_DIR / "pod-abl-slowweb.log").read_text(errors="replace").splitlines()
+    return sum("slow request started" in line and tag in line for line in lines)
+
+
+def test_a_source_over_its_pending_request_limit_gets_503_uo_while_others_are_served(lab):
+    """abl/hog sends PENDING_LIMIT + 3 requests at once to a server that answers each after
+    12 s: PENDING_LIMIT reach the server and get 200, the 3 over the limit get 503 flag UO at
+    once without reaching it, counted; abl/client is served by the same server meanwhile."""
+    excess, seconds = 3, 12
+    with _agent_settings(
+        http_request_headers_timeout_s=HEADER_TIMEOUT_S,
+        max_pending_requests_per_source=PENDING_LIMIT,
+        proxy_workers=1,  # one process: the limit is the node's
+    ):
+        meshlab("agent", "stop", "node-1")
+        meshlab("agent", "start", "node-1")
+    lab.wait_answer("abl/client", SLOW_URL + "0", what="node-1's restarted agent serves slowweb")
+    refused = _refused(SOURCE_PENDING_REQUESTS)
+    overflowed = _requests("node-1", response_code="503", response_flags="UO")
+    reached = _slow_started("from=hog")
+    hog = subprocess.Popen(
+        [str(BIN / "meshlab"), "exec", "abl/hog", "--", VENV_PYTHON, "-c", AT_ONCE,
+         "slowweb.abl", "8080", f"/slow?seconds={seconds}&from=hog", str(PENDING_LIMIT + excess)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: _slow_started("from=hog"),
+            lambda n: n >= reached + PENDING_LIMIT,
+            what=f"{PENDING_LIMIT} of abl/hog's requests reached slowweb",
+            timeout=30,
+        )
+        # While the hog's requests are in flight, another source is served by the same
+        # server through the same proxy process.
+        for _ in range(2):
+            code, body = lab.curl("abl/client", SLOW_URL + "0&from=client")
+            assert code == "200", body
+        assert hog.poll() is None, "abl/hog's requests ended before abl/client was served"
+        out, err = hog.communicate(timeout=seconds + 60)
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait()
+    assert hog.returncode == 0, err
+    answers = json.loads(out.strip().splitlines()[-1])
+    assert Counter(status for status, _ in answers) == {200: PENDING_LIMIT, 503: excess}, answers
+    refusal = "too many requests in flight from this source"
+    assert all(body == refusal for status, body in answers if status == 503), answers
+    assert _slow_started("from=hog") == reached + PENDING_LIMIT  # the excess never got there
+    wait_until(
+        lambda: (
+            _refused(SOURCE_PENDING_REQUESTS),
+            _requests("node-1", response_code="503", response_flags="UO"),
+        ),
+        lambda now: now == (refused + excess, overflowed + excess),
+        what="the refusals counted (refused_total, and istio_requests_total 503 UO)",
+    )
