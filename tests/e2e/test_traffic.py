@@ -407,3 +407,15 @@ def test_circuit_breaker_overflow_is_503_with_flag_uo(lab):
         retry_on=(ValueError,),  # a line read while it was being written
     )
     assert logged[(503, "UO")] == counts[503], logged
+
+
+def test_http2_max_requests_bounds_requests_in_flight(lab):
+    """Issue #21: `http.http2MaxRequests: 2` and six clients at once against a backend that
+    answers in 0.3 s: no connection limit applies, yet only two requests are in flight to
+    it and the others get 503 overflow; one client at a time is never refused."""
+    with applied(lab, "traffic-max-requests"):
+        assert statuses(load("cb.shop:8080/", 4, workers=1)) == {200: 4}
+        results = load("cb.shop:8080/", 30, workers=6)
+    counts = statuses(results)
+    assert set(counts) == {200, 503} and counts[503] >= 5, counts
+    assert all("overflow" in body for _, status, body in results if status == 503)
