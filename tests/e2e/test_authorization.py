@@ -242,3 +242,39 @@ def test_explain_command_evaluates_the_current_policies(authz_lab, tmp_path):
         assert allowed.returncode == 0 and allowed.stdout.startswith("ALLOW")
     finally:
         _delete(tmp_path, DENY_ADMIN)
+
+
+@pytest.mark.parametrize("service", ["reviews", "ratings"], ids=["cross-node", "same-node"])
+def test_remote_ip_blocks_are_the_clients_own_address(authz_lab, tmp_path, service):
+    """Issue #21: remoteIpBlocks, with no trusted proxy hop in front (Istio's default
+    numTrustedProxies 0), match the client's own address: a DENY on the intruder's address
+    holds whatever X-Forwarded-For it sends, and frontend sending the intruder's address in
+    X-Forwarded-For is not denied."""
+
+    def pod_ip(pod: str) -> str:
+        return meshlab("exec", pod, "--", "printenv", "POD_IP").stdout.strip()
+
+    intruder, frontend = pod_ip("shop/intruder"), pod_ip("shop/frontend")
+    deny = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-remote", "namespace": "shop"},
+        "spec": {
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"remoteIpBlocks": [f"{intruder}/32"]}}]}],
+        },
+    }
+    url = f"http://{service}.shop:9080/"
+    _apply(tmp_path, deny)
+    try:
+        wait_until(
+            lambda: authz_lab.curl("shop/intruder", url, timeout=2)[0],
+            lambda code: code == "403",
+            what="the intruder's address is denied once the policy is in",
+        )
+        spoofed = authz_lab.curl("shop/intruder", url, "-H", f"X-Forwarded-For: {frontend}")
+        assert spoofed == ("403", "RBAC: access denied")
+        named = authz_lab.curl("shop/frontend", url, "-H", f"X-Forwarded-For: {intruder}")
+        assert named[0] == "200"
+    finally:
+        _delete(tmp_path, deny)
