@@ -86,6 +86,10 @@ from meshagent.common.h2guard import ABUSE, Abuse, FloodGuard
 from meshagent.common.pathnorm import InvalidPath, PathNormalization, normalize_target
 
 log = logging.getLogger(__name__)
+
+# How often an upstream connection busy with streams is looked at again for its idle timeout:
+# a short timeout must not wake the proxy every millisecond through a long stream.
+_BUSY_RECHECK = 1.0
 abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood the log
 
 RECEIVE_SIZE = 65536
@@ -843,7 +847,7 @@ class _Session:
         request for `timeout` s (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
         while not (peer.closed or peer.goaway):
             if peer.active:
-                await trio.sleep(timeout)  # busy: look again later
+                await trio.sleep(max(timeout, _BUSY_RECHECK))  # busy: look again later
             elif trio.current_time() < peer.idle_since + timeout:
                 await trio.sleep_until(peer.idle_since + timeout)
             else:
