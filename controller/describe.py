@@ -19,6 +19,7 @@ from meshagent.common.istio import security as sec
 from meshagent.common.istio import telemetry as tel
 from meshagent.common.istio.serviceentry import ServiceEntry
 from meshagent.common.istio.support import service_fqdn
+from meshagent.common.pathtemplate import is_template
 
 ROOT_NAMESPACE = "istio-system"
 L7_PORTS = "http/http2/grpc ports"
@@ -141,6 +142,17 @@ def _rule_meaning(rule: sec.Rule, action: str) -> str:
             " remoteIpBlocks/remote.ip: with no gateway in front (no trusted X-Forwarded-For "
             "hop, Istio's default numTrustedProxies 0) the remote address is the client's own, "
             "so they match as ipBlocks/source.ip do."
+        )
+    templates = [
+        p
+        for t in rule.to or ()
+        for p in (*t.operation.paths, *t.operation.not_paths)
+        if is_template(p)
+    ]
+    if templates:
+        note += (
+            f" Path templates {templates}: {{*}} is one path segment, {{**}} anything to the "
+            "end, matched on the normalized path."
         )
     ports = sorted({p for t in rule.to or () for p in t.operation.ports})
     if ports and all(t.operation.ports for t in rule.to or ()):

@@ -273,3 +273,18 @@ def test_explain_says_remote_ip_blocks_match_the_clients_own_address() -> None:
     [_, rule] = describe(ap)
     assert "numTrustedProxies 0" in rule and "as ipBlocks/source.ip do" in rule
     assert warnings(ap) == []
+
+
+def test_explain_reads_path_templates_out() -> None:
+    from meshagent.controller.describe import describe
+
+    ap = parse_resource(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "templates", "namespace": "foo"},
+            "spec": {"rules": [{"to": [{"operation": {"paths": ["/foo/{*}/bar", "/x*"]}}]}]},
+        }
+    )
+    [_, rule] = describe(ap)
+    assert "Path templates ['/foo/{*}/bar']: {*} is one path segment" in rule
