@@ -106,6 +106,9 @@ class Service(_Model):
 class Node(_Model):
     name: str
     address: str  # where other nodes' proxies reach this node's proxy (HBONE)
+    # region/zone/subzone from the node's topology labels ("" without a region): what
+    # locality-aware balancing compares (common/locality.py)
+    locality: str = ""
 
 
 class Snapshot(_Model):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from meshagent.common.failmode import DEFAULT_FAIL_MODE, FAIL_MODE_LABEL, FAIL_MODES
 from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
+from meshagent.common.locality import of_labels as locality_of_labels
 from meshagent.common.snapshot import (
     MESH_LABEL,
     Endpoint,
@@ -394,7 +395,8 @@ def compile_nodes(model: ClusterModel) -> list[Node]:
         addresses = (node.get("status") or {}).get("addresses") or []
         internal = [a["address"] for a in addresses if a.get("type") == "InternalIP"]
         if internal:
-            out.append(Node(name=_meta(node)["name"], address=internal[0]))
+            where = locality_of_labels(_labels(node))
+            out.append(Node(name=_meta(node)["name"], address=internal[0], locality=where))
     return sorted(out, key=lambda n: n.name)
 
 

@@ -452,6 +452,35 @@ def _after(idle_timeout: float) -> str:
     return "never" if idle_timeout == 0 else f"after {idle_timeout:g}s"
 
 
+def _locality_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy) -> list[str]:
+    """Locality balancing: what the nodes' topology labels make of it (common/locality.py)."""
+    setting = policy.load_balancer.locality_lb_setting if policy.load_balancer else None
+    if setting is not None and not setting.enabled:
+        return [f"{where}no locality preference (localityLbSetting disabled)."]
+    if setting is not None and setting.distribute:
+        rules = "; ".join(
+            f"from {d.from_}: " + ", ".join(f"{pct} % to {to}" for to, pct in d.to.items())
+            for d in setting.distribute
+        )
+        return [
+            f"{where}traffic shared by the client's locality ({rules}); a locality no `to` "
+            "names gets none while another has healthy endpoints."
+        ]
+    failover = setting.failover if setting is not None else ()
+    regions = "".join(f"; then {f.to} for clients in {f.from_}" for f in failover)
+    if policy.outlier_detection is None:
+        return (
+            [f"{where}locality failover is set but does nothing without outlierDetection."]
+            if failover
+            else []
+        )
+    return [
+        f"{where}locality failover (outlierDetection is set): endpoints in the client's zone "
+        f"first, then its region{regions}, then the rest, spilling over as endpoints are "
+        "ejected; by the nodes' topology.kubernetes.io/region and /zone labels."
+    ]
+
+
 def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy) -> list[str]:
     out = []
     lb = policy.load_balancer
@@ -459,6 +488,7 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
         out.append(f"{where}load balancing {lb.simple}, on every port.")
     if lb is not None and lb.consistent_hash is not None:
         out.append(f"{where}{_hash_text(lb.consistent_hash)}")
+    out += _locality_lines(where, policy)
     pool = policy.connection_pool
     if pool is not None and pool.tcp is not None:
         t = pool.tcp

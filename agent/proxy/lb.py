@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import trio
 from meshagent.agent.proxy.routing import ClusterSpec, RouteTable, UpstreamEndpoint
+from meshagent.common import locality
 from meshagent.common.snapshot import Endpoint
 from prometheus_client import Counter, Gauge
 
@@ -104,6 +105,10 @@ class EndpointState:
     ejected_until: float | None = None
     decay_from: float = 0.0
     retired: bool = False  # gone from the snapshot; its connections are not reused
+    # Locality balancing (common/locality.py): failover priority, or locality and its share
+    priority: int = 0
+    locality: str = ""
+    share: float = 0.0
 
     @property
     def endpoint(self) -> Endpoint:
@@ -170,12 +175,15 @@ class ClusterState:
         previous = self._by_address
         self.endpoints = []
         self._by_address = {}
-        for upstream in spec.endpoints:
+        for i, upstream in enumerate(spec.endpoints):
             state = previous.pop(upstream.address, None)
             if state is None:
                 state = EndpointState(upstream)
             else:
                 state.upstream = upstream
+            state.priority = spec.priorities[i] if spec.priorities else 0
+            state.locality = spec.localities[i] if spec.localities else ""
+            state.share = spec.shares[i] if spec.shares else 0.0
             self.endpoints.append(state)
             self._by_address[upstream.address] = state
         for gone in previous.values():
@@ -198,6 +206,10 @@ class ClusterState:
             fresh = [h for h in hosts if h not in exclude]
             if fresh:
                 hosts = fresh
+        if self.spec.priorities:
+            hosts = self._priority_level(hosts)
+        elif self.spec.shares:
+            hosts = self._weighted_locality(hosts)
         n = len(hosts)
         if n <= 1:
             return hosts[0] if hosts else None
@@ -212,6 +224,43 @@ class ClusterState:
             self._rr += 1
             return hosts[self._rr % n]
         return hosts[int(self._rng.random() * n)]
+
+    def _priority_level(self, hosts: list[EndpointState]) -> list[EndpointState]:
+        """The hosts of one failover priority, drawn by Envoy's priority load."""
+        levels = sorted({ep.priority for ep in self.endpoints})
+        totals = {level: 0 for level in levels}
+        for ep in self.endpoints:
+            totals[ep.priority] += 1
+        usable = {level: 0 for level in levels}
+        for ep in hosts:
+            usable[ep.priority] += 1
+        loads = locality.level_loads([(usable[lv], totals[lv]) for lv in levels])
+        chosen = self._draw(levels, loads)
+        return hosts if chosen is None else [ep for ep in hosts if ep.priority == chosen]
+
+    def _weighted_locality(self, hosts: list[EndpointState]) -> list[EndpointState]:
+        """The hosts of one locality, drawn by its `distribute` share x its healthy fraction."""
+        totals: dict[str, int] = {}
+        for ep in self.endpoints:
+            totals[ep.locality] = totals.get(ep.locality, 0) + 1
+        weights: dict[str, float] = {}
+        for ep in hosts:
+            weights[ep.locality] = weights.get(ep.locality, 0.0) + ep.share / totals[ep.locality]
+        names = list(weights)
+        chosen = self._draw(names, [weights[n] for n in names])
+        return hosts if chosen is None else [ep for ep in hosts if ep.locality == chosen]
+
+    def _draw(self, items: list, weights: list[float]):
+        """One of `items` with probability proportional to its weight; None if all are 0."""
+        total = sum(weights)
+        if total <= 0:
+            return None
+        point = self._rng.random() * total
+        for item, weight in zip(items, weights, strict=True):
+            point -= weight
+            if point < 0 and weight > 0:
+                return item
+        return next(item for item, weight in zip(items, weights, strict=True) if weight > 0)
 
     def healthy(self) -> list[EndpointState]:
         now = self._clock()

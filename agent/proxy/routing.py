@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from meshagent.agent.proxy.route_actions import Cors, HeaderOps, Mirror, Redirect, Rewrite
+from meshagent.common import locality
 from meshagent.common.istio import networking as net
 from meshagent.common.istio.delegation import merge_delegates
 from meshagent.common.istio.resource import ResourceError, parse_resource
@@ -211,6 +212,7 @@ class TrafficPolicy:
     # seconds, math.inf when 0s turned them off; None: the agent's own default
     tcp_idle_timeout: float | None = None
     http_idle_timeout: float | None = None
+    locality: net.LocalityLbSetting | None = None  # `loadBalancer.localityLbSetting`
 
 
 DEFAULT_POLICY = TrafficPolicy()
@@ -230,6 +232,11 @@ class ClusterSpec:
     key: ClusterKey
     endpoints: tuple[UpstreamEndpoint, ...]
     policy: TrafficPolicy = DEFAULT_POLICY
+    # Locality balancing (common/locality.py), per endpoint when it applies, else ():
+    # the failover priority, or the endpoint's locality and that locality's traffic share
+    priorities: tuple[int, ...] = ()
+    localities: tuple[str, ...] = ()
+    shares: tuple[float, ...] = ()
     # Envoy's cluster name (key.name), formatted once: every request records it
     name: str = field(init=False, repr=False, compare=False)
 
@@ -644,7 +651,8 @@ def _to_policy(
             else outlier.max_ejection_percent,
         )
     return TrafficPolicy(
-        lb=(lb.simple or "RANDOM") if lb else DEFAULT_LB,  # Envoy's ring: random when no key
+        # Envoy's ring: random when no key
+        lb=lb.simple or ("RANDOM" if lb.consistent_hash else DEFAULT_LB) if lb else DEFAULT_LB,
         hash=HashPolicy.of(lb.consistent_hash) if lb and lb.consistent_hash else None,
         connect_timeout=(tcp.connect_timeout if tcp else None) or DEFAULT_CONNECT_TIMEOUT,
         max_connections=_positive(tcp.max_connections if tcp else None),
@@ -657,6 +665,7 @@ def _to_policy(
         keepalive=Keepalive.of(tcp.tcp_keepalive) if tcp and tcp.tcp_keepalive else None,
         tcp_idle_timeout=_idle(tcp.idle_timeout if tcp else None),
         http_idle_timeout=_idle(http.idle_timeout if http else None),
+        locality=lb.locality_lb_setting if lb else None,
     )
 
 
@@ -731,6 +740,8 @@ class _Compiler:
         self.root_namespace = root_namespace
         self.domain = domain
         self.services = {svc.hostname: svc for svc in snap.services}
+        self.node_localities = {n.name: n.locality for n in snap.nodes}
+        self.own_locality = self.node_localities.get(snap.node, "")
         self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
         self.virtual_services: list[net.VirtualService] = []
         self.destination_rules: list[net.DestinationRule] = []
@@ -822,11 +833,23 @@ class _Compiler:
             endpoints = [e for e in endpoints if self._has_labels(e, sub.labels)]
             subset_policy = sub.traffic_policy
         policy = merge_policy(dr.spec.traffic_policy if dr else None, subset_policy, port)
-        spec = ClusterSpec(
-            key, tuple(UpstreamEndpoint(e, e.ports[port]) for e in endpoints), policy
-        )
+        upstreams = tuple(UpstreamEndpoint(e, e.ports[port]) for e in endpoints)
+        spec = ClusterSpec(key, upstreams, policy, *self._locality_balance(endpoints, policy))
         self.clusters[key] = spec
         return spec
+
+    def _locality_balance(
+        self, endpoints: Sequence[Endpoint], policy: TrafficPolicy
+    ) -> tuple[tuple[int, ...], tuple[str, ...], tuple[float, ...]]:
+        where = tuple(self.node_localities.get(e.node, "") for e in endpoints)
+        setting, client = policy.locality, self.own_locality
+        levels = locality.priorities(client, where, setting, policy.outlier is not None)
+        if levels:
+            return levels, (), ()
+        shares = locality.shares(client, where, setting)
+        if shares:
+            return (), where, tuple(shares[w] for w in where)
+        return (), (), ()
 
     def _has_labels(self, endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
         workload = self.workloads.get(endpoint.workload_uid)

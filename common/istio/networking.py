@@ -712,14 +712,67 @@ class ConsistentHashLB(IstioModel):
         return self
 
 
+def _locality(value: str) -> str:
+    """`region/zone/subzone`, each part a name or `*` (a trailing `*` covers what follows)."""
+    parts = value.split("/")
+    if not value or len(parts) > 3 or any(not p for p in parts):
+        raise ValueError(f"locality {value!r} must be region, region/zone or region/zone/subzone")
+    if "*" in parts[:-1] or any("*" in p and p != "*" for p in parts):
+        raise ValueError(f"locality {value!r}: `*` may only stand for a whole last part")
+    return value
+
+
+Locality = Annotated[str, AfterValidator(_locality)]
+
+
+class LocalityDistribute(IstioModel):
+    from_: Locality = Field(alias="from")
+    to: dict[Locality, Annotated[int, Field(ge=0, le=100, strict=True)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sums_to_100(self) -> LocalityDistribute:
+        if sum(self.to.values()) != _WEIGHT_TOTAL:
+            raise ValueError(f"the weights of `to` sum to {sum(self.to.values())}, not 100")
+        return self
+
+
+class LocalityFailover(IstioModel):
+    from_: NonEmptyStr = Field(alias="from")  # a region
+    to: NonEmptyStr  # a region
+
+    @model_validator(mode="after")
+    def _regions(self) -> LocalityFailover:
+        if "/" in self.from_ or "/" in self.to or self.from_ == self.to:
+            raise ValueError("failover goes from one region to another (no zones, not itself)")
+        return self
+
+
+class LocalityLbSetting(IstioModel):
+    """Locality-aware balancing over the nodes' `topology.kubernetes.io/region`, `/zone` and
+    `topology.istio.io/subzone` labels (agent/proxy/routing.py `locality_levels`)."""
+
+    enabled: bool = True
+    distribute: tuple[LocalityDistribute, ...] = ()
+    failover: tuple[LocalityFailover, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> LocalityLbSetting:
+        if self.distribute and self.failover:
+            raise ValueError("set distribute or failover, not both (Istio refuses both)")
+        return self
+
+
 class LoadBalancerSettings(IstioModel):
     simple: Annotated[LoadBalancer, BeforeValidator(_reject_passthrough)] | None = None
     consistent_hash: ConsistentHashLB | None = None
+    locality_lb_setting: LocalityLbSetting | None = None
 
     @model_validator(mode="after")
     def _one_policy(self) -> LoadBalancerSettings:
-        if (self.simple is None) == (self.consistent_hash is None):
-            raise ValueError("set exactly one of simple or consistentHash")
+        if self.simple is not None and self.consistent_hash is not None:
+            raise ValueError("set simple or consistentHash, not both")
+        if self.simple is None and self.consistent_hash is None and not self.locality_lb_setting:
+            raise ValueError("set one of simple, consistentHash or localityLbSetting")
         return self
 
 

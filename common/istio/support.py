@@ -315,6 +315,16 @@ def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
             if http is not None and http.model_dump(by_alias=True).get(name) is not None:
                 out.append((f"{where}.connectionPool.http.{name}", _HTTP2_GAP))
         out += _pool_gaps(where, tcp, http)
+        lb = policy.load_balancer if policy is not None else None
+        setting = lb.locality_lb_setting if lb is not None else None
+        if setting is not None and setting.failover and policy.outlier_detection is None:
+            out.append(
+                (
+                    f"{where}.loadBalancer.localityLbSetting.failover",
+                    "locality failover needs outlierDetection (as in Istio): without it the "
+                    "endpoints are not ordered by locality",
+                )
+            )
         if (
             tcp is not None
             and tcp.connect_timeout
