@@ -419,3 +419,35 @@ def test_http2_max_requests_bounds_requests_in_flight(lab):
     counts = statuses(results)
     assert set(counts) == {200, 503} and counts[503] >= 5, counts
     assert all("overflow" in body for _, status, body in results if status == 503)
+
+
+def test_http_idle_timeout_closes_the_idle_upstream_connection(lab):
+    """Issue #21: `http.idleTimeout: 3s`: once the requests are done, the pooled upstream
+    connection to cb is closed within a pool sweep (5 s) after 3 s idle, and with it node-2's
+    connection to the pod (it would stay 300 s without the rule)."""
+    cb = pod_ip("shop/cb")
+
+    def pod_connections() -> int:
+        out = meshlab(
+            "exec",
+            "--node",
+            "node-2",
+            "--",
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            f"{cb}:8080",
+        ).stdout
+        return len(out.splitlines())
+
+    with applied(lab, "traffic-idle"):
+        assert statuses(load("cb.shop:8080/", 4, workers=1)) == {200: 4}
+        assert pod_connections() >= 1  # pooled, idle: kept for now
+        wait_until(
+            pod_connections,
+            lambda n: n == 0,
+            what="the idle connection to cb's pod is closed",
+            timeout=20,
+        )
