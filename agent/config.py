@@ -80,7 +80,8 @@ class AgentConfig(BaseModel):
     # DECODE_AND_MERGE_SLASHES, the strictest and our default; see common/pathnorm.py).
     path_normalization: PathNormalization = DEFAULT_MODE
     # Istio's meshConfig.extensionProviders: the ext-authz services AuthorizationPolicies with
-    # action CUSTOM name (`envoyExtAuthzHttp` only; common/extauthz.py). A CUSTOM policy naming
+    # action CUSTOM name (`envoyExtAuthzHttp`, common/extauthz.py, or `envoyExtAuthzGrpc`,
+    # common/extauthz_grpc.py). A CUSTOM policy naming
     # a provider not declared here denies the requests it matches (fail closed).
     extension_providers: list[ExtensionProvider] = Field(default_factory=list)
     hbone_port: int = 15008

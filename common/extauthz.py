@@ -30,7 +30,11 @@ from dataclasses import dataclass
 
 import h11
 import trio
-from meshagent.common.extauthz_provider import EnvoyExtAuthzHttp, ExtensionProvider
+from meshagent.common.extauthz_provider import (
+    EnvoyExtAuthzHttp,
+    ExtensionProvider,
+    Provider,
+)
 
 MAX_BODY = 64 * 1024  # of a check response kept for the client
 _HOP_BY_HOP = frozenset(
@@ -70,10 +74,13 @@ class Verdict:
     (`status`, `headers`, `body`) the client gets."""
 
     allowed: bool
-    upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+    upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # set, replacing same-named ones
     status: int = 0
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    # gRPC providers also add headers beside the request's and remove some
+    appended_headers: tuple[tuple[bytes, bytes], ...] = ()
+    removed_headers: tuple[bytes, ...] = ()
 
 
 def check_request(
@@ -118,7 +125,7 @@ def verdict(
     return Verdict(False, status=status, headers=sent, body=body[:MAX_BODY])
 
 
-def on_error(provider: EnvoyExtAuthzHttp) -> Verdict:
+def on_error(provider: Provider) -> Verdict:
     """The provider could not be asked: failOpen, else statusOnError."""
     if provider.fail_open:
         return Verdict(True)
@@ -150,12 +157,12 @@ async def ask(
             raise h11.RemoteProtocolError("the provider closed the connection")
 
 
-def providers(declared: Iterable[Mapping | ExtensionProvider]) -> dict[str, EnvoyExtAuthzHttp]:
+def providers(declared: Iterable[Mapping | ExtensionProvider]) -> dict[str, Provider]:
     """The declared providers by name (validated; raises pydantic's ValidationError)."""
     out = {}
     for item in declared:
         provider = (
             item if isinstance(item, ExtensionProvider) else ExtensionProvider.model_validate(item)
         )
-        out[provider.name] = provider.envoy_ext_authz_http
+        out[provider.name] = provider.provider
     return out

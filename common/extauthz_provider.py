@@ -9,9 +9,9 @@ run` reads its config before it starts its proxy workers.
 from __future__ import annotations
 
 from meshagent.common.istio.base import IstioModel, NonEmptyStr, Port, parse_duration
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
-__all__ = ["EnvoyExtAuthzHttp", "ExtensionProvider"]
+__all__ = ["EnvoyExtAuthzGrpc", "EnvoyExtAuthzHttp", "ExtensionProvider", "Provider"]
 
 
 class EnvoyExtAuthzHttp(IstioModel):
@@ -39,8 +39,43 @@ class EnvoyExtAuthzHttp(IstioModel):
         return parse_duration(self.timeout)
 
 
+class EnvoyExtAuthzGrpc(IstioModel):
+    """`envoyExtAuthzGrpc`: Envoy's gRPC check API (envoy.service.auth.v3.Authorization/Check)
+    served by the provider's Service port; what the answer means: common/extauthz_grpc.py."""
+
+    service: NonEmptyStr
+    port: Port
+    timeout: NonEmptyStr = "600s"
+    fail_open: bool = False
+    status_on_error: int = 403
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+
+Provider = EnvoyExtAuthzHttp | EnvoyExtAuthzGrpc
+
+
 class ExtensionProvider(IstioModel):
-    """One of `meshConfig.extensionProviders[]`; only the HTTP ext-authz kind is supported."""
+    """One of `meshConfig.extensionProviders[]`: an ext-authz provider, HTTP or gRPC."""
 
     name: NonEmptyStr
-    envoy_ext_authz_http: EnvoyExtAuthzHttp
+    envoy_ext_authz_http: EnvoyExtAuthzHttp | None = None
+    envoy_ext_authz_grpc: EnvoyExtAuthzGrpc | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ExtensionProvider:
+        if (self.envoy_ext_authz_http is None) == (self.envoy_ext_authz_grpc is None):
+            raise ValueError("set exactly one of envoyExtAuthzHttp and envoyExtAuthzGrpc")
+        return self
+
+    @property
+    def provider(self) -> Provider:
+        return self.envoy_ext_authz_http or self.envoy_ext_authz_grpc  # type: ignore[return-value]

@@ -14,11 +14,13 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
+import h2.exceptions
 import h11
 import trio
 from meshagent.agent.proxy.http.types import LocalResponse, RequestInfo
-from meshagent.agent.proxy.upstream import UpstreamError
-from meshagent.common import authz, extauthz
+from meshagent.agent.proxy.upstream import UpstreamError, workload_identity
+from meshagent.common import authz, extauthz, extauthz_grpc
+from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc, Provider
 from meshagent.common.istio.support import service_fqdn
 from meshagent.common.snapshot import Workload
 
@@ -36,7 +38,7 @@ class ProviderUnreachable(Exception):
     pass
 
 
-def _endpoint(tables: Tables, provider: extauthz.EnvoyExtAuthzHttp) -> tuple[str, int]:
+def _endpoint(tables: Tables, provider: Provider) -> tuple[str, int]:
     """A pod (ip, port) behind the provider's Service port."""
     fqdn = service_fqdn(provider.service, "default")
     for service in tables.snapshot.services:
@@ -52,17 +54,38 @@ def _endpoint(tables: Tables, provider: extauthz.EnvoyExtAuthzHttp) -> tuple[str
 async def _ask(
     connector: Connector,
     tables: Tables,
-    provider: extauthz.EnvoyExtAuthzHttp,
+    provider: Provider,
     target: Workload,
     request: RequestInfo,
+    peer: authz.Request,
+    trust_domain: str,
 ) -> extauthz.Verdict:
     ip, port = _endpoint(tables, provider)
-    check = extauthz.check_request(
-        provider, request.method, request.target, request.authority, request.headers
+    grpc = isinstance(provider, EnvoyExtAuthzGrpc)
+    upstream = await connector.open(
+        target, ip, port, target.ips[0], "http2" if grpc else "http1", provider.timeout_s
     )
-    upstream = await connector.open(target, ip, port, target.ips[0], "http1", provider.timeout_s)
     try:
-        status, headers, body = await extauthz.ask(upstream.stream, check)
+        if grpc:
+            check = extauthz_grpc.check_request(
+                request.method,
+                request.target,
+                request.authority,
+                request.headers,
+                source=(peer.source_ip, 0, peer.source_principal),
+                destination=(
+                    peer.destination_ip,
+                    peer.destination_port,
+                    workload_identity(target, trust_domain).principal,
+                ),
+            )
+            authority = f"{provider.service}:{provider.port}"
+            answer = await extauthz_grpc.call(upstream.stream, authority, check, provider.timeout_s)
+            return extauthz_grpc.verdict(provider, answer)
+        http_check = extauthz.check_request(
+            provider, request.method, request.target, request.authority, request.headers
+        )
+        status, headers, body = await extauthz.ask(upstream.stream, http_check)
     finally:
         await trio.aclose_forcefully(upstream.stream)
     return extauthz.verdict(provider, status, headers, body)
@@ -70,13 +93,17 @@ async def _ask(
 
 async def consult(
     match: tuple[str, str, int],
-    providers: dict[str, extauthz.EnvoyExtAuthzHttp],
+    providers: dict[str, Provider],
     connector: Connector | None,
     tables: Tables,
     target: Workload,
     request: RequestInfo,
+    peer: authz.Request,
+    trust_domain: str,
 ) -> tuple[authz.Decision, LocalResponse | None]:
-    """Ask the provider of the CUSTOM policy that matched (`match`: provider, policy, rule);
+    """Ask the provider of the CUSTOM policy that matched (`match`: provider, policy, rule;
+    `peer`: the connection's source and destination, and the mesh's `trust_domain`, for a
+    gRPC provider's CheckRequest);
     (the decision for the access log, the response to send or None to go on)."""
     name, policy, rule = match
     provider = providers.get(name)
@@ -93,7 +120,7 @@ async def consult(
         return authz.Decision(False, "DENY", policy, rule, why), _DENIED
     try:
         with trio.fail_after(provider.timeout_s):
-            verdict = await _ask(connector, tables, provider, target, request)
+            verdict = await _ask(connector, tables, provider, target, request, peer, trust_domain)
     except (
         ProviderUnreachable,
         UpstreamError,
@@ -101,14 +128,16 @@ async def consult(
         trio.BrokenResourceError,
         OSError,
         h11.ProtocolError,
+        h2.exceptions.ProtocolError,
+        extauthz_grpc.CallFailed,
     ) as exc:
         log.warning("ext-authz provider %r of %s could not be asked: %s", name, policy, exc)
         verdict = extauthz.on_error(provider)
     if verdict.allowed:
-        if verdict.upstream_headers:
-            names = {n for n, _ in verdict.upstream_headers}
-            kept = [(n, v) for n, v in request.headers if n not in names]
-            request.replace_headers([*kept, *verdict.upstream_headers])
+        if verdict.upstream_headers or verdict.appended_headers or verdict.removed_headers:
+            gone = {n for n, _ in verdict.upstream_headers} | set(verdict.removed_headers)
+            kept = [(n, v) for n, v in request.headers if n not in gone]
+            request.replace_headers([*kept, *verdict.upstream_headers, *verdict.appended_headers])
         why = f"allowed by ext-authz provider {name!r} (CUSTOM policy {policy} rule {rule})"
         return authz.Decision(True, "ALLOW", policy, rule, why), None
     why = f"denied by ext-authz provider {name!r} (CUSTOM policy {policy} rule {rule})"

@@ -303,7 +303,14 @@ class InboundProxy:
                 match = selected.custom_match(attributes)
                 if match is not None:
                     verdict, answer = await extauthz.consult(
-                        match, self.inputs.ext_authz, self.connector, current, target, request
+                        match,
+                        self.inputs.ext_authz,
+                        self.connector,
+                        current,
+                        target,
+                        request,
+                        attributes,
+                        td,
                     )
                     if answer is not None:
                         request.decision = verdict

@@ -15,7 +15,7 @@ from meshagent.agent.proxy.limits import Limits
 from meshagent.agent.proxy.live import LiveConnections
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
-from meshagent.common.extauthz import EnvoyExtAuthzHttp
+from meshagent.common.extauthz_provider import Provider
 
 
 @dataclass
@@ -32,4 +32,4 @@ class ProxyInputs:
     limits: Limits = field(default_factory=Limits)  # per-source bounds, refusals counted
     tcp_idle_timeout: float = 3600.0  # a plain TCP relay idle this long (s) is closed
     # the mesh config's ext-authz providers by name (AuthorizationPolicy CUSTOM)
-    ext_authz: dict[str, EnvoyExtAuthzHttp] = field(default_factory=dict)
+    ext_authz: dict[str, Provider] = field(default_factory=dict)

@@ -1,7 +1,8 @@
-"""Issue #21: AuthorizationPolicy `action: CUSTOM` consults an HTTP ext-authz server declared
-in the mesh config (the agents' `extension_providers`, as Istio's meshConfig), and follows its
-verdict: real curl from a pod, the provider a stdlib server on the other node (reached through
-HBONE as the destination workload)."""
+"""Issue #21: AuthorizationPolicy `action: CUSTOM` consults an ext-authz server declared in the
+mesh config (the agents' `extension_providers`, as Istio's meshConfig), over Envoy's HTTP or
+gRPC check API, and follows its verdict: real curl from a pod, the provider a stdlib server
+(HTTP) or Debian's grpcio (gRPC) on the other node, reached through HBONE as the destination
+workload."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ PROVIDERS = [
             "headersToUpstreamOnAllow": ["x-ext-authz-check-result"],
             "headersToDownstreamOnDeny": ["x-ext-authz-check-result"],
         },
+    },
+    {
+        "name": "sample-ext-authz-grpc",
+        "envoyExtAuthzGrpc": {"service": "ext-authz-grpc.shop.svc.cluster.local", "port": 9000},
     },
     {  # a Service port nothing serves: the provider cannot be asked
         "name": "unreachable",
@@ -99,6 +104,31 @@ def test_custom_policy_follows_the_providers_verdict(ext_lab, tmp_path):
         assert code == "200" and "x-ext-authz-check-result" not in text.lower()
     finally:
         _apply(tmp_path, _policy("sample-ext-authz-http"), "delete")
+
+
+def test_custom_policy_follows_a_grpc_providers_verdict(ext_lab, tmp_path):
+    _apply(tmp_path, _policy("sample-ext-authz-grpc"))
+    try:
+        code, text = wait_until(
+            lambda: _get(ext_lab, "/checked/g", "-H", "x-ext-authz: deny"),
+            lambda got: got[0] == "403",
+            what="the gRPC provider's denial reaches the client once the CUSTOM policy is in",
+        )
+        assert "denied by ext_authz for not found header" in text
+        assert "x-ext-authz-check-result: denied" in text.lower()  # denied_response headers
+        code, text = _get(
+            ext_lab, "/checked/g?q=1", "-H", "x-ext-authz: allow", "-H", "x-strip-me: 1"
+        )
+        assert code == "200", text
+        seen = text.lower()  # what reached the echo server
+        assert "get /checked/g?q=1 http/1.1" in seen
+        assert "x-ext-authz-check-result: allowed" in seen  # ok_response headers
+        assert "x-ext-authz-path: /checked/g?q=1" in seen  # the provider saw path and query
+        # the CheckRequest named the client by its SPIFFE identity (mTLS, cross node)
+        assert "x-ext-authz-source: spiffe://cluster.local/ns/shop/sa/client" in seen
+        assert "x-strip-me" not in seen  # headers_to_remove
+    finally:
+        _apply(tmp_path, _policy("sample-ext-authz-grpc"), "delete")
 
 
 @pytest.mark.parametrize("provider", ["unreachable", "not-declared"])

@@ -10,6 +10,7 @@ import pytest
 import trio
 from meshagent.agent.config import AgentConfig
 from meshagent.common import authz, extauthz
+from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc
 from meshagent.common.httpserve import Request, Response, serve_http
 from meshagent.common.istio import ResourceError, parse_resource
 from pydantic import ValidationError
@@ -141,8 +142,14 @@ def test_providers_in_the_agent_config():
     config = AgentConfig(extension_providers=declared)
     again = AgentConfig.model_validate_json(config.model_dump_json())  # as workers get it
     assert extauthz.providers(again.extension_providers)["ext"].port == 80
-    with pytest.raises(ValidationError, match="envoyExtAuthzGrpc"):
-        AgentConfig(extension_providers=[{"name": "g", "envoyExtAuthzGrpc": {"service": "a"}}])
+    grpc = [{"name": "g", "envoyExtAuthzGrpc": {"service": "a.b", "port": 9000}}]
+    assert extauthz.providers(AgentConfig(extension_providers=grpc).extension_providers)[
+        "g"
+    ] == EnvoyExtAuthzGrpc(service="a.b", port=9000)
+    both = {**declared[0], "envoyExtAuthzGrpc": {"service": "a", "port": 1}}
+    for wrong in ({"name": "n"}, both):
+        with pytest.raises(ValidationError, match="exactly one of envoyExtAuthzHttp and"):
+            AgentConfig(extension_providers=[wrong])
 
 
 def test_authz_check_says_the_provider_is_asked_first():
