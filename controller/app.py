@@ -59,6 +59,7 @@ from meshagent.controller.push import (
     TokenReviewAuthenticator,
     controller_identity,
 )
+from meshagent.controller.resolver import NameResolver
 from meshagent.controller.serviceentry import model_entry_hosts
 from meshagent.controller.sources.files import FileSource
 from meshagent.controller.sources.kubernetes import (
@@ -299,6 +300,7 @@ class Controller:
                 await nursery.start(self.files.serve)
             await nursery.start(self.validator.serve, self.model)
             await nursery.start(JwksFetcher(self.model).serve)
+            await nursery.start(NameResolver(self.model).serve)
 
             self.ca, issuer_pem = await self._load_ca(client)
             if s.trust_bundle_out is not None:

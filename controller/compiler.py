@@ -32,6 +32,7 @@ from meshagent.common.workloadname import pod_workload
 from meshagent.controller.failclosed import unenforceable_deny
 from meshagent.controller.jwks import compile_jwks
 from meshagent.controller.model import ClusterModel
+from meshagent.controller.resolver import resolved_names
 from meshagent.controller.serviceentry import compile_entries, model_entries, model_entry_hosts
 
 
@@ -491,7 +492,10 @@ def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapsh
         node=node,
         nodes=compile_nodes(model),
         workloads=workloads,
-        services=[*compile_services(model, workloads), *compile_entries(model_entries(model))],
+        services=[
+            *compile_services(model, workloads),
+            *compile_entries(model_entries(model), resolved_names(model)),
+        ],
         trust_bundle=trust_bundle,
         istio_resources=compile_istio(model),
         telemetry=compile_telemetry(model),

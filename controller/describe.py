@@ -17,7 +17,7 @@ from meshagent.common.istio import IstioResource
 from meshagent.common.istio import networking as net
 from meshagent.common.istio import security as sec
 from meshagent.common.istio import telemetry as tel
-from meshagent.common.istio.serviceentry import ServiceEntry
+from meshagent.common.istio.serviceentry import ServiceEntry, is_ip
 from meshagent.common.istio.support import service_fqdn
 from meshagent.common.pathtemplate import is_template
 
@@ -649,13 +649,22 @@ def _service_entry(entry: ServiceEntry) -> list[str]:
         lines.append(f"port {port.port} ({port.name or 'unnamed'}, {port.app_protocol}): {layer}.")
     if spec.resolution == "NONE":
         lines.append("resolution NONE: each connection goes on to the address the client dialled.")
+    elif spec.names_to_resolve():
+        which = "every address" if spec.resolution == "DNS" else "the first address"
+        ips = [e.address for e in spec.endpoints if is_ip(e.address)]
+        also = f", and {', '.join(ips)}" if ips else ""
+        lines.append(
+            f"resolution {spec.resolution}: connections are balanced over {which} the "
+            f"controller resolves {', '.join(spec.names_to_resolve())} to (every 60 s){also}."
+        )
     else:
         targets = ", ".join(
             f"{e.ip} ({', '.join(f'{k}->{v}' for k, v in e.ports.items())})"
             for e in service.endpoints
         )
         lines.append(
-            f"resolution STATIC: connections are balanced over {targets or 'no endpoint'}."
+            f"resolution {spec.resolution}: connections are balanced over "
+            f"{targets or 'no endpoint'}."
         )
     lines.append(
         f"location {spec.location}: the endpoints are dialled directly, in plain TCP, from the "

@@ -6,16 +6,25 @@ endpoint's address) and dials endpoints that are not pods directly, in plain TCP
 there is no proxy at the other end). So an entry becomes one snapshot Service per host, with
 `host` set (the name routes, policies and metrics use), the entry's addresses as VIPs and its
 endpoints on no node and no workload. `location` changes nothing on this path: MESH_INTERNAL
-endpoints are dialled in plain TCP too, since they have no meshagent proxy to tunnel to.
+endpoints are dialled in plain TCP too, since they have no meshagent proxy to tunnel to. With
+`resolution: DNS` the endpoints are the addresses the controller resolved the names to
+(controller/resolver.py); an entry without `addresses` then applies to connections made to
+those addresses, as a STATIC one to its endpoints'.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from meshagent.common.istio.resource import ResourceError, parse_resource
-from meshagent.common.istio.serviceentry import EntryPort, ServiceEntry
+from meshagent.common.istio.serviceentry import (
+    RESOLVED,
+    EntryEndpoint,
+    EntryPort,
+    ServiceEntry,
+    is_ip,
+)
 from meshagent.common.snapshot import Endpoint, Service, ServicePort
 from meshagent.controller.model import ClusterModel
 
@@ -34,28 +43,46 @@ def _service_port(port: EntryPort) -> ServicePort:
     )
 
 
-def _endpoints(entry: ServiceEntry, vips: list[str]) -> list[Endpoint]:
+Resolved = Mapping[str, tuple[str, ...]]  # name -> addresses (controller/resolver.py)
+
+
+def _addresses(address: str, resolution: str, resolved: Resolved) -> tuple[str, ...]:
+    """An endpoint's addresses: itself when it is an IP, else what its name resolved to (all
+    of them with DNS, the first with DNS_ROUND_ROBIN, as Envoy's STRICT_DNS and LOGICAL_DNS)."""
+    if is_ip(address):
+        return (str(ipaddress.ip_address(address)),)
+    found = resolved.get(address, ())
+    return found[:1] if resolution == "DNS_ROUND_ROBIN" else found
+
+
+def _endpoints(
+    entry: ServiceEntry, vips: list[str], host: str, resolved: Resolved
+) -> list[Endpoint]:
     spec = entry.spec
     if spec.resolution == "NONE":
         # The original destination: the address the client dialled, on the port it dialled.
         ports = {p.number: p.number for p in spec.ports}
         return [Endpoint(ip=vip, node="", workload_uid="", ports=ports) for vip in vips]
-    return [
-        Endpoint(
-            ip=str(ipaddress.ip_address(e.address)),
-            node="",
-            workload_uid="",
-            ports={p.number: e.ports.get(p.name) or p.target_port or p.number for p in spec.ports},
-        )
-        for e in spec.endpoints
-    ]
+    listed = spec.endpoints
+    if not listed and spec.resolution in RESOLVED:  # DNS without endpoints: the host itself
+        listed = (EntryEndpoint(address=host),)
+    out: list[Endpoint] = []
+    for e in listed:
+        ports = {p.number: e.ports.get(p.name) or p.target_port or p.number for p in spec.ports}
+        out += [
+            Endpoint(ip=ip, node="", workload_uid="", ports=ports)
+            for ip in _addresses(e.address, spec.resolution, resolved)
+            if spec.resolution not in RESOLVED or all(known.ip != ip for known in out)
+        ]  # a name and an IP (or two names) for one address: one endpoint
+    return sorted(out, key=lambda e: e.ip)
 
 
-def entry_services(entry: ServiceEntry) -> list[Service]:
-    """One Service per host of `entry`, sharing its addresses, ports and endpoints."""
+def entry_services(entry: ServiceEntry, resolved: Resolved | None = None) -> list[Service]:
+    """One Service per host of `entry`, sharing its addresses and ports, and its endpoints
+    (with DNS resolution and no endpoints listed, each host's own addresses). `resolved`: the
+    addresses of the names resolution DNS needs (none yet: no endpoint for them)."""
     vips = sorted({_vip(a) for a in entry.spec.addresses})
     ports = [_service_port(p) for p in entry.spec.ports]
-    endpoints = sorted(_endpoints(entry, vips), key=lambda e: e.ip)
     return [
         Service(
             namespace=entry.namespace,
@@ -63,19 +90,21 @@ def entry_services(entry: ServiceEntry) -> list[Service]:
             host=host,
             vips=vips,
             ports=ports,
-            endpoints=endpoints,
+            endpoints=_endpoints(entry, vips, host, resolved or {}),
         )
         for host in entry.spec.hosts
     ]
 
 
-def compile_entries(entries: Iterable[ServiceEntry]) -> list[Service]:
+def compile_entries(
+    entries: Iterable[ServiceEntry], resolved: Resolved | None = None
+) -> list[Service]:
     """The services of every entry, in (namespace, host) order; where two entries of one
     namespace declare the same host, the first by (namespace, name) wins, as for Istio's
     oldest-first precedence a tie of creation times falls back to the name."""
     out: dict[tuple[str, str], Service] = {}
     for entry in sorted(entries, key=lambda e: (e.namespace, e.name)):
-        for service in entry_services(entry):
+        for service in entry_services(entry, resolved):
             out.setdefault((service.namespace, service.name), service)
     return [out[key] for key in sorted(out)]
 

@@ -3,9 +3,10 @@
 An entry names hosts (and optionally the addresses they are reached at) and the endpoints
 behind them, so VirtualService, DestinationRule and AuthorizationPolicy rules on those hosts
 have a destination. The subset meshagent can carry is accepted: static IP endpoints
-(`resolution: STATIC`) or the original destination (`NONE`), either location. What needs more
-machinery is refused naming the field: `DNS`/`DNS_ROUND_ROBIN` resolution (the controller
-does not resolve names yet), endpoints by hostname or Unix socket, `workloadSelector`
+(`resolution: STATIC`), the original destination (`NONE`), and names the controller resolves
+(`DNS`: every address of each endpoint's name, or of each host when there are no endpoints;
+`DNS_ROUND_ROBIN`: the first address only, as Envoy's LOGICAL_DNS), either location. What
+needs more machinery is refused naming the field: endpoints by Unix socket, `workloadSelector`
 (endpoints from pods), `subjectAltNames` (TLS origination checks), CIDR addresses wider
 than one IP and NONE without addresses (the proxy matches connections by exact address),
 endpoint labels, locality, network, weight and service account (nothing uses them), and
@@ -17,6 +18,7 @@ Reference: https://istio.io/latest/docs/reference/config/networking/service-entr
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
@@ -28,7 +30,9 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 # Port protocols the proxy serves: HTTP ones at L7, the others as opaque TCP (HTTPS and TLS
 # pass through untouched, as Istio forwards them without an SNI route).
 PORT_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS"})
-_UNRESOLVED = frozenset({"DNS", "DNS_ROUND_ROBIN"})
+RESOLVED = frozenset({"DNS", "DNS_ROUND_ROBIN"})  # names the controller resolves
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")  # RFC 1123 host name
 
 
 def _entry_host(value: str) -> str:
@@ -46,20 +50,40 @@ def _entry_host(value: str) -> str:
     return host
 
 
-def _ip_address(value: str) -> str:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        if value.startswith("unix://"):
+        return False
+    return True
+
+
+def node_local(address: str) -> bool:
+    """Whether an endpoint address would reach the dialling node itself rather than a server:
+    the node proxy dials entry endpoints from the node's own network namespace, where loopback
+    (the agent's admin port among others), unspecified, link-local and multicast addresses are
+    the node's, not a pod's as in an Istio sidecar."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast
+
+
+def _endpoint_address(value: str) -> str:
+    """An IP address, or a DNS name (for resolution DNS; `_consistent` checks that)."""
+    if is_ip(value):
+        if node_local(value):
             raise ValueError(
-                f"endpoint address {value!r}: Unix domain socket endpoints are not "
-                "supported by meshagent yet"
-            ) from None
+                f"endpoint address {value!r} is the node's own (loopback, link-local, "
+                "unspecified or multicast): meshagent's node proxy would dial itself"
+            )
+        return value
+    if value.startswith("unix://"):
         raise ValueError(
-            f"endpoint address {value!r} is not an IP address: endpoints by hostname need "
-            "DNS resolution, which meshagent does not support yet"
-        ) from None
-    return value
+            f"endpoint address {value!r}: Unix domain socket endpoints are not "
+            "supported by meshagent yet"
+        )
+    if not _DNS_NAME.fullmatch(value.lower()):
+        raise ValueError(f"endpoint address {value!r} is neither an IP address nor a DNS name")
+    return value.lower().rstrip(".")
 
 
 EntryHost = Annotated[NonEmptyStr, AfterValidator(_entry_host)]
@@ -86,9 +110,10 @@ class EntryPort(IstioModel):
 
 
 class EntryEndpoint(IstioModel):
-    """One static endpoint: an IP and, by port name, the port to dial there."""
+    """One endpoint: an IP (or, with DNS resolution, a name) and, by port name, the port to
+    dial there."""
 
-    address: Annotated[NonEmptyStr, AfterValidator(_ip_address)]
+    address: Annotated[NonEmptyStr, AfterValidator(_endpoint_address)]
     ports: dict[str, Port] = {}
 
 
@@ -106,12 +131,7 @@ class ServiceEntrySpec(IstioModel):
     @field_validator("resolution")
     @classmethod
     def _resolved_here(cls, value: str) -> str:
-        if value in _UNRESOLVED:
-            raise ValueError(
-                f"resolution {value} is not supported by meshagent yet (the controller does "
-                "not resolve hostnames): use STATIC with IP endpoints, or NONE"
-            )
-        if value not in ("STATIC", "NONE"):
+        if value not in ("STATIC", "NONE", *RESOLVED):
             raise ValueError(
                 f"resolution {value!r} is not one of STATIC, NONE, DNS, DNS_ROUND_ROBIN"
             )
@@ -186,7 +206,30 @@ class ServiceEntrySpec(IstioModel):
                 "wildcard hosts with resolution STATIC are not supported by meshagent yet "
                 "(use NONE)"
             )
+        named = [e.address for e in self.endpoints if not is_ip(e.address)]
+        if named and self.resolution not in RESOLVED:
+            raise ValueError(
+                f"endpoints by name ({named[0]!r}) need resolution DNS or DNS_ROUND_ROBIN"
+            )
+        if self.resolution in RESOLVED and not self.endpoints:
+            wild = [h for h in self.hosts if h.startswith("*")]
+            if wild:  # Istio's webhook: there is no name to resolve
+                raise ValueError(
+                    f"wildcard host {wild[0]!r} with resolution {self.resolution} needs "
+                    "endpoints (a name cannot be resolved)"
+                )
+        if self.resolution == "DNS_ROUND_ROBIN" and len(self.endpoints) > 1:
+            raise ValueError("resolution DNS_ROUND_ROBIN allows one endpoint at most (Istio)")
         return self
+
+    def names_to_resolve(self) -> tuple[str, ...]:
+        """What the controller resolves for this entry: its endpoints' names, or, without
+        endpoints, its hosts (resolution DNS or DNS_ROUND_ROBIN only)."""
+        if self.resolution not in RESOLVED:
+            return ()
+        if self.endpoints:
+            return tuple(e.address for e in self.endpoints if not is_ip(e.address))
+        return self.hosts
 
 
 class ServiceEntry(IstioResource):

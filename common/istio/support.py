@@ -187,6 +187,7 @@ def warnings(resource: Any, entry_hosts: Collection[str] = ()) -> list[tuple[str
     means exactly what it says."""
     from meshagent.common.istio.networking import DestinationRule, VirtualService
     from meshagent.common.istio.security import AuthorizationPolicy
+    from meshagent.common.istio.serviceentry import ServiceEntry
 
     if isinstance(resource, AuthorizationPolicy):
         return _ap_warnings(resource, entry_hosts)
@@ -194,6 +195,17 @@ def warnings(resource: Any, entry_hosts: Collection[str] = ()) -> list[tuple[str
         return _vs_warnings(resource, entry_hosts)
     if isinstance(resource, DestinationRule):
         return _dr_warnings(resource)
+    if isinstance(resource, ServiceEntry) and resource.spec.names_to_resolve():
+        names = list(resource.spec.names_to_resolve())
+        return [
+            (
+                "spec.resolution",
+                f"the controller resolves {names} (every 60 s) and the entry applies "
+                "to connections made to those addresses (and to its addresses): a client "
+                "whose DNS answers with others (round-robin DNS, CDNs) is not matched, and "
+                "until a name resolves it has no endpoint",
+            )
+        ]
     return []
 
 

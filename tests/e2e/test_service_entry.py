@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meshagent.lab.paths import LOG_DIR
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import meshlab, render_manifest
@@ -187,3 +188,42 @@ def test_resolution_none_goes_on_to_the_dialled_address_under_the_entry_host(lab
         what=f"istio_requests_total for {DIRECT_HOST}",
         timeout=30,
     )
+
+
+def test_resolution_dns_serves_what_resolves_and_says_what_does_not(lab, tmp_path):
+    """Issue #21: `resolution: DNS`. The controller resolves the entry's endpoint names (here
+    one in the reserved `.invalid` domain, which never resolves: the lab has no DNS of its
+    own) and uses its IP endpoints as they are: requests to the entry's address reach the
+    server through the IP endpoint, and the controller's log names the unresolved name."""
+    vip = "240.0.0.11"
+    entry = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "outside-dns", "namespace": "se"},
+        "spec": {
+            "hosts": ["dns.outside.example"],
+            "addresses": [vip],
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 8080}],
+            "resolution": "DNS",
+            "endpoints": [{"address": "nowhere.invalid"}, {"address": lab.server_ip}],
+        },
+    }
+    path = tmp_path / "dns-entry.yaml"
+    path.write_text(yaml.safe_dump(entry))
+    meshlab("apply", "-f", str(path))
+    try:
+        _, body = wait_until(
+            lambda: lab.curl(CLIENT, f"http://{vip}/dns", timeout=10),
+            lambda got: got[0] == "200",
+            what="the DNS entry's address reaches the server",
+            timeout=60,
+        )
+        assert body.splitlines()[0] == "GET /dns HTTP/1.1", body
+        wait_until(
+            lambda: (LOG_DIR / "controller.log").read_text(errors="replace"),
+            lambda log: "cannot resolve nowhere.invalid" in log,
+            what="the controller's log names the name it cannot resolve",
+            timeout=30,
+        )
+    finally:
+        meshlab("delete", "-f", str(path))

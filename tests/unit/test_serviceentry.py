@@ -67,9 +67,20 @@ def test_accepts_none_resolution_and_mesh_internal() -> None:
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ({"resolution": "DNS", "ports": [{"number": 80, "name": "http"}]}, "resolution DNS"),
-        ({"resolution": "DNS_ROUND_ROBIN"}, "resolution DNS_ROUND_ROBIN"),
-        ({"resolution": "STATIC", "endpoints": [{"address": "db.example"}]}, "DNS resolution"),
+        ({"resolution": "STATIC", "endpoints": [{"address": "db.example"}]}, "resolution DNS"),
+        ({"resolution": "DNS", "endpoints": [{"address": "bad_name.example"}]}, "DNS name"),
+        ({"resolution": "DNS", "hosts": ["*.example.com"]}, "needs endpoints"),
+        (
+            {
+                "resolution": "DNS_ROUND_ROBIN",
+                "endpoints": [{"address": "a.example"}, {"address": "b.example"}],
+            },
+            "one endpoint at most",
+        ),
+        ({"resolution": "DNS_ANYHOW"}, "not one of"),
+        ({"resolution": "STATIC", "endpoints": [{"address": "127.0.0.1"}]}, "node's own"),
+        ({"resolution": "DNS", "endpoints": [{"address": "::1"}]}, "node's own"),
+        ({"resolution": "STATIC", "endpoints": [{"address": "169.254.169.254"}]}, "node's own"),
         ({"resolution": "STATIC", "endpoints": [{"address": "unix:///s"}]}, "Unix domain"),
         ({"addresses": ["10.0.0.0/24"], "resolution": "STATIC"}, "CIDR blocks wider"),
         ({"addresses": ["not-an-ip"], "resolution": "STATIC"}, "not an IP address"),
@@ -183,7 +194,7 @@ def test_a_route_on_an_entry_host_applies_only_with_the_entry() -> None:
 
 
 def test_a_refused_entry_adds_no_service_and_no_host() -> None:
-    bad = _entry(resolution="DNS", ports=[{"number": 80, "name": "http"}])
+    bad = _entry(resolution="DNS_ANYHOW", ports=[{"number": 80, "name": "http"}])
     snap = compile_snapshot(_model(bad, _ROUTE), "node-1")
     assert (snap.services, snap.istio_resources) == ([], [])
     (error,) = classify_model(_model(bad))[1]
@@ -233,3 +244,56 @@ def test_validate_warns_that_a_policy_naming_an_entry_host_does_not_act_on_it(tm
     assert "['api.example.com']" in message and "not checked" in message
     path.write_text(yaml.safe_dump(policy))
     assert check_files([path]).verdicts[0].warnings == []
+
+
+# resolution DNS (issue #21): the controller resolves names (controller/resolver.py) and the
+# entry's endpoints are their addresses; names not resolved yet give no endpoint.
+_PORTS = [{"number": 80, "name": "http", "protocol": "HTTP"}, {"number": 443, "name": "https"}]
+RESOLVED = {
+    "api.example.com": ("192.0.2.20", "192.0.2.21"),
+    "db.example.net": ("198.51.100.7",),
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "endpoints"),
+    [
+        # no endpoints: the host's own addresses (Istio's bookinfo googleapis entry)
+        ({"resolution": "DNS"}, {"192.0.2.20", "192.0.2.21"}),
+        ({"resolution": "DNS_ROUND_ROBIN"}, {"192.0.2.20"}),  # LOGICAL_DNS: the first
+        ({"resolution": "DNS", "hosts": ["not.resolved.example"]}, set()),
+        # endpoints by name or by IP, one endpoint per address
+        (
+            {
+                "resolution": "DNS",
+                "endpoints": [
+                    {"address": "db.example.net"},
+                    {"address": "203.0.113.9"},
+                    {"address": "198.51.100.7"},
+                ],
+            },
+            {"198.51.100.7", "203.0.113.9"},
+        ),
+    ],
+)
+def test_dns_entries_take_the_addresses_their_names_resolve_to(spec: dict, endpoints: set):
+    entry = ServiceEntry.model_validate(_entry(ports=_PORTS, **spec))
+    [service] = entry_services(entry, RESOLVED)
+    assert {e.ip for e in service.endpoints} == endpoints
+    assert all(e.ports == {80: 80, 443: 443} for e in service.endpoints)
+    assert service.vips == []  # the entry applies to connections to those addresses
+
+
+def test_a_dns_entry_names_what_to_resolve_and_validate_warns_what_it_means():
+    from meshagent.common.istio.support import warnings
+
+    hosts = ServiceEntry.model_validate(_entry(ports=_PORTS, resolution="DNS"))
+    named = ServiceEntry.model_validate(
+        _entry(ports=_PORTS, resolution="DNS", endpoints=[{"address": "DB.example.net."}])
+    )
+    static = ServiceEntry.model_validate(_entry(**_STATIC))
+    assert hosts.spec.names_to_resolve() == ("api.example.com",)
+    assert named.spec.names_to_resolve() == ("db.example.net",)
+    assert static.spec.names_to_resolve() == () and warnings(static) == []
+    [(field, message)] = warnings(hosts)
+    assert field == "spec.resolution" and "is not matched" in message
