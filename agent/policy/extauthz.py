@@ -19,7 +19,7 @@ import h11
 import trio
 from meshagent.agent.proxy.http.types import LocalResponse, RequestInfo
 from meshagent.agent.proxy.upstream import UpstreamError, workload_identity
-from meshagent.common import authz, extauthz, extauthz_grpc
+from meshagent.common import authz, extauthz
 from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc, Provider
 from meshagent.common.istio.support import service_fqdn
 from meshagent.common.snapshot import Workload
@@ -67,6 +67,10 @@ async def _ask(
     )
     try:
         if grpc:
+            # Imported here: protobuf's descriptors cost each worker's start ~10 ms, and only a
+            # gRPC provider needs them.
+            from meshagent.common import extauthz_grpc
+
             check = extauthz_grpc.check_request(
                 request.method,
                 request.target,
@@ -80,8 +84,13 @@ async def _ask(
                 ),
             )
             authority = f"{provider.service}:{provider.port}"
-            answer = await extauthz_grpc.call(upstream.stream, authority, check, provider.timeout_s)
-            return extauthz_grpc.verdict(provider, answer)
+            try:
+                answer = await extauthz_grpc.call(
+                    upstream.stream, authority, check, provider.timeout_s
+                )
+                return extauthz_grpc.verdict(provider, answer)
+            except extauthz_grpc.CallFailed as exc:  # the provider failed: as unreachable
+                raise ProviderUnreachable(str(exc)) from exc
         http_check = extauthz.check_request(
             provider, request.method, request.target, request.authority, request.headers
         )
@@ -129,7 +138,6 @@ async def consult(
         OSError,
         h11.ProtocolError,
         h2.exceptions.ProtocolError,
-        extauthz_grpc.CallFailed,
     ) as exc:
         log.warning("ext-authz provider %r of %s could not be asked: %s", name, policy, exc)
         verdict = extauthz.on_error(provider)
