@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import meshlab, render_manifest
+from tests.e2e.nginx import write_conf
 
 pytestmark = pytest.mark.e2e
 
@@ -20,17 +21,10 @@ CLIENT = "ch/client"
 SERVERS = ("one", "two", "three")
 USERS = [f"user-{i}" for i in range(10)]
 TRIES = 4
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 1024; }}
-http {{
+NGINX_HTTP = """\
   access_log off;
   server {{ listen 8080; location / {{ return 200 "{name}"; }} }}
   server {{ listen 8082 http2; location / {{ return 200 "{name}"; }} }}
-}}
 """
 
 
@@ -38,7 +32,7 @@ http {{
 def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("consistent-hash")
     for name in SERVERS:
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for url in ("http://backend.ch:8080/", "http://cookie.ch:8080/"):
         lab.wait_answer(CLIENT, url, what=f"{url} answers through the mesh")

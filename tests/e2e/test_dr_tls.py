@@ -16,6 +16,7 @@ import pytest
 
 from tests.certs import TestCA
 from tests.e2e.conftest import meshlab, render_manifest
+from tests.e2e.nginx import write_conf
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -25,13 +26,7 @@ MANIFEST = HERE / "manifests" / "dr-tls.yaml"
 CLIENT = "drt/client"
 SERVER_NAME = "tls-server.plain.svc.cluster.local"
 
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log stderr;
-events {{ worker_connections 256; }}
-http {{
+NGINX_HTTP = """\
   log_format tls '$ssl_protocol $ssl_server_name $request client=$ssl_client_verify';
   access_log {dir}/access.log tls;
   server {{
@@ -48,7 +43,6 @@ http {{
     ssl_verify_client on;
     location / {{ return 200 "client $ssl_client_verify\\n"; }}
   }}
-}}
 """
 
 
@@ -66,7 +60,7 @@ def lab(lab_factory, tmp_path_factory):
     (folder / "client-ca.pem").write_bytes(client_ca.pem)
     (folder / "client.pem").write_bytes(client.chain_pem)
     (folder / "client.key").write_bytes(client.key_pem)
-    (folder / "server.conf").write_text(NGINX_CONF.format(dir=folder))
+    write_conf(folder, "server", NGINX_HTTP.format(dir=folder))
     folder.chmod(0o755)
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     lab.folder = folder

@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import APPS, meshlab, render_manifest
+from tests.e2e.nginx import write_conf
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -28,16 +29,9 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifests" / "grpc-l7.yaml"
 SYSTEM_PYTHON = "/usr/bin/python3"  # the one Debian's python3-grpcio is installed for
 ECHO = "echo.g7:50051"
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 1024; }}
-http {{
+NGINX_HTTP = """\
   access_log off;
   server {{ listen 8082 http2; location / {{ return 200 "{name}\\n"; }} }}
-}}
 """
 DENY_UNARY = {
     "apiVersion": "security.istio.io/v1",
@@ -55,7 +49,7 @@ DENY_UNARY = {
 def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpc-l7")
     for name in ("web-local", "web-remote"):
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):  # the Services have their endpoints
         url = f"http://{service}.g7:8082/"

@@ -18,7 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import APPS, meshlab, render_manifest
-from tests.e2e.test_grpc_l7 import NGINX_CONF
+from tests.e2e.nginx import write_conf
+from tests.e2e.test_grpc_l7 import NGINX_HTTP
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +34,7 @@ ENHANCE_YOUR_CALM = 0xB
 @pytest.fixture(scope="module")
 def lab(lab_factory, tmp_path_factory):
     folder = tmp_path_factory.mktemp("h2-abuse")
-    (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder, name="web"))
+    write_conf(folder, "web", NGINX_HTTP.format(dir=folder, name="web"))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     url = f"http://{TARGET[0]}:{TARGET[1]}/"
     h2c = "--http2-prior-knowledge"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import render_manifest
+from tests.e2e.nginx import write_conf
 from tests.e2e.test_kube_lab import kubectl
 from tests.waiting import wait_until
 
@@ -27,20 +28,13 @@ CLIENT = "loc/client"
 ZONES = {"node-1": ("r1", "z1"), "node-2": ("r1", "z1"), "node-3": ("r1", "z2")}
 CALLS = 200
 
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 256; }}
-http {{
+NGINX_HTTP = """\
   access_log off;
   server {{
     listen 8080;
     location /fail {{ return {fail} "{name} failing\\n"; }}
     location / {{ return 200 "{name}\\n"; }}
   }}
-}}
 """
 
 
@@ -50,7 +44,7 @@ def lab(lab_factory, tmp_path_factory):
         pytest.skip("kubectl is not installed (Debian: kubernetes-client)")
     folder = tmp_path_factory.mktemp("locality")
     for name, fail in (("near", 503), ("far", 200)):
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name, fail=fail))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name, fail=fail))
     folder.chmod(0o755)
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=3)
     for node, (region, zone) in ZONES.items():

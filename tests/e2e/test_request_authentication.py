@@ -23,7 +23,8 @@ from jwt.algorithms import RSAAlgorithm
 from meshagent.lab.lab import UNDERLAY_NETNS_PATH
 
 from tests.e2e.conftest import meshlab
-from tests.e2e.test_grpc_l7 import NGINX_CONF
+from tests.e2e.nginx import write_conf
+from tests.e2e.test_grpc_l7 import NGINX_HTTP
 from tests.waiting import wait_until
 
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -165,7 +166,7 @@ def test_jwks_uri_fetched_by_the_controller_same_node(authz_lab, tmp_path, jwks_
 
 def _h2c_server(folder: Path) -> list[dict]:
     """nginx speaking h2c only on an `http2` Service port (node-2), for the HTTP/2 engine."""
-    (folder / "web.conf").write_text(NGINX_CONF.format(dir=folder, name="web"))
+    write_conf(folder, "web", NGINX_HTTP.format(dir=folder, name="web"))
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import meshlab, render_manifest
+from tests.e2e.nginx import write_conf
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -27,20 +28,13 @@ WEB = "http://web.ra:8082"
 API = "http://api.ra:8080"
 H2 = "--http2-prior-knowledge"
 SEEN = "$request_method $request_uri host=$host x-set=$http_x_set x-gone=$http_x_gone"
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 1024; }}
-http {{
+NGINX_HTTP = """\
   log_format seen '{seen}';
   access_log {dir}/{name}.log seen;
   server {{
     listen 8082 http2;
     location / {{ add_header x-drop secret; return 200 "{seen}\\n"; }}
   }}
-}}
 """
 
 
@@ -53,7 +47,7 @@ def mirror_log(tmp_path_factory) -> Path:
 def lab(lab_factory, tmp_path_factory, mirror_log):
     folder = tmp_path_factory.mktemp("route-actions")
     for name in ("web", "web-mirror"):
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name, seen=SEEN))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name, seen=SEEN))
     manifest = render_manifest(MANIFEST, folder, MIRROR_LOG=mirror_log, NGINX=folder)
     lab = lab_factory(manifest, nodes=2)
     lab.nginx = folder

@@ -25,6 +25,7 @@ import pytest
 from meshagent.lab.paths import LOG_DIR
 
 from tests.e2e.conftest import APPS, BIN, Lab, meshlab, render_manifest
+from tests.e2e.nginx import write_conf
 from tests.e2e.test_observability import _value
 from tests.waiting import wait_until
 
@@ -37,18 +38,11 @@ IPERF = "iperf.sa.svc.cluster.local"
 ECHO = "echo.sa.svc.cluster.local"
 IPERF_BYTES = "1G"  # large enough that what is in flight when iperf3 ends is far below 1 %
 RESET_BYTES = 3_000_000
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 1024; }}
-http {{
+NGINX_HTTP = """\
   access_log off;
   keepalive_timeout 1s;
   client_header_timeout 1s;
   server {{ listen 8080; listen 8082 http2; location / {{ return 200 "{name}\\n"; }} }}
-}}
 """
 
 
@@ -56,7 +50,7 @@ http {{
 def lab(lab_factory, tmp_path_factory) -> Lab:
     folder = tmp_path_factory.mktemp("status-accuracy")
     for name in ("web-local", "web-remote"):
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name))
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     for service in ("web-local", "web-remote"):
         url = f"http://{service}.sa:8080/"

@@ -16,6 +16,7 @@ import pytest
 
 from tests.certs import TestCA
 from tests.e2e.conftest import render_manifest
+from tests.e2e.nginx import write_conf
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +27,7 @@ CLIENT = "sni/client"
 FQDN = "tlsweb.sni.svc.cluster.local"
 CALLS = 20
 
-NGINX_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log stderr;
-events {{ worker_connections 256; }}
-http {{
+NGINX_HTTP = """\
   log_format sni '$ssl_server_name $request';
   access_log {dir}/{name}.log sni;
   server {{
@@ -41,7 +36,6 @@ http {{
     ssl_certificate_key {dir}/server.key;
     location / {{ return 200 "{name}\\n"; }}
   }}
-}}
 """
 
 
@@ -54,7 +48,7 @@ def lab(lab_factory, tmp_path_factory):
     (folder / "server.key").write_bytes(leaf.key_pem)
     (folder / "ca.pem").write_bytes(ca.pem)
     for name in ("v1", "v2"):
-        (folder / f"{name}.conf").write_text(NGINX_CONF.format(dir=folder, name=name))
+        write_conf(folder, name, NGINX_HTTP.format(dir=folder, name=name))
     folder.chmod(0o755)
     lab = lab_factory(render_manifest(MANIFEST, folder, NGINX=folder), nodes=2)
     lab.folder = folder
