@@ -59,7 +59,6 @@ _HINTS: dict[str, str] = {
     "targetRefs": "policy attachment to a Gateway/Service",
     "serviceAccounts": "matching by service account",
     "notServiceAccounts": "matching by service account",
-    "h2UpgradePolicy": "HTTP/2 upgrade policy",
     "maxConcurrentStreams": "an HTTP/2 connection-pool limit",
     "useClientProtocol": "per-destination client protocol",
     "maxConnectionDuration": "connection lifetime limit",

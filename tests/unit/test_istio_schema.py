@@ -115,7 +115,7 @@ spec:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
       tcp: {maxConnections: 100, connectTimeout: 30ms}
-      http: {http1MaxPendingRequests: 10, maxRequestsPerConnection: 1}
+      http: {http1MaxPendingRequests: 10, maxRequestsPerConnection: 1, h2UpgradePolicy: DEFAULT}
     outlierDetection:
       consecutive5xxErrors: 7
       consecutiveGatewayErrors: 3
@@ -716,6 +716,13 @@ REFUSALS = [
         lambda d: set_at(d, "spec.http.0.route.0.destination.subset", "V_2"),
         "spec.http[0].route[0].destination.subset",
         "not a valid name",
+    ),
+    (
+        "dr-h2-upgrade",
+        DR_YAML,
+        lambda d: set_at(d, "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        "UPGRADE is not supported by meshagent yet",
     ),
     (
         "dr-passthrough",
