@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from meshagent.common.failmode import DEFAULT_FAIL_MODE, FAIL_MODE_LABEL, FAIL_MODES
 from meshagent.common.istio.resource import SUPPORTED_KINDS, ResourceError, parse_resource
@@ -72,29 +73,35 @@ def fail_mode(pod: dict, namespace: dict | None) -> str:
     return DEFAULT_FAIL_MODE
 
 
+def compile_workload(pod: dict, namespace: dict | None) -> Workload | None:
+    """The pod's workload, None while it is not scheduled or has no address (nothing to
+    route to). Depends on the pod and its Namespace only, so it can be kept per pod."""
+    meta, spec = _meta(pod), pod.get("spec") or {}
+    ips, node = _pod_ips(pod), spec.get("nodeName")
+    if not ips or not node:
+        return None
+    ns = meta.get("namespace", "default")
+    return Workload(
+        uid=meta.get("uid") or f"{ns}/{meta['name']}",
+        namespace=ns,
+        name=meta["name"],
+        node=node,
+        ips=ips,
+        service_account=spec.get("serviceAccountName") or "default",
+        labels=_labels(pod),
+        meshed=is_meshed(pod, namespace),
+        fail_mode=fail_mode(pod, namespace),
+        workload_name=pod_workload(pod).name,
+    )
+
+
 def compile_workloads(model: ClusterModel) -> list[Workload]:
     out = []
     for pod in model.objects("Pod"):
-        meta, spec = _meta(pod), pod.get("spec") or {}
-        ips, node = _pod_ips(pod), spec.get("nodeName")
-        if not ips or not node:
-            continue  # not scheduled or not started yet: nothing to route to
-        ns = meta.get("namespace", "default")
-        namespace = model.get("Namespace", "", ns)
-        out.append(
-            Workload(
-                uid=meta.get("uid") or f"{ns}/{meta['name']}",
-                namespace=ns,
-                name=meta["name"],
-                node=node,
-                ips=ips,
-                service_account=spec.get("serviceAccountName") or "default",
-                labels=_labels(pod),
-                meshed=is_meshed(pod, namespace),
-                fail_mode=fail_mode(pod, namespace),
-                workload_name=pod_workload(pod).name,
-            )
-        )
+        ns = _meta(pod).get("namespace", "default")
+        workload = compile_workload(pod, model.get("Namespace", "", ns))
+        if workload is not None:
+            out.append(workload)
     return sorted(out, key=lambda w: (w.namespace, w.name))
 
 
@@ -221,6 +228,15 @@ def _slices_by_service(model: ClusterModel) -> dict[tuple[str, str], list[dict]]
     return out
 
 
+class PodLookup(Protocol):
+    """How endpoints find pods: `_Pods` below, or the incremental compiler's kept index."""
+
+    by_key: Mapping[tuple[str, str], Workload]
+    by_ip: Mapping[str, Workload]
+
+    def selected(self, namespace: str, selector: dict[str, str]) -> list[dict]: ...
+
+
 class _Pods:
     """The model's pods as endpoints need them: by name, and by address when only one pod
     has it (host-network pods share their node's address and are never found that way)."""
@@ -253,7 +269,7 @@ class _Pods:
 
 
 def _slice_candidates(
-    slices: list[dict], namespace: str, families: list[int], pods: _Pods
+    slices: list[dict], namespace: str, families: list[int], pods: PodLookup
 ) -> list[_Candidate]:
     found: dict[str, _Candidate] = {}
     for eps in slices:
@@ -299,7 +315,7 @@ def _slice_candidates(
 
 
 def _selector_candidates(
-    model: ClusterModel, namespace: str, spec: dict, ports: list[ServicePort], pods: _Pods
+    namespace: str, spec: dict, ports: list[ServicePort], pods: PodLookup
 ) -> list[_Candidate]:
     """The fallback for a Service without EndpointSlices: the pods its selector matches."""
     selector = {str(k): str(v) for k, v in (spec.get("selector") or {}).items()}
@@ -361,33 +377,38 @@ def compile_services(model: ClusterModel, workloads: Iterable[Workload]) -> list
     slices = _slices_by_service(model)
     out = []
     for svc in model.objects("Service"):
-        meta, spec = _meta(svc), svc.get("spec") or {}
-        ns = meta.get("namespace", "default")
-        vips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip]
-        vips = [ip for ip in vips if ip != "None"]
-        ports = [
-            ServicePort(
-                name=p.get("name", ""),
-                port=int(p["port"]),
-                target_port=p.get("targetPort", p["port"]),
-                protocol=p.get("protocol", "TCP"),
-                app_protocol=p.get("appProtocol"),
-            )
-            for p in spec.get("ports") or []
-        ]
-        families = _service_families(spec, vips)
-        own = slices.get((ns, meta["name"]))
-        if own is None:
-            candidates = _selector_candidates(model, ns, spec, ports, pods)
-        else:
-            # a headless Service takes every family its slices carry
-            candidates = _slice_candidates(own, ns, _service_families({}, vips), pods)
-        endpoints = _choose_endpoints(candidates, ports, families)
-        endpoints.sort(key=lambda e: (e.ip, e.workload_uid))
-        out.append(
-            Service(namespace=ns, name=meta["name"], vips=vips, ports=ports, endpoints=endpoints)
-        )
+        meta = _meta(svc)
+        own = slices.get((meta.get("namespace", "default"), meta["name"]))
+        out.append(compile_service(svc, own, pods))
     return sorted(out, key=lambda s: (s.namespace, s.name))
+
+
+def compile_service(svc: dict, own: list[dict] | None, pods: PodLookup) -> Service:
+    """One Service with its endpoints, from its EndpointSlices `own` (sorted by name), or
+    with None (no slice at all) from the pods its selector matches."""
+    meta, spec = _meta(svc), svc.get("spec") or {}
+    ns = meta.get("namespace", "default")
+    vips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip]
+    vips = [ip for ip in vips if ip != "None"]
+    ports = [
+        ServicePort(
+            name=p.get("name", ""),
+            port=int(p["port"]),
+            target_port=p.get("targetPort", p["port"]),
+            protocol=p.get("protocol", "TCP"),
+            app_protocol=p.get("appProtocol"),
+        )
+        for p in spec.get("ports") or []
+    ]
+    families = _service_families(spec, vips)
+    if own is None:
+        candidates = _selector_candidates(ns, spec, ports, pods)
+    else:
+        # a headless Service takes every family its slices carry
+        candidates = _slice_candidates(own, ns, _service_families({}, vips), pods)
+    endpoints = _choose_endpoints(candidates, ports, families)
+    endpoints.sort(key=lambda e: (e.ip, e.workload_uid))
+    return Service(namespace=ns, name=meta["name"], vips=vips, ports=ports, endpoints=endpoints)
 
 
 def compile_nodes(model: ClusterModel) -> list[Node]:
