@@ -18,7 +18,7 @@ from meshagent.common.istio import networking as net
 from meshagent.common.istio import security as sec
 from meshagent.common.istio import telemetry as tel
 from meshagent.common.istio.serviceentry import ServiceEntry, is_ip
-from meshagent.common.istio.support import service_fqdn
+from meshagent.common.istio.support import resolve_host, service_fqdn
 from meshagent.common.pathtemplate import is_template
 
 ROOT_NAMESPACE = "istio-system"
@@ -246,11 +246,13 @@ def _ports_text(fqdns: Sequence[str], services: ServicePorts, l7: bool) -> str:
     return f"the host's {general}"
 
 
-def _destinations(routes: Sequence[Any], namespace: str) -> str:
+def _destinations(
+    routes: Sequence[Any], namespace: str, services: ServicePorts | None = None
+) -> str:
     parts = []
     for rd in routes:
         d = rd.destination
-        text = service_fqdn(d.host, namespace)
+        text = resolve_host(d.host, namespace, services or ())
         if d.subset:
             text += f" subset {d.subset}"
         if d.port:
@@ -371,7 +373,7 @@ def _action_texts(rule: net.HTTPRoute, namespace: str) -> list[str]:
 
 
 def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str]:
-    fqdns = [service_fqdn(h, vs.namespace) for h in vs.spec.hosts]
+    fqdns = [resolve_host(h, vs.namespace, services) for h in vs.spec.hosts]
     if vs.spec.is_delegate:
         lines = [
             "A delegate (no hosts): routes nothing alone; a root VirtualService's http rule "
@@ -404,7 +406,7 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
         elif rule.direct_response is not None:
             where = f"answered {rule.direct_response.status} by the proxy (directResponse)"
         else:
-            where = _destinations(rule.route, vs.namespace)
+            where = _destinations(rule.route, vs.namespace, services)
         ports = "the root's ports" if vs.spec.is_delegate else _ports_text(fqdns, services, True)
         lines.append(
             f"http[{i}]: {_match_text(rule.match)} -> {where}{tail}; L7, per request, on {ports}."
@@ -425,8 +427,9 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
         sources = [" and ".join(c) for c in map(_source_conds, rule.match) if c]
         if sources and len(sources) == len(rule.match):
             on += f" (with {' or '.join(sources)})"
+        to = _destinations(rule.route, vs.namespace, services)
         lines.append(
-            f"tcp[{i}]{on}: connections -> {_destinations(rule.route, vs.namespace)}; L4, per "
+            f"tcp[{i}]{on}: connections -> {to}; L4, per "
             f"connection, on {_ports_text(fqdns, services, False)} (and on http2/grpc ports for "
             "clients that do not speak HTTP/2)."
         )
@@ -436,9 +439,10 @@ def _virtual_service(vs: net.VirtualService, services: ServicePorts) -> list[str
             conds = [f"SNI {' or '.join(m.sni_hosts)}"]
             conds += [f"port {m.port}"] if m.port is not None else []
             entries.append(" and ".join(conds + _source_conds(m)))
+        to = _destinations(rule.route, vs.namespace, services)
         lines.append(
             f"tls[{i}]: TLS connections with {' or '.join(entries)} -> "
-            f"{_destinations(rule.route, vs.namespace)}; L4 by the ClientHello's SNI (the TLS "
+            f"{to}; L4 by the ClientHello's SNI (the TLS "
             "passes through untouched), on tls/https ports only; a connection no tls rule "
             "matches goes where the tcp routes or the service send it."
         )
@@ -578,7 +582,7 @@ def _hash_text(ch: net.ConsistentHashLB) -> str:
 
 
 def _destination_rule(dr: net.DestinationRule, services: ServicePorts) -> list[str]:
-    fqdn = service_fqdn(dr.spec.host, dr.namespace)
+    fqdn = resolve_host(dr.spec.host, dr.namespace, services)
     lines = [f"Traffic policy toward {fqdn} (clients anywhere in the mesh)."]
     tp = dr.spec.traffic_policy
     if tp is not None:

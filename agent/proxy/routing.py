@@ -52,7 +52,7 @@ from meshagent.common import locality
 from meshagent.common.istio import networking as net
 from meshagent.common.istio.delegation import merge_delegates
 from meshagent.common.istio.resource import ResourceError, parse_resource
-from meshagent.common.istio.support import CLUSTER_DOMAIN, service_fqdn
+from meshagent.common.istio.support import CLUSTER_DOMAIN, resolve_host
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
 log = logging.getLogger(__name__)
@@ -745,7 +745,7 @@ class _Compiler:
         self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
         self.virtual_services: list[net.VirtualService] = []
         self.destination_rules: list[net.DestinationRule] = []
-        entry_hosts = snap.entry_hosts()
+        self.entry_hosts = entry_hosts = snap.entry_hosts()
         for doc in snap.istio_resources:
             try:
                 res = parse_resource(doc, entry_hosts=entry_hosts)
@@ -758,6 +758,9 @@ class _Compiler:
                 self.destination_rules.append(res)
         self.clusters: dict[ClusterKey, ClusterSpec] = {}
         self.virtual_services, self.problems = merge_delegates(self.virtual_services)
+
+    def fqdn(self, host: str, namespace: str) -> str:
+        return resolve_host(host, namespace, self.entry_hosts, self.domain)
 
     def _select(self, hostname: str, candidates: Iterable[tuple[list[str], object]]) -> list:
         """Resources naming `hostname`: exact hosts first, then wildcards by specificity."""
@@ -779,7 +782,7 @@ class _Compiler:
 
     def virtual_service(self, svc: Service) -> net.VirtualService | None:
         candidates = [
-            ([service_fqdn(h, vs.namespace, self.domain) for h in vs.spec.hosts], vs)
+            ([self.fqdn(h, vs.namespace) for h in vs.spec.hosts], vs)
             for vs in self.virtual_services
         ]
         chosen = _ordered(self._select(svc.hostname, candidates), [svc.namespace])
@@ -792,8 +795,7 @@ class _Compiler:
 
     def destination_rule(self, svc: Service) -> net.DestinationRule | None:
         candidates = [
-            ([service_fqdn(dr.spec.host, dr.namespace, self.domain)], dr)
-            for dr in self.destination_rules
+            ([self.fqdn(dr.spec.host, dr.namespace)], dr) for dr in self.destination_rules
         ]
         chosen = _ordered(
             self._select(svc.hostname, candidates), [svc.namespace, self.root_namespace]
@@ -860,7 +862,7 @@ class _Compiler:
         self, dest: net.Destination, vs_ns: str, port: int, where: str
     ) -> ClusterSpec | None:
         return self.cluster(
-            service_fqdn(dest.host, vs_ns, self.domain),
+            self.fqdn(dest.host, vs_ns),
             dest.port.number if dest.port else None,
             dest.subset or "",
             port,

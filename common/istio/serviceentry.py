@@ -10,7 +10,9 @@ needs more machinery is refused naming the field: endpoints by Unix socket, `wor
 (endpoints from pods), `subjectAltNames` (TLS origination checks), CIDR addresses wider
 than one IP and NONE without addresses (the proxy matches connections by exact address),
 endpoint labels, locality, network, weight and service account (nothing uses them), and
-hosts the data path reads as Kubernetes Services (fewer than three labels, `*.svc.<domain>`).
+in-cluster hosts (one label, `*.svc`, `*.svc.<domain>`). A two-label host (`httpbin.org`) is
+the external host wherever a resource names it (common/istio/support.py resolve_host), though
+elsewhere `name.namespace` reads as a Kubernetes Service.
 
 Reference: https://istio.io/latest/docs/reference/config/networking/service-entry/
 """
@@ -24,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from meshagent.common.istio.base import IpBlock, IstioModel, IstioResource, NonEmptyStr, Port
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS, ExportTo
-from meshagent.common.istio.support import is_service_host
+from meshagent.common.istio.support import CLUSTER_DOMAIN
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 # Port protocols the proxy serves: HTTP ones at L7, the others as opaque TCP (HTTPS and TLS
@@ -41,11 +43,12 @@ def _entry_host(value: str) -> str:
         raise ValueError("host '*' is not allowed: name the host (a '*.' prefix is allowed)")
     if "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
         raise ValueError(f"host {value!r}: a wildcard is only allowed as a '*.' prefix")
-    if len(host.split(".")) < 3 or is_service_host(host, "default"):
+    labels = host.split(".")
+    if len(labels) < 2 or labels[-1] == "svc" or host.endswith(f".svc.{CLUSTER_DOMAIN}"):
         raise ValueError(
-            f"host {value!r} reads as a Kubernetes Service name (short, name.namespace or "
-            "*.svc.cluster.local forms), which meshagent resolves as a Service: hosts of "
-            "two labels or fewer, and in-cluster hosts, are not supported by meshagent yet"
+            f"host {value!r} is a Kubernetes Service name (short, name.namespace.svc or "
+            f"*.svc.{CLUSTER_DOMAIN} forms): in-cluster hosts are not supported by meshagent "
+            "yet; name the external host (e.g. httpbin.org, api.example.com)"
         )
     return host
 

@@ -104,16 +104,29 @@ def is_service_host(host: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> 
     return fqdn == "*" or fqdn.endswith(f".svc.{domain}")
 
 
-def dns_form_note(host: str) -> str | None:
-    """For `name.namespace` hosts: Istio takes them literally (an external name such as
-    `httpbin.org`), the data path reads them as a Service in that namespace: say so."""
+def resolve_host(
+    host: str, namespace: str, entry_hosts: Collection[str] = (), domain: str = CLUSTER_DOMAIN
+) -> str:
+    """The FQDN a host in a resource of `namespace` names: a host a ServiceEntry declares as
+    written (Istio reads dotted names literally: `httpbin.org`), else the Kubernetes Service
+    forms `service_fqdn` expands. The one resolution of the data path and validation."""
+    literal = host.lower().rstrip(".")
+    if is_entry_host(literal, entry_hosts):
+        return literal
+    return service_fqdn(host, namespace, domain)
+
+
+def dns_form_note(host: str, entry_hosts: Collection[str] = ()) -> str | None:
+    """For `name.namespace` hosts no ServiceEntry declares: Istio takes them literally (an
+    external name such as `httpbin.org`), the data path reads them as a Service in that
+    namespace: say so."""
     parts = host.lower().rstrip(".").split(".")
-    if len(parts) != 2 or host.startswith("*"):
+    if len(parts) != 2 or host.startswith("*") or is_entry_host(host, entry_hosts):
         return None
     return (
         f"{host!r} is read as Service {parts[0]} in namespace {parts[1]} (Kubernetes DNS "
         "form; Istio would take it literally): if it names an external host, this does nothing "
-        "for it (a ServiceEntry host needs at least three labels, e.g. api.example.com)"
+        "for it (a ServiceEntry declaring it makes it the external host)"
     )
 
 
@@ -193,7 +206,7 @@ def warnings(resource: Any, entry_hosts: Collection[str] = ()) -> list[tuple[str
     if isinstance(resource, VirtualService):
         return _vs_warnings(resource, entry_hosts)
     if isinstance(resource, DestinationRule):
-        return _dr_warnings(resource)
+        return _dr_warnings(resource, entry_hosts)
     if isinstance(resource, ServiceEntry) and resource.spec.names_to_resolve():
         names = list(resource.spec.names_to_resolve())
         return [
@@ -242,7 +255,7 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
             )
         )
     for i, host in enumerate(spec.hosts):
-        note = dns_form_note(host)
+        note = dns_form_note(host, entry_hosts)
         if note:
             out.append((f"spec.hosts[{i}]", note))
         elif (
@@ -263,7 +276,7 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
             if rule.mirror is None:
                 where = f"spec.http[{i}].mirrors[{j}].destination.host"
             host = policy.destination.host
-            note = dns_form_note(host)
+            note = dns_form_note(host, entry_hosts)
             known = is_service_host(host, vs.namespace) or is_entry_host(host, entry_hosts)
             if note or not known or host.startswith("*"):
                 out.append(
@@ -274,7 +287,7 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
     for section, i, rule in rules:
         for j, rd in enumerate(rule.route):
             host = rd.destination.host
-            note = dns_form_note(host)
+            note = dns_form_note(host, entry_hosts)
             if note:
                 out.append((f"spec.{section}[{i}].route[{j}].destination.host", note))
             elif host.startswith("*") or not (
@@ -289,9 +302,9 @@ def _vs_warnings(vs: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]
     return out
 
 
-def _dr_warnings(dr: Any) -> list[tuple[str, str]]:
+def _dr_warnings(dr: Any, entry_hosts: Collection[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    note = dns_form_note(dr.spec.host)
+    note = dns_form_note(dr.spec.host, entry_hosts)
     if note:
         out.append(("spec.host", note))
     policies = [("spec.trafficPolicy", dr.spec.traffic_policy)]

@@ -5,8 +5,8 @@ node-2; the meshed client on node-1 reaches it with stock curl through the entry
 by IP and by host name, while a fault abort on one path answers from the proxy. The proxy
 dials the endpoint directly in plain TCP (no HBONE: nothing of ours is in front of it), and
 labels istio_requests_total with destination_service = the entry's host. A second entry,
-`resolution: NONE` with the server's own address, sends connections on to where they were
-dialled, under its host (its own abort applies).
+`resolution: NONE` with the server's own address and a two-label host (as httpbin.org), sends
+connections on to where they were dialled, under its host (its own abort applies).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MANIFEST = HERE / "manifests" / "service-entry.yaml"
 HOST = "api.outside.example"
 VIP = "240.0.0.10"  # the entry's address: no interface has it, only the mesh knows it
 CLIENT = "se/client"
-DIRECT_HOST = "direct.outside.example"
+DIRECT_HOST = "outside.example"  # two labels, as httpbin.org: the entry makes it the external host
 
 
 def _entry(server_ip: str) -> dict:

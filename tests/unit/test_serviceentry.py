@@ -93,6 +93,9 @@ def test_accepts_none_resolution_and_mesh_internal() -> None:
         ({"resolution": "STATIC", "subjectAltNames": ["spiffe://x"]}, "subjectAltNames"),
         ({"resolution": "STATIC", "exportTo": ["."]}, "exportTo"),
         ({"resolution": "STATIC", "hosts": ["*"]}, "host '*'"),
+        ({"resolution": "STATIC", "hosts": ["reviews"]}, "in-cluster hosts"),
+        ({"resolution": "STATIC", "hosts": ["reviews.shop.svc"]}, "in-cluster hosts"),
+        ({"resolution": "STATIC", "hosts": ["r.shop.svc.cluster.local"]}, "in-cluster hosts"),
         ({"resolution": "STATIC", "hosts": ["*.example.com"]}, "wildcard hosts"),
         ({"resolution": "STATIC", "ports": [{"number": 27017, "protocol": "MONGO"}]}, "MONGO"),
         (
@@ -173,6 +176,19 @@ _ROUTE = {
         "http": [{"route": [{"destination": {"host": "api.example.com"}}]}],
     },
 }
+
+
+def test_a_two_label_host_is_the_external_host_once_an_entry_declares_it() -> None:
+    """`httpbin.org`, Istio's egress example: with the entry, routes naming it are the
+    entry's (not Service httpbin of namespace org), and validation says nothing of it."""
+    from meshagent.common.istio.support import dns_form_note, resolve_host
+
+    assert resolve_host("httpbin.org", "default", {"httpbin.org"}) == "httpbin.org"
+    assert resolve_host("HttpBin.org.", "default", {"httpbin.org"}) == "httpbin.org"
+    assert resolve_host("httpbin.org", "default") == "httpbin.org.svc.cluster.local"
+    assert resolve_host("reviews", "shop", {"httpbin.org"}) == "reviews.shop.svc.cluster.local"
+    assert dns_form_note("httpbin.org", {"httpbin.org"}) is None
+    assert "read as Service httpbin in namespace org" in dns_form_note("httpbin.org")
 
 
 def test_a_route_on_an_entry_host_applies_only_with_the_entry() -> None:
