@@ -26,7 +26,7 @@ from meshagent.agent.datapath import loader
 from meshagent.agent.heartbeat import Heartbeat
 from meshagent.agent.identity.certstore import CertStore
 from meshagent.agent.identity.controller_signer import ControllerSigner
-from meshagent.agent.identity.manager import IdentityManager, workload_identity
+from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.meshing import MeshReconciler
 from meshagent.agent.state import SnapshotStore, Tables
 from meshagent.agent.telemetry import (
@@ -42,6 +42,7 @@ from meshagent.agent.workers.launch import WorkerLaunch, start_workers
 from meshagent.agent.workers.pool import WorkerPool
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
+from meshagent.common.spiffe import workload_identity
 
 if TYPE_CHECKING:
     from meshagent.agent.datapath.maps import DatapathMaps

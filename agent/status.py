@@ -59,7 +59,7 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.datapath.maps import DatapathMaps
 from meshagent.agent.savedview import SavedView
-from meshagent.common.spiffe import Identity, InvalidIdentity
+from meshagent.common.spiffe import Identity, InvalidIdentity, workload_identity
 
 __all__ = [
     "REPORT_FIELDS",
@@ -196,7 +196,7 @@ def _identity(saved: SavedView | None, ip: str, trust_domain: str) -> Identity |
     if workload is None:
         return None
     try:
-        return Identity(trust_domain, workload.namespace, workload.service_account)
+        return workload_identity(workload, trust_domain)
     except InvalidIdentity:
         return None
 

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # loaded where certificates are read: `meshagent status` needs only names
     from cryptography import x509
+    from meshagent.common.snapshot import Workload
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
@@ -226,3 +227,8 @@ def identity_from_sni(name: str, trust_domain: str) -> Identity:
             f"server name {name!r} must name a service account and a namespace before {suffix!r}"
         )
     return Identity(trust_domain, namespace, service_account)
+
+
+def workload_identity(workload: Workload, trust_domain: str) -> Identity:
+    """The identity a pod's certificate names: its namespace and service account."""
+    return Identity(trust_domain, workload.namespace, workload.service_account)

@@ -29,22 +29,16 @@ from meshagent.agent.identity.keys import build_csr, key_pem, new_key
 from meshagent.common.spiffe import CertificateChain, Identity, identity_from_certificate
 
 if TYPE_CHECKING:
-    from meshagent.common.snapshot import Workload
+    pass
 
 __all__ = [
     "IdentityManager",
     "IdentityUnavailable",
     "Signer",
     "WorkloadCert",
-    "workload_identity",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def workload_identity(workload: Workload, trust_domain: str) -> Identity:
-    """The identity a pod's certificate names (its namespace and service account)."""
-    return Identity(trust_domain, workload.namespace, workload.service_account)
 
 
 class Signer(Protocol):

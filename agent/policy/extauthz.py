@@ -18,11 +18,12 @@ import h2.exceptions
 import h11
 import trio
 from meshagent.agent.proxy.http.types import LocalResponse, RequestInfo
-from meshagent.agent.proxy.upstream import UpstreamError, workload_identity
+from meshagent.agent.proxy.upstream import UpstreamError
 from meshagent.common import authz, extauthz
 from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc, Provider
 from meshagent.common.istio.support import service_fqdn
 from meshagent.common.snapshot import Workload
+from meshagent.common.spiffe import workload_identity
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.upstream import Connector

@@ -35,7 +35,7 @@ from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import ClusterSpec, Keepalive, single_endpoint_routes
-from meshagent.agent.proxy.upstream import set_keepalive, workload_identity
+from meshagent.agent.proxy.upstream import set_keepalive
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
@@ -47,7 +47,7 @@ from meshagent.agent.telemetry import (
 from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
 from meshagent.common import authz
 from meshagent.common.snapshot import Endpoint, Workload
-from meshagent.common.spiffe import Identity
+from meshagent.common.spiffe import Identity, workload_identity
 
 if TYPE_CHECKING:
     from meshagent.agent.proxy.upstream import Connector

@@ -38,7 +38,7 @@ from meshagent.agent.policy import authorization
 from meshagent.agent.policy.authorization import AuthzStats
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
 from meshagent.common.snapshot import Workload
-from meshagent.common.spiffe import Identity
+from meshagent.common.spiffe import Identity, workload_identity
 from prometheus_client import Counter
 
 if TYPE_CHECKING:
@@ -149,10 +149,6 @@ class LiveConnections:
         return closed
 
 
-def _identity(trust_domain: str, workload: Workload) -> Identity:
-    return Identity(trust_domain, workload.namespace, workload.service_account)
-
-
 def destination_check(
     node: str,
     trust_domain: str,
@@ -171,7 +167,7 @@ def destination_check(
         target = tables.workload_by_ip.get(ip)
         if target is None or target.node != node or not target.meshed:
             return Verdict("destination_left_mesh", f"{ip} is no longer a meshed pod here")
-        if local_identity is not None and _identity(trust_domain, target) != local_identity:
+        if local_identity is not None and workload_identity(target, trust_domain) != local_identity:
             return Verdict("destination_left_mesh", f"{ip} is no longer {local_identity.uri}")
         decision = authorization.check(
             tables.authz,

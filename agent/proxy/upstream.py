@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from meshagent.agent.proxy.routing import Keepalive, Protocol
     from meshagent.common.istio.networking import ClientTLSSettings
 from meshagent.common.snapshot import Workload
-from meshagent.common.spiffe import Identity
+from meshagent.common.spiffe import workload_identity
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,6 @@ def set_keepalive(stream: trio.SocketStream, keepalive: Keepalive | None) -> Non
     ):
         if value is not None:
             stream.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-def workload_identity(workload: Workload, trust_domain: str) -> Identity:
-    return Identity(trust_domain, workload.namespace, workload.service_account)
 
 
 class Connector:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from meshagent.common.istio.telemetry import PEER_FIELDS
-from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN, Identity
+from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN, Identity, workload_identity
 
 if TYPE_CHECKING:
     from meshagent.common.snapshot import Service, Workload
@@ -196,7 +196,7 @@ def peer_from_workload(
     name = workload.workload_name or workload_name(workload.name, workload.labels)
     service = canonical_service(workload.labels, name)
     revision = canonical_revision(workload.labels)
-    identity = Identity(trust_domain, workload.namespace, workload.service_account)
+    identity = workload_identity(workload, trust_domain)
     return Peer(
         workload=name,
         workload_namespace=workload.namespace,
