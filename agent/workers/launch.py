@@ -31,7 +31,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's (telemetry.exp
 # through a 2-worker node (tests/e2e/test_abuse_limits.py): a fresh worker 60 MiB, about 190 at
 # the peak, after it 157 (pymalloc) / 84-91 (this); the HTTP/1.1 parse+answer loop (h11) costs
 # 2-4 % more CPU per request. Not back within 10 % of fresh: what remains are objects that
-# outlive the burst scattered over the heap's pages. An operator's own environment wins.
+# outlive the burst scattered over the heap's pages. jemalloc 5.3 (Debian libjemalloc2 in the
+# workers' LD_PRELOAD, background purging, 1 s dirty decay) was measured against this, same lab,
+# three bursts each: fresh 61-62 MiB, after a burst 73-78 (+18-26 %) against 89-96 (+46-57 %)
+# here; with one arena, no thread cache and immediate purging 75-81. Closer, still not within
+# 10 %, so not adopted (a new library in every worker for a partial gain). An operator's own
+# environment wins (LD_PRELOAD and MALLOC_CONF included).
 WORKER_ALLOCATOR = {
     "PYTHONMALLOC": "malloc",
     "MALLOC_MMAP_THRESHOLD_": "65536",
