@@ -88,9 +88,16 @@ def diff_collection(field: str, old: Sequence[Item], new: Sequence[Item]) -> dic
     """{"upsert": [items new or changed, as JSON], "remove": [keys gone]} (empty lists if none).
 
     Items compare by value (pydantic models and dicts alike), so an unchanged object costs a
-    comparison and nothing on the wire."""
+    comparison and nothing on the wire; the same object (the controller's incremental compile
+    keeps unchanged items) costs an identity check."""
+    if old is new:
+        return {"upsert": [], "remove": []}
     before, after = _keyed(field, old), _keyed(field, new)
-    upsert = [_as_json(item) for key, item in after.items() if before.get(key) != item]
+    upsert = [
+        _as_json(item)
+        for key, item in after.items()
+        if (was := before.get(key)) is not item and was != item
+    ]
     remove = sorted(key for key in before if key not in after)
     return {"upsert": upsert, "remove": remove}
 

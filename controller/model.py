@@ -55,6 +55,10 @@ class ClusterModel:
     def objects(self, kind: str) -> Iterable[dict]:
         return self._objects.get(kind, {}).values()
 
+    def kinds(self) -> list[str]:
+        """The kinds the model has held objects of (some may have none now)."""
+        return list(self._objects)
+
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         return self._objects.get(kind, {}).get((namespace, name))
 

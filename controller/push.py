@@ -45,7 +45,8 @@ from meshagent.common.configwire import MessageStream, WireError, encode_snapsho
 from meshagent.common.snapshot import Snapshot
 from meshagent.common.spiffe import Identity, InvalidIdentity
 from meshagent.controller.ca import CertificateAuthority, SigningRefused
-from meshagent.controller.compiler import SharedSnapshot, compile_shared
+from meshagent.controller.compiler import SharedSnapshot
+from meshagent.controller.incremental import IncrementalCompiler
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.signing import (
     CSR_REFUSED,
@@ -407,6 +408,7 @@ class PushServer:
         self._cache: dict[str, tuple[int, Snapshot]] = {}
         self._delta_cache: dict[tuple[int, int], tuple[list, list, dict]] = {}
         self._shared: tuple[int, SharedSnapshot] | None = None
+        self._compiler = IncrementalCompiler()  # kept between changes: work per change
         self._shared_body: tuple[int, bytes] | None = None
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
         self._closing: str | None = None  # the goodbye reason, once close_streams began
@@ -432,7 +434,7 @@ class PushServer:
         if cached and cached[0] == generation:
             return cached[1]
         if self._shared is None or self._shared[0] != generation:
-            self._shared = (generation, compile_shared(self.model, self.trust_bundle))
+            self._shared = (generation, self._compiler.compile(self.model, self.trust_bundle))
         snap = self._shared[1].for_node(node)
         self._cache[node] = (generation, snap)
         return snap

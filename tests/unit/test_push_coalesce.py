@@ -71,13 +71,13 @@ def cluster() -> ClusterModel:
 
 async def test_a_burst_compiles_once_and_pushes_only_changed_nodes(autojump_clock, monkeypatch):
     compiles = []
-    real_compile = push.compile_shared
+    real_compile = push.IncrementalCompiler.compile
 
-    def counting(model, trust_bundle=None):
+    def counting(self, model, trust_bundle=None):
         compiles.append(model.generation)
-        return real_compile(model, trust_bundle)
+        return real_compile(self, model, trust_bundle)
 
-    monkeypatch.setattr(push, "compile_shared", counting)
+    monkeypatch.setattr(push.IncrementalCompiler, "compile", counting)
     model = cluster()
     server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=WINDOW)
     received: dict[str, list[str]] = {"node-1": [], "node-2": []}

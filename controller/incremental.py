@@ -1,0 +1,377 @@
+"""The controller's compile, kept between model changes, so one change costs work in
+proportion to what it touches, not to the cluster (issue 19, item 2).
+
+`IncrementalCompiler.compile(model)` returns what `compiler.compile_shared` returns for the
+same model (tests/unit/test_incremental_compiler.py compares them over random change
+sequences). It keeps:
+
+- per pod its workload, remade only when the pod or its Namespace changed (a workload depends
+  on nothing else), with the workload's JSON as the version digest hashes it;
+- the pod index endpoints look pods up in (by name, by unique address, by label), updated
+  pod by pod;
+- per Service its compiled Service, remade only when the Service, its EndpointSlices or a pod
+  it may select or reference changed (before or after the change: a pod that stops matching
+  leaves); past `MANY_PODS` changed pods at once every Service is remade;
+- the rest (nodes, Istio resources, Telemetry, JWKS, ServiceEntries), remade when an object
+  of any other kind changed.
+
+A model object counts as unchanged when it is the same object or equal to it: the model
+replaces objects and never edits them in place, and a relist's equal copies cost a
+comparison. What still grows with the cluster, with a small constant: one identity check per
+pod, splitting the workloads into shared and node-local ones, and hashing the shared body
+for the content version (each item's JSON is kept; the join and the SHA-256 are redone).
+Pods are keyed by namespace and name, as API objects always carry a namespace.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from meshagent.common.snapshot import Service, Snapshot, Workload
+from meshagent.controller.compiler import (
+    SharedSnapshot,
+    _labels,
+    _matches,
+    _meta,
+    _slices_by_service,
+    compile_istio,
+    compile_nodes,
+    compile_service,
+    compile_telemetry,
+    compile_workload,
+)
+from meshagent.controller.jwks import compile_jwks
+from meshagent.controller.model import ClusterModel
+from meshagent.controller.resolver import resolved_names
+from meshagent.controller.serviceentry import compile_entries, model_entries
+
+PodKey = tuple[str, str]  # (namespace, name)
+# Kinds with a cache of their own; any other kind's change remakes "the rest".
+_OWN_KINDS = frozenset({"Pod", "Namespace", "Service", "EndpointSlice"})
+# More changed pods than this at once (a Namespace relabelled, a relist): every Service is
+# remade instead of asking each whether a changed pod concerns it.
+MANY_PODS = 256
+_NOT_SHARED = frozenset({"node", "version", "local_workloads"})
+
+
+def _json(value: Any) -> str:
+    """A JSON value exactly as `Snapshot.body_digest` writes it (sorted keys, default
+    separators), so a body joined from these pieces hashes the same."""
+    dump = getattr(value, "model_dump", None)
+    return json.dumps(dump(mode="json") if dump is not None else value, sort_keys=True)
+
+
+def _json_list(pieces: list[str]) -> str:
+    return "[" + ", ".join(pieces) + "]"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or a == b
+
+
+@dataclass
+class _PodEntry:
+    pod: dict
+    namespace: dict | None
+    workload: Workload | None
+    json: str  # the workload's digest JSON ("" without a workload)
+
+
+class _UniqueOwners:
+    """Address -> the one workload with it (`by_ip`: an address two pods share is nobody's)."""
+
+    def __init__(self) -> None:
+        self._owners: dict[str, dict[PodKey, Workload]] = {}
+
+    def get(self, ip: str, default: Workload | None = None) -> Workload | None:
+        owners = self._owners.get(ip)
+        if owners is None or len(owners) != 1:
+            return default
+        return next(iter(owners.values()))
+
+    def add(self, key: PodKey, workload: Workload) -> None:
+        for ip in workload.ips:
+            self._owners.setdefault(ip, {})[key] = workload
+
+    def remove(self, key: PodKey, workload: Workload) -> None:
+        for ip in workload.ips:
+            owners = self._owners.get(ip)
+            if owners is not None:
+                owners.pop(key, None)
+                if not owners:
+                    del self._owners[ip]
+
+
+class _PodIndex:
+    """`compiler.PodLookup` kept up to date pod by pod (what `compiler._Pods` builds whole)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[PodKey, Workload] = {}
+        self.by_ip = _UniqueOwners()
+        self._by_label: dict[tuple[str, str, str], dict[PodKey, dict]] = {}
+
+    def selected(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        if not selector:
+            return []
+        found = [self._by_label.get((namespace, k, v), {}) for k, v in selector.items()]
+        return list(min(found, key=len).values())
+
+    def add(self, key: PodKey, entry: _PodEntry) -> None:
+        for label, value in _labels(entry.pod).items():
+            self._by_label.setdefault((key[0], label, value), {})[key] = entry.pod
+        if entry.workload is None:
+            return
+        self.by_key[key] = entry.workload
+        if not (entry.pod.get("spec") or {}).get("hostNetwork"):
+            self.by_ip.add(key, entry.workload)
+
+    def remove(self, key: PodKey, entry: _PodEntry) -> None:
+        for label, value in _labels(entry.pod).items():
+            pods = self._by_label.get((key[0], label, value))
+            if pods is not None:
+                pods.pop(key, None)
+                if not pods:
+                    del self._by_label[(key[0], label, value)]
+        if entry.workload is None:
+            return
+        self.by_key.pop(key, None)
+        if not (entry.pod.get("spec") or {}).get("hostNetwork"):
+            self.by_ip.remove(key, entry.workload)
+
+
+@dataclass
+class _ServiceEntry:
+    svc: dict
+    slices: list[dict] | None
+    service: Service
+    json: str
+    # what a pod change must touch to concern it: the selector's pods (no slices), or the
+    # pods its slices name and the addresses they list without naming a pod
+    selector: dict[str, str]
+    refs: frozenset[PodKey]
+    ips: frozenset[str]
+
+    def concerns(self, key: PodKey, entries: tuple[_PodEntry | None, ...]) -> bool:
+        if self.slices is None:
+            return any(
+                e is not None
+                and key[0] == self.service.namespace
+                and _matches(self.selector, _labels(e.pod))
+                for e in entries
+            )
+        if key in self.refs:
+            return True
+        return any(
+            e is not None and e.workload is not None and not self.ips.isdisjoint(e.workload.ips)
+            for e in entries
+        )
+
+
+def _slice_dependencies(slices: list[dict], namespace: str) -> tuple[set[PodKey], set[str]]:
+    """The pods a Service's slices name and the addresses they list without a targetRef (more
+    than `compiler._slice_candidates` may look up, never fewer)."""
+    refs: set[PodKey] = set()
+    ips: set[str] = set()
+    for eps in slices:
+        for ep in eps.get("endpoints") or []:
+            ref = ep.get("targetRef") or {}
+            if ref.get("kind") == "Pod" and ref.get("name"):
+                refs.add((ref.get("namespace") or namespace, ref["name"]))
+            elif not ref:
+                ips.update((ep.get("addresses") or [])[:1])
+    return refs, ips
+
+
+class IncrementalCompiler:
+    """One per push server: `compile(model, trust_bundle)` after each model change."""
+
+    def __init__(self) -> None:
+        self._pods: dict[PodKey, _PodEntry] = {}
+        self._namespaces: dict[str, dict] = {}
+        self._order: list[PodKey] = []  # keys of the pods with a workload, sorted
+        self._index = _PodIndex()
+        self._services: dict[PodKey, _ServiceEntry] = {}
+        self._rest_key: tuple | None = None
+        self._rest: dict[str, Any] = {}
+        self._rest_json: dict[str, str] = {}
+        self._result: SharedSnapshot | None = None
+        self._endpoints: set[str] | None = None  # workload uids behind a Service
+
+    def compile(self, model: ClusterModel, trust_bundle: str | None = None) -> SharedSnapshot:
+        changed = self._update_pods(model)
+        services_changed = self._update_services(model, changed)
+        rest_changed = self._update_rest(model, trust_bundle)
+        if self._result is not None and not (changed or services_changed or rest_changed):
+            return self._result
+        self._result = self._assemble(services_changed or rest_changed)
+        return self._result
+
+    # -- pods --------------------------------------------------------------------------------
+
+    def _update_pods(self, model: ClusterModel) -> dict[PodKey, tuple[_PodEntry | None, ...]]:
+        """Bring the kept workloads up to the model; returns the changed pods' entries
+        (before, after; None for absent)."""
+        namespaces = {_meta(n).get("name", ""): n for n in model.objects("Namespace")}
+        moved = {
+            name
+            for name in namespaces.keys() | self._namespaces.keys()
+            if not _same(namespaces.get(name), self._namespaces.get(name))
+        }
+        self._namespaces = namespaces
+        changed: dict[PodKey, tuple[_PodEntry | None, ...]] = {}
+        seen = 0
+        for pod in model.objects("Pod"):
+            meta = _meta(pod)
+            key = (meta.get("namespace", "default"), meta.get("name"))
+            seen += 1
+            old = self._pods.get(key)
+            if old is not None and key[0] not in moved:
+                if old.pod is pod:
+                    continue
+                if old.pod == pod:
+                    old.pod = pod  # an equal copy: the next look is an identity check
+                    continue
+            namespace = namespaces.get(key[0])
+            workload = compile_workload(pod, namespace)
+            new = _PodEntry(pod, namespace, workload, _json(workload) if workload else "")
+            changed[key] = (old, new)
+        added = sum(1 for old, _new in changed.values() if old is None)
+        if seen - added < len(self._pods):  # some kept pods are gone from the model
+            present = {
+                (_meta(p).get("namespace", "default"), _meta(p).get("name"))
+                for p in model.objects("Pod")
+            }
+            for key in self._pods.keys() - present:
+                changed[key] = (self._pods[key], None)
+        for key, (old, _new) in changed.items():
+            if old is not None:
+                self._index.remove(key, old)
+                if old.workload is not None:
+                    del self._order[bisect.bisect_left(self._order, key)]
+                del self._pods[key]
+        for key, (_old, new) in changed.items():
+            if new is not None:
+                self._pods[key] = new
+                self._index.add(key, new)
+                if new.workload is not None:
+                    bisect.insort(self._order, key)
+        return changed
+
+    # -- services ----------------------------------------------------------------------------
+
+    def _update_services(
+        self, model: ClusterModel, changed: dict[PodKey, tuple[_PodEntry | None, ...]]
+    ) -> bool:
+        slices = _slices_by_service(model)
+        everything = len(changed) > MANY_PODS
+        kept: dict[PodKey, _ServiceEntry] = {}
+        remade = False
+        for svc in model.objects("Service"):
+            meta = _meta(svc)
+            key = (meta.get("namespace", "default"), meta["name"])
+            own = slices.get(key)
+            entry = self._services.get(key)
+            if (
+                entry is None
+                or everything
+                or not _same(entry.svc, svc)
+                or not _same(entry.slices, own)
+                or any(entry.concerns(k, pods) for k, pods in changed.items())
+            ):
+                fresh = self._compile_service(svc, own, key[0])
+                if entry is not None and fresh.service == entry.service:
+                    fresh.service, fresh.json = entry.service, entry.json  # same content
+                else:
+                    remade = True
+                entry = fresh
+            kept[key] = entry
+        remade = remade or kept.keys() != self._services.keys()
+        self._services = kept
+        return remade
+
+    def _compile_service(self, svc: dict, own: list[dict] | None, namespace: str) -> _ServiceEntry:
+        service = compile_service(svc, own, self._index)
+        selector = {
+            str(k): str(v) for k, v in ((svc.get("spec") or {}).get("selector") or {}).items()
+        }
+        refs, ips = _slice_dependencies(own, namespace) if own is not None else (set(), set())
+        return _ServiceEntry(
+            svc, own, service, _json(service), selector, frozenset(refs), frozenset(ips)
+        )
+
+    # -- the rest ----------------------------------------------------------------------------
+
+    def _update_rest(self, model: ClusterModel, trust_bundle: str | None) -> bool:
+        key = (
+            trust_bundle,
+            tuple(
+                (kind, tuple(model.objects(kind)))
+                for kind in sorted(model.kinds())
+                if kind not in _OWN_KINDS
+            ),
+        )
+        if self._rest_key is not None and key == self._rest_key:
+            return False
+        self._rest_key = key
+        rest = {
+            "nodes": compile_nodes(model),
+            "entries": compile_entries(model_entries(model), resolved_names(model)),
+            "trust_bundle": trust_bundle,
+            "istio_resources": compile_istio(model),
+            "telemetry": compile_telemetry(model),
+            "jwks": compile_jwks(model),
+        }
+        self._rest = rest
+        self._rest_json = {
+            field: _json_list([_json(x) for x in value])
+            if isinstance(value, list)
+            else _json(value)
+            for field, value in rest.items()
+        }
+        return True
+
+    # -- the result ----------------------------------------------------------------------------
+
+    def _assemble(self, services_changed: bool) -> SharedSnapshot:
+        entries = [self._services[k] for k in sorted(self._services)]
+        services = [e.service for e in entries] + self._rest["entries"]
+        if services_changed or self._endpoints is None:
+            self._endpoints = {e.workload_uid for s in services for e in s.endpoints}
+        endpoints = self._endpoints
+        shared: list[Workload] = []
+        shared_json: list[str] = []
+        local: dict[str, list[Workload]] = {}
+        for key in self._order:
+            pod = self._pods[key]
+            w = pod.workload
+            assert w is not None
+            if w.meshed or w.uid in endpoints:
+                shared.append(w)
+                shared_json.append(pod.json)
+            else:
+                local.setdefault(w.node, []).append(w)
+        fields = {k: v for k, v in self._rest.items() if k != "entries"}
+        snapshot = Snapshot(node="", workloads=shared, services=services, **fields)
+        pieces = {k: v for k, v in self._rest_json.items() if k != "entries"}
+        pieces["workloads"] = _json_list(shared_json)
+        service_json = [e.json for e in entries]
+        if self._rest["entries"]:
+            service_json.append(self._rest_json["entries"][1:-1])
+        pieces["services"] = _json_list(service_json)
+        return SharedSnapshot(snapshot, _digest(snapshot, pieces), local)
+
+
+def _digest(snapshot: Snapshot, pieces: dict[str, str]) -> str:
+    """`snapshot.body_digest()` from the kept JSON pieces (a field without one, such as one
+    added to Snapshot later, is written here)."""
+    parts = []
+    for field in sorted(type(snapshot).model_fields.keys() - _NOT_SHARED):
+        piece = pieces.get(field)
+        if piece is None:
+            piece = _json(snapshot.model_dump(mode="json", include={field})[field])
+        parts.append(f"{json.dumps(field)}: {piece}")
+    return hashlib.sha256(("{" + ", ".join(parts) + "}").encode()).hexdigest()
