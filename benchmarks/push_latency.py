@@ -151,8 +151,9 @@ async def run_agents(port: int, root: Path, tokens: dict[str, str]) -> None:
 
 
 def all_acked(server: PushServer, nodes: list[str]) -> bool:
+    sessions = server.sessions  # built per call: once per poll, not once per node
     for node in nodes:
-        session = server.sessions.get(node)
+        session = sessions.get(node)
         if session is None or session.acked_version != server.snapshot_for(node).version:
             return False
     return True
@@ -172,9 +173,12 @@ async def measure(
     pods_per_node: int = PODS_PER_NODE,
     churn: float = 0.0,
     duration: float = 0.0,
-) -> tuple[list[float], float]:
-    """Latencies in milliseconds (one per round, or with `churn` one per change), and the
-    bytes the controller sent per change and agent once every agent was connected."""
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[list[float], float, float]:
+    """Latencies in milliseconds (one per round, or with `churn` one per change), the bytes
+    the controller sent per change and agent once every agent was connected, and this
+    process's CPU seconds per change over the same span (the controller's, with the
+    benchmark's own polling)."""
     ca_file = folder / "ca.pem"
     ca = CertificateAuthority.load_or_create(ca_file)
     root = folder / "root.pem"
@@ -218,8 +222,10 @@ async def measure(
             lambda task_status: trio.run_process(argv, cwd=REPO, task_status=task_status)
         )
         try:
-            await wait_all_acked(server, nodes, CONNECT_TIMEOUT)
-            sent_before = sum(server.sessions[node].bytes_sent for node in nodes)
+            await wait_all_acked(server, nodes, connect_timeout)
+            sessions = server.sessions
+            sent_before = sum(sessions[node].bytes_sent for node in nodes)
+            cpu_before = time.process_time()
             if churn:
                 latencies = await _churn(server, model, nodes, pods_per_node, churn, duration)
             else:
@@ -229,11 +235,13 @@ async def measure(
                     model.upsert("Pod", changed)
                     await wait_all_acked(server, nodes, ROUND_TIMEOUT)
                     latencies.append((time.perf_counter() - started) * 1000)
-            sent = sum(server.sessions[node].bytes_sent for node in nodes) - sent_before
+            cpu = time.process_time() - cpu_before
+            sessions = server.sessions
+            sent = sum(sessions[node].bytes_sent for node in nodes) - sent_before
         finally:
             process.terminate()
             nursery.cancel_scope.cancel()
-    return latencies, sent / (len(latencies) * agents)
+    return latencies, sent / (len(latencies) * agents), cpu / len(latencies)
 
 
 async def _churn(
@@ -267,7 +275,8 @@ async def _churn(
         deadline = trio.current_time() + duration + ROUND_TIMEOUT
         while trio.current_time() < deadline:
             await trio.sleep(CHURN_POLL)
-            sessions = [server.sessions.get(node) for node in nodes]
+            by_node = server.sessions
+            sessions = [by_node.get(node) for node in nodes]
             if any(s is None for s in sessions):
                 continue
             reached = min(s.acked_generation for s in sessions)
@@ -289,6 +298,7 @@ def summary(
     churn: float = 0.0,
     duration: float = 0.0,
     cpu_s: float | None = None,
+    cpu_per_change_s: float | None = None,
     bytes_per_change: float | None = None,
 ) -> dict:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
@@ -303,6 +313,9 @@ def summary(
         "first_tenth_p50_ms": round(statistics.median(latencies[:tenth]), 2),
         "last_tenth_p50_ms": round(statistics.median(latencies[-tenth:]), 2),
         "controller_cpu_s": None if cpu_s is None else round(cpu_s, 2),
+        "controller_cpu_per_change_s": (
+            None if cpu_per_change_s is None else round(cpu_per_change_s, 4)
+        ),
         "bytes_per_change_per_agent": None if bytes_per_change is None else round(bytes_per_change),
         # ru_maxrss is in KiB on Linux; this process is the controller (agents run apart)
         "controller_max_rss_mib": round(
@@ -330,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods-per-node", type=int, default=PODS_PER_NODE)
     parser.add_argument("--churn", type=float, default=0.0, help="pod changes per second")
     parser.add_argument("--duration", type=float, default=60.0, help="with --churn: seconds")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        help="seconds for every agent to connect and ACK its first whole snapshot",
+    )
     parser.add_argument("--smoke", action="store_true", help="5 agents, 3 rounds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -345,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     churn = {"pods_per_node": args.pods_per_node, "churn": args.churn, "duration": args.duration}
     cpu_before = time.process_time()
     with tempfile.TemporaryDirectory(prefix="push-latency-") as folder:
-        latencies, per_change = trio.run(partial(measure, agents, rounds, Path(folder), **churn))
+        run = partial(
+            measure, agents, rounds, Path(folder), connect_timeout=args.connect_timeout, **churn
+        )
+        latencies, per_change, cpu_per_change = trio.run(run)
     cpu_s = time.process_time() - cpu_before
-    result = summary(latencies, agents, cpu_s=cpu_s, bytes_per_change=per_change, **churn)
+    result = summary(
+        latencies,
+        agents,
+        cpu_s=cpu_s,
+        cpu_per_change_s=cpu_per_change,
+        bytes_per_change=per_change,
+        **churn,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -356,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         f" (min {result['min_ms']:.1f}, max {result['max_ms']:.1f}; first/last tenth p50"
         f" {result['first_tenth_p50_ms']:.1f}/{result['last_tenth_p50_ms']:.1f} ms);"
         f" {result['bytes_per_change_per_agent']} bytes per change and agent;"
-        f" controller CPU {result['controller_cpu_s']} s, peak RSS"
+        f" controller CPU {result['controller_cpu_s']} s"
+        f" ({result['controller_cpu_per_change_s']} s per change), peak RSS"
         f" {result['controller_max_rss_mib']} MiB; written to {args.out}"
     )
     return 0
