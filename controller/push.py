@@ -68,6 +68,9 @@ GOODBYE_TIMEOUT = 2.0
 # and under steady churn it caps compiles at one per window.
 COALESCE_WINDOW = 0.1
 DELTA_CACHE_SIZE = 8  # pairs of compiles whose shared changes are kept
+# Whole snapshots being encoded and sent at once (each session otherwise holds its own copy,
+# plus TLS's, of a body that lists the whole cluster: ~10 MB at 30,000 pods).
+WHOLE_SENDS = 8
 DEFAULT_CERT_LIFETIME = timedelta(hours=24)
 SERVER_CERT_LIFETIME = timedelta(days=30)
 # The controller's own identity: spiffe://<td>/ns/<namespace>/sa/meshctl.
@@ -413,6 +416,7 @@ class PushServer:
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
         self._closing: str | None = None  # the goodbye reason, once close_streams began
         self.coalesce = coalesce
+        self._whole_sends = trio.Semaphore(WHOLE_SENDS)
         self._settled_generation = model.generation  # what sessions may push (see _settle)
         self._settled = trio.Event()
 
@@ -598,33 +602,44 @@ class PushServer:
             else:
                 session.sent_version, session.sent_generation = snap.version, generation
                 session.answered = trio.Event()
-                message, session.in_flight_delta = self._message_for(session, snap)
                 session.in_flight = snap
-                session.bytes_sent += len(message)
-                if session.in_flight_delta:
+                message = self._delta_for(session, snap)
+                session.in_flight_delta = message is not None
+                if message is not None:
                     session.deltas_sent += 1
+                    session.bytes_sent += len(message)
+                    await wire.send_encoded(message)
                 else:
-                    session.full_sent += 1
-                await wire.send_encoded(message)
+                    # a whole snapshot is the size of the cluster: a reconnect storm sends
+                    # a few at a time instead of holding every agent's copy at once
+                    async with self._whole_sends:
+                        message = self._whole_message(session, snap)
+                        session.full_sent += 1
+                        session.bytes_sent += len(message)
+                        await wire.send_encoded(message)
+                        del message
             if session.sent_version not in (session.acked_version, session.nacked_version):
                 await session.answered.wait()
                 continue  # look again: newer content, or the whole snapshot after a NACK
             await self._wait_settled(generation)
 
-    def _message_for(self, session: AgentSession, snap: Snapshot) -> tuple[bytes, bool]:
-        """(encoded message, is a delta) taking the node from what it holds to `snap`. A delta
-        carries only changed items, so it is never much larger than the whole snapshot."""
+    def _delta_for(self, session: AgentSession, snap: Snapshot) -> bytes | None:
+        """The encoded delta taking the node from what it holds to `snap`, None when it holds
+        nothing this stream can build on (it gets the whole snapshot). A delta carries only
+        changed items, so it is never much larger than the whole snapshot."""
         held = session.held
-        if held is not None and held.version == session.acked_version:
-            changes = {
-                **self._shared_changes(held, snap),
-                **snapshotdelta.diff(held, snap, ("local_workloads",)),
-            }
-            delta = {"type": "delta", "version": snap.version, "base": held.version}
-            return json.dumps({**delta, "changes": changes}, separators=(",", ":")).encode(), True
+        if held is None or held.version != session.acked_version:
+            return None
+        changes = {
+            **self._shared_changes(held, snap),
+            **snapshotdelta.diff(held, snap, ("local_workloads",)),
+        }
+        delta = {"type": "delta", "version": snap.version, "base": held.version}
+        return json.dumps({**delta, "changes": changes}, separators=(",", ":")).encode()
+
+    def _whole_message(self, session: AgentSession, snap: Snapshot) -> bytes:
         local = [w.model_dump(mode="json") for w in snap.local_workloads]
-        message = encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
-        return message, False
+        return encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
 
     def _shared_changes(self, old: Snapshot, new: Snapshot) -> dict:
         """The changes to the part every node shares, computed once per pair of compiles (a
