@@ -14,50 +14,39 @@ from pydantic import field_validator, model_validator
 __all__ = ["EnvoyExtAuthzGrpc", "EnvoyExtAuthzHttp", "ExtensionProvider", "Provider"]
 
 
-class EnvoyExtAuthzHttp(IstioModel):
-    """`envoyExtAuthzHttp`: where the check API is served and what it sees and returns."""
+class _ExtAuthzService(IstioModel):
+    """What both provider kinds share: where the check is served and what a failure means."""
 
     service: NonEmptyStr  # a Service host: name.namespace.svc.cluster.local (or a short form)
     port: Port
     timeout: NonEmptyStr = "600s"  # kept as written: the config is handed to workers as JSON
-    path_prefix: str = ""
     fail_open: bool = False
     status_on_error: int = 403
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+
+class EnvoyExtAuthzHttp(_ExtAuthzService):
+    """`envoyExtAuthzHttp`: where the check API is served and what it sees and returns."""
+
+    path_prefix: str = ""
     include_request_headers_in_check: tuple[NonEmptyStr, ...] = ()
     include_additional_headers_in_check: dict[str, str] = {}
     headers_to_upstream_on_allow: tuple[NonEmptyStr, ...] = ()
     headers_to_downstream_on_deny: tuple[NonEmptyStr, ...] = ()
 
-    @field_validator("timeout")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
 
-    @property
-    def timeout_s(self) -> float:
-        return parse_duration(self.timeout)
-
-
-class EnvoyExtAuthzGrpc(IstioModel):
+class EnvoyExtAuthzGrpc(_ExtAuthzService):
     """`envoyExtAuthzGrpc`: Envoy's gRPC check API (envoy.service.auth.v3.Authorization/Check)
     served by the provider's Service port; what the answer means: common/extauthz_grpc.py."""
-
-    service: NonEmptyStr
-    port: Port
-    timeout: NonEmptyStr = "600s"
-    fail_open: bool = False
-    status_on_error: int = 403
-
-    @field_validator("timeout")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
-
-    @property
-    def timeout_s(self) -> float:
-        return parse_duration(self.timeout)
 
 
 Provider = EnvoyExtAuthzHttp | EnvoyExtAuthzGrpc
