@@ -170,3 +170,24 @@ async def test_idle_timeout_zero_keeps_a_pooled_connection(autojump_clock):
         pool.release(conn, True)
         await trio.sleep(60)
         assert not conn.closed and await pool.acquire(never, never.endpoints[0]) is conn
+
+
+async def test_a_shortened_idle_timeout_reaches_an_already_watched_connection(autojump_clock):
+    """A connection idle through a sweep is watched with the timeout then in force (300 s); a
+    snapshot that gives its cluster `http.idleTimeout: 2s` afterwards (the worker got the
+    DestinationRule after serving) closes it at the next sweep, not 300 s later."""
+    opened: list[trio.abc.Stream] = []
+    cluster = _cluster(TrafficPolicy())
+    async with open_connection_pool(_memory_connect(opened)) as pool:
+        conn = await pool.acquire(cluster, cluster.endpoints[0])
+        _exchange(conn)
+        pool.release(conn, True)
+        await trio.sleep(SWEEP_INTERVAL + 0.5)
+        assert conn.watch_scope is not None and not conn.closed  # watched, 300 s to go
+        cluster.update(
+            ClusterSpec(
+                cluster.spec.key, cluster.spec.endpoints, policy_of({"http": {"idleTimeout": "2s"}})
+            )
+        )
+        await trio.sleep(SWEEP_INTERVAL)
+        assert conn.closed and cluster.connections == 0 and pool.idle_count() == 0

@@ -320,6 +320,11 @@ class ConnectionPool:
                         self._close_idle(conn)
                         continue
                     if conn.watch_scope is not None:
+                        # its watch waits for the idle timeout in force when it started;
+                        # a snapshot since may have shortened it (DestinationRule idleTimeout)
+                        if self._expired(conn, now):
+                            conn.watch_scope.cancel()
+                            self._close_idle(conn)
                         continue
                     if self._expired(conn, now) or _readable(conn.stream):
                         self._close_idle(conn)
