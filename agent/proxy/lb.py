@@ -188,6 +188,13 @@ class ClusterState:
             self._by_address[upstream.address] = state
         for gone in previous.values():
             gone.retired = True
+        # endpoints per failover level and per locality: they change only with the spec
+        self._level_totals: dict[int, int] = {}
+        self._locality_totals: dict[str, int] = {}
+        for ep in self.endpoints:
+            self._level_totals[ep.priority] = self._level_totals.get(ep.priority, 0) + 1
+            self._locality_totals[ep.locality] = self._locality_totals.get(ep.locality, 0) + 1
+        self._levels = sorted(self._level_totals)
         self._recompute()
         return list(previous.values())
 
@@ -227,11 +234,8 @@ class ClusterState:
 
     def _priority_level(self, hosts: list[EndpointState]) -> list[EndpointState]:
         """The hosts of one failover priority, drawn by Envoy's priority load."""
-        levels = sorted({ep.priority for ep in self.endpoints})
-        totals = {level: 0 for level in levels}
-        for ep in self.endpoints:
-            totals[ep.priority] += 1
-        usable = {level: 0 for level in levels}
+        levels, totals = self._levels, self._level_totals
+        usable = dict.fromkeys(levels, 0)
         for ep in hosts:
             usable[ep.priority] += 1
         loads = locality.level_loads([(usable[lv], totals[lv]) for lv in levels])
@@ -240,9 +244,7 @@ class ClusterState:
 
     def _weighted_locality(self, hosts: list[EndpointState]) -> list[EndpointState]:
         """The hosts of one locality, drawn by its `distribute` share x its healthy fraction."""
-        totals: dict[str, int] = {}
-        for ep in self.endpoints:
-            totals[ep.locality] = totals.get(ep.locality, 0) + 1
+        totals = self._locality_totals
         weights: dict[str, float] = {}
         for ep in hosts:
             weights[ep.locality] = weights.get(ep.locality, 0.0) + ep.share / totals[ep.locality]
