@@ -28,7 +28,6 @@ import h2.events
 import trio
 from meshagent.common import extauthzproto as proto
 from meshagent.common.extauthz import MAX_BODY, Verdict
-from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc
 
 MAX_MESSAGE = 1024 * 1024  # of a CheckResponse
 _GRPC_OK = 0
@@ -79,7 +78,7 @@ def check_request(
     return request.SerializeToString()
 
 
-def verdict(provider: EnvoyExtAuthzGrpc, message: bytes) -> Verdict:
+def verdict(message: bytes) -> Verdict:
     """What a CheckResponse means (see above). Raises CallFailed for bytes that do not parse."""
     try:
         response = proto.CheckResponse.FromString(message)

@@ -89,7 +89,7 @@ async def _ask(
                 answer = await extauthz_grpc.call(
                     upstream.stream, authority, check, provider.timeout_s
                 )
-                return extauthz_grpc.verdict(provider, answer)
+                return extauthz_grpc.verdict(answer)
             except extauthz_grpc.CallFailed as exc:  # the provider failed: as unreachable
                 raise ProviderUnreachable(str(exc)) from exc
         http_check = extauthz.check_request(

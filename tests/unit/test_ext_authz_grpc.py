@@ -14,9 +14,6 @@ import trio
 import trio.testing
 from meshagent.common import extauthzproto as proto
 from meshagent.common.extauthz_grpc import CallFailed, call, check_request, verdict
-from meshagent.common.extauthz_provider import EnvoyExtAuthzGrpc
-
-PROVIDER = EnvoyExtAuthzGrpc(service="authz.sec.svc.cluster.local", port=9000)
 
 
 def test_the_check_request_carries_the_request_and_both_peers():
@@ -64,7 +61,6 @@ def _response(code: int, **parts) -> bytes:
 
 def test_ok_sets_appends_and_removes_headers():
     answer = verdict(
-        PROVIDER,
         _response(0, ok=[("X-User", "ann", False), ("x-tag", "t", True)], remove=["X-Secret"]),
     )
     assert answer.allowed
@@ -75,7 +71,7 @@ def test_ok_sets_appends_and_removes_headers():
 
 @pytest.mark.parametrize(("status", "want"), [(401, 401), (0, 403), (99, 403)])
 def test_a_denial_answers_with_its_status_headers_and_body(status, want):
-    answer = verdict(PROVIDER, _response(7, denied=(status, "no entry")))
+    answer = verdict(_response(7, denied=(status, "no entry")))
     assert not answer.allowed
     assert (answer.status, answer.body) == (want, b"no entry")
     assert answer.headers == ((b"x-why", b"policy"),)
@@ -83,7 +79,7 @@ def test_a_denial_answers_with_its_status_headers_and_body(status, want):
 
 def test_bytes_that_are_no_check_response_are_the_provider_failing():
     with pytest.raises(CallFailed, match="does not parse"):
-        verdict(PROVIDER, b"\xff\xff\xff")
+        verdict(b"\xff\xff\xff")
 
 
 async def _serve_once(stream, grpc_status: int, message: bytes) -> list:
@@ -122,7 +118,7 @@ async def test_one_unary_call_over_http2(status):
         request = check_request("GET", "/", "echo", [])
         if status == 0:
             got = await call(client, "authz:9000", request, 2.0)
-            assert verdict(PROVIDER, got).upstream_headers == ((b"x-user", b"ann"),)
+            assert verdict(got).upstream_headers == ((b"x-user", b"ann"),)
         else:
             with pytest.raises(CallFailed, match="gRPC status 14"):
                 await call(client, "authz:9000", request, 2.0)
