@@ -189,7 +189,16 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
 
 
 def chart(metrics: list[dict], settings) -> bytes:
-    from benchmarks.png import Panel, bar_chart
+    """Every scenario of the run in one picture: throughput, latency and cost, per path."""
+    from benchmarks.chart import bar_chart
+
+    colors = ["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in COLORS.values()]
+    return bar_chart(chart_panels(metrics, settings), list(COLORS), colors)
+
+
+def chart_panels(metrics: list[dict], settings) -> list:
+    """The chart's panels: each scenario's medians per path (None where not measured)."""
+    from benchmarks.chart import Panel
 
     by_id = {m["id"]: m["paths"] for m in metrics}
 
@@ -200,19 +209,39 @@ def chart(metrics: list[dict], settings) -> bytes:
             out.append((label, {p: values.get(p, {}).get("median") for p in COLORS}))
         return out
 
+    latency = "latency, ms (medians)"
     panels = [
         Panel(
-            f"http at {settings.rate:,} req/s, 1 kib responses: latency (ms, medians, log scale)",
+            "Bulk TCP (iperf3)",
+            "Gbit/s",
+            groups([("1 stream", "tcp_1_gbps"), ("4 streams", "tcp_4_gbps")]),
+        ),
+        Panel(
+            "HTTP/1.1 requests per second",
+            "req/s",
+            groups(
+                [
+                    ("1 connection", "http_c1_rps"),
+                    ("16 keep-alive", "http_c16_rps"),
+                    ("new conn. each", "newconn_rps"),
+                ]
+            ),
+        ),
+        Panel(
+            f"HTTP at {settings.rate:,} req/s, 1 KiB responses",
+            latency,
             groups([("p50", "fixed_p50_ms"), ("p90", "fixed_p90_ms"), ("p99", "fixed_p99_ms")]),
             log_scale=True,
         ),
         Panel(
-            "http, 1 connection, one request at a time: latency (ms, medians, log scale)",
+            "HTTP, 1 connection, one request at a time",
+            latency,
             groups([("p50", "http_c1_p50_ms"), ("p99", "http_c1_p99_ms")]),
             log_scale=True,
         ),
         Panel(
-            "http keep-alive, 16 connections: latency (ms, medians, log scale)",
+            "HTTP keep-alive, 16 connections",
+            latency,
             groups(
                 [
                     ("p50", "http_c16_p50_ms"),
@@ -222,8 +251,34 @@ def chart(metrics: list[dict], settings) -> bytes:
             ),
             log_scale=True,
         ),
+        Panel(
+            f"Added over direct at {settings.rate:,} req/s",
+            "ms (medians)",
+            groups(
+                [
+                    ("p50", "fixed_added_p50_ms"),
+                    ("p90", "fixed_added_p90_ms"),
+                    ("p99", "fixed_added_p99_ms"),
+                ]
+            ),
+        ),
+        Panel(
+            f"Proxy CPU at {settings.rate:,} req/s, both nodes",
+            "cores per 1,000 req/s",
+            groups([("CPU", "fixed_cpu_per_krps")]),
+        ),
+        Panel(
+            "Proxy memory, both nodes",
+            "RSS, MiB",
+            groups([("at the fixed rate", "fixed_proxy_rss_mib")]),
+        ),
+        Panel(
+            "Idle proxied connections",
+            "KiB per connection",
+            groups([(f"{settings.idle_connections:,} held", "idle_kib_per_conn")]),
+        ),
     ]
-    return bar_chart(panels, list(COLORS), list(COLORS.values()))
+    return panels
 
 
 def write_outputs(results: dict, out: Path, settings, stem: str = "latest") -> list[Path]:

@@ -23,7 +23,7 @@ APT_PACKAGES=(python3-bpfcc python3-venv iproute2 util-linux procps)
 [ "$PROFILE" = full ] && APT_PACKAGES+=(etcd-server python3-grpcio nghttp2-client)
 # ... and Debian's Prometheus, which tests/e2e/test_prometheus.py runs against the lab.
 [ "$PROFILE" = full ] && APT_PACKAGES+=(prometheus)
-EXTRAS="[test]"
+EXTRAS="[test,bench]"
 [ "$PROFILE" = runtime ] && EXTRAS=""
 
 log() { printf '[install] %s\n' "$*"; }
