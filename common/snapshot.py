@@ -16,6 +16,16 @@ from meshagent.common.failmode import DEFAULT_FAIL_MODE
 from pydantic import BaseModel, ConfigDict, Field
 
 MESH_LABEL = "meshagent.io/mesh"
+# How much of L7 a Service port gets (DESIGN.md section 1): bytes relayed, relayed while a
+# parser counts requests, or the per-request engine. Decided by the controller
+# (controller/l7level.py); `L7_ANNOTATION` on a Service forces it (`off` = l4).
+L7Level = Literal["l4", "observe", "full"]
+L7_ANNOTATION = "meshagent.io/l7"
+
+
+def level_key(namespace: str, name: str, port: int) -> str:
+    """The key of a Service port in `Snapshot.l7_levels`."""
+    return f"{namespace}/{name}:{port}"
 
 
 class _Model(BaseModel):
@@ -131,6 +141,9 @@ class Snapshot(_Model):
     # This node's pods that no other node needs (not meshed, not behind a Service): kept out
     # of `workloads` so a change to one of them gives a new version to this node only.
     local_workloads: list[Workload] = Field(default_factory=list)
+    # The L7 level of each Service port (`level_key`). A port without one (a snapshot from a
+    # controller older than the field) is served as before: `full` on HTTP ports, else `l4`.
+    l7_levels: dict[str, L7Level] = Field(default_factory=dict)
 
     def all_workloads(self) -> list[Workload]:
         return [*self.workloads, *self.local_workloads]

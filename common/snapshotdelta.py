@@ -57,7 +57,9 @@ ORDER: dict[str, Callable[[Mapping[str, Any]], tuple]] = {
     "telemetry": _istio_order,
     "local_workloads": lambda d: (d["namespace"], d["name"]),
 }
-SCALARS = ("trust_bundle", "jwks")  # jwks: RequestAuthentication keys by URL, sent whole
+# jwks: RequestAuthentication keys by URL; l7_levels: each Service port's L7 level (a small
+# map that changes with Istio resources, not with pods): each sent whole when it changed
+SCALARS = ("trust_bundle", "jwks", "l7_levels")
 SHARED_FIELDS = (
     "nodes",
     "workloads",
@@ -66,6 +68,7 @@ SHARED_FIELDS = (
     "telemetry",
     "trust_bundle",
     "jwks",
+    "l7_levels",
 )
 
 

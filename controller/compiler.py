@@ -32,6 +32,7 @@ from meshagent.common.snapshot import (
 from meshagent.common.workloadname import pod_workload
 from meshagent.controller.failclosed import unenforceable_deny
 from meshagent.controller.jwks import compile_jwks
+from meshagent.controller.l7level import compile_levels, forced_levels, needs_of_manifests
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.resolver import resolved_names
 from meshagent.controller.serviceentry import compile_entries, model_entries, model_entry_hosts
@@ -509,16 +510,22 @@ def compile_snapshot(model: ClusterModel, node: str, trust_bundle: str | None = 
 
 def _compile(model: ClusterModel, node: str, trust_bundle: str | None) -> Snapshot:
     workloads = compile_workloads(model)
+    services = [
+        *compile_services(model, workloads),
+        *compile_entries(model_entries(model), resolved_names(model)),
+    ]
+    istio = compile_istio(model)
+    needs = needs_of_manifests(istio, model_entry_hosts(model))
     return Snapshot(
         node=node,
         nodes=compile_nodes(model),
         workloads=workloads,
-        services=[
-            *compile_services(model, workloads),
-            *compile_entries(model_entries(model), resolved_names(model)),
-        ],
+        services=services,
         trust_bundle=trust_bundle,
-        istio_resources=compile_istio(model),
+        istio_resources=istio,
         telemetry=compile_telemetry(model),
         jwks=compile_jwks(model),
+        l7_levels=compile_levels(
+            services, forced_levels(model.objects("Service")), needs, workloads
+        ),
     )

@@ -12,8 +12,10 @@ sequences). It keeps:
 - per Service its compiled Service, remade only when the Service, its EndpointSlices or a pod
   it may select or reference changed (before or after the change: a pod that stops matching
   leaves); past `MANY_PODS` changed pods at once every Service is remade;
-- the rest (nodes, Istio resources, Telemetry, JWKS, ServiceEntries), remade when an object
-  of any other kind changed.
+- the rest (nodes, Istio resources, Telemetry, JWKS, ServiceEntries, what the Istio
+  resources need per request), remade when an object of any other kind changed;
+- the L7 level of each Service port (controller/l7level.py), recomputed on every change from
+  the above (it depends on Services, their endpoints' workloads and the Istio resources).
 
 A model object counts as unchanged when it is the same object or equal to it: the model
 replaces objects and never edits them in place, and a relist's equal copies cost a
@@ -45,9 +47,15 @@ from meshagent.controller.compiler import (
     compile_workload,
 )
 from meshagent.controller.jwks import compile_jwks
+from meshagent.controller.l7level import (
+    L7Needs,
+    compile_levels,
+    forced_levels,
+    needs_of_manifests,
+)
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.resolver import resolved_names
-from meshagent.controller.serviceentry import compile_entries, model_entries
+from meshagent.controller.serviceentry import compile_entries, model_entries, model_entry_hosts
 
 PodKey = tuple[str, str]  # (namespace, name)
 # Kinds with a cache of their own; any other kind's change remakes "the rest".
@@ -198,6 +206,7 @@ class IncrementalCompiler:
         self._rest_key: tuple | None = None
         self._rest: dict[str, Any] = {}
         self._rest_json: dict[str, str] = {}
+        self._needs = L7Needs()  # what the Istio resources need per request (l7level.py)
         self._result: SharedSnapshot | None = None
         self._endpoints: set[str] | None = None  # workload uids behind a Service
 
@@ -285,6 +294,8 @@ class IncrementalCompiler:
                 fresh = self._compile_service(svc, own, key[0])
                 if entry is not None and fresh.service == entry.service:
                     fresh.service, fresh.json = entry.service, entry.json  # same content
+                    # its `meshagent.io/l7` annotation is not in the Service but sets its level
+                    remade = remade or forced_levels([svc]) != forced_levels([entry.svc])
                 else:
                     remade = True
                 entry = fresh
@@ -326,6 +337,7 @@ class IncrementalCompiler:
             "jwks": compile_jwks(model),
         }
         self._rest = rest
+        self._needs = needs_of_manifests(rest["istio_resources"], model_entry_hosts(model))
         self._rest_json = {
             field: _json_list([_json(x) for x in value])
             if isinstance(value, list)
@@ -355,7 +367,13 @@ class IncrementalCompiler:
             else:
                 local.setdefault(w.node, []).append(w)
         fields = {k: v for k, v in self._rest.items() if k != "entries"}
-        snapshot = Snapshot(node="", workloads=shared, services=services, **fields)
+        # the levels depend on Services, their endpoints' workloads and the Istio resources:
+        # recomputed on every change (a pass over the Services' ports, cheap)
+        forced = forced_levels(e.svc for e in entries)
+        levels = compile_levels(services, forced, self._needs, shared)
+        snapshot = Snapshot(
+            node="", workloads=shared, services=services, l7_levels=levels, **fields
+        )
         pieces = {k: v for k, v in self._rest_json.items() if k != "entries"}
         pieces["workloads"] = _json_list(shared_json)
         service_json = [e.json for e in entries]

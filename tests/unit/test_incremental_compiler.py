@@ -75,13 +75,17 @@ pods = st.builds(
 )
 
 services = st.builds(
-    lambda ns, name, selector, target, cluster_ip: {
+    lambda ns, name, selector, target, cluster_ip, port_name, l7: {
         "kind": "Service",
-        "metadata": {"name": name, "namespace": ns},
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            **({"annotations": {"meshagent.io/l7": l7}} if l7 else {}),
+        },
         "spec": {
             "clusterIP": cluster_ip,
             "selector": selector,
-            "ports": [{"name": "http", "port": 80, "targetPort": target}],
+            "ports": [{"name": port_name, "port": 80, "targetPort": target}],
         },
     },
     st.sampled_from(NAMESPACES),
@@ -89,6 +93,43 @@ services = st.builds(
     st.sampled_from([{}, {"app": "x"}, {"app": "y", "tier": "1"}, {"tier": "2"}]),
     st.sampled_from(["http", 8080]),
     st.sampled_from(["10.96.0.1", "None", "fd00::10"]),
+    st.sampled_from(["http", "http", "tcp-db", "grpc"]),
+    st.sampled_from([None, None, "off", "full", "observe"]),
+)
+
+# Istio resources that move a Service port's L7 level (controller/l7level.py): a change to
+# one must re-mark the Services it names or whose pods it selects.
+virtual_services = st.builds(
+    lambda ns, host, http: {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "vs", "namespace": ns},
+        "spec": {
+            "hosts": [host],
+            **(
+                {"http": [{"route": [{"destination": {"host": host}}]}]}
+                if http
+                else {"tcp": [{"route": [{"destination": {"host": host}}]}]}
+            ),
+        },
+    },
+    st.sampled_from(NAMESPACES),
+    st.sampled_from(SERVICES),
+    st.booleans(),
+)
+authorization_policies = st.builds(
+    lambda ns, labels, http: {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "ap", "namespace": ns},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "rules": [{"to": [{"operation": {"paths": ["/x"]} if http else {"ports": ["80"]}}]}],
+        },
+    },
+    st.sampled_from(NAMESPACES),
+    st.sampled_from([{"app": "x"}, {"tier": "1"}]),
+    st.booleans(),
 )
 
 slice_endpoints = st.builds(
@@ -134,16 +175,29 @@ nodes = st.builds(
 
 changes = st.one_of(
     st.tuples(st.just("upsert"), st.one_of(namespaces, pods, services, slices, nodes)),
+    st.tuples(st.just("upsert"), st.one_of(virtual_services, authorization_policies)),
     st.tuples(st.just("upsert"), pods),  # pods change most, as in a cluster
     st.tuples(
         st.just("delete"),
         st.fixed_dictionaries(
             {
-                "kind": st.sampled_from(["Namespace", "Pod", "Service", "EndpointSlice", "Node"]),
+                "kind": st.sampled_from(
+                    [
+                        "Namespace",
+                        "Pod",
+                        "Service",
+                        "EndpointSlice",
+                        "Node",
+                        "VirtualService",
+                        "AuthorizationPolicy",
+                    ]
+                ),
                 "metadata": st.fixed_dictionaries(
                     {
                         "namespace": st.sampled_from(NAMESPACES),
-                        "name": st.sampled_from([*PODS, *SERVICES, "s0-1", "s1-2", "a", "n1"]),
+                        "name": st.sampled_from(
+                            [*PODS, *SERVICES, "s0-1", "s1-2", "a", "n1", "vs", "ap"]
+                        ),
                     }
                 ),
             }

@@ -1,0 +1,179 @@
+"""The L7 level of a Service port (controller/l7level.py): `full` only where a resource needs a
+decision per request, `observe` on other HTTP/1.1 ports, `l4` on the rest; the Service's
+`meshagent.io/l7` annotation forces it."""
+
+from __future__ import annotations
+
+import pytest
+from meshagent.controller.compiler import compile_shared
+from meshagent.controller.model import ClusterModel
+
+
+def _service(port_name: str = "http-web", annotation: str | None = None) -> dict:
+    meta: dict = {"name": "web", "namespace": "shop"}
+    if annotation is not None:
+        meta["annotations"] = {"meshagent.io/l7": annotation}
+    return {
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "clusterIP": "10.96.0.9",
+            "selector": {"app": "web"},
+            "ports": [{"name": port_name, "port": 80, "targetPort": 8080}],
+        },
+    }
+
+
+POD = {
+    "kind": "Pod",
+    "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+    "spec": {"nodeName": "n1"},
+    "status": {"phase": "Running", "podIP": "10.0.0.5"},
+}
+
+
+def _vs(http: bool = True) -> dict:
+    route = [{"route": [{"destination": {"host": "web"}}]}]
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"hosts": ["web"], **({"http": route} if http else {"tcp": route})},
+    }
+
+
+def _dr(policy: dict, port_level: bool = False) -> dict:
+    tp = {"portLevelSettings": [{"port": {"number": 80}, **policy}]} if port_level else policy
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"host": "web.shop.svc.cluster.local", "trafficPolicy": tp},
+    }
+
+
+def _ap(rule: dict, *, namespace: str = "shop", labels: dict | None = None, **extra) -> dict:
+    spec: dict = {"rules": [rule], **extra}
+    if labels is not None:
+        spec["selector"] = {"matchLabels": labels}
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "ap", "namespace": namespace},
+        "spec": spec,
+    }
+
+
+REQUEST_AUTH = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "RequestAuthentication",
+    "metadata": {"name": "jwt", "namespace": "shop"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "web"}},
+        "jwtRules": [{"issuer": "me", "jwksUri": "https://keys.example/jwks"}],
+    },
+}
+
+
+def _level(*objects: dict) -> str:
+    model = ClusterModel()
+    for obj in objects:
+        model.upsert(obj["kind"], obj)
+    snapshot = compile_shared(model).snapshot
+    return snapshot.l7_levels["shop/web:80"]
+
+
+@pytest.mark.parametrize(
+    ("objects", "level"),
+    [
+        # by protocol, with nothing else
+        ((_service("http-web"),), "observe"),
+        ((_service("tcp-db"),), "l4"),
+        ((_service("unnamed"),), "l4"),
+        ((_service("grpc-api"),), "full"),
+        ((_service("http2-web"),), "full"),
+        # resources that need a per-request decision
+        ((_service(), _vs()), "full"),
+        ((_service(), _vs(http=False)), "observe"),
+        ((_service(), _dr({"connectionPool": {"http": {"http1MaxPendingRequests": 1}}})), "full"),
+        ((_service(), _dr({"connectionPool": {"tcp": {"maxConnections": 5}}})), "observe"),
+        (
+            (
+                _service(),
+                _dr({"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}),
+            ),
+            "full",
+        ),
+        (
+            (_service(), _dr({"loadBalancer": {"consistentHash": {"useSourceIp": True}}})),
+            "observe",
+        ),
+        ((_service(), _dr({"loadBalancer": {"simple": "ROUND_ROBIN"}})), "observe"),
+        ((_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}})), "full"),
+        (
+            (_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}}, port_level=True)),
+            "full",
+        ),
+        ((_service(), POD, _ap({"to": [{"operation": {"paths": ["/a"]}}]})), "full"),
+        ((_service(), POD, _ap({"to": [{"operation": {"ports": ["8080"]}}]})), "observe"),
+        (
+            (_service(), POD, _ap({"to": [{"operation": {"methods": ["GET"]}}]}, labels={})),
+            "full",
+        ),
+        (
+            (
+                _service(),
+                POD,
+                _ap({"to": [{"operation": {"paths": ["/a"]}}]}, labels={"app": "other"}),
+            ),
+            "observe",
+        ),
+        (
+            (
+                _service(),
+                POD,
+                _ap({"to": [{"operation": {"paths": ["/a"]}}]}, namespace="istio-system"),
+            ),
+            "full",
+        ),
+        (
+            (_service(), POD, _ap({"to": [{"operation": {"paths": ["/a"]}}]}, namespace="other")),
+            "observe",
+        ),
+        (
+            (_service(), POD, _ap({}, action="CUSTOM", provider={"name": "authz"})),
+            "full",
+        ),
+        (
+            (_service(), POD, _ap({"when": [{"key": "request.headers[x]", "values": ["1"]}]})),
+            "full",
+        ),
+        ((_service(), POD, REQUEST_AUTH), "full"),
+        # the annotation wins over everything but the port's protocol
+        ((_service(annotation="off"), _vs()), "l4"),
+        ((_service(annotation="observe"), _vs()), "observe"),
+        ((_service(annotation="full"),), "full"),
+        ((_service(annotation="FULL"),), "full"),
+        ((_service("grpc", annotation="observe"),), "full"),  # no HTTP/2 parser in observe
+        ((_service("grpc", annotation="off"),), "l4"),
+        ((_service("tcp", annotation="full"),), "l4"),
+        ((_service(annotation="typo"), _vs()), "full"),  # ignored
+    ],
+)
+def test_level_decision_table(objects: tuple[dict, ...], level: str) -> None:
+    assert _level(*objects) == level
+
+
+def test_every_tcp_port_is_marked_and_udp_is_not() -> None:
+    svc = _service()
+    svc["spec"]["ports"] = [
+        {"name": "http", "port": 80},
+        {"name": "tcp-x", "port": 81},
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+    ]
+    model = ClusterModel()
+    model.upsert("Service", svc)
+    assert compile_shared(model).snapshot.l7_levels == {
+        "shop/web:80": "observe",
+        "shop/web:81": "l4",
+    }
