@@ -1,27 +1,37 @@
-"""Starting proxy worker processes, light enough to run before the agent imports itself.
+"""Starting proxy worker processes: the agent's side of the workers' fork server.
 
-A restarted agent's time to serve is mostly Python importing: the agent's own modules, then
-its workers' (each a fresh interpreter). `meshagent run` therefore starts the workers first
-(`start_workers`, right after reading its config) and imports the agent while they import
-theirs; `pool.WorkerPool` adopts them, and starts later ones (restarts) the same way. A worker
-opens the pinned maps only once the agent has sent it its first message, that is once the
-datapath is in place (a first start builds it meanwhile). This module imports nothing heavy.
+A restarted agent's time to serve is mostly Python importing. A worker's code is imported
+once, by a fork server (`forkserver.py`, its own interpreter started with the workers'
+allocator and metrics environment), which then forks each worker: N workers cost one import
+instead of N, and a worker started later (a restart, a recycle) serves in milliseconds.
+`meshagent run` starts the fork server and asks for its workers first (`start_workers`,
+right after reading its config), then imports the agent while the server imports theirs;
+`pool.WorkerPool` takes them, and asks for later ones the same way. A worker opens the pinned
+maps only once the agent has sent it its first message, that is once the datapath is in place
+(a first start builds it meanwhile). This module imports nothing heavy.
+
+Why a separate server and not a fork of the agent: prometheus_client picks its storage
+(multiprocess files or memory) when first imported and glibc/CPython pick the allocator at
+process start, and those differ between the agent and its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_ENV = "MESHAGENT_WORKER_CONFIG"
 FD_ENV = "MESHAGENT_WORKER_FD"
 INDEX_ENV = "MESHAGENT_WORKER_INDEX"
+SERVER_FD_ENV = "MESHAGENT_FORKSERVER_FD"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's (telemetry.exposition)
 # A worker allocates with libc's malloc, not CPython's small-object allocator: pymalloc returns
 # an arena only when wholly empty, so a few survivors per arena keep most of what a burst took.
@@ -35,8 +45,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's (telemetry.exp
 # workers' LD_PRELOAD, background purging, 1 s dirty decay) was measured against this, same lab,
 # three bursts each: fresh 61-62 MiB, after a burst 73-78 (+18-26 %) against 89-96 (+46-57 %)
 # here; with one arena, no thread cache and immediate purging 75-81. Closer, still not within
-# 10 %, so not adopted (a new library in every worker for a partial gain). An operator's own
-# environment wins (LD_PRELOAD and MALLOC_CONF included).
+# 10 %, so not adopted (a new library in every worker for a partial gain); what gets a node
+# back to its fresh figure is replacing a grown worker once it is idle (pool.py, recycling).
+# An operator's own environment wins (LD_PRELOAD and MALLOC_CONF included).
 WORKER_ALLOCATOR = {
     "PYTHONMALLOC": "malloc",
     "MALLOC_MMAP_THRESHOLD_": "65536",
@@ -44,38 +55,150 @@ WORKER_ALLOCATOR = {
 }
 
 
+class ForkServerGone(RuntimeError):
+    """The fork server exited and a new one could not be started."""
+
+
+@dataclass
+class WorkerProcess:
+    """A worker the fork server forked: not the agent's child, so it is watched and signalled
+    through its pidfd (which the server sent right after the fork: no pid-reuse race)."""
+
+    pid: int
+    pidfd: int
+
+    def exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
 @dataclass
 class Launched:
     """A worker process and the agent's end of its socket pair."""
 
     index: int
-    process: subprocess.Popen
+    process: WorkerProcess
     channel: socket.socket
 
 
 @dataclass
 class WorkerLaunch:
-    """What the pool needs to start workers, and those already started."""
+    """The fork server, the workers asked of it and those it started and nobody took yet.
+
+    ``request`` sends (non-blocking) the worker's end of a new socket pair; ``receive`` reads
+    one answer (the worker's pid and pidfd) once ``control`` is readable; ``take`` hands a
+    started worker over. Answers may come in any order; a dead server is started again and
+    asked again for what it had not answered."""
 
     config_json: str
     metrics_dir: Path
     metrics_env: dict[str, str]
+    server: subprocess.Popen | None = None
+    control: socket.socket | None = None
+    asked: dict[int, socket.socket] = field(default_factory=dict)  # index -> agent's end
     started: dict[int, Launched] = field(default_factory=dict)
 
-    def start(self, index: int) -> Launched:
-        return launch(self.config_json, index, self.metrics_env)
+    def start_server(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "meshagent.agent.workers.forkserver"],
+                env={
+                    **WORKER_ALLOCATOR,
+                    **os.environ,
+                    **self.metrics_env,
+                    CONFIG_ENV: self.config_json,
+                    SERVER_FD_ENV: str(theirs.fileno()),
+                },
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.control = ours
 
-    def take(self, index: int) -> Launched:
-        """The worker started early for ``index`` (once), else a new one."""
-        return self.started.pop(index, None) or self.start(index)
+    def request(self, index: int) -> None:
+        """Ask the fork server for worker ``index`` (answered through ``receive``)."""
+        if self.control is None:
+            self.start_server()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.asked[index] = ours
+        with contextlib.closing(theirs):
+            try:
+                self._send(index, theirs)
+            except OSError:  # the server died: a new one is asked for all, this one included
+                self._restart_server()
+
+    def _send(self, index: int, theirs: socket.socket) -> None:
+        assert self.control is not None
+        socket.send_fds(self.control, [str(index).encode()], [theirs.fileno()])
+
+    def receive(self) -> None:
+        """Read one answer of the fork server (``control`` is readable); if it died, start a
+        new one and ask it again for every worker not yet answered."""
+        assert self.control is not None
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, 64, 1)
+        except OSError:
+            data, fds = b"", []
+        if not data or not fds:
+            for fd in fds:
+                os.close(fd)
+            self._restart_server()
+            return
+        index, pid = (int(part) for part in data.split())
+        channel = self.asked.pop(index)
+        self.started[index] = Launched(index, WorkerProcess(pid, fds[0]), channel)
+
+    def _restart_server(self) -> None:
+        self._stop_server()
+        try:
+            self.start_server()
+            for index in self.asked:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.asked[index].close()
+                self.asked[index] = ours
+                with contextlib.closing(theirs):
+                    self._send(index, theirs)
+        except OSError as exc:
+            raise ForkServerGone(f"cannot start the workers' fork server again: {exc}") from exc
+
+    def take(self, index: int) -> Launched | None:
+        """Worker ``index`` if the server has started it (once), else None."""
+        return self.started.pop(index, None)
+
+    def _stop_server(self) -> None:
+        if self.control is not None:
+            self.control.close()  # the server exits when it reads the end
+            self.control = None
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
+            self.server = None
 
     def close(self) -> None:
-        """Kill the workers started early and never taken (the agent failed before)."""
+        """Kill the workers started and never taken, and the fork server (the agent stops)."""
         for launched in self.started.values():
             launched.process.kill()
-            launched.process.wait()
+            launched.process.close()
             launched.channel.close()
         self.started.clear()
+        for channel in self.asked.values():
+            channel.close()
+        self.asked.clear()
+        self._stop_server()
 
 
 def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
@@ -96,40 +219,16 @@ def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
     return {MULTIPROC_ENV: str(folder)}
 
 
-def launch(config_json: str, index: int, env: Mapping[str, str]) -> Launched:
-    """``python -m meshagent.agent.workers.worker`` with its end of a new socket pair."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "meshagent.agent.workers.worker"],
-            env={
-                **WORKER_ALLOCATOR,
-                **os.environ,
-                **env,
-                CONFIG_ENV: config_json,
-                FD_ENV: str(theirs.fileno()),
-                INDEX_ENV: str(index),
-            },
-            pass_fds=(theirs.fileno(),),
-        )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return Launched(index, process, ours)
-
-
 def start_workers(config_json: str, count: int, metrics_parent: Path) -> WorkerLaunch | None:
-    """Prepare this agent's metric folder and start its ``count`` workers (None for one: the
-    agent is then the proxy itself)."""
+    """Prepare this agent's metric folder, start the fork server and ask it for ``count``
+    workers (None for one: the agent is then the proxy itself)."""
     if count <= 1:
         return None
     folder = metrics_parent / str(os.getpid())
     plan = WorkerLaunch(config_json, folder, prepare_worker_metrics(metrics_parent, folder))
     try:
         for index in range(count):
-            plan.started[index] = plan.start(index)
+            plan.request(index)
     except BaseException:
         plan.close()
         raise

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
 from typing import Any
 
 import trio
@@ -20,7 +18,7 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import worker_exited
-from meshagent.agent.workers.launch import WorkerLaunch
+from meshagent.agent.workers.launch import Launched, WorkerLaunch, WorkerProcess
 from meshagent.agent.workers.wire import certs_message, merge_status, snapshot_message
 from meshagent.common.configwire import MessageStream, WireError
 
@@ -72,6 +70,7 @@ class WorkerPool:
         self.accepting = True
         self.stopping = False
         self._snapshot: bytes | None = None
+        self._spawning = trio.Lock()  # one reader of the fork server's answers at a time
         store.on_change(self._on_snapshot)
         identities.on_change(self._on_certs)
 
@@ -176,8 +175,20 @@ class WorkerPool:
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX)
 
+    async def _spawn(self, index: int) -> Launched:
+        """Worker ``index`` from the fork server (asked for now unless `meshagent run` did)."""
+        launch = self.launch
+        async with self._spawning:
+            if index not in launch.asked and index not in launch.started:
+                launch.request(index)
+            while (launched := launch.take(index)) is None:
+                assert launch.control is not None
+                await trio.lowlevel.wait_readable(launch.control)
+                launch.receive()
+        return launched
+
     async def _run_once(self, w: _Worker) -> None:
-        launched = self.launch.take(w.index)
+        launched = await self._spawn(w.index)
         process, ours = launched.process, launched.channel
         w.pid, w.status = process.pid, {}
         send, receive = trio.open_memory_channel[dict[str, Any] | bytes](math.inf)
@@ -194,12 +205,13 @@ class WorkerPool:
         finally:
             w.outbox = None
             with trio.CancelScope(shield=True):
-                if process.poll() is None:
+                if not process.exited():
                     process.kill()
                     await _exited(process)
+                process.close()
                 await channel.stream.aclose()
             worker_exited(w.pid, self.metrics_dir)
-            log.info("proxy worker %d (pid %d) exited: %s", w.index, w.pid, process.returncode)
+            log.info("proxy worker %d (pid %d) exited", w.index, w.pid)
             w.pid, w.status = 0, {}
 
     async def _send_loop(self, channel: MessageStream, outbox: trio.MemoryReceiveChannel) -> None:
@@ -235,12 +247,6 @@ def _tag_tunnels(status: dict[str, Any], worker: int) -> dict[str, Any]:
     return {**status, "tunnels": tunnels}
 
 
-async def _exited(process: subprocess.Popen) -> int:
-    """Wait for ``process`` to end (its pidfd turns readable, as trio's own processes do), and
-    reap it."""
-    fd = os.pidfd_open(process.pid)
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
-    return process.wait()
+async def _exited(process: WorkerProcess) -> None:
+    """Wait for ``process`` to end (its pidfd turns readable; the fork server reaps it)."""
+    await trio.lowlevel.wait_readable(process.pidfd)

@@ -1,11 +1,15 @@
-"""Starting proxy workers early (agent/workers/launch.py): `meshagent run` calls it before it
-imports the agent, so it must stay light, and it owns the workers' metric folder."""
+"""Starting proxy workers (agent/workers/launch.py, forkserver.py): `meshagent run` calls it
+before it imports the agent, so it must stay light; it owns the workers' metric folder, and a
+fork server that imports a worker's code once forks the workers."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from meshagent.agent.workers import launch
@@ -38,12 +42,70 @@ def test_metric_folder_is_emptied_and_dead_agents_folders_go(tmp_path):
     assert (alive / "counter_1.db").exists()
 
 
+def _answer(plan: launch.WorkerLaunch, index: int, timeout: float = 30.0) -> launch.Launched:
+    """Worker ``index`` once the fork server has answered (it imports a worker's code first)."""
+    deadline = time.monotonic() + timeout
+    while (launched := plan.take(index)) is None:
+        assert plan.control is not None
+        left = deadline - time.monotonic()
+        assert left > 0, f"no answer from the fork server for worker {index} in {timeout} s"
+        if select.select([plan.control], [], [], left)[0]:
+            plan.receive()
+    return launched
+
+
+def _gone(process: launch.WorkerProcess, timeout: float = 30.0) -> bool:
+    return bool(select.select([process.pidfd], [], [], timeout)[0])
+
+
+def test_the_fork_server_forks_workers_that_exit_with_their_channel(tmp_path):
+    plan = launch.WorkerLaunch("{}", tmp_path, {launch.MULTIPROC_ENV: str(tmp_path)})
+    try:
+        for index in (0, 1):
+            plan.request(index)
+        workers = [_answer(plan, 1), _answer(plan, 0)]  # taken in any order
+        assert plan.server is not None
+        for w in workers:  # forked by the server, not started by the agent
+            stat = Path(f"/proc/{w.process.pid}/stat").read_text()
+            assert int(stat.rsplit(")", 1)[1].split()[1]) == plan.server.pid
+            assert not w.process.exited()
+        workers[0].channel.close()  # the agent's end: that worker exits, the other stays
+        assert _gone(workers[0].process)
+        assert not workers[1].process.exited()
+        plan.request(0)  # a restart: forked at once from the imported server
+        again = _answer(plan, 0)
+        assert again.process.pid != workers[0].process.pid
+        workers[0].process.close()
+        plan.started[0], plan.started[1] = again, workers[1]
+    finally:
+        plan.close()
+    assert plan.server is None and plan.control is None
+
+
+def test_a_dead_fork_server_is_started_again_and_asked_again(tmp_path):
+    plan = launch.WorkerLaunch("{}", tmp_path, {launch.MULTIPROC_ENV: str(tmp_path)})
+    try:
+        plan.start_server()
+        assert plan.server is not None
+        first = plan.server.pid
+        plan.server.kill()
+        plan.server.wait()
+        plan.request(0)  # sent to the dead one's socket or failed: asked again either way
+        w = _answer(plan, 0)
+        assert plan.server.pid != first
+        assert not w.process.exited()
+        plan.started[0] = w
+    finally:
+        plan.close()
+
+
 def test_workers_not_taken_are_killed_on_close(tmp_path):
     plan = launch.WorkerLaunch("{}", tmp_path, {})
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     a, b = socket.socketpair()
     b.close()
-    plan.started[0] = launch.Launched(0, sleeper, a)
+    process = launch.WorkerProcess(sleeper.pid, os.pidfd_open(sleeper.pid))
+    plan.started[0] = launch.Launched(0, process, a)
     plan.close()
-    assert sleeper.returncode is not None and plan.started == {}
-    assert a.fileno() == -1
+    assert sleeper.wait(timeout=10) == -9 and plan.started == {}
+    assert a.fileno() == -1 and process.pidfd == -1
