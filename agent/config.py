@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from meshagent.common.extauthz_provider import ExtensionProvider
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
+from meshagent.common.spiffe import check_trust_domain
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_CONFIG = Path("/etc/meshagent/agent.json")
@@ -74,6 +75,10 @@ class AgentConfig(BaseModel):
     excluded_ports: list[int] = Field(default_factory=lambda: list(DEFAULT_EXCLUDED_PORTS))
     discovery_interval: float = 0.5
     trust_domain: str = "cluster.local"
+    # Istio's meshConfig.trustDomainAliases: other trust domains whose workloads count as this
+    # mesh's, for authorization (a policy principal naming the mesh's domain, an alias or
+    # `cluster.local` matches a peer of any of them; common/trustdomain.py). For migrations.
+    trust_domain_aliases: list[str] = Field(default_factory=list)
     root_namespace: str = "istio-system"  # where mesh-wide policies live, as Istio's
     # Istio's meshConfig.pathNormalization: how each HTTP request's path is normalized before
     # authorization, route matching and forwarding (NONE, BASE, MERGE_SLASHES or
@@ -126,6 +131,18 @@ class AgentConfig(BaseModel):
     @property
     def worker_count(self) -> int:
         return self.proxy_workers or min(available_cores(), MAX_AUTO_WORKERS)
+
+    @field_validator("trust_domain", "trust_domain_aliases")
+    @classmethod
+    def _trust_domains_valid(cls, value: str | list[str]) -> str | list[str]:
+        for domain in [value] if isinstance(value, str) else value:
+            check_trust_domain(domain)  # a ValueError naming the domain and what is allowed
+        return value
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        """The mesh's trust domain, then its aliases (duplicates dropped), as Istio's bundle."""
+        return tuple(dict.fromkeys([self.trust_domain, *self.trust_domain_aliases]))
 
     @field_validator("controller")
     @classmethod

@@ -63,7 +63,10 @@ class Agent:
         self.launch = workers
         self.started_at = time.time()
         self.store = SnapshotStore(
-            config.node_name, config.state_dir, root_namespace=config.root_namespace
+            config.node_name,
+            config.state_dir,
+            root_namespace=config.root_namespace,
+            trust_domains=config.trust_domains,
         )
         self.link = ControllerLink(config.controller)
         self.signer = ControllerSigner()

@@ -47,6 +47,7 @@ from meshagent.common.istio.telemetry import (
 )
 from meshagent.common.jwtauth import JwtPolicies
 from meshagent.common.snapshot import Service, ServicePort, Snapshot, Workload, wire_version
+from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,16 @@ class Tables:
         return resolve_mtls(self.peer_authentications(), workload.namespace, workload.labels)
 
     @classmethod
-    def build(cls, snap: Snapshot, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> Tables:
+    def build(
+        cls,
+        snap: Snapshot,
+        *,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        trust_domains: tuple[str, ...] = (DEFAULT_TRUST_DOMAIN,),
+    ) -> Tables:
         """Everything the data plane needs of ``snap``; raises SnapshotRejected naming the
-        first part that cannot be built (nothing is kept of a failed build)."""
+        first part that cannot be built (nothing is kept of a failed build). ``trust_domains``:
+        the mesh's and its aliases, which policy principals are rewritten for."""
         if snap.trust_bundle:
             try:
                 check_trust_bundle(snap.trust_bundle)
@@ -122,7 +130,11 @@ class Tables:
             istio = [parse_resource(doc, entry_hosts=hosts) for doc in snap.istio_resources]
         except ResourceError as exc:
             raise SnapshotRejected(f"invalid Istio resource in snapshot: {exc}") from None
-        authz = PolicySet([r for r in istio if isinstance(r, AuthorizationPolicy)])
+        authz = PolicySet(
+            [r for r in istio if isinstance(r, AuthorizationPolicy)],
+            root_namespace=root_namespace,
+            trust_domains=trust_domains,
+        )
         service_by_endpoint = {
             (e.ip, pod_port): svc
             for svc in snap.services
@@ -182,11 +194,17 @@ def _metrics_policy(snap: Snapshot, root_namespace: str) -> MetricsPolicy:
 
 class SnapshotStore:
     def __init__(
-        self, node: str, state_dir: Path, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+        self,
+        node: str,
+        state_dir: Path,
+        *,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        trust_domains: tuple[str, ...] = (DEFAULT_TRUST_DOMAIN,),
     ) -> None:
         self.node = node
         self.state_dir = state_dir
         self.root_namespace = root_namespace
+        self.trust_domains = trust_domains
         self.tables: Tables | None = None
         self._document: dict | None = None  # the snapshot in force, as the controller sent it
         self._document_json: str | None = None  # ... encoded once, when first asked for
@@ -219,7 +237,9 @@ class SnapshotStore:
         if snap.version != wire_version(data):  # the document as sent (version skew)
             raise SnapshotRejected(f"snapshot version {snap.version!r} does not match its content")
         try:
-            tables = Tables.build(snap, root_namespace=self.root_namespace)
+            tables = Tables.build(
+                snap, root_namespace=self.root_namespace, trust_domains=self.trust_domains
+            )
         except SnapshotRejected:
             raise
         except Exception as exc:  # a builder's bug refuses this snapshot, not the agent

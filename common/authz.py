@@ -74,6 +74,8 @@ from meshagent.common.istio.security import (
 )
 from meshagent.common.jwtauth import AuthResult
 from meshagent.common.pathtemplate import compile_template, is_template
+from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
+from meshagent.common.trustdomain import expand_principals
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 _WORKLOAD_CACHE_LIMIT = 4096  # distinct (namespace, labels) kept by PolicySet.evaluate
@@ -364,9 +366,11 @@ def _check(
     return [] if positive is None and negative is None else [(getter, positive, negative)]
 
 
-def _source_checks(source: Source, *, keep_http: bool) -> tuple[Check, ...]:
+def _source_checks(
+    source: Source, *, keep_http: bool, trust_domains: tuple[str, ...]
+) -> tuple[Check, ...]:
     checks = (
-        _check(_principal, _strings(source.principals), _strings(source.not_principals))
+        _principal_check(source.principals, source.not_principals, trust_domains)
         + _check(_namespace, _strings(source.namespaces), _strings(source.not_namespaces))
         + _check(_source_ip, _cidrs(source.ip_blocks), _cidrs(source.not_ip_blocks))
         # the remote address is the peer's: no trusted X-Forwarded-For hop (module docstring)
@@ -390,7 +394,19 @@ def _operation_checks(operation: Operation, *, keep_http: bool) -> tuple[Check, 
     return tuple(checks)
 
 
-def _condition_check(condition: Condition) -> list[Check]:
+def _principal_check(
+    values: tuple[str, ...], not_values: tuple[str, ...], trust_domains: tuple[str, ...]
+) -> list[Check]:
+    """Peer principals, each rewritten for the mesh's trust domain and aliases (as istiod does:
+    common/trustdomain.py)."""
+    return _check(
+        _principal,
+        _strings(expand_principals(values, trust_domains)),
+        _strings(expand_principals(not_values, trust_domains)),
+    )
+
+
+def _condition_check(condition: Condition, trust_domains: tuple[str, ...]) -> list[Check]:
     key, values, not_values = condition.key, condition.values, condition.not_values
     if key in ("source.ip", "remote.ip", "destination.ip"):
         getter = _destination_ip if key == "destination.ip" else _source_ip
@@ -398,7 +414,7 @@ def _condition_check(condition: Condition) -> list[Check]:
     if key == "destination.port":
         return _check(_destination_port, _ports(map(int, values)), _ports(map(int, not_values)))
     if key == "source.principal":
-        return _check(_principal, _strings(values), _strings(not_values))
+        return _principal_check(values, not_values, trust_domains)
     if key == "source.namespace":
         return _check(_namespace, _strings(values), _strings(not_values))
     if key in ("request.auth.principal", "request.auth.presenter"):
@@ -449,7 +465,9 @@ class _RuleMatcher:
         return self.operations is None or _any(self.operations, request)
 
 
-def _compile_rule(rule: Rule, *, for_tcp: bool, is_allow: bool) -> _RuleMatcher | None:
+def _compile_rule(
+    rule: Rule, *, for_tcp: bool, is_allow: bool, trust_domains: tuple[str, ...]
+) -> _RuleMatcher | None:
     """Compile a rule for HTTP or for TCP; None means the rule can never match."""
     if for_tcp and is_allow and rule.uses_http_fields:
         return None  # invalid for TCP: Istio ignores the whole ALLOW rule
@@ -457,11 +475,14 @@ def _compile_rule(rule: Rule, *, for_tcp: bool, is_allow: bool) -> _RuleMatcher 
     when: list[Check] = []
     for condition in rule.when:
         if keep_http or not condition.is_http_only:
-            when += _condition_check(condition)
+            when += _condition_check(condition, trust_domains)
     return _RuleMatcher(
         sources=None
         if rule.from_ is None
-        else tuple(_source_checks(f.source, keep_http=keep_http) for f in rule.from_),
+        else tuple(
+            _source_checks(f.source, keep_http=keep_http, trust_domains=trust_domains)
+            for f in rule.from_
+        ),
         operations=None
         if rule.to is None
         else tuple(_operation_checks(t.operation, keep_http=keep_http) for t in rule.to),
@@ -497,7 +518,7 @@ class _Policy:
         return None
 
 
-def _compile_policy(policy: AuthorizationPolicy) -> _Policy:
+def _compile_policy(policy: AuthorizationPolicy, trust_domains: tuple[str, ...]) -> _Policy:
     spec = policy.spec
     is_allow = spec.action == "ALLOW"  # CUSTOM rules on TCP drop their HTTP fields, as DENY
     rules = spec.rules or ()
@@ -531,8 +552,14 @@ def _compile_policy(policy: AuthorizationPolicy) -> _Policy:
         dry_run=policy.dry_run,
         namespace=policy.namespace,
         selector=tuple(sorted(selector.items())) or None,
-        http_rules=tuple(_compile_rule(r, for_tcp=False, is_allow=is_allow) for r in rules),
-        tcp_rules=tuple(_compile_rule(r, for_tcp=True, is_allow=is_allow) for r in rules),
+        http_rules=tuple(
+            _compile_rule(r, for_tcp=False, is_allow=is_allow, trust_domains=trust_domains)
+            for r in rules
+        ),
+        tcp_rules=tuple(
+            _compile_rule(r, for_tcp=True, is_allow=is_allow, trust_domains=trust_domains)
+            for r in rules
+        ),
         decisions=decisions,
     )
 
@@ -615,17 +642,23 @@ class PolicySet:
     """All AuthorizationPolicies of a snapshot, compiled once.
 
     `root_namespace` is the mesh config's root namespace: policies there apply mesh-wide.
+    `trust_domains` are the mesh's trust domain and then its aliases (Istio's `trustDomain` and
+    `trustDomainAliases`): principals naming one of them, or `cluster.local`, match a peer of
+    any of them (common/trustdomain.py).
     """
 
     def __init__(
         self,
         policies: Iterable[AuthorizationPolicy],
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        trust_domains: tuple[str, ...] = (DEFAULT_TRUST_DOMAIN,),
     ) -> None:
         self.root_namespace = root_namespace
+        self.trust_domains = trust_domains
         by_namespace: dict[str, list[_Policy]] = {}
         for policy in sorted(policies, key=lambda p: (p.namespace, p.name)):
-            by_namespace.setdefault(policy.namespace, []).append(_compile_policy(policy))
+            compiled = _compile_policy(policy, trust_domains)
+            by_namespace.setdefault(policy.namespace, []).append(compiled)
         self._by_namespace = {ns: tuple(ps) for ns, ps in by_namespace.items()}
         self._cache: dict[tuple[str, frozenset], WorkloadPolicies] = {}
 

@@ -36,6 +36,7 @@ __all__ = [
     "CertificateChain",
     "Identity",
     "InvalidIdentity",
+    "check_trust_domain",
     "identity_from_certificate",
     "identity_from_sni",
     "sni_for",
@@ -63,6 +64,16 @@ class InvalidIdentity(ValueError):
     """A SPIFFE ID, principal, SNI name or certificate does not name a valid workload identity."""
 
 
+def check_trust_domain(td: str) -> str:
+    """``td`` if it is a valid SPIFFE trust domain, else `InvalidIdentity` saying why."""
+    if not (_TRUST_DOMAIN_RE.match(td) and len(td) <= _MAX_TRUST_DOMAIN):
+        raise InvalidIdentity(
+            f"trust domain {td!r} is not valid: use lowercase letters, digits, '.', '-', '_'"
+            f" (at most {_MAX_TRUST_DOMAIN} characters)"
+        )
+    return td
+
+
 @dataclass(frozen=True, order=True)
 class Identity:
     """One workload identity: a Kubernetes service account in a namespace of a trust domain."""
@@ -73,11 +84,7 @@ class Identity:
 
     def __post_init__(self) -> None:
         td, ns, sa = self.trust_domain, self.namespace, self.service_account
-        if not (_TRUST_DOMAIN_RE.match(td) and len(td) <= _MAX_TRUST_DOMAIN):
-            raise InvalidIdentity(
-                f"trust domain {td!r} is not valid: use lowercase letters, digits, '.', '-', '_'"
-                f" (at most {_MAX_TRUST_DOMAIN} characters)"
-            )
+        check_trust_domain(td)
         if not (_NAMESPACE_RE.match(ns) and len(ns) <= _MAX_LABEL):
             raise InvalidIdentity(
                 f"namespace {ns!r} is not a valid Kubernetes namespace name (a DNS-1123 label:"

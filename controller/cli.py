@@ -510,6 +510,12 @@ def authz() -> None:
 @click.option("--path", help="An HTTP path, to check a request rather than a connection.")
 @click.option("--header", "headers", multiple=True, help="NAME:VALUE, repeatable.")
 @click.option(
+    "--trust-domain-alias",
+    "aliases",
+    multiple=True,
+    help="The agents' trust_domain_aliases (Istio's meshConfig.trustDomainAliases), repeatable.",
+)
+@click.option(
     "--controller",
     default="127.0.0.1:15014",
     show_default=True,
@@ -523,6 +529,7 @@ def authz_check(
     method: str | None,
     path: str | None,
     headers: tuple[str, ...],
+    aliases: tuple[str, ...],
     controller: str,
     token_file: Path | None,
 ) -> None:
@@ -556,6 +563,7 @@ def authz_check(
             method=method,
             path=path,
             headers=parsed,
+            trust_domain_aliases=aliases,
         )
     except ExplainError as exc:
         click.echo(f"meshctl: {exc}", err=True)

@@ -83,6 +83,7 @@ def explain(
     path: str | None = None,
     headers: dict[str, str] | None = None,
     trust_domain: str = "cluster.local",
+    trust_domain_aliases: tuple[str, ...] = (),
     root_namespace: str = "istio-system",
     path_normalization: PathNormalization = DEFAULT_MODE,
 ) -> Explanation:
@@ -131,9 +132,10 @@ def explain(
         destination_port=port,
         http=http,
     )
-    selected = authz.PolicySet(policies, root_namespace=root_namespace).for_workload(
-        authz.Workload(destination.namespace, destination.labels)
-    )
+    trust_domains = tuple(dict.fromkeys((trust_domain, *trust_domain_aliases)))
+    selected = authz.PolicySet(
+        policies, root_namespace=root_namespace, trust_domains=trust_domains
+    ).for_workload(authz.Workload(destination.namespace, destination.labels))
     custom = selected.custom_match(request) if http is not None else None
     decision = selected.evaluate(request)
     return Explanation(source, destination, port, http, decision, sent_path, custom)

@@ -40,7 +40,10 @@ class Worker:
         self.channel = channel
         self.index = index
         self.store = SnapshotStore(
-            config.node_name, config.state_dir, root_namespace=config.root_namespace
+            config.node_name,
+            config.state_dir,
+            root_namespace=config.root_namespace,
+            trust_domains=config.trust_domains,
         )
         self.identities = IdentityMirror()
         self.workload_tls = WorkloadTls(self.identities, config.trust_domain)

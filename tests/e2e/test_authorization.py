@@ -11,7 +11,7 @@ import yaml
 from meshagent.lab.paths import RUN_DIR
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import meshlab
+from tests.e2e.conftest import lab_env, meshlab
 from tests.waiting import wait_until
 
 MANIFESTS = Path(__file__).parent / "manifests"
@@ -278,3 +278,48 @@ def test_remote_ip_blocks_are_the_clients_own_address(authz_lab, tmp_path, servi
         assert named[0] == "200"
     finally:
         _delete(tmp_path, deny)
+
+
+def _restart_agent(node: str, settings: dict | None) -> None:
+    """Restart `node`'s agent with these extra agent settings (None: the defaults)."""
+    with lab_env("MESHLAB_AGENT_SETTINGS", json.dumps(settings or {})):
+        meshlab("agent", "stop", node)
+        meshlab("agent", "start", node)
+
+
+def test_a_policy_for_an_old_trust_domain_admits_once_it_is_an_alias(authz_lab, tmp_path):
+    """Issue #21, Istio's trust-domain migration: a policy written for `old-td` does not admit
+    frontend (`cluster.local/ns/shop/sa/frontend`) until the destination node's agent has
+    `trust_domain_aliases: ["old-td"]` (Istio's meshConfig.trustDomainAliases); then it does,
+    and still refuses the intruder."""
+    old = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-old-td", "namespace": "shop"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "reviews"}},
+            "rules": [{"from": [{"source": {"principals": ["old-td/ns/shop/sa/frontend"]}}]}],
+        },
+    }
+    url = "http://reviews.shop:9080/"
+    check = ["exec", "--node", "node-1", "--", "meshctl", "authz", "check"]
+    check += ["--from", "shop/frontend", "--to", "shop/reviews:9080"]
+    _apply(tmp_path, old)
+    try:
+        wait_until(
+            lambda: authz_lab.curl("shop/frontend", url, timeout=2)[0],
+            lambda code: code == "403",
+            what="frontend refused by a policy naming only old-td, without the alias",
+        )
+        assert meshlab(*check, check=False).returncode == 3
+        assert meshlab(*check, "--trust-domain-alias", "old-td", check=False).returncode == 0
+        _restart_agent("node-2", {"trust_domain_aliases": ["old-td"]})
+        wait_until(
+            lambda: authz_lab.curl("shop/frontend", url, timeout=2)[0],
+            lambda code: code == "200",
+            what="frontend admitted once old-td is an alias of node-2's mesh trust domain",
+        )
+        assert authz_lab.curl("shop/intruder", url, timeout=2)[0] == "403"
+    finally:
+        _delete(tmp_path, old)
+        _restart_agent("node-2", None)
