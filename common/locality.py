@@ -19,11 +19,24 @@ cluster and snapshot (agent/proxy/routing.py), applied per pick by agent/proxy/l
 A pattern matches part by part; `*` matches the rest, and a shorter pattern matches every
 locality it is a prefix of. A client or endpoint without a region (unlabelled nodes) turns
 the feature off for that cluster: nothing to prefer.
+
+- **failoverPriority** (instead of the locality levels above, also only with outlier
+  detection; Istio's `applyPriorityFailoverPerLocality`): an ordered list of labels. An
+  endpoint whose values of all N labels equal the client's gets priority 0; one that equals it
+  on the first N-1 but not the N-th gets 1; ... one that differs already on the first gets N
+  (a label counts only if all before it matched). `key=value` compares the endpoint's value
+  with that value instead of the client's. The values come from where the node proxy knows
+  them: region, zone and subzone from the node's locality, `kubernetes.io/hostname` is the
+  node's name, `topology.istio.io/network` and `/cluster` are the same for every endpoint
+  (meshagent is one network and one cluster) unless given a value, and any other `key=value`
+  reads the endpoint pod's own label. A bare key that is not one of those would compare the
+  client pod's label: the schema refuses it (a node proxy balances for all the pods of its node).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from meshagent.common.istio import networking as net
 
@@ -33,6 +46,27 @@ LOWEST_PRIORITY = 4
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SUBZONE_LABEL = "topology.istio.io/subzone"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+ONE_MESH_LABELS = ("topology.istio.io/network", "topology.istio.io/cluster")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a client or an endpoint is, as failoverPriority compares it: the node's name and
+    locality, and the pod's labels (an endpoint's; empty for a client, a whole node)."""
+
+    node: str
+    locality: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def value(self, key: str) -> str:
+        if key == HOSTNAME_LABEL:
+            return self.node
+        keys = (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL)
+        parts = dict(zip(keys, _parts(self.locality), strict=True))
+        if key in parts:
+            return parts[key]
+        return self.labels.get(key, "")
 
 
 def of_labels(labels: Mapping[str, str]) -> str:
@@ -72,13 +106,46 @@ def failover_priority(
     return LOWEST_PRIORITY
 
 
+def label_priority(client: Place, endpoint: Place, labels: Sequence[str]) -> int:
+    """An endpoint's priority by failoverPriority ``labels`` (module docstring)."""
+    for index, label in enumerate(labels):
+        key, sep, wanted = label.partition("=")
+        if not sep:
+            if key in ONE_MESH_LABELS:
+                continue  # one network, one cluster: every endpoint shares the client's
+            wanted = client.value(key)
+        if endpoint.value(key) != wanted:
+            return len(labels) - index
+    return 0
+
+
+def label_priorities(
+    client: Place,
+    endpoints: Sequence[Place],
+    setting: net.LocalityLbSetting | None,
+    has_outlier_detection: bool,
+) -> tuple[int, ...]:
+    """Each endpoint's failoverPriority priority, or () when it does not apply (no
+    failoverPriority, balancing off, no outlier detection, or every endpoint on one level)."""
+    if setting is None or not setting.enabled or not setting.failover_priority:
+        return ()
+    if not has_outlier_detection:
+        return ()
+    labels = setting.failover_priority
+    levels = tuple(label_priority(client, e, labels) for e in endpoints)
+    return levels if len(set(levels)) > 1 else ()
+
+
 def priorities(
     client: str,
     endpoints: Sequence[str],
     setting: net.LocalityLbSetting | None,
     has_outlier_detection: bool,
 ) -> tuple[int, ...]:
-    """Each endpoint's failover priority, or () when failover does not apply."""
+    """Each endpoint's failover priority, or () when failover does not apply (failoverPriority
+    is `label_priorities`)."""
+    if setting is not None and setting.failover_priority:
+        return ()
     if setting is not None and (not setting.enabled or setting.distribute):
         return ()
     if not has_outlier_detection or not client or not all(endpoints):

@@ -470,6 +470,16 @@ def _locality_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolic
             f"{where}traffic shared by the client's locality ({rules}); a locality no `to` "
             "names gets none while another has healthy endpoints."
         ]
+    if setting is not None and setting.failover_priority:
+        labels = ", ".join(setting.failover_priority)
+        if policy.outlier_detection is None:
+            return [f"{where}failoverPriority is set but does nothing without outlierDetection."]
+        return [
+            f"{where}failover by labels ({labels}; outlierDetection is set): endpoints that "
+            "match the client on all of them first, then on all but the last, and so on, "
+            "spilling over as endpoints are ejected; a key=value compares the endpoint with "
+            "that value, topology labels are its node's."
+        ]
     failover = setting.failover if setting is not None else ()
     regions = "".join(f"; then {f.to} for clients in {f.from_}" for f in failover)
     if policy.outlier_detection is None:

@@ -741,6 +741,7 @@ class _Compiler:
         self.domain = domain
         self.services = {svc.hostname: svc for svc in snap.services}
         self.node_localities = {n.name: n.locality for n in snap.nodes}
+        self.node = snap.node
         self.own_locality = self.node_localities.get(snap.node, "")
         self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
         self.virtual_services: list[net.VirtualService] = []
@@ -845,7 +846,15 @@ class _Compiler:
     ) -> tuple[tuple[int, ...], tuple[str, ...], tuple[float, ...]]:
         where = tuple(self.node_localities.get(e.node, "") for e in endpoints)
         setting, client = policy.locality, self.own_locality
-        levels = locality.priorities(client, where, setting, policy.outlier is not None)
+        has_outlier = policy.outlier is not None
+        if setting is not None and setting.failover_priority:
+            places = tuple(
+                locality.Place(e.node, w, self._labels(e))
+                for e, w in zip(endpoints, where, strict=True)
+            )
+            here = locality.Place(self.node, client)
+            return locality.label_priorities(here, places, setting, has_outlier), (), ()
+        levels = locality.priorities(client, where, setting, has_outlier)
         if levels:
             return levels, (), ()
         shares = locality.shares(client, where, setting)
@@ -853,9 +862,12 @@ class _Compiler:
             return (), where, tuple(shares[w] for w in where)
         return (), (), ()
 
-    def _has_labels(self, endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
+    def _labels(self, endpoint: Endpoint) -> Mapping[str, str]:
         workload = self.workloads.get(endpoint.workload_uid)
-        have = workload.labels if workload else {}
+        return workload.labels if workload else {}
+
+    def _has_labels(self, endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
+        have = self._labels(endpoint)
         return all(have.get(k) == v for k, v in labels.items())
 
     def destination(

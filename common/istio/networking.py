@@ -747,18 +747,64 @@ class LocalityFailover(IstioModel):
         return self
 
 
+# failoverPriority labels the node proxy knows for the client without a pod (common/locality.py
+# reads them): the node's topology and name; meshagent is one network and one cluster.
+TOPOLOGY_PRIORITY_LABELS = frozenset(
+    {
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+        "topology.istio.io/subzone",
+        "kubernetes.io/hostname",
+        "topology.istio.io/network",
+        "topology.istio.io/cluster",
+    }
+)
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def _priority_label(value: str) -> str:
+    """A failoverPriority entry: a label key, or `key=value` (Istio 1.20+: the value stands
+    for the client's). A bare key other than a topology label would compare the client pod's
+    own label, which a node proxy balancing for all the pods of its node cannot do."""
+    key, sep, wanted = value.partition("=")
+    if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(wanted):
+        raise ValueError(f"failoverPriority {value!r} is not a label key or key=value")
+    if not sep and key not in TOPOLOGY_PRIORITY_LABELS:
+        raise ValueError(
+            f"failoverPriority {value!r} compares the client pod's own label, which is not "
+            "supported by meshagent yet (its node proxy balances for every pod of its node): "
+            f"write {key}=<value> to prefer endpoints with that value, or use a topology label "
+            f"({', '.join(sorted(TOPOLOGY_PRIORITY_LABELS))})"
+        )
+    return value
+
+
 class LocalityLbSetting(IstioModel):
     """Locality-aware balancing over the nodes' `topology.kubernetes.io/region`, `/zone` and
-    `topology.istio.io/subzone` labels (agent/proxy/routing.py `locality_levels`)."""
+    `topology.istio.io/subzone` labels, or by `failoverPriority` labels (common/locality.py)."""
 
     enabled: bool = True
     distribute: tuple[LocalityDistribute, ...] = ()
     failover: tuple[LocalityFailover, ...] = ()
+    failover_priority: tuple[Annotated[str, AfterValidator(_priority_label)], ...] = ()
 
     @model_validator(mode="after")
     def _one_mode(self) -> LocalityLbSetting:
         if self.distribute and self.failover:
             raise ValueError("set distribute or failover, not both (Istio refuses both)")
+        if self.distribute and self.failover_priority:
+            raise ValueError(
+                "set distribute or failoverPriority, not both (Istio applies distribute and "
+                "ignores failoverPriority)"
+            )
+        if self.failover and self.failover_priority:
+            raise ValueError(
+                "failover together with failoverPriority is not supported by meshagent yet: "
+                "use one of them"
+            )
         return self
 
 

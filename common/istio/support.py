@@ -48,7 +48,6 @@ _HINTS: dict[str, str] = {
     "redirect": "HTTP redirect",
     "directResponse": "direct response",
     "warmupDurationSecs": "slow-start warm-up",
-    "failoverPriority": "locality failover by workload labels",
     "gateways": "gateway-specific matching",
     "queryParams": "query parameter matching",
     "withoutHeaders": "negative header matching",

@@ -4,7 +4,9 @@
 - failover, Istio's default once outlier detection is set: every request from a client in
   r1/z1 goes to the endpoint in its zone; once that endpoint answers 503 (ejected), the
   requests fail over to the other zone;
-- distribute 20/80 between the zones: 200 requests split 20 % / 80 % (within ±10 points).
+- distribute 20/80 between the zones: 200 requests split 20 % / 80 % (within ±10 points);
+- failoverPriority [region, zone=z2]: every request goes to the endpoint in z2, although the
+  client is in z1 (the list, not the client's zone, ranks the endpoints).
 """
 
 from __future__ import annotations
@@ -98,3 +100,12 @@ def test_distribute_shares_requests_between_zones(lab):
         timeout=60,
     )
     assert set(seen) == {"near", "far"}, seen
+
+
+def test_failover_priority_ranks_endpoints_by_the_listed_labels(lab):
+    wait_until(
+        lambda: _answers(lab, "http://ranked.loc/", 20),
+        lambda seen: set(seen) == {"far"},
+        what="every request goes to far (zone z2 ranked first by failoverPriority)",
+        timeout=30,
+    )

@@ -184,3 +184,96 @@ def test_distribute_from_the_clients_locality():
     spec = _cluster(dr)
     assert spec.shares == (20.0, 20.0, 80.0) and spec.localities == tuple(ZONES.values())
     assert spec.priorities == () and spec.policy.lb == "LEAST_REQUEST"
+
+
+# failoverPriority, as Istio's reference documents it (LocalityLoadBalancerSetting
+# .failoverPriority): with N labels, an endpoint matching the client on all N has priority 0,
+# on the first N-1 only 1, ..., on none (or not on the first) N; a label counts only if all
+# before it matched; `key=value` compares the endpoint with the value instead of the client.
+DOC_LABELS = (
+    "topology.istio.io/network",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+)
+CLIENT = locality.Place("node-1", "r1/z1/s1")
+
+
+@pytest.mark.parametrize(
+    ("labels", "endpoint", "priority"),
+    [
+        # Istio's example list: network, region, zone, subzone (one network in meshagent)
+        (DOC_LABELS, locality.Place("node-2", "r1/z1/s1"), 0),
+        (DOC_LABELS, locality.Place("node-2", "r1/z1/s2"), 1),
+        (DOC_LABELS, locality.Place("node-2", "r1/z2/s1"), 2),
+        (DOC_LABELS, locality.Place("node-2", "r2/z1/s1"), 3),
+        # a zone counts only with its region: another region's z1 is the lowest priority
+        (DOC_LABELS[1:3], locality.Place("node-2", "r2/z1/s1"), 2),
+        # kubernetes.io/hostname is the node: the client's own node first
+        (("kubernetes.io/hostname",), locality.Place("node-1", "r1/z1/s1"), 0),
+        (("kubernetes.io/hostname",), locality.Place("node-2", "r1/z1/s1"), 1),
+        # key=value: the endpoint's value against the one written, not the client's
+        (("topology.kubernetes.io/zone=z2",), locality.Place("node-2", "r1/z2/"), 0),
+        (("topology.kubernetes.io/zone=z2",), locality.Place("node-2", "r1/z1/"), 1),
+        # key=value on a pod label: the endpoint pod's own label
+        (("pool=gold", "topology.kubernetes.io/zone"),
+         locality.Place("node-2", "r1/z9/", {"pool": "gold"}), 1),
+        (("pool=gold", "topology.kubernetes.io/zone"),
+         locality.Place("node-2", "r1/z1/", {"pool": "gold"}), 0),
+        (("pool=gold", "topology.kubernetes.io/zone"),
+         locality.Place("node-2", "r1/z1/", {"pool": "blue"}), 2),
+        # network and cluster without a value: every endpoint shares the client's
+        (("topology.istio.io/cluster", "topology.istio.io/network"),
+         locality.Place("node-9", "r7/z7/"), 0),
+        (("topology.istio.io/network=net2",), locality.Place("node-2", "r1/z1/s1"), 1),
+        (("topology.istio.io/network=net2",),
+         locality.Place("node-2", "r1/z1/s1", {"topology.istio.io/network": "net2"}), 0),
+    ],
+)  # fmt: skip
+def test_failover_priority_levels_as_istio_documents_them(labels, endpoint, priority):
+    assert locality.label_priority(CLIENT, endpoint, labels) == priority
+
+
+def test_failover_priority_replaces_the_locality_levels_and_needs_outlier_detection():
+    zones = {"node-1": "r1/z1/", "node-2": "r1/z1/", "node-3": "r1/z2/"}
+    od = {"outlierDetection": {"consecutive5xxErrors": 1}}
+    prefer_z2 = {"localityLbSetting": {"failoverPriority": ["topology.kubernetes.io/zone=z2"]}}
+    # the client (node-1) is in z1, but the list ranks z2 first: node-3's endpoint is preferred
+    assert _cluster({**od, "loadBalancer": prefer_z2}, zones).priorities == (1, 1, 0)
+    assert _cluster({"loadBalancer": prefer_z2}, zones).priorities == ()  # no outlier detection
+    by_node = {"localityLbSetting": {"failoverPriority": ["kubernetes.io/hostname"]}}
+    assert _cluster({**od, "loadBalancer": by_node}, zones).priorities == (0, 1, 1)
+    # unlabelled nodes still have names
+    assert _cluster({**od, "loadBalancer": by_node}, dict.fromkeys(zones, "")).priorities == (
+        0,
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"failoverPriority": ["app"]}, "compares the client pod's own label"),
+        ({"failoverPriority": ["bad key!"]}, "is not a label key or key=value"),
+        ({"failoverPriority": ["topology.kubernetes.io/zone"],
+          "failover": [{"from": "r1", "to": "r2"}]}, "failover together with failoverPriority"),
+        ({"failoverPriority": ["topology.kubernetes.io/zone"],
+          "distribute": [{"from": "r1/*", "to": {"r1/*": 100}}]},
+         "set distribute or failoverPriority"),
+    ],
+)  # fmt: skip
+def test_failover_priority_refusals_name_the_cause(setting, message):
+    with pytest.raises(ValueError, match=message):
+        net.LocalityLbSetting.model_validate(setting)
+
+
+def test_failover_priority_accepts_istio_s_documented_lists():
+    setting = net.LocalityLbSetting.model_validate({"failoverPriority": list(DOC_LABELS)})
+    assert setting.failover_priority == DOC_LABELS
+    cluster = net.LocalityLbSetting.model_validate(
+        {"failoverPriority": ["topology.istio.io/cluster"]}
+    )
+    assert cluster.failover_priority == ("topology.istio.io/cluster",)
+    pinned = net.LocalityLbSetting.model_validate({"failoverPriority": ["example.com/pool=gold"]})
+    assert pinned.failover_priority == ("example.com/pool=gold",)
