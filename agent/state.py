@@ -13,6 +13,7 @@ it refused) and announced to the listeners, which only assign what was built.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -52,6 +53,8 @@ from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class SnapshotRejected(Exception):
     """The snapshot cannot be served; the message says why (sent back as the NACK)."""
@@ -83,6 +86,25 @@ class Tables:
     routes: RouteTable  # compiled VirtualServices and DestinationRules (agent/proxy/routing.py)
     # compiled Telemetry metrics overrides (common/istio/telemetry.py), for ProxyMetrics
     metrics_policy: MetricsPolicy = EMPTY_POLICY
+    # ServiceEntry CIDR addresses (Service.vip_ranges): (block, port) -> route, the most
+    # specific block first; consulted when no exact VIP matches
+    by_vip_range: tuple[tuple[IPNetwork, int, ServicePortRoute], ...] = ()
+
+    def route_for(self, destination: tuple[str, int]) -> ServicePortRoute | None:
+        """The service port a connection to ``destination`` (ip, port) is for: an exact VIP,
+        else the most specific ServiceEntry CIDR block holding the address; None: none."""
+        route = self.by_vip_port.get(destination)
+        if route is not None or not self.by_vip_range:
+            return route
+        ip, port = destination
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for network, range_port, candidate in self.by_vip_range:
+            if range_port == port and address in network:
+                return candidate
+        return None
 
     @functools.cached_property
     def jwt(self) -> JwtPolicies:
@@ -115,12 +137,17 @@ class Tables:
             except ValueError as exc:
                 raise SnapshotRejected(f"trust bundle: {exc}") from None
         by_vip_port: dict[tuple[str, int], ServicePortRoute] = {}
+        by_vip_range: list[tuple[IPNetwork, int, ServicePortRoute]] = []
         for svc in snap.services:
             for port in svc.ports:
                 if port.protocol != "TCP":
                     continue
                 for vip in svc.vips:
                     by_vip_port[(vip, port.port)] = ServicePortRoute(svc, port)
+                for block in svc.vip_ranges:
+                    by_vip_range.append(
+                        (ipaddress.ip_network(block), port.port, ServicePortRoute(svc, port))
+                    )
         workloads = snap.all_workloads()
         workload_by_ip = {ip: w for w in workloads for ip in w.ips}
         workload_by_uid = {w.uid: w for w in workloads}
@@ -168,6 +195,7 @@ class Tables:
             pod_protocols,
             routes,
             _metrics_policy(snap, root_namespace),
+            tuple(sorted(by_vip_range, key=lambda r: -r[0].prefixlen)),
         )
 
     def pod_protocol(self, ip: str, port: int) -> Protocol:

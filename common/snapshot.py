@@ -105,6 +105,13 @@ class Service(_Model):
     # The host of a ServiceEntry-made service (its endpoints are on no node and no workload);
     # None for a Kubernetes Service. Older agents ignore it.
     host: str | None = None
+    # A ServiceEntry's CIDR `addresses` wider than one address: a connection to any address in
+    # one (on a port of the service) is this service's, the exact `vips` and the most specific
+    # block first. Older agents ignore it (they match the exact VIPs only).
+    vip_ranges: list[str] = Field(default_factory=list)
+    # Resolution NONE: each connection goes to the address its client dialled (Envoy's
+    # ORIGINAL_DST), whatever `endpoints` list (older agents dial those: one per exact VIP).
+    original_destination: bool = False
 
     @property
     def hostname(self) -> str:

@@ -4,8 +4,10 @@ The redirect needs nothing new: every TCP connection of a meshed pod already rea
 node's proxy, which finds the service by the connection's destination (a VIP, or an
 endpoint's address) and dials endpoints that are not pods directly, in plain TCP (no HBONE:
 there is no proxy at the other end). So an entry becomes one snapshot Service per host, with
-`host` set (the name routes, policies and metrics use), the entry's addresses as VIPs and its
-endpoints on no node and no workload. `location` changes nothing on this path: MESH_INTERNAL
+`host` set (the name routes, policies and metrics use), the entry's addresses as VIPs (CIDR
+blocks as `vip_ranges`: the proxy takes a connection to any address in one) and its
+endpoints on no node and no workload; with resolution NONE, `original_destination`: each
+connection goes where its client dialled. `location` changes nothing on this path: MESH_INTERNAL
 endpoints are dialled in plain TCP too, since they have no meshagent proxy to tunnel to. With
 `resolution: DNS` the endpoints are the addresses the controller resolved the names to
 (controller/resolver.py); an entry without `addresses` then applies to connections made to
@@ -24,14 +26,20 @@ from meshagent.common.istio.serviceentry import (
     EntryPort,
     ServiceEntry,
     is_ip,
+    is_range,
 )
 from meshagent.common.snapshot import Endpoint, Service, ServicePort
 from meshagent.controller.model import ClusterModel
 
 
 def _vip(address: str) -> str:
-    # Validation allows single-address blocks only ("10.0.0.1" or "10.0.0.1/32").
+    """A single-address entry ("10.0.0.1" or "10.0.0.1/32") as the VIP it is."""
     return str(ipaddress.ip_network(address, strict=False).network_address)
+
+
+def _range(address: str) -> str:
+    """A CIDR entry in its canonical form ("10.0.0.7/24" is "10.0.0.0/24", as Istio masks it)."""
+    return str(ipaddress.ip_network(address, strict=False))
 
 
 def _service_port(port: EntryPort) -> ServicePort:
@@ -81,7 +89,9 @@ def entry_services(entry: ServiceEntry, resolved: Resolved | None = None) -> lis
     """One Service per host of `entry`, sharing its addresses and ports, and its endpoints
     (with DNS resolution and no endpoints listed, each host's own addresses). `resolved`: the
     addresses of the names resolution DNS needs (none yet: no endpoint for them)."""
-    vips = sorted({_vip(a) for a in entry.spec.addresses})
+    addresses = entry.spec.addresses
+    vips = sorted({_vip(a) for a in addresses if not is_range(a)})
+    ranges = sorted({_range(a) for a in addresses if is_range(a)})
     ports = [_service_port(p) for p in entry.spec.ports]
     return [
         Service(
@@ -89,6 +99,8 @@ def entry_services(entry: ServiceEntry, resolved: Resolved | None = None) -> lis
             name=host,
             host=host,
             vips=vips,
+            vip_ranges=ranges,
+            original_destination=entry.spec.resolution == "NONE",
             ports=ports,
             endpoints=_endpoints(entry, vips, host, resolved or {}),
         )

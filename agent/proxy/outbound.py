@@ -28,7 +28,12 @@ from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import ClusterSpec, Protocol, port_protocol
+from meshagent.agent.proxy.routing import (
+    ORIGINAL_DESTINATION,
+    ClusterSpec,
+    Protocol,
+    port_protocol,
+)
 from meshagent.agent.proxy.sni import peek_server_name
 from meshagent.agent.proxy.traffic import Traffic
 from meshagent.agent.proxy.upstream import Connector, Upstream, UpstreamError
@@ -81,7 +86,10 @@ OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
 
 def dial_address(tables: Tables | None, endpoint: Endpoint, dialled: str) -> str:
     """The endpoint's address in the family of the VIP the client dialled (as kube-proxy: an
-    IPv6 VIP reaches IPv6 endpoints), else its primary address."""
+    IPv6 VIP reaches IPv6 endpoints), else its primary address; the dialled address itself for
+    a service whose endpoint is the original destination (routing.ORIGINAL_DESTINATION)."""
+    if endpoint.ip == ORIGINAL_DESTINATION:  # ServiceEntry resolution NONE
+        return dialled
     ipv6 = ":" in dialled
     if (":" in endpoint.ip) == ipv6:
         return endpoint.ip
@@ -133,7 +141,7 @@ class OutboundProxy:
             return
         tables = self.store.tables
         source = tables.workload_by_ip.get(peer_ip) if tables else None
-        route = tables.by_vip_port.get(orig) if tables else None
+        route = tables.route_for(orig) if tables else None
         protocol = port_protocol(route.service_port) if route is not None else None
         limits = self.inputs.limits
         with limits.connection(source.uid if source else peer_ip) as admitted:

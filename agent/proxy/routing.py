@@ -218,6 +218,12 @@ class TrafficPolicy:
 DEFAULT_POLICY = TrafficPolicy()
 
 
+# The endpoint address of a service whose endpoint is where each client dialled (a
+# ServiceEntry with resolution NONE: Envoy's ORIGINAL_DST): proxy/outbound.py dial_address
+# puts the connection's original destination in its place.
+ORIGINAL_DESTINATION = ""
+
+
 class UpstreamEndpoint(NamedTuple):
     endpoint: Endpoint
     port: int  # the pod's port
@@ -827,6 +833,10 @@ class _Compiler:
             return self.clusters[key]
         dr = self.destination_rule(svc)
         endpoints = [e for e in svc.endpoints if port in e.ports]
+        if svc.original_destination:  # one endpoint: wherever the client dialled
+            endpoints = [
+                Endpoint(ip=ORIGINAL_DESTINATION, node="", workload_uid="", ports={port: port})
+            ]
         subset_policy = None
         if subset:
             sub = next((s for s in dr.spec.subsets if s.name == subset), None) if dr else None

@@ -7,9 +7,10 @@ have a destination. The subset meshagent can carry is accepted: static IP endpoi
 (`DNS`: every address of each endpoint's name, or of each host when there are no endpoints;
 `DNS_ROUND_ROBIN`: the first address only, as Envoy's LOGICAL_DNS), either location. What
 needs more machinery is refused naming the field: endpoints by Unix socket, `workloadSelector`
-(endpoints from pods), `subjectAltNames` (TLS origination checks), CIDR addresses wider
-than one IP and NONE without addresses (the proxy matches connections by exact address),
-endpoint labels, locality, network, weight and service account (nothing uses them), and
+(endpoints from pods), `subjectAltNames` (TLS origination checks), NONE without addresses
+(the proxy matches connections by destination address), CIDR addresses with DNS resolution
+(Istio allows them only with NONE and STATIC), endpoint labels, locality, network, weight
+and service account (nothing uses them), and
 in-cluster hosts (one label, `*.svc`, `*.svc.<domain>`). A two-label host (`httpbin.org`) is
 the external host wherever a resource names it (common/istio/support.py resolve_host), though
 elsewhere `name.namespace` reads as a Kubernetes Service.
@@ -59,6 +60,11 @@ def is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_range(address: str) -> bool:
+    """An `addresses` entry that covers more than one address (a CIDR block, not `/32`)."""
+    return ipaddress.ip_network(address, strict=False).num_addresses > 1
 
 
 def node_local(address: str) -> bool:
@@ -174,21 +180,13 @@ class ServiceEntrySpec(IstioModel):
             names.add(port.name)
         return value
 
-    @field_validator("addresses")
-    @classmethod
-    def _single_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for address in value:
-            network = ipaddress.ip_network(address, strict=False)
-            if network.num_addresses != 1:
-                raise ValueError(
-                    f"address {address!r}: CIDR blocks wider than one address are not "
-                    "supported by meshagent yet (the proxy matches a connection by its exact "
-                    "destination address)"
-                )
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> ServiceEntrySpec:
+        if any(is_range(a) for a in self.addresses) and self.resolution in RESOLVED:
+            raise ValueError(
+                "CIDR addresses are allowed only for resolution NONE or STATIC (as Istio "
+                "refuses them with DNS)"
+            )
         if self.resolution == "NONE" and not self.addresses:
             raise ValueError(
                 "resolution NONE without addresses is not supported by meshagent yet (the "

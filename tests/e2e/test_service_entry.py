@@ -227,3 +227,76 @@ def test_resolution_dns_serves_what_resolves_and_says_what_does_not(lab, tmp_pat
         )
     finally:
         meshlab("delete", "-f", str(path))
+
+
+def _tcp_opened(node: str, service: str) -> float:
+    page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "istio_tcp_connections_opened_total"
+        and s.labels.get("reporter") == "source"
+        and s.labels.get("destination_service") == service
+    )
+
+
+def test_cidr_addresses_take_every_address_of_their_block(lab, tmp_path):
+    """Issue #21: ServiceEntry `addresses` may be CIDR blocks (Istio: "could be CIDR prefix").
+    STATIC `240.1.0.0/16` on a TCP port: connections to any two addresses of the block reach
+    the server (an address outside it does not); NONE `<server2>/24`: a connection to server2
+    goes on to the address dialled. Both are counted under their entry's host."""
+    server2 = meshlab("exec", "outside/server2", "--", "hostname", "-I").stdout.split()[0]
+    tcp = [{"number": 80, "name": "tcp", "protocol": "TCP", "targetPort": 8080}]
+    block = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "outside-block", "namespace": "se"},
+        "spec": {
+            "hosts": ["block.outside.example"],
+            "addresses": ["240.1.0.0/16"],
+            "ports": tcp,
+            "resolution": "STATIC",
+            "endpoints": [{"address": lab.server_ip}],
+        },
+    }
+    dialled = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "outside-range", "namespace": "se"},
+        "spec": {
+            "hosts": ["range.outside.example"],
+            "addresses": [f"{server2}/24"],
+            "ports": [{"number": 8080, "name": "tcp", "protocol": "TCP"}],
+            "resolution": "NONE",
+        },
+    }
+    path = tmp_path / "cidr-entries.yaml"
+    path.write_text(yaml.safe_dump_all([block, dialled]))
+    meshlab("apply", "-f", str(path))
+    try:
+        for address in ("240.1.2.3", "240.1.250.7"):
+            _, body = wait_until(
+                lambda address=address: lab.curl(CLIENT, f"http://{address}/cidr", timeout=10),
+                lambda got: got[0] == "200",
+                what=f"{address}, in the entry's block, reaches the server",
+                timeout=60,
+            )
+            assert body.splitlines()[0] == "GET /cidr HTTP/1.1", body
+        assert lab.curl(CLIENT, "http://240.2.0.1/cidr", timeout=5)[0] == "000"  # outside it
+        wait_until(
+            lambda: _tcp_opened("node-1", "block.outside.example"),
+            lambda value: value >= 2,
+            what="the block's connections counted under its host",
+            timeout=30,
+        )
+        code, body = lab.curl(CLIENT, f"http://{server2}:8080/dialled", timeout=10)
+        assert (code, body.splitlines()[0]) == ("200", "GET /dialled HTTP/1.1"), body
+        wait_until(
+            lambda: _tcp_opened("node-1", "range.outside.example"),
+            lambda value: value >= 1,
+            what="the connection to server2 counted under the NONE entry's host",
+            timeout=30,
+        )
+    finally:
+        meshlab("delete", "-f", str(path))

@@ -82,7 +82,11 @@ def test_accepts_none_resolution_and_mesh_internal() -> None:
         ({"resolution": "DNS", "endpoints": [{"address": "::1"}]}, "node's own"),
         ({"resolution": "STATIC", "endpoints": [{"address": "169.254.169.254"}]}, "node's own"),
         ({"resolution": "STATIC", "endpoints": [{"address": "unix:///s"}]}, "Unix domain"),
-        ({"addresses": ["10.0.0.0/24"], "resolution": "STATIC"}, "CIDR blocks wider"),
+        ({"addresses": ["10.0.0.0/24"], "resolution": "DNS"}, "only for resolution NONE or"),
+        (
+            {"addresses": ["2001:db8::/64"], "resolution": "DNS_ROUND_ROBIN"},
+            "only for resolution NONE or STATIC",
+        ),
         ({"addresses": ["not-an-ip"], "resolution": "STATIC"}, "not an IP address"),
         ({"resolution": "NONE"}, "NONE without addresses"),
         (
@@ -147,6 +151,22 @@ def test_none_entry_dials_the_original_destination() -> None:
         ("10.9.0.6", {443: 443}),
         ("10.9.0.7", {443: 443}),
     ]
+
+
+def test_cidr_addresses_become_vip_ranges_as_istio_masks_them() -> None:
+    """Istio: `addresses` "could be CIDR prefix"; a connection whose destination is in one is the
+    entry's (allowed with NONE and STATIC only)."""
+    doc = _entry(
+        addresses=["10.9.0.7/32", "192.0.2.77/24", "2001:db8::/64"],
+        ports=[{"number": 443, "name": "tls", "protocol": "TLS"}],
+    )
+    (svc,) = entry_services(ServiceEntry.model_validate(doc))
+    assert svc.vips == ["10.9.0.7"]
+    assert svc.vip_ranges == ["192.0.2.0/24", "2001:db8::/64"]
+    assert svc.original_destination
+    static = _entry(**{**_STATIC, "addresses": ["198.51.100.0/24"]})
+    (svc,) = entry_services(ServiceEntry.model_validate(static))
+    assert (svc.vips, svc.vip_ranges, svc.original_destination) == ([], ["198.51.100.0/24"], False)
 
 
 def test_first_entry_by_name_wins_a_shared_host() -> None:
@@ -313,3 +333,35 @@ def test_a_dns_entry_names_what_to_resolve_and_validate_warns_what_it_means():
     assert static.spec.names_to_resolve() == () and warnings(static) == []
     [(field, message)] = warnings(hosts)
     assert field == "spec.resolution" and "is not matched" in message
+
+
+def test_the_proxy_finds_a_cidr_entry_by_the_most_specific_block_and_dials_the_original() -> None:
+    """Agent side: an exact VIP first, then the narrowest block holding the destination, on a
+    port of the entry; a NONE entry's one endpoint is the address the client dialled."""
+    from meshagent.agent.proxy.outbound import dial_address
+    from meshagent.agent.proxy.routing import ORIGINAL_DESTINATION
+    from meshagent.agent.state import Tables
+    from meshagent.common.snapshot import Snapshot
+
+    port = [{"number": 5432, "name": "tcp", "protocol": "TCP"}]
+    wide = _entry("wide", hosts=["db.example.com"], addresses=["10.20.0.0/16"], ports=port)
+    narrow = _entry("narrow", hosts=["hot.example.com"], addresses=["10.20.30.0/24"], ports=port)
+    exact = _entry("exact", hosts=["one.example.com"], addresses=["10.20.30.40"], ports=port)
+    v6 = _entry("v6", hosts=["v6.example.com"], addresses=["2001:db8::/32"], ports=port)
+    services = compile_entries(ServiceEntry.model_validate(d) for d in (wide, narrow, exact, v6))
+    tables = Tables.build(Snapshot(node="node-1", services=services).with_version())
+
+    def host(ip: str, number: int = 5432) -> str | None:
+        route = tables.route_for((ip, number))
+        return route.service.hostname if route else None
+
+    assert host("10.20.30.40") == "one.example.com"
+    assert host("10.20.30.41") == "hot.example.com"
+    assert host("10.20.99.1") == "db.example.com"
+    assert host("2001:db8:1::5") == "v6.example.com"
+    assert host("10.21.0.1") is None  # outside every block
+    assert host("10.20.99.1", 5433) is None  # not a port of the entry
+    cluster = tables.routes.tcp_routes("db.example.com", 5432).destinations.pick()
+    (upstream,) = cluster.endpoints
+    assert upstream.endpoint.ip == ORIGINAL_DESTINATION and upstream.port == 5432
+    assert dial_address(tables, upstream.endpoint, "10.20.99.1") == "10.20.99.1"
