@@ -33,6 +33,16 @@ FAR_POD_CONNECT_TIMEOUT = 5.0
 FAR_TCP_IDLE_TIMEOUT = 3600.0
 POD_HTTP_IDLE_TIMEOUT = 300.0
 
+# targetRef(s) attach a policy to a Gateway, or in ambient to the waypoint of a Service: rules
+# for traffic addressed to that Service. Here the destination's node proxy enforces policies and
+# sees a connection to a pod: which Service its client addressed is the client's word (a VIP
+# translated at the source, a Host header), and a client dialling the pod directly would escape a
+# Service-scoped DENY. Refused rather than enforced on a claim (README, "targetRef(s)").
+_TARGET_REF = (
+    "attaches the policy to a Gateway or a Service's waypoint; meshagent has neither, and its "
+    "node proxies cannot verify which Service a client addressed: select the Service's pods "
+    "with `selector` instead"
+)
 # Istio fields meshagent refuses, with what they are (for the "not supported yet" message).
 _HINTS: dict[str, str] = {
     "tls": "TLS settings / SNI routes",
@@ -54,8 +64,8 @@ _HINTS: dict[str, str] = {
     "ignoreUriCase": "case-insensitive URI matching",
     "authority": "authority matching",
     "scheme": "scheme matching",
-    "targetRef": "policy attachment to a Gateway/Service",
-    "targetRefs": "policy attachment to a Gateway/Service",
+    "targetRef": _TARGET_REF,
+    "targetRefs": _TARGET_REF,
     "serviceAccounts": "matching by service account",
     "notServiceAccounts": "matching by service account",
     "maxConcurrentStreams": "an HTTP/2 connection-pool limit",

@@ -313,6 +313,14 @@ REFUSALS = [
         "spec.targetRef",
         "not supported",
     ),
+    (  # the decision (README): a node proxy cannot verify which Service a client addressed
+        "authz-targetRefs-to-a-service",
+        AUTHZ_YAML,
+        lambda d: set_at(d, "spec.targetRefs", [{"kind": "Service", "group": "", "name": "r"}]),
+        "spec.targetRefs",
+        "cannot verify which Service a client addressed: select the Service's pods with "
+        "`selector` instead",
+    ),
     (
         "authz-bad-remoteIpBlocks",
         AUTHZ_YAML,
