@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshagent.common.failmode import DEFAULT_FAIL_MODE
+from meshagent.common.l7 import level_of
 
 if TYPE_CHECKING:
     from meshagent.agent.policy.peerauth import MtlsPolicy
@@ -65,18 +66,33 @@ class SavedView:
             )
             for ip in w["ips"]:
                 pods[ip] = info
-        return cls(str(doc["version"]), pods, _services(doc.get("services") or []))
+        services = _services(doc.get("services") or [], doc.get("l7_levels") or {})
+        return cls(str(doc["version"]), pods, services)
 
 
-def _services(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each Service with the endpoints the proxy balances over, as the report has them."""
+def _services(services: list[dict[str, Any]], levels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Each Service with the endpoints the proxy balances over, as the report has them, and
+    each port's L7 level in force (common/l7.py: the snapshot's mark, else the default)."""
     return [
         {
             "namespace": svc["namespace"],
             "name": svc["name"],
             "vips": list(svc["vips"]),
             "ports": [
-                {"name": p.get("name", ""), "port": p["port"], "protocol": p.get("protocol", "TCP")}
+                {
+                    "name": p.get("name", ""),
+                    "port": p["port"],
+                    "protocol": p.get("protocol", "TCP"),
+                    "l7": level_of(
+                        levels,
+                        svc["namespace"],
+                        svc["name"],
+                        p["port"],
+                        p.get("name", ""),
+                        p.get("app_protocol"),
+                        p.get("protocol", "TCP"),
+                    ),
+                }
                 for p in svc["ports"]
             ],
             "endpoints": [

@@ -31,7 +31,9 @@ knows and it is down):
   ``mutual_tls``; ``tunnels``: pooled HBONE connections; ``ejected_endpoints``;
   ``recent_denials``;
 - ``services``: the snapshot in force's Services, as the proxy balances them (``namespace``,
-  ``name``, ``vips``, ``ports``, ``endpoints`` with ``ip``, ``node`` and ``ports``): what
+  ``name``, ``vips``, ``ports`` (each with ``l7``, its L7 level in force: ``l4``, ``observe``
+  or ``full``; the screen's PORTS column shows ``80/observe``), ``endpoints`` with ``ip``,
+  ``node`` and ``ports``): what
   ``istioctl proxy-config endpoints`` shows, and what answers "why does this connection still
   reach a pod that is gone" while the controller is away.
 
@@ -388,6 +390,8 @@ def assemble(
             "outbound": {
                 "active": proxy.get("active_connections", 0),
                 "accepted": proxy.get("accepted_connections", 0),
+                # same-node L4 connections relayed in the kernel (agent/proxy/kjoin.py)
+                "kernel_joined": proxy.get("kernel_joined", 0),
             },
             "inbound": {"active": inbound.get("active", 0), "accepted": inbound.get("accepted", 0)},
             "http_requests": proxy.get("http_requests", 0),
@@ -632,7 +636,7 @@ def _services_section(services: list[dict[str, Any]]) -> list[str]:
         (
             f"{svc['namespace']}/{svc['name']}",
             ",".join(svc["vips"]) or "-",
-            ",".join(str(p["port"]) for p in svc["ports"]) or "-",
+            ",".join(f"{p['port']}/{p.get('l7', '-')}" for p in svc["ports"]) or "-",
             f"{e['ip']}" if e else "(none)",
             e["node"] if e else "",
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from meshagent.common import l7
 from meshagent.common.istio import networking as net
 from meshagent.common.istio import security as sec
 from meshagent.common.istio.base import IstioResource
@@ -42,22 +43,10 @@ from meshagent.common.snapshot import (
 ROOT_NAMESPACE = "istio-system"
 FORCED = {"off": "l4", "full": "full", "observe": "observe"}
 
-_HTTP1 = frozenset({"http", "grpc-web"})
-_HTTP2 = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c"})
-
 
 def http_version(port: ServicePort) -> int | None:
-    """1 or 2 for an HTTP port (Istio's protocol selection: appProtocol, else the name's
-    prefix; agent/proxy/routing.port_protocol is the data path's copy), None otherwise."""
-    if port.protocol != "TCP":
-        return None
-    if port.app_protocol is not None:
-        name = port.app_protocol.lower()
-    else:
-        name = port.name.lower().partition("-")[0]
-        if name == "grpc" and port.name.lower().startswith("grpc-web"):
-            name = "grpc-web"
-    return 1 if name in _HTTP1 else 2 if name in _HTTP2 else None
+    """1 or 2 for an HTTP port, None otherwise (common/l7.py)."""
+    return l7.http_version(port.name, port.app_protocol, port.protocol)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
+from meshagent.agent.proxy.observing import http_observer, level_of_endpoint
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import ClusterSpec, Keepalive, single_endpoint_routes
@@ -122,7 +123,11 @@ class InboundProxy:
         # The protocol of the Service port the client dialled, as the source named it; else
         # guessed from the pod port (sources that predate the header).
         protocol = tunnel.request.protocol or tables.pod_protocol(ip, port)
-        if protocol in ("http1", "http2"):
+        # the pod port's L7 level (issue 18): the HTTP engine at `full` (and where no Service
+        # marks the port), the relay below at `l4`, and at `observe` for HTTP/1.1 with a parser
+        level = level_of_endpoint(tables.snapshot, ip, port) or "full"
+        observe = level == "observe" and protocol == "http1"
+        if protocol in ("http1", "http2") and level != "l4" and not observe:
             # HTTP: authorization per request (403), not per connection. The pod is dialled
             # before the tunnel is answered, so a dead pod is a 503 on the tunnel (a connect
             # failure the source can retry elsewhere), as ztunnel does.
@@ -210,8 +215,18 @@ class InboundProxy:
                 )
                 description = f"{principal} ({source_ip}) -> {ip}:{port}"
                 timeout = self.inputs.tcp_idle_timeout
+                tap = None
+                if observe:
+                    http_labels = replace(labels, request_protocol="http")
+                    tap = http_observer(
+                        self.inputs, [http_labels], client=source_ip, upstream=f"{ip}:{port}"
+                    )
                 with self.inputs.live.track(description, recheck):
-                    await relay(stream, pod, result, idle_timeout=timeout)
+                    try:
+                        await relay(stream, pod, result, idle_timeout=timeout, tap=tap)
+                    finally:
+                        if tap is not None:
+                            tap.finish()
                 if result.idle_timed_out:
                     self.inputs.limits.refused(
                         "hbone", IDLE_TIMEOUT, principal, f"no byte either way for {timeout:g} s"

@@ -20,12 +20,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
+from meshagent.agent.datapath.join import SocketJoin
 from meshagent.agent.proxy import live
 from meshagent.agent.proxy.hashkey import connection_key
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
+from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.inputs import ProxyInputs
+from meshagent.agent.proxy.kjoin import joinable, relay_joined
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
+from meshagent.agent.proxy.observing import http_observer, level_of_route
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import (
@@ -47,6 +51,7 @@ from meshagent.agent.telemetry import (
     service_ref,
 )
 from meshagent.common.snapshot import Endpoint, Service, Workload
+from meshagent.common.spiffe import workload_identity
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ class ProxyStats:
     http_connections: int = 0
     http_requests: int = 0
     internal_errors: int = 0  # connections closed on an unexpected exception (a bug)
+    kernel_joined: int = 0  # same-node L4 connections relayed in the kernel (kjoin.py)
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
@@ -111,6 +117,8 @@ class OutboundProxy:
         self.orig_dst = orig_dst
         self.connector = connector
         self.stats = ProxyStats()
+        # set by the data plane where the datapath can join sockets (agent/proxy/kjoin.py)
+        self.kernel_join: SocketJoin | None = None
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one redirected connection. A bug met on it closes this connection only
@@ -169,10 +177,18 @@ class OutboundProxy:
         start: float,
         started: float,
     ) -> None:
-        if route is not None and protocol in ("http1", "http2"):
+        # the Service port's L7 level (issue 18): the engine at `full` (and for HTTP/2, which
+        # `observe` cannot parse yet), a relay watched by a parser at `observe`, a relay at `l4`
+        tables = self.store.tables
+        level = level_of_route(tables.snapshot, route) if route and tables else "l4"
+        engine = level == "full" or (level == "observe" and protocol == "http2")
+        if route is not None and protocol in ("http1", "http2") and engine:
             await self._serve_http(client, source, route.service, orig, peer_ip, protocol)
             return
-        conn = _L4(self, client, source, peer_ip, orig, start, started, protocol)
+        # at `l4` an HTTP port is a TCP one, for the destination proxy too (the tunnel says so)
+        relayed = "tcp" if level == "l4" and protocol is not None else protocol
+        conn = _L4(self, client, source, peer_ip, orig, start, started, relayed)
+        conn.observe = level == "observe" and protocol == "http1"
         if route is None:
             await conn.run_passthrough()
         else:
@@ -323,6 +339,7 @@ class _L4:
         self.protocol = protocol  # the Service port's; None for a passthrough
         self.orig, self.start, self.started = orig, start, started
         self.source_peer = proxy._peer(source)
+        self.observe = False  # the `observe` level: requests counted by a parser beside
 
     async def run_passthrough(self) -> None:
         ip, port = self.orig
@@ -332,6 +349,18 @@ class _L4:
             self._failed(UNKNOWN_SERVICE, f"{exc.kind}: {exc}", "UF")
             return
         await self._relay(upstream, UNKNOWN_SERVICE, f"{ip}:{port}")
+
+    async def _joined(self, upstream: Upstream, result: RelayResult, timeout: float) -> bool:
+        """Relay in the kernel if this is a same-node connection of plain bytes (kjoin.py);
+        False: not joined, the caller relays."""
+        proxy = self.proxy
+        join = proxy.kernel_join
+        if join is None or not joinable(self.client, upstream, proxy.inputs.node):
+            return False
+        if not await relay_joined(join, self.client, upstream.stream, result, idle_timeout=timeout):
+            return False
+        proxy.stats.kernel_joined += 1
+        return True
 
     async def run_service(self, service: Service) -> None:
         proxy = self.proxy
@@ -399,6 +428,7 @@ class _L4:
                     tls=spec.policy.tls,
                     hostname=spec.key.hostname,
                     keepalive=spec.policy.keepalive,
+                    local_http=False,  # l4/observe: not the same-node HTTP engine
                 )
         except trio.TooSlowError:
             raise UpstreamError("connect-failure", f"{ip}:{port}: connect timeout") from None
@@ -432,8 +462,16 @@ class _L4:
                 )
                 description = f"{self.peer_ip} -> {address}"
                 timeout = proxy.inputs.tcp_idle_timeout if idle_timeout is None else idle_timeout
+                tap = self._observer(upstream, service_labels, address) if self.observe else None
                 with proxy.inputs.live.track(description, recheck):
-                    await relay(self.client, upstream.stream, result, idle_timeout=timeout)
+                    try:
+                        if tap is not None or not await self._joined(upstream, result, timeout):
+                            await relay(
+                                self.client, upstream.stream, result, idle_timeout=timeout, tap=tap
+                            )
+                    finally:
+                        if tap is not None:
+                            tap.finish()
                 if result.idle_timed_out:
                     proxy.inputs.limits.refused(
                         "outbound",
@@ -458,6 +496,46 @@ class _L4:
                 opened=True,
                 unreported=(down, up),
             )
+
+    def _observer(self, upstream: Upstream, service_labels, address: str) -> Http1Observer:
+        """The `observe` level's parser: requests reported by the source and, for a hop that
+        stays on this node (no tunnel, no destination proxy to report), the destination."""
+        proxy = self.proxy
+        security = upstream.security
+        labels = [
+            ConnectionLabels(
+                "source",
+                self.source_peer,
+                proxy._peer(upstream.peer),
+                service_labels,
+                request_protocol="http",
+                connection_security_policy=security,
+            )
+        ]
+        peer = upstream.peer
+        if not upstream.tunnelled and peer is not None and peer.node == proxy.inputs.node:
+            source = self.source
+            identity = (
+                workload_identity(source, proxy.inputs.trust_domain) if source is not None else None
+            )
+            labels.append(
+                ConnectionLabels(
+                    "destination",
+                    self.source_peer.with_principal(identity),
+                    proxy._peer(peer),
+                    service_labels,
+                    request_protocol="http",
+                    connection_security_policy=security,
+                )
+            )
+        stats = proxy.stats
+
+        def count() -> None:
+            stats.http_requests += 1
+
+        return http_observer(
+            proxy.inputs, labels, client=self.peer_ip, upstream=address, count=count
+        )
 
     def _failed(self, service_labels, error: str, flags: str) -> None:
         labels = ConnectionLabels("source", self.source_peer, UNKNOWN_PEER, service_labels)

@@ -36,6 +36,7 @@ import os
 import select
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 from meshagent.agent.hbone.connection import TunnelStream
@@ -282,23 +283,70 @@ async def _both_ways(
         nursery.start_soon(pipe, upstream, client, result.add_received)
 
 
+class Tap(Protocol):
+    """Told a copy of what a relay moved, each direction in order, once it went out (the
+    `observe` level's parser, agent/proxy/http/observer.py). Must not raise."""
+
+    def request_data(self, data: bytes) -> None: ...
+    def response_data(self, data: bytes) -> None: ...
+    def request_eof(self) -> None: ...
+    def response_eof(self) -> None: ...
+
+
+async def _tapped_pipe(
+    src: trio.abc.ReceiveStream,
+    dst: trio.abc.SendStream,
+    count: Count,
+    seen: Callable[[bytes], None],
+    ended: Callable[[], None],
+) -> None:
+    """`_pipe` that shows the tap each batch after it went out (so the tap adds no latency),
+    and its end. No splice: the bytes must come up to Python to be seen."""
+    while True:
+        data = await src.receive_some(CHUNK)
+        if not data:
+            break
+        await dst.send_all(data)
+        count(len(data))
+        seen(data)
+    ended()
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        await dst.send_eof()
+
+
+async def _tapped_both_ways(
+    client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult, tap: Tap
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _tapped_pipe, client, upstream, result.add_sent, tap.request_data, tap.request_eof
+        )
+        nursery.start_soon(
+            _tapped_pipe, upstream, client, result.add_received, tap.response_data, tap.response_eof
+        )
+
+
 async def relay(
     client: trio.abc.Stream,
     upstream: trio.abc.Stream,
     result: RelayResult | None = None,
     *,
     idle_timeout: float = math.inf,
+    tap: Tap | None = None,
 ) -> RelayResult:
     """Relay until both directions end, or no byte moved for `idle_timeout` s (then
     `result.idle_timed_out`); `result` (given by a caller that reports in a `finally`) holds
-    the bytes moved so far even if the relay is cancelled."""
+    the bytes moved so far even if the relay is cancelled. `tap` sees a copy of the bytes."""
     result = RelayResult() if result is None else result
     with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
         if idle_timeout < math.inf:
             result._idle, result._idle_timeout = idle, idle_timeout
         try:
             await _wait_either(client, upstream)  # idle: nothing else is allocated yet
-            await _both_ways(client, upstream, result)
+            if tap is None:
+                await _both_ways(client, upstream, result)
+            else:
+                await _tapped_both_ways(client, upstream, result, tap)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # a reset on either side ends the relay; both are closed by the caller
     result._idle = None

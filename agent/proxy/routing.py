@@ -1007,8 +1007,9 @@ def compile_routes(
             protocol = port_protocol(port)
             if protocol != "tcp":
                 http[key] = c.http_routes(svc, port.port, vs)
-            if protocol != "http1":  # HTTP/2 ports keep TCP routes for non-HTTP/2 clients
-                tcp[key] = c.tcp_routes(svc, port.port, vs)
+            # every port has TCP routes: HTTP/2 ports for non-HTTP/2 clients, HTTP/1.1 ports
+            # for the `l4` and `observe` levels, which relay (issue 18)
+            tcp[key] = c.tcp_routes(svc, port.port, vs)
             tls_routes = c.tls_routes(svc, port.port, vs) if is_tls_port(port) else None
             if tls_routes is not None:
                 tls[key] = tls_routes

@@ -180,6 +180,7 @@ class Connector:
         tls: ClientTLSSettings | None = None,
         hostname: str | None = None,
         keepalive: Keepalive | None = None,
+        local_http: bool = True,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
@@ -187,7 +188,9 @@ class Connector:
         one; math.inf when the caller bounds the whole open itself). `tls` is the cluster's
         DestinationRule `tls` (None: the mesh's own), `hostname` its default SNI, `keepalive`
         its `tcp.tcpKeepalive` for the socket to the endpoint when this proxy dials it (not
-        through HBONE: the destination's node dials the pod). Raises UpstreamError."""
+        through HBONE: the destination's node dials the pod). `local_http` False: a same-node
+        HTTP pod is dialled directly, authorized per connection (the `l4` and `observe` levels),
+        not served by this node's inbound HTTP engine. Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -198,6 +201,7 @@ class Connector:
         if (
             dest is None
             and tls is None
+            and local_http
             and self._local is not None
             and local is not None
             and local.meshed

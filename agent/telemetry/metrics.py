@@ -251,6 +251,15 @@ class ProxyMetrics:
             ("listener", "reason"),
             **kw,
         )
+        self.observe_stops = Counter(
+            "meshagent_observe_stopped",
+            "Connections at the observe L7 level whose HTTP the proxy stopped parsing, the bytes"
+            " still relayed, by reporter and reason (parse_error, http2: the HTTP/2 preface on an"
+            " HTTP/1.1 port, upgrade, unmatched_response, internal_error): their later requests"
+            " are not in istio_requests_total.",
+            ("reporter", "reason"),
+            **kw,
+        )
         self.memory_trims = Counter(
             "meshagent_proxy_memory_trims",
             "Heap trims after a burst of connections ended (agent/proxy/trim.py): memory a"
@@ -412,6 +421,10 @@ class ProxyMetrics:
     def refusal(self, listener: str, reason: str) -> None:
         """One connection or request refused (agent/proxy/limits.py)."""
         self.refused.labels(listener, reason).inc()
+
+    def observe_stopped(self, reporter: str, reason: str) -> None:
+        """An observed connection's HTTP no longer parsed (agent/proxy/http/observer.py)."""
+        self.observe_stops.labels(reporter, reason).inc()
 
     def set_tunnel_pool_connections(self, count: int) -> None:
         self.tunnel_pool_connections.set(count)
