@@ -40,6 +40,7 @@ from pydantic import (
     Base64Bytes,
     BeforeValidator,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -868,26 +869,32 @@ class TCPSettings(IstioModel):
     idle_timeout: IdleTimeout | None = None
 
 
-def _no_h2_upgrade(value: str) -> str:
-    if value == "UPGRADE":
-        raise ValueError(
-            "h2UpgradePolicy UPGRADE is not supported by meshagent yet: requests reach the pod "
-            "in the protocol their client spoke (DEFAULT and DO_NOT_UPGRADE mean that)"
-        )
-    if value not in ("DEFAULT", "DO_NOT_UPGRADE"):
-        raise ValueError(f"h2UpgradePolicy {value!r} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE")
-    return value
-
-
 class HTTPSettings(IstioModel):
     http1_max_pending_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
     max_requests_per_connection: Annotated[int, Field(ge=0, strict=True)] | None = None
     idle_timeout: IdleTimeout | None = None
     http2_max_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
     max_retries: Annotated[int, Field(ge=0, strict=True)] | None = None
-    # Istio's default (meshConfig.h2UpgradePolicy DO_NOT_UPGRADE) is what the data path does:
-    # a request reaches the pod in the protocol its client spoke
-    h2_upgrade_policy: Annotated[str, AfterValidator(_no_h2_upgrade)] | None = None
+    # The data path always does what `useClientProtocol: true` asks (a request reaches the pod
+    # in the protocol its client spoke); false is Istio's default, as when it is not written.
+    # Declared before h2_upgrade_policy, which reads it.
+    use_client_protocol: Annotated[bool, Field(strict=True)] | None = None
+    # Istio's default (meshConfig.h2UpgradePolicy DO_NOT_UPGRADE) is what the data path does;
+    # UPGRADE only beside useClientProtocol true, which Istio says makes it ineffective
+    h2_upgrade_policy: str | None = None
+
+    @field_validator("h2_upgrade_policy")
+    @classmethod
+    def _no_h2_upgrade(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "UPGRADE" and not info.data.get("use_client_protocol"):
+            raise ValueError(
+                "h2UpgradePolicy UPGRADE is not supported by meshagent yet: requests reach the "
+                "pod in the protocol their client spoke (DEFAULT and DO_NOT_UPGRADE mean that, "
+                "and so does UPGRADE beside useClientProtocol: true)"
+            )
+        if value not in (None, "DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"):
+            raise ValueError(f"h2UpgradePolicy {value!r} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE")
+        return value
 
 
 class ConnectionPoolSettings(IstioModel):

@@ -46,7 +46,11 @@ _TARGET_REF = (
 # Istio fields meshagent refuses, with what they are (for the "not supported yet" message).
 _HINTS: dict[str, str] = {
     "tls": "TLS settings / SNI routes",
-    "credentialName": "TLS credentials from a Kubernetes Secret (use file paths on the node)",
+    "credentialName": (
+        "TLS credentials from a Kubernetes Secret, which Istio itself applies at gateways, and at "
+        "sidecars only with a workloadSelector; meshagent reads caCertificates, "
+        "clientCertificate and privateKey as files on the node (README: DestinationRule tls)"
+    ),
     "caCrl": "a certificate revocation list for TLS origination",
     "rewrite": "URI/authority rewrite",
     "headers": "request/response header manipulation",
@@ -69,7 +73,6 @@ _HINTS: dict[str, str] = {
     "serviceAccounts": "matching by service account",
     "notServiceAccounts": "matching by service account",
     "maxConcurrentStreams": "an HTTP/2 connection-pool limit",
-    "useClientProtocol": "per-destination client protocol",
     "maxConnectionDuration": "connection lifetime limit",
     "splitExternalLocalOriginErrors": "outlier detection of local-origin errors",
     "consecutiveLocalOriginFailures": "outlier detection of local-origin errors",

@@ -202,6 +202,21 @@ def test_virtual_service_parses_routes_durations_and_retries():
     assert vs.spec.tcp[0].match[0].port == 27017
 
 
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"useClientProtocol": True},  # what the data path always does
+        {"useClientProtocol": False},  # Istio's default, as when unwritten
+        {"useClientProtocol": True, "h2UpgradePolicy": "UPGRADE"},  # UPGRADE made ineffective
+    ],
+)
+def test_connection_pool_client_protocol_settings_the_data_path_honours(http):
+    doc = yaml.safe_load(DR_YAML)
+    doc["spec"]["trafficPolicy"]["connectionPool"]["http"] = http
+    pool = parse_resource(doc).spec.traffic_policy.connection_pool.http
+    assert pool.use_client_protocol is http["useClientProtocol"]
+
+
 def test_destination_rule_parses_policies_and_subsets():
     dr = parse_resource(load(DR_YAML))
 
@@ -751,7 +766,18 @@ REFUSALS = [
         DR_YAML,
         lambda d: set_at(d, "spec.trafficPolicy.tls", {"mode": "SIMPLE", "credentialName": "c"}),
         "spec.trafficPolicy.tls.credentialName",
-        "not supported",
+        "Istio itself applies at gateways, and at sidecars only with a workloadSelector",
+    ),
+    (  # Istio: useClientProtocol true makes h2UpgradePolicy ineffective; false is the default
+        "dr-h2-upgrade-with-use-client-protocol-false",
+        DR_YAML,
+        lambda d: set_at(
+            d,
+            "spec.trafficPolicy.connectionPool.http",
+            {"h2UpgradePolicy": "UPGRADE", "useClientProtocol": False},
+        ),
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        "and so does UPGRADE beside useClientProtocol: true",
     ),
     (
         "dr-tls-mutual-needs-files",
