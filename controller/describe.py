@@ -651,7 +651,8 @@ def _service_entry(entry: ServiceEntry) -> list[str]:
     spec = entry.spec
     (service, *_) = entry_services(entry)
     if spec.addresses:
-        caught = f"connections to {', '.join(service.vips)}"
+        blocks = [f"any address in {block}" for block in service.vip_ranges]
+        caught = f"connections to {', '.join([*service.vips, *blocks])}"
     else:
         caught = "connections to the endpoints' own addresses (no addresses listed)"
     lines = [

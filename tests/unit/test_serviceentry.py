@@ -167,6 +167,10 @@ def test_cidr_addresses_become_vip_ranges_as_istio_masks_them() -> None:
     static = _entry(**{**_STATIC, "addresses": ["198.51.100.0/24"]})
     (svc,) = entry_services(ServiceEntry.model_validate(static))
     assert (svc.vips, svc.vip_ranges, svc.original_destination) == ([], ["198.51.100.0/24"], False)
+    text = "\n".join(describe(ServiceEntry.model_validate(doc), []))
+    assert (
+        "connections to 10.9.0.7, any address in 192.0.2.0/24, any address in 2001:db8::/64" in text
+    )
 
 
 def test_first_entry_by_name_wins_a_shared_host() -> None:
