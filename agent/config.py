@@ -125,6 +125,16 @@ class AgentConfig(BaseModel):
     # Proxy processes (0: one per core this process may use, at most 8). With 1 the agent
     # process proxies itself; with more, that many workers share 15001/15008 (agent/workers/).
     proxy_workers: int = Field(0, ge=0, le=64)
+    # Same-node L4 connections (tcp-* ports, passthrough) relayed in the kernel once authorized:
+    # their two proxy sockets joined by a sockhash and an sk_skb verdict (agent/proxy/kjoin.py).
+    # Off by default: the kernel buffers without bound toward a receiver slower than its
+    # sender (kjoin.py); off, the proxy relays them itself (splice, bounded buffers).
+    kernel_join: bool = False
+    # A worker whose RSS exceeds its fresh figure by more than this fraction once a burst is
+    # over (it holds at most worker_recycle_max_open connections) is replaced by a fresh one,
+    # and drains (agent/workers/recycle.py); 0 never replaces one.
+    worker_recycle_growth: float = Field(0.05, ge=0.0)
+    worker_recycle_max_open: int = Field(16, ge=0)
     # Where workers' metric files go (one folder per agent process, removed at exit).
     worker_metrics_dir: Path = Path("/tmp/meshagent-metrics")
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import trio
 from meshagent.agent.config import AgentConfig
+from meshagent.agent.datapath.join import open_socket_join
 from meshagent.agent.hbone import metrics as hbone_metrics
 from meshagent.agent.hbone.client import open_tunnel_pool
 from meshagent.agent.hbone.server import serve_hbone
@@ -116,6 +117,8 @@ class DataPlane:
                 self._on_snapshot(self.store.tables)
             connector = Connector(self.inputs, pool, self.identities, self.config.hbone_port)
             self.proxy = OutboundProxy(self.inputs, self.pop_orig_dst, connector, self.traffic)
+            if self.config.kernel_join:  # same-node L4 connections relayed in the kernel
+                self.proxy.kernel_join = open_socket_join(self.config.pin_dir)
             self.inbound = InboundProxy(self.inputs, http_pool)
             connector.attach_local(self.inbound, nursery)
             self.inbound.connector = connector  # to reach ext-authz providers
@@ -128,6 +131,8 @@ class DataPlane:
                 yield self
             finally:
                 nursery.cancel_scope.cancel()
+        if self.proxy.kernel_join is not None:  # after the connections that use it
+            self.proxy.kernel_join.close()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         """Bind 15001 and 15008 (shared with any other agent or worker on the node: see
@@ -198,6 +203,7 @@ class DataPlane:
                 "mutual_tls": stats.mutual_tls,
                 "http_connections": stats.http_connections,
                 "http_requests": stats.http_requests,
+                "kernel_joined": stats.kernel_joined,
             },
             "outlier_ejections": [
                 {

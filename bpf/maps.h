@@ -40,6 +40,16 @@ BPF_SK_STORAGE(sock_orig, struct mesh_endpoint);
 /* [0] -> the agent's heartbeat (meshagent.h); read by redirect.c only. */
 BPF_ARRAY(heartbeat, struct mesh_heartbeat, 1);
 
+/* Same-node connections joined in the kernel (join.c): the node proxy's two sockets of each,
+ * keyed by socket cookie. The proxy inserts them (fd as value) once it authorized the
+ * connection; a socket leaves the hash when it closes. The sk_skb verdict program is
+ * attached to this map. Never carried over to a new build (sockets, not data). */
+BPF_SOCKHASH(sock_join, __u64, MESH_MAX_JOINED);
+
+/* socket cookie -> its partner and byte count (struct mesh_join); written by the proxy
+ * before it inserts the sockets, removed by it when the connection ends. */
+BPF_HASH(join_peer, __u64, struct mesh_join, MESH_MAX_JOINED);
+
 BPF_PERCPU_ARRAY(counters, __u64, MESH_CTR_MAX);
 
 #endif /* MESHAGENT_MAPS_H */

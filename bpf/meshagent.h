@@ -46,6 +46,9 @@
 #ifndef MESH_MAX_EXCLUDED_PORTS
 #define MESH_MAX_EXCLUDED_PORTS 64
 #endif
+#ifndef MESH_MAX_JOINED
+#define MESH_MAX_JOINED 65536 /* proxy sockets joined in the kernel (two per connection) */
+#endif
 
 /* Per-node counters, one slot each in the per-CPU `counters` array. */
 enum mesh_counter {
@@ -59,7 +62,9 @@ enum mesh_counter {
 	MESH_CTR_PEER_RESTORED = 7, /* getpeername() answered with the original destination */
 	MESH_CTR_FAIL_OPEN = 8, /* agent down: a fail-open pod's connect went straight through */
 	MESH_CTR_FAIL_CLOSED = 9, /* agent down: a fail-closed pod's connect refused (EPERM) */
-	MESH_CTR_MAX = 10,
+	MESH_CTR_JOIN_REDIRECTED = 10, /* sk_skb: a batch of a joined socket sent on to its partner */
+	MESH_CTR_JOIN_UNPAIRED = 11, /* sk_skb: a joined socket without a partner: bytes passed up */
+	MESH_CTR_MAX = 12,
 };
 
 /* Bits of mesh_pod.flags. */
@@ -109,6 +114,15 @@ struct mesh_endpoint {
 	struct mesh_addr addr;
 	__u16 port; /* host order */
 	__u16 pad;
+};
+
+/* Value of join_peer, keyed by the socket cookie of one of the node proxy's two sockets of
+ * a same-node connection joined in the kernel (join.c): the other socket's cookie, and the
+ * bytes that arrived on this one and were sent on to the other (added by join.c; the proxy
+ * reads them when the connection ends). */
+struct mesh_join {
+	__u64 partner;
+	__u64 bytes;
 };
 
 #endif /* MESHAGENT_H */

@@ -35,6 +35,7 @@ BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 # enum bpf_attach_type
 ATTACH_CGROUP_INET_INGRESS = 0
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_SKB_STREAM_VERDICT = 5  # target: a sockmap/sockhash, not a cgroup
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
@@ -44,7 +45,7 @@ BPF_F_ALLOW_MULTI = 2
 BPF_F_REPLACE = 4  # with ALLOW_MULTI: swap one attached program for another in place (5.6+)
 BPF_ANY = 0
 
-PROG_TYPE_NAMES = {8: "cgroup_skb", 13: "sock_ops", 18: "cgroup_sock_addr"}
+PROG_TYPE_NAMES = {8: "cgroup_skb", 13: "sock_ops", 14: "sk_skb", 18: "cgroup_sock_addr"}
 ATTACH_TYPE_NAMES = {
     ATTACH_CGROUP_INET_INGRESS: "cgroup_inet_ingress",
     ATTACH_CGROUP_SOCK_OPS: "cgroup_sock_ops",
@@ -185,6 +186,15 @@ def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int) -> None:
         attach_flags=BPF_F_ALLOW_MULTI,
     )
     _bpf(BPF_PROG_ATTACH, attr, "attach")
+
+
+def map_prog_attach(prog_fd: int, map_fd: int, attach_type: int) -> None:
+    """Attach a program to a sockmap/sockhash (no flags: the map holds one per type)."""
+    _bpf(
+        BPF_PROG_ATTACH,
+        _Attach(target_fd=map_fd, attach_bpf_fd=prog_fd, attach_type=attach_type),
+        "attach to map",
+    )
 
 
 def prog_replace(prog_fd: int, cgroup_fd: int, attach_type: int, old_fd: int) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import bpfsys, buildkey, swap
-from meshagent.agent.datapath.maps import ALL_MAPS, DatapathMaps
+from meshagent.agent.datapath.maps import ALL_MAPS, JOIN_MAPS, MAP_SOCK_JOIN, DatapathMaps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ HOOKS = (
     Hook("mesh_sockops", "sockops.c", bpfsys.ATTACH_CGROUP_SOCK_OPS),
     Hook("mesh_ingress", "ingress.c", bpfsys.ATTACH_CGROUP_INET_INGRESS),
 )
+# The sk_skb stream verdict of same-node connections joined in the kernel (bpf/join.c): it
+# attaches to the `sock_join` map, not to the cgroup, and goes when that map goes.
+JOIN_HOOK = Hook("mesh_join_verdict", "join.c", bpfsys.ATTACH_SK_SKB_STREAM_VERDICT)
 # sock_addr hooks: bcc must load each with the attach type it will be attached at.
 _SOCK_ADDR_ATTACH = {
     bpfsys.ATTACH_CGROUP_INET4_CONNECT: "CGROUP_INET4_CONNECT",
@@ -191,7 +194,8 @@ def build_key(settings: DatapathSettings, env: Mapping[str, str] = os.environ) -
         for f in bpf_dir.iterdir()
         if f.name.endswith(buildkey.SOURCE_SUFFIXES)
     }
-    layout = [f"{h.pin_name}:{h.source}:{h.attach_type}" for h in HOOKS] + list(ALL_MAPS)
+    hooks = (*HOOKS, JOIN_HOOK)
+    layout = [f"{h.pin_name}:{h.source}:{h.attach_type}" for h in hooks] + list(ALL_MAPS)
     return buildkey.datapath_key(
         sources, [*_defines(settings), f"headers={headers}"], release, layout
     )
@@ -207,7 +211,7 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
     # bcc only turns functions of the main text into programs (and rewrites map
     # accesses only there), so the .c files are joined into one text rather than
     # #included; maps.h is included once at the top.
-    sources = dict.fromkeys((*LIBRARY_SOURCES, *(h.source for h in HOOKS)))  # once each
+    sources = dict.fromkeys((*LIBRARY_SOURCES, *(h.source for h in (*HOOKS, JOIN_HOOK))))
     unit = '#include "maps.h"\n' + "".join(
         f'#line 1 "{name}"\n' + bpf_dir.joinpath(name).read_text() for name in sources
     )
@@ -227,8 +231,14 @@ def _compile_and_load(settings: DatapathSettings) -> dict[str, int]:
         else:
             fn = bpf.load_func(hook.function, BPF.CGROUP_SKB)
         fds[hook.pin_name] = os.dup(fn.fd)
-    for name in ALL_MAPS:
-        fds[name] = os.dup(bpf.get_table(name).get_fd())
+    fds[JOIN_HOOK.pin_name] = os.dup(bpf.load_func(JOIN_HOOK.function, BPF.SK_SKB).fd)
+    from bcc.libbcc import lib
+
+    for name in ALL_MAPS:  # by fd: bcc 0.26's Table knows no sockhash
+        fd = lib.bpf_table_fd(bpf.module, name.encode())
+        if fd < 0:
+            raise DatapathError(f"datapath: the compiled unit has no map {name}")
+        fds[name] = os.dup(fd)
     bpf.cleanup()
     return fds
 
@@ -259,7 +269,7 @@ def is_installed(settings: DatapathSettings) -> bool:
     replaced whole: its programs would not read the new map)."""
     if not settings.cgroup_path.is_dir() or swap.staging_dir(settings.pin_dir).exists():
         return False  # a swap cut short (`swap`): build again, which finishes the clean-up
-    if not all((settings.pin_dir / name).exists() for name in ALL_MAPS):
+    if not all((settings.pin_dir / name).exists() for name in (*ALL_MAPS, JOIN_HOOK.pin_name)):
         return False
     with _cgroup_fd(settings.cgroup_path) as cg:
         for hook in HOOKS:
@@ -340,7 +350,12 @@ def build(settings: DatapathSettings) -> None:
         staging.mkdir()
         for name, fd in fds.items():
             bpfsys.obj_pin(fd, str(staging / name))
-        copied = {name: swap.copy_map(pin_dir / name, fds[name]) for name in ALL_MAPS}
+        copied = {
+            name: swap.copy_map(pin_dir / name, fds[name])
+            for name in ALL_MAPS
+            if name not in JOIN_MAPS  # live sockets: the new map starts empty (join.py)
+        }
+        bpfsys.map_prog_attach(fds[JOIN_HOOK.pin_name], fds[MAP_SOCK_JOIN], JOIN_HOOK.attach_type)
         with _cgroup_fd(settings.cgroup_path) as cg:
             for hook in HOOKS:
                 swap.attach_in_place(cg, hook.attach_type, fds[hook.pin_name], ours[hook.pin_name])

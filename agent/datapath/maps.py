@@ -45,6 +45,12 @@ class MeshEndpoint(ctypes.Structure):
     _fields_ = [("addr", MeshAddr), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class MeshJoin(ctypes.Structure):
+    """struct mesh_join: the partner socket's cookie, and the bytes sent on to it in the kernel."""
+
+    _fields_ = [("partner", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
 class Counter(IntEnum):
     """enum mesh_counter"""
 
@@ -58,6 +64,8 @@ class Counter(IntEnum):
     PEER_RESTORED = 7
     FAIL_OPEN = 8
     FAIL_CLOSED = 9
+    JOIN_REDIRECTED = 10
+    JOIN_UNPAIRED = 11
 
 
 POD_FAIL_OPEN = 1  # enum mesh_pod_flag
@@ -71,7 +79,7 @@ class MtlsMode(IntEnum):
     STRICT = 1
 
 
-COUNTER_MAX = 10
+COUNTER_MAX = 12
 
 # Map names, as declared in bpf/maps.h and pinned by the loader.
 MAP_MESH_NETNS = "mesh_netns"
@@ -82,6 +90,10 @@ MAP_COUNTERS = "counters"
 MAP_PEER_AUTH = "peer_auth"
 MAP_TRUSTED_SOURCES = "trusted_sources"
 MAP_HEARTBEAT = "heartbeat"
+MAP_SOCK_JOIN = "sock_join"
+MAP_JOIN_PEER = "join_peer"
+# Maps of live sockets (agent/datapath/join.py): a new build starts them empty, never copies.
+JOIN_MAPS = (MAP_SOCK_JOIN, MAP_JOIN_PEER)
 ALL_MAPS = (
     MAP_MESH_NETNS,
     MAP_INFLIGHT,
@@ -91,6 +103,7 @@ ALL_MAPS = (
     MAP_PEER_AUTH,
     MAP_TRUSTED_SOURCES,
     MAP_HEARTBEAT,
+    *JOIN_MAPS,
 )
 
 # Layout facts the test compares against the C header (name -> (size, {field: offset})).
@@ -99,6 +112,7 @@ MIRRORED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "mesh_pod": MeshPod,
     "mesh_endpoint": MeshEndpoint,
     "mesh_heartbeat": MeshHeartbeat,
+    "mesh_join": MeshJoin,
 }
 
 
