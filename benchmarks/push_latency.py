@@ -14,11 +14,20 @@ pods) for --duration seconds, and each change's latency is the time until every 
 a snapshot of that change or a later one (`AgentSession.acked_generation`), whatever the
 controller's coalescing merged. It also reports the controller's CPU time and peak memory
 (this process), and whether the backlog grew (the last tenth of the changes against the
-first).
+first, and each change's latency by the 10 s of the run it was made in).
+
+With --agent-view, one node's agent is not simulated: a process of its own runs the config
+client's apply path (agent/configclient.py, agent/state.py: every snapshot and delta
+validated, its data-plane view built, saved to disk, then ACKed) and reports its memory
+(RSS before connecting, after the first snapshot, through the run). Under --churn its
+latency is reported apart (`agent_view_latency`); the headline figures are the simulated
+agents', as without it.
 
   python -m benchmarks.push_latency                  # 100 agents, 20 rounds
   python -m benchmarks.push_latency --agents 200 --rounds 50
   python -m benchmarks.push_latency --agents 100 --pods-per-node 10 --churn 50 --duration 60
+  python -m benchmarks.push_latency --agents 1000 --pods-per-node 30 --churn 50 --duration 60 \
+      --agent-view --connect-timeout 600
   python -m benchmarks.push_latency --smoke          # 5 agents, 3 rounds (a unit test runs it)
 """
 
@@ -38,6 +47,8 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from meshagent.agent.configclient import ControllerLink, _receive_loop
+from meshagent.agent.state import SnapshotStore
 from meshagent.common.configwire import MessageStream
 from meshagent.controller.ca import CertificateAuthority
 from meshagent.controller.model import ClusterModel
@@ -57,6 +68,8 @@ CONNECT_TIMEOUT = 60.0
 ROUND_TIMEOUT = 60.0
 POLL = 0.001
 CHURN_POLL = 0.002  # how often the churn mode looks at every session's acked generation
+LAG_BIN = 10.0  # seconds of the run per line of the churn's lag report
+VIEW_SAMPLE = 5.0  # how often the agent-view process writes its memory figures
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -151,6 +164,53 @@ async def run_agents(port: int, root: Path, tokens: dict[str, str]) -> None:
             nursery.start_soon(agent, node, token)
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run_view(port: int, root: Path, node: str, token: str, stats: Path) -> None:
+    """One real agent's config client for `node`: the store applies (and saves) every
+    snapshot and delta, building its view, before the ACK; writes its memory to `stats`."""
+    figures: dict = {"node": node, "rss_before_connect_mib": round(_rss_mib(), 1)}
+    samples: list[dict] = []
+
+    def write() -> None:
+        figures.update(
+            rss_mib=round(_rss_mib(), 1),
+            peak_rss_mib=round(
+                max(_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1
+            ),
+            version=store.version,
+            applied=link.snapshots_received,
+            samples=samples,
+        )
+        part = stats.with_suffix(".part")
+        part.write_text(json.dumps(figures) + "\n")
+        part.replace(stats)
+
+    context = ssl.create_default_context(cafile=str(root))
+    with tempfile.TemporaryDirectory(prefix="push-view-") as state:
+        store = SnapshotStore(node, Path(state))
+        link = ControllerLink(address=f"127.0.0.1:{port}", tls=True)
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+        async with stream, trio.open_nursery() as nursery:
+            wire = MessageStream(stream)
+            await wire.send({"type": "hello", "node": node, "token": token, "version": ""})
+            nursery.start_soon(_receive_loop, wire, store, link, None)
+            started = time.monotonic()
+            while True:
+                await trio.sleep(VIEW_SAMPLE)
+                if link.snapshots_received and "rss_first_snapshot_mib" not in figures:
+                    figures["rss_first_snapshot_mib"] = round(_rss_mib(), 1)
+                elapsed = round(time.monotonic() - started)
+                samples.append({"s": elapsed, "rss_mib": round(_rss_mib(), 1)})
+                write()
+
+
 # -- the controller and the measurement -------------------------------------------------------
 
 
@@ -178,11 +238,13 @@ async def measure(
     churn: float = 0.0,
     duration: float = 0.0,
     connect_timeout: float = CONNECT_TIMEOUT,
-) -> tuple[list[float], float, float]:
+    agent_view: bool = False,
+) -> tuple[list[float], float, float, dict]:
     """Latencies in milliseconds (one per round, or with `churn` one per change), the bytes
-    the controller sent per change and agent once every agent was connected, and this
-    process's CPU seconds per change over the same span (the controller's, with the
-    benchmark's own polling)."""
+    the controller sent per change and agent once every agent was connected, this process's
+    CPU seconds per change over the same span (the controller's, with the benchmark's own
+    polling), and extra figures: with `churn` the lag by 10 s of the run, with
+    `agent_view` the real agent's memory."""
     ca_file = folder / "ca.pem"
     ca = CertificateAuthority.load_or_create(ca_file)
     root = folder / "root.pem"
@@ -190,10 +252,13 @@ async def measure(
     issuer = NodeTokenAuthenticator(folder / "node-tokens.json")
     nodes = [node_name(i) for i in range(agents)]
     tokens = {node: issuer.issue(node) for node in nodes}
+    viewed = nodes[0] if agent_view else None
     token_file = folder / "agent-tokens.json"
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(tokens, f)
+    simulated = folder / "simulated-tokens.json"
+    simulated.write_text(json.dumps({n: t for n, t in tokens.items() if n != viewed}))
 
     model = ClusterModel()
     for kind, objects in cluster(agents, pods_per_node).items():
@@ -207,31 +272,44 @@ async def measure(
         tls=certificate.context,
     )
     latencies: list[float] = []
+    extra: dict = {}
+    view_stats = folder / "view.json"
     async with trio.open_nursery() as nursery:
         sockets = await nursery.start(server.serve, "127.0.0.1", 0)
         port = sockets[0].socket.getsockname()[1]
-        argv = [
-            sys.executable,
-            "-m",
-            "benchmarks.push_latency",
-            "agents",
-            "--port",
-            str(port),
-            "--root",
-            str(root),
-            "--tokens",
-            str(token_file),
+        common = [sys.executable, "-m", "benchmarks.push_latency"]
+        where = ["--port", str(port), "--root", str(root), "--tokens", str(token_file)]
+        argvs = [[*common, "agents", *where[:4], "--tokens", str(simulated)]]
+        if viewed is not None:
+            argvs.append([*common, "view", *where, "--node", viewed, "--stats", str(view_stats)])
+        processes = [
+            await nursery.start(
+                lambda task_status, argv=argv: trio.run_process(
+                    argv, cwd=REPO, task_status=task_status
+                )
+            )
+            for argv in argvs
         ]
-        process = await nursery.start(
-            lambda task_status: trio.run_process(argv, cwd=REPO, task_status=task_status)
-        )
         try:
             await wait_all_acked(server, nodes, connect_timeout)
             sessions = server.sessions
             sent_before = sum(sessions[node].bytes_sent for node in nodes)
             cpu_before = time.process_time()
             if churn:
-                latencies = await _churn(server, model, nodes, pods_per_node, churn, duration)
+                groups = {"simulated": [n for n in nodes if n != viewed]}
+                if viewed is not None:
+                    groups["view"] = [viewed]
+                made, by_group = await _churn(server, model, groups, pods_per_node, churn, duration)
+                latencies = by_group["simulated"]
+                extra["lag_by_10s"] = lag_report(made, latencies)
+                if viewed is not None:
+                    view = by_group["view"]
+                    extra["agent_view_latency"] = {
+                        "p50_ms": round(statistics.median(view), 1),
+                        "p99_ms": round(statistics.quantiles(view, n=100)[98], 1),
+                        "max_ms": round(max(view), 1),
+                        "lag_by_10s": lag_report(made, view),
+                    }
             else:
                 for round_ in range(1, rounds + 1):
                     changed = pod(round_ % agents, 0, round_, pods_per_node)
@@ -242,56 +320,86 @@ async def measure(
             cpu = time.process_time() - cpu_before
             sessions = server.sessions
             sent = sum(sessions[node].bytes_sent for node in nodes) - sent_before
+            if viewed is not None:
+                await trio.sleep(VIEW_SAMPLE + 1)  # one more sample, after the last change
+                extra["agent_view"] = json.loads(view_stats.read_text())
         finally:
-            process.terminate()
+            for process in processes:
+                process.terminate()
             nursery.cancel_scope.cancel()
-    return latencies, sent / (len(latencies) * agents), cpu / len(latencies)
+    return latencies, sent / (len(latencies) * agents), cpu / len(latencies), extra
 
 
 async def _churn(
     server: PushServer,
     model: ClusterModel,
-    nodes: list[str],
+    groups: dict[str, list[str]],
     pods_per_node: int,
     rate: float,
     duration: float,
-) -> list[float]:
-    """Change one pod every 1/rate s for `duration` s; each change's latency is when every
-    session's acked generation reaches the generation that change made."""
-    pending: list[tuple[int, float]] = []  # (generation, when), in order
-    latencies: list[float] = []
-    total_pods = len(nodes) * pods_per_node
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Change one pod every 1/rate s for `duration` s; a change's latency for a group of
+    nodes is when every one of their sessions' acked generation reaches the generation that
+    change made. Returns when each change was made (seconds into the run) and, per group,
+    each change's latency (milliseconds), in order."""
+    made: list[tuple[int, float]] = []  # (generation, when), in order
+    latencies: dict[str, list[float]] = {group: [] for group in groups}
+    total_pods = sum(len(nodes) for nodes in groups.values()) * pods_per_node
+    count = int(rate * duration)
+    began = time.perf_counter()
 
     async def changes() -> None:
-        start = time.perf_counter()
-        for i in range(1, int(rate * duration) + 1):
+        for i in range(1, count + 1):
             await trio.sleep_until(
-                trio.current_time() + max(0.0, start + i / rate - time.perf_counter())
+                trio.current_time() + max(0.0, began + i / rate - time.perf_counter())
             )
             ordinal = i % total_pods
             model.upsert(
                 "Pod", pod(ordinal // pods_per_node, ordinal % pods_per_node, i, pods_per_node)
             )
-            pending.append((model.generation, time.perf_counter()))
+            made.append((model.generation, time.perf_counter()))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(changes)
         deadline = trio.current_time() + duration + ROUND_TIMEOUT
+        sessions: dict[str, list] = {}
         while trio.current_time() < deadline:
             await trio.sleep(CHURN_POLL)
-            by_node = server.sessions
-            sessions = [by_node.get(node) for node in nodes]
-            if any(s is None for s in sessions):
-                continue
-            reached = min(s.acked_generation for s in sessions)
+            if not sessions or not all(s.connected for g in sessions.values() for s in g):
+                by_node = server.sessions  # again only after a reconnect (O(agents) each)
+                sessions = {g: [by_node.get(n) for n in nodes] for g, nodes in groups.items()}
+                if any(s is None for g in sessions.values() for s in g):
+                    sessions = {}
+                    continue
             now = time.perf_counter()
-            while pending and pending[0][0] <= reached:
-                latencies.append((now - pending.pop(0)[1]) * 1000)
-            if not pending and len(latencies) >= int(rate * duration):
+            for group, members in sessions.items():
+                reached = min(s.acked_generation for s in members)
+                done = latencies[group]
+                while len(done) < len(made) and made[len(done)][0] <= reached:
+                    done.append((now - made[len(done)][1]) * 1000)
+            if all(len(done) >= count for done in latencies.values()):
                 break
-        if pending:
-            raise TimeoutError(f"{len(pending)} changes not acked by every agent in time")
-    return latencies
+        behind = {group: count - len(done) for group, done in latencies.items()}
+        if any(behind.values()):
+            raise TimeoutError(f"changes not acked by every agent in time: {behind}")
+    return [when - began for _, when in made], latencies
+
+
+def lag_report(made: list[float], latencies: list[float]) -> list[dict]:
+    """Per `LAG_BIN` seconds of the run, the changes made in it and their p50/max latency: a
+    backlog that grows shows as latencies that grow from one line to the next."""
+    bins: dict[int, list[float]] = {}
+    for when, latency in zip(made, latencies, strict=True):
+        bins.setdefault(int(when // LAG_BIN), []).append(latency)
+    return [
+        {
+            "from_s": int(b * LAG_BIN),
+            "changes": len(values),
+            "p50_ms": round(statistics.median(values), 1),
+            "max_ms": round(max(values), 1),
+        }
+        for b, values in sorted(bins.items())
+    ]
 
 
 def summary(
@@ -304,6 +412,7 @@ def summary(
     cpu_s: float | None = None,
     cpu_per_change_s: float | None = None,
     bytes_per_change: float | None = None,
+    extra: dict | None = None,
 ) -> dict:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     tenth = max(1, len(latencies) // 10)
@@ -329,6 +438,7 @@ def summary(
         "p99_ms": round(cuts[98], 2),
         "min_ms": round(min(latencies), 2),
         "max_ms": round(max(latencies), 2),
+        **(extra or {}),
         "samples_ms": [round(x, 2) for x in latencies],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -342,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     agents_cmd.add_argument("--port", type=int, required=True)
     agents_cmd.add_argument("--root", type=Path, required=True)
     agents_cmd.add_argument("--tokens", type=Path, required=True)
+    view_cmd = sub.add_parser("view", help="(internal) run one real agent's config client")
+    view_cmd.add_argument("--port", type=int, required=True)
+    view_cmd.add_argument("--root", type=Path, required=True)
+    view_cmd.add_argument("--tokens", type=Path, required=True)
+    view_cmd.add_argument("--node", required=True)
+    view_cmd.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--agents", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--pods-per-node", type=int, default=PODS_PER_NODE)
@@ -353,12 +469,22 @@ def main(argv: list[str] | None = None) -> int:
         default=CONNECT_TIMEOUT,
         help="seconds for every agent to connect and ACK its first whole snapshot",
     )
+    parser.add_argument(
+        "--agent-view",
+        action="store_true",
+        help="one node's agent applies every message through the real config client and"
+        " store (its view built and kept) and reports its memory",
+    )
     parser.add_argument("--smoke", action="store_true", help="5 agents, 3 rounds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     args = parser.parse_args(argv)
 
     if args.command == "agents":
         trio.run(run_agents, args.port, args.root, json.loads(args.tokens.read_text()))
+        return 0
+    if args.command == "view":
+        token = json.loads(args.tokens.read_text())[args.node]
+        trio.run(run_view, args.port, args.root, args.node, token, args.stats)
         return 0
     agents, rounds = (5, 3) if args.smoke else (args.agents, args.rounds)
     if agents < 1 or rounds < 2 or args.pods_per_node < 1:
@@ -369,9 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     cpu_before = time.process_time()
     with tempfile.TemporaryDirectory(prefix="push-latency-") as folder:
         run = partial(
-            measure, agents, rounds, Path(folder), connect_timeout=args.connect_timeout, **churn
+            measure,
+            agents,
+            rounds,
+            Path(folder),
+            connect_timeout=args.connect_timeout,
+            agent_view=args.agent_view,
+            **churn,
         )
-        latencies, per_change, cpu_per_change = trio.run(run)
+        latencies, per_change, cpu_per_change, extra = trio.run(run)
     cpu_s = time.process_time() - cpu_before
     result = summary(
         latencies,
@@ -379,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s=cpu_s,
         cpu_per_change_s=cpu_per_change,
         bytes_per_change=per_change,
+        extra=extra,
         **churn,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,6 +526,20 @@ def main(argv: list[str] | None = None) -> int:
         f" ({result['controller_cpu_per_change_s']} s per change), peak RSS"
         f" {result['controller_max_rss_mib']} MiB; written to {args.out}"
     )
+    for line in result.get("lag_by_10s", []):
+        print(
+            f"  changes made from {line['from_s']} s: {line['changes']},"
+            f" p50 {line['p50_ms']:.0f} ms, max {line['max_ms']:.0f} ms"
+        )
+    view = result.get("agent_view")
+    if view:
+        print(
+            f"  agent view ({view['node']}, config client + store): RSS"
+            f" {view['rss_before_connect_mib']} MiB before connecting,"
+            f" {view.get('rss_first_snapshot_mib')} MiB after the first snapshot,"
+            f" {view['rss_mib']} MiB at the end (peak {view['peak_rss_mib']});"
+            f" {view['applied']} snapshots and deltas applied"
+        )
     return 0
 
 

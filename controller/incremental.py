@@ -164,19 +164,43 @@ class _ServiceEntry:
     ips: frozenset[str]
 
     def concerns(self, key: PodKey, entries: tuple[_PodEntry | None, ...]) -> bool:
+        """Whether a pod's change (its entries before and after) may change this Service: it
+        is or was among its endpoints' pods and what its endpoint is read from changed (a
+        label or annotation that no selector reads changes no endpoint)."""
         if self.slices is None:
-            return any(
-                e is not None
-                and key[0] == self.service.namespace
-                and _matches(self.selector, _labels(e.pod))
-                for e in entries
-            )
-        if key in self.refs:
-            return True
-        return any(
+            if key[0] != self.service.namespace:
+                return False
+            return len({_selected_inputs(e, self.selector) for e in entries}) > 1
+        if key not in self.refs and not any(
             e is not None and e.workload is not None and not self.ips.isdisjoint(e.workload.ips)
             for e in entries
-        )
+        ):
+            return False
+        return len({_sliced_inputs(e) for e in entries}) > 1
+
+
+def _selected_inputs(entry: _PodEntry | None, selector: dict[str, str]) -> str | None:
+    """What `compiler._selector_candidates` reads of a pod its selector matches (None: not
+    matched), as one comparable string."""
+    if entry is None or entry.workload is None:
+        return None
+    if not (_matches(selector, _labels(entry.pod)) and _matches(selector, entry.workload.labels)):
+        return None
+    w, pod = entry.workload, entry.pod
+    deleting = _meta(pod).get("deletionTimestamp")
+    read = [w.uid, w.node, w.ips, deleting, pod.get("spec"), pod.get("status")]
+    return json.dumps(read, sort_keys=True, default=str)
+
+
+def _sliced_inputs(entry: _PodEntry | None) -> str | None:
+    """What `compiler._slice_candidates` reads of a pod its slices name or list by address
+    (the pod lookup: its workload's uid, node and addresses, and hostNetwork, which keeps a
+    pod out of the by-address lookup)."""
+    if entry is None or entry.workload is None:
+        return None
+    w = entry.workload
+    host = (entry.pod.get("spec") or {}).get("hostNetwork")
+    return json.dumps([w.uid, w.node, w.ips, host], default=str)
 
 
 def _slice_dependencies(slices: list[dict], namespace: str) -> tuple[set[PodKey], set[str]]:

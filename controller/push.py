@@ -6,8 +6,10 @@ the lab, TokenReview in a cluster); the node it belongs to is the session's node
 claiming another node is refused. A refusal sends one `error` line, closes the stream and
 counts in `meshagent_controller_auth_failures_total`. Then the controller sends the node's
 current snapshot if the versions differ, pushes again whenever a model change alters the
-node's snapshot (a burst of changes is coalesced: compiled once, `COALESCE_WINDOW` after its
-first change; a node whose snapshot version did not change gets nothing), records ACK/NACKs,
+node's snapshot (a burst of changes is coalesced into one published version: compiled once,
+`COALESCE_WINDOW` after its first change, or later while the previous version is still being
+delivered, up to `COALESCE_MAX`; a node whose snapshot version did not change gets nothing),
+records ACK/NACKs,
 and answers CSRs with `sign_for_node`: only identities of pods scheduled (and not finished)
 on the session's node. Sessions are kept for
 `meshctl status`. Message types: `meshagent.common.configwire`; on a clean shutdown
@@ -67,6 +69,14 @@ GOODBYE_TIMEOUT = 2.0
 # long for the rest of the burst. It is also the most a lone change waits before its push,
 # and under steady churn it caps compiles at one per window.
 COALESCE_WINDOW = 0.1
+# Under churn the window grows while the previous version is still in flight (more agents
+# than `STRAGGLERS` have not answered it): one version per push round instead of one per
+# window, so a round that takes longer than the window is not followed by a queue of versions
+# each costing a send and an ACK per agent. A stuck agent holds a version back at most this
+# long; a few slow ones (1 % of the agents) do not hold it back at all (one snapshot in
+# flight per agent already spares them the versions they miss).
+COALESCE_MAX = 1.0
+STRAGGLERS = 0.01
 DELTA_CACHE_SIZE = 8  # pairs of compiles whose shared changes are kept
 # Whole snapshots being encoded and sent at once (each session otherwise holds its own copy,
 # plus TLS's, of a body that lists the whole cluster: ~10 MB at 30,000 pods).
@@ -379,6 +389,31 @@ def _peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
+@dataclass
+class _Version:
+    """One published compile: what every session pushes until the next is published. What
+    all nodes share is encoded once here, not per session."""
+
+    generation: int
+    shared: SharedSnapshot
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)  # per node, made on demand
+    body: bytes | None = None  # the shared part as a whole snapshot carries it
+
+    def for_node(self, node: str) -> Snapshot:
+        snap = self.snapshots.get(node)
+        if snap is None:
+            snap = self.snapshots[node] = self.shared.for_node(node)
+        return snap
+
+    def shared_body(self) -> bytes:
+        if self.body is None:
+            body = self.shared.snapshot.model_dump(
+                mode="json", exclude={"node", "version", "local_workloads"}
+            )
+            self.body = json.dumps(body, separators=(",", ":")).encode()
+        return self.body
+
+
 class PushServer:
     """The agent stream server (see module docstring).
 
@@ -396,6 +431,7 @@ class PushServer:
         tls: ssl.SSLContext | None = None,
         cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
         coalesce: float = COALESCE_WINDOW,
+        coalesce_max: float = COALESCE_MAX,
     ) -> None:
         if cert_lifetime <= timedelta(0):
             raise ValueError(f"certificate lifetime must be positive, got {cert_lifetime}")
@@ -409,39 +445,55 @@ class PushServer:
         self.auth_failures = 0
         self.last_auth_failure = ""
         self._cache: dict[str, tuple[int, Snapshot]] = {}
-        self._delta_cache: dict[tuple[int, int], tuple[list, list, dict]] = {}
+        self._delta_cache: dict[tuple[int, int], tuple[list, list, bytes]] = {}
         self._shared: tuple[int, SharedSnapshot] | None = None
         self._compiler = IncrementalCompiler()  # kept between changes: work per change
-        self._shared_body: tuple[int, bytes] | None = None
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
         self._closing: str | None = None  # the goodbye reason, once close_streams began
         self.coalesce = coalesce
+        self.coalesce_max = max(coalesce, coalesce_max)
         self._whole_sends = trio.Semaphore(WHOLE_SENDS)
-        self._settled_generation = model.generation  # what sessions may push (see _settle)
+        self._version: _Version | None = None  # what sessions push (see _settle)
         self._settled = trio.Event()
-
-    def shared_body(self) -> bytes:
-        """The current snapshot without node and version, JSON-encoded once per change."""
-        self.snapshot_for("")
-        assert self._shared is not None
-        generation = self._shared[0]
-        if self._shared_body is None or self._shared_body[0] != generation:
-            body = self._shared[1].snapshot.model_dump(
-                mode="json", exclude={"node", "version", "local_workloads"}
-            )
-            self._shared_body = (generation, json.dumps(body, separators=(",", ":")).encode())
-        return self._shared_body[1]
+        # sessions with a snapshot or delta sent and not yet answered (see _settle), and
+        # set when few are
+        self._in_flight: set[int] = set()
+        self._drained = trio.Event()
 
     def snapshot_for(self, node: str) -> Snapshot:
+        """The node's snapshot of the model as it is now (sessions push the published version,
+        which catches up within the coalescing window)."""
         generation = self.model.generation
+        if self._version is not None and self._version.generation == generation:
+            return self._version.for_node(node)
         cached = self._cache.get(node)
         if cached and cached[0] == generation:
             return cached[1]
-        if self._shared is None or self._shared[0] != generation:
-            self._shared = (generation, self._compiler.compile(self.model, self.trust_bundle))
-        snap = self._shared[1].for_node(node)
+        snap = self._compile()[1].for_node(node)
         self._cache[node] = (generation, snap)
         return snap
+
+    def _compile(self) -> tuple[int, SharedSnapshot]:
+        """The compile of the model as it is now, once per model generation."""
+        generation = self.model.generation
+        if self._shared is None or self._shared[0] != generation:
+            self._shared = (generation, self._compiler.compile(self.model, self.trust_bundle))
+        return self._shared
+
+    def _current(self) -> _Version:
+        """The published version sessions push; the first is published on first use."""
+        if self._version is None:
+            self._publish()
+        assert self._version is not None
+        return self._version
+
+    def _publish(self) -> None:
+        """Make the model as it is now the version sessions push, and wake them."""
+        generation, shared = self._compile()
+        self._version = _Version(generation, shared)
+        self._cache.clear()
+        self._settled.set()
+        self._settled = trio.Event()
 
     @property
     def sessions(self) -> dict[str, AgentSession]:
@@ -543,6 +595,7 @@ class PushServer:
         finally:
             if session is not None:
                 self._wires.pop(id(session), None)
+                self._flight_ends(session)
                 self._closed(session)
                 log.info("agent %s disconnected from %s", session.node, peer)
             await trio.aclose_forcefully(stream)
@@ -588,21 +641,22 @@ class PushServer:
             nursery.cancel_scope.cancel()
 
     async def _push_loop(self, wire: MessageStream, session: AgentSession) -> None:
-        """Send the node its snapshot whenever it changes, with one in flight at a time (as
-        xDS waits for the ACK): an agent slower than the churn gets fewer, newer snapshots
-        instead of a growing queue of stale ones. Once the agent has ACKed a snapshot on this
-        stream, only the changes from it travel (a delta)."""
+        """Send the node its snapshot of the published version whenever that changes, with
+        one in flight at a time (as xDS waits for the ACK): an agent slower than the churn
+        gets fewer, newer snapshots instead of a growing queue of stale ones. Once the agent
+        has ACKed a snapshot on this stream, only the changes from it travel (a delta)."""
         while True:
-            generation = self.model.generation
-            snap = self.snapshot_for(session.node)
+            version = self._current()
+            snap = version.for_node(session.node)
             if snap.version == session.acked_version:
-                session.acked_generation = generation  # nothing new for this node
+                session.acked_generation = version.generation  # nothing new for this node
             elif snap.version == session.sent_version:
-                session.sent_generation = generation  # in flight, and still current
+                session.sent_generation = version.generation  # in flight, and still current
             else:
-                session.sent_version, session.sent_generation = snap.version, generation
+                session.sent_version, session.sent_generation = snap.version, version.generation
                 session.answered = trio.Event()
                 session.in_flight = snap
+                self._flight_begins(session)
                 message = self._delta_for(session, snap)
                 session.in_flight_delta = message is not None
                 if message is not None:
@@ -613,7 +667,7 @@ class PushServer:
                     # a whole snapshot is the size of the cluster: a reconnect storm sends
                     # a few at a time instead of holding every agent's copy at once
                     async with self._whole_sends:
-                        message = self._whole_message(session, snap)
+                        message = self._whole_message(version, snap)
                         session.full_sent += 1
                         session.bytes_sent += len(message)
                         await wire.send_encoded(message)
@@ -621,56 +675,82 @@ class PushServer:
             if session.sent_version not in (session.acked_version, session.nacked_version):
                 await session.answered.wait()
                 continue  # look again: newer content, or the whole snapshot after a NACK
-            await self._wait_settled(generation)
+            await self._wait_settled(version.generation)
 
     def _delta_for(self, session: AgentSession, snap: Snapshot) -> bytes | None:
         """The encoded delta taking the node from what it holds to `snap`, None when it holds
         nothing this stream can build on (it gets the whole snapshot). A delta carries only
-        changed items, so it is never much larger than the whole snapshot."""
+        changed items, so it is never much larger than the whole snapshot. The shared part's
+        changes are encoded once per pair of versions; only the node's own are encoded here."""
         held = session.held
         if held is None or held.version != session.acked_version:
             return None
-        changes = {
-            **self._shared_changes(held, snap),
-            **snapshotdelta.diff(held, snap, ("local_workloads",)),
-        }
-        delta = {"type": "delta", "version": snap.version, "base": held.version}
-        return json.dumps({**delta, "changes": changes}, separators=(",", ":")).encode()
+        parts = [self._shared_changes(held, snap)]
+        local = snapshotdelta.diff(held, snap, ("local_workloads",))
+        if local:
+            parts.append(json.dumps(local, separators=(",", ":"))[1:-1].encode())
+        head = json.dumps({"type": "delta", "version": snap.version, "base": held.version})
+        changes = b",".join(p for p in parts if p)
+        return b"".join((head[:-1].encode(), b',"changes":{', changes, b"}}"))
 
-    def _whole_message(self, session: AgentSession, snap: Snapshot) -> bytes:
+    def _whole_message(self, version: _Version, snap: Snapshot) -> bytes:
         local = [w.model_dump(mode="json") for w in snap.local_workloads]
-        return encode_snapshot_message(snap.version, session.node, self.shared_body(), local)
+        return encode_snapshot_message(snap.version, snap.node, version.shared_body(), local)
 
-    def _shared_changes(self, old: Snapshot, new: Snapshot) -> dict:
-        """The changes to the part every node shares, computed once per pair of compiles (a
-        node's snapshot shares its lists with the compile it came from)."""
+    def _shared_changes(self, old: Snapshot, new: Snapshot) -> bytes:
+        """The changes to the part every node shares as the members of a JSON object (without
+        braces), computed and encoded once per pair of compiles (a node's snapshot shares its
+        lists with the compile it came from)."""
         key = (id(old.workloads), id(new.workloads))
         hit = self._delta_cache.get(key)
         if hit is None:
             changes = snapshotdelta.diff(old, new, snapshotdelta.SHARED_FIELDS)
+            encoded = json.dumps(changes, separators=(",", ":"))[1:-1].encode()
             # keeping both lists alive keeps their ids from being reused while cached
-            hit = (old.workloads, new.workloads, changes)
+            hit = (old.workloads, new.workloads, encoded)
             self._delta_cache[key] = hit
             while len(self._delta_cache) > DELTA_CACHE_SIZE:
                 self._delta_cache.pop(next(iter(self._delta_cache)))
         return hit[2]
 
     async def _settle(self) -> None:
-        """Coalesce model changes: once the model changes, wait `coalesce` seconds for the
-        rest of the burst, then let every session push the model as it is now. Sessions wake
-        together, so the burst is compiled once (`snapshot_for` caches per generation), and
-        each node gets a message only if its own snapshot's version changed."""
+        """Coalesce model changes into published versions: once the model changes, wait
+        `coalesce` seconds for the rest of the burst, and longer (up to `coalesce_max` in
+        all) while the previous version is still in flight to more than a few agents
+        (`STRAGGLERS`), then publish the
+        model as it is now. Sessions wake together, so the burst is compiled once and what
+        every node shares is encoded once; each node gets a message only if its own
+        snapshot's version changed. Under churn this makes one version per push round: the
+        window grows with the time a round takes, instead of versions queueing behind it."""
         while True:
-            await self.model.wait_changed(self._settled_generation)
+            await self.model.wait_changed(self._current().generation)
+            deadline = trio.current_time() + self.coalesce_max
             await trio.sleep(self.coalesce)
-            self._settled_generation = self.model.generation
-            self._settled.set()
-            self._settled = trio.Event()
+            with trio.move_on_at(deadline):
+                while not self._few_in_flight():
+                    if self._drained.is_set():
+                        self._drained = trio.Event()
+                    await self._drained.wait()
+            self._publish()
 
     async def _wait_settled(self, pushed: int) -> None:
-        """Until a settled generation newer than the one a session last looked at."""
-        while self._settled_generation <= pushed:
+        """Until a version newer than the one a session last looked at is published."""
+        while self._current().generation <= pushed:
             await self._settled.wait()
+
+    def _few_in_flight(self) -> bool:
+        """At most `STRAGGLERS` of the open streams wait to answer a snapshot or delta."""
+        return len(self._in_flight) <= int(len(self._wires) * STRAGGLERS)
+
+    def _flight_begins(self, session: AgentSession) -> None:
+        self._in_flight.add(id(session))
+
+    def _flight_ends(self, session: AgentSession) -> None:
+        """The session answered (or closed): `_settle` stops waiting once few are left."""
+        if id(session) in self._in_flight:
+            self._in_flight.discard(id(session))
+            if self._few_in_flight():
+                self._drained.set()
 
     async def _read_agent(self, wire: MessageStream, session: AgentSession) -> None:
         handlers: dict[str, Callable[[MessageStream, AgentSession, dict], Awaitable[None]]] = {
@@ -694,6 +774,7 @@ class PushServer:
             session.held = session.in_flight
         session.last_nack = ""
         session.answered.set()
+        self._flight_ends(session)
 
     async def _on_nack(self, _wire: MessageStream, session: AgentSession, message: dict) -> None:
         session.last_nack = str(message.get("error", ""))
@@ -702,6 +783,7 @@ class PushServer:
             # the agent could not rebuild it from what it holds: send it whole next
             session.held, session.sent_version, session.nacked_version = None, "", ""
         session.answered.set()
+        self._flight_ends(session)
         log.warning(
             "agent %s refused %s: %s", session.node, message.get("version"), session.last_nack
         )

@@ -173,6 +173,62 @@ nodes = st.builds(
     st.sampled_from(["192.168.0.1", "192.168.0.2"]),
 )
 
+# One field of an existing pod changed (the rest kept): a change that concerns a Service's
+# endpoints must remake it, one that does not (a label no selector reads, an annotation)
+# may keep it.
+TWEAKS = [
+    ("label", "app", "x"),
+    ("label", "app", "y"),
+    ("label", "tier", "1"),
+    ("label", "round", "1"),
+    ("label", "round", "2"),
+    ("annotation", "note", "1"),
+    ("ready", None, "False"),
+    ("ready", None, "True"),
+    ("phase", None, "Pending"),
+    ("phase", None, "Running"),
+    ("leaving", None, "2026-01-01T00:00:00Z"),
+    ("port", None, 81),
+    ("node", None, "n2"),
+    ("ips", None, ["10.0.0.3"]),
+    ("ips", None, ["fd00::2", "10.0.0.1"]),
+    ("host", None, True),
+    ("host", None, False),
+]
+tweaks = st.tuples(st.sampled_from(NAMESPACES), st.sampled_from(PODS), st.sampled_from(TWEAKS))
+
+
+def _name_of(obj: dict) -> tuple[str | None, str | None]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace"), meta.get("name")
+
+
+def _tweaked(pod: dict, what: str, key: str | None, value: object) -> dict:
+    pod = copy.deepcopy(pod)
+    meta, spec = pod.setdefault("metadata", {}), pod.setdefault("spec", {})
+    status = pod.setdefault("status", {})
+    if what == "label":
+        meta.setdefault("labels", {})[key] = value
+    elif what == "annotation":
+        meta.setdefault("annotations", {})[key] = value
+    elif what == "ready":
+        status["conditions"] = [{"type": "Ready", "status": value}]
+    elif what == "phase":
+        status["phase"] = value
+    elif what == "leaving":
+        meta["deletionTimestamp"] = value
+    elif what == "port":
+        spec["containers"] = [{"name": "c", "ports": [{"name": "http", "containerPort": value}]}]
+    elif what == "node":
+        spec["nodeName"] = value
+    elif what == "ips":
+        status["podIPs"] = [{"ip": ip} for ip in value]  # type: ignore[attr-defined]
+        status.pop("podIP", None)
+    else:
+        spec["hostNetwork"] = value
+    return pod
+
+
 changes = st.one_of(
     st.tuples(st.just("upsert"), st.one_of(namespaces, pods, services, slices, nodes)),
     st.tuples(st.just("upsert"), st.one_of(virtual_services, authorization_policies)),
@@ -204,12 +260,20 @@ changes = st.one_of(
         ),
     ),
     st.tuples(st.just("relist"), st.sampled_from(["Pod", "Service", "EndpointSlice"])),
+    st.tuples(st.just("tweak"), tweaks),
+    st.tuples(st.just("tweak"), tweaks),  # one field of a pod, as most pod updates are
 )
 
 
 def _apply(model: ClusterModel, change: tuple[str, object]) -> None:
     what, obj = change
-    if what == "relist":  # equal copies of every object of the kind, as after a relist
+    if what == "tweak":
+        assert isinstance(obj, tuple)
+        ns, name, (field, key, value) = obj
+        named = [p for p in model.objects("Pod") if _name_of(p) == (ns, name)]
+        if named:
+            model.upsert("Pod", _tweaked(named[0], field, key, value))
+    elif what == "relist":  # equal copies of every object of the kind, as after a relist
         assert isinstance(obj, str)
         model.replace(obj, [copy.deepcopy(o) for o in model.objects(obj)])
     elif what == "upsert":
@@ -307,3 +371,68 @@ def test_an_unchanged_model_gives_the_same_result_object() -> None:
     address = {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}
     model.upsert("Node", {"metadata": {"name": "n1"}, "status": address})
     assert compiler.compile(model) is not first
+
+
+def _ready_pod(name: str, ip: str) -> dict:
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "a", "labels": {"app": "x"}},
+        "spec": {
+            "nodeName": "n1",
+            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def test_each_pod_field_an_endpoint_is_read_from_remakes_its_service() -> None:
+    """A Service is kept when a pod change leaves what its endpoints read unchanged (a label
+    no selector reads): every field they do read, changed alone, must still remake it. s1
+    selects every pod (named target port), s0's slice names p1 and lists p2's address."""
+    selected = {
+        "kind": "Service",
+        "metadata": {"name": "s1", "namespace": "a"},
+        "spec": {
+            "clusterIP": "10.96.0.2",
+            "selector": {"app": "x"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }
+    sliced = [
+        {"addresses": ["10.0.0.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "a"}},
+        {"addresses": ["10.0.0.3"]},
+    ]
+    base = [
+        ("upsert", _ready_pod("p0", "10.0.0.1")),
+        ("upsert", _ready_pod("p1", "10.0.0.2")),
+        ("upsert", _ready_pod("p2", "10.0.0.3")),
+        ("upsert", selected),
+        *_sliced(*sliced),
+    ]
+    for field, key, value in TWEAKS:
+        for name in PODS:
+            _check([*base, ("tweak", ("a", name, (field, key, value)))])
+
+
+def test_a_label_no_selector_reads_keeps_the_services() -> None:
+    model = ClusterModel()
+    compiler = IncrementalCompiler()
+    for name, ip in (("p0", "10.0.0.1"), ("p1", "10.0.0.2")):
+        model.upsert("Pod", _ready_pod(name, ip))
+    model.upsert(
+        "Service",
+        {
+            "kind": "Service",
+            "metadata": {"name": "s1", "namespace": "a"},
+            "spec": {"clusterIP": "10.96.0.2", "selector": {"app": "x"}, "ports": [{"port": 80}]},
+        },
+    )
+    before = compiler.compile(model).snapshot.services
+    model.upsert("Pod", _tweaked(_ready_pod("p0", "10.0.0.1"), "label", "round", "7"))
+    after = compiler.compile(model)
+    assert after.snapshot.services[0] is before[0]  # not remade
+    assert after.snapshot == compile_shared(model).snapshot  # and the pod's labels moved

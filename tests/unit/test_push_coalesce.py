@@ -3,6 +3,8 @@ the nodes whose snapshot version changed. Agents are in-memory streams on a virt
 
 from __future__ import annotations
 
+import itertools
+
 import trio
 import trio.testing
 from meshagent.common.configwire import MessageStream
@@ -169,4 +171,97 @@ async def test_without_a_window_every_change_still_reaches_the_agent(autojump_cl
         await trio.sleep(1)
         assert versions == [versions[0], server.snapshot_for("node-1").version]
         assert versions[0] != versions[1]
+        nursery.cancel_scope.cancel()
+
+
+async def _agents(
+    server: PushServer, nursery: trio.Nursery, delays: dict[str, float]
+) -> dict[str, list[tuple[float, str]]]:
+    """One in-memory agent per node that ACKs each message `delays[node]` seconds after it
+    arrives (inf: never); returns what each received, with the (virtual) time it arrived."""
+    received: dict[str, list[tuple[float, str]]] = {node: [] for node in delays}
+
+    async def agent(node: str, stream: trio.abc.Stream) -> None:
+        wire = MessageStream(stream)
+        await wire.send({"type": "hello", "node": node, "token": node, "version": ""})
+        while (message := await wire.receive()) is not None:
+            received[node].append((trio.current_time(), message["version"]))
+            await trio.sleep(delays[node])
+            await wire.send({"type": "ack", "version": message["version"]})
+
+    for node in delays:
+        agent_side, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server._handle, server_side)
+        nursery.start_soon(agent, node, agent_side)
+    return received
+
+
+async def _label_pod_every(model: ClusterModel, period: float, count: int) -> None:
+    """Churn: the meshed pod `web` (every node lists it) relabelled `count` times."""
+    for i in range(count):
+        model.upsert("Pod", pod("web", "node-1", "shop", round=str(i)))
+        await trio.sleep(period)
+
+
+async def test_under_churn_the_window_grows_while_a_version_is_in_flight(autojump_clock):
+    """node-2 answers each message 0.4 s after it arrives: the changes made meanwhile wait
+    for its answer and are published as one version, not one per 0.1 s window."""
+    model = cluster()
+    server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=0.1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        received = await _agents(server, nursery, {"node-1": 0.0, "node-2": 0.4})
+        await trio.sleep(1)  # both synced
+        start = trio.current_time()
+        await _label_pod_every(model, 0.05, 40)  # 2 s of changes, 20 per second
+        await trio.sleep(2)
+        pushes = [t for t, _ in received["node-1"] if t >= start]
+        # one version per round of node-2 (0.4 s to answer), not one per 0.1 s window
+        assert 4 <= len(pushes) <= 6, pushes
+        assert all(b - a > 0.4 - 1e-6 for a, b in itertools.pairwise(pushes)), pushes
+        # the last change still reached both agents
+        final = {node: server.snapshot_for(node).version for node in received}
+        assert {node: seen[-1][1] for node, seen in received.items()} == final
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_that_never_answers_holds_versions_back_at_most_coalesce_max(
+    autojump_clock,
+):
+    model = cluster()
+    server = PushServer(
+        model, authenticator=NodeNameAuthenticator(), coalesce=0.1, coalesce_max=0.5
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        received = await _agents(server, nursery, {"node-1": 0.0, "node-2": float("inf")})
+        await trio.sleep(1)
+        start = trio.current_time()
+        await _label_pod_every(model, 0.05, 40)
+        await trio.sleep(1)
+        pushes = [t for t, _ in received["node-1"] if t >= start]
+        assert 3 <= len(pushes) <= 5, pushes  # one per 0.5 s, despite node-2
+        assert all(b - a > 0.5 - 1e-6 for a, b in itertools.pairwise(pushes)), pushes
+        assert received["node-1"][-1][1] == server.snapshot_for("node-1").version
+        assert len(received["node-2"]) == 1  # still waiting to answer its first snapshot
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_straggler_among_many_agents_holds_no_version_back(autojump_clock):
+    """One agent in 100 that never answers is a straggler (`push.STRAGGLERS`): the others get
+    a version per window, as if it were not there."""
+    model = cluster()
+    server = PushServer(model, authenticator=NodeNameAuthenticator(), coalesce=0.1)
+    delays = {f"node-{i}": 0.0 for i in range(1, 100)} | {"node-100": float("inf")}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._settle)
+        received = await _agents(server, nursery, delays)
+        await trio.sleep(1)
+        start = trio.current_time()
+        await _label_pod_every(model, 0.05, 20)  # 1 s of changes
+        await trio.sleep(1)
+        pushes = [t for t, _ in received["node-1"] if t >= start]
+        assert len(pushes) >= 6, pushes  # one per window (0.1 s and the next change)
+        assert received["node-1"][-1][1] == server.snapshot_for("node-1").version
+        assert len(received["node-100"]) == 1
         nursery.cancel_scope.cancel()

@@ -1,9 +1,12 @@
 """Issue #19: deltas. Any sequence of cluster changes, sent as deltas and applied by the agent's
-store, gives exactly the snapshot the controller compiled (same content version); a delta the
+store, gives exactly the snapshot the controller compiled (same content version), also when the
+push server coalesces several changes into one version; a delta the
 agent cannot apply is NACKed, leaves it on its version, and the controller sends the whole
 snapshot next; a resumed stream converges."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import trio
@@ -15,7 +18,7 @@ from meshagent.common import snapshotdelta
 from meshagent.common.configwire import MessageStream
 from meshagent.controller.compiler import compile_shared
 from meshagent.controller.model import ClusterModel
-from meshagent.controller.push import PushServer
+from meshagent.controller.push import AgentSession, PushServer
 
 from tests.certs import TestCA
 
@@ -110,6 +113,9 @@ changes = st.one_of(
 )
 
 
+model_changes = changes.filter(lambda change: change[0] != "bundle")
+
+
 def _ref(name: str, ns: str) -> dict:
     return {"metadata": {"name": name, "namespace": ns}}
 
@@ -156,6 +162,65 @@ def test_deltas_applied_by_the_agent_equal_the_full_snapshot(tmp_path, steps, no
         assert applied.version == new.version
         assert applied.model_dump(mode="json") == new.model_dump(mode="json")
         held = new
+
+
+class _Agent:
+    """One node's agent as the push server sees it (a session) and as it is (its store)."""
+
+    def __init__(self, server: PushServer, node: str, folder) -> None:
+        self.server, self.session = server, AgentSession(node=node, peer="test")
+        self.store = SnapshotStore(node, folder)
+        first = server._current().for_node(node)
+        self.held = self.store.apply(first.model_dump(mode="json"), save=False)
+        self.session.held, self.session.acked_version = first, first.version
+
+    def push(self) -> None:
+        """The published version's delta, as the server encodes it, applied by the store."""
+        snap = self.server._current().for_node(self.session.node)
+        if snap.version == self.session.acked_version:
+            return
+        encoded = self.server._delta_for(self.session, snap)
+        assert encoded is not None
+        message = json.loads(encoded)
+        assert (message["type"], message["base"]) == ("delta", self.session.acked_version)
+        self.held = self.store.apply_delta(message["base"], message["version"], message["changes"])
+        self.session.held, self.session.acked_version = snap, snap.version
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(st.tuples(model_changes, st.booleans()), min_size=1, max_size=12))
+def test_a_coalesced_version_equals_the_changes_applied_one_by_one(tmp_path, steps):
+    """The push server publishes a burst of changes as one version (`_settle`): its delta,
+    applied by each node's store, gives what publishing and applying every change one by
+    one gives, and the full snapshot of the model. (A server's trust bundle is its CA's,
+    fixed for its life: the other property test changes bundles.)"""
+    servers = {
+        way: PushServer(_cluster(), authenticator=NodeNameAuthenticator())
+        for way in ("one_by_one", "coalesced")
+    }
+    agents = {
+        way: {node: _Agent(server, node, tmp_path / way / node) for node in NODES}
+        for way, server in servers.items()
+    }
+    for i, (step, publish) in enumerate(steps):
+        for server in servers.values():
+            _change(server.model, step)
+        servers["one_by_one"]._publish()
+        for agent in agents["one_by_one"].values():
+            agent.push()
+        if not publish and i < len(steps) - 1:
+            continue  # still in the window: the coalesced server publishes later
+        coalesced = servers["coalesced"]
+        coalesced._publish()
+        for node, agent in agents["coalesced"].items():
+            agent.push()
+            full = compile_shared(coalesced.model, coalesced.trust_bundle).for_node(node)
+            one_by_one = agents["one_by_one"][node].held
+            assert agent.held.version == one_by_one.version == full.version
+            assert agent.held.model_dump(mode="json") == one_by_one.model_dump(mode="json")
+            assert agent.held.model_dump(mode="json") == full.model_dump(mode="json")
 
 
 def test_a_delta_from_a_version_the_agent_does_not_hold_is_refused(tmp_path):
