@@ -11,8 +11,12 @@ The decision table (`port_level`), first match wins:
    value is ignored;
 3. an HTTP/2 port (`http2-*`, `grpc-*`, `h2c`): `full` (per-request balancing of multiplexed
    streams, issue 12, and no HTTP/2 parser in `observe`);
-4. an HTTP/1.1 port: `full` when a resource needs a decision per request (`L7Needs`), else
-   `observe`.
+4. an HTTP/1.1 port: `full` when a resource needs a decision per request (`L7Needs`): a
+   VirtualService with http rules for its host, a DestinationRule acting per request
+   (connectionPool.http, consistentHash by header/cookie/query parameter, outlierDetection,
+   at any level: top, subset, port), an AuthorizationPolicy of any action selecting a pod
+   behind it (a denial on an HTTP port is a 403 per request), a RequestAuthentication with
+   jwtRules selecting one; else `observe`.
 
 Pure functions of compiled Services, workloads and the accepted Istio resources: the controller
 (compiler.py, incremental.py) runs them on every compile and puts the result in
@@ -71,8 +75,8 @@ class WorkloadNeed:
 @dataclass(frozen=True)
 class L7Needs:
     """What in the accepted Istio resources needs a decision per request: hosts (VirtualService
-    http rules, DestinationRule per-request settings) and workloads (AuthorizationPolicy with
-    HTTP fields or CUSTOM, RequestAuthentication)."""
+    http rules, DestinationRule per-request settings) and workloads (AuthorizationPolicy,
+    RequestAuthentication)."""
 
     hosts: tuple[HostNeed, ...] = ()
     workloads: tuple[WorkloadNeed, ...] = ()
@@ -130,13 +134,16 @@ def needs_of(resources: Iterable[IstioResource], entry_hosts: Iterable[str] = ()
         elif isinstance(res, net.DestinationRule):
             hosts += _dr_needs(res, resolve_host(res.spec.host, res.namespace, entries))
         elif isinstance(res, sec.AuthorizationPolicy):
+            # Any policy, not only one with HTTP fields: on an HTTP port a denial is answered
+            # per request (403 `RBAC: access denied`, counted as a request with its code and
+            # logged with the policy), as Istio's sidecars answer it; only the engine can.
             spec = res.spec
             if spec.action == "CUSTOM":
                 why = "CUSTOM"
             elif any(r.uses_http_fields for r in spec.rules or ()):
                 why = "HTTP fields"
             else:
-                continue
+                why = "denials answered per request (403)"
             workloads.append(
                 WorkloadNeed(
                     res.namespace, _selector(spec.selector), f"AuthorizationPolicy {res.ref}: {why}"

@@ -115,7 +115,8 @@ def _level(*objects: dict) -> str:
             "full",
         ),
         ((_service(), POD, _ap({"to": [{"operation": {"paths": ["/a"]}}]})), "full"),
-        ((_service(), POD, _ap({"to": [{"operation": {"ports": ["8080"]}}]})), "observe"),
+        # any policy: a denial on an HTTP port is a 403 per request
+        ((_service(), POD, _ap({"to": [{"operation": {"ports": ["8080"]}}]})), "full"),
         (
             (_service(), POD, _ap({"to": [{"operation": {"methods": ["GET"]}}]}, labels={})),
             "full",
