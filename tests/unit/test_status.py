@@ -230,6 +230,19 @@ def test_services_list_the_endpoints_the_proxy_balances_over():
     assert "Services:" not in render(running_report(), now=NOW)
 
 
+def test_services_show_the_l7_level_in_force_per_port():
+    doc = snapshot().model_dump(mode="json")
+    # a snapshot without levels (an older controller): served as before, full on HTTP ports
+    [reviews] = [s for s in SavedView.from_document(doc).services if s["name"] == "reviews"]
+    assert reviews["ports"][0]["l7"] == "full"
+    doc["l7_levels"] = {"shop/reviews:9080": "observe"}
+    view = SavedView.from_document(doc)
+    [reviews] = [s for s in view.services if s["name"] == "reviews"]
+    assert reviews["ports"][0]["l7"] == "observe"
+    report = {**running_report(), "services": view.services}
+    assert "9080/observe" in render(report, now=NOW, services=True)
+
+
 def test_no_saved_snapshot_leaves_pods_unnamed():
     report = assemble(
         "node-2", None, "refused", kernel(), None, trust_domain="cluster.local", now=NOW
