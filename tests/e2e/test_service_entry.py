@@ -118,13 +118,13 @@ def lab(lab_factory, tmp_path_factory):
     return lab
 
 
-def _metric(node: str, **labels: str) -> float:
+def _metric(node: str, metric: str = "istio_requests_total", **labels: str) -> float:
     page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
     return sum(
         s.value
         for family in text_string_to_metric_families(page)
         for s in family.samples
-        if s.name == "istio_requests_total" and labels.items() <= s.labels.items()
+        if s.name == metric and labels.items() <= s.labels.items()
     )
 
 
@@ -229,18 +229,6 @@ def test_resolution_dns_serves_what_resolves_and_says_what_does_not(lab, tmp_pat
         meshlab("delete", "-f", str(path))
 
 
-def _tcp_opened(node: str, service: str) -> float:
-    page = meshlab("exec", "--node", node, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(page)
-        for s in family.samples
-        if s.name == "istio_tcp_connections_opened_total"
-        and s.labels.get("reporter") == "source"
-        and s.labels.get("destination_service") == service
-    )
-
-
 def test_cidr_addresses_take_every_address_of_their_block(lab, tmp_path):
     """Issue #21: ServiceEntry `addresses` may be CIDR blocks (Istio: "could be CIDR prefix").
     STATIC `240.1.0.0/16` on a TCP port: connections to any two addresses of the block reach
@@ -271,6 +259,15 @@ def test_cidr_addresses_take_every_address_of_their_block(lab, tmp_path):
             "resolution": "NONE",
         },
     }
+
+    def _opened(host: str) -> float:
+        return _metric(
+            "node-1",
+            "istio_tcp_connections_opened_total",
+            reporter="source",
+            destination_service=host,
+        )
+
     path = tmp_path / "cidr-entries.yaml"
     path.write_text(yaml.safe_dump_all([block, dialled]))
     meshlab("apply", "-f", str(path))
@@ -285,7 +282,7 @@ def test_cidr_addresses_take_every_address_of_their_block(lab, tmp_path):
             assert body.splitlines()[0] == "GET /cidr HTTP/1.1", body
         assert lab.curl(CLIENT, "http://240.2.0.1/cidr", timeout=5)[0] == "000"  # outside it
         wait_until(
-            lambda: _tcp_opened("node-1", "block.outside.example"),
+            lambda: _opened("block.outside.example"),
             lambda value: value >= 2,
             what="the block's connections counted under its host",
             timeout=30,
@@ -293,7 +290,7 @@ def test_cidr_addresses_take_every_address_of_their_block(lab, tmp_path):
         code, body = lab.curl(CLIENT, f"http://{server2}:8080/dialled", timeout=10)
         assert (code, body.splitlines()[0]) == ("200", "GET /dialled HTTP/1.1"), body
         wait_until(
-            lambda: _tcp_opened("node-1", "range.outside.example"),
+            lambda: _opened("range.outside.example"),
             lambda value: value >= 1,
             what="the connection to server2 counted under the NONE entry's host",
             timeout=30,
