@@ -63,6 +63,7 @@ from meshagent.agent.proxy.http.retry import (
     retriable_status,
 )
 from meshagent.agent.proxy.http.types import (
+    Connect,
     HttpContext,
     LocalResponse,
     RequestInfo,
@@ -411,6 +412,120 @@ async def serve_detected(
     return "http1"
 
 
+class H2Upstreams:
+    """The HTTP/2 connections a downstream connection opened to endpoints (one per endpoint
+    while it has room for another stream; their reader tasks run in `nursery`), reached
+    through `connect`. The HTTP/2 engine's upstream side, also used by the HTTP/1.1 engine
+    for clusters whose DestinationRule says `h2UpgradePolicy: UPGRADE`."""
+
+    def __init__(self, connect: Connect | None, nursery: trio.Nursery) -> None:
+        self.connect = connect
+        self.nursery = nursery
+        self.upstreams: dict[str, list[_H2Peer]] = {}
+        self.opening: dict[str, trio.Lock] = {}
+
+    async def aclose(self) -> None:
+        for peers in self.upstreams.values():
+            for peer in peers:
+                await trio.aclose_forcefully(peer.stream)
+
+    async def retire_if_spent(self, peer: _H2Peer, cluster: ClusterState) -> None:
+        """Close an upstream connection that carried `maxRequestsPerConnection` streams once
+        its last one is done (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
+        limit = cluster.spec.policy.max_requests_per_connection
+        if limit is None or peer.requests < limit or peer.active or peer.closed:
+            return
+        with trio.CancelScope(shield=True):
+            await peer.goaway_and_close(h2wire.NO_ERROR)
+            await trio.aclose_forcefully(peer.stream)
+
+    @staticmethod
+    async def _close_when_idle(peer: _H2Peer, timeout: float) -> None:
+        """DestinationRule `http.idleTimeout`: close an upstream connection that carried no
+        request for `timeout` s (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
+        while not (peer.closed or peer.goaway):
+            if peer.active:
+                await trio.sleep(max(timeout, _BUSY_RECHECK))  # busy: look again later
+            elif trio.current_time() < peer.idle_since + timeout:
+                await trio.sleep_until(peer.idle_since + timeout)
+            else:
+                peer.goaway = True  # no new stream on it from now on (_upstream skips it)
+                with trio.CancelScope(shield=True):
+                    await peer.goaway_and_close(h2wire.NO_ERROR)
+                    await trio.aclose_forcefully(peer.stream)
+                return
+
+    async def acquire(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
+        """An upstream connection to `ep` with room for one more stream (opened if none);
+        one that carried `maxRequestsPerConnection` streams takes no more. Takes a request
+        slot of the cluster (Overflow at `http2MaxRequests`): give it back with `done`."""
+        cluster.take_request_slot()
+        try:
+            return await self._upstream_for(cluster, ep)
+        except BaseException:
+            cluster.free_request_slot()
+            raise
+
+    @staticmethod
+    def done(peer: _H2Peer, cluster: ClusterState) -> None:
+        """A stream `_upstream` gave out is over: its slot and its reservation go back."""
+        cluster.free_request_slot()
+        peer.release()
+
+    async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
+        key = ep.address
+        lock = self.opening.setdefault(key, trio.Lock())
+        spent_at = cluster.spec.policy.max_requests_per_connection
+        async with lock:
+            for peer in self.upstreams.get(key, ()):
+                if peer.closed or peer.goaway:
+                    continue
+                if spent_at is not None and peer.requests >= spent_at:
+                    continue
+                limit = peer.conn.remote_settings.max_concurrent_streams
+                if peer.conn.open_outbound_streams < limit:
+                    return peer.reserve()
+            connect = self.connect
+            if connect is None:
+                raise UpstreamError("connect-failure", "no connector")
+            try:
+                with trio.fail_after(cluster.spec.policy.connect_timeout):
+                    opened = await connect(ep.endpoint, ep.port, cluster.spec)
+            except UpstreamError:
+                raise
+            except trio.TooSlowError:
+                raise UpstreamError("connect-failure", "connect timeout") from None
+            except Exception as exc:
+                message = str(exc) or type(exc).__name__
+                transport = getattr(exc, "transport", "")
+                raise UpstreamError("connect-failure", message, transport) from exc
+            stream = getattr(opened, "stream", opened)
+            peer = _H2Peer(stream, h2wire.new_connection(client_side=True))
+            peer.info = None if stream is opened else opened
+            try:
+                await peer.flush()
+            except _Gone:
+                await trio.aclose_forcefully(stream)
+                raise UpstreamError("connect-failure", "closed at once") from None
+            self.upstreams.setdefault(key, []).append(peer)
+            idle_timeout = cluster.spec.policy.http_idle_timeout
+            self.nursery.start_soon(self._run_upstream, key, peer, idle_timeout)
+            return peer.reserve()
+
+    async def _run_upstream(self, key: str, peer: _H2Peer, idle_timeout: float | None) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                if idle_timeout is not None and idle_timeout < math.inf:
+                    nursery.start_soon(self._close_when_idle, peer, idle_timeout)
+                await peer.run(lambda event: False)
+                nursery.cancel_scope.cancel()
+        finally:
+            peers = self.upstreams.get(key, [])
+            if peer in peers:
+                peers.remove(peer)
+            await trio.aclose_forcefully(peer.stream)
+
+
 class _Session:
     def __init__(self, client: trio.abc.Stream, ctx: HttpContext, limits: h2wire.H2Limits) -> None:
         self.ctx = ctx
@@ -422,9 +537,8 @@ class _Session:
         self.down.header_timeout = ctx.settings.request_header_timeout
         self.scopes: dict[int, trio.CancelScope] = {}
         self.opened: dict[int, float] = {}  # when the client opened each stream in flight
-        self.upstreams: dict[str, list[_H2Peer]] = {}
-        self.opening: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
+        self.up: H2Upstreams | None = None  # the upstream connections, in `nursery`
         self.draining = False
         self.mirroring = 0  # mirrored copies in flight (the client may be gone already)
 
@@ -455,6 +569,7 @@ class _Session:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                self.up = H2Upstreams(self.ctx.connect, nursery)
                 try:
                     await self.down.flush()
                 except _Gone:
@@ -475,9 +590,8 @@ class _Session:
                     abuse,
                 )
         finally:
-            for peers in self.upstreams.values():
-                for peer in peers:
-                    await trio.aclose_forcefully(peer.stream)
+            if self.up is not None:
+                await self.up.aclose()
 
     def _on_event(self, event: h2.events.Event) -> bool:
         if isinstance(event, h2.events.RequestReceived):
@@ -508,6 +622,11 @@ class _Session:
                         )
                     self.down.closed = True  # the reader sends the GOAWAY and stops
         return False
+
+    @property
+    def _ups(self) -> H2Upstreams:
+        assert self.up is not None
+        return self.up
 
     # -- one stream -----------------------------------------------------------------------
 
@@ -698,7 +817,7 @@ class _Session:
     ) -> None:
         with trio.move_on_after(timeout or MIRROR_TIMEOUT):
             try:
-                peer = await self._upstream(cluster, ep)
+                peer = await self._ups.acquire(cluster, ep)
             except (UpstreamError, Overflow) as exc:
                 log.debug("mirror to %s not sent: %s", ep.address, exc)
                 return
@@ -736,8 +855,8 @@ class _Session:
                                 await peer.flush()
                         peer.close_inbox(up_id)
                     cluster.request_finished(ep, status)
-                    self._done(peer, cluster)
-                    await self._retire_if_spent(peer, cluster)
+                    self._ups.done(peer, cluster)
+                    await self._ups.retire_if_spent(peer, cluster)
 
     async def _forward_attempts(
         self,
@@ -774,7 +893,7 @@ class _Session:
                 may_retry = retries_left > 0 and policy is not None and not body.overflow
                 outcome: Outcome | None
                 try:
-                    peer = await self._upstream(cluster, ep)
+                    peer = await self._ups.acquire(cluster, ep)
                 except Overflow:
                     outcome = Outcome.OVERFLOW  # http2MaxRequests: 503 UO
                 except UpstreamError as exc:
@@ -801,8 +920,8 @@ class _Session:
                         )
                     finally:
                         cluster.request_finished(ep, status)
-                        self._done(peer, cluster)
-                        await self._retire_if_spent(peer, cluster)
+                        self._ups.done(peer, cluster)
+                        await self._ups.retire_if_spent(peer, cluster)
                     if outcome is None:
                         return  # answered
                 if (
@@ -830,103 +949,6 @@ class _Session:
                 return
         finally:
             slot.release()
-
-    async def _retire_if_spent(self, peer: _H2Peer, cluster: ClusterState) -> None:
-        """Close an upstream connection that carried `maxRequestsPerConnection` streams once
-        its last one is done (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
-        limit = cluster.spec.policy.max_requests_per_connection
-        if limit is None or peer.requests < limit or peer.active or peer.closed:
-            return
-        with trio.CancelScope(shield=True):
-            await peer.goaway_and_close(h2wire.NO_ERROR)
-            await trio.aclose_forcefully(peer.stream)
-
-    @staticmethod
-    async def _close_when_idle(peer: _H2Peer, timeout: float) -> None:
-        """DestinationRule `http.idleTimeout`: close an upstream connection that carried no
-        request for `timeout` s (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
-        while not (peer.closed or peer.goaway):
-            if peer.active:
-                await trio.sleep(max(timeout, _BUSY_RECHECK))  # busy: look again later
-            elif trio.current_time() < peer.idle_since + timeout:
-                await trio.sleep_until(peer.idle_since + timeout)
-            else:
-                peer.goaway = True  # no new stream on it from now on (_upstream skips it)
-                with trio.CancelScope(shield=True):
-                    await peer.goaway_and_close(h2wire.NO_ERROR)
-                    await trio.aclose_forcefully(peer.stream)
-                return
-
-    async def _upstream(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
-        """An upstream connection to `ep` with room for one more stream (opened if none);
-        one that carried `maxRequestsPerConnection` streams takes no more. Takes a request
-        slot of the cluster (Overflow at `http2MaxRequests`): give it back with `_done`."""
-        cluster.take_request_slot()
-        try:
-            return await self._upstream_for(cluster, ep)
-        except BaseException:
-            cluster.free_request_slot()
-            raise
-
-    @staticmethod
-    def _done(peer: _H2Peer, cluster: ClusterState) -> None:
-        """A stream `_upstream` gave out is over: its slot and its reservation go back."""
-        cluster.free_request_slot()
-        peer.release()
-
-    async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
-        key = ep.address
-        lock = self.opening.setdefault(key, trio.Lock())
-        spent_at = cluster.spec.policy.max_requests_per_connection
-        async with lock:
-            for peer in self.upstreams.get(key, ()):
-                if peer.closed or peer.goaway:
-                    continue
-                if spent_at is not None and peer.requests >= spent_at:
-                    continue
-                limit = peer.conn.remote_settings.max_concurrent_streams
-                if peer.conn.open_outbound_streams < limit:
-                    return peer.reserve()
-            connect = self.ctx.connect
-            if connect is None:
-                raise UpstreamError("connect-failure", "no connector")
-            try:
-                with trio.fail_after(cluster.spec.policy.connect_timeout):
-                    opened = await connect(ep.endpoint, ep.port, cluster.spec)
-            except UpstreamError:
-                raise
-            except trio.TooSlowError:
-                raise UpstreamError("connect-failure", "connect timeout") from None
-            except Exception as exc:
-                message = str(exc) or type(exc).__name__
-                transport = getattr(exc, "transport", "")
-                raise UpstreamError("connect-failure", message, transport) from exc
-            stream = getattr(opened, "stream", opened)
-            peer = _H2Peer(stream, h2wire.new_connection(client_side=True))
-            peer.info = None if stream is opened else opened
-            try:
-                await peer.flush()
-            except _Gone:
-                await trio.aclose_forcefully(stream)
-                raise UpstreamError("connect-failure", "closed at once") from None
-            self.upstreams.setdefault(key, []).append(peer)
-            assert self.nursery is not None
-            idle_timeout = cluster.spec.policy.http_idle_timeout
-            self.nursery.start_soon(self._run_upstream, key, peer, idle_timeout)
-            return peer.reserve()
-
-    async def _run_upstream(self, key: str, peer: _H2Peer, idle_timeout: float | None) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                if idle_timeout is not None and idle_timeout < math.inf:
-                    nursery.start_soon(self._close_when_idle, peer, idle_timeout)
-                await peer.run(lambda event: False)
-                nursery.cancel_scope.cancel()
-        finally:
-            peers = self.upstreams.get(key, [])
-            if peer in peers:
-                peers.remove(peer)
-            await trio.aclose_forcefully(peer.stream)
 
     async def _exchange(
         self,
