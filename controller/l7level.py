@@ -13,10 +13,10 @@ The decision table (`port_level`), first match wins:
    streams, issue 12, and no HTTP/2 parser in `observe`);
 4. an HTTP/1.1 port: `full` when a resource needs a decision per request (`L7Needs`): a
    VirtualService with http rules for its host, a DestinationRule acting per request
-   (connectionPool.http, consistentHash by header/cookie/query parameter, outlierDetection,
-   at any level: top, subset, port), an AuthorizationPolicy of any action selecting a pod
-   behind it (a denial on an HTTP port is a 403 per request), a RequestAuthentication with
-   jwtRules selecting one; else `observe`.
+   (connectionPool.http, loadBalancer.simple, consistentHash by header/cookie/query
+   parameter, outlierDetection, at any level: top, subset, port), an AuthorizationPolicy of
+   any action selecting a pod behind it (a denial on an HTTP port is a 403 per request), a
+   RequestAuthentication with jwtRules selecting one; else `observe`.
 
 Pure functions of compiled Services, workloads and the accepted Istio resources: the controller
 (compiler.py, incremental.py) runs them on every compile and puts the result in
@@ -96,6 +96,10 @@ def _policy_needs(policy: net._Policies | None) -> str | None:
     lb = policy.load_balancer
     if lb is not None and lb.consistent_hash is not None and not lb.consistent_hash.use_source_ip:
         return "consistentHash by request"
+    if lb is not None and lb.simple is not None:
+        # an algorithm named for an HTTP host balances its requests (Envoy's), which a relay
+        # of keep-alive connections cannot (LEAST_REQUEST would weigh connections)
+        return f"loadBalancer {lb.simple} (per request)"
     if policy.outlier_detection is not None:
         return "outlierDetection (response codes)"
     return None

@@ -97,6 +97,8 @@ def _level(*objects: dict) -> str:
         ((_service(), _vs(http=False)), "observe"),
         ((_service(), _dr({"connectionPool": {"http": {"http1MaxPendingRequests": 1}}})), "full"),
         ((_service(), _dr({"connectionPool": {"tcp": {"maxConnections": 5}}})), "observe"),
+        # h2UpgradePolicy UPGRADE: only the engine can send HTTP/1.1 requests as HTTP/2
+        ((_service(), _dr({"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}})), "full"),
         (
             (
                 _service(),
@@ -108,7 +110,14 @@ def _level(*objects: dict) -> str:
             (_service(), _dr({"loadBalancer": {"consistentHash": {"useSourceIp": True}}})),
             "observe",
         ),
-        ((_service(), _dr({"loadBalancer": {"simple": "ROUND_ROBIN"}})), "observe"),
+        ((_service(), _dr({"loadBalancer": {"simple": "ROUND_ROBIN"}})), "full"),
+        (
+            (
+                _service(),
+                _dr({"loadBalancer": {"localityLbSetting": {"enabled": True}}}),
+            ),
+            "observe",
+        ),
         ((_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}})), "full"),
         (
             (_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}}, port_level=True)),
