@@ -4,9 +4,9 @@ One node, a client pod and two servers beside it behind `tcp-` Service ports. 1 
 client -> server with the same sha256 at both ends, and the server's answer comes back after
 the client's half-close; the bytes show in istio_tcp_*_bytes_total as before, and the
 kernel's own count (meshagent_kernel_joined_bytes_total, counted by the verdict program as
-it sends each batch on) says the proxy's user-space relay did not carry them. A DENY applied
-while a joined connection is open closes it within 2 s. Closing leaves no socket in the
-sockhash; `meshlab down` leaves neither the pin nor the program.
+it sends each batch on) says the proxy's user-space relay did not carry them. A client's reset
+ends a joined connection on both sides; a DENY applied while one is open closes it within 2 s.
+Closing leaves no socket in the sockhash; `meshlab down` leaves neither the pin nor the program.
 """
 
 from __future__ import annotations
@@ -143,6 +143,42 @@ def test_one_gib_passes_in_the_kernel_with_matching_sha256_and_counts(sockmap_la
     )
     # closed: both proxy sockets left the sockhash
     wait_until(joined_sockets, lambda n: n == 0, what="the sockhash is empty again")
+
+
+def test_a_reset_ends_a_joined_connection_on_both_sides(sockmap_lab):
+    """The client resets (SO_LINGER 0) after its bytes came back: the kernel carries no RST,
+    so the proxy must see it, close the server side, count the bytes and forget both."""
+    wait_ready(sockmap_lab)
+    service = {"destination_service": "echo.shop.svc.cluster.local"}
+    before = scrape()
+    size = 1 << 20
+    proc = meshlab(
+        "exec", "shop/client", "--", SYSTEM_PYTHON, str(APPS / "reset_client.py"),
+        "echo.shop:7000", str(size),
+    )  # fmt: skip
+    assert proc.stdout.split() == [str(size), str(size)], proc.stdout + proc.stderr
+
+    def grown() -> tuple[float, float]:
+        now = scrape()
+        return tuple(
+            total(now, family, **labels) - total(before, family, **labels)
+            for family, labels in (
+                ("meshagent_kernel_joined_connections", {}),
+                ("istio_tcp_received_bytes", service),
+            )
+        )
+
+    wait_until(
+        grown,
+        lambda g: g[0] >= 1 and g[1] >= size,
+        what="the reset connection was joined, closed and its bytes counted",
+    )
+    wait_until(joined_sockets, lambda n: n == 0, what="the sockhash is empty again")
+    wait_until(
+        lambda: sockmap_lab.status(NODE)["connections"]["outbound"]["active"],
+        lambda active: active == 0,
+        what="the proxy holds no connection any more",
+    )
 
 
 def test_a_deny_closes_a_joined_connection(sockmap_lab, tmp_path):
