@@ -560,6 +560,11 @@ def _policy_lines(where: str, policy: net.TrafficPolicy | net.PortTrafficPolicy)
                 f"{where}at most {h.max_requests_per_connection} requests per upstream "
                 "connection (HTTP/1.1 and HTTP/2)."
             )
+        if h.h2_upgrade:
+            out.append(
+                f"{where}HTTP/1.1 requests go to the pod as HTTP/2 (h2c; the port is at the "
+                "full L7 level; WebSocket upgrades and CONNECT stay HTTP/1.1)."
+            )
     od = policy.outlier_detection
     if od is not None:
         out.append(

@@ -213,7 +213,9 @@ class OutboundProxy:
         self.stats.http_connections += 1
         served: list[Protocol] = [protocol]  # HTTP/2 on an HTTP/1.1 port too, once detected
 
-        async def connect(endpoint: Endpoint, pod_port: int, spec: ClusterSpec) -> Upstream:
+        async def connect(
+            endpoint: Endpoint, pod_port: int, spec: ClusterSpec, h2: bool = False
+        ) -> Upstream:
             ip = dial_address(self.store.tables, endpoint, orig[0])
             # the HTTP engines bound the whole open by the cluster's connectTimeout
             upstream = await self.connector.open(
@@ -221,7 +223,7 @@ class OutboundProxy:
                 ip,
                 pod_port,
                 peer_ip,
-                served[0],
+                "http2" if h2 else served[0],
                 connect_timeout=math.inf,
                 tls=spec.policy.tls,
                 hostname=spec.key.hostname,
@@ -230,6 +232,11 @@ class OutboundProxy:
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1
             return upstream
+
+        async def connect_h2(endpoint: Endpoint, pod_port: int, spec: ClusterSpec) -> Upstream:
+            """h2UpgradePolicy UPGRADE: the stream is HTTP/2 (h2c prior knowledge) to the pod,
+            as the tunnel (or the same-node hop) names it."""
+            return await connect(endpoint, pod_port, spec, h2=True)
 
         # labels by (destination workload, security): built once per connection, not per
         # request (peer_from_workload parses the pod's name and labels)
@@ -271,6 +278,7 @@ class OutboundProxy:
             clusters=traffic.clusters,
             pool=traffic.pool,
             connect=connect,
+            connect_h2=connect_h2,
             pool_key=source.uid if source else peer_ip,
             on_request_done=done,
             peer=peer_ip,

@@ -213,6 +213,9 @@ class TrafficPolicy:
     tcp_idle_timeout: float | None = None
     http_idle_timeout: float | None = None
     locality: net.LocalityLbSetting | None = None  # `loadBalancer.localityLbSetting`
+    # `http.h2UpgradePolicy: UPGRADE` (without useClientProtocol true): the HTTP/1.1 engine
+    # sends the cluster's requests to the endpoint as HTTP/2 (h2c prior knowledge)
+    h2_upgrade: bool = False
 
 
 DEFAULT_POLICY = TrafficPolicy()
@@ -672,6 +675,7 @@ def _to_policy(
         tcp_idle_timeout=_idle(tcp.idle_timeout if tcp else None),
         http_idle_timeout=_idle(http.idle_timeout if http else None),
         locality=lb.locality_lb_setting if lb else None,
+        h2_upgrade=http.h2_upgrade if http else False,
     )
 
 

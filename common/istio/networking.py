@@ -40,7 +40,6 @@ from pydantic import (
     Base64Bytes,
     BeforeValidator,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -875,26 +874,19 @@ class HTTPSettings(IstioModel):
     idle_timeout: IdleTimeout | None = None
     http2_max_requests: Annotated[int, Field(ge=0, strict=True)] | None = None
     max_retries: Annotated[int, Field(ge=0, strict=True)] | None = None
-    # The data path always does what `useClientProtocol: true` asks (a request reaches the pod
-    # in the protocol its client spoke); false is Istio's default, as when it is not written.
-    # Declared before h2_upgrade_policy, which reads it.
+    # `useClientProtocol: true`: a request reaches the pod in the protocol its client spoke,
+    # which the data path does unless h2UpgradePolicy says UPGRADE (Istio: useClientProtocol
+    # true makes h2UpgradePolicy ineffective); false is Istio's default, as when unwritten.
     use_client_protocol: Annotated[bool, Field(strict=True)] | None = None
-    # Istio's default (meshConfig.h2UpgradePolicy DO_NOT_UPGRADE) is what the data path does;
-    # UPGRADE only beside useClientProtocol true, which Istio says makes it ineffective
-    h2_upgrade_policy: str | None = None
+    # DEFAULT (the mesh's, DO_NOT_UPGRADE) and DO_NOT_UPGRADE: as the client spoke; UPGRADE:
+    # the client's node proxy sends HTTP/1.1 requests to the pod as HTTP/2 (h2c) at the full
+    # L7 level (agent/proxy/http/proxy.py), except upgrades (WebSocket) and CONNECT.
+    h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
 
-    @field_validator("h2_upgrade_policy")
-    @classmethod
-    def _no_h2_upgrade(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value == "UPGRADE" and not info.data.get("use_client_protocol"):
-            raise ValueError(
-                "h2UpgradePolicy UPGRADE is not supported by meshagent yet: requests reach the "
-                "pod in the protocol their client spoke (DEFAULT and DO_NOT_UPGRADE mean that, "
-                "and so does UPGRADE beside useClientProtocol: true)"
-            )
-        if value not in (None, "DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"):
-            raise ValueError(f"h2UpgradePolicy {value!r} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE")
-        return value
+    @property
+    def h2_upgrade(self) -> bool:
+        """Whether HTTP/1.1 requests go to the destination as HTTP/2."""
+        return self.h2_upgrade_policy == "UPGRADE" and not self.use_client_protocol
 
 
 class ConnectionPoolSettings(IstioModel):

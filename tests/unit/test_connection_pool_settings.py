@@ -61,6 +61,11 @@ POLICIES = [
     ({"tcp": {"idleTimeout": "0s"}}, {"tcp_idle_timeout": math.inf}),  # Istio: 0s disables it
     ({"http": {"idleTimeout": "1.5s"}}, {"http_idle_timeout": 1.5, "tcp_idle_timeout": None}),
     ({"http": {"idleTimeout": "0s"}}, {"http_idle_timeout": math.inf}),
+    # h2UpgradePolicy: UPGRADE sends HTTP/1.1 requests on as HTTP/2, unless useClientProtocol
+    ({"http": {"h2UpgradePolicy": "UPGRADE"}}, {"h2_upgrade": True}),
+    ({"http": {"h2UpgradePolicy": "UPGRADE", "useClientProtocol": True}}, {"h2_upgrade": False}),
+    ({"http": {"h2UpgradePolicy": "DO_NOT_UPGRADE"}}, {"h2_upgrade": False}),
+    ({"tcp": {"maxConnections": 5}}, {"h2_upgrade": False}),
 ]
 
 

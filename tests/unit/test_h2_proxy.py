@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
-from meshagent.agent.proxy.http.h2proxy import _H2Peer, proxy_http2, serve_detected
+from meshagent.agent.proxy.http.h2proxy import H2Peer, proxy_http2, serve_detected
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
 from meshagent.agent.proxy.lb import Clusters
@@ -58,7 +58,7 @@ def _one_endpoint(policy: TrafficPolicy) -> tuple[ClusterSpec, HttpRoutes]:
 async def _echo_server(stream, name: str, seen: list) -> None:
     """An h2c endpoint: answers each request with its name, the request body echoed (in
     chunks as it came), and gRPC trailers; one named `flaky*` answers UNAVAILABLE at once."""
-    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    peer = H2Peer(stream, h2wire.new_connection(client_side=False))
     async with trio.open_nursery() as nursery:
 
         async def serve(sid: int, headers) -> None:
@@ -107,7 +107,7 @@ class _Lab:
             peer="10.0.0.9",
         )
         nursery.start_soon(proxy_http2, proxy_end, self.ctx)
-        self.client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        self.client = H2Peer(client_end, h2wire.new_connection(client_side=True))
         nursery.start_soon(self.client.run, lambda event: False)
 
     async def _connect(self, endpoint: Endpoint, port: int, _spec=None):
@@ -263,7 +263,7 @@ async def test_an_http1_port_serves_a_client_that_opens_with_the_h2_preface():
     served = ["http1"]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_detected, proxy_end, ctx, "http1", served)
-        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        client = H2Peer(client_end, h2wire.new_connection(client_side=True))
         nursery.start_soon(client.run, lambda event: False)
         sid = client.conn.get_next_available_stream_id()
         inbox = client.open_inbox(sid)
@@ -377,7 +377,7 @@ async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway(
             done.set()
 
         nursery.start_soon(serve)
-        client = _H2Peer(client_end, h2wire.new_connection(client_side=True))
+        client = H2Peer(client_end, h2wire.new_connection(client_side=True))
         goaway = []
 
         def on_event(event):
@@ -477,14 +477,14 @@ async def test_per_try_timeout_retries_a_silent_endpoint_then_answers_504_ut():
 
 
 async def _silent_server(stream) -> None:
-    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    peer = H2Peer(stream, h2wire.new_connection(client_side=False))
     await peer.flush()
     await peer.run(lambda event: isinstance(event, h2.events.RequestReceived))
 
 
 async def _refusing_server(stream) -> None:
     """Refuses every stream with REFUSED_STREAM (as a server at its stream limit does)."""
-    peer = _H2Peer(stream, h2wire.new_connection(client_side=False))
+    peer = H2Peer(stream, h2wire.new_connection(client_side=False))
     async with trio.open_nursery() as nursery:
 
         async def refuse(stream_id: int) -> None:

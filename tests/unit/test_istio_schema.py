@@ -203,18 +203,23 @@ def test_virtual_service_parses_routes_durations_and_retries():
 
 
 @pytest.mark.parametrize(
-    "http",
+    ("http", "upgrade"),
     [
-        {"useClientProtocol": True},  # what the data path always does
-        {"useClientProtocol": False},  # Istio's default, as when unwritten
-        {"useClientProtocol": True, "h2UpgradePolicy": "UPGRADE"},  # UPGRADE made ineffective
+        ({"useClientProtocol": True}, False),  # as the client spoke
+        ({"useClientProtocol": False}, False),  # Istio's default, as when unwritten
+        ({"h2UpgradePolicy": "UPGRADE"}, True),  # HTTP/1.1 requests go to the pod as HTTP/2
+        ({"h2UpgradePolicy": "UPGRADE", "useClientProtocol": False}, True),
+        ({"h2UpgradePolicy": "UPGRADE", "useClientProtocol": True}, False),  # made ineffective
+        ({"h2UpgradePolicy": "DO_NOT_UPGRADE"}, False),
+        ({"h2UpgradePolicy": "DEFAULT"}, False),  # the mesh's default: DO_NOT_UPGRADE
     ],
 )
-def test_connection_pool_client_protocol_settings_the_data_path_honours(http):
+def test_connection_pool_client_protocol_settings(http, upgrade):
     doc = yaml.safe_load(DR_YAML)
     doc["spec"]["trafficPolicy"]["connectionPool"]["http"] = http
     pool = parse_resource(doc).spec.traffic_policy.connection_pool.http
-    assert pool.use_client_protocol is http["useClientProtocol"]
+    assert pool.use_client_protocol is http.get("useClientProtocol")
+    assert pool.h2_upgrade is upgrade
 
 
 def test_destination_rule_parses_policies_and_subsets():
@@ -741,11 +746,11 @@ REFUSALS = [
         "not a valid name",
     ),
     (
-        "dr-h2-upgrade",
+        "dr-h2-upgrade-unknown",
         DR_YAML,
-        lambda d: set_at(d, "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
+        lambda d: set_at(d, "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy", "ALWAYS"),
         "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
-        "UPGRADE is not supported by meshagent yet",
+        "'DEFAULT', 'DO_NOT_UPGRADE' or 'UPGRADE'",
     ),
     (
         "dr-passthrough",
@@ -767,17 +772,6 @@ REFUSALS = [
         lambda d: set_at(d, "spec.trafficPolicy.tls", {"mode": "SIMPLE", "credentialName": "c"}),
         "spec.trafficPolicy.tls.credentialName",
         "Istio itself applies at gateways, and at sidecars only with a workloadSelector",
-    ),
-    (  # Istio: useClientProtocol true makes h2UpgradePolicy ineffective; false is the default
-        "dr-h2-upgrade-with-use-client-protocol-false",
-        DR_YAML,
-        lambda d: set_at(
-            d,
-            "spec.trafficPolicy.connectionPool.http",
-            {"h2UpgradePolicy": "UPGRADE", "useClientProtocol": False},
-        ),
-        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
-        "and so does UPGRADE beside useClientProtocol: true",
     ),
     (
         "dr-tls-mutual-needs-files",

@@ -34,7 +34,7 @@ in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A d
 new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes. A source
 with `Limits.max_pending_requests` streams in flight in this process gets 503 UO for another.
 
-The h2 state machines (sans-IO) live in `_H2Peer` with the reader that feeds them; all the
+The h2 state machines (sans-IO) live in `H2Peer` with the reader that feeds them; all the
 protocol rules are in `h2wire`.
 """
 
@@ -97,7 +97,7 @@ RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
 _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-_H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
+H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 _RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy's local replies for attempts that got no response: status, flag, body.
 _FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
@@ -114,7 +114,7 @@ def _same(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-class _Gone(Exception):
+class StreamGone(Exception):
     """The stream (or its whole connection) on one side cannot carry more."""
 
 
@@ -143,7 +143,7 @@ class _Body:
             self.chunks.append(data)
 
 
-class _Inbox:
+class H2Inbox:
     """Events for one stream, in order, from the connection's reader to the stream's task."""
 
     __slots__ = ("receive", "reset", "send")
@@ -153,7 +153,7 @@ class _Inbox:
         self.reset: int | None = None  # the error code when the peer reset the stream
 
 
-class _H2Peer:
+class H2Peer:
     """One HTTP/2 connection over a byte stream: the h2 state machine, one writer at a time,
     per-stream inboxes filled by `run` (the reader), and waits for send window."""
 
@@ -161,7 +161,7 @@ class _H2Peer:
         self.stream = stream
         self.conn = conn
         self.lock = trio.Lock()
-        self.inboxes: dict[int, _Inbox] = {}
+        self.inboxes: dict[int, H2Inbox] = {}
         self.guard: FloodGuard | None = None  # downstream: the peer's bounds (h2guard)
         self.abuse: Abuse | None = None  # why the guard ended the connection
         self.header_timeout = math.inf  # downstream: for a header block to complete (s)
@@ -173,7 +173,7 @@ class _H2Peer:
         self.active = 0  # of those, the ones not finished yet
         self.idle_since = trio.current_time()  # upstream: when `active` last fell to 0
 
-    def reserve(self) -> _H2Peer:
+    def reserve(self) -> H2Peer:
         """Count one more request given this (upstream) connection; the caller ends it with
         `release`."""
         self.requests += 1
@@ -187,7 +187,7 @@ class _H2Peer:
             self.idle_since = trio.current_time()
 
     async def flush(self) -> None:
-        """Send what the state machine queued; raises _Gone when the transport is."""
+        """Send what the state machine queued; raises StreamGone when the transport is."""
         async with self.lock:
             data = self.conn.data_to_send()
             if data:
@@ -195,14 +195,14 @@ class _H2Peer:
                     await self.stream.send_all(data)
                 except _TRANSPORT_ERRORS as exc:
                     self.closed = True
-                    raise _Gone from exc
+                    raise StreamGone from exc
 
     def wake(self) -> None:
         self._window.set()
         self._window = trio.Event()
 
-    def open_inbox(self, stream_id: int) -> _Inbox:
-        inbox = self.inboxes[stream_id] = _Inbox()
+    def open_inbox(self, stream_id: int) -> H2Inbox:
+        inbox = self.inboxes[stream_id] = H2Inbox()
         return inbox
 
     def close_inbox(self, stream_id: int) -> None:
@@ -220,11 +220,11 @@ class _H2Peer:
 
     def ack(self, stream_id: int, size: int) -> None:
         if size:
-            with contextlib.suppress(*_H2_ERRORS):
+            with contextlib.suppress(*H2_ERRORS):
                 self.conn.acknowledge_received_data(size, stream_id)
 
     def reset(self, stream_id: int, code: int = h2wire.CANCEL) -> None:
-        with contextlib.suppress(*_H2_ERRORS):
+        with contextlib.suppress(*H2_ERRORS):
             self.conn.reset_stream(stream_id, code)
 
     async def send_headers(
@@ -232,8 +232,8 @@ class _H2Peer:
     ) -> None:
         try:
             self.conn.send_headers(stream_id, headers, end_stream=end)
-        except _H2_ERRORS as exc:
-            raise _Gone from exc
+        except H2_ERRORS as exc:
+            raise StreamGone from exc
         await self.flush()
 
     async def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
@@ -242,19 +242,19 @@ class _H2Peer:
         while pos < len(data):
             inbox = self.inboxes.get(stream_id)
             if self.closed or (inbox is not None and inbox.reset is not None):
-                raise _Gone
+                raise StreamGone
             try:
                 window = self.conn.local_flow_control_window(stream_id)
-            except _H2_ERRORS as exc:
-                raise _Gone from exc
+            except H2_ERRORS as exc:
+                raise StreamGone from exc
             if window <= 0:
                 await self._window.wait()
                 continue
             size = min(window, len(data) - pos, self.conn.max_outbound_frame_size)
             try:
                 self.conn.send_data(stream_id, data[pos : pos + size])
-            except _H2_ERRORS as exc:
-                raise _Gone from exc
+            except H2_ERRORS as exc:
+                raise StreamGone from exc
             pos += size
             await self.flush()
         if end:
@@ -263,8 +263,8 @@ class _H2Peer:
     async def end(self, stream_id: int) -> None:
         try:
             self.conn.end_stream(stream_id)
-        except _H2_ERRORS as exc:
-            raise _Gone from exc
+        except H2_ERRORS as exc:
+            raise StreamGone from exc
         await self.flush()
 
     def dispatch(self, event: h2.events.Event) -> None:
@@ -330,12 +330,12 @@ class _H2Peer:
                     if not on_event(event):
                         self.dispatch(event)
                     if self.closed:  # on_event ended the connection (GOAWAY queued)
-                        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+                        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(StreamGone):
                             await self.flush()
                         return
                 try:
                     await self.flush()
-                except _Gone:
+                except StreamGone:
                     return
         finally:
             self.closed = True
@@ -351,10 +351,10 @@ class _H2Peer:
         return math.inf if since is None else since + self.header_timeout
 
     async def goaway_and_close(self, code: int, reason: str = "") -> None:
-        with contextlib.suppress(*_H2_ERRORS):
+        with contextlib.suppress(*H2_ERRORS):
             debug = reason.encode("ascii", "replace")[:200] or None
             self.conn.close_connection(error_code=code, additional_data=debug)
-        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(StreamGone):
             await self.flush()
         self.closed = True
 
@@ -421,7 +421,7 @@ class H2Upstreams:
     def __init__(self, connect: Connect | None, nursery: trio.Nursery) -> None:
         self.connect = connect
         self.nursery = nursery
-        self.upstreams: dict[str, list[_H2Peer]] = {}
+        self.upstreams: dict[str, list[H2Peer]] = {}
         self.opening: dict[str, trio.Lock] = {}
 
     async def aclose(self) -> None:
@@ -429,7 +429,7 @@ class H2Upstreams:
             for peer in peers:
                 await trio.aclose_forcefully(peer.stream)
 
-    async def retire_if_spent(self, peer: _H2Peer, cluster: ClusterState) -> None:
+    async def retire_if_spent(self, peer: H2Peer, cluster: ClusterState) -> None:
         """Close an upstream connection that carried `maxRequestsPerConnection` streams once
         its last one is done (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
         limit = cluster.spec.policy.max_requests_per_connection
@@ -440,7 +440,7 @@ class H2Upstreams:
             await trio.aclose_forcefully(peer.stream)
 
     @staticmethod
-    async def _close_when_idle(peer: _H2Peer, timeout: float) -> None:
+    async def _close_when_idle(peer: H2Peer, timeout: float) -> None:
         """DestinationRule `http.idleTimeout`: close an upstream connection that carried no
         request for `timeout` s (GOAWAY, then the transport), as the HTTP/1.1 pool does."""
         while not (peer.closed or peer.goaway):
@@ -455,7 +455,7 @@ class H2Upstreams:
                     await trio.aclose_forcefully(peer.stream)
                 return
 
-    async def acquire(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
+    async def acquire(self, cluster: ClusterState, ep: EndpointState) -> H2Peer:
         """An upstream connection to `ep` with room for one more stream (opened if none);
         one that carried `maxRequestsPerConnection` streams takes no more. Takes a request
         slot of the cluster (Overflow at `http2MaxRequests`): give it back with `done`."""
@@ -467,12 +467,12 @@ class H2Upstreams:
             raise
 
     @staticmethod
-    def done(peer: _H2Peer, cluster: ClusterState) -> None:
+    def done(peer: H2Peer, cluster: ClusterState) -> None:
         """A stream `_upstream` gave out is over: its slot and its reservation go back."""
         cluster.free_request_slot()
         peer.release()
 
-    async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> _H2Peer:
+    async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> H2Peer:
         key = ep.address
         lock = self.opening.setdefault(key, trio.Lock())
         spent_at = cluster.spec.policy.max_requests_per_connection
@@ -500,11 +500,11 @@ class H2Upstreams:
                 transport = getattr(exc, "transport", "")
                 raise UpstreamError("connect-failure", message, transport) from exc
             stream = getattr(opened, "stream", opened)
-            peer = _H2Peer(stream, h2wire.new_connection(client_side=True))
+            peer = H2Peer(stream, h2wire.new_connection(client_side=True))
             peer.info = None if stream is opened else opened
             try:
                 await peer.flush()
-            except _Gone:
+            except StreamGone:
                 await trio.aclose_forcefully(stream)
                 raise UpstreamError("connect-failure", "closed at once") from None
             self.upstreams.setdefault(key, []).append(peer)
@@ -512,7 +512,7 @@ class H2Upstreams:
             self.nursery.start_soon(self._run_upstream, key, peer, idle_timeout)
             return peer.reserve()
 
-    async def _run_upstream(self, key: str, peer: _H2Peer, idle_timeout: float | None) -> None:
+    async def _run_upstream(self, key: str, peer: H2Peer, idle_timeout: float | None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 if idle_timeout is not None and idle_timeout < math.inf:
@@ -530,7 +530,7 @@ class _Session:
     def __init__(self, client: trio.abc.Stream, ctx: HttpContext, limits: h2wire.H2Limits) -> None:
         self.ctx = ctx
         self.limits = limits
-        self.down = _H2Peer(client, h2wire.new_connection(client_side=False, limits=limits))
+        self.down = H2Peer(client, h2wire.new_connection(client_side=False, limits=limits))
         self.guard = self.down.guard = FloodGuard(
             trio.current_time, max_header_block=limits.max_header_list_size
         )
@@ -558,10 +558,10 @@ class _Session:
         self.draining = True
         while self.scopes:
             await trio.sleep(_DRAIN_POLL)
-        with contextlib.suppress(*_H2_ERRORS):
+        with contextlib.suppress(*H2_ERRORS):
             last = self.down.conn.highest_inbound_stream_id
             self.down.conn.close_connection(error_code=h2wire.NO_ERROR, last_stream_id=last)
-        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(_Gone):
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(StreamGone):
             await self.down.flush()
         session.cancel()
 
@@ -572,7 +572,7 @@ class _Session:
                 self.up = H2Upstreams(self.ctx.connect, nursery)
                 try:
                     await self.down.flush()
-                except _Gone:
+                except StreamGone:
                     return
                 if self.ctx.drain is not None:
                     nursery.start_soon(self._drain_when_asked, nursery.cancel_scope)
@@ -615,7 +615,7 @@ class _Session:
                 abuse = self.guard.stream_reset(self.guard.clock() - opened)
                 if abuse is not None:  # rapid reset (CVE-2023-44487)
                     self.down.abuse = abuse
-                    with contextlib.suppress(*_H2_ERRORS):
+                    with contextlib.suppress(*H2_ERRORS):
                         self.down.conn.close_connection(
                             error_code=h2wire.ENHANCE_YOUR_CALM,
                             additional_data=abuse.reason.encode("ascii", "replace")[:200],
@@ -692,7 +692,7 @@ class _Session:
                         await self._timed_out(stream_id, record)
             if scope.cancelled_caught:
                 record.flags.append("DC")  # the client reset the stream
-        except _Gone:
+        except StreamGone:
             record.flags.append("DC")
         finally:
             record.duration = trio.current_time() - started
@@ -725,7 +725,7 @@ class _Session:
         if record.status:
             record.flags.append("UT")
             self.down.reset(stream_id, h2wire.CANCEL)
-            with contextlib.suppress(_Gone):
+            with contextlib.suppress(StreamGone):
                 await self.down.flush()
             return
         resp = LocalResponse(
@@ -756,7 +756,7 @@ class _Session:
             await self.down.send_data(stream_id, body, end=True)
         if self.down.conn.streams.get(stream_id) is not None:
             # the client may still be sending its body: it is not wanted
-            with contextlib.suppress(*_H2_ERRORS):
+            with contextlib.suppress(*H2_ERRORS):
                 if not self.down.conn.streams[stream_id].closed:
                     self.down.reset(stream_id, h2wire.NO_ERROR)
                     await self.down.flush()
@@ -843,7 +843,7 @@ class _Session:
                         await peer.flush()
                     elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
                         break
-            except (_Gone, *_H2_ERRORS) as exc:
+            except (StreamGone, *H2_ERRORS) as exc:
                 log.debug("mirror to %s failed: %r", ep.address, exc)
             finally:
                 with trio.CancelScope(shield=True):
@@ -851,7 +851,7 @@ class _Session:
                         stream = peer.conn.streams.get(up_id)
                         if stream is not None and not stream.closed:
                             peer.reset(up_id, h2wire.CANCEL)
-                            with contextlib.suppress(_Gone):
+                            with contextlib.suppress(StreamGone):
                                 await peer.flush()
                         peer.close_inbox(up_id)
                     cluster.request_finished(ep, status)
@@ -953,7 +953,7 @@ class _Session:
     async def _exchange(
         self,
         stream_id: int,
-        peer: _H2Peer,
+        peer: H2Peer,
         head: h2wire.RequestHead,
         authority: str,
         record: RequestRecord,
@@ -979,7 +979,7 @@ class _Session:
             bodyless = body.complete and not body.chunks and body.trailers is None
             headers = h2wire.upstream_request(head, authority)
             peer.conn.send_headers(up_id, headers, end_stream=bodyless)
-        except _H2_ERRORS:
+        except H2_ERRORS:
             return Outcome.OVERFLOW, None
         finished = False
         retry = False
@@ -1009,18 +1009,18 @@ class _Session:
                         )
                 except _Retry:
                     retry = True
-                except _Gone:
+                except StreamGone:
                     pass
                 nursery.cancel_scope.cancel()
         finally:
             if not finished:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     peer.reset(up_id, h2wire.CANCEL)
-                    with contextlib.suppress(_Gone):
+                    with contextlib.suppress(StreamGone):
                         await peer.flush()
             elif up_id in peer.conn.streams and not peer.conn.streams[up_id].closed:
                 peer.reset(up_id, h2wire.NO_ERROR)  # answered early
-                with contextlib.suppress(_Gone):
+                with contextlib.suppress(StreamGone):
                     await peer.flush()
             peer.close_inbox(up_id)
         if retry:
@@ -1035,15 +1035,15 @@ class _Session:
         if not finished and responded:
             record.flags.append("UC")
             down.reset(stream_id, h2wire.CANCEL)
-            with contextlib.suppress(_Gone):
+            with contextlib.suppress(StreamGone):
                 await down.flush()
         return None, record.status or None
 
     async def _pump_request(
         self,
-        inbox: _Inbox,
+        inbox: H2Inbox,
         stream_id: int,
-        peer: _H2Peer,
+        peer: H2Peer,
         up_id: int,
         record: RequestRecord,
         body: _Body,
@@ -1071,7 +1071,7 @@ class _Session:
                         record.request_messages.feed(event.data)
                     body.keep(event.data, limit)
                     down.ack(stream_id, event.flow_controlled_length)
-                    with contextlib.suppress(_Gone):
+                    with contextlib.suppress(StreamGone):
                         await down.flush()
                     await peer.send_data(up_id, event.data)
                 elif isinstance(event, h2.events.TrailersReceived):
@@ -1083,13 +1083,13 @@ class _Session:
                     body.complete = True
                     await peer.end(up_id)
                     return
-        except _Gone:
+        except StreamGone:
             return
 
     async def _pump_response(
         self,
-        inbox: _Inbox,
-        peer: _H2Peer,
+        inbox: H2Inbox,
+        peer: H2Peer,
         up_id: int,
         stream_id: int,
         record: RequestRecord,
@@ -1099,7 +1099,7 @@ class _Session:
         slot: RetrySlot | None = None,
     ) -> bool:
         """The upstream's response to the client. Returns True when it completed; raises
-        _Retry (nothing sent yet) for a response `policy` retries, _Gone (after the head was
+        _Retry (nothing sent yet) for a response `policy` retries, StreamGone (after the head was
         sent: the caller resets) when either side broke off. `head_wait` (the per-try
         timeout) is disarmed once a response head arrives."""
         down = self.down
@@ -1107,7 +1107,7 @@ class _Session:
         while True:
             event = await inbox.receive.receive()
             if event is None or isinstance(event, h2.events.StreamReset):
-                raise _Gone
+                raise StreamGone
             if isinstance(event, h2.events.InformationalResponseReceived):
                 await down.send_headers(stream_id, h2wire.response_headers(event.headers))
             elif isinstance(event, h2.events.ResponseReceived):
@@ -1134,7 +1134,7 @@ class _Session:
                 if record.response_messages is not None:
                     record.response_messages.feed(event.data)
                 peer.ack(up_id, event.flow_controlled_length)
-                with contextlib.suppress(_Gone):
+                with contextlib.suppress(StreamGone):
                     await peer.flush()
             elif isinstance(event, h2.events.TrailersReceived):
                 trailers = h2wire.response_headers(event.headers)

@@ -31,6 +31,11 @@ final answer) comes back: the mesh never answers 100 itself, so a request with i
 body and gets no retries. `Upgrade: h2c` (with HTTP2-Settings) is dropped and the request served
 as HTTP/1.1, as Envoy does by default: the connection never switches; a client wanting HTTP/2
 uses prior knowledge, which the HTTP/2 engine serves on the same ports.
+
+A cluster whose DestinationRule says `h2UpgradePolicy: UPGRADE` gets its requests (except
+upgrades and CONNECT) as HTTP/2 streams: on connections the HTTP/2 engine's upstream side
+(`H2Upstreams`, opened through `HttpContext.connect_h2`) keeps for this client connection, the
+request head translated by `h2upgrade`, the answer sent back as HTTP/1.1 without its trailers.
 """
 
 from __future__ import annotations
@@ -41,10 +46,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import h2.events
 import trio
+from meshagent.agent.proxy.http import h2upgrade, h2wire, wire
 from meshagent.agent.proxy.http import headers as hdrs
-from meshagent.agent.proxy.http import wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
+from meshagent.agent.proxy.http.h2proxy import (
+    H2_ERRORS,
+    H2Inbox,
+    H2Peer,
+    H2Upstreams,
+    StreamGone,
+)
 from meshagent.agent.proxy.http.mirror import mirror_http1, shadow_headers
 from meshagent.agent.proxy.http.pool import RECEIVE_SIZE, UpstreamConnection
 from meshagent.agent.proxy.http.retry import Outcome, backoff, retriable, retriable_status
@@ -201,6 +214,9 @@ async def proxy_http1(
             pass
         except Exception:  # a bug here must cost one connection, not the listener
             log.exception("HTTP session from %s failed", ctx.peer or "?")
+        finally:
+            if session.h2 is not None:  # their readers end with their transports
+                await session.h2.aclose()
 
 
 class _Session:
@@ -217,6 +233,10 @@ class _Session:
         self.nursery: trio.Nursery | None = None
         self.decision: RouteDecision | None = None  # the current request's (response edits)
         self.begun: float | None = None  # when the first byte of the pending head came
+        # h2UpgradePolicy UPGRADE: the HTTP/2 connections this connection's requests went on
+        # (the HTTP/2 engine's upstream side, in `nursery`), and whether this request does
+        self.h2: H2Upstreams | None = None
+        self.upgrade_h2 = False
 
     # -- downstream I/O -------------------------------------------------------------------
 
@@ -516,6 +536,11 @@ class _Session:
         upstream_req = wire.Request(
             method=req.method, target=req.target, headers=headers, http_version=req.http_version
         )
+        self.upgrade_h2 = (
+            cluster.spec.policy.h2_upgrade
+            and self.ctx.connect_h2 is not None
+            and h2upgrade.upgradable(req, upgrade)
+        )
         if self.decision is not None and self.decision.mirrors and body.complete and not upgrade:
             self._mirror(upstream_req, body, route.timeout)
         policy = route.retry if body.complete and upgrade is None else None
@@ -642,6 +667,8 @@ class _Session:
         happens to an idempotent request (no response byte came back), it is sent again on
         another connection to the same endpoint, as Go's http.Transport does, not counted as
         a retry nor against the endpoint (Envoy would answer 503 UC)."""
+        if self.upgrade_h2:
+            return await self._on_h2(cluster, ep, req, body, policy, may_retry, deadline, record)
         replay = body.complete and req.method in _IDEMPOTENT
         for _ in range(_STALE_REPLAYS):
             outcome, status, stale = await self._on_connection(
@@ -859,3 +886,201 @@ class _Session:
         record.bytes_received += len(client_rest) + result.sent
         record.bytes_sent += len(upstream_rest) + result.received
         raise _CloseClient  # the connection was handed over; it cannot carry HTTP again
+
+    # -- h2UpgradePolicy UPGRADE: the request on an HTTP/2 stream -------------------------
+
+    async def _on_h2(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        req: wire.Request,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: RetrySlot | None,
+        deadline: trio.CancelScope | _NoScope,
+        record: RequestRecord,
+    ) -> tuple[Outcome | None, int]:
+        """One try on one endpoint as HTTP/2: a stream on this connection's HTTP/2 connection
+        to it (opened through `connect_h2`, multiplexed, as the HTTP/2 engine's upstreams);
+        the same outcomes as an HTTP/1.1 try."""
+        if self.h2 is None:
+            assert self.nursery is not None
+            self.h2 = H2Upstreams(self.ctx.connect_h2, self.nursery)
+        ups = self.h2
+        try:
+            peer = await ups.acquire(cluster, ep)
+        except Overflow:
+            return Outcome.OVERFLOW, 0
+        except UpstreamError as exc:
+            cluster.report(ep, CONNECT_FAILURE_CODE)
+            record.transport_failure = exc.transport
+            return Outcome.CONNECT_FAILURE, 0
+        record.upstream_info = peer.info
+        cluster.request_started(ep)
+        state = _Attempt()
+        try:
+            async with trio.open_nursery() as nursery:
+                state.cancel = nursery.cancel_scope.cancel
+                try:
+                    await self._exchange_h2(
+                        nursery, peer, req, body, policy, may_retry, record, state
+                    )
+                except (_ClientGone, _CloseClient) as exc:
+                    state.error = exc
+                nursery.cancel_scope.cancel()  # the body sender, if still running
+        finally:
+            if state.status is None and state.outcome is None and deadline.cancel_called:
+                state.outcome = Outcome.TIMEOUT
+            outlier_status = state.status
+            if state.outcome is not None and state.outcome is not Outcome.STATUS:
+                outlier_status = _OUTLIER_CODE.get(state.outcome)
+            if state.error is not None and state.status is None:
+                outlier_status = None  # nothing learnt about the endpoint
+            cluster.request_finished(ep, outlier_status)
+            ups.done(peer, cluster)
+            await ups.retire_if_spent(peer, cluster)
+        if state.error is not None:
+            raise state.error
+        return state.outcome, state.status or 0
+
+    async def _exchange_h2(
+        self,
+        nursery: trio.Nursery,
+        peer: H2Peer,
+        req: wire.Request,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: RetrySlot | None,
+        record: RequestRecord,
+        state: _Attempt,
+    ) -> None:
+        head = h2upgrade.request_head(req, record.authority)
+        bodyless = body.complete and not body.chunks
+        try:
+            up_id = peer.conn.get_next_available_stream_id()
+            inbox = peer.open_inbox(up_id)
+            peer.conn.send_headers(up_id, h2wire.upstream_request(head, ""), end_stream=bodyless)
+        except H2_ERRORS:
+            state.outcome = Outcome.OVERFLOW
+            return
+        finished = False
+        try:
+            try:
+                await peer.flush()
+            except StreamGone:
+                state.outcome = Outcome.RESET
+                return
+            if bodyless:
+                state.sent_all = True
+                state.sent.set()
+            else:
+                nursery.start_soon(self._send_body_h2, peer, up_id, body, record, state)
+            per_try_timeout = policy.per_try_timeout if policy else None
+            per_try = trio.CancelScope() if per_try_timeout is not None else _NO_SCOPE
+            body.arm(per_try, per_try_timeout)
+            event = None
+            with per_try:
+                event = await self._response_head_h2(inbox.receive)
+            if event is None:
+                state.outcome = Outcome.RESET if inbox.reset is not None else Outcome.TIMEOUT
+                return
+            ended = event.stream_ended is not None
+            response = h2upgrade.response_head(event.headers, ended, req.method)
+            status = state.status = response.status_code
+            if policy is not None and retriable_status(policy, status):
+                if may_retry is not None and may_retry.take():  # held back for a retry
+                    state.outcome = Outcome.STATUS
+                    return
+                record.flags.append("URX")
+            finished = await self._stream_response_h2(peer, up_id, inbox, response, ended, record)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                stream = peer.conn.streams.get(up_id)
+                if stream is not None and not stream.closed:  # unfinished, or answered early
+                    peer.reset(up_id, h2wire.NO_ERROR if finished else h2wire.CANCEL)
+                    with contextlib.suppress(StreamGone):
+                        await peer.flush()
+                peer.close_inbox(up_id)
+
+    async def _response_head_h2(
+        self, receive: trio.MemoryReceiveChannel
+    ) -> h2.events.ResponseReceived | None:
+        """The upstream stream's response head (h2 ResponseReceived); None when the stream
+        was reset or its connection ended first. A 100 Continue the client waits for is
+        relayed once; other 1xx are dropped, as on HTTP/1.1 upstreams."""
+        while True:
+            event = await receive.receive()
+            if event is None or isinstance(event, h2.events.StreamReset):
+                return None
+            if isinstance(event, h2.events.ResponseReceived):
+                return event
+            if (
+                isinstance(event, h2.events.InformationalResponseReceived)
+                and h2wire.status_of(event.headers) == 100
+                and self.expect_continue
+            ):
+                self.expect_continue = False
+                await self._send(
+                    wire.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+
+    async def _stream_response_h2(
+        self,
+        peer: H2Peer,
+        up_id: int,
+        inbox: H2Inbox,
+        response: wire.Response,
+        ended: bool,
+        record: RequestRecord,
+    ) -> bool:
+        """The HTTP/2 response to the HTTP/1.1 client (its trailers dropped, as Envoy does);
+        True when it ended whole. A reset after the head closes the client connection (UC)."""
+        if self.conn.client_is_waiting_for_100_continue:
+            self.skip_drain = True  # answered without 100: the client may never send the body
+        head = wire.Response(
+            status_code=response.status_code, headers=self._response_headers(response.headers)
+        )
+        out = bytearray(self.conn.send(head))
+        record.status = response.status_code
+        while not ended:
+            await self._send_bytes(out)
+            out = bytearray()
+            event = await inbox.receive.receive()
+            if event is None or isinstance(event, h2.events.StreamReset):
+                record.flags.append("UC")
+                raise _CloseClient
+            if isinstance(event, h2.events.DataReceived):
+                record.bytes_sent += len(event.data)
+                out += self.conn.send(wire.Data(data=event.data))
+                peer.ack(up_id, event.flow_controlled_length)
+                with contextlib.suppress(StreamGone):
+                    await peer.flush()
+            elif isinstance(event, h2.events.StreamEnded):
+                ended = True
+        out += self.conn.send(wire.EndOfMessage())
+        await self._send_bytes(out)
+        return True
+
+    async def _send_body_h2(
+        self, peer: H2Peer, up_id: int, body: _Body, record: RequestRecord, state: _Attempt
+    ) -> None:
+        """The kept body, then the rest from the client, as DATA on the upstream stream."""
+        try:
+            for chunk in body.chunks:
+                await peer.send_data(up_id, chunk)
+            while not body.complete:
+                event = await self._body_event()
+                if isinstance(event, wire.Data):
+                    record.bytes_received += len(event.data)
+                    await peer.send_data(up_id, event.data)
+                else:
+                    body.finished()
+            await peer.end(up_id)
+            state.sent_all = True
+        except StreamGone:
+            pass  # the upstream is gone: the response side sees it too
+        except _ClientGone as exc:
+            state.error = exc
+            state.cancel()
+        finally:
+            state.sent.set()

@@ -167,6 +167,9 @@ class HttpContext:
     # its certificate, after its authorization) must never carry another source's requests.
     connect: Connect | None = None
     pool_key: Hashable = None
+    # How to reach endpoints with HTTP/2 (h2c prior knowledge) for the HTTP/1.1 requests of a
+    # cluster whose DestinationRule says `h2UpgradePolicy: UPGRADE`; None: never upgraded.
+    connect_h2: Connect | None = None
     request_filter: RequestFilter | None = None
     on_request_done: Callable[[RequestRecord], None] | None = None
     peer: str = ""
