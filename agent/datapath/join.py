@@ -23,12 +23,15 @@ joined in, whose program stays attached to them until the last fd goes.
 from __future__ import annotations
 
 import ctypes
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshagent.agent.datapath import bpfsys
 from meshagent.agent.datapath.maps import MAP_JOIN_PEER, MAP_SOCK_JOIN, MeshJoin, PinnedMap
+
+log = logging.getLogger(__name__)
 
 SO_COOKIE = 57  # getsockopt: the socket's cookie, what bpf_get_socket_cookie() answers
 
@@ -99,8 +102,10 @@ class SocketJoin:
 
 
 def open_socket_join(pin_dir: Path) -> SocketJoin | None:
-    """The process's joiner, or None where the datapath has no join maps (an older build)."""
+    """The process's joiner, or None where the datapath has no join maps (an older build):
+    same-node connections are then relayed in user space, as with kernel_join off."""
     try:
         return SocketJoin(pin_dir)
-    except bpfsys.BpfError:
+    except bpfsys.BpfError as exc:
+        log.warning("kernel_join: no join maps at %s (%s); relaying in user space", pin_dir, exc)
         return None
