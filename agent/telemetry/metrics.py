@@ -142,6 +142,16 @@ DATAPATH_COUNTERS: dict[str, tuple[str, str]] = {
         "meshagent_datapath_fail_closed",
         "Connects of fail-closed pods refused in the kernel while the agent's heartbeat was stale.",
     ),
+    "join_redirected": (
+        "meshagent_datapath_join_redirected",
+        "Batches of bytes the sk_skb verdict sent from one joined proxy socket to its partner "
+        "(kernel_join; the bytes are meshagent_kernel_joined_bytes_total).",
+    ),
+    "join_unpaired": (
+        "meshagent_datapath_join_unpaired",
+        "Batches that arrived on a joined socket without a partner (being joined or parted): "
+        "passed up to the proxy, not redirected.",
+    ),
 }
 
 _CHILD_CACHE_LIMIT = 20_000
