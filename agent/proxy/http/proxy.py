@@ -168,6 +168,20 @@ class _Attempt:
     sent_all: bool = False  # the whole request reached the upstream's socket
     cancel: Callable[[], None] = lambda: None
 
+    def settle(self, deadline: trio.CancelScope | _NoScope) -> None:
+        """Once the try is over: cut by the route timeout before any answer is TIMEOUT."""
+        if self.status is None and self.outcome is None and deadline.cancel_called:
+            self.outcome = Outcome.TIMEOUT
+
+    def outlier_status(self, stale: bool = False) -> int | None:
+        """What outlier detection learns about the endpoint (None: nothing, as when the
+        client went away before an answer or a stale pooled connection was replayed)."""
+        if stale or (self.error is not None and self.status is None):
+            return None
+        if self.outcome is not None and self.outcome is not Outcome.STATUS:
+            return _OUTLIER_CODE.get(self.outcome)
+        return self.status
+
 
 @dataclass(slots=True)
 class _Body:
@@ -722,15 +736,9 @@ class _Session:
                         state.error = exc
                     nursery.cancel_scope.cancel()  # the body sender, if still running
         finally:
-            if state.status is None and state.outcome is None and deadline.cancel_called:
-                state.outcome = Outcome.TIMEOUT
-            outlier_status = state.status
-            if state.outcome is not None and state.outcome is not Outcome.STATUS:
-                outlier_status = _OUTLIER_CODE.get(state.outcome)
+            state.settle(deadline)
             stale = replay and reused and state.outcome is Outcome.RESET and up.cycle_bytes == 0
-            if stale or (state.error is not None and state.status is None):
-                outlier_status = None  # nothing learnt about the endpoint
-            cluster.request_finished(ep, outlier_status)
+            cluster.request_finished(ep, state.outlier_status(stale))
             pool.release(up, state.reusable)
         if state.error is not None:
             raise state.error
@@ -929,14 +937,8 @@ class _Session:
                     state.error = exc
                 nursery.cancel_scope.cancel()  # the body sender, if still running
         finally:
-            if state.status is None and state.outcome is None and deadline.cancel_called:
-                state.outcome = Outcome.TIMEOUT
-            outlier_status = state.status
-            if state.outcome is not None and state.outcome is not Outcome.STATUS:
-                outlier_status = _OUTLIER_CODE.get(state.outcome)
-            if state.error is not None and state.status is None:
-                outlier_status = None  # nothing learnt about the endpoint
-            cluster.request_finished(ep, outlier_status)
+            state.settle(deadline)
+            cluster.request_finished(ep, state.outlier_status())
             ups.done(peer, cluster)
             await ups.retire_if_spent(peer, cluster)
         if state.error is not None:
