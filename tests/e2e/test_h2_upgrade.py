@@ -3,7 +3,8 @@ client speaks HTTP/1.1 (`curl --http1.1`) to Services whose pods run nginx speak
 with prior knowledge (`listen 8080 http2;`), one on the client's node and one across nodes
 (HBONE). With UPGRADE the client's node proxy sends the requests on as HTTP/2: nginx logs
 `HTTP/2.0` and curl gets 200 with the body (over HTTP/1.1). With DO_NOT_UPGRADE, or without a
-DestinationRule, an HTTP/1.1 nginx logs `HTTP/1.1`. A body travels both ways (PUT, GET)."""
+DestinationRule, an HTTP/1.1 nginx logs `HTTP/1.1`. A body travels both ways (PUT, GET). Both
+reporters count each request with `request_protocol` `http`, as Istio labels either version."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.e2e.conftest import meshlab, render_manifest
 from tests.e2e.nginx import write_conf
+from tests.e2e.test_l7_levels import _value
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -59,9 +61,26 @@ def _logged(lab, name: str, path: str, count: int = N) -> list[str]:
     )
 
 
-@pytest.mark.parametrize("service", ["far", "near"], ids=["cross-node", "same-node"])
-def test_upgrade_sends_http1_requests_to_the_pod_as_http2(lab, service):
+def _requests(node: str, service: str, reporter: str) -> float:
+    return _value(
+        node,
+        "istio_requests_total",
+        reporter=reporter,
+        destination_service=f"{service}.up.svc.cluster.local",
+        request_protocol="http",  # Istio's label for HTTP/1.1 and HTTP/2 alike
+        response_code="200",
+    )
+
+
+@pytest.mark.parametrize(
+    ("service", "node"), [("far", "node-2"), ("near", "node-1")], ids=["cross-node", "same-node"]
+)
+def test_upgrade_sends_http1_requests_to_the_pod_as_http2(lab, service, node):
     path = f"/upgraded-{service}"
+    counted = {
+        ("node-1", "source"): _requests("node-1", service, "source"),
+        (node, "destination"): _requests(node, service, "destination"),
+    }
     for _ in range(N):
         proc = meshlab(
             "exec", CLIENT, "--", "curl", "-s", "--http1.1", "-w", "\n%{http_code} %{http_version}",
@@ -70,6 +89,12 @@ def test_upgrade_sends_http1_requests_to_the_pod_as_http2(lab, service):
         body, _, status = proc.stdout.rpartition("\n")
         assert (status, body) == ("200 1.1", service), proc.stdout  # HTTP/1.1 to the client
     assert _logged(lab, service, path) == ["HTTP/2.0"] * N
+    for (where, reporter), before in counted.items():
+        wait_until(
+            lambda w=where, r=reporter, b=before: _requests(w, service, r) - b,
+            lambda added: added == N,
+            what=f"{where} counts the {N} requests as their {reporter}",
+        )
 
 
 def test_a_body_goes_up_and_comes_back(lab):
