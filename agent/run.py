@@ -184,7 +184,14 @@ class Agent:
             ):
                 await nursery.start(serve_flow_tap, flow_tap, flow_socket(cfg.state_dir))
                 if launch is not None:
-                    self.dataplane = WorkerPool(cfg, workers, self.store, self.identities, launch)
+                    self.dataplane = WorkerPool(
+                        cfg,
+                        workers,
+                        self.store,
+                        self.identities,
+                        launch,
+                        on_recycled=self.node_metrics.worker_recycled,
+                    )
                 else:
                     self.dataplane = await nursery.start(
                         _run_dataplane, self._in_process_dataplane(maps, access_log)

@@ -556,6 +556,13 @@ class NodeMetrics:
         self.proxy_workers = Gauge(
             "meshagent_proxy_workers", "Proxy worker processes running.", registry=reg
         )
+        self.workers_recycled = Counter(
+            "meshagent_worker_recycled",
+            "Proxy workers replaced by a fresh one, the old one drained, by reason (memory: it"
+            " grew past worker_recycle_growth and a burst was over).",
+            ("reason",),
+            registry=reg,
+        )
         if datapath_counters is not None:
             reg.register(_DatapathCollector(datapath_counters))
         if certificate_expiry is not None:
@@ -577,3 +584,6 @@ class NodeMetrics:
 
     def set_proxy_workers(self, count: int) -> None:
         self.proxy_workers.set(count)
+
+    def worker_recycled(self, reason: str) -> None:
+        self.workers_recycled.labels(reason).inc()

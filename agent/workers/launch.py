@@ -56,7 +56,7 @@ WORKER_ALLOCATOR = {
 
 
 class ForkServerGone(RuntimeError):
-    """The fork server exited and a new one could not be started."""
+    """The fork server exited (its own error is in the log)."""
 
 
 @dataclass
@@ -97,8 +97,9 @@ class WorkerLaunch:
 
     ``request`` sends (non-blocking) the worker's end of a new socket pair; ``receive`` reads
     one answer (the worker's pid and pidfd) once ``control`` is readable; ``take`` hands a
-    started worker over. Answers may come in any order; a dead server is started again and
-    asked again for what it had not answered."""
+    started worker over. Answers may come in any order. A dead server (``receive`` raises
+    ForkServerGone) is started again by ``restart`` (the pool waits a back-off first: a server
+    that cannot import would otherwise be started in a loop)."""
 
     config_json: str
     metrics_dir: Path
@@ -132,22 +133,20 @@ class WorkerLaunch:
     def request(self, index: int) -> None:
         """Ask the fork server for worker ``index`` (answered through ``receive``)."""
         if self.control is None:
-            self.start_server()
+            self.restart()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.asked[index] = ours
-        with contextlib.closing(theirs):
-            try:
-                self._send(index, theirs)
-            except OSError:  # the server died: a new one is asked for all, this one included
-                self._restart_server()
+        # if it died, the next ``receive`` says so
+        with contextlib.closing(theirs), contextlib.suppress(OSError):
+            self._send(index, theirs)
 
     def _send(self, index: int, theirs: socket.socket) -> None:
         assert self.control is not None
         socket.send_fds(self.control, [str(index).encode()], [theirs.fileno()])
 
     def receive(self) -> None:
-        """Read one answer of the fork server (``control`` is readable); if it died, start a
-        new one and ask it again for every worker not yet answered."""
+        """Read one answer of the fork server (``control`` is readable). Raises ForkServerGone
+        if it exited (its error is in the log): ``restart`` then starts a new one."""
         assert self.control is not None
         try:
             data, fds, _flags, _addr = socket.recv_fds(self.control, 64, 1)
@@ -156,24 +155,22 @@ class WorkerLaunch:
         if not data or not fds:
             for fd in fds:
                 os.close(fd)
-            self._restart_server()
-            return
+            self._stop_server()
+            raise ForkServerGone("the workers' fork server exited")
         index, pid = (int(part) for part in data.split())
         channel = self.asked.pop(index)
         self.started[index] = Launched(index, WorkerProcess(pid, fds[0]), channel)
 
-    def _restart_server(self) -> None:
+    def restart(self) -> None:
+        """Start a (new) fork server and ask it again for every worker not yet answered."""
         self._stop_server()
-        try:
-            self.start_server()
-            for index in self.asked:
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.asked[index].close()
-                self.asked[index] = ours
-                with contextlib.closing(theirs):
-                    self._send(index, theirs)
-        except OSError as exc:
-            raise ForkServerGone(f"cannot start the workers' fork server again: {exc}") from exc
+        self.start_server()
+        for index in list(self.asked):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.asked[index].close()
+            self.asked[index] = ours
+            with contextlib.closing(theirs):
+                self._send(index, theirs)
 
     def take(self, index: int) -> Launched | None:
         """Worker ``index`` if the server has started it (once), else None."""

@@ -1,8 +1,11 @@
-"""The agent's side of its proxy workers: start them, feed them, watch them, restart them.
+"""The agent's side of its proxy workers: start them, feed them, watch them, restart them,
+and replace one that a burst left grown (recycle.py).
 
-Each worker is a child process with a private socket pair to the agent. The agent sends the
-snapshot (encoded once for all), every certificate change and accept/stop and drain; a
-worker that exits unasked is started again (with a back-off) and fed the current state.
+Each worker is a child of the fork server (launch.py) with a private socket pair to the
+agent. The agent sends the snapshot (encoded once for all), every certificate change and
+accept/stop and drain; a worker that exits unasked is started again (with a back-off) and fed
+the current state. A slot's worker that grew is replaced: a fresh one is forked for the slot,
+and once it listens the old one drains (it serves what it holds, then exits).
 `WorkerPool` offers the agent what a `DataPlane` in its own process does: serve, accept
 on/off, drain, open connections and status.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -18,7 +22,13 @@ from meshagent.agent.config import AgentConfig
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import worker_exited
-from meshagent.agent.workers.launch import Launched, WorkerLaunch, WorkerProcess
+from meshagent.agent.workers.launch import (
+    ForkServerGone,
+    Launched,
+    WorkerLaunch,
+    WorkerProcess,
+)
+from meshagent.agent.workers.recycle import MemoryWatch, RecyclePolicy, rss_bytes
 from meshagent.agent.workers.wire import certs_message, merge_status, snapshot_message
 from meshagent.common.configwire import MessageStream, WireError
 
@@ -27,6 +37,7 @@ log = logging.getLogger(__name__)
 RESTART_INITIAL = 0.5
 RESTART_MAX = 10.0
 READY_TIMEOUT = 60.0
+RECYCLE_CHECK_S = 1.0
 
 
 def _open_in(status: dict[str, Any]) -> int:
@@ -35,21 +46,46 @@ def _open_in(status: dict[str, Any]) -> int:
     return proxy.get("active_connections", 0) + inbound.get("active", 0)
 
 
-class _Worker:
-    """One worker slot: the process of the moment, its outbox and its last status."""
+class _Process:
+    """One worker process: its outbox, its last status and its memory watch."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.pid = 0
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
         self.ready = trio.Event()
+        self.exited = trio.Event()
         self.status: dict[str, Any] = {}
         self.outbox: trio.MemorySendChannel | None = None
-        self.restarts = 0
         self.left_open: int | None = None  # connections still open when its drain ended
+        self.watch: MemoryWatch | None = None  # from when it listens
 
     def post(self, message: dict[str, Any] | bytes) -> None:
         if self.outbox is not None:
             self.outbox.send_nowait(message)
+
+
+class _Worker:
+    """One worker slot: the process that serves it now, and any it replaced still draining."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.current: _Process | None = None
+        self.retiring: list[_Process] = []
+        self.ready = trio.Event()  # its first process listens
+        self.recycle = trio.Event()  # replace the current process
+        self.restarts = 0
+        self.recycled = 0
+
+    @property
+    def pid(self) -> int:
+        return self.current.pid if self.current else 0
+
+    @property
+    def processes(self) -> list[_Process]:
+        return ([self.current] if self.current else []) + self.retiring
+
+    def post(self, message: dict[str, Any] | bytes) -> None:
+        if self.current is not None:
+            self.current.post(message)
 
 
 class WorkerPool:
@@ -60,15 +96,21 @@ class WorkerPool:
         store: SnapshotStore,
         identities: IdentityManager,
         launch: WorkerLaunch,
+        on_recycled: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.config = config
         self.store = store
         self.identities = identities
-        self.launch = launch  # the workers `meshagent run` started early are taken first
+        self.launch = launch  # the workers `meshagent run` asked for are taken first
         self.metrics_dir = launch.metrics_dir
         self.workers = [_Worker(i) for i in range(count)]
         self.accepting = True
         self.stopping = False
+        self._drain_timeout = 0.0  # once stopping
+        self.recycle_policy = RecyclePolicy(
+            config.worker_recycle_growth, config.worker_recycle_max_open
+        )
+        self.on_recycled = on_recycled  # a worker was replaced (its reason: "memory")
         self._snapshot: bytes | None = None
         self._spawning = trio.Lock()  # one reader of the fork server's answers at a time
         store.on_change(self._on_snapshot)
@@ -90,19 +132,24 @@ class WorkerPool:
         for w in self.workers:
             w.post({"type": "accepting", "on": on})
 
+    def _statuses(self) -> list[tuple[int, dict[str, Any]]]:
+        return [(w.index, p.status) for w in self.workers for p in w.processes if p.status]
+
     def open_connections(self) -> int:
-        """As the workers last reported (every second)."""
-        return sum(_open_in(w.status) for w in self.workers)
+        """As the workers last reported (every second), those draining included."""
+        return sum(_open_in(status) for _, status in self._statuses())
 
     def status(self) -> dict[str, Any]:
-        merged = merge_status([_tag_tunnels(w.status, w.index) for w in self.workers if w.status])
+        merged = merge_status([_tag_tunnels(status, index) for index, status in self._statuses()])
         merged["workers"] = [
             {
                 "index": w.index,
                 "pid": w.pid,
                 "restarts": w.restarts,
-                "outbound_accepted": w.status.get("proxy", {}).get("accepted_connections", 0),
-                "inbound_accepted": w.status.get("inbound", {}).get("accepted", 0),
+                "recycled": w.recycled,
+                "retiring_pids": [p.pid for p in w.retiring],
+                "outbound_accepted": _current(w).get("proxy", {}).get("accepted_connections", 0),
+                "inbound_accepted": _current(w).get("inbound", {}).get("accepted", 0),
             }
             for w in self.workers
         ]
@@ -111,16 +158,15 @@ class WorkerPool:
     async def drain(self, timeout: float) -> int:
         """Every worker stops accepting and exits once its connections end (or at
         ``timeout``); returns the connections still open when the last one exited."""
-        self.stopping = True
+        self.stopping, self._drain_timeout = True, timeout
+        everyone = [p for w in self.workers for p in w.processes]
         for w in self.workers:
             w.post({"type": "drain", "timeout": timeout})
         with trio.move_on_after(timeout + 5):
-            while self.running:
-                await trio.sleep(0.1)
+            for p in everyone:
+                await p.exited.wait()
         # what each worker said when it finished; its last status if it never said
-        return sum(
-            w.left_open if w.left_open is not None else _open_in(w.status) for w in self.workers
-        )
+        return sum(p.left_open if p.left_open is not None else _open_in(p.status) for p in everyone)
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -129,12 +175,14 @@ class WorkerPool:
         assert document is not None  # the store tells its listeners after keeping it
         self._snapshot = snapshot_message(document)
         for w in self.workers:
-            w.post(self._snapshot)
+            for p in w.processes:  # a draining one still relays under the snapshot in force
+                p.post(self._snapshot)
 
     def _on_certs(self) -> None:
         message = certs_message(self.identities.current())
         for w in self.workers:
-            w.post(message)
+            for p in w.processes:
+                p.post(message)
 
     def _initial_messages(self) -> list[dict[str, Any] | bytes]:
         out: list[dict[str, Any] | bytes] = []
@@ -146,6 +194,8 @@ class WorkerPool:
         out.append(certs_message(self.identities.current()))
         if not self.accepting:
             out.append({"type": "accepting", "on": False})
+        if self.stopping:  # started while the pool drains (a replacement under way)
+            out.append({"type": "drain", "timeout": self._drain_timeout})
         return out
 
     # -- running -------------------------------------------------------------------------------
@@ -159,60 +209,122 @@ class WorkerPool:
                 for w in self.workers:
                     await w.ready.wait()
             log.info("%d proxy workers ready", len(self.workers))
+            if self.recycle_policy.enabled:
+                nursery.start_soon(self._watch_memory)
             task_status.started()
 
     async def _supervise(self, w: _Worker) -> None:
         delay = RESTART_INITIAL
-        while True:
-            started = trio.current_time()
-            await self._run_once(w)
-            if self.stopping:
-                return
-            w.restarts += 1
-            if trio.current_time() - started > 60:
-                delay = RESTART_INITIAL
-            log.error("proxy worker %d exited; starting it again in %.1fs", w.index, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX)
+        async with trio.open_nursery() as nursery:
+            while True:
+                started = trio.current_time()
+                launched = await self._spawn(w.index)
+                process, replaced = _Process(launched.process.pid), w.current
+                w.current, w.recycle = process, trio.Event()
+                nursery.start_soon(self._run_once, w, process, launched)
+                if replaced is not None:
+                    nursery.start_soon(self._retire, w, replaced, process)
+                async with trio.open_nursery() as either:  # it exits, or it is to be replaced
+                    either.start_soon(_set_then_cancel, process.exited, either.cancel_scope)
+                    either.start_soon(_set_then_cancel, w.recycle, either.cancel_scope)
+                if not process.exited.is_set():
+                    continue  # recycled: a fresh one next, this one retires once it listens
+                if self.stopping:
+                    return
+                w.restarts += 1
+                if trio.current_time() - started > 60:
+                    delay = RESTART_INITIAL
+                log.error("proxy worker %d exited; starting it again in %.1fs", w.index, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX)
 
     async def _spawn(self, index: int) -> Launched:
         """Worker ``index`` from the fork server (asked for now unless `meshagent run` did)."""
-        launch = self.launch
+        launch, delay = self.launch, RESTART_INITIAL
         async with self._spawning:
             if index not in launch.asked and index not in launch.started:
                 launch.request(index)
             while (launched := launch.take(index)) is None:
+                if launch.control is None:
+                    launch.restart()
                 assert launch.control is not None
                 await trio.lowlevel.wait_readable(launch.control)
-                launch.receive()
+                try:
+                    launch.receive()
+                except ForkServerGone as exc:
+                    log.error("%s; starting it again in %.1fs", exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RESTART_MAX)
         return launched
 
-    async def _run_once(self, w: _Worker) -> None:
-        launched = await self._spawn(w.index)
+    async def _run_once(self, w: _Worker, p: _Process, launched: Launched) -> None:
         process, ours = launched.process, launched.channel
-        w.pid, w.status = process.pid, {}
         send, receive = trio.open_memory_channel[dict[str, Any] | bytes](math.inf)
-        w.outbox = send
+        p.outbox = send
         for message in self._initial_messages():
             send.send_nowait(message)
         channel = MessageStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, channel, receive)
-                nursery.start_soon(self._receive_loop, channel, w)
+                nursery.start_soon(self._receive_loop, channel, w, p)
                 await _exited(process)
                 nursery.cancel_scope.cancel()
         finally:
-            w.outbox = None
+            p.outbox = None
             with trio.CancelScope(shield=True):
                 if not process.exited():
                     process.kill()
                     await _exited(process)
                 process.close()
                 await channel.stream.aclose()
-            worker_exited(w.pid, self.metrics_dir)
-            log.info("proxy worker %d (pid %d) exited", w.index, w.pid)
-            w.pid, w.status = 0, {}
+            worker_exited(p.pid, self.metrics_dir)
+            log.info("proxy worker %d (pid %d) exited", w.index, p.pid)
+            if w.current is p:
+                w.current = None
+            p.exited.set()
+
+    async def _retire(self, w: _Worker, old: _Process, new: _Process) -> None:
+        """``old`` drains once ``new`` listens in its slot (or has died trying: the slot is
+        then started again as after any exit, and ``old`` drains all the same)."""
+        w.retiring.append(old)
+        try:
+            async with trio.open_nursery() as either:
+                either.start_soon(_set_then_cancel, new.ready, either.cancel_scope)
+                either.start_soon(_set_then_cancel, new.exited, either.cancel_scope)
+                either.start_soon(_set_then_cancel, old.exited, either.cancel_scope)
+            old.post({"type": "drain", "timeout": self.config.drain_timeout_s})
+            await old.exited.wait()
+        finally:
+            w.retiring.remove(old)
+
+    async def _watch_memory(self) -> None:
+        """Replace a worker that grew (recycle.py), one slot at a time."""
+        policy = self.recycle_policy
+        while True:
+            await trio.sleep(RECYCLE_CHECK_S)
+            if self.stopping or not self.accepting or any(w.retiring for w in self.workers):
+                continue
+            now = trio.current_time()
+            for w in self.workers:
+                p = w.current
+                if p is None or p.watch is None or (rss := rss_bytes(p.pid)) is None:
+                    continue
+                clients, accepted = _clients_in(p.status)
+                if p.watch.grown(policy, now, rss, clients, accepted):
+                    log.info(
+                        "proxy worker %d (pid %d) holds %.0f MiB, %.0f MiB fresh, %d client"
+                        " connection(s) open: replacing it with a fresh one (it drains)",
+                        w.index,
+                        p.pid,
+                        rss / 2**20,
+                        (p.watch.fresh or 0) / 2**20,
+                        clients,
+                    )
+                    w.recycled += 1
+                    self.on_recycled("memory")
+                    w.recycle.set()
+                    break
 
     async def _send_loop(self, channel: MessageStream, outbox: trio.MemoryReceiveChannel) -> None:
         async for message in outbox:
@@ -224,7 +336,7 @@ class WorkerPool:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
-    async def _receive_loop(self, channel: MessageStream, w: _Worker) -> None:
+    async def _receive_loop(self, channel: MessageStream, w: _Worker, p: _Process) -> None:
         while True:
             try:
                 message = await channel.receive()
@@ -234,17 +346,35 @@ class WorkerPool:
             if message is None:
                 return
             if message["type"] == "ready":
+                p.watch = MemoryWatch(ready_at=trio.current_time())
+                p.ready.set()
                 w.ready.set()
             elif message["type"] == "status":
-                w.status = message["status"]
+                p.status = message["status"]
             elif message["type"] == "drained":
-                w.left_open = int(message["left"])
+                p.left_open = int(message["left"])
+
+
+def _clients_in(status: dict[str, Any]) -> tuple[int, int]:
+    """Client connections open on 15001, and connections accepted so far (15001 and 15008)."""
+    proxy, inbound = status.get("proxy", {}), status.get("inbound", {})
+    accepted = proxy.get("accepted_connections", 0) + inbound.get("accepted", 0)
+    return proxy.get("active_connections", 0), accepted
+
+
+def _current(w: _Worker) -> dict[str, Any]:
+    return w.current.status if w.current else {}
 
 
 def _tag_tunnels(status: dict[str, Any], worker: int) -> dict[str, Any]:
     """A worker's status with its index on each tunnel: each worker pools its own."""
     tunnels = [{**t, "worker": worker} for t in status.get("tunnels", [])]
     return {**status, "tunnels": tunnels}
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _exited(process: WorkerProcess) -> None:

@@ -1,0 +1,75 @@
+"""When a proxy worker that grew is replaced (agent/workers/recycle.py): only once a burst is
+over (few connections for a while), past its own fresh figure by more than the growth set,
+never while young, never with the policy off."""
+
+from __future__ import annotations
+
+import os
+
+from meshagent.agent.workers.recycle import (
+    FRESH_AFTER_S,
+    MIN_AGE_S,
+    QUIET_S,
+    MemoryWatch,
+    RecyclePolicy,
+    rss_bytes,
+)
+
+MIB = 2**20
+POLICY = RecyclePolicy(growth=0.25, max_open=16)
+
+
+def _fresh_watch(fresh: int = 60 * MIB) -> MemoryWatch:
+    watch = MemoryWatch(ready_at=0.0)
+    assert not watch.grown(POLICY, FRESH_AFTER_S - 0.5, 10 * MIB, 0, 0)  # too early to tell
+    assert watch.fresh is None
+    assert not watch.grown(POLICY, FRESH_AFTER_S, fresh, 0, 0)
+    assert watch.fresh == fresh
+    return watch
+
+
+def test_a_grown_idle_worker_is_replaced_once_quiet_for_a_while():
+    watch = _fresh_watch()
+    grown = 90 * MIB
+    assert not watch.grown(POLICY, MIN_AGE_S, grown, 3, 0)  # quiet from now on
+    assert not watch.grown(POLICY, MIN_AGE_S + QUIET_S - 0.5, grown, 3, 0)
+    assert watch.grown(POLICY, MIN_AGE_S + QUIET_S, grown, 3, 0)
+
+
+def test_a_busy_worker_is_kept_and_its_quiet_time_starts_again():
+    watch = _fresh_watch()
+    grown = 90 * MIB
+    assert not watch.grown(POLICY, 100.0, grown, 0, 0)
+    assert not watch.grown(POLICY, 103.0, grown, 500, 0)  # a burst again
+    assert not watch.grown(POLICY, 104.0, grown, 0, 0)
+    assert not watch.grown(POLICY, 104.0 + QUIET_S - 0.5, grown, 0, 0)
+    assert watch.grown(POLICY, 104.0 + QUIET_S, grown, 0, 0)
+
+
+def test_a_burst_of_new_connections_is_not_quiet_even_if_they_close_at_once():
+    watch = _fresh_watch()
+    grown = 90 * MIB
+    assert not watch.grown(POLICY, 100.0, grown, 0, 1000)
+    assert not watch.grown(POLICY, 103.0, grown, 0, 1500)  # 500 accepted and closed: a burst
+    assert not watch.grown(POLICY, 103.0 + QUIET_S - 0.5, grown, 0, 1516)  # 16: quiet
+    assert watch.grown(POLICY, 103.0 + QUIET_S, grown, 0, 1516)
+
+
+def test_growth_within_the_bound_or_a_young_worker_or_the_policy_off_keeps_it():
+    within = _fresh_watch(60 * MIB)
+    assert not within.grown(POLICY, 100.0, 75 * MIB, 0, 0)
+    assert not within.grown(POLICY, 200.0, 75 * MIB, 0, 0)  # 25 %: not more than 25 %
+    young = _fresh_watch()
+    assert not young.grown(POLICY, FRESH_AFTER_S + 1, 90 * MIB, 0, 0)  # quiet from now on
+    assert not young.grown(POLICY, MIN_AGE_S - 0.5, 90 * MIB, 0, 0)
+    assert young.grown(POLICY, MIN_AGE_S, 90 * MIB, 0, 0)
+    off = RecyclePolicy(growth=0.0, max_open=16)
+    assert not off.enabled
+    idle = _fresh_watch()
+    assert not idle.grown(off, 100.0, 900 * MIB, 0, 0)
+    assert not idle.grown(off, 200.0, 900 * MIB, 0, 0)
+
+
+def test_rss_of_this_process_and_of_none():
+    assert rss_bytes(os.getpid()) > MIB
+    assert rss_bytes(2**22 + 11) is None
