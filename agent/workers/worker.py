@@ -1,10 +1,11 @@
 """One proxy worker process: a `DataPlane` fed by the agent over a socket pair.
 
-Started (`launch.py`: by `meshagent run` before the agent imports itself, and by
-`pool.WorkerPool` for restarts) as ``python -m meshagent.agent.workers.worker``, with the
-agent's settings in ``$MESHAGENT_WORKER_CONFIG`` (JSON), the pair's end as fd
-``$MESHAGENT_WORKER_FD`` and ``PROMETHEUS_MULTIPROC_DIR`` set. It waits for the agent's first
-message (the datapath is in place by then) before it opens the maps and listens. It exits
+Forked by the workers' fork server (`forkserver.py`, asked by `meshagent run` before the agent
+imports itself and by `pool.WorkerPool` for restarts and replacements), which has imported
+this module; `main` then runs with the agent's settings in ``$MESHAGENT_WORKER_CONFIG``
+(JSON), the pair's end as fd ``$MESHAGENT_WORKER_FD`` and ``PROMETHEUS_MULTIPROC_DIR`` set.
+It waits for the agent's first message (the datapath is in place by then) before it opens the
+maps and listens. It exits
 when the agent closes the pair (the agent stopped or died: a worker never outlives it) or
 after a drain.
 """
