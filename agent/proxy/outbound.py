@@ -228,6 +228,7 @@ class OutboundProxy:
                 tls=spec.policy.tls,
                 hostname=spec.key.hostname,
                 keepalive=spec.policy.keepalive,
+                alpn=("h2",) if h2 else (),
             )
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1

@@ -68,13 +68,16 @@ def _mtime(path: str | None) -> float | None:
         return None
 
 
-def context(settings: ClientTLSSettings) -> ssl.SSLContext:
-    """The SSLContext for `settings`, rebuilt when one of its files changes (rotation)."""
+def context(settings: ClientTLSSettings, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """The SSLContext for `settings` offering `alpn`, rebuilt when one of its files changes
+    (rotation)."""
     files = (settings.ca_certificates, settings.client_certificate, settings.private_key)
-    key = (settings, tuple(_mtime(f) for f in files))
+    key = (settings, alpn, tuple(_mtime(f) for f in files))
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = _build(settings)
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
         if len(_contexts) >= _MAX_CONTEXTS:
             _contexts.clear()
         _contexts[key] = ctx
@@ -123,12 +126,17 @@ def peer_names(der: bytes) -> set[str]:
 
 
 async def originate(
-    stream: trio.abc.Stream, settings: ClientTLSSettings, hostname: str | None
+    stream: trio.abc.Stream,
+    settings: ClientTLSSettings,
+    hostname: str | None,
+    alpn: tuple[str, ...] = (),
 ) -> TlsStream:
-    """Handshake TLS over `stream` per `settings`; raises TlsOriginError naming the cause.
-    The caller bounds the time (its connect timeout) and closes `stream` on failure."""
+    """Handshake TLS over `stream` per `settings`, offering the protocols `alpn` (("h2",) for
+    HTTP/2 upstreams, as Envoy offers h2 to a cluster it speaks HTTP/2 to); raises
+    TlsOriginError naming the cause. The caller bounds the time (its connect timeout) and
+    closes `stream` on failure."""
     sni = settings.sni or hostname
-    ctx = context(settings)
+    ctx = context(settings, alpn)
     if ctx.check_hostname and not sni:
         raise TlsOriginError("no SNI to verify the server's name against: set sni")
     tls = trio.SSLStream(stream, ctx, server_hostname=sni, https_compatible=True)

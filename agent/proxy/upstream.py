@@ -181,6 +181,7 @@ class Connector:
         hostname: str | None = None,
         keepalive: Keepalive | None = None,
         local_http: bool = True,
+        alpn: tuple[str, ...] = (),
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
@@ -190,7 +191,8 @@ class Connector:
         its `tcp.tcpKeepalive` for the socket to the endpoint when this proxy dials it (not
         through HBONE: the destination's node dials the pod). `local_http` False: a same-node
         HTTP pod is dialled directly, authorized per connection (the `l4` and `observe` levels),
-        not served by this node's inbound HTTP engine. Raises UpstreamError."""
+        not served by this node's inbound HTTP engine. `alpn`: the protocols a TLS origination
+        (`tls` SIMPLE/MUTUAL) offers. Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -226,7 +228,9 @@ class Connector:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
             set_keepalive(stream, keepalive)  # values the schema checked: the kernel takes them
             if tls is not None and tls.mode in ("SIMPLE", "MUTUAL"):
-                stream = await self._originate(stream, tls, hostname, ip, port, connect_timeout)
+                stream = await self._originate(
+                    stream, tls, hostname, ip, port, connect_timeout, alpn
+                )
             tables = self.store.tables
             peer = tables.workload_by_ip.get(ip) if tables else None
             security = local_hop_security(source is not None, peer, self.node)
@@ -267,11 +271,12 @@ class Connector:
         ip: str,
         port: int,
         timeout: float,
+        alpn: tuple[str, ...] = (),
     ) -> trio.abc.HalfCloseableStream:
         """TLS over a fresh direct connection; closed again if the handshake fails."""
         try:
             with trio.fail_after(timeout):
-                return await originate(stream, tls, hostname)
+                return await originate(stream, tls, hostname, alpn)
         except (TlsOriginError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
             reason = str(exc) if isinstance(exc, TlsOriginError) else "TLS handshake timeout"

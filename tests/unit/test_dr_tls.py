@@ -101,13 +101,16 @@ class Server:
             (tmp / "client-ca.pem").write_bytes(client_ca.pem)
             self.ctx.load_verify_locations(tmp / "client-ca.pem")
             self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx.set_alpn_protocols(["h2", "http/1.1"])
         self.client_certs: list[bytes | None] = []
+        self.alpn: list[str | None] = []  # the protocol each handshake selected
 
     async def handle(self, raw: trio.SocketStream) -> None:
         stream = trio.SSLStream(raw, self.ctx, server_side=True)
         try:
             await stream.do_handshake()
             self.client_certs.append(stream.getpeercert(binary_form=True))
+            self.alpn.append(stream.selected_alpn_protocol())
             await stream.send_all(b"hello " + await stream.receive_some(100))
         except trio.BrokenResourceError:
             pass
@@ -115,7 +118,7 @@ class Server:
             await trio.aclose_forcefully(stream)
 
 
-async def exchange(server: Server, settings: ClientTLSSettings) -> bytes:
+async def exchange(server: Server, settings: ClientTLSSettings, alpn=()) -> bytes:
     """One greeting through `originate`; its error is raised as is (not in a group)."""
     failure: TlsOriginError | None = None
     reply = b""
@@ -125,7 +128,7 @@ async def exchange(server: Server, settings: ClientTLSSettings) -> bytes:
         raw = await trio.open_tcp_stream("127.0.0.1", port)
         try:
             with trio.fail_after(10):
-                stream = await originate(raw, settings, HOST)
+                stream = await originate(raw, settings, HOST, alpn)
                 assert stream.socket is raw.socket  # the pool polls it while idle
                 await stream.send_all(b"mesh")
                 reply = await stream.receive_some(100)
@@ -151,6 +154,17 @@ async def test_simple_verifies_the_server_against_ca_certificates(tmp_path) -> N
     ca = TestCA()
     settings = tls(mode="SIMPLE", caCertificates=write_ca(ca, tmp_path / "ca.pem"))
     assert await exchange(Server(ca, tmp_path), settings) == b"hello mesh"
+
+
+async def test_an_http2_upstream_offers_alpn_h2(tmp_path) -> None:
+    """h2UpgradePolicy UPGRADE over `tls` SIMPLE: the handshake offers h2 (as Envoy does for
+    a cluster it speaks HTTP/2 to); an HTTP/1.1 upstream offers nothing."""
+    ca = TestCA()
+    settings = tls(mode="SIMPLE", caCertificates=write_ca(ca, tmp_path / "ca.pem"))
+    server = Server(ca, tmp_path)
+    assert await exchange(server, settings, ("h2",)) == b"hello mesh"
+    assert await exchange(server, settings) == b"hello mesh"
+    assert server.alpn == ["h2", None]
 
 
 async def test_simple_refuses_a_server_of_another_ca_saying_why(tmp_path) -> None:
