@@ -11,7 +11,8 @@ from the pipe into the other socket, so the kernel moves pages instead of copyin
 twice through a Python bytes object, and one Python round trip moves up to a pipe's
 worth (1 MiB) rather than one read. The pipe is made on the first byte, so an idle
 connection holds none. Other streams (an HBONE tunnel) go through `receive_some` /
-`send_all`.
+`send_all`, and so does a relay with a `Tap` (the `observe` level's parser), which is shown
+each batch once it went out.
 
 Idle connections are most of a proxy's connections, so until either side has something
 to read the relay waits in the caller's task alone, as cheaply as trio allows: no

@@ -325,3 +325,56 @@ async def test_a_relay_ending_otherwise_is_not_an_idle_timeout() -> None:
     assert not result.idle_timed_out
     for s in (app, client_side, upstream_side, server):
         await s.aclose()
+
+
+class _Tap:
+    """Records what a tapped relay showed it (the `observe` level's parser's seat)."""
+
+    def __init__(self) -> None:
+        self.request = bytearray()
+        self.response = bytearray()
+        self.ended: list[str] = []
+
+    def request_data(self, data: bytes) -> None:
+        self.request += data
+
+    def response_data(self, data: bytes) -> None:
+        self.response += data
+
+    def request_eof(self) -> None:
+        self.ended.append("request")
+
+    def response_eof(self) -> None:
+        self.ended.append("response")
+
+
+async def test_a_tap_sees_every_byte_both_ways_and_the_relay_moves_them_unchanged():
+    """Socket to socket too (where the untapped relay splices): the tap must see the bytes."""
+    up = os.urandom(300_000)
+    down = os.urandom(200_000)
+    client_app, client_side = await _tcp_pair()
+    upstream_side, server_app = await _tcp_pair()
+    tap = _Tap()
+    got: dict[str, bytes] = {}
+
+    async def server() -> None:
+        got["server"] = await _read_all(server_app)
+        await server_app.send_all(down)
+        await server_app.send_eof()
+
+    async def client() -> None:
+        await client_app.send_all(up)
+        await client_app.send_eof()
+        got["client"] = await _read_all(client_app)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            nursery.start_soon(client)
+            result = await relay(client_side, upstream_side, tap=tap)
+    assert got == {"server": up, "client": down}
+    assert (bytes(tap.request), bytes(tap.response)) == (up, down)
+    assert sorted(tap.ended) == ["request", "response"]
+    assert (result.sent, result.received) == (len(up), len(down))
+    for stream in (client_app, client_side, upstream_side, server_app):
+        await stream.aclose()
