@@ -213,11 +213,14 @@ def compile_levels(
 
 
 def forced_levels(service_objects: Iterable[dict]) -> dict[tuple[str, str], str]:
-    """The `meshagent.io/l7` annotation of each Service object that has one."""
+    """The `meshagent.io/l7` annotation of each Service object that has one, else its label of
+    that name (DESIGN.md: a label or an annotation; the annotation wins)."""
     out = {}
     for svc in service_objects:
         meta = svc.get("metadata") or {}
         value = (meta.get("annotations") or {}).get(L7_ANNOTATION)
+        if value is None:
+            value = (meta.get("labels") or {}).get(L7_ANNOTATION)
         if value is not None:
             out[(meta.get("namespace", "default"), meta.get("name", ""))] = str(value).lower()
     return out

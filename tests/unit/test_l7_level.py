@@ -9,10 +9,14 @@ from meshagent.controller.compiler import compile_shared
 from meshagent.controller.model import ClusterModel
 
 
-def _service(port_name: str = "http-web", annotation: str | None = None) -> dict:
+def _service(
+    port_name: str = "http-web", annotation: str | None = None, label: str | None = None
+) -> dict:
     meta: dict = {"name": "web", "namespace": "shop"}
     if annotation is not None:
         meta["annotations"] = {"meshagent.io/l7": annotation}
+    if label is not None:
+        meta["labels"] = {"meshagent.io/l7": label}
     return {
         "kind": "Service",
         "metadata": meta,
@@ -168,6 +172,8 @@ def _level(*objects: dict) -> str:
         ((_service("grpc", annotation="off"),), "l4"),
         ((_service("tcp", annotation="full"),), "l4"),
         ((_service(annotation="typo"), _vs()), "full"),  # ignored
+        ((_service(label="off"), _vs()), "l4"),  # a label of the same name serves too
+        ((_service(annotation="full", label="off"),), "full"),  # the annotation wins
     ],
 )
 def test_level_decision_table(objects: tuple[dict, ...], level: str) -> None:
