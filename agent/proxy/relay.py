@@ -111,13 +111,25 @@ class RelayResult:
 Count = Callable[[int], None]  # told each batch of bytes once it went out
 
 
-async def _pipe(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, count: Count) -> None:
+async def _pipe(
+    src: trio.abc.ReceiveStream,
+    dst: trio.abc.SendStream,
+    count: Count,
+    seen: Callable[[bytes], None] | None = None,
+    ended: Callable[[], None] | None = None,
+) -> None:
+    """One direction through Python; a tap's `seen` is shown each batch after it went out (so
+    the tap adds no latency), `ended` its end."""
     while True:
         data = await src.receive_some(CHUNK)
         if not data:
             break
         await dst.send_all(data)
         count(len(data))
+        if seen is not None:
+            seen(data)
+    if ended is not None:
+        ended()
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
 
@@ -294,36 +306,16 @@ class Tap(Protocol):
     def response_eof(self) -> None: ...
 
 
-async def _tapped_pipe(
-    src: trio.abc.ReceiveStream,
-    dst: trio.abc.SendStream,
-    count: Count,
-    seen: Callable[[bytes], None],
-    ended: Callable[[], None],
-) -> None:
-    """`_pipe` that shows the tap each batch after it went out (so the tap adds no latency),
-    and its end. No splice: the bytes must come up to Python to be seen."""
-    while True:
-        data = await src.receive_some(CHUNK)
-        if not data:
-            break
-        await dst.send_all(data)
-        count(len(data))
-        seen(data)
-    ended()
-    if isinstance(dst, trio.abc.HalfCloseableStream):
-        await dst.send_eof()
-
-
 async def _tapped_both_ways(
     client: trio.abc.Stream, upstream: trio.abc.Stream, result: RelayResult, tap: Tap
 ) -> None:
     async with trio.open_nursery() as nursery:
+        # no splice: the bytes must come up to Python to be seen
         nursery.start_soon(
-            _tapped_pipe, client, upstream, result.add_sent, tap.request_data, tap.request_eof
+            _pipe, client, upstream, result.add_sent, tap.request_data, tap.request_eof
         )
         nursery.start_soon(
-            _tapped_pipe, upstream, client, result.add_received, tap.response_data, tap.response_eof
+            _pipe, upstream, client, result.add_received, tap.response_data, tap.response_eof
         )
 
 
