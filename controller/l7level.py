@@ -14,7 +14,8 @@ The decision table (`port_level`), first match wins:
 4. an HTTP/1.1 port: `full` when a resource needs a decision per request (`L7Needs`): a
    VirtualService with http rules for its host, a DestinationRule acting per request
    (connectionPool.http, loadBalancer.simple, consistentHash by header/cookie/query
-   parameter, outlierDetection, at any level: top, subset, port), an AuthorizationPolicy of
+   parameter, outlierDetection, tls other than ISTIO_MUTUAL, at any level: top, subset,
+   port), an AuthorizationPolicy of
    any action selecting a pod behind it (a denial on an HTTP port is a 403 per request), a
    RequestAuthentication with jwtRules selecting one; else `observe`.
 
@@ -102,6 +103,10 @@ def _policy_needs(policy: net._Policies | None) -> str | None:
         return f"loadBalancer {lb.simple} (per request)"
     if policy.outlier_detection is not None:
         return "outlierDetection (response codes)"
+    if policy.tls is not None and policy.tls.mode != "ISTIO_MUTUAL":
+        # TLS this proxy originates (or plaintext toward a STRICT pod): a failure is answered
+        # per request, 503 with Envoy's transport failure reason, not a reset
+        return f"tls {policy.tls.mode} (failures answered per request)"
     return None
 
 

@@ -123,6 +123,9 @@ def _level(*objects: dict) -> str:
             "observe",
         ),
         ((_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}})), "full"),
+        ((_service(), _dr({"tls": {"mode": "SIMPLE"}})), "full"),
+        ((_service(), _dr({"tls": {"mode": "DISABLE"}})), "full"),
+        ((_service(), _dr({"tls": {"mode": "ISTIO_MUTUAL"}})), "observe"),
         (
             (_service(), _dr({"outlierDetection": {"consecutive5xxErrors": 3}}, port_level=True)),
             "full",
