@@ -79,7 +79,7 @@ def run(ctx: click.Context, config_file: Path | None, verbose: bool, **overrides
     # The proxy workers import their code while the agent imports its own (a restart serves
     # sooner); they wait for the agent before they touch the datapath.
     workers = start_workers(
-        config.model_dump_json(), config.worker_count, config.worker_metrics_dir
+        config.model_dump_json(), config.worker_count, config.worker_metrics_dir, fork_here=True
     )
     import trio
     from meshagent.agent.run import Agent

@@ -32,6 +32,7 @@ import yaml
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath import loader
 from meshagent.agent.handover import POD_NAME_ENV, POD_UID_ENV
+from meshagent.agent.workers.launch import WORKER_ALLOCATOR
 from meshagent.lab import cgroups, net, placement, probe
 from meshagent.lab.kubeapi import ApiError, KubeApi, UnknownKind
 from meshagent.lab.paths import (
@@ -596,7 +597,9 @@ def start_agent(node: NodePlan, *, new_pod: bool = False, api: KubeApi | None = 
         f"agent-{node.name}",
         ["nsenter", f"--net={NETNS_DIR / node.netns}", "--", *argv],
         cgroups.system_cgroup(f"agent-{node.name}"),
-        env={POD_UID_ENV: pod["uid"], POD_NAME_ENV: pod["name"]},
+        # the workers' allocator for the agent too: it can then fork their fork server
+        # after importing what both need (agent/workers/launch.py), as the DaemonSet sets it
+        env={POD_UID_ENV: pod["uid"], POD_NAME_ENV: pod["name"], **WORKER_ALLOCATOR},
     )
     save_agent_pods(node.name, pods)
     return pod["pid"]

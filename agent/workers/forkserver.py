@@ -16,6 +16,7 @@ its successor, so zombies do not pile up), and not before it has opened the new 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -23,13 +24,53 @@ import sys
 import threading
 import traceback
 
-# The reason this process exists: what every worker imports, imported once before forking.
-from meshagent.agent.workers import worker
 from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV
+
+# What both the agent and its workers import, none of it importing prometheus_client:
+# imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server).
+SHARED = (
+    "trio",
+    "meshagent.agent.state",
+    "meshagent.agent.identity.manager",
+    "meshagent.agent.identity.controller_signer",
+    "meshagent.agent.identity.certstore",
+    "meshagent.agent.configclient",
+    "meshagent.agent.datapath.loader",
+    "meshagent.agent.meshing",
+    "meshagent.common.httpserve",
+)
+
+
+def import_shared() -> bool:
+    """Import `SHARED` here; False if a fork now would share what it must not (a thread, or
+    prometheus_client already imported with the agent's storage)."""
+    for name in SHARED:
+        importlib.import_module(name)
+    return "prometheus_client" not in sys.modules and threading.active_count() == 1
+
+
+def run_forked(control: socket.socket, env: dict[str, str]) -> None:
+    """The fork server as a fork of `meshagent run`: the workers' environment, their code (the
+    rest of it), then serve; never returns."""
+    code = 1
+    try:
+        os.environ.update(env)  # before prometheus_client is imported: its storage
+        logging.root.handlers.clear()  # the agent's; a worker sets up its own
+        serve(control)
+        code = 0
+    except (BrokenPipeError, ConnectionResetError):
+        code = 0  # the agent died mid-answer
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _child(control: socket.socket, index: int, fd: int) -> None:
     """Become worker ``index`` on channel ``fd``; never returns."""
+    from meshagent.agent.workers import worker  # imported by the server before any fork
+
     code = 1
     try:
         control.close()
@@ -49,6 +90,9 @@ def _child(control: socket.socket, index: int, fd: int) -> None:
 
 def serve(control: socket.socket) -> None:
     """Fork a worker per request until the agent closes ``control``."""
+    # The reason this process exists: what every worker imports, imported once before forking.
+    from meshagent.agent.workers import worker  # noqa: F401
+
     if threading.active_count() != 1:  # a thread would be half-copied into every worker
         raise RuntimeError(f"fork server: {threading.active_count()} threads before forking")
     while True:

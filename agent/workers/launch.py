@@ -104,7 +104,7 @@ class WorkerLaunch:
     config_json: str
     metrics_dir: Path
     metrics_env: dict[str, str]
-    server: subprocess.Popen | None = None
+    server: subprocess.Popen | ForkedServer | None = None
     control: socket.socket | None = None
     asked: dict[int, socket.socket] = field(default_factory=dict)  # index -> agent's end
     started: dict[int, Launched] = field(default_factory=dict)
@@ -129,6 +129,29 @@ class WorkerLaunch:
         finally:
             theirs.close()
         self.control = ours
+
+    def fork_server(self) -> bool:
+        """Start the fork server as a fork of this process (`meshagent run`, before trio runs):
+        it first imports here what the agent and its workers both import, so that is done once.
+        Only where this process already runs on the workers' allocator and has not imported
+        prometheus_client (it picks its storage when imported); False if not (then
+        ``start_server`` execs one)."""
+        if not allocator_in_force():
+            return False
+        from meshagent.agent.workers.forkserver import import_shared
+
+        if not import_shared():
+            return False
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the fork server; never returns
+            ours.close()
+            from meshagent.agent.workers.forkserver import run_forked
+
+            run_forked(theirs, {**self.metrics_env, CONFIG_ENV: self.config_json})
+        theirs.close()
+        self.server, self.control = ForkedServer(pid), ours
+        return True
 
     def request(self, index: int) -> None:
         """Ask the fork server for worker ``index`` (answered through ``receive``)."""
@@ -198,6 +221,27 @@ class WorkerLaunch:
         self._stop_server()
 
 
+def allocator_in_force() -> bool:
+    """Whether this process runs with the allocator settings its workers get (set before it
+    started: they cannot change in a running interpreter)."""
+    return all(key in os.environ for key in WORKER_ALLOCATOR)
+
+
+class ForkedServer:
+    """The fork server when it is this process's fork: what the agent needs of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
 def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
     """This agent's workers' metric folder (created mode 0700, or emptied: stale files would be
     summed into this run's counters), next to those of other agents on the node (a surge
@@ -216,14 +260,19 @@ def prepare_worker_metrics(parent: Path, folder: Path) -> dict[str, str]:
     return {MULTIPROC_ENV: str(folder)}
 
 
-def start_workers(config_json: str, count: int, metrics_parent: Path) -> WorkerLaunch | None:
+def start_workers(
+    config_json: str, count: int, metrics_parent: Path, *, fork_here: bool = False
+) -> WorkerLaunch | None:
     """Prepare this agent's metric folder, start the fork server and ask it for ``count``
-    workers (None for one: the agent is then the proxy itself)."""
+    workers (None for one: the agent is then the proxy itself). ``fork_here``: the server may
+    be a fork of this process (`WorkerLaunch.fork_server`: no thread may run yet)."""
     if count <= 1:
         return None
     folder = metrics_parent / str(os.getpid())
     plan = WorkerLaunch(config_json, folder, prepare_worker_metrics(metrics_parent, folder))
     try:
+        if fork_here:
+            plan.fork_server()
         for index in range(count):
             plan.request(index)
     except BaseException:

@@ -26,6 +26,7 @@ from kubernetes_validate.utils import latest_version
 from meshagent.agent.cli import run as run_command
 from meshagent.agent.config import AgentConfig, load_config
 from meshagent.agent.datapath.loader import HEADERS_ENV, fallback_kernel_headers
+from meshagent.agent.workers.launch import WORKER_ALLOCATOR
 from meshagent.common.istio import SUPPORTED_KINDS
 from meshagent.common.istio.networking import NETWORKING_API_VERSIONS
 from meshagent.common.istio.security import SECURITY_API_VERSIONS
@@ -375,6 +376,8 @@ def test_agent_command_is_the_documented_one(agent: Obj) -> None:
         "HOST_IP": "status.hostIP",
         "POD_UID": "metadata.uid",
         "POD_NAME": "metadata.name",
+        # the proxy workers' allocator, for the agent too: it forks their fork server
+        **WORKER_ALLOCATOR,
     }
 
 

@@ -4,6 +4,7 @@ fork server that imports a worker's code once forks the workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -118,3 +119,46 @@ def test_workers_not_taken_are_killed_on_close(tmp_path):
     plan.close()
     assert sleeper.wait(timeout=10) == -9 and plan.started == {}
     assert a.fileno() == -1 and process.pidfd == -1
+
+
+FORKED = """
+import json, os, select, sys, tempfile
+from pathlib import Path
+from meshagent.agent.workers import launch
+folder = Path(tempfile.mkdtemp())
+plan = launch.WorkerLaunch("{}", folder, {launch.MULTIPROC_ENV: str(folder)})
+forked = plan.fork_server()
+plan.request(0)
+while (w := plan.take(0)) is None:
+    select.select([plan.control], [], [], 30)
+    plan.receive()
+def parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+out = {"forked": forked, "server_parent": parent(plan.server.pid), "me": os.getpid(),
+       "worker_parent": parent(w.process.pid), "server": plan.server.pid,
+       "prometheus_here": "prometheus_client" in sys.modules}
+plan.started[0] = w
+plan.close()
+print(json.dumps(out))
+"""
+
+
+def _run_forked(env: dict[str, str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", FORKED], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_fork_server_is_a_fork_of_the_agent_on_the_workers_allocator():
+    seen = _run_forked({**os.environ, **launch.WORKER_ALLOCATOR})
+    assert seen["forked"] and seen["server_parent"] == seen["me"]
+    assert seen["worker_parent"] == seen["server"]
+    assert not seen["prometheus_here"]  # the agent picks its own metrics storage later
+
+
+def test_on_another_allocator_the_fork_server_is_its_own_interpreter():
+    env = {k: v for k, v in os.environ.items() if k not in launch.WORKER_ALLOCATOR}
+    seen = _run_forked(env)
+    assert not seen["forked"] and seen["worker_parent"] == seen["server"]
