@@ -1,11 +1,11 @@
 """Push latency: from a change in the controller's model to the ACK of every agent.
 
 One controller push server runs in this process on loopback (real TLS with its own stream
-certificate, node bootstrap tokens, the real compiler); a second process runs the simulated
-agents, one real TLS connection each, authenticating with its node's token and ACKing every
-snapshot or delta it receives (after parsing it), so agents and controller do not share a
-CPU. Each
-round changes one pod's label (which changes every node's snapshot, since each lists all
+certificate, node bootstrap tokens, the real compiler); a second process (or
+--agent-processes of them) runs the simulated agents, one real TLS connection each,
+authenticating with its node's token and ACKing every snapshot or delta it receives (after
+parsing it; a stream that fails is opened again), so agents and controller do not share a
+CPU. Each round changes one pod's label (which changes every node's snapshot, since each lists all
 workloads), then waits, polling every millisecond, until every session has ACKed its node's
 new version. Prints p50/p99 over the rounds and writes them as JSON.
 
@@ -34,9 +34,11 @@ agents', as without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import random
 import resource
 import ssl
 import statistics
@@ -49,7 +51,7 @@ from pathlib import Path
 import trio
 from meshagent.agent.configclient import ControllerLink, _receive_loop
 from meshagent.agent.state import SnapshotStore
-from meshagent.common.configwire import MessageStream
+from meshagent.common.configwire import MessageStream, WireError
 from meshagent.controller.ca import CertificateAuthority
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
@@ -142,10 +144,22 @@ def pod(node: int, index: int, round_: int, pods_per_node: int = PODS_PER_NODE) 
 # -- the simulated agents (their own process) ------------------------------------------------
 
 
+# What ends a stream the agent opens again, as a real agent's config client does: on a busy
+# machine a thousand handshakes at once can outlast the controller's hello timeout.
+_STREAM_ENDS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError)
+RECONNECT_AFTER = 1.0
+
+
 async def run_agents(port: int, root: Path, tokens: dict[str, str]) -> None:
     context = ssl.create_default_context(cafile=str(root))
 
     async def agent(node: str, token: str) -> None:
+        while True:
+            with contextlib.suppress(*_STREAM_ENDS):
+                await session(node, token)
+            await trio.sleep(RECONNECT_AFTER * (1 + random.random()))
+
+    async def session(node: str, token: str) -> None:
         stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
         async with stream:
             wire = MessageStream(stream)
@@ -196,11 +210,22 @@ async def run_view(port: int, root: Path, node: str, token: str, stats: Path) ->
     with tempfile.TemporaryDirectory(prefix="push-view-") as state:
         store = SnapshotStore(node, Path(state))
         link = ControllerLink(address=f"127.0.0.1:{port}", tls=True)
-        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
-        async with stream, trio.open_nursery() as nursery:
-            wire = MessageStream(stream)
-            await wire.send({"type": "hello", "node": node, "token": token, "version": ""})
-            nursery.start_soon(_receive_loop, wire, store, link, None)
+
+        async def stream() -> None:  # again on failure, from the version held
+            while True:
+                with contextlib.suppress(*_STREAM_ENDS):
+                    tls = await trio.open_ssl_over_tcp_stream(
+                        "127.0.0.1", port, ssl_context=context
+                    )
+                    async with tls:
+                        wire = MessageStream(tls)
+                        hello = {"type": "hello", "node": node, "token": token}
+                        await wire.send({**hello, "version": store.version})
+                        await _receive_loop(wire, store, link, None)
+                await trio.sleep(RECONNECT_AFTER)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
             started = time.monotonic()
             while True:
                 await trio.sleep(VIEW_SAMPLE)
@@ -239,6 +264,7 @@ async def measure(
     duration: float = 0.0,
     connect_timeout: float = CONNECT_TIMEOUT,
     agent_view: bool = False,
+    agent_processes: int = 1,
 ) -> tuple[list[float], float, float, dict]:
     """Latencies in milliseconds (one per round, or with `churn` one per change), the bytes
     the controller sent per change and agent once every agent was connected, this process's
@@ -257,8 +283,13 @@ async def measure(
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(tokens, f)
-    simulated = folder / "simulated-tokens.json"
-    simulated.write_text(json.dumps({n: t for n, t in tokens.items() if n != viewed}))
+    shares = []  # the simulated agents' tokens, one file per agents process
+    for i in range(agent_processes):
+        share = folder / f"simulated-tokens-{i}.json"
+        share.write_text(
+            json.dumps({n: tokens[n] for n in nodes[i::agent_processes] if n != viewed})
+        )
+        shares.append(share)
 
     model = ClusterModel()
     for kind, objects in cluster(agents, pods_per_node).items():
@@ -279,7 +310,7 @@ async def measure(
         port = sockets[0].socket.getsockname()[1]
         common = [sys.executable, "-m", "benchmarks.push_latency"]
         where = ["--port", str(port), "--root", str(root), "--tokens", str(token_file)]
-        argvs = [[*common, "agents", *where[:4], "--tokens", str(simulated)]]
+        argvs = [[*common, "agents", *where[:4], "--tokens", str(share)] for share in shares]
         if viewed is not None:
             argvs.append([*common, "view", *where, "--node", viewed, "--stats", str(view_stats)])
         processes = [
@@ -475,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
         help="one node's agent applies every message through the real config client and"
         " store (its view built and kept) and reports its memory",
     )
+    parser.add_argument(
+        "--agent-processes",
+        type=int,
+        default=1,
+        help="processes the simulated agents are spread over (the first sync parses a whole"
+        " snapshot per agent: at 1,000 x 30 pods one process takes minutes)",
+    )
     parser.add_argument("--smoke", action="store_true", help="5 agents, 3 rounds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -487,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(run_view, args.port, args.root, args.node, token, args.stats)
         return 0
     agents, rounds = (5, 3) if args.smoke else (args.agents, args.rounds)
-    if agents < 1 or rounds < 2 or args.pods_per_node < 1:
-        parser.error("need at least 1 agent, 1 pod per node and 2 rounds")
+    if agents < 1 or rounds < 2 or args.pods_per_node < 1 or args.agent_processes < 1:
+        parser.error("need at least 1 agent, 1 pod per node, 2 rounds and 1 agents process")
     if args.churn and (args.churn * args.duration < 2):
         parser.error("--churn RATE --duration S must make at least 2 changes")
     churn = {"pods_per_node": args.pods_per_node, "churn": args.churn, "duration": args.duration}
@@ -501,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(folder),
             connect_timeout=args.connect_timeout,
             agent_view=args.agent_view,
+            agent_processes=args.agent_processes,
             **churn,
         )
         latencies, per_change, cpu_per_change, extra = trio.run(run)
