@@ -10,9 +10,11 @@ front of it, so a port another Service needs at `full` stays `full`).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import trio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.report import report_http
@@ -25,6 +27,28 @@ if TYPE_CHECKING:
     from meshagent.agent.telemetry import ConnectionLabels
 
 _RANK = {"l4": 0, "observe": 1, "full": 2}
+
+# An HTTP/2 client on an HTTP/1.1 port (a gRPC channel on a port named `http`) opens with the
+# preface; no HTTP/1.1 method starts with its first three bytes. How long a client may take to
+# send them before it is observed as HTTP/1.1 (an HTTP client speaks first; this bounds a
+# server-first protocol on a port named http), and how often a part is looked at again.
+PREFACE_START = b"PRI"
+PREFACE_WAIT = 1.0
+PARTIAL_RETRY = 0.005
+
+
+async def opens_with_h2_preface(stream: trio.SocketStream, wait: float = PREFACE_WAIT) -> bool:
+    """Whether the client's first bytes are HTTP/2's preface, peeked (MSG_PEEK) so they stay
+    in the socket: such a client goes to the HTTP/2 engine, which `observe` cannot parse."""
+    with trio.move_on_after(wait):
+        while True:
+            data = await stream.socket.recv(len(PREFACE_START), socket.MSG_PEEK)
+            if len(data) >= len(PREFACE_START) or not data:
+                return data == PREFACE_START
+            if not PREFACE_START.startswith(data):
+                return False
+            await trio.sleep(PARTIAL_RETRY)
+    return False
 
 
 def level_of_route(snapshot: Snapshot, route: ServicePortRoute) -> L7Level:

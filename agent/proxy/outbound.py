@@ -29,7 +29,7 @@ from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.kjoin import joinable, relay_joined
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
-from meshagent.agent.proxy.observing import http_observer, level_of_route
+from meshagent.agent.proxy.observing import http_observer, level_of_route, opens_with_h2_preface
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import (
@@ -178,10 +178,16 @@ class OutboundProxy:
         started: float,
     ) -> None:
         # the Service port's L7 level (issue 18): the engine at `full` (and for HTTP/2, which
-        # `observe` cannot parse yet), a relay watched by a parser at `observe`, a relay at `l4`
+        # `observe` cannot parse yet: also an HTTP/2 client on an HTTP/1.1 port), a relay
+        # watched by a parser at `observe`, a relay at `l4`
         tables = self.store.tables
         level = level_of_route(tables.snapshot, route) if route and tables else "l4"
-        engine = level == "full" or (level == "observe" and protocol == "http2")
+        engine = level == "full" or (
+            level == "observe"
+            and (
+                protocol == "http2" or (protocol == "http1" and await opens_with_h2_preface(client))
+            )
+        )
         if route is not None and protocol in ("http1", "http2") and engine:
             await self._serve_http(client, source, route.service, orig, peer_ip, protocol)
             return

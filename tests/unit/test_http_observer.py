@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.http.types import RequestRecord
+from meshagent.agent.proxy.observing import opens_with_h2_preface
 
 
 class Transcript:
@@ -142,3 +144,40 @@ def test_an_upgrade_is_reported_then_stops() -> None:
     t.observer.finish()
     assert t.summary() == [("GET", "/ws", "web", 101, 0, 0, [])]
     assert t.stops == ["upgrade"]
+
+
+async def _opens_with_preface(*chunks: bytes, close: bool = False) -> bool:
+    """Feed a real socket pair the client's chunks (a little apart) and ask."""
+    a, b = trio.socket.socketpair()
+    client, proxy_side = trio.SocketStream(a), trio.SocketStream(b)
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            for chunk in chunks:
+                await client.send_all(chunk)
+                await trio.sleep(0.02)
+            if close:
+                await client.aclose()
+
+        nursery.start_soon(send)
+        answer = await opens_with_h2_preface(proxy_side, wait=0.5)
+        sent = b"".join(chunks)
+        if sent:  # peeked, not taken: every byte is still there for the relay or the engine
+            assert await proxy_side.receive_some(len(sent)) == sent
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("chunks", "close", "h2"),
+    [
+        ((b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",), False, True),
+        ((b"P", b"R", b"I * HTTP/2.0\r\n"), False, True),  # the start arrives in pieces
+        ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",), False, False),
+        ((b"P", b"UT / HTTP/1.1\r\n"), False, False),
+        ((b"PR",), False, False),  # a start that stops: observed as HTTP/1.1 after the wait
+        ((), False, False),  # a client that sends nothing (server-first protocol)
+        ((b"P",), True, False),  # closed after one byte
+    ],
+)
+async def test_an_http2_client_on_an_http1_port_is_recognised_by_its_preface(chunks, close, h2):
+    assert await _opens_with_preface(*chunks, close=close) is h2
