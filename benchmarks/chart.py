@@ -35,9 +35,15 @@ def figure(panels: Sequence[Panel], series: Sequence[str], colors: Sequence[str]
         figsize=(PANEL_SIZE[0] * COLUMNS, PANEL_SIZE[1] * rows + 0.6), layout="constrained"
     )
     axes = list(fig.subplots(rows, COLUMNS, squeeze=False).flat)
-    width = 0.8 / max(1, len(series))
     for ax, panel in zip(axes, panels, strict=False):
-        _draw(ax, panel, series, colors, width)
+        # only the series measured in this scenario take a slot (the L7 level paths run the
+        # HTTP/1.1 scenarios alone), so the others' bars stay wide enough to read
+        shown = [
+            (name, color)
+            for name, color in zip(series, colors, strict=True)
+            if any(values.get(name) is not None for _, values in panel.groups)
+        ]
+        _draw(ax, panel, [n for n, _ in shown], [c for _, c in shown])
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     handles = [Patch(color=c, label=s) for s, c in zip(series, colors, strict=True)]
@@ -45,7 +51,9 @@ def figure(panels: Sequence[Panel], series: Sequence[str], colors: Sequence[str]
     return fig
 
 
-def _draw(ax, panel: Panel, series: Sequence[str], colors: Sequence[str], width: float) -> None:
+def _draw(ax, panel: Panel, series: Sequence[str], colors: Sequence[str]) -> None:
+    width = 0.8 / max(1, len(series))
+    crowded = len(series) > 5  # value labels upright would overlap their neighbours'
     for i, (name, color) in enumerate(zip(series, colors, strict=True)):
         xs, heights = [], []
         for g, (_, values) in enumerate(panel.groups):
@@ -54,7 +62,13 @@ def _draw(ax, panel: Panel, series: Sequence[str], colors: Sequence[str], width:
                 xs.append(g + (i - (len(series) - 1) / 2) * width)
                 heights.append(value)
         bars = ax.bar(xs, heights, width * 0.95, color=color, label=name)
-        ax.bar_label(bars, labels=[_label(h) for h in heights], fontsize=7, padding=1)
+        ax.bar_label(
+            bars,
+            labels=[_label(h) for h in heights],
+            fontsize=6 if crowded else 7,
+            padding=1,
+            rotation=90 if crowded else 0,
+        )
     ax.set_xticks(range(len(panel.groups)), [label for label, _ in panel.groups])
     ax.set_title(panel.title, fontsize=10)
     ax.set_ylabel(panel.unit + (" (log scale)" if panel.log_scale else ""), fontsize=8)

@@ -10,13 +10,15 @@ configuration needs them) and checked against what `up` reports.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -35,7 +37,19 @@ REPO_PLACEHOLDER = "@REPO@"  # where the gRPC server program is (tests/e2e/apps/
 MESHLAB = Path(sys.executable).parent / "meshlab"
 NODES = 2
 UP_TIMEOUT = 300.0
-PATH_NAMES = ("direct", "mesh-same-node", "mesh-cross-node", "sidecar-pair")
+BASE_PATHS = ("direct", "mesh-same-node", "mesh-cross-node", "sidecar-pair")
+# issue 18: the same servers at the other L7 levels (the base mesh paths get the default level,
+# `observe` on an HTTP/1.1 port), through Services of their own (lab.yaml), for the HTTP/1.1
+# scenarios only
+LEVEL_PATHS = (
+    "mesh-same-node-full",
+    "mesh-same-node-l4",
+    "mesh-cross-node-full",
+    "mesh-cross-node-l4",
+)
+PATH_NAMES = BASE_PATHS + LEVEL_PATHS
+HTTP1_SCENARIOS = frozenset(("http-c1", "http-c16", "http-fixed-rate", "new-connections"))
+LEVEL_TIMEOUT = 30.0  # s: the node agent's status shows each level path's level in force
 NGINX_PREFIXES = ("nginx-plain", "nginx-remote", "nginx-local")
 
 
@@ -59,6 +73,11 @@ class BenchPath:
     proxies: tuple[Path, ...]
     h2: tuple[str, int]  # nginx, h2c with prior knowledge
     grpc: tuple[str, int]
+    scenarios: frozenset[str] | None = None  # the scenarios it runs (None: all)
+    level: tuple[str, str] | None = None  # (Service, L7 level) node-1's status must show first
+
+    def runs(self, scenario: str) -> bool:
+        return self.scenarios is None or scenario in self.scenarios
 
 
 def render_manifest(text: str, run_dir: Path) -> list[dict]:
@@ -123,6 +142,19 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
             (a, configs.SIDECAR_A_GRPC),
         ),
     ]
+    for base in paths[1:3]:
+        service = base.http[0].split(".")[0]
+        for level, suffix in (("full", "full"), ("l4", "l4")):
+            host = f"{service}-{suffix}.bench-mesh"
+            paths.append(
+                replace(
+                    base,
+                    name=f"{base.name}-{suffix}",
+                    http=(host, configs.HTTP_PORT),
+                    scenarios=HTTP1_SCENARIOS,
+                    level=(f"{service}-{suffix}", level),
+                )
+            )
     return {p.name: p for p in paths}
 
 
@@ -268,3 +300,41 @@ def running_lab(manifest: Path, keep_logs: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             shutil.copytree(LOG_DIR, keep_logs)
         meshlab("down", timeout=120)
+
+
+def _levels_shown(node: str) -> dict[str, str]:
+    """{Service: L7 level of its HTTP/1.1 port} in bench-mesh, as `meshagent status` on `node`
+    shows them (empty when the status cannot be read, or the commit shows no level)."""
+    try:
+        proc = meshlab("exec", "--node", node, "--", "meshagent", "status", "--json", timeout=60)
+        services = json.loads(proc.stdout)["services"]
+    except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return {}
+    return {
+        svc["name"]: port.get("l7", "unknown")
+        for svc in services
+        if svc.get("namespace") == "bench-mesh"
+        for port in svc.get("ports", ())
+        if port.get("port") == configs.HTTP_PORT
+    }
+
+
+def levels_in_force(
+    paths: list[BenchPath], timeout: float = LEVEL_TIMEOUT
+) -> tuple[dict[str, str], list[BenchPath]]:
+    """The L7 level each meshed path's HTTP Service has on node-1 (the client's node), waiting
+    up to `timeout` for the level paths to show theirs (the controller's first push may still
+    be on its way). Returns {path: level shown} and the level paths whose level never showed,
+    which must not be measured under their name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = _levels_shown("node-1")
+        levels = {
+            p.name: shown.get(p.http[0].split(".")[0], "not shown")
+            for p in paths
+            if p.client == "bench-mesh/client"
+        }
+        wrong = [p for p in paths if p.level and levels[p.name] != p.level[1]]
+        if not wrong or time.monotonic() > deadline:
+            return levels, wrong
+        time.sleep(0.5)

@@ -1,5 +1,6 @@
 """From raw samples to what people read: the metric catalogue, summaries and ratios, the targets
-of issue 9 and where each stands, and the Markdown table. Pure: a results dict in, text out."""
+of issues 9 and 18 and where each stands, and the Markdown table. Pure: a results dict in, text
+out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from dataclasses import dataclass
 from benchmarks.stats import Summary, added, ratio, summarize
 
 DIRECT, SAME, CROSS, SIDECAR = "direct", "mesh-same-node", "mesh-cross-node", "sidecar-pair"
-PATHS = (DIRECT, SAME, CROSS, SIDECAR)
+BASE_PATHS = (DIRECT, SAME, CROSS, SIDECAR)
+# issue 18: the base mesh paths run at the default L7 level (`observe` on an HTTP/1.1 port);
+# these reach the same servers at the other two, for the HTTP/1.1 scenarios
+SAME_FULL, SAME_L4 = "mesh-same-node-full", "mesh-same-node-l4"
+CROSS_FULL, CROSS_L4 = "mesh-cross-node-full", "mesh-cross-node-l4"
+LEVEL_PATHS = (SAME_FULL, SAME_L4, CROSS_FULL, CROSS_L4)
+PATHS = BASE_PATHS + LEVEL_PATHS
 PATH_NOTES = {
     DIRECT: "unmeshed client pod -> server pod IP on the other node; no proxy",
     SAME: "meshed client -> Service VIP -> node-1 proxy -> server on node-1",
@@ -18,6 +25,12 @@ PATH_NOTES = {
     SIDECAR: "unmeshed client -> HAProxy A (node-1) -> mutual TLS 1.3 -> HAProxy B (node-2) "
     "-> server; TCP mode, one TLS connection per client connection (HTTP mode and h2 for h2c "
     "and gRPC)",
+    SAME_FULL: "as mesh-same-node, through Service http-local-full: L7 level `full` "
+    "(annotated, and routed by a VirtualService)",
+    SAME_L4: "as mesh-same-node, through Service http-local-l4: L7 level `l4` (annotated off)",
+    CROSS_FULL: "as mesh-cross-node, through Service http-remote-full: L7 level `full` "
+    "(annotated, and routed by a VirtualService)",
+    CROSS_L4: "as mesh-cross-node, through Service http-remote-l4: L7 level `l4` (annotated off)",
 }
 
 
@@ -226,14 +239,43 @@ TARGETS: tuple[tuple[str, str, Callable[[dict], tuple[str, bool | None]]], ...] 
 )  # fmt: skip
 
 
+# issue 18's step: ratios in one run; `observe` is the default level on an HTTP/1.1 port, so
+# the base mesh paths measure it
+TARGETS_18: tuple[tuple[str, str, Callable[[dict], tuple[str, bool | None]]], ...] = (
+    ("cross-node keep-alive c16, `observe` (default on HTTP ports)", "≥ 1.0 x sidecar-pair",
+     _ratio_target("http_c16_rps", CROSS, SIDECAR, 1.0)),
+    ("cross-node keep-alive c16, `full` with a route", "≥ 0.5 x sidecar-pair",
+     _ratio_target("http_c16_rps", CROSS_FULL, SIDECAR, 0.5)),
+    ("same-node keep-alive c16, `l4`", "≥ 0.8 x direct",
+     _ratio_target("http_c16_rps", SAME_L4, DIRECT, 0.8)),
+    ("same-node bulk (1 stream)", "≥ 0.95 x direct",
+     _ratio_target("tcp_1_gbps", SAME, DIRECT, 0.95)),
+    ("at 1,000 req/s, default level: added p90 cross-node", "≤ 0.5 ms",
+     _at_most("fixed_added_p90_ms", CROSS, 0.5)),
+    ("at 1,000 req/s, default level: CPU of both node proxies", "≤ 0.25 core per 1,000 req/s",
+     _at_most("fixed_cpu_per_krps", CROSS, 0.25)),
+    ("node proxies' RSS, both nodes (at the fixed rate)", "≤ 120 MiB",
+     _at_most("fixed_proxy_rss_mib", CROSS, 120.0)),
+    ("new connection per request, cross-node", "≥ 3 x sidecar-pair",
+     _ratio_target("newconn_rps", CROSS, SIDECAR, 3.0)),
+    ("idle connection, cross-node", "≤ 10 KiB",
+     _at_most("idle_kib_per_conn", CROSS, 10.0)),
+)  # fmt: skip
+
+
 def evaluate_targets(sums: dict[str, dict[str, Summary]], push: dict | None) -> list[dict]:
+    """Issue 9's targets and issue 18's (each entry names its `issue`); the push latency last."""
     out = []
-    for title, target, check in TARGETS:
-        measured, met = check(sums)
-        out.append({"title": title, "target": target, "measured": measured, "met": met})
+    for issue, targets in ((9, TARGETS), (18, TARGETS_18)):
+        for title, target, check in targets:
+            measured, met = check(sums)
+            out.append(
+                {"title": title, "target": target, "measured": measured, "met": met, "issue": issue}
+            )
     p99 = push_p99_seconds(push)
     out.append(
         {
+            "issue": 9,
             "title": "controller push to 100 agents, p99",
             "target": "≤ 1 s",
             "measured": "not measured (no benchmarks/results/push_latency.json)"
@@ -302,7 +344,7 @@ def markdown(results: dict) -> str:
         "",
         "Paths:",
         "",
-        *[f"- `{p}`: {results['paths'][p]}" for p in PATHS],
+        *[f"- `{p}`: {note}" for p, note in results["paths"].items()],
         "",
         "The mesh sees the HTTP port as HTTP (Service port `http`), the h2c and gRPC ports as "
         "HTTP/2 and gRPC (`http2`, `grpc`) and the iperf3 and idle ports as opaque TCP "
@@ -313,20 +355,35 @@ def markdown(results: dict) -> str:
         "median, and in parentheses the ratio of the medians to `direct` (xd) and to "
         "`sidecar-pair` (xs) measured in the same run.",
     ]
-    scenario = None
+    levels = results.get("l7_levels") or {}
+    if levels:
+        shown = ", ".join(f"`{p}` {level}" for p, level in levels.items())
+        lines += [
+            "",
+            f"L7 level of each mesh path's HTTP port, as node-1's status showed it: {shown}.",
+        ]
+    sections: dict[str, list[dict]] = {}
     for row in results["metrics"]:
-        if row["scenario"] != scenario:
-            scenario = row["scenario"]
-            lines += ["", f"## {scenario}", "", "| figure | " + " | ".join(PATHS) + " |"]
-            lines.append("|---|" + "---|" * len(PATHS))
-        title = f"{row['title']} ({row['unit']}, {row['better']} is better)"
-        cells = [_cell(row["paths"].get(p), p) for p in PATHS]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    if results["targets"]:
-        lines += ["", "## Targets (issue 9)", "", "| target | goal | measured | status |"]
+        sections.setdefault(row["scenario"], []).append(row)
+    for scenario, rows in sections.items():
+        # the four base paths always, a level path where it was measured
+        measured = {p for row in rows for p in row["paths"]}
+        columns = [p for p in PATHS if p in BASE_PATHS or p in measured]
+        lines += ["", f"## {scenario}", "", "| figure | " + " | ".join(columns) + " |"]
+        lines.append("|---|" + "---|" * len(columns))
+        for row in rows:
+            title = f"{row['title']} ({row['unit']}, {row['better']} is better)"
+            cells = [_cell(row["paths"].get(p), p) for p in columns]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    for issue in (9, 18):
+        targets = [t for t in results["targets"] if t.get("issue", 9) == issue]
+        if not targets:
+            continue
+        lines += ["", f"## Targets (issue {issue})", "", "| target | goal | measured | status |"]
         lines.append("|---|---|---|---|")
-    for t in results["targets"]:
-        lines.append(f"| {t['title']} | {t['target']} | {t['measured']} | {_STATUS[t['met']]} |")
+        for t in targets:
+            row = f"| {t['title']} | {t['target']} | {t['measured']} | {_STATUS[t['met']]} |"
+            lines.append(row)
     if results.get("errors"):
         lines += ["", "## Failed measurements", ""]
         for e in results["errors"]:

@@ -35,6 +35,11 @@ COLORS = {
     "mesh-same-node": (66, 133, 244),
     "mesh-cross-node": (15, 157, 88),
     "sidecar-pair": (219, 68, 55),
+    # the L7 levels (issue 18): a lighter shade of the path for `l4`, a darker one for `full`
+    "mesh-same-node-l4": (160, 194, 250),
+    "mesh-same-node-full": (26, 72, 160),
+    "mesh-cross-node-l4": (129, 201, 149),
+    "mesh-cross-node-full": (13, 92, 52),
 }
 
 
@@ -147,6 +152,12 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
     _log(f"meshlab up ({manifest})")
     logs = Path(f"{run_dir}-logs")
     with labsetup.running_lab(manifest, logs):
+        levels, wrong = labsetup.levels_in_force([paths[n] for n in path_names])
+        for path in wrong:  # measured under its name, it would show another level's figures
+            error = f"node-1's status shows L7 level {levels[path.name]!r}, not {path.level}"
+            errors.append({"round": 0, "scenario": "level", "path": path.name, "error": error})
+            _log(f"{path.name}: {error}: not measured")
+            path_names = [n for n in path_names if n != path.name]
         idle = _idle_cpu(paths, IDLE_WINDOW[settings.mode])
         every_proxy = tuple(dict.fromkeys(c for p in paths.values() for c in p.proxies))
         for rnd in range(settings.runs):
@@ -163,6 +174,8 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
             order = path_names[rnd % len(path_names) :] + path_names[: rnd % len(path_names)]
             for scenario in scenario_names:
                 for name in order:
+                    if not paths[name].runs(scenario):
+                        continue
                     started = time.monotonic()
                     try:
                         figures = scenarios.SCENARIOS[scenario](paths[name], settings)
@@ -185,15 +198,17 @@ def measure(settings, scenario_names: list[str], path_names: list[str], run_dir:
                     _log(f"run {rnd + 1}/{settings.runs} {scenario} {name} ({took:.1f}s): {shown}")
     if errors:
         _log(f"some measurements failed; the lab's logs are in {logs}")
-    return {"samples": samples, "errors": errors, "idle_proxy_cpu_cores": idle}
+    return {"samples": samples, "errors": errors, "idle_proxy_cpu_cores": idle, "levels": levels}
 
 
 def chart(metrics: list[dict], settings) -> bytes:
     """Every scenario of the run in one picture: throughput, latency and cost, per path."""
     from benchmarks.chart import bar_chart
 
-    colors = ["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in COLORS.values()]
-    return bar_chart(chart_panels(metrics, settings), list(COLORS), colors)
+    measured = {path for m in metrics for path in m["paths"]}
+    series = [p for p in COLORS if p in measured]  # no legend entry for a path not measured
+    colors = ["#{:02x}{:02x}{:02x}".format(*COLORS[p]) for p in series]
+    return bar_chart(chart_panels(metrics, settings), series, colors)
 
 
 def chart_panels(metrics: list[dict], settings) -> list:
@@ -312,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated scenarios (default: all), or `h2` for the HTTP/2 and gRPC ones "
         "alone, written to h2.json and h2.md instead of latest.*",
     )
-    parser.add_argument("--paths", help="comma-separated paths (default: all four)")
+    parser.add_argument(
+        "--paths",
+        help="comma-separated paths (default: all; the L7 level paths, mesh-*-full and "
+        "mesh-*-l4, run the HTTP/1.1 scenarios only)",
+    )
     parser.add_argument(
         "--commit",
         metavar="REV",
@@ -395,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": asdict(settings),
         "scenarios": scenario_names,
         "paths": {p: report.PATH_NOTES[p] for p in report.PATHS},
+        "l7_levels": measured["levels"],
         "idle_proxy_cpu_cores": measured["idle_proxy_cpu_cores"],
         "metrics": report.metric_table(sums),
         "targets": report.evaluate_targets(sums, push) if stem == "latest" else [],

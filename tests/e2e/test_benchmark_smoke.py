@@ -39,6 +39,18 @@ def test_benchmark_smoke_run_writes_json_markdown_and_chart(tmp_path):
     table = (tmp_path / "latest.md").read_text()
     assert table.startswith("# meshagent benchmarks")
     assert "| figure | direct | mesh-same-node | mesh-cross-node | sidecar-pair |" in table
+    # issue 18: the L7 level paths, at the level node-1's status shows, in the HTTP/1.1 tables
+    assert results["l7_levels"] == {
+        "mesh-same-node": "observe",
+        "mesh-cross-node": "observe",
+        "mesh-same-node-full": "full",
+        "mesh-same-node-l4": "l4",
+        "mesh-cross-node-full": "full",
+        "mesh-cross-node-l4": "l4",
+    }, log
+    c16 = next(m for m in results["metrics"] if m["id"] == "http_c16_rps")
+    assert {"mesh-cross-node-full", "mesh-cross-node-l4"} <= set(c16["paths"]), log
+    assert "| mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 |" in table
 
     height, width = imread(tmp_path / "latest.png", format="png").shape[:2]  # decodes
     assert width > 1000 and height > 500

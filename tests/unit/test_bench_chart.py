@@ -62,3 +62,16 @@ def test_the_harness_chart_has_a_panel_per_scenario():
     assert all(p.log_scale for p in panels if p.unit.startswith("latency"))
     image = imread(io.BytesIO(run.chart(results["metrics"], settings)), format="png")
     assert image.shape[0] > 500 and image.shape[1] > 1000
+
+
+def test_a_series_not_measured_in_a_scenario_takes_no_slot_in_its_panel():
+    """The L7 level paths run the HTTP/1.1 scenarios only: elsewhere they leave no gap."""
+    panels = [
+        Panel("bulk", "Gbit/s", [("1 stream", {"direct": 17.4, "mesh": None})]),
+        Panel("c16", "req/s", [("c16", {"direct": 9.0, "mesh": 3.0})]),
+    ]
+    bulk, c16 = (ax for ax in figure(panels, SERIES, COLORS).axes if ax.get_visible())
+    assert _bars(bulk) == {"direct": [17.4]}
+    (direct,) = bulk.containers
+    assert direct[0].get_x() + direct[0].get_width() / 2 == 0  # centred on its group
+    assert _bars(c16) == {"direct": [9.0], "mesh": [3.0]}

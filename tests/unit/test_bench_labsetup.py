@@ -99,3 +99,33 @@ def test_lab_up_output_must_match_the_plan():
     labsetup.check_ips("lab up: 2 nodes\n  bench-plain/http   node-2   10.1.2.10\n", planned)
     with pytest.raises(labsetup.LabFailed, match=r"10\.1\.2\.99"):
         labsetup.check_ips("  bench-plain/http   node-2   10.1.2.99\n", planned)
+
+
+def test_level_paths_reach_the_same_servers_through_services_forcing_their_level():
+    """Issue 18: mesh-*-full and mesh-*-l4 dial Services of their own in front of the base path's
+    nginx, annotated with the level (the `full` ones also routed by a VirtualService), and run
+    the HTTP/1.1 scenarios only."""
+    objects = _objects()
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    routes = {o["metadata"]["name"]: o for o in objects if o["kind"] == "VirtualService"}
+    paths = labsetup.bench_paths(labsetup.plan_ips(objects))
+    assert set(labsetup.LEVEL_PATHS) <= set(paths)
+    for base in ("mesh-same-node", "mesh-cross-node"):
+        server = services[paths[base].http[0].split(".")[0]]["spec"]["selector"]
+        for level, annotation in (("full", "full"), ("l4", "off")):
+            path = paths[f"{base}-{level}"]
+            svc_name, namespace = path.http[0].split(".")
+            svc = services[svc_name]
+            assert namespace == "bench-mesh" and path.level == (svc_name, level)
+            assert svc["spec"]["selector"] == server
+            assert svc["metadata"]["annotations"] == {"meshagent.io/l7": annotation}
+            assert {"name": "http", "port": 8080, "targetPort": 8080} in svc["spec"]["ports"]
+            assert path.proxies == paths[base].proxies
+            assert path.runs("http-c16") and not path.runs("tcp-1")
+            assert not path.runs("idle-connections") and not path.runs("h2-keepalive")
+            if level == "full":
+                (rule,) = routes[svc_name]["spec"]["http"]
+                assert rule["route"][0]["destination"]["host"] == svc_name
+            else:
+                assert svc_name not in routes
+        assert paths[base].runs("tcp-1") and paths[base].level is None
