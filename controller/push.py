@@ -77,7 +77,10 @@ COALESCE_WINDOW = 0.1
 # flight per agent already spares them the versions they miss).
 COALESCE_MAX = 1.0
 STRAGGLERS = 0.01
-DELTA_CACHE_SIZE = 8  # pairs of compiles whose shared changes are kept
+# Pairs of compiles whose shared changes are kept, least recently used first out. Under churn
+# agents hold different versions (one in flight each, stragglers behind): a pair evicted while
+# agents still need it costs a diff of every workload per agent (seconds at 30,000 pods).
+DELTA_CACHE_SIZE = 64
 # Whole snapshots being encoded and sent at once (each session otherwise holds its own copy,
 # plus TLS's, of a body that lists the whole cluster: ~10 MB at 30,000 pods).
 WHOLE_SENDS = 8
@@ -702,8 +705,10 @@ class PushServer:
         braces), computed and encoded once per pair of compiles (a node's snapshot shares its
         lists with the compile it came from)."""
         key = (id(old.workloads), id(new.workloads))
-        hit = self._delta_cache.get(key)
-        if hit is None:
+        hit = self._delta_cache.pop(key, None)
+        if hit is not None:
+            self._delta_cache[key] = hit  # the most recently used, last out
+        else:
             changes = snapshotdelta.diff(old, new, snapshotdelta.SHARED_FIELDS)
             encoded = json.dumps(changes, separators=(",", ":"))[1:-1].encode()
             # keeping both lists alive keeps their ids from being reused while cached
