@@ -129,3 +129,19 @@ def test_level_paths_reach_the_same_servers_through_services_forcing_their_level
             else:
                 assert svc_name not in routes
         assert paths[base].runs("tcp-1") and paths[base].level is None
+
+
+def test_levels_in_force_waits_for_the_level_paths_and_names_those_never_shown(monkeypatch):
+    """The controller's first push may come after `meshlab up`: the harness reads node-1's
+    status again until each level path's Service shows its level, and gives up on the rest."""
+    paths = labsetup.bench_paths(labsetup.plan_ips(_objects()))
+    chosen = [paths[n] for n in ("direct", "mesh-cross-node", "mesh-cross-node-l4")]
+    shown = iter([{}, {"http-remote": "observe", "http-remote-l4": "l4"}])
+    monkeypatch.setattr(labsetup, "_levels_shown", lambda node: next(shown))
+    levels, wrong = labsetup.levels_in_force(chosen, timeout=5)
+    assert levels == {"mesh-cross-node": "observe", "mesh-cross-node-l4": "l4"} and wrong == []
+
+    monkeypatch.setattr(labsetup, "_levels_shown", lambda node: {"http-remote-full": "observe"})
+    levels, wrong = labsetup.levels_in_force([paths["mesh-cross-node-full"]], timeout=0.1)
+    assert levels == {"mesh-cross-node-full": "observe"}
+    assert [p.name for p in wrong] == ["mesh-cross-node-full"]
