@@ -129,7 +129,12 @@ def _check_tokens(lab, url: str) -> None:
 
 def test_inline_jwks_cross_node(authz_lab, tmp_path):
     url = "http://reviews.shop:9080/"
-    assert authz_lab.curl("shop/frontend", url, *_bearer(_token(WRONG_KEY)))[0] == "200"
+    # before any policy, a token is not looked at (the lab is fresh: wait for reviews to serve)
+    wait_until(
+        lambda: authz_lab.curl("shop/frontend", url, *_bearer(_token(WRONG_KEY)), timeout=2)[0],
+        lambda code: code == "200",
+        what="reviews answers a request carrying a bad token before any policy",
+    )
     docs = _documents("reviews", {"issuer": ISSUER, "jwks": JWKS})
     _meshlab_docs("apply", tmp_path, docs)
     try:
