@@ -207,33 +207,34 @@ async def run_view(port: int, root: Path, node: str, token: str, stats: Path) ->
         part.replace(stats)
 
     context = ssl.create_default_context(cafile=str(root))
-    with tempfile.TemporaryDirectory(prefix="push-view-") as state:
-        store = SnapshotStore(node, Path(state))
-        link = ControllerLink(address=f"127.0.0.1:{port}", tls=True)
+    # the store saves into the benchmark's folder, which the benchmark removes (this process
+    # is terminated, so a folder of its own would stay behind)
+    state = stats.parent / "view-state"
+    state.mkdir(exist_ok=True)
+    store = SnapshotStore(node, state)
+    link = ControllerLink(address=f"127.0.0.1:{port}", tls=True)
 
-        async def stream() -> None:  # again on failure, from the version held
-            while True:
-                with contextlib.suppress(*_STREAM_ENDS):
-                    tls = await trio.open_ssl_over_tcp_stream(
-                        "127.0.0.1", port, ssl_context=context
-                    )
-                    async with tls:
-                        wire = MessageStream(tls)
-                        hello = {"type": "hello", "node": node, "token": token}
-                        await wire.send({**hello, "version": store.version})
-                        await _receive_loop(wire, store, link, None)
-                await trio.sleep(RECONNECT_AFTER)
+    async def stream() -> None:  # again on failure, from the version held
+        while True:
+            with contextlib.suppress(*_STREAM_ENDS):
+                tls = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+                async with tls:
+                    wire = MessageStream(tls)
+                    hello = {"type": "hello", "node": node, "token": token}
+                    await wire.send({**hello, "version": store.version})
+                    await _receive_loop(wire, store, link, None)
+            await trio.sleep(RECONNECT_AFTER)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
-            started = time.monotonic()
-            while True:
-                await trio.sleep(VIEW_SAMPLE)
-                if link.snapshots_received and "rss_first_snapshot_mib" not in figures:
-                    figures["rss_first_snapshot_mib"] = round(_rss_mib(), 1)
-                elapsed = round(time.monotonic() - started)
-                samples.append({"s": elapsed, "rss_mib": round(_rss_mib(), 1)})
-                write()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream)
+        started = time.monotonic()
+        while True:
+            await trio.sleep(VIEW_SAMPLE)
+            if link.snapshots_received and "rss_first_snapshot_mib" not in figures:
+                figures["rss_first_snapshot_mib"] = round(_rss_mib(), 1)
+            elapsed = round(time.monotonic() - started)
+            samples.append({"s": elapsed, "rss_mib": round(_rss_mib(), 1)})
+            write()
 
 
 # -- the controller and the measurement -------------------------------------------------------
