@@ -28,7 +28,7 @@ from meshagent.agent.workers.launch import (
     WorkerLaunch,
     WorkerProcess,
 )
-from meshagent.agent.workers.recycle import MemoryWatch, RecyclePolicy, rss_bytes
+from meshagent.agent.workers.recycle import MemoryWatch, RecyclePolicy, cpu_seconds, rss_bytes
 from meshagent.agent.workers.wire import certs_message, merge_status, snapshot_message
 from meshagent.common.configwire import MessageStream, WireError
 
@@ -311,7 +311,8 @@ class WorkerPool:
                 if p is None or p.watch is None or (rss := rss_bytes(p.pid)) is None:
                     continue
                 clients, accepted = _clients_in(p.status)
-                if p.watch.grown(policy, now, rss, clients, accepted):
+                cpu = cpu_seconds(p.pid) or 0.0
+                if p.watch.grown(policy, now, rss, clients, accepted, cpu):
                     log.info(
                         "proxy worker %d (pid %d) holds %.0f MiB, %.0f MiB fresh, %d client"
                         " connection(s) open: replacing it with a fresh one (it drains)",

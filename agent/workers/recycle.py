@@ -19,8 +19,12 @@ from dataclasses import dataclass
 
 FRESH_AFTER_S = 3.0  # a worker's fresh figure: its RSS this long after it listens
 QUIET_S = 5.0  # at most max_open connections for this long: the burst is over
+# ... and at most this share of a core of CPU meanwhile: a few connections can be very busy
+# (an HTTP/2 or gRPC client multiplexes everything over one), and a drain would GOAWAY them
+QUIET_CPU = 0.05
 MIN_AGE_S = 30.0  # a worker younger than this is never replaced (bounds the churn)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,10 @@ class RecyclePolicy:
 class MemoryWatch:
     """One worker process's memory against its fresh figure (times in seconds, RSS in bytes).
 
-    Quiet means the burst is over: at most ``max_open`` client connections open on 15001 and
-    at most ``max_open`` connections accepted (15001 and 15008) since the quiet time began.
+    Quiet means the burst is over: at most ``max_open`` client connections open on 15001, at
+    most ``max_open`` connections accepted (15001 and 15008) since the quiet time began, and
+    at most ``QUIET_CPU`` of a core used between two looks (a benchmark's ten HTTP/2
+    connections at full speed are not quiet: replaced, they got GOAWAY mid-run).
     Inbound connections open are not counted: peers' pooled HBONE connections and a same-node
     hop's pooled keep-alives stay open on a quiet node; at the drain the idle ones close
     (peers open new ones to the fresh worker) and busy ones finish in the old process."""
@@ -47,18 +53,30 @@ class MemoryWatch:
     fresh: int | None = None
     quiet_since: float | None = None
     accepted_then: int = 0  # accepted connections when the quiet time began
+    cpu_then: tuple[float, float] | None = None  # (time, CPU seconds) at the last look
 
     def grown(
-        self, policy: RecyclePolicy, now: float, rss: int, open_connections: int, accepted: int
+        self,
+        policy: RecyclePolicy,
+        now: float,
+        rss: int,
+        open_connections: int,
+        accepted: int,
+        cpu: float = 0.0,
     ) -> bool:
-        """Whether the worker should be replaced now (``rss`` read now, ``open_connections``
-        and ``accepted`` (a running total) as it last reported)."""
+        """Whether the worker should be replaced now (``rss`` and ``cpu``, its CPU seconds so
+        far, read now; ``open_connections`` and ``accepted`` (a running total) as it last
+        reported)."""
         age = now - self.ready_at
+        last, self.cpu_then = self.cpu_then, (now, cpu)
         if self.fresh is None:
             if age >= FRESH_AFTER_S:
                 self.fresh = rss
             return False
-        busy = open_connections > policy.max_open
+        working = (
+            last is not None and now > last[0] and (cpu - last[1]) / (now - last[0]) > QUIET_CPU
+        )
+        busy = open_connections > policy.max_open or working
         if busy or (
             self.quiet_since is not None and accepted - self.accepted_then > policy.max_open
         ):
@@ -73,6 +91,16 @@ class MemoryWatch:
             and now - self.quiet_since >= QUIET_S
             and rss > self.fresh * (1 + policy.growth)
         )
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of ``pid`` so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def rss_bytes(pid: int) -> int | None:

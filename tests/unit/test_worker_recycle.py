@@ -1,6 +1,6 @@
 """When a proxy worker that grew is replaced (agent/workers/recycle.py): only once a burst is
-over (few connections for a while), past its own fresh figure by more than the growth set,
-never while young, never with the policy off."""
+over (few connections and little CPU for a while), past its own fresh figure by more than the
+growth set, never while young, never with the policy off."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 from meshagent.agent.workers.recycle import (
     FRESH_AFTER_S,
     MIN_AGE_S,
+    QUIET_CPU,
     QUIET_S,
     MemoryWatch,
     RecyclePolicy,
+    cpu_seconds,
     rss_bytes,
 )
 
@@ -68,6 +70,28 @@ def test_growth_within_the_bound_or_a_young_worker_or_the_policy_off_keeps_it():
     idle = _fresh_watch()
     assert not idle.grown(off, 100.0, 900 * MIB, 0, 0)
     assert not idle.grown(off, 200.0, 900 * MIB, 0, 0)
+
+
+def test_a_worker_busy_on_few_connections_is_kept():
+    """Ten HTTP/2 connections at full speed are few connections but not a quiet worker: its CPU
+    keeps it; once its CPU falls under QUIET_CPU of a core the quiet time starts."""
+    watch, grown = _fresh_watch(), 90 * MIB
+    cpu = 1.0
+    for t in range(100, 100 + 3 * int(QUIET_S)):  # a look a second, half a core each
+        cpu += 0.5
+        assert not watch.grown(POLICY, float(t), grown, 10, 0, cpu)
+    t0 = 100 + 3 * int(QUIET_S)
+    for t in range(t0, t0 + int(QUIET_S)):  # idle: a little CPU a second
+        cpu += QUIET_CPU / 2
+        assert not watch.grown(POLICY, float(t), grown, 10, 0, cpu)
+    assert watch.grown(POLICY, float(t0 + QUIET_S), grown, 10, 0, cpu + QUIET_CPU / 2)
+
+
+def test_cpu_of_this_process_and_of_none():
+    spent = cpu_seconds(os.getpid())
+    sum(i * i for i in range(200_000))  # some CPU
+    assert cpu_seconds(os.getpid()) > spent >= 0
+    assert cpu_seconds(2**22 + 11) is None
 
 
 def test_rss_of_this_process_and_of_none():
