@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import h2.events
@@ -86,6 +86,20 @@ log = logging.getLogger(__name__)
 
 CLIENT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _EMPTY: dict[str, str] = {}
+
+
+async def linger(client: trio.abc.Stream, limit: int) -> None:
+    """Envoy's delayed close: after a reply to a request we did not read in full, end our side
+    and drop what the client still sends (up to `limit` bytes, 1 s), so that closing with unread
+    bytes does not reset the connection before the client has read the reply."""
+    if not isinstance(client, trio.abc.HalfCloseableStream):
+        return
+    left = limit
+    with trio.move_on_after(1.0), contextlib.suppress(*CLIENT_ERRORS, trio.BusyResourceError):
+        await client.send_eof()
+        while left > 0 and (data := await client.receive_some(RECEIVE_SIZE)):
+            left -= len(data)
+
 
 _RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy's local replies for failures before a response: status, flag, body.
@@ -207,6 +221,44 @@ class _Body:
         for scope, seconds in self.timers:
             scope.deadline = min(scope.deadline, now + seconds)
         self.timers.clear()
+
+
+def _not_acquired(
+    exc: Overflow | UpstreamError, cluster: ClusterState, ep: EndpointState, record: RequestRecord
+) -> Outcome:
+    """The outcome of a try that got no upstream: its pool was full (not the endpoint's
+    fault), or the connection failed (reported to outlier detection)."""
+    if isinstance(exc, Overflow):
+        return Outcome.OVERFLOW
+    cluster.report(ep, CONNECT_FAILURE_CODE)
+    record.transport_failure = exc.transport
+    return Outcome.CONNECT_FAILURE
+
+
+async def _carried(
+    state: _Attempt,
+    exchange: Callable[[trio.Nursery | None], Awaitable[None]],
+    *,
+    body_sender: bool,
+) -> None:
+    """Run one try's exchange, HTTP/1.1 or HTTP/2 alike. With ``body_sender`` it gets a
+    nursery for a concurrent body sender, cancelled when the exchange ends. A client that
+    cannot go on (_ClientGone, _CloseClient) is carried out in ``state.error``, not raised
+    through the nursery (trio would wrap it in an ExceptionGroup), so the caller settles
+    the try and releases the upstream before raising it."""
+    if not body_sender:
+        try:
+            await exchange(None)
+        except (_ClientGone, _CloseClient) as exc:
+            state.error = exc
+        return
+    async with trio.open_nursery() as nursery:
+        state.cancel = nursery.cancel_scope.cancel
+        try:
+            await exchange(nursery)
+        except (_ClientGone, _CloseClient) as exc:
+            state.error = exc
+        nursery.cancel_scope.cancel()  # the body sender, if still running
 
 
 async def proxy_http1(
@@ -374,16 +426,7 @@ class _Session:
         self._done(record)
 
     async def _linger(self) -> None:
-        """Envoy's delayed close: after a reply to a request we did not read in full, end our
-        side and drop what the client still sends (bounded), so that closing with unread
-        bytes does not reset the connection before the client has read the reply."""
-        if not isinstance(self.client, trio.abc.HalfCloseableStream):
-            return
-        left = self.settings.drain_limit
-        with trio.move_on_after(1.0), contextlib.suppress(*CLIENT_ERRORS, trio.BusyResourceError):
-            await self.client.send_eof()
-            while left > 0 and (data := await self.client.receive_some(RECEIVE_SIZE)):
-                left -= len(data)
+        await linger(self.client, self.settings.drain_limit)
 
     async def _finish_cycle(self) -> bool:
         """After a response: read and drop what is left of the request body (bounded), then
@@ -707,34 +750,20 @@ class _Session:
         pool = self.ctx.pool
         try:
             up = await pool.acquire(cluster, ep, key=self.ctx.pool_key, connect=self.ctx.connect)
-        except Overflow:
-            return Outcome.OVERFLOW, 0, False
-        except UpstreamError as exc:
-            cluster.report(ep, CONNECT_FAILURE_CODE)
-            record.transport_failure = exc.transport
-            return Outcome.CONNECT_FAILURE, 0, False
+        except (Overflow, UpstreamError) as exc:
+            return _not_acquired(exc, cluster, ep, record), 0, False
         reused = up.requests > 0
         record.upstream_info = up.info
         cluster.request_started(ep)
         state = _Attempt()
         try:
-            if body.complete:  # the common case: no concurrent body sender needed
-                try:
-                    await self._exchange(None, up, req, body, policy, may_retry, record, state)
-                except (_ClientGone, _CloseClient) as exc:
-                    state.error = exc
-            else:
-                # Exceptions are carried out of the nursery in `state`, not raised through
-                # it (trio would wrap them in an ExceptionGroup).
-                async with trio.open_nursery() as nursery:
-                    state.cancel = nursery.cancel_scope.cancel
-                    try:
-                        await self._exchange(
-                            nursery, up, req, body, policy, may_retry, record, state
-                        )
-                    except (_ClientGone, _CloseClient) as exc:
-                        state.error = exc
-                    nursery.cancel_scope.cancel()  # the body sender, if still running
+            await _carried(
+                state,
+                lambda nursery: self._exchange(
+                    nursery, up, req, body, policy, may_retry, record, state
+                ),
+                body_sender=not body.complete,  # the common case needs no concurrent sender
+            )
         finally:
             state.settle(deadline)
             stale = replay and reused and state.outcome is Outcome.RESET and up.cycle_bytes == 0
@@ -917,25 +946,19 @@ class _Session:
         ups = self.h2
         try:
             peer = await ups.acquire(cluster, ep)
-        except Overflow:
-            return Outcome.OVERFLOW, 0
-        except UpstreamError as exc:
-            cluster.report(ep, CONNECT_FAILURE_CODE)
-            record.transport_failure = exc.transport
-            return Outcome.CONNECT_FAILURE, 0
+        except (Overflow, UpstreamError) as exc:
+            return _not_acquired(exc, cluster, ep, record), 0
         record.upstream_info = peer.info
         cluster.request_started(ep)
         state = _Attempt()
         try:
-            async with trio.open_nursery() as nursery:
-                state.cancel = nursery.cancel_scope.cancel
-                try:
-                    await self._exchange_h2(
-                        nursery, peer, req, body, policy, may_retry, record, state
-                    )
-                except (_ClientGone, _CloseClient) as exc:
-                    state.error = exc
-                nursery.cancel_scope.cancel()  # the body sender, if still running
+            await _carried(
+                state,
+                lambda nursery: self._exchange_h2(
+                    nursery, peer, req, body, policy, may_retry, record, state
+                ),
+                body_sender=True,
+            )
         finally:
             state.settle(deadline)
             cluster.request_finished(ep, state.outlier_status())
