@@ -32,6 +32,7 @@ from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
+from meshagent.agent.proxy.observe_timeouts import relay_observed
 from meshagent.agent.proxy.observing import http_observer, level_of_endpoint
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
@@ -222,11 +223,20 @@ class InboundProxy:
                         self.inputs, [http_labels], client=source_ip, upstream=f"{ip}:{port}"
                     )
                 with self.inputs.live.track(description, recheck):
-                    try:
-                        await relay(stream, pod, result, idle_timeout=timeout, tap=tap)
-                    finally:
-                        if tap is not None:
-                            tap.finish()
+                    if tap is None:
+                        await relay(stream, pod, result, idle_timeout=timeout)
+                    else:
+                        await relay_observed(
+                            stream,
+                            pod,
+                            result,
+                            tap,
+                            self.inputs.http,
+                            self.inputs.limits,
+                            idle_timeout=timeout,
+                            listener="hbone",
+                            source=principal,
+                        )
                 if result.idle_timed_out:
                     self.inputs.limits.refused(
                         "hbone", IDLE_TIMEOUT, principal, f"no byte either way for {timeout:g} s"

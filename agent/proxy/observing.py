@@ -119,4 +119,5 @@ def http_observer(
         lambda reason: inputs.metrics.observe_stopped(reporter, reason),
         peer=client,
         upstream=upstream,
+        clock=trio.current_time,  # the timeouts' deadlines (observe_timeouts.py) are trio's
     )

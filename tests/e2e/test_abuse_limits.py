@@ -190,6 +190,36 @@ def test_a_slowloris_gets_408_after_the_header_timeout_while_others_are_served(l
     wait_until(lambda: _refused("header_timeout"), lambda n: n == counted + 1, what="408 counted")
 
 
+def test_a_slowloris_at_the_default_observe_level_gets_408_while_others_are_served(lab):
+    """The Service `webobs` has no level of its own: `observe`, the bytes relayed while the
+    observer watches; the proxy still answers 408 on the engine's header timeout (the pod,
+    nginx, would wait 60 s) and counts it as the engine does."""
+    target = ("webobs.abl", "8080")
+    url = f"http://{target[0]}:{target[1]}/"
+    wait_until(
+        lambda: [
+            p.get("l7")
+            for svc in lab.status("node-1")["services"]
+            if (svc["namespace"], svc["name"]) == ("abl", "webobs")
+            for p in svc["ports"]
+        ],
+        lambda levels: levels == ["observe"],
+        what="node-1's status shows webobs at observe",
+        timeout=30,
+    )
+    counted = _refused("header_timeout")
+    slow = _flood("abl/slow", "slowloris", *target)
+    try:
+        for _ in range(5):  # served while the slowloris trickles
+            assert lab.curl("abl/client", url)[0] == "200"
+    finally:
+        result = _result(slow, timeout=90)
+    assert result["status_line"].startswith("HTTP/1.1 408 "), result
+    assert "request header timeout" in result["body"], result
+    wait_until(lambda: _refused("header_timeout"), lambda n: n == counted + 1, what="408 counted")
+    assert lab.curl("abl/client", url)[0] == "200"
+
+
 def test_garbage_is_answered_400_closed_and_counted_and_the_proxy_serves_on(lab):
     counted = _refused("bad_request")
     result = _result(_flood("abl/junk", "garbage", *TARGET), timeout=90)

@@ -15,6 +15,12 @@ Observation stops, the bytes still flowing, on what it cannot follow: a parse er
 HTTP/2 preface on an HTTP/1.1 port, a protocol upgrade (after reporting the upgrade request),
 a response with no request; `on_stop(reason)` is told once (STOP_REASONS), and the requests
 still in flight are not reported.
+
+What the engine's slow-client timeouts need (agent/proxy/observe_timeouts.py) is kept here
+too: `head_begun`, when the request being read began (None once its head is complete), and
+`idle_since`, when the connection last had no exchange in progress (None while one is);
+`on_change` is told whenever either changes. `answerable` says whether the proxy may still
+answer the request being read itself: no byte of a response is owed or under way.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ class Http1Observer:
         self._upgrading = False
         self._response_ended_first = False
         self._request_ended = False
+        self._request_open = False  # a request began and its message has not ended
+        self.head_begun: float | None = None
+        self.idle_since: float | None = clock()
+        self.on_change: Callable[[], None] | None = None
 
     # -- input -------------------------------------------------------------------------------
 
@@ -138,6 +148,9 @@ class Http1Observer:
         self._current = _Exchange(record, self._clock())
         self._url.clear()
         self._host = ""
+        self._request_open = True
+        self.head_begun, self.idle_since = self._current.began, None
+        self._changed()
 
     def _request_header(self, name: bytes, value: bytes) -> None:
         if not self._host and name.lower() == b"host":
@@ -151,10 +164,16 @@ class Http1Observer:
         record.target = self._url.decode("latin-1")
         record.authority = self._host
         self._pending.append(exchange)  # a response may come before the body has
+        self.head_begun = None
+        self._changed()
 
     def _request_body(self, body: bytes) -> None:
         if self._current is not None:
             self._current.record.bytes_received += len(body)
+
+    def _request_end(self) -> None:
+        self._request_open = False
+        self._maybe_idle()
 
     # -- responses ---------------------------------------------------------------------------
 
@@ -237,12 +256,54 @@ class Http1Observer:
         record.duration = self._clock() - exchange.began
         record.attempts = 1
         self._on_request(record)
+        self._maybe_idle()
 
     def _stop(self, reason: str) -> None:
         if self.stopped is None:
             self.stopped = reason
             self._pending.clear()
+            self.head_begun = self.idle_since = None  # no timeout for what is not followed
+            self._changed()
             self._on_stop(reason)
+
+    # -- timeouts (agent/proxy/observe_timeouts.py) -------------------------------------------
+
+    @property
+    def answerable(self) -> bool:
+        """A request is being read and the proxy may answer it itself: observation goes on
+        and no response is owed to an earlier request or under way."""
+        return (
+            self.stopped is None
+            and self.head_begun is not None
+            and not self._pending
+            and not self._in_response
+            and self._head is None
+        )
+
+    def report_local(self, status: int) -> None:
+        """Report a response the proxy made itself to the request being read (as the engine
+        does: no method, path or duration), and follow nothing more."""
+        record = RequestRecord("", "", "", peer=self._peer, start=self._wall())
+        record.status = status
+        self._stop_quietly()
+        try:
+            self._on_request(record)
+        except Exception:
+            self._stop("internal_error")
+
+    def _stop_quietly(self) -> None:
+        self.stopped = "finished"
+        self._pending.clear()
+        self.head_begun = self.idle_since = None
+
+    def _maybe_idle(self) -> None:
+        if self.stopped is None and not (self._request_open or self._pending or self._in_response):
+            self.idle_since = self._clock()
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
 
 class _Stopped(Exception):
@@ -271,6 +332,9 @@ class _RequestEvents:
 
     def on_body(self, body: bytes) -> None:
         self._o._request_body(body)
+
+    def on_message_complete(self) -> None:
+        self._o._request_end()
 
 
 class _ResponseEvents:
