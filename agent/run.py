@@ -42,6 +42,7 @@ from meshagent.agent.workers.launch import WorkerLaunch, start_workers
 from meshagent.agent.workers.pool import WorkerPool
 from meshagent.common.httpserve import Handler, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
+from meshagent.common.procmem import memory_report
 from meshagent.common.spiffe import workload_identity
 
 if TYPE_CHECKING:
@@ -98,6 +99,16 @@ class Agent:
         workers = dataplane.pids() if isinstance(dataplane, WorkerPool) else {}
         return {"agent": os.getpid(), **workers}
 
+    def _processes_by_role(self) -> list[tuple[str, int]]:
+        """The agent, its workers' fork server and the workers, for their memory in status."""
+        dataplane = getattr(self, "dataplane", None)
+        out = [("agent", os.getpid())]
+        if isinstance(dataplane, WorkerPool):
+            if dataplane.launch.server is not None:
+                out.append(("fork server", dataplane.launch.server.pid))
+            out += [(f"worker {index}", pid) for index, pid in dataplane.pids().items()]
+        return out
+
     def live_status(self) -> dict:
         """The agent's own view, served on the admin port for `meshagent status`."""
         return {
@@ -118,6 +129,8 @@ class Agent:
                 "timeout_s": self.config.heartbeat_timeout_s,
             },
             "certificates": self.identities.status(),
+            # RSS beside PSS: the fork server and workers share pages with the agent
+            "processes": memory_report(self._processes_by_role()),
             **self.dataplane_status(),
         }
 

@@ -17,6 +17,9 @@ knows and it is down):
 - ``node``; ``agent``: ``running``, ``error``, and from the live agent ``version``,
   ``uptime_s``, ``ready_after_s`` (from its process start to ready) and ``datapath_reused``
   (it found its pinned datapath, built from its own sources, and did not compile),
+  ``processes`` (one each for the agent, the workers' fork server and each worker:
+  ``role``, ``pid``, ``rss_bytes``, ``pss_bytes``, ``uss_bytes``; they are forks of one
+  another, so RSS counts their shared pages in each, PSS splits them and adds up),
   ``controller`` (``address``, ``connected``, ``last_error``, ...) and its
   raw figures (``proxy``, ``inbound``, ``authz``, ``hbone``, ...);
 - ``snapshot``: ``version`` and ``source`` (``agent``, ``saved`` or ``null``);
@@ -492,6 +495,26 @@ def _heartbeat_line(heartbeat: dict[str, Any] | None) -> str:
     )
 
 
+def _memory_lines(processes: list[dict[str, Any]]) -> list[str]:
+    """One line per process. Its RSS counts the pages it shares with the others (they are
+    forks of one another); PSS splits them, so the PSS add up to what they hold together."""
+    if not processes:
+        return []
+
+    def mib(key: str, p: dict[str, Any]) -> str:
+        return f"{p[key] / 2**20:.1f} MiB"
+
+    total = sum(p["pss_bytes"] for p in processes) / 2**20
+    rows = [
+        (p["role"], f"pid {p['pid']}", f"PSS {mib('pss_bytes', p)}", f"RSS {mib('rss_bytes', p)}")
+        for p in processes
+    ]
+    return [
+        f"Memory:      {total:.1f} MiB (PSS: shared pages split between the processes)",
+        *_table(rows),
+    ]
+
+
 def _agent_pods(pods: list[dict[str, Any]]) -> list[str]:
     """With more than one agent pod alive (an upgrade), each, newest first."""
     if len(pods) < 2:
@@ -540,6 +563,7 @@ def render(
             lines.append(f"Proxy:       {len(workers)} workers (pids {pids}; {restarts} restarts)")
         elif workers is not None or "version" in agent:
             lines.append("Proxy:       in the agent process (proxy_workers: 1)")
+        lines += _memory_lines(agent.get("processes") or [])
     else:
         lines.append(
             f"Agent:       DOWN ({agent['error']}); showing the pinned maps and saved state"

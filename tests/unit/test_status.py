@@ -473,3 +473,35 @@ def test_a_saved_snapshot_of_another_node_or_unreadable_is_none(tmp_path) -> Non
     assert savedview.load(tmp_path, "node-3") is None
     (tmp_path / savedview.SNAPSHOT_FILE).write_text('{"node": "node-2"}')
     assert savedview.load(tmp_path, "node-2") is None
+
+
+def test_screen_shows_each_process_memory_and_the_pss_total():
+    """One line per process, PSS first; the headline adds up PSS, not RSS (the fork server and
+    the workers are forks of the agent: RSS counts the pages they share in each)."""
+    mib = 2**20
+    agent = {
+        **live_agent(),
+        "processes": [
+            {"role": "agent", "pid": 100, "rss_bytes": 60 * mib, "pss_bytes": 28 * mib},
+            {"role": "fork server", "pid": 101, "rss_bytes": 49 * mib, "pss_bytes": 23 * mib},
+            {"role": "worker 0", "pid": 102, "rss_bytes": 52 * mib, "pss_bytes": 23.5 * mib},
+        ],
+    }
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    screen = render(report, now=NOW).splitlines()
+    at = screen.index("Memory:      74.5 MiB (PSS: shared pages split between the processes)")
+    assert screen[at + 1].split() == [
+        "agent",
+        "pid",
+        "100",
+        "PSS",
+        "28.0",
+        "MiB",
+        "RSS",
+        "60.0",
+        "MiB",
+    ]
+    assert screen[at + 2].split()[:3] == ["fork", "server", "pid"]
+    assert screen[at + 3].split()[-2:] == ["52.0", "MiB"]
+    assert json.loads(json.dumps(report))["agent"]["processes"][2]["pid"] == 102
+    assert not any(line.startswith("Memory:") for line in render(running_report()).splitlines())
