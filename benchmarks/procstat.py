@@ -1,9 +1,13 @@
 """CPU time and memory of the proxies under test, read from /proc: the processes of a cgroup
 (the lab puts each node agent and each pod in its own) in, CPU seconds and resident bytes out.
 
-CPU comes from /proc/<pid>/stat (utime + stime: every thread of the process); memory is VmRSS
-from /proc/<pid>/status. Processes that end between two samples drop out of the sum, so a proxy
-that forks short-lived workers would be under-counted; the node agent and HAProxy do not.
+CPU comes from /proc/<pid>/stat (utime + stime: every thread of the process); memory from
+/proc/<pid>/smaps_rollup (meshagent.common.procmem): RSS and PSS. The node agent's fork server
+and workers are forks of the agent and share most of their pages with it, copy-on-write: RSS
+summed over the processes counts each shared page once per process, PSS splits it between
+them, so the sum of PSS is what the processes hold together (the honest figure; RSS is kept
+beside it). Processes that end between two samples drop out of the sum, so a proxy that forks
+short-lived workers would be under-counted; the node agent and HAProxy do not.
 """
 
 from __future__ import annotations
@@ -12,6 +16,24 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from meshagent.common.procmem import Memory, parse_smaps_rollup, read_memory
+
+__all__ = [
+    "CLOCK_TICKS",
+    "ROLES",
+    "Memory",
+    "Sample",
+    "cgroup_pids",
+    "memory_by_role",
+    "parent_pid",
+    "parse_smaps_rollup",
+    "parse_stat_cpu_ticks",
+    "parse_stat_ppid",
+    "parse_status_rss",
+    "roles",
+    "sample",
+]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -67,17 +89,56 @@ class Sample:
     cpu_s: float
     rss_bytes: int
     pids: int
+    pss_bytes: int = 0
 
 
 def sample(cgroups: Iterable[Path]) -> Sample:
-    """CPU seconds used so far and resident memory now, summed over the cgroups' processes."""
-    ticks = rss = count = 0
+    """CPU seconds used so far and memory now (RSS and PSS), summed over the cgroups'
+    processes."""
+    ticks = rss = pss = count = 0
     for cgroup in cgroups:
         for pid in cgroup_pids(cgroup):
             try:
                 ticks += parse_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
-                rss += parse_status_rss(Path(f"/proc/{pid}/status").read_text())
-                count += 1
+                memory = read_memory(pid)
             except (OSError, ValueError):
                 continue  # it ended in between
-    return Sample(cpu_s=ticks / CLOCK_TICKS, rss_bytes=rss, pids=count)
+            rss, pss, count = rss + memory.rss, pss + memory.pss, count + 1
+    return Sample(cpu_s=ticks / CLOCK_TICKS, rss_bytes=rss, pids=count, pss_bytes=pss)
+
+
+# A proxy's processes by their place in its process tree: the one whose parent is outside the
+# cgroup (the node agent; HAProxy's master), one with a parent and children inside (the agent's
+# workers' fork server), and the leaves below (proxy workers; HAProxy's workers).
+ROLES = ("main", "fork server", "workers")
+
+
+def roles(parents: dict[int, int]) -> dict[int, str]:
+    """Each pid's role (`ROLES`) from {pid: parent pid} of one cgroup's processes."""
+    with_children = set(parents.values())
+    out = {}
+    for pid, ppid in parents.items():
+        if ppid not in parents:
+            out[pid] = "main"
+        else:
+            out[pid] = "fork server" if pid in with_children else "workers"
+    return out
+
+
+def memory_by_role(cgroup: Path) -> dict[str, Memory]:
+    """RSS, PSS and USS summed per role (`ROLES`; absent roles are zeros) over a cgroup's
+    processes: for a node agent, the agent / its fork server / its workers."""
+    parents = {}
+    for pid in cgroup_pids(cgroup):
+        try:
+            parents[pid] = parent_pid(pid)
+        except (OSError, ValueError):
+            continue
+    totals = {role: Memory(0, 0, 0) for role in ROLES}
+    for pid, role in roles(parents).items():
+        try:
+            memory = read_memory(pid)
+        except (OSError, ValueError):
+            continue
+        totals[role] = Memory(*(a + b for a, b in zip(totals[role], memory, strict=True)))
+    return totals

@@ -284,8 +284,8 @@ def chart_panels(metrics: list[dict], settings) -> list:
         ),
         Panel(
             "Proxy memory, both nodes",
-            "RSS, MiB",
-            groups([("at the fixed rate", "fixed_proxy_rss_mib")]),
+            "MiB at the fixed rate",
+            groups([("PSS", "fixed_proxy_pss_mib"), ("RSS summed", "fixed_proxy_rss_mib")]),
         ),
         Panel(
             "Idle proxied connections",

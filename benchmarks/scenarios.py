@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import configs, parse, procstat
+from benchmarks import configs, parse, procstat, report
 from benchmarks.labsetup import (
     BenchPath,
     LabFailed,
@@ -230,6 +230,23 @@ def http_fixed_rate(path: BenchPath, s: Settings) -> dict[str, float]:
         cores = (after.cpu_s - before.cpu_s) / (t1 - t0)
         out["fixed_cpu_per_krps"] = cores / (r.req_per_s / 1000)
         out["fixed_proxy_rss_mib"] = after.rss_bytes / 2**20
+        out.update(proxy_memory(path.proxies))
+    return out
+
+
+def proxy_memory(proxies: tuple[Path, ...]) -> dict[str, float]:
+    """The proxies' memory now (MiB): PSS of all (shared pages split between the processes
+    that share them: the agent's fork server and workers are its forks), and per node (the
+    path's proxies are node-1's, then node-2's) its total and its split by role (the agent,
+    its workers' fork server, the workers; HAProxy's master and workers)."""
+    out, total = {}, 0.0
+    for node, cgroup in enumerate(proxies, start=1):
+        split = procstat.memory_by_role(cgroup)
+        node_total = sum(m.pss for m in split.values()) / 2**20
+        out[report.node_memory_id(node, None)], total = node_total, total + node_total
+        for role, memory in split.items():
+            out[report.node_memory_id(node, role)] = memory.pss / 2**20
+    out["fixed_proxy_pss_mib"] = total
     return out
 
 

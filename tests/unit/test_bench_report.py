@@ -207,3 +207,25 @@ def test_level_paths_get_columns_where_measured_and_issue_18_targets():
     assert targets["same-node keep-alive c16, `l4`"]["met"] is True  # 0.85
     assert targets["idle connection, cross-node"]["met"] is None
     assert "## Targets (issue 18)" in text and "| same-node keep-alive c16, `l4` |" in text
+
+
+def test_memory_target_reads_pss_with_rss_beside_and_the_split_has_rows():
+    """Issue 18's memory target is the PSS summed over both nodes' proxy processes (forks share
+    pages: RSS summed counts them once per process), RSS shown beside; the per-node split by
+    role gets its own rows."""
+    title = "node proxies' memory, both nodes (PSS at the fixed rate)"
+    samples = {
+        "fixed_proxy_pss_mib": {CROSS: [118.0, 110.0, 130.0]},
+        "fixed_proxy_rss_mib": {CROSS: [430.0, 420.0, 440.0]},
+        report.node_memory_id(1, "fork server"): {CROSS: [20.0]},
+        report.node_memory_id(2, None): {CROSS: [55.0]},
+    }
+    sums = report.summaries(samples)
+    memory = {t["title"]: t for t in report.evaluate_targets(sums, None)}[title]
+    assert memory["met"] is True and memory["measured"] == "118 MiB PSS (RSS summed 430 MiB)"
+    unmeasured = {t["title"]: t for t in report.evaluate_targets({}, None)}[title]
+    assert unmeasured["met"] is None
+    text = report.markdown(_results(sums))
+    assert "| node-1: workers' fork server, PSS (MiB, lower is better) | — | — | 20.0 |" in text
+    assert "| node-2: all, PSS (MiB, lower is better) | — | — | 55.0 |" in text
+    assert "| both nodes, RSS summed over processes (MiB, lower is better) |" in text
