@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 from meshagent.agent.config import AgentConfig
 from meshagent.agent.datapath.join import open_socket_join
+from meshagent.agent.handover import handoff_socket, own_handoff_folder
 from meshagent.agent.hbone import metrics as hbone_metrics
 from meshagent.agent.hbone.client import open_tunnel_pool
 from meshagent.agent.hbone.server import serve_hbone
 from meshagent.agent.identity.manager import WorkloadCert
+from meshagent.agent.proxy import handoff
 from meshagent.agent.proxy.http import HttpSettings, open_connection_pool
 from meshagent.agent.proxy.inbound import InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
@@ -90,6 +94,9 @@ class DataPlane:
         )
         self.listeners: list[PausableListener] = []
         self.traffic: Traffic | None = None
+        # where other proxy processes hand this one their connections (until it drains)
+        self.handoff_path = handoff_socket(own_handoff_folder(config.state_dir), os.getpid())
+        self._handoff_scope = trio.CancelScope()
         store.on_change(self._on_snapshot)
 
     def _on_snapshot(self, tables) -> None:
@@ -143,6 +150,7 @@ class DataPlane:
         hbone = PausableListener("0.0.0.0", self.config.hbone_port)
         self.listeners = [*outbound, hbone]
         await self.nursery.start(serve_outbound, self.proxy, outbound)
+        await self.nursery.start(self._serve_handoff)
         if self.workload_tls.selector is None:
             log.info("waiting for the trust bundle before serving HBONE")
             while self.workload_tls.selector is None:
@@ -159,21 +167,40 @@ class DataPlane:
         )
         task_status.started()
 
+    async def _serve_handoff(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Take connections handed over by a draining process (agent/proxy/handoff.py); they
+        run in the data plane's nursery, so stopping this (our own drain) leaves them be."""
+
+        def take(conn, client, upstream) -> None:
+            self.nursery.start_soon(self.proxy.resume, conn, client, upstream)
+
+        with self._handoff_scope:
+            await handoff.serve_handoff(self.handoff_path, take, task_status=task_status)
+
     async def _report_pool_size(self) -> None:
         """The tunnel pool gauge is a state, not an event: refreshed every second."""
         while True:
             self.inputs.metrics.set_tunnel_pool_connections(self.tunnel_connections())
             await trio.sleep(1.0)
 
-    async def drain(self, timeout: float) -> int:
+    async def drain(self, timeout: float, handoff_to: Sequence[os.PathLike] = ()) -> int:
         """Stop accepting; close idle HTTP keep-alive connections (busy ones after their
         response) and refuse new tunnels on open HBONE connections (peers retry over new
-        ones); wait up to ``timeout`` s for open connections to end; how many are left."""
+        ones); hand plain same-node relays to the processes listening at ``handoff_to`` (a
+        replacement or a successor: agent/proxy/handoff.py); wait up to ``timeout`` s for
+        the other open connections to end; how many are left."""
         self.set_accepting(False)
+        self._handoff_scope.cancel()  # a draining process takes no more hand-offs
         self.inputs.drain.start()
+        sender = self.proxy.handoff
+        if handoff_to:
+            asked = sender.start([Path(p) for p in handoff_to])
+            log.info("handing %d connection(s) over to %d process(es)", asked, len(handoff_to))
         with trio.move_on_after(timeout):
             while self.open_connections():
                 await trio.sleep(0.1)
+        if handoff_to:
+            log.info("handed %d connection(s) over", sender.handed)
         return self.open_connections()
 
     def set_accepting(self, on: bool) -> None:
@@ -204,6 +231,8 @@ class DataPlane:
                 "http_connections": stats.http_connections,
                 "http_requests": stats.http_requests,
                 "kernel_joined": stats.kernel_joined,
+                "handed_out": stats.handed_out,
+                "handed_in": stats.handed_in,
             },
             "outlier_ejections": [
                 {

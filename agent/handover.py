@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported where used: `meshagent uninstall` (a preStop hook)
 log = logging.getLogger(__name__)
 
 REGISTRY = "agents"
+HANDOFF = "handoff"  # the proxy processes' hand-off sockets (agent/proxy/handoff.py)
 POD_UID_ENV = "POD_UID"
 POD_NAME_ENV = "POD_NAME"
 # The contract asks for at least one look a second; a yield or resume lags by this much.
@@ -135,6 +136,46 @@ def newer_live_agent(registry: Path, pod_uid: str) -> str | None:
     """The pod name of a live agent registered after ours (our successor), if any."""
     newer = newer_live_agents(registry, pod_uid)
     return newer[-1].name if newer else None
+
+
+def handoff_folder(state_dir: Path, pod_uid: str | None) -> Path:
+    """Where one agent pod's proxy processes take connections handed to them, a socket each
+    (agent/proxy/handoff.py): ``<state-dir>/handoff/<pod uid>`` (``local`` without one)."""
+    return state_dir / HANDOFF / (pod_uid or "local")
+
+
+def own_handoff_folder(state_dir: Path, env: Mapping[str, str] = os.environ) -> Path:
+    """This agent pod's (its workers inherit ``$POD_UID``)."""
+    return handoff_folder(state_dir, env.get(POD_UID_ENV))
+
+
+def handoff_socket(folder: Path, pid: int) -> Path:
+    return folder / f"{pid}.sock"
+
+
+def handoff_sockets(folder: Path) -> list[Path]:
+    """The sockets in an agent pod's hand-off folder (a stale one refuses: the sender moves on
+    to the next)."""
+    return sorted(folder.glob("*.sock")) if folder.is_dir() else []
+
+
+def clear_handoff(folder: Path) -> None:
+    """Forget the sockets a previous container of this pod left (its processes are gone)."""
+    for stale in handoff_sockets(folder):
+        stale.unlink(missing_ok=True)
+
+
+def successor_handoff_sockets(
+    registration: AgentRegistration | None, state_dir: Path
+) -> list[Path]:
+    """The hand-off sockets of the newest live agent on the node if it serves (an upgrade's
+    successor), else none."""
+    if registration is None:
+        return []
+    newer = registration.newer()
+    if not newer or not newer[-1].serving:
+        return []
+    return handoff_sockets(handoff_folder(state_dir, newer[-1].pod_uid))
 
 
 def phase(newer: list[Registration]) -> Phase:

@@ -76,6 +76,7 @@ class Agent:
         self.draining = False
         self.phase = handover.Phase.OWNER
         self.handover_check = handover.Recheck()
+        self.registration: handover.AgentRegistration | None = None
         self.metrics_listener: PausableListener | None = None  # bound once the proxy serves
         self.datapath_reused = False
         self.ready_after_s: float | None = None  # from the process's start (fork) to ready
@@ -138,6 +139,7 @@ class Agent:
         # Registered before anything is loaded, so that an older agent on the node sees its
         # successor at once (daemonset/README.md, "Upgrade and removal"; none in the lab).
         with handover.open_registration_from_env(self.config.state_dir) as registration:
+            self.registration = registration
             await self._serve(registration, task_status=task_status)
 
     async def _serve(
@@ -155,6 +157,8 @@ class Agent:
         maps.set_trusted_sources(
             {cfg.proxy_ip, *([cfg.proxy_ip6] if cfg.proxy_ip6 else []), *cfg.trusted_sources}
         )
+        # this pod's hand-off sockets (agent/proxy/handoff.py): a previous container's are dead
+        handover.clear_handoff(handover.own_handoff_folder(cfg.state_dir))
         workers = cfg.worker_count
         if self.launch is None:
             self.launch = start_workers(cfg.model_dump_json(), workers, cfg.worker_metrics_dir)
@@ -340,12 +344,23 @@ class Agent:
         await self.handover_check.now(timeout=HANDOVER_CHECK_TIMEOUT_S)
         self.draining, self.ready = True, False
         self._set_accepting(False)
+        # behind a serving successor (an upgrade), plain same-node relays go on in its
+        # processes instead (agent/proxy/handoff.py)
+        handoff_to = (
+            await trio.to_thread.run_sync(
+                handover.successor_handoff_sockets, self.registration, self.config.state_dir
+            )
+            if self.phase is handover.Phase.HANDED_OVER
+            else []
+        )
         log.info(
-            "SIGTERM: draining %d connection(s) for up to %.0f s",
+            "SIGTERM: draining %d connection(s) for up to %.0f s (%d successor process(es) to"
+            " hand plain same-node ones to)",
             self._open_connections(),
             self.config.drain_timeout_s,
+            len(handoff_to),
         )
-        left = await self.dataplane.drain(self.config.drain_timeout_s)
+        left = await self.dataplane.drain(self.config.drain_timeout_s, handoff_to)
         log.info("drained, %d connection(s) left open; exiting", left)
         serving.cancel()
 

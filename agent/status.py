@@ -395,6 +395,10 @@ def assemble(
                 "accepted": proxy.get("accepted_connections", 0),
                 # same-node L4 connections relayed in the kernel (agent/proxy/kjoin.py)
                 "kernel_joined": proxy.get("kernel_joined", 0),
+                # plain same-node relays moved between proxy processes at a drain: handed to
+                # a replacement or successor, taken from one (agent/proxy/handoff.py)
+                "handed_out": proxy.get("handed_out", 0),
+                "handed_in": proxy.get("handed_in", 0),
             },
             "inbound": {"active": inbound.get("active", 0), "accepted": inbound.get("accepted", 0)},
             "http_requests": proxy.get("http_requests", 0),

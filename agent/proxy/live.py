@@ -53,6 +53,7 @@ __all__ = [
     "destination_check",
     "plaintext_check",
     "source_check",
+    "source_left_check",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,17 @@ class LiveConnections:
             conn.closed_by = verdict
             conn.scope.cancel()
             closed.append(verdict)
-            self.closed[verdict.kind] = self.closed.get(verdict.kind, 0) + 1
-            CLOSED_BY_POLICY.labels(verdict.kind).inc()
-            self._log.warning(
-                verdict.kind,
-                "closing %s: %s (snapshot %s)",
-                conn.description,
-                verdict.detail,
-                tables.snapshot.version,
-            )
+            self.closed_now(conn.description, verdict, tables.snapshot.version)
         return closed
+
+    def closed_now(self, description: str, verdict: Verdict, version: str = "") -> None:
+        """Count and log a connection that policy ends (also one refused as it is handed
+        over from another process: agent/proxy/handoff.py)."""
+        self.closed[verdict.kind] = self.closed.get(verdict.kind, 0) + 1
+        CLOSED_BY_POLICY.labels(verdict.kind).inc()
+        self._log.warning(
+            verdict.kind, "closing %s: %s (snapshot %s)", description, verdict.detail, version
+        )
 
 
 def destination_check(
@@ -187,11 +189,16 @@ def destination_check(
 
 def source_check(source: Workload) -> Check:
     """The client pod is still in the mesh (its identity is what the connection carries)."""
+    return source_left_check(source.uid, source.namespace, source.name)
+
+
+def source_left_check(uid: str, namespace: str, name: str) -> Check:
+    """`source_check` by the pod's uid (a connection handed from another process)."""
 
     def check(tables: Tables) -> Verdict | None:
-        now = tables.workload_by_uid.get(source.uid)
+        now = tables.workload_by_uid.get(uid)
         if now is None or not now.meshed:
-            return Verdict("source_left_mesh", f"{source.namespace}/{source.name} left the mesh")
+            return Verdict("source_left_mesh", f"{namespace}/{name} left the mesh")
         return None
 
     return check

@@ -16,12 +16,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from meshagent.agent.datapath.join import SocketJoin
 from meshagent.agent.proxy import live
+from meshagent.agent.proxy.handoff import HandedConnection, HandoffSender, PolicyFacts
 from meshagent.agent.proxy.hashkey import connection_key
 from meshagent.agent.proxy.http import HttpContext, RequestRecord, serve_detected
 from meshagent.agent.proxy.http.observer import Http1Observer
@@ -31,7 +33,7 @@ from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.observe_timeouts import relay_observed
 from meshagent.agent.proxy.observing import http_observer, level_of_route, opens_with_h2_preface
-from meshagent.agent.proxy.relay import RelayResult, relay
+from meshagent.agent.proxy.relay import RelayResult, can_pause, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
 from meshagent.agent.proxy.routing import (
     ORIGINAL_DESTINATION,
@@ -86,6 +88,8 @@ class ProxyStats:
     http_requests: int = 0
     internal_errors: int = 0  # connections closed on an unexpected exception (a bug)
     kernel_joined: int = 0  # same-node L4 connections relayed in the kernel (kjoin.py)
+    handed_out: int = 0  # connections handed to another proxy process at a drain (handoff.py)
+    handed_in: int = 0  # connections taken from one
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
@@ -120,6 +124,7 @@ class OutboundProxy:
         self.stats = ProxyStats()
         # set by the data plane where the datapath can join sockets (agent/proxy/kjoin.py)
         self.kernel_join: SocketJoin | None = None
+        self.handoff = HandoffSender()  # where its plain same-node relays go at a drain
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one redirected connection. A bug met on it closes this connection only
@@ -131,6 +136,74 @@ class OutboundProxy:
         except Exception:
             self.stats.internal_errors += 1
             log.exception("outbound connection closed on an internal error")
+        finally:
+            self.stats.active -= 1
+            await trio.aclose_forcefully(client)
+
+    async def resume(
+        self, handed: HandedConnection, client: trio.SocketStream, upstream: trio.SocketStream
+    ) -> None:
+        """Relay on a connection another proxy process handed to this one (handoff.py): its
+        counts, labels and policy as that process left them; closed here when it ends."""
+        self.stats.active += 1
+        self.stats.handed_in += 1
+        labels, metrics = handed.labels, self.inputs.metrics
+        try:
+            metrics.tcp_handed_in(labels)
+            result = RelayResult(
+                sent=handed.sent,
+                received=handed.received,
+                on_progress=lambda up, down: metrics.tcp_bytes(labels, down, up),
+                _reported_sent=handed.sent,
+                _reported_received=handed.received,
+                done=handed.done,
+            )
+            policy = handed.policy
+            check = (
+                policy.check(self.inputs.node, self.inputs.trust_domain)
+                if policy is not None
+                else live.all_of()
+            )
+            # a snapshot swapped in while it moved was not checked against it by either side
+            tables = self.store.tables
+            if tables is not None and (verdict := check(tables)) is not None:
+                description = f"{handed.client} -> {handed.upstream}"
+                self.inputs.live.closed_now(description, verdict, tables.snapshot.version)
+                await trio.aclose_forcefully(upstream)
+                self._report(
+                    labels,
+                    handed.start,
+                    trio.current_time() - handed.age,
+                    handed.received,
+                    handed.sent,
+                    "-",
+                    handed.client,
+                    handed.upstream,
+                    "",
+                    opened=True,
+                    unreported=(0, 0),
+                )
+                return
+            relayed = _Relayed(
+                self,
+                client,
+                upstream,
+                labels,
+                client_address=handed.client,
+                address=handed.upstream,
+                start=handed.start,
+                started=trio.current_time() - handed.age,
+                timeout=handed.idle_timeout,
+                check=check,
+                who=labels.source.workload,
+                facts=policy,
+                handable=True,
+            )
+            async with upstream:
+                await relayed.run(result)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("handed-over connection closed on an internal error")
         finally:
             self.stats.active -= 1
             await trio.aclose_forcefully(client)
@@ -469,53 +542,54 @@ class _L4:
         metrics.tcp_opened(labels)
         # metrics: sent = to the client (upstream -> client), received = from the client
         result = RelayResult(on_progress=lambda up, down: metrics.tcp_bytes(labels, down, up))
-        try:
-            async with upstream.stream:
-                source = self.source
-                recheck = live.all_of(
-                    live.source_check(source) if source is not None and source.meshed else None,
-                    upstream.check,
-                )
-                description = f"{self.peer_ip} -> {address}"
-                timeout = proxy.inputs.tcp_idle_timeout if idle_timeout is None else idle_timeout
-                tap = self._observer(upstream, service_labels, address) if self.observe else None
-                who = self.source.name if self.source else self.peer_ip
-                with proxy.inputs.live.track(description, recheck):
-                    if tap is not None:
-                        await relay_observed(
-                            self.client,
-                            upstream.stream,
-                            result,
-                            tap,
-                            proxy.inputs.http,
-                            proxy.inputs.limits,
-                            idle_timeout=timeout,
-                            listener="pod",
-                            source=who,
-                        )
-                    elif not await self._joined(upstream, result, timeout):
-                        await relay(self.client, upstream.stream, result, idle_timeout=timeout)
-                if result.idle_timed_out:
-                    proxy.inputs.limits.refused(
-                        "outbound", IDLE_TIMEOUT, who, f"no byte either way for {timeout:g} s"
-                    )
-        finally:
-            proxy.stats.bytes_sent += result.sent
-            proxy.stats.bytes_received += result.received
-            up, down = result.unreported()
-            proxy._report(
-                labels,
-                self.start,
-                self.started,
-                result.received,
-                result.sent,
-                "-",
-                self.peer_ip,
-                address,
-                "",
-                opened=True,
-                unreported=(down, up),
+        source = self.source
+        # a same-node connection of plain bytes may move to another process at a drain
+        handable = (
+            not self.observe
+            and joinable(self.client, upstream, proxy.inputs.node)
+            and can_pause(self.client, upstream.stream)
+        )
+        relayed = _Relayed(
+            proxy,
+            self.client,
+            upstream.stream,
+            labels,
+            client_address=self.peer_ip,
+            address=address,
+            start=self.start,
+            started=self.started,
+            timeout=proxy.inputs.tcp_idle_timeout if idle_timeout is None else idle_timeout,
+            check=live.all_of(
+                live.source_check(source) if source is not None and source.meshed else None,
+                upstream.check,
+            ),
+            who=source.name if source else self.peer_ip,
+            facts=self._facts(upstream) if handable else None,
+            handable=handable,
+        )
+        tap = self._observer(upstream, service_labels, address) if self.observe else None
+        async with upstream.stream:
+            await relayed.run(
+                result,
+                tap=tap,
+                join=partial(self._joined, upstream) if tap is None else None,
             )
+
+    def _facts(self, upstream: Upstream) -> PolicyFacts:
+        """What this same-node connection was let through on, for a process it is handed to."""
+        source = self.source
+        ip, port = upstream.stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        td = self.proxy.inputs.trust_domain
+        return PolicyFacts(
+            source_uid=source.uid if source is not None and source.meshed else None,
+            source_name=source.name if source else "",
+            source_namespace=source.namespace if source else "",
+            source_identity=workload_identity(source, td).uri if source else None,
+            source_ip=self.peer_ip,
+            ip=ip,
+            port=port,
+            destination=upstream.check is not None,
+        )
 
     def _observer(self, upstream: Upstream, service_labels, address: str) -> Http1Observer:
         """The `observe` level's parser: requests reported by the source and, for a hop that
@@ -570,6 +644,118 @@ class _L4:
             f"{self.orig[0]}:{self.orig[1]}",
             error,
         )
+
+
+class _Relayed:
+    """One L4 relay and its report: run here from its start, or resumed from another process
+    (`OutboundProxy.resume`), and possibly handed on at a drain (agent/proxy/handoff.py)."""
+
+    def __init__(
+        self,
+        proxy: OutboundProxy,
+        client: trio.SocketStream,
+        upstream: trio.abc.HalfCloseableStream,
+        labels: ConnectionLabels,
+        *,
+        client_address: str,
+        address: str,
+        start: float,
+        started: float,
+        timeout: float,
+        check: live.Check,
+        who: str,
+        facts: PolicyFacts | None = None,
+        handable: bool = False,
+    ) -> None:
+        self.proxy, self.client, self.upstream, self.labels = proxy, client, upstream, labels
+        self.client_address, self.address = client_address, address
+        self.start, self.started, self.timeout = start, started, timeout
+        self.check, self.who = check, who
+        self.facts, self.handable = facts, handable
+
+    async def run(
+        self,
+        result: RelayResult,
+        *,
+        tap: Http1Observer | None = None,
+        join: Callable[[RelayResult, float], Awaitable[bool]] | None = None,
+    ) -> None:
+        """Relay (watched by ``tap``, or joined in the kernel by ``join`` where it can, else
+        by this process, handed on if asked), then report: the close, or the hand-off."""
+        proxy = self.proxy
+        before = (result.sent, result.received)  # a resumed connection's, reported already
+        handed = False
+        try:
+            with proxy.inputs.live.track(f"{self.client_address} -> {self.address}", self.check):
+                if tap is not None:
+                    await relay_observed(
+                        self.client,
+                        self.upstream,
+                        result,
+                        tap,
+                        proxy.inputs.http,
+                        proxy.inputs.limits,
+                        idle_timeout=self.timeout,
+                        listener="outbound",
+                        source=self.who,
+                    )
+                elif join is None or not await join(result, self.timeout):
+                    handed = await self._relay_or_hand(result)
+            if result.idle_timed_out:
+                proxy.inputs.limits.refused(
+                    "outbound", IDLE_TIMEOUT, self.who, f"no byte either way for {self.timeout:g} s"
+                )
+        finally:
+            proxy.stats.bytes_sent += result.sent - before[0]
+            proxy.stats.bytes_received += result.received - before[1]
+            up, down = result.unreported()
+            if handed:
+                proxy.stats.handed_out += 1
+                proxy.inputs.metrics.tcp_handed_out(self.labels, down, up)
+            else:
+                proxy._report(
+                    self.labels,
+                    self.start,
+                    self.started,
+                    result.received,
+                    result.sent,
+                    "-",
+                    self.client_address,
+                    self.address,
+                    "",
+                    opened=True,
+                    unreported=(down, up),
+                )
+
+    async def _relay_or_hand(self, result: RelayResult) -> bool:
+        """Relay; True if the connection went to another process instead (its drain)."""
+        sender = self.proxy.handoff
+        if not self.handable:
+            await relay(self.client, self.upstream, result, idle_timeout=self.timeout)
+            return False
+        upstream = self.upstream
+        assert isinstance(upstream, trio.SocketStream)
+        with sender.pausable() as pause:
+            while True:
+                await relay(self.client, upstream, result, idle_timeout=self.timeout, pause=pause)
+                if not result.paused:
+                    return False
+                handed = HandedConnection(
+                    labels=self.labels,
+                    client=self.client_address,
+                    upstream=self.address,
+                    start=self.start,
+                    age=trio.current_time() - self.started,
+                    sent=result.sent,
+                    received=result.received,
+                    done=result.done,
+                    idle_timeout=self.timeout,
+                    policy=self.facts,
+                )
+                fds = (self.client.socket.fileno(), upstream.socket.fileno())
+                if await sender.send(handed, fds):
+                    return True
+                pause.reset()  # nobody took it: relay on here
 
 
 async def serve_outbound(

@@ -26,6 +26,12 @@ An idle timeout (Envoy tcp_proxy's `idle_timeout`, 1 h by default) ends a relay 
 no byte moved either way for that long: one cancel scope per relay, its deadline moved on as
 bytes go out (per batch, at most once a second), so a peer cannot hold a connection, and what
 the proxy keeps for it, forever. `RelayResult.idle_timed_out` tells.
+
+A relay of two TCP sockets can be paused for a hand-off to another process (`Pause`, issue
+#17: agent/proxy/handoff.py): each direction stops where its pipe is empty (before its next
+read), so nothing of the connection is held in user space or in a pipe, and the relay returns
+with `RelayResult.paused`; its `done` says which directions had already ended, and `relay`
+given such a result resumes the connection (in the other process) with the others only.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import fcntl
 import math
 import os
 import select
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +77,9 @@ class RelayResult:
     _reported_received: int = field(default=0, repr=False)
     _next_progress: float = field(default=0.0, repr=False)
     idle_timed_out: bool = False  # the relay ended because nothing moved for its idle timeout
+    paused: bool = False  # stopped by its `Pause` with nothing in flight: it can be handed on
+    # (client -> upstream, upstream -> client) directions that ended (EOF passed on)
+    done: tuple[bool, bool] = (False, False)
     _idle: trio.CancelScope | None = field(default=None, repr=False)
     _idle_timeout: float = field(default=math.inf, repr=False)
 
@@ -111,6 +120,38 @@ class RelayResult:
 Count = Callable[[int], None]  # told each batch of bytes once it went out
 
 
+class Pause:
+    """Asks a relay of two sockets to stop where nothing is in flight (module doc). Each
+    direction waits for its next bytes inside a `point`; `request` cancels those waits, and
+    a direction that finds it requested between batches stops too."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._waits: set[trio.CancelScope] = set()
+
+    def request(self) -> None:
+        self.requested = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    def reset(self) -> None:
+        """Relay on (the hand-off did not happen)."""
+        self.requested = False
+
+    @contextlib.contextmanager
+    def point(self) -> Iterator[trio.CancelScope]:
+        """A wait that a `request` ends (look at the scope's ``cancelled_caught``)."""
+        scope = trio.CancelScope()
+        if self.requested:
+            scope.cancel()
+        self._waits.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._waits.discard(scope)
+
+
 async def _pipe(
     src: trio.abc.ReceiveStream,
     dst: trio.abc.SendStream,
@@ -141,22 +182,39 @@ def _new_pipe() -> tuple[int, int]:
     return r, w
 
 
-async def _splice_pipe(src: trio.SocketStream, dst: trio.SocketStream, count: Count) -> None:
-    """One direction socket -> pipe -> socket in the kernel; `count` told what went out."""
+async def _readable(sock: trio.socket.SocketType, pause: Pause | None) -> bool:
+    """Wait until ``sock`` is readable; False if a pause was asked for meanwhile (or before)."""
+    if pause is None:
+        await trio.lowlevel.wait_readable(sock)
+        return True
+    with pause.point() as wait:
+        await trio.lowlevel.wait_readable(sock)
+    return not wait.cancelled_caught
+
+
+async def _splice_pipe(
+    src: trio.SocketStream, dst: trio.SocketStream, count: Count, pause: Pause | None = None
+) -> bool:
+    """One direction socket -> pipe -> socket in the kernel; `count` told what went out.
+    True once it ended (EOF passed on), False if it stopped for ``pause`` (the pipe empty)."""
     src_sock, dst_sock = src.socket, dst.socket
     src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
     pipe_r = pipe_w = -1
     try:
         # The pipe is made once the first byte is there, so that an idle connection holds none.
-        await trio.lowlevel.wait_readable(src_sock)
+        if not await _readable(src_sock, pause):
+            return False
         pipe_r, pipe_w = _new_pipe()
         while True:
+            if pause is not None and pause.requested:
+                return False  # between batches: the pipe is empty
             # Fill: the pipe is empty here (it is drained below before the next fill), so
             # EAGAIN can only mean the socket has nothing to read yet.
             try:
                 moved = os.splice(src_fd, pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(src_sock)
+                if not await _readable(src_sock, pause):
+                    return False
                 continue
             if moved == 0:
                 break  # EOF
@@ -176,6 +234,12 @@ async def _splice_pipe(src: trio.SocketStream, dst: trio.SocketStream, count: Co
             if fd != -1:
                 os.close(fd)
     await dst.send_eof()
+    return True
+
+
+def can_pause(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
+    """Whether a relay of ``a`` and ``b`` can be paused for a hand-off (two TCP sockets)."""
+    return _can_splice(a, b)
 
 
 def _can_splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
@@ -296,6 +360,29 @@ async def _both_ways(
         nursery.start_soon(pipe, upstream, client, result.add_received)
 
 
+async def _pausable(
+    client: trio.SocketStream, upstream: trio.SocketStream, result: RelayResult, pause: Pause
+) -> None:
+    """Both directions in the kernel, each to its end or to the pause (`result.paused`)."""
+    with pause.point() as wait:
+        await _wait_either(client, upstream)  # idle: nothing allocated yet
+    if wait.cancelled_caught:
+        result.paused = True
+        return
+    done = list(result.done)
+
+    async def one(index: int, src: trio.SocketStream, dst: trio.SocketStream, count: Count):
+        done[index] = await _splice_pipe(src, dst, count, pause)
+
+    async with trio.open_nursery() as nursery:
+        if not done[0]:
+            nursery.start_soon(one, 0, client, upstream, result.add_sent)
+        if not done[1]:
+            nursery.start_soon(one, 1, upstream, client, result.add_received)
+    result.done = (done[0], done[1])
+    result.paused = not all(done)
+
+
 class Tap(Protocol):
     """Told a copy of what a relay moved, each direction in order, once it went out (the
     `observe` level's parser, agent/proxy/http/observer.py). Must not raise."""
@@ -326,20 +413,28 @@ async def relay(
     *,
     idle_timeout: float = math.inf,
     tap: Tap | None = None,
+    pause: Pause | None = None,
 ) -> RelayResult:
     """Relay until both directions end, or no byte moved for `idle_timeout` s (then
     `result.idle_timed_out`); `result` (given by a caller that reports in a `finally`) holds
-    the bytes moved so far even if the relay is cancelled. `tap` sees a copy of the bytes."""
+    the bytes moved so far even if the relay is cancelled. `tap` sees a copy of the bytes.
+    ``pause`` (two TCP sockets, no tap: `can_pause`) may stop it for a hand-off
+    (`result.paused`); a ``result`` whose ``done`` says a direction ended relays the other
+    only (a resumed connection)."""
     result = RelayResult() if result is None else result
+    result.paused = False
     with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
         if idle_timeout < math.inf:
             result._idle, result._idle_timeout = idle, idle_timeout
         try:
-            await _wait_either(client, upstream)  # idle: nothing else is allocated yet
-            if tap is None:
-                await _both_ways(client, upstream, result)
+            if pause is not None:
+                await _pausable(client, upstream, result, pause)  # type: ignore[arg-type]
             else:
-                await _tapped_both_ways(client, upstream, result, tap)
+                await _wait_either(client, upstream)  # idle: nothing else is allocated yet
+                if tap is None:
+                    await _both_ways(client, upstream, result)
+                else:
+                    await _tapped_both_ways(client, upstream, result, tap)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # a reset on either side ends the relay; both are closed by the caller
     result._idle = None

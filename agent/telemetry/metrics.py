@@ -361,6 +361,16 @@ class ProxyMetrics:
         if received:
             children[3].inc(received)
 
+    def tcp_handed_out(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """The connection went on in another proxy process (agent/proxy/handoff.py): its bytes
+        not yet reported are; it is no longer open here, yet not closed (the other closes it)."""
+        self.tcp_bytes(labels, sent, received)
+        self._open[labels.reporter].dec()
+
+    def tcp_handed_in(self, labels: ConnectionLabels) -> None:
+        """A connection another proxy process opened (and counted) goes on here."""
+        self._open[labels.reporter].inc()
+
     def tcp_closed(
         self,
         labels: ConnectionLabels,

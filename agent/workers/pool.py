@@ -1,5 +1,6 @@
 """The agent's side of its proxy workers: start them, feed them, watch them, restart them,
-and replace one that a burst left grown (recycle.py).
+and replace one that a burst left grown (recycle.py), which hands its plain same-node relays to its
+replacement (agent/proxy/handoff.py).
 
 Each worker is a child of the fork server (launch.py) with a private socket pair to the
 agent. The agent sends the snapshot (encoded once for all), every certificate change and
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 from meshagent.agent.config import AgentConfig
+from meshagent.agent.handover import handoff_socket, own_handoff_folder
 from meshagent.agent.identity.manager import IdentityManager
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import worker_exited
@@ -155,13 +158,16 @@ class WorkerPool:
         ]
         return merged
 
-    async def drain(self, timeout: float) -> int:
-        """Every worker stops accepting and exits once its connections end (or at
-        ``timeout``); returns the connections still open when the last one exited."""
+    async def drain(self, timeout: float, handoff_to: Sequence[os.PathLike] = ()) -> int:
+        """Every worker stops accepting, hands what it can to the processes listening at
+        ``handoff_to`` (a successor agent's: agent/proxy/handoff.py) and exits once its other
+        connections end (or at ``timeout``); returns the connections still open when the last
+        one exited."""
         self.stopping, self._drain_timeout = True, timeout
         everyone = [p for w in self.workers for p in w.processes]
+        targets = [str(path) for path in handoff_to]
         for w in self.workers:
-            w.post({"type": "drain", "timeout": timeout})
+            w.post({"type": "drain", "timeout": timeout, "handoff": targets})
         with trio.move_on_after(timeout + 5):
             for p in everyone:
                 await p.exited.wait()
@@ -293,7 +299,12 @@ class WorkerPool:
                 either.start_soon(_set_then_cancel, new.ready, either.cancel_scope)
                 either.start_soon(_set_then_cancel, new.exited, either.cancel_scope)
                 either.start_soon(_set_then_cancel, old.exited, either.cancel_scope)
-            old.post({"type": "drain", "timeout": self.config.drain_timeout_s})
+            # its plain same-node relays go on in the new one (agent/proxy/handoff.py)
+            target = handoff_socket(own_handoff_folder(self.config.state_dir), new.pid)
+            handoff_to = [str(target)] if new.ready.is_set() else []
+            old.post(
+                {"type": "drain", "timeout": self.config.drain_timeout_s, "handoff": handoff_to}
+            )
             await old.exited.wait()
         finally:
             w.retiring.remove(old)

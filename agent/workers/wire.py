@@ -3,9 +3,10 @@ private socket pair, `common.configwire.MessageStream`).
 
 Agent to worker: ``snapshot`` (the snapshot in use), ``certs`` (every current workload
 certificate with its key: the whole set each time), ``accepting`` (on/off: hand-over),
-``drain`` (SIGTERM: stop accepting, finish, exit). Worker to agent: ``ready`` once it
-listens, then ``status`` every second (its share of `meshagent status`), and ``drained``
-(connections left open) when a drain ends.
+``drain`` (SIGTERM or a replacement: stop accepting, hand plain same-node relays to the
+processes listening at its ``handoff`` paths, finish the rest, exit). Worker to agent:
+``ready`` once it listens, then ``status`` every second (its share of `meshagent status`),
+and ``drained`` (connections left open) when a drain ends.
 The pair never leaves the node's agent pod; keys travel as they sit in the agent's memory.
 """
 

@@ -116,12 +116,14 @@ class Worker:
         elif kind == "accepting":
             self.dataplane.set_accepting(bool(message["on"]))
         elif kind == "drain":
-            self.nursery.start_soon(self._drain, float(message["timeout"]))
+            self.nursery.start_soon(
+                self._drain, float(message["timeout"]), list(message.get("handoff", []))
+            )
         else:
             log.warning("worker %d: unknown message %r", self.index, kind)
 
-    async def _drain(self, timeout: float) -> None:
-        left = await self.dataplane.drain(timeout)
+    async def _drain(self, timeout: float, handoff_to: list[str]) -> None:
+        left = await self.dataplane.drain(timeout, handoff_to)
         log.info("worker %d drained, %d connection(s) left open", self.index, left)
         await self.channel.send({"type": "drained", "left": left})
         self.nursery.cancel_scope.cancel()

@@ -287,7 +287,13 @@ def test_status_json_carries_every_field(obs_lab):
         assert agent["controller"]["connected"] is True
         assert report["snapshot"]["version"] == agent["snapshot_version"] != ""
         assert {p["name"] for p in report["datapath"]["programs"]} == DATAPATH_PROGRAMS
-        assert report["connections"]["outbound"].keys() == {"active", "accepted", "kernel_joined"}
+        assert report["connections"]["outbound"].keys() == {
+            "active",
+            "accepted",
+            "kernel_joined",
+            "handed_out",
+            "handed_in",
+        }
         assert isinstance(report["ejected_endpoints"], list)
         assert isinstance(report["recent_denials"], list)
     assert src["node"] == "node-1" and dst["node"] == "node-2"

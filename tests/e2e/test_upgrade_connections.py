@@ -29,15 +29,19 @@ OLD_DRAIN_S = 25  # the drain deadline was 20 s: connections held past it were c
 
 
 class ConnHolder:
-    """`conn_holder.py` in shop/frontend: HELD connections, a report per line we send."""
+    """`conn_holder.py` in shop/frontend: ``held`` connections round-robin over ``targets``,
+    a report per line we send."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, held: int = HELD, targets: tuple[str, ...] = ("echo-local", "echo-remote")
+    ) -> None:
         self.proc = subprocess.Popen(
             [
                 str(BIN / "meshlab"),
                 *("exec", "shop/frontend", "--", "/usr/bin/python3"),
                 str(APPS / "conn_holder.py"),
-                *(str(HOLD_SECONDS), str(HELD), "echo-local.shop:7000", "echo-remote.shop:7000"),
+                *(str(HOLD_SECONDS), str(held)),
+                *(f"{target}.shop:7000" for target in targets),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -45,7 +49,8 @@ class ConnHolder:
             text=True,
         )
         self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -67,7 +72,8 @@ class ConnHolder:
             self._json, lambda r: len(r) > before, what="a holder report", timeout=60
         )[-1]
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Close its connections; what it says of them (`conn_holder.py`), {} if nothing."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
@@ -75,6 +81,8 @@ class ConnHolder:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.reader.join(timeout=10)  # its last line read
+        return next((r for r in self._json() if "closed" in r), {})
 
 
 def test_long_lived_connections_survive_both_agents_upgrades(lab_factory, tmp_path):

@@ -7,7 +7,9 @@ every 0.5 s, sends a numbered line on each open connection and reads its echo ba
 connection that fails (closed, reset, wrong or no echo in 10 s) is closed and counted
 failed, never reopened. Each line read on stdin asks for a report: one more round on every
 connection, then ``{"open": k, "echoed": k, "rounds": r, "failures": [...]}``. Exits at
-stdin's end or after SECONDS. Stdlib only: it runs under the system Python inside lab pods.
+stdin's end or after SECONDS, printing ``{"closed": k, "bytes": {conn: bytes sent}}`` (each
+echoed back as much) for the connections it closed itself. Stdlib only: it runs under the
+system Python inside lab pods.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     conns: dict[int, socket.socket] = {}
     names: dict[int, str] = {}
     failures: list[str] = []
+    sent: dict[int, int] = {}  # bytes each open connection sent (and got echoed)
     for i in range(n):
         host, _, port = targets[i % len(targets)].rpartition(":")
         names[i] = targets[i % len(targets)]
@@ -53,6 +56,7 @@ def main() -> None:
                     got += chunk
                 if got != line:
                     raise ConnectionError(f"echo {got!r} for {line!r}")
+                sent[i] = sent.get(i, 0) + len(line)
                 echoed += 1
             except (OSError, ConnectionError) as exc:
                 failures.append(f"{time.time():.2f} round {rounds} conn {i} {names[i]}: {exc!r}")
@@ -73,6 +77,8 @@ def main() -> None:
             one_round()
     for sock in conns.values():
         sock.close()
+    closed = {str(i): sent.get(i, 0) for i in conns}
+    print(json.dumps({"closed": len(conns), "bytes": closed}), flush=True)
 
 
 if __name__ == "__main__":
