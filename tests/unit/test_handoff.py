@@ -25,6 +25,7 @@ from meshagent.agent.proxy.relay import Pause, RelayResult, relay
 from meshagent.agent.telemetry import ConnectionLabels
 from meshagent.agent.telemetry.labels import Peer, ServiceRef
 
+from tests.unit.test_live_policy import CLIENT, FRONTEND, REMOTE, REVIEWS, deny, tables
 from tests.unit.test_relay import _read_all, _tcp_pair
 
 LABELS = ConnectionLabels(
@@ -276,3 +277,25 @@ async def test_the_sender_pauses_every_relay_once_it_has_somewhere_to_hand_them(
         await app.aclose()
         await client_side.aclose()
     assert len(encode(_handed(RelayResult()))) < handoff.MAX_MESSAGE
+
+
+def test_the_policy_facts_still_close_a_handed_connection_that_a_new_snapshot_denies() -> None:
+    """The successor re-checks a handed connection as its first process did (live.py)."""
+    facts = PolicyFacts(
+        source_uid=CLIENT.uid,
+        source_name=CLIENT.name,
+        source_namespace=CLIENT.namespace,
+        source_identity=FRONTEND.uri,
+        source_ip=CLIENT.ips[0],
+        ip=REVIEWS.ips[0],
+        port=9080,
+        destination=True,
+    )
+    moved = decode(encode(_handed(RelayResult(), policy=facts))).policy
+    assert moved == facts
+    check = moved.check("node-1", "cluster.local")
+    assert check(tables()) is None  # allowed: it goes on
+    verdict = check(tables(deny(f"cluster.local/ns/shop/sa/{FRONTEND.service_account}")))
+    assert verdict is not None and verdict.kind == "denied", verdict
+    gone = check(tables(workloads=(REVIEWS, REMOTE)))
+    assert gone is not None and gone.kind == "source_left_mesh", gone
