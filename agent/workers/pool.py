@@ -3,7 +3,9 @@ and replace one that a burst left grown (recycle.py), which hands its plain same
 replacement (agent/proxy/handoff.py).
 
 Each worker is a child of the fork server (launch.py) with a private socket pair to the
-agent. The agent sends the snapshot (encoded once for all), every certificate change and
+agent. The agent sends the snapshot (whole to a new worker, then each delta the agent
+applied, which the worker applies to its own view; each encoded once for all), every
+certificate change and
 accept/stop and drain; a worker that exits unasked is started again (with a back-off) and fed
 the current state. A slot's worker that grew is replaced: a fresh one is forked for the slot,
 and once it listens the old one drains (it serves what it holds, then exits).
@@ -32,7 +34,12 @@ from meshagent.agent.workers.launch import (
     WorkerProcess,
 )
 from meshagent.agent.workers.recycle import MemoryWatch, RecyclePolicy, cpu_seconds, rss_bytes
-from meshagent.agent.workers.wire import certs_message, merge_status, snapshot_message
+from meshagent.agent.workers.wire import (
+    certs_message,
+    delta_message,
+    merge_status,
+    snapshot_message,
+)
 from meshagent.common.configwire import MessageStream, WireError
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ class _Process:
         self.status: dict[str, Any] = {}
         self.outbox: trio.MemorySendChannel | None = None
         self.left_open: int | None = None  # connections still open when its drain ended
+        self.holds = ""  # the snapshot version it holds once it has read what was posted
         self.watch: MemoryWatch | None = None  # from when it listens
 
     def post(self, message: dict[str, Any] | bytes) -> None:
@@ -177,12 +185,26 @@ class WorkerPool:
     # -- feeding -------------------------------------------------------------------------------
 
     def _on_snapshot(self, tables) -> None:
-        document = self.store.document_json()
-        assert document is not None  # the store tells its listeners after keeping it
-        self._snapshot = snapshot_message(document)
+        """Each worker gets the delta the store applied if it holds the version the delta
+        starts from (it builds its next view from its own), else the snapshot whole."""
+        self._snapshot = None  # encoded when a worker needs it whole
+        delta, encoded = self.store.last_delta, None
         for w in self.workers:
             for p in w.processes:  # a draining one still relays under the snapshot in force
-                p.post(self._snapshot)
+                if delta is not None and p.holds == delta[0]:
+                    encoded = encoded or delta_message(*delta)
+                    p.post(encoded)
+                else:
+                    p.post(self._whole())
+                p.holds = self.store.version
+
+    def _whole(self) -> bytes:
+        """The snapshot in force as a ``snapshot`` message, encoded once per version."""
+        if self._snapshot is None:
+            document = self.store.document_json()
+            assert document is not None  # asked for only once the store holds one
+            self._snapshot = snapshot_message(document)
+        return self._snapshot
 
     def _on_certs(self) -> None:
         message = certs_message(self.identities.current())
@@ -190,13 +212,11 @@ class WorkerPool:
             for p in w.processes:
                 p.post(message)
 
-    def _initial_messages(self) -> list[dict[str, Any] | bytes]:
+    def _initial_messages(self, p: _Process) -> list[dict[str, Any] | bytes]:
         out: list[dict[str, Any] | bytes] = []
-        document = self.store.document_json()
-        if self._snapshot is None and document is not None:
-            self._snapshot = snapshot_message(document)
-        if self._snapshot is not None:
-            out.append(self._snapshot)
+        if self.store.tables is not None:
+            out.append(self._whole())
+            p.holds = self.store.version
         out.append(certs_message(self.identities.current()))
         if not self.accepting:
             out.append({"type": "accepting", "on": False})
@@ -267,7 +287,7 @@ class WorkerPool:
         process, ours = launched.process, launched.channel
         send, receive = trio.open_memory_channel[dict[str, Any] | bytes](math.inf)
         p.outbox = send
-        for message in self._initial_messages():
+        for message in self._initial_messages(p):
             send.send_nowait(message)
         channel = MessageStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         try:
@@ -365,6 +385,15 @@ class WorkerPool:
                 p.status = message["status"]
             elif message["type"] == "drained":
                 p.left_open = int(message["left"])
+            elif message["type"] == "resync" and self.store.tables is not None:
+                log.warning(
+                    "proxy worker %d could not apply a delta (it holds %r): sending the"
+                    " snapshot whole",
+                    w.index,
+                    message.get("version"),
+                )
+                p.post(self._whole())
+                p.holds = self.store.version
 
 
 def _clients_in(status: dict[str, Any]) -> tuple[int, int]:

@@ -1,7 +1,10 @@
 """The messages between the agent and its proxy workers (newline-delimited JSON over a
 private socket pair, `common.configwire.MessageStream`).
 
-Agent to worker: ``snapshot`` (the snapshot in use), ``certs`` (every current workload
+Agent to worker: ``snapshot`` (the snapshot in use, whole: to a worker that holds no
+snapshot or not the one a delta starts from), ``delta`` (the changes from the version the
+worker holds to the next, as the controller sent them: the worker builds its next view from
+its own, as the agent did), ``certs`` (every current workload
 certificate with its key: the whole set each time), ``accepting`` (on/off: hand-over),
 ``drain`` (SIGTERM or a replacement: stop accepting, hand plain same-node relays to the
 processes listening at its ``handoff`` paths, finish the rest, exit). Worker to agent:
@@ -12,6 +15,7 @@ The pair never leaves the node's agent pod; keys travel as they sit in the agent
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +56,12 @@ def parse_certs(message: dict[str, Any]) -> list[WorkloadCert]:
 def snapshot_message(snapshot_json: str) -> bytes:
     """A ``snapshot`` message around the snapshot's own JSON (encoded once for all workers)."""
     return b'{"type":"snapshot","snapshot":' + snapshot_json.encode() + b"}"
+
+
+def delta_message(base: str, version: str, changes: dict[str, Any]) -> bytes:
+    """A ``delta`` message (encoded once for all workers)."""
+    head = {"type": "delta", "base": base, "version": version}
+    return json.dumps({**head, "changes": changes}, separators=(",", ":")).encode()
 
 
 def merge_status(parts: list[dict[str, Any]]) -> dict[str, Any]:

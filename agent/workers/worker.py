@@ -47,6 +47,7 @@ class Worker:
             trust_domains=config.trust_domains,
         )
         self.identities = IdentityMirror()
+        self._resyncing = False  # asked the agent for the whole snapshot after a delta failed
         self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
 
     async def run(self) -> None:
@@ -107,10 +108,13 @@ class Worker:
     def _handle(self, message: dict) -> None:
         kind = message["type"]
         if kind == "snapshot":
+            self._resyncing = False
             try:
                 self.store.apply(message["snapshot"], save=False)
             except SnapshotRejected as exc:  # the agent validated it: should not happen
                 log.error("worker %d: snapshot rejected: %s", self.index, exc)
+        elif kind == "delta":
+            self._apply_delta(message)
         elif kind == "certs":
             self.identities.replace(parse_certs(message))
         elif kind == "accepting":
@@ -121,6 +125,23 @@ class Worker:
             )
         else:
             log.warning("worker %d: unknown message %r", self.index, kind)
+
+    def _apply_delta(self, message: dict) -> None:
+        """The next view from this worker's own, as the agent built its; if this worker
+        cannot (it holds another version), it asks for the snapshot whole, once, and serves
+        the view it holds until it comes."""
+        if self._resyncing:
+            return  # the whole snapshot is on its way: later deltas start from it
+        try:
+            self.store.apply_delta(
+                message["base"], message["version"], message["changes"], save=False
+            )
+        except SnapshotRejected as exc:
+            log.warning("worker %d: delta refused (%s): asking for the snapshot", self.index, exc)
+            self._resyncing = True
+            self.nursery.start_soon(
+                self.channel.send, {"type": "resync", "version": self.store.version}
+            )
 
     async def _drain(self, timeout: float, handoff_to: list[str]) -> None:
         left = await self.dataplane.drain(timeout, handoff_to)
