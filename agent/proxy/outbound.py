@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -130,25 +130,17 @@ class OutboundProxy:
         """Serve one redirected connection. A bug met on it closes this connection only
         (logged with its traceback, counted): it never takes the proxy down."""
         self.stats.accepted += 1
-        self.stats.active += 1
-        try:
+        async with self._serving(client, "outbound connection"):
             await self._handle(client)
-        except Exception:
-            self.stats.internal_errors += 1
-            log.exception("outbound connection closed on an internal error")
-        finally:
-            self.stats.active -= 1
-            await trio.aclose_forcefully(client)
 
     async def resume(
         self, handed: HandedConnection, client: trio.SocketStream, upstream: trio.SocketStream
     ) -> None:
         """Relay on a connection another proxy process handed to this one (handoff.py): its
         counts, labels and policy as that process left them; closed here when it ends."""
-        self.stats.active += 1
         self.stats.handed_in += 1
-        labels, metrics = handed.labels, self.inputs.metrics
-        try:
+        async with self._serving(client, "handed-over connection"), upstream:
+            labels, metrics = handed.labels, self.inputs.metrics
             metrics.tcp_handed_in(labels)
             result = RelayResult(
                 sent=handed.sent,
@@ -164,26 +156,6 @@ class OutboundProxy:
                 if policy is not None
                 else live.all_of()
             )
-            # a snapshot swapped in while it moved was not checked against it by either side
-            tables = self.store.tables
-            if tables is not None and (verdict := check(tables)) is not None:
-                description = f"{handed.client} -> {handed.upstream}"
-                self.inputs.live.closed_now(description, verdict, tables.snapshot.version)
-                await trio.aclose_forcefully(upstream)
-                self._report(
-                    labels,
-                    handed.start,
-                    trio.current_time() - handed.age,
-                    handed.received,
-                    handed.sent,
-                    "-",
-                    handed.client,
-                    handed.upstream,
-                    "",
-                    opened=True,
-                    unreported=(0, 0),
-                )
-                return
             relayed = _Relayed(
                 self,
                 client,
@@ -199,11 +171,25 @@ class OutboundProxy:
                 facts=policy,
                 handable=True,
             )
-            async with upstream:
-                await relayed.run(result)
+            # a snapshot swapped in while it moved was checked against it by neither side
+            tables = self.store.tables
+            if tables is not None and (verdict := check(tables)) is not None:
+                description = f"{handed.client} -> {handed.upstream}"
+                self.inputs.live.closed_now(description, verdict, tables.snapshot.version)
+                relayed.report(result)
+                return
+            await relayed.run(result)
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, client: trio.SocketStream, what: str) -> AsyncIterator[None]:
+        """One connection open here: counted while it is, closed after; a bug met on it ends
+        it alone (logged with its traceback, counted)."""
+        self.stats.active += 1
+        try:
+            yield
         except Exception:
             self.stats.internal_errors += 1
-            log.exception("handed-over connection closed on an internal error")
+            log.exception("%s closed on an internal error", what)
         finally:
             self.stats.active -= 1
             await trio.aclose_forcefully(client)
@@ -708,24 +694,29 @@ class _Relayed:
         finally:
             proxy.stats.bytes_sent += result.sent - before[0]
             proxy.stats.bytes_received += result.received - before[1]
-            up, down = result.unreported()
-            if handed:
-                proxy.stats.handed_out += 1
-                proxy.inputs.metrics.tcp_handed_out(self.labels, down, up)
-            else:
-                proxy._report(
-                    self.labels,
-                    self.start,
-                    self.started,
-                    result.received,
-                    result.sent,
-                    "-",
-                    self.client_address,
-                    self.address,
-                    "",
-                    opened=True,
-                    unreported=(down, up),
-                )
+            self.report(result, handed)
+
+    def report(self, result: RelayResult, handed: bool = False) -> None:
+        """Its close (the access log, the metrics), or that it went on elsewhere."""
+        proxy = self.proxy
+        up, down = result.unreported()
+        if handed:
+            proxy.stats.handed_out += 1
+            proxy.inputs.metrics.tcp_handed_out(self.labels, down, up)
+            return
+        proxy._report(
+            self.labels,
+            self.start,
+            self.started,
+            result.received,
+            result.sent,
+            "-",
+            self.client_address,
+            self.address,
+            "",
+            opened=True,
+            unreported=(down, up),
+        )
 
     async def _relay_or_hand(self, result: RelayResult) -> bool:
         """Relay; True if the connection went to another process instead (its drain)."""

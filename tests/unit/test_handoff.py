@@ -131,6 +131,18 @@ class _Taker:
         self.ended.set()
 
 
+def _first_relay(nursery, client_side, upstream_side) -> tuple[Pause, RelayResult, trio.Event]:
+    """The handing process's relay, pausable; the event is set once it returned."""
+    pause, result, relayed = Pause(), RelayResult(), trio.Event()
+
+    async def run() -> None:
+        await relay(client_side, upstream_side, result, pause=pause)
+        relayed.set()
+
+    nursery.start_soon(run)
+    return pause, result, relayed
+
+
 @pytest.mark.parametrize("half_closed", [False, True], ids=["open", "client-done"])
 async def test_a_paused_relay_goes_on_in_the_process_it_was_handed_to(
     tmp_path, half_closed: bool
@@ -142,14 +154,7 @@ async def test_a_paused_relay_goes_on_in_the_process_it_was_handed_to(
         async with trio.open_nursery() as nursery:
             taker = _Taker(nursery)
             await nursery.start(serve_handoff, path, taker.take)
-            pause, result = Pause(), RelayResult()
-            relayed = trio.Event()
-
-            async def first_relay() -> None:
-                await relay(client_side, upstream_side, result, pause=pause)
-                relayed.set()
-
-            nursery.start_soon(first_relay)
+            pause, result, relayed = _first_relay(nursery, client_side, upstream_side)
             await _exchange(app, server, b"one line\n")
             if half_closed:
                 await app.send_eof()
@@ -192,12 +197,7 @@ async def test_a_bulk_transfer_paused_midway_arrives_whole(tmp_path) -> None:
         async with trio.open_nursery() as nursery:
             taker = _Taker(nursery)
             await nursery.start(serve_handoff, path, taker.take)
-            pause, result = Pause(), RelayResult()
-            relayed = trio.Event()
-
-            async def first_relay() -> None:
-                await relay(client_side, upstream_side, result, pause=pause)
-                relayed.set()
+            pause, result, relayed = _first_relay(nursery, client_side, upstream_side)
 
             async def send() -> None:
                 await app.send_all(payload)
@@ -208,7 +208,6 @@ async def test_a_bulk_transfer_paused_midway_arrives_whole(tmp_path) -> None:
                     got.append(data)
                     await trio.sleep(0.001)
 
-            nursery.start_soon(first_relay)
             nursery.start_soon(send)
             nursery.start_soon(slow_read)
             while result.sent < len(payload) // 4:
