@@ -29,6 +29,7 @@ from meshagent.agent.policy.peerauth import resolve as resolve_mtls
 from meshagent.agent.proxy.routing import (
     DEFAULT_ROOT_NAMESPACE,
     Protocol,
+    ReusableClusters,
     RouteTable,
     compile_routes,
     port_protocol,
@@ -193,7 +194,14 @@ class Tables:
             authz = _policy_set(istio, root_namespace, trust_domains)
         routes = self.routes
         if fields & _ROUTES_READ or istio is not self.istio:
-            routes = _routes(snap, root_namespace)
+            reuse = None
+            if istio is self.istio and "nodes" not in fields:
+                reuse = ReusableClusters(
+                    self.routes,
+                    {svc.hostname: svc for svc in self.snapshot.services},
+                    workloads_same="workloads" not in fields,
+                )
+            routes = _routes(snap, root_namespace, reuse)
         metrics = self.metrics_policy
         if "telemetry" in fields:
             metrics = _metrics_policy(snap, root_namespace)
@@ -260,9 +268,11 @@ def _policy_set(
     )
 
 
-def _routes(snap: Snapshot, root_namespace: str) -> RouteTable:
+def _routes(
+    snap: Snapshot, root_namespace: str, reuse: ReusableClusters | None = None
+) -> RouteTable:
     try:
-        return compile_routes(snap, root_namespace=root_namespace)
+        return compile_routes(snap, root_namespace=root_namespace, reuse=reuse)
     except (ResourceError, ValueError) as exc:
         raise SnapshotRejected(f"routes do not compile: {exc}") from None
 
