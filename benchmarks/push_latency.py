@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ from meshagent.agent.configclient import ControllerLink, _receive_loop
 from meshagent.agent.state import SnapshotStore
 from meshagent.common.configwire import MessageStream, WireError
 from meshagent.controller.ca import CertificateAuthority
+from meshagent.controller.gcfreeze import HeapKeeper
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import (
     PushServer,
@@ -72,6 +74,7 @@ POLL = 0.001
 CHURN_POLL = 0.002  # how often the churn mode looks at every session's acked generation
 LAG_BIN = 10.0  # seconds of the run per line of the churn's lag report
 VIEW_SAMPLE = 5.0  # how often the agent-view process writes its memory figures
+STALL_TICK = 0.01  # the loop watch's sleep: how late it wakes is how long the loop stalled
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -240,6 +243,51 @@ async def run_view(port: int, root: Path, node: str, token: str, stats: Path) ->
 # -- the controller and the measurement -------------------------------------------------------
 
 
+class LoopWatch:
+    """Where the controller's loop stops: each garbage collection's pause (by generation,
+    from `gc.callbacks`) and how late a `STALL_TICK` sleep wakes (a long synchronous step, a
+    collection, or a starved CPU), over the span measured."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.stalls: list[float] = []
+        self._began = 0.0
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._began)
+
+    async def watch(self) -> None:
+        gc.callbacks.append(self._on_gc)
+        try:
+            while True:
+                asleep = time.perf_counter()
+                await trio.sleep(STALL_TICK)
+                self.stalls.append(time.perf_counter() - asleep - STALL_TICK)
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def report(self) -> dict:
+        stalls = sorted(self.stalls) or [0.0]
+        return {
+            "gc": {
+                f"gen{g}": {
+                    "count": len(p),
+                    "total_ms": round(sum(p) * 1000, 1),
+                    "max_ms": round(max(p, default=0.0) * 1000, 1),
+                }
+                for g, p in self.pauses.items()
+            },
+            "loop_stall_ms": {
+                "p99": round(stalls[int(len(stalls) * 0.99)] * 1000, 1),
+                "max": round(stalls[-1] * 1000, 1),
+                "over_100ms": sum(1 for s in stalls if s > 0.1),
+            },
+        }
+
+
 def all_acked(server: PushServer, nodes: list[str]) -> bool:
     sessions = server.sessions  # built per call: once per poll, not once per node
     for node in nodes:
@@ -302,6 +350,7 @@ async def measure(
         authenticator=TokenFileAuthenticator(folder / "node-tokens.json"),
         ca=ca,
         tls=certificate.context,
+        heap=HeapKeeper(),  # as the controller runs it (controller/app.py)
     )
     latencies: list[float] = []
     extra: dict = {}
@@ -327,6 +376,8 @@ async def measure(
             sessions = server.sessions
             sent_before = sum(sessions[node].bytes_sent for node in nodes)
             cpu_before = time.process_time()
+            watch = LoopWatch()
+            nursery.start_soon(watch.watch)
             if churn:
                 groups = {"simulated": [n for n in nodes if n != viewed]}
                 if viewed is not None:
@@ -350,6 +401,7 @@ async def measure(
                     await wait_all_acked(server, nodes, ROUND_TIMEOUT)
                     latencies.append((time.perf_counter() - started) * 1000)
             cpu = time.process_time() - cpu_before
+            extra.update(watch.report())
             sessions = server.sessions
             sent = sum(sessions[node].bytes_sent for node in nodes) - sent_before
             if viewed is not None:
@@ -566,6 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         f" ({result['controller_cpu_per_change_s']} s per change), peak RSS"
         f" {result['controller_max_rss_mib']} MiB; written to {args.out}"
     )
+    if "gc" in result:
+        pauses = ", ".join(
+            f"{g} {v['count']} ({v['total_ms']:.0f} ms, max {v['max_ms']:.0f})"
+            for g, v in result["gc"].items()
+        )
+        stall = result["loop_stall_ms"]
+        print(
+            f"  controller loop: gc pauses {pauses}; stalls p99 {stall['p99']:.0f} ms,"
+            f" max {stall['max']:.0f} ms, {stall['over_100ms']} over 100 ms"
+        )
     for line in result.get("lag_by_10s", []):
         print(
             f"  changes made from {line['from_s']} s: {line['changes']},"

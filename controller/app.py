@@ -47,6 +47,7 @@ from meshagent.common.spiffe import DEFAULT_TRUST_DOMAIN
 from meshagent.controller.ca import CertificateAuthority
 from meshagent.controller.compiler import compile_snapshot
 from meshagent.controller.debugauth import DebugGuard, NamespaceTokenReviewAuthenticator
+from meshagent.controller.gcfreeze import HeapKeeper
 from meshagent.controller.jwks import JwksFetcher
 from meshagent.controller.leader import RETRY_PERIOD, LeaderElector, ensure_secret
 from meshagent.controller.model import ClusterModel
@@ -329,6 +330,7 @@ class Controller:
                 ca=self.ca,
                 tls=tls,
                 cert_lifetime=s.cert_lifetime,
+                heap=HeapKeeper(),
             )
             self.stream_sockets = await nursery.start(self.push.serve, s.listen_host, s.listen_port)
             if s.webhook_port is not None:

@@ -19,9 +19,12 @@ sequences). It keeps:
 
 A model object counts as unchanged when it is the same object or equal to it: the model
 replaces objects and never edits them in place, and a relist's equal copies cost a
-comparison. What still grows with the cluster, with a small constant: one identity check per
-pod, splitting the workloads into shared and node-local ones, and hashing the shared body
-for the content version (each item's JSON is kept; the join and the SHA-256 are redone).
+comparison. Only the pods the model's journal names as changed since the last compile are
+looked at (`ClusterModel.changed_since`; after a relist, every pod), and the last workload
+lists are copied with the changed workloads put in their places unless a pod came, went or
+moved between the shared list and a node's. What still grows with the cluster, with a small
+constant: copying those lists, and hashing the shared body for the content version (each
+item's JSON is kept; the join and the SHA-256 are redone): ~0.05 s at 30,000 pods.
 Pods are keyed by namespace and name, as API objects always carry a namespace.
 """
 
@@ -233,6 +236,11 @@ class IncrementalCompiler:
         self._needs = L7Needs()  # what the Istio resources need per request (l7level.py)
         self._result: SharedSnapshot | None = None
         self._endpoints: set[str] | None = None  # workload uids behind a Service
+        self._seen: tuple[ClusterModel, int] | None = None  # the model and generation compiled
+        # the last result's workload lists (shared, their JSON, node-local) and each shared
+        # pod's place in them, patched in place of a pass over every pod when few changed
+        self._lists: tuple[list[Workload], list[str], dict[str, list[Workload]]] | None = None
+        self._slots: dict[PodKey, int] = {}
 
     def compile(self, model: ClusterModel, trust_bundle: str | None = None) -> SharedSnapshot:
         changed = self._update_pods(model)
@@ -240,14 +248,15 @@ class IncrementalCompiler:
         rest_changed = self._update_rest(model, trust_bundle)
         if self._result is not None and not (changed or services_changed or rest_changed):
             return self._result
-        self._result = self._assemble(services_changed or rest_changed)
+        self._result = self._assemble(services_changed or rest_changed, changed)
         return self._result
 
     # -- pods --------------------------------------------------------------------------------
 
     def _update_pods(self, model: ClusterModel) -> dict[PodKey, tuple[_PodEntry | None, ...]]:
         """Bring the kept workloads up to the model; returns the changed pods' entries
-        (before, after; None for absent)."""
+        (before, after; None for absent). Only the pods the model says changed since the last
+        compile are looked at, when it can say (`ClusterModel.changed_since`)."""
         namespaces = {_meta(n).get("name", ""): n for n in model.objects("Namespace")}
         moved = {
             name
@@ -255,31 +264,60 @@ class IncrementalCompiler:
             if not _same(namespaces.get(name), self._namespaces.get(name))
         }
         self._namespaces = namespaces
-        changed: dict[PodKey, tuple[_PodEntry | None, ...]] = {}
-        seen = 0
+        seen, self._seen = self._seen, (model, model.generation)
+        keys = None
+        if seen is not None and seen[0] is model and not moved:
+            keys = model.changed_since("Pod", seen[1])
+        if keys is not None and all(ns and name for ns, name in keys):
+            changed = {}
+            for key in keys:
+                pod = model.get("Pod", *key)
+                if pod is None:
+                    if key in self._pods:
+                        changed[key] = (self._pods[key], None)
+                    continue
+                change = self._look(key, pod, namespaces, moved)
+                if change is not None:
+                    changed[key] = change
+            return self._apply_pods(changed)
+        changed = {}
+        seen_pods = 0
         for pod in model.objects("Pod"):
             meta = _meta(pod)
             key = (meta.get("namespace", "default"), meta.get("name"))
-            seen += 1
-            old = self._pods.get(key)
-            if old is not None and key[0] not in moved:
-                if old.pod is pod:
-                    continue
-                if old.pod == pod:
-                    old.pod = pod  # an equal copy: the next look is an identity check
-                    continue
-            namespace = namespaces.get(key[0])
-            workload = compile_workload(pod, namespace)
-            new = _PodEntry(pod, namespace, workload, _json(workload) if workload else "")
-            changed[key] = (old, new)
+            seen_pods += 1
+            change = self._look(key, pod, namespaces, moved)
+            if change is not None:
+                changed[key] = change
         added = sum(1 for old, _new in changed.values() if old is None)
-        if seen - added < len(self._pods):  # some kept pods are gone from the model
+        if seen_pods - added < len(self._pods):  # some kept pods are gone from the model
             present = {
                 (_meta(p).get("namespace", "default"), _meta(p).get("name"))
                 for p in model.objects("Pod")
             }
             for key in self._pods.keys() - present:
                 changed[key] = (self._pods[key], None)
+        return self._apply_pods(changed)
+
+    def _look(
+        self, key: PodKey, pod: dict, namespaces: dict[str, dict], moved: set[str]
+    ) -> tuple[_PodEntry | None, _PodEntry] | None:
+        """The pod's entries (before, after) if its workload must be remade, else None."""
+        old = self._pods.get(key)
+        if old is not None and key[0] not in moved:
+            if old.pod is pod:
+                return None
+            if old.pod == pod:
+                old.pod = pod  # an equal copy: the next look is an identity check
+                return None
+        namespace = namespaces.get(key[0])
+        workload = compile_workload(pod, namespace)
+        return old, _PodEntry(pod, namespace, workload, _json(workload) if workload else "")
+
+    def _apply_pods(
+        self, changed: dict[PodKey, tuple[_PodEntry | None, ...]]
+    ) -> dict[PodKey, tuple[_PodEntry | None, ...]]:
+        """Move the kept pods, their index and order to the changed entries."""
         for key, (old, _new) in changed.items():
             if old is not None:
                 self._index.remove(key, old)
@@ -372,24 +410,22 @@ class IncrementalCompiler:
 
     # -- the result ----------------------------------------------------------------------------
 
-    def _assemble(self, services_changed: bool) -> SharedSnapshot:
+    def _assemble(
+        self, services_changed: bool, changed: dict[PodKey, tuple[_PodEntry | None, ...]]
+    ) -> SharedSnapshot:
         entries = [self._services[k] for k in sorted(self._services)]
         services = [e.service for e in entries] + self._rest["entries"]
+        endpoints_before = self._endpoints
         if services_changed or self._endpoints is None:
             self._endpoints = {e.workload_uid for s in services for e in s.endpoints}
         endpoints = self._endpoints
-        shared: list[Workload] = []
-        shared_json: list[str] = []
-        local: dict[str, list[Workload]] = {}
-        for key in self._order:
-            pod = self._pods[key]
-            w = pod.workload
-            assert w is not None
-            if w.meshed or w.uid in endpoints:
-                shared.append(w)
-                shared_json.append(pod.json)
-            else:
-                local.setdefault(w.node, []).append(w)
+        lists = None
+        if endpoints_before is not None and endpoints == endpoints_before:
+            lists = self._patched(changed, endpoints)  # the same pods shared, fewer changed
+        if lists is None:
+            lists = self._split(endpoints)
+        self._lists = lists
+        shared, shared_json, local = lists
         fields = {k: v for k, v in self._rest.items() if k != "entries"}
         # the levels depend on Services, their endpoints' workloads and the Istio resources:
         # recomputed on every change (a pass over the Services' ports, cheap)
@@ -405,6 +441,58 @@ class IncrementalCompiler:
             service_json.append(self._rest_json["entries"][1:-1])
         pieces["services"] = _json_list(service_json)
         return SharedSnapshot(snapshot, _digest(snapshot, pieces), local)
+
+    def _split(
+        self, endpoints: set[str]
+    ) -> tuple[list[Workload], list[str], dict[str, list[Workload]]]:
+        """Every pod's workload into the shared list (meshed, or behind a Service) or its
+        node's local one, in the compiler's order."""
+        shared: list[Workload] = []
+        shared_json: list[str] = []
+        local: dict[str, list[Workload]] = {}
+        self._slots = {}
+        for key in self._order:
+            pod = self._pods[key]
+            w = pod.workload
+            assert w is not None
+            if w.meshed or w.uid in endpoints:
+                self._slots[key] = len(shared)
+                shared.append(w)
+                shared_json.append(pod.json)
+            else:
+                local.setdefault(w.node, []).append(w)
+        return shared, shared_json, local
+
+    def _patched(
+        self, changed: dict[PodKey, tuple[_PodEntry | None, ...]], endpoints: set[str]
+    ) -> tuple[list[Workload], list[str], dict[str, list[Workload]]] | None:
+        """The last lists with the changed pods' workloads put in their places (new lists:
+        the last result keeps its own), or None when a pod came, went, or moved between the
+        shared list and a node's (`_split` then)."""
+        if self._lists is None:
+            return None
+        shared, shared_json, local = self._lists
+        shared, shared_json, local = list(shared), list(shared_json), dict(local)
+        copied: set[str] = set()
+        for key, (old, new) in changed.items():
+            was = old.workload if old is not None else None
+            w = new.workload if new is not None else None
+            if was is None or w is None or new is None:
+                return None
+            slot = self._slots.get(key)
+            if slot is not None:
+                if not (w.meshed or w.uid in endpoints):
+                    return None
+                shared[slot], shared_json[slot] = w, new.json
+                continue
+            if w.meshed or w.uid in endpoints or w.node != was.node:
+                return None
+            if w.node not in copied:
+                local[w.node] = list(local[w.node])
+                copied.add(w.node)
+            mine = local[w.node]
+            mine[next(i for i, x in enumerate(mine) if x is was)] = w
+        return shared, shared_json, local
 
 
 def _digest(snapshot: Snapshot, pieces: dict[str, str]) -> str:

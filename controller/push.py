@@ -48,6 +48,7 @@ from meshagent.common.snapshot import Snapshot
 from meshagent.common.spiffe import Identity, InvalidIdentity
 from meshagent.controller.ca import CertificateAuthority, SigningRefused
 from meshagent.controller.compiler import SharedSnapshot
+from meshagent.controller.gcfreeze import HeapKeeper
 from meshagent.controller.incremental import IncrementalCompiler
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.signing import (
@@ -435,6 +436,7 @@ class PushServer:
         cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
         coalesce: float = COALESCE_WINDOW,
         coalesce_max: float = COALESCE_MAX,
+        heap: HeapKeeper | None = None,
     ) -> None:
         if cert_lifetime <= timedelta(0):
             raise ValueError(f"certificate lifetime must be positive, got {cert_lifetime}")
@@ -451,6 +453,9 @@ class PushServer:
         self._delta_cache: dict[tuple[int, int], tuple[list, list, bytes]] = {}
         self._shared: tuple[int, SharedSnapshot] | None = None
         self._compiler = IncrementalCompiler()  # kept between changes: work per change
+        # the process's collector, kept to short full collections (the controller's own
+        # push server has one; tests leave the process's collector alone)
+        self._heap = heap
         self._wires: dict[int, MessageStream] = {}  # id(session) -> its stream, while open
         self._closing: str | None = None  # the goodbye reason, once close_streams began
         self.coalesce = coalesce
@@ -497,6 +502,8 @@ class PushServer:
         self._cache.clear()
         self._settled.set()
         self._settled = trio.Event()
+        if self._heap is not None:
+            self._heap.after_publish()
 
     @property
     def sessions(self) -> dict[str, AgentSession]:
