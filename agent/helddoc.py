@@ -14,9 +14,10 @@ is never changed: `apply` returns a new one, so a failed delta leaves nothing ch
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,15 +36,17 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class _Collection:
-    """One keyed list field: by key (in the compiler's order) its item as received, its JSON
-    and its model."""
+    """One keyed list field: by key (in the compiler's order) each item's JSON as received
+    (sorted keys: a str, which the garbage collector does not walk) and its model."""
 
-    raw: dict[str, Any]
     text: dict[str, str]
     models: dict[str, BaseModel]
     ordered: bool = True  # in the compiler's order (a controller always sends it so)
 
+    @functools.cached_property
     def joined(self) -> str:
+        """The collection's JSON, joined once (an unchanged collection is the same object in
+        the next document, so it is not joined again)."""
         return "[" + ", ".join(self.text.values()) + "]"
 
     def model_list(self) -> list[BaseModel]:
@@ -81,7 +84,6 @@ class HeldDocument:
                 models = getattr(snapshot, name)
                 order = snapshotdelta.ORDER[name]
                 collections[name] = _Collection(
-                    {key(item): item for item in value},
                     {key(item): _text(item) for item in value},
                     {key(item): model for item, model in zip(value, models, strict=True)},
                     _ordered(value, order),
@@ -90,17 +92,26 @@ class HeldDocument:
                 other[name] = value
         return cls(snapshot, collections, other)
 
+    def _pieces(self) -> dict[str, str]:
+        pieces = {name: _text(value) for name, value in self.other.items()}
+        pieces.update((name, c.joined) for name, c in self.collections.items())
+        return pieces
+
     def version(self) -> str:
         """The content version of the document held (`wire_version` of it, from the pieces)."""
-        pieces = {name: _text(value) for name, value in self.other.items()}
-        pieces.update((name, c.joined()) for name, c in self.collections.items())
-        return joined_version(pieces, str(self.other.get("node", "")))
+        return joined_version(self._pieces(), str(self.other.get("node", "")))
+
+    def document_parts(self) -> Iterator[str]:
+        """The document as JSON text, in parts (written to disk without joining them)."""
+        yield "{"
+        for i, (name, piece) in enumerate(self._pieces().items()):
+            yield f"{', ' if i else ''}{json.dumps(name)}: "
+            yield piece
+        yield "}"
 
     def document_json(self) -> str:
-        """The document as one JSON text (what is saved to disk and fed to a new worker)."""
-        parts = [f"{json.dumps(name)}: {_text(value)}" for name, value in self.other.items()]
-        parts += [f"{json.dumps(name)}: {c.joined()}" for name, c in self.collections.items()]
-        return "{" + ", ".join(parts) + "}"
+        """The document as one JSON text (what a worker that holds no snapshot is fed)."""
+        return "".join(self.document_parts())
 
     def apply(self, changes: Mapping[str, Any], version: str) -> tuple[HeldDocument, Changed]:
         """The document after ``changes`` (a delta's), versioned ``version``, and what changed.
@@ -155,33 +166,36 @@ def _patched(
     """The collection after removing and upserting, in the compiler's order (as
     `snapshotdelta.apply` puts it), and the models it replaced or removed."""
     key, order = snapshotdelta.COLLECTIONS[name], snapshotdelta.ORDER[name]
-    raw = dict(held.raw) if held else {}
     text = dict(held.text) if held else {}
     kept = dict(held.models) if held else {}
     gone: list[BaseModel] = []
     resort = held is None or not held.ordered
     for removed in change.get("remove") or []:
-        raw.pop(removed, None)
         text.pop(removed, None)
         if (model := kept.pop(removed, None)) is not None:
             gone.append(model)
     upserted: set[str] = set()
     for item, model in zip(items, models, strict=True):
         k = key(item)
-        was = raw.get(k)
+        was = kept.get(k)
         if was is None:
             resort = True  # a new key: its place is the compiler's order
-        elif k not in upserted:  # (an item upserted twice: the last wins, as in `apply`)
-            gone.append(kept[k])
-        resort = resort or (was is not None and order(was) != order(item))
+        else:
+            if k not in upserted:  # (an item upserted twice: the last wins, as in `apply`)
+                gone.append(was)
+            resort = resort or order(_fields(was)) != order(item)
         upserted.add(k)
-        raw[k], text[k], kept[k] = item, _text(item), model
+        text[k], kept[k] = _text(item), model
     if resort:
-        ordered = sorted(raw, key=lambda k: order(raw[k]))
-        raw = {k: raw[k] for k in ordered}
+        ordered = sorted(kept, key=lambda k: order(_fields(kept[k])))
         text = {k: text[k] for k in ordered}
         kept = {k: kept[k] for k in ordered}
-    return _Collection(raw, text, kept), gone
+    return _Collection(text, kept), gone
+
+
+def _fields(model: Any) -> Mapping[str, Any]:
+    """An item's fields as `snapshotdelta.ORDER` reads them (a manifest is its own)."""
+    return model if isinstance(model, Mapping) else vars(model)
 
 
 def _ordered(items: list[Any], order: Callable[[Any], tuple]) -> bool:

@@ -517,8 +517,10 @@ class SnapshotStore:
         return True
 
     def _save(self) -> None:
-        """The document as received, so a restarted (or upgraded) agent checks the same bytes."""
+        """The document as received (its content: a restarted or upgraded agent checks the
+        same version)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / (SNAPSHOT_FILE + ".tmp")
-        tmp.write_text(self.document_json() or "")
+        with tmp.open("w") as f:  # in parts: the document is not joined to be written
+            f.writelines(self._held.document_parts() if self._held else ())
         os.replace(tmp, self.state_dir / SNAPSHOT_FILE)

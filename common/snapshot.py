@@ -66,15 +66,17 @@ def wire_version(data: dict) -> str:
 
 def joined_version(pieces: dict[str, str], node: str) -> str:
     """`wire_version` from each top-level field's JSON as `_body_digest` writes it (sorted
-    keys, default separators): the agent keeps each item's JSON and joins them per delta
-    (agent/helddoc.py) instead of encoding the whole document again. Same scheme, same
-    version: nothing changes between releases."""
-    shared = ", ".join(
-        f"{json.dumps(k)}: {pieces[k]}" for k in sorted(pieces) if k not in _NOT_SHARED
-    )
-    body = hashlib.sha256(("{" + shared + "}").encode()).hexdigest()
+    keys, default separators), hashed piece by piece: the agent keeps each item's JSON and
+    joins only the collections a delta changed (agent/helddoc.py) instead of encoding the
+    whole document again. Same scheme, same version: nothing changes between releases."""
+    body = hashlib.sha256(b"{")
+    shared = [k for k in sorted(pieces) if k not in _NOT_SHARED]
+    for i, k in enumerate(shared):
+        body.update(f"{', ' if i else ''}{json.dumps(k)}: ".encode())
+        body.update(pieces[k].encode())
+    body.update(b"}")
     local = hashlib.sha256(pieces.get("local_workloads", "[]").encode()).hexdigest()
-    return _version(body, node, local)
+    return _version(body.hexdigest(), node, local)
 
 
 class Workload(_Model):

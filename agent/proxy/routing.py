@@ -39,6 +39,7 @@ Istio semantics kept (https://istio.io/latest/docs/reference/config/networking/)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -774,7 +775,7 @@ class _Compiler:
         self.node_localities = {n.name: n.locality for n in snap.nodes}
         self.node = snap.node
         self.own_locality = self.node_localities.get(snap.node, "")
-        self.workloads: dict[str, Workload] = {w.uid: w for w in snap.workloads}
+        self.snap = snap
         self.virtual_services: list[net.VirtualService] = []
         self.destination_rules: list[net.DestinationRule] = []
         self.entry_hosts = entry_hosts = snap.entry_hosts()
@@ -879,6 +880,12 @@ class _Compiler:
         self.clusters[key] = spec
         return spec
 
+    @functools.cached_property
+    def _workloads(self) -> dict[str, Workload]:
+        """By uid, made on first use: only subsets and failover priorities by label read
+        them (a pass over every workload that most compiles need not make)."""
+        return {w.uid: w for w in self.snap.workloads}
+
     def _kept(self, key: ClusterKey, svc: Service) -> ClusterSpec | None:
         """The previous compile's cluster for ``key`` if it was made of this very Service
         (and, for a subset, the workloads did not change either)."""
@@ -913,7 +920,7 @@ class _Compiler:
         return (), (), ()
 
     def _labels(self, endpoint: Endpoint) -> Mapping[str, str]:
-        workload = self.workloads.get(endpoint.workload_uid)
+        workload = self._workloads.get(endpoint.workload_uid)
         return workload.labels if workload else {}
 
     def _has_labels(self, endpoint: Endpoint, labels: Mapping[str, str]) -> bool:
