@@ -24,7 +24,7 @@ import sys
 import threading
 import traceback
 
-from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV
+from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV, prepare_to_fork
 
 # What both the agent and its workers import, none of it importing prometheus_client:
 # imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server).
@@ -105,6 +105,7 @@ def serve(control: socket.socket) -> None:
                 os.close(fd)
             continue
         index, fd = int(data), fds[0]
+        prepare_to_fork()
         pid = os.fork()
         if pid == 0:
             _child(control, index, fd)

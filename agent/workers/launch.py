@@ -18,6 +18,7 @@ process start, and those differ between the agent and its workers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import shutil
@@ -143,6 +144,7 @@ class WorkerLaunch:
         if not import_shared():
             return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        prepare_to_fork()
         pid = os.fork()
         if pid == 0:  # the fork server; never returns
             ours.close()
@@ -219,6 +221,20 @@ class WorkerLaunch:
             channel.close()
         self.asked.clear()
         self._stop_server()
+
+
+def prepare_to_fork() -> None:
+    """Keep what a fork inherits shared: the garbage collector leaves this process's objects
+    alone from now on (gc.freeze: a collection in the fork would write to every one of them,
+    copying their pages), and the heap's free chunks are taken (common/heap.py: a fork's
+    allocations would land in them, copying their pages). For a process on the workers'
+    allocator, before `os.fork`. Demo lab, PSS per node after 500 requests: 108 MiB without
+    either, 105 with gc.freeze, 101 with both; idle 101, 100, 91. In a fork that collects
+    (a worker does after a burst: proxy/trim.py) gc.freeze keeps ~29 MiB shared."""
+    from meshagent.common.heap import fill_heap_holes
+
+    gc.freeze()
+    fill_heap_holes()
 
 
 def allocator_in_force() -> bool:
