@@ -492,7 +492,7 @@ class Clusters:
             state = self._states.get(key)
             if state is None:
                 self._states[key] = ClusterState(spec, clock=self.clock, rng=self.rng)
-            else:
+            elif state.spec is not spec:  # the next view keeps an unchanged cluster as is
                 retired.extend(state.update(spec))
         return retired
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from meshagent.agent.helddoc import HeldDocument
 from meshagent.agent.lookup import Index
+from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.state import SnapshotRejected, SnapshotStore, Tables
 from meshagent.common import snapshotdelta
 from meshagent.common.snapshot import Snapshot, joined_version, wire_version
@@ -231,3 +232,28 @@ def test_an_index_patch_that_touches_a_shared_key_asks_for_a_rebuild():
     assert patched is not None and patched.table == {"10.0.0.1": "b", "10.0.0.3": "d"}
     assert index.table == {"10.0.0.1": "b", "10.0.0.2": "c"}  # the one in force is unchanged
     assert index.patched([], [("10.0.0.2", "e")]) is None  # a second claim
+
+
+def test_a_kept_cluster_keeps_the_proxys_balancer_state_as_it_is(tmp_path):
+    """A delta that leaves svc0 alone (a pod of svc1 changes) keeps svc0's cluster as the same
+    object, and the proxy's balancer state for it is not rebuilt (its endpoints, with their
+    outlier and connection counts, stay the very objects they were)."""
+    model = _cluster()
+    _change(model, ("pod", 1, "shop", "node-1", "svc1", "v1"))
+    _change(model, ("service", "svc1", "shop"))
+    store = SnapshotStore("node-1", tmp_path)
+    held = compile_shared(model).for_node("node-1")
+    store.apply(held.model_dump(mode="json"), save=False)
+    clusters = Clusters()
+    assert store.tables is not None
+    clusters.sync(store.tables.routes)
+    key = next(k for k in store.tables.routes.clusters if k.hostname.startswith("svc0."))
+    before = clusters.get(store.tables.routes.clusters[key]).endpoints
+
+    _change(model, ("pod", 2, "shop", "node-2", "svc1", "v1"))
+    new = compile_shared(model).for_node("node-1")
+    delta = json.loads(json.dumps(snapshotdelta.diff(held, new, FIELDS)))
+    assert "services" in delta  # svc1's endpoints changed, svc0's did not
+    store.apply_delta(held.version, new.version, delta, save=False)
+    clusters.sync(store.tables.routes)
+    assert clusters.get(store.tables.routes.clusters[key]).endpoints is before
