@@ -7,7 +7,8 @@ HBONE, which cannot be handed and drains as before). After `meshlab agent upgrad
 the new agent relays the same-node ones (its status and metrics count them taken); the old
 agent holds only the cross-node one, exits as soon as that one ends, and the same-node
 connections go on echoing through the new agent, their access-log lines counting every byte
-from their start (its own module: one lab per module).
+from their start, and a DENY applied afterwards closes the handed ones it forbids (the policy
+facts moved with them; its own module: one lab per module).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 
+import yaml
 from meshagent.lab import cgroups
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,20 +27,31 @@ from tests.e2e.test_upgrade_connections import CONNS_MANIFEST, ConnHolder
 from tests.waiting import wait_until
 
 NODE = "node-1"
-LOCAL = 8  # same-node connections: handed over
+LOCAL = 8  # same-node connections: handed over, then closed by the client
+DOOMED = 2  # same-node connections: handed over, then closed by a DENY
 ECHO_LOCAL = "echo-local.shop.svc.cluster.local"
+DENY_FRONTEND = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-frontend", "namespace": "shop"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "echo-local"}},
+        "action": "DENY",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}]}],
+    },
+}
 
 
-def handed_in_metric() -> float:
-    """node-1's meshagent_connections_handed_total{direction="in"}, as a scrape of 15020 (the
-    newest agent's: it alone listens once the old one handed the node over)."""
+def node_counter(family: str, **labels: str) -> float:
+    """A counter of node-1's 15020 /metrics summed over ``labels`` (the newest agent's: it
+    alone listens once the old one handed the node over)."""
     page = meshlab("exec", "--node", NODE, "--", "curl", "-s", "127.0.0.1:15020/metrics").stdout
     return sum(
         s.value
         for f in text_string_to_metric_families(page)
-        if f.name == "meshagent_connections_handed"
+        if f.name == family
         for s in f.samples
-        if s.name.endswith("_total") and s.labels.get("direction") == "in"
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -49,9 +62,12 @@ def test_same_node_connections_move_to_the_new_agent_and_the_old_one_exits_early
     lab = lab_factory(EXAMPLES / "demo.yaml", render_manifest(CONNS_MANIFEST, tmp_path), nodes=2)
     old = _agent_pods(NODE)[-1]
     local = ConnHolder(LOCAL, ("echo-local",))
+    doomed = ConnHolder(DOOMED, ("echo-local",))
     remote = ConnHolder(1, ("echo-remote",))
+    deny = tmp_path / "deny.yaml"
     try:
         assert local.connected() == {"connected": LOCAL, "failures": []}
+        assert doomed.connected() == {"connected": DOOMED, "failures": []}
         assert remote.connected() == {"connected": 1, "failures": []}
         before = local.report()
         assert before["open"] == before["echoed"] == LOCAL, before
@@ -61,15 +77,15 @@ def test_same_node_connections_move_to_the_new_agent_and_the_old_one_exits_early
         # the new agent took every same-node connection: its status and its metrics say so
         taken = wait_until(
             lambda: lab.status(NODE)["connections"]["outbound"],
-            lambda out: out["handed_in"] >= LOCAL,
+            lambda out: out["handed_in"] >= LOCAL + DOOMED,
             what="the new agent takes the same-node connections",
             timeout=60,
         )
-        assert taken["handed_in"] == LOCAL, taken
-        assert handed_in_metric() == LOCAL
+        assert taken["handed_in"] == LOCAL + DOOMED, taken
+        assert node_counter("meshagent_connections_handed", direction="in") == LOCAL + DOOMED
         old_log = "\n".join(_agent_lines(NODE, old["pid"]))
         drain = re.search(r"SIGTERM: draining (\d+) connection.*\((\d+) successor process", old_log)
-        assert drain and int(drain[1]) >= LOCAL + 1 and int(drain[2]) >= 1, old_log[-3000:]
+        assert drain and int(drain[1]) >= LOCAL + DOOMED + 1 and int(drain[2]) >= 1, old_log[-3000:]
         # the old agent still runs: it holds the cross-node connection (HBONE drains)
         assert _alive(old["pid"])
         middle = local.report()
@@ -98,20 +114,38 @@ def test_same_node_connections_move_to_the_new_agent_and_the_old_one_exits_early
         after = local.report()
         assert after["open"] == after["echoed"] == LOCAL and after["failures"] == [], after
         assert after["rounds"] > middle["rounds"]
+        closed = local.close()
+        assert closed.get("closed") == LOCAL, closed
+        # each one's access-log line (the new agent's, at its close) counts every byte both
+        # ways from its start, the old agent's share included
+        entries = wait_until(
+            lambda: _tcp_log_lines(NODE, ECHO_LOCAL, since),
+            lambda lines: len(lines) >= LOCAL,
+            what="an access-log line for each same-node connection",
+            timeout=30,
+        )
+        assert len(entries) == LOCAL, entries
+        assert sorted((e["bytes_sent"], e["bytes_received"]) for e in entries) == sorted(
+            (n, n) for n in closed["bytes"].values()
+        ), (entries, closed)
+        assert all(n > 0 for n in closed["bytes"].values())
+
+        # a DENY applied now closes the handed connections it forbids, in the new agent
+        denied_before = node_counter("meshagent_connections_closed_by_policy", kind="denied")
+        deny.write_text(yaml.safe_dump(DENY_FRONTEND))
+        meshlab("apply", "-f", str(deny))
+        ended = wait_until(
+            doomed.report,
+            lambda r: r["open"] == 0,
+            what="the DENY closes the handed connections it forbids",
+            timeout=30,
+            interval=0.5,
+        )
+        assert len(ended["failures"]) == DOOMED, ended
+        closed_by_policy = node_counter("meshagent_connections_closed_by_policy", kind="denied")
+        assert closed_by_policy - denied_before == DOOMED
     finally:
         remote.close()
-        closed = local.close()
-    assert closed.get("closed") == LOCAL, closed
-    # each one's access-log line (the new agent's, at its close) counts every byte both ways
-    # from its start, the old agent's share included
-    entries = wait_until(
-        lambda: _tcp_log_lines(NODE, ECHO_LOCAL, since),
-        lambda lines: len(lines) >= LOCAL,
-        what="an access-log line for each same-node connection",
-        timeout=30,
-    )
-    assert len(entries) == LOCAL, entries
-    assert sorted((e["bytes_sent"], e["bytes_received"]) for e in entries) == sorted(
-        (n, n) for n in closed["bytes"].values()
-    ), (entries, closed)
-    assert all(n > 0 for n in closed["bytes"].values())
+        local.close()
+        doomed.close()
+        meshlab("delete", "-f", str(deny), check=False)
