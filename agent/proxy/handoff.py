@@ -18,6 +18,11 @@ hand-over registry. A process that drains holds on to what it could not hand (TL
 `observe`/`full` connections, kernel-joined ones, a connection whose relay never reached a
 pause point) until they end or its drain deadline, as before.
 
+What the taker does not carry over: the idle timeout counts from the hand-off (not from the
+connection's last byte), and the connection does not count toward the taker's per-source
+connection limit or a DestinationRule's circuit breaker (they bound what a source opens; it
+was admitted where it opened).
+
 The exchange, one Unix SOCK_SEQPACKET connection per handed connection: the sender sends one
 message (the JSON record, the two fds attached); the receiver answers ``ok`` once it decoded it
 and only then relays. No answer (timeout, error, the receiver gone) means not taken: the sender
