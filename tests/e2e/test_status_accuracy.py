@@ -301,3 +301,45 @@ def test_a_connection_the_client_resets_is_counted_with_every_byte_it_carried(la
         )
         assert (entry["bytes_received"], entry["bytes_sent"]) == (RESET_BYTES, RESET_BYTES), entry
     _wait_nothing_open(lab, "the reset")
+
+
+def _memory_mismatches(lab: Lab, node: str) -> list[str]:
+    """Where a node's status memory differs from what /proc says now (empty: none)."""
+    from meshagent.common.procmem import read_memory
+
+    report = lab.status(node)["agent"]
+    processes = report["processes"]
+    workers = [f"worker {w['index']}" for w in report["workers"]]
+    out = []
+    if [p["role"] for p in processes] != ["agent", "fork server", *workers]:
+        out.append(f"roles {[p['role'] for p in processes]}, workers {workers}")
+    if {p["pid"] for p in processes[2:]} != {w["pid"] for w in report["workers"]}:
+        out.append(f"worker pids {processes[2:]} against {report['workers']}")
+    for p in processes:
+        try:
+            now = read_memory(p["pid"])  # the lab's processes share this machine's /proc
+        except OSError as exc:
+            out.append(f"{p}: {exc}")
+            continue
+        if abs(now.pss - p["pss_bytes"]) > 0.1 * now.pss:
+            out.append(f"{p} but PSS {now.pss} in /proc")
+        if not 0 < p["uss_bytes"] < p["pss_bytes"] < p["rss_bytes"]:
+            out.append(f"{p}: not USS < PSS < RSS")
+    if sum(p["pss_bytes"] for p in processes) >= 0.75 * sum(p["rss_bytes"] for p in processes):
+        out.append(f"PSS adds up to more than 3/4 of RSS summed: {processes}")
+    return out
+
+
+def test_status_shows_each_proxy_process_memory_as_proc_has_it(lab):
+    """Issue 18 item 4: `meshagent status` lists the agent, its workers' fork server and every
+    worker with RSS and PSS; the figures are the kernel's (smaps_rollup, read here too), and the
+    PSS add up to well under the RSS summed (the forks share pages)."""
+    for node in NODES:
+        wait_until(
+            lambda node=node: _memory_mismatches(lab, node),
+            lambda mismatches: not mismatches,
+            what=f"{node}'s status memory as /proc has it",
+            timeout=30,
+        )
+        screen = meshlab("exec", "--node", node, "--", "meshagent", "status").stdout
+        assert "fork server" in screen and "Memory:" in screen, screen
