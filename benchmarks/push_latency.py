@@ -372,7 +372,14 @@ async def measure(
             for argv in argvs
         ]
         try:
+            synced = time.monotonic()
             await wait_all_acked(server, nodes, connect_timeout)
+            print(  # a profiler can start here: what follows is the measured span
+                f"every agent holds its first snapshot ({time.monotonic() - synced:.0f} s);"
+                " measuring",
+                file=sys.stderr,
+                flush=True,
+            )
             sessions = server.sessions
             sent_before = sum(sessions[node].bytes_sent for node in nodes)
             cpu_before = time.process_time()
