@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,6 +243,8 @@ async def receive_connection(sock: trio.socket.SocketType, take: Take, timeout: 
         return
     fds = _fds(ancdata)
     try:
+        if (uid := _peer_uid(sock)) != os.getuid():
+            raise HandoffError(f"hand-off from uid {uid}, not this proxy's ({os.getuid()})")
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise HandoffError("hand-off message or its fds truncated")
         if len(fds) != 2:
@@ -266,6 +269,13 @@ async def receive_connection(sock: trio.socket.SocketType, take: Take, timeout: 
         return
     HANDED.labels("in").inc()
     take(conn, streams[0], streams[1])
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    """The uid of the process at the other end (the kernel's SO_PEERCRED): only another proxy
+    process (the same user) may hand connections, with labels and policy facts it states."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

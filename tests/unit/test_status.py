@@ -199,7 +199,13 @@ def test_report_carries_live_sections_and_survives_json():
     assert report["snapshot"] == {"version": "v7", "source": "agent"}
     assert report["agent"]["controller"]["connected"] is True
     assert report["connections"] == {
-        "outbound": {"active": 2, "accepted": 40, "kernel_joined": 0},
+        "outbound": {
+            "active": 2,
+            "accepted": 40,
+            "kernel_joined": 0,
+            "handed_out": 0,
+            "handed_in": 0,
+        },
         "inbound": {"active": 1, "accepted": 17},
         "http_requests": 31,
         "mutual_tls": 9,
