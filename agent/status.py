@@ -632,6 +632,11 @@ def render(
         f"({conns['http_requests']} HTTP requests, {conns['mutual_tls']} via mTLS tunnels); "
         f"inbound {inb['active']} open / {inb['accepted']} accepted"
     )
+    if out.get("handed_in") or out.get("handed_out"):  # agent/proxy/handoff.py
+        lines.append(
+            f"Handed over: {out.get('handed_in', 0)} connection(s) taken from a previous proxy"
+            f" process, {out.get('handed_out', 0)} handed to a successor"
+        )
     tunnels = [
         (
             t["node"],

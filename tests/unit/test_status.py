@@ -511,3 +511,14 @@ def test_screen_shows_each_process_memory_and_the_pss_total():
     assert screen[at + 3].split()[-2:] == ["52.0", "MiB"]
     assert json.loads(json.dumps(report))["agent"]["processes"][2]["pid"] == 102
     assert not any(line.startswith("Memory:") for line in render(running_report()).splitlines())
+
+
+def test_screen_says_how_many_connections_were_handed_over_only_when_some_were():
+    assert "Handed over:" not in render(running_report(), now=NOW)
+    agent = live_agent()
+    agent["proxy"] = {**agent["proxy"], "handed_in": 8, "handed_out": 0}
+    report = assemble(
+        "node-2", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW
+    )
+    screen = render(report, now=NOW)
+    assert "Handed over: 8 connection(s) taken from a previous proxy process" in screen
