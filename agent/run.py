@@ -40,7 +40,7 @@ from meshagent.agent.telemetry.flows import FlowTap, flow_socket, serve_flow_tap
 from meshagent.agent.telemetry.process import seconds_since_start
 from meshagent.agent.workers.launch import WorkerLaunch, start_workers
 from meshagent.agent.workers.pool import WorkerPool
-from meshagent.common.httpserve import Handler, Response, json_response, serve_http
+from meshagent.common.httpserve import Handler, Request, Response, json_response, serve_http
 from meshagent.common.listeners import PausableListener, enable_request_migration
 from meshagent.common.procmem import memory_report
 from meshagent.common.spiffe import workload_identity
@@ -300,9 +300,21 @@ class Agent:
         async with trio.open_nursery() as nursery:
             admin = [PausableListener("127.0.0.1", cfg.admin_port)]
             readiness = [PausableListener("0.0.0.0", cfg.readiness_port)]
-            await nursery.start(serve_http, admin, {"/status": status})
+            await nursery.start(
+                partial(serve_http, post_routes={"/workers/recycle": self._recycle_workers}),
+                admin,
+                {"/status": status},
+            )
             await nursery.start(serve_http, readiness, {"/healthz/ready": ready})
             task_status.started()
+
+    async def _recycle_workers(self, request: Request) -> Response:
+        """`POST /workers/recycle` (admin port, local only): replace every proxy worker as a
+        grown one is (agent/workers/pool.py `recycle_all`); says how many."""
+        dataplane = getattr(self, "dataplane", None)
+        if not isinstance(dataplane, WorkerPool):
+            return json_response('{"error": "no proxy workers: the proxy runs in the agent"}', 409)
+        return json_response(json.dumps({"recycled": dataplane.recycle_all("asked")}))
 
     def _on_phase(self, phase: handover.Phase) -> None:
         """A newer agent serving owns the node: stop accepting and stop writing the maps,

@@ -358,6 +358,23 @@ class WorkerPool:
                     w.recycle.set()
                     break
 
+    def recycle_all(self, reason: str = "asked") -> int:
+        """Replace every worker now, each as a grown one is (a fresh one forked for its slot,
+        the old one drains once it listens): what the admin port's `POST /workers/recycle`
+        asks, so an operator or a test can see that a replacement cuts nothing. Returns how
+        many are being replaced (none while the pool stops or does not accept)."""
+        if self.stopping or not self.accepting:
+            return 0
+        replaced = 0
+        for w in self.workers:
+            if w.current is not None and not w.recycle.is_set():
+                log.info("proxy worker %d (pid %d): replacing it, as asked", w.index, w.pid)
+                w.recycled += 1
+                self.on_recycled(reason)
+                w.recycle.set()
+                replaced += 1
+        return replaced
+
     async def _send_loop(self, channel: MessageStream, outbox: trio.MemoryReceiveChannel) -> None:
         async for message in outbox:
             try:

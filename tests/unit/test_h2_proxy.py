@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import h2.events
+import hyperframe.frame
 import pytest
 import trio
 import trio.testing
@@ -357,7 +358,10 @@ async def test_a_call_past_its_grpc_timeout_is_deadline_exceeded():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway():
+async def test_a_drain_announces_goaway_first_then_finishes_streams_in_flight_then_goaway():
+    """RFC 9113's graceful shutdown: a GOAWAY with the highest stream id while the stream in
+    flight still runs (the client opens its next streams elsewhere; one already on its way
+    would be served), then, once it is answered, the final GOAWAY naming it."""
     drain = Drain()
     release = trio.Event()
 
@@ -379,10 +383,12 @@ async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway(
         nursery.start_soon(serve)
         client = H2Peer(client_end, h2wire.new_connection(client_side=True))
         goaway = []
+        announced = trio.Event()
 
         def on_event(event):
             if isinstance(event, h2.events.ConnectionTerminated):
                 goaway.append((event.error_code, event.last_stream_id))
+                announced.set()
             return False
 
         nursery.start_soon(client.run, on_event)
@@ -397,20 +403,40 @@ async def test_a_drain_refuses_new_streams_finishes_those_in_flight_then_goaway(
         await client.send_headers(sid, head, end=True)
         await trio.testing.wait_all_tasks_blocked()
         drain.start()
-        late = client.conn.get_next_available_stream_id()
-        late_inbox = client.open_inbox(late)
-        await client.send_headers(late, head, end=True)
-        event = await late_inbox.receive.receive()
-        assert isinstance(event, h2.events.StreamReset)
-        assert event.error_code == h2wire.REFUSED_STREAM and not done.is_set()
+        with trio.fail_after(2):
+            await announced.wait()
+        assert goaway == [(h2wire.NO_ERROR, 2**31 - 1)] and not done.is_set()
         release.set()  # the stream in flight is answered, then the connection ends
         event = await inbox.receive.receive()
         assert dict(event.headers)[b":status"] == b"404"
-        with trio.fail_after(2):
+        with trio.fail_after(5):
             await done.wait()
         await trio.testing.wait_all_tasks_blocked()
-        assert goaway == [(h2wire.NO_ERROR, late)]
+        assert goaway == [(h2wire.NO_ERROR, 2**31 - 1), (h2wire.NO_ERROR, sid)]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("last", [2**31 - 1, 1])
+def test_a_graceful_goaway_ends_the_connection_for_new_streams_only(last):
+    """A GOAWAY (NO_ERROR) followed, in the same read, by the answer to a stream it covers:
+    the answer arrives and the request body queued to send stays queued (h2 itself closes the
+    connection on any GOAWAY: the answer is a protocol error and the body is dropped)."""
+    client = h2wire.new_connection(client_side=True)
+    server = h2wire.new_connection(client_side=False)
+    head = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    client.send_headers(1, head)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())  # the server's preface and SETTINGS
+    client.data_to_send()
+    client.send_data(1, b"body", end_stream=True)  # queued, not sent yet
+    goaway = hyperframe.frame.GoAwayFrame(0, last_stream_id=last, error_code=0).serialize()
+    server.send_headers(1, [(b":status", b"200")], end_stream=True)
+    events = client.receive_data(goaway + server.data_to_send())
+    kinds = [type(e) for e in events]
+    assert kinds[0] is h2.events.ConnectionTerminated and events[0].last_stream_id == last
+    assert h2.events.ResponseReceived in kinds
+    server_events = server.receive_data(client.data_to_send())
+    assert [e.data for e in server_events if isinstance(e, h2.events.DataReceived)] == [b"body"]
 
 
 def _grpc_messages(*sizes: int) -> bytes:

@@ -30,8 +30,13 @@ header list limit, in more than 16 CONTINUATION frames or not complete within th
 header timeout (`http_request_headers_timeout_s`: a slowloris head; the stream cannot be reset
 alone mid-block), a rapid-reset, PING or SETTINGS flood end the connection with GOAWAY
 ENHANCE_YOUR_CALM, the reason in its debug data (counted
-in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain refuses
-new streams, lets those in flight finish, then sends GOAWAY (NO_ERROR) and closes. A source
+in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain (SIGTERM,
+a worker replaced) is RFC 9113's graceful shutdown: a first GOAWAY (NO_ERROR, last stream id
+2^31-1) tells the client to open new streams elsewhere while every stream it sent meanwhile is
+still served; `DRAIN_GRACE` later new streams are refused, those in flight finish, then the
+final GOAWAY names the last stream served and the connection closes. (Refusing at once, as it
+once did, failed a busy gRPC channel's calls: grpcio reports a REFUSED_STREAM as UNAVAILABLE.)
+A source
 with `Limits.max_pending_requests` streams in flight in this process gets 503 UO for another.
 
 The h2 state machines (sans-IO) live in `H2Peer` with the reader that feeds them; all the
@@ -50,6 +55,7 @@ from dataclasses import dataclass, field, replace
 import h2.connection
 import h2.events
 import h2.exceptions
+import hyperframe.frame
 import trio
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
@@ -96,6 +102,10 @@ abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
 _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
+# From a drain's first GOAWAY (last stream id 2^31-1) until new streams are refused: time for the
+# client to see it and open its next streams on another connection.
+DRAIN_GRACE = 1.0
+_MAX_STREAM_ID = 2**31 - 1
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 _RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -196,6 +206,20 @@ class H2Peer:
                 except _TRANSPORT_ERRORS as exc:
                     self.closed = True
                     raise StreamGone from exc
+
+    async def announce_shutdown(self) -> None:
+        """RFC 9113 6.8's first GOAWAY of a graceful shutdown (NO_ERROR, last stream id
+        2^31-1): the peer opens no new stream here, and every stream already on its way is
+        still served. Written as a raw frame behind what h2 queued: h2's own GOAWAY would
+        close its state machine, and the streams in flight with it."""
+        frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=_MAX_STREAM_ID, error_code=0)
+        async with self.lock:
+            data = self.conn.data_to_send() + frame.serialize()
+            try:
+                await self.stream.send_all(data)
+            except _TRANSPORT_ERRORS as exc:
+                self.closed = True
+                raise StreamGone from exc
 
     def wake(self) -> None:
         self._window.set()
@@ -543,9 +567,11 @@ class _Session:
         self.mirroring = 0  # mirrored copies in flight (the client may be gone already)
 
     async def _drain_when_asked(self, session: trio.CancelScope) -> None:
-        """On drain (SIGTERM): new streams are refused (REFUSED_STREAM: clients retry them
-        elsewhere), the streams in flight finish, then GOAWAY (NO_ERROR) ends the connection.
-        (h2 closes its state machine when it sends GOAWAY, so the GOAWAY comes last.)"""
+        """On drain (SIGTERM, a worker replaced): a first GOAWAY (last stream id 2^31-1) and,
+        DRAIN_GRACE later, new streams are refused (REFUSED_STREAM: only a client that
+        ignored the GOAWAY still sends one), the streams in flight finish, then the final
+        GOAWAY (NO_ERROR, the last stream served) ends the connection. (h2 closes its state
+        machine when it sends GOAWAY, so h2's GOAWAY comes last.)"""
         drain = self.ctx.drain
         assert drain is not None
         wait = trio.CancelScope()
@@ -555,6 +581,12 @@ class _Session:
                 await trio.sleep_forever()
         finally:
             drain.unwatch(wait)
+        try:
+            await self.down.announce_shutdown()
+        except StreamGone:
+            session.cancel()
+            return
+        await trio.sleep(DRAIN_GRACE)
         self.draining = True
         while self.scopes:
             await trio.sleep(_DRAIN_POLL)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import h2.config
 import h2.connection
 import h2.errors
+import h2.events
 import h2.settings
 from meshagent.agent.proxy.http.types import LocalResponse
 
@@ -71,12 +72,31 @@ DEFAULT_LIMITS = H2Limits()
 _DEFAULT_WINDOW = 65_535
 
 
+class GracefulGoaway(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY (NO_ERROR) received ends it for new
+    streams only: the streams the peer accepted (up to its last stream id) still finish, as
+    RFC 9113 6.8 has it (a draining proxy sends one first, with the highest stream id; servers
+    shutting down send one). h2 closes its state machine and drops what it had queued to send
+    on any GOAWAY, so the answers still coming in the same read were a protocol error and the
+    request bodies queued behind were lost. Opening no new stream after it is the caller's
+    part (`H2Peer.goaway`); a GOAWAY with an error code ends the connection as h2 does."""
+
+    def _receive_goaway_frame(self, frame):
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 def new_connection(
     *, client_side: bool, limits: H2Limits = DEFAULT_LIMITS
 ) -> h2.connection.H2Connection:
     """An initiated h2 connection (its preface and SETTINGS queued) with our limits."""
     config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-    conn = h2.connection.H2Connection(config=config)
+    conn = GracefulGoaway(config=config)
     codes = h2.settings.SettingCodes
     conn.local_settings = h2.settings.Settings(
         client=client_side,

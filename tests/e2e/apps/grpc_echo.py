@@ -7,20 +7,26 @@
     python3 grpc_echo.py flaky TARGET N      # N /Flaky calls on one channel: {code: count}
     python3 grpc_echo.py unary TARGET        # one /Unary call: {"code": code}
     python3 grpc_echo.py stream TARGET N     # one /Stream call of N messages: {"messages": n}
+    python3 grpc_echo.py busy TARGET THREADS STOP SECONDS  # /Who on one channel until STOP
 
 /Who answers the server's NAME (default: the host name), so a test can tell which endpoint
 served each call of one channel; KEY=VALUE is sent as call metadata. /Flaky fails with
 UNAVAILABLE every other time a server is called (a one-shot failure a retry overcomes).
 
 Runs under the system Python inside lab pods, so it imports only grpc and the stdlib. The
-server prints one line per call, so a test can tell whether a call reached it.
+server prints one line per call, so a test can tell whether a call reached it. `busy` keeps
+one channel busy (THREADS callers, each call bounded to 10 s) until the file STOP exists or
+SECONDS pass: {"ok": {name: count}, "failed": {code: count}, "details": [the first failures]}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent import futures
 
@@ -123,6 +129,36 @@ def one_call(target: str, stream_messages: int | None) -> dict:
             return {"code": exc.code().name}
 
 
+def busy(target: str, threads: int, stop: str, seconds: float) -> dict:
+    ok: Counter = Counter()
+    failed: Counter = Counter()
+    details: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    with grpc.insecure_channel(target) as channel:
+        who = channel.unary_unary(f"/{SERVICE}/Who")
+
+        def caller() -> None:
+            while time.monotonic() < deadline and not os.path.exists(stop):
+                try:
+                    name = who(b"", timeout=10).decode()
+                except grpc.RpcError as exc:
+                    with lock:
+                        failed[exc.code().name] += 1
+                        if len(details) < 20:
+                            details.append(f"{time.time():.3f} {exc.code().name}: {exc.details()}")
+                    continue
+                with lock:
+                    ok[name] += 1
+
+        running = [threading.Thread(target=caller) for _ in range(threads)]
+        for t in running:
+            t.start()
+        for t in running:
+            t.join()
+    return {"ok": dict(ok), "failed": dict(failed), "details": details}
+
+
 def methods(target: str) -> dict:
     codes = {}
     with grpc.insecure_channel(target) as channel:
@@ -147,6 +183,9 @@ if __name__ == "__main__":
         print(json.dumps(methods(sys.argv[2])))
     elif sys.argv[1] == "unary":
         print(json.dumps(one_call(sys.argv[2], None)))
+    elif sys.argv[1] == "busy":
+        target, threads, stop, seconds = sys.argv[2:6]
+        print(json.dumps(busy(target, int(threads), stop, float(seconds))))
     elif sys.argv[1] == "stream":
         print(json.dumps(one_call(sys.argv[2], int(sys.argv[3]))))
     else:
