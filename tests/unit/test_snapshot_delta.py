@@ -7,15 +7,18 @@ snapshot next; a resumed stream converges."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from meshagent.agent.state import SnapshotRejected, SnapshotStore
+from meshagent.agent.state import SnapshotRejected, SnapshotStore, Tables
 from meshagent.common import snapshotdelta
 from meshagent.common.configwire import MessageStream
+from meshagent.common.snapshot import Snapshot
 from meshagent.controller.compiler import compile_shared
 from meshagent.controller.model import ClusterModel
 from meshagent.controller.push import AgentSession, PushServer
@@ -138,30 +141,45 @@ def _change(model: ClusterModel, change: tuple) -> None:
         model.delete("AuthorizationPolicy", _ref(change[1], change[2]))
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(steps=st.lists(changes, min_size=1, max_size=12), node=st.sampled_from(NODES))
-def test_deltas_applied_by_the_agent_equal_the_full_snapshot(tmp_path, steps, node):
+def replay(
+    folder: Path, steps: list[tuple], node: str, change: Callable[[ClusterModel, tuple], None]
+) -> Iterator[tuple[SnapshotStore, Snapshot, dict, Tables]]:
+    """Each step applied to a cluster model and sent to one node's store as the delta from the
+    version it holds: yields, after each delta the store applied, the store, the full
+    snapshot the controller compiled, the delta (as JSON) and the view it replaced. ``change``
+    applies a step to the model (trust bundle steps are this function's)."""
     model = _cluster()
     bundle = BUNDLES["root-1"]
-    store = SnapshotStore(node, tmp_path / node)
+    store = SnapshotStore(node, folder / node)
     held = compile_shared(model, bundle).for_node(node)
-    store.apply(held.model_dump(mode="json"), save=False)
+    store.apply(held.model_dump(mode="json"))
     for step in steps:
         if step[0] == "bundle":
             bundle = BUNDLES[step[1]]
         else:
-            _change(model, step)
+            change(model, step)
         new = compile_shared(model, bundle).for_node(node)
         changes = snapshotdelta.diff(held, new, (*snapshotdelta.SHARED_FIELDS, "local_workloads"))
         if new.version == held.version:
             assert changes == {}
             continue
-        applied = store.apply_delta(held.version, new.version, changes)
+        previous = store.tables
+        assert previous is not None
+        store.apply_delta(held.version, new.version, json.loads(json.dumps(changes)))
+        yield store, new, changes, previous
+        held = new
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(changes, min_size=1, max_size=12), node=st.sampled_from(NODES))
+def test_deltas_applied_by_the_agent_equal_the_full_snapshot(tmp_path, steps, node):
+    for store, new, _, _ in replay(tmp_path, steps, node, _change):
+        assert store.tables is not None
+        applied = store.tables.snapshot
         assert applied.version == new.version
         assert applied.model_dump(mode="json") == new.model_dump(mode="json")
-        held = new
 
 
 class _Agent:

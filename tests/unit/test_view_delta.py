@@ -19,7 +19,15 @@ from meshagent.common.snapshot import Snapshot, joined_version, wire_version
 from meshagent.controller.compiler import compile_shared
 from meshagent.controller.model import ClusterModel
 
-from tests.unit.test_snapshot_delta import BUNDLES, NAMESPACES, NODES, _change, _cluster, changes
+from tests.unit.test_snapshot_delta import (
+    BUNDLES,
+    NAMESPACES,
+    NODES,
+    _change,
+    _cluster,
+    changes,
+    replay,
+)
 
 FIELDS = (*snapshotdelta.SHARED_FIELDS, "local_workloads")
 
@@ -132,23 +140,7 @@ def _contents(tables: Tables) -> dict:
     steps=[("subsets", "shop", True), ("pod", 0, "shop", "node-1", "svc0", "v2")], node="node-2"
 )
 def test_the_view_built_from_deltas_equals_the_view_of_the_full_snapshot(tmp_path, steps, node):
-    model = _cluster()
-    bundle = BUNDLES["root-1"]
-    store = SnapshotStore(node, tmp_path / node)
-    held = compile_shared(model, bundle).for_node(node)
-    store.apply(held.model_dump(mode="json"), save=False)
-    for step in steps:
-        if step[0] == "bundle":
-            bundle = BUNDLES[step[1]]
-        else:
-            _view_change(model, step)
-        new = compile_shared(model, bundle).for_node(node)
-        if new.version == held.version:
-            continue
-        previous = store.tables
-        assert previous is not None
-        delta = json.loads(json.dumps(snapshotdelta.diff(held, new, FIELDS)))
-        store.apply_delta(held.version, new.version, delta, save=False)
+    for store, new, delta, previous in replay(tmp_path, steps, node, _view_change):
         tables = store.tables
         assert tables is not None and tables is not previous
         full = Tables.build(Snapshot.model_validate(new.model_dump(mode="json")))
@@ -172,7 +164,6 @@ def test_the_view_built_from_deltas_equals_the_view_of_the_full_snapshot(tmp_pat
                 by_labels = bool(key.subset or (locality and locality.failover_priority))
                 if "workloads" not in delta or not by_labels:
                     assert spec is previous.routes.clusters[key]
-        held = new
 
 
 def test_a_delta_that_fails_leaves_the_view_in_force_untouched(tmp_path):
