@@ -117,6 +117,8 @@ class HeldDocument:
         """The document after ``changes`` (a delta's), versioned ``version``, and what changed.
         Raises DeltaRefused for a malformed delta, an invalid item or a content version other
         than ``version``; nothing of this document is changed either way."""
+        if not isinstance(changes, Mapping):
+            raise DeltaRefused(f"delta changes are {type(changes).__name__}, not a mapping")
         upserts: dict[str, Any] = {}
         scalars: dict[str, Any] = {}
         for name, change in changes.items():

@@ -194,6 +194,8 @@ def test_a_delta_that_fails_leaves_the_view_in_force_untouched(tmp_path):
     leads_to = wire_version(snapshotdelta.apply(first.model_dump(mode="json"), bad_policy))
     with pytest.raises(SnapshotRejected, match="invalid Istio resource"):
         store.apply_delta(first.version, leads_to, bad_policy)
+    with pytest.raises(SnapshotRejected, match="not a mapping"):
+        store.apply_delta(first.version, second.version, ["workloads"])  # type: ignore[arg-type]
     with pytest.raises(SnapshotRejected, match="malformed"):
         store.apply_delta(first.version, second.version, {"workloads": {"remove": 5}})
     assert store.tables is before and store.version == first.version
