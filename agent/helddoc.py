@@ -2,8 +2,8 @@
 proportion to what it changes (issue 19, item 1).
 
 Each keyed collection (common/snapshotdelta.py `COLLECTIONS`) is kept item by item, in the
-compiler's order: the item as received (JSON), its JSON as the content version hashes it
-(common/snapshot.py `wire_version`: sorted keys, default separators) and its validated model.
+compiler's order: the item's JSON as received, written as the content version hashes it
+(common/snapshot.py `wire_version`: sorted keys, default separators), and its validated model.
 `HeldDocument.apply` validates only the upserted items and the changed scalars, reuses every
 other item's model and JSON, and checks the content version from the kept pieces (one join and
 one SHA-256: the same version as hashing the whole document, so an agent and a controller of
