@@ -9,7 +9,8 @@ Measured, as an operator would see them:
 
 - `/stats/prometheus` of each node: bytes, time to serve one scrape (curl's time_total in the
   node's namespace; median of `--scrapes`), the agent's CPU per scrape (from /proc);
-- agent and proxy-worker RSS before the first scrape and after the last;
+- agent and proxy-worker RSS, and the node's PSS (what they hold together: they are forks of
+  one another and share pages), before the first scrape and after the last;
 - the time from `meshlab up` to the servers ready, and from `meshlab apply` to every client
   running and meshed (in `meshagent status` of its node);
 - after scaling the Deployments to `--status-pods` pods per node: `meshagent status` and
@@ -235,10 +236,19 @@ def _cpu_s(pid: int) -> float:
 
 
 def memory(node: str) -> dict:
+    """RSS of the agent and of each other process in its cgroup (its workers' fork server
+    and the workers), and the node's PSS (procstat: the sum that counts the pages these forks
+    share once)."""
+    from meshagent.lab import cgroups
+
+    from benchmarks import procstat
+
     agent, workers = agent_processes(node)
+    split = procstat.memory_by_role(cgroups.system_cgroup(f"agent-{node}"))
     return {
         "agent_mb": round(_rss_mb(agent), 1),
         "workers_mb": [round(_rss_mb(w), 1) for w in workers],
+        "node_pss_mb": round(sum(m.pss for m in split.values()) / 2**20, 1),
     }
 
 
@@ -394,6 +404,11 @@ def targets(m: dict) -> list[dict]:
     return [{"title": t, "target": g, "measured": v, "met": ok} for t, g, v, ok in rows]
 
 
+def _pss(memory: dict) -> str:
+    """The node's PSS, or a dash in results taken before it was recorded."""
+    return f"{memory['node_pss_mb']:.1f}" if "node_pss_mb" in memory else "-"
+
+
 def markdown(results: dict) -> str:
     m, info, s = results["measured"], results["machine"], results["settings"]
     lines = [
@@ -417,8 +432,8 @@ def markdown(results: dict) -> str:
         "",
         "| node | page | scrape (median of "
         f"{s['scrapes']}) | agent CPU per scrape | agent RSS before → after | "
-        "workers' RSS before → after |",
-        "|---|---|---|---|---|---|",
+        "fork server's and workers' RSS before → after | node PSS before → after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for node, n in m["nodes"].items():
         workers = " + ".join(f"{w:.0f}" for w in n["rss_before"]["workers_mb"])
@@ -427,7 +442,8 @@ def markdown(results: dict) -> str:
             f"| {node} | {n['page_bytes'] / MB:.2f} MB | {n['median_scrape_s']:.3f} s | "
             f"{n['agent_cpu_per_scrape_s'] * 1000:.0f} ms | {n['rss_before']['agent_mb']:.1f} → "
             f"{n['rss_after']['agent_mb']:.1f} MB ({n['agent_rss_growth_pct']:+.1f} %) | "
-            f"{workers} → {workers_after} MB |"
+            f"{workers} → {workers_after} MB | {_pss(n['rss_before'])} → "
+            f"{_pss(n['rss_after'])} MB |"
         )
     lines += [
         "",

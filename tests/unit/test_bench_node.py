@@ -52,3 +52,19 @@ def test_each_benchmarks_own_lab_instance_is_a_valid_instance_name():
     # A default the lab refuses fails only where MESHLAB_INSTANCE is unset, as in CI.
     for default in (node.DEFAULT_INSTANCE, run.DEFAULT_INSTANCE):
         assert re.fullmatch(INSTANCE_PATTERN, default), default
+
+
+def test_the_table_shows_each_node_pss_where_it_was_recorded():
+    """The node's PSS (its agent, fork server and workers share pages: RSS counts them in
+    each) beside the RSS columns; results taken before it was recorded show a dash."""
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(node.__file__).parent / "results" / "node.json").read_text())
+    for figures in results["measured"]["nodes"].values():
+        figures["rss_before"].pop("node_pss_mb", None)
+        figures["rss_after"].pop("node_pss_mb", None)
+    assert "| - → - MB |" in node.markdown(results)
+    for figures in results["measured"]["nodes"].values():
+        figures["rss_before"]["node_pss_mb"], figures["rss_after"]["node_pss_mb"] = 90.0, 95.5
+    assert "| 90.0 → 95.5 MB |" in node.markdown(results)
