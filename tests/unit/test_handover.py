@@ -253,3 +253,28 @@ def test_live_agents_lists_every_live_registration_oldest_first(tmp_path: Path) 
                 "meshagent-new",
             ]
         assert [r.name for r in handover.live_agents(registry)] == ["meshagent-old"]
+
+
+def test_an_old_agent_hands_over_to_the_sockets_of_its_serving_successor_only(
+    tmp_path: Path,
+) -> None:
+    """agent/proxy/handoff.py: the successor's processes listen in its own folder."""
+    with open_registration(tmp_path, "old") as old:
+        assert handover.successor_handoff_sockets(old, tmp_path) == []  # no successor
+        with open_registration(tmp_path, "new") as new:
+            folder = handover.handoff_folder(tmp_path, "new")
+            folder.mkdir(parents=True)
+            sockets = [handover.handoff_socket(folder, pid) for pid in (41, 42)]
+            for path in sockets:
+                path.touch()
+            # our own processes' folder is not where ours go
+            handover.handoff_folder(tmp_path, "old").mkdir(parents=True)
+            handover.handoff_socket(handover.handoff_folder(tmp_path, "old"), 7).touch()
+            assert handover.successor_handoff_sockets(old, tmp_path) == []  # not serving yet
+            new.set_serving(True)
+            assert handover.successor_handoff_sockets(old, tmp_path) == sockets
+            assert handover.successor_handoff_sockets(new, tmp_path) == []  # nobody newer
+            assert handover.successor_handoff_sockets(None, tmp_path) == []  # no $POD_UID
+            handover.clear_handoff(folder)  # the successor's next container starts clean
+            assert handover.handoff_sockets(folder) == []
+    assert handover.handoff_folder(tmp_path, None).name == "local"
