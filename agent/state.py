@@ -1,6 +1,8 @@
 """The agent's one store of the pushed snapshot and the data-plane view derived from it.
 
-One writer (the config client, or the saved copy at start) calls `apply`; the
+One writer (the config client, or the saved copy at start) calls `apply` (a whole snapshot)
+or `apply_delta` (the next view built from the one in force: agent/helddoc.py validates only
+what the delta brings, `Tables.after` patches the tables and keeps what nothing changed); the
 proxy only reads. Everything the data plane derives from a snapshot (lookup tables,
 parsed Istio resources, compiled authorization and routes, the parsed trust bundle) is
 built into one immutable `Tables` *before* the snapshot is accepted: a snapshot that
