@@ -72,25 +72,30 @@ class HeldDocument:
     snapshot: Snapshot
     collections: dict[str, _Collection]
     other: dict[str, Any]  # every other top-level field as received (scalars, node, version)
+    # every item of the document is kept (no key twice in a collection): `version` is then
+    # the document's as sent; else the first delta drops the repeats, as snapshotdelta does
+    exact: bool = True
 
     @classmethod
     def of(cls, data: Mapping[str, Any], snapshot: Snapshot) -> HeldDocument:
         """``data`` (validated whole as ``snapshot``) kept in pieces."""
         collections: dict[str, _Collection] = {}
         other: dict[str, Any] = {}
+        exact = True
         for name, value in data.items():
             if name in snapshotdelta.COLLECTIONS and isinstance(value, list):
                 key = snapshotdelta.COLLECTIONS[name]
                 models = getattr(snapshot, name)
                 order = snapshotdelta.ORDER[name]
-                collections[name] = _Collection(
+                collections[name] = kept = _Collection(
                     {key(item): _text(item) for item in value},
                     {key(item): model for item, model in zip(value, models, strict=True)},
                     _ordered(value, order),
                 )
+                exact = exact and len(kept.text) == len(value)
             else:
                 other[name] = value
-        return cls(snapshot, collections, other)
+        return cls(snapshot, collections, other, exact)
 
     def _pieces(self) -> dict[str, str]:
         pieces = {name: _text(value) for name, value in self.other.items()}

@@ -438,10 +438,13 @@ class SnapshotStore:
             raise SnapshotRejected(f"invalid snapshot: {exc.error_count()} errors: {exc}") from None
         if snap.node != self.node:
             raise SnapshotRejected(f"snapshot is for node {snap.node!r}, this is {self.node!r}")
-        if snap.version != wire_version(data):  # the document as sent (version skew)
+        held = HeldDocument.of(data, snap)
+        # the document as sent (version skew), hashed from the pieces kept for the deltas
+        content = held.version() if held.exact else wire_version(data)
+        if snap.version != content:
             raise SnapshotRejected(f"snapshot version {snap.version!r} does not match its content")
         tables = self._built(snap, lambda: self._tables_of(snap))
-        self._switch(HeldDocument.of(data, snap), tables, None, save)
+        self._switch(held, tables, None, save)
         return snap
 
     def apply_delta(self, base: str, version: str, changes: dict, *, save: bool = True) -> Snapshot:
