@@ -245,7 +245,8 @@ def proxy_memory(proxies: tuple[Path, ...]) -> dict[str, float]:
         node_total = sum(m.pss for m in split.values()) / 2**20
         out[report.node_memory_id(node, None)], total = node_total, total + node_total
         for role, memory in split.items():
-            out[report.node_memory_id(node, role)] = memory.pss / 2**20
+            if memory.rss:  # a role the proxy has (HAProxy has no fork server)
+                out[report.node_memory_id(node, role)] = memory.pss / 2**20
     out["fixed_proxy_pss_mib"] = total
     return out
 

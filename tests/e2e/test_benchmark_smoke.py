@@ -52,5 +52,13 @@ def test_benchmark_smoke_run_writes_json_markdown_and_chart(tmp_path):
     assert {"mesh-cross-node-full", "mesh-cross-node-l4"} <= set(c16["paths"]), log
     assert "| mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 |" in table
 
+    # issue 18 item 4: the proxies' memory as PSS (the agent's forks share pages), split by role
+    memory = {m["id"]: m["paths"] for m in results["metrics"] if m["id"].endswith("pss_mib")}
+    for metric in ("fixed_proxy_pss_mib", "fixed_node1_main_pss_mib", "fixed_node2_pss_mib"):
+        assert {"mesh-cross-node", "sidecar-pair"} <= set(memory.get(metric, {})), (metric, log)
+    forkserver = memory["fixed_node1_forkserver_pss_mib"]
+    assert forkserver["mesh-cross-node"]["median"] > 0 and "sidecar-pair" not in forkserver, log
+    assert "node proxies' memory, both nodes (PSS at the fixed rate)" in table
+
     height, width = imread(tmp_path / "latest.png", format="png").shape[:2]  # decodes
     assert width > 1000 and height > 500
