@@ -30,8 +30,9 @@ class DeltaRefused(ValueError):
     """The delta cannot lead to a snapshot this agent serves; the message says why."""
 
 
-def _text(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+# what `json.dumps(value, sort_keys=True)` writes, made once (dumps makes an encoder per call:
+# twice the time over the 30,000 items of a whole snapshot)
+_text: Callable[[Any], str] = json.JSONEncoder(sort_keys=True).encode
 
 
 @dataclass(frozen=True)

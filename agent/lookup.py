@@ -10,6 +10,7 @@ which claim wins depends on order, and the caller builds the table whole again.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -25,10 +26,7 @@ class Index(Generic[K]):
     @classmethod
     def of(cls, table: dict[K, Any], keys: Iterable[K]) -> Index[K]:
         """``table`` as built whole, with the keys every item claimed (repeats counted)."""
-        claims: dict[K, int] = {}
-        for key in keys:
-            claims[key] = claims.get(key, 0) + 1
-        return cls(table, claims)
+        return cls(table, dict(Counter(keys)))
 
     def patched(
         self, removed: Iterable[tuple[K, Any]], added: Iterable[tuple[K, Any]]
