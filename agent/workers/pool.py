@@ -64,6 +64,7 @@ class _Process:
         self.ready = trio.Event()
         self.exited = trio.Event()
         self.status: dict[str, Any] = {}
+        self.view: dict[str, Any] = {}  # the snapshot version it serves, how many it applied
         self.outbox: trio.MemorySendChannel | None = None
         self.left_open: int | None = None  # connections still open when its drain ended
         self.holds = ""  # the snapshot version it holds once it has read what was posted
@@ -161,6 +162,9 @@ class WorkerPool:
                 "retiring_pids": [p.pid for p in w.retiring],
                 "outbound_accepted": _current(w).get("proxy", {}).get("accepted_connections", 0),
                 "inbound_accepted": _current(w).get("inbound", {}).get("accepted", 0),
+                # the snapshot it serves, and how many it applied whole and as deltas
+                "snapshot_version": w.current.view.get("version", "") if w.current else "",
+                "snapshots_applied": w.current.view.get("applied", {}) if w.current else {},
             }
             for w in self.workers
         ]
@@ -400,6 +404,7 @@ class WorkerPool:
                 w.ready.set()
             elif message["type"] == "status":
                 p.status = message["status"]
+                p.view = message.get("view") or {}
             elif message["type"] == "drained":
                 p.left_open = int(message["left"])
             elif message["type"] == "resync" and self.store.tables is not None:

@@ -8,7 +8,9 @@ its own, as the agent did), ``certs`` (every current workload
 certificate with its key: the whole set each time), ``accepting`` (on/off: hand-over),
 ``drain`` (SIGTERM or a replacement: stop accepting, hand plain same-node relays to the
 processes listening at its ``handoff`` paths, finish the rest, exit). Worker to agent:
-``ready`` once it listens, then ``status`` every second (its share of `meshagent status`),
+``ready`` once it listens, then ``status`` every second (its share of `meshagent status`,
+with its ``view``: the snapshot version it serves and how many it applied whole and as
+deltas), ``resync`` when it could not apply a delta (the agent sends the snapshot whole),
 and ``drained`` (connections left open) when a drain ends.
 The pair never leaves the node's agent pod; keys travel as they sit in the agent's memory.
 """

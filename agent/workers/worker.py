@@ -48,6 +48,7 @@ class Worker:
         )
         self.identities = IdentityMirror()
         self._resyncing = False  # asked the agent for the whole snapshot after a delta failed
+        self.applied = {"whole": 0, "delta": 0}  # snapshots applied, by how they came
         self.workload_tls = WorkloadTls(self.identities, config.trust_domain)
 
     async def run(self) -> None:
@@ -111,6 +112,7 @@ class Worker:
             self._resyncing = False
             try:
                 self.store.apply(message["snapshot"], save=False)
+                self.applied["whole"] += 1
             except SnapshotRejected as exc:  # the agent validated it: should not happen
                 log.error("worker %d: snapshot rejected: %s", self.index, exc)
         elif kind == "delta":
@@ -136,6 +138,7 @@ class Worker:
             self.store.apply_delta(
                 message["base"], message["version"], message["changes"], save=False
             )
+            self.applied["delta"] += 1
         except SnapshotRejected as exc:
             log.warning("worker %d: delta refused (%s): asking for the snapshot", self.index, exc)
             self._resyncing = True
@@ -151,7 +154,10 @@ class Worker:
 
     async def _report(self) -> None:
         while True:
-            await self.channel.send({"type": "status", "status": self.dataplane.status()})
+            # its view apart from the data plane's figures, which the agent adds up
+            view = {"version": self.store.version, "applied": self.applied}
+            status = self.dataplane.status()
+            await self.channel.send({"type": "status", "status": status, "view": view})
             await trio.sleep(STATUS_INTERVAL)
 
 

@@ -13,6 +13,7 @@ from tests.e2e.conftest import EXAMPLES, meshlab, proxy_workers
 from tests.waiting import wait_until
 
 WORKERS = 2
+NODES = ("node-1", "node-2")
 REQUESTS = 40  # one connection each: the kernel spreads them over the workers' listeners
 URL = "http://reviews.shop:9080/"
 
@@ -92,3 +93,36 @@ def test_a_dead_worker_is_started_again_and_counts_stay(lab):
         what=f"node-1 counts {before:g} + {REQUESTS} requests as their source",
     )
     assert counted == before + REQUESTS
+
+
+def test_workers_follow_a_change_by_its_delta(lab):
+    """Issue #19 item 1: a change reaches each worker as the delta the agent applied (its view
+    built from its own), not as the whole snapshot again: on both nodes every worker serves
+    the agent's new version, having taken one snapshot whole (when it started) and the rest
+    as deltas; and the policy the delta brought is in force."""
+    before = {node: lab.status(node)["agent"] for node in NODES}
+    for agent in before.values():
+        assert {w["snapshots_applied"].get("whole") for w in agent["workers"]} == {1}, agent
+    meshlab("apply", "-f", str(EXAMPLES / "demo-policy.yaml"))
+    for node in NODES:
+        view = wait_until(
+            lambda node=node: lab.status(node)["agent"],
+            lambda agent, node=node: (
+                agent["snapshot_version"] != before[node]["snapshot_version"]
+                and all(
+                    w["snapshot_version"] == agent["snapshot_version"] for w in agent["workers"]
+                )
+            ),
+            what=f"{node}'s workers serve the agent's snapshot after the policy was applied",
+        )
+        for worker in view["workers"]:
+            assert worker["snapshots_applied"]["whole"] == 1, (node, worker)
+            assert worker["snapshots_applied"]["delta"] >= 1, (node, worker)
+    # the delta's policy is in force in the workers: only the frontend may call reviews
+    intruder = "curl -s -o /dev/null -m 2 -w %{http_code} " + URL
+    wait_until(
+        lambda: meshlab("exec", "shop/intruder", "--", "sh", "-c", intruder, check=False).stdout,
+        lambda code: code != "200",
+        what="the intruder is refused once the policy is in",
+    )
+    assert _requests(3) == ["200"] * 3
