@@ -43,6 +43,9 @@ class _Collection:
     text: dict[str, str]
     models: dict[str, BaseModel]
     ordered: bool = True  # in the compiler's order (a controller always sends it so)
+    # an item had no key (accepted whole: a Telemetry the agent cannot read is ignored, not
+    # refused), so a delta cannot name its items: one that changes this collection is refused
+    unkeyed: bool = False
 
     @functools.cached_property
     def joined(self) -> str:
@@ -85,13 +88,14 @@ class HeldDocument:
         exact = True
         for name, value in data.items():
             if name in snapshotdelta.COLLECTIONS and isinstance(value, list):
-                key = snapshotdelta.COLLECTIONS[name]
+                keys, unkeyed = _keys(name, value)
                 models = getattr(snapshot, name)
                 order = snapshotdelta.ORDER[name]
                 collections[name] = kept = _Collection(
-                    {key(item): _text(item) for item in value},
-                    {key(item): model for item, model in zip(value, models, strict=True)},
+                    {k: _text(item) for k, item in zip(keys, value, strict=True)},
+                    dict(zip(keys, models, strict=True)),
                     _ordered(value, order),
+                    unkeyed,
                 )
                 exact = exact and len(kept.text) == len(value)
             else:
@@ -174,6 +178,8 @@ def _patched(
     """The collection after removing and upserting, in the compiler's order (as
     `snapshotdelta.apply` puts it), and the models it replaced or removed."""
     key, order = snapshotdelta.COLLECTIONS[name], snapshotdelta.ORDER[name]
+    if held is not None and held.unkeyed:
+        raise TypeError(f"an item held in {name!r} has no key")
     text = dict(held.text) if held else {}
     kept = dict(held.models) if held else {}
     gone: list[BaseModel] = []
@@ -199,6 +205,19 @@ def _patched(
         text = {k: text[k] for k in ordered}
         kept = {k: kept[k] for k in ordered}
     return _Collection(text, kept), gone
+
+
+def _keys(name: str, items: list[Any]) -> tuple[list[str], bool]:
+    """Each item's key in a collection as received, and whether one had none (its place in
+    the list stands in for it)."""
+    key, keys, unkeyed = snapshotdelta.COLLECTIONS[name], [], False
+    for i, item in enumerate(items):
+        try:
+            keys.append(key(item))
+        except (KeyError, TypeError, AttributeError):
+            keys.append(f"\0{i}")  # no real key starts with NUL
+            unkeyed = True
+    return keys, unkeyed
 
 
 def _fields(model: Any) -> Mapping[str, Any]:
