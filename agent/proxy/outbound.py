@@ -682,7 +682,7 @@ class _Relayed:
                         proxy.inputs.http,
                         proxy.inputs.limits,
                         idle_timeout=self.timeout,
-                        listener="outbound",
+                        listener="pod",  # the engine's listener label for 15001 (its 408s)
                         source=self.who,
                     )
                 elif join is None or not await join(result, self.timeout):
