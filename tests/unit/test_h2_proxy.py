@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
-from meshagent.agent.proxy.http.h2proxy import H2Peer, proxy_http2, serve_detected
-from meshagent.agent.proxy.http.memstream import memory_stream_pair
+from meshagent.agent.proxy.http.h2proxy import H2Peer, H2Upstreams, proxy_http2, serve_detected
+from meshagent.agent.proxy.http.memstream import BUFFER_LIMIT, memory_stream_pair
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.routing import (
@@ -643,3 +643,77 @@ async def test_http2_max_requests_overflows_the_next_request_with_503_uo():
         assert [r.flags for r in lab.records] == [["UO"]]
         assert lab.ctx.clusters.get(spec).requests == 1  # the held one only
         nursery.cancel_scope.cancel()
+
+
+async def _read_exactly(stream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        assert chunk, f"the stream ended after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def test_frames_a_cancelled_flush_took_still_reach_the_peer():
+    """Issue #17: whoever flushes a connection sends every stream's queued frames. A flush
+    whose task was cancelled while its send waited for the reader (a request pump, cancelled
+    once its call's response ended) dropped them all: another call's trailers were lost and
+    grpcio waited for them until its deadline (1 in ~10,000 cross-node calls)."""
+    near, far = memory_stream_pair()
+    peer = H2Peer(near, h2wire.new_connection(client_side=True))
+    behind = b"x" * BUFFER_LIMIT
+    await near.send_all(behind)  # the reader is behind: the next send waits for it
+    request = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
+    peer.conn.send_headers(1, [*request, (b":authority", b"a")], end_stream=True)
+    flushing = trio.CancelScope()
+
+    async def flush() -> None:
+        with flushing:
+            await peer.flush()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush)
+            await trio.testing.wait_all_tasks_blocked()
+            flushing.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert await _read_exactly(far, len(behind)) == behind  # the reader catches up
+        await near.aclose()
+        rest = bytearray()
+        while chunk := await far.receive_some():
+            rest += chunk
+    server = h2wire.new_connection(client_side=False)
+    events = server.receive_data(bytes(rest))
+    assert [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)] == [1]
+    assert not peer.closed
+
+
+async def test_a_connection_closing_with_goaway_takes_no_new_stream_meanwhile():
+    """While the GOAWAY of an upstream connection being closed waits to be written, the
+    connection is already closed to new streams: the next request opens another (one was put
+    on the closing one: h2 refused it, 503 UO)."""
+    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
+    cluster = Clusters().get(spec)
+    endpoint = cluster.pick([])
+    assert endpoint is not None
+    servers: list = []
+
+    async def connect(_endpoint, _port, _spec=None):
+        near, far = memory_stream_pair()
+        servers.append(far)
+        return near
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            upstreams = H2Upstreams(connect, nursery)
+            first = await upstreams.acquire(cluster, endpoint)
+            upstreams.done(first, cluster)
+            assert await servers[0].receive_some()  # the preface; from now on the server
+            await first.stream.send_all(b"x" * BUFFER_LIMIT)  # reads slowly
+            nursery.start_soon(first.goaway_and_close, h2wire.NO_ERROR)
+            await trio.testing.wait_all_tasks_blocked()
+            second = await upstreams.acquire(cluster, endpoint)
+            assert second is not first
+            assert len(servers) == 2
+            upstreams.done(second, cluster)
+            nursery.cancel_scope.cancel()

@@ -107,6 +107,10 @@ _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams 
 DRAIN_GRACE = 1.0
 _MAX_STREAM_ID = 2**31 - 1
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# A send is finished under a shield (`H2Peer._send`) but ends the connection when it takes
+# longer than this: the shield must not keep a task (and a drain) waiting on a reader that
+# stopped reading.
+SEND_STALL_TIMEOUT = 30.0
 H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 _RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy's local replies for attempts that got no response: status, flag, body.
@@ -177,6 +181,7 @@ class H2Peer:
         self.header_timeout = math.inf  # downstream: for a header block to complete (s)
         self._window = trio.Event()
         self.closed = False
+        self.cut = False  # a send was cut short: the peer may have a partial frame
         self.goaway = False
         self.info: object = None  # what Connect returned with an upstream stream
         self.requests = 0  # streams given out on it (upstream: maxRequestsPerConnection)
@@ -199,13 +204,32 @@ class H2Peer:
     async def flush(self) -> None:
         """Send what the state machine queued; raises StreamGone when the transport is."""
         async with self.lock:
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: leave it queued
             data = self.conn.data_to_send()
             if data:
-                try:
-                    await self.stream.send_all(data)
-                except _TRANSPORT_ERRORS as exc:
-                    self.closed = True
-                    raise StreamGone from exc
+                await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        """Write what h2 handed over (it no longer holds it), with the lock held. Whoever
+        flushes sends every stream's queued frames, so a send cut short by a cancellation of
+        the flushing task (a request pump cancelled once its response ended) would lose other
+        streams' frames (a call's response DATA or trailers: grpcio waited for them until its
+        deadline, issue #17). So the send is finished under a shield, bounded by the deadline
+        the caller set (a close's CLOSE_TIMEOUT) and SEND_STALL_TIMEOUT: a send cut there may
+        have cut a frame, and the connection is over."""
+        if self.cut:
+            raise StreamGone
+        now = trio.current_time()
+        deadline = min(trio.current_effective_deadline(), now + SEND_STALL_TIMEOUT)
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                await self.stream.send_all(data)
+            except _TRANSPORT_ERRORS as exc:
+                self.closed = True
+                raise StreamGone from exc
+        if scope.cancelled_caught:
+            self.closed = self.cut = True  # nothing more may follow a cut frame
+            raise StreamGone
 
     async def announce_shutdown(self) -> None:
         """RFC 9113 6.8's first GOAWAY of a graceful shutdown (NO_ERROR, last stream id
@@ -214,12 +238,8 @@ class H2Peer:
         close its state machine, and the streams in flight with it."""
         frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=_MAX_STREAM_ID, error_code=0)
         async with self.lock:
-            data = self.conn.data_to_send() + frame.serialize()
-            try:
-                await self.stream.send_all(data)
-            except _TRANSPORT_ERRORS as exc:
-                self.closed = True
-                raise StreamGone from exc
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._send(self.conn.data_to_send() + frame.serialize())
 
     def wake(self) -> None:
         self._window.set()
@@ -375,12 +395,15 @@ class H2Peer:
         return math.inf if since is None else since + self.header_timeout
 
     async def goaway_and_close(self, code: int, reason: str = "") -> None:
+        """GOAWAY, then the connection is over. Marked closed before the GOAWAY is flushed:
+        meanwhile no new stream may be put on it (`H2Upstreams` skips a closed one; h2 has
+        closed its state machine already, a stream opened now would fail as 503 UO)."""
+        self.closed = True
         with contextlib.suppress(*H2_ERRORS):
             debug = reason.encode("ascii", "replace")[:200] or None
             self.conn.close_connection(error_code=code, additional_data=debug)
         with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(StreamGone):
             await self.flush()
-        self.closed = True
 
 
 async def proxy_http2(
