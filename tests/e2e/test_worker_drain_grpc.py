@@ -12,8 +12,12 @@ node-2's agent is upgraded: not one call may fail.
 Before the fixes (h2proxy's graceful drain, h2wire.GracefulGoaway) two replacements of both
 nodes' workers failed 93 of ~6,600 calls (REFUSED_STREAM as UNAVAILABLE); with the first alone,
 a few calls failed as "connection termination" resets and one request lost its message
-(UNIMPLEMENTED). What still fails is open (the xfail below says what); the
-test runs all the same and shows every failed call with its time and each step's.
+(UNIMPLEMENTED). The last failures (0-7 of ~22,000 cross-node calls: CANCELLED mid-answer,
+UNAVAILABLE "connection termination", and 1 in ~10,000 that got its DATA but never its
+trailers, DEADLINE_EXCEEDED, even with no worker replaced) were frames lost by the HTTP/2
+engine: a flush whose task was cancelled (a request pump, once its call's response ended) took
+every stream's queued frames with it (H2Peer._send). A failure shows every failed call with its
+time and each step's.
 """
 
 from __future__ import annotations
@@ -108,13 +112,6 @@ def _busy(target: str, stop: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 17): a few cross-node calls still fail around a replacement of both"
-    " nodes' workers (0-7 of ~22,000: CANCELLED mid-answer, UNAVAILABLE 'connection"
-    " termination'), and 1 in ~10,000 cross-node calls gets its DATA but never its trailers"
-    " (DEADLINE_EXCEEDED) even with no worker replaced; same-node calls lose none",
-)
 def test_busy_grpc_channels_lose_no_call_while_workers_are_replaced_and_an_agent_upgraded(
     lab, tmp_path
 ):
