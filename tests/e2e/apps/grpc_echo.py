@@ -16,7 +16,8 @@ UNAVAILABLE every other time a server is called (a one-shot failure a retry over
 Runs under the system Python inside lab pods, so it imports only grpc and the stdlib. The
 server prints one line per call, so a test can tell whether a call reached it. `busy` keeps
 one channel busy (THREADS callers, each call bounded to 10 s) until the file STOP exists or
-SECONDS pass: {"ok": {name: count}, "failed": {code: count}, "details": [the first failures]}.
+SECONDS pass: {"ok": {name: count}, "failed": {code: count}, "details": [the first failures]}
+(a call answered OK without its message counts as failed, NO_MESSAGE).
 """
 
 from __future__ import annotations
@@ -141,15 +142,20 @@ def busy(target: str, threads: int, stop: str, seconds: float) -> dict:
         def caller() -> None:
             while time.monotonic() < deadline and not os.path.exists(stop):
                 try:
-                    name = who(b"", timeout=10).decode()
+                    reply = who(b"", timeout=10)
                 except grpc.RpcError as exc:
-                    with lock:
-                        failed[exc.code().name] += 1
-                        if len(details) < 20:
-                            details.append(f"{time.time():.3f} {exc.code().name}: {exc.details()}")
-                    continue
+                    code, detail = exc.code().name, exc.details()
+                else:
+                    if isinstance(reply, bytes):
+                        with lock:
+                            ok[reply.decode()] += 1
+                        continue
+                    # status OK without the response message (a lost DATA frame): a failure
+                    code, detail = "NO_MESSAGE", repr(reply)
                 with lock:
-                    ok[name] += 1
+                    failed[code] += 1
+                    if len(details) < 20:
+                        details.append(f"{time.time():.3f} {code}: {detail}")
 
         running = [threading.Thread(target=caller) for _ in range(threads)]
         for t in running:
