@@ -120,9 +120,10 @@ def status(
     show_services: bool,
 ) -> None:
     """Show the agent, controller link, attached programs, meshed pods (a summary per identity
-    and mTLS mode, then one row per pod: identity, certificate, mTLS mode), connections,
-    tunnels per peer node and worker, ejected endpoints and recent denials; with --services,
-    every Service's endpoints as the snapshot in force has them.
+    and mTLS mode, then one row per pod: identity, certificate, mTLS mode), connections (and
+    those handed over at an upgrade or a worker's replacement), tunnels per peer node and
+    worker, each proxy process's memory (PSS beside RSS), ejected endpoints and recent
+    denials; with --services, every Service's endpoints as the snapshot in force has them.
 
     Works when the agent is down too: it then reads the pinned maps, the saved snapshot and the
     saved certificates, and says which parts only the running agent knows. Where there is no
