@@ -168,7 +168,7 @@ class OutboundProxy:
                 timeout=handed.idle_timeout,
                 check=check,
                 who=labels.source.workload,
-                facts=policy,
+                facts=lambda: policy,
                 handable=True,
             )
             # a snapshot swapped in while it moved was checked against it by neither side
@@ -550,7 +550,7 @@ class _L4:
                 upstream.check,
             ),
             who=source.name if source else self.peer_ip,
-            facts=self._facts(upstream) if handable else None,
+            facts=partial(self._facts, upstream) if handable else None,  # built if handed on
             handable=handable,
         )
         tap = self._observer(upstream, service_labels, address) if self.observe else None
@@ -650,9 +650,11 @@ class _Relayed:
         timeout: float,
         check: live.Check,
         who: str,
-        facts: PolicyFacts | None = None,
+        facts: Callable[[], PolicyFacts | None] | None = None,
         handable: bool = False,
     ) -> None:
+        # ``facts`` builds what the connection was let through on (a system call and the
+        # source's identity): only the rare connection that is handed on needs them
         self.proxy, self.client, self.upstream, self.labels = proxy, client, upstream, labels
         self.client_address, self.address = client_address, address
         self.start, self.started, self.timeout = start, started, timeout
@@ -731,6 +733,10 @@ class _Relayed:
                 await relay(self.client, upstream, result, idle_timeout=self.timeout, pause=pause)
                 if not result.paused:
                     return False
+                try:
+                    facts = self.facts() if self.facts is not None else None
+                except OSError:  # a socket that lost its peer while paused: it ends here
+                    return False
                 handed = HandedConnection(
                     labels=self.labels,
                     client=self.client_address,
@@ -741,7 +747,7 @@ class _Relayed:
                     received=result.received,
                     done=result.done,
                     idle_timeout=self.timeout,
-                    policy=self.facts,
+                    policy=facts,
                 )
                 fds = (self.client.socket.fileno(), upstream.socket.fileno())
                 if await sender.send(handed, fds):
