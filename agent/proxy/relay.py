@@ -41,7 +41,7 @@ import fcntl
 import math
 import os
 import select
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,35 +121,26 @@ Count = Callable[[int], None]  # told each batch of bytes once it went out
 
 
 class Pause:
-    """Asks a relay of two sockets to stop where nothing is in flight (module doc). Each
-    direction waits for its next bytes inside a `point`; `request` cancels those waits, and
-    a direction that finds it requested between batches stops too."""
+    """Asks a relay of two sockets to stop where nothing is in flight (module doc). `request`
+    wakes the relay if it is idle, and cancels a direction's scope (one per direction for the
+    whole relay) only while that direction waits for its next bytes with its pipe empty; a
+    direction that finds it requested between batches stops too. Nothing is made per wait."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._waits: set[trio.CancelScope] = set()
+        self._waiting: set[trio.CancelScope] = set()  # directions waiting for bytes now
+        self._parked: _IdleWait | None = None  # the idle relay, parked in the watcher
 
     def request(self) -> None:
         self.requested = True
-        for scope in list(self._waits):
+        for scope in self._waiting:
             scope.cancel()
+        if self._parked is not None:
+            _watcher().wake(self._parked)
 
     def reset(self) -> None:
         """Relay on (the hand-off did not happen)."""
         self.requested = False
-
-    @contextlib.contextmanager
-    def point(self) -> Iterator[trio.CancelScope]:
-        """A wait that a `request` ends (look at the scope's ``cancelled_caught``)."""
-        scope = trio.CancelScope()
-        if self.requested:
-            scope.cancel()
-        self._waits.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._waits.discard(scope)
 
 
 async def _pipe(
@@ -182,14 +173,23 @@ def _new_pipe() -> tuple[int, int]:
     return r, w
 
 
-async def _readable(sock: trio.socket.SocketType, pause: Pause | None) -> bool:
-    """Wait until ``sock`` is readable; False if a pause was asked for meanwhile (or before)."""
+async def _readable(
+    sock: trio.socket.SocketType, pause: Pause | None, stop: trio.CancelScope | None
+) -> bool:
+    """Wait until ``sock`` is readable; False if a pause was asked for before. A pause asked
+    for meanwhile cancels ``stop`` (the direction's scope), which this wait sits in."""
     if pause is None:
         await trio.lowlevel.wait_readable(sock)
         return True
-    with pause.point() as wait:
+    if pause.requested:
+        return False
+    assert stop is not None
+    pause._waiting.add(stop)
+    try:
         await trio.lowlevel.wait_readable(sock)
-    return not wait.cancelled_caught
+    finally:
+        pause._waiting.discard(stop)
+    return True
 
 
 async def _splice_pipe(
@@ -197,12 +197,26 @@ async def _splice_pipe(
 ) -> bool:
     """One direction socket -> pipe -> socket in the kernel; `count` told what went out.
     True once it ended (EOF passed on), False if it stopped for ``pause`` (the pipe empty)."""
+    if pause is None:
+        return await _splice(src, dst, count, None, None)
+    with trio.CancelScope() as stop:  # cancelled by the pause only while no byte is in flight
+        return await _splice(src, dst, count, pause, stop)
+    return False
+
+
+async def _splice(
+    src: trio.SocketStream,
+    dst: trio.SocketStream,
+    count: Count,
+    pause: Pause | None,
+    stop: trio.CancelScope | None,
+) -> bool:
     src_sock, dst_sock = src.socket, dst.socket
     src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
     pipe_r = pipe_w = -1
     try:
         # The pipe is made once the first byte is there, so that an idle connection holds none.
-        if not await _readable(src_sock, pause):
+        if not await _readable(src_sock, pause, stop):
             return False
         pipe_r, pipe_w = _new_pipe()
         while True:
@@ -213,7 +227,7 @@ async def _splice_pipe(
             try:
                 moved = os.splice(src_fd, pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                if not await _readable(src_sock, pause):
+                if not await _readable(src_sock, pause, stop):
                     return False
                 continue
             if moved == 0:
@@ -315,14 +329,21 @@ def _watcher() -> _IdleWatcher:
         return watcher
 
 
-async def _park(socks: Sequence[trio.socket.SocketType], tunnel: TunnelStream | None) -> None:
-    """Wait until a socket is readable or the tunnel has news; one bare trio wait."""
+async def _park(
+    socks: Sequence[trio.socket.SocketType],
+    tunnel: TunnelStream | None,
+    pause: Pause | None = None,
+) -> None:
+    """Wait until a socket is readable, the tunnel has news or ``pause`` is requested; one
+    bare trio wait."""
     if tunnel is not None and tunnel.readable_now():
         await trio.lowlevel.checkpoint()
         return
     watcher = _watcher()
     wait = _IdleWait(trio.lowlevel.current_task(), [sock.fileno() for sock in socks])
     watcher.add(wait)
+    if pause is not None:
+        pause._parked = wait
 
     def abort(_: object) -> trio.lowlevel.Abort:
         watcher.forget(wait)
@@ -335,6 +356,8 @@ async def _park(socks: Sequence[trio.socket.SocketType], tunnel: TunnelStream | 
     finally:
         if tunnel is not None:
             tunnel.on_readable = None
+        if pause is not None:
+            pause._parked = None
 
 
 async def _wait_either(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
@@ -364,9 +387,9 @@ async def _pausable(
     client: trio.SocketStream, upstream: trio.SocketStream, result: RelayResult, pause: Pause
 ) -> None:
     """Both directions in the kernel, each to its end or to the pause (`result.paused`)."""
-    with pause.point() as wait:
-        await _wait_either(client, upstream)  # idle: nothing allocated yet
-    if wait.cancelled_caught:
+    if not pause.requested:  # idle: nothing allocated yet; the pause wakes it
+        await _park((client.socket, upstream.socket), None, pause)
+    if pause.requested:
         result.paused = True
         return
     done = list(result.done)

@@ -185,6 +185,35 @@ async def test_a_paused_relay_goes_on_in_the_process_it_was_handed_to(
         await s.aclose()
 
 
+async def test_an_idle_relay_pauses_at_once_and_relays_on_when_not_handed() -> None:
+    """Idle, the relay is parked alone (no scope registered with the pause): a request wakes
+    it, it returns paused with nothing done, and relayed again it moves bytes both ways."""
+    from meshagent.agent.proxy import relay as relay_mod
+
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            pause, result, relayed = _first_relay(nursery, client_side, upstream_side)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pause._waiting == set() and pause._parked is not None
+            pause.request()
+            await relayed.wait()
+            assert result.paused and result.done == (False, False)
+            assert pause._parked is None and relay_mod._watcher().waits == {}
+            pause.reset()
+            nursery.start_soon(relay, client_side, upstream_side, result)
+            await _exchange(app, server, b"after\n")
+            await server.send_all(b"back\n")
+            assert await app.receive_some(5) == b"back\n"
+            await app.send_eof()
+            await server.send_eof()
+            assert await _read_all(app) == b""
+    assert (result.sent, result.received) == (6, 6 + 5) and not result.paused
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
+
+
 async def test_a_bulk_transfer_paused_midway_arrives_whole(tmp_path) -> None:
     """Nothing the relay had read is lost at the pause: the pipe is emptied into the other
     socket first (a slow reader keeps it full meanwhile)."""
