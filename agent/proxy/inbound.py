@@ -31,7 +31,7 @@ from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
 from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
-from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
+from meshagent.agent.proxy.limits import IDLE_TIMEOUT, POD_LISTENER, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.observe_timeouts import relay_observed
 from meshagent.agent.proxy.observing import http_observer, level_of_endpoint
 from meshagent.agent.proxy.relay import RelayResult, relay
@@ -418,7 +418,7 @@ class InboundProxy:
                     settings=self.inputs.http,
                     limits=self.inputs.limits,
                     source_key=principal,
-                    listener="hbone" if security == "mutual_tls" else "pod",
+                    listener="hbone" if security == "mutual_tls" else POD_LISTENER,
                 ),
             )
         finally:

@@ -28,6 +28,10 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_PENDING_REQUESTS", "Limits"]
 
 log = logging.getLogger(__name__)
 
+# The `listener` label of 15001, a pod's own connections: its refusals, idle closes and HTTP/2
+# abuse, by the L4 relay and the HTTP engine alike (the L4 ones were once labelled "outbound").
+POD_LISTENER = "pod"
+
 # The `reason` label of meshagent_proxy_refused_total (a small fixed set).
 SOURCE_CONNECTIONS = "source_connections"
 SOURCE_PENDING_REQUESTS = "source_pending_requests"

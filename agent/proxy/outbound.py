@@ -7,7 +7,7 @@ relay. A pod IP or any other destination is relayed as is.
 
 A source already holding `Limits.max_connections` connections in this process is refused
 (agent/proxy/limits.py): on an HTTP/1.1 port with a 503 naming why, otherwise by closing the
-connection; counted in meshagent_proxy_refused_total{listener="outbound"}.
+connection; counted in meshagent_proxy_refused_total{listener="pod"}.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.kjoin import joinable, relay_joined
 from meshagent.agent.proxy.lb import CONNECT_FAILURE_CODE
-from meshagent.agent.proxy.limits import IDLE_TIMEOUT, SOURCE_CONNECTIONS
+from meshagent.agent.proxy.limits import IDLE_TIMEOUT, POD_LISTENER, SOURCE_CONNECTIONS
 from meshagent.agent.proxy.observe_timeouts import relay_observed
 from meshagent.agent.proxy.observing import http_observer, level_of_route, opens_with_h2_preface
 from meshagent.agent.proxy.relay import RelayResult, can_pause, relay
@@ -217,7 +217,7 @@ class OutboundProxy:
                 await self._serve(client, source, peer_ip, orig, route, protocol, start, started)
                 return
         limits.refused(
-            "outbound",
+            POD_LISTENER,
             SOURCE_CONNECTIONS,
             source.name if source else peer_ip,
             f"{limits.max_connections} connections of this source open",
@@ -684,14 +684,17 @@ class _Relayed:
                         proxy.inputs.http,
                         proxy.inputs.limits,
                         idle_timeout=self.timeout,
-                        listener="pod",  # the engine's listener label for 15001 (its 408s)
+                        listener=POD_LISTENER,
                         source=self.who,
                     )
                 elif join is None or not await join(result, self.timeout):
                     handed = await self._relay_or_hand(result)
             if result.idle_timed_out:
                 proxy.inputs.limits.refused(
-                    "outbound", IDLE_TIMEOUT, self.who, f"no byte either way for {self.timeout:g} s"
+                    POD_LISTENER,
+                    IDLE_TIMEOUT,
+                    self.who,
+                    f"no byte either way for {self.timeout:g} s",
                 )
         finally:
             proxy.stats.bytes_sent += result.sent - before[0]

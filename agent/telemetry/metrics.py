@@ -254,8 +254,8 @@ class ProxyMetrics:
         )
         self.refused = Counter(
             "meshagent_proxy_refused",
-            "Connections and requests the proxy refused to stay bounded, by listener (outbound:"
-            " 15001; pod: its HTTP engine; hbone: 15008) and reason (source_connections,"
+            "Connections and requests the proxy refused to stay bounded, by listener (pod:"
+            " 15001, a pod's own connections; hbone: 15008) and reason (source_connections,"
             " source_pending_requests, header_timeout, bad_request; idle_timeout: a TCP relay"
             " closed after no byte moved for tcp_idle_timeout_s).",
             ("listener", "reason"),

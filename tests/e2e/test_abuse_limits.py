@@ -231,7 +231,7 @@ def test_garbage_is_answered_400_closed_and_counted_and_the_proxy_serves_on(lab)
 
 def test_a_plain_tcp_connection_idle_for_the_idle_timeout_is_closed_and_counted(lab):
     def closed() -> float:
-        return sum(_refused("idle_timeout", listener) for listener in ("outbound", "hbone"))
+        return sum(_refused("idle_timeout", listener) for listener in ("pod", "hbone"))
 
     counted = closed()
     busy = 2 * TCP_IDLE_TIMEOUT_S  # longer than the timeout, never idle that long
@@ -315,7 +315,7 @@ def test_a_source_over_its_connection_limit_is_refused_while_others_are_served(l
         what="node-1's restarted agent serves",
         timeout=30,
     )
-    counted = _refused("source_connections", listener="outbound")
+    counted = _refused("source_connections")
     hog = _flood("abl/hog", "hold", *TARGET, str(SOURCE_LIMIT + 10), "5")
     for _ in range(3):  # another source is served meanwhile
         assert lab.curl("abl/client", URL)[0] == "200"
@@ -323,7 +323,7 @@ def test_a_source_over_its_connection_limit_is_refused_while_others_are_served(l
     assert result["ok"] == SOURCE_LIMIT, result
     assert result["first"] == {"200": SOURCE_LIMIT, "503": 10}, result
     wait_until(
-        lambda: _refused("source_connections", listener="outbound"),
+        lambda: _refused("source_connections"),
         lambda n: n == counted + 10,
         what="the refusals counted",
     )

@@ -131,14 +131,14 @@ def test_refusals_are_logged_with_a_reason_at_a_bounded_rate(caplog):
     limits.log = log
     with caplog.at_level(logging.WARNING, logger="test.limits"):
         for _ in range(100):
-            limits.refused("outbound", "source_connections", "shop/flood", "")
+            limits.refused("pod", "source_connections", "shop/flood", "")
         now[0] = 10.0
-        limits.refused("outbound", "source_connections", "shop/flood", "10 connections open")
+        limits.refused("pod", "source_connections", "shop/flood", "10 connections open")
     assert len(counted) == 101  # every refusal counted
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4  # but only a burst, then one line saying how many were left out
     assert all(line.rstrip() and not line.endswith(": ") for line in lines), lines
-    assert lines[0] == "outbound: refused source_connections from shop/flood: no reason given"
+    assert lines[0] == "pod: refused source_connections from shop/flood: no reason given"
     assert "(97 similar lines left out)" in lines[-1]
 
 

@@ -4,10 +4,11 @@ frame guard it shares with the HBONE server (`common/h2guard.py`).
 A raw client writes frames (hyperframe) on an in-memory stream to `proxy_http2`: rapid reset,
 CONTINUATION, oversized header block, PING and SETTINGS floods each end that connection with
 GOAWAY ENHANCE_YOUR_CALM and the reason in its debug data, counted in
-`meshagent_http2_abuse_total{listener="pod"}` and logged (rate-limited, with the reason),
-while another client of the same engine keeps being served. A 101st concurrent stream is
-refused by h2 itself (GOAWAY PROTOCOL_ERROR). A header block not complete within the request
-header timeout (a HEADERS whose CONTINUATION never ends) gets the same GOAWAY.
+`meshagent_http2_abuse_total{listener="pod"}` (`"hbone"` for HTTP inside a 15008 tunnel) and
+logged (rate-limited, with the reason), while another client of the same engine keeps being
+served. A 101st concurrent stream is refused by h2 itself (GOAWAY PROTOCOL_ERROR). A header
+block not complete within the request header timeout (a HEADERS whose CONTINUATION never ends)
+gets the same GOAWAY.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ ENHANCE_YOUR_CALM = 0xB
 PROTOCOL_ERROR = 0x1
 
 
-def metric(kind: str) -> float:
-    labels = {"listener": "pod", "kind": kind}
+def metric(kind: str, listener: str = "pod") -> float:
+    labels = {"listener": listener, "kind": kind}
     return REGISTRY.get_sample_value("meshagent_http2_abuse_total", labels) or 0.0
 
 
@@ -177,6 +178,18 @@ async def test_a_flood_ends_its_connection_with_goaway_and_others_keep_working(
         assert sent < 4 * 1024 * 1024  # stopped early: the flood was not taken in whole
         headers, body, _ = await lab.call("/after", b"y")  # the other connection: served
         assert headers[b":status"] == b"200" and body == b"y"
+        nursery.cancel_scope.cancel()
+
+
+async def test_abuse_inside_a_tunnel_is_counted_under_hbone_not_pod():
+    """The engine serves 15001 and HTTP inside 15008 tunnels: each counts under its own label."""
+    async with trio.open_nursery() as nursery:
+        lab = _Lab(nursery, _routes("10.1.0.1"))
+        before = metric("ping"), metric("ping", "hbone")
+        reply, _ = await _flood(dataclasses.replace(lab.ctx, listener="hbone"), _pings(5_000), 100)
+        goaway = _goaway(reply)
+        assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+        assert (metric("ping"), metric("ping", "hbone")) == (before[0], before[1] + 1)
         nursery.cancel_scope.cancel()
 
 

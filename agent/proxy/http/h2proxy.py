@@ -30,7 +30,8 @@ header list limit, in more than 16 CONTINUATION frames or not complete within th
 header timeout (`http_request_headers_timeout_s`: a slowloris head; the stream cannot be reset
 alone mid-block), a rapid-reset, PING or SETTINGS flood end the connection with GOAWAY
 ENHANCE_YOUR_CALM, the reason in its debug data (counted
-in `meshagent_http2_abuse_total{listener="pod"}`, logged at a bounded rate). A drain (SIGTERM,
+in `meshagent_http2_abuse_total{listener}`, the context's: "pod" on 15001, "hbone" inside a
+15008 tunnel; logged at a bounded rate). A drain (SIGTERM,
 a worker replaced) is RFC 9113's graceful shutdown: a first GOAWAY (NO_ERROR, last stream id
 2^31-1) tells the client to open new streams elsewhere while every stream it sent meanwhile is
 still served; `DRAIN_GRACE` later new streams are refused, those in flight finish, then the
@@ -637,7 +638,7 @@ class _Session:
                 nursery.cancel_scope.cancel()
             if self.down.abuse is not None:
                 abuse = self.down.abuse
-                ABUSE.labels(listener="pod", kind=abuse.kind).inc()
+                ABUSE.labels(listener=self.ctx.listener, kind=abuse.kind).inc()
                 abuse_log.warning(
                     f"abuse-{abuse.kind}",
                     "HTTP/2 connection from %s ended with GOAWAY ENHANCE_YOUR_CALM: %s",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
+from meshagent.agent.proxy.limits import POD_LISTENER
 from meshagent.common.pathnorm import DEFAULT_MODE, PathNormalization
 from meshagent.common.snapshot import Endpoint, Workload
 
@@ -179,10 +180,11 @@ class HttpContext:
     rng: random.Random = field(default_factory=random.Random)
     # Per-source bounds (requests in flight of `source_key`) and the refusal record: a
     # request head not complete in time (408) or not HTTP (400) is counted there too, under
-    # `listener` ("pod": a pod's connection to 15001; "hbone": HTTP inside a 15008 tunnel).
+    # `listener` (POD_LISTENER: a pod's connection to 15001; "hbone": HTTP inside a 15008 tunnel),
+    # and HTTP/2 abuse in meshagent_http2_abuse_total under the same label.
     limits: Limits | None = None
     source_key: Hashable = None
-    listener: str = "pod"
+    listener: str = POD_LISTENER
     # The client workload (a local pod), for `sourceLabels`/`sourceNamespace` route matches;
     # None when unknown (those matches then do not apply).
     source: Workload | None = None
