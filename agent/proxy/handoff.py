@@ -39,7 +39,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -344,16 +344,9 @@ class HandoffSender:
     def __len__(self) -> int:
         return len(self._pauses)
 
-    @contextlib.contextmanager
-    def pausable(self) -> Iterator[Pause]:
-        pause = Pause()
-        if self.targets:
-            pause.request()
-        self._pauses.add(pause)
-        try:
-            yield pause
-        finally:
-            self._pauses.discard(pause)
+    def pausable(self) -> _Pausable:
+        """A relay's `Pause`, registered while inside (paused at once during a drain)."""
+        return _Pausable(self)
 
     def start(self, targets: list[Path]) -> int:
         """Hand on to ``targets`` from now; returns the relays asked to pause."""
@@ -376,3 +369,23 @@ class HandoffSender:
             log.warning("hand-off: no process took a connection; the rest drain here")
         self.targets = []
         return False
+
+
+class _Pausable:
+    """`HandoffSender.pausable`: a class rather than a generator context manager, as every
+    same-node L4 relay holds one while open."""
+
+    __slots__ = ("pause", "sender")
+
+    def __init__(self, sender: HandoffSender) -> None:
+        self.sender = sender
+        self.pause = Pause()
+
+    def __enter__(self) -> Pause:
+        if self.sender.targets:
+            self.pause.request()
+        self.sender._pauses.add(self.pause)
+        return self.pause
+
+    def __exit__(self, *_exc: object) -> None:
+        self.sender._pauses.discard(self.pause)

@@ -17,9 +17,8 @@ zero, so a burst of sources leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 
 from meshagent.agent.config import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_REQUESTS
 from meshagent.agent.telemetry.ratelog import RateLimitedLog, reason
@@ -65,19 +64,15 @@ class Limits:
         self.connections: dict[Hashable, int] = {}
         self.pending: dict[Hashable, int] = {}
 
-    @contextlib.contextmanager
-    def connection(self, source: Hashable) -> Iterator[bool]:
+    def connection(self, source: Hashable) -> _Held:
         """Hold one of `source`'s connections while inside; yields False (nothing held) when
         it already has `max_connections`."""
-        with _hold(self.connections, source, self.max_connections) as admitted:
-            yield admitted
+        return _Held(self.connections, source, self.max_connections)
 
-    @contextlib.contextmanager
-    def pending_request(self, source: Hashable) -> Iterator[bool]:
+    def pending_request(self, source: Hashable) -> _Held:
         """Hold one of `source`'s requests in flight while inside; yields False (nothing
         held) when it already has `max_pending_requests`."""
-        with _hold(self.pending, source, self.max_pending_requests) as admitted:
-            yield admitted
+        return _Held(self.pending, source, self.max_pending_requests)
 
     def refused(self, listener: str, why: str, source: object, detail: str | None) -> None:
         """Count and log (rate-limited per listener and reason) one refusal. `why` is the
@@ -93,18 +88,28 @@ class Limits:
         )
 
 
-@contextlib.contextmanager
-def _hold(counts: dict[Hashable, int], key: Hashable, limit: int) -> Iterator[bool]:
-    held = counts.get(key, 0)
-    if held >= limit:
-        yield False
-        return
-    counts[key] = held + 1
-    try:
-        yield True
-    finally:
-        left = counts[key] - 1
-        if left:
-            counts[key] = left
-        else:
-            del counts[key]
+class _Held:
+    """One of ``key``'s counts held while inside (``as``: whether it was admitted). A small
+    class rather than a generator context manager: every connection holds one while open."""
+
+    __slots__ = ("admitted", "counts", "key", "limit")
+
+    def __init__(self, counts: dict[Hashable, int], key: Hashable, limit: int) -> None:
+        self.counts, self.key, self.limit = counts, key, limit
+        self.admitted = False
+
+    def __enter__(self) -> bool:
+        held = self.counts.get(self.key, 0)
+        self.admitted = held < self.limit
+        if self.admitted:
+            self.counts[self.key] = held + 1
+        return self.admitted
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.admitted:
+            self.admitted = False
+            left = self.counts[self.key] - 1
+            if left:
+                self.counts[self.key] = left
+            else:
+                del self.counts[self.key]

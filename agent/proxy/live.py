@@ -27,11 +27,9 @@ policy could forbid, so it is left to end as HTTP connections do.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 from meshagent.agent.policy import authorization
@@ -90,12 +88,27 @@ def all_of(*checks: Check | None) -> Check:
     return check
 
 
-@dataclass(eq=False)
 class LiveConnection:
-    description: str  # "source -> destination:port", for the log line
-    check: Check
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    closed_by: Verdict | None = None  # set once policy ended it
+    """One open connection registered while inside (`LiveConnections.track`); a class, not a
+    generator context manager, as every open L4 connection holds one."""
+
+    __slots__ = ("_open", "check", "closed_by", "description", "scope")
+
+    def __init__(self, description: str, check: Check, registry: set[LiveConnection]) -> None:
+        self.description = description  # "source -> destination:port", for the log line
+        self.check = check
+        self.scope = trio.CancelScope()
+        self.closed_by: Verdict | None = None  # set once policy ended it
+        self._open = registry
+
+    def __enter__(self) -> LiveConnection:
+        self._open.add(self)
+        self.scope.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self._open.discard(self)
+        return self.scope.__exit__(*exc)
 
 
 class LiveConnections:
@@ -109,17 +122,10 @@ class LiveConnections:
     def __len__(self) -> int:
         return len(self._open)
 
-    @contextlib.contextmanager
-    def track(self, description: str, check: Check) -> Iterator[LiveConnection]:
+    def track(self, description: str, check: Check) -> LiveConnection:
         """Run the body (the relay) as a registered connection; a failed check cancels the
         body, which ends normally here (look at ``closed_by`` to tell)."""
-        conn = LiveConnection(description, check)
-        self._open.add(conn)
-        try:
-            with conn.scope:
-                yield conn
-        finally:
-            self._open.discard(conn)
+        return LiveConnection(description, check, self._open)
 
     def reevaluate(self, tables: Tables) -> list[Verdict]:
         """Check every open connection against ``tables``; cancel those that fail. Returns

@@ -66,7 +66,7 @@ Progress = Callable[[int, int], None]  # (sent, received) since the last report
 IDLE_RESOLUTION = 1.0
 
 
-@dataclass
+@dataclass(slots=True)  # one per open connection: no __dict__
 class RelayResult:
     sent: int = 0  # client -> upstream
     received: int = 0  # upstream -> client
@@ -126,9 +126,11 @@ class Pause:
     whole relay) only while that direction waits for its next bytes with its pipe empty; a
     direction that finds it requested between batches stops too. Nothing is made per wait."""
 
+    __slots__ = ("_parked", "_waiting", "requested")
+
     def __init__(self) -> None:
         self.requested = False
-        self._waiting: set[trio.CancelScope] = set()  # directions waiting for bytes now
+        self._waiting: list[trio.CancelScope] = []  # directions waiting for bytes now (<= 2)
         self._parked: _IdleWait | None = None  # the idle relay, parked in the watcher
 
     def request(self) -> None:
@@ -184,11 +186,11 @@ async def _readable(
     if pause.requested:
         return False
     assert stop is not None
-    pause._waiting.add(stop)
+    pause._waiting.append(stop)
     try:
         await trio.lowlevel.wait_readable(sock)
     finally:
-        pause._waiting.discard(stop)
+        pause._waiting.remove(stop)
     return True
 
 

@@ -196,7 +196,7 @@ async def test_an_idle_relay_pauses_at_once_and_relays_on_when_not_handed() -> N
         async with trio.open_nursery() as nursery:
             pause, result, relayed = _first_relay(nursery, client_side, upstream_side)
             await trio.testing.wait_all_tasks_blocked()
-            assert pause._waiting == set() and pause._parked is not None
+            assert pause._waiting == [] and pause._parked is not None
             pause.request()
             await relayed.wait()
             assert result.paused and result.done == (False, False)
