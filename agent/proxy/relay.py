@@ -50,8 +50,10 @@ from meshagent.agent.hbone.connection import TunnelStream
 
 CHUNK = 256 * 1024
 # How much one splice round moves at most: the pipe is grown to this (Linux's default
-# pipe-max-size; a smaller limit just leaves the pipe at what the kernel allows).
+# pipe-max-size; a smaller limit just leaves the pipe at what the kernel allows) once a round
+# filled the pipe's default size, so a short connection spends no system call on it.
 PIPE_SIZE = 1024 * 1024
+_DEFAULT_PIPE_SIZE = 64 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _CAN_SPLICE = hasattr(os, "splice")
@@ -168,11 +170,18 @@ async def _pipe(
         await dst.send_eof()
 
 
-def _new_pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+def _grow_pipe(w: int) -> None:
     with contextlib.suppress(OSError):  # EPERM above pipe-max-size: keep the default
         fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-    return r, w
+
+
+def _readable_now(fds: Sequence[int]) -> bool:
+    """Whether any of ``fds`` has bytes, an EOF or an error to read now (one poll(2)): a new
+    connection's first bytes are often there already, and need no trip through epoll."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 async def _readable(
@@ -218,9 +227,10 @@ async def _splice(
     pipe_r = pipe_w = -1
     try:
         # The pipe is made once the first byte is there, so that an idle connection holds none.
-        if not await _readable(src_sock, pause, stop):
+        if not _readable_now((src_fd,)) and not await _readable(src_sock, pause, stop):
             return False
-        pipe_r, pipe_w = _new_pipe()
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        grown = False
         while True:
             if pause is not None and pause.requested:
                 return False  # between batches: the pipe is empty
@@ -244,6 +254,9 @@ async def _splice(
                     continue
                 pending -= out
                 count(out)
+            if not grown and moved >= _DEFAULT_PIPE_SIZE:  # a bulk transfer: bigger rounds
+                _grow_pipe(pipe_w)
+                grown = True
             await trio.lowlevel.checkpoint()
     finally:
         for fd in (pipe_r, pipe_w):
@@ -338,7 +351,9 @@ async def _park(
 ) -> None:
     """Wait until a socket is readable, the tunnel has news or ``pause`` is requested; one
     bare trio wait."""
-    if tunnel is not None and tunnel.readable_now():
+    if (tunnel is not None and tunnel.readable_now()) or _readable_now(
+        [sock.fileno() for sock in socks]
+    ):
         await trio.lowlevel.checkpoint()
         return
     watcher = _watcher()
