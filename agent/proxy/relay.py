@@ -283,12 +283,18 @@ def _can_splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
 class _IdleWait:
     """One idle relay waiting: its task, its sockets' fds, and whether it was woken."""
 
-    __slots__ = ("fds", "task", "woken")
+    __slots__ = ("fds", "task", "watcher", "woken")
 
-    def __init__(self, task: trio.lowlevel.Task, fds: list[int]) -> None:
+    def __init__(self, watcher: _IdleWatcher, task: trio.lowlevel.Task, fds: list[int]) -> None:
+        self.watcher = watcher
         self.task = task
         self.fds = fds
         self.woken = False
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        """Cancelled while parked (a method, not a closure made per wait)."""
+        self.watcher.forget(self)
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _IdleWatcher:
@@ -351,25 +357,19 @@ async def _park(
 ) -> None:
     """Wait until a socket is readable, the tunnel has news or ``pause`` is requested; one
     bare trio wait."""
-    if (tunnel is not None and tunnel.readable_now()) or _readable_now(
-        [sock.fileno() for sock in socks]
-    ):
+    fds = [sock.fileno() for sock in socks]
+    if (tunnel is not None and tunnel.readable_now()) or _readable_now(fds):
         await trio.lowlevel.checkpoint()
         return
     watcher = _watcher()
-    wait = _IdleWait(trio.lowlevel.current_task(), [sock.fileno() for sock in socks])
+    wait = _IdleWait(watcher, trio.lowlevel.current_task(), fds)
     watcher.add(wait)
     if pause is not None:
         pause._parked = wait
-
-    def abort(_: object) -> trio.lowlevel.Abort:
-        watcher.forget(wait)
-        return trio.lowlevel.Abort.SUCCEEDED
-
     if tunnel is not None:
         tunnel.on_readable = lambda: watcher.wake(wait)
     try:
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(wait.abort)
     finally:
         if tunnel is not None:
             tunnel.on_readable = None
