@@ -13,11 +13,21 @@ HBONE's pattern (one reader task, one writer task, TLS 1.3, no renegotiation), n
 Reading never writes: TLS 1.3 post-handshake messages that need an answer (a KeyUpdate)
 leave it in the outgoing BIO, and it goes out ahead of the next write, which is what
 RFC 8446 section 4.6.3 asks for. So a reader can never block on a full send buffer.
+
+Reads allocate only what arrived: ciphertext is received into a buffer the stream keeps (an
+anonymous mapping, so only the pages a read reached are resident) and plaintext is taken in
+pieces no larger than the ciphertext waiting. A ``recv(256 KiB)`` allocates 256 KiB whatever
+comes, and under the workers' allocator (agent/workers/launch.py: buffers of 64 KiB and more
+are mmapped) each such call, even one that finds nothing, costs a map, an unmap and page
+faults: 20-50 µs against 2 µs, several times per small request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
+import operator
 import ssl
 
 import trio
@@ -60,6 +70,7 @@ class TlsStream(trio.abc.Stream):
         self._closed = False
         self._receiving = False
         self._sending = False
+        self._buffer: mmap.mmap | None = None  # ciphertext reads (SocketStream transports)
 
     # --- what callers ask the TLS session --------------------------------------------
 
@@ -125,17 +136,29 @@ class TlsStream(trio.abc.Stream):
             if done:
                 self._handshake_done = True
                 return
-            data = await self._receive_ciphertext()
-            if not data:
+            if not await self._receive_ciphertext():
                 exc = ssl.SSLEOFError("peer closed the connection during the TLS handshake")
                 raise self._break(exc, "TLS handshake failed") from exc
-            self._incoming.write(data)
 
-    async def _receive_ciphertext(self) -> bytes:
+    async def _receive_ciphertext(self) -> bool:
+        """Move what the transport has (waiting for some) into the incoming BIO; False at EOF."""
         try:
-            return await self.transport.receive_some(RECEIVE_SIZE)
+            if not isinstance(self.transport, trio.SocketStream):
+                data = await self.transport.receive_some(RECEIVE_SIZE)
+                self._incoming.write(data)
+                return bool(data)
+            if self._buffer is None:
+                self._buffer = mmap.mmap(-1, RECEIVE_SIZE)
+            count = await self.transport.socket.recv_into(self._buffer)
         except trio.BrokenResourceError as exc:
             raise self._break(exc.__cause__ or exc, "transport failed") from exc
+        except OSError as exc:  # as trio.SocketStream.receive_some sorts them
+            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise self._break(exc, "transport failed") from exc
+        with memoryview(self._buffer) as view, view[:count] as received:
+            self._incoming.write(received)
+        return count > 0
 
     # --- trio.abc.Stream -----------------------------------------------------------------
 
@@ -145,7 +168,10 @@ class TlsStream(trio.abc.Stream):
         total = 0
         try:
             while total < limit:
-                chunk = self.ssl_object.read(limit - total)
+                # A record's plaintext is never longer than its ciphertext: asking for no more
+                # than what waits keeps each read's allocation to what it returns.
+                waiting = self._incoming.pending + self.ssl_object.pending()
+                chunk = self.ssl_object.read(max(1, min(limit - total, waiting)))
                 if not chunk:  # close_notify (Python returns b"" for a clean shutdown)
                     self._eof = True
                     break
@@ -165,7 +191,7 @@ class TlsStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is reading this TLS stream")
-        limit = RECEIVE_SIZE if max_bytes is None else max_bytes
+        limit = RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
         if limit < 1:
             raise ValueError("max_bytes must be >= 1")
         self._receiving = True
@@ -182,10 +208,7 @@ class TlsStream(trio.abc.Stream):
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 if self._eof:
                     continue
-                data = await self._receive_ciphertext()
-                if data:
-                    self._incoming.write(data)
-                else:
+                if not await self._receive_ciphertext():
                     self._incoming.write_eof()  # the next read says whether it was clean
         finally:
             self._receiving = False

@@ -1,9 +1,11 @@
-"""HBONE TLS contexts, checked with real handshakes over in-memory BIOs (no sockets)."""
+"""HBONE TLS contexts, checked with real handshakes over in-memory BIOs; the TLS stream over
+in-memory streams and a local socket pair."""
 
 from __future__ import annotations
 
 import contextlib
 import ssl
+import tracemalloc
 from functools import partial
 
 import pytest
@@ -210,6 +212,44 @@ async def test_tls_stream_meets_trios_two_way_stream_contract(ca, leaves):
         partial(_tls_pair, ca, leaves, trio.testing.memory_stream_pair),
         partial(_tls_pair, ca, leaves, trio.testing.lockstep_stream_pair),
     )
+
+
+def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def test_tls_stream_over_a_socket_meets_trios_two_way_stream_contract(ca, leaves):
+    # Over a socket the stream reads ciphertext into a buffer of its own, not receive_some.
+    await trio.testing.check_two_way_stream(partial(_tls_pair, ca, leaves, _socket_pair), None)
+
+
+async def test_tls_stream_over_a_socket_reads_what_arrived_without_allocating_a_whole_read(
+    ca, leaves
+):
+    client, server = await _tls_pair(ca, leaves, _socket_pair)
+    for size in (1, 100, 3000):
+        await client.send_all(b"q" * size)
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            got = await server.receive_some()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got == b"q" * size
+        # A 256 KiB read used to allocate 256 KiB (twice: socket and TLS), whatever came.
+        assert peak < 32 * 1024, f"receiving {size} bytes allocated {peak} bytes at the peak"
+    payload = bytes(range(256)) * 12_289  # ~3 MiB: many socket reads, records cut anywhere
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await server.receive_some()
+    assert received == payload
+    await client.aclose()
+    assert await server.receive_some() == b""  # close_notify is a clean EOF
+    await server.aclose()
 
 
 async def test_tls_stream_hands_over_every_buffered_record_in_one_read(ca, leaves):
