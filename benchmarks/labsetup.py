@@ -50,7 +50,15 @@ LEVEL_PATHS = (
 PATH_NAMES = BASE_PATHS + LEVEL_PATHS
 HTTP1_SCENARIOS = frozenset(("http-c1", "http-c16", "http-fixed-rate", "new-connections"))
 LEVEL_TIMEOUT = 30.0  # s: the node agent's status shows each level path's level in force
-NGINX_PREFIXES = ("nginx-plain", "nginx-remote", "nginx-local")
+NGINX_PREFIXES = (
+    "nginx-plain",
+    "nginx-remote",
+    "nginx-local",
+    "nginx-remote-full",
+    "nginx-remote-l4",
+    "nginx-local-full",
+    "nginx-local-l4",
+)
 
 
 class LabBusy(RuntimeError):

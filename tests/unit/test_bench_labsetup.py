@@ -101,23 +101,46 @@ def test_lab_up_output_must_match_the_plan():
         labsetup.check_ips("  bench-plain/http   node-2   10.1.2.99\n", planned)
 
 
-def test_level_paths_reach_the_same_servers_through_services_forcing_their_level():
-    """Issue 18: mesh-*-full and mesh-*-l4 dial Services of their own in front of the base path's
-    nginx, annotated with the level (the `full` ones also routed by a VirtualService), and run
-    the HTTP/1.1 scenarios only."""
+def test_level_paths_reach_the_same_server_through_services_forcing_their_level():
+    """Issue 18: mesh-*-full and mesh-*-l4 dial Services of their own, annotated with the level
+    (the `full` ones also routed by a VirtualService), in front of pods of their own running the
+    base path's nginx on the base path's node, and run the HTTP/1.1 scenarios only. Pods of
+    their own: a pod port behind several Services gets the highest of their levels on the
+    destination's node, so a shared server would be measured at `full` there for every level."""
     objects = _objects()
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     routes = {o["metadata"]["name"]: o for o in objects if o["kind"] == "VirtualService"}
+    pods = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
     paths = labsetup.bench_paths(labsetup.plan_ips(objects))
     assert set(labsetup.LEVEL_PATHS) <= set(paths)
+
+    def servers(svc: dict) -> list[dict]:
+        selector = svc["spec"]["selector"].items()
+        return [p for p in pods.values() if selector <= p["metadata"]["labels"].items()]
+
+    def nginx(pod: dict) -> tuple[str, list[str]]:
+        (container,) = pod["spec"]["containers"]
+        command = list(container["command"])
+        prefix = command.index("-p") + 1
+        command[prefix] = "<prefix>"
+        return pod["spec"]["nodeName"], command
+
+    prefixes = set()
     for base in ("mesh-same-node", "mesh-cross-node"):
-        server = services[paths[base].http[0].split(".")[0]]["spec"]["selector"]
+        (base_server,) = servers(services[paths[base].http[0].split(".")[0]])
         for level, annotation in (("full", "full"), ("l4", "off")):
             path = paths[f"{base}-{level}"]
             svc_name, namespace = path.http[0].split(".")
             svc = services[svc_name]
             assert namespace == "bench-mesh" and path.level == (svc_name, level)
-            assert svc["spec"]["selector"] == server
+            (server,) = servers(svc)
+            assert server is not base_server and nginx(server) == nginx(base_server)
+            command = server["spec"]["containers"][0]["command"]
+            prefixes.add(command[command.index("-p") + 1])
+            others = [
+                s for name, s in services.items() if name != svc_name and server in servers(s)
+            ]
+            assert others == []  # its level alone applies on the server's node
             assert svc["metadata"]["annotations"] == {"meshagent.io/l7": annotation}
             assert {"name": "http", "port": 8080, "targetPort": 8080} in svc["spec"]["ports"]
             assert path.proxies == paths[base].proxies
@@ -129,6 +152,11 @@ def test_level_paths_reach_the_same_servers_through_services_forcing_their_level
             else:
                 assert svc_name not in routes
         assert paths[base].runs("tcp-1") and paths[base].level is None
+        base_services = [name for name, s in services.items() if base_server in servers(s)]
+        assert base_services == [paths[base].http[0].split(".")[0]]  # `observe` alone there
+    # each nginx has a prefix (pid file, logs) of its own, which the run folder makes
+    assert {p.rsplit("/", 1)[1] for p in prefixes} <= set(labsetup.NGINX_PREFIXES)
+    assert len(prefixes) == 4
 
 
 def test_levels_in_force_waits_for_the_level_paths_and_names_those_never_shown(monkeypatch):
