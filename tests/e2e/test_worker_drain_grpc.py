@@ -16,8 +16,8 @@ a few calls failed as "connection termination" resets and one request lost its m
 UNAVAILABLE "connection termination", and 1 in ~10,000 that got its DATA but never its
 trailers, DEADLINE_EXCEEDED, even with no worker replaced) were frames lost by the HTTP/2
 engine: a flush whose task was cancelled (a request pump, once its call's response ended) took
-every stream's queued frames with it (H2Peer._send). A failure shows every failed call with its
-time and each step's.
+every stream's queued frames with it (H2Peer._send). A failure, a step's too, shows every failed
+call with its time and each step's.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def test_busy_grpc_channels_lose_no_call_while_workers_are_replaced_and_an_agent
     def step(what: str) -> None:
         steps.append(f"{time.time():.3f} {what}")
 
+    failed_step: Exception | None = None
     try:
         _calls_go_on("before any replacement")
         for round_ in range(1, ROUNDS + 1):
@@ -137,6 +138,9 @@ def test_busy_grpc_channels_lose_no_call_while_workers_are_replaced_and_an_agent
         step("upgraded")
         _calls_go_on("after node-2's agent was upgraded")
         step("done")
+    except Exception as exc:
+        failed_step = exc
+        raise
     finally:
         stop.touch()
         for service, proc in clients.items():
@@ -147,7 +151,9 @@ def test_busy_grpc_channels_lose_no_call_while_workers_are_replaced_and_an_agent
                 out, err = proc.communicate()
             lines = out.strip().splitlines()
             results[service] = json.loads(lines[-1]) if lines else {"error": err[-2000:]}
-    seen = json.dumps({"steps": steps, "results": results}, indent=1)
+        seen = json.dumps({"steps": steps, "results": results}, indent=1)
+        if failed_step is not None:  # a step failed: its error shows the calls until then too
+            failed_step.add_note(f"steps and calls until then: {seen}")
     for service, result in results.items():
         assert result.get("ok", {}).get(service, 0) > 0, seen
-        assert result["failed"] == {}, seen
+        assert result.get("failed") == {}, seen
