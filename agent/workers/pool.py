@@ -1,16 +1,15 @@
 """The agent's side of its proxy workers: start them, feed them, watch them, restart them,
-and replace one that a burst left grown (recycle.py), which hands its plain same-node relays to its
-replacement (agent/proxy/handoff.py).
+and replace one that a burst left grown (recycle.py), which hands its plain same-node relays
+to its replacement (agent/proxy/handoff.py).
 
 Each worker is a child of the fork server (launch.py) with a private socket pair to the
 agent. The agent sends the snapshot (whole to a new worker, then each delta the agent
 applied, which the worker applies to its own view; each encoded once for all), every
-certificate change and
-accept/stop and drain; a worker that exits unasked is started again (with a back-off) and fed
-the current state. A slot's worker that grew is replaced: a fresh one is forked for the slot,
-and once it listens the old one drains (it serves what it holds, then exits).
-`WorkerPool` offers the agent what a `DataPlane` in its own process does: serve, accept
-on/off, drain, open connections and status.
+certificate change and accept/stop and drain; a worker that exits unasked is started again
+(with a back-off) and fed the current state. A slot's worker that grew is replaced: a fresh
+one is forked for the slot, and once it listens the old one drains (it serves what it holds,
+then exits). `WorkerPool` offers the agent what a `DataPlane` in its own process does:
+serve, accept on/off, drain, open connections and status.
 """
 
 from __future__ import annotations

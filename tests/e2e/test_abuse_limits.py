@@ -177,34 +177,21 @@ def _settled(lab) -> None:
     )
 
 
-def test_a_slowloris_gets_408_after_the_header_timeout_while_others_are_served(lab):
-    counted = _refused("header_timeout")
-    slow = _flood("abl/slow", "slowloris", *TARGET)
-    try:
-        for _ in range(5):  # served while the slowloris trickles
-            assert lab.curl("abl/client", URL)[0] == "200"
-    finally:
-        result = _result(slow, timeout=90)
-    assert result["status_line"].startswith("HTTP/1.1 408 "), result
-    assert "request header timeout" in result["body"], result
-    wait_until(lambda: _refused("header_timeout"), lambda n: n == counted + 1, what="408 counted")
-
-
-def test_a_slowloris_at_the_default_observe_level_gets_408_while_others_are_served(lab):
-    """The Service `webobs` has no level of its own: `observe`, the bytes relayed while the
-    observer watches; the proxy still answers 408 on the engine's header timeout (the pod,
-    nginx, would wait 60 s) and counts it as the engine does."""
-    target = ("webobs.abl", "8080")
+def _a_slowloris_gets_408(lab, service: str, level: str) -> None:
+    """Once node-1's status shows `service`'s port 8080 at `level`: a slowloris to it gets
+    408 (counted) after the header timeout, another pod is served meanwhile and after."""
+    target = (f"{service}.abl", "8080")
     url = f"http://{target[0]}:{target[1]}/"
     wait_until(
         lambda: [
             p.get("l7")
             for svc in lab.status("node-1")["services"]
-            if (svc["namespace"], svc["name"]) == ("abl", "webobs")
+            if (svc["namespace"], svc["name"]) == ("abl", service)
             for p in svc["ports"]
+            if p["port"] == 8080
         ],
-        lambda levels: levels == ["observe"],
-        what="node-1's status shows webobs at observe",
+        lambda levels: levels == [level],
+        what=f"node-1's status shows {service}:8080 at {level}",
         timeout=30,
     )
     counted = _refused("header_timeout")
@@ -218,6 +205,18 @@ def test_a_slowloris_at_the_default_observe_level_gets_408_while_others_are_serv
     assert "request header timeout" in result["body"], result
     wait_until(lambda: _refused("header_timeout"), lambda n: n == counted + 1, what="408 counted")
     assert lab.curl("abl/client", url)[0] == "200"
+
+
+def test_a_slowloris_gets_408_after_the_header_timeout_while_others_are_served(lab):
+    """`web` is at `full`: the HTTP engine answers 408 itself."""
+    _a_slowloris_gets_408(lab, "web", "full")
+
+
+def test_a_slowloris_at_the_default_observe_level_gets_408_while_others_are_served(lab):
+    """The Service `webobs` has no level of its own: `observe`, the bytes relayed while the
+    observer watches; the proxy still answers 408 on the engine's header timeout (the pod,
+    nginx, would wait 60 s) and counts it as the engine does."""
+    _a_slowloris_gets_408(lab, "webobs", "observe")
 
 
 def test_garbage_is_answered_400_closed_and_counted_and_the_proxy_serves_on(lab):
