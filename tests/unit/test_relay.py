@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import tracemalloc
 
 import pytest
 import trio
@@ -378,3 +379,39 @@ async def test_a_tap_sees_every_byte_both_ways_and_the_relay_moves_them_unchange
     assert (result.sent, result.received) == (len(up), len(down))
     for stream in (client_app, client_side, upstream_side, server_app):
         await stream.aclose()
+
+
+async def test_small_messages_through_the_generic_path_are_read_without_256_kib_buffers():
+    # A socket read allocates what it asks for (a map and unmap per call at 64 KiB and more
+    # under the workers' allocator): small messages must not be read with CHUNK.
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    peaks = []
+
+    async def exchange() -> None:
+        for i in range(20):
+            message = b"ping %d " % i + b"x" * 90
+            tracemalloc.start()
+            try:
+                await app.send_all(message)
+                got = b""
+                while len(got) < len(message):
+                    got += await server.receive_some(1024)
+                await server.send_all(got.upper())
+                back = b""
+                while len(back) < len(message):
+                    back += await app.receive_some(1024)
+                peaks.append(tracemalloc.get_traced_memory()[1])
+            finally:
+                tracemalloc.stop()
+            assert back == message.upper()
+        await app.send_eof()
+        await server.send_eof()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, _Wrapped(client_side), upstream_side)
+            await exchange()
+    assert max(peaks[1:]) < relay_mod.CHUNK // 4, peaks
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()
