@@ -717,3 +717,95 @@ async def test_a_connection_closing_with_goaway_takes_no_new_stream_meanwhile():
             assert len(servers) == 2
             upstreams.done(second, cluster)
             nursery.cancel_scope.cancel()
+
+
+class _Writes(trio.abc.Stream):
+    """A stream that keeps the bytes of each `send_all` on it: the engine's writes, one by one."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data) -> None:
+        self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _one_write_server(stream) -> None:
+    """An h2c endpoint that writes each whole response (HEADERS, then DATA with END_STREAM)
+    in one send, as a server answering a small request does."""
+    conn = h2wire.new_connection(client_side=False)
+    await stream.send_all(conn.data_to_send())
+    while data := await stream.receive_some(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                conn.send_headers(event.stream_id, [(b":status", b"200")])
+                conn.send_data(event.stream_id, b"hello", end_stream=True)
+        await stream.send_all(conn.data_to_send())
+
+
+def _frames(data: bytes) -> list[tuple[str, list[str]]]:
+    """The frames in `data`: (type, flags)."""
+    frames = []
+    while data:
+        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append((type(frame).__name__, sorted(frame.flags)))
+        data = data[9 + length :]
+    return frames
+
+
+async def test_a_response_that_came_in_one_read_goes_to_the_client_in_one_write():
+    """The engine relays what one upstream read brought in one write to the client (a send
+    per frame cost a syscall and a scheduler round trip each), the end of the stream on the
+    last DATA frame rather than in an empty one of its own."""
+    async with trio.open_nursery() as nursery:
+
+        async def connect(endpoint, port, _spec=None):
+            near, far = memory_stream_pair()
+            nursery.start_soon(_one_write_server, far)
+            return near
+
+        client_end, proxy_end = memory_stream_pair()
+        engine_side = _Writes(proxy_end)
+        records: list[RequestRecord] = []
+        ctx = HttpContext(
+            routes=lambda: _routes("10.1.0.1"),
+            clusters=Clusters(),
+            pool=None,
+            connect=connect,
+            on_request_done=records.append,
+            peer="10.0.0.9",
+        )
+        nursery.start_soon(proxy_http2, engine_side, ctx)
+        client = H2Peer(client_end, h2wire.new_connection(client_side=True))
+        nursery.start_soon(client.run, lambda event: False)
+        head = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+        head.append((b":authority", HOST.encode()))
+        for attempt in range(2):  # the first one also opens the upstream connection
+            await trio.testing.wait_all_tasks_blocked()
+            before = len(engine_side.writes)
+            sid = client.conn.get_next_available_stream_id()
+            inbox = client.open_inbox(sid)
+            await client.send_headers(sid, head, end=True)
+            events = []
+            while not isinstance(event := await inbox.receive.receive(), h2.events.StreamEnded):
+                events.append(event)
+            assert [type(e).__name__ for e in events] == ["ResponseReceived", "DataReceived"]
+            assert events[1].data == b"hello"
+            await trio.testing.wait_all_tasks_blocked()
+            writes = engine_side.writes[before:]
+            assert [_frames(w) for w in writes] == [
+                [("HeadersFrame", ["END_HEADERS"]), ("DataFrame", ["END_STREAM"])]
+            ], attempt
+        assert [(r.status, r.bytes_sent) for r in records] == [(200, 5), (200, 5)]
+        nursery.cancel_scope.cancel()

@@ -161,11 +161,39 @@ class _Body:
 class H2Inbox:
     """Events for one stream, in order, from the connection's reader to the stream's task."""
 
-    __slots__ = ("receive", "reset", "send")
+    __slots__ = ("ended", "receive", "reset", "send")
 
     def __init__(self) -> None:
         self.send, self.receive = trio.open_memory_channel[h2.events.Event | None](math.inf)
         self.reset: int | None = None  # the error code when the peer reset the stream
+        self.ended = False  # the connection's end (None) was taken by `ready`
+
+    def ready(self) -> h2.events.Event | None:
+        """The next event if one is already here, else None (`next` returns None again
+        when that was the connection's end)."""
+        if self.ended:
+            return None
+        try:
+            event = self.receive.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        self.ended = event is None
+        return event
+
+    async def next(self, send: H2Peer, acks: H2Peer) -> h2.events.Event | None:
+        """The next event. Before waiting for one, what this stream queued goes out: `send`'s
+        frames (StreamGone if they cannot), then `acks`' (the WINDOW_UPDATEs for what was
+        sent, best effort): a batch of frames per read rather than a send per frame."""
+        if self.ended:
+            return None
+        try:
+            return self.receive.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        await send.flush()
+        with contextlib.suppress(StreamGone):
+            await acks.flush()
+        return await self.receive.receive()
 
 
 class H2Peer:
@@ -272,17 +300,41 @@ class H2Peer:
         with contextlib.suppress(*H2_ERRORS):
             self.conn.reset_stream(stream_id, code)
 
-    async def send_headers(
+    def queue_headers(
         self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool = False
     ) -> None:
+        """HEADERS into h2's queue; the caller's next `flush` sends them."""
         try:
             self.conn.send_headers(stream_id, headers, end_stream=end)
         except H2_ERRORS as exc:
             raise StreamGone from exc
+
+    async def send_headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool = False
+    ) -> None:
+        self.queue_headers(stream_id, headers, end)
         await self.flush()
 
-    async def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        """Send `data` as the stream's and the connection's send windows allow."""
+    async def send_data(
+        self,
+        stream_id: int,
+        data: bytes,
+        end: bool = False,
+        *,
+        flush: bool = True,
+        acks: H2Peer | None = None,
+    ) -> None:
+        """Send `data` as the stream's and the connection's send windows allow, END_STREAM on
+        its last frame when `end`. `flush=False` leaves what fits the windows queued for the
+        caller's next `flush` (a batch of a stream's frames in one send: each flush is a
+        scheduler round trip and a send syscall); it still flushes before waiting for window,
+        which the peer opens only for what it received, and then flushes `acks` too (the
+        other side's connection: WINDOW_UPDATEs queued for what this stream relayed, which
+        the other peer may be waiting for before it reads what blocks us). A body is taken in
+        as many frames as the windows and the frame size allow, and sent at once."""
+        if not data and end:
+            await self.end(stream_id, flush=flush)
+            return
         pos = 0
         while pos < len(data):
             inbox = self.inboxes.get(stream_id)
@@ -293,24 +345,30 @@ class H2Peer:
             except H2_ERRORS as exc:
                 raise StreamGone from exc
             if window <= 0:
-                await self._window.wait()
+                opened = self._window  # taken before the flushes yield: a wake meanwhile counts
+                await self.flush()
+                if acks is not None:
+                    with contextlib.suppress(StreamGone):
+                        await acks.flush()
+                await opened.wait()
                 continue
             size = min(window, len(data) - pos, self.conn.max_outbound_frame_size)
+            last = pos + size >= len(data)
             try:
-                self.conn.send_data(stream_id, data[pos : pos + size])
+                self.conn.send_data(stream_id, data[pos : pos + size], end_stream=end and last)
             except H2_ERRORS as exc:
                 raise StreamGone from exc
             pos += size
+        if flush:
             await self.flush()
-        if end:
-            await self.end(stream_id)
 
-    async def end(self, stream_id: int) -> None:
+    async def end(self, stream_id: int, *, flush: bool = True) -> None:
         try:
             self.conn.end_stream(stream_id)
         except H2_ERRORS as exc:
             raise StreamGone from exc
-        await self.flush()
+        if flush:
+            await self.flush()
 
     def dispatch(self, event: h2.events.Event) -> None:
         """Route a received event to its stream's inbox (the events both sides share)."""
@@ -1051,7 +1109,8 @@ class _Session:
                     )
                 try:
                     with head_wait:
-                        await peer.flush()
+                        if bodyless:  # else _pump_request sends the HEADERS with the body
+                            await peer.flush()
                         finished = await self._pump_response(
                             up_inbox,
                             peer,
@@ -1105,20 +1164,25 @@ class _Session:
         body: _Body,
     ) -> None:
         """Request DATA and trailers from the client to the upstream stream: first what an
-        earlier attempt kept, then what comes (kept too, up to the retry buffer limit)."""
+        earlier attempt kept, then what comes (kept too, up to the retry buffer limit). What
+        came in one read goes upstream in one send (with the request's HEADERS, which
+        `_exchange` queued), the END_STREAM flag on the last DATA frame when the end came
+        with it."""
         down = self.down
         try:
             for chunk in list(body.chunks):
-                await peer.send_data(up_id, chunk)
+                await peer.send_data(up_id, chunk, flush=False)
             if body.complete:
                 if body.trailers is not None:
-                    await peer.send_headers(up_id, body.trailers, True)
+                    peer.queue_headers(up_id, body.trailers, True)
                 else:
-                    await peer.end(up_id)
+                    await peer.end(up_id, flush=False)
+                await peer.flush()
                 return
             limit = self.ctx.settings.retry_buffer_limit
+            held: h2.events.Event | None = None
             while True:
-                event = await inbox.receive.receive()
+                event, held = held or await inbox.next(peer, down), None
                 if event is None or isinstance(event, h2.events.StreamReset):
                     return  # the session cancels this stream
                 if isinstance(event, h2.events.DataReceived):
@@ -1127,18 +1191,24 @@ class _Session:
                         record.request_messages.feed(event.data)
                     body.keep(event.data, limit)
                     down.ack(stream_id, event.flow_controlled_length)
-                    with contextlib.suppress(StreamGone):
-                        await down.flush()
-                    await peer.send_data(up_id, event.data)
+                    held = inbox.ready()
+                    if isinstance(held, h2.events.StreamEnded):
+                        body.complete = True
+                        await peer.send_data(up_id, event.data, end=True, flush=False, acks=down)
+                        break
+                    await peer.send_data(up_id, event.data, flush=False, acks=down)
                 elif isinstance(event, h2.events.TrailersReceived):
                     body.trailers = h2wire.response_headers(event.headers)
                     body.complete = True
-                    await peer.send_headers(up_id, body.trailers, True)
-                    return
+                    peer.queue_headers(up_id, body.trailers, True)
+                    break
                 elif isinstance(event, h2.events.StreamEnded):
                     body.complete = True
-                    await peer.end(up_id)
-                    return
+                    await peer.end(up_id, flush=False)
+                    break
+            await peer.flush()
+            with contextlib.suppress(StreamGone):
+                await down.flush()
         except StreamGone:
             return
 
@@ -1157,15 +1227,19 @@ class _Session:
         """The upstream's response to the client. Returns True when it completed; raises
         _Retry (nothing sent yet) for a response `policy` retries, StreamGone (after the head was
         sent: the caller resets) when either side broke off. `head_wait` (the per-try
-        timeout) is disarmed once a response head arrives."""
+        timeout) is disarmed once a response head arrives. What came in one read (a small
+        response's HEADERS, DATA and end; a gRPC call's HEADERS, message and trailers) goes to
+        the client in one send, END_STREAM on the last DATA frame when the end came with it;
+        the upstream's WINDOW_UPDATEs follow what they acknowledge."""
         down = self.down
         ended = False
+        held: h2.events.Event | None = None
         while True:
-            event = await inbox.receive.receive()
+            event, held = held or await inbox.next(down, peer), None
             if event is None or isinstance(event, h2.events.StreamReset):
                 raise StreamGone
             if isinstance(event, h2.events.InformationalResponseReceived):
-                await down.send_headers(stream_id, h2wire.response_headers(event.headers))
+                down.queue_headers(stream_id, h2wire.response_headers(event.headers))
             elif isinstance(event, h2.events.ResponseReceived):
                 if head_wait is not None:
                     head_wait.deadline = math.inf
@@ -1183,22 +1257,28 @@ class _Session:
                     and (slot is None or slot.take())  # maxRetries
                 ):
                     raise _Retry
-                await down.send_headers(stream_id, headers, end=ended)
+                down.queue_headers(stream_id, headers, end=ended)
             elif isinstance(event, h2.events.DataReceived):
-                await down.send_data(stream_id, event.data)
+                held = inbox.ready()
+                last = isinstance(held, h2.events.StreamEnded)
+                await down.send_data(stream_id, event.data, end=last, flush=False, acks=peer)
                 record.bytes_sent += len(event.data)
                 if record.response_messages is not None:
                     record.response_messages.feed(event.data)
                 peer.ack(up_id, event.flow_controlled_length)
-                with contextlib.suppress(StreamGone):
-                    await peer.flush()
+                if last:
+                    break
             elif isinstance(event, h2.events.TrailersReceived):
                 trailers = h2wire.response_headers(event.headers)
                 if record.grpc:
                     record.grpc_status = h2wire.grpc_status_of(trailers)
-                await down.send_headers(stream_id, trailers, end=True)
+                down.queue_headers(stream_id, trailers, end=True)
                 ended = True
             elif isinstance(event, h2.events.StreamEnded):
                 if not ended:
-                    await down.end(stream_id)
-                return True
+                    await down.end(stream_id, flush=False)
+                break
+        await down.flush()
+        with contextlib.suppress(StreamGone):
+            await peer.flush()
+        return True
