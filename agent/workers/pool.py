@@ -252,6 +252,9 @@ class WorkerPool:
                 w.current, w.recycle = process, trio.Event()
                 nursery.start_soon(self._run_once, w, process, launched)
                 if replaced is not None:
+                    # retiring from this step on: no status read or memory watch sees the old
+                    # one in neither list while its _retire task waits to be scheduled
+                    w.retiring.append(replaced)
                     nursery.start_soon(self._retire, w, replaced, process)
                 async with trio.open_nursery() as either:  # it exits, or it is to be replaced
                     either.start_soon(_set_then_cancel, process.exited, either.cancel_scope)
@@ -314,9 +317,9 @@ class WorkerPool:
             p.exited.set()
 
     async def _retire(self, w: _Worker, old: _Process, new: _Process) -> None:
-        """``old`` drains once ``new`` listens in its slot (or has died trying: the slot is
-        then started again as after any exit, and ``old`` drains all the same)."""
-        w.retiring.append(old)
+        """``old`` (already in ``w.retiring``) drains once ``new`` listens in its slot (or has
+        died trying: the slot is then started again as after any exit, and ``old`` drains all
+        the same)."""
         try:
             async with trio.open_nursery() as either:
                 either.start_soon(_set_then_cancel, new.ready, either.cancel_scope)
