@@ -529,9 +529,9 @@ async def test_killed_backend_costs_no_request_after_it_is_gone():
             "retries": {"attempts": 2, "retryOn": "connect-failure,reset"},
         }
     )
-    failures: list[tuple[float, int]] = []
+    answers: list[tuple[float, int]] = []  # (when the request started, its status)
     killed_at = math.inf
-    with trio.fail_after(15):
+    with trio.fail_after(60):  # a bound for a hang only: a loaded machine is slow
         async with open_mesh(backends, [vs]) as mesh:
 
             async def load() -> None:
@@ -543,19 +543,21 @@ async def test_killed_backend_costs_no_request_after_it_is_gone():
                         except (h11.RemoteProtocolError, trio.BrokenResourceError):
                             status = 0  # a response cut short (the backend died under it)
                             await client.close()
-                        if status != 200:
-                            failures.append((started, status))
+                        answers.append((started, status))
                         await trio.sleep(0.001)
 
             async with trio.open_nursery() as nursery:
                 for _ in range(4):
                     nursery.start_soon(load)
-                await trio.sleep(0.15)
+                # Killed once it has served a few (not after a fixed 0.15 s: on a loaded
+                # machine that passed before it served any), with most requests still to come.
+                await await_until(lambda: backends[1].served, lambda n: n >= 3, what="b serves")
                 backends[1].kill()
                 killed_at = trio.current_time()
-    assert backends[1].served > 0
-    assert [f for f in failures if f[0] > killed_at] == []
-    assert len(mesh.records) == 600
+    after = [status for started, status in answers if started > killed_at]
+    assert len(after) > 300  # the test is about these
+    assert [s for s in after if s != 200] == []
+    assert len(answers) == len(mesh.records) == 600
 
 
 async def test_route_timeout_gives_504_in_time():
