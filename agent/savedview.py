@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshagent.common.failmode import DEFAULT_FAIL_MODE
-from meshagent.common.l7 import level_of
+from meshagent.common.l7 import level_of, pods_level_of
 
 if TYPE_CHECKING:
     from meshagent.agent.policy.peerauth import MtlsPolicy
@@ -70,6 +70,28 @@ class SavedView:
         return cls(str(doc["version"]), pods, services)
 
 
+def _port(svc: dict[str, Any], port: dict[str, Any], levels: Mapping[str, str]) -> dict[str, Any]:
+    """A Service port as status shows it: its level in force, and its pods' where lower."""
+    where = (
+        levels,
+        svc["namespace"],
+        svc["name"],
+        port["port"],
+        port.get("name", ""),
+        port.get("app_protocol"),
+        port.get("protocol", "TCP"),
+    )
+    shown = {
+        "name": port.get("name", ""),
+        "port": port["port"],
+        "protocol": port.get("protocol", "TCP"),
+        "l7": level_of(*where),
+    }
+    if (at_pods := pods_level_of(*where)) != shown["l7"]:
+        shown["l7_pods"] = at_pods
+    return shown
+
+
 def _services(services: list[dict[str, Any]], levels: Mapping[str, str]) -> list[dict[str, Any]]:
     """Each Service with the endpoints the proxy balances over, as the report has them, and
     each port's L7 level in force (common/l7.py: the snapshot's mark, else the default)."""
@@ -78,23 +100,7 @@ def _services(services: list[dict[str, Any]], levels: Mapping[str, str]) -> list
             "namespace": svc["namespace"],
             "name": svc["name"],
             "vips": list(svc["vips"]),
-            "ports": [
-                {
-                    "name": p.get("name", ""),
-                    "port": p["port"],
-                    "protocol": p.get("protocol", "TCP"),
-                    "l7": level_of(
-                        levels,
-                        svc["namespace"],
-                        svc["name"],
-                        p["port"],
-                        p.get("name", ""),
-                        p.get("app_protocol"),
-                        p.get("protocol", "TCP"),
-                    ),
-                }
-                for p in svc["ports"]
-            ],
+            "ports": [_port(svc, p, levels) for p in svc["ports"]],
             "endpoints": [
                 {
                     "ip": e["ip"],

@@ -35,7 +35,9 @@ knows and it is down):
   ``recent_denials``;
 - ``services``: the snapshot in force's Services, as the proxy balances them (``namespace``,
   ``name``, ``vips``, ``ports`` (each with ``l7``, its L7 level in force: ``l4``, ``observe``
-  or ``full``; the screen's PORTS column shows ``80/observe``), ``endpoints`` with ``ip``,
+  or ``full``, and ``l7_pods`` where its pods' own node serves them lower, as it does a Service
+  `full` only for its routes; the screen's PORTS column shows ``80/observe`` and
+  ``80/full(pods:observe)``), ``endpoints`` with ``ip``,
   ``node`` and ``ports``): what
   ``istioctl proxy-config endpoints`` shows, and what answers "why does this connection still
   reach a pod that is gone" while the controller is away.
@@ -664,12 +666,17 @@ def render(
     return "\n".join(lines)
 
 
+def _port_level(port: dict[str, Any]) -> str:
+    pods = f"(pods:{port['l7_pods']})" if port.get("l7_pods") else ""
+    return f"{port['port']}/{port.get('l7', '-')}{pods}"
+
+
 def _services_section(services: list[dict[str, Any]]) -> list[str]:
     rows = [
         (
             f"{svc['namespace']}/{svc['name']}",
             ",".join(svc["vips"]) or "-",
-            ",".join(f"{p['port']}/{p.get('l7', '-')}" for p in svc["ports"]) or "-",
+            ",".join(_port_level(p) for p in svc["ports"]) or "-",
             f"{e['ip']}" if e else "(none)",
             e["node"] if e else "",
         )

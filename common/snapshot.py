@@ -28,6 +28,12 @@ def level_key(namespace: str, name: str, port: int) -> str:
     return f"{namespace}/{name}:{port}"
 
 
+def pods_level_key(namespace: str, name: str, port: int) -> str:
+    """The key, in `Snapshot.l7_levels`, of the level a Service port's pods are served at by
+    their own node's proxy, where it is lower than the port's (common/l7.py)."""
+    return f"{level_key(namespace, name, port)}@pods"
+
+
 class _Model(BaseModel):
     # Unknown fields are ignored, not refused: during an upgrade an agent one version behind
     # the controller (or ahead of it) must still take its snapshots and serve what it knows.
@@ -165,6 +171,9 @@ class Snapshot(_Model):
     local_workloads: list[Workload] = Field(default_factory=list)
     # The L7 level of each Service port (`level_key`). A port without one (a snapshot from a
     # controller older than the field) is served as before: `full` on HTTP ports, else `l4`.
+    # Beside it, under `pods_level_key`, the level its pods' own node serves them at where that
+    # is lower (only the source decides per request: a VirtualService, a DestinationRule); an
+    # agent that predates those keys looks up none of them and serves the pods as before.
     l7_levels: dict[str, L7Level] = Field(default_factory=dict)
 
     def all_workloads(self) -> list[Workload]:

@@ -19,6 +19,12 @@ The decision table (`port_level`), first match wins:
    any action selecting a pod behind it (a denial on an HTTP port is a 403 per request), a
    RequestAuthentication with jwtRules selecting one; else `observe`.
 
+The pods' own node serves them at the level of the same table without the hosts' needs of
+step 4 (`at_pods`): a VirtualService's routes and a DestinationRule's settings are the source's
+decisions, made by the source's proxy; the destination's are authorization and request
+authentication (step 4's workloads), the annotation and HTTP/2. So a Service that is `full`
+only for a route is served `observe` at its pods (`pods_level_key`, only where it differs).
+
 Pure functions of compiled Services, workloads and the accepted Istio resources: the controller
 (compiler.py, incremental.py) runs them on every compile and puts the result in
 `Snapshot.l7_levels`.
@@ -41,6 +47,7 @@ from meshagent.common.snapshot import (
     ServicePort,
     Workload,
     level_key,
+    pods_level_key,
 )
 
 # Policies in this namespace apply mesh-wide: the agent's default root namespace (it builds
@@ -170,8 +177,12 @@ def port_level(
     forced: str | None,
     needs: L7Needs,
     workloads: Mapping[str, Workload],
+    *,
+    at_pods: bool = False,
 ) -> tuple[L7Level, str]:
-    """The level of one Service port and why (the decision table above)."""
+    """The level of one Service port and why (the decision table above); `at_pods`: the
+    level its pods' own node serves them at, where the hosts' needs (a VirtualService's
+    routes, a DestinationRule's settings: decisions the source makes) do not count."""
     version = http_version(port)
     if version is None:
         return "l4", "not an HTTP port"
@@ -182,7 +193,7 @@ def port_level(
         return level, f"annotation {forced}"  # type: ignore[return-value]
     if version == 2:
         return "full", "HTTP/2 port (per-request balancing)"
-    for need in needs.hosts:
+    for need in () if at_pods else needs.hosts:
         if (need.port is None or need.port == port.port) and _host_matches(
             need.host, service.hostname
         ):
@@ -204,8 +215,9 @@ def compile_levels(
     needs: L7Needs,
     workloads: Iterable[Workload],
 ) -> dict[str, L7Level]:
-    """`Snapshot.l7_levels`: every TCP Service port's level; `forced` the Services'
-    `meshagent.io/l7` annotations by (namespace, name)."""
+    """`Snapshot.l7_levels`: every TCP Service port's level, and its pods' level where that is
+    lower (`pods_level_key`); `forced` the Services' `meshagent.io/l7` annotations by
+    (namespace, name)."""
     by_uid = {w.uid: w for w in workloads} if needs.workloads else {}
     out: dict[str, L7Level] = {}
     for svc in services:
@@ -214,6 +226,10 @@ def compile_levels(
             if port.protocol == "TCP":
                 level, _why = port_level(svc, port, force, needs, by_uid)
                 out[level_key(svc.namespace, svc.name, port.port)] = level
+                if level == "full" and needs.hosts:
+                    at_pods, _ = port_level(svc, port, force, needs, by_uid, at_pods=True)
+                    if at_pods != level:
+                        out[pods_level_key(svc.namespace, svc.name, port.port)] = at_pods
     return out
 
 

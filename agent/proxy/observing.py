@@ -4,8 +4,9 @@ whose requests go to Istio's metrics and the access log as the HTTP engine repor
 
 Which level a connection gets (`level_of_route`, `level_of_endpoint`) is the snapshot's mark
 (common/l7.py); the source proxy reads it for the Service port the client dialled, the
-destination proxy for the pod port the tunnel names (the highest level of the Service ports in
-front of it, so a port another Service needs at `full` stays `full`).
+destination proxy for the pod port the tunnel names (the highest of the levels the Service
+ports in front of it are served at on the pods' node, so a port another Service needs at `full`
+stays `full`; a Service `full` only for its routes is `observe` there: `pods_level_of`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import trio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.report import report_http
-from meshagent.common.l7 import level_of
+from meshagent.common.l7 import level_of, pods_level_of
 from meshagent.common.snapshot import L7Level, Snapshot
 
 if TYPE_CHECKING:
@@ -69,14 +70,14 @@ _ENDPOINT_LEVELS: tuple[Snapshot, dict[tuple[str, int], L7Level]] | None = None
 
 
 def level_of_endpoint(snapshot: Snapshot, ip: str, port: int) -> L7Level | None:
-    """The level for a pod port (the highest of the Service ports that lead to it; None when no
-    Service does). Built once per snapshot."""
+    """The level this node serves a pod port at (the highest of the pods' levels of the Service
+    ports that lead to it; None when no Service does). Built once per snapshot."""
     global _ENDPOINT_LEVELS
     if _ENDPOINT_LEVELS is None or _ENDPOINT_LEVELS[0] is not snapshot:
         levels: dict[tuple[str, int], L7Level] = {}
         for svc in snapshot.services:
             for sp in svc.ports:
-                level = level_of(
+                level = pods_level_of(
                     snapshot.l7_levels,
                     svc.namespace,
                     svc.name,

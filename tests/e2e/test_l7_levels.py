@@ -1,7 +1,8 @@
 """Issue #18 item 1: L7 only where it is needed. Pod `client` (node-1) fetches a blob from nginx
 in pod `web` (node-2) through three Services in front of the same pod port: `web` (an `http`
 port: `observe` by default), `plain` (annotated `meshagent.io/l7: off`: `l4`) and, for the run
-time change, `web` again with a VirtualService (`full`).
+time change, `web` again with a VirtualService (`full` at the source; its pods' node only
+observes, since the routes are the source's decisions).
 
 What a user checks: the bytes arrive unchanged (sha256 of the body as curl got it), each
 node's 15020 counts exactly the requests made, as its reporter, where the level says so and
@@ -152,11 +153,15 @@ def _value(node: str, sample: str, **labels: str) -> float:
     )
 
 
-def _level(lab, node: str, service: str) -> str:
+def _port(lab, node: str, service: str) -> dict:
     for svc in lab.status(node)["services"]:
         if (svc["namespace"], svc["name"]) == ("lvl", service):
-            return svc["ports"][0]["l7"]
+            return svc["ports"][0]
     raise AssertionError(f"no Service lvl/{service} in {node}'s status")
+
+
+def _level(lab, node: str, service: str) -> str:
+    return _port(lab, node, service)["l7"]
 
 
 def _requests(node: str, service: str, reporter: str) -> float:
@@ -252,7 +257,21 @@ def test_a_virtual_service_moves_the_service_to_full_and_back(lab):
         timeout=applied + CHANGE_DEADLINE - time.monotonic(),
         interval=0.05,
     )
+    # the route is the source's decision: the pods' node observes (no engine there), counts
+    # each request as the destination and passes the bytes unchanged
+    wait_until(
+        lambda: _port(lab, "node-2", "web"),
+        lambda port: (port["l7"], port.get("l7_pods")) == ("full", "observe"),
+        what="node-2's status says web is full, observed at its pods",
+    )
+    before = _requests("node-2", "web", "destination")
     assert _fetch("web", 2) == [lab.blob_sha256] * 2
+    counted = wait_until(
+        lambda: _requests("node-2", "web", "destination") - before,
+        lambda value: value >= 2,
+        what="node-2 counts the 2 routed requests as their destination",
+    )
+    assert counted == 2
     removed = _apply(lab.folder, "delete")
     wait_until(
         lambda: not _routed(lab) and _level(lab, "node-1", "web") == "observe",

@@ -196,3 +196,57 @@ def test_every_tcp_port_is_marked_and_udp_is_not() -> None:
         "shop/web:80": "observe",
         "shop/web:81": "l4",
     }
+
+
+def _levels(*objects: dict) -> dict[str, str]:
+    model = ClusterModel()
+    for obj in objects:
+        model.upsert(obj["kind"], obj)
+    return dict(compile_shared(model).snapshot.l7_levels)
+
+
+@pytest.mark.parametrize(
+    ("objects", "at_pods"),
+    [
+        # the source's decisions alone: its pods' node only observes
+        ((_service(), POD, _vs()), "observe"),
+        ((_service(), POD, _dr({"outlierDetection": {"consecutive5xxErrors": 3}})), "observe"),
+        ((_service(), POD, _vs(), _dr({"loadBalancer": {"simple": "ROUND_ROBIN"}})), "observe"),
+        # a decision at the pods (authorization, request authentication) keeps them at full
+        ((_service(), POD, _vs(), _ap({"to": [{"operation": {"paths": ["/a"]}}]})), None),
+        ((_service(), POD, _vs(), REQUEST_AUTH), None),
+        # the annotation and HTTP/2 hold at both ends
+        ((_service(annotation="full"), POD, _vs()), None),
+        ((_service("grpc-api"), POD, _vs()), None),
+        # nothing lower to say
+        ((_service(), POD), None),
+        ((_service(annotation="off"), POD, _vs()), None),
+    ],
+)
+def test_the_pods_node_serves_a_service_full_only_for_its_routes_at_observe(
+    objects: tuple[dict, ...], at_pods: str | None
+) -> None:
+    """A VirtualService's routes and a DestinationRule's settings are decided by the source's
+    proxy; the pods' own node needs the engine only for what it decides (authorization, request
+    authentication) or what holds at both ends (the annotation, HTTP/2). The pods' level is
+    marked only where it is lower than the port's."""
+    levels = _levels(*objects)
+    assert levels.get("shop/web:80@pods") == at_pods
+    if at_pods is not None:
+        assert levels["shop/web:80"] == "full"
+
+
+def test_the_destination_serves_a_pod_port_at_the_highest_of_its_services_pods_levels() -> None:
+    from meshagent.agent.proxy.observing import level_of_endpoint
+    from meshagent.controller.compiler import compile_shared as compile_
+
+    other = _service()
+    other["metadata"] = {"name": "web-api", "namespace": "shop"}
+    model = ClusterModel()
+    for obj in (_service(), other, POD, _vs()):
+        model.upsert(obj["kind"], obj)
+    snapshot = compile_(model).snapshot
+    assert snapshot.l7_levels["shop/web:80"] == "full"  # the source routes per request
+    assert level_of_endpoint(snapshot, "10.0.0.5", 8080) == "observe"
+    model.upsert("AuthorizationPolicy", _ap({"to": [{"operation": {"paths": ["/a"]}}]}))
+    assert level_of_endpoint(compile_(model).snapshot, "10.0.0.5", 8080) == "full"

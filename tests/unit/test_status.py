@@ -247,6 +247,13 @@ def test_services_show_the_l7_level_in_force_per_port():
     assert reviews["ports"][0]["l7"] == "observe"
     report = {**running_report(), "services": view.services}
     assert "9080/observe" in render(report, now=NOW, services=True)
+    assert "l7_pods" not in reviews["ports"][0]
+    # full for its routes at the source, observed at its pods' node
+    doc["l7_levels"] = {"shop/reviews:9080": "full", "shop/reviews:9080@pods": "observe"}
+    [reviews] = [s for s in SavedView.from_document(doc).services if s["name"] == "reviews"]
+    assert (reviews["ports"][0]["l7"], reviews["ports"][0]["l7_pods"]) == ("full", "observe")
+    report = {**running_report(), "services": [reviews]}
+    assert "9080/full(pods:observe)" in render(report, now=NOW, services=True)
 
 
 def test_no_saved_snapshot_leaves_pods_unnamed():
