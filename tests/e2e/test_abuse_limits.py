@@ -158,10 +158,18 @@ def _result(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """KiB resident in `pid`; 0 once it has exited (a retiring worker that status still lists
+    between its exit and its reaping is a zombie, whose status has no VmRSS, or gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    state = next((line for line in status.splitlines() if line.startswith("State:")), "")
+    assert "zombie" in state or "dead" in state, f"no VmRSS for live pid {pid}: {state}"
+    return 0
 
 
 def _settled(lab) -> None:
