@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshagent.common.failmode import DEFAULT_FAIL_MODE
-from meshagent.common.l7 import level_of, pods_level_of
+from meshagent.common.l7 import level_of
 
 if TYPE_CHECKING:
     from meshagent.agent.policy.peerauth import MtlsPolicy
@@ -87,7 +87,7 @@ def _port(svc: dict[str, Any], port: dict[str, Any], levels: Mapping[str, str]) 
         "protocol": port.get("protocol", "TCP"),
         "l7": level_of(*where),
     }
-    if (at_pods := pods_level_of(*where)) != shown["l7"]:
+    if (at_pods := level_of(*where, at_pods=True)) != shown["l7"]:
         shown["l7_pods"] = at_pods
     return shown
 

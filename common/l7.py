@@ -1,8 +1,8 @@
 """A Service port's L7 level as the data path and `meshagent status` read it (DESIGN.md
 section 1): the controller's mark in `Snapshot.l7_levels` (controller/l7level.py decides it),
 else, from a controller older than the field, what the proxy did before levels existed:
-`full` on HTTP ports, `l4` on the rest. The pods' own node may serve them lower (`pods_level_of`)
-where only the source decides per request."""
+`full` on HTTP ports, `l4` on the rest. The pods' own node may serve them lower
+where only the source decides per request (`at_pods`)."""
 
 from __future__ import annotations
 
@@ -38,27 +38,15 @@ def level_of(
     port_name: str,
     app_protocol: str | None,
     protocol: str = "TCP",
+    *,
+    at_pods: bool = False,
 ) -> L7Level:
-    """The level in force for one Service port (the snapshot's mark, else the default)."""
-    level = levels.get(f"{namespace}/{name}:{port}")  # snapshot.level_key
-    if level in ("l4", "observe", "full"):
-        return level  # type: ignore[return-value]
+    """The level in force for one Service port (the snapshot's mark, else the default);
+    `at_pods`: the level its pods' own node serves them at, which the controller marks apart
+    only where it is lower (the per-request decisions are all the source's)."""
+    key = f"{namespace}/{name}:{port}"  # snapshot.level_key
+    for mark in (f"{key}@pods", key) if at_pods else (key,):  # snapshot.pods_level_key
+        level = levels.get(mark)
+        if level in ("l4", "observe", "full"):
+            return level  # type: ignore[return-value]
     return "l4" if http_version(port_name, app_protocol, protocol) is None else "full"
-
-
-def pods_level_of(
-    levels: Mapping[str, str],
-    namespace: str,
-    name: str,
-    port: int,
-    port_name: str,
-    app_protocol: str | None,
-    protocol: str = "TCP",
-) -> L7Level:
-    """The level the Service port's pods are served at by their own node's proxy: the
-    snapshot's mark for the pods where the controller set one (lower than the port's: the
-    per-request decisions are all the source's), else the port's level."""
-    level = levels.get(f"{namespace}/{name}:{port}@pods")  # snapshot.pods_level_key
-    if level in ("l4", "observe", "full"):
-        return level  # type: ignore[return-value]
-    return level_of(levels, namespace, name, port, port_name, app_protocol, protocol)

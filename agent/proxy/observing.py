@@ -6,7 +6,7 @@ Which level a connection gets (`level_of_route`, `level_of_endpoint`) is the sna
 (common/l7.py); the source proxy reads it for the Service port the client dialled, the
 destination proxy for the pod port the tunnel names (the highest of the levels the Service
 ports in front of it are served at on the pods' node, so a port another Service needs at `full`
-stays `full`; a Service `full` only for its routes is `observe` there: `pods_level_of`).
+stays `full`; a Service `full` only for its routes is `observe` there: `at_pods`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import trio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.report import report_http
-from meshagent.common.l7 import level_of, pods_level_of
+from meshagent.common.l7 import level_of
 from meshagent.common.snapshot import L7Level, Snapshot
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def level_of_endpoint(snapshot: Snapshot, ip: str, port: int) -> L7Level | None:
         levels: dict[tuple[str, int], L7Level] = {}
         for svc in snapshot.services:
             for sp in svc.ports:
-                level = pods_level_of(
+                level = level_of(
                     snapshot.l7_levels,
                     svc.namespace,
                     svc.name,
@@ -85,6 +85,7 @@ def level_of_endpoint(snapshot: Snapshot, ip: str, port: int) -> L7Level | None:
                     sp.name,
                     sp.app_protocol,
                     sp.protocol,
+                    at_pods=True,
                 )
                 for e in svc.endpoints:
                     pod_port = e.ports.get(sp.port)
