@@ -809,3 +809,76 @@ async def test_a_response_that_came_in_one_read_goes_to_the_client_in_one_write(
             ], attempt
         assert [(r.status, r.bytes_sent) for r in records] == [(200, 5), (200, 5)]
         nursery.cancel_scope.cancel()
+
+
+class _Spawned(trio.abc.Instrument):
+    """The names of the tasks spawned while it is in place."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task) -> None:
+        self.names.append(task.name)
+
+
+async def test_a_call_that_came_whole_goes_upstream_in_one_write():
+    """A unary call whose HEADERS, message and end came in one read goes upstream in one
+    write: HEADERS, then the message's DATA carrying END_STREAM (no empty DATA frame of its
+    own) from the stream's task: no task of its own pumps the body (a task per call was a
+    share of the engine's cost per call). The message is counted."""
+    spawned = _Spawned()
+    trio.lowlevel.add_instrument(spawned)
+    async with trio.open_nursery() as nursery:
+        upstream: list[_Writes] = []
+
+        async def connect(endpoint, port, _spec=None):
+            near, far = memory_stream_pair()
+            nursery.start_soon(_one_write_server, far)
+            upstream.append(_Writes(near))
+            return upstream[-1]
+
+        client_end, proxy_end = memory_stream_pair()
+        records: list[RequestRecord] = []
+        ctx = HttpContext(
+            routes=lambda: _routes("10.1.0.1"),
+            clusters=Clusters(),
+            pool=None,
+            connect=connect,
+            on_request_done=records.append,
+            peer="10.0.0.9",
+        )
+        nursery.start_soon(proxy_http2, proxy_end, ctx)
+        client = H2Peer(client_end, h2wire.new_connection(client_side=True))
+        nursery.start_soon(client.run, lambda event: False)
+        head = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/echo.Echo/Say")]
+        head += [(b":authority", HOST.encode()), *GRPC]
+        message = b"\x00\x00\x00\x00\x02hi"
+        for attempt in range(2):  # the first one also opens the upstream connection
+            await trio.testing.wait_all_tasks_blocked()
+            before = len(upstream[0].writes) if upstream else 0
+            spawned.names.clear()
+            sid = client.conn.get_next_available_stream_id()
+            inbox = client.open_inbox(sid)
+            client.queue_headers(sid, head)
+            await client.send_data(sid, message, end=True)  # one write: HEADERS, DATA, end
+            while not isinstance(await inbox.receive.receive(), h2.events.StreamEnded):
+                pass
+            await trio.testing.wait_all_tasks_blocked()
+            writes = [
+                w
+                for w in upstream[0].writes[before:]
+                if not w.startswith(h2wire.H2_PREFACE)
+                and "HeadersFrame" in [name for name, _ in _frames(w)]
+            ]
+            call = [
+                [f for f in _frames(w) if f[0] in ("HeadersFrame", "DataFrame")] for w in writes
+            ]
+            assert call == [[("HeadersFrame", ["END_HEADERS"]), ("DataFrame", ["END_STREAM"])]]
+            engine = [n for n in spawned.names if "h2proxy" in n]
+            assert [n.rpartition(".")[2] for n in engine] == (
+                ["_serve_stream"] if attempt else ["_serve_stream", "_run_upstream"]
+            )
+        assert [(r.status, r.bytes_received) for r in records] == [(200, 7), (200, 7)]
+        assert records[-1].request_messages.count == 1
+        nursery.cancel_scope.cancel()
+    trio.lowlevel.remove_instrument(spawned)

@@ -161,16 +161,25 @@ class _Body:
 class H2Inbox:
     """Events for one stream, in order, from the connection's reader to the stream's task."""
 
-    __slots__ = ("ended", "receive", "reset", "send")
+    __slots__ = ("ended", "held", "receive", "reset", "send")
 
     def __init__(self) -> None:
         self.send, self.receive = trio.open_memory_channel[h2.events.Event | None](math.inf)
         self.reset: int | None = None  # the error code when the peer reset the stream
         self.ended = False  # the connection's end (None) was taken by `ready`
+        # an event taken by `ready` and put back (`hold`): the next one `ready`/`next` give
+        self.held: h2.events.Event | None = None
+
+    def hold(self, event: h2.events.Event) -> None:
+        """Put back the event `ready` gave: it comes first again."""
+        self.held = event
 
     def ready(self) -> h2.events.Event | None:
         """The next event if one is already here, else None (`next` returns None again
         when that was the connection's end)."""
+        if self.held is not None:
+            event, self.held = self.held, None
+            return event
         if self.ended:
             return None
         try:
@@ -184,6 +193,9 @@ class H2Inbox:
         """The next event. Before waiting for one, what this stream queued goes out: `send`'s
         frames (StreamGone if they cannot), then `acks`' (the WINDOW_UPDATEs for what was
         sent, best effort): a batch of frames per read rather than a send per frame."""
+        if self.held is not None:
+            event, self.held = self.held, None
+            return event
         if self.ended:
             return None
         try:
@@ -886,6 +898,8 @@ class _Session:
         cluster = d.cluster
         policy = d.route.retry if d.route is not None else None
         body = _Body(complete=head.ended)
+        if not body.complete:
+            self._take_arrived_body(stream_id, record, body)
         if not d.mirrors:
             await self._forward_attempts(stream_id, head, d, record, cluster, policy, body)
             return
@@ -900,6 +914,36 @@ class _Session:
                 self._mirror(d, replace(head, authority=authority), body)
         finally:
             self.mirroring -= 1
+
+    def _take_arrived_body(self, stream_id: int, record: RequestRecord, body: _Body) -> None:
+        """Take into `body` what of the request's body and end already arrived (a unary gRPC
+        call's message and END_STREAM usually come in the read that brought its HEADERS), as
+        `_pump_request` would, up to the retry buffer: a request that came whole then goes
+        upstream in one send, without a task of its own (`_exchange`). An event that is not
+        part of the body, or DATA past the retry buffer, is put back for the pump."""
+        inbox = self.down.inboxes[stream_id]
+        limit = self.ctx.settings.retry_buffer_limit
+        while not body.complete:
+            event = inbox.ready()
+            if event is None:
+                return
+            if isinstance(event, h2.events.DataReceived):
+                if body.size + len(event.data) > limit:
+                    inbox.hold(event)
+                    return
+                record.bytes_received += len(event.data)
+                if record.request_messages is not None:
+                    record.request_messages.feed(event.data)
+                body.keep(event.data, limit)
+                self.down.ack(stream_id, event.flow_controlled_length)
+            elif isinstance(event, h2.events.TrailersReceived):
+                body.trailers = h2wire.response_headers(event.headers)
+                body.complete = True
+            elif isinstance(event, h2.events.StreamEnded):
+                body.complete = True
+            else:
+                inbox.hold(event)
+                return
 
     def _mirror(self, d: RouteDecision, head: h2wire.RequestHead, body: _Body) -> None:
         assert self.nursery is not None
@@ -1101,32 +1145,38 @@ class _Session:
         head_wait = trio.CancelScope()
         if per_try is not None:
             head_wait.deadline = trio.current_time() + per_try
+        # A body that came whole and fits the send windows goes with the HEADERS, from this
+        # task; else _pump_request sends it (and what is still coming) beside the response.
+        whole = bodyless or (
+            body.complete and body.size <= peer.conn.local_flow_control_window(up_id)
+        )
+
+        async def answer() -> None:
+            nonlocal finished, retry
+            try:
+                with head_wait:
+                    if whole:
+                        if not bodyless:
+                            await self._queue_whole_body(peer, up_id, body)
+                        await peer.flush()
+                    finished = await self._pump_response(
+                        up_inbox, peer, up_id, stream_id, record, policy, head_wait, respond, slot
+                    )
+            except _Retry:
+                retry = True
+            except StreamGone:
+                pass
+
         try:
-            async with trio.open_nursery() as nursery:
-                if not bodyless:
+            if whole:
+                await answer()
+            else:
+                async with trio.open_nursery() as nursery:
                     nursery.start_soon(
                         self._pump_request, down_inbox, stream_id, peer, up_id, record, body
                     )
-                try:
-                    with head_wait:
-                        if bodyless:  # else _pump_request sends the HEADERS with the body
-                            await peer.flush()
-                        finished = await self._pump_response(
-                            up_inbox,
-                            peer,
-                            up_id,
-                            stream_id,
-                            record,
-                            policy,
-                            head_wait,
-                            respond,
-                            slot,
-                        )
-                except _Retry:
-                    retry = True
-                except StreamGone:
-                    pass
-                nursery.cancel_scope.cancel()
+                    await answer()
+                    nursery.cancel_scope.cancel()
         finally:
             if not finished:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
@@ -1170,15 +1220,12 @@ class _Session:
         with it."""
         down = self.down
         try:
-            for chunk in list(body.chunks):
-                await peer.send_data(up_id, chunk, flush=False)
             if body.complete:
-                if body.trailers is not None:
-                    peer.queue_headers(up_id, body.trailers, True)
-                else:
-                    await peer.end(up_id, flush=False)
+                await self._queue_whole_body(peer, up_id, body)
                 await peer.flush()
                 return
+            for chunk in list(body.chunks):
+                await peer.send_data(up_id, chunk, flush=False)
             limit = self.ctx.settings.retry_buffer_limit
             held: h2.events.Event | None = None
             while True:
@@ -1211,6 +1258,19 @@ class _Session:
                 await down.flush()
         except StreamGone:
             return
+
+    @staticmethod
+    async def _queue_whole_body(peer: H2Peer, up_id: int, body: _Body) -> None:
+        """A complete kept body into the upstream stream's queue (as the windows allow; the
+        caller flushes): its DATA, END_STREAM on the last frame, or its trailers."""
+        chunks = list(body.chunks)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1 and body.trailers is None
+            await peer.send_data(up_id, chunk, end=last, flush=False)
+        if body.trailers is not None:
+            peer.queue_headers(up_id, body.trailers, True)
+        elif not chunks:
+            await peer.end(up_id, flush=False)
 
     async def _pump_response(
         self,
