@@ -358,61 +358,111 @@ async def test_a_call_past_its_grpc_timeout_is_deadline_exceeded():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_drain_announces_goaway_first_then_finishes_streams_in_flight_then_goaway():
-    """RFC 9113's graceful shutdown: a GOAWAY with the highest stream id while the stream in
-    flight still runs (the client opens its next streams elsewhere; one already on its way
-    would be served), then, once it is answered, the final GOAWAY naming it."""
-    drain = Drain()
-    release = trio.Event()
+_GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
 
-    async def slow(info):
-        await release.wait()
 
-    client_end, proxy_end = memory_stream_pair()
-    routes = HttpRoutes(HOST, 80, ())
-    ctx = HttpContext(
-        routes=lambda: routes, clusters=Clusters(), pool=None, request_filter=slow, drain=drain
-    )
-    async with trio.open_nursery() as nursery:
-        done = trio.Event()
+class _DrainLab:
+    """The engine serving one client over memory streams, with a drain to start and a request
+    filter that holds every request until `release` is set; the client's reader runs only
+    once `read` is called (until then it has not seen what the engine sent)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.drain = Drain()
+        self.release = trio.Event()
+        self.done = trio.Event()
+        self.goaway: list[tuple[int, int]] = []
+        self.pings = 0
+        client_end, proxy_end = memory_stream_pair()
+        routes = HttpRoutes(HOST, 80, ())
+
+        async def held(info):
+            await self.release.wait()
+
+        ctx = HttpContext(
+            routes=lambda: routes,
+            clusters=Clusters(),
+            pool=None,
+            request_filter=held,
+            drain=self.drain,
+        )
 
         async def serve():
             await proxy_http2(proxy_end, ctx)
-            done.set()
+            self.done.set()
 
         nursery.start_soon(serve)
-        client = H2Peer(client_end, h2wire.new_connection(client_side=True))
-        goaway = []
-        announced = trio.Event()
+        self.client = H2Peer(client_end, h2wire.new_connection(client_side=True))
 
+    def read(self) -> None:
         def on_event(event):
             if isinstance(event, h2.events.ConnectionTerminated):
-                goaway.append((event.error_code, event.last_stream_id))
-                announced.set()
+                self.goaway.append((event.error_code, event.last_stream_id))
+            elif isinstance(event, h2.events.PingReceived):
+                self.pings += 1
             return False
 
-        nursery.start_soon(client.run, on_event)
-        sid = client.conn.get_next_available_stream_id()
-        inbox = client.open_inbox(sid)
-        head = [
-            (b":method", b"GET"),
-            (b":scheme", b"http"),
-            (b":path", b"/"),
-            (b":authority", b"a"),
-        ]
-        await client.send_headers(sid, head, end=True)
+        self.nursery.start_soon(self.client.run, on_event)
+
+    async def get(self):
+        sid = self.client.conn.get_next_available_stream_id()
+        inbox = self.client.open_inbox(sid)
+        await self.client.send_headers(sid, _GET, end=True)
+        return sid, inbox
+
+
+async def test_a_drain_announces_goaway_then_names_the_last_stream_once_the_client_saw_it():
+    """RFC 9113's graceful shutdown: a GOAWAY with the highest stream id and a PING; once the
+    client answered the PING, the final GOAWAY names the last stream it opened, and the
+    stream in flight is still answered before the connection ends."""
+    async with trio.open_nursery() as nursery:
+        lab = _DrainLab(nursery)
+        lab.read()
+        sid, inbox = await lab.get()
         await trio.testing.wait_all_tasks_blocked()
-        drain.start()
+        lab.drain.start()
         with trio.fail_after(2):
-            await announced.wait()
-        assert goaway == [(h2wire.NO_ERROR, 2**31 - 1)] and not done.is_set()
-        release.set()  # the stream in flight is answered, then the connection ends
+            while len(lab.goaway) < 2:
+                await trio.sleep(0.01)
+        assert lab.goaway == [(h2wire.NO_ERROR, 2**31 - 1), (h2wire.NO_ERROR, sid)]
+        assert lab.pings == 1 and not lab.done.is_set()
+        lab.release.set()  # the stream in flight is answered, then the connection ends
         event = await inbox.receive.receive()
         assert dict(event.headers)[b":status"] == b"404"
+        await lab.client.stream.aclose()  # a client closes once its last stream is answered
         with trio.fail_after(5):
-            await done.wait()
-        await trio.testing.wait_all_tasks_blocked()
-        assert goaway == [(h2wire.NO_ERROR, 2**31 - 1), (h2wire.NO_ERROR, sid)]
+            await lab.done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_drain_serves_streams_a_client_opened_before_it_read_the_goaway(
+    autojump_clock,
+):
+    """A client that reads the GOAWAY late (a loaded machine: 5 s here) still opens streams
+    meanwhile: they are served, not refused or cut by the connection's close (a fixed 1 s
+    grace once cut 4 gRPC calls so); the final GOAWAY names the last of them."""
+    async with trio.open_nursery() as nursery:
+        lab = _DrainLab(nursery)
+        lab.release.set()
+        lab.drain.start()
+        await trio.sleep(5)  # the GOAWAY and PING wait, unread, in the client's stream
+        sid, inbox = await lab.get()
+        lab.read()
+        event = await inbox.receive.receive()
+        assert dict(event.headers)[b":status"] == b"404"
+        with trio.fail_after(2):
+            while len(lab.goaway) < 2:
+                await trio.sleep(0.01)
+        assert lab.goaway == [(h2wire.NO_ERROR, 2**31 - 1), (h2wire.NO_ERROR, sid)]
+        await trio.sleep(0.5)
+        later = lab.client.conn.get_next_available_stream_id()  # a client breaking the rules
+        late = lab.client.open_inbox(later)
+        await lab.client.send_headers(later, _GET, end=True)
+        event = await late.receive.receive()
+        assert isinstance(event, h2.events.StreamReset)
+        assert event.error_code == h2wire.REFUSED_STREAM
+        with trio.fail_after(5):
+            await lab.done.wait()  # CLOSE_TIMEOUT after its last stream, the client silent
         nursery.cancel_scope.cancel()
 
 

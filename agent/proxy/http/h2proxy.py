@@ -103,9 +103,11 @@ abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
 _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
-# From a drain's first GOAWAY (last stream id 2^31-1) until new streams are refused: time for the
-# client to see it and open its next streams on another connection.
-DRAIN_GRACE = 1.0
+# A drain's first GOAWAY (last stream id 2^31-1) goes with a PING: once the client answers it,
+# it has read the GOAWAY (frames are read in order) and opens no stream here any more. A client
+# that never answers gets this long (gRPC's servers wait up to 20 s for the same PING).
+DRAIN_GRACE = 10.0
+_DRAIN_PING = b"meshdrn\x00"  # the PING's opaque data (8 bytes)
 _MAX_STREAM_ID = 2**31 - 1
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # A send is finished under a shield (`H2Peer._send`) but ends the connection when it takes
@@ -272,15 +274,31 @@ class H2Peer:
             self.closed = self.cut = True  # nothing more may follow a cut frame
             raise StreamGone
 
-    async def announce_shutdown(self) -> None:
+    async def announce_shutdown(self, ping: bytes) -> None:
         """RFC 9113 6.8's first GOAWAY of a graceful shutdown (NO_ERROR, last stream id
-        2^31-1): the peer opens no new stream here, and every stream already on its way is
-        still served. Written as a raw frame behind what h2 queued: h2's own GOAWAY would
-        close its state machine, and the streams in flight with it."""
+        2^31-1) and a PING with `ping` behind it: the peer opens no new stream here, every
+        stream already on its way is still served, and its PING ACK says it has seen the
+        GOAWAY. Written as a raw frame behind what h2 queued: h2's own GOAWAY would close its
+        state machine, and the streams in flight with it."""
         frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=_MAX_STREAM_ID, error_code=0)
+        await self._send_goaway(frame, ping)
+
+    async def refuse_after(self, last_stream_id: int) -> None:
+        """The final GOAWAY of a graceful shutdown (NO_ERROR, `last_stream_id`: the last
+        stream served), while the streams up to it still finish: the peer knows that any
+        stream it opened after it was not processed (and may retry it elsewhere). A raw frame
+        too, so h2 goes on carrying the streams in flight."""
+        frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0)
+        await self._send_goaway(frame)
+
+    async def _send_goaway(self, frame: hyperframe.frame.GoAwayFrame, ping: bytes = b"") -> None:
+        """`frame` (and a PING with `ping`) behind every frame h2 queued before it."""
+        raw = frame.serialize()
+        if ping:
+            raw += hyperframe.frame.PingFrame(0, opaque_data=ping).serialize()
         async with self.lock:
             await trio.lowlevel.checkpoint_if_cancelled()
-            await self._send(self.conn.data_to_send() + frame.serialize())
+            await self._send(self.conn.data_to_send() + raw)
 
     def wake(self) -> None:
         self._window.set()
@@ -658,14 +676,19 @@ class _Session:
         self.nursery: trio.Nursery | None = None
         self.up: H2Upstreams | None = None  # the upstream connections, in `nursery`
         self.draining = False
+        self.goaway_seen = trio.Event()  # the client answered the drain's PING
         self.mirroring = 0  # mirrored copies in flight (the client may be gone already)
 
     async def _drain_when_asked(self, session: trio.CancelScope) -> None:
-        """On drain (SIGTERM, a worker replaced): a first GOAWAY (last stream id 2^31-1) and,
-        DRAIN_GRACE later, new streams are refused (REFUSED_STREAM: only a client that
-        ignored the GOAWAY still sends one), the streams in flight finish, then the final
-        GOAWAY (NO_ERROR, the last stream served) ends the connection. (h2 closes its state
-        machine when it sends GOAWAY, so h2's GOAWAY comes last.)"""
+        """On drain (SIGTERM, a worker replaced), RFC 9113 6.8's graceful shutdown as gRPC's
+        servers do it: a first GOAWAY (last stream id 2^31-1) with a PING behind it; once the
+        client answers the PING (or DRAIN_GRACE passed) it has seen the GOAWAY, so the final
+        GOAWAY names the last stream it opened here, and a stream it opens after that is
+        refused (REFUSED_STREAM: not processed, retried elsewhere); the streams in flight
+        finish, then the connection ends, once the client has closed it (gRPC and curl do once
+        their last stream is answered) or CLOSE_TIMEOUT later. A fixed grace instead once cut
+        4 calls of a client that had not read the GOAWAY within it (a loaded machine): their
+        HEADERS, unread, met the close."""
         drain = self.ctx.drain
         assert drain is not None
         wait = trio.CancelScope()
@@ -676,19 +699,19 @@ class _Session:
         finally:
             drain.unwatch(wait)
         try:
-            await self.down.announce_shutdown()
+            await self.down.announce_shutdown(_DRAIN_PING)
+            with trio.move_on_after(DRAIN_GRACE):
+                await self.goaway_seen.wait()
+            self.draining = True
+            await self.down.refuse_after(self.down.conn.highest_inbound_stream_id)
         except StreamGone:
             session.cancel()
             return
-        await trio.sleep(DRAIN_GRACE)
-        self.draining = True
         while self.scopes:
             await trio.sleep(_DRAIN_POLL)
-        with contextlib.suppress(*H2_ERRORS):
-            last = self.down.conn.highest_inbound_stream_id
-            self.down.conn.close_connection(error_code=h2wire.NO_ERROR, last_stream_id=last)
         with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(StreamGone):
             await self.down.flush()
+        await trio.sleep(CLOSE_TIMEOUT)  # the client's close ends the session before this
         session.cancel()
 
     async def run(self, initial: bytes) -> None:
@@ -732,6 +755,10 @@ class _Session:
             self.nursery.start_soon(
                 self._serve_stream, event.stream_id, event.headers, scope, ended
             )
+            return True
+        if isinstance(event, h2.events.PingAckReceived):
+            if event.ping_data == _DRAIN_PING:
+                self.goaway_seen.set()
             return True
         if isinstance(event, h2.events.StreamReset):
             scope = self.scopes.get(event.stream_id)
