@@ -5,6 +5,7 @@ came back (status, body, trailers, gRPC status) and what the engine reported."""
 from __future__ import annotations
 
 import math
+import sys
 
 import h2.events
 import hyperframe.frame
@@ -14,7 +15,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from meshagent.agent.proxy.drain import Drain
-from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http import h2proxy, h2wire, pool
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.agent.proxy.http.h2proxy import H2Peer, H2Upstreams, proxy_http2, serve_detected
 from meshagent.agent.proxy.http.memstream import BUFFER_LIMIT, memory_stream_pair
@@ -31,6 +32,7 @@ from meshagent.agent.proxy.routing import (
     UpstreamEndpoint,
     WeightedClusters,
 )
+from meshagent.agent.workers import launch
 from meshagent.common.snapshot import Endpoint
 
 HOST = "echo.lab.svc.cluster.local"
@@ -769,6 +771,33 @@ async def test_a_connection_closing_with_goaway_takes_no_new_stream_meanwhile():
             nursery.cancel_scope.cancel()
 
 
+async def test_a_stream_on_an_open_upstream_connection_costs_no_scheduler_round_trip():
+    """Taking a stream on an upstream connection that has room is plain bookkeeping: no
+    checkpoint (the lock that serializes connects per endpoint, a scheduler round trip per
+    request, is taken only to open one); a connect still happens once per endpoint."""
+    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
+    cluster = Clusters().get(spec)
+    endpoint = cluster.pick([])
+    assert endpoint is not None
+    connects = []
+
+    async def connect(_endpoint, _port, _spec=None):
+        near, far = memory_stream_pair()
+        connects.append(far)
+        return near
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            upstreams = H2Upstreams(connect, nursery)
+            first, second = await upstreams.acquire(cluster, endpoint), None
+            with trio.testing.assert_no_checkpoints():
+                second = await upstreams.acquire(cluster, endpoint)
+            assert second is first and len(connects) == 1 and first.active == 2
+            upstreams.done(first, cluster)
+            upstreams.done(second, cluster)
+            nursery.cancel_scope.cancel()
+
+
 class _Writes(trio.abc.Stream):
     """A stream that keeps the bytes of each `send_all` on it: the engine's writes, one by one."""
 
@@ -932,3 +961,12 @@ async def test_a_call_that_came_whole_goes_upstream_in_one_write():
         assert records[-1].request_messages.count == 1
         nursery.cancel_scope.cancel()
     trio.lowlevel.remove_instrument(spawned)
+
+
+@pytest.mark.parametrize("size", [h2proxy.RECEIVE_SIZE, pool.RECEIVE_SIZE])
+def test_the_engines_reads_stay_below_the_workers_mmap_threshold(size):
+    """A socket read allocates what it asks for; at the workers' allocator's mmap threshold or
+    above (launch.WORKER_ALLOCATOR) each read of a small message was an mmap, an mremap and an
+    munmap (strace, same-node `full`: 1.4 of each per request)."""
+    threshold = int(launch.WORKER_ALLOCATOR["MALLOC_MMAP_THRESHOLD_"])
+    assert size + sys.getsizeof(b"") < threshold

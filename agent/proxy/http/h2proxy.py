@@ -100,7 +100,7 @@ log = logging.getLogger(__name__)
 _BUSY_RECHECK = 1.0
 abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood the log
 
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 32 * 1024  # below the workers' mmap threshold, as pool.RECEIVE_SIZE
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
 _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
 # A drain's first GOAWAY (last stream id 2^31-1) goes with a PING: once the client answers it,
@@ -425,12 +425,18 @@ class H2Peer:
         try:
             while True:
                 if not data:
+                    head_deadline = self._head_deadline()
+                    waiting = None  # no header block begun: no scope (one per read) needed
                     try:
-                        with trio.move_on_at(self._head_deadline()) as waiting:
+                        if head_deadline == math.inf:
                             data = await self.stream.receive_some(RECEIVE_SIZE)
+                        else:
+                            with trio.move_on_at(head_deadline) as waiting:
+                                data = await self.stream.receive_some(RECEIVE_SIZE)
                     except _TRANSPORT_ERRORS:
                         return
-                    if waiting.cancelled_caught:  # a request head trickling (slowloris)
+                    if waiting is not None and waiting.cancelled_caught:
+                        # a request head trickling (slowloris)
                         self.abuse = Abuse(
                             "header_timeout",
                             f"request header block not complete within {self.header_timeout:g} s",
@@ -608,19 +614,30 @@ class H2Upstreams:
         cluster.free_request_slot()
         peer.release()
 
+    def _with_room(self, key: str, spent_at: int | None) -> H2Peer | None:
+        """An open connection to `key` that takes one more stream, if there is one."""
+        for peer in self.upstreams.get(key, ()):
+            if peer.closed or peer.goaway:
+                continue
+            if spent_at is not None and peer.requests >= spent_at:
+                continue
+            if peer.conn.open_outbound_streams < peer.conn.remote_settings.max_concurrent_streams:
+                return peer
+        return None
+
     async def _upstream_for(self, cluster: ClusterState, ep: EndpointState) -> H2Peer:
         key = ep.address
-        lock = self.opening.setdefault(key, trio.Lock())
         spent_at = cluster.spec.policy.max_requests_per_connection
-        async with lock:
-            for peer in self.upstreams.get(key, ()):
-                if peer.closed or peer.goaway:
-                    continue
-                if spent_at is not None and peer.requests >= spent_at:
-                    continue
-                limit = peer.conn.remote_settings.max_concurrent_streams
-                if peer.conn.open_outbound_streams < limit:
-                    return peer.reserve()
+        peer = self._with_room(key, spent_at)
+        if peer is not None:  # the usual case: no lock (a scheduler round trip) to take
+            return peer.reserve()
+        lock = self.opening.get(key)
+        if lock is None:
+            lock = self.opening[key] = trio.Lock()
+        async with lock:  # one connect at a time per endpoint
+            peer = self._with_room(key, spent_at)  # opened while this task waited
+            if peer is not None:
+                return peer.reserve()
             connect = self.connect
             if connect is None:
                 raise UpstreamError("connect-failure", "no connector")
@@ -1169,26 +1186,33 @@ class _Session:
         finished = False
         retry = False
         # until the response head: the attempt's perTryTimeout (disarmed by _pump_response)
-        head_wait = trio.CancelScope()
+        head_wait = None
         if per_try is not None:
-            head_wait.deadline = trio.current_time() + per_try
+            head_wait = trio.CancelScope(deadline=trio.current_time() + per_try)
         # A body that came whole and fits the send windows goes with the HEADERS, from this
         # task; else _pump_request sends it (and what is still coming) beside the response.
         whole = bodyless or (
             body.complete and body.size <= peer.conn.local_flow_control_window(up_id)
         )
 
+        async def respond_to_client() -> None:
+            nonlocal finished
+            if whole:
+                if not bodyless:
+                    await self._queue_whole_body(peer, up_id, body)
+                await peer.flush()
+            finished = await self._pump_response(
+                up_inbox, peer, up_id, stream_id, record, policy, head_wait, respond, slot
+            )
+
         async def answer() -> None:
-            nonlocal finished, retry
+            nonlocal retry
             try:
-                with head_wait:
-                    if whole:
-                        if not bodyless:
-                            await self._queue_whole_body(peer, up_id, body)
-                        await peer.flush()
-                    finished = await self._pump_response(
-                        up_inbox, peer, up_id, stream_id, record, policy, head_wait, respond, slot
-                    )
+                if head_wait is None:
+                    await respond_to_client()
+                else:
+                    with head_wait:
+                        await respond_to_client()
             except _Retry:
                 retry = True
             except StreamGone:
@@ -1218,7 +1242,7 @@ class _Session:
         if retry:
             return Outcome.STATUS, record.status
         responded = record.status != 0  # the response head went to the client
-        if head_wait.cancelled_caught and not responded:
+        if head_wait is not None and head_wait.cancelled_caught and not responded:
             return Outcome.TIMEOUT, TIMEOUT_CODE  # as the HTTP/1.1 engine tells the outlier
         if not finished and not responded and not down.closed and up_inbox.reset is not None:
             # before a response: the caller answers or retries (REFUSED: nothing was processed)

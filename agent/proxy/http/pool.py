@@ -46,7 +46,10 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 # interval is never closed for it), so memory returns after a burst, not 5 minutes later.
 DEFAULT_MAX_IDLE = 64
 SWEEP_INTERVAL = 5.0
-RECEIVE_SIZE = 64 * 1024
+# What the HTTP engines' reads ask for: a read allocates what it asks for, and 64 KiB or more is,
+# under the workers' allocator (agent/workers/launch.py), an mmap, an mremap and an munmap per
+# read, a small message keeping a page of its own meanwhile (relay.SMALL_READ has the figures).
+RECEIVE_SIZE = 32 * 1024
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, UpstreamError)
 
 
