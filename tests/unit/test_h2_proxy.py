@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from meshagent.agent.proxy.drain import Drain
 from meshagent.agent.proxy.http import h2proxy, h2wire, pool
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
-from meshagent.agent.proxy.http.h2proxy import H2Peer, H2Upstreams, proxy_http2, serve_detected
+from meshagent.agent.proxy.http.h2proxy import (
+    H2Events,
+    H2Peer,
+    H2Upstreams,
+    proxy_http2,
+    serve_detected,
+)
 from meshagent.agent.proxy.http.memstream import BUFFER_LIMIT, memory_stream_pair
 from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
 from meshagent.agent.proxy.lb import Clusters
@@ -970,3 +976,34 @@ def test_the_engines_reads_stay_below_the_workers_mmap_threshold(size):
     munmap (strace, same-node `full`: 1.4 of each per request)."""
     threshold = int(launch.WORKER_ALLOCATOR["MALLOC_MMAP_THRESHOLD_"])
     assert size + sys.getsizeof(b"") < threshold
+
+
+async def test_a_streams_events_come_in_order_to_its_one_task_as_from_a_memory_channel():
+    """H2Events (a stream's inbox, in place of an unbounded trio memory channel): events in
+    the order sent, receive_nowait WouldBlock when empty, a parked receive woken by the next
+    event, a cancelled one leaves nothing behind, each receive a checkpoint; one receiver."""
+    events = H2Events()
+    with pytest.raises(trio.WouldBlock):
+        events.receive_nowait()
+    events.send_nowait("a")
+    events.send_nowait(None)
+    with trio.testing.assert_checkpoints():
+        assert await events.receive() == "a"
+    assert events.receive_nowait() is None
+    got = []
+    async with trio.open_nursery() as nursery:
+
+        async def take() -> None:
+            got.append(await events.receive())
+
+        nursery.start_soon(take)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await events.receive()
+        events.send_nowait("b")
+    assert got == ["b"]
+    with trio.move_on_after(0.01) as waited:
+        await events.receive()
+    assert waited.cancelled_caught and events.waiter is None
+    events.send_nowait("c")
+    assert await events.receive() == "c"

@@ -46,6 +46,7 @@ protocol rules are in `h2wire`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -160,13 +161,56 @@ class _Body:
             self.chunks.append(data)
 
 
+class H2Events:
+    """A stream's events in arrival order, from the connection's reader to one task: what
+    the unbounded trio memory channel it replaces gave (`send_nowait`, `receive_nowait`,
+    `receive`, the same checkpoints) without making a channel state and its two ends for
+    every stream, nor the bookkeeping per event for several senders and receivers that one
+    stream never has."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[h2.events.Event | None] = collections.deque()
+        self.waiter: trio.lowlevel.Task | None = None  # the task parked in `receive`
+
+    def send_nowait(self, event: h2.events.Event | None) -> None:
+        self.items.append(event)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def receive_nowait(self) -> h2.events.Event | None:
+        if not self.items:
+            raise trio.WouldBlock
+        return self.items.popleft()
+
+    async def receive(self) -> h2.events.Event | None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.items:
+            event = self.items.popleft()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return event
+        if self.waiter is not None:
+            raise trio.BusyResourceError("another task waits for this stream's events")
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return self.items.popleft()  # send_nowait queued it before waking this task
+
+
 class H2Inbox:
     """Events for one stream, in order, from the connection's reader to the stream's task."""
 
     __slots__ = ("ended", "held", "receive", "reset", "send")
 
     def __init__(self) -> None:
-        self.send, self.receive = trio.open_memory_channel[h2.events.Event | None](math.inf)
+        self.send = self.receive = H2Events()  # two names, as a channel's two ends had
         self.reset: int | None = None  # the error code when the peer reset the stream
         self.ended = False  # the connection's end (None) was taken by `ready`
         # an event taken by `ready` and put back (`hold`): the next one `ready`/`next` give

@@ -53,6 +53,7 @@ from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.h2proxy import (
     H2_ERRORS,
+    H2Events,
     H2Inbox,
     H2Peer,
     H2Upstreams,
@@ -1027,9 +1028,7 @@ class _Session:
                         await peer.flush()
                 peer.close_inbox(up_id)
 
-    async def _response_head_h2(
-        self, receive: trio.MemoryReceiveChannel
-    ) -> h2.events.ResponseReceived | None:
+    async def _response_head_h2(self, receive: H2Events) -> h2.events.ResponseReceived | None:
         """The upstream stream's response head (h2 ResponseReceived); None when the stream
         was reset or its connection ended first. A 100 Continue the client waits for is
         relayed once; other 1xx are dropped, as on HTTP/1.1 upstreams."""
