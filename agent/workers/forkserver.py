@@ -26,9 +26,19 @@ import traceback
 
 from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV, prepare_to_fork
 
-# What both the agent and its workers import, none of it importing prometheus_client:
-# imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server).
+# Imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server): what
+# the agent and its workers both import, and the workers' own modules that make no metric when
+# imported. prometheus_client is among them: its storage is picked when a metric is made, from
+# ``values.ValueClass``, which the server sets for the workers (`use_workers_metric_storage`)
+# before it imports the modules that make metrics at import (proxy.live, proxy.lb, hbone.metrics,
+# common.h2guard, ...: tests/unit/test_worker_launch.py checks that none of these is here).
+# Each module imported after a fork is held by both sides, and importing it writes to pages the
+# fork shares with the agent (the reference counts of the interned names its code reuses): a
+# worker's import after the fork copied ~12 MiB of the agent's heap. Demo lab, PSS per node,
+# idle / after load: benchmarks/README.md (the node proxies' memory).
 SHARED = (
+    "prometheus_client",
+    "prometheus_client.multiprocess",
     "trio",
     "meshagent.agent.state",
     "meshagent.agent.identity.manager",
@@ -38,15 +48,53 @@ SHARED = (
     "meshagent.agent.datapath.loader",
     "meshagent.agent.meshing",
     "meshagent.common.httpserve",
+    "meshagent.common.heap",
+    "meshagent.common.listeners",
+    "meshagent.agent.telemetry.metrics",
+    "meshagent.agent.telemetry.page",
+    "meshagent.agent.telemetry.exposition",
+    "meshagent.agent.telemetry.process",
+    "meshagent.agent.telemetry.accesslog",
+    "meshagent.agent.telemetry.flows",
+    "meshagent.agent.workers.wire",
+    # the workers' alone
+    "h2.connection",
+    "httptools",
+    "meshagent.agent.hbone.protocol",
+    "meshagent.agent.hbone.tlsstream",
+    "meshagent.agent.proxy.limits",
+    "meshagent.agent.proxy.mtls",
+    "meshagent.agent.proxy.tls_origin",
+    "meshagent.agent.proxy.sni",
+    "meshagent.agent.proxy.trim",
+    "meshagent.agent.workers.mirror",
+    "meshagent.agent.datapath.join",
+    "meshagent.agent.policy.authorization",
+    "meshagent.common.extauthz",
 )
 
 
 def import_shared() -> bool:
     """Import `SHARED` here; False if a fork now would share what it must not (a thread, or
-    prometheus_client already imported with the agent's storage)."""
+    prometheus_client imported before, by code that may have made metrics with the agent's
+    storage)."""
+    imported_before = "prometheus_client" in sys.modules
     for name in SHARED:
         importlib.import_module(name)
-    return "prometheus_client" not in sys.modules and threading.active_count() == 1
+    return not imported_before and threading.active_count() == 1
+
+
+def use_workers_metric_storage() -> None:
+    """Make the metrics made from now on in this process use the storage its environment asks
+    for (``PROMETHEUS_MULTIPROC_DIR``: the workers' files). prometheus_client reads the
+    environment once, at its import, into ``values.ValueClass``, which every metric made later
+    calls for its values; the agent imported it before forking this server, without that
+    environment, so the server sets it again before it imports any module that makes metrics.
+    tests/unit/test_worker_launch.py checks that the forked server's metrics land in the
+    files and the agent's do not."""
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
 
 
 def run_forked(control: socket.socket, env: dict[str, str]) -> None:
@@ -54,7 +102,8 @@ def run_forked(control: socket.socket, env: dict[str, str]) -> None:
     rest of it), then serve; never returns."""
     code = 1
     try:
-        os.environ.update(env)  # before prometheus_client is imported: its storage
+        os.environ.update(env)
+        use_workers_metric_storage()  # before a module that makes metrics is imported
         logging.root.handlers.clear()  # the agent's; a worker sets up its own
         serve(control)
         code = 0

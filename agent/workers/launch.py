@@ -10,9 +10,9 @@ right after reading its config), then imports the agent while the server imports
 maps only once the agent has sent it its first message, that is once the datapath is in place
 (a first start builds it meanwhile). This module imports nothing heavy.
 
-Why a separate server and not a fork of the agent: prometheus_client picks its storage
-(multiprocess files or memory) when first imported and glibc/CPython pick the allocator at
-process start, and those differ between the agent and its workers.
+Why a separate server and not a fork of the agent: prometheus_client's storage (multiprocess
+files or memory) must be picked before any metric is made and glibc/CPython pick the allocator
+at process start, and those differ between the agent and its workers.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ class WorkerLaunch:
         """Start the fork server as a fork of this process (`meshagent run`, before trio runs):
         it first imports here what the agent and its workers both import, so that is done once.
         Only where this process already runs on the workers' allocator and has not imported
-        prometheus_client (it picks its storage when imported); False if not (then
-        ``start_server`` execs one)."""
+        prometheus_client (code that did may have made metrics with the agent's storage); False
+        if not (then ``start_server`` execs one)."""
         if not allocator_in_force():
             return False
         from meshagent.agent.workers.forkserver import import_shared

@@ -27,6 +27,25 @@ def test_launching_workers_imports_nothing_heavy():
     assert out.stdout.strip() == "[]"
 
 
+def test_what_the_agent_imports_for_its_workers_makes_no_metric():
+    """`forkserver.SHARED` is imported by the agent before the fork, with the agent's metrics
+    storage: a metric made then would be in memory in every worker, not in their files."""
+    code = (
+        "import gc, json, sys\n"
+        "from meshagent.agent.workers.forkserver import import_shared\n"
+        "assert import_shared()\n"
+        "from prometheus_client.metrics import MetricWrapperBase\n"
+        "made = [o for o in gc.get_objects() if isinstance(o, MetricWrapperBase)]\n"
+        "print(json.dumps({'metrics': len(made), 'modules': sorted(sys.modules)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["metrics"] == 0
+    makers = {"meshagent.agent.proxy.live", "meshagent.agent.proxy.lb", "meshagent.common.h2guard"}
+    assert makers.isdisjoint(seen["modules"])
+    assert {"prometheus_client", "meshagent.agent.telemetry.metrics"} <= set(seen["modules"])
+
+
 def test_one_worker_means_none_started():
     assert launch.start_workers("{}", 1, Path("/nonexistent")) is None
 
@@ -135,8 +154,13 @@ while (w := plan.take(0)) is None:
 def parent(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 out = {"forked": forked, "server_parent": parent(plan.server.pid), "me": os.getpid(),
-       "worker_parent": parent(w.process.pid), "server": plan.server.pid,
-       "prometheus_here": "prometheus_client" in sys.modules}
+       "worker_parent": parent(w.process.pid), "server": plan.server.pid, "worker": w.process.pid,
+       "prometheus_here": "prometheus_client" in sys.modules,
+       "metric_files": sorted(p.name for p in folder.glob("*.db"))}
+if forked:
+    from prometheus_client import Counter
+    Counter("meshtest_agent_made", "made by the agent after the fork").inc()  # in memory
+    out["files_after_agent_metric"] = sorted(p.name for p in folder.glob("*.db"))
 plan.started[0] = w
 plan.close()
 print(json.dumps(out))
@@ -155,7 +179,13 @@ def test_the_fork_server_is_a_fork_of_the_agent_on_the_workers_allocator():
     seen = _run_forked({**os.environ, **launch.WORKER_ALLOCATOR})
     assert seen["forked"] and seen["server_parent"] == seen["me"]
     assert seen["worker_parent"] == seen["server"]
-    assert not seen["prometheus_here"]  # the agent picks its own metrics storage later
+    # imported once, before the fork, for both (issue 18 item 4: less memory per node) ...
+    assert seen["prometheus_here"]
+    # ... yet the metrics the server's imports made write to the workers' files, under the
+    # server's pid (or the worker's), and a metric the agent makes stays in the agent's memory
+    forks = (f"_{seen['server']}.db", f"_{seen['worker']}.db")
+    assert seen["metric_files"] and all(name.endswith(forks) for name in seen["metric_files"])
+    assert seen["files_after_agent_metric"] == seen["metric_files"]
 
 
 def test_on_another_allocator_the_fork_server_is_its_own_interpreter():
