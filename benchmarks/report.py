@@ -49,7 +49,10 @@ _C1 = "HTTP/1.1, 1 connection, one request at a time (wrk)"
 _C16 = "HTTP/1.1 keep-alive, 16 connections (wrk)"
 _FIXED = "HTTP/1.1 at a fixed rate, 1 KiB responses, 16 connections (wrk, paced)"
 _NEW = "New connection per request (wrk, Connection: close, 16 at a time)"
-_IDLE = "Idle proxied connections (proxies restarted, then N held)"
+_IDLE = (
+    "Idle proxied connections (proxies restarted, then a fifth of N held, then the rest: per "
+    "connection of the rest; the first fifth's figure includes the proxies' first-use growth)"
+)
 _MEM = (
     "Proxy memory at the end of the fixed-rate run (PSS: a page that processes share, as the "
     "agent's forked fork server and workers do, is split between them, so PSS adds up; RSS "
@@ -99,6 +102,7 @@ METRICS = (
     ),
     Metric("newconn_rps", _NEW, "requests = connections", "req/s", True),
     Metric("idle_kib_per_conn", _IDLE, "proxy memory per idle connection", "KiB", False),
+    Metric("idle_kib_first_batch", _IDLE, "the first fifth, first use included", "KiB", False),
     Metric("h2_rps", _H2, "requests", "req/s", True),
     Metric("h2_mean_ms", _H2, "mean latency", "ms", False),
     Metric("h2_cpu_per_krps", _H2, "proxy CPU per 1,000 req/s, both nodes", "cores", False),

@@ -290,7 +290,15 @@ def chart_panels(metrics: list[dict], settings) -> list:
         Panel(
             "Idle proxied connections",
             "KiB per connection",
-            groups([(f"{settings.idle_connections:,} held", "idle_kib_per_conn")]),
+            groups(
+                [
+                    (
+                        f"each of the last {settings.idle_connections * 4 // 5:,}",
+                        "idle_kib_per_conn",
+                    ),
+                    ("first fifth", "idle_kib_first_batch"),
+                ]
+            ),
         ),
     ]
     return panels
