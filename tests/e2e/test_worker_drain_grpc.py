@@ -16,8 +16,11 @@ a few calls failed as "connection termination" resets and one request lost its m
 UNAVAILABLE "connection termination", and 1 in ~10,000 that got its DATA but never its
 trailers, DEADLINE_EXCEEDED, even with no worker replaced) were frames lost by the HTTP/2
 engine: a flush whose task was cancelled (a request pump, once its call's response ended) took
-every stream's queued frames with it (H2Peer._send). A failure, a step's too, shows every failed
-call with its time and each step's.
+every stream's queued frames with it (H2Peer._send). Then, once in a whole-suite run, 4 calls
+of the same-node channel failed as UNAVAILABLE "Socket closed" when the drain's fixed 1 s grace
+ended: streams the client opened before it had read the GOAWAY met the close; the drain now
+waits for the client's answer to a PING sent behind the GOAWAY. A failure, a step's too, shows
+every failed call with its time and each step's.
 """
 
 from __future__ import annotations
