@@ -1007,3 +1007,41 @@ async def test_a_streams_events_come_in_order_to_its_one_task_as_from_a_memory_c
     assert waited.cancelled_caught and events.waiter is None
     events.send_nowait("c")
     assert await events.receive() == "c"
+
+
+async def test_an_upstream_connection_that_got_goaway_is_closed_once_its_streams_are_done():
+    """A server's graceful GOAWAY (a draining proxy): the stream in flight keeps its
+    connection; once it is done the engine closes the connection itself, so the server's
+    drain ends then and not at its close timeout."""
+    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
+    cluster = Clusters().get(spec)
+    endpoint = cluster.pick([])
+    assert endpoint is not None
+    server_ends = []
+
+    async def connect(_endpoint, _port, _spec=None):
+        near, far = memory_stream_pair()
+        server_ends.append(far)
+        return near
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            upstreams = H2Upstreams(connect, nursery)
+            peer = await upstreams.acquire(cluster, endpoint)
+            server = H2Peer(server_ends[0], h2wire.new_connection(client_side=False))
+            ended = trio.Event()
+
+            async def serve() -> None:
+                await server.run(lambda event: False)
+                ended.set()
+
+            nursery.start_soon(serve)
+            await server.flush()
+            await server.announce_shutdown(b"drain-01")
+            await trio.testing.wait_all_tasks_blocked()
+            assert peer.goaway and not ended.is_set()  # a stream is still given out on it
+            upstreams.done(peer, cluster)
+            await ended.wait()  # the engine closed the connection: the server read its end
+            await trio.testing.wait_all_tasks_blocked()
+            assert not upstreams.upstreams.get(endpoint.address)  # and forgot it
+            nursery.cancel_scope.cancel()

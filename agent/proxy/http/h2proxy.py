@@ -709,12 +709,30 @@ class H2Upstreams:
             self.nursery.start_soon(self._run_upstream, key, peer, idle_timeout)
             return peer.reserve()
 
+    @staticmethod
+    async def _close_when_done(peer: H2Peer) -> None:
+        """The server said GOAWAY (a draining proxy, a server shutting down): no new stream
+        goes on the connection, and once the streams it still carries are done this side
+        closes it, as gRPC's clients do, so the server's drain ends then, not at its timeout."""
+        while peer.active:
+            await trio.sleep(_DRAIN_POLL)
+        await trio.aclose_forcefully(peer.stream)
+
     async def _run_upstream(self, key: str, peer: H2Peer, idle_timeout: float | None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 if idle_timeout is not None and idle_timeout < math.inf:
                     nursery.start_soon(self._close_when_idle, peer, idle_timeout)
-                await peer.run(lambda event: False)
+                closing = False
+
+                def on_event(event: h2.events.Event) -> bool:
+                    nonlocal closing
+                    if isinstance(event, h2.events.ConnectionTerminated) and not closing:
+                        closing = True
+                        nursery.start_soon(self._close_when_done, peer)
+                    return False
+
+                await peer.run(on_event)
                 nursery.cancel_scope.cancel()
         finally:
             peers = self.upstreams.get(key, [])
