@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshagent.common.netns import netns_cookie
@@ -70,11 +73,23 @@ def pod_netns_cookie(pid: int) -> int:
     return netns_cookie(f"/proc/{pid}/ns/net")
 
 
-class NetnsScanner:
-    """Maps wanted pod IPs to namespace cookies; keeps a cache across scans."""
+# How long a namespace that holds no wanted IP is not looked at again (unless new IPs are
+# wanted): its addresses are read from two /proc files, and a node has many such namespaces
+# (pods not in the mesh, the host's own) while the scan runs every `discovery_interval`.
+OTHERS_RECHECK_S = 5.0
 
-    def __init__(self) -> None:
+
+class NetnsScanner:
+    """Maps wanted pod IPs to namespace cookies; keeps a cache across scans: of the namespaces
+    found (by inode), and of the others' addresses, read again when new IPs are wanted or
+    OTHERS_RECHECK_S later (an address may come to a namespace after it was looked at)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._cache: dict[int, PodNetns] = {}
+        self._others: set[int] = set()  # inodes of namespaces that hold no wanted IP
+        self._others_since = -math.inf
+        self._wanted: frozenset[str] = frozenset()
+        self._clock = clock
         self._own_inode = os.stat("/proc/self/ns/net").st_ino
 
     def scan(self, wanted_ips: set[str]) -> dict[str, PodNetns]:
@@ -92,13 +107,22 @@ class NetnsScanner:
         for inode in list(self._cache):
             if inode not in seen:
                 del self._cache[inode]  # namespace gone
+        self._others &= seen.keys()
+        now = self._clock()
+        if not wanted_ips <= self._wanted or now >= self._others_since + OTHERS_RECHECK_S:
+            self._others.clear()  # new pods wanted, or time to look again
+            self._others_since = now
+        self._wanted = frozenset(wanted_ips)
         found: dict[str, PodNetns] = {}
         for inode, pid in seen.items():
             ns = self._cache.get(inode)
             if ns is None:
+                if inode in self._others:
+                    continue
                 ips = _local_ips(pid)
                 if not ips & wanted_ips:
-                    continue  # not cached: a namespace with a new pod IP is looked at again
+                    self._others.add(inode)
+                    continue
                 try:
                     ns = PodNetns(inode=inode, pid=pid, cookie=pod_netns_cookie(pid), ips=ips)
                 except OSError as exc:
