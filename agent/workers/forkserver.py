@@ -7,11 +7,12 @@ worker index with the worker's end of its own socket pair (SCM_RIGHTS); the answ
 "<index> <pid>" with the worker's pidfd. It exits when the agent closes the pair, so it never
 outlives the agent (nor do the workers: each exits when its own pair closes).
 
-It forks before anything that must not be shared: no thread runs here, trio is imported but
-never run, no metric exists yet (a worker makes its own after the fork, and prometheus_client
-resets its files when it sees a new pid). The agent learns of a worker's exit from its pidfd;
-this server reaps exited workers at each request (a dead worker is followed by a request for
-its successor, so zombies do not pile up), and not before it has opened the new one's pidfd.
+It forks before anything that must not be shared: no thread runs here, trio is imported but never
+run, and the metrics that exist (made at import, in the workers' storage) have no value yet:
+prometheus_client opens a process's own files at its first use in that process. The agent learns of
+a worker's exit from its pidfd; this server reaps exited workers at each request (a dead worker is
+followed by a request for its successor, so zombies do not pile up), and not before it has opened
+the new one's pidfd.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV, pre
 
 # Imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server): what
 # the agent and its workers both import, and the workers' own modules that make no metric when
-# imported. prometheus_client is among them: its storage is picked when a metric is made, from
-# ``values.ValueClass``, which the server sets for the workers (`use_workers_metric_storage`)
-# before it imports the modules that make metrics at import (proxy.live, proxy.lb, hbone.metrics,
-# common.h2guard, ...: tests/unit/test_worker_launch.py checks that none of these is here).
-# Each module imported after a fork is held by both sides, and importing it writes to pages the
-# fork shares with the agent (the reference counts of the interned names its code reuses): a
-# worker's import after the fork copied ~12 MiB of the agent's heap. Demo lab, PSS per node,
-# idle / after load: benchmarks/README.md (the node proxies' memory).
+# imported; then `import_workers_code` imports the rest with the workers' metric storage.
+# prometheus_client is here: its storage is picked when a metric is made, from
+# ``values.ValueClass``. Each module imported after a fork is held by both sides, and importing
+# it writes to pages the fork shares with the agent (the reference counts of the interned names
+# its code reuses): a worker's import after the fork copied ~12 MiB of the agent's heap. Demo
+# lab, PSS per node, idle / after load: benchmarks/README.md (the node proxies' memory).
 SHARED = (
     "prometheus_client",
     "prometheus_client.multiprocess",
@@ -84,17 +83,47 @@ def import_shared() -> bool:
     return not imported_before and threading.active_count() == 1
 
 
-def use_workers_metric_storage() -> None:
-    """Make the metrics made from now on in this process use the storage its environment asks
-    for (``PROMETHEUS_MULTIPROC_DIR``: the workers' files). prometheus_client reads the
-    environment once, at its import, into ``values.ValueClass``, which every metric made later
-    calls for its values; the agent imported it before forking this server, without that
-    environment, so the server sets it again before it imports any module that makes metrics.
-    tests/unit/test_worker_launch.py checks that the forked server's metrics land in the
-    files and the agent's do not."""
+# The workers' metric storage made in the agent (`import_workers_code`), for the server it forks
+_workers_values: type | None = None
+
+
+def import_workers_code(metrics_env: dict[str, str]) -> None:
+    """Import the rest of a worker's code here too (after `import_shared`, before the fork),
+    with the workers' metric storage: the modules that make metrics when imported (proxy.live,
+    proxy.lb, hbone.metrics, common.h2guard, ...) make them in the workers' files, as a
+    prometheus_client application that imports its code before forking its workers does
+    (multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` set at the metric's making; each value
+    opens its process's own file again once it finds itself in another process). Then this
+    process goes back to its own storage, in memory, for the metrics it makes later. The
+    storage is what ``values.ValueClass`` holds when a metric is made: prometheus_client sets
+    it from the environment at its import. No thread may run (the environment changes)."""
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()
+    global _workers_values
+    agents_values = values.ValueClass
+    saved = {key: os.environ.get(key) for key in metrics_env}
+    os.environ.update(metrics_env)
+    try:
+        values.ValueClass = _workers_values = values.get_value_class()
+        importlib.import_module("meshagent.agent.workers.worker")
+    finally:
+        values.ValueClass = agents_values
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def use_workers_metric_storage() -> None:
+    """Make the metrics made from now on in this process use the workers' storage: the one
+    the agent made for them before the fork (`import_workers_code`: one set of files per
+    process for every metric), else the one the environment asks for
+    (``PROMETHEUS_MULTIPROC_DIR``). tests/unit/test_worker_launch.py checks that the workers'
+    metrics land in the files and the agent's do not."""
+    from prometheus_client import values
+
+    values.ValueClass = _workers_values or values.get_value_class()
 
 
 def run_forked(control: socket.socket, env: dict[str, str]) -> None:
@@ -103,7 +132,7 @@ def run_forked(control: socket.socket, env: dict[str, str]) -> None:
     code = 1
     try:
         os.environ.update(env)
-        use_workers_metric_storage()  # before a module that makes metrics is imported
+        use_workers_metric_storage()  # for the metrics made from now on
         logging.root.handlers.clear()  # the agent's; a worker sets up its own
         serve(control)
         code = 0

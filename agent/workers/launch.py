@@ -133,16 +133,19 @@ class WorkerLaunch:
 
     def fork_server(self) -> bool:
         """Start the fork server as a fork of this process (`meshagent run`, before trio runs):
-        it first imports here what the agent and its workers both import, so that is done once.
-        Only where this process already runs on the workers' allocator and has not imported
-        prometheus_client (code that did may have made metrics with the agent's storage); False
-        if not (then ``start_server`` execs one)."""
+        it first imports here what the agent and its workers both import, so that is done once, and
+        the rest of a worker's code, its metrics made in the workers' storage
+        (forkserver.import_workers_code: each module is then held once per node). Only where this
+        process already runs on the workers' allocator and has not imported prometheus_client (code
+        that did may have made metrics with the agent's storage); False if not (then
+        ``start_server`` execs one)."""
         if not allocator_in_force():
             return False
-        from meshagent.agent.workers.forkserver import import_shared
+        from meshagent.agent.workers.forkserver import import_shared, import_workers_code
 
         if not import_shared():
             return False
+        import_workers_code(self.metrics_env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         prepare_to_fork()
         pid = os.fork()

@@ -159,8 +159,13 @@ out = {"forked": forked, "server_parent": parent(plan.server.pid), "me": os.getp
        "metric_files": sorted(p.name for p in folder.glob("*.db"))}
 if forked:
     from prometheus_client import Counter
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from meshagent.agent.telemetry.exposition import in_multiprocess_mode
+    out["agent_multiprocess"] = in_multiprocess_mode()
     Counter("meshtest_agent_made", "made by the agent after the fork").inc()  # in memory
     out["files_after_agent_metric"] = sorted(p.name for p in folder.glob("*.db"))
+    out["families_in_files"] = sorted(
+        m.name for m in MultiProcessCollector(None, path=str(folder)).collect())
 plan.started[0] = w
 plan.close()
 print(json.dumps(out))
@@ -182,10 +187,14 @@ def test_the_fork_server_is_a_fork_of_the_agent_on_the_workers_allocator():
     # imported once, before the fork, for both (issue 18 item 4: less memory per node) ...
     assert seen["prometheus_here"]
     # ... yet the metrics the server's imports made write to the workers' files, under the
-    # server's pid (or the worker's), and a metric the agent makes stays in the agent's memory
-    forks = (f"_{seen['server']}.db", f"_{seen['worker']}.db")
+    # agent's pid (the workers' code imported before the fork: zeros), the server's or the
+    # worker's, and a metric the agent makes after the fork stays in the agent's memory
+    forks = (f"_{seen['me']}.db", f"_{seen['server']}.db", f"_{seen['worker']}.db")
     assert seen["metric_files"] and all(name.endswith(forks) for name in seen["metric_files"])
     assert seen["files_after_agent_metric"] == seen["metric_files"]
+    assert not seen["agent_multiprocess"]
+    assert "meshagent_hbone_inbound_connections" in seen["families_in_files"]
+    assert "meshtest_agent_made" not in seen["families_in_files"]
 
 
 def test_on_another_allocator_the_fork_server_is_its_own_interpreter():
