@@ -25,8 +25,8 @@ from meshagent.agent.proxy.http.h2proxy import (
     serve_detected,
 )
 from meshagent.agent.proxy.http.memstream import BUFFER_LIMIT, memory_stream_pair
-from meshagent.agent.proxy.http.types import HttpContext, LocalResponse, RequestRecord
-from meshagent.agent.proxy.lb import Clusters
+from meshagent.agent.proxy.http.types import Connect, HttpContext, LocalResponse, RequestRecord
+from meshagent.agent.proxy.lb import Clusters, ClusterState, EndpointState
 from meshagent.agent.proxy.routing import (
     ClusterKey,
     ClusterSpec,
@@ -62,6 +62,23 @@ def _one_endpoint(policy: TrafficPolicy) -> tuple[ClusterSpec, HttpRoutes]:
     )
     spec = ClusterSpec(ClusterKey(HOST, 80, ""), (endpoint,), policy)
     return spec, HttpRoutes(HOST, 80, (HttpRoute("default", (), WeightedClusters.of([(spec, 1)])),))
+
+
+def _memory_upstream() -> tuple[ClusterState, EndpointState, list, Connect]:
+    """A cluster of one endpoint and a connect that opens in-memory streams to it; each
+    stream's far end is appended to the list, for the test to play the server."""
+    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
+    cluster = Clusters().get(spec)
+    endpoint = cluster.pick([])
+    assert endpoint is not None
+    far_ends: list = []
+
+    async def connect(_endpoint, _port, _spec=None):
+        near, far = memory_stream_pair()
+        far_ends.append(far)
+        return near
+
+    return cluster, endpoint, far_ends, connect
 
 
 async def _echo_server(stream, name: str, seen: list) -> None:
@@ -750,16 +767,7 @@ async def test_a_connection_closing_with_goaway_takes_no_new_stream_meanwhile():
     """While the GOAWAY of an upstream connection being closed waits to be written, the
     connection is already closed to new streams: the next request opens another (one was put
     on the closing one: h2 refused it, 503 UO)."""
-    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
-    cluster = Clusters().get(spec)
-    endpoint = cluster.pick([])
-    assert endpoint is not None
-    servers: list = []
-
-    async def connect(_endpoint, _port, _spec=None):
-        near, far = memory_stream_pair()
-        servers.append(far)
-        return near
+    cluster, endpoint, servers, connect = _memory_upstream()
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -781,16 +789,7 @@ async def test_a_stream_on_an_open_upstream_connection_costs_no_scheduler_round_
     """Taking a stream on an upstream connection that has room is plain bookkeeping: no
     checkpoint (the lock that serializes connects per endpoint, a scheduler round trip per
     request, is taken only to open one); a connect still happens once per endpoint."""
-    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
-    cluster = Clusters().get(spec)
-    endpoint = cluster.pick([])
-    assert endpoint is not None
-    connects = []
-
-    async def connect(_endpoint, _port, _spec=None):
-        near, far = memory_stream_pair()
-        connects.append(far)
-        return near
+    cluster, endpoint, connects, connect = _memory_upstream()
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -1013,16 +1012,7 @@ async def test_an_upstream_connection_that_got_goaway_is_closed_once_its_streams
     """A server's graceful GOAWAY (a draining proxy): the stream in flight keeps its
     connection; once it is done the engine closes the connection itself, so the server's
     drain ends then and not at its close timeout."""
-    spec, _ = _one_endpoint(TrafficPolicy(lb="ROUND_ROBIN"))
-    cluster = Clusters().get(spec)
-    endpoint = cluster.pick([])
-    assert endpoint is not None
-    server_ends = []
-
-    async def connect(_endpoint, _port, _spec=None):
-        near, far = memory_stream_pair()
-        server_ends.append(far)
-        return near
+    cluster, endpoint, server_ends, connect = _memory_upstream()
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:

@@ -63,6 +63,7 @@ from meshagent.agent.proxy.http import h2wire
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.agent.proxy.http.mirror import MIRROR_TIMEOUT
+from meshagent.agent.proxy.http.pool import RECEIVE_SIZE  # below the workers' mmap threshold
 from meshagent.agent.proxy.http.retry import (
     Outcome,
     backoff,
@@ -101,7 +102,6 @@ log = logging.getLogger(__name__)
 _BUSY_RECHECK = 1.0
 abuse_log = RateLimitedLog(log)  # a flood of abusive connections must not flood the log
 
-RECEIVE_SIZE = 32 * 1024  # below the workers' mmap threshold, as pool.RECEIVE_SIZE
 CLOSE_TIMEOUT = 1.0  # to send a reset or GOAWAY when a stream or connection is torn down
 _DRAIN_POLL = 0.05  # how often a draining connection looks whether its streams are done
 # A drain's first GOAWAY (last stream id 2^31-1) goes with a PING: once the client answers it,
