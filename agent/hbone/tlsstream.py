@@ -28,6 +28,7 @@ import contextlib
 import errno
 import mmap
 import operator
+import os
 import ssl
 
 import trio
@@ -71,6 +72,9 @@ class TlsStream(trio.abc.Stream):
         self._receiving = False
         self._sending = False
         self._buffer: mmap.mmap | None = None  # ciphertext reads (SocketStream transports)
+        self._drained = False  # the last socket read did not fill the buffer
+        self._waited = False  # this receive_some waited for the socket (a checkpoint)
+        self._unsent = b""  # ciphertext `send_now` encrypted but the socket did not take yet
 
     # --- what callers ask the TLS session --------------------------------------------
 
@@ -106,6 +110,8 @@ class TlsStream(trio.abc.Stream):
 
     async def _send_ciphertext(self) -> None:
         data = self._outgoing.read()
+        if self._unsent:  # what `send_now` left goes first
+            data, self._unsent = self._unsent + data, b""
         if data:
             try:
                 await self.transport.send_all(data)
@@ -141,7 +147,11 @@ class TlsStream(trio.abc.Stream):
                 raise self._break(exc, "TLS handshake failed") from exc
 
     async def _receive_ciphertext(self) -> bool:
-        """Move what the transport has (waiting for some) into the incoming BIO; False at EOF."""
+        """Move what the transport has (waiting for some) into the incoming BIO; False at EOF.
+
+        Over a socket, read without trio's socket call: after a read that did not fill the
+        buffer (the socket drained) wait for readiness first, instead of a read that fails
+        with EAGAIN (an exception) before every wait; a read is then one system call."""
         try:
             if not isinstance(self.transport, trio.SocketStream):
                 data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -149,13 +159,24 @@ class TlsStream(trio.abc.Stream):
                 return bool(data)
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, RECEIVE_SIZE)
-            count = await self.transport.socket.recv_into(self._buffer)
+            sock = self.transport.socket
+            if self._drained:
+                await trio.lowlevel.wait_readable(sock)
+                self._waited = True
+            while True:
+                try:
+                    count = os.readv(sock.fileno(), (self._buffer,))
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    self._waited = True
         except trio.BrokenResourceError as exc:
             raise self._break(exc.__cause__ or exc, "transport failed") from exc
         except OSError as exc:  # as trio.SocketStream.receive_some sorts them
             if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise self._break(exc, "transport failed") from exc
+        self._drained = count < RECEIVE_SIZE
         with memoryview(self._buffer) as view, view[:count] as received:
             self._incoming.write(received)
         return count > 0
@@ -195,6 +216,7 @@ class TlsStream(trio.abc.Stream):
         if limit < 1:
             raise ValueError("max_bytes must be >= 1")
         self._receiving = True
+        self._waited = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
@@ -204,7 +226,8 @@ class TlsStream(trio.abc.Stream):
                 self._check()
                 chunks = self._decrypt(limit)
                 if chunks:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not self._waited:  # a wait for the socket was this call's checkpoint
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 if self._eof:
                     continue
@@ -220,16 +243,63 @@ class TlsStream(trio.abc.Stream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check()
-            if not data:
+            if not data and not self._unsent:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
-            try:
-                self.ssl_object.write(data)
-            except ssl.SSLError as exc:
-                raise self._break(exc, "TLS error") from exc
+            if data:
+                try:
+                    self.ssl_object.write(data)
+                except ssl.SSLError as exc:
+                    raise self._break(exc, "TLS error") from exc
             await self._send_ciphertext()
         finally:
             self._sending = False
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of ciphertext `send_now` left for the next `send_all`."""
+        return len(self._unsent)
+
+    @property
+    def can_send_now(self) -> bool:
+        """Whether `send_now` may be tried now: a socket transport, a healthy session, no
+        `send_all` in progress and nothing left over from an earlier `send_now`."""
+        return (
+            self._handshake_done
+            and not self._sending
+            and not self._unsent
+            and self._broken is None
+            and not self._closed
+            and isinstance(self.transport, trio.SocketStream)
+        )
+
+    def send_now(self, data: bytes) -> bool:
+        """Encrypt ``data`` and hand it to the socket without a trip through the scheduler:
+        True if the socket took all of it. What it did not take waits for the next
+        `send_all` (``send_all(b"")`` flushes it). Only when `can_send_now`.
+
+        Why: a small message through the tunnel otherwise wakes the connection's writer task
+        for one `send_all`, which with trio's checkpoints is several scheduler rounds per
+        message (HboneConnection._push). A socket error breaks the stream and raises
+        `trio.BrokenResourceError`, as `send_all` would.
+        """
+        assert self.can_send_now
+        try:
+            self.ssl_object.write(data)
+        except ssl.SSLError as exc:
+            raise self._break(exc, "TLS error") from exc
+        ciphertext = self._outgoing.read()
+        assert isinstance(self.transport, trio.SocketStream)
+        try:
+            sent = os.write(self.transport.socket.fileno(), ciphertext)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._break(exc, "TLS send failed") from exc
+        if sent < len(ciphertext):
+            self._unsent = ciphertext[sent:]
+            return False
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:

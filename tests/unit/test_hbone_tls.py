@@ -4,6 +4,7 @@ in-memory streams and a local socket pair."""
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import tracemalloc
 from functools import partial
@@ -281,3 +282,60 @@ async def test_tls_stream_reports_a_refused_client_certificate_to_both_sides(ca,
         await client.receive_some()
     assert isinstance(caught.value.__cause__, ssl.SSLError)
     assert "UNKNOWN_CA" in str(caught.value.__cause__)
+
+
+async def test_send_now_writes_to_the_socket_and_leaves_what_it_did_not_take_for_send_all(
+    ca, leaves
+):
+    client, server = await _tls_pair(ca, leaves, _socket_pair)
+    assert client.can_send_now
+    assert client.send_now(b"hello")  # no await: in the socket already
+    assert await server.receive_some() == b"hello"
+    # Nobody reads: the socket takes part of 8 MiB and the rest waits in the stream.
+    payload = bytes(range(256)) * 32_768
+    assert not client.send_now(payload)
+    assert client.unsent > 0
+    assert not client.can_send_now  # until the rest went out
+    received = bytearray()
+
+    async def read(n: int) -> None:
+        while len(received) < n:
+            received.extend(await server.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, len(payload) + 4)
+        await client.send_all(b"")  # sends what was left, first
+        await client.send_all(b"tail")
+    assert received == payload + b"tail"
+    assert client.unsent == 0 and client.can_send_now
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_tls_stream_waits_for_the_socket_after_a_short_read_instead_of_failing_reads(
+    ca, leaves, monkeypatch
+):
+    import meshagent.agent.hbone.tlsstream as tlsstream
+
+    failed = 0
+    real_readv = os.readv
+
+    def counting_readv(fd, buffers):
+        nonlocal failed
+        try:
+            return real_readv(fd, buffers)
+        except BlockingIOError:
+            failed += 1
+            raise
+
+    monkeypatch.setattr(tlsstream.os, "readv", counting_readv)
+    client, server = await _tls_pair(ca, leaves, _socket_pair)
+    failed = 0  # the handshake's reads do not count
+    for i in range(50):
+        await client.send_all(b"ping %d" % i)
+        assert await server.receive_some() == b"ping %d" % i
+        await server.send_all(b"pong %d" % i)
+        assert await client.receive_some() == b"pong %d" % i
+    assert failed <= 2, f"{failed} socket reads found nothing for 100 messages"
+    await client.aclose()
+    await server.aclose()
