@@ -37,7 +37,6 @@ given such a result resumes the connection (in the other process) with the other
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import math
 import os
@@ -48,6 +47,7 @@ from typing import Protocol
 
 import trio
 from meshagent.agent.hbone.connection import TunnelStream
+from meshagent.agent.proxy import sockio
 
 CHUNK = 256 * 1024
 # What a read asks for until one brings at least this much: a socket read allocates what it
@@ -161,73 +161,25 @@ async def _pipe(
     ended: Callable[[], None] | None = None,
 ) -> None:
     """One direction through Python; a tap's `seen` is shown each batch after it went out (so
-    the tap adds no latency), `ended` its end.
-
-    A TCP socket on either side is read and written without trio's socket calls
-    (`_receive_from`, `_send_to`): trio tries every call before it waits and makes each a
-    checkpoint, so a small message cost a failed read (an exception) and two scheduler rounds
-    per socket. Here a read that came back short (the socket drained) waits for readiness
-    first, a write the socket takes whole returns at once, and the loop yields to the
-    scheduler once per batch that did not wait (a busy direction stays fair)."""
+    the tap adds no latency), `ended` its end. A TCP socket on either side goes through
+    `sockio`: after a read that came back short (the socket drained) the next waits for
+    readiness first, and a write the socket takes whole is one system call."""
     size = SMALL_READ
-    src_socket = src.socket if type(src) is trio.SocketStream else None
-    dst_socket = dst.socket if type(dst) is trio.SocketStream else None
     drained = False
     while True:
-        if src_socket is not None:
-            if drained:
-                await trio.lowlevel.wait_readable(src_socket)
-            data = await _receive_from(src_socket, size)
-        else:
-            data = await src.receive_some(size)
+        data = await sockio.receive_some(src, size, drained)
         if not data:
             break
-        if dst_socket is None:
-            await dst.send_all(data)
-        else:
-            sent = _send_to(dst_socket, data)
-            if sent < len(data):  # the socket is full: wait for it as trio does
-                await dst.send_all(memoryview(data)[sent:])
+        await sockio.send_all(dst, data)
         count(len(data))
         if seen is not None:
             seen(data)
         drained = len(data) < size
-        if src_socket is not None and not drained:
-            await trio.lowlevel.checkpoint()  # a busy direction still lets others run
         size = CHUNK if len(data) >= SMALL_READ else SMALL_READ
     if ended is not None:
         ended()
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
-
-
-def _broken(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    """An OSError of a socket call as trio's streams raise it."""
-    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-        return trio.ClosedResourceError("this socket was already closed")
-    return trio.BrokenResourceError(f"socket error: {exc}")
-
-
-async def _receive_from(sock: trio.socket.SocketType, size: int) -> bytes:
-    """Up to ``size`` bytes (b"" at EOF), waiting for readiness only if none are there."""
-    fd = sock.fileno()
-    while True:
-        try:
-            return os.read(fd, size)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-        except OSError as exc:
-            raise _broken(exc) from exc
-
-
-def _send_to(sock: trio.socket.SocketType, data: bytes) -> int:
-    """Write what the socket takes of ``data`` now, without waiting; how much it took."""
-    try:
-        return os.write(sock.fileno(), data)
-    except BlockingIOError:
-        return 0
-    except OSError as exc:
-        raise _broken(exc) from exc
 
 
 def _grow_pipe(w: int) -> None:

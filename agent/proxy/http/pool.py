@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from contextlib import asynccontextmanager, suppress
 
 import trio
+from meshagent.agent.proxy import sockio
 from meshagent.agent.proxy.http import wire
 from meshagent.agent.proxy.http.types import Connect, UpstreamError
 from meshagent.agent.proxy.lb import ClusterState, EndpointState
@@ -120,7 +121,7 @@ class UpstreamConnection:
     async def send_bytes(self, data: bytes | bytearray) -> None:
         if data:
             try:
-                await self.stream.send_all(data)
+                await sockio.send_all(self.stream, data)
             except STREAM_ERRORS as exc:
                 raise UpstreamError("reset", f"send failed: {exc}") from exc
 
@@ -141,7 +142,8 @@ class UpstreamConnection:
     async def fill(self) -> None:
         """Receive more from the server into the codec; UpstreamError("reset") if that fails."""
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            # a response's first bytes take the server's time: wait for them first (sockio)
+            data = await sockio.receive_some(self.stream, RECEIVE_SIZE, not self.cycle_bytes)
         except STREAM_ERRORS as exc:
             raise UpstreamError("reset", f"receive failed: {exc}") from exc
         self.cycle_bytes += len(data)

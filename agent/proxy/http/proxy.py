@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import h2.events
 import trio
+from meshagent.agent.proxy import sockio
 from meshagent.agent.proxy.http import h2upgrade, h2wire, wire
 from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
@@ -313,7 +314,7 @@ class _Session:
             if event is not wire.NEED_DATA:
                 return event
             try:
-                data = await self.client.receive_some(RECEIVE_SIZE)
+                data = await sockio.receive_some(self.client, RECEIVE_SIZE, False)
             except CLIENT_ERRORS as exc:
                 raise _ClientGone from exc
             self.conn.receive_data(data)
@@ -334,7 +335,7 @@ class _Session:
     async def _send_bytes(self, data: bytes | bytearray | None) -> None:
         if data:
             try:
-                await self.client.send_all(data)
+                await sockio.send_all(self.client, data)
             except CLIENT_ERRORS as exc:
                 raise _ClientGone from exc
 
@@ -360,7 +361,9 @@ class _Session:
                 if watched is not None:
                     watched.watch(wait)
                 try:
-                    data = await self.client.receive_some(RECEIVE_SIZE)
+                    # before a head begins the client waits for our answer: its socket is
+                    # empty, so wait for it first (sockio)
+                    data = await sockio.receive_some(self.client, RECEIVE_SIZE, not started)
                 except CLIENT_ERRORS:
                     return None
                 finally:

@@ -1,0 +1,70 @@
+"""Reading and writing a TCP socket stream with fewer trips through trio's scheduler.
+
+trio's socket calls try first and wait after: a read of a socket that has nothing yet
+raises EAGAIN (an exception with its message, and a system call for nothing) before every
+wait, and each call that succeeds is a checkpoint (a round through the scheduler). On the
+proxy's per-request path that was, per message and per socket, a failed read and two rounds.
+
+Here a caller that expects to wait (a read after the socket drained, the next request head
+on a keep-alive connection) waits for readiness first, and reads and writes are single
+system calls (os.read, os.write) on the socket's descriptor. A read that did not wait is a
+checkpoint (so a busy loop of reads stays fair); a write the socket takes whole is not (its
+caller waits for the answer next), and one it does not take waits as trio's does.
+
+Other streams (a tunnel stream, TLS, in-memory pairs in tests) take their own calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+
+__all__ = ["receive_some", "send_all"]
+
+
+def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """An OSError of a socket call as trio's `SocketStream` raises it."""
+    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket error: {exc}")
+
+
+async def receive_some(stream: trio.abc.ReceiveStream, size: int, wait_first: bool) -> bytes:
+    """Up to ``size`` bytes of ``stream`` (b"" at EOF). ``wait_first``: the socket is
+    probably empty (it drained, or the peer waits for our answer), so wait for it to be
+    readable before reading."""
+    if type(stream) is not trio.SocketStream:
+        return await stream.receive_some(size)
+    sock = stream.socket
+    waited = wait_first
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+    while True:
+        try:
+            data = os.read(sock.fileno(), size)
+            break
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+        except OSError as exc:
+            raise _error(exc) from exc
+    if not waited:
+        await trio.lowlevel.checkpoint()
+    return data
+
+
+async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
+    """All of ``data`` to ``stream``: at once if the socket takes it, else waiting for room."""
+    if type(stream) is not trio.SocketStream:
+        await stream.send_all(data)
+        return
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise _error(exc) from exc
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
