@@ -449,6 +449,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         # Called (with no argument) whenever `receive_some` would stop waiting: data, EOF,
         # reset, connection lost. The relay's idle wait uses it in place of a reader task.
         self.on_readable: Callable[[], None] | None = None
+        # Takes received bytes directly while this stream's reader waits for them, and says
+        # how many it took (the relay: written to its socket at once, `_feed`).
+        self.sink: Callable[[bytes], int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -479,6 +482,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self.on_readable()
 
     def _feed(self, data: bytes) -> None:
+        if data and self.sink is not None and self._receiving and self._lot:
+            # The reader is parked for data (not cancelled: a cancel takes it out of the lot
+            # at once) and holds none: what the sink takes now is what the reader would have
+            # been woken for, without the wake. Its window goes back as a read's would.
+            taken = self.sink(data)
+            if taken:
+                self._conn.h2.acknowledge_received_data(taken, self.stream_id)
+                if taken == len(data):
+                    return
+                data = data[taken:]
         if data:
             self._inbox.append(data)
             self._inbox_bytes += len(data)

@@ -12,7 +12,7 @@ twice through a Python bytes object, and one Python round trip moves up to a pip
 worth (1 MiB) rather than one read. The pipe is made on the first byte, so an idle
 connection holds none. Other streams (an HBONE tunnel) go through `receive_some` /
 `send_all`, and so does a relay with a `Tap` (the `observe` level's parser), which is shown
-each batch once it went out.
+each batch as it goes out (a request always before its response).
 
 Idle connections are most of a proxy's connections, so until either side has something
 to read the relay waits in the caller's task alone, as cheaply as trio allows: no
@@ -160,26 +160,63 @@ async def _pipe(
     seen: Callable[[bytes], None] | None = None,
     ended: Callable[[], None] | None = None,
 ) -> None:
-    """One direction through Python; a tap's `seen` is shown each batch after it went out (so
-    the tap adds no latency), `ended` its end. A TCP socket on either side goes through
+    """One direction through Python; a tap's `seen` is shown each batch just before it goes
+    out, `ended` its end. A TCP socket on either side goes through
     `sockio`: after a read that came back short (the socket drained) the next waits for
     readiness first, and a write the socket takes whole is one system call."""
     size = SMALL_READ
     drained = False
-    while True:
-        data = await sockio.receive_some(src, size, drained)
-        if not data:
-            break
-        await sockio.send_all(dst, data)
-        count(len(data))
-        if seen is not None:
-            seen(data)
-        drained = len(data) < size
-        size = CHUNK if len(data) >= SMALL_READ else SMALL_READ
+    sink = isinstance(src, TunnelStream) and type(dst) is trio.SocketStream
+    if sink:
+        src.sink = _Sink(dst.socket, count, seen)  # type: ignore[union-attr]
+    try:
+        while True:
+            data = await sockio.receive_some(src, size, drained)
+            if not data:
+                break
+            if seen is not None:
+                # Shown before it goes out: once it is out, the answer it causes may come
+                # back (through the other direction, or the tunnel reader's `_Sink`) before
+                # this task runs again, and the tap must see a request before its response.
+                seen(data)
+            await sockio.send_all(dst, data)
+            count(len(data))
+            drained = len(data) < size
+            size = CHUNK if len(data) >= SMALL_READ else SMALL_READ
+    finally:
+        if sink:
+            src.sink = None  # type: ignore[union-attr]
     if ended is not None:
         ended()
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
+
+
+class _Sink:
+    """A tunnel stream's bytes written to the relay's socket by the connection's reader
+    while the relay waits for them (`TunnelStream.sink`): a small message then costs no wake
+    of the relay's task. Counted and shown to the tap as the relay would; a write the socket
+    does not take whole, or an error, leaves the rest to the relay (which meets the error)."""
+
+    __slots__ = ("count", "seen", "sock")
+
+    def __init__(
+        self, sock: trio.socket.SocketType, count: Count, seen: Callable[[bytes], None] | None
+    ) -> None:
+        self.sock = sock
+        self.count = count
+        self.seen = seen
+
+    def __call__(self, data: bytes) -> int:
+        try:
+            taken = sockio.write_now(self.sock, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return 0
+        if taken:
+            self.count(taken)
+            if self.seen is not None:
+                self.seen(data if taken == len(data) else data[:taken])
+        return taken
 
 
 def _grow_pipe(w: int) -> None:
@@ -436,8 +473,9 @@ async def _pausable(
 
 
 class Tap(Protocol):
-    """Told a copy of what a relay moved, each direction in order, once it went out (the
-    `observe` level's parser, agent/proxy/http/observer.py). Must not raise."""
+    """Told a copy of what a relay moves, each direction in order, as it goes out, so that
+    a request is seen before its response (the `observe` level's parser,
+    agent/proxy/http/observer.py). Must not raise."""
 
     def request_data(self, data: bytes) -> None: ...
     def response_data(self, data: bytes) -> None: ...

@@ -21,7 +21,7 @@ import os
 
 import trio
 
-__all__ = ["receive_some", "send_all"]
+__all__ = ["receive_some", "send_all", "write_now"]
 
 
 def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -55,16 +55,21 @@ async def receive_some(stream: trio.abc.ReceiveStream, size: int, wait_first: bo
     return data
 
 
+def write_now(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> int:
+    """What the socket takes of ``data`` now, without waiting (0 if it is full)."""
+    try:
+        return os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise _error(exc) from exc
+
+
 async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
     """All of ``data`` to ``stream``: at once if the socket takes it, else waiting for room."""
     if type(stream) is not trio.SocketStream:
         await stream.send_all(data)
         return
-    try:
-        sent = os.write(stream.socket.fileno(), data)
-    except BlockingIOError:
-        sent = 0
-    except OSError as exc:
-        raise _error(exc) from exc
+    sent = write_now(stream.socket, data)
     if sent < len(data):
         await stream.send_all(memoryview(data)[sent:])

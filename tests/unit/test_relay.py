@@ -495,3 +495,134 @@ async def test_a_busy_direction_through_python_lets_other_tasks_run():
     assert ticks > 20
     for s in (app, client_side, upstream_side, server):
         await s.aclose()
+
+
+async def test_tunnel_bytes_reach_the_socket_from_the_tunnels_reader_in_order(monkeypatch):
+    """Tunnel to socket: while the relay waits, the connection's reader writes arriving bytes
+    to the socket itself (`_Sink`); a socket that does not take them whole leaves the rest
+    to the relay. Every byte arrives once and in order, counted and shown to the tap."""
+    import hashlib
+
+    from tests.unit.test_hbone_stream import Pair
+
+    taken_inline = 0
+    real_call = relay_mod._Sink.__call__
+
+    def counting_call(self, data: bytes) -> int:
+        nonlocal taken_inline
+        taken = real_call(self, data)
+        taken_inline += taken
+        return taken
+
+    monkeypatch.setattr(relay_mod._Sink, "__call__", counting_call)
+    app, pod_side = await _tcp_pair()
+    tap = _Tap()
+    messages = [os.urandom(n) for n in [50] * 40 + [200_000] * 20 + [70] * 20]
+    expected = b"".join(messages)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as outer:
+            pair = Pair(outer)
+            near, far = await pair.open()
+            result = relay_mod.RelayResult()
+            finished = trio.Event()
+
+            async def run() -> None:
+                await relay(far, pod_side, result, tap=tap)
+                finished.set()
+
+            outer.start_soon(run)
+            got = hashlib.sha256()
+            for i, message in enumerate(messages):
+                await near.send_all(message)
+                if i < 40 or i >= 60:  # small ones: one at a time, as requests go
+                    data = b""
+                    while len(data) < len(message):
+                        data += await app.receive_some(65536)
+                    assert data == message
+                    got.update(data)
+                elif i == 59:  # big ones piled up in the socket: read them all now
+                    want = sum(len(m) for m in messages[40:60])
+                    read = 0
+                    while read < want:
+                        chunk = await app.receive_some(65536)
+                        got.update(chunk)
+                        read += len(chunk)
+            assert got.hexdigest() == hashlib.sha256(expected).hexdigest()
+            await near.send_eof()
+            assert await app.receive_some(10) == b""
+            await app.send_eof()
+            await finished.wait()
+            outer.cancel_scope.cancel()
+    assert result.sent == len(expected) and result.received == 0
+    assert bytes(tap.request) == expected
+    assert taken_inline >= 40 * 50, "small messages did not go out from the tunnel's reader"
+    for s in (app, pod_side):
+        await s.aclose()
+
+
+async def test_a_cancelled_relay_writes_nothing_more_to_its_socket():
+    """A relay cancelled (a DENY on a live connection, issue 14) while it waits on the tunnel:
+    bytes arriving after the cancel are not written to the pod by the tunnel's reader."""
+    from tests.unit.test_hbone_stream import Pair
+
+    app, pod_side = await _tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            pair = Pair(outer)
+            near, far = await pair.open()
+            scope = trio.CancelScope()
+
+            async def run() -> None:
+                with scope:
+                    await relay(far, pod_side)
+
+            outer.start_soon(run)
+            await near.send_all(b"before")
+            assert await app.receive_some(100) == b"before"
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await near.send_all(b"after")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(0.2):
+                leaked = await app.receive_some(100)
+                raise AssertionError(f"{leaked!r} reached the pod after the cancel")
+            outer.cancel_scope.cancel()
+    for s in (app, pod_side):
+        await s.aclose()
+
+
+async def test_a_tap_sees_each_batch_before_it_goes_out():
+    """Once a request is out its response may come back through the other direction before
+    this one runs again (the tunnel reader writes it straight to the client): the tap must
+    have seen the request first, or the observer takes the response for an unmatched one."""
+    log: list[str] = []
+
+    class _Logged(_Wrapped):
+        async def send_all(self, data) -> None:
+            log.append(f"sent {bytes(data)!r}")
+            await self.inner.send_all(data)
+
+    class _LoggingTap(_Tap):
+        def request_data(self, data: bytes) -> None:
+            log.append(f"seen {data!r}")
+
+    app, client_side = await _tcp_pair()
+    upstream_side, server = await _tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(relay, client_side, _Logged(upstream_side), tap=_LoggingTap())
+            )
+            for message in (b"GET /a HTTP/1.1\r\n\r\n", b"GET /b HTTP/1.1\r\n\r\n"):
+                await app.send_all(message)
+                assert await server.receive_some(100) == message
+            await app.send_eof()
+            await server.send_eof()
+    assert log == [
+        "seen b'GET /a HTTP/1.1\\r\\n\\r\\n'",
+        "sent b'GET /a HTTP/1.1\\r\\n\\r\\n'",
+        "seen b'GET /b HTTP/1.1\\r\\n\\r\\n'",
+        "sent b'GET /b HTTP/1.1\\r\\n\\r\\n'",
+    ]
+    for s in (app, client_side, upstream_side, server):
+        await s.aclose()

@@ -1,10 +1,11 @@
 """HTTP/1.1 seen from beside a relayed connection: the `observe` level (issue 18).
 
 The relay (agent/proxy/relay.py) moves the bytes unchanged and hands this observer a copy of
-each direction after it went out; the observer parses them with llhttp (`httptools`) and
-reports each finished exchange as the engine does (a `RequestRecord`: method, path, status,
-body sizes, duration), so Istio's request metrics and the access log are the same at
-`observe` as at `full`. Sans-IO: bytes in, records out; no socket, no clock of its own.
+each direction as it goes out (a request before its response); the observer parses them
+with llhttp (`httptools`) and reports each finished exchange as the engine does (a
+`RequestRecord`: method, path, status, body sizes, duration), so Istio's request metrics
+and the access log are the same at `observe` as at `full`. Sans-IO: bytes in, records out;
+no socket, no clock of its own.
 
 Responses answer requests in order (HTTP/1.1 pipelining included). What llhttp cannot know
 from the response alone is handled here: a response to HEAD has no body whatever its
