@@ -151,6 +151,8 @@ class HboneConnection:
         out in order either way: this runs only while the writer is parked with nothing of
         its own queued, and it takes every frame h2 holds. What the socket does not take
         (a full send buffer) the writer sends after it, waiting for the socket as usual.
+        A stream's own frames (its request or response HEADERS, END_STREAM, RST_STREAM) go
+        the same way: a new connection through the tunnel then wakes the writer for none.
         """
         tls = self._direct
         if (
@@ -410,7 +412,7 @@ class HboneConnection:
         except (h2.exceptions.NoAvailableStreamIDError, h2.exceptions.TooManyStreamsError) as e:
             raise ConnectionUnavailable(str(e)) from e
         self.streams[stream_id] = stream
-        self._kick()
+        self._push(1)
         return stream
 
 
@@ -557,7 +559,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if not self._done and self._conn.is_open:
             try:
                 self._conn.h2.reset_stream(self.stream_id, code)
-                self._conn._kick()
+                self._conn._push(1)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 pass
 
@@ -613,7 +615,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 )
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             raise trio.BrokenResourceError(f"cannot answer stream: {exc}") from exc
-        self._conn._kick()
+        self._conn._push(1)
         if status != 200:
             self._abort(h2.errors.ErrorCodes.NO_ERROR)
         await self._conn._flush()
@@ -754,7 +756,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             raise trio.BrokenResourceError(f"cannot end stream: {exc}") from exc
         self._eof_sent = True
-        self._conn._kick()
+        self._conn._push(1)
         self._maybe_done()
         await self._conn._flush()
 
