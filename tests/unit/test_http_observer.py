@@ -181,3 +181,19 @@ async def _opens_with_preface(*chunks: bytes, close: bool = False) -> bool:
 )
 async def test_an_http2_client_on_an_http1_port_is_recognised_by_its_preface(chunks, close, h2):
     assert await _opens_with_preface(*chunks, close=close) is h2
+
+
+def test_changes_within_one_batch_are_told_once_with_the_state_after_it() -> None:
+    """A request read whole in one batch begins and completes its head in it: the caller
+    (whose timeouts each change moves) hears once, after the batch, and sees the end state."""
+    t = Transcript()
+    seen: list[tuple[float | None, float | None]] = []
+    t.observer.on_change = lambda: seen.append((t.observer.head_begun, t.observer.idle_since))
+    t.observer.request_data(GET)
+    assert seen == [(None, None)]  # head begun and complete: an exchange in progress
+    t.observer.response_data(OK)
+    assert len(seen) == 2 and seen[1][0] is None and seen[1][1] is not None  # idle again
+    t.observer.request_data(GET[:10])
+    assert len(seen) == 3 and seen[2][0] is not None  # a head begun, not complete
+    t.observer.request_data(GET[10:])
+    assert seen[3] == (None, None)

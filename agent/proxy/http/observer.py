@@ -83,12 +83,24 @@ class Http1Observer:
         self.head_begun: float | None = None
         self.idle_since: float | None = clock()
         self.on_change: Callable[[], None] | None = None
+        # Inside a feed, changes are told once at its end: a request read whole in one batch
+        # begins and completes its head in it, and only the state after it matters to the
+        # caller's timeouts (`ObserveTimeouts`: each change moves a trio deadline).
+        self._feeding = False
+        self._changed_in_feed = False
 
     # -- input -------------------------------------------------------------------------------
 
     def request_data(self, data: bytes) -> None:
         if self.stopped is not None or self._upgrading:
             return
+        self._feeding = True
+        try:
+            self._request_data(data)
+        finally:
+            self._fed()
+
+    def _request_data(self, data: bytes) -> None:
         try:
             if self._first:
                 self._first = False
@@ -106,6 +118,19 @@ class Http1Observer:
     def response_data(self, data: bytes) -> None:
         if self.stopped is not None:
             return
+        self._feeding = True
+        try:
+            self._response_data(data)
+        finally:
+            self._fed()
+
+    def _fed(self) -> None:
+        self._feeding = False
+        if self._changed_in_feed:
+            self._changed_in_feed = False
+            self._changed()
+
+    def _response_data(self, data: bytes) -> None:
         try:
             self._response_bytes(memoryview(data))
         except httptools.HttpParserError:
@@ -303,7 +328,9 @@ class Http1Observer:
             self._changed()
 
     def _changed(self) -> None:
-        if self.on_change is not None:
+        if self._feeding:
+            self._changed_in_feed = True
+        elif self.on_change is not None:
             self.on_change()
 
 
