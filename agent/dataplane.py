@@ -127,7 +127,7 @@ class DataPlane:
             if self.config.kernel_join:  # same-node L4 connections relayed in the kernel
                 self.proxy.kernel_join = open_socket_join(self.config.pin_dir)
             self.inbound = InboundProxy(self.inputs, http_pool)
-            connector.attach_local(self.inbound)
+            connector.attach_local(self.inbound, nursery)
             self.inbound.connector = connector  # to reach ext-authz providers
             nursery.start_soon(self._report_pool_size)
             nursery.start_soon(

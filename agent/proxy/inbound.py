@@ -28,6 +28,7 @@ from meshagent.agent.proxy.http import (
     proxy_http2,
 )
 from meshagent.agent.proxy.http import UpstreamError as HttpUpstreamError
+from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.limits import IDLE_TIMEOUT, POD_LISTENER, SOURCE_CONNECTIONS
@@ -35,11 +36,13 @@ from meshagent.agent.proxy.observe_timeouts import relay_observed
 from meshagent.agent.proxy.observing import http_observer, level_of_endpoint
 from meshagent.agent.proxy.relay import RelayResult, relay
 from meshagent.agent.proxy.report import log_tcp, report_http
-from meshagent.agent.proxy.routing import ClusterSpec, single_endpoint_routes
+from meshagent.agent.proxy.routing import ClusterSpec, Keepalive, single_endpoint_routes
+from meshagent.agent.proxy.upstream import set_keepalive
 from meshagent.agent.telemetry import (
     UNKNOWN_PEER,
     UNKNOWN_SERVICE,
     ConnectionLabels,
+    local_hop_security,
     peer_from_workload,
     service_ref,
 )
@@ -289,13 +292,15 @@ class InboundProxy:
         first: trio.abc.HalfCloseableStream | None = None,
         *,
         protocol: str = "http1",
+        keepalive: Keepalive | None = None,
     ) -> None:
-        """Deliver HTTP (`protocol` http1 or http2, h2c to the pod) that came through a tunnel
-        to a local pod (`first`: a connection to it already made), checking every request
-        against the pod's AuthorizationPolicies (`Destination`): a denial is a 403 `RBAC:
-        access denied` (a gRPC call: status 7 PERMISSION_DENIED) for that request only; the
-        connection and its other requests go on. (Same-node requests do not come here: the
-        source's engine does these duties itself, `Destination`.)"""
+        """Deliver HTTP (`protocol` http1 or http2, h2c to the pod) to a local pod (`first`: a
+        connection to it already made), checking every request against the pod's
+        AuthorizationPolicies (`Destination`): a denial is a 403 `RBAC: access denied` (a gRPC
+        call: status 7 PERMISSION_DENIED) for that request only; the connection and its other
+        requests go on. `keepalive`: the client's DestinationRule `tcp.tcpKeepalive` for the
+        pod's connections (same node only; a tunnel does not carry it). Same-node requests of
+        the HTTP engines do not come here: the source's engine does `Destination`'s duties."""
         tables = self.store.tables
         assert tables is not None
         service = tables.service_by_endpoint.get((ip, port))
@@ -329,10 +334,11 @@ class InboundProxy:
                 dialled = await self.dial(ep.ip, pod_port)
             except (OSError, trio.TooSlowError) as exc:
                 raise HttpUpstreamError("connect-failure", str(exc)) from None
+            set_keepalive(dialled, keepalive)
             return dialled
 
         principal = destination.principal
-        # One connection to the pod per tunnel, pooled for its next
+        # One connection to the pod per tunnel (or same-node pair), pooled for its next
         # requests only: when the pod closes it while idle, this HTTP connection is closed
         # too (`drain`), so the source's pooled tunnel ends instead of staying open for nothing.
         pool_key = ("inbound", principal, object())
@@ -368,6 +374,46 @@ class InboundProxy:
     async def dial(ip: str, port: int) -> trio.SocketStream:
         with trio.fail_after(CONNECT_TIMEOUT):
             return await trio.open_tcp_stream(ip, port)
+
+    async def open_local_http(
+        self,
+        nursery: trio.Nursery,
+        source_identity: Identity | None,
+        source_ip: str,
+        target: Workload,
+        ip: str,
+        port: int,
+        protocol: str = "http1",
+        keepalive: Keepalive | None = None,
+    ) -> trio.abc.HalfCloseableStream:
+        """Same-node HTTP (`protocol` http1 or http2) for a caller that is not an HTTP engine
+        (an ext_authz provider's call, agent/policy/extauthz.py): a connected stream pair whose
+        far end is served by `serve_http`, so its requests pass the same per-request checks as
+        tunnelled ones. (The HTTP engines reach a local pod directly and do the destination's
+        duties themselves, `Destination`.) The pair is in-process (`memstream`). The pod is
+        dialled first: a dead pod is a connect failure here too (raises OSError)."""
+        first = await self.dial(ip, port)
+        set_keepalive(first, keepalive)
+        near, far = memory_stream_pair()
+        security = local_hop_security(source_identity is not None, target, self.inputs.node)
+
+        async def serve() -> None:
+            async with far:
+                await self.serve_http(
+                    far,
+                    source_identity,
+                    source_ip,
+                    target,
+                    ip,
+                    port,
+                    security,
+                    first,
+                    protocol=protocol,
+                    keepalive=keepalive,
+                )
+
+        nursery.start_soon(serve)
+        return near
 
     def _log(
         self, labels, start, started, to_client, from_client, flags, client, upstream, decision

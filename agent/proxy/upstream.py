@@ -104,7 +104,7 @@ class Connector:
         self.pool = pool
         self.identities = identities
         self.hbone_port = hbone_port
-        self._local: InboundProxy | None = None
+        self._local: tuple[InboundProxy, trio.Nursery] | None = None
 
     def _tunnel_target(self, source: Workload | None, ip: str, port: int) -> Workload | None:
         """The destination workload when the connection must go through HBONE."""
@@ -170,9 +170,10 @@ class Connector:
                 f"the destination's STRICT PeerAuthentication requires",
             )
 
-    def attach_local(self, inbound: InboundProxy) -> None:
-        """Same-node HTTP carries this node's inbound duties per request (`Upstream.duties`)."""
-        self._local = inbound
+    def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
+        """Same-node HTTP gets this node's inbound duties per request: carried by the Upstream
+        for an HTTP engine (`Upstream.duties`), else through the inbound engine (`nursery`)."""
+        self._local = (inbound, nursery)
 
     async def open(
         self,
@@ -187,6 +188,7 @@ class Connector:
         keepalive: Keepalive | None = None,
         local_http: bool = True,
         alpn: tuple[str, ...] = (),
+        engine: bool = False,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
@@ -197,8 +199,10 @@ class Connector:
         through HBONE: the destination's node dials the pod). `local_http` False: a same-node
         HTTP pod is dialled directly, authorized per connection (the `l4` and `observe` levels);
         True: it is dialled too, its Upstream carrying the destination's per-request duties
-        (`duties`). `alpn`: the protocols a TLS origination (`tls` SIMPLE/MUTUAL) offers.
-        Raises UpstreamError."""
+        (`duties`) when the caller is an HTTP `engine` that performs them per request
+        (agent/proxy/http/localhop.py); for any other caller (an ext_authz call) the stream
+        is served by this node's inbound HTTP engine, which does. `alpn`: the protocols a TLS
+        origination (`tls` SIMPLE/MUTUAL) offers. Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -216,17 +220,22 @@ class Connector:
             and local.node == self.node
             and protocol in ("http1", "http2")
         ):
-            # One engine: the pod is dialled here, as the destination would (its keepalive),
-            # and the connection carries the destination's duties, which the source's engine
-            # performs per request: parsed once, checked against the current tables each time.
-            inbound = self._local
+            inbound, nursery = self._local
+            security = local_hop_security(source is not None, local, self.node)
+            source_id = workload_identity(source, self.trust_domain) if source else None
             try:
+                if not engine:
+                    stream = await inbound.open_local_http(
+                        nursery, source_id, client_ip, local, ip, port, protocol, keepalive
+                    )
+                    return Upstream(stream, security, local)
+                # One engine: the pod is dialled here, as the destination would (its
+                # keepalive), and the connection carries the destination's duties, which the
+                # caller's engine performs per request: parsed once, checked each time.
                 stream = await inbound.dial(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
             set_keepalive(stream, keepalive)
-            security = local_hop_security(source is not None, local, self.node)
-            source_id = workload_identity(source, self.trust_domain) if source else None
             duties = inbound.destination(source_id, client_ip, local, ip, port, security)
             return Upstream(stream, security, local, duties=duties)
         if dest is None:

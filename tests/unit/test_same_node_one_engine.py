@@ -115,13 +115,19 @@ async def test_a_same_node_request_is_parsed_once_and_checked_by_the_destination
         async with open_connection_pool() as pool:
             inbound = InboundProxy(inputs, pool)
             connector = Connector(inputs, pool=None, identities=None)
-            connector.attach_local(inbound)
+            connector.attach_local(inbound, nursery)
             inbound.connector = connector
             source = store.tables.workload_by_ip[CLIENT_IP]
 
             async def connect(ep, pod_port, _spec):
                 return await connector.open(
-                    source, ep.ip, pod_port, CLIENT_IP, "http1", connect_timeout=math.inf
+                    source,
+                    ep.ip,
+                    pod_port,
+                    CLIENT_IP,
+                    "http1",
+                    connect_timeout=math.inf,
+                    engine=True,
                 )
 
             records: list[RequestRecord] = []

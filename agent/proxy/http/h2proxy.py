@@ -1145,6 +1145,21 @@ class _Session:
             except (UpstreamError, Overflow) as exc:
                 log.debug("mirror to %s not sent: %s", ep.address, exc)
                 return
+            hop = None
+            duties = localhop.duties_of(peer.info)
+            if duties is not None:  # a same-node pod: the destination checks the copy too
+                try:
+                    hop = await localhop.check(
+                        duties, head.method, head.path, head.authority, head.headers, self.ctx.peer
+                    )
+                finally:
+                    if hop is None or hop.answer is not None:
+                        self._ups.done(peer, cluster)  # no stream went on it
+                if hop.answer is not None:
+                    localhop.finish(hop, None, hop.answer.status, hop.answer.flags)
+                    return
+                if hop.headers is not None:
+                    head = replace(head, headers=hop.headers)
             cluster.request_started(ep)
             status = None
             up_id = None
@@ -1181,6 +1196,8 @@ class _Session:
                     cluster.request_finished(ep, status)
                     self._ups.done(peer, cluster)
                     await self._ups.retire_if_spent(peer, cluster)
+                if hop is not None:
+                    localhop.finish(hop, None, status or 0)
 
     async def _forward_attempts(
         self,

@@ -78,16 +78,26 @@ async def check(
 
 
 def finish(
-    hop: Hop, source: RequestRecord, status: int, flags: Sequence[str] = (), *, relayed: bool = True
+    hop: Hop,
+    source: RequestRecord | None,
+    status: int,
+    flags: Sequence[str] = (),
+    *,
+    relayed: bool = True,
 ) -> None:
     """Report the attempt as the destination: `status` what went back (0: none, the source
-    gave up: DC), `flags` the destination's own; `relayed` False for the destination's own
-    answer (no byte of the request's body or the pod's response passed it)."""
+    gave up: DC), `flags` the destination's own; `source` the source's record of the request
+    (None: a mirrored copy); `relayed` False for the destination's own answer (no byte of the
+    request's body or the pod's response passed it)."""
     record = hop.record
     record.status = status
     record.flags.extend(flags)
     if not status and not flags:
         record.flags.append("DC")  # the source cancelled the request (timeout, client gone)
+    if source is None:
+        record.duration = trio.current_time() - hop.started
+        hop.duties.report(record)
+        return
     if relayed:
         record.bytes_received = source.bytes_received
         record.bytes_sent = source.bytes_sent
