@@ -4,7 +4,8 @@ The source's HTTP/1.1 engine, the real `Connector` and the node's `InboundProxy`
 `Destination` duties), a real pod (an h11 server) and a keep-alive client: the request is parsed
 by one engine only, goes on a connection straight to the pod, and still gets every check and
 report the destination gives a tunnelled request (a denial, a policy changed on a pooled
-connection, the `reporter=destination` metrics with the hop's security).
+connection, the `reporter=destination` metrics with the hop's security); the same for gRPC calls
+through the HTTP/2 engine.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import random
 from functools import partial
 from types import SimpleNamespace
 
+import h2.events
 import trio
 from meshagent.agent.proxy.http import (
     HttpContext,
     RequestRecord,
+    h2proxy,
+    h2wire,
     open_connection_pool,
     proxy_http1,
+    proxy_http2,
 )
 from meshagent.agent.proxy.http import proxy as engine
+from meshagent.agent.proxy.http.h2proxy import H2Peer
+from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inbound import Destination, InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
@@ -30,6 +37,8 @@ from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import Tables
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 
+from benchmarks.h2_calls import MESSAGE
+from benchmarks.h2_calls import _server as h2_server
 from tests.unit.test_http_proxy import HOST, NS, PORT, Backend, Client
 
 NODE = "n1"
@@ -182,3 +191,101 @@ async def test_a_same_node_request_is_parsed_once_and_checked_by_the_destination
     labels = metrics.requests[0][0]
     assert labels.connection_security_policy == "mutual_tls"
     assert labels.service.name == "reviews"
+
+
+GRPC_CALL = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":authority", HOST.encode()),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+async def _grpc_call(client: H2Peer, method: str) -> bytes | None:
+    """One unary call on `client`; its grpc-status."""
+    sid = client.conn.get_next_available_stream_id()
+    inbox = client.open_inbox(sid)
+    client.queue_headers(sid, [*GRPC_CALL[:3], (b":path", method.encode()), *GRPC_CALL[3:]])
+    await client.send_data(sid, MESSAGE, end=True)
+    status = None
+    while not isinstance(event := await inbox.receive.receive(), h2.events.StreamEnded):
+        if isinstance(event, h2.events.DataReceived):
+            client.ack(sid, event.flow_controlled_length)
+        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            status = dict(event.headers).get(b"grpc-status", status)
+        elif event is None or isinstance(event, h2.events.StreamReset):
+            raise AssertionError(f"call {sid} failed: {event!r}")
+    client.close_inbox(sid)
+    return status
+
+
+async def test_a_same_node_grpc_call_is_checked_per_call_by_the_destination(monkeypatch):
+    """The HTTP/2 engine alone, straight to an h2c pod: a DENY on one method is status 7 for
+    that call only, the other method's calls on the same channel reach the pod."""
+    sessions: list[object] = []
+
+    class Counted(h2proxy._Session):
+        def __init__(self, *args, **kw) -> None:
+            sessions.append(self)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(h2proxy, "_Session", Counted)
+    pod_connections: list[object] = []
+
+    async def pod(stream) -> None:
+        pod_connections.append(stream)
+        await h2_server(stream)
+
+    backend = Backend("grpc-pod")  # only its port and the snapshot's names are used
+    async with trio.open_nursery() as nursery:
+        (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
+        backend.port = pod_listener.socket.getsockname()[1]
+        snap = snapshot(backend, deny("/meshtest.Echo/Unary"))
+        store = SimpleNamespace(tables=Tables.build(snap))
+        metrics = Metrics()
+        inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
+        table = compile_routes(snap)
+        clusters = Clusters(rng=random.Random(1))
+        clusters.sync(table)
+        inbound = InboundProxy(inputs, None)
+        connector = Connector(inputs, pool=None, identities=None)
+        connector.attach_local(inbound, nursery)
+        source = store.tables.workload_by_ip[CLIENT_IP]
+        upstreams: list[object] = []
+
+        async def connect(ep, pod_port, _spec):
+            upstream = await connector.open(
+                source, ep.ip, pod_port, CLIENT_IP, "http2", connect_timeout=math.inf, engine=True
+            )
+            upstreams.append(upstream)
+            return upstream
+
+        ctx = HttpContext(
+            routes=lambda: table.http_routes(HOST, PORT),
+            clusters=clusters,
+            pool=None,
+            connect=connect,
+            peer=CLIENT_IP,
+            source=source,
+        )
+        near, far = memory_stream_pair()
+        nursery.start_soon(proxy_http2, far, ctx)
+        client = H2Peer(near, h2wire.new_connection(client_side=True))
+        nursery.start_soon(client.run, lambda event: False)
+        with trio.fail_after(10):
+            statuses = [
+                await _grpc_call(client, path)
+                for path in ("/meshtest.Echo/Who", "/meshtest.Echo/Unary", "/meshtest.Echo/Who")
+            ]
+        nursery.cancel_scope.cancel()
+
+    assert statuses == [b"0", b"7", b"0"]
+    assert len(sessions) == 1  # one HTTP/2 engine: the source's
+    (upstream,) = upstreams  # one connection, straight to the pod, with the duties
+    assert isinstance(upstream.duties, Destination) and len(pod_connections) == 1
+    assert [(labels.reporter, status, flags) for labels, status, flags in metrics.requests] == [
+        ("destination", 200, "-"),
+        ("destination", 200, "RBAC"),
+        ("destination", 200, "-"),
+    ]
