@@ -16,6 +16,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import h2.events
+import pytest
 import trio
 from meshagent.agent.proxy.http import (
     HttpContext,
@@ -289,3 +290,74 @@ async def test_a_same_node_grpc_call_is_checked_per_call_by_the_destination(monk
         ("destination", 200, "RBAC"),
         ("destination", 200, "-"),
     ]
+
+
+@pytest.mark.parametrize("one_engine", [True, False], ids=["one-engine", "two-engines"])
+async def test_a_pod_that_drops_a_request_is_a_503_from_the_destination_retried(one_engine):
+    """A pod that closes the connection on a request before answering: the destination's
+    engine answers 503 UC in its place and the source's default retry policy (503) tries
+    again; one engine gives the client the same as two (the old path, still there for callers
+    that are no engine)."""
+    seen: list[bytes] = []
+
+    async def pod(stream: trio.SocketStream) -> None:
+        request = await stream.receive_some(65536)
+        seen.append(request)
+        if len(seen) > 1:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()
+
+    backend = Backend("dropper")
+    async with trio.open_nursery() as nursery:
+        (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
+        backend.port = pod_listener.socket.getsockname()[1]
+        snap = snapshot(backend)
+        store = SimpleNamespace(tables=Tables.build(snap))
+        metrics = Metrics()
+        inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
+        table = compile_routes(snap)
+        clusters = Clusters(rng=random.Random(1))
+        clusters.sync(table)
+        async with open_connection_pool() as pool:
+            inbound = InboundProxy(inputs, pool)
+            connector = Connector(inputs, pool=None, identities=None)
+            connector.attach_local(inbound, nursery)
+            source = store.tables.workload_by_ip[CLIENT_IP]
+
+            async def connect(ep, pod_port, _spec):
+                return await connector.open(
+                    source,
+                    ep.ip,
+                    pod_port,
+                    CLIENT_IP,
+                    "http1",
+                    connect_timeout=math.inf,
+                    engine=one_engine,
+                )
+
+            records: list[RequestRecord] = []
+            ctx = HttpContext(
+                routes=lambda: table.http_routes(HOST, PORT),
+                clusters=clusters,
+                pool=pool,
+                connect=connect,
+                pool_key=source.uid,
+                on_request_done=records.append,
+                peer=CLIENT_IP,
+                source=source,
+            )
+            (listener,) = await nursery.start(
+                partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
+            )
+            client = Client(listener.socket.getsockname()[1])
+            with trio.fail_after(10):
+                reply = await client.request("/")
+                while not records or len(metrics.requests) < 2:
+                    await trio.sleep(0.001)
+            await client.close()
+        nursery.cancel_scope.cancel()
+
+    assert (reply.status, reply.body) == (200, b"ok")
+    assert len(seen) == 2
+    assert (records[0].status, records[0].attempts, records[0].flag_string) == (200, 2, "-")
+    assert [(status, flags) for _, status, flags in metrics.requests] == [(503, "UC"), (200, "-")]

@@ -132,16 +132,14 @@ def _same(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-def _hop_finished(hop: localhop.Hop, record: RequestRecord, outcome: Outcome | None) -> None:
-    """Report an attempt on a same-node pod as its destination: what went back (the pod's
-    answer; a response held back for a retry), or what the destination's engine answered in
-    the pod's place (a reset before the response: 503 UC), else nothing (the source gave up,
-    or `outcome` None: it did not return)."""
-    if outcome in (Outcome.RESET, Outcome.REFUSED):
-        code, flag, _ = _FAILURES[Outcome.RESET]
-        localhop.finish(hop, record, code, (flag,), relayed=False)
-    else:
-        localhop.finish(hop, record, record.status)
+def _in_pods_place(hop: localhop.Hop | None, outcome: Outcome | None) -> LocalResponse | None:
+    """What the destination's engine answered in a same-node pod's place when the pod reset
+    the stream (or refused it) before a response: its 503 UC (a gRPC call's UNAVAILABLE), as
+    through a tunnel; for the source an endpoint's answer, which its retry policy may retry."""
+    if hop is None or outcome not in (Outcome.RESET, Outcome.REFUSED):
+        return None
+    code, flag, text = _FAILURES[Outcome.RESET]
+    return LocalResponse(code, text, flags=(flag,))
 
 
 class StreamGone(Exception):
@@ -1024,16 +1022,21 @@ class _Session:
         respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]],
         policy: RetryPolicy | None,
         slot: RetrySlot | None,
+        *,
+        counted: bool = False,
     ) -> Outcome | None:
-        """The destination answered a same-node request itself (a denial; localhop.py): for
-        the source, the endpoint's response (retried as one, `policy` when a retry may
-        follow; the route's response edits apply; no flag on this side). None: answered."""
+        """The destination answered a same-node request itself (a denial, a 503 in the place
+        of a pod that reset the stream; localhop.py): for the source, the endpoint's response
+        (retried as one, `policy` when a retry may follow; the route's response edits apply;
+        no flag on this side). `counted`: the attempt is in the cluster's figures already (the
+        pod was tried). None: answered."""
         answer = hop.answer
         assert answer is not None
         answer = replace(answer, flags=())
         headers = respond(h2wire.local_reply(answer, grpc=record.grpc)[0])
         status = h2wire.status_of(headers)
-        cluster.request_started(ep)
+        if not counted:
+            cluster.request_started(ep)
         try:
             if record.grpc:
                 record.grpc_status = h2wire.grpc_status_of(headers)
@@ -1050,7 +1053,8 @@ class _Session:
             await self._local(stream_id, record, answer, "", record.grpc, respond)
             return None
         finally:
-            cluster.request_finished(ep, status)
+            if not counted:
+                cluster.request_finished(ep, status)
             localhop.finish(hop, record, status, hop.answer.flags, relayed=False)
 
     async def _forward(
@@ -1276,7 +1280,7 @@ class _Session:
                         )
                     else:
                         cluster.request_started(ep)
-                        outcome, ended = Outcome.RESET, False  # until the exchange returns
+                        outcome, ended = None, False  # until the exchange returns
                         try:
                             outcome, status = await self._exchange(
                                 stream_id,
@@ -1295,8 +1299,24 @@ class _Session:
                             cluster.request_finished(ep, status)
                             self._ups.done(peer, cluster)
                             await self._ups.retire_if_spent(peer, cluster)
-                            if hop is not None:
-                                _hop_finished(hop, record, outcome if ended else None)
+                            instead = _in_pods_place(hop, outcome) if ended else None
+                            if hop is not None and instead is None:
+                                # the pod's answer (or one held back for a retry), else none
+                                localhop.finish(hop, record, record.status)
+                        if instead is not None:
+                            assert hop is not None
+                            hop.answer = instead
+                            outcome = await self._destination_answer(
+                                stream_id,
+                                cluster,
+                                ep,
+                                hop,
+                                record,
+                                d.edit_response,
+                                policy if may_retry else None,
+                                slot,
+                                counted=True,
+                            )
                     if outcome is None:
                         return  # answered
                 if (

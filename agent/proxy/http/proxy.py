@@ -224,14 +224,24 @@ class _Body:
         self.timers.clear()
 
 
+def _in_pods_place(hop: localhop.Hop | None, state: _Attempt) -> LocalResponse | None:
+    """What the destination's engine answered in a same-node pod's place when the pod reset or
+    garbled the exchange before a response (its 503 UC or UPE, as through a tunnel): for the
+    source an endpoint's 503, which its retry policy may retry (Istio's default retries 503,
+    not resets)."""
+    if hop is None or state.error is not None:
+        return None
+    if state.outcome is not Outcome.RESET and state.outcome is not Outcome.PROTOCOL:
+        return None
+    code, flag, text = _FAILURES[state.outcome]
+    return LocalResponse(code, text, flags=(flag,))
+
+
 def _hop_finished(hop: localhop.Hop, record: RequestRecord, state: _Attempt) -> None:
-    """Report an attempt on a same-node pod as its destination: the pod's answer, or what the
-    destination's engine answered in its place (a reset before the response: 503 UC)."""
+    """Report an attempt on a same-node pod as its destination: the pod's answer (or the one
+    held back for a retry), else nothing went back (the source gave up: DC)."""
     if state.outcome is None or state.outcome is Outcome.STATUS:
         localhop.finish(hop, record, state.status or 0)
-    elif state.outcome in (Outcome.RESET, Outcome.PROTOCOL):
-        code, flag, _ = _FAILURES[state.outcome]
-        localhop.finish(hop, record, code, (flag,), relayed=False)
     else:
         localhop.finish(hop, record, 0)
 
@@ -800,10 +810,18 @@ class _Session:
             stale = replay and reused and state.outcome is Outcome.RESET and up.cycle_bytes == 0
             cluster.request_finished(ep, state.outlier_status(stale))
             pool.release(up, state.reusable)
-            if hop is not None and not stale:
+            instead = None if stale else _in_pods_place(hop, state)
+            if hop is not None and not stale and instead is None:
                 _hop_finished(hop, record, state)
         if state.error is not None:
             raise state.error
+        if instead is not None:
+            assert hop is not None
+            hop.answer = instead
+            outcome, status = await self._destination_answer(
+                cluster, ep, hop, policy, may_retry, record, counted=True
+            )
+            return outcome, status, False
         return state.outcome, state.status or 0, stale
 
     async def _destination_check(
@@ -837,13 +855,18 @@ class _Session:
         policy: RetryPolicy | None,
         may_retry: RetrySlot | None,
         record: RequestRecord,
+        *,
+        counted: bool = False,
     ) -> tuple[Outcome | None, int]:
-        """The destination answered a same-node request itself (a denial): for the source,
-        the endpoint's response (its retry policy and response edits apply, no flag here)."""
+        """The destination answered a same-node request itself (a denial; a 503 in the place
+        of a pod that reset): for the source, the endpoint's response (its retry policy and
+        response edits apply, no flag here). `counted`: the attempt is in the cluster's
+        figures already (the pod was tried)."""
         answer = hop.answer
         assert answer is not None
         status = answer.status
-        cluster.request_started(ep)
+        if not counted:
+            cluster.request_started(ep)
         try:
             if policy is not None and retriable_status(policy, status):
                 if may_retry is not None and may_retry.take():  # held back for a retry
@@ -852,7 +875,8 @@ class _Session:
             await self._local(record, replace(answer, flags=()), upstream=True)
             return None, status
         finally:
-            cluster.request_finished(ep, status)
+            if not counted:
+                cluster.request_finished(ep, status)
             localhop.finish(hop, record, status, answer.flags, relayed=False)
 
     async def _exchange(
@@ -1056,10 +1080,17 @@ class _Session:
             cluster.request_finished(ep, state.outlier_status())
             ups.done(peer, cluster)
             await ups.retire_if_spent(peer, cluster)
-            if hop is not None:
+            instead = _in_pods_place(hop, state)
+            if hop is not None and instead is None:
                 _hop_finished(hop, record, state)
         if state.error is not None:
             raise state.error
+        if instead is not None:
+            assert hop is not None
+            hop.answer = instead
+            return await self._destination_answer(
+                cluster, ep, hop, policy, may_retry, record, counted=True
+            )
         return state.outcome, state.status or 0
 
     async def _exchange_h2(
