@@ -8,11 +8,16 @@ the destination's checks on the request as the source forwards it (after the sou
 edits), exactly as the destination's own engine would on a tunnel: RequestAuthentication (401),
 AuthorizationPolicy with CUSTOM ext_authz first (403 `RBAC: access denied`, a gRPC call's
 PERMISSION_DENIED), the policy decision metric, the current tables every time. An answer
-instead of the pod is treated by the source's engine as what the destination sent back (its
-retry policy and response edits apply, no flag on the source's side, as when the destination's
-engine answered through the tunnel-less pair before). Once the attempt is over, `finish`
-reports it as the destination: its own RequestRecord (status, its flags: RBAC for a denial,
-the decision for the access log) to `Duties.report` (`reporter=destination` metrics and log).
+instead of the pod is treated by the source's engine as an endpoint's response (its retry
+policy and response edits apply, no flag on the source's side), as the destination engine's
+answer was; so is the 503 UC that engine gave in the place of a pod that reset before a
+response (the engines' `_in_pods_place`). Once the attempt is over, `finish` reports it as
+the destination: its own RequestRecord (status, its flags: RBAC for a denial, the decision
+for the access log) to `Duties.report` (`reporter=destination` metrics and log).
+
+Not carried over: the destination engine's own per-source bound on requests in flight
+(`Limits.max_pending_requests` keyed by the source's principal); the source's, keyed by its
+pod, still applies in the same process.
 
 Before this, a same-node request went through the source's engine, an in-process stream pair
 (memstream.py) and a second engine, the destination's, which parsed and wrote every request and
