@@ -133,7 +133,7 @@ class InboundProxy:
             # before the tunnel is answered, so a dead pod is a 503 on the tunnel (a connect
             # failure the source can retry elsewhere), as ztunnel does.
             try:
-                first = await self._dial(ip, port)
+                first = await self.dial(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 await self._refuse(tunnel, 503, f"pod unreachable: {reason(exc)}")
                 return
@@ -262,6 +262,24 @@ class InboundProxy:
                 decision,
             )
 
+    def destination(
+        self,
+        source_identity: Identity | None,
+        source_ip: str,
+        target: Workload,
+        ip: str,
+        port: int,
+        security: str,
+    ) -> Destination:
+        """The destination's per-request duties for one connection from `source_identity`
+        (at `source_ip`) to the local pod `target` at `ip:port` (`security`: the hop's
+        connection_security_policy), counted as a peer of this node's inbound side."""
+        destination = Destination(self, source_identity, source_ip, target, ip, port, security)
+        principal = destination.principal
+        self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
+        self.stats.accepted += 1
+        return destination
+
     async def serve_http(
         self,
         stream: trio.abc.Stream,
@@ -278,10 +296,11 @@ class InboundProxy:
     ) -> None:
         """Deliver HTTP (`protocol` http1 or http2, h2c to the pod) to a local pod (`first`: a
         connection to it already made), checking every request against the pod's
-        AuthorizationPolicies: a denial is a 403 `RBAC: access denied` (a gRPC call: status 7
-        PERMISSION_DENIED) for that request only; the connection and its other requests go
-        on. `keepalive`: the client's DestinationRule `tcp.tcpKeepalive` for the pod's
-        connections (same node only; a tunnel does not carry it)."""
+        AuthorizationPolicies (`Destination`): a denial is a 403 `RBAC: access denied` (a gRPC
+        call: status 7 PERMISSION_DENIED) for that request only; the connection and its other
+        requests go on. `keepalive`: the client's DestinationRule `tcp.tcpKeepalive` for the
+        pod's connections (same node only; a tunnel does not carry it). Same-node requests of
+        the HTTP engines do not come here: the source's engine does `Destination`'s duties."""
         tables = self.store.tables
         assert tables is not None
         service = tables.service_by_endpoint.get((ip, port))
@@ -290,73 +309,8 @@ class InboundProxy:
             ip=ip, node=self.inputs.node, workload_uid=target.uid, ports={port: port}
         )
         routes = single_endpoint_routes(hostname, port, endpoint, port)
-        source = tables.workload_by_ip.get(source_ip)
-        td = self.inputs.trust_domain
-        source_peer = peer_from_workload(source, trust_domain=td) if source else UNKNOWN_PEER
-        if source_identity is not None:
-            source_peer = source_peer.with_principal(source_identity)
-        labels = ConnectionLabels(
-            "destination",
-            source_peer,
-            peer_from_workload(target, trust_domain=td),
-            service_ref(service) if service else UNKNOWN_SERVICE,
-            request_protocol="http",
-            connection_security_policy=security,
-        )
-
-        target_policies = authorization.DestinationPolicies(target)
-        target_jwt = requestauth.DestinationJwt(target)
-
-        async def authorize(request: RequestInfo) -> LocalResponse | None:
-            current = self.store.tables or tables
-            auth, refused = requestauth.authenticate(target_jwt.get(current.jwt), request)
-            if refused is not None:
-                return refused  # a present token that does not verify: 401
-            selected = target_policies.get(current.authz)
-            http = None  # with no policy selecting the pod, nothing reads the request
-            if authorization.applies(selected):
-                headers = request.header_map()
-                http = authz.HttpAttrs(
-                    method=request.method,
-                    path=request.path,
-                    host=request.authority or headers.get("host", ""),
-                    headers=headers,
-                    auth=auth,
-                )
-            if http is not None and selected.custom:  # CUSTOM first: ask its provider
-                attributes = authorization.attributes(source_identity, source_ip, ip, port, http)
-                match = selected.custom_match(attributes)
-                if match is not None:
-                    verdict, answer = await extauthz.consult(
-                        match,
-                        self.inputs.ext_authz,
-                        self.connector,
-                        current,
-                        target,
-                        request,
-                        attributes,
-                        td,
-                    )
-                    if answer is not None:
-                        request.decision = verdict
-                        return answer
-                    http = replace(http, headers=request.header_map())  # as the provider set
-            decision = authorization.check(
-                current.authz,
-                self.inputs.authz,
-                source=source_identity,
-                source_ip=source_ip,
-                destination=target,
-                destination_ip=ip,
-                port=port,
-                http=http,
-                selected=selected,
-            )
-            self.inputs.metrics.policy_decision(decision)
-            request.decision = decision  # for the request's access log line
-            if decision.allowed:
-                return None
-            return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
+        destination = self.destination(source_identity, source_ip, target, ip, port, security)
+        authorize = destination.authorize
 
         pending = [first] if first is not None else []
 
@@ -377,24 +331,13 @@ class InboundProxy:
             if pending:
                 return pending.pop()
             try:
-                dialled = await self._dial(ep.ip, pod_port)
+                dialled = await self.dial(ep.ip, pod_port)
             except (OSError, trio.TooSlowError) as exc:
                 raise HttpUpstreamError("connect-failure", str(exc)) from None
             set_keepalive(dialled, keepalive)
             return dialled
 
-        def done(record: RequestRecord) -> None:
-            report_http(
-                self.inputs,
-                labels,
-                record,
-                source_address=source_ip,
-                destination_address=f"{ip}:{port}",
-            )
-
-        principal = source_identity.uri if source_identity else source_ip
-        self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
-        self.stats.accepted += 1
+        principal = destination.principal
         # One connection to the pod per tunnel (or same-node pair), pooled for its next
         # requests only: when the pod closes it while idle, this HTTP connection is closed
         # too (`drain`), so the source's pooled tunnel ends instead of staying open for nothing.
@@ -412,7 +355,7 @@ class InboundProxy:
                     connect=connect,
                     pool_key=pool_key,
                     request_filter=request_filter,
-                    on_request_done=done,
+                    on_request_done=destination.report,
                     peer=source_ip,
                     drain=drain,
                     settings=self.inputs.http,
@@ -428,7 +371,7 @@ class InboundProxy:
                 await trio.aclose_forcefully(unused)
 
     @staticmethod
-    async def _dial(ip: str, port: int) -> trio.SocketStream:
+    async def dial(ip: str, port: int) -> trio.SocketStream:
         with trio.fail_after(CONNECT_TIMEOUT):
             return await trio.open_tcp_stream(ip, port)
 
@@ -443,12 +386,13 @@ class InboundProxy:
         protocol: str = "http1",
         keepalive: Keepalive | None = None,
     ) -> trio.abc.HalfCloseableStream:
-        """Same-node HTTP (`protocol` http1 or http2): a connected stream pair whose far end is
-        served by `serve_http`, so same-node requests pass the same per-request checks as
-        tunnelled ones. The pair is in-process (`memstream`), not a kernel socket pair: that
-        hop cost each request five system calls and an epoll registration. The pod is dialled
-        first: a dead pod is a connect failure here too (raises OSError)."""
-        first = await self._dial(ip, port)
+        """Same-node HTTP (`protocol` http1 or http2) for a caller that is not an HTTP engine
+        (an ext_authz provider's call, agent/policy/extauthz.py): a connected stream pair whose
+        far end is served by `serve_http`, so its requests pass the same per-request checks as
+        tunnelled ones. (The HTTP engines reach a local pod directly and do the destination's
+        duties themselves, `Destination`.) The pair is in-process (`memstream`). The pod is
+        dialled first: a dead pod is a connect failure here too (raises OSError)."""
+        first = await self.dial(ip, port)
         set_keepalive(first, keepalive)
         near, far = memory_stream_pair()
         security = local_hop_security(source_identity is not None, target, self.inputs.node)
@@ -485,4 +429,144 @@ class InboundProxy:
             source_address=client,
             destination_address=upstream,
             decision=decision,
+        )
+
+
+class Destination:
+    """What the destination does for each HTTP request to one of its pods, on one connection
+    from one source: the pod's RequestAuthentication and AuthorizationPolicies (CUSTOM
+    ext_authz first), read from the current tables at every request, and the request's
+    `reporter=destination` metrics and access log line.
+
+    Both HTTP paths to a local pod use it: the inbound engine (`serve_http`: a tunnel from
+    another node) as its request filter and report, and the source's own engine for a
+    same-node request (`Connector.open` hands it out as `Upstream.duties`, on a connection
+    straight to the pod: the request is parsed once, by one engine; the engines call
+    `authorize` before a request goes on that connection and `report` once it is done)."""
+
+    __slots__ = (
+        "connector",
+        "inputs",
+        "ip",
+        "labels",
+        "port",
+        "principal",
+        "source_identity",
+        "source_ip",
+        "store",
+        "tables",
+        "target",
+        "target_jwt",
+        "target_policies",
+    )
+
+    def __init__(
+        self,
+        inbound: InboundProxy,
+        source_identity: Identity | None,
+        source_ip: str,
+        target: Workload,
+        ip: str,
+        port: int,
+        security: str,
+    ) -> None:
+        self.inputs = inputs = inbound.inputs
+        self.store = inbound.store
+        self.connector = inbound.connector
+        tables = self.store.tables
+        assert tables is not None
+        self.tables = tables  # the tables the connection began with (if none are current)
+        self.source_identity = source_identity
+        self.source_ip = source_ip
+        self.target = target
+        self.ip = ip
+        self.port = port
+        self.principal = source_identity.uri if source_identity else source_ip
+        service = tables.service_by_endpoint.get((ip, port))
+        source = tables.workload_by_ip.get(source_ip)
+        td = inputs.trust_domain
+        source_peer = peer_from_workload(source, trust_domain=td) if source else UNKNOWN_PEER
+        if source_identity is not None:
+            source_peer = source_peer.with_principal(source_identity)
+        self.labels = ConnectionLabels(
+            "destination",
+            source_peer,
+            peer_from_workload(target, trust_domain=td),
+            service_ref(service) if service else UNKNOWN_SERVICE,
+            request_protocol="http",
+            connection_security_policy=security,
+        )
+        self.target_policies = authorization.DestinationPolicies(target)
+        self.target_jwt = requestauth.DestinationJwt(target)
+
+    async def authorize(self, request: RequestInfo) -> LocalResponse | None:
+        """None when the request may go to the pod (its headers perhaps changed: a verified
+        JWT removed, what an ext_authz provider set); else the answer it gets instead: 401
+        for a token that does not verify, 403 `RBAC: access denied` (the engines make a
+        gRPC call's PERMISSION_DENIED of it), or what a CUSTOM provider answered. The
+        decision is counted and kept in `request.decision` for the access log."""
+        current = self.store.tables or self.tables
+        auth, refused = requestauth.authenticate(self.target_jwt.get(current.jwt), request)
+        if refused is not None:
+            return refused  # a present token that does not verify: 401
+        selected = self.target_policies.get(current.authz)
+        source_identity, source_ip, ip, port = (
+            self.source_identity,
+            self.source_ip,
+            self.ip,
+            self.port,
+        )
+        http = None  # with no policy selecting the pod, nothing reads the request
+        if authorization.applies(selected):
+            headers = request.header_map()
+            http = authz.HttpAttrs(
+                method=request.method,
+                path=request.path,
+                host=request.authority or headers.get("host", ""),
+                headers=headers,
+                auth=auth,
+            )
+        if http is not None and selected.custom:  # CUSTOM first: ask its provider
+            attributes = authorization.attributes(source_identity, source_ip, ip, port, http)
+            match = selected.custom_match(attributes)
+            if match is not None:
+                verdict, answer = await extauthz.consult(
+                    match,
+                    self.inputs.ext_authz,
+                    self.connector,
+                    current,
+                    self.target,
+                    request,
+                    attributes,
+                    self.inputs.trust_domain,
+                )
+                if answer is not None:
+                    request.decision = verdict
+                    return answer
+                http = replace(http, headers=request.header_map())  # as the provider set
+        decision = authorization.check(
+            current.authz,
+            self.inputs.authz,
+            source=source_identity,
+            source_ip=source_ip,
+            destination=self.target,
+            destination_ip=ip,
+            port=port,
+            http=http,
+            selected=selected,
+        )
+        self.inputs.metrics.policy_decision(decision)
+        request.decision = decision  # for the request's access log line
+        if decision.allowed:
+            return None
+        return LocalResponse(403, b"RBAC: access denied", flags=("RBAC",))
+
+    def report(self, record: RequestRecord) -> None:
+        """The request's `reporter=destination` metrics and access log line."""
+        report_http(
+            self.inputs,
+            self.labels,
+            record,
+            source_address=self.source_ip,
+            destination_address=f"{self.ip}:{self.port}",
         )

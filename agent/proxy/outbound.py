@@ -295,6 +295,7 @@ class OutboundProxy:
                 hostname=spec.key.hostname,
                 keepalive=spec.policy.keepalive,
                 alpn=("h2",) if h2 else (),
+                engine=True,  # the engine does a same-node destination's duties (localhop.py)
             )
             if upstream.tunnelled:
                 self.stats.mutual_tls += 1

@@ -31,7 +31,7 @@ from meshagent.agent.proxy.tls_origin import TlsOriginError, originate
 from meshagent.agent.telemetry import local_hop_security
 
 if TYPE_CHECKING:
-    from meshagent.agent.proxy.inbound import InboundProxy
+    from meshagent.agent.proxy.inbound import Destination, InboundProxy
     from meshagent.agent.proxy.routing import Keepalive, Protocol
     from meshagent.common.istio.networking import ClientTLSSettings
 from meshagent.common.snapshot import Workload
@@ -66,6 +66,11 @@ class Upstream:
     # this proxy authorized it itself (same node) or chose plaintext (DISABLE); else None.
     check: live.Check | None = None
     tunnelled: bool = False  # through an HBONE tunnel (a same-node hop may be mutual_tls too)
+    # Same-node HTTP to a meshed pod: the destination's per-request duties (its request
+    # authentication, authorization and `reporter=destination` report), which the source's
+    # HTTP engine performs around each request on this connection straight to the pod
+    # (agent/proxy/http/localhop.py); None on every other path.
+    duties: Destination | None = None
 
 
 def set_keepalive(stream: trio.SocketStream, keepalive: Keepalive | None) -> None:
@@ -166,7 +171,8 @@ class Connector:
             )
 
     def attach_local(self, inbound: InboundProxy, nursery: trio.Nursery) -> None:
-        """Same-node HTTP goes through this node's inbound HTTP path (per-request policy)."""
+        """Same-node HTTP gets this node's inbound duties per request: carried by the Upstream
+        for an HTTP engine (`Upstream.duties`), else through the inbound engine (`nursery`)."""
         self._local = (inbound, nursery)
 
     async def open(
@@ -182,6 +188,7 @@ class Connector:
         keepalive: Keepalive | None = None,
         local_http: bool = True,
         alpn: tuple[str, ...] = (),
+        engine: bool = False,
     ) -> Upstream:
         """A stream to pod `ip:port` for a client connection of `protocol` (the Service port's,
         `routing.port_protocol`; None: guessed from the pod port). `connect_timeout` bounds a
@@ -190,9 +197,12 @@ class Connector:
         DestinationRule `tls` (None: the mesh's own), `hostname` its default SNI, `keepalive`
         its `tcp.tcpKeepalive` for the socket to the endpoint when this proxy dials it (not
         through HBONE: the destination's node dials the pod). `local_http` False: a same-node
-        HTTP pod is dialled directly, authorized per connection (the `l4` and `observe` levels),
-        not served by this node's inbound HTTP engine. `alpn`: the protocols a TLS origination
-        (`tls` SIMPLE/MUTUAL) offers. Raises UpstreamError."""
+        HTTP pod is dialled directly, authorized per connection (the `l4` and `observe` levels);
+        True: it is dialled too, its Upstream carrying the destination's per-request duties
+        (`duties`) when the caller is an HTTP `engine` that performs them per request
+        (agent/proxy/http/localhop.py); for any other caller (an ext_authz call) the stream
+        is served by this node's inbound HTTP engine, which does. `alpn`: the protocols a TLS
+        origination (`tls` SIMPLE/MUTUAL) offers. Raises UpstreamError."""
         dest = self._tunnel_target(source, ip, port) if tls is None else None
         tables = self.store.tables
         local = tables.workload_by_ip.get(ip) if tables else None
@@ -211,14 +221,23 @@ class Connector:
             and protocol in ("http1", "http2")
         ):
             inbound, nursery = self._local
+            security = local_hop_security(source is not None, local, self.node)
             source_id = workload_identity(source, self.trust_domain) if source else None
             try:
-                stream = await inbound.open_local_http(
-                    nursery, source_id, client_ip, local, ip, port, protocol, keepalive
-                )
+                if not engine:
+                    stream = await inbound.open_local_http(
+                        nursery, source_id, client_ip, local, ip, port, protocol, keepalive
+                    )
+                    return Upstream(stream, security, local)
+                # One engine: the pod is dialled here, as the destination would (its
+                # keepalive), and the connection carries the destination's duties, which the
+                # caller's engine performs per request: parsed once, checked each time.
+                stream = await inbound.dial(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
-            return Upstream(stream, local_hop_security(source is not None, local, self.node), local)
+            set_keepalive(stream, keepalive)
+            duties = inbound.destination(source_id, client_ip, local, ip, port, security)
+            return Upstream(stream, security, local, duties=duties)
         if dest is None:
             self._authorize_local(source, ip, port, client_ip)
             try:

@@ -149,10 +149,24 @@ def test_grpc_metadata_route_to_subset_v2(lab):
 def test_a_deny_on_one_method_is_permission_denied_and_the_other_passes(lab, tmp_path):
     path = tmp_path / "deny-unary.yaml"
     path.write_text(yaml.safe_dump(DENY_UNARY))
+    denied = {
+        "reporter": "destination",
+        "destination_service_name": "echo",
+        "request_protocol": "grpc",
+        "grpc_response_status": "7",
+    }
+    before = sum(_requests(n, **denied) for n in ("node-1", "node-2"))
     _change(lab, "apply", path)
     try:
         for _ in range(4):  # either endpoint, same-node and cross-node
             assert _grpc("methods", ECHO) == {"Unary": "PERMISSION_DENIED", "Who": "OK"}
+        # each denial counted by its destination, same-node (one engine) as cross-node
+        wait_until(
+            lambda: sum(_requests(n, **denied) for n in ("node-1", "node-2")) - before,
+            lambda counted: counted == 4,
+            what="the destinations count the 4 denied calls (grpc_response_status 7)",
+            timeout=10,
+        )
     finally:
         _change(lab, "delete", path)
     assert _grpc("methods", ECHO) == {"Unary": "OK", "Who": "OK"}

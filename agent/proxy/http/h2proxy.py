@@ -59,7 +59,7 @@ import h2.events
 import h2.exceptions
 import hyperframe.frame
 import trio
-from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http import h2wire, localhop
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
 from meshagent.agent.proxy.http.mirror import MIRROR_TIMEOUT
@@ -130,6 +130,16 @@ _FAILURES: dict[Outcome, tuple[int, str, bytes]] = {
 
 def _same(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return headers
+
+
+def _in_pods_place(hop: localhop.Hop | None, outcome: Outcome | None) -> LocalResponse | None:
+    """What the destination's engine answered in a same-node pod's place when the pod reset
+    the stream (or refused it) before a response: its 503 UC (a gRPC call's UNAVAILABLE), as
+    through a tunnel; for the source an endpoint's answer, which its retry policy may retry."""
+    if hop is None or outcome not in (Outcome.RESET, Outcome.REFUSED):
+        return None
+    code, flag, text = _FAILURES[Outcome.RESET]
+    return LocalResponse(code, text, flags=(flag,))
 
 
 class StreamGone(Exception):
@@ -973,13 +983,22 @@ class _Session:
         return target
 
     async def _local(
-        self, stream_id: int, record: RequestRecord, resp: LocalResponse, flag: str, grpc: bool
+        self,
+        stream_id: int,
+        record: RequestRecord,
+        resp: LocalResponse,
+        flag: str,
+        grpc: bool,
+        respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None,
     ) -> None:
-        """A reply the proxy makes itself (a gRPC call gets a trailers-only response)."""
+        """A reply the proxy makes itself (a gRPC call gets a trailers-only response);
+        `respond`: the route's response edits, for one the same-node destination made."""
         if flag:
             record.flags.append(flag)
         record.flags.extend(resp.flags)
         headers, body = h2wire.local_reply(resp, grpc=grpc)
+        if respond is not None:
+            headers = respond(headers)
         record.status = h2wire.status_of(headers)
         if grpc:
             record.grpc_status = h2wire.grpc_status_of(headers)
@@ -992,6 +1011,51 @@ class _Session:
                 if not self.down.conn.streams[stream_id].closed:
                     self.down.reset(stream_id, h2wire.NO_ERROR)
                     await self.down.flush()
+
+    async def _destination_answer(
+        self,
+        stream_id: int,
+        cluster: ClusterState,
+        ep: EndpointState,
+        hop: localhop.Hop,
+        record: RequestRecord,
+        respond: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]],
+        policy: RetryPolicy | None,
+        slot: RetrySlot | None,
+        *,
+        counted: bool = False,
+    ) -> Outcome | None:
+        """The destination answered a same-node request itself (a denial, a 503 in the place
+        of a pod that reset the stream; localhop.py): for the source, the endpoint's response
+        (retried as one, `policy` when a retry may follow; the route's response edits apply;
+        no flag on this side). `counted`: the attempt is in the cluster's figures already (the
+        pod was tried). None: answered."""
+        answer = hop.answer
+        assert answer is not None
+        answer = replace(answer, flags=())
+        headers = respond(h2wire.local_reply(answer, grpc=record.grpc)[0])
+        status = h2wire.status_of(headers)
+        if not counted:
+            cluster.request_started(ep)
+        try:
+            if record.grpc:
+                record.grpc_status = h2wire.grpc_status_of(headers)
+            if (
+                policy is not None
+                and (
+                    retriable_status(policy, status)
+                    or (record.grpc and retriable_grpc(policy, record.grpc_status))
+                )
+                and (slot is None or slot.take())  # maxRetries
+            ):
+                record.status = status
+                return Outcome.STATUS
+            await self._local(stream_id, record, answer, "", record.grpc, respond)
+            return None
+        finally:
+            if not counted:
+                cluster.request_finished(ep, status)
+            localhop.finish(hop, record, status, hop.answer.flags, relayed=False)
 
     async def _forward(
         self, stream_id: int, head: h2wire.RequestHead, d: RouteDecision, record: RequestRecord
@@ -1085,6 +1149,21 @@ class _Session:
             except (UpstreamError, Overflow) as exc:
                 log.debug("mirror to %s not sent: %s", ep.address, exc)
                 return
+            hop = None
+            duties = localhop.duties_of(peer.info)
+            if duties is not None:  # a same-node pod: the destination checks the copy too
+                try:
+                    hop = await localhop.check(
+                        duties, head.method, head.path, head.authority, head.headers, self.ctx.peer
+                    )
+                finally:
+                    if hop is None or hop.answer is not None:
+                        self._ups.done(peer, cluster)  # no stream went on it
+                if hop.answer is not None:
+                    localhop.finish(hop, None, hop.answer.status, hop.answer.flags)
+                    return
+                if hop.headers is not None:
+                    head = replace(head, headers=hop.headers)
             cluster.request_started(ep)
             status = None
             up_id = None
@@ -1121,6 +1200,8 @@ class _Session:
                     cluster.request_finished(ep, status)
                     self._ups.done(peer, cluster)
                     await self._ups.retire_if_spent(peer, cluster)
+                if hop is not None:
+                    localhop.finish(hop, None, status or 0)
 
     async def _forward_attempts(
         self,
@@ -1167,25 +1248,75 @@ class _Session:
                     outcome = Outcome.CONNECT_FAILURE
                 else:
                     record.upstream_info = peer.info
-                    cluster.request_started(ep)
+                    duties = localhop.duties_of(peer.info)
+                    hop = None
+                    sent = head
+                    if duties is not None:  # a same-node pod: the destination's checks first
+                        try:
+                            hop = await localhop.check(
+                                duties,
+                                head.method,
+                                head.path,
+                                head.authority or authority,
+                                head.headers,
+                                self.ctx.peer,
+                            )
+                        finally:
+                            if hop is None or hop.answer is not None:
+                                self._ups.done(peer, cluster)  # no stream went on it
+                        if hop.headers is not None:
+                            sent = replace(head, headers=hop.headers)
                     status: int | None = None
-                    try:
-                        outcome, status = await self._exchange(
+                    if hop is not None and hop.answer is not None:
+                        outcome = await self._destination_answer(
                             stream_id,
-                            peer,
-                            head,
-                            authority,
+                            cluster,
+                            ep,
+                            hop,
                             record,
-                            body,
-                            policy if may_retry else None,
-                            policy.per_try_timeout if policy is not None else None,
                             d.edit_response,
+                            policy if may_retry else None,
                             slot,
                         )
-                    finally:
-                        cluster.request_finished(ep, status)
-                        self._ups.done(peer, cluster)
-                        await self._ups.retire_if_spent(peer, cluster)
+                    else:
+                        cluster.request_started(ep)
+                        outcome, ended = None, False  # until the exchange returns
+                        try:
+                            outcome, status = await self._exchange(
+                                stream_id,
+                                peer,
+                                sent,
+                                authority,
+                                record,
+                                body,
+                                policy if may_retry else None,
+                                policy.per_try_timeout if policy is not None else None,
+                                d.edit_response,
+                                slot,
+                            )
+                            ended = True
+                        finally:
+                            cluster.request_finished(ep, status)
+                            self._ups.done(peer, cluster)
+                            await self._ups.retire_if_spent(peer, cluster)
+                            instead = _in_pods_place(hop, outcome) if ended else None
+                            if hop is not None and instead is None:
+                                # the pod's answer (or one held back for a retry), else none
+                                localhop.finish(hop, record, record.status)
+                        if instead is not None:
+                            assert hop is not None
+                            hop.answer = instead
+                            outcome = await self._destination_answer(
+                                stream_id,
+                                cluster,
+                                ep,
+                                hop,
+                                record,
+                                d.edit_response,
+                                policy if may_retry else None,
+                                slot,
+                                counted=True,
+                            )
                     if outcome is None:
                         return  # answered
                 if (

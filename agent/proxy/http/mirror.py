@@ -6,7 +6,8 @@ cluster over the shared connection pool (same connector and pool key as the requ
 leaves as the same source), with `-shadow` appended to its Host as Envoy does; the response
 is read to its end and dropped, any failure only logged. It runs in a task of the client
 connection's nursery, bounded by `MIRROR_TIMEOUT` (or the route's timeout), so the client's
-own response never waits for it. The HTTP/2 engine sends its copies itself (h2proxy.py).
+own response never waits for it. A copy to a same-node pod gets the destination's checks and
+report as any request does (localhop.py). The HTTP/2 engine sends its copies itself (h2proxy.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import trio
-from meshagent.agent.proxy.http import wire
+from meshagent.agent.proxy.http import localhop, wire
 from meshagent.agent.proxy.http.types import HttpContext, UpstreamError
 from meshagent.agent.proxy.lb import ClusterState, Overflow
 from meshagent.agent.proxy.route_actions import HeaderList, shadow_authority
@@ -50,6 +51,31 @@ async def mirror_http1(
         except (Overflow, UpstreamError) as exc:
             log.debug("mirror to %s not sent: %s", ep.address, exc)
             return
+        hop = None
+        duties = localhop.duties_of(up.info)
+        if duties is not None:  # a same-node pod: the destination checks the copy too
+            try:
+                hop = await localhop.check(
+                    duties,
+                    request.method.decode("ascii", "replace"),
+                    request.target.decode("latin-1"),
+                    next((v for n, v in request.headers if n == b"host"), b"").decode("latin-1"),
+                    request.headers,
+                    ctx.peer,
+                )
+            finally:
+                if hop is None or hop.answer is not None:
+                    ctx.pool.unused(up)  # nothing went on it
+            if hop.answer is not None:
+                localhop.finish(hop, None, hop.answer.status, hop.answer.flags)
+                return
+            if hop.headers is not None:
+                request = wire.Request(
+                    method=request.method,
+                    target=request.target,
+                    headers=hop.headers,
+                    http_version=request.http_version,
+                )
         cluster.request_started(ep)
         status = None
         reusable = False
@@ -73,3 +99,5 @@ async def mirror_http1(
         finally:
             cluster.request_finished(ep, status)
             ctx.pool.release(up, reusable)
+            if hop is not None:
+                localhop.finish(hop, None, status or 0)

@@ -224,6 +224,23 @@ class ConnectionPool:
         if conn.cluster.pending:  # requests wait for a connection
             conn.cluster.connection_released()
 
+    def unused(self, conn: UpstreamConnection) -> None:
+        """Give back a connection no request went on (a same-node destination answered the
+        request itself, agent/proxy/http/localhop.py): pooled again as it was, not counted."""
+        conn.cluster.free_request_slot()
+        if (
+            conn.closed
+            or conn.endpoint.retired
+            or conn.codec.our_state is not wire.IDLE
+            or conn.codec.their_state is not wire.IDLE
+        ):
+            self._discard(conn)
+            return
+        conn.idle_since = trio.current_time()
+        self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
+        if conn.cluster.pending:  # requests wait for a connection
+            conn.cluster.connection_released()
+
     def discard(self, endpoints: Iterable[EndpointState]) -> None:
         """Close the idle connections of endpoints that left the snapshot."""
         gone = set(endpoints)

@@ -44,12 +44,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h2.events
 import trio
 from meshagent.agent.proxy import sockio
-from meshagent.agent.proxy.http import h2upgrade, h2wire, wire
+from meshagent.agent.proxy.http import h2upgrade, h2wire, localhop, wire
 from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.h2proxy import (
@@ -223,6 +223,28 @@ class _Body:
         for scope, seconds in self.timers:
             scope.deadline = min(scope.deadline, now + seconds)
         self.timers.clear()
+
+
+def _in_pods_place(hop: localhop.Hop | None, state: _Attempt) -> LocalResponse | None:
+    """What the destination's engine answered in a same-node pod's place when the pod reset or
+    garbled the exchange before a response (its 503 UC or UPE, as through a tunnel): for the
+    source an endpoint's 503, which its retry policy may retry (Istio's default retries 503,
+    not resets)."""
+    if hop is None or state.error is not None:
+        return None
+    if state.outcome is not Outcome.RESET and state.outcome is not Outcome.PROTOCOL:
+        return None
+    code, flag, text = _FAILURES[state.outcome]
+    return LocalResponse(code, text, flags=(flag,))
+
+
+def _hop_finished(hop: localhop.Hop, record: RequestRecord, state: _Attempt) -> None:
+    """Report an attempt on a same-node pod as its destination: the pod's answer (or the one
+    held back for a retry), else nothing went back (the source gave up: DC)."""
+    if state.outcome is None or state.outcome is Outcome.STATUS:
+        localhop.finish(hop, record, state.status or 0)
+    else:
+        localhop.finish(hop, record, 0)
 
 
 def _not_acquired(
@@ -539,8 +561,11 @@ class _Session:
             except Exception:
                 log.exception("on_request_done failed")
 
-    async def _local(self, record: RequestRecord, resp: LocalResponse, flag: str = "") -> None:
-        """Send a response the proxy makes itself."""
+    async def _local(
+        self, record: RequestRecord, resp: LocalResponse, flag: str = "", upstream: bool = False
+    ) -> None:
+        """Send a response the proxy makes itself (`upstream`: one the same-node destination
+        made, passed on as an endpoint's response: the route's response edits apply)."""
         if flag:
             record.flags.append(flag)
         record.flags.extend(resp.flags)
@@ -553,6 +578,8 @@ class _Session:
             *([(b"content-type", b"text/plain")] if resp.body else []),
             *resp.headers,
         ]
+        if upstream:
+            headers = self._response_headers(headers)
         out = bytearray(self.conn.send(wire.Response(status_code=resp.status, headers=headers)))
         if resp.body:
             out += self.conn.send(wire.Data(data=resp.body))
@@ -758,6 +785,19 @@ class _Session:
             return _not_acquired(exc, cluster, ep, record), 0, False
         reused = up.requests > 0
         record.upstream_info = up.info
+        hop = None
+        duties = localhop.duties_of(up.info)
+        if duties is not None:  # a same-node pod: the destination's checks first
+            try:
+                hop, req = await self._destination_check(duties, req)
+            finally:
+                if hop is None or hop.answer is not None:
+                    pool.unused(up)  # nothing went on it
+            if hop.answer is not None:
+                outcome, status = await self._destination_answer(
+                    cluster, ep, hop, policy, may_retry, record
+                )
+                return outcome, status, False
         cluster.request_started(ep)
         state = _Attempt()
         try:
@@ -773,9 +813,74 @@ class _Session:
             stale = replay and reused and state.outcome is Outcome.RESET and up.cycle_bytes == 0
             cluster.request_finished(ep, state.outlier_status(stale))
             pool.release(up, state.reusable)
+            instead = None if stale else _in_pods_place(hop, state)
+            if hop is not None and not stale and instead is None:
+                _hop_finished(hop, record, state)
         if state.error is not None:
             raise state.error
+        if instead is not None:
+            assert hop is not None
+            hop.answer = instead
+            outcome, status = await self._destination_answer(
+                cluster, ep, hop, policy, may_retry, record, counted=True
+            )
+            return outcome, status, False
         return state.outcome, state.status or 0, stale
+
+    async def _destination_check(
+        self, duties: localhop.Duties, req: wire.Request
+    ) -> tuple[localhop.Hop, wire.Request]:
+        """The destination's checks on a request to a same-node pod (localhop.py), and the
+        request as it goes on (with the headers the checks left)."""
+        host = next((v for n, v in req.headers if n == b"host"), b"")
+        hop = await localhop.check(
+            duties,
+            req.method.decode("ascii", "replace"),
+            req.target.decode("latin-1"),
+            host.decode("latin-1"),
+            req.headers,
+            self.ctx.peer,
+        )
+        if hop.headers is not None:
+            req = wire.Request(
+                method=req.method,
+                target=req.target,
+                headers=hop.headers,
+                http_version=req.http_version,
+            )
+        return hop, req
+
+    async def _destination_answer(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        hop: localhop.Hop,
+        policy: RetryPolicy | None,
+        may_retry: RetrySlot | None,
+        record: RequestRecord,
+        *,
+        counted: bool = False,
+    ) -> tuple[Outcome | None, int]:
+        """The destination answered a same-node request itself (a denial; a 503 in the place
+        of a pod that reset): for the source, the endpoint's response (its retry policy and
+        response edits apply, no flag here). `counted`: the attempt is in the cluster's
+        figures already (the pod was tried)."""
+        answer = hop.answer
+        assert answer is not None
+        status = answer.status
+        if not counted:
+            cluster.request_started(ep)
+        try:
+            if policy is not None and retriable_status(policy, status):
+                if may_retry is not None and may_retry.take():  # held back for a retry
+                    return Outcome.STATUS, status
+                record.flags.append("URX")
+            await self._local(record, replace(answer, flags=()), upstream=True)
+            return None, status
+        finally:
+            if not counted:
+                cluster.request_finished(ep, status)
+            localhop.finish(hop, record, status, answer.flags, relayed=False)
 
     async def _exchange(
         self,
@@ -953,6 +1058,16 @@ class _Session:
         except (Overflow, UpstreamError) as exc:
             return _not_acquired(exc, cluster, ep, record), 0
         record.upstream_info = peer.info
+        hop = None
+        duties = localhop.duties_of(peer.info)
+        if duties is not None:  # a same-node pod: the destination's checks first
+            try:
+                hop, req = await self._destination_check(duties, req)
+            finally:
+                if hop is None or hop.answer is not None:
+                    ups.done(peer, cluster)  # no stream went on it
+            if hop.answer is not None:
+                return await self._destination_answer(cluster, ep, hop, policy, may_retry, record)
         cluster.request_started(ep)
         state = _Attempt()
         try:
@@ -968,8 +1083,17 @@ class _Session:
             cluster.request_finished(ep, state.outlier_status())
             ups.done(peer, cluster)
             await ups.retire_if_spent(peer, cluster)
+            instead = _in_pods_place(hop, state)
+            if hop is not None and instead is None:
+                _hop_finished(hop, record, state)
         if state.error is not None:
             raise state.error
+        if instead is not None:
+            assert hop is not None
+            hop.answer = instead
+            return await self._destination_answer(
+                cluster, ep, hop, policy, may_retry, record, counted=True
+            )
         return state.outcome, state.status or 0
 
     async def _exchange_h2(
