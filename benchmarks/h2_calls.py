@@ -5,7 +5,9 @@ A client, the engine and an h2c server talk over memory streams (`memstream`); `
 puts the same-node chain in between: outbound engine -> memory stream -> inbound engine, as a
 node serves a call between two of its pods. Each call is gRPC-shaped: HEADERS (with
 `grpc-timeout`), a 5-byte message and END_STREAM in one write; the server answers HEADERS, a
-message and trailers in one write. `--in-flight` calls at a time on one connection. Prints the
+message and trailers in one write. `--sockets`: Unix socket pairs in place of the memory streams
+(the engine's socket reads and writes as a node does them, agent/proxy/sockio.py; the kernel's
+work is then in the CPU figure too). `--in-flight` calls at a time on one connection. Prints the
 process's CPU per call and, with `--count`, cProfile's count of Python function calls per call
 (deterministic: the figure to compare before and after; `--engines 0` gives the client and
 server's own share, to subtract).
@@ -24,9 +26,8 @@ from dataclasses import dataclass
 
 import h2.events
 import trio
-from meshagent.agent.proxy.http import h2wire
+from meshagent.agent.proxy.http import h2wire, memstream
 from meshagent.agent.proxy.http.h2proxy import H2Peer, proxy_http2
-from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.http.types import HttpContext
 from meshagent.agent.proxy.lb import Clusters
 from meshagent.agent.proxy.routing import (
@@ -88,9 +89,16 @@ async def _server(stream: trio.abc.Stream) -> None:
             await stream.send_all(out)
 
 
-async def measure(engines: int, calls: int, in_flight: int = 10) -> Figures:
-    """`calls` calls (rounded down to a multiple of `in_flight`) through `engines` (0, 1, 2)."""
+def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def measure(engines: int, calls: int, in_flight: int = 10, sockets: bool = False) -> Figures:
+    """`calls` calls (rounded down to a multiple of `in_flight`) through `engines` (0, 1, 2),
+    over socket pairs with `sockets`, else memory streams."""
     routes = _routes()
+    memory_stream_pair = _socket_pair if sockets else memstream.memory_stream_pair
     async with trio.open_nursery() as nursery:
 
         def context(connect) -> HttpContext:
@@ -153,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=10)
     parser.add_argument("--count", action="store_true", help="count Python function calls")
+    parser.add_argument("--sockets", action="store_true", help="socket pairs, not memory")
     args = parser.parse_args(argv)
     profile = cProfile.Profile() if args.count else None
     if profile is not None:
         profile.enable()
-    figures = trio.run(measure, args.engines, args.calls, args.in_flight)
+    figures = trio.run(measure, args.engines, args.calls, args.in_flight, args.sockets)
     line = (
         f"{args.engines} engine(s): {figures.calls} calls, {figures.cpu_us_per_call:.0f} us CPU "
         f"per call, {figures.calls_per_s:.0f} calls/s"

@@ -59,6 +59,7 @@ import h2.events
 import h2.exceptions
 import hyperframe.frame
 import trio
+from meshagent.agent.proxy import sockio
 from meshagent.agent.proxy.http import h2wire, localhop
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
@@ -316,6 +317,17 @@ class H2Peer:
         have cut a frame, and the connection is over."""
         if self.cut:
             raise StreamGone
+        if type(self.stream) is trio.SocketStream:
+            # what the socket takes now needs no scope, no deadline and no scheduler round
+            # (agent/proxy/sockio.py); only the rest is sent under the shield below
+            try:
+                sent = sockio.write_now(self.stream.socket, data)
+            except _TRANSPORT_ERRORS as exc:
+                self.closed = True
+                raise StreamGone from exc
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         now = trio.current_time()
         deadline = min(trio.current_effective_deadline(), now + SEND_STALL_TIMEOUT)
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
@@ -476,6 +488,7 @@ class H2Peer:
         """Read until the connection ends; `on_event(event)` sees every event first and
         returns True when it handled it. A protocol error is answered with GOAWAY."""
         data = initial
+        drained = False  # the last read came back short: wait for the socket first (sockio)
         try:
             while True:
                 if not data:
@@ -483,12 +496,13 @@ class H2Peer:
                     waiting = None  # no header block begun: no scope (one per read) needed
                     try:
                         if head_deadline == math.inf:
-                            data = await self.stream.receive_some(RECEIVE_SIZE)
+                            data = await sockio.receive_some(self.stream, RECEIVE_SIZE, drained)
                         else:
                             with trio.move_on_at(head_deadline) as waiting:
-                                data = await self.stream.receive_some(RECEIVE_SIZE)
+                                data = await sockio.receive_some(self.stream, RECEIVE_SIZE, drained)
                     except _TRANSPORT_ERRORS:
                         return
+                    drained = len(data) < RECEIVE_SIZE
                     if waiting is not None and waiting.cancelled_caught:
                         # a request head trickling (slowloris)
                         self.abuse = Abuse(
