@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import select
@@ -48,6 +49,8 @@ from typing import Protocol
 import trio
 from meshagent.agent.hbone.connection import TunnelStream
 from meshagent.agent.proxy import sockio
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 # What a read asks for until one brings at least this much: a socket read allocates what it
@@ -213,9 +216,14 @@ class _Sink:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return 0
         if taken:
-            self.count(taken)
-            if self.seen is not None:
-                self.seen(data if taken == len(data) else data[:taken])
+            # This runs in the tunnel connection's reader, which carries every other stream
+            # of the connection: a bug in a counter or a tap ends nothing but is logged.
+            try:
+                self.count(taken)
+                if self.seen is not None:
+                    self.seen(data if taken == len(data) else data[:taken])
+            except Exception:
+                log.exception("counting or tapping relayed bytes failed")
         return taken
 
 

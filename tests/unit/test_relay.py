@@ -626,3 +626,34 @@ async def test_a_tap_sees_each_batch_before_it_goes_out():
     ]
     for s in (app, client_side, upstream_side, server):
         await s.aclose()
+
+
+async def test_a_failing_tap_in_the_tunnels_reader_ends_no_other_stream(caplog):
+    """The sink runs in the tunnel connection's reader, which carries every stream of the
+    connection: a tap that raises there is logged; the bytes still reach the socket and the
+    connection's other streams go on."""
+    from tests.unit.test_hbone_stream import Pair
+
+    class _Broken(_Tap):
+        def request_data(self, data: bytes) -> None:
+            if self.request:  # the first batch goes through the relay's task: later ones
+                raise RuntimeError("tap bug")  # come while it waits, through the sink
+            self.request += data
+
+    app, pod_side = await _tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            pair = Pair(outer)
+            near, far = await pair.open()
+            other_near, other_far = await pair.open()
+            outer.start_soon(partial(relay, far, pod_side, tap=_Broken()))
+            for i in range(5):
+                await near.send_all(b"msg %d" % i)
+                assert await app.receive_some(100) == b"msg %d" % i
+            await other_near.send_all(b"still here")
+            assert await other_far.receive_some(100) == b"still here"
+            assert pair.client.is_open and pair.server.is_open
+            outer.cancel_scope.cancel()
+    assert "counting or tapping relayed bytes failed" in caplog.text
+    for s in (app, pod_side):
+        await s.aclose()
