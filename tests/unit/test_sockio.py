@@ -11,20 +11,7 @@ import trio
 import trio.testing
 from meshagent.agent.proxy import sockio
 
-
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    accepted: list[trio.SocketStream] = []
-    async with trio.open_nursery() as nursery:
-
-        async def accept() -> None:
-            accepted.append(await listeners[0].accept())
-
-        nursery.start_soon(accept)
-        near = await trio.open_tcp_stream("127.0.0.1", port)
-    await listeners[0].aclose()
-    return near, accepted[0]
+from tests.unit.test_relay import _tcp_pair
 
 
 async def test_a_read_that_waits_first_finds_the_bytes_without_a_failed_read(monkeypatch):

@@ -53,6 +53,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import h2.connection
 import h2.events
@@ -1166,13 +1167,15 @@ class _Session:
             hop = None
             duties = localhop.duties_of(peer.info)
             if duties is not None:  # a same-node pod: the destination checks the copy too
-                try:
-                    hop = await localhop.check(
-                        duties, head.method, head.path, head.authority, head.headers, self.ctx.peer
-                    )
-                finally:
-                    if hop is None or hop.answer is not None:
-                        self._ups.done(peer, cluster)  # no stream went on it
+                hop = await localhop.check(
+                    duties,
+                    head.method,
+                    head.path,
+                    head.authority,
+                    head.headers,
+                    self.ctx.peer,
+                    partial(self._ups.done, peer, cluster),  # no stream went on it
+                )
                 if hop.answer is not None:
                     localhop.finish(hop, None, hop.answer.status, hop.answer.flags)
                     return
@@ -1266,18 +1269,15 @@ class _Session:
                     hop = None
                     sent = head
                     if duties is not None:  # a same-node pod: the destination's checks first
-                        try:
-                            hop = await localhop.check(
-                                duties,
-                                head.method,
-                                head.path,
-                                head.authority or authority,
-                                head.headers,
-                                self.ctx.peer,
-                            )
-                        finally:
-                            if hop is None or hop.answer is not None:
-                                self._ups.done(peer, cluster)  # no stream went on it
+                        hop = await localhop.check(
+                            duties,
+                            head.method,
+                            head.path,
+                            head.authority or authority,
+                            head.headers,
+                            self.ctx.peer,
+                            partial(self._ups.done, peer, cluster),  # no stream went on it
+                        )
                         if hop.headers is not None:
                             sent = replace(head, headers=hop.headers)
                     status: int | None = None

@@ -27,10 +27,11 @@ response again (about half the CPU of a same-node request at level `full`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
+from meshagent.agent.proxy.http import wire
 from meshagent.agent.proxy.http.types import LocalResponse, RequestInfo, RequestRecord
 
 
@@ -70,16 +71,46 @@ async def check(
     authority: str,
     headers: list[tuple[bytes, bytes]],
     peer: str,
+    release: Callable[[], None],
 ) -> Hop:
     """Run the destination's checks on a request about to go to the pod (`headers` are not
-    changed: a change comes back in `Hop.headers`); `Hop.answer` is set when it must not go."""
-    request = RequestInfo(method, target, authority, list(headers), peer)
-    hop = Hop(duties, RequestRecord(method, target, authority, peer, time.time()))
-    hop.answer = await duties.authorize(request)
-    hop.record.decision = request.decision
-    if request.headers != headers:
-        hop.headers = request.headers
-    return hop
+    changed: a change comes back in `Hop.headers`); `Hop.answer` is set when it must not go.
+    `release` gives the connection back when nothing goes on it (an answer, or the checks
+    failed), as every caller must."""
+    hop = None
+    try:
+        request = RequestInfo(method, target, authority, list(headers), peer)
+        hop = Hop(duties, RequestRecord(method, target, authority, peer, time.time()))
+        hop.answer = await duties.authorize(request)
+        hop.record.decision = request.decision
+        if request.headers != headers:
+            hop.headers = request.headers
+        return hop
+    finally:
+        if hop is None or hop.answer is not None:
+            release()
+
+
+async def check_request(
+    duties: Duties, req: wire.Request, peer: str, release: Callable[[], None]
+) -> tuple[Hop, wire.Request]:
+    """`check` for an HTTP/1.1 request, and the request as it goes on (with the headers the
+    checks left)."""
+    host = next((v for n, v in req.headers if n == b"host"), b"")
+    hop = await check(
+        duties,
+        req.method.decode("ascii", "replace"),
+        req.target.decode("latin-1"),
+        host.decode("latin-1"),
+        req.headers,
+        peer,
+        release,
+    )
+    if hop.headers is not None:
+        req = wire.Request(
+            method=req.method, target=req.target, headers=hop.headers, http_version=req.http_version
+        )
+    return hop, req
 
 
 def finish(

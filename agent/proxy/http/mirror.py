@@ -54,28 +54,12 @@ async def mirror_http1(
         hop = None
         duties = localhop.duties_of(up.info)
         if duties is not None:  # a same-node pod: the destination checks the copy too
-            try:
-                hop = await localhop.check(
-                    duties,
-                    request.method.decode("ascii", "replace"),
-                    request.target.decode("latin-1"),
-                    next((v for n, v in request.headers if n == b"host"), b"").decode("latin-1"),
-                    request.headers,
-                    ctx.peer,
-                )
-            finally:
-                if hop is None or hop.answer is not None:
-                    ctx.pool.unused(up)  # nothing went on it
+            hop, request = await localhop.check_request(
+                duties, request, ctx.peer, lambda: ctx.pool.unused(up)
+            )
             if hop.answer is not None:
                 localhop.finish(hop, None, hop.answer.status, hop.answer.flags)
                 return
-            if hop.headers is not None:
-                request = wire.Request(
-                    method=request.method,
-                    target=request.target,
-                    headers=hop.headers,
-                    http_version=request.http_version,
-                )
         cluster.request_started(ep)
         status = None
         reusable = False

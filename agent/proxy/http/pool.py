@@ -219,10 +219,7 @@ class ConnectionPool:
             self._discard(conn)
             return
         conn.codec.start_next_cycle()
-        conn.idle_since = trio.current_time()
-        self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
-        if conn.cluster.pending:  # requests wait for a connection
-            conn.cluster.connection_released()
+        self._to_idle(conn)
 
     def unused(self, conn: UpstreamConnection) -> None:
         """Give back a connection no request went on (a same-node destination answered the
@@ -236,6 +233,9 @@ class ConnectionPool:
         ):
             self._discard(conn)
             return
+        self._to_idle(conn)
+
+    def _to_idle(self, conn: UpstreamConnection) -> None:
         conn.idle_since = trio.current_time()
         self._idle.setdefault((conn.key, conn.endpoint), []).append(conn)
         if conn.cluster.pending:  # requests wait for a connection

@@ -788,11 +788,9 @@ class _Session:
         hop = None
         duties = localhop.duties_of(up.info)
         if duties is not None:  # a same-node pod: the destination's checks first
-            try:
-                hop, req = await self._destination_check(duties, req)
-            finally:
-                if hop is None or hop.answer is not None:
-                    pool.unused(up)  # nothing went on it
+            hop, req = await localhop.check_request(
+                duties, req, self.ctx.peer, lambda: pool.unused(up)
+            )
             if hop.answer is not None:
                 outcome, status = await self._destination_answer(
                     cluster, ep, hop, policy, may_retry, record
@@ -826,29 +824,6 @@ class _Session:
             )
             return outcome, status, False
         return state.outcome, state.status or 0, stale
-
-    async def _destination_check(
-        self, duties: localhop.Duties, req: wire.Request
-    ) -> tuple[localhop.Hop, wire.Request]:
-        """The destination's checks on a request to a same-node pod (localhop.py), and the
-        request as it goes on (with the headers the checks left)."""
-        host = next((v for n, v in req.headers if n == b"host"), b"")
-        hop = await localhop.check(
-            duties,
-            req.method.decode("ascii", "replace"),
-            req.target.decode("latin-1"),
-            host.decode("latin-1"),
-            req.headers,
-            self.ctx.peer,
-        )
-        if hop.headers is not None:
-            req = wire.Request(
-                method=req.method,
-                target=req.target,
-                headers=hop.headers,
-                http_version=req.http_version,
-            )
-        return hop, req
 
     async def _destination_answer(
         self,
@@ -1061,11 +1036,9 @@ class _Session:
         hop = None
         duties = localhop.duties_of(peer.info)
         if duties is not None:  # a same-node pod: the destination's checks first
-            try:
-                hop, req = await self._destination_check(duties, req)
-            finally:
-                if hop is None or hop.answer is not None:
-                    ups.done(peer, cluster)  # no stream went on it
+            hop, req = await localhop.check_request(
+                duties, req, self.ctx.peer, lambda: ups.done(peer, cluster)
+            )
             if hop.answer is not None:
                 return await self._destination_answer(cluster, ep, hop, policy, may_retry, record)
         cluster.request_started(ep)
