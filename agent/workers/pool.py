@@ -351,8 +351,8 @@ class WorkerPool:
                 cpu = cpu_seconds(p.pid) or 0.0
                 if p.watch.grown(policy, now, rss, clients, accepted, cpu):
                     log.info(
-                        "proxy worker %d (pid %d) holds %.0f MiB, %.0f MiB fresh, %d client"
-                        " connection(s) open: replacing it with a fresh one (it drains)",
+                        "proxy worker %d (pid %d) holds %.0f MiB, %.0f MiB before a burst, %d"
+                        " client connection(s) open: replacing it with a fresh one (it drains)",
                         w.index,
                         p.pid,
                         rss / 2**20,

@@ -2,10 +2,11 @@
 same-node connections to its replacement (SCM_RIGHTS, agent/proxy/handoff.py) and exits at
 once instead of holding them to its drain deadline (an hour).
 
-The lab's agents replace a worker as soon as it is quiet and 30 s old
-(``worker_recycle_growth`` near 0: any growth counts); shop/frontend holds connections to
-echo-local on its node (a tcp- port: plain L4 relays) through every replacement, each still
-echoing, while the replaced workers are gone (its own module: one lab per module).
+Node-1's workers are replaced as a grown one is (the admin port's `POST /workers/recycle`
+takes the memory watch's path: a fresh worker forked for each slot, the old one drains);
+shop/frontend holds connections to echo-local on its node (a tcp- port: plain L4 relays)
+through the replacement, each still echoing, while the replaced workers are gone (its own
+module: one lab per module).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import EXAMPLES, lab_env, meshlab, render_manifest
+from tests.e2e.conftest import EXAMPLES, meshlab, render_manifest
 from tests.e2e.test_upgrade import _alive
 from tests.e2e.test_upgrade_connections import CONNS_MANIFEST, ConnHolder
 from tests.waiting import wait_until
 
 NODE = "node-1"
-HELD = 4  # at most worker_recycle_max_open (16): a worker holding them is still quiet
-SETTINGS = {"worker_recycle_growth": 1e-6}  # replace a worker once quiet and 30 s old
+HELD = 4
 
 
 def handed() -> dict[str, float]:
@@ -38,16 +38,16 @@ def handed() -> dict[str, float]:
 
 
 def test_a_replaced_worker_hands_its_connections_to_its_replacement(lab_factory, tmp_path):
-    with lab_env("MESHLAB_AGENT_SETTINGS", json.dumps(SETTINGS)):
-        lab = lab_factory(
-            EXAMPLES / "demo.yaml", render_manifest(CONNS_MANIFEST, tmp_path), nodes=2
-        )
+    lab = lab_factory(EXAMPLES / "demo.yaml", render_manifest(CONNS_MANIFEST, tmp_path), nodes=2)
     first = {w["index"]: w["pid"] for w in lab.status(NODE)["agent"]["workers"]}
     holder = ConnHolder(HELD, ("echo-local",))
     try:
         assert holder.connected() == {"connected": HELD, "failures": []}
         start = holder.report()
         assert start["open"] == start["echoed"] == HELD, start
+        recycle = ("curl", "-s", "-X", "POST", "127.0.0.1:15000/workers/recycle")
+        answer = json.loads(meshlab("exec", "--node", NODE, "--", *recycle).stdout)
+        assert answer == {"recycled": len(first)}, answer
         # every worker of node-1 replaced at least once, and nothing left draining
         workers = wait_until(
             lambda: lab.status(NODE)["agent"]["workers"],
