@@ -6,7 +6,7 @@ puts the same-node chain in between: outbound engine -> memory stream -> inbound
 node serves a call between two of its pods. Each call is gRPC-shaped: HEADERS (with
 `grpc-timeout`), a 5-byte message and END_STREAM in one write; the server answers HEADERS, a
 message and trailers in one write. `--sockets`: Unix socket pairs in place of the memory streams
-(the engine's socket reads and writes as a node does them, agent/proxy/sockio.py; the kernel's
+(the engine's socket reads and writes as a node does them, agent/sockio.py; the kernel's
 work is then in the CPU figure too). `--in-flight` calls at a time on one connection. Prints the
 process's CPU per call and, with `--count`, cProfile's count of Python function calls per call
 (deterministic: the figure to compare before and after; `--engines 0` gives the client and

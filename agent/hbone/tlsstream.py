@@ -25,13 +25,13 @@ faults: 20-50 µs against 2 µs, several times per small request.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import operator
 import os
 import ssl
 
 import trio
+from meshagent.agent import sockio
 
 __all__ = ["TlsStream"]
 
@@ -149,9 +149,10 @@ class TlsStream(trio.abc.Stream):
     async def _receive_ciphertext(self) -> bool:
         """Move what the transport has (waiting for some) into the incoming BIO; False at EOF.
 
-        Over a socket, read without trio's socket call: after a read that did not fill the
-        buffer (the socket drained) wait for readiness first, instead of a read that fails
-        with EAGAIN (an exception) before every wait; a read is then one system call."""
+        Over a socket, read as agent/sockio.py does: after a read that did not fill the buffer
+        (the socket drained) wait for readiness first, instead of a read that fails with
+        EAGAIN (an exception) before every wait; a read is then one system call (into one
+        buffer kept for the stream's life)."""
         try:
             if not isinstance(self.transport, trio.SocketStream):
                 data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -159,23 +160,12 @@ class TlsStream(trio.abc.Stream):
                 return bool(data)
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, RECEIVE_SIZE)
-            sock = self.transport.socket
-            if self._drained:
-                await trio.lowlevel.wait_readable(sock)
-                self._waited = True
-            while True:
-                try:
-                    count = os.readv(sock.fileno(), (self._buffer,))
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    self._waited = True
+            count, waited = await sockio.read_ready(
+                self.transport.socket, os.readv, (self._buffer,), self._drained
+            )
+            self._waited = self._waited or waited
         except trio.BrokenResourceError as exc:
             raise self._break(exc.__cause__ or exc, "transport failed") from exc
-        except OSError as exc:  # as trio.SocketStream.receive_some sorts them
-            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-                raise trio.ClosedResourceError("this socket was already closed") from None
-            raise self._break(exc, "transport failed") from exc
         self._drained = count < RECEIVE_SIZE
         with memoryview(self._buffer) as view, view[:count] as received:
             self._incoming.write(received)
@@ -291,11 +281,9 @@ class TlsStream(trio.abc.Stream):
         ciphertext = self._outgoing.read()
         assert isinstance(self.transport, trio.SocketStream)
         try:
-            sent = os.write(self.transport.socket.fileno(), ciphertext)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise self._break(exc, "TLS send failed") from exc
+            sent = sockio.write_now(self.transport.socket, ciphertext)
+        except trio.BrokenResourceError as exc:
+            raise self._break(exc.__cause__ or exc, "TLS send failed") from exc
         if sent < len(ciphertext):
             self._unsent = ciphertext[sent:]
             return False

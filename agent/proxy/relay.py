@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
+from meshagent.agent import sockio
 from meshagent.agent.hbone.connection import TunnelStream
-from meshagent.agent.proxy import sockio
 
 log = logging.getLogger(__name__)
 

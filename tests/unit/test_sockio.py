@@ -9,7 +9,7 @@ import os
 import pytest
 import trio
 import trio.testing
-from meshagent.agent.proxy import sockio
+from meshagent.agent import sockio
 
 from tests.unit.test_relay import _tcp_pair
 

@@ -60,7 +60,7 @@ import h2.events
 import h2.exceptions
 import hyperframe.frame
 import trio
-from meshagent.agent.proxy import sockio
+from meshagent.agent import sockio
 from meshagent.agent.proxy.http import h2wire, localhop
 from meshagent.agent.proxy.http.decide import RouteDecision, decide
 from meshagent.agent.proxy.http.grpcframes import MessageCounter
@@ -320,7 +320,7 @@ class H2Peer:
             raise StreamGone
         if type(self.stream) is trio.SocketStream:
             # what the socket takes now needs no scope, no deadline and no scheduler round
-            # (agent/proxy/sockio.py); only the rest is sent under the shield below
+            # (agent/sockio.py); only the rest is sent under the shield below
             try:
                 sent = sockio.write_now(self.stream.socket, data)
             except _TRANSPORT_ERRORS as exc:

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from contextlib import asynccontextmanager, suppress
 
 import trio
-from meshagent.agent.proxy import sockio
+from meshagent.agent import sockio
 from meshagent.agent.proxy.http import wire
 from meshagent.agent.proxy.http.types import Connect, UpstreamError
 from meshagent.agent.proxy.lb import ClusterState, EndpointState

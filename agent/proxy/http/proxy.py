@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 
 import h2.events
 import trio
-from meshagent.agent.proxy import sockio
+from meshagent.agent import sockio
 from meshagent.agent.proxy.http import h2upgrade, h2wire, localhop, wire
 from meshagent.agent.proxy.http import headers as hdrs
 from meshagent.agent.proxy.http.decide import RouteDecision, decide

@@ -11,17 +11,23 @@ system calls (os.read, os.write) on the socket's descriptor. A read that did not
 checkpoint (so a busy loop of reads stays fair); a write the socket takes whole is not (its
 caller waits for the answer next), and one it does not take waits as trio's does.
 
-Other streams (a tunnel stream, TLS, in-memory pairs in tests) take their own calls.
+Other streams (a tunnel stream, in-memory pairs in tests) take their own calls. The HBONE
+TLS stream reads and writes its ciphertext with `read_ready` and `write_now`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 
-__all__ = ["receive_some", "send_all", "write_now"]
+__all__ = ["read_ready", "receive_some", "send_all", "write_now"]
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -31,25 +37,35 @@ def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     return trio.BrokenResourceError(f"socket error: {exc}")
 
 
-async def receive_some(stream: trio.abc.ReceiveStream, size: int, wait_first: bool) -> bytes:
-    """Up to ``size`` bytes of ``stream`` (b"" at EOF). ``wait_first``: the socket is
-    probably empty (it drained, or the peer waits for our answer), so wait for it to be
-    readable before reading."""
-    if type(stream) is not trio.SocketStream:
-        return await stream.receive_some(size)
-    sock = stream.socket
+async def read_ready(
+    sock: trio.socket.SocketType,
+    read: Callable[[int, A], R],
+    arg: A,
+    wait_first: bool,
+) -> tuple[R, bool]:
+    """``read(fd, arg)`` (``os.read`` with a size, ``os.readv`` with buffers) once the socket
+    has something, and whether it waited. ``wait_first``: the socket is probably empty (it
+    drained, or the peer waits for our answer), so wait for it to be readable before reading.
+    Not a checkpoint unless it waited."""
     waited = wait_first
     if wait_first:
         await trio.lowlevel.wait_readable(sock)
     while True:
         try:
-            data = os.read(sock.fileno(), size)
-            break
+            return read(sock.fileno(), arg), waited
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
             waited = True
         except OSError as exc:
             raise _error(exc) from exc
+
+
+async def receive_some(stream: trio.abc.ReceiveStream, size: int, wait_first: bool) -> bytes:
+    """Up to ``size`` bytes of ``stream`` (b"" at EOF), as `read_ready` reads them; a
+    checkpoint either way."""
+    if type(stream) is not trio.SocketStream:
+        return await stream.receive_some(size)
+    data, waited = await read_ready(stream.socket, os.read, size, wait_first)
     if not waited:
         await trio.lowlevel.checkpoint()
     return data
