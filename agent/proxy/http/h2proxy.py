@@ -1264,75 +1264,12 @@ class _Session:
                     record.transport_failure = exc.transport
                     outcome = Outcome.CONNECT_FAILURE
                 else:
-                    record.upstream_info = peer.info
-                    duties = localhop.duties_of(peer.info)
-                    hop = None
-                    sent = head
-                    if duties is not None:  # a same-node pod: the destination's checks first
-                        hop = await localhop.check(
-                            duties,
-                            head.method,
-                            head.path,
-                            head.authority or authority,
-                            head.headers,
-                            self.ctx.peer,
-                            partial(self._ups.done, peer, cluster),  # no stream went on it
-                        )
-                        if hop.headers is not None:
-                            sent = replace(head, headers=hop.headers)
-                    status: int | None = None
-                    if hop is not None and hop.answer is not None:
-                        outcome = await self._destination_answer(
-                            stream_id,
-                            cluster,
-                            ep,
-                            hop,
-                            record,
-                            d.edit_response,
-                            policy if may_retry else None,
-                            slot,
-                        )
-                    else:
-                        cluster.request_started(ep)
-                        outcome, ended = None, False  # until the exchange returns
-                        try:
-                            outcome, status = await self._exchange(
-                                stream_id,
-                                peer,
-                                sent,
-                                authority,
-                                record,
-                                body,
-                                policy if may_retry else None,
-                                policy.per_try_timeout if policy is not None else None,
-                                d.edit_response,
-                                slot,
-                            )
-                            ended = True
-                        finally:
-                            cluster.request_finished(ep, status)
-                            self._ups.done(peer, cluster)
-                            await self._ups.retire_if_spent(peer, cluster)
-                            instead = _in_pods_place(hop, outcome) if ended else None
-                            if hop is not None and instead is None:
-                                # the pod's answer (or one held back for a retry), else none
-                                localhop.finish(hop, record, record.status)
-                        if instead is not None:
-                            assert hop is not None
-                            hop.answer = instead
-                            outcome = await self._destination_answer(
-                                stream_id,
-                                cluster,
-                                ep,
-                                hop,
-                                record,
-                                d.edit_response,
-                                policy if may_retry else None,
-                                slot,
-                                counted=True,
-                            )
-                    if outcome is None:
-                        return  # answered
+                    outcome = await self._attempt(
+                        stream_id, head, authority, d, record, cluster, ep, peer, body,
+                        policy, may_retry, slot,
+                    )  # fmt: skip
+                if outcome is None:
+                    return  # answered
                 if (
                     may_retry
                     and policy is not None
@@ -1358,6 +1295,84 @@ class _Session:
                 return
         finally:
             slot.release()
+
+    async def _attempt(
+        self,
+        stream_id: int,
+        head: h2wire.RequestHead,
+        authority: str,
+        d: RouteDecision,
+        record: RequestRecord,
+        cluster: ClusterState,
+        ep: EndpointState,
+        peer: H2Peer,
+        body: _Body,
+        policy: RetryPolicy | None,
+        may_retry: bool,
+        slot: RetrySlot,
+    ) -> Outcome | None:
+        """One attempt on ``peer``, a connection to ``ep``: None once a response went to the
+        client, else how it failed. A same-node pod's destination checks come first; the
+        destination answers in the pod's place when they deny, or when the pod reset the
+        stream (localhop.py)."""
+        record.upstream_info = peer.info
+        duties = localhop.duties_of(peer.info)
+        hop = None
+        sent = head
+        if duties is not None:  # a same-node pod: the destination's checks first
+            hop = await localhop.check(
+                duties,
+                head.method,
+                head.path,
+                head.authority or authority,
+                head.headers,
+                self.ctx.peer,
+                partial(self._ups.done, peer, cluster),  # no stream went on it
+            )
+            if hop.headers is not None:
+                sent = replace(head, headers=hop.headers)
+        tried = hop is None or hop.answer is None
+        if tried:
+            cluster.request_started(ep)
+            outcome, status, ended = None, None, False  # until the exchange returns
+            try:
+                outcome, status = await self._exchange(
+                    stream_id,
+                    peer,
+                    sent,
+                    authority,
+                    record,
+                    body,
+                    policy if may_retry else None,
+                    policy.per_try_timeout if policy is not None else None,
+                    d.edit_response,
+                    slot,
+                )
+                ended = True
+            finally:
+                cluster.request_finished(ep, status)
+                self._ups.done(peer, cluster)
+                await self._ups.retire_if_spent(peer, cluster)
+                instead = _in_pods_place(hop, outcome) if ended else None
+                if hop is not None and instead is None:
+                    # the pod's answer (or one held back for a retry), else none
+                    localhop.finish(hop, record, record.status)
+            if instead is None:
+                return outcome
+            assert hop is not None
+            hop.answer = instead
+        assert hop is not None
+        return await self._destination_answer(
+            stream_id,
+            cluster,
+            ep,
+            hop,
+            record,
+            d.edit_response,
+            policy if may_retry else None,
+            slot,
+            counted=tried,
+        )
 
     async def _exchange(
         self,
