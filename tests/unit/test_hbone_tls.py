@@ -4,7 +4,6 @@ in-memory streams and a local socket pair."""
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
 import tracemalloc
 from functools import partial
@@ -23,6 +22,7 @@ from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.common.spiffe import Identity, sni_for
 
 from tests.certs import TestCA
+from tests.unit.failed_reads import count_failed_reads
 
 TD = "cluster.local"
 FRONTEND = Identity(TD, "shop", "frontend")
@@ -312,30 +312,23 @@ async def test_send_now_writes_to_the_socket_and_leaves_what_it_did_not_take_for
     await server.aclose()
 
 
+async def _send_when_blocked(stream: TlsStream, data: bytes) -> None:
+    await trio.testing.wait_all_tasks_blocked()  # the reader waits on its socket
+    await stream.send_all(data)
+
+
 async def test_tls_stream_waits_for_the_socket_after_a_short_read_instead_of_failing_reads(
     ca, leaves, monkeypatch
 ):
-    import meshagent.agent.hbone.tlsstream as tlsstream
-
-    failed = 0
-    real_readv = os.readv
-
-    def counting_readv(fd, buffers):
-        nonlocal failed
-        try:
-            return real_readv(fd, buffers)
-        except BlockingIOError:
-            failed += 1
-            raise
-
-    monkeypatch.setattr(tlsstream.os, "readv", counting_readv)
     client, server = await _tls_pair(ca, leaves, _socket_pair)
-    failed = 0  # the handshake's reads do not count
-    for i in range(50):
-        await client.send_all(b"ping %d" % i)
-        assert await server.receive_some() == b"ping %d" % i
-        await server.send_all(b"pong %d" % i)
-        assert await client.receive_some() == b"pong %d" % i
-    assert failed <= 2, f"{failed} socket reads found nothing for 100 messages"
+    failed = count_failed_reads(monkeypatch)  # the handshake's reads do not count
+    for i in range(50):  # each read begins before its message is sent: it has to wait
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_when_blocked, client, b"ping %d" % i)
+            assert await server.receive_some() == b"ping %d" % i
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_when_blocked, server, b"pong %d" % i)
+            assert await client.receive_some() == b"pong %d" % i
+    assert failed.count <= 2, f"{failed.count} socket reads found nothing for 100 messages"
     await client.aclose()
     await server.aclose()

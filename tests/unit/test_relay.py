@@ -15,6 +15,8 @@ import trio.testing
 from meshagent.agent.proxy import relay as relay_mod
 from meshagent.agent.proxy.relay import relay
 
+from tests.unit.failed_reads import count_failed_reads
+
 
 class _Wrapped(trio.abc.HalfCloseableStream):
     """A socket stream that is not a `trio.SocketStream` (takes the generic path)."""
@@ -422,18 +424,7 @@ async def test_small_messages_wait_for_the_socket_instead_of_failing_reads(monke
     # A read that finds nothing is an exception and a wasted system call; after a short read
     # (the socket drained) the relay waits for readiness first. Tapped, so socket to socket
     # goes through Python too.
-    failed = 0
-    real_read = os.read
-
-    def counting_read(fd: int, n: int) -> bytes:
-        nonlocal failed
-        try:
-            return real_read(fd, n)
-        except BlockingIOError:
-            failed += 1
-            raise
-
-    monkeypatch.setattr(relay_mod.os, "read", counting_read)
+    failed = count_failed_reads(monkeypatch)
     app, client_side = await _tcp_pair()
     upstream_side, server = await _tcp_pair()
 
@@ -456,7 +447,7 @@ async def test_small_messages_wait_for_the_socket_instead_of_failing_reads(monke
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(relay, client_side, upstream_side, tap=_Tap()))
             await exchange()
-    assert failed <= 4, f"{failed} reads found nothing for 100 exchanges"
+    assert failed.count <= 4, f"{failed.count} reads found nothing for 100 exchanges"
     for s in (app, client_side, upstream_side, server):
         await s.aclose()
 

@@ -11,33 +11,23 @@ import trio
 import trio.testing
 from meshagent.agent import sockio
 
+from tests.unit.failed_reads import count_failed_reads
 from tests.unit.test_relay import _tcp_pair
 
 
 async def test_a_read_that_waits_first_finds_the_bytes_without_a_failed_read(monkeypatch):
-    failed = 0
-    real_read = os.read
-
-    def counting_read(fd: int, n: int) -> bytes:
-        nonlocal failed
-        try:
-            return real_read(fd, n)
-        except BlockingIOError:
-            failed += 1
-            raise
-
-    monkeypatch.setattr(sockio.os, "read", counting_read)
+    failed = count_failed_reads(monkeypatch)
     a, b = await _tcp_pair()
     async with trio.open_nursery() as nursery:
         for i in range(50):
             nursery.start_soon(a.send_all, b"m%d" % i)
             assert await sockio.receive_some(b, 1024, True) == b"m%d" % i
-    assert failed == 0
+    assert failed.count == 0
     # Not waiting first on an empty socket: one failed read, then the wait.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.send_all, b"late")
         assert await sockio.receive_some(b, 1024, False) == b"late"
-    assert failed <= 1
+    assert failed.count <= 1
     await a.send_eof()
     assert await sockio.receive_some(b, 1024, True) == b""  # EOF
     await a.aclose()
