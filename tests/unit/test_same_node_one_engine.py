@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ import h2.events
 import pytest
 import trio
 from meshagent.agent.proxy.http import (
+    ConnectionPool,
     HttpContext,
     RequestRecord,
     h2proxy,
@@ -33,7 +35,7 @@ from meshagent.agent.proxy.http.memstream import memory_stream_pair
 from meshagent.agent.proxy.inbound import Destination, InboundProxy
 from meshagent.agent.proxy.inputs import ProxyInputs
 from meshagent.agent.proxy.lb import Clusters
-from meshagent.agent.proxy.routing import compile_routes
+from meshagent.agent.proxy.routing import RouteTable, compile_routes
 from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import Tables
 from meshagent.common.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
@@ -103,6 +105,63 @@ def snapshot(backend: Backend, *resources: dict) -> Snapshot:
     ).with_version()
 
 
+@dataclass
+class _Node:
+    """A node's proxy over one snapshot: the source's side (routes, clusters, the connector)
+    and the destination's (the InboundProxy the connector hands same-node connections to)."""
+
+    store: SimpleNamespace
+    metrics: Metrics
+    table: RouteTable
+    clusters: Clusters
+    connector: Connector
+    source: Workload
+    records: list[RequestRecord] = field(default_factory=list)  # the source's, as reported
+
+
+def _node(snap: Snapshot, nursery: trio.Nursery, pool: ConnectionPool | None) -> _Node:
+    store = SimpleNamespace(tables=Tables.build(snap))
+    metrics = Metrics()
+    inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
+    table = compile_routes(snap)
+    clusters = Clusters(rng=random.Random(1))
+    clusters.sync(table)
+    inbound = InboundProxy(inputs, pool)
+    connector = Connector(inputs, pool=None, identities=None)
+    connector.attach_local(inbound, nursery)
+    inbound.connector = connector
+    source = store.tables.workload_by_ip[CLIENT_IP]
+    return _Node(store, metrics, table, clusters, connector, source)
+
+
+async def _http1_client(
+    nursery: trio.Nursery, node: _Node, pool: ConnectionPool, engine: bool
+) -> Client:
+    """A keep-alive client of the source's HTTP/1.1 engine; ``engine``: same-node requests
+    go to the pod from that engine (False: through the destination's own engine)."""
+
+    async def connect(ep, pod_port, _spec):
+        return await node.connector.open(
+            node.source, ep.ip, pod_port, CLIENT_IP, "http1", connect_timeout=math.inf,
+            engine=engine,
+        )  # fmt: skip
+
+    ctx = HttpContext(
+        routes=lambda: node.table.http_routes(HOST, PORT),
+        clusters=node.clusters,
+        pool=pool,
+        connect=connect,
+        pool_key=node.source.uid,
+        on_request_done=node.records.append,
+        peer=CLIENT_IP,
+        source=node.source,
+    )
+    (listener,) = await nursery.start(
+        partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
+    )
+    return Client(listener.socket.getsockname()[1])
+
+
 async def test_a_same_node_request_is_parsed_once_and_checked_by_the_destination(monkeypatch):
     sessions: list[object] = []
 
@@ -116,45 +175,10 @@ async def test_a_same_node_request_is_parsed_once_and_checked_by_the_destination
     async with trio.open_nursery() as nursery:
         await nursery.start(backend.serve)
         snap = snapshot(backend, deny("/admin"))
-        store = SimpleNamespace(tables=Tables.build(snap))
-        metrics = Metrics()
-        inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
-        table = compile_routes(snap)
-        clusters = Clusters(rng=random.Random(1))
-        clusters.sync(table)
         async with open_connection_pool() as pool:
-            inbound = InboundProxy(inputs, pool)
-            connector = Connector(inputs, pool=None, identities=None)
-            connector.attach_local(inbound, nursery)
-            inbound.connector = connector
-            source = store.tables.workload_by_ip[CLIENT_IP]
-
-            async def connect(ep, pod_port, _spec):
-                return await connector.open(
-                    source,
-                    ep.ip,
-                    pod_port,
-                    CLIENT_IP,
-                    "http1",
-                    connect_timeout=math.inf,
-                    engine=True,
-                )
-
-            records: list[RequestRecord] = []
-            ctx = HttpContext(
-                routes=lambda: table.http_routes(HOST, PORT),
-                clusters=clusters,
-                pool=pool,
-                connect=connect,
-                pool_key=source.uid,
-                on_request_done=records.append,
-                peer=CLIENT_IP,
-                source=source,
-            )
-            (listener,) = await nursery.start(
-                partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
-            )
-            client = Client(listener.socket.getsockname()[1])
+            node = _node(snap, nursery, pool)
+            store, metrics, records = node.store, node.metrics, node.records
+            client = await _http1_client(nursery, node, pool, engine=True)
             with trio.fail_after(10):
                 ok = await client.request("/")
                 while not records:  # reported just after the response went
@@ -242,29 +266,20 @@ async def test_a_same_node_grpc_call_is_checked_per_call_by_the_destination(monk
     async with trio.open_nursery() as nursery:
         (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
         backend.port = pod_listener.socket.getsockname()[1]
-        snap = snapshot(backend, deny("/meshtest.Echo/Unary"))
-        store = SimpleNamespace(tables=Tables.build(snap))
-        metrics = Metrics()
-        inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
-        table = compile_routes(snap)
-        clusters = Clusters(rng=random.Random(1))
-        clusters.sync(table)
-        inbound = InboundProxy(inputs, None)
-        connector = Connector(inputs, pool=None, identities=None)
-        connector.attach_local(inbound, nursery)
-        source = store.tables.workload_by_ip[CLIENT_IP]
+        node = _node(snapshot(backend, deny("/meshtest.Echo/Unary")), nursery, None)
+        metrics, source = node.metrics, node.source
         upstreams: list[object] = []
 
         async def connect(ep, pod_port, _spec):
-            upstream = await connector.open(
+            upstream = await node.connector.open(
                 source, ep.ip, pod_port, CLIENT_IP, "http2", connect_timeout=math.inf, engine=True
             )
             upstreams.append(upstream)
             return upstream
 
         ctx = HttpContext(
-            routes=lambda: table.http_routes(HOST, PORT),
-            clusters=clusters,
+            routes=lambda: node.table.http_routes(HOST, PORT),
+            clusters=node.clusters,
             pool=None,
             connect=connect,
             peer=CLIENT_IP,
@@ -311,45 +326,10 @@ async def test_a_pod_that_drops_a_request_is_a_503_from_the_destination_retried(
     async with trio.open_nursery() as nursery:
         (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
         backend.port = pod_listener.socket.getsockname()[1]
-        snap = snapshot(backend)
-        store = SimpleNamespace(tables=Tables.build(snap))
-        metrics = Metrics()
-        inputs = ProxyInputs(store=store, node=NODE, trust_domain="cluster.local", metrics=metrics)
-        table = compile_routes(snap)
-        clusters = Clusters(rng=random.Random(1))
-        clusters.sync(table)
         async with open_connection_pool() as pool:
-            inbound = InboundProxy(inputs, pool)
-            connector = Connector(inputs, pool=None, identities=None)
-            connector.attach_local(inbound, nursery)
-            source = store.tables.workload_by_ip[CLIENT_IP]
-
-            async def connect(ep, pod_port, _spec):
-                return await connector.open(
-                    source,
-                    ep.ip,
-                    pod_port,
-                    CLIENT_IP,
-                    "http1",
-                    connect_timeout=math.inf,
-                    engine=one_engine,
-                )
-
-            records: list[RequestRecord] = []
-            ctx = HttpContext(
-                routes=lambda: table.http_routes(HOST, PORT),
-                clusters=clusters,
-                pool=pool,
-                connect=connect,
-                pool_key=source.uid,
-                on_request_done=records.append,
-                peer=CLIENT_IP,
-                source=source,
-            )
-            (listener,) = await nursery.start(
-                partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
-            )
-            client = Client(listener.socket.getsockname()[1])
+            node = _node(snapshot(backend), nursery, pool)
+            metrics, records = node.metrics, node.records
+            client = await _http1_client(nursery, node, pool, engine=one_engine)
             with trio.fail_after(10):
                 reply = await client.request("/")
                 while not records or len(metrics.requests) < 2:
