@@ -8,38 +8,16 @@ import hashlib
 import random
 
 import trio
-from meshagent.agent.hbone.connection import HboneConnection, TunnelStream
-from meshagent.agent.hbone.protocol import connect_request_headers
+from meshagent.agent.hbone.connection import TunnelStream
 
+from tests.unit.test_hbone_stream import Pair
 from tests.unit.test_hbone_tls import _socket_pair, _tls_pair, ca, leaves  # noqa: F401
-
-
-class _TlsPair:
-    def __init__(self, nursery: trio.Nursery, client_tls, server_tls) -> None:
-        self._nursery = nursery
-        self._accepted_send, self._accepted = trio.open_memory_channel[TunnelStream](100)
-        self.client = HboneConnection(client_tls, client_side=True)
-        self.server = HboneConnection(server_tls, client_side=False, on_request=self._on_request)
-        nursery.start_soon(self.client.run)
-        nursery.start_soon(self.server.run)
-
-    def _on_request(self, stream: TunnelStream, headers) -> None:
-        async def accept() -> None:
-            await stream.respond(200)
-            await self._accepted_send.send(stream)
-
-        self._nursery.start_soon(accept)
-
-    async def open(self) -> tuple[TunnelStream, TunnelStream]:
-        client = self.client.start_request(connect_request_headers("10.0.0.1:80", "10.0.0.2"))
-        assert await client.wait_response() == 200
-        return client, await self._accepted.receive()
 
 
 async def test_a_small_message_goes_out_without_waking_the_writer(ca, leaves):  # noqa: F811
     client_tls, server_tls = await _tls_pair(ca, leaves, _socket_pair)
     async with trio.open_nursery() as nursery:
-        pair = _TlsPair(nursery, client_tls, server_tls)
+        pair = Pair(nursery, (client_tls, server_tls))
         a, b = await pair.open()
         await trio.testing.wait_all_tasks_blocked()
         kicks = 0
@@ -65,7 +43,7 @@ async def test_streams_sending_at_once_each_arrive_whole_and_in_order(ca, leaves
     rng = random.Random(7)
     plans = [[rng.choice((1, 90, 5_000, 70_000, 300_000)) for _ in range(40)] for _ in range(6)]
     async with trio.open_nursery() as nursery:
-        pair = _TlsPair(nursery, client_tls, server_tls)
+        pair = Pair(nursery, (client_tls, server_tls))
         pairs = [await pair.open() for _ in plans]
         sent: list[str] = [""] * len(plans)
         got: list[str] = [""] * len(plans)

@@ -17,10 +17,15 @@ MIB = 1024 * 1024
 
 
 class Pair:
-    """A client and a server connection joined in memory; `open` makes tunnel pairs."""
+    """A client and a server connection over ``transports`` (default: joined in memory);
+    `open` makes tunnel pairs."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
-        a, b = trio.testing.memory_stream_pair()
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        transports: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
+    ) -> None:
+        a, b = transports or trio.testing.memory_stream_pair()
         self._nursery = nursery
         self._accepted_send, self._accepted = trio.open_memory_channel[TunnelStream](100)
         self.client = HboneConnection(a, client_side=True)
