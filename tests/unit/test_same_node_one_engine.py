@@ -341,3 +341,53 @@ async def test_a_pod_that_drops_a_request_is_a_503_from_the_destination_retried(
     assert len(seen) == 2
     assert (records[0].status, records[0].attempts, records[0].flag_string) == (200, 2, "-")
     assert [(status, flags) for _, status, flags in metrics.requests] == [(503, "UC"), (200, "-")]
+
+
+async def test_a_request_sent_again_after_a_stale_pod_connection_is_one_decision():
+    """The pod closes a kept-alive connection just as the next request goes on it (before a
+    response byte): the engine sends that request again on a new connection, as for any
+    stale pooled connection, without running the destination's checks a second time. The
+    destination counts one policy decision and one request per request the client made."""
+    served: list[int] = []  # the connection (by order of accept) each answered request came on
+    accepted = 0
+
+    async def pod(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        connection = accepted
+        for request in range(2):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                if not (data := await stream.receive_some(65536)):
+                    return
+                head += data
+            if connection == 1 and request == 1:
+                await stream.aclose()  # the second request on the first connection: gone
+                return
+            served.append(connection)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()
+
+    backend = Backend("closer")
+    async with trio.open_nursery() as nursery:
+        (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
+        backend.port = pod_listener.socket.getsockname()[1]
+        async with open_connection_pool() as pool:
+            node = _node(snapshot(backend), nursery, pool)
+            metrics, records = node.metrics, node.records
+            client = await _http1_client(nursery, node, pool, engine=True)
+            with trio.fail_after(10):
+                first = await client.request("/")
+                while len(records) < 1:
+                    await trio.sleep(0.001)
+                second = await client.request("/again")
+                while len(records) < 2 or len(metrics.requests) < 2:
+                    await trio.sleep(0.001)
+            await client.close()
+        nursery.cancel_scope.cancel()
+
+    assert [(r.status, r.body) for r in (first, second)] == [(200, b"ok"), (200, b"ok")]
+    assert served == [1, 2]  # the second request went again, on a second connection
+    assert [(r.status, r.attempts, r.flag_string) for r in records] == [(200, 1, "-")] * 2
+    assert [d.allowed for d in metrics.decisions] == [True, True]  # one per request
+    assert [(status, flags) for _, status, flags in metrics.requests] == [(200, "-")] * 2

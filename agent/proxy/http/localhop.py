@@ -17,7 +17,9 @@ for the access log) to `Duties.report` (`reporter=destination` metrics and log).
 
 Not carried over: the destination engine's own per-source bound on requests in flight
 (`Limits.max_pending_requests` keyed by the source's principal); the source's, keyed by its
-pod, still applies in the same process.
+pod, still applies in the same process. A request sent again because its pooled connection
+turned out closed (the HTTP/1.1 engine's stale replay) keeps the checks made for the first
+connection: the destination counts one decision per request, as it would have seen it once.
 
 Before this, a same-node request went through the source's engine, an in-process stream pair
 (memstream.py) and a second engine, the destination's, which parsed and wrote every request and
@@ -106,11 +108,16 @@ async def check_request(
         peer,
         release,
     )
-    if hop.headers is not None:
-        req = wire.Request(
-            method=req.method, target=req.target, headers=hop.headers, http_version=req.http_version
-        )
-    return hop, req
+    return hop, checked_request(hop, req)
+
+
+def checked_request(hop: Hop, req: wire.Request) -> wire.Request:
+    """``req`` as it goes on after ``hop``'s checks (with the headers they left)."""
+    if hop.headers is None:
+        return req
+    return wire.Request(
+        method=req.method, target=req.target, headers=hop.headers, http_version=req.http_version
+    )
 
 
 def finish(

@@ -758,9 +758,10 @@ class _Session:
         if self.upgrade_h2:
             return await self._on_h2(cluster, ep, req, body, policy, may_retry, deadline, record)
         replay = body.complete and req.method in _IDEMPOTENT
+        checked = None  # a same-node pod's checks, made for a connection found stale
         for _ in range(_STALE_REPLAYS):
-            outcome, status, stale = await self._on_connection(
-                cluster, ep, req, body, policy, may_retry, deadline, record, replay
+            outcome, status, stale, checked = await self._on_connection(
+                cluster, ep, req, body, policy, may_retry, deadline, record, replay, checked
             )
             if not stale:
                 break
@@ -777,17 +778,25 @@ class _Session:
         deadline: trio.CancelScope | _NoScope,
         record: RequestRecord,
         replay: bool,
-    ) -> tuple[Outcome | None, int, bool]:
+        checked: localhop.Hop | None,
+    ) -> tuple[Outcome | None, int, bool, localhop.Hop | None]:
+        """One try on one pooled connection to ``ep``: (outcome, status, stale, checks).
+        Stale: the connection turned out closed before the request reached the server, and it
+        may be sent again on another; checks: then the same-node pod's checks made for it,
+        `checked` on that next try, which does not make them again (the destination counts one
+        decision per request)."""
         pool = self.ctx.pool
         try:
             up = await pool.acquire(cluster, ep, key=self.ctx.pool_key, connect=self.ctx.connect)
         except (Overflow, UpstreamError) as exc:
-            return _not_acquired(exc, cluster, ep, record), 0, False
+            return _not_acquired(exc, cluster, ep, record), 0, False, None
         reused = up.requests > 0
         record.upstream_info = up.info
         hop = None
         duties = localhop.duties_of(up.info)
-        if duties is not None:  # a same-node pod: the destination's checks first
+        if duties is not None and checked is not None:  # checked for a stale connection
+            hop, req = checked, localhop.checked_request(checked, req)
+        elif duties is not None:  # a same-node pod: the destination's checks first
             hop, req = await localhop.check_request(
                 duties, req, self.ctx.peer, lambda: pool.unused(up)
             )
@@ -795,7 +804,7 @@ class _Session:
                 outcome, status = await self._destination_answer(
                     cluster, ep, hop, policy, may_retry, record
                 )
-                return outcome, status, False
+                return outcome, status, False, None
         cluster.request_started(ep)
         state = _Attempt()
         try:
@@ -822,8 +831,8 @@ class _Session:
             outcome, status = await self._destination_answer(
                 cluster, ep, hop, policy, may_retry, record, counted=True
             )
-            return outcome, status, False
-        return state.outcome, state.status or 0, stale
+            return outcome, status, False, None
+        return state.outcome, state.status or 0, stale, hop if stale else None
 
     async def _destination_answer(
         self,
