@@ -131,9 +131,10 @@ class AgentConfig(BaseModel):
     # sender (kjoin.py); off, the proxy relays them itself (splice, bounded buffers).
     kernel_join: bool = False
     # A worker whose RSS exceeds where it stood before a burst by more than this fraction once
-    # the burst is over (at most worker_recycle_max_open client connections open) is replaced
-    # by a fresh one, and drains (agent/workers/recycle.py); 0 never replaces one. Issue 17:
-    # memory back within 10 % of where it started after a burst (one leaves +46-57 %).
+    # the burst is over (at most worker_recycle_max_open client connections open), or its
+    # fresh figure by this and 0.15 for first use, is replaced by a fresh one, and drains
+    # (agent/workers/recycle.py); 0 never replaces one. Issue 17: memory back within 10 % of
+    # where it started after a burst (one leaves +46-57 %).
     worker_recycle_growth: float = Field(0.10, ge=0.0)
     worker_recycle_max_open: int = Field(16, ge=0)
     # Where workers' metric files go (one folder per agent process, removed at exit).

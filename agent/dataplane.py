@@ -214,6 +214,15 @@ class DataPlane:
     def open_connections(self) -> int:
         return self.proxy.stats.active + self.inbound.stats.active
 
+    def peak_connections(self) -> int:
+        """The most connections (clients on 15001, tunnels on 15008) open at once since the
+        last call, at most: a burst of short ones shows here though none is open when the
+        agent looks (recycle.py)."""
+        out, inbound = self.proxy.stats, self.inbound.stats
+        peak = out.peak + inbound.peak
+        out.peak, inbound.peak = out.active, inbound.active
+        return peak
+
     def status(self) -> dict[str, Any]:
         """This process's share of `meshagent status` (sums across workers: `merge_status`)."""
         stats, inbound, authz = self.proxy.stats, self.inbound.stats, self.inputs.authz

@@ -64,10 +64,17 @@ CONNECT_TIMEOUT = 5.0
 class InboundStats:
     accepted: int = 0
     active: int = 0
+    peak: int = 0  # most open at once since DataPlane.peak_connections last read it
     refused: dict[int, int] = field(default_factory=dict)  # status -> count
     bytes_in: int = 0
     bytes_out: int = 0
     peers: dict[str, int] = field(default_factory=dict)  # source principal -> connections
+
+    def opened(self) -> None:
+        """One more connection open; the peak follows (recycle.py's bursts)."""
+        self.active += 1
+        if self.active > self.peak:
+            self.peak = self.active
 
 
 class InboundProxy:
@@ -197,7 +204,7 @@ class InboundProxy:
         principal = tunnel.peer_identity.uri
         self.stats.peers[principal] = self.stats.peers.get(principal, 0) + 1
         self.stats.accepted += 1
-        self.stats.active += 1
+        self.stats.opened()
         metrics = self.inputs.metrics
         metrics.tcp_opened(labels)
         # metrics: sent = to the client (pod -> tunnel), received = from the client
@@ -344,7 +351,7 @@ class InboundProxy:
         pool_key = ("inbound", principal, object())
         drain = Drain(self.inputs.drain)
         undedicate = self.http_pool.dedicate(pool_key, drain.start)
-        self.stats.active += 1
+        self.stats.opened()
         try:
             await (proxy_http2 if protocol == "http2" else proxy_http1)(
                 stream,

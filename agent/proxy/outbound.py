@@ -77,6 +77,7 @@ ORIG_DST_RETRIES = 3
 class ProxyStats:
     accepted: int = 0
     active: int = 0
+    peak: int = 0  # most open at once since DataPlane.peak_connections last read it
     orig_dst_misses: int = 0
     upstream_failures: int = 0
     no_endpoints: int = 0
@@ -90,6 +91,12 @@ class ProxyStats:
     kernel_joined: int = 0  # same-node L4 connections relayed in the kernel (kjoin.py)
     handed_out: int = 0  # connections handed to another proxy process at a drain (handoff.py)
     handed_in: int = 0  # connections taken from one
+
+    def opened(self) -> None:
+        """One more connection open; the peak follows (recycle.py's bursts)."""
+        self.active += 1
+        if self.active > self.peak:
+            self.peak = self.active
 
 
 OrigDstLookup = Callable[[str, int], "tuple[str, int] | None"]
@@ -184,7 +191,7 @@ class OutboundProxy:
     async def _serving(self, client: trio.SocketStream, what: str) -> AsyncIterator[None]:
         """One connection open here: counted while it is, closed after; a bug met on it ends
         it alone (logged with its traceback, counted)."""
-        self.stats.active += 1
+        self.stats.opened()
         try:
             yield
         except Exception:

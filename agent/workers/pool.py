@@ -68,6 +68,7 @@ class _Process:
         self.left_open: int | None = None  # connections still open when its drain ended
         self.holds = ""  # the snapshot version it holds once it has read what was posted
         self.watch: MemoryWatch | None = None  # from when it listens
+        self.peak = 0  # most client connections open at once since the memory watch looked
 
     def post(self, message: dict[str, Any] | bytes) -> None:
         if self.outbox is not None:
@@ -349,14 +350,20 @@ class WorkerPool:
                     continue
                 clients, accepted = _clients_in(p.status)
                 cpu = cpu_seconds(p.pid) or 0.0
-                if p.watch.grown(policy, now, rss, clients, accepted, cpu):
+                peak, p.peak = p.peak, 0
+                opened = _open_in(p.status)
+                if p.watch.grown(
+                    policy, now, rss, clients, accepted, cpu, open_all=opened, peak=peak
+                ):
                     log.info(
-                        "proxy worker %d (pid %d) holds %.0f MiB, %.0f MiB before a burst, %d"
-                        " client connection(s) open: replacing it with a fresh one (it drains)",
+                        "proxy worker %d (pid %d) holds %.0f MiB (%.0f MiB fresh, %.0f MiB"
+                        " before a burst), %d client connection(s) open: replacing it with a"
+                        " fresh one (it drains)",
                         w.index,
                         p.pid,
                         rss / 2**20,
                         (p.watch.fresh or 0) / 2**20,
+                        p.watch.baseline / 2**20,
                         clients,
                     )
                     w.recycled += 1
@@ -407,6 +414,7 @@ class WorkerPool:
             elif message["type"] == "status":
                 p.status = message["status"]
                 p.view = message.get("view") or {}
+                p.peak = max(p.peak, int(message.get("peak", 0)))
             elif message["type"] == "drained":
                 p.left_open = int(message["left"])
             elif message["type"] == "resync" and self.store.tables is not None:

@@ -156,8 +156,9 @@ class Worker:
         while True:
             # its view apart from the data plane's figures, which the agent adds up
             view = {"version": self.store.version, "applied": self.applied}
-            status = self.dataplane.status()
-            await self.channel.send({"type": "status", "status": status, "view": view})
+            status, peak = self.dataplane.status(), self.dataplane.peak_connections()
+            message = {"type": "status", "status": status, "view": view, "peak": peak}
+            await self.channel.send(message)
             await trio.sleep(STATUS_INTERVAL)
 
 
