@@ -566,7 +566,14 @@ def render(
         if workers:
             pids = ", ".join(str(w["pid"]) if w["pid"] else "down" for w in workers)
             restarts = sum(w["restarts"] for w in workers)
-            lines.append(f"Proxy:       {len(workers)} workers (pids {pids}; {restarts} restarts)")
+            recycled = sum(w.get("recycled", 0) for w in workers)
+            draining = sum(len(w.get("retiring_pids") or ()) for w in workers)
+            line = f"Proxy:       {len(workers)} workers (pids {pids}; {restarts} restarts"
+            if recycled:  # replaced once grown after a burst, or asked (agent/workers/recycle.py)
+                line += f"; {recycled} replaced by a fresh one"
+            if draining:
+                line += f", {draining} draining"
+            lines.append(line + ")")
         elif workers is not None or "version" in agent:
             lines.append("Proxy:       in the agent process (proxy_workers: 1)")
         lines += _memory_lines(agent.get("processes") or [])

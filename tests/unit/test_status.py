@@ -520,6 +520,20 @@ def test_screen_shows_each_process_memory_and_the_pss_total():
     assert not any(line.startswith("Memory:") for line in render(running_report()).splitlines())
 
 
+def test_screen_says_how_many_workers_were_replaced_and_are_draining():
+    agent = live_agent()
+    agent["workers"] = [
+        {"index": 0, "pid": 101, "restarts": 0, "recycled": 0, "retiring_pids": []},
+        {"index": 1, "pid": 102, "restarts": 1, "recycled": 0, "retiring_pids": []},
+    ]
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    assert "Proxy:       2 workers (pids 101, 102; 1 restarts)\n" in render(report, now=NOW)
+    agent["workers"][0].update(recycled=3, retiring_pids=[99])
+    report = assemble("n", agent, "", kernel(), tables(), trust_domain="cluster.local", now=NOW)
+    screen = render(report, now=NOW)
+    assert "(pids 101, 102; 1 restarts; 3 replaced by a fresh one, 1 draining)\n" in screen
+
+
 def test_screen_says_how_many_connections_were_handed_over_only_when_some_were():
     assert "Handed over:" not in render(running_report(), now=NOW)
     agent = live_agent()
