@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
+from meshagent.agent.dataplane import DataPlane
+from meshagent.agent.proxy.inbound import InboundStats
+from meshagent.agent.proxy.outbound import ProxyStats
 from meshagent.agent.workers.recycle import (
     FIRST_USE,
     FRESH_AFTER_S,
@@ -189,3 +193,22 @@ def test_cpu_of_this_process_and_of_none():
 def test_rss_of_this_process_and_of_none():
     assert rss_bytes(os.getpid()) > MIB
     assert rss_bytes(2**22 + 11) is None
+
+
+def test_a_worker_reports_the_most_connections_it_had_open_since_it_last_reported():
+    """A burst of short connections that are all closed again by the time the agent looks
+    still shows: the peak of clients (15001) and tunnels (15008) since the last report, then
+    what is open now as the next report's start."""
+    dataplane = DataPlane.__new__(DataPlane)  # its two listeners' counts alone
+    dataplane.proxy = SimpleNamespace(stats=ProxyStats())
+    dataplane.inbound = SimpleNamespace(stats=InboundStats())
+    clients, tunnels = dataplane.proxy.stats, dataplane.inbound.stats
+    for _ in range(40):
+        clients.opened()
+    clients.active -= 40  # all closed again (OutboundProxy._serving)
+    for _ in range(3):
+        tunnels.opened()
+    assert dataplane.peak_connections() == 43
+    assert dataplane.peak_connections() == 3  # the three tunnels still open
+    clients.opened()
+    assert dataplane.peak_connections() == 4
