@@ -68,7 +68,7 @@ class _Process:
         self.left_open: int | None = None  # connections still open when its drain ended
         self.holds = ""  # the snapshot version it holds once it has read what was posted
         self.watch: MemoryWatch | None = None  # from when it listens
-        self.peak = 0  # most client connections open at once since the memory watch looked
+        self.peak = 0  # most connections (15001, 15008) open at once since the watch looked
 
     def post(self, message: dict[str, Any] | bytes) -> None:
         if self.outbox is not None:
