@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
@@ -160,6 +162,24 @@ async def _http1_client(
         partial(trio.serve_tcp, partial(proxy_http1, ctx=ctx), 0, host="127.0.0.1")
     )
     return Client(listener.socket.getsockname()[1])
+
+
+@asynccontextmanager
+async def _engine_to(
+    pod: Callable[[trio.SocketStream], Awaitable[None]], name: str, engine: bool
+) -> AsyncIterator[tuple[_Node, Client]]:
+    """A node whose Service's one endpoint is ``pod`` (a handler served on loopback), and a
+    keep-alive client of the source's HTTP/1.1 engine (`_http1_client`)."""
+    backend = Backend(name)  # only its port and the snapshot's names are used
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
+        backend.port = listener.socket.getsockname()[1]
+        async with open_connection_pool() as pool:
+            node = _node(snapshot(backend), nursery, pool)
+            client = await _http1_client(nursery, node, pool, engine)
+            yield node, client
+            await client.close()
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_same_node_request_is_parsed_once_and_checked_by_the_destination(monkeypatch):
@@ -322,20 +342,12 @@ async def test_a_pod_that_drops_a_request_is_a_503_from_the_destination_retried(
             await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await stream.aclose()
 
-    backend = Backend("dropper")
-    async with trio.open_nursery() as nursery:
-        (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
-        backend.port = pod_listener.socket.getsockname()[1]
-        async with open_connection_pool() as pool:
-            node = _node(snapshot(backend), nursery, pool)
-            metrics, records = node.metrics, node.records
-            client = await _http1_client(nursery, node, pool, engine=one_engine)
-            with trio.fail_after(10):
-                reply = await client.request("/")
-                while not records or len(metrics.requests) < 2:
-                    await trio.sleep(0.001)
-            await client.close()
-        nursery.cancel_scope.cancel()
+    async with _engine_to(pod, "dropper", engine=one_engine) as (node, client):
+        metrics, records = node.metrics, node.records
+        with trio.fail_after(10):
+            reply = await client.request("/")
+            while not records or len(metrics.requests) < 2:
+                await trio.sleep(0.001)
 
     assert (reply.status, reply.body) == (200, b"ok")
     assert len(seen) == 2
@@ -368,23 +380,15 @@ async def test_a_request_sent_again_after_a_stale_pod_connection_is_one_decision
             await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await stream.aclose()
 
-    backend = Backend("closer")
-    async with trio.open_nursery() as nursery:
-        (pod_listener,) = await nursery.start(partial(trio.serve_tcp, pod, 0, host="127.0.0.1"))
-        backend.port = pod_listener.socket.getsockname()[1]
-        async with open_connection_pool() as pool:
-            node = _node(snapshot(backend), nursery, pool)
-            metrics, records = node.metrics, node.records
-            client = await _http1_client(nursery, node, pool, engine=True)
-            with trio.fail_after(10):
-                first = await client.request("/")
-                while len(records) < 1:
-                    await trio.sleep(0.001)
-                second = await client.request("/again")
-                while len(records) < 2 or len(metrics.requests) < 2:
-                    await trio.sleep(0.001)
-            await client.close()
-        nursery.cancel_scope.cancel()
+    async with _engine_to(pod, "closer", engine=True) as (node, client):
+        metrics, records = node.metrics, node.records
+        with trio.fail_after(10):
+            first = await client.request("/")
+            while len(records) < 1:
+                await trio.sleep(0.001)
+            second = await client.request("/again")
+            while len(records) < 2 or len(metrics.requests) < 2:
+                await trio.sleep(0.001)
 
     assert [(r.status, r.body) for r in (first, second)] == [(200, b"ok"), (200, b"ok")]
     assert served == [1, 2]  # the second request went again, on a second connection
