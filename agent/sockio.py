@@ -13,21 +13,48 @@ caller waits for the answer next), and one it does not take waits as trio's does
 
 Other streams (a tunnel stream, in-memory pairs in tests) take their own calls. The HBONE
 TLS stream reads and writes its ciphertext with `read_ready` and `write_now`.
+
+Opening and closing, the same way: `connect` dials an IP address without what
+`trio.open_tcp_stream` does for a host name (an address lookup, a nursery and a task per
+attempt: ~100 us more per connection here), and `close` closes a socket stream without the
+Cancelled that `trio.aclose_forcefully` raises and catches in its checkpoint (~25 us).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
-__all__ = ["read_ready", "receive_some", "send_all", "write_now"]
+__all__ = ["close", "connect", "read_ready", "receive_some", "send_all", "write_now"]
 
 A = TypeVar("A")
 R = TypeVar("R")
+
+
+async def connect(ip: str, port: int) -> trio.SocketStream:
+    """A TCP stream to ``ip:port`` (an IPv4 or IPv6 address, not a name: it is not looked
+    up). Raises OSError as `trio.open_tcp_stream` does; the socket is closed on any failure,
+    a cancellation included."""
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    try:
+        await sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def close(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` at once, without a graceful goodbye (as `trio.aclose_forcefully`)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
 
 
 def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:

@@ -8,6 +8,7 @@ place that configures `h2` the way both proxies must agree on (windows, frame si
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 64 * 1024
 # h2's fixed initial connection window (RFC 9113 section 6.9.2); only WINDOW_UPDATE grows it.
 _DEFAULT_CONNECTION_WINDOW = 65_535
+# Addresses parsed and formatted per tunnel (one each per connection) are a node's few pods
+# and peers: kept, so that a connection does not parse the same address again (ipaddress's
+# parse is ~100 Python calls). Bounded: a peer's authorities cannot grow it.
+_PARSED_CACHE = 4096
 
 
 def _data_frame_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -153,6 +158,7 @@ def new_h2_connection(*, client_side: bool) -> h2.connection.H2Connection:
     return conn
 
 
+@functools.lru_cache(maxsize=_PARSED_CACHE)
 def parse_authority(authority: str) -> tuple[str, int]:
     """``ip:port`` or ``[ipv6]:port`` to ``(ip, port)``; raise `BadRequest` saying what is off.
 
@@ -177,6 +183,7 @@ def parse_authority(authority: str) -> tuple[str, int]:
     return str(ip), int(port_text)
 
 
+@functools.lru_cache(maxsize=_PARSED_CACHE)
 def format_authority(ip: str, port: int) -> str:
     """The ``:authority`` for a pod address (brackets around IPv6)."""
     address = ipaddress.ip_address(ip)
@@ -185,6 +192,7 @@ def format_authority(ip: str, port: int) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
+@functools.lru_cache(maxsize=_PARSED_CACHE)
 def _forwarded_value(client_ip: str) -> str:
     try:
         address = ipaddress.ip_address(client_ip)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import trio
+from meshagent.agent import sockio
 from meshagent.agent.hbone.server import InboundTunnel
 from meshagent.agent.policy import authorization, extauthz, requestauth
 from meshagent.agent.proxy import live
@@ -194,7 +195,7 @@ class InboundProxy:
             return
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                pod = await trio.open_tcp_stream(ip, port)
+                pod = await sockio.connect(ip, port)
         except (OSError, trio.TooSlowError) as exc:
             await self._refuse(tunnel, 503, f"pod unreachable: {reason(exc)}")
             self._log(
@@ -380,7 +381,7 @@ class InboundProxy:
     @staticmethod
     async def dial(ip: str, port: int) -> trio.SocketStream:
         with trio.fail_after(CONNECT_TIMEOUT):
-            return await trio.open_tcp_stream(ip, port)
+            return await sockio.connect(ip, port)
 
     async def open_local_http(
         self,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import trio
+from meshagent.agent import sockio
 from meshagent.agent.datapath.join import SocketJoin
 from meshagent.agent.proxy import live
 from meshagent.agent.proxy.handoff import HandedConnection, HandoffSender, PolicyFacts
@@ -199,7 +200,7 @@ class OutboundProxy:
             log.exception("%s closed on an internal error", what)
         finally:
             self.stats.active -= 1
-            await trio.aclose_forcefully(client)
+            await sockio.close(client)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         start, started = time.time(), trio.current_time()

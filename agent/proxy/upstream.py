@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
+from meshagent.agent import sockio
 from meshagent.agent.hbone.client import TunnelPool
 from meshagent.agent.hbone.errors import SecureNamingError, TunnelFailed, TunnelRefused
 from meshagent.agent.hbone.protocol import format_authority
@@ -242,7 +243,7 @@ class Connector:
             self._authorize_local(source, ip, port, client_ip)
             try:
                 with trio.fail_after(connect_timeout):
-                    stream = await trio.open_tcp_stream(ip, port)
+                    stream = await sockio.connect(ip, port)
             except (OSError, trio.TooSlowError) as exc:
                 raise UpstreamError("connect-failure", f"{ip}:{port}: {exc or 'timeout'}") from None
             set_keepalive(stream, keepalive)  # values the schema checked: the kernel takes them

@@ -72,3 +72,61 @@ async def test_other_streams_take_their_own_calls():
     a, b = trio.testing.memory_stream_pair()
     await sockio.send_all(a, b"hello")
     assert await sockio.receive_some(b, 10, True) == b"hello"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_connect_dials_an_address_of_either_family_as_a_stream_with_nodelay(host):
+    import socket
+
+    listener = (await trio.open_tcp_listeners(0, host=host))[0]
+    port = listener.socket.getsockname()[1]
+    stream = await sockio.connect(host, port)
+    server = await listener.accept()
+    assert stream.socket.family == (socket.AF_INET6 if ":" in host else socket.AF_INET)
+    assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    await sockio.send_all(stream, b"ping")
+    assert await server.receive_some(10) == b"ping"
+    await sockio.close(stream)
+    assert stream.socket.fileno() == -1
+    assert await server.receive_some(10) == b""  # the peer sees the close
+    await server.aclose()
+    await listener.aclose()
+
+
+async def test_connect_to_a_closed_port_raises_oserror_and_leaves_no_socket(monkeypatch):
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()  # nothing listens there now
+    made = []
+    real = trio.socket.socket
+    monkeypatch.setattr(trio.socket, "socket", lambda *a: made.append(real(*a)) or made[-1])
+    with pytest.raises(OSError):
+        await sockio.connect("127.0.0.1", port)
+    assert len(made) == 1 and made[0].fileno() == -1
+
+
+async def test_a_cancelled_connect_closes_its_socket(monkeypatch):
+    import socket
+
+    # A loopback listener whose accept queue is full drops further SYNs: a connect waits.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        queued.append(s)
+    made = []
+    real = trio.socket.socket
+    monkeypatch.setattr(trio.socket, "socket", lambda *a: made.append(real(*a)) or made[-1])
+    try:
+        with trio.move_on_after(0.5) as scope:
+            await sockio.connect("127.0.0.1", port)
+        assert scope.cancelled_caught
+        assert len(made) == 1 and made[0].fileno() == -1
+    finally:
+        for s in [*queued, listener]:
+            s.close()
