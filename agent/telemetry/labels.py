@@ -185,6 +185,13 @@ class Peer:
 UNKNOWN_PEER = Peer()
 
 
+# Peers made from snapshot workloads, by the Workload object (snapshots are frozen, and a new
+# one brings new objects): a connection's labels are then a lookup, not a parse of the pod's
+# name and labels (~45 Python calls, twice per connection on each node). Bounded.
+_PEERS: dict[tuple[int, str, str], tuple[Workload, Peer]] = {}
+_PEERS_LIMIT = 4096
+
+
 def peer_from_workload(
     workload: Workload,
     *,
@@ -193,6 +200,18 @@ def peer_from_workload(
 ) -> Peer:
     """The labels of a workload from the snapshot; its principal is the identity its service
     account is given (`with_principal` replaces it with what a handshake proved)."""
+    key = (id(workload), trust_domain, cluster)
+    hit = _PEERS.get(key)
+    if hit is not None and hit[0] is workload:
+        return hit[1]
+    peer = _peer_of(workload, trust_domain, cluster)
+    if len(_PEERS) >= _PEERS_LIMIT:
+        _PEERS.clear()
+    _PEERS[key] = (workload, peer)
+    return peer
+
+
+def _peer_of(workload: Workload, trust_domain: str, cluster: str) -> Peer:
     name = workload.workload_name or workload_name(workload.name, workload.labels)
     service = canonical_service(workload.labels, name)
     revision = canonical_revision(workload.labels)

@@ -148,3 +148,15 @@ def test_a_node_local_hop_between_meshed_pods_is_mutual_tls():
     assert local_hop_security(True, _workload(node="node-2", meshed=False), "node-2") == "none"
     assert local_hop_security(True, None, "node-2") == "none"
     assert local_hop_security(True, meshed_here, "node-1") == "none"
+
+
+def test_a_workloads_peer_is_made_once_and_a_new_snapshots_object_is_read_again():
+    first = _workload(labels={"app": "reviews", "version": "v1"})
+    assert peer_from_workload(first) is peer_from_workload(first)  # the second is a lookup
+    # the pod relabelled: the next snapshot's object, equal uid, new labels
+    again = _workload(labels={"app": "reviews", "version": "v2"})
+    assert peer_from_workload(again).version == "v2"
+    assert peer_from_workload(first).version == "v1"
+    # the trust domain is part of what the peer says
+    other_domain = peer_from_workload(first, trust_domain="corp.example")
+    assert other_domain.principal == "spiffe://corp.example/ns/shop/sa/default"
