@@ -11,9 +11,12 @@ socket of the group instead of being reset (`enable_request_migration`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -115,3 +118,45 @@ class PausableListener(trio.abc.Listener[trio.SocketStream]):
         self.pause()
         self._opened.set()  # wake a waiting accept, which then raises
         await trio.lowlevel.checkpoint()
+
+
+# accept(2) errors that say the machine is out of something (trio.serve_listeners' list):
+# logged, and accepting goes on after a pause.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_CAPACITY_PAUSE = 0.1
+
+
+async def serve_owned(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """`trio.serve_listeners` for a handler that closes the stream it is given itself.
+
+    trio's closes each stream again after the handler with `trio.aclose_forcefully`, whose
+    checkpoint raises and catches a Cancelled: on the proxy's per-connection path that is
+    ~150 Python calls for a socket already closed. The listeners are closed on the way out."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, nursery)
+        task_status.started()
+    raise AssertionError("accept loops never return")  # pragma: no cover
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[trio.SocketStream],
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    nursery: trio.Nursery,
+) -> NoReturn:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed: %s; retrying in %s s", exc, _CAPACITY_PAUSE)
+                await trio.sleep(_CAPACITY_PAUSE)
+            else:
+                nursery.start_soon(handler, stream)

@@ -54,6 +54,7 @@ from meshagent.agent.telemetry import (
     peer_from_workload,
     service_ref,
 )
+from meshagent.common.listeners import serve_owned
 from meshagent.common.snapshot import Endpoint, Service, Workload
 from meshagent.common.spiffe import workload_identity
 
@@ -776,4 +777,5 @@ async def serve_outbound(
     """Accept redirected connections on ``listeners`` (shared SO_REUSEPORT ones in the agent)."""
     async with trio.open_nursery() as nursery:
         task_status.started()
-        nursery.start_soon(trio.serve_listeners, proxy.handle, list(listeners))
+        # proxy.handle closes each client itself (OutboundProxy._serving)
+        nursery.start_soon(serve_owned, proxy.handle, list(listeners))

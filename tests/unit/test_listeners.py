@@ -90,3 +90,40 @@ def test_request_migration_is_switched_on_and_a_missing_knob_is_reported(tmp_pat
     assert enable_request_migration(knob) is True
     assert knob.read_text().strip() == "1"
     assert enable_request_migration(tmp_path / "missing" / "knob") is False
+
+
+async def test_serve_owned_hands_each_connection_to_its_handler_and_survives_a_full_fd_table(
+    monkeypatch,
+) -> None:
+    import errno
+
+    from meshagent.common import listeners as module
+
+    listener = PausableListener("127.0.0.1", 0)
+    port = listener.address[1]
+    served: list[bytes] = []
+    real_accept = listener.accept
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    async def accept() -> trio.SocketStream:
+        if failures:  # the first accept finds the process out of descriptors
+            raise failures.pop()
+        return await real_accept()
+
+    monkeypatch.setattr(listener, "accept", accept)
+    monkeypatch.setattr(module, "_CAPACITY_PAUSE", 0.01)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        served.append(await stream.receive_some(10))
+        await stream.send_all(b"ok")
+        stream.socket.close()  # the handler owns its stream
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(module.serve_owned, handle, [listener])
+            assert await _ask(port, b"one") == b"ok"
+            assert await _ask(port, b"two") == b"ok"
+            nursery.cancel_scope.cancel()
+    assert served == [b"one", b"two"]
+    assert not failures
+    assert not listener.accepting  # closed with the server
