@@ -190,7 +190,7 @@ class TunnelPool:
             except BaseException as exc:
                 release()
                 if isinstance(exc, TunnelFailed):
-                    metrics.OUTBOUND_STREAMS.labels(status="error").inc()
+                    metrics.count_stream(metrics.OUTBOUND_STREAMS, "error")
                 raise
             stream.set_on_done(release)
             try:
@@ -204,12 +204,12 @@ class TunnelPool:
             except BaseException:
                 stream._abort()
                 raise
-            metrics.OUTBOUND_STREAMS.labels(status=str(status)).inc()
+            metrics.count_stream(metrics.OUTBOUND_STREAMS, str(status))
             if status != 200:
                 stream._abort()
                 raise TunnelRefused(status)
             return stream
-        metrics.OUTBOUND_STREAMS.labels(status="error").inc()
+        metrics.count_stream(metrics.OUTBOUND_STREAMS, "error")
         raise TunnelFailed(f"no HBONE connection to {node_addr} could take another stream")
 
     async def _await_response(self, stream: TunnelStream, node_addr: tuple[str, int]) -> int:
@@ -217,12 +217,12 @@ class TunnelPool:
             with trio.fail_after(self._response_timeout):
                 return await stream.wait_response()
         except trio.TooSlowError:
-            metrics.OUTBOUND_STREAMS.labels(status="error").inc()
+            metrics.count_stream(metrics.OUTBOUND_STREAMS, "error")
             raise TunnelFailed(
                 f"no CONNECT response from {node_addr} within {self._response_timeout}s"
             ) from None
         except TunnelFailed:
-            metrics.OUTBOUND_STREAMS.labels(status="error").inc()
+            metrics.count_stream(metrics.OUTBOUND_STREAMS, "error")
             raise
 
     def _reserve(self, key: PoolKey) -> _Pooled:

@@ -18,6 +18,7 @@ __all__ = [
     "OUTBOUND_CONNECTIONS",
     "OUTBOUND_CONNECT_FAILURES",
     "OUTBOUND_STREAMS",
+    "count_stream",
 ]
 
 INBOUND_CONNECTIONS = Counter(
@@ -52,3 +53,18 @@ OUTBOUND_STREAMS = Counter(
     "HBONE CONNECT streams opened, by the peer's response status (error = no response).",
     ["status"],
 )
+
+
+_STATUS_CHILDREN: dict[tuple[int, str], object] = {}
+
+
+def count_stream(counter: Counter, status: str) -> None:
+    """One stream more in ``counter`` (INBOUND_STREAMS or OUTBOUND_STREAMS) for ``status``.
+
+    Each tunnel counts one: its labelled child is found once per process and status
+    (prometheus_client's ``labels()`` checks and builds the label tuple on every call)."""
+    key = (id(counter), status)
+    child = _STATUS_CHILDREN.get(key)
+    if child is None:
+        child = _STATUS_CHILDREN[key] = counter.labels(status=status)
+    child.inc()

@@ -98,7 +98,7 @@ class InboundTunnel:
         Raises `trio.BrokenResourceError` if the client already gave up.
         """
         self._claim()
-        metrics.INBOUND_STREAMS.labels(status="200").inc()
+        metrics.count_stream(metrics.INBOUND_STREAMS, "200")
         await self._stream.respond(200)
         return self._stream
 
@@ -107,7 +107,7 @@ class InboundTunnel:
         if not 400 <= status <= 599:
             raise ValueError(f"reject status must be 4xx or 5xx, got {status}")
         self._claim()
-        metrics.INBOUND_STREAMS.labels(status=str(status)).inc()
+        metrics.count_stream(metrics.INBOUND_STREAMS, str(status))
         with contextlib.suppress(trio.BrokenResourceError):  # the client may be gone already
             await self._stream.respond(status)
 
@@ -148,7 +148,7 @@ async def _run_handler(
 
 async def _answer_bad_request(stream: TunnelStream, reason: str) -> None:
     peer_log.info("bad_request", "HBONE bad request on stream %d: %s", stream.stream_id, reason)
-    metrics.INBOUND_STREAMS.labels(status="400").inc()
+    metrics.count_stream(metrics.INBOUND_STREAMS, "400")
     with contextlib.suppress(trio.BrokenResourceError):
         await stream.respond(400)
 

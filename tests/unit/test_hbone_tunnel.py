@@ -267,6 +267,8 @@ async def test_denied_and_unreachable_reach_the_client_as_tunnel_refused(ca, lea
             await echo_after_eof(tunnel)
 
     before = {s: metric("meshagent_hbone_inbound_streams_total", status=s) for s in ("401", "503")}
+    sent = {s: metric("meshagent_hbone_outbound_streams_total", status=s) for s in ("401", "503")}
+    accepted = metric("meshagent_hbone_inbound_streams_total", status="200")
     async with (
         hbone_node(ca, leaves, decide) as node,
         open_tunnel_pool(contexts_for(ca, leaves)) as pool,
@@ -277,10 +279,13 @@ async def test_denied_and_unreachable_reach_the_client_as_tunnel_refused(ca, lea
             assert caught.value.status == status
             counted = metric("meshagent_hbone_inbound_streams_total", status=str(status))
             assert counted == before[str(status)] + 1
+            told = metric("meshagent_hbone_outbound_streams_total", status=str(status))
+            assert told == sent[str(status)] + 1  # the client counts the answer it got
         # Refusals end the stream, not the connection: the next tunnel reuses it.
         tunnel = await open_to(pool, node)
         await tunnel.send_eof()
         assert await read_all(tunnel)
+        assert metric("meshagent_hbone_inbound_streams_total", status="200") == accepted + 1
         assert pool.stats()[PoolKey(FRONTEND, REVIEWS, node)].connections == 1
 
 
