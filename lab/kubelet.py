@@ -134,27 +134,39 @@ def informer(
 
 
 class Hub:
-    """What the node kubelets share: the pods they run (the state file) and the Services."""
+    """What the node kubelets share: the pods they run (the state file), the Services, and the
+    pods whose hosts files follow those Services."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.kubelets: list[NodeKubelet] = []
         self.services: dict[str, dict] = {}
+        self.hosted: dict[str, PodPlan] = {}  # by ns/name: the pods whose hosts files we keep
 
     def save(self) -> None:
         with self.lock:
             pods = [p for k in self.kubelets for p in k.pods.values()]
             lab.save_pods(pods)
 
-    def write_hosts(self, pod: PodPlan) -> None:
+    def host(self, pod: PodPlan) -> None:
+        """Write the pod's hosts file and keep it current from now on. The file is written
+        under the lock that a Service event takes too: a pod starting while a Service came
+        could otherwise write the Services it read before the event after the event's rewrite
+        had passed it by, and keep a name unresolved until the next Service change."""
         with self.lock:
-            text = hosts_for(pod, list(self.services.values()))
-        lab.write_hosts(pod, text)
+            self.hosted[pod.key] = pod
+            self._write(pod)
+
+    def forget(self, pod: PodPlan) -> None:
+        """Stop keeping the pod's hosts file (it is being removed)."""
+        with self.lock:
+            if self.hosted.get(pod.key) is pod:
+                del self.hosted[pod.key]
 
     def services_listed(self, items: list[dict]) -> None:
         with self.lock:
             self.services = {key_of(s): s for s in items}
-        self._rewrite()
+            self._rewrite()
 
     def service_event(self, kind: str, svc: dict) -> None:
         with self.lock:
@@ -162,12 +174,14 @@ class Hub:
                 self.services.pop(key_of(svc), None)
             else:
                 self.services[key_of(svc)] = svc
-        self._rewrite()
+            self._rewrite()
 
     def _rewrite(self) -> None:
-        for kubelet in self.kubelets:
-            for pod in list(kubelet.pods.values()):
-                self.write_hosts(pod)
+        for pod in list(self.hosted.values()):
+            self._write(pod)
+
+    def _write(self, pod: PodPlan) -> None:
+        lab.write_hosts(pod, hosts_for(pod, list(self.services.values())))
 
 
 class NodeKubelet:
@@ -265,7 +279,7 @@ class NodeKubelet:
         with contextlib.suppress(OSError):
             net.delete_pod(pod)  # a leftover of a crashed kubelet
         net.create_pod(pod, self.node)
-        self.hub.write_hosts(pod)
+        self.hub.host(pod)
         with self.lock:
             self.pods[pod.key] = pod
         self.hub.save()
@@ -391,6 +405,7 @@ class NodeKubelet:
             cgroups.remove_tree(cg)
             with contextlib.suppress(OSError):
                 net.delete_pod(pod)
+            self.hub.forget(pod)
             shutil.rmtree(ETC_NETNS / pod.netns, ignore_errors=True)
             with self.lock:
                 if self.pods.get(pod.key) is pod:

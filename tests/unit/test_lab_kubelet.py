@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from meshagent.lab import lab
-from meshagent.lab.kubelet import NodeKubelet, forwarder_socket, is_agent, least_loaded
+from meshagent.lab.kubelet import Hub, NodeKubelet, forwarder_socket, is_agent, least_loaded
 from meshagent.lab.topology import PodPlan, hosts_for, make_nodes
 
 
@@ -71,6 +71,38 @@ def test_hosts_list_every_vip_of_the_apis_services_and_skip_headless_ones():
         in lines
     )
     assert not any("headless" in line for line in lines)
+
+
+def test_a_service_that_comes_while_a_pod_starts_is_in_the_pods_hosts_file(monkeypatch):
+    """A pod's start reads the Services, then writes its hosts file; a Service event in between
+    must not leave the file without the Service (a CI run once could not resolve a Service
+    for the whole test: the file kept what the start had read)."""
+    files: dict[str, str] = {}
+    writing, release = threading.Event(), threading.Event()
+
+    def write_hosts(pod: PodPlan, text: str) -> None:
+        if not writing.is_set():  # the start's write: held until the event came
+            writing.set()
+            assert release.wait(10)
+        files[pod.key] = text
+
+    monkeypatch.setattr(lab, "write_hosts", write_hosts)
+    hub = Hub()
+    pod = PodPlan("shop", "frontend", "node-1", "10.244.1.10", {})
+    web = {"metadata": {"name": "web", "namespace": "shop"}, "spec": {"clusterIP": "10.96.0.20"}}
+    start = threading.Thread(target=hub.host, args=(pod,))
+    start.start()
+    assert writing.wait(10)
+    event = threading.Thread(target=hub.service_event, args=("ADDED", web))
+    event.start()
+    event.join(0.5)  # it could run to its end now, if nothing held it back
+    release.set()
+    start.join(10)
+    event.join(10)
+    assert "10.96.0.20 web" in files["shop/frontend"]
+    hub.forget(pod)
+    hub.service_event("DELETED", web)
+    assert "10.96.0.20 web" in files["shop/frontend"]  # a removed pod's file is left alone
 
 
 class _Api:
