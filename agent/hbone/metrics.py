@@ -55,7 +55,7 @@ OUTBOUND_STREAMS = Counter(
 )
 
 
-_STATUS_CHILDREN: dict[tuple[int, str], object] = {}
+_STATUS_CHILDREN: dict[tuple[Counter, str], Counter] = {}
 
 
 def count_stream(counter: Counter, status: str) -> None:
@@ -63,7 +63,7 @@ def count_stream(counter: Counter, status: str) -> None:
 
     Each tunnel counts one: its labelled child is found once per process and status
     (prometheus_client's ``labels()`` checks and builds the label tuple on every call)."""
-    key = (id(counter), status)
+    key = (counter, status)  # a Counter hashes by identity
     child = _STATUS_CHILDREN.get(key)
     if child is None:
         child = _STATUS_CHILDREN[key] = counter.labels(status=status)
