@@ -38,7 +38,7 @@ from meshagent.agent.proxy.upstream import Connector
 from meshagent.agent.state import SnapshotStore
 from meshagent.agent.telemetry import AccessLog, ProxyMetrics
 from meshagent.common import extauthz
-from meshagent.common.listeners import PausableListener
+from meshagent.common.listeners import InFlight, PausableListener
 from meshagent.common.spiffe import Identity
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class DataPlane:
             tcp_idle_timeout=config.tcp_idle_timeout_s,
         )
         self.listeners: list[PausableListener] = []
+        # accepted and not yet counted as open: a drain waits for these too
+        self.in_flight = InFlight()
         self.traffic: Traffic | None = None
         # where other proxy processes hand this one their connections (until it drains)
         self.handoff_path = handoff_socket(own_handoff_folder(config.state_dir), os.getpid())
@@ -149,7 +151,9 @@ class DataPlane:
             outbound.append(PausableListener(self.config.proxy_ip6, self.config.outbound_port))
         hbone = PausableListener("0.0.0.0", self.config.hbone_port)
         self.listeners = [*outbound, hbone]
-        await self.nursery.start(serve_outbound, self.proxy, outbound)
+        await self.nursery.start(
+            partial(serve_outbound, self.proxy, outbound, in_flight=self.in_flight)
+        )
         await self.nursery.start(self._serve_handoff)
         if self.workload_tls.selector is None:
             log.info("waiting for the trust bundle before serving HBONE")
@@ -162,6 +166,7 @@ class DataPlane:
                 handler=self.inbound.handle,
                 refuse_new=lambda: self.inputs.drain.draining,
                 idle_timeout=self.config.hbone_idle_timeout_s,
+                in_flight=self.in_flight,
                 task_status=task_status,
             )
         )
@@ -172,7 +177,7 @@ class DataPlane:
         run in the data plane's nursery, so stopping this (our own drain) leaves them be."""
 
         def take(conn, client, upstream) -> None:
-            self.nursery.start_soon(self.proxy.resume, conn, client, upstream)
+            self.in_flight.start_soon(self.nursery, self.proxy.resume, conn, client, upstream)
 
         with self._handoff_scope:
             await handoff.serve_handoff(self.handoff_path, take, task_status=task_status)
@@ -197,7 +202,8 @@ class DataPlane:
             asked = sender.start([Path(p) for p in handoff_to])
             log.info("handing %d connection(s) over to %d process(es)", asked, len(handoff_to))
         with trio.move_on_after(timeout):
-            while self.open_connections():
+            # and what was accepted but not yet counted (common/listeners.InFlight)
+            while self.open_connections() or self.in_flight.count:
                 await trio.sleep(0.1)
         if handoff_to:
             log.info("handed %d connection(s) over", sender.handed)

@@ -11,10 +11,11 @@ socket of the group instead of being reset (`enable_request_migration`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -126,20 +127,58 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _CAPACITY_PAUSE = 0.1
 
 
+class InFlight:
+    """Work a draining process must wait for that no connection count covers yet.
+
+    A task started with `start_soon` runs only at the scheduler's next turn, so a connection
+    just accepted is not in any handler's count until then; a worker replaced in that moment
+    saw nothing open, exited and reset a connection it had taken a millisecond before (gRPC
+    channels reconnecting to a worker about to drain). The same holds for the steps a server
+    takes before it counts a connection as open (an HBONE handshake, a tunnel's handler
+    dialling its pod). ``count`` covers them: from the accept to the handler's first step,
+    and whatever a server `hold`s."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def start_soon(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], *args
+    ) -> None:
+        """``nursery.start_soon(fn, *args)``, counted until ``fn`` starts."""
+        self.count += 1
+        nursery.start_soon(self._begin, fn, args)
+
+    async def _begin(self, fn: Callable[..., Awaitable[object]], args: tuple) -> None:
+        self.count -= 1  # before any checkpoint: ``fn`` counts what it serves from here on
+        await fn(*args)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Counted while inside."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
 async def serve_owned(
     handler: Callable[[trio.SocketStream], Awaitable[object]],
     listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
     *,
+    in_flight: InFlight | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """`trio.serve_listeners` for a handler that closes the stream it is given itself.
+    """`trio.serve_listeners` for a handler that closes the stream it is given itself, with
+    each connection in ``in_flight`` from its accept until its handler starts.
 
     trio's closes each stream again after the handler with `trio.aclose_forcefully`, whose
     checkpoint raises and catches a Cancelled: on the proxy's per-connection path that is
     ~150 Python calls for a socket already closed. The listeners are closed on the way out."""
+    in_flight = in_flight or InFlight()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, handler, nursery)
+            nursery.start_soon(_accept_loop, listener, handler, nursery, in_flight)
         task_status.started()
     raise AssertionError("accept loops never return")  # pragma: no cover
 
@@ -148,6 +187,7 @@ async def _accept_loop(
     listener: trio.abc.Listener[trio.SocketStream],
     handler: Callable[[trio.SocketStream], Awaitable[object]],
     nursery: trio.Nursery,
+    in_flight: InFlight,
 ) -> NoReturn:
     async with listener:
         while True:
@@ -159,4 +199,4 @@ async def _accept_loop(
                 log.error("accept failed: %s; retrying in %s s", exc, _CAPACITY_PAUSE)
                 await trio.sleep(_CAPACITY_PAUSE)
             else:
-                nursery.start_soon(handler, stream)
+                in_flight.start_soon(nursery, handler, stream)

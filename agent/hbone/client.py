@@ -197,7 +197,13 @@ class TunnelPool:
                 status = await self._await_response(stream, node_addr)
             except TunnelFailed:
                 stream._abort()
-                if stream.refused:  # the peer drains: new streams go over a new connection
+                # The peer drains (REFUSED_STREAM), or a connection it had taken (its SETTINGS
+                # came) ended before it answered (a replaced worker exiting as the request
+                # arrived): nothing went through a tunnel that never said 200, so it is asked
+                # for again over a new connection. A peer that refused the connection itself
+                # (our certificate) sent no SETTINGS: that failure is final.
+                conn = pooled.conn
+                if stream.refused or (conn.close_reason is not None and conn.peer_settings_seen):
                     self._forget(pooled)
                     continue
                 raise

@@ -91,6 +91,8 @@ class HboneConnection:
         self.h2 = new_h2_connection(client_side=client_side)
         self.streams: dict[int, TunnelStream] = {}
         self.close_reason: CloseReason | None = None
+        # the peer's SETTINGS came: it took the connection (TLS and HTTP/2 both accepted)
+        self.peer_settings_seen = False
         self._on_request = on_request
         self._close_timeout = close_timeout
         self._error: BaseException | None = None
@@ -284,6 +286,8 @@ class HboneConnection:
                         self.h2.acknowledge_received_data(padding, event.stream_id)
                     stream._feed(event.data)
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                if type(event) is h2.events.RemoteSettingsChanged:
+                    self.peer_settings_seen = True
                 self._window_lot.unpark_all()
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id)

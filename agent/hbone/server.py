@@ -38,6 +38,7 @@ from meshagent.agent.hbone.tls import ALPN, ServerContextSelector, peer_identity
 from meshagent.agent.hbone.tlsstream import TlsStream
 from meshagent.agent.telemetry.ratelog import RateLimitedLog
 from meshagent.common.h2guard import ABUSE, FloodGuard
+from meshagent.common.listeners import InFlight, serve_owned
 from meshagent.common.spiffe import Identity
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundTunnel", "TunnelHandler", "serve_hbone"]
@@ -121,7 +122,16 @@ TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
 
 
 async def _run_handler(
-    handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int] | None = None
+    handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int], in_flight: InFlight
+) -> None:
+    """Run ``handler`` for one tunnel request, counted in ``in_flight`` until it returns: the
+    handler counts a tunnel as open only once it relays (it dials the pod first)."""
+    with in_flight.hold():
+        await _run_counted_handler(handler, tunnel, pending)
+
+
+async def _run_counted_handler(
+    handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int]
 ) -> None:
     stream = tunnel._stream
     try:
@@ -141,8 +151,7 @@ async def _run_handler(
         if not tunnel.answered:
             await tunnel.reject(_HANDLER_FAILED_STATUS)
     finally:
-        if pending is not None:
-            pending[0] -= 1
+        pending[0] -= 1
         stream._abort()  # no-op if the tunnel already finished cleanly
 
 
@@ -162,6 +171,7 @@ def _on_request(
     refuse_new: Callable[[], bool] | None,
     pending: list[int],
     activity: list[float],
+    in_flight: InFlight,
     stream: TunnelStream,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
@@ -182,7 +192,7 @@ def _on_request(
         return
     pending[0] += 1
     tunnel = InboundTunnel(peer, local, request, peer_address, stream)
-    nursery.start_soon(_run_handler, handler, tunnel, pending)
+    in_flight.start_soon(nursery, _run_handler, handler, tunnel, pending, in_flight)
 
 
 async def _close_when_idle(
@@ -217,12 +227,14 @@ async def _serve_connection(
     handshake_timeout: float,
     refuse_new: Callable[[], bool] | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
+    in_flight: InFlight,
 ) -> None:
     peer_address = _peer_address(tcp)
     tls = TlsStream(tcp, selector.context, server_side=True)
     try:
         try:
-            with trio.fail_after(handshake_timeout):
+            # a drain waits for a handshake under way: the client's tunnel request follows
+            with in_flight.hold(), trio.fail_after(handshake_timeout):
                 await tls.do_handshake()
             if tls.selected_alpn_protocol() != ALPN:
                 raise PeerIdentityError(f"client did not negotiate ALPN {ALPN}")
@@ -252,6 +264,7 @@ async def _serve_connection(
                     refuse_new,
                     pending,
                     activity,
+                    in_flight,
                 ),
                 guard=FloodGuard(trio.current_time),
             )
@@ -285,6 +298,7 @@ async def serve_hbone(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     refuse_new: Callable[[], bool] | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
+    in_flight: InFlight | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HBONE on ``listen`` (``(host, port)`` or ready listeners) until cancelled.
@@ -293,6 +307,8 @@ async def serve_hbone(
     the port). ``ssl_selector`` picks our certificate by SNI and holds the trust bundle client
     certificates must chain to; ``handler`` decides each tunnel (see `InboundTunnel`).
     While ``refuse_new()`` says so (draining), new streams on open connections are refused.
+    ``in_flight`` counts what a drain must wait for besides the tunnels the handler counts:
+    connections accepted or in their handshake, and tunnel requests whose handler runs.
     A connection with no tunnel for ``idle_timeout`` s is closed (GOAWAY NO_ERROR).
     """
     if isinstance(listen, tuple):
@@ -300,12 +316,22 @@ async def serve_hbone(
         listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(port, host=host)
     else:
         listeners = list(listen)
-    serve = partial(
-        _serve_connection,
-        selector=ssl_selector,
-        handler=handler,
-        handshake_timeout=handshake_timeout,
-        refuse_new=refuse_new,
-        idle_timeout=idle_timeout,
-    )
-    await trio.serve_listeners(serve, listeners, task_status=task_status)
+    in_flight = in_flight or InFlight()
+
+    async def serve(tcp: trio.SocketStream) -> None:
+        try:
+            await _serve_connection(
+                tcp,
+                selector=ssl_selector,
+                handler=handler,
+                handshake_timeout=handshake_timeout,
+                refuse_new=refuse_new,
+                idle_timeout=idle_timeout,
+                in_flight=in_flight,
+            )
+        finally:
+            await trio.aclose_forcefully(tcp)  # closed already, unless cancelled mid-handshake
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_owned, serve, listeners, in_flight=in_flight))
+        task_status.started(listeners)

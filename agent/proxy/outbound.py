@@ -54,7 +54,7 @@ from meshagent.agent.telemetry import (
     peer_from_workload,
     service_ref,
 )
-from meshagent.common.listeners import serve_owned
+from meshagent.common.listeners import InFlight, serve_owned
 from meshagent.common.snapshot import Endpoint, Service, Workload
 from meshagent.common.spiffe import workload_identity
 
@@ -772,10 +772,12 @@ async def serve_outbound(
     proxy: OutboundProxy,
     listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
     *,
+    in_flight: InFlight | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept redirected connections on ``listeners`` (shared SO_REUSEPORT ones in the agent)."""
+    """Accept redirected connections on ``listeners`` (shared SO_REUSEPORT ones in the agent);
+    ``in_flight`` counts each from its accept until `OutboundProxy.handle` counts it."""
     async with trio.open_nursery() as nursery:
         task_status.started()
         # proxy.handle closes each client itself (OutboundProxy._serving)
-        nursery.start_soon(serve_owned, proxy.handle, list(listeners))
+        nursery.start_soon(partial(serve_owned, proxy.handle, list(listeners), in_flight=in_flight))

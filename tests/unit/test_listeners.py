@@ -6,6 +6,8 @@ stops accepting but keeps what it accepted.
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 import trio.testing
 from meshagent.common.listeners import PausableListener, enable_request_migration
@@ -127,3 +129,46 @@ async def test_serve_owned_hands_each_connection_to_its_handler_and_survives_a_f
     assert served == [b"one", b"two"]
     assert not failures
     assert not listener.accepting  # closed with the server
+
+
+async def test_a_connection_is_in_flight_from_its_accept_until_its_handler_starts() -> None:
+    """A worker drained in the moment between an accept and its handler's first step saw
+    nothing open and exited, resetting the connection (gRPC calls failed): `serve_owned`
+    counts each connection in `InFlight` until its handler counts it."""
+    from meshagent.common.listeners import InFlight, serve_owned
+
+    listener = PausableListener("127.0.0.1", 0)
+    port = listener.address[1]
+    in_flight = InFlight()
+    real_accept = listener.accept
+    seen_at_next_accept: list[int] = []
+    seen_by_handler: list[int] = []
+
+    async def accept() -> trio.SocketStream:
+        seen_at_next_accept.append(in_flight.count)
+        return await real_accept()
+
+    listener.accept = accept  # type: ignore[method-assign]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        seen_by_handler.append(in_flight.count)
+        stream.socket.close()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_owned, handle, [listener], in_flight=in_flight))
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            while not seen_by_handler:
+                await trio.sleep(0.01)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    # before any accept: nothing; at the accept after the first one the handler had not
+    # started and the connection was counted; the handler found itself no longer counted
+    assert seen_at_next_accept == [0, 1]
+    assert seen_by_handler == [0]
+    assert in_flight.count == 0
+
+    held = InFlight()
+    with held.hold():
+        assert held.count == 1
+    assert held.count == 0
