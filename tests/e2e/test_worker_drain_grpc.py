@@ -19,8 +19,13 @@ engine: a flush whose task was cancelled (a request pump, once its call's respon
 every stream's queued frames with it (H2Peer._send). Then, once in a whole-suite run, 4 calls
 of the same-node channel failed as UNAVAILABLE "Socket closed" when the drain's fixed 1 s grace
 ended: streams the client opened before it had read the GOAWAY met the close; the drain now
-waits for the client's answer to a PING sent behind the GOAWAY. A failure, a step's too, shows
-every failed call with its time and each step's.
+waits for the client's answer to a PING sent behind the GOAWAY. Then, about once in ten runs
+(more on a busy machine), a channel's calls failed as "Connection reset by peer" or, across
+nodes, as UC "connection termination": a replaced worker had just accepted the channel's new
+connection (or an HBONE connection, or a tunnel whose handler was dialling its pod) but
+counted nothing open yet, so its drain ended at once and it exited; the drain now waits for
+those too (common/listeners.InFlight). A failure, a step's too, shows every failed call with
+its time and each step's.
 """
 
 from __future__ import annotations
