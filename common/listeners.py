@@ -136,7 +136,8 @@ class InFlight:
     channels reconnecting to a worker about to drain). The same holds for the steps a server
     takes before it counts a connection as open (an HBONE handshake, a tunnel's handler
     dialling its pod). ``count`` covers them: from the accept to the handler's first step,
-    and whatever a server `hold`s."""
+    whatever a server `hold`s, and what it adds itself and takes off in another task (a tunnel
+    request, from its arrival until its handler returns)."""
 
     def __init__(self) -> None:
         self.count = 0

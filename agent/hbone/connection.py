@@ -285,9 +285,10 @@ class HboneConnection:
                     if padding:
                         self.h2.acknowledge_received_data(padding, event.stream_id)
                     stream._feed(event.data)
-            elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-                if type(event) is h2.events.RemoteSettingsChanged:
-                    self.peer_settings_seen = True
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._window_lot.unpark_all()
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self.peer_settings_seen = True
                 self._window_lot.unpark_all()
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id)

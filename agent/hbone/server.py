@@ -124,15 +124,6 @@ TunnelHandler = Callable[[InboundTunnel], Awaitable[None]]
 async def _run_handler(
     handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int], in_flight: InFlight
 ) -> None:
-    """Run ``handler`` for one tunnel request, counted in ``in_flight`` until it returns: the
-    handler counts a tunnel as open only once it relays (it dials the pod first)."""
-    with in_flight.hold():
-        await _run_counted_handler(handler, tunnel, pending)
-
-
-async def _run_counted_handler(
-    handler: TunnelHandler, tunnel: InboundTunnel, pending: list[int]
-) -> None:
     stream = tunnel._stream
     try:
         if stream.finished:  # reset by the peer (or its connection gone) before we started
@@ -152,6 +143,7 @@ async def _run_counted_handler(
             await tunnel.reject(_HANDLER_FAILED_STATUS)
     finally:
         pending[0] -= 1
+        in_flight.count -= 1
         stream._abort()  # no-op if the tunnel already finished cleanly
 
 
@@ -191,8 +183,11 @@ def _on_request(
         stream._conn.end_for_abuse(abuse)
         return
     pending[0] += 1
+    # a drain waits for it until its handler returns (the handler counts the tunnel as open
+    # only once it relays: it dials the pod first)
+    in_flight.count += 1
     tunnel = InboundTunnel(peer, local, request, peer_address, stream)
-    in_flight.start_soon(nursery, _run_handler, handler, tunnel, pending, in_flight)
+    nursery.start_soon(_run_handler, handler, tunnel, pending, in_flight)
 
 
 async def _close_when_idle(
