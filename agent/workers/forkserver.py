@@ -25,7 +25,13 @@ import sys
 import threading
 import traceback
 
-from meshagent.agent.workers.launch import FD_ENV, INDEX_ENV, SERVER_FD_ENV, prepare_to_fork
+from meshagent.agent.workers.launch import (
+    FD_ENV,
+    INDEX_ENV,
+    MULTIPROC_ENV,
+    SERVER_FD_ENV,
+    prepare_to_fork,
+)
 
 # Imported by `meshagent run` before it forks the server (launch.WorkerLaunch.fork_server): what
 # the agent and its workers both import, and the workers' own modules that make no metric when
@@ -92,11 +98,12 @@ def import_workers_code(metrics_env: dict[str, str]) -> None:
     with the workers' metric storage: the modules that make metrics when imported (proxy.live,
     proxy.lb, hbone.metrics, common.h2guard, ...) make them in the workers' files, as a
     prometheus_client application that imports its code before forking its workers does
-    (multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` set at the metric's making; each value
-    opens its process's own file again once it finds itself in another process). Then this
+    (multiprocess files in ``PROMETHEUS_MULTIPROC_DIR``, written by telemetry/workerstore.py's
+    values: each writes to the files of the process that updates it). Then this
     process goes back to its own storage, in memory, for the metrics it makes later. The
     storage is what ``values.ValueClass`` holds when a metric is made: prometheus_client sets
     it from the environment at its import. No thread may run (the environment changes)."""
+    from meshagent.agent.telemetry.workerstore import workers_value_class
     from prometheus_client import values
 
     global _workers_values
@@ -104,7 +111,7 @@ def import_workers_code(metrics_env: dict[str, str]) -> None:
     saved = {key: os.environ.get(key) for key in metrics_env}
     os.environ.update(metrics_env)
     try:
-        values.ValueClass = _workers_values = values.get_value_class()
+        values.ValueClass = _workers_values = workers_value_class(os.environ[MULTIPROC_ENV])
         importlib.import_module("meshagent.agent.workers.worker")
     finally:
         values.ValueClass = agents_values
@@ -121,9 +128,15 @@ def use_workers_metric_storage() -> None:
     process for every metric), else the one the environment asks for
     (``PROMETHEUS_MULTIPROC_DIR``). tests/unit/test_worker_launch.py checks that the workers'
     metrics land in the files and the agent's do not."""
+    from meshagent.agent.telemetry.workerstore import workers_value_class
     from prometheus_client import values
 
-    values.ValueClass = _workers_values or values.get_value_class()
+    if _workers_values is not None:
+        values.ValueClass = _workers_values
+    elif os.environ.get(MULTIPROC_ENV):
+        values.ValueClass = workers_value_class(os.environ[MULTIPROC_ENV])
+    else:
+        values.ValueClass = values.get_value_class()
 
 
 def run_forked(control: socket.socket, env: dict[str, str]) -> None:
