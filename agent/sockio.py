@@ -24,13 +24,22 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import trio
 
-__all__ = ["close", "connect", "read_ready", "receive_some", "send_all", "write_now"]
+__all__ = [
+    "close",
+    "connect",
+    "read_ready",
+    "readable_now",
+    "receive_some",
+    "send_all",
+    "write_now",
+]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -55,6 +64,16 @@ async def close(stream: trio.abc.AsyncResource) -> None:
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
+
+
+def readable_now(fds: Sequence[int]) -> bool:
+    """Whether any of ``fds`` has bytes, an EOF or an error to read now (one poll(2)): a new
+    connection's first bytes are often there already, and need no trip through epoll nor a
+    deadline armed for a wait."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def _error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:

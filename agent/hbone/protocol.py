@@ -410,8 +410,10 @@ def connect_request_headers(
     return headers
 
 
+@functools.lru_cache(maxsize=_PARSED_CACHE)
 def forwarded_for(value: str) -> str | None:
-    """The client IP from the first ``for=`` of a ``Forwarded`` header, if it is an IP."""
+    """The client IP from the first ``for=`` of a ``Forwarded`` header, if it is an IP (a
+    tunnel's header names one of a few clients: parsed once per value)."""
     first_element = value.split(",", 1)[0]
     for pair in first_element.split(";"):
         name, sep, raw = pair.strip().partition("=")

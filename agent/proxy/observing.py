@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
+from meshagent.agent import sockio
 from meshagent.agent.proxy.http import RequestRecord
 from meshagent.agent.proxy.http.observer import Http1Observer
 from meshagent.agent.proxy.report import report_http
@@ -41,15 +42,28 @@ PARTIAL_RETRY = 0.005
 async def opens_with_h2_preface(stream: trio.SocketStream, wait: float = PREFACE_WAIT) -> bool:
     """Whether the client's first bytes are HTTP/2's preface, peeked (MSG_PEEK) so they stay
     in the socket: such a client goes to the HTTP/2 engine, which `observe` cannot parse."""
+    if sockio.readable_now((stream.socket.fileno(),)):  # usually: no deadline to arm
+        seen = await _peeked_preface(stream)
+        if seen is not None:
+            return seen
     with trio.move_on_after(wait):
         while True:
-            data = await stream.socket.recv(len(PREFACE_START), socket.MSG_PEEK)
-            if len(data) >= len(PREFACE_START) or not data:
-                return data == PREFACE_START
-            if not PREFACE_START.startswith(data):
-                return False
+            seen = await _peeked_preface(stream)
+            if seen is not None:
+                return seen
             await trio.sleep(PARTIAL_RETRY)
     return False
+
+
+async def _peeked_preface(stream: trio.SocketStream) -> bool | None:
+    """Whether what the client sent so far starts the preface; None while too little came
+    to tell (waits for a first byte)."""
+    data = await stream.socket.recv(len(PREFACE_START), socket.MSG_PEEK)
+    if len(data) >= len(PREFACE_START) or not data:
+        return data == PREFACE_START
+    if not PREFACE_START.startswith(data):
+        return False
+    return None
 
 
 def level_of_route(snapshot: Snapshot, route: ServicePortRoute) -> L7Level:

@@ -232,15 +232,6 @@ def _grow_pipe(w: int) -> None:
         fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def _readable_now(fds: Sequence[int]) -> bool:
-    """Whether any of ``fds`` has bytes, an EOF or an error to read now (one poll(2)): a new
-    connection's first bytes are often there already, and need no trip through epoll."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN | select.POLLRDHUP)
-    return bool(poller.poll(0))
-
-
 async def _readable(
     sock: trio.socket.SocketType, pause: Pause | None, stop: trio.CancelScope | None
 ) -> bool:
@@ -284,7 +275,7 @@ async def _splice(
     pipe_r = pipe_w = -1
     try:
         # The pipe is made once the first byte is there, so that an idle connection holds none.
-        if not _readable_now((src_fd,)) and not await _readable(src_sock, pause, stop):
+        if not sockio.readable_now((src_fd,)) and not await _readable(src_sock, pause, stop):
             return False
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         grown = False
@@ -415,7 +406,7 @@ async def _park(
     """Wait until a socket is readable, the tunnel has news or ``pause`` is requested; one
     bare trio wait."""
     fds = [sock.fileno() for sock in socks]
-    if (tunnel is not None and tunnel.readable_now()) or _readable_now(fds):
+    if (tunnel is not None and tunnel.readable_now()) or sockio.readable_now(fds):
         await trio.lowlevel.checkpoint()
         return
     watcher = _watcher()

@@ -146,14 +146,17 @@ def test_an_upgrade_is_reported_then_stops() -> None:
     assert t.stops == ["upgrade"]
 
 
-async def _opens_with_preface(*chunks: bytes, close: bool = False) -> bool:
-    """Feed a real socket pair the client's chunks (a little apart) and ask."""
+async def _opens_with_preface(*chunks: bytes, close: bool = False, ahead: int = 0) -> bool:
+    """Feed a real socket pair the client's chunks (a little apart) and ask; the first
+    `ahead` chunks are there before the question (a request that came with its connection)."""
     a, b = trio.socket.socketpair()
     client, proxy_side = trio.SocketStream(a), trio.SocketStream(b)
+    for chunk in chunks[:ahead]:
+        await client.send_all(chunk)
     async with trio.open_nursery() as nursery:
 
         async def send() -> None:
-            for chunk in chunks:
+            for chunk in chunks[ahead:]:
                 await client.send_all(chunk)
                 await trio.sleep(0.02)
             if close:
@@ -181,6 +184,20 @@ async def _opens_with_preface(*chunks: bytes, close: bool = False) -> bool:
 )
 async def test_an_http2_client_on_an_http1_port_is_recognised_by_its_preface(chunks, close, h2):
     assert await _opens_with_preface(*chunks, close=close) is h2
+
+
+@pytest.mark.parametrize(
+    ("chunks", "ahead", "h2"),
+    [
+        ((b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",), 1, True),
+        ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",), 1, False),
+        ((b"P", b"RI * HTTP/2.0\r\n"), 1, True),  # a part there, the rest waited for
+        ((b"P", b"UT / HTTP/1.1\r\n"), 1, False),
+        ((b"PR",), 1, False),  # a part there and nothing more: after the wait
+    ],
+)
+async def test_a_preface_already_there_is_told_at_once_or_waited_for(chunks, ahead, h2):
+    assert await _opens_with_preface(*chunks, ahead=ahead) is h2
 
 
 def test_changes_within_one_batch_are_told_once_with_the_state_after_it() -> None:

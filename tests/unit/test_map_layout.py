@@ -7,11 +7,14 @@ sizes and offsets it prints with the mirror's.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from meshagent.agent.datapath import maps
 
 HEADER_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -69,3 +72,19 @@ def test_ipv6_round_trip_and_mapped_spelling():
     assert bytes(maps.to_addr("::ffff:10.244.1.7")) == bytes(maps.to_addr("10.244.1.7"))
     assert maps.from_addr(maps.to_addr("::ffff:10.244.1.7")) == "10.244.1.7"
     assert maps.endpoint("10.0.0.1", 80).port == 80
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_addresses_are_packed_and_spelled_as_ipaddress_does(ip):
+    """to_addr/from_addr take a shortcut for IPv4 (inet_pton/inet_ntop); every address still
+    comes out as ipaddress packs and spells it (inet_ntop writes ``::1.2.3.4`` for some IPv6)."""
+    mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip
+    addr = maps.to_addr(str(ip))
+    assert bytes(addr) == mapped.packed
+    assert maps.from_addr(addr) == str(mapped.ipv4_mapped or mapped)
+
+
+@pytest.mark.parametrize("bad", ["10.0.0", "10.0.0.256", "010.0.0.1", "", "fd00::g"])
+def test_a_malformed_address_is_refused(bad):
+    with pytest.raises(ValueError):
+        maps.to_addr(bad)
