@@ -180,7 +180,8 @@ class TunnelPool:
             pooled = self._reserve(key)
             release = pooled.release_after(self._idle_timeout)
             try:
-                await pooled.ready.wait()
+                if not pooled.ready.is_set():  # a pooled connection's is: no round trip
+                    await pooled.ready.wait()
                 if pooled.conn is None:
                     raise _dial_failure(pooled)
                 stream = pooled.conn.start_request(headers)
