@@ -221,7 +221,9 @@ def _reap() -> None:
 
 
 def main() -> None:
+    """The fork server as its own interpreter (`launch.WorkerLaunch.start_server`)."""
     control = socket.socket(fileno=int(os.environ[SERVER_FD_ENV]))
+    use_workers_metric_storage()  # before the workers' code makes its metrics
     try:
         serve(control)
     except (BrokenPipeError, ConnectionResetError):
