@@ -297,8 +297,11 @@ class BadRequest(ValueError):
     """A request on an HBONE server that is not a valid tunnel CONNECT (answered 400)."""
 
 
-def new_h2_connection(*, client_side: bool) -> h2.connection.H2Connection:
+def new_h2_connection(
+    *, client_side: bool, kind: type[h2.connection.H2Connection] | None = None
+) -> h2.connection.H2Connection:
     """An initiated `H2Connection` with HBONE's settings; its preface is queued to send.
+    ``kind``: the class (tests compare the DATA fast path with h2's own through a subclass).
 
     The settings go out in the very first SETTINGS frame and apply locally at once: they only
     grant the peer more (bigger windows and frames), which is safe before the peer's ACK.
@@ -313,7 +316,7 @@ def new_h2_connection(*, client_side: bool) -> h2.connection.H2Connection:
         validate_outbound_headers=False,
         normalize_outbound_headers=False,
     )
-    conn = _HboneH2Connection(config=config)
+    conn = (kind or _HboneH2Connection)(config=config)
     codes = h2.settings.SettingCodes
     conn.local_settings = h2.settings.Settings(
         client=client_side,
