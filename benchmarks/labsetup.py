@@ -46,6 +46,7 @@ LEVEL_PATHS = (
     "mesh-same-node-l4",
     "mesh-cross-node-full",
     "mesh-cross-node-l4",
+    "mesh-cross-node-routed",
 )
 PATH_NAMES = BASE_PATHS + LEVEL_PATHS
 HTTP1_SCENARIOS = frozenset(("http-c1", "http-c16", "http-fixed-rate", "new-connections"))
@@ -56,6 +57,7 @@ NGINX_PREFIXES = (
     "nginx-local",
     "nginx-remote-full",
     "nginx-remote-l4",
+    "nginx-remote-routed",
     "nginx-local-full",
     "nginx-local-l4",
 )
@@ -152,7 +154,10 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
     ]
     for base in paths[1:3]:
         service = base.http[0].split(".")[0]
-        for level, suffix in (("full", "full"), ("l4", "l4")):
+        levels = [("full", "full"), ("l4", "l4")]
+        if base.name == "mesh-cross-node":  # same node, a route's `full` is the annotation's
+            levels.append(("full", "routed"))
+        for level, suffix in levels:
             host = f"{service}-{suffix}.bench-mesh"
             paths.append(
                 replace(

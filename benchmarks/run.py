@@ -40,6 +40,7 @@ COLORS = {
     "mesh-same-node-full": (26, 72, 160),
     "mesh-cross-node-l4": (129, 201, 149),
     "mesh-cross-node-full": (13, 92, 52),
+    "mesh-cross-node-routed": (52, 168, 83),
 }
 
 

@@ -103,7 +103,8 @@ def test_lab_up_output_must_match_the_plan():
 
 def test_level_paths_reach_the_same_server_through_services_forcing_their_level():
     """Issue 18: mesh-*-full and mesh-*-l4 dial Services of their own, annotated with the level
-    (the `full` ones also routed by a VirtualService), in front of pods of their own running the
+    (the `full` ones also routed by a VirtualService; mesh-cross-node-routed by a VirtualService
+    alone, not annotated), in front of pods of their own running the
     base path's nginx on the base path's node, and run the HTTP/1.1 scenarios only. Pods of
     their own: a pod port behind several Services gets the highest of their levels on the
     destination's node, so a shared server would be measured at `full` there for every level."""
@@ -128,8 +129,11 @@ def test_level_paths_reach_the_same_server_through_services_forcing_their_level(
     prefixes = set()
     for base in ("mesh-same-node", "mesh-cross-node"):
         (base_server,) = servers(services[paths[base].http[0].split(".")[0]])
-        for level, annotation in (("full", "full"), ("l4", "off")):
-            path = paths[f"{base}-{level}"]
+        cases = [("full", "full", "full"), ("l4", "l4", "off")]
+        if base == "mesh-cross-node":  # `full` by a VirtualService alone: no annotation
+            cases.append(("routed", "full", None))
+        for suffix, level, annotation in cases:
+            path = paths[f"{base}-{suffix}"]
             svc_name, namespace = path.http[0].split(".")
             svc = services[svc_name]
             assert namespace == "bench-mesh" and path.level == (svc_name, level)
@@ -141,7 +145,8 @@ def test_level_paths_reach_the_same_server_through_services_forcing_their_level(
                 s for name, s in services.items() if name != svc_name and server in servers(s)
             ]
             assert others == []  # its level alone applies on the server's node
-            assert svc["metadata"]["annotations"] == {"meshagent.io/l7": annotation}
+            wanted = {"meshagent.io/l7": annotation} if annotation else None
+            assert svc["metadata"].get("annotations") == wanted
             assert {"name": "http", "port": 8080, "targetPort": 8080} in svc["spec"]["ports"]
             assert path.proxies == paths[base].proxies
             assert path.runs("http-c16") and not path.runs("tcp-1")
@@ -156,7 +161,7 @@ def test_level_paths_reach_the_same_server_through_services_forcing_their_level(
         assert base_services == [paths[base].http[0].split(".")[0]]  # `observe` alone there
     # each nginx has a prefix (pid file, logs) of its own, which the run folder makes
     assert {p.rsplit("/", 1)[1] for p in prefixes} <= set(labsetup.NGINX_PREFIXES)
-    assert len(prefixes) == 4
+    assert len(prefixes) == 5
 
 
 def test_levels_in_force_waits_for_the_level_paths_and_names_those_never_shown(monkeypatch):

@@ -175,7 +175,8 @@ def test_the_h2_table_has_its_figures_and_settings_and_no_issue_9_targets():
 
 def test_level_paths_get_columns_where_measured_and_issue_18_targets():
     """Issue 18: the L7 level paths show in the scenarios they ran (and only there), and the
-    level targets read them: `full` with a route against the pair, `l4` same-node against direct."""
+    level targets read them: `full` with a route (a VirtualService alone: the routed path)
+    against the pair, `l4` same-node against direct."""
     samples = {
         "tcp_1_gbps": {DIRECT: [8.0], SAME: [7.0], CROSS: [4.0], SIDECAR: [4.0]},
         "http_c16_rps": {
@@ -184,6 +185,7 @@ def test_level_paths_get_columns_where_measured_and_issue_18_targets():
             CROSS: [5000.0],
             SIDECAR: [10000.0],
             report.CROSS_FULL: [4000.0],
+            report.CROSS_ROUTED: [4500.0],
             report.CROSS_L4: [9000.0],
             report.SAME_L4: [17000.0],
         },
@@ -196,14 +198,15 @@ def test_level_paths_get_columns_where_measured_and_issue_18_targets():
     c16 = text.split("## HTTP/1.1 keep-alive, 16 connections (wrk)")[1].split("##")[0]
     assert (
         "| figure | direct | mesh-same-node | mesh-cross-node | sidecar-pair | "
-        "mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 |" in c16
+        "mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 | "
+        "mesh-cross-node-routed |" in c16
     )
     assert "| 4,000 (0.20xd, 0.40xs) |" in c16
     assert "`mesh-same-node` observe, `mesh-cross-node-full` full" in text
     targets = {t["title"]: t for t in report.evaluate_targets(sums, None) if t["issue"] == 18}
     assert targets["cross-node keep-alive c16, `observe` (default on HTTP ports)"]["met"] is False
     full = targets["cross-node keep-alive c16, `full` with a route"]
-    assert full["met"] is False and full["measured"].startswith("0.40 x")
+    assert full["met"] is False and full["measured"].startswith("0.45 x")
     assert targets["same-node keep-alive c16, `l4`"]["met"] is True  # 0.85
     assert targets["idle connection, cross-node"]["met"] is None
     assert "## Targets (issue 18)" in text and "| same-node keep-alive c16, `l4` |" in text
