@@ -47,10 +47,16 @@ def test_benchmark_smoke_run_writes_json_markdown_and_chart(tmp_path):
         "mesh-same-node-l4": "l4",
         "mesh-cross-node-full": "full",
         "mesh-cross-node-l4": "l4",
+        "mesh-cross-node-routed": "full",  # by its VirtualService alone, at the source
     }, log
     c16 = next(m for m in results["metrics"] if m["id"] == "http_c16_rps")
-    assert {"mesh-cross-node-full", "mesh-cross-node-l4"} <= set(c16["paths"]), log
-    assert "| mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 |" in table
+    assert {"mesh-cross-node-full", "mesh-cross-node-l4", "mesh-cross-node-routed"} <= set(
+        c16["paths"]
+    ), log
+    assert (
+        "| mesh-same-node-l4 | mesh-cross-node-full | mesh-cross-node-l4 | mesh-cross-node-routed |"
+        in table
+    )
 
     # issue 18 item 4: the proxies' memory as PSS (the agent's forks share pages), split by role
     memory = {m["id"]: m["paths"] for m in results["metrics"] if m["id"].endswith("pss_mib")}
