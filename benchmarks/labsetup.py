@@ -156,7 +156,7 @@ def bench_paths(ips: dict[str, str]) -> dict[str, BenchPath]:
         service = base.http[0].split(".")[0]
         levels = [("full", "full"), ("l4", "l4")]
         if base.name == "mesh-cross-node":  # same node, a route's `full` is the annotation's
-            levels.append(("full", "routed"))
+            levels.append(("full (pods observe)", "routed"))
         for level, suffix in levels:
             host = f"{service}-{suffix}.bench-mesh"
             paths.append(
@@ -317,7 +317,9 @@ def running_lab(manifest: Path, keep_logs: Path) -> Iterator[None]:
 
 def _levels_shown(node: str) -> dict[str, str]:
     """{Service: L7 level of its HTTP/1.1 port} in bench-mesh, as `meshagent status` on `node`
-    shows them (empty when the status cannot be read, or the commit shows no level)."""
+    shows them, with the level its pods' own node serves where that is lower (``full (pods
+    observe)``: a Service `full` only for its routes); empty when the status cannot be read,
+    or the commit shows no level."""
     try:
         proc = meshlab("exec", "--node", node, "--", "meshagent", "status", "--json", timeout=60)
         services = json.loads(proc.stdout)["services"]
@@ -325,6 +327,7 @@ def _levels_shown(node: str) -> dict[str, str]:
         return {}
     return {
         svc["name"]: port.get("l7", "unknown")
+        + (f" (pods {port['l7_pods']})" if port.get("l7_pods") else "")
         for svc in services
         if svc.get("namespace") == "bench-mesh"
         for port in svc.get("ports", ())

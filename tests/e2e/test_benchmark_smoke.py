@@ -47,7 +47,8 @@ def test_benchmark_smoke_run_writes_json_markdown_and_chart(tmp_path):
         "mesh-same-node-l4": "l4",
         "mesh-cross-node-full": "full",
         "mesh-cross-node-l4": "l4",
-        "mesh-cross-node-routed": "full",  # by its VirtualService alone, at the source
+        # by its VirtualService alone: `full` at the source, `observe` at the pods' node
+        "mesh-cross-node-routed": "full (pods observe)",
     }, log
     c16 = next(m for m in results["metrics"] if m["id"] == "http_c16_rps")
     assert {"mesh-cross-node-full", "mesh-cross-node-l4", "mesh-cross-node-routed"} <= set(

@@ -3,6 +3,9 @@ it, and the run folder holds configurations that agree with the planned addresse
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 from meshagent.lab.paths import POD_NET_OCTET
 
@@ -131,7 +134,7 @@ def test_level_paths_reach_the_same_server_through_services_forcing_their_level(
         (base_server,) = servers(services[paths[base].http[0].split(".")[0]])
         cases = [("full", "full", "full"), ("l4", "l4", "off")]
         if base == "mesh-cross-node":  # `full` by a VirtualService alone: no annotation
-            cases.append(("routed", "full", None))
+            cases.append(("routed", "full (pods observe)", None))
         for suffix, level, annotation in cases:
             path = paths[f"{base}-{suffix}"]
             svc_name, namespace = path.http[0].split(".")
@@ -151,7 +154,7 @@ def test_level_paths_reach_the_same_server_through_services_forcing_their_level(
             assert path.proxies == paths[base].proxies
             assert path.runs("http-c16") and not path.runs("tcp-1")
             assert not path.runs("idle-connections") and not path.runs("h2-keepalive")
-            if level == "full":
+            if level.startswith("full"):
                 (rule,) = routes[svc_name]["spec"]["http"]
                 assert rule["route"][0]["destination"]["host"] == svc_name
             else:
@@ -178,3 +181,30 @@ def test_levels_in_force_waits_for_the_level_paths_and_names_those_never_shown(m
     levels, wrong = labsetup.levels_in_force([paths["mesh-cross-node-full"]], timeout=0.1)
     assert levels == {"mesh-cross-node-full": "observe"}
     assert [p.name for p in wrong] == ["mesh-cross-node-full"]
+
+
+def test_levels_shown_name_the_pods_level_where_it_is_lower(monkeypatch):
+    """A Service `full` only for its routes shows `full` with its pods' node at `observe`
+    (`meshagent status --json`'s ``l7_pods``): the routed path's destination side, read, not
+    assumed."""
+    status = {
+        "services": [
+            {"name": "http-remote-routed", "namespace": "bench-mesh",
+             "ports": [{"port": 8080, "l7": "full", "l7_pods": "observe"}]},
+            {"name": "http-remote-full", "namespace": "bench-mesh",
+             "ports": [{"port": 8080, "l7": "full"}, {"port": 9090, "l7": "l4"}]},
+            {"name": "reviews", "namespace": "shop", "ports": [{"port": 8080, "l7": "full"}]},
+        ]
+    }  # fmt: skip
+    seen = []
+
+    def fake_meshlab(*args, **kwargs):
+        seen.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout=json.dumps(status), stderr="")
+
+    monkeypatch.setattr(labsetup, "meshlab", fake_meshlab)
+    assert labsetup._levels_shown("node-1") == {
+        "http-remote-routed": "full (pods observe)",
+        "http-remote-full": "full",
+    }
+    assert seen[0][:3] == ("exec", "--node", "node-1")
