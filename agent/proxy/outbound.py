@@ -122,8 +122,9 @@ def dial_address(tables: Tables | None, endpoint: Endpoint, dialled: str) -> str
 
 
 class _Serving:
-    """`OutboundProxy._serving`'s context: a class, not a generator context manager, as every
-    open connection holds one while it waits (its generator and frame were ~0.5 KiB)."""
+    """One connection open here: counted while it is, closed after; a bug met on it ends it
+    alone (logged with its traceback, counted). A class, not a generator context manager, as
+    every open connection holds one while it waits (its generator and frame were ~0.5 KiB)."""
 
     __slots__ = ("client", "stats", "what")
 
@@ -131,7 +132,7 @@ class _Serving:
         self.stats, self.client, self.what = stats, client, what
 
     async def __aenter__(self) -> None:
-        return None
+        self.stats.opened()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc, tb) -> bool:
         try:
@@ -163,7 +164,7 @@ class OutboundProxy:
         """Serve one redirected connection. A bug met on it closes this connection only
         (logged with its traceback, counted): it never takes the proxy down."""
         self.stats.accepted += 1
-        async with self._serving(client, "outbound connection"):
+        async with _Serving(self.stats, client, "outbound connection"):
             await self._handle(client)
 
     async def resume(
@@ -172,7 +173,7 @@ class OutboundProxy:
         """Relay on a connection another proxy process handed to this one (handoff.py): its
         counts, labels and policy as that process left them; closed here when it ends."""
         self.stats.handed_in += 1
-        async with self._serving(client, "handed-over connection"), upstream:
+        async with _Serving(self.stats, client, "handed-over connection"), upstream:
             labels, metrics = handed.labels, self.inputs.metrics
             metrics.tcp_handed_in(labels)
             result = RelayResult(
@@ -212,12 +213,6 @@ class OutboundProxy:
                 relayed.report(result)
                 return
             await relayed.run(result)
-
-    def _serving(self, client: trio.SocketStream, what: str) -> _Serving:
-        """One connection open here: counted while it is, closed after; a bug met on it ends
-        it alone (logged with its traceback, counted)."""
-        self.stats.opened()
-        return _Serving(self.stats, client, what)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         start, started = time.time(), trio.current_time()
@@ -795,5 +790,5 @@ async def serve_outbound(
     ``in_flight`` counts each from its accept until `OutboundProxy.handle` counts it."""
     async with trio.open_nursery() as nursery:
         task_status.started()
-        # proxy.handle closes each client itself (OutboundProxy._serving)
+        # proxy.handle closes each client itself (outbound._Serving)
         nursery.start_soon(partial(serve_owned, proxy.handle, list(listeners), in_flight=in_flight))

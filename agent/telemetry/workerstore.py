@@ -34,7 +34,7 @@ import os
 import struct
 from pathlib import Path
 
-from prometheus_client.mmap_dict import mmap_key
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 __all__ = ["workers_value_class"]
 
@@ -61,16 +61,8 @@ class _File:
             self._used = _FIRST_ENTRY
             self.map[0:4] = _INT.pack(self._used)
         else:  # a file a process with this pid left (pids are reused): go on from its values
-            self._index()
-
-    def _index(self) -> None:
-        pos = _FIRST_ENTRY
-        while pos < self._used:
-            length = _INT.unpack_from(self.map, pos)[0]
-            key = self.map[pos + 4 : pos + 4 + length].decode("utf-8")
-            pos += 4 + length + (8 - (length + 4) % 8)
-            self._offsets[key] = pos
-            pos += 16
+            for key, _value, _stamp, at in MmapedDict.read_all_values_from_file(str(path)):
+                self._offsets[key] = at
 
     def offset(self, key: str) -> int:
         """Where `key`'s value and timestamp are, appending an entry (zero) for a new key."""

@@ -15,7 +15,6 @@ async def _serve(body) -> tuple[ProxyStats, trio.SocketStream, trio.SocketStream
     a, b = trio.socket.socketpair()
     client, peer = trio.SocketStream(a), trio.SocketStream(b)
     stats = ProxyStats()
-    stats.opened()
     async with _Serving(stats, client, "outbound connection"):
         await body()
     return stats, client, peer
@@ -43,7 +42,6 @@ async def test_a_cancelled_connection_is_closed_and_the_cancellation_goes_on():
         a, b = trio.socket.socketpair()
         client = trio.SocketStream(a)
         stats = ProxyStats()
-        stats.opened()
         async with _Serving(stats, client, "outbound connection"):
             await wait()
     assert scope.cancelled_caught

@@ -173,3 +173,7 @@ def test_a_file_left_by_the_same_pid_is_gone_on_from(tmp_path):
     )
     again.inc(1)
     assert ("t_reused_total", (), 5.0) in _collected(tmp_path)
+    # the same entry, updated in place: not a second one with the same key
+    path = tmp_path / f"counter_{os.getpid()}.db"
+    keys = [key for key, *_ in MmapedDict.read_all_values_from_file(path)]
+    assert len(keys) == len(set(keys)) == 1
